@@ -1,0 +1,123 @@
+"""Real syscalls behind ``KernelOps`` — the only module in vfiod that makes them.
+
+Every fd is opened with O_CLOEXEC (design.md §2) and every failure becomes a
+``KernelError`` naming the operation and the object, with the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap as _mmap
+import os
+
+from vfiod.errors import KernelError
+from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
+_libc.eventfd.restype = ctypes.c_int
+_EFD_CLOEXEC = 0o2000000
+
+
+class LinuxKernel:
+    """``KernelOps`` over the running kernel."""
+
+    name = "linux"
+
+    def open(self, path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"open({path})") from None
+
+    def close(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"close({fd})") from None
+
+    def ioctl(self, fd: int, request: int, arg: int | Buffer = 0, label: str = "",
+              target: str = "") -> int:
+        try:
+            if isinstance(arg, int):
+                return fcntl.ioctl(fd, request, arg)
+            # mutate_flag=True: the kernel's answer is written back into ``arg``.
+            return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, label or f"ioctl({request:#x})",
+                              target) from None
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"pread(fd {fd}, {length}@{offset:#x})") from None
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        try:
+            return os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"pwrite(fd {fd}, @{offset:#x})") from None
+
+    def read(self, fd: int, length: int) -> bytes:
+        try:
+            return os.read(fd, length)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"read(fd {fd})") from None
+
+    def readinto(self, fd: int, buf: bytearray | memoryview) -> int:
+        try:
+            return os.readv(fd, [buf])
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"read(fd {fd})") from None
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return os.write(fd, data)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"write(fd {fd})") from None
+
+    def mmap(self, fd: int, length: int, offset: int = 0,
+             prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:
+        try:
+            return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"mmap(fd {fd}, {length}@{offset:#x})") from None
+
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
+        fd = _libc.eventfd(initval, flags | _EFD_CLOEXEC)
+        if fd < 0:
+            raise KernelError(ctypes.get_errno(), "eventfd")
+        return fd
+
+    def memfd_create(self, name: str, size: int) -> int:
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            return fd
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"memfd_create({name}, {size})") from None
+
+    def readlink(self, path: str) -> str:
+        try:
+            return os.readlink(path)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"readlink({path})") from None
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"listdir({path})") from None
+
+    def read_text(self, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"read({path})") from None
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)

@@ -1,0 +1,92 @@
+"""``KernelOps``: every syscall vfiod makes, as one protocol (design.md §2).
+
+Only ``vfiod/kernel/linux.py`` implements it with real syscalls; ``vfiod/kernel/sim``
+implements it with a simulated VFIO kernel held to the same checks and errno values.
+Everything above this layer receives a ``KernelOps`` and never calls ``os``/``fcntl``/
+``mmap`` for VFIO work itself, so it runs unchanged on either.
+
+Conventions shared by both implementations:
+
+* Every failure raises ``vfiod.errors.KernelError(errno, op, target)``. ``op`` is the
+  ``label`` the caller passed (for ioctls: the kernel's name of the request) or the syscall
+  name with its path.
+* ``open`` always adds ``O_CLOEXEC``.
+* ``ioctl(fd, request, arg)``: ``arg`` is an ``int`` passed by value (CHECK_EXTENSION,
+  SET_IOMMU) or a writable buffer (``bytearray`` or a ctypes object) that the kernel reads
+  and may write back, exactly as ``fcntl.ioctl(fd, request, buf, True)``. Pointers inside
+  structs (bitmap data, range arrays) are real process addresses
+  (``ctypes.addressof``); the simulator dereferences them like ``copy_from_user``.
+* ``mmap`` returns an ``mmap.mmap``-compatible object (buffer protocol, ``close()``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap as _mmap
+from typing import Protocol, Union, runtime_checkable
+
+#: What ``ioctl`` accepts as an in/out argument.
+Buffer = Union[bytearray, ctypes.Structure, ctypes.Array, "ctypes._SimpleCData"]  # noqa: UP007
+
+PROT_READ = _mmap.PROT_READ
+PROT_WRITE = _mmap.PROT_WRITE
+
+
+@runtime_checkable
+class KernelOps(Protocol):
+    """The syscalls vfiod needs. Paths are absolute and already include any test root."""
+
+    # -- file descriptors -------------------------------------------------------------
+    def open(self, path: str, flags: int) -> int:
+        """open(2) with O_CLOEXEC added."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """close(2)."""
+        ...
+
+    def ioctl(self, fd: int, request: int, arg: int | Buffer = 0, label: str = "",
+              target: str = "") -> int:
+        """ioctl(2); returns the syscall's non-negative result."""
+        ...
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        ...
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        ...
+
+    def read(self, fd: int, length: int) -> bytes:
+        ...
+
+    def readinto(self, fd: int, buf: bytearray | memoryview) -> int:
+        """read(2) into a caller buffer; returns the byte count (0 = end of stream)."""
+        ...
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        ...
+
+    def mmap(self, fd: int, length: int, offset: int = 0,
+             prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:
+        """mmap(2) MAP_SHARED of ``length`` bytes of ``fd`` at ``offset``."""
+        ...
+
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
+        ...
+
+    def memfd_create(self, name: str, size: int) -> int:
+        """A sparse memory file of ``size`` bytes (guest RAM backing; MFD_CLOEXEC)."""
+        ...
+
+    # -- sysfs / devfs reads for discovery ---------------------------------------------
+    def readlink(self, path: str) -> str:
+        ...
+
+    def listdir(self, path: str) -> list[str]:
+        ...
+
+    def read_text(self, path: str) -> str:
+        ...
+
+    def exists(self, path: str) -> bool:
+        ...
