@@ -111,3 +111,50 @@ def fetch(package: str) -> Path:
         subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
         done.touch()
     return unpacked
+
+
+def package_versions(package: str) -> list[str]:
+    """Every version of ``package`` the configured mirrors offer, as ``apt-cache show``
+    lists them (newest first). Empty if the package is unknown."""
+    for attempt in range(2):
+        out = _apt_cache("show", package)
+        found = re.findall(r"^Version: (\S+)$", out, flags=re.MULTILINE)
+        if found:
+            return found
+        if attempt == 0:
+            _refresh_lists_once()
+    return []
+
+
+def fetch_version(package: str, version: str) -> Path:
+    """Like ``fetch`` for one exact ``version`` of ``package``: for packages whose name
+    does not carry the version (``linux-source-6.12``), so the cache is keyed by it and a
+    newer upload never serves a stale unpack. Returns the unpack root."""
+    root = cache_dir() / "debs"
+    root.mkdir(exist_ok=True)
+    unpacked = root / f"{package}={version}"
+    done = unpacked / ".unpacked"
+    if done.exists():
+        return unpacked
+    # apt names the file with ':' (an epoch) spelled %3a.
+    pattern = f"{package}_{version.replace(':', '%3a')}_*.deb"
+    with _locked(f"{package}={version}"):
+        if done.exists():
+            return unpacked
+        debs = list(root.glob(pattern))
+        if not debs:
+            res = _download(f"{package}={version}", root)
+            if res.returncode != 0:
+                _refresh_lists_once()
+                res = _download(f"{package}={version}", root)
+            debs = list(root.glob(pattern))
+            if not debs:
+                raise DebianFetchError(
+                    f"apt-get download {package}={version} failed: "
+                    f"{res.stderr.strip() or res.stdout.strip()}")
+        if unpacked.exists():
+            shutil.rmtree(unpacked)
+        unpacked.mkdir()
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
+        done.touch()
+    return unpacked

@@ -1,0 +1,186 @@
+"""Boot the real-kernel tier's QEMU guest once and collect what it ran.
+
+testing.md "The real-kernel tier" is the recipe: ``-accel tcg`` (the host's /dev/kvm cannot
+run a stock kernel), ``-machine q35`` with ``-device intel-iommu,intremap=on`` (without
+intremap VFIO_SET_IOMMU fails with EPERM) and ``intel_iommu=on``, QEMU's ``edu`` PCI device
+for vfio-pci, the host root shared read-only over 9p (the guest overlays a tmpfs on it)
+and a second, writable 9p share (``results``) carrying the command in and the output, the
+kernel log and the exit code out. native/kernel/init.sh is the guest side of this contract.
+
+A hard timeout kills QEMU so a hung guest fails the test with the console tail instead of
+hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.kernel.assets import REPO, GuestAssets
+
+#: Where init.sh mounts the results share inside the guest's root.
+GUEST_RESULTS = "/vfiod-results"
+#: Console markers printed by init.sh.
+MARK_COMMAND_START = "vfiod-guest: command start"
+MARK_COMMAND_EXIT = "vfiod-guest: command exit"
+MARK_FATAL = "vfiod-guest: FATAL"
+
+DEFAULT_TIMEOUT = 240.0
+
+
+class VmError(RuntimeError):
+    """The guest did not run its command to the end; says why, with the console tail."""
+
+
+@dataclass
+class GuestRun:
+    """What one boot produced: exit code of the guest command, its output, the kernel log,
+    the console, the junit XML path and host-side timing."""
+
+    exit_code: int
+    output: str
+    dmesg: str
+    console: str
+    junit: Path
+    boot_seconds: float
+    command_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def guest_python() -> str:
+    """The project venv's versioned interpreter (testing.md: a shim costs seconds under
+    emulation). ``sys.prefix`` is the venv this pytest runs in."""
+    versioned = Path(sys.prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(versioned if versioned.exists() else Path(sys.executable))
+
+
+def guest_command(pytest_args: list[str], junit: str) -> str:
+    """cmd.sh: run the guest suite with the host's own venv and checkout."""
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(REPO),
+        # ~15 s -> ~5 s of pytest start-up under emulation (testing.md); the plugins this
+        # suite relies on are named with -p below instead.
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "VFIOD_GUEST": "1",
+        "NUMBA_CACHE_DIR": "/tmp/numba-cache",
+    }
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+    argv = [guest_python(), "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider",
+            "-q", "-rA", "-o", "timeout=90", f"--junitxml={junit}", *pytest_args]
+    return (f"#!/bin/sh\n# written by tests/kernel/vm.py; run by native/kernel/init.sh\n"
+            f"{exports}\ncd {shlex.quote(str(REPO))} || exit 127\n"
+            f"exec {' '.join(shlex.quote(a) for a in argv)}\n")
+
+
+def qemu_argv(assets: GuestAssets, results: Path, memory: str = "2G") -> list[str]:
+    qemu = qemu_binary()
+    if qemu is None:
+        raise VmError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+    append = " ".join([
+        "console=ttyS0", "rdinit=/init", "intel_iommu=on", "panic=-1", "quiet",
+        "loglevel=4",
+    ])
+    return [
+        qemu, "-accel", "tcg", "-machine", "q35", "-cpu", os.environ.get("VFIOD_QEMU_CPU", "max"), "-smp", "2", "-m", memory,
+        "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+        # the vIOMMU must exist before the devices behind it are created
+        "-device", "intel-iommu,intremap=on",
+        "-device", "edu",
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                   "multidevs=remap",
+        "-virtfs", f"local,path={results},mount_tag=results,security_model=none,"
+                   "multidevs=remap",
+        "-kernel", str(assets.vmlinuz), "-initrd", str(assets.initramfs),
+        "-append", append,
+    ]
+
+
+class _Console(threading.Thread):
+    """Drains QEMU's serial console into a file and notes when the markers appear."""
+
+    def __init__(self, stream, path: Path) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.path = path
+        self.marks: dict[str, float] = {}
+
+    def run(self) -> None:
+        with open(self.path, "wb") as log:
+            for raw in iter(self.stream.readline, b""):
+                log.write(raw)
+                log.flush()
+                line = raw.decode(errors="replace")
+                for mark in (MARK_COMMAND_START, MARK_COMMAND_EXIT, MARK_FATAL):
+                    if mark in line and mark not in self.marks:
+                        self.marks[mark] = time.monotonic()
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_guest(assets: GuestAssets, results: Path, pytest_args: list[str],
+              timeout: float | None = None) -> GuestRun:
+    """Boot, run ``pytest pytest_args`` in the guest, power off; raise VmError if the guest
+    did not finish its command (timeout, crash, missing share)."""
+    if timeout is None:
+        timeout = float(os.environ.get("VFIOD_KERNEL_TIMEOUT", DEFAULT_TIMEOUT))
+    results.mkdir(parents=True, exist_ok=True)
+    for stale in ("exit-code", "output.log", "dmesg.log", "junit.xml"):
+        (results / stale).unlink(missing_ok=True)
+    (results / "cmd.sh").write_text(guest_command(pytest_args, f"{GUEST_RESULTS}/junit.xml"))
+    console_path = results / "console.log"
+    argv = qemu_argv(assets, results)
+    (results / "qemu-argv.txt").write_text(shlex.join(argv) + "\n")
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    console = _Console(proc.stdout, console_path)
+    console.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        console.join(timeout=10)
+    t_end = time.monotonic()
+    console_text = console_path.read_text(errors="replace")
+
+    def read(name: str) -> str:
+        p = results / name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    code_file = results / "exit-code"
+    if not code_file.exists():
+        if t_end - t0 >= timeout:
+            why = f"the guest did not finish within {timeout:.0f} s and was killed"
+        elif MARK_FATAL in console_text:
+            why = "the guest's init gave up"
+        else:
+            why = f"QEMU exited {proc.returncode} before the guest wrote its exit code"
+        raise VmError(f"{why} (VFIOD_KERNEL_TIMEOUT sets the limit; artefacts in {results})\n"
+                      f"--- guest output (tail) ---\n{_tail(read('output.log'))}\n"
+                      f"--- console (tail) ---\n{_tail(console_text)}")
+    start = console.marks.get(MARK_COMMAND_START, t0)
+    end = console.marks.get(MARK_COMMAND_EXIT, t_end)
+    return GuestRun(
+        exit_code=int(code_file.read_text().strip() or "-1"),
+        output=read("output.log"), dmesg=read("dmesg.log"), console=console_text,
+        junit=results / "junit.xml",
+        boot_seconds=(start - t0) + (t_end - end), command_seconds=end - start)

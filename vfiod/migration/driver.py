@@ -1,0 +1,293 @@
+"""Migration drivers: the one interface the session uses for a device's state, whichever
+protocol the kernel offers (design.md §1.4–§1.6; vfio-uapi.md §5 v1, §6 v2).
+
+The hook names are the seed's vocabulary (design.md §1): a source runs
+``save_setup → (save_live_pending, save_live_iterate)* → [quiesce_p2p] →
+save_live_complete_precopy → cleanup``; a destination runs ``load_setup → load_state* →
+load_complete → resume → cleanup``. ``save_state`` is a small identity record the
+destination checks with ``check_state`` before loading. ``rollback`` puts a source back to
+RUNNING from any point (a destination: discards the partial state by reset).
+
+The session branches on capabilities (``has_precopy``, ``has_p2p``), never on ``protocol``,
+which is for display only. ``probe(device)`` picks the driver: v2 (``VFIO_DEVICE_FEATURE
+MIGRATION`` GET answers), else v1 (a region of type 3 subtype 1), else ``NotMigratable``
+with the concrete reason.
+
+Data chunks reach the caller through ``sink(chunk)``. A chunk may be a memoryview of a
+buffer the driver reuses: the sink must consume or copy it before returning. Each sink call
+is one device record; the destination must hand the same chunks, in order, to
+``load_state`` (v1 requires identical chunk sizes; v2 does not care).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from vfiod.abi.v1 import (
+    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+    VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+)
+from vfiod.abi.vfio import VFIO_MIGRATION_STOP_COPY
+from vfiod.errors import KernelError, NotMigratable, ProtocolError, VfiodError
+from vfiod.migration.states import MigState
+
+if TYPE_CHECKING:
+    from vfiod.vfio.device import Device
+
+__all__ = [
+    "Sink", "Pending", "MigrationDriver", "Phase", "HookOrderError", "DeviceMismatch",
+    "DeviceTransitionError", "DriverBase", "encode_record", "decode_record", "compare_records", "probe",
+]
+
+#: Receives device data in order; must consume/copy the chunk before returning.
+Sink = Callable[[bytes | memoryview], None]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What a device still has to send (``save_live_pending``).
+
+    ``precopy_bytes``: readable now, while the guest runs. ``stopcopy_bytes``: what the
+    device will produce after it stops. ``exact``: both come from the driver (v2
+    PRECOPY_INFO + MIG_DATA_SIZE); False when any part is an estimate."""
+
+    precopy_bytes: int
+    stopcopy_bytes: int
+    exact: bool
+
+
+class Phase(enum.Enum):
+    """Where a driver is in the hook sequence (hooks called out of order are refused)."""
+
+    IDLE = "idle"                # not migrating (fresh, after rollback or cleanup)
+    SAVING = "saving"            # save_setup done: pre-copy iterations
+    QUIESCED = "quiesced"        # quiesce_p2p done: no new P2P DMA
+    SAVED = "saved"              # save_live_complete_precopy read the stream to its end
+    LOADING = "loading"          # load_setup done: state chunks go in
+    LOADED = "loaded"            # load_complete done: the driver accepted the stream
+    RESUMED = "resumed"          # resume done: destination device RUNNING
+
+
+class HookOrderError(VfiodError, RuntimeError):
+    """A hook was called in a phase where it makes no sense (a session bug)."""
+
+    def __init__(self, device: str, hook: str, phase: Phase, expected: Iterable[Phase]) -> None:
+        self.device, self.hook, self.phase = device, hook, phase
+        exp = ", ".join(p.name for p in expected)
+        super().__init__(f"{hook} on {device}: called in phase {phase.name}; allowed in {exp}")
+
+
+class DeviceMismatch(VfiodError):
+    """The destination device cannot take the source device's state; lists every reason."""
+
+    def __init__(self, device: str, reasons: list[str]) -> None:
+        self.device = device
+        self.reasons = list(reasons)
+        super().__init__(f"{device}: cannot load the source device's state: "
+                         + "; ".join(self.reasons))
+
+
+class DeviceTransitionError(KernelError):
+    """A device state change failed; says what happened at each rung of the recovery
+    ladder (target, read back, recovery state, reset) and keeps the first errno.
+
+    ``final`` is the state the device was left in (None if it could not be read back),
+    ``reset`` whether VFIO_DEVICE_RESET was used."""
+
+    def __init__(self, err: int, op: str, target: str, rungs: list[str],
+                 final: MigState | None, reset: bool) -> None:
+        super().__init__(err, op, target, "; ".join(rungs))
+        self.rungs = list(rungs)
+        self.final = final
+        self.reset = reset
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (DeviceTransitionError,
+                (self.errno, self.op, self.target, self.rungs, self.final, self.reset))
+
+
+@runtime_checkable
+class MigrationDriver(Protocol):
+    """One device's migration, protocol hidden. See the module docstring for the order."""
+
+    @property
+    def device_name(self) -> str: ...
+    @property
+    def protocol(self) -> str:
+        """"v2" or "v1" — for display only; branch on capabilities."""
+        ...
+    @property
+    def has_precopy(self) -> bool: ...
+    @property
+    def has_p2p(self) -> bool: ...
+    @property
+    def phase(self) -> Phase: ...
+
+    def state(self) -> MigState:
+        """The device state as last set or read (no syscall; safe for status)."""
+        ...
+
+    # -- source ---------------------------------------------------------------------------
+    def save_setup(self) -> None:
+        """Open the saving session: pre-copy if offered and the device is RUNNING."""
+        ...
+    def save_live_pending(self) -> Pending: ...
+    def save_live_iterate(self, sink: Sink, max_bytes: int) -> int:
+        """Read up to about ``max_bytes`` of pre-copy data now available; returns bytes
+        read. 0 means "nothing now", never "finished"."""
+        ...
+    def quiesce_p2p(self) -> None:
+        """Stop initiating P2P DMA (RUNNING_P2P / PRE_COPY_P2P) before any device of the
+        guest stops. Only when every device of the guest has ``has_p2p``."""
+        ...
+    def save_live_complete_precopy(self, sink: Sink) -> int:
+        """Stop the device and read its final state to the end; returns bytes read."""
+        ...
+    def save_state(self) -> bytes:
+        """The identity record (name, protocol, flags) for ``check_state``."""
+        ...
+
+    # -- destination ----------------------------------------------------------------------
+    def check_state(self, record: bytes) -> None:
+        """Raise DeviceMismatch if this device cannot load the recorded device's state."""
+        ...
+    def load_setup(self) -> None: ...
+    def load_state(self, chunk: bytes | memoryview) -> None: ...
+    def load_complete(self) -> None:
+        """End the resuming session; the kernel driver validates the state here."""
+        ...
+    def resume(self) -> None: ...
+
+    # -- both -------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Release the data session (idempotent); a completed source goes to STOP."""
+        ...
+    def rollback(self) -> MigState:
+        """Back to RUNNING from wherever the device is (recovery ladder, reset last);
+        returns the final state (RUNNING) or raises DeviceTransitionError."""
+        ...
+
+
+# -- the identity record (save_state / check_state) ------------------------------------------
+_RECORD_KEY = "vfiod_device_record"
+_RECORD_VERSION = 1
+_RECORD_MAX = 4096
+
+
+def encode_record(name: str, protocol: str, flags: int, **extra: int | str | bool) -> bytes:
+    rec: dict[str, object] = {_RECORD_KEY: _RECORD_VERSION, "name": name,
+                              "protocol": protocol, "flags": flags}
+    rec.update(extra)
+    return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_record(record: bytes | memoryview) -> dict[str, object]:
+    raw = bytes(record)
+    if len(raw) > _RECORD_MAX:
+        raise ProtocolError(f"device record: {len(raw)} bytes, more than {_RECORD_MAX}")
+    try:
+        rec = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"device record: not a vfiod device record ({e})") from None
+    if not isinstance(rec, dict) or rec.get(_RECORD_KEY) != _RECORD_VERSION:
+        raise ProtocolError(f"device record: missing {_RECORD_KEY}={_RECORD_VERSION}")
+    for key, typ in (("name", str), ("protocol", str), ("flags", int)):
+        if not isinstance(rec.get(key), typ):
+            raise ProtocolError(f"device record: field {key!r} missing or not {typ.__name__}")
+    return rec
+
+
+def compare_records(mine: dict[str, object], theirs: dict[str, object]) -> list[str]:
+    """Reasons the source device (``theirs``) cannot be loaded into this one (``mine``).
+    Device names differ between hosts and are not compared."""
+    reasons = []
+    for key in sorted(set(mine) | set(theirs)):
+        if key in (_RECORD_KEY, "name"):
+            continue
+        a, b = theirs.get(key), mine.get(key)
+        if a != b:
+            fa = f"{a:#x}" if key == "flags" and isinstance(a, int) else repr(a)
+            fb = f"{b:#x}" if key == "flags" and isinstance(b, int) else repr(b)
+            reasons.append(f"{key}: source {theirs.get('name')} has {fa}, "
+                           f"destination {mine.get('name')} has {fb}")
+    return reasons
+
+
+# -- shared by both drivers -------------------------------------------------------------------
+class DriverBase:
+    """Phase bookkeeping and the identity record, common to the v1 and v2 drivers."""
+
+    protocol: str = ""
+
+    def __init__(self, device: Device, flags: int) -> None:
+        self.device = device
+        self.flags = flags
+        self._phase = Phase.IDLE
+        self._state = MigState.RUNNING      # replaced by the first read back
+
+    @property
+    def device_name(self) -> str:
+        return self.device.name
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def state(self) -> MigState:
+        return self._state
+
+    def _expect(self, hook: str, *allowed: Phase) -> None:
+        if self._phase not in allowed:
+            raise HookOrderError(self.device.name, hook, self._phase, allowed)
+
+    def _record_fields(self) -> dict[str, int | str | bool]:
+        return {"has_precopy": bool(getattr(self, "has_precopy", False)),
+                "has_p2p": bool(getattr(self, "has_p2p", False))}
+
+    def save_state(self) -> bytes:
+        return encode_record(self.device.name, self.protocol, self.flags,
+                             **self._record_fields())
+
+    def check_state(self, record: bytes | memoryview) -> None:
+        theirs = decode_record(record)
+        mine = decode_record(self.save_state())
+        reasons = compare_records(mine, theirs)
+        if reasons:
+            raise DeviceMismatch(self.device.name, reasons)
+
+
+# -- probe (design.md §1.4) -------------------------------------------------------------------
+def probe(device: Device) -> MigrationDriver:
+    """The driver for ``device``: v2 first, then v1, else NotMigratable with the reason."""
+    # imported here: the drivers import this module for the shared types
+    from vfiod.migration.driver_v1 import V1Driver
+    from vfiod.migration.driver_v2 import V2Driver
+
+    v2_reason: str
+    try:
+        flags = device.mig_flags()
+    except KernelError as e:
+        # pre-6.18 drivers without a device_feature op answer EINVAL for any feature
+        if e.errno != errno.EINVAL:
+            raise
+        flags, v2_reason = None, "VFIO_DEVICE_FEATURE MIGRATION: EINVAL"
+    else:
+        v2_reason = "VFIO_DEVICE_FEATURE MIGRATION: ENOTTY"
+    if flags is not None:
+        if flags & VFIO_MIGRATION_STOP_COPY:
+            return V2Driver(device, flags)
+        v2_reason = (f"VFIO_DEVICE_FEATURE MIGRATION: flags {flags:#x} lack the mandatory "
+                     "STOP_COPY")
+    region = device.find_region(VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+                                VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED)
+    if region is None:
+        raise NotMigratable(device.name, f"{v2_reason} and no v1 migration region")
+    if region.size == 0:
+        raise NotMigratable(device.name, f"{v2_reason} and the v1 migration region "
+                            f"(index {region.index}) has size 0")
+    return V1Driver(device, region)

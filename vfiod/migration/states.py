@@ -1,0 +1,96 @@
+"""The state vocabulary of a migration: device, guest and migration states.
+
+One ``MigState`` enum (the kernel's ``enum vfio_device_mig_state``, vfio-uapi.md §6.4)
+serves logs, metrics and the CLI for both protocols; the v1 bitmask (vfio-uapi.md §5.3) is
+decoded into the same values by ``vfiod.migration.v1_codec``.
+
+Status shows the triple (guest run state, migration state, device state) in the vocabulary
+of the seed's flow diagram (design.md §1), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)`` while
+pre-copying and ``(FINISH_MIGRATE, DEVICE, SAVING)`` in stop-and-copy. The device part is
+written in v1 bit names because that diagram is the operators' reference; v2-only states
+say so (``RUNNING_P2P``, ``RUNNING_P2P|SAVING``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from vfiod.abi.vfio import vfio_device_mig_state
+
+#: The one device-state enum (values are the kernel's v2 values).
+MigState = vfio_device_mig_state
+
+__all__ = [
+    "MigState", "GuestState", "MigrationState", "SAVING_STATES", "P2P_STATES",
+    "device_label", "format_triple",
+]
+
+
+class GuestState(enum.Enum):
+    """Run state of the guest a device belongs to (QEMU's run-state names)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"                  # stopped by the operator, not by migration
+    INMIGRATE = "inmigrate"            # destination: receiving, not yet started
+    FINISH_MIGRATE = "finish-migrate"  # source: stopped for stop-and-copy
+    POSTMIGRATE = "postmigrate"        # source: migrated away, stays stopped
+    SHUTDOWN = "shutdown"
+
+
+class MigrationState(enum.Enum):
+    """State of one migration (QEMU's MIGRATION_STATUS names, without the prefix)."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"            # pre-copy iterations
+    DEVICE = "device"            # stop-and-copy: guest stopped, device state moving
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (MigrationState.COMPLETED, MigrationState.FAILED,
+                        MigrationState.CANCELLED)
+
+
+#: States in which a saving data session is open (a data fd to read).
+SAVING_STATES = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
+#: States that exist only on devices with VFIO_MIGRATION_P2P.
+P2P_STATES = frozenset({MigState.RUNNING_P2P, MigState.PRE_COPY_P2P})
+
+# The seed diagram's device column: v1 bit names (_RUNNING, _SAVING, _RESUMING, _STOP).
+_LABELS: dict[MigState, str] = {
+    MigState.ERROR: "ERROR",
+    MigState.STOP: "STOP",
+    MigState.RUNNING: "RUNNING",
+    MigState.STOP_COPY: "SAVING",
+    MigState.RESUMING: "RESUMING",
+    MigState.RUNNING_P2P: "RUNNING_P2P",
+    MigState.PRE_COPY: "RUNNING|SAVING",
+    MigState.PRE_COPY_P2P: "RUNNING_P2P|SAVING",
+}
+
+
+def device_label(state: MigState | int | None) -> str:
+    """The device state as the flow diagram writes it; ``-`` when unknown.
+
+    Raises ValueError for a number that is no ``vfio_device_mig_state`` value.
+    """
+    if state is None:
+        return "-"
+    try:
+        member = MigState(state)
+    except ValueError:
+        raise ValueError(f"device state {state!r} is not a vfio_device_mig_state value "
+                         f"(0..{len(MigState) - 1})") from None
+    return _LABELS[member]
+
+
+def format_triple(guest: GuestState | None, migration: MigrationState | None,
+                  device_state: MigState | int | None) -> str:
+    """``(GUEST, MIGRATION, DEVICE)`` e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)``."""
+    g = guest.name if guest is not None else "-"
+    m = migration.name if migration is not None else "-"
+    return f"({g}, {m}, {device_label(device_state)})"

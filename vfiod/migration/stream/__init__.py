@@ -1,0 +1,46 @@
+"""The migration stream: versioned, framed, checksummed records (design.md §5).
+
+Modules:
+
+* ``records``  wire format (preamble, 40-byte record header, types, ``Limits``,
+  ``RecordError`` with record index, byte offset and ``ErrorCode``)
+* ``header``   the HEADER payload: source, guest layout (``RamRegion``), ``DeviceInfo``
+* ``manifest`` per-region / per-device tallies and the final MANIFEST check
+* ``ram``      ``GuestRam``: guest pages → slices of the mmaps backing them
+* ``writer``   ``StreamWriter`` (source) over any ``Sink``
+* ``reader``   ``StreamReader`` (destination) over any ``Source``, yielding events
+* ``crc32c``   the record checksum (SSE4.2 via numba, table fallback)
+
+Transports (TCP, TLS, files) live in ``vfiod.migration.transport`` and implement ``Sink``
+and ``Source``; this package never touches a socket or a file itself.
+"""
+
+from vfiod.migration.stream.header import DeviceInfo, RamRegion, StreamHeader
+from vfiod.migration.stream.manifest import Manifest, ManifestEntry
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.reader import (
+    Complete,
+    DeviceData,
+    EndOfState,
+    Event,
+    IterationMark,
+    RamLoaded,
+    Source,
+    StreamReader,
+)
+from vfiod.migration.stream.records import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Limits,
+    RecordError,
+    RecordType,
+)
+from vfiod.migration.stream.writer import Sink, StreamWriter
+
+__all__ = [
+    "DEFAULT_LIMITS", "PROTOCOL_VERSION", "Complete", "DeviceData", "DeviceInfo",
+    "EndOfState", "ErrorCode", "Event", "GuestRam", "IterationMark", "Limits", "Manifest",
+    "ManifestEntry", "RamLoaded", "RamRegion", "RecordError", "RecordType", "Sink", "Source",
+    "StreamHeader", "StreamReader", "StreamWriter",
+]

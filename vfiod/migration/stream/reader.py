@@ -1,0 +1,296 @@
+"""``StreamReader``: the destination side of the migration stream (design.md §5).
+
+Usage (the destination session drives it; the source is a connection or a file)::
+
+    r = StreamReader(source)
+    header = r.read_header()          # preamble + HEADER, validated
+    ram = GuestRam(header.page_size, header.regions, my_views, writable=True)
+    r.attach_ram(ram)
+    for ev in r.events():
+        match ev:
+            case RamLoaded(): ...                   # pages already in guest memory, CRC ok
+            case DeviceData(device=d, data=b): ...  # write b to the device now (b is reused)
+            case EndOfState(device=d): ...
+            case IterationMark(number=n): ...
+            case Complete(manifest=m): ...          # every tally and digest matched
+    r.expect_end()                    # files: nothing may follow the MANIFEST
+
+Guarantees: nothing is allocated from a length before it is checked against ``Limits``; RAM
+payload is received with ``recv_into`` straight into the destination's guest memory after
+its page range was checked against the layout, then its CRC is verified in place (the guest
+is not running, so a failed check only means the migration fails and the destination
+discards). Every fault raises ``RecordError`` with the record index, the byte offset of the
+record and an ``ErrorCode``; an ABORT record raises it with ``code=ABORTED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.manifest import Manifest, Tally, first_difference
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.records import (
+    DEFAULT_LIMITS,
+    PREAMBLE_SIZE,
+    RECORD_HEADER_SIZE,
+    ErrorCode,
+    Limits,
+    RecordError,
+    RecordHeader,
+    RecordType,
+    check_preamble,
+    unpack_header,
+)
+
+
+class Source(Protocol):
+    def recv_into(self, view: memoryview) -> int:
+        """Read at most ``len(view)`` bytes into ``view``; 0 means end of stream."""
+        ...
+
+
+@dataclass(frozen=True)
+class RamLoaded:
+    first_page: int
+    count: int
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    device: str
+    index: int
+    chunk: int
+    data: memoryview  # valid until the next event: consume it before iterating on
+
+
+@dataclass(frozen=True)
+class EndOfState:
+    device: str
+    index: int
+
+
+@dataclass(frozen=True)
+class IterationMark:
+    number: int
+
+
+@dataclass(frozen=True)
+class Complete:
+    manifest: Manifest
+
+
+Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
+
+
+class StreamReader:
+    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._src = source
+        self._limits = limits
+        self.offset = 0          # bytes consumed so far
+        self.records = 0         # records accepted so far (== next sequence number)
+        self.header: StreamHeader | None = None
+        self._ram: GuestRam | None = None
+        self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
+        self._buf = bytearray()  # grows to the largest accepted non-RAM payload
+        self._dev_tally: list[Tally] = []
+        self._ram_tally: list[Tally] = []
+        self._dev_chunks: list[int] = []
+        self._dev_ended: list[bool] = []
+        self._ending = False
+        self._iteration = -1
+        self._done = False
+
+    # -- public API ----------------------------------------------------------------------
+    def read_header(self) -> StreamHeader:
+        pre = memoryview(bytearray(PREAMBLE_SIZE))
+        self._fill(pre, None, 0, "the stream preamble")
+        check_preamble(pre)
+        self.offset = PREAMBLE_SIZE
+        h, at = self._next_header()
+        if h.rtype != RecordType.HEADER:
+            raise self._err(ErrorCode.ORDER, "the first record must be HEADER", at, h.rtype)
+        payload = self._payload(h, at)
+        try:
+            header = StreamHeader.from_json(payload)
+        except ValueError as e:
+            raise self._err(ErrorCode.CONTENT, f"bad HEADER: {e}", at, h.rtype) from None
+        self._accepted(h)
+        self.header = header
+        self._dev_tally = [Tally() for _ in header.devices]
+        self._ram_tally = [Tally() for _ in header.regions]
+        self._dev_chunks = [0] * len(header.devices)
+        self._dev_ended = [False] * len(header.devices)
+        return header
+
+    def attach_ram(self, ram: GuestRam) -> None:
+        """Where RAM records land; must match the header's page size and regions."""
+        if self.header is None:
+            raise RuntimeError("attach_ram() before read_header()")
+        if ram.page_size != self.header.page_size or ram.regions != self.header.regions:
+            raise ValueError("destination memory layout differs from the stream header's")
+        self._ram = ram
+
+    def events(self) -> Iterator[Event]:
+        if self.header is None:
+            raise RuntimeError("events() before read_header()")
+        if self.header.regions and self._ram is None:
+            raise RuntimeError("the stream carries RAM: attach_ram() first")
+        while not self._done:
+            h, at = self._next_header()
+            yield self._dispatch(h, at)
+
+    def expect_end(self) -> None:
+        """Raise ``RecordError(ORDER)`` if any byte follows the MANIFEST (files)."""
+        probe = memoryview(bytearray(1))
+        if self._src.recv_into(probe):
+            raise self._err(ErrorCode.ORDER, "data after the MANIFEST", self.offset, None)
+
+    # -- records -------------------------------------------------------------------------
+    def _dispatch(self, h: RecordHeader, at: int) -> Event:
+        assert self.header is not None
+        t = h.rtype
+        if t == RecordType.ABORT:
+            reason = bytes(self._payload(h, at)).decode("utf-8", "replace")
+            self._done = True
+            raise self._err(ErrorCode.ABORTED, f"the source aborted the migration: {reason}",
+                            at, t)
+        if t == RecordType.HEADER:
+            raise self._err(ErrorCode.ORDER, "a second HEADER", at, t)
+        if self._ending and t in (RecordType.RAM, RecordType.DEVICE_DATA,
+                                  RecordType.ITERATION):
+            raise self._err(ErrorCode.ORDER, f"{RecordType(t).name} after END_OF_STATE", at, t)
+        if t == RecordType.RAM:
+            return self._ram_record(h, at)
+        if t in (RecordType.DEVICE_DATA, RecordType.END_OF_STATE):
+            idx = self._device(h, at)
+            name = self.header.devices[idx].name
+            if self._dev_ended[idx]:
+                raise self._err(ErrorCode.ORDER, f"device {name}: "
+                                f"{RecordType(t).name} after its END_OF_STATE", at, t)
+            if t == RecordType.END_OF_STATE:
+                self._no_payload(h, at)
+                self._ending = True
+                self._dev_ended[idx] = True
+                self._accepted(h)
+                return EndOfState(name, idx)
+            if h.arg1 != self._dev_chunks[idx]:
+                raise self._err(ErrorCode.SEQUENCE, f"device {name}: chunk {h.arg1}, expected "
+                                f"{self._dev_chunks[idx]}", at, t)
+            data = self._payload(h, at)
+            self._dev_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
+            self._dev_chunks[idx] += 1
+            self._accepted(h)
+            return DeviceData(name, idx, h.arg1, data)
+        if t == RecordType.ITERATION:
+            self._no_payload(h, at)
+            if h.arg0 <= self._iteration:
+                raise self._err(ErrorCode.ORDER, f"iteration {h.arg0} after {self._iteration}",
+                                at, t)
+            self._iteration = h.arg0
+            self._accepted(h)
+            return IterationMark(h.arg0)
+        assert t == RecordType.MANIFEST
+        return self._manifest(h, at)
+
+    def _ram_record(self, h: RecordHeader, at: int) -> RamLoaded:
+        assert self._ram is not None and self.header is not None
+        if h.arg1 == 0 or h.length != h.arg1 * self.header.page_size:
+            raise self._err(ErrorCode.LENGTH, f"RAM length {h.length} is not {h.arg1} pages of "
+                            f"{self.header.page_size} bytes", at, h.rtype)
+        try:
+            idx, view = self._ram.locate(h.arg0, h.arg1)
+        except ValueError as e:
+            raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
+        self._fill(view, h.rtype, at, "RAM payload")
+        self.offset += h.length
+        if crc32c(view) != h.payload_crc:
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{h.arg1}: "
+                            "payload checksum mismatch", at, h.rtype)
+        self._ram_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
+        self._accepted(h)
+        return RamLoaded(h.arg0, h.arg1)
+
+    def _manifest(self, h: RecordHeader, at: int) -> Complete:
+        assert self.header is not None
+        missing = [d.name for d, e in zip(self.header.devices, self._dev_ended, strict=True)
+                   if not e]
+        if missing:
+            raise self._err(ErrorCode.ORDER, "MANIFEST before END_OF_STATE of "
+                            + ", ".join(missing), at, h.rtype)
+        payload = self._payload(h, at)
+        try:
+            sent = Manifest.from_json(payload)
+        except ValueError as e:
+            raise self._err(ErrorCode.CONTENT, f"bad MANIFEST: {e}", at, h.rtype) from None
+        got = Manifest(
+            ram=tuple(t.entry(r.name) for t, r in zip(self._ram_tally, self.header.regions,
+                                                       strict=True)),
+            devices=tuple(t.entry(d.name) for t, d in zip(self._dev_tally, self.header.devices,
+                                                           strict=True)),
+            records=self.records)
+        diff = first_difference(sent, got)
+        if diff is not None:
+            region, what = diff
+            raise RecordError(ErrorCode.MANIFEST, f"manifest mismatch: {what}",
+                              record=self.records, offset=at, rtype=h.rtype, region=region)
+        self._accepted(h)
+        self._done = True
+        return Complete(sent)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _next_header(self) -> tuple[RecordHeader, int]:
+        at = self.offset
+        got = self._fill(self._hbuf, None, at, "a record header", eof_ok=True)
+        if got == 0:
+            raise self._err(ErrorCode.TRUNCATED, f"the stream ended after {self.records} "
+                            "records, before its MANIFEST", at, None)
+        h = unpack_header(self._hbuf, seq=self.records, offset=at, limits=self._limits)
+        self.offset += RECORD_HEADER_SIZE
+        return h, at
+
+    def _payload(self, h: RecordHeader, at: int) -> memoryview:
+        """Read a bounded non-RAM payload into the reused buffer and check its CRC."""
+        if len(self._buf) < h.length:  # h.length was checked against the type's bound
+            self._buf = bytearray(h.length)
+        view = memoryview(self._buf)[:h.length]
+        self._fill(view, h.rtype, at, "payload")
+        self.offset += h.length
+        if (crc32c(view) if h.length else 0) != h.payload_crc:
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, "payload checksum mismatch", at,
+                            h.rtype)
+        return view
+
+    def _no_payload(self, h: RecordHeader, at: int) -> None:
+        if h.length:  # bounds for these types are 0, so this is unreachable unless changed
+            raise self._err(ErrorCode.LENGTH, "this record type has no payload", at, h.rtype)
+
+    def _device(self, h: RecordHeader, at: int) -> int:
+        assert self.header is not None
+        if h.arg0 >= len(self.header.devices):
+            raise self._err(ErrorCode.RANGE, f"device index {h.arg0}, the header lists "
+                            f"{len(self.header.devices)}", at, h.rtype)
+        return h.arg0
+
+    def _accepted(self, h: RecordHeader) -> None:
+        self.records += 1
+
+    def _fill(self, view: memoryview, rtype: int | None, at: int, what: str,
+              eof_ok: bool = False) -> int:
+        got, n = 0, len(view)
+        while got < n:
+            k = self._src.recv_into(view[got:])
+            if k == 0:
+                if eof_ok and got == 0:
+                    return 0
+                raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
+                                f"{what} of {n} bytes", at, rtype)
+            got += k
+        return got
+
+    def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
+        record = self.records if self.offset >= PREAMBLE_SIZE else None
+        return RecordError(code, msg, record=record, offset=at, rtype=rtype)

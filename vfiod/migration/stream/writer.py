@@ -1,0 +1,246 @@
+"""``StreamWriter``: the source side of the migration stream (design.md §5).
+
+Usage (the session drives it; the sink is a transport connection or a file)::
+
+    w = StreamWriter(sink, header, ram)          # ram: GuestRam over the source's mmaps
+    w.start()                                    # preamble + HEADER
+    w.send_ram(ranges, quiescent=False)          # pre-copy pass: (first page, count) runs
+    w.send_device_data("0000:3b:00.1", chunk)    # device pre-copy / stop-copy bytes, in order
+    w.mark_iteration(1)
+    ...                                          # stop-and-copy
+    w.send_ram(final_ranges, quiescent=True)
+    w.end_of_state("0000:3b:00.1")               # once per device, after all its data
+    manifest = w.finish()                        # MANIFEST; then wait for the peer's ack
+    # on cancel: w.abort("operator cancelled")
+
+RAM leaves in large batches: every record is a 40-byte header plus a memoryview of up to
+``record_bytes`` of guest memory, and one ``sink.send_buffers`` call (``socket.sendmsg`` for
+TCP) carries up to ``batch_bytes``. There is one Python object per record, none per page.
+
+``quiescent`` says whether guest memory can change while it is being sent:
+
+* ``quiescent=True`` (stop-and-copy: the guest and its devices are stopped): zero copy; the
+  CRC is computed over guest memory and the same memory is handed to the socket.
+* ``quiescent=False`` (pre-copy: the guest runs and writes its RAM): each record is first
+  copied into a staging buffer and checksummed there, so the bytes sent are exactly the
+  bytes checksummed. Checksumming live memory in place would make every page the guest
+  writes during the send fail the destination's check; the page is dirty again anyway and
+  goes in a later pass, but the checksum must describe what was sent.
+
+Every public call ends with the batch sent (so the caller may reuse its buffers) and with
+``sink.check_peer()``, which raises if the destination cancelled or failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.manifest import Manifest, Tally
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.records import (
+    DEFAULT_LIMITS,
+    RECORD_HEADER_SIZE,
+    Limits,
+    MiB,
+    RecordType,
+    pack_header,
+    pack_preamble,
+)
+
+#: Linux IOV_MAX is 1024; keep a margin (each record uses two entries).
+_MAX_IOV = 1000
+
+
+class Sink(Protocol):
+    """Where a stream goes (``vfiod.migration.transport`` implements it)."""
+
+    def send_buffers(self, buffers: Sequence[Any]) -> None:
+        """Send every byte of every buffer, in order, or raise."""
+        ...
+
+    def check_peer(self) -> None:
+        """Raise if the receiver has cancelled or reported an error (files: no-op)."""
+        ...
+
+
+class StreamWriter:
+    def __init__(self, sink: Sink, header: StreamHeader, ram: GuestRam | None = None, *,
+                 limits: Limits = DEFAULT_LIMITS, record_bytes: int = 4 * MiB,
+                 batch_bytes: int = 16 * MiB) -> None:
+        if ram is not None and (ram.page_size != header.page_size
+                                or ram.regions != header.regions):
+            raise ValueError("GuestRam layout differs from the stream header's layout")
+        if header.regions and ram is None:
+            raise ValueError("the header lists RAM regions: a GuestRam is required")
+        if not header.page_size <= record_bytes <= min(limits.ram_record, batch_bytes):
+            raise ValueError(f"record_bytes {record_bytes} must be between the page size and "
+                             f"min(ram_record limit, batch_bytes)")
+        self._sink = sink
+        self.header = header
+        self._ram = ram
+        self._limits = limits
+        self._record_pages = record_bytes // header.page_size
+        self._batch_bytes = batch_bytes
+        self._stage: memoryview | None = None  # allocated on the first live RAM send
+        self._stage_off = 0
+        self._iov: list[Any] = []
+        self._pending = 0
+        self._seq = 0
+        self._ram_tally = [Tally() for _ in header.regions]
+        self._dev_tally = [Tally() for _ in header.devices]
+        self._dev_chunks = [0] * len(header.devices)
+        self._dev_ended = [False] * len(header.devices)
+        self._phase = "new"  # new -> data -> ending -> done | aborted
+        self._iteration = -1
+        self.bytes_sent = 0
+        self.ram_bytes_sent = 0
+        self.device_bytes_sent = 0
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def records_sent(self) -> int:
+        return self._seq
+
+    def start(self) -> None:
+        self._expect("new", "start")
+        payload = self.header.to_json()
+        if len(payload) > self._limits.header:
+            raise ValueError(f"header is {len(payload)} bytes, over the {self._limits.header} "
+                             "bound")
+        self._iov.append(pack_preamble())
+        self._pending += 16
+        self._emit(RecordType.HEADER, payload, 0, 0, None)
+        self._phase = "data"
+        self._flush()
+
+    def send_ram(self, ranges: Iterable[tuple[int, int]] | np.ndarray, *,
+                 quiescent: bool) -> int:
+        """Send guest pages given as (first page, count) runs; returns payload bytes sent."""
+        self._expect("data", "send_ram")
+        assert self._ram is not None
+        if isinstance(ranges, np.ndarray):
+            ranges = ranges.tolist()  # plain ints, one tuple per run (not per page)
+        ps = self.header.page_size
+        sent = 0
+        for first, count in ranges:
+            if count <= 0:
+                continue
+            for idx, page, n in self._ram.split(int(first), int(count), self._record_pages):
+                view = self._ram.locate(page, n)[1]
+                if not quiescent:
+                    view = self._stage_copy(view)
+                self._emit(RecordType.RAM, view, page, n, self._ram_tally[idx])
+                sent += n * ps
+        self.ram_bytes_sent += sent
+        self._flush()
+        return sent
+
+    def send_device_data(self, device: str, data: bytes | bytearray | memoryview) -> None:
+        """Append opaque device state, cut into chunks of at most ``limits.device_chunk``."""
+        self._expect("data", "send_device_data")
+        idx = self.header.device_index(device)
+        if self._dev_ended[idx]:
+            raise RuntimeError(f"device {device}: data after its END_OF_STATE")
+        mv = memoryview(data).cast("B")
+        step = self._limits.device_chunk
+        for off in range(0, len(mv), step):
+            self._emit(RecordType.DEVICE_DATA, mv[off:off + step], idx, self._dev_chunks[idx],
+                       self._dev_tally[idx])
+            self._dev_chunks[idx] += 1
+        self.device_bytes_sent += len(mv)
+        self._flush()
+
+    def mark_iteration(self, number: int) -> None:
+        self._expect("data", "mark_iteration")
+        if number <= self._iteration:
+            raise ValueError(f"iteration {number} after {self._iteration}: must increase")
+        self._iteration = number
+        self._emit(RecordType.ITERATION, b"", number, 0, None)
+        self._flush()
+
+    def end_of_state(self, device: str) -> None:
+        if self._phase == "data":
+            self._phase = "ending"
+        self._expect("ending", "end_of_state")
+        idx = self.header.device_index(device)
+        if self._dev_ended[idx]:
+            raise RuntimeError(f"device {device}: END_OF_STATE sent twice")
+        self._dev_ended[idx] = True
+        self._emit(RecordType.END_OF_STATE, b"", idx, 0, None)
+        self._flush()
+
+    def finish(self) -> Manifest:
+        if self._phase == "data":
+            self._phase = "ending"
+        self._expect("ending", "finish")
+        missing = [d.name for d, e in zip(self.header.devices, self._dev_ended, strict=True)
+                   if not e]
+        if missing:
+            raise RuntimeError(f"finish before END_OF_STATE of {', '.join(missing)}")
+        manifest = Manifest(
+            ram=tuple(t.entry(r.name) for t, r in zip(self._ram_tally, self.header.regions,
+                                                       strict=True)),
+            devices=tuple(t.entry(d.name) for t, d in zip(self._dev_tally, self.header.devices,
+                                                           strict=True)),
+            records=self._seq)
+        self._emit(RecordType.MANIFEST, manifest.to_json(), 0, 0, None)
+        self._phase = "done"
+        self._flush()
+        return manifest
+
+    def abort(self, reason: str) -> None:
+        """Tell the destination to discard everything (the source rolls back itself)."""
+        if self._phase in ("done", "aborted"):
+            return
+        self._iov.clear()  # a half-built batch is not sent: ABORT follows complete records
+        self._pending = 0
+        data = reason.encode("utf-8", "replace")[: self._limits.abort]
+        self._phase = "aborted"
+        self._emit(RecordType.ABORT, data, 0, 0, None)
+        self._flush(check=False)
+
+    # -- internals -----------------------------------------------------------------------
+    def _expect(self, phase: str, what: str) -> None:
+        if self._phase != phase:
+            raise RuntimeError(f"StreamWriter.{what}() in phase {self._phase!r} (needs "
+                               f"{phase!r})")
+
+    def _stage_copy(self, view: memoryview) -> memoryview:
+        n = len(view)
+        if self._stage is None:
+            self._stage = memoryview(bytearray(self._batch_bytes))
+        if self._stage_off + n > len(self._stage):
+            self._flush()
+        dst = self._stage[self._stage_off:self._stage_off + n]
+        dst[:] = view
+        self._stage_off += n
+        return dst
+
+    def _emit(self, rtype: RecordType, payload: Any, arg0: int, arg1: int,
+              tally: Tally | None) -> None:
+        n = len(payload)
+        crc = crc32c(payload) if n else 0
+        self._iov.append(pack_header(rtype, self._seq & 0xFFFFFFFF, n, arg0, arg1, crc))
+        if n:
+            self._iov.append(payload)
+        if tally is not None:
+            tally.add(self._seq, arg0, arg1, n, crc)
+        self._seq += 1
+        self._pending += RECORD_HEADER_SIZE + n
+        if self._pending >= self._batch_bytes or len(self._iov) >= _MAX_IOV:
+            self._flush(check=False)
+
+    def _flush(self, check: bool = True) -> None:
+        if self._iov:
+            iov, pending = self._iov, self._pending
+            self._iov, self._pending = [], 0
+            self._sink.send_buffers(iov)
+            self.bytes_sent += pending
+        self._stage_off = 0
+        if check:
+            self._sink.check_peer()

@@ -1,0 +1,139 @@
+"""Return-path control messages and the transport's error type (design.md §5).
+
+The destination talks back to the source on the same TCP connection, in the opposite
+direction of the stream, with small framed messages:
+
+* ``ACK``    progress the source waits for: ``stage`` is ``"header"`` (preflight passed on
+  the destination, send RAM), ``"complete"`` (MANIFEST verified), ``"resumed"`` (devices
+  and guest run on the destination: the source may release its side); ``value`` is an
+  optional count (e.g. records read).
+* ``CANCEL`` the destination (or its operator) cancels: the source rolls back.
+* ``ERROR``  the destination failed (``code`` is an ``ErrorCode``/errno name, ``message``
+  the text, ``record`` the stream record index where known).
+
+Cancel in the other direction is the stream's ABORT record.
+
+Frame (16-byte header, then a UTF-8 JSON payload of at most ``MAX_CONTROL_PAYLOAD``)::
+
+    0  4s  magic b"VFCT"
+    4  u16 type (ControlType)
+    6  u16 reserved (0)
+    8  u32 payload length
+    12 u32 crc32c over header bytes 0..11 and the payload
+
+``ControlParser`` reassembles frames from whatever pieces the socket returns and refuses a
+bad magic, type, length or checksum with ``TransportError(code=CONTROL)``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfiod.errors import VfiodError
+from vfiod.migration.stream.crc32c import crc32c
+
+CONTROL_MAGIC = b"VFCT"
+_FRAME = struct.Struct("<4sHHII")
+FRAME_HEADER_SIZE = _FRAME.size
+MAX_CONTROL_PAYLOAD = 64 * 1024
+
+
+class TransportCode(enum.Enum):
+    CONNECT = "connect"                  # the connection could not be made (errno set)
+    CONNECT_TIMEOUT = "connect-timeout"
+    ACCEPT_TIMEOUT = "accept-timeout"
+    TIMEOUT = "timeout"                  # no progress within the I/O timeout
+    PEER_CLOSED = "peer-closed"          # the other end went away
+    TLS = "tls"                          # handshake or certificate failure
+    CONTROL = "control"                  # a malformed return-path frame
+    PEER_CANCELLED = "peer-cancelled"    # the destination sent CANCEL
+    PEER_ERROR = "peer-error"            # the destination sent ERROR
+    IO = "io"                            # another socket error (errno set)
+
+
+class TransportError(VfiodError):
+    """A transport failure: ``code`` (``TransportCode``), ``peer`` (host:port or path),
+    ``errno`` where a syscall failed, and for PEER_ERROR the ``remote`` message fields."""
+
+    def __init__(self, code: TransportCode, peer: str, message: str, *,
+                 errno: int | None = None, remote: dict[str, Any] | None = None) -> None:
+        self.code = code
+        self.peer = peer
+        self.errno = errno
+        self.remote = remote or {}
+        super().__init__(f"{peer}: {message}")
+
+
+class ControlType(enum.IntEnum):
+    ACK = 1
+    CANCEL = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    kind: ControlType
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def ack(cls, stage: str, value: int = 0) -> ControlMessage:
+        return cls(ControlType.ACK, {"stage": stage, "value": value})
+
+    @classmethod
+    def cancel(cls, reason: str) -> ControlMessage:
+        return cls(ControlType.CANCEL, {"reason": reason})
+
+    @classmethod
+    def error(cls, code: str, message: str, record: int | None = None) -> ControlMessage:
+        return cls(ControlType.ERROR, {"code": code, "message": message, "record": record})
+
+    def encode(self) -> bytes:
+        payload = json.dumps(self.fields, separators=(",", ":")).encode()
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise ValueError(f"control payload of {len(payload)} bytes is over "
+                             f"{MAX_CONTROL_PAYLOAD}")
+        head = _FRAME.pack(CONTROL_MAGIC, self.kind, 0, len(payload), 0)[:12]
+        return head + struct.pack("<I", crc32c(payload, crc32c(head))) + payload
+
+
+class ControlParser:
+    """Incremental frame parser with a bounded buffer."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[ControlMessage]:
+        self._buf += data
+        out: list[ControlMessage] = []
+        while len(self._buf) >= FRAME_HEADER_SIZE:
+            magic, kind, rsv, length, crc = _FRAME.unpack_from(self._buf)
+            if magic != CONTROL_MAGIC or rsv:
+                raise self._bad(f"bad control frame header {bytes(self._buf[:16]).hex()}")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise self._bad(f"control payload length {length} over {MAX_CONTROL_PAYLOAD}")
+            if len(self._buf) < FRAME_HEADER_SIZE + length:
+                break
+            payload = bytes(self._buf[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + length])
+            if crc32c(payload, crc32c(bytes(self._buf[:12]))) != crc:
+                raise self._bad("control frame checksum mismatch")
+            try:
+                ctype = ControlType(kind)
+            except ValueError:
+                raise self._bad(f"unknown control message type {kind}") from None
+            try:
+                fields = json.loads(payload.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise self._bad("control payload is not UTF-8 JSON") from None
+            if not isinstance(fields, dict):
+                raise self._bad("control payload is not an object")
+            out.append(ControlMessage(ctype, fields))
+            del self._buf[:FRAME_HEADER_SIZE + length]
+        return out
+
+    def _bad(self, msg: str) -> TransportError:
+        return TransportError(TransportCode.CONTROL, self._peer, msg)
