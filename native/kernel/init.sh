@@ -31,10 +31,15 @@ mount -t devtmpfs devtmpfs /dev
 say "init started (uptime $(cut -d' ' -f1 /proc/uptime))"
 
 # A failed insmod is reported and skipped: the guest tests check each module they need
-# and fail naming it, which says more than a VM that never comes up.
+# and fail naming it (quoting /insmod-failures.log), which says more than a VM that never
+# comes up.
+: > /insmod-failures.log
 while read -r mod; do
     [ -n "$mod" ] || continue
-    out=$(insmod "$mod" 2>&1) || say "insmod $mod failed: $out"
+    if ! out=$(insmod "$mod" 2>&1); then
+        say "insmod $mod failed: $out"
+        echo "$mod: $out" >> /insmod-failures.log
+    fi
 done < /modules.list
 
 mkdir -p /mnt/lower /mnt/rw /newroot /results
@@ -68,6 +73,7 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
 mount --move /results /newroot/vfiod-results
+cp /insmod-failures.log /newroot/vfiod-results/insmod-failures.log
 
 if [ ! -f /newroot/vfiod-results/cmd.sh ]; then
     say "FATAL: the results share has no cmd.sh"

@@ -114,8 +114,8 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _run(step: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+def _run(step: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise AssetError(f"{step}: {' '.join(argv)} exited {res.returncode}\n"
                          f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
@@ -163,7 +163,7 @@ def _merge_kbuild(pkgs: Packages, dest: Path) -> Path:
     return build_dir
 
 
-def build_mtty(pkgs: Packages, kbuild_dir: Path, src_version: str, work: Path) -> Path:
+def build_mtty(kbuild_dir: Path, src_version: str, work: Path) -> Path:
     """``samples/vfio-mdev/mtty.c`` from linux-source, built against the image's headers."""
     ko = work / "mtty.ko"
     if ko.exists():
@@ -215,8 +215,8 @@ def module_load_order(modprobe: Path, modroot: Path, release: str,
         res = _run(f"modprobe --show-depends {name}",
                    [str(modprobe), "-d", str(modroot), "-S", release, "--show-depends", name])
         order.extend(parse_show_depends(res.stdout))
-    seen: set[Path] = set()
-    return [p for p in order if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+    # a module shared by several names (vfio) is listed by each: load it once, first time
+    return list(dict.fromkeys(order))
 
 
 def parse_show_depends(text: str) -> list[Path]:
@@ -252,6 +252,7 @@ def _modroot(pkgs: Packages, image_root: Path, mtty_ko: Path, base: Path,
 
 
 def _initramfs(base: Path, busybox: Path, modules: list[Path], modroot: Path) -> Path:
+    """The archive, rebuilt only when init.sh, busybox or a module changed."""
     h = hashlib.sha256()
     h.update(INIT_SCRIPT.read_bytes())
     h.update(busybox.read_bytes())
@@ -263,6 +264,10 @@ def _initramfs(base: Path, busybox: Path, modules: list[Path], modroot: Path) ->
         tmp = out.with_suffix(".tmp")
         tmp.write_bytes(build_initramfs(busybox, INIT_SCRIPT, modules))
         tmp.rename(out)
+        # an edited init.sh leaves its predecessors behind: keep only the current one
+        for old in base.glob("initramfs-*.cpio"):
+            if old != out:
+                old.unlink(missing_ok=True)
     return out
 
 
@@ -274,13 +279,12 @@ def prepare(timings: Timings) -> GuestAssets:
         image_root = debian.fetch(pkgs.image)
         for pkg in (pkgs.headers, pkgs.common, pkgs.kbuild, "busybox-static", "kmod"):
             debian.fetch(pkg)
-        src_root = debian.fetch_version(f"linux-source-{debian.KERNEL_SERIES}", src_version)
-    del src_root
+        debian.fetch_version(f"linux-source-{debian.KERNEL_SERIES}", src_version)
     base = debian.cache_dir() / "kernel-tier" / pkgs.release
     with _locked(base / "build"):
         with timings.part("mtty build"):
             kbuild_dir = _merge_kbuild(pkgs, base / "kbuild")
-            mtty_ko = build_mtty(pkgs, kbuild_dir, src_version, base / f"mtty-{src_version}")
+            mtty_ko = build_mtty(kbuild_dir, src_version, base / f"mtty-{src_version}")
         with timings.part("initramfs"):
             tools = _kmod_tools(base / "kmod-bin")
             modroot = _modroot(pkgs, image_root, mtty_ko, base, tools)

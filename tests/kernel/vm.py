@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from tests.kernel.assets import REPO, GuestAssets
 
@@ -58,6 +59,18 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
+def why_not_runnable() -> str | None:
+    """What this host lacks to run the tier, phrased as what would enable it (the text of
+    the skip; CI installs all of it)."""
+    if qemu_binary() is None:
+        return "qemu-system-x86_64 is not installed: apt-get install qemu-system-x86"
+    for tool in ("apt-get", "apt-cache", "dpkg", "make", "gcc"):
+        if shutil.which(tool) is None:
+            return (f"{tool} is not installed (the tier fetches Debian packages and builds "
+                    "mtty.ko: a Debian host with gcc and make)")
+    return None
+
+
 def guest_python() -> str:
     """The project venv's versioned interpreter (testing.md: a shim costs seconds under
     emulation). ``sys.prefix`` is the venv this pytest runs in."""
@@ -76,11 +89,12 @@ def guest_command(pytest_args: list[str], junit: str) -> str:
         # suite relies on are named with -p below instead.
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         "VFIOD_GUEST": "1",
-        "NUMBA_CACHE_DIR": "/tmp/numba-cache",
+        "VFIOD_GUEST_RESULTS": GUEST_RESULTS,
     }
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
     argv = [guest_python(), "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider",
-            "-q", "-rA", "-o", "timeout=90", f"--junitxml={junit}", *pytest_args]
+            "-q", "-o", "timeout=90", "--continue-on-collection-errors",
+            f"--junitxml={junit}", *pytest_args]
     return (f"#!/bin/sh\n# written by tests/kernel/vm.py; run by native/kernel/init.sh\n"
             f"{exports}\ncd {shlex.quote(str(REPO))} || exit 127\n"
             f"exec {' '.join(shlex.quote(a) for a in argv)}\n")
@@ -112,7 +126,7 @@ def qemu_argv(assets: GuestAssets, results: Path, memory: str = "2G") -> list[st
 class _Console(threading.Thread):
     """Drains QEMU's serial console into a file and notes when the markers appear."""
 
-    def __init__(self, stream, path: Path) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream: IO[bytes], path: Path) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.path = path
@@ -140,7 +154,8 @@ def run_guest(assets: GuestAssets, results: Path, pytest_args: list[str],
     if timeout is None:
         timeout = float(os.environ.get("VFIOD_KERNEL_TIMEOUT", DEFAULT_TIMEOUT))
     results.mkdir(parents=True, exist_ok=True)
-    for stale in ("exit-code", "output.log", "dmesg.log", "junit.xml"):
+    for stale in ("exit-code", "output.log", "dmesg.log", "junit.xml",
+                  "insmod-failures.log"):
         (results / stale).unlink(missing_ok=True)
     (results / "cmd.sh").write_text(guest_command(pytest_args, f"{GUEST_RESULTS}/junit.xml"))
     console_path = results / "console.log"
@@ -150,6 +165,7 @@ def run_guest(assets: GuestAssets, results: Path, pytest_args: list[str],
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
     console = _Console(proc.stdout, console_path)
     console.start()
     try:

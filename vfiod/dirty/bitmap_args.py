@@ -22,6 +22,7 @@ WORD_BITS = 64
 U64 = np.dtype(np.uint64)
 
 Words = npt.NDArray[np.uint64]
+Pages = npt.NDArray[np.int64]  # page numbers or page counts
 
 
 def words_for(nbits: int) -> int:

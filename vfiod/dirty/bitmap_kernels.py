@@ -22,6 +22,7 @@ from numba import njit
 
 from vfiod.dirty.bitmap_args import (
     WORD_BITS,
+    Pages,
     Words,
     check_count,
     check_disjoint,
@@ -32,12 +33,12 @@ from vfiod.dirty.bitmap_args import (
     tail_mask,
     words_for,
 )
-from vfiod.dirty.bitmap_ref import Pages
 
 try:  # an internal numba intrinsic: fall back to the SWAR form if a release drops it
     from numba.cpython.unsafe.numbers import trailing_zeros as _llvm_cttz
+    _HAVE_CTTZ = True
 except ImportError:  # pragma: no cover
-    _llvm_cttz = None
+    _HAVE_CTTZ = False
 
 _ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _ZERO = np.uint64(0)
@@ -48,19 +49,18 @@ _M4 = np.uint64(0x0F0F_0F0F_0F0F_0F0F)
 _H01 = np.uint64(0x0101_0101_0101_0101)
 _S56 = np.uint64(56)
 
-_JIT = {"nogil": True, "cache": True}
 
 
-@njit(**_JIT)
-def _tail_mask(nbits):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _tail_mask(nbits):
     tail = nbits & 63
     if tail == 0:
         return _ALL
     return (_ONE << np.uint64(tail)) - _ONE
 
 
-@njit(**_JIT)
-def _popcnt64(w):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _popcnt64(w):
     # SWAR: 2-bit, 4-bit, 8-bit partial sums, then add the 8 bytes with one multiply.
     w = w - ((w >> _ONE) & _M1)
     w = (w & _M2) + ((w >> np.uint64(2)) & _M2)
@@ -68,43 +68,47 @@ def _popcnt64(w):  # type: ignore[no-untyped-def]
     return (w * _H01) >> _S56
 
 
-if _llvm_cttz is not None:
-    @njit(**_JIT)
-    def _ctz64(w):  # type: ignore[no-untyped-def]
+if _HAVE_CTTZ:
+    @njit(nogil=True, cache=True)
+    def _ctz64(w):
         # w != 0 here; numba's intrinsic is LLVM cttz (one tzcnt/bsf instruction)
-        return np.int64(_llvm_cttz(w))
+        return np.int64(_llvm_cttz(w))  # type: ignore[call-arg]
 else:  # pragma: no cover - numba builds without the intrinsic
-    @njit(**_JIT)
-    def _ctz64(w):  # type: ignore[no-untyped-def]
+    @njit(nogil=True, cache=True)
+    def _ctz64(w):
         # w != 0 here. (w & -w) - 1 has exactly ctz(w) ones below the lowest set bit.
         return np.int64(_popcnt64((w & (~w + _ONE)) - _ONE))
 
 
-@njit(**_JIT)
-def _k_or_merge(dst, src, off, nbits):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_or_merge(dst, src, off, nbits):
+    # The hot loops run over slices indexed from 0: numba then emits no negative-index
+    # fix-up per access and LLVM vectorises them (about 1.6x faster than dst[w0 + k]).
     nsw = (nbits + 63) >> 6
     last = src[nsw - 1] & _tail_mask(nbits)
     w0 = off >> 6
     s = off & 63
     if s == 0:
-        for k in range(nsw - 1):
-            dst[w0 + k] |= src[k]
+        d = dst[w0 : w0 + nsw - 1]
+        a = src[0 : nsw - 1]
+        for k in range(d.shape[0]):
+            d[k] |= a[k]
         dst[w0 + nsw - 1] |= last
         return
     sl = np.uint64(s)
     sr = np.uint64(64 - s)
     if nsw == 1:
         dst[w0] |= last << sl
-        hi = last >> sr
-        if hi != _ZERO:
-            dst[w0 + 1] |= hi
-        return
-    dst[w0] |= src[0] << sl
-    # dst word w0+k takes the low bits of src[k] and the high bits of src[k-1]; no carried
-    # state, so each iteration is independent and the loop vectorises.
-    for k in range(1, nsw - 1):
-        dst[w0 + k] |= (src[k] << sl) | (src[k - 1] >> sr)
-    dst[w0 + nsw - 1] |= (last << sl) | (src[nsw - 2] >> sr)
+    else:
+        dst[w0] |= src[0] << sl
+        # dst word w0+k takes the low bits of src[k] and the high bits of src[k-1]; no
+        # carried state, so the iterations are independent.
+        d = dst[w0 + 1 : w0 + nsw - 1]
+        a = src[1 : nsw - 1]
+        b = src[0 : nsw - 2]
+        for k in range(d.shape[0]):
+            d[k] |= (a[k] << sl) | (b[k] >> sr)
+        dst[w0 + nsw - 1] |= (last << sl) | (src[nsw - 2] >> sr)
     # The last word's high bits spill into one more dst word; they are only non-zero when
     # they are real (in-range) bits, and the wrapper proved those bits fit in dst.
     hi = last >> sr
@@ -112,8 +116,8 @@ def _k_or_merge(dst, src, off, nbits):  # type: ignore[no-untyped-def]
         dst[w0 + nsw] |= hi
 
 
-@njit(**_JIT)
-def _k_popcount(words, nbits):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_popcount(words, nbits):
     full = nbits >> 6
     total = np.uint64(0)
     for k in range(full):
@@ -123,70 +127,77 @@ def _k_popcount(words, nbits):  # type: ignore[no-untyped-def]
     return np.int64(total)
 
 
-@njit(**_JIT)
-def _starts(w, prev):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _starts(w, prev):
     # bit b set where page b is dirty and the page before it (bit b-1, or the previous
     # word's bit 63 passed in as prev = 0/1) is clean
     return w & ~((w << _ONE) | prev)
 
 
-@njit(**_JIT)
-def _ends(w, prev):  # type: ignore[no-untyped-def]
-    # bit b set where page b is clean and the page before it is dirty: a run ended at b
-    return ~w & ((w << _ONE) | prev)
-
-
-@njit(**_JIT)
-def _k_count_runs(words, nbits):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_count_runs(words, nbits):
+    # popcount of the run-start words; each reads its own previous word instead of carrying
+    # it, so the iterations are independent and LLVM vectorises the loop
     nw = (nbits + 63) >> 6
-    runs = np.uint64(0)
-    prev = _ZERO
-    for i in range(nw - 1):
-        w = words[i]
-        runs += _popcnt64(_starts(w, prev))
-        prev = w >> np.uint64(63)
-    runs += _popcnt64(_starts(words[nw - 1] & _tail_mask(nbits), prev))
+    runs = _popcnt64(_starts(words[0] & _tail_mask(nbits) if nw == 1 else words[0], _ZERO))
+    for i in range(1, nw - 1):
+        runs += _popcnt64(_starts(words[i], words[i - 1] >> np.uint64(63)))
+    if nw > 1:
+        runs += _popcnt64(_starts(words[nw - 1] & _tail_mask(nbits),
+                                  words[nw - 2] >> np.uint64(63)))
     return np.int64(runs)
 
 
-@njit(inline="always", **_JIT)  # inlined at numba IR level: a call per word costs 2x
-def _scatter(x, base, out, n):  # type: ignore[no-untyped-def]
-    # append the page numbers of the set bits of x (word at page base) to out[n:]
+# inline="always" inlines at numba IR level: as a call per word it cost ~30% more
+@njit(nogil=True, cache=True, inline="always")
+def _word_runs(w, edge, base, first, count, ns, ne, longest):
+    # Starts and ends of word w (edge = its edge word) are visited in two loops over set
+    # bits, so there is no data-dependent branch per edge. Run r's start is written before
+    # its end is seen, so count[r] = end - first[r] at once. Indices are unsigned: numba
+    # then skips its negative-index wraparound test on every store.
+    x = edge & w
     while x != _ZERO:
-        out[n] = base + _ctz64(x)
+        first[ns] = base + _ctz64(x)
         x &= x - _ONE
-        n += 1
-    return n
+        ns += _ONE
+    x = edge & ~w
+    while x != _ZERO:
+        length = base + _ctz64(x) - first[ne]
+        x &= x - _ONE
+        count[ne] = length
+        longest = max(longest, length)
+        ne += _ONE
+    return ns, ne, longest
 
 
-@njit(**_JIT)
-def _k_run_edges(words, nbits, first, end):  # type: ignore[no-untyped-def]
-    # Starts and ends go to separate arrays, so the per-edge loop has no data-dependent
-    # branch; an all-zero or all-ones word that continues the previous state has neither
-    # and costs one test. The virtual clean word after the last one closes a final run.
+@njit(nogil=True, cache=True)
+def _k_runs(words, nbits, first, count):
+    # An all-zero or all-ones word that continues the previous state has no edges and costs
+    # one test. first/count hold exactly _k_count_runs entries. Returns the longest run.
     nw = (nbits + 63) >> 6
-    ns = 0
-    ne = 0
+    ns = _ZERO
+    ne = _ZERO
+    longest = 0
     prev = _ZERO
     for i in range(nw - 1):
         w = words[i]
         edge = w ^ ((w << _ONE) | prev)
         prev = w >> np.uint64(63)
         if edge != _ZERO:
-            ns = _scatter(edge & w, i << 6, first, ns)
-            ne = _scatter(edge & ~w, i << 6, end, ne)
+            ns, ne, longest = _word_runs(w, edge, np.int64(i) << 6, first, count, ns, ne,
+                                         longest)
     w = words[nw - 1] & _tail_mask(nbits)  # pages past nbits read as clean
     edge = w ^ ((w << _ONE) | prev)
-    ns = _scatter(edge & w, (nw - 1) << 6, first, ns)
-    ne = _scatter(edge & ~w, (nw - 1) << 6, end, ne)
-    if w >> np.uint64(63):
-        end[ne] = nw << 6
-        ne += 1
-    return ns
+    ns, ne, longest = _word_runs(w, edge, np.int64(nw - 1) << 6, first, count, ns, ne, longest)
+    if w >> np.uint64(63):  # the last page is dirty: the clean page past the end closes it
+        length = nbits - first[ne]
+        count[ne] = length
+        longest = max(longest, length)
+    return longest
 
 
-@njit(**_JIT)
-def _k_split_runs(first, count, max_run, out_first, out_count):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_split_runs(first, count, max_run, out_first, out_count):
     # cut every run into max_run pieces plus a shorter last one; out_* sized exactly
     n = 0
     for r in range(first.shape[0]):
@@ -203,28 +214,32 @@ def _k_split_runs(first, count, max_run, out_first, out_count):  # type: ignore[
         n += 1
 
 
-@njit(**_JIT)
-def _k_extract(words, first_bit, nbits, out):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_extract(words, first_bit, nbits, out):
     nw = words.shape[0]
     no = out.shape[0]
     w0 = first_bit >> 6
     s = first_bit & 63
     if s == 0:
-        for k in range(no):
-            out[k] = words[w0 + k]
+        out[:] = words[w0 : w0 + no]
     else:
+        # out word k = high bits of words[w0+k] and low bits of words[w0+k+1]; slices
+        # indexed from 0 keep the loop free of index fix-ups (see _k_or_merge)
         sr = np.uint64(s)
         sl = np.uint64(64 - s)
-        for k in range(no):
-            v = words[w0 + k] >> sr
-            if w0 + k + 1 < nw:
-                v |= words[w0 + k + 1] << sl
-            out[k] = v
+        inner = min(no, nw - w0 - 1)  # out words that have a next source word
+        o = out[0:inner]
+        a = words[w0 : w0 + inner]
+        b = words[w0 + 1 : w0 + 1 + inner]
+        for k in range(inner):
+            o[k] = (a[k] >> sr) | (b[k] << sl)
+        if inner < no:
+            out[no - 1] = words[nw - 1] >> sr
     out[no - 1] &= _tail_mask(nbits)
 
 
-@njit(**_JIT)
-def _k_fill(words, first_bit, nbits, value):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_fill(words, first_bit, nbits, value):
     # Set (value=True) or clear bits [first_bit, first_bit+nbits); nbits > 0.
     end = first_bit + nbits
     w0 = first_bit >> 6
@@ -245,17 +260,16 @@ def _k_fill(words, first_bit, nbits, value):  # type: ignore[no-untyped-def]
     else:
         words[w0] &= ~lo_mask
         words[w1] &= ~hi_mask
-    for k in range(w0 + 1, w1):
-        words[k] = fillw
+    words[w0 + 1 : w1] = fillw
 
 
-@njit(**_JIT)
-def _ceil_div(a, b):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
-@njit(**_JIT)
-def _k_coarsen(src, nbits, ratio, out):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_coarsen(src, nbits, ratio, out):
     # out bit j = OR of src bits [j*ratio, (j+1)*ratio); ratio a power of two >= 2.
     nsw = (nbits + 63) >> 6
     if ratio >= 64:
@@ -289,8 +303,8 @@ def _k_coarsen(src, nbits, ratio, out):  # type: ignore[no-untyped-def]
         out[j >> 6] |= packed << np.uint64(j & 63)
 
 
-@njit(**_JIT)
-def _k_refine(src, nbits, ratio, out):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _k_refine(src, nbits, ratio, out):
     # src bit i sets out bits [i*ratio, (i+1)*ratio); ratio a power of two >= 2.
     nsw = (nbits + 63) >> 6
     for k in range(nsw):
@@ -352,9 +366,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     runs = _k_count_runs(words, nbits)
     first = np.empty(runs, np.int64)
     count = np.empty(runs, np.int64)
-    _k_run_edges(words, nbits, first, count)  # count holds each run's end page here
-    np.subtract(count, first, out=count)
-    if runs == 0 or int(count.max()) <= max_run:
+    if runs == 0 or _k_runs(words, nbits, first, count) <= max_run:
         return first, count
     pieces = (count + (max_run - 1)) // max_run
     out_first = np.empty(int(pieces.sum()), np.int64)

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from vfiod.dirty.bitmap_args import (
     WORD_BITS,
+    Pages,
     Words,
     check_count,
     check_disjoint,
@@ -28,8 +29,7 @@ from vfiod.dirty.bitmap_args import (
     rescaled_nbits,
     words_for,
 )
-
-Pages = npt.NDArray[np.int64]
+from vfiod.dirty.ranges import split_ranges
 
 
 def _unpack(words: Words, nbits: int | None = None) -> npt.NDArray[np.uint8]:
@@ -93,7 +93,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
 
     Runs are in ascending order; a run longer than ``max_run`` is split into pieces of
     ``max_run`` pages plus a shorter last piece. Runs come from the +1/-1 edges of the bit
-    array (``np.diff`` with a 0 on either side); the split is done with ``np.repeat``.
+    array (``np.diff`` with a 0 on either side); the split is ``ranges.split_ranges``.
     """
     fn = "dirty_runs"
     words = check_words(fn, "words", words)
@@ -103,13 +103,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     edges = np.diff(_unpack(words, nbits).view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1).astype(np.int64)
     lengths = np.flatnonzero(edges == -1).astype(np.int64) - starts
-    pieces = (lengths + max_run - 1) // max_run
-    which = np.repeat(np.arange(starts.shape[0]), pieces)
-    # index of each piece within its run: 0, 1, ... restarting at every run
-    nth = np.arange(which.shape[0], dtype=np.int64) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    first = starts[which] + nth * max_run
-    count = np.minimum(max_run, lengths[which] - nth * max_run)
-    return first.astype(np.int64), count.astype(np.int64)
+    return split_ranges(starts, lengths, max_run)
 
 
 def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
@@ -174,5 +168,5 @@ def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
         ratio = dp // sp
         padded = np.zeros(rescaled_nbits(nbits, sp, dp) * ratio, dtype=np.uint8)
         padded[:nbits] = bits
-        return _pack(padded.reshape(-1, ratio).any(axis=1).astype(np.uint8))
+        return _pack(np.asarray(padded.reshape(-1, ratio).any(axis=1), dtype=np.uint8))
     return _pack(np.repeat(bits, sp // dp))

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Sink", "Pending", "MigrationDriver", "Phase", "HookOrderError", "DeviceMismatch",
-    "DeviceTransitionError", "DriverBase", "encode_record", "decode_record", "compare_records", "probe",
+    "ForbiddenTransition", "DeviceTransitionError", "DriverBase", "encode_record",
+    "decode_record", "compare_records", "probe",
 ]
 
 #: Receives device data in order; must consume/copy the chunk before returning.
@@ -82,6 +83,11 @@ class HookOrderError(VfiodError, RuntimeError):
         super().__init__(f"{hook} on {device}: called in phase {phase.name}; allowed in {exp}")
 
 
+class ForbiddenTransition(VfiodError, RuntimeError):
+    """A driver was asked for a transition that must never reach the kernel
+    (STOP_COPY -> PRE_COPY/PRE_COPY_P2P hangs kernels 6.2+): a caller bug."""
+
+
 class DeviceMismatch(VfiodError):
     """The destination device cannot take the source device's state; lists every reason."""
 
@@ -106,7 +112,7 @@ class DeviceTransitionError(KernelError):
         self.final = final
         self.reset = reset
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[object, ...]:
         return (DeviceTransitionError,
                 (self.errno, self.op, self.target, self.rungs, self.final, self.reset))
 
@@ -169,7 +175,8 @@ class MigrationDriver(Protocol):
         ...
     def rollback(self) -> MigState:
         """Back to RUNNING from wherever the device is (recovery ladder, reset last);
-        returns the final state (RUNNING) or raises DeviceTransitionError."""
+        returns the final state (RUNNING) or raises DeviceTransitionError. A destination
+        (after load_setup) is reset: what it loaded is discarded, never run."""
         ...
 
 
@@ -246,8 +253,8 @@ class DriverBase:
             raise HookOrderError(self.device.name, hook, self._phase, allowed)
 
     def _record_fields(self) -> dict[str, int | str | bool]:
-        return {"has_precopy": bool(getattr(self, "has_precopy", False)),
-                "has_p2p": bool(getattr(self, "has_p2p", False))}
+        """Extra identity fields a protocol adds (compared on the destination)."""
+        return {}
 
     def save_state(self) -> bytes:
         return encode_record(self.device.name, self.protocol, self.flags,
@@ -287,7 +294,8 @@ def probe(device: Device) -> MigrationDriver:
                                 VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED)
     if region is None:
         raise NotMigratable(device.name, f"{v2_reason} and no v1 migration region")
-    if region.size == 0:
-        raise NotMigratable(device.name, f"{v2_reason} and the v1 migration region "
-                            f"(index {region.index}) has size 0")
-    return V1Driver(device, region)
+    try:
+        return V1Driver(device, region)
+    except ValueError as e:
+        raise NotMigratable(device.name, f"{v2_reason} and an unusable v1 migration "
+                            f"region: {e}") from None

@@ -183,7 +183,13 @@ def _nb_x_pow_bytes(nbytes, x2n):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _crc_sse42(words, tail, crc, x2n):  # type: ignore[no-untyped-def]
+def _crc_sse42(buf, crc, x2n):  # type: ignore[no-untyped-def]
+    # ``buf`` is any 1-D byte buffer (bytes, bytearray, memoryview): numba reads it in
+    # place, so a call costs about a microsecond plus the bytes.
+    data = np.frombuffer(buf, np.uint8)
+    nbytes = data.size
+    cut = nbytes - (nbytes & 7)
+    words = data[:cut].view(np.uint64)
     reg = np.uint64(crc) ^ _M32
     n = words.shape[0]
     start = 0
@@ -202,13 +208,17 @@ def _crc_sse42(words, tail, crc, x2n):  # type: ignore[no-untyped-def]
         start = 3 * lane
     for i in range(start, n):
         reg = _crc32_u64(reg, words[i])
-    for j in range(tail.shape[0]):
-        reg = _crc32_u8(reg, tail[j])
+    for j in range(cut, nbytes):
+        reg = _crc32_u8(reg, data[j])
     return reg ^ _M32
 
 
 @njit(**_JIT)
-def _crc_table(words, tail, crc, t):  # type: ignore[no-untyped-def]
+def _crc_table(buf, crc, t):  # type: ignore[no-untyped-def]
+    data = np.frombuffer(buf, np.uint8)
+    nbytes = data.size
+    cut = nbytes - (nbytes & 7)
+    words = data[:cut].view(np.uint64)  # little-endian loads (checked by the caller)
     reg = np.uint64(crc) ^ _M32
     for i in range(words.shape[0]):
         w = words[i]
@@ -217,8 +227,8 @@ def _crc_table(words, tail, crc, t):  # type: ignore[no-untyped-def]
         reg = (t[7, lo & _FF] ^ t[6, (lo >> _U8) & _FF] ^ t[5, (lo >> np.uint64(16)) & _FF]
                ^ t[4, lo >> _U24] ^ t[3, hi & _FF] ^ t[2, (hi >> _U8) & _FF]
                ^ t[1, (hi >> np.uint64(16)) & _FF] ^ t[0, hi >> _U24])
-    for j in range(tail.shape[0]):
-        reg = (reg >> _U8) ^ t[0, (reg ^ np.uint64(tail[j])) & _FF]
+    for j in range(cut, nbytes):
+        reg = (reg >> _U8) ^ t[0, (reg ^ np.uint64(data[j])) & _FF]
     return reg ^ _M32
 
 
@@ -241,32 +251,24 @@ def _sse42_usable() -> bool:
         return False
 
 
-_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
-_EMPTY_U8 = np.zeros(0, dtype=np.uint8)
-
-
-def _split(data: object) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-copy numpy views: the 8-byte words and the 0-7 trailing bytes."""
-    mv = memoryview(data)  # type: ignore[arg-type]
-    if mv.ndim != 1 or mv.itemsize != 1:
+def _as_bytes(data: object) -> object:
+    """A 1-D unsigned-byte buffer numba can read in place (no copy)."""
+    if type(data) in (bytes, bytearray):
+        return data
+    mv = data if type(data) is memoryview else memoryview(data)  # type: ignore[arg-type]
+    if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
-    n = mv.nbytes
-    nw = n >> 3
-    words = np.frombuffer(mv, dtype=np.uint64, count=nw) if nw else _EMPTY_U64
-    tail = np.frombuffer(mv, dtype=np.uint8, offset=nw << 3) if n & 7 else _EMPTY_U8
-    return words, tail
+    return mv
 
 
 def _crc_with_sse42(data: object, crc: int = 0) -> int:
-    words, tail = _split(data)
-    return int(_crc_sse42(words, tail, np.uint64(crc & _MASK32), _X2N_ARR))
+    return int(_crc_sse42(_as_bytes(data), np.uint64(crc & _MASK32), _X2N_ARR))
 
 
 def _crc_with_table(data: object, crc: int = 0) -> int:
     if sys.byteorder != "little":  # the word kernel assumes little-endian loads
         return crc32c_reference(memoryview(data).cast("B"), crc)  # type: ignore[arg-type]
-    words, tail = _split(data)
-    return int(_crc_table(words, tail, np.uint64(crc & _MASK32), _TABLES))
+    return int(_crc_table(_as_bytes(data), np.uint64(crc & _MASK32), _TABLES))
 
 
 #: Every kernel this machine can run, by name (the tests check each against the reference).
@@ -287,6 +289,8 @@ def warm_up() -> str:
     """Compile or load every kernel now (not in the middle of a downtime); returns the name."""
     probe = bytes(range(256)) * 32
     for impl in IMPLEMENTATIONS.values():
-        impl(probe)
+        # one specialisation per buffer kind the stream passes in
+        for buf in (probe, bytearray(probe), memoryview(probe), memoryview(bytearray(probe))):
+            impl(buf)
     crc32c_combine(1, 2, 3)
     return IMPLEMENTATION

@@ -87,8 +87,10 @@ Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
 
 
 class StreamReader:
-    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS,
+                 recv_piece: int = 256 * 1024) -> None:
         self._src = source
+        self._piece = recv_piece
         self._limits = limits
         self.offset = 0          # bytes consumed so far
         self.records = 0         # records accepted so far (== next sequence number)
@@ -205,9 +207,9 @@ class StreamReader:
             idx, view = self._ram.locate(h.arg0, h.arg1)
         except ValueError as e:
             raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
-        self._fill(view, h.rtype, at, "RAM payload")
+        crc = self._fill_crc(view, h.rtype, at)
         self.offset += h.length
-        if crc32c(view) != h.payload_crc:
+        if crc != h.payload_crc:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{h.arg1}: "
                             "payload checksum mismatch", at, h.rtype)
         self._ram_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
@@ -290,6 +292,19 @@ class StreamReader:
                                 f"{what} of {n} bytes", at, rtype)
             got += k
         return got
+
+    def _fill_crc(self, view: memoryview, rtype: int, at: int) -> int:
+        """Receive a RAM payload in pieces, checksumming each piece as soon as it lands:
+        it is still in the CPU cache then, so the check costs no second trip to memory."""
+        got, n, crc, piece = 0, len(view), 0, self._piece
+        while got < n:
+            k = self._src.recv_into(view[got:got + piece])
+            if k == 0:
+                raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
+                                f"RAM payload of {n} bytes", at, rtype)
+            crc = crc32c(view[got:got + k], crc)
+            got += k
+        return crc
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
         record = self.records if self.offset >= PREAMBLE_SIZE else None

@@ -38,6 +38,8 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 from vfiod.errors import StreamError
 from vfiod.migration.stream.crc32c import crc32c
@@ -124,7 +126,11 @@ class Limits:
     device_chunk: int = 16 * MiB
     ram_record: int = 64 * MiB
 
-    def bound(self, rtype: RecordType) -> int:
+    def bound(self, rtype: int) -> int:
+        return self._bounds[rtype]
+
+    @cached_property
+    def _bounds(self) -> dict[int, int]:
         return {
             RecordType.HEADER: self.header,
             RecordType.RAM: self.ram_record,
@@ -133,14 +139,13 @@ class Limits:
             RecordType.ITERATION: 0,
             RecordType.MANIFEST: self.manifest,
             RecordType.ABORT: self.abort,
-        }[rtype]
+        }
 
 
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class RecordHeader:
+class RecordHeader(NamedTuple):
     rtype: int
     flags: int
     seq: int
@@ -191,24 +196,22 @@ def unpack_header(buf: bytes | bytearray | memoryview, *, seq: int, offset: int,
     Checks, in this order so that the first fault named is the real one: header checksum
     (any flipped byte stops here), type, reserved flags, sequence, length bound.
     """
-    h = RecordHeader(*RECORD_HEADER.unpack(buf))
+    h = RecordHeader._make(RECORD_HEADER.unpack(buf))
     if crc32c(buf[:HEADER_CRC_SPAN]) != h.header_crc:
         raise RecordError(ErrorCode.HEADER_CHECKSUM, "record header checksum mismatch",
                           record=seq, offset=offset)
-    try:
-        rtype = RecordType(h.rtype)
-    except ValueError:
+    bound = limits._bounds.get(h.rtype)
+    if bound is None:
         raise RecordError(ErrorCode.TYPE, f"unknown record type {h.rtype}", record=seq,
-                          offset=offset) from None
+                          offset=offset)
     if h.flags:
         raise RecordError(ErrorCode.FLAGS, f"reserved flags {h.flags:#x} set", record=seq,
-                          offset=offset, rtype=rtype)
+                          offset=offset, rtype=h.rtype)
     if h.seq != seq & 0xFFFFFFFF:
         raise RecordError(ErrorCode.SEQUENCE, f"sequence number {h.seq}, expected "
                           f"{seq & 0xFFFFFFFF} (a record was lost or repeated)",
-                          record=seq, offset=offset, rtype=rtype)
-    bound = limits.bound(rtype)
+                          record=seq, offset=offset, rtype=h.rtype)
     if h.length > bound:
         raise RecordError(ErrorCode.LENGTH, f"length {h.length} over the bound {bound}",
-                          record=seq, offset=offset, rtype=rtype)
+                          record=seq, offset=offset, rtype=h.rtype)
     return h

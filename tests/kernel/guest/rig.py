@@ -1,0 +1,162 @@
+"""The guest's test environment: checks that it is what the tests need, and the sysfs
+set-up that is not vfiod's job (creating mtty mdevs, binding edu to vfio-pci).
+
+Runs only inside the QEMU guest of the real-kernel tier (testing.md; vfio-uapi.md §9.1,
+§9.2). Every missing piece fails with what is missing and what would provide it, never a
+skip: a guest that lacks a module is a broken rig, not an optional feature.
+
+VFIO itself is driven only through vfiod (``vfiod.vfio`` over ``LinuxKernel``); the plain
+file writes here are the administrator's side (sysfs), as a host operator would do them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from vfiod.kernel.ops import KernelOps
+
+SYS = Path("/sys")
+DEV = Path("/dev")
+#: The writable results share (native/kernel/init.sh mounts it here).
+RESULTS = Path(os.environ.get("VFIOD_GUEST_RESULTS", "/vfiod-results"))
+
+#: QEMU's "edu" educational PCI device (-device edu).
+EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
+#: mtty's emulated PCI identity (config space dword 0: device << 16 | vendor).
+MTTY_VENDOR, MTTY_DEVICE = 0x4348, 0x3253
+MTTY_PARENT = SYS / "class" / "mdev_bus" / "mtty"
+
+
+def insmod_failures() -> str:
+    """What init.sh recorded about modules that did not load (empty if none)."""
+    log = RESULTS / "insmod-failures.log"
+    return log.read_text().strip() if log.exists() else ""
+
+
+def require_module(name: str) -> None:
+    """Fail naming ``name`` unless the module is loaded (or built in)."""
+    if (SYS / "module" / name).is_dir():
+        return
+    failures = insmod_failures()
+    why = f"; init.sh recorded:\n{failures}" if failures else \
+        " and init.sh recorded no insmod failure (is it in tests/kernel/assets.GUEST_MODULES?)"
+    pytest.fail(f"kernel module {name!r} is not loaded in the guest{why}", pytrace=False)
+
+
+def require_char_device(path: Path, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        pytest.fail(f"{path} is missing: {what}", pytrace=False)
+    if not stat.S_ISCHR(mode):
+        pytest.fail(f"{path} exists but is not a character device: {what}", pytrace=False)
+
+
+def _write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# -- mtty mdevs (vfio-uapi.md §9.1) ---------------------------------------------------------
+
+def mtty_type_dir(type_name: str) -> Path:
+    require_module("mtty")
+    d = MTTY_PARENT / "mdev_supported_types" / type_name
+    if not d.is_dir():
+        have = sorted(p.name for p in (MTTY_PARENT / "mdev_supported_types").glob("*"))
+        pytest.fail(f"mtty offers no mdev type {type_name!r} (has {have})", pytrace=False)
+    return d
+
+
+@contextmanager
+def mtty_mdev(type_name: str = "mtty-2") -> Iterator[str]:
+    """Create an mtty mdev of ``type_name`` through sysfs; remove it afterwards."""
+    d = mtty_type_dir(type_name)
+    name = str(uuid.uuid4())
+    try:
+        _write(d / "create", name)
+    except OSError as e:
+        pytest.fail(f"creating an {type_name} mdev via {d / 'create'} failed: {e}",
+                    pytrace=False)
+    try:
+        yield name
+    finally:
+        remove = SYS / "bus" / "mdev" / "devices" / name / "remove"
+        if remove.exists():
+            _write(remove, "1")
+
+
+# -- edu behind the emulated intel-iommu, bound to vfio-pci (vfio-uapi.md §9.2) -------------
+
+def find_pci(vendor: int, device: int) -> list[str]:
+    out = []
+    for dev in sorted((SYS / "bus" / "pci" / "devices").iterdir()):
+        try:
+            if (int((dev / "vendor").read_text(), 16) == vendor
+                    and int((dev / "device").read_text(), 16) == device):
+                out.append(dev.name)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def bind_vfio_pci(bdf: str) -> None:
+    """driver_override + drivers_probe: the administrator's way to hand a device to VFIO."""
+    require_module("vfio_pci")
+    dev = SYS / "bus" / "pci" / "devices" / bdf
+    driver = dev / "driver"
+    if driver.is_symlink():
+        current = os.path.basename(os.readlink(driver))
+        if current == "vfio-pci":
+            return
+        _write(driver / "unbind", bdf)
+    _write(dev / "driver_override", "vfio-pci")
+    _write(SYS / "bus" / "pci" / "drivers_probe", bdf)
+    if not driver.is_symlink() or os.path.basename(os.readlink(driver)) != "vfio-pci":
+        pytest.fail(f"{bdf} did not bind to vfio-pci (is the intel-iommu active? "
+                    f"/sys/class/iommu has {sorted(os.listdir(SYS / 'class' / 'iommu'))})",
+                    pytrace=False)
+
+
+def edu_bdf() -> str:
+    found = find_pci(EDU_VENDOR, EDU_DEVICE)
+    if len(found) != 1:
+        pytest.fail(f"expected one QEMU edu device ({EDU_VENDOR:04x}:{EDU_DEVICE:04x}), "
+                    f"found {found}: is '-device edu' on the QEMU command line?",
+                    pytrace=False)
+    return found[0]
+
+
+# -- guest memory to map for DMA ----------------------------------------------------------
+
+class GuestRam:
+    """A shared memory file mapped into this process, as a VMM's guest RAM would be: the
+    ``vaddr`` vfiod hands to VFIO_IOMMU_MAP_DMA. Made through ``KernelOps``."""
+
+    def __init__(self, kernel: KernelOps, size: int) -> None:
+        self.kernel = kernel
+        self.size = size
+        self.fd = kernel.memfd_create("vfiod-guest-ram", size)
+        self.mm = kernel.mmap(self.fd, size)
+        self._anchor: ctypes.Array[ctypes.c_char] | None = \
+            (ctypes.c_char * size).from_buffer(self.mm)
+        self.vaddr = ctypes.addressof(self._anchor)
+
+    def close(self) -> None:
+        self._anchor = None     # drop the exported pointer so the mapping can close
+        self.mm.close()
+        self.kernel.close(self.fd)
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

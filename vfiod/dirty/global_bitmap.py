@@ -1,0 +1,159 @@
+"""One dirty bitmap per guest over guest-physical pages, and the dirty rate (design.md §3, §4).
+
+Providers hand in per-mapping bitmaps in the kernel's layout (vfio-uapi.md §3.9: bit ``i``
+covers ``iova + i * pgsize``; §4.4 the same for iommufd). A mapping starts at a guest page
+that need not be a multiple of 64, and the IOMMU page size may differ from the guest's, so
+``merge_container`` rescales (when the sizes differ) and OR-merges at an unaligned offset.
+The RAM sender then takes ``runs`` or ``take_and_clear`` of what it is about to send.
+
+Merges, marks and takes hold one lock: two containers whose mappings share a boundary word
+would otherwise lose bits in a read-modify-write race. The kernels release the GIL, so
+other Python threads keep running while one merge is in progress.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from vfiod.dirty import bitmap_kernels as kernels
+from vfiod.dirty.bitmap_args import (
+    Pages,
+    Words,
+    check_count,
+    check_page_size,
+    check_span,
+    check_words,
+    rescaled_nbits,
+    words_for,
+)
+from vfiod.dirty.ranges import PageRange
+
+
+class GlobalBitmap:
+    """Dirty bits of ``npages`` guest pages of ``page_size`` bytes (bit ``i`` = guest page i)."""
+
+    def __init__(self, npages: int, page_size: int = 4096) -> None:
+        self.npages = check_count("GlobalBitmap", "npages", npages)
+        self.page_size = check_page_size("GlobalBitmap", "page_size", page_size)
+        self._words: Words = np.zeros(words_for(self.npages), dtype=np.uint64)
+        self._lock = threading.Lock()
+
+    @property
+    def words(self) -> Words:
+        """A read-only view of the words (bits past ``npages`` are always clear)."""
+        view = self._words.view()
+        view.flags.writeable = False
+        return view
+
+    def _range(self, fn: str, pages: PageRange | None) -> PageRange:
+        if pages is None:
+            return PageRange(0, self.npages)
+        if not isinstance(pages, PageRange):
+            raise ValueError(f"GlobalBitmap.{fn}: pages must be a PageRange or None, got "
+                             f"{type(pages).__name__}")
+        if pages.end > self.npages:
+            raise ValueError(f"GlobalBitmap.{fn}: guest pages [{pages.first}, {pages.end}) "
+                             f"extend past the guest's {self.npages} pages")
+        return pages
+
+    def merge_container(self, bitmap: Words, first_guest_page: int, nbits: int,
+                        src_pgsize: int | None = None) -> int:
+        """OR a mapping's dirty bitmap into the guest's, starting at ``first_guest_page``.
+
+        ``bitmap`` has ``nbits`` bits of ``src_pgsize``-byte IOMMU pages (default: the guest
+        page size); when that differs from the guest page size the bits are rescaled first
+        (a coarser guest page is dirty if any IOMMU page in it is; a finer one is dirty if
+        its IOMMU page is). Returns the number of guest pages the mapping covers.
+        """
+        fn = "GlobalBitmap.merge_container"
+        bitmap = check_words(fn, "bitmap", bitmap)
+        first = check_count(fn, "first_guest_page", first_guest_page)
+        nbits = check_count(fn, "nbits", nbits)
+        sp = self.page_size if src_pgsize is None else check_page_size(fn, "src_pgsize",
+                                                                        src_pgsize)
+        check_span(fn, "bitmap", bitmap, 0, nbits)
+        pages = rescaled_nbits(nbits, sp, self.page_size)
+        if first + pages > self.npages:
+            raise ValueError(f"{fn}: {nbits} pages of {sp} bytes at guest page {first} cover "
+                             f"guest pages [{first}, {first + pages}), past the guest's "
+                             f"{self.npages} pages")
+        if sp != self.page_size:
+            bitmap = kernels.rescale(bitmap, sp, self.page_size, nbits)
+        with self._lock:
+            kernels.or_merge(self._words, bitmap, first, pages)
+        return pages
+
+    def mark_all(self, pages: PageRange | None = None) -> None:
+        """Mark ``pages`` (default: every page) dirty, e.g. for a tracker that cannot see DMA."""
+        r = self._range("mark_all", pages)
+        with self._lock:
+            kernels.set_range(self._words, r.first, r.count)
+
+    def count(self) -> int:
+        """Number of dirty guest pages."""
+        with self._lock:
+            return kernels.popcount(self._words, self.npages)
+
+    def dirty_bytes(self) -> int:
+        return self.count() * self.page_size
+
+    def runs(self, max_run: int) -> tuple[Pages, Pages]:
+        """Dirty pages as ``(first_page, count)`` runs of at most ``max_run`` pages."""
+        with self._lock:
+            return kernels.dirty_runs(self._words, self.npages, max_run)
+
+    def take_and_clear(self, pages: PageRange | None = None) -> Words:
+        """Return the bits of ``pages`` (bit 0 = ``pages.first``) and clear them here."""
+        r = self._range("take_and_clear", pages)
+        with self._lock:
+            return kernels.test_and_clear(self._words, r.first, r.count)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._words[:] = 0
+
+
+class DirtyRate:
+    """Dirty bytes per second between syncs, from counts and timestamps passed in.
+
+    Call ``start(t)`` when tracking starts (or let the first ``sample`` be the baseline),
+    then ``sample(pages, t)`` at each sync with the pages found dirty since the previous
+    sync. Timestamps are monotonic seconds from the caller (nothing here reads a clock).
+    ``last`` is the rate over the latest interval, ``smoothed`` an EWMA with weight
+    ``alpha`` on the newest interval.
+    """
+
+    def __init__(self, page_size: int, alpha: float = 0.5) -> None:
+        self.page_size = check_page_size("DirtyRate", "page_size", page_size)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"DirtyRate: alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self._t: float | None = None
+        self.last: float | None = None
+        self.smoothed: float | None = None
+
+    def start(self, t: float) -> None:
+        """Tracking started at ``t``: the first sample's interval begins here."""
+        self._t = float(t)
+
+    def sample(self, dirty_pages: int, t: float) -> float | None:
+        """Record a sync at ``t`` that found ``dirty_pages``; return that interval's rate.
+
+        Returns ``None`` (and only sets the baseline) when there is no earlier timestamp.
+        """
+        pages = check_count("DirtyRate.sample", "dirty_pages", dirty_pages)
+        t = float(t)
+        if self._t is None:
+            self._t = t
+            return None
+        if t <= self._t:
+            raise ValueError(f"DirtyRate.sample: timestamp {t} is not after the previous "
+                             f"sync at {self._t}")
+        rate = pages * self.page_size / (t - self._t)
+        self._t = t
+        self.last = rate
+        self.smoothed = rate if self.smoothed is None else (
+            self.alpha * rate + (1.0 - self.alpha) * self.smoothed)
+        return rate

@@ -1,0 +1,196 @@
+"""Dirty-page state of one DMA mapping, and the two ways a kernel writes it to a caller's
+bitmap (vfio-uapi.md §3.9 for type1, §4.4 for iommufd).
+
+Bits are little-endian u64 words, bit ``i`` (word ``i // 64``, bit ``i % 64``) = page ``i``.
+State is a numpy ``uint64`` array allocated on the first mark: ``np.zeros`` is ``calloc``,
+so a 1 TiB mapping costs no resident memory until pages are really marked, and a mapping
+nobody wrote costs nothing at all.
+
+Two writers, because the two kernels differ:
+
+* type1 (``type1_copy_to_user``): per mapping, the kernel shifts its bitmap to the mapping's
+  bit offset, ORs the caller's first word back in when the offset is not word aligned, then
+  *overwrites* every following word with one copy — hence "hand in zeroed memory". An
+  "every page dirty" answer (the non-pinned scope) is written with memset, never
+  materialised as an array, so a 1 TiB sync is a few memory-bandwidth-bound calls.
+* iommufd (``or_into_user``): bits are set in the caller's words (only ever OR), relative
+  to the requested IOVA, at the requested page size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+import numpy as np
+
+from vfiod.kernel.sim.base import fail
+
+M64 = (1 << 64) - 1
+_ONE = np.uint64(1)
+
+
+def words_for(nbits: int) -> int:
+    return (nbits + 63) // 64
+
+
+def _range_mask(lo: int, hi: int) -> int:
+    """Bits lo..hi-1 of one word (0 <= lo < hi <= 64)."""
+    return ((1 << (hi - lo)) - 1) << lo
+
+
+class DirtyMap:
+    """One bit per page of a mapping of ``npages`` pages."""
+
+    __slots__ = ("npages", "_words")
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self._words: np.ndarray | None = None
+
+    @property
+    def words(self) -> np.ndarray | None:
+        """The bit array, or None if no page was ever marked since the last clear."""
+        return self._words
+
+    def mark(self, first: int, count: int) -> None:
+        """Set pages ``first .. first+count-1`` (clipped to the mapping)."""
+        lo, hi = max(0, first), min(self.npages, first + count)
+        if lo >= hi:
+            return
+        if self._words is None:
+            self._words = np.zeros(words_for(self.npages), dtype=np.uint64)
+        w = self._words
+        wa, wb = lo >> 6, (hi - 1) >> 6
+        if wa == wb:
+            w[wa] |= np.uint64(_range_mask(lo & 63, ((hi - 1) & 63) + 1))
+            return
+        w[wa] |= np.uint64(_range_mask(lo & 63, 64))
+        w[wa + 1:wb] = np.uint64(M64)
+        w[wb] |= np.uint64(_range_mask(0, ((hi - 1) & 63) + 1))
+
+    def clear(self, first: int = 0, count: int | None = None) -> None:
+        """Clear pages ``first .. first+count-1`` (default: all, which frees the array)."""
+        if self._words is None:
+            return
+        if first <= 0 and (count is None or first + count >= self.npages):
+            self._words = None
+            return
+        hi = self.npages if count is None else min(self.npages, first + count)
+        lo = max(0, first)
+        if lo >= hi:
+            return
+        w = self._words
+        wa, wb = lo >> 6, (hi - 1) >> 6
+        if wa == wb:
+            w[wa] &= np.uint64(M64 ^ _range_mask(lo & 63, ((hi - 1) & 63) + 1))
+            return
+        w[wa] &= np.uint64(M64 ^ _range_mask(lo & 63, 64))
+        w[wa + 1:wb] = 0
+        w[wb] &= np.uint64(M64 ^ _range_mask(0, ((hi - 1) & 63) + 1))
+
+    def count(self) -> int:
+        """Number of dirty pages."""
+        if self._words is None:
+            return 0
+        return int(np.unpackbits(self._words.view(np.uint8)).sum())
+
+    def pages(self, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Indices (int64) of the dirty pages in ``first .. first+count-1``. Cost grows with
+        the number of non-zero words, not with the mapping size."""
+        hi = self.npages if count is None else min(self.npages, first + count)
+        lo = max(0, first)
+        if self._words is None or lo >= hi:
+            return np.empty(0, dtype=np.int64)
+        wa, wb = lo >> 6, (hi - 1) >> 6
+        sub = self._words[wa:wb + 1]
+        nz = np.flatnonzero(sub)
+        if nz.size == 0:
+            return np.empty(0, dtype=np.int64)
+        bits = np.unpackbits(sub[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+        row, col = np.nonzero(bits)
+        idx = (nz[row].astype(np.int64) + wa) * 64 + col
+        return idx[(idx >= lo) & (idx < hi)]
+
+
+def _user_words(addr: int, nwords: int, op: str) -> np.ndarray:
+    if addr == 0:
+        raise fail(errno.EFAULT, op, detail="NULL bitmap pointer")
+    return np.ctypeslib.as_array((ctypes.c_uint64 * nwords).from_address(addr))
+
+
+def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, words: np.ndarray | None,
+                       all_dirty: bool, op: str) -> None:
+    """Write one mapping's ``nbits`` bits at ``bit_offset`` of the bitmap at ``addr`` the
+    way type1's ``update_user_bitmap`` does: the first word keeps the caller's bits when
+    the offset is not word aligned; every other word it covers is overwritten."""
+    if nbits <= 0:
+        return
+    if addr == 0:
+        raise fail(errno.EFAULT, op, detail="NULL bitmap pointer")
+    shift = bit_offset & 63
+    dst = addr + (bit_offset >> 6) * 8
+    nout = words_for(nbits + shift)
+    first = ctypes.c_uint64.from_address(dst)
+    leftover = first.value if shift else 0
+    if all_dirty:
+        end = shift + nbits                   # bit just past the mapping, from word 0
+        if nout == 1:
+            first.value = leftover | _range_mask(shift, end)
+            return
+        first.value = leftover | _range_mask(shift, 64)
+        if nout > 2:
+            ctypes.memset(dst + 8, 0xFF, (nout - 2) * 8)
+        last_bits = end - 64 * (nout - 1)
+        ctypes.c_uint64.from_address(dst + 8 * (nout - 1)).value = _range_mask(0, last_bits)
+        return
+    out = np.zeros(nout, dtype=np.uint64)
+    if words is not None:
+        n = len(words)
+        if shift == 0:
+            out[:n] = words
+        else:
+            out[:n] = words << np.uint64(shift)
+            m = min(n, nout - 1)
+            out[1:1 + m] |= words[:m] >> np.uint64(64 - shift)
+    if shift:
+        out[0] |= np.uint64(leftover)
+    ctypes.memmove(dst, out.ctypes.data, nout * 8)
+
+
+def or_into_user(addr: int, nbits_total: int, dm: DirtyMap, first_page: int, npages: int,
+                 bit_offset: int, scale_shift: int, op: str) -> None:
+    """OR the dirty pages ``first_page .. +npages-1`` of ``dm`` into the user bitmap at
+    ``addr`` (``nbits_total`` bits long), page ``first_page`` landing on ``bit_offset``.
+    With ``scale_shift`` = log2(report page size / tracking page size) > 0, a report bit
+    is set when any page it covers is dirty (``bit_offset`` is then in tracking pages)."""
+    if dm.words is None or npages <= 0:
+        return
+    nwords = words_for(nbits_total)
+    if scale_shift == 0 and first_page % 64 == 0:
+        # Fast path (word-aligned source): shift whole words, no per-bit work.
+        src = dm.words[first_page >> 6:words_for(first_page + npages)].copy()
+        tail = npages & 63
+        if tail:
+            src[-1] &= np.uint64(_range_mask(0, tail))
+        shift = bit_offset & 63
+        base = bit_offset >> 6
+        n = len(src)
+        nout = min(words_for(npages + shift), nwords - base)
+        out = np.zeros(words_for(npages + shift), dtype=np.uint64)
+        if shift == 0:
+            out[:n] = src
+        else:
+            out[:n] = src << np.uint64(shift)
+            m = min(n, len(out) - 1)
+            out[1:1 + m] |= src[:m] >> np.uint64(64 - shift)
+        view = _user_words(addr, nwords, op)
+        view[base:base + nout] |= out[:nout]
+        return
+    pages = dm.pages(first_page, npages)
+    if pages.size == 0:
+        return
+    bits = np.unique((pages - first_page + bit_offset) >> scale_shift)
+    bits = bits[bits < nbits_total]
+    view = _user_words(addr, nwords, op)
+    np.bitwise_or.at(view, bits >> 6, np.left_shift(_ONE, (bits & 63).astype(np.uint64)))

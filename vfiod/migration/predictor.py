@@ -1,0 +1,250 @@
+"""Downtime prediction and the switchover policy (design.md §4).
+
+Pure code: every input carries its timestamp (``time.monotonic()`` seconds from the
+caller), nothing here reads a clock, a socket or a device, so tests are deterministic.
+
+Per iteration::
+
+    predicted = (dirty RAM bytes not yet sent
+                 + Σ device stop-copy bytes   (v2 MIG_DATA_SIZE / v1 pending_bytes / estimate)
+                 + Σ device pre-copy bytes not yet read)
+                / bandwidth
+              + fixed costs measured on this path (device stop, resume-ack round trip)
+
+Pieces:
+
+* ``BandwidthEstimator``: bytes per second *while sending*, measured over windows of at
+  least ``window_s`` (100 ms) of send time and smoothed with an EWMA. Idle time between
+  passes (dirty syncs, device reads) is not counted: stop-and-copy sends back to back.
+  Before the first window it uses the egress link's speed (``linkprior.LinkPrior``), or,
+  when that is unknown, ``DEFAULT_BANDWIDTH_BPS`` (1 Gb/s) and says so in ``source``.
+* ``DirtyRateEstimator``: bytes dirtied per second between successive dirty syncs (EWMA).
+* ``DowntimePredictor.predict(inputs) -> Prediction``: the formula above, plus
+  ``will_converge`` (False when the dirty rate is at or above the bandwidth, or when nothing
+  tracks dirty pages; ``reason`` has the numbers). ``record_actual(seconds)`` after
+  switchover gives the actual downtime and the prediction error ``|pred - act| / act``.
+* ``Policy``: downtime limit (300 ms default), maximum iterations, timeout with
+  ``on_timeout`` "cancel" or "force"; ``decide(...)`` → ``Decision``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from vfiod.migration.linkprior import LinkPrior
+
+DEFAULT_BANDWIDTH_BPS = 1e9 / 8  # 1 Gb/s: a conservative guess when the link is unknown
+DEFAULT_DOWNTIME_LIMIT_S = 0.300
+
+
+def _rate(bps: float) -> str:
+    if bps >= 1e9:
+        return f"{bps / 1e9:.2f} GB/s"
+    return f"{bps / 1e6:.1f} MB/s"
+
+
+class BandwidthEstimator:
+    def __init__(self, prior: LinkPrior | None = None, *, window_s: float = 0.1,
+                 alpha: float = 0.5, default_bps: float = DEFAULT_BANDWIDTH_BPS) -> None:
+        if window_s < 0.1:
+            raise ValueError(f"window_s {window_s} below 100 ms makes the estimate noise")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha {alpha} must be in (0, 1]")
+        self._window_s = window_s
+        self._alpha = alpha
+        self._ewma: float | None = None
+        self._win_bytes = 0
+        self._win_busy = 0.0
+        self.windows = 0
+        if prior is not None and prior.speed_bps:
+            self._prior, self._prior_note = prior.speed_bps, f"link prior: {prior.note}"
+        else:
+            why = prior.note if prior is not None else "no link information"
+            self._prior = default_bps
+            self._prior_note = f"default {_rate(default_bps)} (link speed unknown: {why})"
+
+    def record(self, start: float, end: float, nbytes: int) -> None:
+        """``nbytes`` went out between ``start`` and ``end`` (one send batch)."""
+        if end < start or nbytes < 0:
+            raise ValueError(f"bad transfer sample: {nbytes} bytes from {start} to {end}")
+        self._win_bytes += nbytes
+        self._win_busy += end - start
+        if self._win_busy >= self._window_s:
+            rate = self._win_bytes / self._win_busy
+            self._ewma = rate if self._ewma is None else (
+                self._alpha * rate + (1 - self._alpha) * self._ewma)
+            self._win_bytes, self._win_busy = 0, 0.0
+            self.windows += 1
+
+    @property
+    def bps(self) -> float:
+        return self._prior if self._ewma is None else self._ewma
+
+    @property
+    def source(self) -> str:
+        if self._ewma is None:
+            return self._prior_note
+        return f"measured over {self.windows} window(s) of >= {self._window_s * 1000:.0f} ms"
+
+
+class DirtyRateEstimator:
+    def __init__(self, *, alpha: float = 0.5) -> None:
+        self._alpha = alpha
+        self._last: float | None = None
+        self._ewma: float | None = None
+
+    def start(self, now: float) -> None:
+        """Dirty tracking started (the first sync measures from here)."""
+        self._last = now
+
+    def record_sync(self, now: float, dirtied_bytes: int) -> None:
+        """A sync at ``now`` found ``dirtied_bytes`` dirtied since the previous one."""
+        if self._last is not None and now > self._last:
+            rate = dirtied_bytes / (now - self._last)
+            self._ewma = rate if self._ewma is None else (
+                self._alpha * rate + (1 - self._alpha) * self._ewma)
+        self._last = now
+
+    @property
+    def bps(self) -> float | None:
+        return self._ewma
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Time that does not depend on bytes, measured on this path (seconds)."""
+
+    device_stop_s: float = 0.0
+    resume_ack_rtt_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.device_stop_s + self.resume_ack_rtt_s
+
+
+@dataclass(frozen=True)
+class IterationInputs:
+    now: float
+    dirty_ram_bytes: int            # dirty RAM not yet sent
+    device_stopcopy_bytes: int      # Σ over devices
+    device_precopy_bytes: int = 0   # Σ pre-copy bytes not yet read
+    tracking: bool = True           # False: no dirty tracking, every page is always dirty
+
+
+@dataclass(frozen=True)
+class Prediction:
+    at: float
+    downtime_s: float
+    ram_bytes: int
+    device_bytes: int
+    bandwidth_bps: float
+    bandwidth_source: str
+    dirty_rate_bps: float | None
+    fixed_s: float
+    will_converge: bool
+    reason: str
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self.ram_bytes + self.device_bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    predicted_s: float
+    actual_s: float
+    error: float | None  # |pred - act| / act; None if act == 0
+
+
+class DowntimePredictor:
+    def __init__(self, bandwidth: BandwidthEstimator, dirty: DirtyRateEstimator | None = None,
+                 costs: FixedCosts = FixedCosts()) -> None:
+        self.bandwidth = bandwidth
+        self.dirty = dirty or DirtyRateEstimator()
+        self.costs = costs
+        self.last: Prediction | None = None
+        self.outcome: Outcome | None = None
+
+    def predict(self, x: IterationInputs) -> Prediction:
+        for name in ("dirty_ram_bytes", "device_stopcopy_bytes", "device_precopy_bytes"):
+            if getattr(x, name) < 0:
+                raise ValueError(f"{name} is negative: {getattr(x, name)}")
+        bw = self.bandwidth.bps
+        dev = x.device_stopcopy_bytes + x.device_precopy_bytes
+        total = x.dirty_ram_bytes + dev
+        downtime = total / bw + self.costs.total_s
+        rate = self.dirty.bps
+        if not x.tracking:
+            converge = False
+            reason = (f"no dirty tracking: all {x.dirty_ram_bytes} bytes of RAM count as dirty "
+                      f"at every pass, so pre-copy cannot converge")
+        elif rate is not None and rate >= bw:
+            converge = False
+            reason = (f"dirty rate {_rate(rate)} >= bandwidth {_rate(bw)}: pre-copy cannot "
+                      f"converge")
+        else:
+            converge = True
+            dr = "not measured yet" if rate is None else _rate(rate)
+            reason = (f"{total} bytes ({x.dirty_ram_bytes} RAM, {dev} device) at "
+                      f"{_rate(bw)} + {self.costs.total_s * 1000:.0f} ms fixed; dirty rate {dr}")
+        p = Prediction(x.now, downtime, x.dirty_ram_bytes, dev, bw, self.bandwidth.source,
+                       rate, self.costs.total_s, converge, reason)
+        self.last = p
+        return p
+
+    def record_actual(self, actual_s: float) -> Outcome:
+        """After switchover: the measured downtime (source stop → destination ack)."""
+        if self.last is None:
+            raise RuntimeError("record_actual() before any prediction")
+        if actual_s < 0:
+            raise ValueError(f"actual downtime {actual_s} is negative")
+        pred = self.last.downtime_s
+        err = abs(pred - actual_s) / actual_s if actual_s > 0 else None
+        self.outcome = Outcome(pred, actual_s, err)
+        return self.outcome
+
+
+class Decision(enum.Enum):
+    CONTINUE = "continue"
+    SWITCHOVER = "switchover"
+    CANCEL = "cancel"
+    FORCE = "force"
+
+
+@dataclass(frozen=True)
+class Policy:
+    downtime_limit_s: float = DEFAULT_DOWNTIME_LIMIT_S
+    max_iterations: int | None = None
+    timeout_s: float | None = None
+    on_timeout: str = "cancel"
+
+    def __post_init__(self) -> None:
+        if self.downtime_limit_s <= 0:
+            raise ValueError(f"downtime limit {self.downtime_limit_s} s must be positive")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ValueError(f"max_iterations {self.max_iterations} must be at least 1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout {self.timeout_s} s must be positive")
+        if self.on_timeout not in ("cancel", "force"):
+            raise ValueError(f"on_timeout {self.on_timeout!r} must be 'cancel' or 'force'")
+
+    def verdict(self, p: Prediction, *, iteration: int, elapsed_s: float
+                ) -> tuple[Decision, str]:
+        """The decision after pass ``iteration`` (1-based) with its reason."""
+        limit_ms = self.downtime_limit_s * 1000
+        if p.downtime_s <= self.downtime_limit_s:
+            return Decision.SWITCHOVER, (f"predicted downtime {p.downtime_s * 1000:.0f} ms <= "
+                                         f"limit {limit_ms:.0f} ms")
+        out = Decision.CANCEL if self.on_timeout == "cancel" else Decision.FORCE
+        if self.timeout_s is not None and elapsed_s >= self.timeout_s:
+            return out, (f"timeout {self.timeout_s:g} s reached with predicted downtime "
+                         f"{p.downtime_s * 1000:.0f} ms > {limit_ms:.0f} ms")
+        if self.max_iterations is not None and iteration >= self.max_iterations:
+            return out, (f"{iteration} iterations reached with predicted downtime "
+                         f"{p.downtime_s * 1000:.0f} ms > {limit_ms:.0f} ms")
+        return Decision.CONTINUE, (f"predicted downtime {p.downtime_s * 1000:.0f} ms > limit "
+                                   f"{limit_ms:.0f} ms; {p.reason}")
+
+    def decide(self, p: Prediction, *, iteration: int, elapsed_s: float) -> Decision:
+        return self.verdict(p, iteration=iteration, elapsed_s=elapsed_s)[0]

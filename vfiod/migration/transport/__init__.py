@@ -1,0 +1,18 @@
+"""Transports for the migration stream (design.md §5): TCP with a return path and optional
+mutual TLS (``tcp``), snapshot files (``files``), and the return-path control messages and
+``TransportError`` (``control``). Each implements the stream's ``Sink``/``Source``.
+"""
+
+from vfiod.migration.transport.control import (
+    ControlMessage,
+    ControlType,
+    TransportCode,
+    TransportError,
+)
+from vfiod.migration.transport.files import FileSink, FileSource
+from vfiod.migration.transport.tcp import Connection, Listener, TlsConfig, connect
+
+__all__ = [
+    "Connection", "ControlMessage", "ControlType", "FileSink", "FileSource", "Listener",
+    "TlsConfig", "TransportCode", "TransportError", "connect",
+]

@@ -1,0 +1,315 @@
+"""TCP transport with a return path and optional mutual TLS (design.md §5).
+
+One connection carries the stream source → destination and control messages destination →
+source (``control.py``). API::
+
+    # destination                                   # source
+    lst = Listener("0.0.0.0", 4444, tls=cfg)        conn = connect(host, 4444, tls=cfg,
+    conn = lst.accept(timeout=30)                                  timeout=10)
+    reader = StreamReader(conn)                     writer = StreamWriter(conn, header, ram)
+    ...                                             ...
+    conn.send_control(ControlMessage.ack("complete"))
+                                                    conn.wait_ack("complete", timeout=30)
+
+``Connection`` is both a stream ``Sink`` (``send_buffers``, ``check_peer``) and a stream
+``Source`` (``recv_into``). On plain TCP, ``send_buffers`` hands the whole batch (record
+headers and memoryviews over guest memory) to ``socket.sendmsg``, so the kernel copies
+straight from the guest mmap; ``recv_into`` lands bytes directly in the caller's view (the
+destination's guest memory for RAM). Python's ``ssl`` has no ``sendmsg``: under TLS each
+buffer goes through ``sendall`` (encryption copies anyway).
+
+Every failure is a ``TransportError`` with a ``TransportCode``: connect refused or timed
+out, accept timed out, no progress within ``io_timeout``, the peer closed or reset the
+connection, a TLS handshake or certificate failure, a malformed control frame, and the
+destination's CANCEL or ERROR (raised by ``check_peer``/``wait_ack`` on the source).
+Both ends of a connection run their side from one thread: the source polls the return
+path between batches rather than reading it from a second thread, which also keeps one
+TLS object from being used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import select
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vfiod.migration.transport.control import (
+    ControlMessage,
+    ControlParser,
+    ControlType,
+    TransportCode,
+    TransportError,
+)
+
+_MAX_IOV = 1024
+DEFAULT_IO_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS: this end's certificate and key, and the CA that signs the peers'.
+
+    ``server_hostname``: the name the source checks in the destination's certificate
+    (default: the host it connects to, so an IP address needs an IP SAN).
+    """
+
+    certfile: str
+    keyfile: str
+    cafile: str
+    server_hostname: str | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._common(ctx)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the source must present a certificate
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server and its name
+        self._common(ctx)
+        return ctx
+
+    def _common(self, ctx: ssl.SSLContext) -> None:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        ctx.load_verify_locations(cafile=self.cafile)
+
+
+def _peer_name(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        host = f"[{addr[0]}]" if ":" in str(addr[0]) else str(addr[0])
+        return f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def _errno_name(e: OSError) -> str:
+    return _errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str, *,
+                 io_timeout: float | None = DEFAULT_IO_TIMEOUT) -> None:
+        self._sock = sock
+        self.peer = peer
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        sock.settimeout(io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # acks must not wait
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._parser = ControlParser(peer)
+        self.acks: deque[ControlMessage] = deque()
+        self._closed_by_peer = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- stream Sink -----------------------------------------------------------------------
+    def send_buffers(self, buffers: Sequence[Any]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        try:
+            if self.tls:
+                for v in views:
+                    self._sock.sendall(v)
+                    self.bytes_sent += len(v)
+                return
+            i = 0
+            while i < len(views):
+                n = self._sock.sendmsg(views[i:i + _MAX_IOV], [], socket.MSG_NOSIGNAL)
+                self.bytes_sent += n
+                while n > 0:  # advance over what the kernel took (may end mid-buffer)
+                    if n >= len(views[i]):
+                        n -= len(views[i])
+                        i += 1
+                    else:
+                        views[i] = views[i][n:]
+                        n = 0
+                while i < len(views) and not len(views[i]):
+                    i += 1
+        except OSError as e:
+            raise self._wrap(e, "send") from None
+
+    def check_peer(self) -> None:
+        """Read whatever the destination sent back; raise on CANCEL, ERROR or close."""
+        for msg in self._poll(0.0):
+            self._raise_if_fatal(msg)
+            self.acks.append(msg)
+        if self._closed_by_peer:
+            raise TransportError(TransportCode.PEER_CLOSED, self.peer,
+                                 "the destination closed the connection")
+
+    def wait_ack(self, stage: str, timeout: float) -> ControlMessage:
+        """Block until ACK(``stage``) arrives (earlier ACKs are kept in ``acks``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, m in enumerate(self.acks):
+                if m.fields.get("stage") == stage:
+                    del self.acks[i]
+                    return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(TransportCode.TIMEOUT, self.peer,
+                                     f"no {stage!r} acknowledgement within {timeout:g} s")
+            for msg in self._poll(left):
+                self._raise_if_fatal(msg)
+                self.acks.append(msg)
+            if self._closed_by_peer and not any(m.fields.get("stage") == stage
+                                                for m in self.acks):
+                raise TransportError(TransportCode.PEER_CLOSED, self.peer,
+                                     f"the destination closed before acknowledging {stage!r}")
+
+    # -- stream Source ---------------------------------------------------------------------
+    def recv_into(self, view: memoryview) -> int:
+        try:
+            n = self._sock.recv_into(view)
+        except ssl.SSLEOFError:
+            return 0  # a TLS peer that vanished without close_notify: end of stream
+        except OSError as e:
+            raise self._wrap(e, "receive") from None
+        self.bytes_received += n
+        return n
+
+    # -- return path -----------------------------------------------------------------------
+    def send_control(self, msg: ControlMessage) -> None:
+        self.send_buffers([msg.encode()])
+
+    def receive_control(self, timeout: float) -> list[ControlMessage]:
+        """Control messages that arrive within ``timeout`` seconds (possibly none)."""
+        return self._poll(timeout)
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _poll(self, timeout: float) -> list[ControlMessage]:
+        if self._closed_by_peer:
+            return []
+        pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+        if not pending:
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+            if not ready:
+                return []
+        try:
+            data = self._sock.recv(65536)
+        except ssl.SSLWantReadError:
+            return []  # only a TLS record fragment so far (or a post-handshake message)
+        except ssl.SSLEOFError:
+            data = b""
+        except OSError as e:
+            raise self._wrap(e, "receive control") from None
+        if not data:
+            self._closed_by_peer = True
+            return []
+        return self._parser.feed(data)
+
+    def _raise_if_fatal(self, msg: ControlMessage) -> None:
+        if msg.kind == ControlType.CANCEL:
+            raise TransportError(TransportCode.PEER_CANCELLED, self.peer,
+                                 f"the destination cancelled: {msg.fields.get('reason', '')}",
+                                 remote=msg.fields)
+        if msg.kind == ControlType.ERROR:
+            raise TransportError(TransportCode.PEER_ERROR, self.peer,
+                                 f"the destination failed: {msg.fields.get('code', '?')}: "
+                                 f"{msg.fields.get('message', '')}", remote=msg.fields)
+
+    def _wrap(self, e: OSError, what: str) -> TransportError:
+        if isinstance(e, socket.timeout):
+            return TransportError(TransportCode.TIMEOUT, self.peer,
+                                  f"{what}: no progress within {self._sock.gettimeout()} s")
+        if isinstance(e, ssl.SSLError):
+            return TransportError(TransportCode.TLS, self.peer, f"{what}: TLS error: "
+                                  f"{e.reason or e}")
+        if isinstance(e, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            return TransportError(TransportCode.PEER_CLOSED, self.peer,
+                                  f"{what}: the peer closed the connection "
+                                  f"({_errno_name(e)})", errno=e.errno)
+        return TransportError(TransportCode.IO, self.peer, f"{what}: {_errno_name(e)}",
+                              errno=e.errno)
+
+
+class Listener:
+    """A listening socket for one incoming migration at a time."""
+
+    def __init__(self, host: str, port: int = 0, *, tls: TlsConfig | None = None,
+                 backlog: int = 4, io_timeout: float | None = DEFAULT_IO_TIMEOUT) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+            self._sock.listen(backlog)
+        except OSError as e:
+            self._sock.close()
+            raise TransportError(TransportCode.IO, f"{host}:{port}",
+                                 f"listen: {_errno_name(e)}", errno=e.errno) from None
+        self._ctx = tls.server_context() if tls else None
+        self._io_timeout = io_timeout
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+
+    def accept(self, timeout: float | None) -> Connection:
+        self._sock.settimeout(timeout)
+        here = _peer_name(self.address)
+        try:
+            sock, addr = self._sock.accept()
+        except socket.timeout:
+            raise TransportError(TransportCode.ACCEPT_TIMEOUT, here,
+                                 f"no source connected within {timeout:g} s") from None
+        except OSError as e:
+            raise TransportError(TransportCode.IO, here, f"accept: {_errno_name(e)}",
+                                 errno=e.errno) from None
+        peer = _peer_name(addr)
+        if self._ctx is not None:
+            sock.settimeout(timeout)
+            try:
+                sock = self._ctx.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                sock.close()
+                reason = getattr(e, "reason", None) or str(e)
+                raise TransportError(TransportCode.TLS, peer,
+                                     f"TLS handshake failed: {reason}") from None
+        return Connection(sock, peer, io_timeout=self._io_timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(host: str, port: int, *, tls: TlsConfig | None = None, timeout: float = 10.0,
+            io_timeout: float | None = DEFAULT_IO_TIMEOUT) -> Connection:
+    """Connect to a destination (TLS handshake included in ``timeout``)."""
+    peer = _peer_name((host, port))
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise TransportError(TransportCode.CONNECT_TIMEOUT, peer,
+                             f"connect: no answer within {timeout:g} s") from None
+    except OSError as e:
+        raise TransportError(TransportCode.CONNECT, peer, f"connect: {_errno_name(e)}",
+                             errno=e.errno) from None
+    if tls is not None:
+        ctx = tls.client_context()
+        try:
+            sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname or host)
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            reason = getattr(e, "reason", None) or str(e)
+            raise TransportError(TransportCode.TLS, peer,
+                                 f"TLS handshake failed: {reason}") from None
+    return Connection(sock, peer, io_timeout=io_timeout)
