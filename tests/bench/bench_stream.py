@@ -39,7 +39,7 @@ from vfiod.migration.stream import (
     StreamWriter,
 )
 from vfiod.migration.stream import crc32c as crcmod
-from vfiod.migration.transport import ControlMessage, Listener, connect
+from vfiod.migration.transport import ControlMessage, connect
 from vfiod.migration.transport.tcp import Connection
 
 PAGE = 4096

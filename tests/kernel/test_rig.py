@@ -211,3 +211,17 @@ def test_finished_guest_run_is_collected(tmp_path: Path, monkeypatch: pytest.Mon
     assert (run.exit_code, run.output, run.dmesg) == (0, "3 passed\n", "kernel says hi\n")
     assert "vfiod-guest: command exit 0" in run.console
     assert run.junit == res / "junit.xml"
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-5", "nan"])
+def test_bad_timeout_setting_is_refused(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VFIOD_KERNEL_TIMEOUT", raw)
+    with pytest.raises(vm.VmError, match=f"VFIOD_KERNEL_TIMEOUT={raw!r} is not a positive"):
+        vm.timeout_from_env()
+
+
+def test_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VFIOD_KERNEL_TIMEOUT", raising=False)
+    assert vm.timeout_from_env() == vm.DEFAULT_TIMEOUT
+    monkeypatch.setenv("VFIOD_KERNEL_TIMEOUT", "30.5")
+    assert vm.timeout_from_env() == 30.5

@@ -47,6 +47,8 @@ class SimKernel:
         self._files: dict[int, SimFile] = {}
         self._next_fd = SIM_FD_BASE
         self._nodes: dict[str, NodeOpener] = {}
+        #: bytes pinned for DMA and charged to RLIMIT_MEMLOCK (type1 MAP_DMA, IOAS_MAP)
+        self.locked_bytes = 0
         # One lock for the whole simulated kernel: callers may use threads (a dirty-sync
         # worker next to the control loop); the kernel's own locks are finer, the outcome
         # of each call is the same. Re-entrant: a file may install a new fd mid-call.

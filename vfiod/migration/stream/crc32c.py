@@ -39,7 +39,6 @@ from numba.extending import intrinsic
 POLY = 0x82F63B78
 _MASK32 = 0xFFFFFFFF
 
-_JIT = {"nogil": True, "cache": True}
 #: Below this many 8-byte words a single lane is as fast as three plus the join.
 _LANE_MIN_WORDS = 256
 
@@ -132,11 +131,11 @@ _TOP = np.uint64(1 << 31)
 
 
 @intrinsic
-def _crc32_u64(typingctx, crc, word):  # type: ignore[no-untyped-def]
+def _crc32_u64(typingctx, crc, word):
     """The SSE4.2 ``crc32 r64, r/m64`` instruction (CRC-32C, reflected, no inversion)."""
     sig = types.uint64(types.uint64, types.uint64)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse42.crc32.64.64")
         return builder.call(fn, args)
@@ -145,11 +144,11 @@ def _crc32_u64(typingctx, crc, word):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _crc32_u8(typingctx, crc, byte):  # type: ignore[no-untyped-def]
+def _crc32_u8(typingctx, crc, byte):
     """The SSE4.2 ``crc32 r32, r/m8`` instruction."""
     sig = types.uint64(types.uint64, types.uint8)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         i32, i8 = ir.IntType(32), ir.IntType(8)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32, i8]),
                                             "llvm.x86.sse42.crc32.32.8")
@@ -159,8 +158,8 @@ def _crc32_u8(typingctx, crc, byte):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
-@njit(**_JIT)
-def _nb_mulmod(a, b):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _nb_mulmod(a, b):
     p = _U0
     for i in range(32):
         if a & (_TOP >> np.uint64(i)):
@@ -169,8 +168,8 @@ def _nb_mulmod(a, b):  # type: ignore[no-untyped-def]
     return p
 
 
-@njit(**_JIT)
-def _nb_x_pow_bytes(nbytes, x2n):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _nb_x_pow_bytes(nbytes, x2n):
     p = _TOP
     m = np.uint64(nbytes) * _U8
     k = 0
@@ -182,8 +181,8 @@ def _nb_x_pow_bytes(nbytes, x2n):  # type: ignore[no-untyped-def]
     return p
 
 
-@njit(**_JIT)
-def _crc_sse42(buf, crc, x2n):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _crc_sse42(buf, crc, x2n):
     # ``buf`` is any 1-D byte buffer (bytes, bytearray, memoryview): numba reads it in
     # place, so a call costs about a microsecond plus the bytes.
     data = np.frombuffer(buf, np.uint8)
@@ -199,7 +198,7 @@ def _crc_sse42(buf, crc, x2n):  # type: ignore[no-untyped-def]
         b = _U0
         c = _U0
         for i in range(lane):
-            reg = _crc32_u64(reg, words[i])
+            reg = _crc32_u64(reg, words[i])  # type: ignore[call-arg]
             b = _crc32_u64(b, words[lane + i])
             c = _crc32_u64(c, words[2 * lane + i])
         shift = _nb_x_pow_bytes(lane * 8, x2n)
@@ -207,14 +206,14 @@ def _crc_sse42(buf, crc, x2n):  # type: ignore[no-untyped-def]
         reg = _nb_mulmod(shift, reg) ^ c
         start = 3 * lane
     for i in range(start, n):
-        reg = _crc32_u64(reg, words[i])
+        reg = _crc32_u64(reg, words[i])  # type: ignore[call-arg]
     for j in range(cut, nbytes):
-        reg = _crc32_u8(reg, data[j])
+        reg = _crc32_u8(reg, data[j])  # type: ignore[call-arg]
     return reg ^ _M32
 
 
-@njit(**_JIT)
-def _crc_table(buf, crc, t):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def _crc_table(buf, crc, t):
     data = np.frombuffer(buf, np.uint8)
     nbytes = data.size
     cut = nbytes - (nbytes & 7)

@@ -100,7 +100,7 @@ class Manifest:
         records = doc.get("records")
         if not _is_count(records):
             raise ValueError("manifest.records must be a count")
-        return cls(entries("ram"), entries("devices"), records)
+        return cls(entries("ram"), entries("devices"), int(records))  # type: ignore[arg-type]
 
 
 def _is_count(v: Any) -> bool:
@@ -119,8 +119,8 @@ def first_difference(sent: Manifest, received: Manifest) -> tuple[str, str] | No
                 return (b.name, f"the source lists {kind} {a.name!r} in its place")
             if a.records != b.records or a.bytes != b.bytes:
                 return (a.name, f"{kind} {a.name}: source sent {a.records} records / "
-                                f"{a.bytes} bytes, destination received {b.records} / "
-                                f"{b.bytes}")
+                                f"{a.bytes} bytes, destination received {b.records} "
+                                f"records / {b.bytes} bytes")
             if a.digest != b.digest:
                 return (a.name, f"{kind} {a.name}: digest {a.digest} sent, {b.digest} "
                                 "received")

@@ -162,8 +162,7 @@ class StreamReader:
                             at, t)
         if t == RecordType.HEADER:
             raise self._err(ErrorCode.ORDER, "a second HEADER", at, t)
-        if self._ending and t in (RecordType.RAM, RecordType.DEVICE_DATA,
-                                  RecordType.ITERATION):
+        if self._ending and t in (RecordType.RAM, RecordType.ITERATION):
             raise self._err(ErrorCode.ORDER, f"{RecordType(t).name} after END_OF_STATE", at, t)
         if t == RecordType.RAM:
             return self._ram_record(h, at)

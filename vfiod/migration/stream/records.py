@@ -28,8 +28,9 @@ header. Why ``seq``: a lost, duplicated or reordered record is caught at once wi
 
 Record order (enforced by the reader): HEADER first and once; then RAM, DEVICE_DATA and
 ITERATION in any interleaving; DEVICE_DATA of one device in chunk order and never after that
-device's END_OF_STATE; once any END_OF_STATE is seen, only END_OF_STATE (of other devices)
-and MANIFEST may follow; MANIFEST last, after every device has ended. ABORT may come at any
+device's END_OF_STATE; once any END_OF_STATE is seen (the devices' stop-copy tail: RAM is
+complete by then), no more RAM or ITERATION, only DEVICE_DATA and END_OF_STATE of devices
+that have not ended; MANIFEST last, after every device has ended. ABORT may come at any
 point after the preamble: the source cancelled and the destination discards everything.
 """
 

@@ -9,7 +9,8 @@ Usage (the session drives it; the sink is a transport connection or a file)::
     w.mark_iteration(1)
     ...                                          # stop-and-copy
     w.send_ram(final_ranges, quiescent=True)
-    w.end_of_state("0000:3b:00.1")               # once per device, after all its data
+    w.end_of_state("0000:3b:00.1")               # once per device, after all its data;
+                                                 # no RAM after the first END_OF_STATE
     manifest = w.finish()                        # MANIFEST; then wait for the peer's ack
     # on cancel: w.abort("operator cancelled")
 
@@ -141,8 +142,11 @@ class StreamWriter:
         return sent
 
     def send_device_data(self, device: str, data: bytes | bytearray | memoryview) -> None:
-        """Append opaque device state, cut into chunks of at most ``limits.device_chunk``."""
-        self._expect("data", "send_device_data")
+        """Append opaque device state, cut into chunks of at most ``limits.device_chunk``.
+
+        Allowed until that device's END_OF_STATE (also after other devices have ended)."""
+        if self._phase != "ending":
+            self._expect("data", "send_device_data")
         idx = self.header.device_index(device)
         if self._dev_ended[idx]:
             raise RuntimeError(f"device {device}: data after its END_OF_STATE")

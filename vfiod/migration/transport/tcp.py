@@ -263,7 +263,7 @@ class Listener:
         here = _peer_name(self.address)
         try:
             sock, addr = self._sock.accept()
-        except socket.timeout:
+        except TimeoutError:
             raise TransportError(TransportCode.ACCEPT_TIMEOUT, here,
                                  f"no source connected within {timeout:g} s") from None
         except OSError as e:
@@ -297,7 +297,7 @@ def connect(host: str, port: int, *, tls: TlsConfig | None = None, timeout: floa
     peer = _peer_name((host, port))
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except socket.timeout:
+    except TimeoutError:
         raise TransportError(TransportCode.CONNECT_TIMEOUT, peer,
                              f"connect: no answer within {timeout:g} s") from None
     except OSError as e:

@@ -1,0 +1,178 @@
+"""GlobalBitmap (per-guest dirty bitmap) and DirtyRate, design.md §3 and §4."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from vfiod.dirty import bitmap_ref as R
+from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
+from vfiod.dirty.ranges import PageRange
+
+
+def bitmap_of(pages: list[int], nbits: int) -> np.ndarray:
+    w = np.zeros((nbits + 63) // 64, dtype=np.uint64)
+    for p in pages:
+        w[p // 64] |= np.uint64(1 << (p % 64))
+    return w
+
+
+def dirty_pages(g: GlobalBitmap) -> list[int]:
+    first, count = g.runs(1 << 40)
+    return [p for f, c in zip(first.tolist(), count.tolist(), strict=True)
+            for p in range(f, f + c)]
+
+
+def test_merge_at_unaligned_guest_pages() -> None:
+    g = GlobalBitmap(1000)
+    # two mappings whose bitmaps start at guest pages 100 and 163 (neither 64-aligned)
+    assert g.merge_container(bitmap_of([0, 1, 62, 63], 63), 100, 63) == 63
+    assert g.merge_container(bitmap_of([0, 64, 199], 200), 163, 200) == 200
+    assert dirty_pages(g) == [100, 101, 162, 163, 227, 362]
+    assert g.count() == 6 and g.dirty_bytes() == 6 * 4096
+
+
+def test_merge_ors_and_ignores_bits_past_nbits() -> None:
+    g = GlobalBitmap(200)
+    g.merge_container(bitmap_of([3], 10), 5, 10)
+    g.merge_container(bitmap_of([3, 4, 9, 10, 63], 64), 5, 10)  # 10 and 63 are past nbits
+    assert dirty_pages(g) == [8, 9, 14]
+
+
+def test_merge_coarser_guest_pages() -> None:
+    # IOMMU pages of 4 KiB, guest pages of 16 KiB: a guest page is dirty if any of its 4 is
+    g = GlobalBitmap(100, page_size=16384)
+    covered = g.merge_container(bitmap_of([0, 5, 6, 7, 41], 42), 10, 42, src_pgsize=4096)
+    assert covered == 11  # ceil(42 / 4)
+    assert dirty_pages(g) == [10, 11, 20]
+
+
+def test_merge_finer_guest_pages() -> None:
+    # IOMMU pages of 64 KiB over 4 KiB guest pages: each IOMMU page dirties 16 guest pages
+    g = GlobalBitmap(200)
+    assert g.merge_container(bitmap_of([1, 3], 4), 7, 4, src_pgsize=65536) == 64
+    assert dirty_pages(g) == list(range(23, 39)) + list(range(55, 71))
+
+
+def test_merge_past_the_guest_is_refused_and_nothing_changes() -> None:
+    g = GlobalBitmap(128)
+    g.mark_all(PageRange(0, 3))
+    before = g.words.copy()
+    with pytest.raises(ValueError, match=r"cover guest pages \[100, 164\), past the guest's 128"):
+        g.merge_container(bitmap_of([0], 64), 100, 64)
+    with pytest.raises(ValueError, match=r"64 pages of 65536 bytes at guest page 0 cover guest "
+                                         r"pages \[0, 1024\)"):
+        g.merge_container(bitmap_of([0], 64), 0, 64, src_pgsize=65536)
+    with pytest.raises(ValueError, match="src_pgsize must be a power of two"):
+        g.merge_container(bitmap_of([0], 64), 0, 64, src_pgsize=5000)
+    with pytest.raises(ValueError, match=r"bits \[0, 65\) do not fit in bitmap"):
+        g.merge_container(bitmap_of([0], 64), 0, 65)
+    with pytest.raises(ValueError, match="first_guest_page must be >= 0"):
+        g.merge_container(bitmap_of([0], 64), -1, 64)
+    assert np.array_equal(g.words, before)
+
+
+def test_mark_count_take_and_clear() -> None:
+    g = GlobalBitmap(300)
+    g.mark_all(PageRange(60, 10))
+    g.mark_all(PageRange(299, 1))
+    assert g.count() == 11
+    taken = g.take_and_clear(PageRange(65, 100))
+    assert taken.tolist() == [0b11111, 0]  # pages 65..69 as bits 0..4 of the taken range
+    assert dirty_pages(g) == [60, 61, 62, 63, 64, 299]
+    g.mark_all()
+    assert g.count() == 300
+    assert int(g.words[-1]) >> (300 % 64) == 0  # nothing past the guest's last page
+    everything = g.take_and_clear()
+    assert R.popcount(everything, 300) == 300 and g.count() == 0
+
+
+def test_runs_are_split_at_max_run() -> None:
+    g = GlobalBitmap(1000)
+    g.mark_all(PageRange(10, 250))
+    first, count = g.runs(100)
+    assert first.tolist() == [10, 110, 210] and count.tolist() == [100, 100, 50]
+    with pytest.raises(ValueError, match="max_run must be >= 1"):
+        g.runs(0)
+
+
+def test_ranges_past_the_guest_are_refused() -> None:
+    g = GlobalBitmap(100)
+    with pytest.raises(ValueError, match=r"mark_all: guest pages \[90, 101\) extend past"):
+        g.mark_all(PageRange(90, 11))
+    with pytest.raises(ValueError, match="take_and_clear: pages must be a PageRange"):
+        g.take_and_clear((0, 10))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="PageRange: count must be >= 0"):
+        PageRange(0, -1)
+    assert g.count() == 0
+
+
+def test_words_view_is_read_only() -> None:
+    g = GlobalBitmap(64)
+    with pytest.raises(ValueError):
+        g.words[0] = 1
+    g.clear()
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(ValueError, match="GlobalBitmap: page_size must be a power of two"):
+        GlobalBitmap(10, page_size=3000)
+    with pytest.raises(ValueError, match="GlobalBitmap: npages must be >= 0"):
+        GlobalBitmap(-1)
+
+
+def test_concurrent_merges_lose_no_bits() -> None:
+    # Neighbouring mappings share boundary words; merges from several threads must all land.
+    g = GlobalBitmap(64 * 400)
+    starts = [0, 6401, 12803, 19205]  # unaligned, each mapping 6400 pages, adjacent-ish
+    rng = np.random.default_rng(7)
+    maps = [rng.integers(0, 1 << 64, 100, dtype=np.uint64, endpoint=False) for _ in starts]
+    barrier = threading.Barrier(len(starts))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(50):
+            g.merge_container(maps[i], starts[i], 6395)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(starts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = np.zeros_like(g.words)
+    for s, m in zip(starts, maps, strict=True):
+        R.or_merge(want, m, s, 6395)
+    assert np.array_equal(g.words, want)
+
+
+def test_dirty_rate_between_syncs() -> None:
+    r = DirtyRate(4096, alpha=0.5)
+    assert r.sample(100, 10.0) is None  # first sync: the baseline only
+    assert r.last is None and r.smoothed is None
+    assert r.sample(256, 10.5) == 256 * 4096 / 0.5
+    assert r.sample(0, 11.5) == 0.0
+    assert r.last == 0.0 and r.smoothed == pytest.approx(0.5 * 256 * 4096 / 0.5)
+
+
+def test_dirty_rate_from_tracking_start() -> None:
+    r = DirtyRate(2 << 20)
+    r.start(100.0)
+    assert r.sample(10, 102.0) == 10 * (2 << 20) / 2.0
+
+
+def test_dirty_rate_refuses_bad_input() -> None:
+    r = DirtyRate(4096)
+    r.sample(1, 5.0)
+    with pytest.raises(ValueError, match="timestamp 5.0 is not after the previous sync at 5.0"):
+        r.sample(1, 5.0)
+    with pytest.raises(ValueError, match="timestamp 4.0 is not after"):
+        r.sample(1, 4.0)
+    with pytest.raises(ValueError, match="dirty_pages must be >= 0"):
+        r.sample(-1, 6.0)
+    assert r.sample(1, 6.0) == 4096.0  # the refused samples changed nothing
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        DirtyRate(4096, alpha=0.0)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        DirtyRate(1000)

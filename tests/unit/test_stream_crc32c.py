@@ -1,0 +1,93 @@
+"""CRC-32C kernels (vfiod.migration.stream.crc32c) against the bit-at-a-time definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vfiod.migration.stream import crc32c as C
+
+IMPLS = sorted(C.IMPLEMENTATIONS)
+
+
+def test_known_check_value() -> None:
+    # The CRC-32C catalogue's check value for the ASCII digits 1..9.
+    assert C.crc32c_reference(b"123456789") == 0xE3069283
+    assert C.crc32c(b"123456789") == 0xE3069283
+    assert C.crc32c(b"") == 0
+
+
+def test_sse42_is_used_where_the_cpu_has_it() -> None:
+    flags = open("/proc/cpuinfo").read()
+    if " sse4_2" in flags and "sse4.2" not in C.IMPLEMENTATIONS:
+        pytest.fail("this CPU has SSE4.2 but the table kernel was chosen")
+    assert C.IMPLEMENTATION in C.IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_length_around_the_word_and_lane_boundaries(impl: str) -> None:
+    f = C.IMPLEMENTATIONS[impl]
+    rng = np.random.default_rng(7)
+    lane = 3 * C._LANE_MIN_WORDS * 8
+    lengths = list(range(0, 70)) + [lane - 9, lane - 1, lane, lane + 1, lane + 7, lane + 8,
+                                     3 * lane + 5, 65537]
+    for n in lengths:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert f(data) == C.crc32c_reference(data), f"{impl} length {n}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_buffer_kinds_and_unaligned_slices(impl: str) -> None:
+    f = C.IMPLEMENTATIONS[impl]
+    rng = np.random.default_rng(8)
+    raw = rng.integers(0, 256, 20000, dtype=np.uint8)
+    b = raw.tobytes()
+    for start in range(0, 9):  # every alignment of the first word
+        want = C.crc32c_reference(b[start:start + 12345])
+        assert f(b[start:start + 12345]) == want
+        assert f(memoryview(b)[start:start + 12345]) == want
+        assert f(memoryview(bytearray(b))[start:start + 12345]) == want
+        assert f(raw[start:start + 12345]) == want
+    # a non-byte memoryview is read as its bytes
+    words = np.frombuffer(b[:16000], dtype=np.uint64)
+    assert f(memoryview(words)) == C.crc32c_reference(b[:16000])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_continuation_equals_one_pass(impl: str) -> None:
+    f = C.IMPLEMENTATIONS[impl]
+    data = bytes(range(256)) * 50
+    for cut in (0, 1, 7, 8, 4096, 6000, len(data)):
+        assert f(data[cut:], f(data[:cut])) == f(data)
+
+
+def test_combine() -> None:
+    rng = np.random.default_rng(9)
+    for la, lb in ((0, 0), (0, 5), (5, 0), (1, 1), (100, 3000), (4096, 4096 * 3 + 1)):
+        a = rng.integers(0, 256, la, dtype=np.uint8).tobytes()
+        b = rng.integers(0, 256, lb, dtype=np.uint8).tobytes()
+        assert C.crc32c_combine(C.crc32c(a), C.crc32c(b), lb) == C.crc32c(a + b)
+    with pytest.raises(ValueError, match="negative length"):
+        C.crc32c_combine(1, 2, -1)
+
+
+def test_gf2_arithmetic() -> None:
+    one = 1 << 31  # x^0 in the reflected form
+    for v in (0, 1, 0x12345678, 0xFFFFFFFF):
+        assert C.gf2_mulmod(one, v) == v
+        assert C.gf2_mulmod(v, one) == v
+        assert C.gf2_mulmod(0, v) == 0
+
+
+def test_every_single_bit_flip_changes_the_crc() -> None:
+    data = bytearray(b"vfiod" * 100)
+    good = C.crc32c(data)
+    for i in range(len(data)):
+        for bit in range(8):
+            data[i] ^= 1 << bit
+            assert C.crc32c(data) != good
+            data[i] ^= 1 << bit
+
+
+def test_warm_up_names_the_implementation() -> None:
+    assert C.warm_up() == C.IMPLEMENTATION
