@@ -28,15 +28,15 @@ class KernelError(VfiodError, OSError):
         self.target = target
         self.detail = detail
         OSError.__init__(self, err, os.strerror(err))
-        self.errno = err
+        self.errno: int = err
 
     @property
     def errno_name(self) -> str:
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return _errno.errorcode.get(int(self.errno), str(self.errno))
 
     def with_context(self, op: str | None = None, target: str | None = None) -> KernelError:
         """Return the same failure named by a higher layer (keeps the errno)."""
-        return KernelError(self.errno, op or self.op, target if target is not None else self.target,
+        return KernelError(int(self.errno), op or self.op, target if target is not None else self.target,
                            self.detail)
 
     def __str__(self) -> str:

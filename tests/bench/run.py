@@ -9,6 +9,8 @@ run.py never changes. A module registers either
 * ``benchmarks() -> list[(name, callable)]``, or
 * top-level functions ``bench_<name>(...)``.
 
+A module that fails to import is reported as a failed benchmark named after its file.
+
 Each callable returns one result dict or a list of them, and may declare any of the
 parameters ``quick``, ``size_log2``, ``reps`` (values from the command line; the others
 are not passed). A benchmark that cannot run here raises ``timing.BenchSkip(reason)``.
@@ -26,6 +28,7 @@ of 4 KiB pages); the pytest smoke test uses tiny sizes that way.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -50,7 +53,11 @@ def discover() -> list[Bench]:
     """Every registered benchmark, by module file name then registration order."""
     found: list[Bench] = []
     for path in sorted(BENCH_DIR.glob("bench_*.py")):
-        mod = importlib.import_module(f"tests.bench.{path.stem}")
+        try:
+            mod = importlib.import_module(f"tests.bench.{path.stem}")
+        except Exception as e:  # one broken module must not hide the others' results
+            found.append((path.stem, functools.partial(_raise, e)))
+            continue
         if hasattr(mod, "benchmarks"):
             found.extend((str(n), f) for n, f in mod.benchmarks())
             continue
@@ -58,6 +65,10 @@ def discover() -> list[Bench]:
             if attr.startswith("bench_") and inspect.isfunction(fn) and fn.__module__ == mod.__name__:
                 found.append((attr.removeprefix("bench_"), fn))
     return found
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _call(fn: Callable[..., Any], cfg: BenchConfig) -> list[Any]:

@@ -35,7 +35,7 @@ def test_prepare_zeroes_and_checks_out() -> None:
     with pytest.raises(ValueError, match="3 needed for 130 pages"):
         bm.prepare(np.zeros(2, dtype=np.uint64), 130, "op")
     with pytest.raises(TypeError, match="uint64"):
-        bm.prepare(np.zeros(4, dtype=np.int64), 10, "op")  # type: ignore[arg-type]
+        bm.prepare(np.zeros(4, dtype=np.int64), 10, "op")
     with pytest.raises(ValueError, match="C-contiguous"):
         bm.prepare(np.zeros(8, dtype=np.uint64)[::2], 10, "op")
 

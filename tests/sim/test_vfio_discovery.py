@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.sim.test_vfio_helpers import BLOCKED, FOREIGN, MDEV, PCI, PCI2, SIBLING, build_rig
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.vfio.discovery import discover, discover_device, group_viability, is_vfio_pci_driver
@@ -151,3 +152,27 @@ def test_empty_host_has_no_devices(tmp_path: Path) -> None:
 ])
 def test_vfio_driver_names(name: str, ours: bool) -> None:
     assert is_vfio_pci_driver(name) is ours
+
+
+def test_discovery_on_a_simulated_host(tmp_path: Path) -> None:
+    """The simulator's host builder lays out sysfs like the kernel; discovery agrees with
+    what it built (and the same code runs on /sys in the real-kernel tier)."""
+    r = build_rig(tmp_path)
+    try:
+        found = {d.name: d for d in discover(r.kernel, r.paths)}
+        assert set(found) == {PCI, PCI2, BLOCKED, SIBLING, FOREIGN, MDEV}
+        assert found[PCI].vfio_capable and found[PCI].group == 10
+        assert (found[PCI].cdev or "").startswith("vfio")
+        assert (found[PCI2].driver, found[PCI2].vfio_capable) == ("mlx5_vfio_pci", True)
+        assert not found[BLOCKED].vfio_capable
+        assert f"{SIBLING} is bound to host driver ixgbe" in found[BLOCKED].reason
+        assert found[SIBLING].reason == "bound to host driver ixgbe (not ours)"
+        assert (found[FOREIGN].vendor, found[FOREIGN].device) == (0x15B3, 0x101D)
+        assert found[FOREIGN].reason == "bound to host driver mlx5_core (not ours)"
+        m = found[MDEV]
+        assert (m.kind, m.group, m.driver, m.parent, m.mdev_type) == (
+            "mdev", 13, "mtty", "mtty", "mtty-2")
+        assert m.vfio_capable
+        assert not group_viability(r.kernel, r.paths, 11).viable
+    finally:
+        r.host.close()

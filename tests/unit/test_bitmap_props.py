@@ -8,6 +8,8 @@ written array sits between guard words, so a write outside it fails the test.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from vfiod.dirty import bitmap_kernels as K
 from vfiod.dirty import bitmap_ref as R
+from vfiod.dirty import bitmap_rescale
 
 ALL = (1 << 64) - 1
 PROPS = settings(max_examples=150, deadline=None)
@@ -184,7 +187,19 @@ def test_large_runs_and_popcount(max_run: int) -> None:
 
 def test_kernels_are_nogil_and_cached() -> None:
     # design.md §3: kernels release the GIL and are cached (the daemon's start-up cost)
-    for fn in (K._k_or_merge, K._k_popcount, K._k_runs, K._k_count_runs, K._k_extract,
-               K._k_fill, K._k_coarsen, K._k_refine, K._k_split_runs):
+    kernels: list[Any] = [K._k_or_merge, K._k_popcount, K._k_runs, K._k_extract, K._k_fill,
+                          K._k_split_runs, bitmap_rescale._k_coarsen, bitmap_rescale._k_refine]
+    for fn in kernels:
         assert fn.targetoptions.get("nogil") is True, fn
-        assert fn._cache.__class__.__name__ == "FunctionCache", fn
+        assert type(fn._cache).__name__ == "FunctionCache", fn  # NullCache without cache=True
+
+
+@pytest.mark.parametrize("nbits", [64 * 1000, 64 * 1000 - 1, 64 * 999 + 1])
+def test_dense_runs_outgrow_the_first_guess(nbits: int) -> None:
+    # 32 runs per word: the kernel runs out of room several times and is resumed
+    words = np.full(1000, 0x5555_5555_5555_5555, dtype=np.uint64)
+    words[::7] = np.uint64(ALL)
+    for max_run in (1, 3, 1 << 20):
+        for a, b in zip(K.dirty_runs(words, nbits, max_run), R.dirty_runs(words, nbits, max_run),
+                        strict=True):
+            assert np.array_equal(a, b)

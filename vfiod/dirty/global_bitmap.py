@@ -42,7 +42,7 @@ class GlobalBitmap:
 
     @property
     def words(self) -> Words:
-        """A read-only view of the words (bits past ``npages`` are always clear)."""
+        """A live read-only view of the words (bits past ``npages`` are always clear)."""
         view = self._words.view()
         view.flags.writeable = False
         return view

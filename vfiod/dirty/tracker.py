@@ -35,7 +35,13 @@ from vfiod.dirty import bitmap_kernels as kernels
 from vfiod.dirty.bitmap_args import rescaled_nbits
 from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
 from vfiod.dirty.optout import OptOut, StateSource, state_lookup
-from vfiod.dirty.providers.base import Bitmap, DmaSpace, IovaRange, ProviderUnavailable
+from vfiod.dirty.providers.base import (
+    Bitmap,
+    DirtyProvider,
+    DmaSpace,
+    IovaRange,
+    ProviderUnavailable,
+)
 from vfiod.dirty.providers.chain import ProviderChain
 from vfiod.dirty.providers.select import select
 from vfiod.dirty.ranges import PageRange
@@ -144,8 +150,10 @@ class DirtyTracker:
                 return
             try:
                 for box in self._boxes:
-                    box.chain = ProviderChain(select(box.spec.space, box.spec.disable),
-                                              box.name)
+                    disable = set(box.spec.disable)
+                    if not box.maps:        # device logging needs ranges at START (§7)
+                        disable.add("device-logging")
+                    box.chain = ProviderChain(select(box.spec.space, disable), box.name)
                     box.chain.start(box.ranges(), self.page_size)
                     self._resegment(box)
             except BaseException:
@@ -202,11 +210,11 @@ class DirtyTracker:
                 new += got
                 if err is not None:
                     lost[box.name] = err
+            dirty = self.bitmap.count()
             t1 = self._clock()
             if t1 > self._rate_t:       # a clock that did not move gives no rate sample
                 self.rate.sample(new, t1)
                 self._rate_t = t1
-            dirty = self.bitmap.count()
             self.syncs += 1
             self.last_sync = SyncResult(
                 phase, dirty, dirty * self.page_size, new, new * self.page_size, t1 - t0,
@@ -224,7 +232,7 @@ class DirtyTracker:
             for seg in box.segments:
                 new += self._merge(box, seg)
         except ProviderUnavailable as e:
-            why = f"{chain.name} unavailable: {e}"
+            why = str(e)
             chain.fallback(str(e), box.ranges(), self.page_size)
         except KernelError as e:
             why = f"{chain.name} report failed, log treated as lost: {e}"
@@ -369,6 +377,11 @@ class DirtyTracker:
     def dirty_rate(self) -> float | None:
         """Bytes per second dirtied over the latest interval between syncs."""
         return self.rate.last
+
+    def provider(self, container: str) -> DirtyProvider | None:
+        """The provider currently tracking ``container`` (None before ``start``)."""
+        chain = self._box(container).chain
+        return chain.current if chain is not None else None
 
     def _box(self, name: str) -> _Box:
         for b in self._boxes:

@@ -44,7 +44,7 @@ class LinuxKernel:
             if isinstance(arg, int):
                 return fcntl.ioctl(fd, request, arg)
             # mutate_flag=True: the kernel's answer is written back into ``arg``.
-            return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
+            return fcntl.ioctl(fd, request, arg, True)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, label or f"ioctl({request:#x})",
                               target) from None

@@ -78,7 +78,9 @@ class V1Driver(DriverBase):
         try:
             self.device.write_region(self.region.index, f.offset, f.pack(value))
         except KernelError as e:
-            raise e.with_context(op=f"v1 write {name}={value:#x}") from None
+            shown = (f"{v1_codec.bits_name(value)} [{value:#x}]" if name == "device_state"
+                     else f"{value:#x}")
+            raise e.with_context(op=f"v1 write {name}={shown}") from None
 
     def _read_state(self) -> MigState:
         reg = self._read("device_state")
@@ -144,8 +146,9 @@ class V1Driver(DriverBase):
                     need_reset = final is not recover
         if need_reset:
             final = self._reset(rungs)
-        raise DeviceTransitionError(err.errno or errno.EIO, err.op, err.target or self.device.name, rungs,
-                                    final, need_reset) from None
+        raise DeviceTransitionError(err.errno or errno.EIO, err.op,
+                                    err.target or self.device.name, rungs, final,
+                                    need_reset) from None
 
     def _reset(self, rungs: list[str]) -> MigState | None:
         try:

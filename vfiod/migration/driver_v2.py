@@ -51,6 +51,15 @@ UNKNOWN_STOPCOPY_BYTES = 100 << 30
 DEFAULT_CHUNK = 1 << 20
 
 
+def _hand_over(sink: Sink, chunk: memoryview) -> None:
+    """Give ``chunk`` (a view of the reused read buffer) to ``sink``, then release it so
+    a sink that kept it instead of consuming it fails loudly instead of seeing new data."""
+    try:
+        sink(chunk)
+    finally:
+        chunk.release()
+
+
 class V2Driver(DriverBase):
     """A v2 device (``flags``: the MIGRATION feature's VFIO_MIGRATION_* bits)."""
 
@@ -64,10 +73,9 @@ class V2Driver(DriverBase):
         self._chunk = chunk_size
         self._buf: bytearray | None = None
         self._fd = -1
-        self._eof = False
         self._data_size_ok: bool | None = None    # MIG_DATA_SIZE supported (6.2+)?
         self._unknown_stopcopy = unknown_stopcopy_bytes
-        #: the rungs of the last rollback that needed more than one SET (for status/logs)
+        #: what the last rollback did, rung by rung (for status and logs)
         self.rollback_log: list[str] = []
         self._state = self._get()
 
@@ -133,7 +141,6 @@ class V2Driver(DriverBase):
                          self.device.name, state.name)
                 self._close_fd()
             self._fd = fd
-            self._eof = False
         elif state not in _SESSION:
             self._close_fd()       # the session ended: the old fd now fails with ENODEV
         elif self._fd < 0 and strict:
@@ -168,8 +175,9 @@ class V2Driver(DriverBase):
                     need_reset = final is not recover
         if need_reset:
             final = self._reset(rungs)
-        raise DeviceTransitionError(err.errno or errno.EIO, err.op, err.target or self.device.name, rungs,
-                                    final, need_reset) from None
+        raise DeviceTransitionError(err.errno or errno.EIO, err.op,
+                                    err.target or self.device.name, rungs, final,
+                                    need_reset) from None
 
     def _reset(self, rungs: list[str]) -> MigState | None:
         """VFIO_DEVICE_RESET and read back; returns the state (None if unreadable)."""
@@ -204,7 +212,6 @@ class V2Driver(DriverBase):
         if self._state not in (MigState.RUNNING, MigState.STOP):
             raise MigrationError(f"save_setup on {self.device.name}: device is in "
                                  f"{self._state.name}, expected RUNNING or STOP")
-        self._eof = False
         # pre-copy only from RUNNING: from STOP the kernel's path would start the device
         if self.has_precopy and self._state is MigState.RUNNING:
             self.set_state(MigState.PRE_COPY, MigState.RUNNING)
@@ -263,7 +270,7 @@ class V2Driver(DriverBase):
                 raise
             if n == 0:                         # temporary end too (mtty, qat): not EOF
                 break
-            sink(view[:n])
+            _hand_over(sink, view[:n])
             total += n
         return total
 
@@ -290,9 +297,8 @@ class V2Driver(DriverBase):
             n = self.device.data_readinto(self._fd, buf)
             if n == 0:                         # STOP_COPY: 0 is the permanent end
                 break
-            sink(buf[:n])
+            _hand_over(sink, buf[:n])
             total += n
-        self._eof = True
         self._phase = Phase.SAVED
         return total
 

@@ -17,7 +17,7 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
@@ -287,7 +287,7 @@ class Container:
         if first is not None:
             raise first
 
-    def __enter__(self) -> Container:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

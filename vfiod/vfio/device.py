@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
@@ -168,7 +168,7 @@ class Device(DeviceFeatures):
         except KernelError as e:
             raise renamed(e, "close", self.name) from None
 
-    def __enter__(self) -> Device:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
@@ -160,7 +160,7 @@ class Group:
         if first is not None:
             raise first
 
-    def __enter__(self) -> Group:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,7 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import vfiod.abi.iommufd as iu
 from vfiod.errors import KernelError
@@ -80,10 +80,10 @@ class Iommufd:
         self._call(iu.IOMMU_IOAS_ALLOC, arg, "IOMMU_IOAS_ALLOC")
         return int(arg.out_ioas_id)
 
-    def ioas_iova_ranges(self, ioas_id: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    def ioas_iova_ranges(self, ioas_id: int,
+                         capacity: int = 8) -> tuple[tuple[tuple[int, int], ...], int]:
         """(allowed (start, last inclusive) ranges, IOVA alignment); retries with the
-        count the kernel asked for when the first array was too small (EMSGSIZE)."""
-        capacity = 8
+        count the kernel asked for when ``capacity`` entries were too few (EMSGSIZE)."""
         while True:
             arr = (iu.iommu_iova_range * capacity)()
             arg = _new(iu.iommu_ioas_iova_ranges, ioas_id=ioas_id, num_iovas=capacity,
@@ -178,7 +178,7 @@ class Iommufd:
         except KernelError as e:
             raise e.with_context(op="close", target=self.name) from None
 
-    def __enter__(self) -> Iommufd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

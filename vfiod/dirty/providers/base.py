@@ -55,7 +55,8 @@ class ProviderUnavailable(VfiodError):
         self.target = target
         self.errno = err
         self.detail = detail
-        name = errno.errorcode.get(err, str(err))
+        # the kernel's uAPI says EOPNOTSUPP; Python's table names the same number ENOTSUP
+        name = "EOPNOTSUPP" if err == errno.EOPNOTSUPP else errno.errorcode.get(err, str(err))
         extra = f" ({detail})" if detail else ""
         super().__init__(f"{provider} dirty tracking unavailable: {op} on {target}: "
                          f"{name}{extra}")

@@ -51,7 +51,7 @@ def arg_bytes(arg: int | Buffer) -> memoryview:
     """A writable byte view of an ioctl argument buffer (what the kernel would see)."""
     if isinstance(arg, int):
         raise TypeError("ioctl argument is a value, not a buffer")
-    return memoryview(arg).cast("B")  # type: ignore[arg-type]
+    return memoryview(arg).cast("B")
 
 
 class SimFile:
@@ -59,6 +59,9 @@ class SimFile:
     the defaults answer like a kernel file without that operation."""
 
     kind = "file"
+    #: request number -> kernel name of every ioctl this kind of file answers. SimKernel
+    #: checks the fault point ``ioctl:<name>`` and answers ENOTTY for anything else.
+    ioctl_names: dict[int, str] = {}
 
     def __init__(self, name: str = "") -> None:
         self.name = name

@@ -32,7 +32,7 @@ from vfiod.kernel.sim.container import ContainerFile
 from vfiod.kernel.sim.group import SimGroup
 from vfiod.kernel.sim.interfaces import BuildParts, DeviceSpec
 from vfiod.kernel.sim.iommufd import IommufdFile
-from vfiod.kernel.sim.kernel import SimKernel
+from vfiod.kernel.sim.kernel import NodeOpener, SimKernel
 from vfiod.kernel.sim.node import SimDevice
 from vfiod.kernel.sim.sysfs import SysfsTree
 from vfiod.kernel.sim.type1 import Type1Config
@@ -56,6 +56,7 @@ class SimHostConfig:
     cdev: bool = True                     # 6.6+: /dev/vfio/devices/vfioN
     iommufd: bool = True                  # /dev/iommu
     iommu_dirty_tracking: bool = False    # IOMMU A/D bits (IOMMU_HW_CAP_DIRTY_TRACKING)
+    memlock_limit: int | None = None      # RLIMIT_MEMLOCK bytes; None = CAP_IPC_LOCK
 
 
 Member = DeviceSpec | HostDevice
@@ -87,8 +88,10 @@ class SimHost:
               kernel: SimKernel | None = None) -> SimHost:
         config = config or SimHostConfig()
         host = cls(Path(root), kernel or SimKernel(), config)
-        numbered = (dict(groups) if isinstance(groups, Mapping) else
-                    {config.first_group + i: list(g) for i, g in enumerate(groups)})
+        host.kernel.memlock_limit = config.memlock_limit
+        numbered: dict[int, Sequence[Member]] = (
+            dict(groups) if isinstance(groups, Mapping) else
+            {config.first_group + i: list(g) for i, g in enumerate(groups)})
         host._build(numbered, build_parts or _default_build_parts())
         return host
 
@@ -132,8 +135,7 @@ class SimHost:
                 if self.config.cdev:
                     node.cdev_name = f"vfio{cdevs}"
                     sysfs.cdev(path, node.cdev_name, cdevs)
-                    self._node(dev / "vfio/devices" / node.cdev_name,
-                               lambda flags, n=node: CdevFile.open(n, self.kernel))
+                    self._node(dev / "vfio/devices" / node.cdev_name, self._cdev_opener(node))
                     cdevs += 1
                 self.devices[m.name] = node
                 devices.append(node)
@@ -143,10 +145,15 @@ class SimHost:
                 node.group = group
             self.groups[number] = group
             if devices:       # /dev/vfio/N exists once a member is bound to a VFIO driver
-                self._node(dev / "vfio" / str(number),
-                           lambda flags, g=group: g.open(self.kernel, flags))
+                self._node(dev / "vfio" / str(number), self._group_opener(group))
 
-    def _node(self, path: Path, opener) -> None:  # noqa: ANN001 (NodeOpener)
+    def _cdev_opener(self, node: SimDevice) -> NodeOpener:
+        return lambda flags: CdevFile.open(node, self.kernel)
+
+    def _group_opener(self, group: SimGroup) -> NodeOpener:
+        return lambda flags: group.open(self.kernel, flags)
+
+    def _node(self, path: Path, opener: NodeOpener) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         self.kernel.register_node(os.fspath(path), opener)

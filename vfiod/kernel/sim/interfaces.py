@@ -12,6 +12,7 @@ logging) from a ``DeviceSpec``:
 * ``DmaListener``: told about simulated device DMA writes (DMA logging sets bits; type1
   marks pages dirty for pinned-scope devices, vfio-uapi.md §3.9).
 * ``Resettable``: VFIO_DEVICE_RESET returns every part to its power-on state.
+* ``Closable``: the last close of the device fd also ends what a reset keeps (DMA logging).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class Resettable(Protocol):
     def reset(self) -> None: ...
 
 
+class Closable(Protocol):
+    """Told when the last fd of the device is closed, after the resettables: state that
+    survives VFIO_DEVICE_RESET but not a close (a device DMA-logging session)."""
+
+    def on_close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """What a simulated device is. ``migration``: "none", "v1", or "v2"; ``mig_flags``:
@@ -89,6 +97,7 @@ class DeviceParts:
     regions: list[SimRegion] = field(default_factory=list)
     dma_listeners: list[DmaListener] = field(default_factory=list)
     resettables: list[Resettable] = field(default_factory=list)
+    closables: list[Closable] = field(default_factory=list)
     #: the device model (state that changes while RUNNING; save/restore compares equal)
     model: object | None = None
 

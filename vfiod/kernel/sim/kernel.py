@@ -49,6 +49,8 @@ class SimKernel:
         self._nodes: dict[str, NodeOpener] = {}
         #: bytes pinned for DMA and charged to RLIMIT_MEMLOCK (type1 MAP_DMA, IOAS_MAP)
         self.locked_bytes = 0
+        #: RLIMIT_MEMLOCK for DMA pinning; None = the caller has CAP_IPC_LOCK
+        self.memlock_limit: int | None = None
         # One lock for the whole simulated kernel: callers may use threads (a dirty-sync
         # worker next to the control loop); the kernel's own locks are finer, the outcome
         # of each call is the same. Re-entrant: a file may install a new fd mid-call.
@@ -112,8 +114,7 @@ class SimKernel:
             f = self._file(fd, label or f"ioctl({request:#x})")
             if f is None:
                 return self.linux.ioctl(fd, request, arg, label, target)
-            names: dict[int, str] = getattr(f, "ioctl_names", {})
-            name = names.get(request)
+            name = f.ioctl_names.get(request)
             op = label or name or f"ioctl({request:#x})"
             if name is None:
                 raise fail(errno.ENOTTY, op, target or f.name,

@@ -23,6 +23,7 @@ from vfiod.kernel.sim.pci import PciFunction
 if TYPE_CHECKING:
     from vfiod.kernel.sim.group import SimGroup
     from vfiod.kernel.sim.kernel import SimKernel
+    from vfiod.kernel.sim.type1 import Type1Iommu
 
 
 class DmaDomain(Protocol):
@@ -63,10 +64,13 @@ class SimDevice:
 
     def closed(self) -> None:
         """Last close returns the device to its power-on state (vfio-uapi.md §6.3: closing
-        the device fd ends any migration session and goes back to RUNNING)."""
+        the device fd ends any migration session and goes back to RUNNING), then ends
+        what a reset keeps (``Closable``: a DMA-logging session)."""
         self.open_count -= 1
         if self.open_count == 0:
             self.reset_parts()
+            for part in self.parts.closables:
+                part.on_close()
             self.pci.reset()
 
     def reset_parts(self) -> None:
@@ -114,7 +118,7 @@ class SimDevice:
             iommu = self._type1("vfio_unpin_pages")
             iommu.pin(iova, length, pin=False)
 
-    def _type1(self, op: str):  # noqa: ANN202 (Type1Iommu; imported lazily: no cycle)
+    def _type1(self, op: str) -> Type1Iommu:
         group = self.group
         iommu = group.container.iommu if group and group.container else None
         if iommu is None:

@@ -8,7 +8,8 @@ Held to the kernel's checks and errno values:
   range check) without one.
 * ``MAP_DMA``: argsz >= 32, known flags, READ/WRITE xor VADDR, size/iova/vaddr aligned to
   the minimum page size, no wrap, EEXIST on overlap, ENOSPC at ``dma_entry_limit``,
-  EINVAL outside the IOVA ranges, ENOMEM past ``memlock_limit`` (None = CAP_IPC_LOCK).
+  EINVAL outside the IOVA ranges, ENOMEM past ``SimKernel.memlock_limit`` (None: the
+  caller has CAP_IPC_LOCK).
   The memory behind ``vaddr`` is never touched: the real kernel pins it, we only record.
 * ``UNMAP_DMA``: argsz >= 24 (+24 with GET_DIRTY_BITMAP, not combinable with ALL/VADDR),
   ALL needs iova = size = 0, v2 refuses to bisect a mapping (EINVAL), an empty range
@@ -28,6 +29,12 @@ import vfiod.abi.vfio as v
 from vfiod.abi.layout import offsetofend
 from vfiod.kernel.sim.base import copy_to_user, fail
 from vfiod.kernel.sim.dirtymap import DirtyMap
+from vfiod.kernel.sim.type1_dirty import (
+    DIRTY_BITMAP_SIZE_MAX,
+    UnmapBitmap,
+    dirty_pages,
+    unmap_dirty_bitmap,
+)
 from vfiod.kernel.sim.uaccess import U64_MAX, arg_view, chain_caps, copy_in, copy_out
 
 if TYPE_CHECKING:
@@ -39,8 +46,6 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 #: type1's initial pgsize_bitmap: every power of two from 4 KiB up (emulated IOMMU).
 PAGE_MASK64 = U64_MAX & ~(PAGE_SIZE - 1)
-#: DIRTY_BITMAP_SIZE_MAX: bytes of bitmap one dirty query may ask for.
-DIRTY_BITMAP_SIZE_MAX = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,6 @@ class Type1Config:
     iommu_pgsizes: int = 0x40201000                     # 4 KiB | 2 MiB | 1 GiB
     iova_ranges: tuple[tuple[int, int], ...] = ((0, (1 << 48) - 1),)   # inclusive ends
     dma_entry_limit: int = 65535                        # vfio_iommu_type1 module param
-    memlock_limit: int | None = None                    # None: caller has CAP_IPC_LOCK
     caps_align8: bool = True                            # 6.6+ pads capabilities to 8
 
 
@@ -152,14 +156,12 @@ class Type1Iommu:
 
     # -- ioctls ----------------------------------------------------------------------------
     def ioctl(self, request: int, arg: int | Buffer, op: str) -> int:
-        from vfiod.kernel.sim.type1_dirty import dirty_pages, unmap_dirty_bitmap
-
         if request == v.VFIO_IOMMU_GET_INFO:
             return self._get_info(arg, op)
         if request == v.VFIO_IOMMU_MAP_DMA:
             return self._map(arg, op)
         if request == v.VFIO_IOMMU_UNMAP_DMA:
-            return self._unmap(arg, op, unmap_dirty_bitmap)
+            return self._unmap(arg, op)
         if request == v.VFIO_IOMMU_DIRTY_PAGES:
             return dirty_pages(self, arg, op)
         raise fail(errno.ENOTTY, op, self.name, "not a type1 request")
@@ -244,14 +246,14 @@ class Type1Iommu:
             raise fail(errno.EINVAL, op, self.name, f"{iova:#x}+{size:#x} is outside the "
                        "IOMMU's usable IOVA ranges")
         charge = size if self.all_dirty else 0     # emulated IOMMUs pin only on demand
-        limit = self.config.memlock_limit
+        limit = self.kernel.memlock_limit
         if limit is not None and self.kernel.locked_bytes + charge > limit:
             raise fail(errno.ENOMEM, op, self.name, "RLIMIT_MEMLOCK exceeded")
         self.kernel.locked_bytes += charge
         self._insert(Mapping(iova, size, vaddr, prot, charge, dirty=DirtyMap(size // pg)))
         return 0
 
-    def _unmap(self, arg: int | Buffer, op: str, write_bitmap) -> int:  # noqa: ANN001
+    def _unmap(self, arg: int | Buffer, op: str) -> int:
         mv = arg_view(arg, op, self.name)
         minsz = offsetofend(v.vfio_iommu_type1_dma_unmap, "size")
         u = copy_in(mv, v.vfio_iommu_type1_dma_unmap, op, self.name, need=minsz)
@@ -261,9 +263,9 @@ class Type1Iommu:
             raise fail(errno.EINVAL, op, self.name, f"argsz {u.argsz}, flags {u.flags:#x}")
         if u.flags & get_bitmap and u.flags & (unmap_all | inval):
             raise fail(errno.EINVAL, op, self.name, "GET_DIRTY_BITMAP with ALL or VADDR")
-        bitmap = None
+        bitmap: UnmapBitmap | None = None
         if u.flags & get_bitmap:
-            bitmap = write_bitmap(self, mv, u, op)      # validates; returns the writer
+            bitmap = unmap_dirty_bitmap(self, mv, u, op)    # validates; returns the writer
         iova, size, pg = u.iova, u.size, self.min_pgsize
         if u.flags & unmap_all:
             if iova or size:
@@ -325,7 +327,8 @@ class Type1Iommu:
             # Only an emulated device's write goes through vfio_dma_rw, which marks the
             # page; a physical device's DMA is invisible to type1.
             if self.tracking and device.kind == "mdev":
-                m.dirty.mark((lo - m.iova) // pg, (hi - 1) // pg - (lo - m.iova) // pg + 1)
+                first = (lo - m.iova) // pg
+                m.dirty.mark(first, (hi - 1 - m.iova) // pg - first + 1)
 
     def pin(self, iova: int, length: int, pin: bool) -> None:
         op = "vfio_pin_pages" if pin else "vfio_unpin_pages"
@@ -333,7 +336,9 @@ class Type1Iommu:
             raise fail(errno.EACCES, op, self.name, "pinning needs a TYPE1v2 container")
         if iova % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
             raise fail(errno.EINVAL, op, self.name, "unaligned page range")
-        self._covering(iova, length, op, self.name)
+        for page in range(iova, iova + length, PAGE_SIZE):
+            if self.find(page) is None:
+                raise fail(errno.EINVAL, op, self.name, f"IOVA {page:#x} is not mapped")
         pg = self.min_pgsize
         for page in range(iova, iova + length, PAGE_SIZE):
             if pin:

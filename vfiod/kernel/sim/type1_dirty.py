@@ -26,12 +26,15 @@ from typing import TYPE_CHECKING
 import vfiod.abi.vfio as v
 from vfiod.kernel.sim.base import fail
 from vfiod.kernel.sim.dirtymap import type1_copy_to_user, words_for
-from vfiod.kernel.sim.type1 import DIRTY_BITMAP_SIZE_MAX
 from vfiod.kernel.sim.uaccess import U64_MAX, arg_view, copy_in, user_range_ok
 
 if TYPE_CHECKING:
     from vfiod.kernel.ops import Buffer
     from vfiod.kernel.sim.type1 import Mapping, Type1Iommu
+
+#: DIRTY_BITMAP_SIZE_MAX: bytes of bitmap one dirty query may ask for (also reported as
+#: max_dirty_bitmap_size in the MIGRATION capability).
+DIRTY_BITMAP_SIZE_MAX = 1 << 28
 
 _FLAGS = (v.VFIO_IOMMU_DIRTY_PAGES_FLAG_START | v.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP
           | v.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP)

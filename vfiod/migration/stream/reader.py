@@ -17,10 +17,13 @@ Usage (the destination session drives it; the source is a connection or a file):
 
 Guarantees: nothing is allocated from a length before it is checked against ``Limits``; RAM
 payload is received with ``recv_into`` straight into the destination's guest memory after
-its page range was checked against the layout, then its CRC is verified in place (the guest
-is not running, so a failed check only means the migration fails and the destination
-discards). Every fault raises ``RecordError`` with the record index, the byte offset of the
-record and an ``ErrorCode``; an ABORT record raises it with ``code=ABORTED``.
+its page range was checked against the layout, and checksummed piece by piece as it lands
+(still in the CPU cache). The destination guest is not running, so a failed check only
+means the migration fails and the destination discards — except for ``RAM_LIVE`` records,
+whose pages the source's guest may have written during the send: those pages must arrive
+verified in a later record before the first END_OF_STATE / the MANIFEST (``torn.py``).
+Every fault raises ``RecordError`` with the record index, the byte offset of the record and
+an ``ErrorCode``; an ABORT record raises it with ``code=ABORTED``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, Tally, first_difference
 from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.torn import TornPages
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
+    RAM_LIVE,
     PREAMBLE_SIZE,
     RECORD_HEADER_SIZE,
     ErrorCode,
@@ -57,6 +62,7 @@ class Source(Protocol):
 class RamLoaded:
     first_page: int
     count: int
+    verified: bool = True  # False: a LIVE record the guest wrote during the send (torn.py)
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
 
 class StreamReader:
     def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS,
-                 recv_piece: int = 256 * 1024) -> None:
+                 recv_piece: int = 8 * 1024 * 1024) -> None:
         self._src = source
         self._piece = recv_piece
         self._limits = limits
@@ -103,6 +109,8 @@ class StreamReader:
         self._dev_chunks: list[int] = []
         self._dev_ended: list[bool] = []
         self._ending = False
+        self._torn = TornPages()
+        self.torn_records = 0    # LIVE RAM records that failed their check (re-sent later)
         self._iteration = -1
         self._done = False
 
@@ -174,6 +182,7 @@ class StreamReader:
                                 f"{RecordType(t).name} after its END_OF_STATE", at, t)
             if t == RecordType.END_OF_STATE:
                 self._no_payload(h, at)
+                self._check_torn()
                 self._ending = True
                 self._dev_ended[idx] = True
                 self._accepted(h)
@@ -208,15 +217,32 @@ class StreamReader:
             raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
         crc = self._fill_crc(view, h.rtype, at)
         self.offset += h.length
-        if crc != h.payload_crc:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{h.arg1}: "
-                            "payload checksum mismatch", at, h.rtype)
+        verified = crc == h.payload_crc
+        if not verified:
+            if not h.flags & RAM_LIVE:
+                raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{h.arg1}: "
+                                "payload checksum mismatch", at, h.rtype)
+            # Sent from running guest memory: it must come again, verified (torn.py).
+            self._torn.add(h.arg0, h.arg1, self.records, at)
+            self.torn_records += 1
+        elif self._torn:
+            self._torn.clear(h.arg0, h.arg1)
         self._ram_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
         self._accepted(h)
-        return RamLoaded(h.arg0, h.arg1)
+        return RamLoaded(h.arg0, h.arg1, verified)
+
+    def _check_torn(self) -> None:
+        """RAM is complete: no page may still be waiting for a verified copy."""
+        if self._torn:
+            first, end, record, offset = self._torn.first()
+            raise RecordError(ErrorCode.PAYLOAD_CHECKSUM,
+                              f"{self._torn.pages} guest page(s) failed their checksum and were "
+                              f"never sent again, first pages {first:#x}..{end - 1:#x}",
+                              record=record, offset=offset, rtype=RecordType.RAM)
 
     def _manifest(self, h: RecordHeader, at: int) -> Complete:
         assert self.header is not None
+        self._check_torn()
         missing = [d.name for d, e in zip(self.header.devices, self._dev_ended, strict=True)
                    if not e]
         if missing:

@@ -13,13 +13,18 @@ Preamble (16 bytes)::
 Record header (40 bytes), then ``length`` payload bytes::
 
     0   u16 type          RecordType
-    2   u16 flags         0 (reserved, refused otherwise)
+    2   u16 flags         RAM: RAM_LIVE or 0; other types 0 (anything else is refused)
     4   u32 seq           record index: HEADER is 0, each record is previous + 1
     8   u64 length        payload bytes (bounded per type by ``Limits``)
     16  u64 arg0          RAM: first guest page; DEVICE_*: device index; ITERATION: number
     24  u64 arg1          RAM: page count; DEVICE_DATA: chunk index within the device
     32  u32 payload_crc   crc32c of the payload (0 for an empty payload)
     36  u32 header_crc    crc32c of header bytes 0..35
+
+``RAM_LIVE`` marks a RAM record sent while the guest ran (pre-copy, zero copy from the guest
+mapping): if its checksum fails, the guest wrote those pages during the send; they are dirty
+again and must arrive verified in a later record before RAM is complete (``torn.py``).
+Without the flag (stop-and-copy) a checksum failure is fatal at once.
 
 Why the RAM page range lives in the header and not in the payload: the payload of a RAM
 record is then nothing but page bytes, so a receiver can ``recv_into`` the destination's
@@ -57,6 +62,10 @@ HEADER_CRC_SPAN = RECORD_HEADER_SIZE - 4
 
 KiB = 1024
 MiB = 1024 * KiB
+
+
+#: RAM record flag: sent from live guest memory (see the module docstring).
+RAM_LIVE = 0x1
 
 
 class RecordType(enum.IntEnum):
@@ -181,9 +190,9 @@ def check_preamble(buf: bytes | bytearray | memoryview) -> int:
 
 
 def pack_header(rtype: int, seq: int, length: int, arg0: int = 0, arg1: int = 0,
-                payload_crc: int = 0) -> bytes:
+                payload_crc: int = 0, flags: int = 0) -> bytes:
     """The 40 header bytes of one record, header checksum included."""
-    head = _HEAD_NO_CRC.pack(rtype, 0, seq, length, arg0, arg1, payload_crc)
+    head = _HEAD_NO_CRC.pack(rtype, flags, seq, length, arg0, arg1, payload_crc)
     return head + struct.pack("<I", crc32c(head))
 
 
@@ -205,7 +214,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, *, seq: int, offset: int,
     if bound is None:
         raise RecordError(ErrorCode.TYPE, f"unknown record type {h.rtype}", record=seq,
                           offset=offset)
-    if h.flags:
+    if h.flags & ~(RAM_LIVE if h.rtype == RecordType.RAM else 0):
         raise RecordError(ErrorCode.FLAGS, f"reserved flags {h.flags:#x} set", record=seq,
                           offset=offset, rtype=h.rtype)
     if h.seq != seq & 0xFFFFFFFF:

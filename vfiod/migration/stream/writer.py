@@ -18,15 +18,18 @@ RAM leaves in large batches: every record is a 40-byte header plus a memoryview 
 ``record_bytes`` of guest memory, and one ``sink.send_buffers`` call (``socket.sendmsg`` for
 TCP) carries up to ``batch_bytes``. There is one Python object per record, none per page.
 
-``quiescent`` says whether guest memory can change while it is being sent:
+``quiescent`` says whether guest memory can change while it is being sent. Either way the
+bytes go to the socket straight from the guest mapping (no copy in user space):
 
-* ``quiescent=True`` (stop-and-copy: the guest and its devices are stopped): zero copy; the
-  CRC is computed over guest memory and the same memory is handed to the socket.
-* ``quiescent=False`` (pre-copy: the guest runs and writes its RAM): each record is first
-  copied into a staging buffer and checksummed there, so the bytes sent are exactly the
-  bytes checksummed. Checksumming live memory in place would make every page the guest
-  writes during the send fail the destination's check; the page is dirty again anyway and
-  goes in a later pass, but the checksum must describe what was sent.
+* ``quiescent=True`` (stop-and-copy: the guest and its devices are stopped): the CRC is
+  computed over guest memory that cannot change, and a mismatch at the destination is
+  fatal.
+* ``quiescent=False`` (pre-copy: the guest runs and writes its RAM): the records carry the
+  ``RAM_LIVE`` flag. A page the guest writes between the checksum and the kernel's copy
+  fails the destination's check; that page is dirty again, so a later pass re-sends it, and
+  the destination only requires every such page to arrive verified before RAM is complete
+  (``torn.py``). Copying each batch to a private buffer first would make the check exact but
+  costs a third pass over the data; this keeps the stream at socket speed.
 
 Every public call ends with the batch sent (so the caller may reuse its buffers) and with
 ``sink.check_peer()``, which raises if the destination cancelled or failed.
@@ -47,6 +50,7 @@ from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
     RECORD_HEADER_SIZE,
     Limits,
+    RAM_LIVE,
     MiB,
     RecordType,
     pack_header,
@@ -87,8 +91,6 @@ class StreamWriter:
         self._limits = limits
         self._record_pages = record_bytes // header.page_size
         self._batch_bytes = batch_bytes
-        self._stage: memoryview | None = None  # allocated on the first live RAM send
-        self._stage_off = 0
         self._iov: list[Any] = []
         self._pending = 0
         self._seq = 0
@@ -127,15 +129,14 @@ class StreamWriter:
         if isinstance(ranges, np.ndarray):
             ranges = ranges.tolist()  # plain ints, one tuple per run (not per page)
         ps = self.header.page_size
+        flags = 0 if quiescent else RAM_LIVE
         sent = 0
         for first, count in ranges:
             if count <= 0:
                 continue
             for idx, page, n in self._ram.split(int(first), int(count), self._record_pages):
                 view = self._ram.locate(page, n)[1]
-                if not quiescent:
-                    view = self._stage_copy(view)
-                self._emit(RecordType.RAM, view, page, n, self._ram_tally[idx])
+                self._emit(RecordType.RAM, view, page, n, self._ram_tally[idx], flags)
                 sent += n * ps
         self.ram_bytes_sent += sent
         self._flush()
@@ -214,22 +215,12 @@ class StreamWriter:
             raise RuntimeError(f"StreamWriter.{what}() in phase {self._phase!r} (needs "
                                f"{phase!r})")
 
-    def _stage_copy(self, view: memoryview) -> memoryview:
-        n = len(view)
-        if self._stage is None:
-            self._stage = memoryview(bytearray(self._batch_bytes))
-        if self._stage_off + n > len(self._stage):
-            self._flush()
-        dst = self._stage[self._stage_off:self._stage_off + n]
-        dst[:] = view
-        self._stage_off += n
-        return dst
-
     def _emit(self, rtype: RecordType, payload: Any, arg0: int, arg1: int,
-              tally: Tally | None) -> None:
+              tally: Tally | None, flags: int = 0) -> None:
         n = len(payload)
         crc = crc32c(payload) if n else 0
-        self._iov.append(pack_header(rtype, self._seq & 0xFFFFFFFF, n, arg0, arg1, crc))
+        self._iov.append(pack_header(rtype, self._seq & 0xFFFFFFFF, n, arg0, arg1, crc,
+                                     flags))
         if n:
             self._iov.append(payload)
         if tally is not None:
@@ -245,6 +236,5 @@ class StreamWriter:
             self._iov, self._pending = [], 0
             self._sink.send_buffers(iov)
             self.bytes_sent += pending
-        self._stage_off = 0
         if check:
             self._sink.check_peer()

@@ -13,13 +13,17 @@ direction of the stream, with small framed messages:
 
 Cancel in the other direction is the stream's ABORT record.
 
-Frame (16-byte header, then a UTF-8 JSON payload of at most ``MAX_CONTROL_PAYLOAD``)::
+Frame (20-byte header, then a UTF-8 JSON payload of at most ``MAX_CONTROL_PAYLOAD``)::
 
     0  4s  magic b"VFCT"
     4  u16 type (ControlType)
     6  u16 reserved (0)
     8  u32 payload length
-    12 u32 crc32c over header bytes 0..11 and the payload
+    12 u32 crc32c of the payload
+    16 u32 crc32c of header bytes 0..15
+
+The header has its own checksum so that a damaged length is refused at once instead of
+making the parser wait for bytes that will never come.
 
 ``ControlParser`` reassembles frames from whatever pieces the socket returns and refuses a
 bad magic, type, length or checksum with ``TransportError(code=CONTROL)``.
@@ -37,7 +41,7 @@ from vfiod.errors import VfiodError
 from vfiod.migration.stream.crc32c import crc32c
 
 CONTROL_MAGIC = b"VFCT"
-_FRAME = struct.Struct("<4sHHII")
+_FRAME = struct.Struct("<4sHHIII")
 FRAME_HEADER_SIZE = _FRAME.size
 MAX_CONTROL_PAYLOAD = 64 * 1024
 
@@ -96,8 +100,8 @@ class ControlMessage:
         if len(payload) > MAX_CONTROL_PAYLOAD:
             raise ValueError(f"control payload of {len(payload)} bytes is over "
                              f"{MAX_CONTROL_PAYLOAD}")
-        head = _FRAME.pack(CONTROL_MAGIC, self.kind, 0, len(payload), 0)[:12]
-        return head + struct.pack("<I", crc32c(payload, crc32c(head))) + payload
+        head = _FRAME.pack(CONTROL_MAGIC, self.kind, 0, len(payload), crc32c(payload), 0)[:16]
+        return head + struct.pack("<I", crc32c(head)) + payload
 
 
 class ControlParser:
@@ -111,16 +115,19 @@ class ControlParser:
         self._buf += data
         out: list[ControlMessage] = []
         while len(self._buf) >= FRAME_HEADER_SIZE:
-            magic, kind, rsv, length, crc = _FRAME.unpack_from(self._buf)
-            if magic != CONTROL_MAGIC or rsv:
-                raise self._bad(f"bad control frame header {bytes(self._buf[:16]).hex()}")
+            magic, kind, rsv, length, pcrc, hcrc = _FRAME.unpack_from(self._buf)
+            if magic != CONTROL_MAGIC or crc32c(bytes(self._buf[:16])) != hcrc:
+                raise self._bad("bad control frame header "
+                                f"{bytes(self._buf[:FRAME_HEADER_SIZE]).hex()}")
+            if rsv:
+                raise self._bad(f"control frame reserved field {rsv:#x} set")
             if length > MAX_CONTROL_PAYLOAD:
                 raise self._bad(f"control payload length {length} over {MAX_CONTROL_PAYLOAD}")
             if len(self._buf) < FRAME_HEADER_SIZE + length:
                 break
             payload = bytes(self._buf[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + length])
-            if crc32c(payload, crc32c(bytes(self._buf[:12]))) != crc:
-                raise self._bad("control frame checksum mismatch")
+            if crc32c(payload) != pcrc:
+                raise self._bad("control payload checksum mismatch")
             try:
                 ctype = ControlType(kind)
             except ValueError:

@@ -98,6 +98,7 @@ class Connection:
         self._sock = sock
         self.peer = peer
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self._io_timeout = io_timeout
         sock.settimeout(io_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # acks must not wait
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -201,10 +202,19 @@ class Connection:
             ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
             if not ready:
                 return []
+        # Readable does not mean a whole message (TLS: it may be a session ticket or part of
+        # a record), so read without blocking and keep what came for the next poll.
         try:
-            data = self._sock.recv(65536)
-        except ssl.SSLWantReadError:
-            return []  # only a TLS record fragment so far (or a post-handshake message)
+            if self.tls:
+                self._sock.setblocking(False)
+                try:
+                    data = self._sock.recv(65536)
+                finally:
+                    self._sock.settimeout(self._io_timeout)
+            else:
+                data = self._sock.recv(65536, socket.MSG_DONTWAIT)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return []
         except ssl.SSLEOFError:
             data = b""
         except OSError as e:

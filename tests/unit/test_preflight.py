@@ -1,0 +1,222 @@
+"""Preflight facts and refusals (design.md §1): each refusal, and the pass case."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vfiod.errors import KernelError, PreflightError
+from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.hostfacts import (
+    X86_64_LEVELS,
+    AbiLevel,
+    HostFacts,
+    MemlockFacts,
+    abi_level,
+    cpu_facts,
+    gather_host_facts,
+    memlock_facts,
+)
+from vfiod.migration.preflight import GuestFacts, MigrationFacts, check, compare
+from vfiod.migration.stream import DeviceInfo, RamRegion
+
+BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep cmov pat mmx fxsr sse sse2 ht syscall nx lm"
+V2 = BASE + " pni ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm"
+V3 = V2 + " avx avx2 bmi1 bmi2 f16c fma abm movbe xsave"
+V4 = V3 + " avx512f avx512bw avx512cd avx512dq avx512vl"
+GiB = 1 << 30
+
+
+def cpuinfo(*flag_sets: str, vendor: str = "GenuineIntel") -> str:
+    return "".join(f"processor\t: {i}\nvendor_id\t: {vendor}\nmodel name\t: Test CPU\n"
+                   f"flags\t\t: {flags}\n\n" for i, flags in enumerate(flag_sets))
+
+
+@pytest.mark.parametrize("flags, level", [
+    (BASE, AbiLevel.BASELINE), (V2, AbiLevel.V2), (V3, AbiLevel.V3), (V4, AbiLevel.V4),
+    (V4.replace(" popcnt", ""), AbiLevel.BASELINE),   # v4 features without a v2 one
+    (V3.replace(" movbe", ""), AbiLevel.V2),
+    (BASE.replace(" syscall", ""), AbiLevel.NONE),
+])
+def test_abi_level_from_flags(flags: str, level: AbiLevel) -> None:
+    facts = cpu_facts(cpuinfo(flags))
+    assert facts.abi_level == level
+    assert facts.vendor == "GenuineIntel" and facts.model == "Test CPU"
+
+
+def test_the_level_lists_are_qemus() -> None:
+    assert [name for name, _ in X86_64_LEVELS] == ["x86-64", "x86-64-v2", "x86-64-v3",
+                                                   "x86-64-v4"]
+    assert X86_64_LEVELS[1][1] == {"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2",
+                                   "ssse3"}
+    assert X86_64_LEVELS[2][1] == {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm",
+                                   "movbe"}
+    assert X86_64_LEVELS[3][1] == {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def test_flags_are_those_every_processor_has() -> None:
+    assert cpu_facts(cpuinfo(V3, V2, V3)).abi_level == AbiLevel.V2
+
+
+def test_non_x86_cpuinfo_has_no_level() -> None:
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes crc32\n"
+    assert cpu_facts(arm).abi_level == AbiLevel.NONE
+    assert AbiLevel.NONE.label == "not x86-64"
+
+
+def test_this_machine() -> None:
+    facts = gather_host_facts(LinuxKernel())
+    assert facts.page_size == resource.getpagesize()
+    if platform.machine() == "x86_64":
+        assert facts.cpu.abi_level >= AbiLevel.BASELINE
+        assert abi_level(facts.cpu.flags) == facts.cpu.abi_level
+
+
+def write(tmp: Path, rel: str, text: str) -> str:
+    p = tmp / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return str(p)
+
+
+def test_gather_from_files(tmp_path: Path) -> None:
+    ops = LinuxKernel()
+    ci = write(tmp_path, "proc/cpuinfo", cpuinfo(V3 + " sev sev_es", vendor="AuthenticAMD"))
+    write(tmp_path, "sys/module/kvm_amd/parameters/sev", "Y\n")
+    write(tmp_path, "sys/module/kvm_amd/parameters/sev_es", "N\n")
+    st = write(tmp_path, "proc/self/status",
+               "Name:\tvfiod\nVmLck:\t    2048 kB\nCapEff:\t0000000000000000\n")
+    f = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "sys"), proc_status=st,
+                          getrlimit=lambda _: (8 * GiB, resource.RLIM_INFINITY),
+                          page_size=4096, hostname="h1")
+    assert f.cpu.abi_level == AbiLevel.V3 and f.cpu.vendor == "AuthenticAMD"
+    assert f.sev.cpu_sev and f.sev.cpu_sev_es and f.sev.kvm_sev is True
+    assert f.sev.kvm_sev_es is False and f.sev.host_offers_sev
+    assert f.memlock == MemlockFacts(8 * GiB, None, 2 << 20, False)
+    assert f.memlock.headroom() == 8 * GiB - (2 << 20)
+    # no kvm_amd module: unknown, not an error
+    g = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "nosys"), proc_status=st,
+                          page_size=4096, hostname="h1")
+    assert g.sev.kvm_sev is None and not g.sev.host_offers_sev
+    with pytest.raises(KernelError, match="no CPU information"):
+        gather_host_facts(ops, cpuinfo=str(tmp_path / "missing"))
+
+
+def test_cap_ipc_lock_lifts_the_memlock_limit(tmp_path: Path) -> None:
+    st = write(tmp_path, "status", "VmLck:\t0 kB\nCapEff:\t0000000000004000\n")
+    m = memlock_facts(LinuxKernel(), st, lambda _: (64 << 10, 64 << 10))
+    assert m.cap_ipc_lock and m.headroom() is None
+
+
+# -- compare -------------------------------------------------------------------------------
+
+REGIONS = (RamRegion("ram0", 0, 2 * GiB), RamRegion("ram1", 4 * GiB, 2 * GiB))
+DEV = DeviceInfo("0000:3b:00.1", "v2", 0b111, {"vendor": "0x15b3", "device": "0x101e",
+                                                "driver": "mlx5_vfio_pci"}, ("PRE_COPY",))
+
+
+def host(name: str, flags: str = V3, memlock: MemlockFacts | None = None,
+         page_size: int = 4096) -> HostFacts:
+    from vfiod.migration.hostfacts import SevFacts
+    return HostFacts(name, cpu_facts(cpuinfo(flags)), SevFacts(False, False, None, None),
+                     memlock or MemlockFacts(None, None, 0, False), page_size)
+
+
+def facts(hostname: str, dev_name: str = DEV.name, **change: Any) -> MigrationFacts:
+    guest = GuestFacts("vm1", 4096, REGIONS, (dataclasses.replace(DEV, name=dev_name),),
+                       pinned_bytes=4 * GiB)
+    host_kw = {k: change.pop(k) for k in ("flags", "memlock", "page_size") if k in change}
+    guest = dataclasses.replace(guest, **change)
+    return MigrationFacts(host(hostname, **host_kw), guest)
+
+
+def test_pass_case_with_different_pci_addresses() -> None:
+    src, dst = facts("a"), facts("b", dev_name="0000:5e:00.1")
+    assert compare(src, dst) == []
+    check(src, dst)  # does not raise
+    # a better destination CPU is fine
+    assert compare(src, facts("b", flags=V4)) == []
+
+
+def test_lower_abi_level_is_refused_with_the_missing_flags() -> None:
+    reasons = compare(facts("a", flags=V3), facts("b", flags=V2))
+    assert len(reasons) == 1
+    assert reasons[0].startswith("destination CPU b is x86-64-v2, below the source's x86-64-v3")
+    assert "abm avx avx2 bmi1 bmi2 f16c fma movbe" in reasons[0]
+
+
+@pytest.mark.parametrize("enc, name", [("sev", "AMD SEV"), ("sev-es", "AMD SEV-ES")])
+def test_encrypted_guests_are_refused(enc: str, name: str) -> None:
+    reasons = compare(facts("a", memory_encryption=enc), facts("b"))
+    assert reasons == [f"guest vm1 uses {name} memory encryption (source configuration): its "
+                       "RAM is ciphertext to the host, so it cannot be migrated by copying pages"]
+
+
+def test_memlock_headroom_is_checked_on_the_destination() -> None:
+    tight = MemlockFacts(soft=2 * GiB, hard=2 * GiB, locked=0, cap_ipc_lock=False)
+    reasons = compare(facts("a"), facts("b", memlock=tight))
+    assert len(reasons) == 1 and "LimitMEMLOCK=infinity" in reasons[0]
+    assert "can lock 2.00 GiB more" in reasons[0] and "needs 4.00 GiB" in reasons[0]
+    # enough room, or CAP_IPC_LOCK, or unlimited: fine
+    roomy = MemlockFacts(8 * GiB, 8 * GiB, 1 * GiB, False)
+    assert compare(facts("a"), facts("b", memlock=roomy)) == []
+    capped = MemlockFacts(64 << 10, 64 << 10, 0, True)
+    assert compare(facts("a"), facts("b", memlock=capped)) == []
+    # locked memory eats into the headroom
+    used = MemlockFacts(8 * GiB, 8 * GiB, 5 * GiB, False)
+    assert "can lock 3.00 GiB more" in compare(facts("a"), facts("b", memlock=used))[0]
+
+
+def test_page_size_differences() -> None:
+    reasons = compare(facts("a"), facts("b", page_size=65536))
+    assert reasons == ["host page size differs: source 4096, destination 65536"]
+    reasons = compare(facts("a"), dataclasses.replace(
+        facts("b"), guest=dataclasses.replace(facts("b").guest, page_size=2 << 20)))
+    assert reasons == ["guest page size differs: source 4096, destination 2097152"]
+
+
+def test_memory_layout_difference() -> None:
+    other = (RamRegion("ram0", 0, 2 * GiB), RamRegion("ram1", 4 * GiB, 1 * GiB))
+    reasons = compare(facts("a"), facts("b", regions=other))
+    assert reasons == ["guest memory layout differs: only on the source ['0x100000000+0x80000000'"
+                       "], only on the destination ['0x100000000+0x40000000']"]
+
+
+def test_device_identity_and_flags_must_match() -> None:
+    other = dataclasses.replace(DEV, identity={**DEV.identity, "device": "0x1021"}, flags=0b011)
+    reasons = compare(facts("a"), facts("b", devices=(other,)))
+    assert reasons == [
+        "device 0 (source 0000:3b:00.1, destination 0000:3b:00.1): identity differs: "
+        "device 0x101e vs 0x1021",
+        "device 0 (source 0000:3b:00.1, destination 0000:3b:00.1): migration flags 0x7 vs 0x3"]
+    v1 = dataclasses.replace(DEV, protocol="v1")
+    assert "migration protocol v2 vs v1" in compare(facts("a"), facts("b", devices=(v1,)))[0]
+    reasons = compare(facts("a"), facts("b", devices=()))
+    assert reasons == ["device count differs: source has 1 (0000:3b:00.1), destination 0 "
+                       "(none)"]
+
+
+def test_protocol_version_and_every_reason_reported_together() -> None:
+    src = facts("a", flags=V4, memory_encryption="sev")
+    dst = dataclasses.replace(facts("b", flags=V2, devices=()), protocol_version=2)
+    reasons = compare(src, dst)
+    assert reasons[0] == "stream protocol differs: source speaks 1, destination 2"
+    assert len(reasons) == 4
+    with pytest.raises(PreflightError) as ei:
+        check(src, dst)
+    assert ei.value.reasons == reasons
+
+
+def test_facts_travel_as_json() -> None:
+    src = facts("a", memlock=MemlockFacts(8 * GiB, None, 0, True))
+    back = MigrationFacts.from_json(src.to_json())
+    assert back == src
+    with pytest.raises(ValueError, match="malformed"):
+        MigrationFacts.from_json('{"host": {}}')
+    with pytest.raises(ValueError, match="malformed"):
+        MigrationFacts.from_json("not json")

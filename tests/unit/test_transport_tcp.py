@@ -1,0 +1,264 @@
+"""TCP transport on loopback: stream + return path, timeouts, peers that go away."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vfiod.migration.stream import (
+    Complete,
+    DeviceInfo,
+    ErrorCode,
+    GuestRam,
+    RamRegion,
+    RecordError,
+    StreamHeader,
+    StreamReader,
+    StreamWriter,
+)
+from vfiod.migration.transport import (
+    Connection,
+    ControlMessage,
+    ControlType,
+    Listener,
+    TransportCode,
+    TransportError,
+    connect,
+)
+from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.transport.control import ControlParser
+
+PS = 4096
+REGIONS = (RamRegion("ram", 0, 256 * PS),)
+DEVICES = (DeviceInfo("dev0", "v2", 7),)
+HEADER = StreamHeader("src", "m", "g", PS, REGIONS, DEVICES)
+JOIN = 30.0
+
+
+class Peer:
+    """Run ``fn(conn)`` on an accepted connection in a thread; keep its result or error."""
+
+    def __init__(self, fn: Callable[[Connection], Any], **listen: Any) -> None:
+        self.listener = Listener("127.0.0.1", 0, **listen)
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    @property
+    def port(self) -> int:
+        return self.listener.address[1]
+
+    def _run(self) -> None:
+        try:
+            with self.listener.accept(timeout=JOIN) as conn:
+                self.result = self._fn(conn)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            self.error = e
+        finally:
+            self.listener.close()
+
+    def join(self) -> Any:
+        self._t.join(JOIN)
+        assert not self._t.is_alive(), "peer thread did not finish"
+        return self.result
+
+
+def memory(seed: int) -> bytearray:
+    return bytearray(np.random.default_rng(seed).integers(0, 256, REGIONS[0].size,
+                                                          dtype=np.uint8).tobytes())
+
+
+def destination(conn: Connection) -> bytearray:
+    r = StreamReader(conn, recv_piece=16 * 1024)
+    h = r.read_header()
+    dst = bytearray(h.regions[0].size)
+    r.attach_ram(GuestRam(PS, h.regions, [dst], writable=True))
+    conn.send_control(ControlMessage.ack("header"))
+    for ev in r.events():
+        if isinstance(ev, Complete):
+            conn.send_control(ControlMessage.ack("complete", r.records))
+    conn.send_control(ControlMessage.ack("resumed"))
+    return dst
+
+
+def test_migrate_over_loopback_with_acknowledgements() -> None:
+    src = memory(1)
+    peer = Peer(destination)
+    with connect("127.0.0.1", peer.port, timeout=5) as conn:
+        w = StreamWriter(conn, HEADER, GuestRam(PS, REGIONS, [src]), record_bytes=16 * PS,
+                         batch_bytes=64 * PS)
+        w.start()
+        assert conn.wait_ack("header", timeout=JOIN).fields == {"stage": "header", "value": 0}
+        w.send_ram([(0, 256)], quiescent=False)
+        w.send_device_data("dev0", b"state" * 1000)
+        w.end_of_state("dev0")
+        w.finish()
+        done = conn.wait_ack("complete", timeout=JOIN)
+        assert done.fields["value"] == w.records_sent
+        conn.wait_ack("resumed", timeout=JOIN)
+        assert conn.bytes_sent == w.bytes_sent
+    assert peer.join() == src and peer.error is None
+
+
+def test_destination_cancel_reaches_the_source() -> None:
+    def cancelling(conn: Connection) -> None:
+        r = StreamReader(conn)
+        r.read_header()
+        conn.send_control(ControlMessage.cancel("operator said no"))
+        # keep reading until the source stops, so its sends do not fail first
+        try:
+            while conn.recv_into(memoryview(bytearray(65536))):
+                pass
+        except TransportError:
+            pass
+
+    peer = Peer(cancelling)
+    with connect("127.0.0.1", peer.port) as conn:
+        w = StreamWriter(conn, HEADER, GuestRam(PS, REGIONS, [memory(2)]), record_bytes=PS,
+                         batch_bytes=PS)
+        with pytest.raises(TransportError) as ei:
+            w.start()
+            for _ in range(10_000):  # each batch ends with check_peer()
+                w.send_ram([(0, 1)], quiescent=True)
+        assert ei.value.code == TransportCode.PEER_CANCELLED
+        assert "operator said no" in str(ei.value)
+        w.abort("cancelled by the destination")
+    peer.join()
+
+
+def test_destination_error_is_raised_with_its_fields() -> None:
+    def failing(conn: Connection) -> None:
+        conn.send_control(ControlMessage.error(ErrorCode.PAYLOAD_CHECKSUM.value,
+                                               "record 7 bad", record=7))
+
+    peer = Peer(failing)
+    with connect("127.0.0.1", peer.port) as conn:
+        with pytest.raises(TransportError) as ei:
+            conn.wait_ack("complete", timeout=JOIN)
+        assert ei.value.code == TransportCode.PEER_ERROR
+        assert ei.value.remote == {"code": "payload-checksum", "message": "record 7 bad",
+                                   "record": 7}
+    peer.join()
+
+
+def test_wait_ack_times_out_and_notices_a_closed_peer() -> None:
+    gate = threading.Event()
+    peer = Peer(lambda conn: gate.wait(JOIN))
+    with connect("127.0.0.1", peer.port) as conn:
+        with pytest.raises(TransportError) as ei:
+            conn.wait_ack("complete", timeout=0.2)
+        assert ei.value.code == TransportCode.TIMEOUT
+        gate.set()
+        peer.join()  # the peer closes its end
+        with pytest.raises(TransportError) as ei:
+            conn.wait_ack("complete", timeout=JOIN)
+        assert ei.value.code == TransportCode.PEER_CLOSED
+
+
+def test_source_closing_mid_stream_is_a_located_truncation() -> None:
+    def reading(conn: Connection) -> None:
+        r = StreamReader(conn)
+        h = r.read_header()
+        r.attach_ram(GuestRam(PS, h.regions, [bytearray(h.regions[0].size)], writable=True))
+        for _ in r.events():
+            pass
+
+    peer = Peer(reading)
+    conn = connect("127.0.0.1", peer.port)
+    w = StreamWriter(conn, HEADER, GuestRam(PS, REGIONS, [memory(3)]))
+    w.start()
+    w.send_ram([(0, 4)], quiescent=True)
+    conn.send_buffers([b"\x02\x00"])  # the first bytes of a record header, then gone
+    conn.close()
+    peer.join()
+    assert isinstance(peer.error, RecordError)
+    assert peer.error.code == ErrorCode.TRUNCATED and peer.error.record == 2
+
+
+def test_destination_closing_mid_stream_fails_the_source_sends() -> None:
+    peer = Peer(lambda conn: StreamReader(conn).read_header())
+    with connect("127.0.0.1", peer.port) as conn:
+        w = StreamWriter(conn, HEADER, GuestRam(PS, REGIONS, [memory(4)]), record_bytes=PS,
+                         batch_bytes=PS)
+        with pytest.raises(TransportError) as ei:
+            w.start()
+            peer.join()
+            for _ in range(100_000):
+                w.send_ram([(0, 1)], quiescent=True)
+        assert ei.value.code == TransportCode.PEER_CLOSED
+
+
+def test_io_timeout_when_the_peer_goes_silent() -> None:
+    gate = threading.Event()
+    peer = Peer(lambda conn: gate.wait(JOIN))
+    with connect("127.0.0.1", peer.port, io_timeout=0.2) as conn:
+        with pytest.raises(TransportError) as ei:
+            StreamReader(conn).read_header()
+        assert ei.value.code == TransportCode.TIMEOUT
+    gate.set()
+    peer.join()
+
+
+def test_accept_timeout() -> None:
+    with Listener("127.0.0.1", 0) as lst:
+        with pytest.raises(TransportError) as ei:
+            lst.accept(timeout=0.1)
+        assert ei.value.code == TransportCode.ACCEPT_TIMEOUT
+        assert "no source connected within 0.1 s" in str(ei.value)
+
+
+def test_connect_refused() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nobody listens there now
+    with pytest.raises(TransportError) as ei:
+        connect("127.0.0.1", port, timeout=5)
+    assert ei.value.code == TransportCode.CONNECT
+    assert "ECONNREFUSED" in str(ei.value) and ei.value.peer == f"127.0.0.1:{port}"
+
+
+def test_connect_timeout_against_a_full_accept_queue() -> None:
+    # A listener that never accepts: once its queue is full, Linux drops further SYNs.
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    held = []
+    try:
+        with pytest.raises(TransportError) as ei:
+            for _ in range(8):
+                held.append(connect("127.0.0.1", lst.getsockname()[1], timeout=0.3))
+        assert ei.value.code == TransportCode.CONNECT_TIMEOUT
+    finally:
+        for c in held:
+            c.close()
+        lst.close()
+
+
+def test_control_frames_round_trip_in_pieces_and_refuse_corruption() -> None:
+    msgs = [ControlMessage.ack("header"), ControlMessage.cancel("x" * 100),
+            ControlMessage.error("EIO", "boom", 3)]
+    blob = b"".join(m.encode() for m in msgs)
+    p = ControlParser("peer")
+    got = []
+    for i in range(0, len(blob), 7):
+        got += p.feed(blob[i:i + 7])
+    assert got == msgs and got[1].kind == ControlType.CANCEL
+    for i in range(len(msgs[0].encode())):
+        bad = bytearray(msgs[0].encode())
+        bad[i] ^= 0xFF
+        with pytest.raises(TransportError) as ei:
+            ControlParser("peer").feed(bytes(bad))
+        assert ei.value.code == TransportCode.CONTROL
+    head = b"VFCT" + (1).to_bytes(2, "little") + b"\0\0" + (1 << 20).to_bytes(4, "little")
+    head += b"\0" * 4
+    head += crc32c(head).to_bytes(4, "little")
+    with pytest.raises(TransportError, match="over 65536"):
+        ControlParser("peer").feed(head)
