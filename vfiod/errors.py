@@ -32,6 +32,9 @@ class KernelError(VfiodError, OSError):
 
     @property
     def errno_name(self) -> str:
+        # errno 95 is both ENOTSUP and EOPNOTSUPP on Linux; the VFIO docs say EOPNOTSUPP.
+        if self.errno == _errno.EOPNOTSUPP:
+            return "EOPNOTSUPP"
         return _errno.errorcode.get(int(self.errno), str(self.errno))
 
     def with_context(self, op: str | None = None, target: str | None = None) -> KernelError:

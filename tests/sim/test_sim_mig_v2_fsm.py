@@ -180,7 +180,7 @@ def check_request(d: Dev, flags: int, cur: S, target: S) -> None:
         assert err is not None and err.errno == errno.EINVAL, err
         assert MIG_STATE.unpack_from(buf, 8) == (target, -1)     # copied back (§6.3)
         assert d.get_state() == cur
-        assert handler(d).arcs == []
+        assert list(handler(d).arcs) == []
         return
     buf, err = d.set_state_raw(target)
     assert err is None, err

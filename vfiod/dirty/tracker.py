@@ -14,8 +14,11 @@ No dirty bit is lost:
 * a provider that turns out unavailable (EOPNOTSUPP/ENOTTY) is replaced by the next one in
   its chain, and after any REPORT failure the whole container counts as dirty for that
   sync (the log may be lost), marked after the replacement started;
-* the pre-copy opt-out (``optout.py``) skips the query but counts the container's whole
-  mapped range dirty; the first sync after the opted-out devices stopped collects all.
+* the pre-copy opt-out (``optout.py``) skips the query; ``SyncResult.dirty_pages`` then
+  counts the container's whole mapped range (``assumed_dirty_pages``) so the predictor and
+  status never treat it as clean, but those pages are not put in the bitmap, so pre-copy
+  does not re-send them every pass. The kernel keeps logging meanwhile, and the first
+  sync after the opted-out devices stopped (stop-and-copy) collects all of it.
 
 Mappings that are contiguous in both IOVA and guest address are queried as one segment
 (one ioctl and one merge), with a per-container scratch bitmap reused across syncs.
@@ -89,6 +92,11 @@ class SyncResult:
     providers: dict[str, str]   # container -> provider name used
     skipped: dict[str, str]     # container -> why it was not queried (counted all dirty)
     lost: dict[str, str]        # container -> why it counted all dirty after an error
+    #: pages of opted-out containers not queried this sync: counted dirty (an upper bound,
+    #: overlaps with the bitmap are not subtracted) but not in the bitmap, so pre-copy does
+    #: not re-send them every pass; the stop-and-copy query collects what really changed.
+    assumed_dirty_pages: int = 0
+    assumed_dirty_bytes: int = 0
 
 
 @dataclass
@@ -197,20 +205,24 @@ class DirtyTracker:
             new = 0
             skipped: dict[str, str] = {}
             lost: dict[str, str] = {}
+            assumed = 0
             for box in self._boxes:
                 blockers = box.optout.blocking(self._states)
                 if blockers:
+                    # QEMU's x-pre-copy-dirty-page-tracking=off: the kernel keeps logging,
+                    # we just do not ask until stop-and-copy. Until then the whole mapped
+                    # range is reported dirty (status, predictor), without re-sending it.
                     why = ("pre-copy dirty tracking off for " + ", ".join(blockers)
-                           + ": whole mapped range counted dirty")
+                           + ": whole mapped range counted dirty until stop-and-copy")
                     skipped[box.name] = why
                     box.last = "skipped: " + why
-                    new += self._mark_container(box)
+                    assumed += sum(seg.size // self.page_size for seg in box.segments)
                     continue
                 got, err = self._query(box)
                 new += got
                 if err is not None:
                     lost[box.name] = err
-            dirty = self.bitmap.count()
+            dirty = self.bitmap.count() + assumed
             t1 = self._clock()
             if t1 > self._rate_t:       # a clock that did not move gives no rate sample
                 self.rate.sample(new, t1)
@@ -219,7 +231,7 @@ class DirtyTracker:
             self.last_sync = SyncResult(
                 phase, dirty, dirty * self.page_size, new, new * self.page_size, t1 - t0,
                 {b.name: b.chain.name for b in self._boxes if b.chain is not None},
-                skipped, lost)
+                skipped, lost, assumed, assumed * self.page_size)
             return self.last_sync
 
     def _query(self, box: _Box) -> tuple[int, str | None]:

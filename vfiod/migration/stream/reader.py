@@ -32,15 +32,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, Tally, first_difference
+from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.torn import TornPages
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
-    RAM_LIVE,
     PREAMBLE_SIZE,
+    RAM_LIVE,
     RECORD_HEADER_SIZE,
     ErrorCode,
     Limits,
@@ -50,6 +52,7 @@ from vfiod.migration.stream.records import (
     check_preamble,
     unpack_header,
 )
+from vfiod.migration.stream.torn import TornPages
 
 
 class Source(Protocol):
@@ -103,6 +106,8 @@ class StreamReader:
         self.header: StreamHeader | None = None
         self._ram: GuestRam | None = None
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
+        self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent, grows per record
+        self._got = np.empty(0, dtype=np.uint32)    # per-page CRCs received
         self._buf = bytearray()  # grows to the largest accepted non-RAM payload
         self._dev_tally: list[Tally] = []
         self._ram_tally: list[Tally] = []
@@ -208,28 +213,39 @@ class StreamReader:
 
     def _ram_record(self, h: RecordHeader, at: int) -> RamLoaded:
         assert self._ram is not None and self.header is not None
-        if h.arg1 == 0 or h.length != h.arg1 * self.header.page_size:
-            raise self._err(ErrorCode.LENGTH, f"RAM length {h.length} is not {h.arg1} pages of "
-                            f"{self.header.page_size} bytes", at, h.rtype)
+        ps, n = self.header.page_size, h.arg1
+        if n == 0 or h.length != n * (ps + 4):
+            raise self._err(ErrorCode.LENGTH, f"RAM length {h.length} is not {n} pages of "
+                            f"{ps} bytes and their checksums", at, h.rtype)
         try:
-            idx, view = self._ram.locate(h.arg0, h.arg1)
+            idx, view = self._ram.locate(h.arg0, n)
         except ValueError as e:
             raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
-        crc = self._fill_crc(view, h.rtype, at)
+        if len(self._table) < n:  # n * ps was bounded by the length check above
+            self._table = np.empty(n, dtype=np.uint32)
+            self._got = np.empty(n, dtype=np.uint32)
+        table = self._table[:n]
+        self._fill(memoryview(table).cast("B"), h.rtype, at, "RAM checksum table")
+        if crc32c(table) != h.payload_crc:
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{n}: checksum "
+                            "table mismatch", at, h.rtype)
+        self._fill_pages(view, ps, self._got[:n], h.rtype, at)
         self.offset += h.length
-        verified = crc == h.payload_crc
-        if not verified:
-            if not h.flags & RAM_LIVE:
-                raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{h.arg1}: "
-                                "payload checksum mismatch", at, h.rtype)
-            # Sent from running guest memory: it must come again, verified (torn.py).
-            self._torn.add(h.arg0, h.arg1, self.records, at)
+        bad = np.flatnonzero(self._got[:n] != table)
+        if bad.size and not h.flags & RAM_LIVE:
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {h.arg0 + int(bad[0]):#x} "
+                            f"(page {int(bad[0])} of {n} in this record): checksum mismatch",
+                            at, h.rtype)
+        if self._torn:
+            self._torn.clear(h.arg0, n)
+        if bad.size:
+            # Sent from running guest memory: these pages must come again, verified.
+            for i in bad.tolist():
+                self._torn.add(h.arg0 + i, 1, self.records, at)
             self.torn_records += 1
-        elif self._torn:
-            self._torn.clear(h.arg0, h.arg1)
         self._ram_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
         self._accepted(h)
-        return RamLoaded(h.arg0, h.arg1, verified)
+        return RamLoaded(h.arg0, n, not bad.size)
 
     def _check_torn(self) -> None:
         """RAM is complete: no page may still be waiting for a verified copy."""
@@ -318,18 +334,21 @@ class StreamReader:
             got += k
         return got
 
-    def _fill_crc(self, view: memoryview, rtype: int, at: int) -> int:
-        """Receive a RAM payload in pieces, checksumming each piece as soon as it lands:
+    def _fill_pages(self, view: memoryview, ps: int, crcs: np.ndarray, rtype: int,
+                    at: int) -> None:
+        """Receive a RAM payload in pieces and checksum every page as soon as it is whole:
         it is still in the CPU cache then, so the check costs no second trip to memory."""
-        got, n, crc, piece = 0, len(view), 0, self._piece
+        got, done, n, piece = 0, 0, len(view), self._piece
         while got < n:
             k = self._src.recv_into(view[got:got + piece])
             if k == 0:
                 raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
-                                f"RAM payload of {n} bytes", at, rtype)
-            crc = crc32c(view[got:got + k], crc)
+                                f"RAM pages of {n} bytes", at, rtype)
             got += k
-        return crc
+            full = got // ps
+            if full > done:
+                page_crcs(view[done * ps:full * ps], ps, crcs[done:full])
+                done = full
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
         record = self.records if self.offset >= PREAMBLE_SIZE else None

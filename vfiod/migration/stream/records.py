@@ -18,8 +18,12 @@ Record header (40 bytes), then ``length`` payload bytes::
     8   u64 length        payload bytes (bounded per type by ``Limits``)
     16  u64 arg0          RAM: first guest page; DEVICE_*: device index; ITERATION: number
     24  u64 arg1          RAM: page count; DEVICE_DATA: chunk index within the device
-    32  u32 payload_crc   crc32c of the payload (0 for an empty payload)
+    32  u32 payload_crc   crc32c of the payload (0 for an empty payload); RAM: of its table
     36  u32 header_crc    crc32c of header bytes 0..35
+
+A RAM record's payload is ``count`` little-endian u32 CRC-32Cs, one per page (the table,
+covered by ``payload_crc``), then the ``count`` pages themselves, each covered by its table
+entry (``pagecrc.py`` says why per page).
 
 ``RAM_LIVE`` marks a RAM record sent while the guest ran (pre-copy, zero copy from the guest
 mapping): if its checksum fails, the guest wrote those pages during the send; they are dirty
@@ -62,6 +66,7 @@ HEADER_CRC_SPAN = RECORD_HEADER_SIZE - 4
 
 KiB = 1024
 MiB = 1024 * KiB
+MIN_PAGE_SIZE = 4096
 
 
 #: RAM record flag: sent from live guest memory (see the module docstring).
@@ -134,7 +139,7 @@ class Limits:
     manifest: int = 8 * MiB
     abort: int = 64 * KiB
     device_chunk: int = 16 * MiB
-    ram_record: int = 64 * MiB
+    ram_record: int = 64 * MiB  # page bytes of one RAM record (its CRC table comes on top)
 
     def bound(self, rtype: int) -> int:
         return self._bounds[rtype]
@@ -143,7 +148,7 @@ class Limits:
     def _bounds(self) -> dict[int, int]:
         return {
             RecordType.HEADER: self.header,
-            RecordType.RAM: self.ram_record,
+            RecordType.RAM: self.ram_record + self.ram_record // MIN_PAGE_SIZE * 4,
             RecordType.DEVICE_DATA: self.device_chunk,
             RecordType.END_OF_STATE: 0,
             RecordType.ITERATION: 0,

@@ -14,9 +14,10 @@ Usage (the session drives it; the sink is a transport connection or a file)::
     manifest = w.finish()                        # MANIFEST; then wait for the peer's ack
     # on cancel: w.abort("operator cancelled")
 
-RAM leaves in large batches: every record is a 40-byte header plus a memoryview of up to
-``record_bytes`` of guest memory, and one ``sink.send_buffers`` call (``socket.sendmsg`` for
-TCP) carries up to ``batch_bytes``. There is one Python object per record, none per page.
+RAM leaves in large batches: every record is a 40-byte header, its per-page CRC table (a
+small numpy array) and a memoryview of up to ``record_bytes`` of guest memory, and one
+``sink.send_buffers`` call (``socket.sendmsg`` for TCP) carries up to ``batch_bytes``.
+There are a few Python objects per record, none per page.
 
 ``quiescent`` says whether guest memory can change while it is being sent. Either way the
 bytes go to the socket straight from the guest mapping (no copy in user space):
@@ -45,19 +46,20 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, Tally
+from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
+    RAM_LIVE,
     RECORD_HEADER_SIZE,
     Limits,
-    RAM_LIVE,
     MiB,
     RecordType,
     pack_header,
     pack_preamble,
 )
 
-#: Linux IOV_MAX is 1024; keep a margin (each record uses two entries).
+#: Linux IOV_MAX is 1024; keep a margin (a record adds at most three entries).
 _MAX_IOV = 1000
 
 
@@ -136,7 +138,7 @@ class StreamWriter:
                 continue
             for idx, page, n in self._ram.split(int(first), int(count), self._record_pages):
                 view = self._ram.locate(page, n)[1]
-                self._emit(RecordType.RAM, view, page, n, self._ram_tally[idx], flags)
+                self._emit_ram(view, page, n, self._ram_tally[idx], flags)
                 sent += n * ps
         self.ram_bytes_sent += sent
         self._flush()
@@ -227,6 +229,18 @@ class StreamWriter:
             tally.add(self._seq, arg0, arg1, n, crc)
         self._seq += 1
         self._pending += RECORD_HEADER_SIZE + n
+        if self._pending >= self._batch_bytes or len(self._iov) >= _MAX_IOV:
+            self._flush(check=False)
+
+    def _emit_ram(self, view: memoryview, page: int, n: int, tally: Tally, flags: int) -> None:
+        table = page_crcs(view, self.header.page_size)  # one small array per record
+        crc = crc32c(table)
+        length = n * 4 + len(view)
+        self._iov += (pack_header(RecordType.RAM, self._seq & 0xFFFFFFFF, length, page, n, crc,
+                                  flags), memoryview(table).cast("B"), view)
+        tally.add(self._seq, page, n, length, crc)
+        self._seq += 1
+        self._pending += RECORD_HEADER_SIZE + length
         if self._pending >= self._batch_bytes or len(self._iov) >= _MAX_IOV:
             self._flush(check=False)
 

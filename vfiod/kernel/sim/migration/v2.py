@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections import deque
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError, SimulatorViolation
@@ -137,8 +138,8 @@ class MigrationV2:
         self.state = S.RUNNING
         self.saving: SaveSession | None = None
         self.resuming: LoadSession | None = None
-        #: every arc taken, in order (tests compare it with the documented paths)
-        self.arcs: list[tuple[S, S]] = []
+        #: the latest arcs taken, oldest first (tests compare them with documented paths)
+        self.arcs: deque[tuple[S, S]] = deque(maxlen=64)
 
     # -- FeatureHandler --------------------------------------------------------------------
     def directions(self, feature: int) -> int:
