@@ -202,8 +202,11 @@ def test_session_survives_reset_but_not_close(rig: RigFactory) -> None:
     d.node.dma_write(IOVA, 1)
     assert bits(report(d, IOVA, 1 << 20)) == [0]
     (log,) = [p for p in d.parts.closables if isinstance(p, DmaLogging)]
-    log.on_close()                               # what the last close of the device does
+    d.kernel.close(d.fd)                         # last close of the device fd
     assert not log.active
+    d.raw.device = d.fd = d.kernel.ioctl(d.raw.group, v.VFIO_GROUP_GET_DEVICE_FD,
+                                         ctypes.create_string_buffer(d.spec.name.encode()))
+    assert err(report, d, IOVA, 1 << 20) == errno.EINVAL       # no session after reopen
     start(d, [(IOVA, 1 << 20)])
 
 

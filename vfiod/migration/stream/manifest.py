@@ -2,8 +2,9 @@
 
 design.md §5: "a final manifest (per-region digests, byte counts) lets the destination prove
 nothing was lost". Both ends keep a ``Tally`` per RAM region and per device, fed one entry
-per record (never per page): the record's sequence number, its two arguments, its length
-and its payload CRC. The digest is BLAKE2b-128 over those 32-byte entries, so it is
+per record (never per page): the record's sequence number, its two arguments, its data
+length (for RAM: the page bytes, without the CRC table) and its payload CRC (for RAM: the
+CRC of the per-page CRC table, so the digest covers every page's checksum). The digest is BLAKE2b-128 over those 32-byte entries, so it is
 incremental and costs one small hash update per record rather than a second pass over the
 data; together with every record's own CRC it proves that the destination received the
 same records, in the same order, with the same bytes, as the source sent.

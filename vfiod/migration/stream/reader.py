@@ -243,7 +243,7 @@ class StreamReader:
             for i in bad.tolist():
                 self._torn.add(h.arg0 + i, 1, self.records, at)
             self.torn_records += 1
-        self._ram_tally[idx].add(h.seq, h.arg0, h.arg1, h.length, h.payload_crc)
+        self._ram_tally[idx].add(h.seq, h.arg0, n, n * ps, h.payload_crc)
         self._accepted(h)
         return RamLoaded(h.arg0, n, not bad.size)
 

@@ -238,7 +238,7 @@ class StreamWriter:
         length = n * 4 + len(view)
         self._iov += (pack_header(RecordType.RAM, self._seq & 0xFFFFFFFF, length, page, n, crc,
                                   flags), memoryview(table).cast("B"), view)
-        tally.add(self._seq, page, n, length, crc)
+        tally.add(self._seq, page, n, len(view), crc)  # tallies count page bytes
         self._seq += 1
         self._pending += RECORD_HEADER_SIZE + length
         if self._pending >= self._batch_bytes or len(self._iov) >= _MAX_IOV:
