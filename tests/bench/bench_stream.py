@@ -5,11 +5,12 @@ process over loopback TCP.
 
 * baseline: ``socket.sendmsg`` of the guest memory in the same batches, ``recv_into`` the
   destination's memory, no framing, no checksum;
-* ``stream_loopback``: ``StreamWriter`` → ``Connection`` → ``StreamReader``: 40-byte record
-  headers, CRC-32C of every header and payload on both ends, manifest verified, final ACK
-  on the return path; stop-and-copy mode (``quiescent=True``, zero copy);
-* ``stream_loopback_live``: the same in pre-copy mode (``quiescent=False``: each record is
-  copied to a staging buffer and checksummed there, because the guest may write it).
+* ``stream_loopback``: ``StreamWriter`` → ``Connection`` → ``StreamReader``: record headers
+  with their CRC-32C, a CRC-32C per page computed by the source and checked by the
+  destination, manifest verified, final ACK on the return path; stop-and-copy mode
+  (``quiescent=True``);
+* ``stream_loopback_live``: the same in pre-copy mode (``quiescent=False``: LIVE records,
+  a page whose check fails would be kept for a later pass; here none fails).
 
 Guest memory is a memfd mapped through ``LinuxKernel`` on both ends, pre-faulted so that
 page faults are not measured. Each variant runs ``repeats`` times interleaved; the best
@@ -45,7 +46,7 @@ from vfiod.migration.transport.tcp import Connection
 PAGE = 4096
 BATCH = 16 << 20
 RECORD = 4 << 20
-RECV_PIECE = 256 << 10
+RECV_PIECE = 8 << 20
 TARGET_RATIO = 0.8
 
 

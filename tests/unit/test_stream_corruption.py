@@ -22,6 +22,7 @@ from vfiod.migration.stream import (
 )
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry
+from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.records import (
     PREAMBLE_SIZE,
     RECORD_HEADER,
@@ -124,6 +125,19 @@ class Forge:
         self.seq += 1
         return self
 
+    def ram(self, first: int, count: int, flags: int = 0, bad_page: int | None = None) -> Forge:
+        """A RAM record of zero pages: CRC table, then the pages (one entry may lie)."""
+        pages = bytes(PS * count)
+        table = page_crcs(pages, PS)
+        if bad_page is not None:
+            table[bad_page] ^= 1
+        payload = table.tobytes() + pages
+        self.offsets.append(len(self.out))
+        self.out += pack_header(RecordType.RAM, self.seq, len(payload), first, count,
+                                crc32c(table.tobytes()), flags) + payload
+        self.seq += 1
+        return self
+
     def ends(self) -> Forge:
         return self.add(RecordType.END_OF_STATE, arg0=0).add(RecordType.END_OF_STATE, arg0=1)
 
@@ -218,15 +232,22 @@ def test_ram_length_must_match_the_page_count() -> None:
     assert "is not 2 pages" in str(fails(bytes(f.out), ErrorCode.LENGTH))
 
 
+def test_a_bad_page_in_a_stop_and_copy_record_is_fatal_and_named() -> None:
+    f = Forge().ram(2, 4, bad_page=3)
+    err = fails(bytes(f.out), ErrorCode.PAYLOAD_CHECKSUM)
+    assert (err.record, err.offset) == (1, f.offsets[1])
+    assert "guest page 0x5 (page 3 of 4 in this record)" in str(err)
+
+
 def test_ram_outside_the_layout_is_refused() -> None:
     for first, count in ((8, 1), (7, 2), (0x14, 1), (0x0F, 1)):
-        f = Forge().add(RecordType.RAM, b"\0" * PS * count, arg0=first, arg1=count)
+        f = Forge().ram(first, count)
         err = fails(bytes(f.out), ErrorCode.RANGE)
         assert "not inside one RAM region" in str(err)
 
 
 def test_ram_after_end_of_state_is_out_of_order() -> None:
-    f = Forge().add(RecordType.END_OF_STATE, arg0=0).add(RecordType.RAM, b"\0" * PS, 0, 1)
+    f = Forge().add(RecordType.END_OF_STATE, arg0=0).ram(0, 1)
     err = fails(bytes(f.out), ErrorCode.ORDER)
     assert "RAM after END_OF_STATE" in str(err) and err.record == 2
 

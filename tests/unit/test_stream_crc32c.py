@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vfiod.migration.stream import crc32c as C
+from vfiod.migration.stream.pagecrc import page_crcs
 
 IMPLS = sorted(C.IMPLEMENTATIONS)
 
@@ -91,3 +92,24 @@ def test_every_single_bit_flip_changes_the_crc() -> None:
 
 def test_warm_up_names_the_implementation() -> None:
     assert C.warm_up() == C.IMPLEMENTATION
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_page_crcs_are_the_crc_of_each_page(impl: str) -> None:
+    rng = np.random.default_rng(10)
+    for page_size in (4096, 8192):
+        for n in range(0, 8):  # around the three-pages-at-once grouping
+            data = rng.integers(0, 256, n * page_size, dtype=np.uint8).tobytes()
+            got = page_crcs(memoryview(data), page_size, implementation=impl)
+            want = [C.crc32c_reference(data[i * page_size:(i + 1) * page_size])
+                    for i in range(n)]
+            assert got.dtype == np.uint32 and got.tolist() == want, (impl, page_size, n)
+
+
+def test_page_crcs_refuse_partial_pages_and_bad_output() -> None:
+    with pytest.raises(ValueError, match="not whole pages"):
+        page_crcs(bytes(5000), 4096)
+    with pytest.raises(ValueError, match="uint32 array of 2 entries"):
+        page_crcs(bytes(8192), 4096, out=np.empty(3, dtype=np.uint32))
+    out = np.zeros(2, dtype=np.uint32)
+    assert page_crcs(bytes(8192), 4096, out=out) is out

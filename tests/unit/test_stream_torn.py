@@ -18,6 +18,7 @@ from vfiod.migration.stream import (
     StreamWriter,
 )
 from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.records import RAM_LIVE, pack_header, pack_preamble
 from vfiod.migration.stream.torn import TornPages
 
@@ -100,8 +101,10 @@ def test_a_damaged_live_record_is_caught_if_nothing_resends_it() -> None:
     hdr = HEADER.to_json()
     out += pack_header(RecordType.HEADER, 0, len(hdr), 0, 0, crc32c(hdr)) + hdr
     page = bytes(PS)
+    table = (page_crcs(page, PS) ^ 1).astype("<u4").tobytes()  # this page's CRC is wrong
     at = len(out)
-    out += pack_header(RecordType.RAM, 1, PS, 3, 1, crc32c(page) ^ 1, flags=RAM_LIVE) + page
+    out += pack_header(RecordType.RAM, 1, PS + 4, 3, 1, crc32c(table), flags=RAM_LIVE)
+    out += table + page
     m = b'{"ram":[],"devices":[],"records":2}'
     out += pack_header(RecordType.MANIFEST, 2, len(m), 0, 0, crc32c(m)) + m
 

@@ -5,7 +5,7 @@ Kernel rules kept here:
 * ``GET_STATUS``: VIABLE unless a member is bound to a host driver (its DMA ownership is
   claimed elsewhere); CONTAINER_SET once attached (then also VIABLE).
 * ``SET_CONTAINER`` takes a pointer to an int fd: EBADF for a bad fd, EBADFD for an fd
-  that is not a container, EINVAL if already set, EBUSY if the group is not viable (DMA
+  that is not a container, EINVAL if already set, EPERM if the group is not viable (DMA
   ownership cannot be claimed).
 * ``UNSET_CONTAINER``: EINVAL if not set, EBUSY while device fds are open; the last group
   leaving a container releases its IOMMU (all mappings go).
@@ -128,7 +128,9 @@ class GroupFile(SimFile):
                       f"fd {fd} is a {target.kind} fd, not a container")
             raise fail(errno.EBADFD, op, self.name, detail)
         if not self.group.viable:
-            raise fail(errno.EBUSY, op, self.name,
+            # iommu_group_claim_dma_owner(): a host driver bound to a member holds an
+            # owner count, so the claim fails with EPERM (drivers/iommu/iommu.c, 5.19+).
+            raise fail(errno.EPERM, op, self.name,
                        "DMA ownership is held by a host driver of another group member")
         target.attach_group(self.group, op)
         self.group.container = target

@@ -14,8 +14,8 @@ Format (little endian), so that a wrong, short, reordered or foreign stream is c
         END    (3): seed u64, ticks u64, 32-byte digest of the final state
 
 A PRE_COPY session starts with ``initial`` data = header + SETUP + a snapshot of every
-chunk, padded with SETUP bytes up to ``spec.precopy_size`` (§6.8: initial_bytes starts
-non-zero and shrinks as it is read); then each chunk the running device rewrites is
+chunk, with as many SETUP bytes as make it ``spec.precopy_size`` long (none if the
+snapshot alone is longer; §6.8: initial_bytes starts non-zero and shrinks as it is read); then each chunk the running device rewrites is
 ``dirty`` data; STOP_COPY appends the chunks rewritten since they were streamed, and END.
 A session opened directly in STOP_COPY streams header, empty SETUP, every chunk, END.
 """

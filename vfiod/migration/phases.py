@@ -1,0 +1,149 @@
+"""The pieces the source's phases are made of (design.md §1 step 5, §4, §5): sending dirty
+RAM in measured slices, and the numbers each prediction is made from.
+
+``RamSender.send`` takes the dirty runs of a pass (``DirtyTracker.take_dirty_runs``) and
+hands them to the ``StreamWriter`` in slices of ``slice_bytes``. After each slice it
+records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent sending only,
+so dirty syncs and device reads between passes do not lower the estimate — marks the
+pages' digest chunks for re-hashing, and calls ``between()`` (the session checks for
+cancel there). In the first pass, with ``zero_scan``, each run is read first with
+``pread`` and only pages holding data are sent: a guest's RAM is mostly never-written
+holes of a sparse file, which read as zeros without being allocated, and the
+destination's fresh RAM is zero already.
+
+``prediction_numbers`` turns a ``SyncResult`` and the devices' ``Pending`` into the
+predictor's inputs: the dirty rate excludes containers that were not queried (skipped by
+the pre-copy opt-out, or whose log was lost) because their "all dirty" is a placeholder,
+not a measurement; they still count fully in the RAM still to send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vfiod.dirty.tracker import DirtyTracker, SyncResult
+from vfiod.migration.driver import Pending
+from vfiod.migration.guest import Guest
+from vfiod.migration.predictor import BandwidthEstimator
+from vfiod.migration.session_digest import RamDigests, nonzero_page_runs
+from vfiod.migration.stream.writer import StreamWriter
+
+
+class RamSender:
+    def __init__(self, writer: StreamWriter, guest: Guest, digests: RamDigests,
+                 bandwidth: BandwidthEstimator, *, slice_bytes: int,
+                 clock: Callable[[], float], between: Callable[[], None]) -> None:
+        self.writer = writer
+        self.guest = guest
+        self.digests = digests
+        self.bandwidth = bandwidth
+        self.slice_pages = max(1, slice_bytes // guest.page_size)
+        self.clock = clock
+        self.between = between
+        self.scan_seconds = 0.0
+        self.skipped_zero_pages = 0
+
+    def _scan(self, first: int, count: int) -> Iterator[tuple[int, int]]:
+        """Runs of non-zero pages inside [first, first+count), region by region."""
+        ps = self.guest.page_size
+        page, left = first, count
+        while left > 0:
+            block = self.guest.block_at(page * ps)
+            n = min(left, (block.gpa + block.size) // ps - page)
+            t0 = self.clock()
+            runs = nonzero_page_runs(self.guest.kernel, block.fd, page * ps - block.gpa,
+                                     page, n, ps)
+            self.scan_seconds += self.clock() - t0
+            self.skipped_zero_pages += n - sum(c for _, c in runs)
+            yield from runs
+            page += n
+            left -= n
+
+    def _runs(self, first: np.ndarray, count: np.ndarray,
+              zero_scan: bool) -> Iterator[tuple[int, int]]:
+        for f, n in zip(first.tolist(), count.tolist(), strict=True):
+            if zero_scan:
+                yield from self._scan(f, n)
+            else:
+                yield f, n
+
+    def send(self, runs: tuple[np.ndarray, np.ndarray], *, quiescent: bool,
+             zero_scan: bool = False) -> int:
+        """Send the pages of ``runs``; returns RAM payload bytes sent."""
+        sent = 0
+        batch: list[tuple[int, int]] = []
+        pages = 0
+        for f, n in self._runs(runs[0], runs[1], zero_scan):
+            while n > 0:
+                take = min(n, self.slice_pages - pages)
+                batch.append((f, take))
+                pages += take
+                f += take
+                n -= take
+                if pages >= self.slice_pages:
+                    sent += self._slice(batch, quiescent)
+                    batch, pages = [], 0
+        if batch:
+            sent += self._slice(batch, quiescent)
+        return sent
+
+    def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool) -> int:
+        before = self.writer.bytes_sent
+        t0 = self.clock()
+        n = self.writer.send_ram(batch, quiescent=quiescent)
+        t1 = self.clock()
+        self.bandwidth.record(t0, t1, self.writer.bytes_sent - before)
+        arr = np.asarray(batch, dtype=np.int64)
+        self.digests.touch(arr[:, 0], arr[:, 1])
+        self.between()
+        return n
+
+
+@dataclass(frozen=True)
+class PredictionNumbers:
+    dirty_ram_bytes: int            # dirty in the global bitmap now (what is left to send)
+    measured_dirty_bytes: int       # dirtied since the last sync, where really measured
+    device_stopcopy_bytes: int
+    device_precopy_bytes: int
+    tracking: bool                  # some container reports only what was written
+    dirty_chunks: int               # digest chunks holding dirty pages (verify cost)
+
+
+def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequence[Pending],
+                       chunk_pages: int) -> PredictionNumbers:
+    st = tracker.status()
+    unmeasured = 0
+    precise = False
+    for c in st["containers"]:
+        if c["name"] in sync.skipped or c["name"] in sync.lost:
+            unmeasured += c["mapped_bytes"]
+        elif c["precise"]:
+            precise = True
+    measured = max(0, sync.new_dirty_bytes - unmeasured)
+    return PredictionNumbers(
+        dirty_ram_bytes=sync.dirty_bytes,
+        measured_dirty_bytes=measured,
+        device_stopcopy_bytes=sum(p.stopcopy_bytes for p in pendings),
+        device_precopy_bytes=sum(p.precopy_bytes for p in pendings),
+        tracking=precise or not st["containers"],
+        dirty_chunks=dirty_chunks(tracker, chunk_pages))
+
+
+def dirty_chunks(tracker: DirtyTracker, chunk_pages: int) -> int:
+    """How many ``chunk_pages``-page chunks hold a dirty page (a power of two <= 64)."""
+    words = tracker.bitmap.words
+    if chunk_pages >= 64 or 64 % chunk_pages:
+        per = max(1, chunk_pages // 64)
+        nz = words != 0
+        n = len(nz) // per * per
+        return int(nz[:n].reshape(-1, per).any(axis=1).sum()) + int(nz[n:].any())
+    lanes = {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
+             32: np.uint32}[chunk_pages]
+    view = words.view(lanes)
+    if chunk_pages < 8:           # sub-byte lanes: count set bits per lane group
+        bits = np.unpackbits(view, bitorder="little").reshape(-1, chunk_pages)
+        return int(bits.any(axis=1).sum())
+    return int(np.count_nonzero(view))

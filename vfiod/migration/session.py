@@ -1,0 +1,228 @@
+"""Migration sessions: what both ends share (design.md §1 steps 5-6, §4, §5).
+
+A session moves one guest. ``SourceSession`` (``session_source``) and
+``DestinationSession`` (``session_dest``) each drive their side over one ``Link`` and
+return a ``MigrationResult``; this module holds what they share:
+
+* ``SessionConfig``: the policy (downtime limit, maximum iterations, timeout with
+  ``on_timeout`` cancel|force), timeouts and batch sizes;
+* the migration-state handler: ``add_state_handler(fn(old, new))`` hears every change of
+  ``MigrationState`` (SETUP, ACTIVE, DEVICE, COMPLETED, FAILED, CANCELLING, CANCELLED);
+  the guest-run-state handler lives on the ``Guest``;
+* ``cancel(reason)``: from any thread; honoured at the next safe point until the source
+  commits (sends its content digests after the MANIFEST). After that the destination
+  resumes on its own and the migration can only complete or fail;
+* hook calls: every driver hook goes through ``_hook`` so status names the hook running on
+  each device and a failure names the hook and the device;
+* ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
+
+Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``; they import nothing from the
+simulator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vfiod.errors import MigrationError
+from vfiod.migration.guest import Guest, GuestDevice
+from vfiod.migration.hostfacts import HostFacts
+from vfiod.migration.predictor import Policy
+from vfiod.migration.preflight import GuestFacts, MigrationFacts
+from vfiod.migration.session_link import Link
+from vfiod.migration.states import MigrationState
+from vfiod.migration.status import (
+    IterationProgress,
+    StatusSnapshot,
+    device_statuses,
+    triple,
+)
+
+MiB = 1 << 20
+
+#: (old, new) migration state; called synchronously on the session's thread.
+StateHandler = Callable[[MigrationState, MigrationState], None]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    policy: Policy = field(default_factory=Policy)
+    #: how long to wait for each acknowledgement of the peer
+    ack_timeout_s: float = 60.0
+    #: RAM handed to the stream per call: between calls the session samples bandwidth,
+    #: checks for cancel and polls the return path
+    slice_bytes: int = 32 * MiB
+    #: device pre-copy data read per device per pass
+    device_iterate_bytes: int = 8 * MiB
+    #: longest run of pages taken from the dirty bitmap at once
+    max_run_pages: int = 1024
+    #: first pass: send only pages holding data (pread scan; holes stay holes)
+    zero_scan_first_pass: bool = True
+    digest_chunk_bytes: int = 64 * 1024
+    #: source: close device/container fds once the destination acknowledged
+    release_on_complete: bool = True
+    record_bytes: int = 4 * MiB
+    batch_bytes: int = 16 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("ack_timeout_s", "slice_bytes", "device_iterate_bytes",
+                     "max_run_pages", "digest_chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"session config: {name} must be positive, not "
+                                 f"{getattr(self, name)}")
+
+
+class Cancelled(MigrationError):
+    """The migration was cancelled (operator, peer, or the timeout policy)."""
+
+    def __init__(self, reason: str, by: str = "operator") -> None:
+        self.reason = reason
+        self.by = by
+        super().__init__(f"cancelled by {by}: {reason}")
+
+
+class VerificationError(MigrationError):
+    """The destination's RAM or device state does not match what the source had."""
+
+
+@dataclass
+class MigrationResult:
+    role: str
+    guest: str
+    migration_id: str
+    result: str                          # completed | failed | cancelled
+    state: str                           # final MigrationState name
+    reason: str = ""
+    iterations: int = 0
+    ram_bytes_sent: int = 0
+    device_bytes_sent: int = 0
+    stream_bytes: int = 0
+    predicted_downtime_s: float | None = None
+    actual_downtime_s: float | None = None
+    prediction_error: float | None = None
+    verified: bool | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
+    rollback: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    failed_hook: str | None = None
+    history: list[IterationProgress] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    peer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = [p.to_dict() for p in self.history]
+        return d
+
+
+def guest_facts(guest: Guest, memory_encryption: str = "none") -> GuestFacts:
+    return GuestFacts(guest.name, guest.page_size, guest.ram_regions(), guest.device_infos(),
+                      pinned_bytes=guest.ram_bytes if guest.containers else 0,
+                      memory_encryption=memory_encryption)
+
+
+class SessionBase:
+    role = ""
+
+    def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
+                 config: SessionConfig | None = None, memory_encryption: str = "none",
+                 clock: Callable[[], float] = time.monotonic,
+                 migration_id: str | None = None) -> None:
+        self.guest = guest
+        self.link = link
+        self.config = config or SessionConfig()
+        self.clock = clock
+        self.migration_id = migration_id or uuid.uuid4().hex[:12]
+        self.facts = MigrationFacts(host, guest_facts(guest, memory_encryption))
+        self.state = MigrationState.NONE
+        self._handlers: list[StateHandler] = []
+        self._cancel = threading.Event()
+        self._cancel_reason = ""
+        self._lock = threading.Lock()
+        self._committed = False
+        self._hooks: dict[str, str] = {}
+        self.started_at: float | None = None
+        self.iteration = 0
+        self.error: str | None = None
+        self.result = MigrationResult(self.role, guest.name, self.migration_id, "", "NONE")
+
+    # -- migration-state handler -------------------------------------------------------
+    def add_state_handler(self, handler: StateHandler) -> None:
+        self._handlers.append(handler)
+
+    def _set_state(self, new: MigrationState) -> None:
+        old = self.state
+        if old is new:
+            return
+        self.state = new
+        for h in list(self._handlers):
+            try:
+                h(old, new)
+            except Exception as e:  # noqa: BLE001 - a listener must not break the session
+                self.result.warnings.append(f"state handler failed on {old.name} -> "
+                                            f"{new.name}: {type(e).__name__}: {e}")
+
+    # -- cancel -----------------------------------------------------------------------
+    def cancel(self, reason: str = "operator cancelled") -> bool:
+        """Ask the session to cancel; False when it is too late (committed or finished)."""
+        with self._lock:
+            if self._committed or self.state.finished:
+                return False
+            self._cancel_reason = reason
+            self._cancel.set()
+            return True
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled(self._cancel_reason or "cancelled")
+
+    def _commit(self) -> None:
+        """Past this point a cancel is refused (the peer acts on its own)."""
+        with self._lock:
+            self._check_cancel()
+            self._committed = True
+
+    # -- hooks ------------------------------------------------------------------------
+    def _hook(self, dev: GuestDevice, hook: str, *args: Any) -> Any:
+        self._hooks[dev.name] = hook
+        try:
+            return getattr(dev.driver, hook)(*args)
+        except BaseException:
+            self.result.failed_hook = f"{hook} on {dev.name}"
+            raise
+        finally:
+            self._hooks.pop(dev.name, None)
+
+    # -- status -----------------------------------------------------------------------
+    def _last_progress(self) -> IterationProgress | None:
+        return self.result.history[-1] if self.result.history else None
+
+    def _tracker_status(self) -> dict[str, Any] | None:
+        return None
+
+    def _bytes(self) -> tuple[int, int]:
+        return self.result.stream_bytes, 0
+
+    def status(self) -> StatusSnapshot:
+        g = self.guest
+        devs = [(d.name, d.driver.protocol, d.driver.state(), d.pre_copy_dirty_page_tracking)
+                for d in g.devices]
+        last = self._last_progress()
+        sent, received = self._bytes()
+        return StatusSnapshot(
+            role=self.role, guest=g.name, migration_id=self.migration_id,
+            guest_state=g.run_state.name, migration_state=self.state.name,
+            triple=triple(g.run_state, self.state, [s for _, _, s, _ in devs]),
+            devices=device_statuses(g.run_state, self.state, devs, dict(self._hooks)),
+            iteration=self.iteration,
+            elapsed_s=0.0 if self.started_at is None else self.clock() - self.started_at,
+            bytes_sent=sent, bytes_received=received, last=last,
+            predicted_downtime_s=last.predicted_downtime_s if last else
+            self.result.predicted_downtime_s,
+            actual_downtime_s=self.result.actual_downtime_s, error=self.error,
+            tracker=self._tracker_status(), notes=tuple(self.result.warnings))

@@ -1,0 +1,251 @@
+"""The destination side of a live migration (design.md §1 steps 5-6; vfio-uapi.md §5.6,
+§6.10 destination flow; the seed's load hooks).
+
+    SETUP    send this host's facts (ACK hello); read the HEADER; check it against this
+             guest (page size, memory layout, devices by position: identity, protocol,
+             flags) and refuse with every reason (ERROR) before any byte is written; attach
+             this guest's RAM as the place RAM records land; ACK header.
+    ACTIVE   RAM records land in guest memory (CRC checked in place by the reader) and
+             mark their digest chunks; each device's first data chunk is the source's
+             ``save_state`` record: ``check_state`` then ``load_setup`` (RESUMING); the
+             following chunks go to ``load_state`` in order; ITERATION marks re-hash the
+             chunks received in that pass.
+    DEVICE   from the first END_OF_STATE: ``load_complete`` per device as its state ends
+             (the kernel driver validates it, RESUMING -> STOP); the MANIFEST is verified
+             by the reader (record counts, bytes, digests per region and device).
+    verify   wait for the source's content digests (control ``verify``), re-hash what
+             the last pass touched, compare every region.
+    resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
+             the verification), ``cleanup``.
+
+Nothing runs unverified: on any failure (bad header, stream error, a device refusing its
+state, a digest mismatch, the source's ABORT) the destination sends ERROR (unless the
+source aborted), ``rollback``s every device it loaded (a reset: what was loaded is
+discarded, the device is back to RUNNING with its power-on state) and never starts the
+guest. After sending ERROR it keeps reading the stream until the source's ABORT or EOF
+(bounded by the ack timeout) so that the source reads the ERROR before the connection
+closes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vfiod.errors import KernelError, PreflightError, ProtocolError
+from vfiod.migration.driver import DeviceTransitionError
+from vfiod.migration.guest import GuestDevice
+from vfiod.migration.preflight import GuestFacts, MigrationFacts, compare
+from vfiod.migration.session import (
+    MigrationResult,
+    SessionBase,
+    VerificationError,
+)
+from vfiod.migration.session_digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.states import GuestState, MigrationState
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.reader import (
+    Complete,
+    DeviceData,
+    EndOfState,
+    IterationMark,
+    RamLoaded,
+    StreamReader,
+)
+from vfiod.migration.stream.records import ErrorCode, RecordError
+from vfiod.migration.transport.control import ControlMessage, ControlType
+
+
+class DestinationSession(SessionBase):
+    role = "destination"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reader: StreamReader | None = None
+        self.header: StreamHeader | None = None
+        self.digests: RamDigests | None = None
+        self._by_index: list[GuestDevice] = []
+        self._loading: set[str] = set()
+        self._aborted_by_source = False
+
+    def _bytes(self) -> tuple[int, int]:
+        return 0, (self.reader.offset if self.reader else 0)
+
+    # -- the whole migration ----------------------------------------------------------
+    def run(self) -> MigrationResult:
+        self.started_at = self.clock()
+        try:
+            self._set_state(MigrationState.SETUP)
+            self._handshake()
+            self._set_state(MigrationState.ACTIVE)
+            self._receive()
+            self._verify()
+            self._resume()
+        except BaseException as e:
+            res = self._discard(e)
+            if not isinstance(e, Exception):
+                raise
+            return res
+        self._set_state(MigrationState.COMPLETED)
+        for d in self.guest.devices:
+            try:
+                self._hook(d, "cleanup")
+            except KernelError as e:
+                self.result.warnings.append(f"cleanup on {d.name}: {e}")
+        return self._result("completed", "")
+
+    # -- SETUP ------------------------------------------------------------------------
+    def _handshake(self) -> None:
+        g = self.guest
+        self.link.send_control(ControlMessage(ControlType.ACK, {
+            "stage": "hello", "value": 0, "facts": self.facts.to_json()}))
+        self.reader = StreamReader(self.link)
+        h = self.header = self.reader.read_header()
+        self.result.migration_id = self.migration_id = h.migration_id
+        self.result.peer["host"] = h.source_host
+        theirs = MigrationFacts(self.facts.host, GuestFacts(
+            h.guest, h.page_size, h.regions, h.devices,
+            pinned_bytes=self.facts.guest.pinned_bytes))
+        reasons = compare(theirs, self.facts)
+        if reasons:
+            raise PreflightError(reasons)
+        self._by_index = list(g.devices)        # matched by position, like preflight
+        self.reader.attach_ram(g.guest_ram(writable=True))
+        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size,
+                                  self.config.digest_chunk_bytes)
+        g.set_run_state(GuestState.INMIGRATE)
+        self.link.send_control(ControlMessage.ack("header", self.reader.records))
+
+    # -- ACTIVE / DEVICE --------------------------------------------------------------
+    def _receive(self) -> None:
+        r, dg = self.reader, self.digests
+        assert r is not None and dg is not None
+        t = self.result.timings
+        for ev in r.events():
+            if isinstance(ev, RamLoaded):
+                dg.touch((ev.first_page,), (ev.count,))
+            elif isinstance(ev, DeviceData):
+                self._device_data(self._by_index[ev.index], ev)
+            elif isinstance(ev, IterationMark):
+                self.iteration = ev.number
+                self._check_cancel()
+                dg.rehash()
+            elif isinstance(ev, EndOfState):
+                if self.state is MigrationState.ACTIVE:
+                    self._set_state(MigrationState.DEVICE)
+                    t["device_phase_at_s"] = self.clock() - (self.started_at or 0.0)
+                self._end_of_state(self._by_index[ev.index])
+            elif isinstance(ev, Complete):
+                self.result.verification["manifest"] = {
+                    "verified": True, "records": ev.manifest.records,
+                    "ram_bytes": ev.manifest.ram_bytes,
+                    "device_bytes": ev.manifest.device_bytes}
+
+    def _device_data(self, dev: GuestDevice, ev: DeviceData) -> None:
+        if ev.chunk == 0:
+            self._hook(dev, "check_state", ev.data)
+            self._loading.add(dev.name)
+            self._hook(dev, "load_setup")
+        else:
+            self._hook(dev, "load_state", ev.data)
+
+    def _end_of_state(self, dev: GuestDevice) -> None:
+        if dev.name not in self._loading:
+            raise ProtocolError(f"device {dev.name}: END_OF_STATE before its state record")
+        self._hook(dev, "load_complete")
+
+    # -- verify / resume --------------------------------------------------------------
+    def _verify(self) -> None:
+        dg = self.digests
+        assert dg is not None
+        t = self.result.timings
+        t0 = self.clock()
+        dg.rehash()                   # overlaps the source's own final re-hash
+        t["dest_final_rehash_s"] = self.clock() - t0
+        msg = self.link.wait_ack("verify", self.config.ack_timeout_s)
+        t1 = self.clock()
+        try:
+            theirs = [RegionDigest.from_dict(x) for x in msg.fields.get("regions", [])]
+        except ValueError as e:
+            raise ProtocolError(f"source verify message: {e}") from None
+        mine = dg.roots()
+        diffs = compare_roots(theirs, mine)
+        t["dest_compare_s"] = self.clock() - t1
+        v = self.result.verification
+        v.update(regions=[r.to_dict() for r in mine], content_verified=not diffs,
+                 hash_total_s=dg.hash_seconds, hashed_bytes=dg.hashed_bytes,
+                 final_rehash_chunks=dg.last_rehash_chunks,
+                 final_verify_s=t["dest_final_rehash_s"] + t["dest_compare_s"])
+        if diffs:
+            raise VerificationError("RAM content differs from the source: " + "; ".join(diffs))
+        self.result.verified = True
+
+    def _resume(self) -> None:
+        t0 = self.clock()
+        for d in self.guest.devices:
+            self._hook(d, "resume")
+        self.guest.set_run_state(GuestState.RUNNING)
+        self.result.timings["resume_s"] = self.clock() - t0
+        self.link.send_control(ControlMessage(ControlType.ACK, {
+            "stage": "resumed", "value": 0, "verified": True,
+            "verification": self.result.verification,
+            "timings": dict(self.result.timings)}))
+
+    # -- failure ----------------------------------------------------------------------
+    def _discard(self, exc: BaseException) -> MigrationResult:
+        self.error = f"{type(exc).__name__}: {exc}"
+        aborted = isinstance(exc, RecordError) and exc.code is ErrorCode.ABORTED
+        if not aborted:
+            code = exc.code.name if isinstance(exc, RecordError) else type(exc).__name__
+            try:
+                self.link.send_control(ControlMessage.error(
+                    code, str(exc), self.reader.records if self.reader else None))
+            except Exception as e:  # noqa: BLE001 - the link may be what failed
+                self.result.warnings.append(f"could not send ERROR: {e}")
+        states: dict[str, Any] = {}
+        for d in self.guest.devices:
+            if d.name not in self._loading:
+                continue
+            try:
+                states[d.name] = {"state": d.driver.rollback().name}
+            except DeviceTransitionError as e:
+                states[d.name] = {"state": e.final.name if e.final else "unknown",
+                                  "rungs": e.rungs, "error": str(e)}
+            except KernelError as e:
+                states[d.name] = {"state": "unknown", "error": str(e)}
+        self.result.rollback = states
+        try:
+            self.guest.set_run_state(GuestState.PAUSED)   # never run what was loaded
+        except Exception as e:  # noqa: BLE001
+            self.result.warnings.append(f"pausing the guest: {e}")
+        if isinstance(exc, PreflightError):
+            self.result.verification["preflight"] = exc.reasons
+        self.result.verified = False if self.result.verified is None else self.result.verified
+        if not aborted and self.reader is not None:
+            self._drain()
+        final = MigrationState.CANCELLED if aborted else MigrationState.FAILED
+        self._set_state(final)
+        return self._result("cancelled" if aborted else "failed", str(exc))
+
+    def _drain(self) -> None:
+        """Read and drop the stream until the source's ABORT/EOF or the deadline, so the
+        source sees our ERROR before the connection goes away."""
+        buf = memoryview(bytearray(1 << 16))
+        deadline = time.monotonic() + self.config.ack_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.link.recv_into(buf) == 0:
+                    return
+            except Exception:  # noqa: BLE001 - closed, reset or timed out: done
+                return
+
+    def _result(self, kind: str, reason: str) -> MigrationResult:
+        r = self.result
+        r.result, r.state, r.reason = kind, self.state.name, reason
+        r.iterations = self.iteration
+        if self.reader is not None:
+            r.stream_bytes = self.reader.offset
+        if self.started_at is not None:
+            r.timings["total_s"] = self.clock() - self.started_at
+        return r
+

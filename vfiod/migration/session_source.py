@@ -1,0 +1,363 @@
+"""The source side of a live migration (design.md §1 steps 5-6, §4; vfio-uapi.md §5.4-§5.5,
+§6.10 source flow; the seed's hook sequence).
+
+    SETUP    wait for the destination's facts (ACK hello); send the stream HEADER; refuse
+             with every preflight reason (ABORT carries them); wait for ACK header (the
+             destination checked layout and devices; the wait is the ack round trip);
+             start dirty tracking (all RAM dirty); ``save_setup`` each device (v2 PRE_COPY
+             or v1 _SAVING|_RUNNING); send each device's ``save_state`` identity record as
+             its first data chunk.
+    ACTIVE   pass k: take the dirty runs (pass 1: all RAM, holes skipped), send them
+             while the guest runs; ``save_live_iterate`` each device; ITERATION mark;
+             re-hash the digest chunks just sent; dirty sync; ``save_live_pending``;
+             predict the downtime; the policy says continue, switchover, force or cancel.
+    DEVICE   stop: the guest pauses (its run-state handlers stop vCPUs and workload); if
+             every device offers P2P, ``quiesce_p2p`` all of them first; then
+             ``save_live_complete_precopy`` each (STOP_COPY, read to the end); final dirty
+             sync (opted-out containers are queried now); remaining RAM; END_OF_STATE per
+             device; MANIFEST; re-hash; commit: send the content digests (control frame
+             ``verify``); wait for ACK resumed. Actual downtime = pause -> that ACK.
+    done     ``cleanup`` each device (v2: STOP_COPY -> STOP), stop tracking, guest
+             POSTMIGRATE, close device/group/container fds.
+
+Any failure or cancel before the destination's ACK resumed rolls back (design.md §1.6):
+ABORT to the destination (it discards), every device ``rollback`` to RUNNING (v2 ladder:
+target, recovery state, reset; v1 _RUNNING with _SAVING cleared), tracking stopped, the
+guest resumed. Guest memory is only ever read here.
+
+After the commit the destination verifies and resumes on its own; if its ACK never comes
+(the connection died), the source cannot know whether it resumed. It rolls back, as
+design.md §1.6 asks, and says so in the result: an operator must check the destination
+before starting the guest anywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.errors import KernelError, PreflightError, ProtocolError
+from vfiod.migration.driver import DeviceTransitionError
+from vfiod.migration.guest import GuestDevice
+from vfiod.migration.linkprior import LinkPrior
+from vfiod.migration.phases import RamSender, prediction_numbers
+from vfiod.migration.predictor import (
+    BandwidthEstimator,
+    Decision,
+    DowntimePredictor,
+    FixedCosts,
+    IterationInputs,
+)
+from vfiod.migration.preflight import MigrationFacts, compare
+from vfiod.migration.session import Cancelled, MigrationResult, SessionBase
+from vfiod.migration.session_digest import RamDigests
+from vfiod.migration.states import GuestState, MigrationState
+from vfiod.migration.status import IterationProgress
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.writer import StreamWriter
+from vfiod.migration.transport.control import (
+    ControlMessage,
+    ControlType,
+    TransportCode,
+    TransportError,
+)
+
+
+class SourceSession(SessionBase):
+    role = "source"
+
+    def __init__(self, *args: Any, link_prior: LinkPrior | None = None,
+                 progress: Any = None, source_host: str | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.progress = progress
+        self.source_host = source_host or self.facts.host.hostname
+        self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
+        self.tracker: DirtyTracker | None = None
+        self.writer: StreamWriter | None = None
+        self.digests: RamDigests | None = None
+        self.sender: RamSender | None = None
+        self._stop_t: float | None = None
+        self._rtt = 0.0
+        self._stop_cost = 0.0
+
+    # -- status hooks -----------------------------------------------------------------
+    def _tracker_status(self) -> dict[str, Any] | None:
+        return self.tracker.status() if self.tracker is not None else None
+
+    def _bytes(self) -> tuple[int, int]:
+        return (self.writer.bytes_sent if self.writer else 0), 0
+
+    # -- the whole migration ----------------------------------------------------------
+    def run(self) -> MigrationResult:
+        self.started_at = self.clock()
+        try:
+            self._set_state(MigrationState.SETUP)
+            self._handshake()
+            self._setup()
+            self._set_state(MigrationState.ACTIVE)
+            self._precopy()
+            self._set_state(MigrationState.DEVICE)
+            self._stop_and_copy()
+            self._await_destination()
+        except Cancelled as e:
+            return self._rollback(MigrationState.CANCELLED, e)
+        except TransportError as e:
+            state = (MigrationState.CANCELLED if e.code is TransportCode.PEER_CANCELLED
+                     else MigrationState.FAILED)
+            return self._rollback(state, e)
+        except BaseException as e:
+            res = self._rollback(MigrationState.FAILED, e)
+            if not isinstance(e, Exception):
+                raise
+            return res
+        self._set_state(MigrationState.COMPLETED)
+        self._finish()
+        return self._result("completed", "")
+
+    # -- SETUP ------------------------------------------------------------------------
+    def _handshake(self) -> None:
+        cfg = self.config
+        hello = self.link.wait_ack("hello", cfg.ack_timeout_s)
+        try:
+            dest = MigrationFacts.from_json(str(hello.fields.get("facts", "")))
+        except ValueError as e:
+            raise ProtocolError(f"destination hello: {e}") from None
+        self.result.peer["host"] = dest.host.hostname
+        g = self.guest
+        header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
+                              g.ram_regions(), g.device_infos())
+        self.writer = StreamWriter(self.link, header, g.guest_ram(),
+                                   record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
+        self.writer.start()
+        reasons = compare(self.facts, dest)
+        if reasons:
+            raise PreflightError(reasons)
+        t0 = self.clock()
+        self.link.wait_ack("header", cfg.ack_timeout_s)
+        self._rtt = self.clock() - t0
+        self.result.timings["header_ack_rtt_s"] = self._rtt
+
+    def _setup(self) -> None:
+        g, cfg, w = self.guest, self.config, self.writer
+        assert w is not None
+        self.tracker = g.make_tracker()
+        self.tracker.start(initial_all_dirty=True)
+        self.predictor.dirty.start(self.clock())
+        for d in g.devices:
+            t0 = self.clock()
+            self._hook(d, "save_setup")
+            # one arc each way costs about the same: the stop-and-copy arc is predicted
+            # from the setup arc measured here (design.md §4 fixed costs)
+            self._stop_cost += self.clock() - t0
+        for d in g.devices:
+            w.send_device_data(d.name, self._hook(d, "save_state"))
+        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size,
+                                  cfg.digest_chunk_bytes)
+        self.sender = RamSender(w, g, self.digests, self.predictor.bandwidth,
+                                slice_bytes=cfg.slice_bytes, clock=self.clock,
+                                between=self._check_cancel)
+
+    def _device_sink(self, dev: GuestDevice) -> Any:
+        w = self.writer
+        assert w is not None
+        return lambda chunk: w.send_device_data(dev.name, chunk)
+
+    # -- ACTIVE -----------------------------------------------------------------------
+    def _precopy(self) -> None:
+        tr, w, sender = self.tracker, self.writer, self.sender
+        assert tr is not None and w is not None and sender is not None
+        cfg = self.config
+        start = self.clock()
+        while True:
+            self._check_cancel()
+            self.iteration += 1
+            before = w.bytes_sent
+            ram = sender.send(tr.take_dirty_runs(cfg.max_run_pages), quiescent=False,
+                              zero_scan=self.iteration == 1 and cfg.zero_scan_first_pass)
+            dev_bytes = 0
+            for d in self.guest.devices:
+                if d.driver.has_precopy:
+                    t0 = self.clock()
+                    b0 = w.bytes_sent
+                    dev_bytes += self._hook(d, "save_live_iterate", self._device_sink(d),
+                                            cfg.device_iterate_bytes)
+                    self.predictor.bandwidth.record(t0, self.clock(), w.bytes_sent - b0)
+            w.mark_iteration(self.iteration)
+            assert self.digests is not None
+            self.digests.rehash()
+            sync = tr.sync("precopy")
+            pendings = [self._hook(d, "save_live_pending") for d in self.guest.devices]
+            decision = self._predict(sync, pendings, start, ram, dev_bytes,
+                                     w.bytes_sent - before)
+            if decision is Decision.CANCEL:
+                last = self.result.history[-1]
+                raise Cancelled(last.reason, by="policy")
+            if decision in (Decision.SWITCHOVER, Decision.FORCE):
+                return
+
+    def _predict(self, sync: Any, pendings: list[Any], start: float, ram: int,
+                 dev_bytes: int, sent: int) -> Decision:
+        assert self.tracker is not None and self.digests is not None and self.writer
+        cfg = self.config
+        now = self.clock()
+        num = prediction_numbers(self.tracker, sync, pendings,
+                                 cfg.digest_chunk_bytes // self.guest.page_size)
+        self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
+        d = self.digests
+        rate = d.hashed_bytes / d.hash_seconds if d.hash_seconds > 0 else 2e9
+        verify_s = num.dirty_chunks * cfg.digest_chunk_bytes / rate
+        self.predictor.costs = FixedCosts(device_stop_s=self._stop_cost,
+                                          resume_ack_rtt_s=self._rtt + verify_s)
+        p = self.predictor.predict(IterationInputs(
+            now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
+            num.tracking))
+        decision, why = self.config.policy.verdict(p, iteration=self.iteration,
+                                                   elapsed_s=now - start)
+        prog = IterationProgress(
+            iteration=self.iteration, elapsed_s=now - (self.started_at or start),
+            ram_sent_bytes=ram, device_sent_bytes=dev_bytes,
+            total_sent_bytes=self.writer.bytes_sent, remaining_bytes=p.remaining_bytes,
+            dirty_ram_bytes=p.ram_bytes, device_bytes=p.device_bytes,
+            dirty_rate_bps=p.dirty_rate_bps, bandwidth_bps=p.bandwidth_bps,
+            bandwidth_source=p.bandwidth_source, predicted_downtime_s=p.downtime_s,
+            will_converge=p.will_converge, decision=decision.value, reason=why,
+            sync_s=sync.duration_s)
+        self.result.history.append(prog)
+        self.result.predicted_downtime_s = p.downtime_s
+        if self.progress is not None:
+            try:
+                self.progress(prog)
+            except Exception as e:  # noqa: BLE001 - a display must not fail a migration
+                self.result.warnings.append(f"progress callback failed: {e}")
+        return decision
+
+    # -- DEVICE -----------------------------------------------------------------------
+    def _stop_and_copy(self) -> None:
+        tr, w, sender, dg = self.tracker, self.writer, self.sender, self.digests
+        assert tr is not None and w is not None and sender is not None and dg is not None
+        self._check_cancel()
+        devs = self.guest.devices
+        t = self.result.timings
+        self._stop_t = self.clock()
+        self.guest.pause(GuestState.FINISH_MIGRATE)
+        t0 = self.clock()
+        if devs and all(d.driver.has_p2p for d in devs):
+            for d in devs:              # no device may DMA into a peer that has stopped
+                self._hook(d, "quiesce_p2p")
+        for d in devs:
+            b0 = w.bytes_sent
+            t1 = self.clock()
+            self._hook(d, "save_live_complete_precopy", self._device_sink(d))
+            self.predictor.bandwidth.record(t1, self.clock(), w.bytes_sent - b0)
+        t["device_stop_copy_s"] = self.clock() - t0
+        t0 = self.clock()
+        sync = tr.sync("stopcopy")
+        t["final_sync_s"] = sync.duration_s
+        ram = sender.send(tr.take_dirty_runs(self.config.max_run_pages), quiescent=True)
+        t["final_ram_s"] = self.clock() - t0
+        self.result.verification["final_ram_bytes"] = ram
+        for d in devs:
+            w.end_of_state(d.name)
+        manifest = w.finish()
+        t0 = self.clock()
+        dg.rehash()
+        t["source_final_rehash_s"] = self.clock() - t0
+        self.result.verification.update(
+            source_regions=[r.to_dict() for r in dg.roots()],
+            manifest_records=manifest.records,
+            source_hash_total_s=dg.hash_seconds)
+        self._commit()
+        self.link.send_control(ControlMessage(ControlType.ACK, {
+            "stage": "verify", "value": manifest.records,
+            "regions": [r.to_dict() for r in dg.roots()]}))
+
+    def _await_destination(self) -> None:
+        assert self._stop_t is not None
+        ack = self.link.wait_ack("resumed", self.config.ack_timeout_s)
+        actual = self.clock() - self._stop_t
+        self.result.actual_downtime_s = actual
+        outcome = self.predictor.record_actual(actual)
+        self.result.prediction_error = outcome.error
+        self.result.predicted_downtime_s = outcome.predicted_s
+        peer = {k: v for k, v in ack.fields.items() if k not in ("stage", "value")}
+        self.result.peer.update(peer)
+        self.result.verified = bool(peer.get("verified"))
+        self.result.verification["destination"] = peer.get("verification", {})
+
+    # -- completion -------------------------------------------------------------------
+    def _finish(self) -> None:
+        for d in self.guest.devices:
+            try:
+                self._hook(d, "cleanup")       # v2: STOP_COPY -> STOP, data fd closed
+            except KernelError as e:
+                self.result.warnings.append(f"cleanup on {d.name} after completion: {e}")
+        self._stop_tracking()
+        self.guest.set_run_state(GuestState.POSTMIGRATE)
+        if self.config.release_on_complete:
+            try:
+                self.guest.release_devices()
+            except KernelError as e:
+                self.result.warnings.append(f"releasing device fds: {e}")
+
+    def _stop_tracking(self) -> None:
+        if self.tracker is not None and self.tracker.running:
+            try:
+                self.tracker.stop()
+            except KernelError as e:
+                self.result.warnings.append(f"stopping dirty tracking: {e}")
+
+    # -- rollback (design.md §1.6) ----------------------------------------------------
+    def _rollback(self, final: MigrationState, exc: BaseException) -> MigrationResult:
+        if final is MigrationState.CANCELLED:
+            self._set_state(MigrationState.CANCELLING)
+        reason = str(exc)
+        self.error = f"{type(exc).__name__}: {reason}"
+        w = self.writer
+        if w is not None and not self._committed:
+            try:
+                w.abort(reason)              # the destination discards everything
+            except Exception as e:  # noqa: BLE001 - the link may be what failed
+                self.result.warnings.append(f"could not send ABORT: {e}")
+        if self._committed:
+            self.result.warnings.append(
+                "the failure came after the commit: the destination may have resumed the "
+                "guest; check it before running the guest anywhere else")
+        states: dict[str, Any] = {}
+        for d in self.guest.devices:
+            try:
+                st = d.driver.rollback()
+                states[d.name] = {"state": st.name,
+                                  "rungs": list(getattr(d.driver, "rollback_log", []))}
+            except DeviceTransitionError as e:
+                states[d.name] = {"state": e.final.name if e.final else "unknown",
+                                  "rungs": e.rungs, "error": str(e)}
+            except KernelError as e:
+                states[d.name] = {"state": "unknown", "error": str(e)}
+        self.result.rollback = states
+        self._stop_tracking()
+        if self.guest.run_state is not GuestState.RUNNING:
+            try:
+                self.guest.resume()
+            except Exception as e:  # noqa: BLE001
+                self.result.warnings.append(f"resuming the guest: {e}")
+        self._set_state(final)
+        kind = "cancelled" if final is MigrationState.CANCELLED else "failed"
+        if isinstance(exc, PreflightError):
+            self.result.verification["preflight"] = exc.reasons
+        return self._result(kind, reason)
+
+    def _result(self, kind: str, reason: str) -> MigrationResult:
+        r = self.result
+        r.result, r.state, r.reason = kind, self.state.name, reason
+        r.iterations = self.iteration
+        w = self.writer
+        if w is not None:
+            r.ram_bytes_sent = w.ram_bytes_sent
+            r.device_bytes_sent = w.device_bytes_sent
+            r.stream_bytes = w.bytes_sent
+        if self.sender is not None:
+            r.timings["zero_scan_s"] = self.sender.scan_seconds
+            r.verification["zero_pages_skipped"] = self.sender.skipped_zero_pages
+        if self.started_at is not None:
+            r.timings["total_s"] = self.clock() - self.started_at
+        return r
