@@ -109,7 +109,7 @@ def test_full_round_trip_live_and_quiescent() -> None:
     w.end_of_state("mdev-7")
     manifest = w.finish()
 
-    h, dst, events = load(pipe, recv_piece=3000)
+    h, dst, events = load(pipe)
     assert h == header()
     assert dst == src
     assert events[-1] == Complete(manifest)

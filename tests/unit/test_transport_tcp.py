@@ -76,7 +76,7 @@ def memory(seed: int) -> bytearray:
 
 
 def destination(conn: Connection) -> bytearray:
-    r = StreamReader(conn, recv_piece=16 * 1024)
+    r = StreamReader(conn)
     h = r.read_header()
     dst = bytearray(h.regions[0].size)
     r.attach_ram(GuestRam(PS, h.regions, [dst], writable=True))

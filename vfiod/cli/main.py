@@ -18,6 +18,11 @@ examples:
   vfiod demo --json               the same, one JSON summary for scripts
   vfiod devices                   list VFIO devices on this host and whether vfiod can own them
   vfiod devices --sim             the same on a simulated host (no VFIO needed)
+  vfiod run --config /etc/vfiod/vfiod.toml
+                                  the daemon (what the systemd unit runs)
+  vfiod ctl status                ask the running daemon (vfiod ctl --help for more)
+  vfiod ctl migrate g1 --to 10.0.0.2:4444
+                                  live-migrate guest g1 to the vfiod on 10.0.0.2
 
 Exit codes: 0 success, 1 operation failed (the message says why), 2 bad usage.
 """
@@ -33,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vfiod {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from vfiod.cli import devices_cmd, demo_cmd
+    from vfiod.cli import ctl_cmd, demo_cmd, devices_cmd, run_cmd
 
     demo_cmd.register(sub)
     devices_cmd.register(sub)
+    run_cmd.register(sub)
+    ctl_cmd.register(sub)
     return parser
 
 

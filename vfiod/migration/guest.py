@@ -22,6 +22,7 @@ simulated one. fds close device -> group -> container, then the RAM mappings and
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -84,7 +85,13 @@ class RamBlock:
 
     def close(self) -> None:
         if not self.mem.closed:
-            self.mem.close()
+            try:
+                self.mem.close()
+            except BufferError:
+                # views handed out (stream, digests) may only be unreachable through a
+                # reference cycle that has not been collected yet
+                gc.collect()
+                self.mem.close()
         if self.owned and self.fd >= 0:
             fd, self.fd = self.fd, -1
             self.kernel.close(fd)
@@ -298,12 +305,12 @@ class Guest:
         opt-out reads the devices' migration states from their drivers."""
         regions = [GuestRegion(b.gpa, b.size, b.name) for b in self.ram]
         tracked = []
-        for gc in self.containers:
-            devs = [self.device(n) for n in gc.devices]
-            space = DmaSpace(gc.name, [d.device for d in devs], type1=gc.container)
+        for con in self.containers:
+            devs = [self.device(n) for n in con.devices]
+            space = DmaSpace(con.name, [d.device for d in devs], type1=con.container)
             tracked.append(TrackedContainer(
-                space, list(gc.mappings),
-                {d.name: d.pre_copy_dirty_page_tracking for d in devs}, gc.disable))
+                space, list(con.mappings),
+                {d.name: d.pre_copy_dirty_page_tracking for d in devs}, con.disable))
         kwargs = {"clock": clock} if clock is not None else {}
         return DirtyTracker(regions, tracked, self.page_size,
                             device_states=lambda n: self.device(n).driver.state(), **kwargs)
@@ -348,9 +355,9 @@ class Guest:
                 d.driver.cleanup()      # data fds and v1 window mappings go first
             except KernelError as e:
                 first = first or e
-        for gc in self.containers:
+        for con in self.containers:
             try:
-                gc.container.close()
+                con.container.close()
             except KernelError as e:
                 first = first or e
         self.containers.clear()

@@ -5,7 +5,7 @@ RAM in measured slices, and the numbers each prediction is made from.
 hands them to the ``StreamWriter`` in slices of ``slice_bytes``. After each slice it
 records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent sending only,
 so dirty syncs and device reads between passes do not lower the estimate — marks the
-pages' digest chunks for re-hashing, and calls ``between()`` (the session checks for
+pages for re-hashing (``session_digest``), and calls ``between()`` (the session checks for
 cancel there). In the first pass, with ``zero_scan``, each run is read first with
 ``pread`` and only pages holding data are sent: a guest's RAM is mostly never-written
 holes of a sparse file, which read as zeros without being allocated, and the
@@ -28,15 +28,18 @@ from vfiod.dirty.tracker import DirtyTracker, SyncResult
 from vfiod.migration.driver import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.predictor import BandwidthEstimator
+from vfiod.migration.session_costs import CostModel, records_for
 from vfiod.migration.session_digest import RamDigests, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
 
 class RamSender:
     def __init__(self, writer: StreamWriter, guest: Guest, digests: RamDigests,
-                 bandwidth: BandwidthEstimator, *, slice_bytes: int,
+                 bandwidth: BandwidthEstimator, *, slice_bytes: int, record_pages: int,
                  clock: Callable[[], float], between: Callable[[], None]) -> None:
         self.writer = writer
+        self.record_pages = record_pages
+        self.cost = CostModel()
         self.guest = guest
         self.digests = digests
         self.bandwidth = bandwidth
@@ -91,12 +94,18 @@ class RamSender:
         return sent
 
     def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool) -> int:
+        arr = np.asarray(batch, dtype=np.int64)
+        records = records_for(arr[:, 1], self.record_pages)
         before = self.writer.bytes_sent
         t0 = self.clock()
         n = self.writer.send_ram(batch, quiescent=quiescent)
         t1 = self.clock()
-        self.bandwidth.record(t0, t1, self.writer.bytes_sent - before)
-        arr = np.asarray(batch, dtype=np.int64)
+        sent = self.writer.bytes_sent - before
+        self.cost.add(sent, records, t1 - t0)
+        # the bandwidth estimator sees the link's byte rate: the per-record part of the
+        # time is predicted separately, from the number of runs left to send
+        per_record = self.cost.fit()[1]
+        self.bandwidth.record(t0, max(t0, t1 - records * per_record), sent)
         self.digests.touch(arr[:, 0], arr[:, 1])
         self.between()
         return n
@@ -105,15 +114,16 @@ class RamSender:
 @dataclass(frozen=True)
 class PredictionNumbers:
     dirty_ram_bytes: int            # dirty in the global bitmap now (what is left to send)
+    dirty_runs: int                 # runs of dirty pages (each at least one record)
+    dirty_records: int
     measured_dirty_bytes: int       # dirtied since the last sync, where really measured
     device_stopcopy_bytes: int
     device_precopy_bytes: int
     tracking: bool                  # some container reports only what was written
-    dirty_chunks: int               # digest chunks holding dirty pages (verify cost)
 
 
 def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequence[Pending],
-                       chunk_pages: int) -> PredictionNumbers:
+                       max_run: int, record_pages: int) -> PredictionNumbers:
     st = tracker.status()
     unmeasured = 0
     precise = False
@@ -123,27 +133,13 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         elif c["precise"]:
             precise = True
     measured = max(0, sync.new_dirty_bytes - unmeasured)
+    _, counts = tracker.bitmap.runs(max_run)
     return PredictionNumbers(
         dirty_ram_bytes=sync.dirty_bytes,
+        dirty_runs=int(counts.size),
+        dirty_records=records_for(counts, record_pages),
         measured_dirty_bytes=measured,
         device_stopcopy_bytes=sum(p.stopcopy_bytes for p in pendings),
         device_precopy_bytes=sum(p.precopy_bytes for p in pendings),
-        tracking=precise or not st["containers"],
-        dirty_chunks=dirty_chunks(tracker, chunk_pages))
+        tracking=precise or not st["containers"])
 
-
-def dirty_chunks(tracker: DirtyTracker, chunk_pages: int) -> int:
-    """How many ``chunk_pages``-page chunks hold a dirty page (a power of two <= 64)."""
-    words = tracker.bitmap.words
-    if chunk_pages >= 64 or 64 % chunk_pages:
-        per = max(1, chunk_pages // 64)
-        nz = words != 0
-        n = len(nz) // per * per
-        return int(nz[:n].reshape(-1, per).any(axis=1).sum()) + int(nz[n:].any())
-    lanes = {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
-             32: np.uint32}[chunk_pages]
-    view = words.view(lanes)
-    if chunk_pages < 8:           # sub-byte lanes: count set bits per lane group
-        bits = np.unpackbits(view, bitorder="little").reshape(-1, chunk_pages)
-        return int(bits.any(axis=1).sum())
-    return int(np.count_nonzero(view))

@@ -63,7 +63,6 @@ class SessionConfig:
     max_run_pages: int = 1024
     #: first pass: send only pages holding data (pread scan; holes stay holes)
     zero_scan_first_pass: bool = True
-    digest_chunk_bytes: int = 64 * 1024
     #: source: close device/container fds once the destination acknowledged
     release_on_complete: bool = True
     record_bytes: int = 4 * MiB
@@ -71,7 +70,7 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         for name in ("ack_timeout_s", "slice_bytes", "device_iterate_bytes",
-                     "max_run_pages", "digest_chunk_bytes"):
+                     "max_run_pages"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"session config: {name} must be positive, not "
                                  f"{getattr(self, name)}")

@@ -6,10 +6,10 @@
              flags) and refuse with every reason (ERROR) before any byte is written; attach
              this guest's RAM as the place RAM records land; ACK header.
     ACTIVE   RAM records land in guest memory (CRC checked in place by the reader) and
-             mark their digest chunks; each device's first data chunk is the source's
+             mark their pages for re-hashing; each device's first data chunk is the source's
              ``save_state`` record: ``check_state`` then ``load_setup`` (RESUMING); the
              following chunks go to ``load_state`` in order; ITERATION marks re-hash the
-             chunks received in that pass.
+             pages received in that pass.
     DEVICE   from the first END_OF_STATE: ``load_complete`` per device as its state ends
              (the kernel driver validates it, RESUMING -> STOP); the MANIFEST is verified
              by the reader (record counts, bytes, digests per region and device).
@@ -69,12 +69,22 @@ class DestinationSession(SessionBase):
         self._aborted_by_source = False
 
     def _bytes(self) -> tuple[int, int]:
-        return 0, (self.reader.offset if self.reader else 0)
+        return 0, (self.reader.offset if self.reader else self.result.stream_bytes)
 
     # -- the whole migration ----------------------------------------------------------
     def run(self) -> MigrationResult:
+        """Receive; returns the result (never raises for a migration failure). The caller
+        closes the link afterwards."""
+        try:
+            return self._run()
+        finally:
+            self.reader = None          # it holds writable views of guest memory
+            self.digests = None
+
+    def _run(self) -> MigrationResult:
         self.started_at = self.clock()
         try:
+            self.guest.set_run_state(GuestState.INMIGRATE)   # nothing runs it until resume
             self._set_state(MigrationState.SETUP)
             self._handshake()
             self._set_state(MigrationState.ACTIVE)
@@ -111,9 +121,7 @@ class DestinationSession(SessionBase):
             raise PreflightError(reasons)
         self._by_index = list(g.devices)        # matched by position, like preflight
         self.reader.attach_ram(g.guest_ram(writable=True))
-        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size,
-                                  self.config.digest_chunk_bytes)
-        g.set_run_state(GuestState.INMIGRATE)
+        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
         self.link.send_control(ControlMessage.ack("header", self.reader.records))
 
     # -- ACTIVE / DEVICE --------------------------------------------------------------
@@ -123,7 +131,7 @@ class DestinationSession(SessionBase):
         t = self.result.timings
         for ev in r.events():
             if isinstance(ev, RamLoaded):
-                dg.touch((ev.first_page,), (ev.count,))
+                dg.touch_range(ev.first_page, ev.count)
             elif isinstance(ev, DeviceData):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):
@@ -174,7 +182,7 @@ class DestinationSession(SessionBase):
         v = self.result.verification
         v.update(regions=[r.to_dict() for r in mine], content_verified=not diffs,
                  hash_total_s=dg.hash_seconds, hashed_bytes=dg.hashed_bytes,
-                 final_rehash_chunks=dg.last_rehash_chunks,
+                 final_rehash_pages=dg.last_rehash_pages,
                  final_verify_s=t["dest_final_rehash_s"] + t["dest_compare_s"])
         if diffs:
             raise VerificationError("RAM content differs from the source: " + "; ".join(diffs))

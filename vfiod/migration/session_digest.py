@@ -4,27 +4,28 @@
 The stream's MANIFEST proves the destination received exactly the records the source sent.
 This module proves the next thing: that the destination's RAM, once loaded, has the same
 *content* as the source's RAM at the moment it stopped. Both ends keep one CRC-32C per
-``chunk_bytes`` chunk of every RAM region (the stream's checksum; the SSE4.2 kernel runs at
-several GB/s with the GIL released) and a region's digest is BLAKE2b-128 over its chunk
-CRCs in order.
+guest page (the stream's own per-page checksum kernel, ``stream.pagecrc``: several GB/s,
+GIL released) read from their own memory, not from the stream. A region's digest is
+BLAKE2b-128 over the CRCs of its page table taken in 16 KiB groups.
 
-Incremental, so verification costs little downtime: a chunk is re-hashed only when pages
-in it were sent (source) or received (destination) since its last hash. The source hashes
-what it sent after each pre-copy pass and the final pass; the destination at each
-ITERATION mark and after the MANIFEST. Chunks never touched keep the CRC of zeros: both
-ends start from zeroed memory (a fresh memfd on the destination; pages the source skips
-in its first pass are zero there at the time of the scan, and any later write is dirty).
+Incremental, so verification costs little downtime: a page is re-hashed only when it was
+sent (source) or received (destination) since its last hash. The source hashes what it
+sent after each pre-copy pass and after the final pass; the destination at each ITERATION
+mark and after the MANIFEST. Pages never touched keep the CRC of a zero page: both ends
+start from zeroed memory (a fresh memfd on the destination; pages the source skips in its
+first pass were zero when it scanned them, and any later write makes them dirty).
 
-What it proves and what it cannot: the destination's memory equals the source's memory *as
-hashed*, so a record applied at the wrong place, a torn or stale pre-copy page that was not
-re-sent, or a lost record all show up. A write the dirty tracker never reported leaves the
-source's digest stale as well; only a full hash of both memories after the migration
-(``full_ram_digest``, out of the downtime window) catches that, and the demo and the tests
-run it.
+What it proves and what it cannot: the destination's memory equals the source's memory as
+hashed, so a record applied at the wrong place on either side, a torn or stale pre-copy
+page that was not re-sent, or a lost record show up, by region. A write the dirty tracker
+never reported leaves the source's hash stale as well; only a full hash of both memories
+after the migration (``full_ram_digest``, out of the downtime window) catches that, and the
+demo and the tests run it.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -34,12 +35,15 @@ from functools import lru_cache
 import numpy as np
 
 from vfiod.kernel.ops import KernelOps
+from vfiod.migration.session_costs import CostModel
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import RamRegion
+from vfiod.migration.stream.pagecrc import page_crcs
 
-DEFAULT_CHUNK = 64 * 1024
 #: bytes read per pread when hashing a whole region (the full audit, the zero scan)
 READ_PIECE = 8 << 20
+#: the page-CRC table is folded in groups of this many bytes before the final hash
+_GROUP = 16384
 
 
 @lru_cache(maxsize=8)
@@ -50,98 +54,111 @@ def zero_crc(length: int) -> int:
 @dataclass(frozen=True)
 class RegionDigest:
     name: str
-    chunks: int
+    pages: int
     digest: str
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "chunks": self.chunks, "digest": self.digest}
+        return {"name": self.name, "pages": self.pages, "digest": self.digest}
 
     @classmethod
     def from_dict(cls, d: object) -> RegionDigest:
         if not (isinstance(d, dict) and isinstance(d.get("name"), str)
-                and isinstance(d.get("chunks"), int) and isinstance(d.get("digest"), str)):
-            raise ValueError(f"region digest {d!r} needs name, chunks, digest")
-        return cls(d["name"], d["chunks"], d["digest"])
+                and isinstance(d.get("pages"), int) and isinstance(d.get("digest"), str)):
+            raise ValueError(f"region digest {d!r} needs name, pages, digest")
+        return cls(d["name"], d["pages"], d["digest"])
 
 
 def _root(crcs: np.ndarray) -> str:
-    return hashlib.blake2b(crcs.astype("<u4").tobytes(), digest_size=16).hexdigest()
-
-
-def _initial_crcs(size: int, chunk: int) -> np.ndarray:
-    n = -(-size // chunk)
-    crcs = np.full(n, zero_crc(chunk), dtype=np.uint32)
-    tail = size - (n - 1) * chunk
-    if tail != chunk:
-        crcs[-1] = zero_crc(tail)
-    return crcs
+    raw = crcs.astype("<u4", copy=False).view(np.uint8)
+    full = len(raw) // _GROUP * _GROUP
+    groups = page_crcs(raw[:full], _GROUP) if full else np.zeros(0, dtype=np.uint32)
+    h = hashlib.blake2b(groups.astype("<u4").tobytes(), digest_size=16)
+    h.update(crc32c(raw[full:]).to_bytes(4, "little"))
+    return h.hexdigest()
 
 
 class RamDigests:
-    """Per-chunk CRCs of each region over ``views`` (the RAM as this process maps it)."""
+    """Per-page CRCs of each region over ``views`` (the RAM as this process maps it)."""
 
     def __init__(self, regions: Sequence[RamRegion], views: Sequence[memoryview],
-                 page_size: int, chunk_bytes: int = DEFAULT_CHUNK,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        if chunk_bytes < page_size or chunk_bytes % page_size:
-            raise ValueError(f"digest chunk {chunk_bytes} must be a multiple of the page "
-                             f"size {page_size}")
+                 page_size: int, clock: Callable[[], float] = time.perf_counter) -> None:
         if len(regions) != len(views):
             raise ValueError(f"{len(regions)} regions but {len(views)} views")
+        if [r.gpa for r in regions] != sorted(r.gpa for r in regions):
+            raise ValueError("digest regions must be given in guest-address order")
         self.page_size = page_size
-        self.chunk = chunk_bytes
         self.regions = tuple(regions)
-        self._views = [memoryview(v).cast("B") if memoryview(v).format != "B" else
-                       memoryview(v) for v in views]
-        self._first = np.array([r.gpa // page_size for r in regions], dtype=np.int64)
-        self._end = np.array([(r.gpa + r.size) // page_size for r in regions], dtype=np.int64)
-        self._crcs = [_initial_crcs(r.size, chunk_bytes) for r in regions]
+        self._views = [memoryview(v).cast("B") for v in views]
+        self._first = [r.gpa // page_size for r in regions]
+        self._end = [(r.gpa + r.size) // page_size for r in regions]
+        self._crcs = [np.full(r.size // page_size, zero_crc(page_size), dtype=np.uint32)
+                      for r in regions]
         self._touched = [np.zeros(len(c), dtype=bool) for c in self._crcs]
         self._clock = clock
         self.hash_seconds = 0.0       # time spent hashing, in total
         self.hashed_bytes = 0
         self.last_rehash_s = 0.0
-        self.last_rehash_chunks = 0
+        self.last_rehash_pages = 0
+        #: time per hashed byte and per run, for predicting the final re-hash
+        self.cost = CostModel(prior_per_item_s=10e-6)
 
-    def touch(self, first: np.ndarray | Sequence[int], count: np.ndarray | Sequence[int]) -> None:
-        """Pages [first, first+count) changed (sent or received): re-hash their chunks."""
+    def touch_range(self, first: int, count: int) -> None:
+        """Pages [first, first+count) changed (sent or received): re-hash them."""
+        end = first + count
+        i = bisect.bisect_right(self._first, first) - 1
+        while count > 0 and 0 <= i < len(self.regions):
+            lo, hi = max(first, self._first[i]), min(end, self._end[i])
+            if hi > lo:
+                self._touched[i][lo - self._first[i]:hi - self._first[i]] = True
+            if end <= self._end[i]:
+                break
+            i += 1
+
+    def touch(self, first: np.ndarray | Sequence[int],
+              count: np.ndarray | Sequence[int]) -> None:
+        """Many runs at once (the source, per slice it sent)."""
         f = np.asarray(first, dtype=np.int64)
         n = np.asarray(count, dtype=np.int64)
-        if f.size == 0:
+        if f.size <= 256:
+            for a, b in zip(f.tolist(), n.tolist(), strict=True):
+                self.touch_range(a, b)
             return
-        ppc = self.chunk // self.page_size
-        for i in range(len(self.regions)):
-            lo = np.maximum(f, self._first[i])
-            hi = np.minimum(f + n, self._end[i])
+        for i, touched in enumerate(self._touched):
+            lo = np.maximum(f, self._first[i]) - self._first[i]
+            hi = np.minimum(f + n, self._end[i]) - self._first[i]
             sel = hi > lo
             if not sel.any():
                 continue
-            c0 = (lo[sel] - self._first[i]) // ppc
-            c1 = (hi[sel] - 1 - self._first[i]) // ppc + 1
-            mark = np.zeros(len(self._touched[i]) + 1, dtype=np.int64)
-            np.add.at(mark, c0, 1)
-            np.add.at(mark, c1, -1)
-            self._touched[i] |= np.cumsum(mark[:-1]) > 0
+            mark = np.zeros(len(touched) + 1, dtype=np.int32)
+            np.add.at(mark, lo[sel], 1)
+            np.add.at(mark, hi[sel], -1)
+            touched |= np.cumsum(mark[:-1]) > 0
 
     @property
-    def pending_chunks(self) -> int:
+    def pending_pages(self) -> int:
         return int(sum(int(t.sum()) for t in self._touched))
 
     def rehash(self) -> int:
-        """Hash every touched chunk now; returns how many."""
+        """Hash every touched page now, run by run; returns how many pages."""
         t0 = self._clock()
-        done = 0
+        ps = self.page_size
+        done = runs = 0
         for view, crcs, touched in zip(self._views, self._crcs, self._touched, strict=True):
             idx = np.flatnonzero(touched)
-            cb = self.chunk
-            for c in idx.tolist():
-                piece = view[c * cb:(c + 1) * cb]
-                crcs[c] = crc32c(piece)
-                self.hashed_bytes += len(piece)
+            if not idx.size:
+                continue
+            cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+            starts = np.concatenate(([idx[0]], idx[cuts]))
+            ends = np.concatenate((idx[cuts - 1] + 1, [idx[-1] + 1]))
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                page_crcs(view[a * ps:b * ps], ps, out=crcs[a:b])
             touched[:] = False
-            done += len(idx)
+            done += idx.size
+            runs += len(starts)
+        self.hashed_bytes += done * ps
         self.last_rehash_s = self._clock() - t0
-        self.last_rehash_chunks = done
+        self.cost.add(done * ps, runs, self.last_rehash_s)
+        self.last_rehash_pages = done
         self.hash_seconds += self.last_rehash_s
         return done
 
@@ -162,31 +179,27 @@ def compare_roots(source: Sequence[RegionDigest], dest: Sequence[RegionDigest]) 
         d = mine.get(s.name)
         if d is None:
             out.append(f"RAM region {s.name}: no destination digest")
-        elif (s.chunks, s.digest) != (d.chunks, d.digest):
+        elif (s.pages, s.digest) != (d.pages, d.digest):
             out.append(f"RAM region {s.name}: source content digest {s.digest} over "
-                       f"{s.chunks} chunks, destination {d.digest} over {d.chunks}")
+                       f"{s.pages} pages, destination {d.digest} over {d.pages}")
     return out
 
 
 def full_ram_digest(kernel: KernelOps, blocks: Sequence[tuple[str, int, int]],
-                    chunk_bytes: int = DEFAULT_CHUNK) -> list[RegionDigest]:
+                    page_size: int = 4096) -> list[RegionDigest]:
     """Digest whole regions given as (name, fd, size), read with ``pread`` (holes of a
     sparse file read as zeros without being allocated). Same value as ``RamDigests``."""
     out = []
-    piece = max(chunk_bytes, READ_PIECE // chunk_bytes * chunk_bytes)
+    piece = max(page_size, READ_PIECE // page_size * page_size)
     for name, fd, size in blocks:
-        crcs = _initial_crcs(size, chunk_bytes)
+        crcs = np.empty(size // page_size, dtype=np.uint32)
         for off in range(0, size, piece):
-            data = kernel.pread(fd, min(piece, size - off), off)
-            arr = np.frombuffer(data, dtype=np.uint8)
-            full = len(arr) // chunk_bytes
-            nz = np.flatnonzero(arr[:full * chunk_bytes].reshape(full, chunk_bytes).any(axis=1)
-                                ) if full else np.zeros(0, dtype=np.int64)
-            base = off // chunk_bytes
-            for c in nz.tolist():
-                crcs[base + c] = crc32c(data[c * chunk_bytes:(c + 1) * chunk_bytes])
-            if len(arr) > full * chunk_bytes:            # the region's short last chunk
-                crcs[base + full] = crc32c(data[full * chunk_bytes:])
+            n = min(piece, size - off)
+            data = kernel.pread(fd, n, off)
+            if len(data) != n:
+                raise ValueError(f"RAM region {name}: file ended {len(data)} bytes into a "
+                                 f"{n}-byte read at {off:#x}")
+            page_crcs(data, page_size, out=crcs[off // page_size:(off + n) // page_size])
         out.append(RegionDigest(name, len(crcs), _root(crcs)))
     return out
 

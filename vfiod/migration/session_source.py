@@ -9,7 +9,7 @@
              its first data chunk.
     ACTIVE   pass k: take the dirty runs (pass 1: all RAM, holes skipped), send them
              while the guest runs; ``save_live_iterate`` each device; ITERATION mark;
-             re-hash the digest chunks just sent; dirty sync; ``save_live_pending``;
+             re-hash the pages just sent; dirty sync; ``save_live_pending``;
              predict the downtime; the policy says continue, switchover, force or cancel.
     DEVICE   stop: the guest pauses (its run-state handlers stop vCPUs and workload); if
              every device offers P2P, ``quiesce_p2p`` all of them first; then
@@ -85,10 +85,21 @@ class SourceSession(SessionBase):
         return self.tracker.status() if self.tracker is not None else None
 
     def _bytes(self) -> tuple[int, int]:
-        return (self.writer.bytes_sent if self.writer else 0), 0
+        return (self.writer.bytes_sent if self.writer else self.result.stream_bytes), 0
 
     # -- the whole migration ----------------------------------------------------------
     def run(self) -> MigrationResult:
+        """Migrate; returns the result (completed, failed or cancelled, never raises for
+        a migration failure). The caller closes the link afterwards."""
+        try:
+            return self._run()
+        finally:
+            # drop what holds views of guest memory (the stream's staging, the digests)
+            self.sender = None
+            self.digests = None
+            self.writer = None
+
+    def _run(self) -> MigrationResult:
         self.started_at = self.clock()
         try:
             self._set_state(MigrationState.SETUP)
@@ -151,11 +162,11 @@ class SourceSession(SessionBase):
             self._stop_cost += self.clock() - t0
         for d in g.devices:
             w.send_device_data(d.name, self._hook(d, "save_state"))
-        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size,
-                                  cfg.digest_chunk_bytes)
+        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
         self.sender = RamSender(w, g, self.digests, self.predictor.bandwidth,
-                                slice_bytes=cfg.slice_bytes, clock=self.clock,
-                                between=self._check_cancel)
+                                slice_bytes=cfg.slice_bytes,
+                                record_pages=cfg.record_bytes // g.page_size,
+                                clock=self.clock, between=self._check_cancel)
 
     def _device_sink(self, dev: GuestDevice) -> Any:
         w = self.writer
@@ -200,14 +211,18 @@ class SourceSession(SessionBase):
         assert self.tracker is not None and self.digests is not None and self.writer
         cfg = self.config
         now = self.clock()
-        num = prediction_numbers(self.tracker, sync, pendings,
-                                 cfg.digest_chunk_bytes // self.guest.page_size)
+        assert self.sender is not None
+        num = prediction_numbers(self.tracker, sync, pendings, cfg.max_run_pages,
+                                 cfg.record_bytes // self.guest.page_size)
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
-        d = self.digests
-        rate = d.hashed_bytes / d.hash_seconds if d.hash_seconds > 0 else 2e9
-        verify_s = num.dirty_chunks * cfg.digest_chunk_bytes / rate
+        per_byte, per_run = self.digests.cost.fit()
+        # both ends re-hash what the final pass moves, side by side: counted once
+        verify_s = num.dirty_ram_bytes * per_byte + num.dirty_runs * per_run
+        records_s = num.dirty_records * self.sender.cost.fit()[1]
+        self.result.timings["predicted_verify_s"] = verify_s
+        self.result.timings["predicted_record_overhead_s"] = records_s
         self.predictor.costs = FixedCosts(device_stop_s=self._stop_cost,
-                                          resume_ack_rtt_s=self._rtt + verify_s)
+                                          resume_ack_rtt_s=self._rtt + verify_s + records_s)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking))

@@ -17,11 +17,14 @@ import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import vfiod.abi.vfio as v
 from vfiod.kernel.ops import KernelOps
+from vfiod.vfio import Device
 
 SYS = Path("/sys")
 DEV = Path("/dev")
@@ -160,3 +163,98 @@ class GuestRam:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- mtty's UART registers, the device state a migration must carry (vfio-uapi.md §9.1) ----
+
+#: 16550 register offsets inside each port's 8-byte BAR (port n = BAR n)
+UART_RX = UART_TX = 0
+UART_IER, UART_IIR, UART_FCR, UART_LCR, UART_MCR, UART_LSR, UART_MSR, UART_SCR = \
+    1, 2, 2, 3, 4, 5, 6, 7
+UART_LSR_DR = 0x01
+#: FCR: enable the FIFO and clear both directions (mtty empties its loop-back FIFO)
+UART_FCR_RESET_FIFO = 0x07
+#: registers whose read has no side effect (RX pops the FIFO; IIR/LSR are computed)
+SNAPSHOT_REGS = {"IER": UART_IER, "IIR": UART_IIR, "LCR": UART_LCR, "MCR": UART_MCR,
+                 "LSR": UART_LSR, "MSR": UART_MSR, "SCR": UART_SCR}
+MTTY_HEADER_BYTES = 24
+MTTY_PORT_BYTES = 36
+
+
+@dataclass(frozen=True)
+class UartProgram:
+    """What ``Uart.program`` wrote into one port: register values and FIFO bytes."""
+
+    lcr: int
+    ier: int
+    mcr: int
+    scr: int
+    fifo: bytes
+
+
+class Uart:
+    """mtty's two 16550 ports, reached through vfiod's ``Device`` region access (BAR n is
+    port n), the way a guest driver would program them. mtty keeps this state in the
+    mdev, across device opens and resets, so every test programs it afresh."""
+
+    def __init__(self, device: Device, ports: int = 2) -> None:
+        self.device = device
+        self.ports = ports
+
+    def _bar(self, port: int) -> int:
+        if not 0 <= port < self.ports:
+            raise ValueError(f"mtty port {port} does not exist (0..{self.ports - 1})")
+        return v.VFIO_PCI_BAR0_REGION_INDEX + port
+
+    def write(self, port: int, reg: int, value: int) -> None:
+        self.device.write_region(self._bar(port), reg, bytes([value]))
+
+    def read(self, port: int, reg: int) -> int:
+        return self.device.read_region(self._bar(port), reg, 1)[0]
+
+    def snapshot(self) -> dict[str, int]:
+        """Every side-effect-free register of every port, e.g. ``{"p0.SCR": 0x5a, ...}``."""
+        return {f"p{p}.{name}": self.read(p, reg)
+                for p in range(self.ports) for name, reg in SNAPSHOT_REGS.items()}
+
+    def drain(self, port: int, limit: int = 64) -> bytes:
+        """Pop the loop-back FIFO until the line status says it is empty."""
+        out = bytearray()
+        while self.read(port, UART_LSR) & UART_LSR_DR:
+            if len(out) >= limit:
+                raise AssertionError(f"mtty port {port}: FIFO still not empty after "
+                                     f"{limit} reads")
+            out.append(self.read(port, UART_RX))
+        return bytes(out)
+
+    def clear(self) -> None:
+        """Every port back to a blank state (empty FIFO, registers 0)."""
+        for p in range(self.ports):
+            self.write(p, UART_LCR, 0)          # DLAB off: TX/IER are registers again
+            self.write(p, UART_FCR, UART_FCR_RESET_FIFO)
+            for reg in (UART_IER, UART_MCR, UART_SCR):
+                self.write(p, reg, 0)
+
+    def program(self, seed: int) -> list[UartProgram]:
+        """A state unique to ``seed`` on every port: line/modem/interrupt-enable/scratch
+        registers and a few bytes queued in the FIFO (IRQs are not set up, so mtty's
+        interrupt triggers do nothing)."""
+        self.clear()
+        progs = []
+        for p in range(self.ports):
+            s = (seed * 31 + p * 7) & 0xFF
+            prog = UartProgram(lcr=0x03 | ((s & 0x7) << 3), ier=s & 0x0F, mcr=(s >> 4) & 0x1F,
+                               scr=s ^ 0xA5, fifo=bytes((s + i) & 0xFF for i in range(3 + p)))
+            self.write(p, UART_LCR, prog.lcr)   # no DLAB bit: TX still feeds the FIFO
+            self.write(p, UART_IER, prog.ier)
+            self.write(p, UART_MCR, prog.mcr)
+            self.write(p, UART_SCR, prog.scr)
+            for b in prog.fifo:
+                self.write(p, UART_TX, b)
+            progs.append(prog)
+        return progs
+
+
+def mtty_port_records(stream: bytes) -> bytes:
+    """The per-port part of an mtty migration stream (after the 24-byte header)."""
+    return stream[MTTY_HEADER_BYTES:]

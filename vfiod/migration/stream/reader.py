@@ -17,8 +17,8 @@ Usage (the destination session drives it; the source is a connection or a file):
 
 Guarantees: nothing is allocated from a length before it is checked against ``Limits``; RAM
 payload is received with ``recv_into`` straight into the destination's guest memory after
-its page range was checked against the layout, and checksummed piece by piece as it lands
-(still in the CPU cache). The destination guest is not running, so a failed check only
+its page range was checked against the layout, and its per-page CRCs are checked right
+after the copy, while the pages are still in the CPU cache. The destination guest is not running, so a failed check only
 means the migration fails and the destination discards — except for ``RAM_LIVE`` records,
 whose pages the source's guest may have written during the send: those pages must arrive
 verified in a later record before the first END_OF_STATE / the MANIFEST (``torn.py``).
@@ -53,10 +53,6 @@ from vfiod.migration.stream.records import (
     unpack_header,
 )
 from vfiod.migration.stream.torn import TornPages
-
-
-#: Verify received pages in steps of about this many bytes (fits a core's L2 cache).
-_VERIFY_STEP = 256 * 1024
 
 
 class Source(Protocol):
@@ -100,18 +96,16 @@ Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
 
 
 class StreamReader:
-    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS,
-                 recv_piece: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
-        self._piece = recv_piece
         self._limits = limits
         self.offset = 0          # bytes consumed so far
         self.records = 0         # records accepted so far (== next sequence number)
         self.header: StreamHeader | None = None
         self._ram: GuestRam | None = None
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
-        self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent, grows per record
-        self._got = np.empty(0, dtype=np.uint32)    # per-page CRCs received
+        self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent; grows per record,
+        self._got = np.empty(0, dtype=np.uint32)    # bounded by Limits.ram_record
         self._buf = bytearray()  # grows to the largest accepted non-RAM payload
         self._dev_tally: list[Tally] = []
         self._ram_tally: list[Tally] = []
@@ -217,39 +211,43 @@ class StreamReader:
 
     def _ram_record(self, h: RecordHeader, at: int) -> RamLoaded:
         assert self._ram is not None and self.header is not None
-        ps, n = self.header.page_size, h.arg1
+        ps, n, first = self.header.page_size, h.arg1, h.arg0
         if n == 0 or h.length != n * (ps + 4):
             raise self._err(ErrorCode.LENGTH, f"RAM length {h.length} is not {n} pages of "
                             f"{ps} bytes and their checksums", at, h.rtype)
         try:
-            idx, view = self._ram.locate(h.arg0, n)
+            idx, view = self._ram.locate(first, n)
         except ValueError as e:
             raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
         if len(self._table) < n:  # n * ps was bounded by the length check above
             self._table = np.empty(n, dtype=np.uint32)
             self._got = np.empty(n, dtype=np.uint32)
-        table = self._table[:n]
+        table, got = self._table[:n], self._got[:n]
         self._fill(memoryview(table).cast("B"), h.rtype, at, "RAM checksum table")
         if crc32c(table) != h.payload_crc:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {h.arg0:#x}+{n}: checksum "
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {first:#x}+{n}: checksum "
                             "table mismatch", at, h.rtype)
-        self._fill_pages(view, ps, self._got[:n], h.rtype, at)
-        self.offset += h.length
-        bad = np.flatnonzero(self._got[:n] != table)
+        self._fill(view, h.rtype, at, f"RAM pages ({n} x {ps} bytes)")
+        # Checked right after the kernel's copy, while the pages are still in the cache.
+        # (A worker thread overlapping this with the next receive was measured slower: the
+        # GIL hand-offs and cache traffic cost more than the check.)
+        page_crcs(view, ps, got)
+        bad = np.flatnonzero(got != table)
         if bad.size and not h.flags & RAM_LIVE:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {h.arg0 + int(bad[0]):#x} "
+            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x} "
                             f"(page {int(bad[0])} of {n} in this record): checksum mismatch",
                             at, h.rtype)
         if self._torn:
-            self._torn.clear(h.arg0, n)
+            self._torn.clear(first, n)
         if bad.size:
             # Sent from running guest memory: these pages must come again, verified.
             for i in bad.tolist():
-                self._torn.add(h.arg0 + i, 1, self.records, at)
+                self._torn.add(first + i, 1, self.records, at)
             self.torn_records += 1
-        self._ram_tally[idx].add(h.seq, h.arg0, n, n * ps, h.payload_crc)
+        self.offset += h.length
+        self._ram_tally[idx].add(h.seq, first, n, n * ps, h.payload_crc)
         self._accepted(h)
-        return RamLoaded(h.arg0, n, not bad.size)
+        return RamLoaded(first, n, not bad.size)
 
     def _check_torn(self) -> None:
         """RAM is complete: no page may still be waiting for a verified copy."""
@@ -337,26 +335,6 @@ class StreamReader:
                                 f"{what} of {n} bytes", at, rtype)
             got += k
         return got
-
-    def _fill_pages(self, view: memoryview, ps: int, crcs: np.ndarray, rtype: int,
-                    at: int) -> None:
-        """Receive a RAM payload and checksum its pages soon after they land, while they are
-        still in the CPU cache (no second trip to memory), in steps of ``_VERIFY_STEP`` so
-        that the per-call cost stays small against the bytes (a socket read may return only
-        64 KiB)."""
-        got, done, n, piece = 0, 0, len(view), self._piece
-        step = max(1, _VERIFY_STEP // ps)
-        npages = n // ps
-        while got < n:
-            k = self._src.recv_into(view[got:got + piece])
-            if k == 0:
-                raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
-                                f"RAM pages of {n} bytes", at, rtype)
-            got += k
-            full = got // ps
-            if full - done >= step or full == npages:
-                page_crcs(view[done * ps:full * ps], ps, crcs[done:full])
-                done = full
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
         record = self.records if self.offset >= PREAMBLE_SIZE else None

@@ -1,0 +1,119 @@
+"""A control-socket client: what ``vfiod ctl`` and scripts use to talk to the daemon
+(design.md §6). Stdlib only, so it stays a leaf next to the schema it speaks.
+
+    with ControlClient("/run/vfiod/control.sock") as c:
+        result = c.call("status")                    # dict, or raises ClientError
+
+``ClientError.kind`` tells the caller what went wrong without parsing text: ``connect``
+(no daemon at that path, or it refused the connection), ``protocol`` (the daemon sent
+something that is not a response), or ``api`` (the daemon answered with an error; ``code``
+is its ``ErrorCode``).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+from types import TracebackType
+from typing import Any
+
+from vfiod.api.schema import MAX_LINE, ApiError, ErrorCode, Request, Response
+from vfiod.errors import ProtocolError, VfiodError
+
+DEFAULT_SOCKET = "/run/vfiod/control.sock"
+
+
+class ClientError(VfiodError):
+    def __init__(self, kind: str, message: str, code: ErrorCode | None = None) -> None:
+        self.kind = kind
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class ControlClient:
+    """One connection to the daemon; requests are answered in order."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
+        self.path = path
+        self._ids = itertools.count(1)
+        self._buf = b""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            raise ClientError("connect", _connect_hint(path, e)) from None
+        self.sock = sock
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one request and return its result; ``ClientError`` on any failure."""
+        rid = next(self._ids)
+        self.send_raw(Request(op, dict(args or {}), rid).encode())
+        resp = self.read_response()
+        if resp.id != rid and resp.id is not None:
+            raise ClientError("protocol", f"daemon answered request {resp.id}, expected {rid}")
+        if not resp.ok:
+            err = resp.error or ApiError(ErrorCode.FAILED, "no error given")
+            raise ClientError("api", err.message, err.code)
+        return resp.result or {}
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (tests use it to send malformed lines)."""
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise ClientError("connect", f"lost the daemon at {self.path}: "
+                              f"{errno.errorcode.get(e.errno or 0, e)}") from None
+
+    def read_response(self) -> Response:
+        line = self._read_line()
+        try:
+            return Response.decode(line)
+        except ProtocolError as e:
+            raise ClientError("protocol", str(e)) from None
+
+    def _read_line(self) -> bytes:
+        while b"\n" not in self._buf:
+            if len(self._buf) > MAX_LINE:
+                raise ClientError("protocol", "daemon sent a line longer than "
+                                  f"{MAX_LINE} bytes")
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise ClientError("connect", f"no answer from the daemon at {self.path} "
+                                  "within the timeout") from None
+            except OSError as e:
+                raise ClientError("connect", f"lost the daemon at {self.path}: "
+                                  f"{errno.errorcode.get(e.errno or 0, e)}") from None
+            if not chunk:
+                raise ClientError("connect", f"the daemon at {self.path} closed the "
+                                  "connection without answering")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _connect_hint(path: str, e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, str(e))
+    if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return (f"cannot reach vfiod at {path}: {name} (is the daemon running? "
+                "systemctl status vfiod; or pass --socket)")
+    if e.errno == errno.EACCES:
+        who = os.geteuid()
+        return (f"cannot reach vfiod at {path}: EACCES (uid {who} may not open the socket; "
+                "run as root or as a member of the vfiod group)")
+    return f"cannot reach vfiod at {path}: {name}"

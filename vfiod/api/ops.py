@@ -1,0 +1,207 @@
+"""The control protocol's operations and their typed arguments (design.md §6).
+
+Each operation has a frozen dataclass of arguments; ``parse_args(op, raw)`` checks the raw
+JSON values of a ``Request`` and returns that dataclass, or raises ``ApiError`` naming the
+operation, the argument and what was expected. The daemon and ``vfiod ctl`` share these,
+so a request the client builds is exactly what the daemon validates.
+
+=================  ===============================================================
+op                 arguments
+=================  ===============================================================
+``hello``          none: the daemon's version, schema and backend
+``status``         ``guest`` (optional): guests, their devices and migrations
+``devices``        none: every VFIO device on the host, ours or not, and why
+``check``          ``target``: a device or guest name: can it migrate, and why not
+``migrate``        ``guest``, ``to`` ("HOST:PORT", "[v6]:PORT"), ``downtime_limit_ms``,
+                   ``timeout_s``, ``on_timeout`` ("cancel" | "force"; needs timeout_s)
+``cancel``         ``guest``: cancel its running migration (source back to RUNNING)
+``dirty_tracking`` ``device``, ``enabled`` (bool): the per-device pre-copy dirty page
+                   tracking flag (QEMU's x-pre-copy-dirty-page-tracking)
+=================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from vfiod.api.schema import ApiError, ErrorCode
+
+ON_TIMEOUT = ("cancel", "force")
+#: Names of guests and devices: PCI BDFs, mdev UUIDs, operator-chosen guest names.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    pass
+
+
+@dataclass(frozen=True)
+class StatusArgs:
+    guest: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckArgs:
+    target: str
+
+
+@dataclass(frozen=True)
+class MigrateArgs:
+    guest: str
+    host: str
+    port: int
+    downtime_limit_ms: float | None = None
+    timeout_s: float | None = None
+    on_timeout: str | None = None
+
+    @property
+    def to(self) -> str:
+        return format_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class CancelArgs:
+    guest: str
+
+
+@dataclass(frozen=True)
+class DirtyTrackingArgs:
+    device: str
+    enabled: bool
+
+
+Args = NoArgs | StatusArgs | CheckArgs | MigrateArgs | CancelArgs | DirtyTrackingArgs
+
+OPS: tuple[str, ...] = ("hello", "status", "devices", "check", "migrate", "cancel",
+                        "dirty_tracking")
+
+
+def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); ``ValueError`` saying what is wrong."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what} must be HOST:PORT, e.g. 10.0.0.2:4444")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{what} {text!r}: an IPv6 address is written [ADDR]:PORT")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{what} {text!r} must be HOST:PORT, e.g. 10.0.0.2:4444")
+        if ":" in host:
+            raise ValueError(f"{what} {text!r}: write an IPv6 address as [ADDR]:PORT")
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"{what} {text!r}: {host!r} is not a host name or address")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{what} {text!r}: port {port_text!r} must be a number 0..65535")
+    return host, int(port_text)
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Fields:
+    """Reads one operation's raw arguments, each check naming the op and the argument."""
+
+    def __init__(self, op: str, raw: dict[str, Any], known: tuple[str, ...]) -> None:
+        self.op = op
+        self.raw = raw
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            allowed = ", ".join(known) if known else "none"
+            self.fail(f"unknown argument(s) {unknown} (allowed: {allowed})")
+
+    def fail(self, message: str) -> None:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"{self.op}: {message}")
+
+    def name(self, key: str, *, required: bool = True) -> str | None:
+        v = self.raw.get(key)
+        if v is None:
+            if required:
+                self.fail(f"argument {key!r} is required")
+            return None
+        if not isinstance(v, str) or not _NAME.match(v):
+            self.fail(f"argument {key!r} must be a guest or device name (letters, digits, "
+                      f"'_.:+-', at most 128), not {v!r}")
+        return str(v)
+
+    def number(self, key: str, *, low: float, high: float) -> float | None:
+        v = self.raw.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float) or not low < v <= high:
+            self.fail(f"argument {key!r} must be a number in ({low:g}, {high:g}], not {v!r}")
+        return float(v)
+
+    def flag(self, key: str) -> bool:
+        v = self.raw.get(key)
+        if not isinstance(v, bool):
+            self.fail(f"argument {key!r} must be true or false, not {v!r}")
+        return bool(v)
+
+
+def parse_args(op: str, raw: dict[str, Any]) -> Args:
+    """Validate ``raw`` (a request's ``args``) for ``op``; ``ApiError`` if anything is off."""
+    if op not in OPS:
+        raise ApiError(ErrorCode.UNKNOWN_OP,
+                       f"unknown operation {op!r}; known: {', '.join(OPS)}")
+    if op in ("hello", "devices"):
+        _Fields(op, raw, ())
+        return NoArgs()
+    if op == "status":
+        return StatusArgs(_Fields(op, raw, ("guest",)).name("guest", required=False))
+    if op == "check":
+        return CheckArgs(str(_Fields(op, raw, ("target",)).name("target")))
+    if op == "cancel":
+        return CancelArgs(str(_Fields(op, raw, ("guest",)).name("guest")))
+    if op == "dirty_tracking":
+        f = _Fields(op, raw, ("device", "enabled"))
+        return DirtyTrackingArgs(str(f.name("device")), f.flag("enabled"))
+    return _migrate(raw)
+
+
+def _migrate(raw: dict[str, Any]) -> MigrateArgs:
+    f = _Fields("migrate", raw, ("guest", "to", "downtime_limit_ms", "timeout_s",
+                                 "on_timeout"))
+    guest = str(f.name("guest"))
+    to = raw.get("to")
+    if to is None:
+        f.fail("argument 'to' (HOST:PORT of the destination vfiod) is required")
+    try:
+        host, port = parse_host_port(to, what="destination")  # type: ignore[arg-type]
+    except ValueError as e:
+        f.fail(str(e))
+    if port == 0:
+        f.fail(f"destination {to!r}: port 0 is not a destination port")
+    limit = f.number("downtime_limit_ms", low=0, high=3_600_000)
+    timeout = f.number("timeout_s", low=0, high=7 * 86400)
+    on_timeout = raw.get("on_timeout")
+    if on_timeout is not None:
+        if on_timeout not in ON_TIMEOUT:
+            f.fail(f"argument 'on_timeout' must be one of {list(ON_TIMEOUT)}, "
+                   f"not {on_timeout!r}")
+        if timeout is None:
+            f.fail("argument 'on_timeout' needs 'timeout_s' (what happens when it expires)")
+    return MigrateArgs(guest, host, port, limit, timeout, on_timeout)
+
+
+def args_to_json(args: Args) -> dict[str, Any]:
+    """The raw ``args`` object for ``args`` (the client side of ``parse_args``)."""
+    if isinstance(args, MigrateArgs):
+        out: dict[str, Any] = {"guest": args.guest, "to": args.to}
+        for key in ("downtime_limit_ms", "timeout_s", "on_timeout"):
+            if getattr(args, key) is not None:
+                out[key] = getattr(args, key)
+        return out
+    return {k: v for k, v in vars(args).items() if v is not None}

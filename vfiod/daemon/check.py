@@ -1,0 +1,168 @@
+"""``vfiod ctl check DEVICE|GUEST``: can it migrate, and if not, why (design.md §1 step 4
+probes, step 5 preflight facts; vfio-uapi.md §5.1 v1 discovery, §6.2 v2 flags, §3.9 and §7
+dirty tracking).
+
+The answer separates *blockers* (the migration will be refused) from *notes* (it will run,
+but an operator should know: no dirty tracking means pre-copy cannot converge, an opted-out
+device's pages all move in stop-and-copy, little memlock headroom to receive a guest).
+
+A device of a guest is described from what the daemon probed when it opened the guest. A
+device no guest owns is probed on the spot: a temporary container, its group, the device
+fd, the migration driver probe and the dirty-provider selection, then everything is closed
+again. If another process holds the group (a VMM), that is the answer (EBUSY).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
+from vfiod.daemon.registry import DeviceEntry, GuestEntry
+from vfiod.dirty.providers.base import DmaSpace
+from vfiod.dirty.providers.select import select
+from vfiod.errors import KernelError, NotMigratable, VfiodError
+from vfiod.kernel.ops import KernelOps
+from vfiod.migration.driver import MigrationDriver, probe
+from vfiod.migration.hostfacts import HostFacts
+from vfiod.migration.preflight import ENCRYPTION_NAMES
+from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio.discovery import DiscoveredDevice, discover_device
+
+_CAPS = (("STOP_COPY", VFIO_MIGRATION_STOP_COPY), ("P2P", VFIO_MIGRATION_P2P),
+         ("PRE_COPY", VFIO_MIGRATION_PRE_COPY))
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def device_notes(d: DeviceEntry) -> list[str]:
+    notes = []
+    if d.tracker == "none":
+        notes.append(f"{d.name}: its container has no dirty-page tracking: every mapped page "
+                     "counts dirty at every sync, so pre-copy cannot converge and the downtime "
+                     "includes all of the container's mapped RAM")
+    if not d.pre_copy_dirty_page_tracking:
+        notes.append(f"{d.name}: pre-copy dirty page tracking is off (opt-out): its "
+                     "container's pages are counted dirty until stop-and-copy, which "
+                     "moves them")
+    return notes
+
+
+def check_guest(entry: GuestEntry, host: HostFacts) -> dict[str, Any]:
+    gc = entry.config
+    blockers: list[str] = []
+    notes: list[str] = []
+    if entry.state == "error":
+        blockers.append(f"guest {gc.name} could not be opened: {entry.error}")
+    elif entry.state != "running":
+        blockers.append(f"guest {gc.name} does not run here (it is {entry.state})")
+    if gc.memory_encryption != "none":
+        name = ENCRYPTION_NAMES.get(gc.memory_encryption, gc.memory_encryption)
+        blockers.append(f"guest {gc.name} uses {name} memory encryption: its RAM is "
+                        "ciphertext to the host, so it cannot be migrated by copying pages")
+    for d in entry.devices.values():
+        if not d.migratable and entry.state != "error":
+            blockers.append(f"{d.name}: not migratable: {d.reason or 'not opened'}")
+        elif not d.migratable and d.reason:
+            blockers.append(f"{d.name}: {d.reason}")
+        notes += device_notes(d)
+    if entry.migration is not None and entry.migration.active:
+        notes.append(f"a migration is running now ({entry.migration.role}, to/from "
+                     f"{entry.migration.peer})")
+    room = host.memlock.headroom()
+    if room is not None and room < gc.ram_bytes:
+        notes.append(f"as a destination this host could pin {_gib(room)} more but the guest "
+                     f"needs {_gib(gc.ram_bytes)}: set LimitMEMLOCK=infinity in the unit "
+                     "or grant CAP_IPC_LOCK")
+    return {"target": gc.name, "kind": "guest", "migratable": not blockers,
+            "blockers": blockers, "notes": notes,
+            "devices": [_device_json(d) for d in entry.devices.values()],
+            "host": host_json(host, gc.ram_bytes)}
+
+
+def check_owned_device(d: DeviceEntry, entry: GuestEntry) -> dict[str, Any]:
+    blockers = [] if d.migratable else [d.reason or f"guest {entry.name} is not open "
+                                        f"({entry.error or entry.state})"]
+    return {"target": d.name, "kind": "device", "guest": entry.name,
+            "migratable": not blockers, "blockers": blockers, "notes": device_notes(d),
+            **_device_json(d)}
+
+
+def _device_json(d: DeviceEntry) -> dict[str, Any]:
+    return {"name": d.name, "protocol": d.protocol, "capabilities": d.flags,
+            "state": d.state_label, "tracker": d.tracker, "dma_logging": d.dma_logging,
+            "pre_copy_dirty_page_tracking": d.pre_copy_dirty_page_tracking,
+            "migratable": d.migratable, "reason": d.reason}
+
+
+def host_json(host: HostFacts, need: int | None = None) -> dict[str, Any]:
+    m = host.memlock
+    return {"hostname": host.hostname, "cpu_abi_level": host.cpu.abi_level.label,
+            "page_size": host.page_size, "memlock_headroom_bytes": m.headroom(),
+            "cap_ipc_lock": m.cap_ipc_lock, "sev": host.sev.host_offers_sev}
+
+
+def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, Any]:
+    """Probe a device no guest owns (``KernelError(ENODEV)`` if sysfs has no such device)."""
+    found = discover_device(kernel, name, paths)
+    out: dict[str, Any] = {"target": name, "kind": "device", "guest": None,
+                           **_discovered_json(found)}
+    if not found.vfio_capable or found.group is None:
+        return {**out, "migratable": False, "blockers": [found.reason], "notes": []}
+    try:
+        facts = _probe_open(kernel, paths, found)
+    except NotMigratable as e:
+        return {**out, "migratable": False, "blockers": [e.reason], "notes": []}
+    except KernelError as e:
+        why = str(e)
+        if e.errno == errno.EBUSY:
+            why = (f"IOMMU group {found.group} is open in another process (a VMM owns the "
+                   f"device); vfiod cannot probe it: {e}")
+        return {**out, "migratable": False, "blockers": [why], "notes": []}
+    notes = []
+    if facts["tracker"] == "none":
+        notes.append(f"{name}: no dirty-page tracking available: pre-copy cannot converge")
+    return {**out, **facts, "migratable": True, "blockers": [], "notes": notes}
+
+
+def _discovered_json(found: DiscoveredDevice) -> dict[str, Any]:
+    return {"device_kind": found.kind, "group": found.group, "driver": found.driver,
+            "vfio_capable": found.vfio_capable, "reason": found.reason}
+
+
+def _probe_open(kernel: KernelOps, paths: HostPaths, found: DiscoveredDevice) -> dict[str, Any]:
+    assert found.group is not None
+    container = Container.open(kernel, paths)
+    driver: MigrationDriver | None = None
+    try:
+        group = Group.open(kernel, paths, found.group)
+        try:
+            group.set_container(container)
+        except BaseException:
+            group.close()
+            raise
+        if container.iommu_type is None:
+            container.set_iommu()
+        dev = group.get_device(found.name)
+        driver = probe(dev)
+        flags = int(getattr(driver, "flags", 0)) if driver.protocol == "v2" else 0
+        caps = [n for n, bit in _CAPS if flags & bit] or ["V1_REGION"]
+        try:
+            logging = dev.dma_logging_probe()
+        except KernelError:
+            logging = False
+        try:
+            tracker = select(DmaSpace(found.name, [dev], type1=container)).chain[0].name
+        except (VfiodError, ValueError):
+            tracker = None
+        return {"protocol": driver.protocol, "capabilities": caps, "dma_logging": logging,
+                "tracker": tracker}
+    finally:
+        if driver is not None:
+            try:
+                driver.cleanup()          # v1 window mappings go before the device fd
+            except KernelError:
+                pass
+        container.close()

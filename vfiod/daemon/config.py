@@ -1,0 +1,373 @@
+"""The daemon's configuration: ``/etc/vfiod/vfiod.toml`` validated into frozen dataclasses
+(design.md §6). A bad file is refused whole, naming the file, line and key
+(``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied.
+
+    [control]
+    socket = "/run/vfiod/control.sock"   # Unix socket for `vfiod ctl`
+    group = "vfiod"                      # root and members of this group may use it
+
+    [metrics]
+    listen = "127.0.0.1:9477"            # Prometheus /metrics; "" turns it off
+
+    [migration]
+    listen = "0.0.0.0:4444"              # accept incoming migrations (absent: do not)
+    downtime_limit_ms = 300              # default switchover limit
+    timeout_s = 600                      # default: none
+    on_timeout = "cancel"                # or "force"
+    bandwidth_limit = "1GiB"             # bytes per second; default: unlimited
+
+    [paths]                              # roots of sysfs and devfs (tests use trees)
+    sysfs = "/sys"
+    dev = "/dev"
+
+    [[guest]]
+    name = "g1"
+    memory = "4GiB"                      # one RAM region at guest address 0, or [[guest.ram]]
+    start = "running"                    # "incoming": wait for a migration into it
+    [[guest.device]]
+    name = "0000:3b:00.1"
+    pre_copy_dirty_page_tracking = true  # false = QEMU's x-pre-copy-dirty-page-tracking=off
+
+    [sim]                                # the simulated host for `vfiod run --backend sim`
+    [[sim.device]]
+    name = "0000:3b:00.1"
+    capability = "v2_precopy_p2p_log"    # a vfiod.kernel.sim.migration capability set
+    [[sim.workload]]
+    guest = "g1"
+    dirty_rate = "16MiB"                 # bytes per second its devices DMA into guest RAM
+    fill = "64MiB"                       # initial content written before the guest runs
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+
+from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config_toml import KeyLines, Table
+from vfiod.errors import ConfigError
+
+DEFAULT_PATH = "/etc/vfiod/vfiod.toml"
+DEFAULT_SOCKET = "/run/vfiod/control.sock"
+DEFAULT_METRICS = "127.0.0.1:9477"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
+_DEVICE = r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}"
+CAPABILITIES = ("v1", "v1_log", "v2_stop_copy", "v2_stop_copy_log", "v2_p2p", "v2_p2p_log",
+                "v2_precopy", "v2_precopy_log", "v2_precopy_p2p", "v2_precopy_p2p_log",
+                "not_migratable")
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = DEFAULT_SOCKET
+    group: str = "vfiod"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Address | None = Address("127.0.0.1", 9477)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str
+    key: str
+    ca: str
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    listen: Address | None = None
+    downtime_limit_ms: float = 300.0
+    timeout_s: float | None = None
+    on_timeout: str = "cancel"
+    bandwidth_limit: int | None = None
+    tls: TlsFiles | None = None
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    sysfs: str = "/sys"
+    dev: str = "/dev"
+
+
+@dataclass(frozen=True)
+class RamConfig:
+    name: str
+    gpa: int
+    size: int
+    path: str | None = None        # a shared file (hugetlbfs, /dev/shm); None = a new memfd
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    container: str = "default"
+    pre_copy_dirty_page_tracking: bool = True
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    ram: tuple[RamConfig, ...]
+    devices: tuple[DeviceConfig, ...] = ()
+    page_size: int = 4096
+    memory_encryption: str = "none"
+    start: str = "running"
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(r.size for r in self.ram)
+
+
+@dataclass(frozen=True)
+class SimDeviceConfig:
+    name: str
+    capability: str
+    group: int | None = None
+    kind: str = "pci"
+    state_size: int | None = None
+    precopy_size: int | None = None
+    dirty_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class SimHostDeviceConfig:
+    name: str
+    driver: str | None
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class SimWorkload:
+    guest: str
+    dirty_rate: int                # bytes of guest RAM written per second (device DMA)
+    fill: int = 0                  # bytes of initial content written before it runs
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    devices: tuple[SimDeviceConfig, ...] = ()
+    host_devices: tuple[SimHostDeviceConfig, ...] = ()
+    workloads: tuple[SimWorkload, ...] = ()
+    iommu_dirty_tracking: bool = False
+    memlock_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "(defaults)"
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    migration: MigrationConfig = MigrationConfig()
+    paths: PathsConfig = PathsConfig()
+    guests: tuple[GuestConfig, ...] = ()
+    sim: SimConfig = SimConfig()
+
+    def guest(self, name: str) -> GuestConfig | None:
+        return next((g for g in self.guests if g.name == name), None)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate ``path``; ``ConfigError`` naming file, line and key if it is bad."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str = "(text)") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends with "(at line N, column M)".
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    top = Table(data, (), KeyLines(text), source)
+    cfg = Config(source=source, control=_control(top.table("control")),
+                 metrics=_metrics(top.table("metrics")),
+                 migration=_migration(top.table("migration")),
+                 paths=_paths(top.table("paths")),
+                 guests=tuple(_guest(t) for t in top.tables("guest")),
+                 sim=_sim(top.table("sim")))
+    top.finish()
+    _cross_checks(cfg, top)
+    return cfg
+
+
+def _address(t: Table, key: str, default: str | None) -> Address | None:
+    text = t.string(key, default)
+    if not text:
+        return None
+    try:
+        host, port = parse_host_port(text, what=key)
+    except ValueError as e:
+        raise t.error(key, str(e)) from None
+    return Address(host, port)
+
+
+def _control(t: Table) -> ControlConfig:
+    sock = str(t.string("socket", DEFAULT_SOCKET))
+    if not os.path.isabs(sock):
+        raise t.error("socket", f"{sock!r} must be an absolute path")
+    group = str(t.string("group", "vfiod", pattern=r"[a-z_][a-z0-9_-]{0,31}\$?",
+                         hint="a Unix group name"))
+    t.finish()
+    return ControlConfig(sock, group)
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    cfg = MetricsConfig(_address(t, "listen", DEFAULT_METRICS))
+    t.finish()
+    return cfg
+
+
+def _migration(t: Table) -> MigrationConfig:
+    listen = _address(t, "listen", None)
+    limit = t.number("downtime_limit_ms", 300.0, high=3_600_000)
+    timeout = t.number("timeout_s", None, high=7 * 86400)
+    on_timeout = t.choice("on_timeout", ("cancel", "force"), "cancel")
+    bw = t.size("bandwidth_limit", None, low=1)
+    tls = None
+    if t.has("tls"):
+        tt = t.table("tls")
+        files = [str(tt.string(k, required=True, hint="a PEM file path")) for k in
+                 ("cert", "key", "ca")]
+        tt.finish()
+        tls = TlsFiles(*files)
+    t.finish()
+    return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls)
+
+
+def _paths(t: Table) -> PathsConfig:
+    out = []
+    for key, default in (("sysfs", "/sys"), ("dev", "/dev")):
+        v = str(t.string(key, default))
+        if not os.path.isabs(v):
+            raise t.error(key, f"{v!r} must be an absolute path")
+        out.append(v)
+    t.finish()
+    return PathsConfig(*out)
+
+
+def _guest(t: Table) -> GuestConfig:
+    name = str(t.string("name", required=True, pattern=_NAME,
+                        hint="letters, digits and '_.+-', at most 64"))
+    page = int(t.integer("page_size", 4096, low=4096) or 4096)
+    if page & (page - 1):
+        raise t.error("page_size", f"{page} is not a power of two")
+    ram: list[RamConfig] = []
+    where: list[Table] = []
+    if t.has("memory"):
+        if t.has("ram"):
+            raise t.error("memory", "give either memory (one region) or [[guest.ram]], "
+                          "not both")
+        ram.append(RamConfig("ram0", 0, int(t.size("memory", low=page, multiple_of=page)
+                                            or 0)))
+        where.append(t)
+    for r in t.tables("ram"):
+        where.append(r)
+        ram.append(RamConfig(
+            str(r.string("name", f"ram{len(ram)}", pattern=_NAME)),
+            int(r.size("gpa", 0, multiple_of=page) or 0),
+            int(r.size("size", required=True, low=page, multiple_of=page) or 0),
+            r.string("path")))
+        if ram[-1].path is not None and not os.path.isabs(ram[-1].path or ""):
+            raise r.error("path", "must be an absolute path")
+        r.finish()
+    if not ram:
+        raise t.error(None, f"guest {name} has no memory: add memory = \"4GiB\" or "
+                      "[[guest.ram]] tables")
+    for i, r in enumerate(ram):
+        for other in ram[:i]:
+            if other.name == r.name:
+                raise where[i].error("name", f"RAM region name {r.name!r} is used twice")
+            if r.gpa < other.gpa + other.size and other.gpa < r.gpa + r.size:
+                raise where[i].error("gpa", f"RAM region {r.name} "
+                                     f"[{r.gpa:#x}, {r.gpa + r.size:#x}) overlaps "
+                                     f"{other.name} [{other.gpa:#x}, "
+                                     f"{other.gpa + other.size:#x})")
+    devices = []
+    for d in t.tables("device"):
+        devices.append(DeviceConfig(
+            str(d.string("name", required=True, pattern=_DEVICE,
+                         hint="a PCI address (0000:3b:00.1) or an mdev UUID")),
+            str(d.string("container", "default", pattern=_NAME)),
+            d.boolean("pre_copy_dirty_page_tracking", True)))
+        d.finish()
+    enc = t.choice("memory_encryption", ("none", "sev", "sev-es", "sev-snp", "tdx"), "none")
+    start = t.choice("start", ("running", "incoming"), "running")
+    t.finish()
+    return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start)
+
+
+def _sim(t: Table) -> SimConfig:
+    devices = []
+    for d in t.tables("device"):
+        devices.append(SimDeviceConfig(
+            str(d.string("name", required=True, pattern=_DEVICE)),
+            d.choice("capability", CAPABILITIES, "v2_precopy_p2p"),
+            d.integer("group", None, low=0, high=1 << 20),
+            d.choice("kind", ("pci", "mdev"), "pci"),
+            d.size("state_size", None, low=1), d.size("precopy_size", None, low=0),
+            d.size("dirty_rate", None, low=0)))
+        d.finish()
+    hosts = []
+    for h in t.tables("host_device"):
+        driver = h.string("driver", "ixgbe")
+        hosts.append(SimHostDeviceConfig(str(h.string("name", required=True, pattern=_DEVICE)),
+                                         driver or None, h.integer("group", None, low=0)))
+        h.finish()
+    loads = []
+    for w in t.tables("workload"):
+        loads.append(SimWorkload(str(w.string("guest", required=True, pattern=_NAME)),
+                                 int(w.size("dirty_rate", required=True, low=0) or 0),
+                                 int(w.size("fill", 0, low=0) or 0),
+                                 int(w.integer("seed", 1, low=0) or 0)))
+        w.finish()
+    cfg = SimConfig(tuple(devices), tuple(hosts), tuple(loads),
+                    t.boolean("iommu_dirty_tracking", False),
+                    t.size("memlock_limit", None, low=0))
+    t.finish()
+    return cfg
+
+
+def _cross_checks(cfg: Config, top: Table) -> None:
+    guests = top.tables("guest")
+    seen: dict[str, str] = {}
+    for i, g in enumerate(cfg.guests):
+        if any(h.name == g.name for h in cfg.guests[:i]):
+            raise guests[i].error("name", f"guest name {g.name!r} is used twice")
+        devs = guests[i].tables("device")
+        for j, d in enumerate(g.devices):
+            if d.name in seen:
+                raise devs[j].error("name", f"device {d.name} already belongs to guest "
+                                    f"{seen[d.name]}")
+            seen[d.name] = g.name
+    sim = top.table("sim")
+    names: list[str] = []
+    for key, items in (("device", cfg.sim.devices), ("host_device", cfg.sim.host_devices)):
+        for i, item in enumerate(items):
+            if item.name in names:
+                raise sim.tables(key)[i].error("name", f"simulated device {item.name} is "
+                                               "defined twice")
+            names.append(item.name)
+    for i, w in enumerate(cfg.sim.workloads):
+        if cfg.guest(w.guest) is None:
+            raise sim.tables("workload")[i].error("guest", f"no [[guest]] named {w.guest!r}")

@@ -1,0 +1,251 @@
+"""The control socket: a Unix stream socket speaking the JSON-lines protocol of
+``vfiod.api`` (design.md §6), for ``vfiod ctl`` and automation.
+
+* Who may talk: the peer's credentials (``SO_PEERCRED``: pid, uid, gid) are checked on
+  accept; root and members of the control group (``vfiod`` by default, primary or
+  supplementary) are served, anyone else gets one ``permission_denied`` answer naming the
+  uid and the group, and the connection is closed. The socket file is also mode 0660 and
+  owned by that group, but the credential check is what counts (a socket inherited by
+  another process still carries its creator's credentials).
+* One JSON request per line, answered in order on the same connection; a bad line gets a
+  clear error (``bad_json``, ``bad_request``, ``unsupported_schema``, ``unknown_op``) and the
+  connection stays usable. Only a line over ``MAX_LINE`` closes it, since the stream cannot
+  be re-synchronised after a truncated line.
+* A handler that raises anything but ``ApiError`` is a daemon bug: the client gets
+  ``internal`` with the exception's type and text, the traceback goes to the log, and the
+  daemon keeps serving.
+* A thread per connection, at most ``max_clients`` at once (others get ``busy``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vfiod.api.ops import Args, parse_args
+from vfiod.api.schema import MAX_LINE, ApiError, ErrorCode, Request, RequestError, Response
+from vfiod.errors import VfiodError
+
+log = logging.getLogger("vfiod.control")
+
+#: Runs one validated request; returns the result object or raises ApiError.
+Dispatch = Callable[[str, Args], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    """The connecting process's credentials as the kernel recorded them at connect()."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def proc_groups(cred: PeerCred, proc_root: str = "/proc") -> frozenset[int]:
+    """The peer's supplementary groups from /proc/PID/status (empty if unreadable: the
+    process may have exited, and then it is refused unless root or the primary group)."""
+    try:
+        with open(os.path.join(proc_root, str(cred.pid), "status"), encoding="ascii",
+                  errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def check_peer(cred: PeerCred, allowed_gid: int | None, group_name: str,
+               groups: Callable[[PeerCred], frozenset[int]] = proc_groups) -> str | None:
+    """None if ``cred`` may use the socket, else the refusal message."""
+    if cred.uid == 0:
+        return None
+    if allowed_gid is not None and (cred.gid == allowed_gid or allowed_gid in groups(cred)):
+        return None
+    why = (f"group {group_name!r} (gid {allowed_gid})" if allowed_gid is not None else
+           f"group {group_name!r}, which does not exist on this host")
+    return (f"uid {cred.uid} (pid {cred.pid}) is neither root nor a member of {why}: "
+            "ask an administrator to add you to that group")
+
+
+class ControlServer:
+    def __init__(self, path: str, dispatch: Dispatch, *, group: str = "vfiod",
+                 allowed_gid: int | None = None, max_clients: int = 64,
+                 on_request: Callable[[bool], None] | None = None,
+                 on_refused: Callable[[], None] | None = None,
+                 groups: Callable[[PeerCred], frozenset[int]] = proc_groups) -> None:
+        self.path = path
+        self.dispatch = dispatch
+        self.group = group
+        self.allowed_gid = allowed_gid
+        self.max_clients = max_clients
+        self._on_request = on_request or (lambda ok: None)
+        self._on_refused = on_refused or (lambda: None)
+        self._groups = groups
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._clients: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and listen (synchronously: when this returns, clients can connect)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o660)
+            if self.allowed_gid is not None:
+                try:
+                    os.chown(self.path, -1, self.allowed_gid)
+                except OSError as e:       # not root and not in the group: root-only then
+                    log.warning("cannot give %s to group %s: %s", self.path, self.group,
+                                e.strerror)
+            sock.listen(16)
+        except OSError as e:
+            sock.close()
+            raise VfiodError(f"control socket {self.path}: {errno.errorcode.get(e.errno or 0, e)}"
+                             f" ({e.strerror})") from None
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="vfiod-control",
+                                        daemon=True)
+        self._thread.start()
+
+    def _remove_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise VfiodError(f"control socket {self.path} exists and is not a socket; "
+                             "refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)           # nobody listens: left over from a crash
+            return
+        finally:
+            probe.close()
+        raise VfiodError(f"control socket {self.path} is in use: another vfiod is running")
+
+    def close(self) -> None:
+        self._closing = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # wakes accept() in the server thread
+            except OSError:
+                pass
+            sock.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # -- serving ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closing and self._sock is not None:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closing:
+                    return
+                continue
+            with self._lock:
+                full = len(self._clients) >= self.max_clients
+                if not full:
+                    self._clients.add(conn)
+            if full:
+                self._refuse(conn, ApiError(ErrorCode.BUSY, f"more than {self.max_clients} "
+                                            "control connections; try again"))
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="vfiod-control-conn",
+                             daemon=True).start()
+
+    def _refuse(self, conn: socket.socket, err: ApiError) -> None:
+        try:
+            conn.sendall(Response.failure(None, err).encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            cred = peer_cred(conn)
+            why = check_peer(cred, self.allowed_gid, self.group, self._groups)
+            if why is not None:
+                log.warning("control: refused %s", why)
+                self._on_refused()
+                self._refuse(conn, ApiError(ErrorCode.PERMISSION_DENIED, why))
+                return
+            self._serve_lines(conn)
+        except OSError:
+            pass                           # the client went away
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+            conn.close()
+
+    def _serve_lines(self, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            while b"\n" not in buf:
+                if len(buf) > MAX_LINE:
+                    err = ApiError(ErrorCode.TOO_LARGE, f"request line exceeds {MAX_LINE} "
+                                   "bytes; closing the connection")
+                    self._on_request(False)
+                    conn.sendall(Response.failure(None, err).encode())
+                    return
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            line, _, buf = buf.partition(b"\n")
+            if not line.strip():
+                continue
+            resp = self.handle_line(line)
+            self._on_request(resp.ok)
+            conn.sendall(resp.encode())
+
+    def handle_line(self, line: bytes) -> Response:
+        """One request line → its response (never raises)."""
+        try:
+            req = Request.decode(line)
+        except RequestError as e:
+            return Response.failure(e.request_id, e)
+        except ApiError as e:
+            return Response.failure(None, e)
+        try:
+            args = parse_args(req.op, req.args)
+            return Response.success(req.id, self.dispatch(req.op, args))
+        except ApiError as e:
+            return Response.failure(req.id, e)
+        except Exception as e:  # noqa: BLE001 - a handler bug must not kill the server
+            log.exception("control: %s failed", req.op)
+            return Response.failure(req.id, ApiError(
+                ErrorCode.INTERNAL, f"{req.op}: internal error: {type(e).__name__}: {e}"))

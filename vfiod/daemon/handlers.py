@@ -1,0 +1,219 @@
+"""The control operations: what the daemon does for each validated request
+(design.md §6; the operations and their arguments are defined in ``vfiod.api.ops``).
+
+Every failure is an ``ApiError`` with a code the client can branch on: ``not_found`` (no
+such guest or device), ``busy`` (a migration of that guest runs), ``failed`` (the
+operation ran and the kernel or the guest's state said no, with the reason).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfiod import __version__
+from vfiod.api.ops import (
+    Args,
+    CancelArgs,
+    CheckArgs,
+    DirtyTrackingArgs,
+    MigrateArgs,
+    StatusArgs,
+)
+from vfiod.api.schema import SCHEMA_VERSION, ApiError, ErrorCode
+from vfiod.daemon import check
+from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.registry import GuestEntry, Registry
+from vfiod.errors import KernelError
+from vfiod.kernel.ops import KernelOps
+from vfiod.migration.hostfacts import HostFacts
+from vfiod.vfio import HostPaths
+from vfiod.vfio.discovery import discover
+
+
+@dataclass
+class DaemonInfo:
+    """Static facts about this daemon, shown by ``hello`` and ``status``."""
+
+    backend: str
+    config: str
+    control_socket: str
+    metrics: str | None = None
+    migration_listen: str | None = None
+    started: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+    restart_needed: list[str] = field(default_factory=list)
+    reload_error: str | None = None
+
+
+class Handlers:
+    def __init__(self, registry: Registry, guests: GuestManager, migrations: MigrationService,
+                 kernel: KernelOps, paths: HostPaths, facts: Callable[[], HostFacts],
+                 info: DaemonInfo) -> None:
+        self.registry = registry
+        self.guests = guests
+        self.migrations = migrations
+        self.kernel = kernel
+        self.paths = paths
+        self.facts = facts
+        self.info = info
+
+    def __call__(self, op: str, args: Args) -> dict[str, Any]:
+        if op == "hello":
+            return self.hello()
+        if op == "status":
+            assert isinstance(args, StatusArgs)
+            return self.status(args)
+        if op == "devices":
+            return self.devices()
+        if op == "check":
+            assert isinstance(args, CheckArgs)
+            return self.check(args)
+        if op == "migrate":
+            assert isinstance(args, MigrateArgs)
+            return self.migrate(args)
+        if op == "cancel":
+            assert isinstance(args, CancelArgs)
+            return self.cancel(args)
+        if op == "dirty_tracking":
+            assert isinstance(args, DirtyTrackingArgs)
+            return self.dirty_tracking(args)
+        raise ApiError(ErrorCode.UNKNOWN_OP, f"operation {op!r} has no handler")
+
+    # -- lookups ---------------------------------------------------------------------------
+    def _guest(self, name: str) -> GuestEntry:
+        entry = self.registry.guest(name)
+        if entry is None:
+            known = ", ".join(sorted(self.registry.guests)) or "none configured"
+            raise ApiError(ErrorCode.NOT_FOUND, f"no guest {name!r} (guests: {known})")
+        return entry
+
+    def _owner(self, device: str) -> GuestEntry | None:
+        with self.registry.lock:
+            return next((g for g in self.registry.guests.values() if device in g.devices),
+                        None)
+
+    # -- operations ------------------------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        return {"version": __version__, "schema": SCHEMA_VERSION,
+                "backend": self.info.backend, "pid": self.info.pid}
+
+    def status(self, args: StatusArgs) -> dict[str, Any]:
+        if args.guest is not None:
+            self._guest(args.guest)
+        with self.registry.lock:
+            lives = {g.name: g.migration.live for g in self.registry.guests.values()
+                     if g.migration is not None and g.migration.live is not None}
+        live: dict[str, Any] = {}
+        for name, fn in lives.items():          # outside the lock: the session's own status
+            try:
+                live[name] = fn()
+            except Exception as e:  # noqa: BLE001 - status must answer even mid-teardown
+                live[name] = {"error": f"{type(e).__name__}: {e}"}
+        snap = self.registry.snapshot()
+        guests = [g for g in snap["guests"] if args.guest in (None, g["name"])]
+        for g in guests:
+            if g["migration"] is not None and g["name"] in live:
+                g["migration"]["live"] = live[g["name"]]
+        i = self.info
+        return {"daemon": {"version": __version__, "schema": SCHEMA_VERSION,
+                           "backend": i.backend, "pid": i.pid, "config": i.config,
+                           "uptime_s": time.time() - i.started,
+                           "control_socket": i.control_socket, "metrics": i.metrics,
+                           "migration_listen": i.migration_listen,
+                           "restart_needed": list(i.restart_needed),
+                           "reload_error": i.reload_error},
+                "guests": guests,
+                "finished": [m for m in snap["finished"] if args.guest in (None, m["guest"])]}
+
+    def devices(self) -> dict[str, Any]:
+        try:
+            found = discover(self.kernel, self.paths)
+        except KernelError as e:
+            raise ApiError(ErrorCode.FAILED, f"device discovery failed: {e}") from None
+        out = []
+        with self.registry.lock:
+            for d in found:
+                owner = self._owner(d.name)
+                entry = owner.devices[d.name] if owner is not None else None
+                out.append({
+                    "name": d.name, "kind": d.kind, "group": d.group, "driver": d.driver,
+                    "vendor": f"{d.vendor:#06x}" if d.vendor is not None else None,
+                    "device": f"{d.device:#06x}" if d.device is not None else None,
+                    "vfio_capable": d.vfio_capable, "reason": d.reason,
+                    "guest": owner.name if owner is not None else None,
+                    "protocol": entry.protocol if entry else None,
+                    "state": entry.state_label if entry else None,
+                    "tracker": entry.tracker if entry else None,
+                    "pre_copy_dirty_page_tracking":
+                        entry.pre_copy_dirty_page_tracking if entry else None,
+                })
+        return {"devices": out}
+
+    def check(self, args: CheckArgs) -> dict[str, Any]:
+        entry = self.registry.guest(args.target)
+        if entry is not None:
+            with self.registry.lock:
+                for refresh in self.registry.refreshers:
+                    refresh()
+                return check.check_guest(entry, self.facts())
+        owner = self._owner(args.target)
+        if owner is not None:
+            with self.registry.lock:
+                return check.check_owned_device(owner.devices[args.target], owner)
+        try:
+            return check.probe_unowned(self.kernel, self.paths, args.target)
+        except KernelError as e:
+            if e.errno == errno.ENODEV:
+                raise ApiError(ErrorCode.NOT_FOUND, f"no guest or device {args.target!r} "
+                               f"on this host ({e})") from None
+            raise ApiError(ErrorCode.FAILED, f"check {args.target}: {e}") from None
+
+    def migrate(self, args: MigrateArgs) -> dict[str, Any]:
+        entry = self._guest(args.guest)
+        with self.registry.lock:
+            if entry.migration is not None and entry.migration.active:
+                raise ApiError(ErrorCode.BUSY, f"guest {entry.name} is already migrating "
+                               f"({entry.migration.role}, {entry.migration.peer})")
+            if entry.state != "running" or entry.handle is None:
+                why = entry.error if entry.state == "error" else f"it is {entry.state} here"
+                raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated "
+                               f"from this host: {why}")
+            bad = [d for d in entry.devices.values() if not d.migratable]
+            if bad:
+                raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated: "
+                               + "; ".join(f"{d.name}: {d.reason}" for d in bad))
+        try:
+            rec = self.migrations.start_outgoing(
+                entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
+                timeout_s=args.timeout_s, on_timeout=args.on_timeout)
+        except ValueError as e:          # raced with another migrate
+            raise ApiError(ErrorCode.BUSY, str(e)) from None
+        return {"migration": rec.to_json()}
+
+    def cancel(self, args: CancelArgs) -> dict[str, Any]:
+        entry = self._guest(args.guest)
+        rec = self.migrations.cancel(entry)
+        if rec is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
+                           "running")
+        return {"migration": rec.id, "guest": entry.name, "cancel_requested": True}
+
+    def dirty_tracking(self, args: DirtyTrackingArgs) -> dict[str, Any]:
+        owner = self._owner(args.device)
+        if owner is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"device {args.device} belongs to no guest "
+                           "of this daemon")
+        with self.registry.lock:
+            if owner.migration is not None and owner.migration.active:
+                raise ApiError(ErrorCode.BUSY, f"guest {owner.name} is migrating: the "
+                               "opt-out is read when a migration starts; change it before "
+                               "or after")
+            self.guests.set_tracking(owner, args.device, args.enabled)
+        return {"device": args.device, "guest": owner.name,
+                "pre_copy_dirty_page_tracking": args.enabled}

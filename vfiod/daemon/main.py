@@ -1,0 +1,293 @@
+"""The daemon's wiring root: ``vfiod run`` (design.md §6).
+
+Start-up order, each step before the next, so ``READY=1`` means "serving":
+
+1. the configuration (``config.py``; a bad file stops here, naming key and line);
+2. the kernel: ``LinuxKernel`` over /sys and /dev, or the simulated host of ``[sim]``;
+3. the guests (``guests.py``): containers, groups, devices, RAM mapped for DMA, probes;
+4. the migration listener (incoming migrations), the control socket, the metrics endpoint;
+5. ``READY=1`` with a STATUS line, and the watchdog thread if systemd asked for one.
+
+The main loop wakes at least every second (or a quarter of the watchdog interval), beats
+the heartbeat the watchdog checks, refreshes STATUS while migrations run, and acts on
+signals: SIGTERM/SIGINT stop gracefully (``STOPPING=1``; running migrations are
+cancelled, so a source's devices are back to RUNNING; then the guests' fds are closed),
+SIGHUP reloads the configuration (``RELOADING=1`` ... ``READY=1``): the migration
+defaults and the per-device opt-out apply at once; what needs a restart (sockets, paths,
+guests, the simulated host) is listed in ``vfiod ctl status``; a bad file is refused and
+the running configuration stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config import DEFAULT_PATH, Config, load_config
+from vfiod.daemon.control_server import ControlServer
+from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.handlers import DaemonInfo, Handlers
+from vfiod.daemon.metrics import MetricsServer, VfiodCollector
+from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.registry import Registry
+from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
+from vfiod.errors import ConfigError, VfiodError
+from vfiod.kernel.linux import LinuxKernel
+from vfiod.kernel.ops import KernelOps
+from vfiod.migration.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.transport import TlsConfig, TransportError
+from vfiod.vfio import HostPaths
+
+log = logging.getLogger("vfiod")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    backend: str = "linux"                 # "linux" | "sim"
+    config: str | None = None              # None: DEFAULT_PATH if it exists, else defaults
+    control_socket: str | None = None      # overrides [control] socket
+    metrics_listen: str | None = None      # overrides [metrics] listen ("" = off)
+    migration_listen: str | None = None    # overrides [migration] listen
+    sim_root: str | None = None            # where the simulated host's tree lives
+
+
+def read_config(opts: RunOptions) -> Config:
+    path = opts.config
+    if path is None:
+        if not os.path.exists(DEFAULT_PATH):
+            return Config()
+        path = DEFAULT_PATH
+    return load_config(path)
+
+
+def _address(text: str, what: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text, what=what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class Daemon:
+    def __init__(self, opts: RunOptions, config: Config, notifier: Notifier | None = None) -> None:
+        self.opts = opts
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.registry = Registry()
+        self.heartbeat = Heartbeat()
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._sim: Any = None
+        self._sim_root: str | None = None
+        self.kernel: KernelOps = LinuxKernel()
+        self.paths = HostPaths(config.paths.sysfs, config.paths.dev)
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.watchdog: Watchdog | None = None
+        sock = opts.control_socket or config.control.socket
+        self.info = DaemonInfo(opts.backend, config.source, sock)
+        self.registry.info = {"backend": opts.backend}
+        self.guests: GuestManager
+        self.migrations: MigrationService
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg, opts = self.config, self.opts
+        workloads: tuple[Any, ...] = ()
+        starter = None
+        if opts.backend == "sim":
+            from vfiod.daemon.simhost import build_sim_host, start_workload
+
+            self._sim_root = opts.sim_root or tempfile.mkdtemp(prefix="vfiod-sim-")
+            self._sim = build_sim_host(cfg.sim, Path(self._sim_root))
+            self.kernel = self._sim.kernel
+            self.paths = HostPaths(self._sim.sysfs_root, self._sim.dev_root)
+            workloads = cfg.sim.workloads
+
+            def starter(guest: Any, load: Any) -> Any:
+                work = start_workload(self._sim, guest, load)
+                return work.stop if work is not None else None
+        self.guests = GuestManager(self.kernel, self.paths, self.registry, workloads=workloads,
+                                   start_workload=starter)
+        self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
+                                           cfg.migration, _tls(cfg))
+        self.guests.open_all(cfg.guests)
+        listen = opts.migration_listen or (str(cfg.migration.listen)
+                                           if cfg.migration.listen else None)
+        if listen:
+            host, port = _address(listen, "--migration-listen")
+            try:
+                bound = self.migrations.listen(host, port)
+            except TransportError as e:
+                raise VfiodError(f"migration listener {listen}: {e}") from None
+            self.info.migration_listen = f"{bound[0]}:{bound[1]}"
+        self.control = ControlServer(
+            self.info.control_socket,
+            Handlers(self.registry, self.guests, self.migrations, self.kernel, self.paths,
+                     self.host_facts, self.info),
+            group=cfg.control.group, allowed_gid=_gid(cfg.control.group),
+            on_request=self.registry.count_request, on_refused=self.registry.count_refused_peer)
+        self.control.start()
+        metrics = (opts.metrics_listen if opts.metrics_listen is not None
+                   else (str(cfg.metrics.listen) if cfg.metrics.listen else ""))
+        if metrics:
+            host, port = _address(metrics, "--metrics-listen")
+            pinned = (lambda: int(self.kernel.locked_bytes)) if self._sim else None  # type: ignore[attr-defined]
+            try:
+                self.metrics = MetricsServer(VfiodCollector(
+                    self.registry, backend=opts.backend, pinned_bytes=pinned), host, port)
+            except OSError as e:
+                raise VfiodError(f"metrics endpoint {metrics}: {e.strerror}") from None
+            self.info.metrics = self.metrics.address
+        interval = watchdog_interval()
+        if interval is not None:
+            self.watchdog = Watchdog(self.notifier, interval, self.heartbeat)
+            self.watchdog.start()
+        log.info("ready: %s", self.status_line())
+        self.notifier.ready(self.status_line())
+
+    def host_facts(self) -> HostFacts:
+        facts = gather_host_facts(self.kernel)
+        if self._sim is None:
+            return facts
+        # The simulated kernel pins nothing real: its limit is [sim] memlock_limit.
+        limit = self.config.sim.memlock_limit
+        mem = (MemlockFacts(None, None, 0, True) if limit is None else
+               MemlockFacts(limit, limit, int(self._sim.kernel.locked_bytes), False))
+        return dataclasses.replace(facts, memlock=mem)
+
+    def status_line(self) -> str:
+        snap = self.registry.snapshot()
+        states: dict[str, int] = {}
+        for g in snap["guests"]:
+            states[g["state"]] = states.get(g["state"], 0) + 1
+        moving = [f"{g['name']} {g['migration']['role']} {g['migration']['progress']['phase']}"
+                  for g in snap["guests"] if g["migration"] and g["migration"]["result"] is None]
+        parts = [f"{len(snap['guests'])} guest(s)"
+                 + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")"
+                    if states else "")]
+        if moving:
+            parts.append("migrating: " + ", ".join(moving))
+        parts.append(f"control {self.info.control_socket}")
+        if self.info.metrics:
+            parts.append(f"metrics {self.info.metrics}")
+        if self.info.migration_listen:
+            parts.append(f"incoming {self.info.migration_listen}")
+        return "; ".join(parts)
+
+    # -- main loop -------------------------------------------------------------------------
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_requested = True
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wake.set()
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or ``request_stop``); the caller ran ``start``."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._signal)
+        tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
+        last = ""
+        while not self._stop_requested:
+            self.heartbeat.beat()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            self._wake.wait(tick)
+            self._wake.clear()
+
+    def reload(self) -> None:
+        from vfiod.daemon.reload import apply_reload
+
+        self.notifier.reloading()
+        try:
+            new = read_config(self.opts)
+        except ConfigError as e:
+            self.info.reload_error = str(e)
+            log.error("reload refused, keeping the running configuration: %s", e)
+            self.notifier.ready(f"reload refused: {e}")
+            return
+        self.info.restart_needed = apply_reload(self, new)
+        self.info.reload_error = None
+        self.config = new
+        log.info("configuration reloaded from %s%s", new.source,
+                 f"; restart needed for: {', '.join(self.info.restart_needed)}"
+                 if self.info.restart_needed else "")
+        self.notifier.ready(self.status_line())
+
+    # -- stop ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.notifier.stopping("stopping: cancelling migrations, releasing devices")
+        log.info("stopping")
+        if self.control is not None:
+            self.control.close()
+        if hasattr(self, "migrations"):
+            self.migrations.shutdown()
+        if hasattr(self, "guests"):
+            self.guests.close_all()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self._sim is not None:
+            self._sim.close()
+        if self._sim_root is not None and self.opts.sim_root is None:
+            shutil.rmtree(self._sim_root, ignore_errors=True)
+        self.notifier.close()
+        log.info("stopped")
+
+
+def _gid(group: str) -> int | None:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("control group %r does not exist: only root may use the control socket",
+                    group)
+        return None
+
+
+def _tls(cfg: Config) -> TlsConfig | None:
+    t = cfg.migration.tls
+    return TlsConfig(t.cert, t.key, t.ca) if t is not None else None
+
+
+def run_daemon(opts: RunOptions) -> int:
+    """``vfiod run``: 0 after a clean stop, 1 if it could not start."""
+    try:
+        config = read_config(opts)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
+    daemon = Daemon(opts, config)
+    try:
+        daemon.start()
+    except (VfiodError, OSError) as e:
+        log.error("cannot start: %s", e)
+        daemon.shutdown()
+        return 1
+    try:
+        daemon.run()
+    finally:
+        daemon.shutdown()
+    return 0

@@ -1,0 +1,309 @@
+"""Running migrations for the daemon: outgoing ones ordered over the control socket, and
+incoming ones accepted on the migration listener (design.md §1 steps 5-6, §6).
+
+Each migration runs a ``vfiod.migration`` session on its own thread; this module wires
+it to the daemon: the offer (``offer.py``) says which guest a connection is for, the
+session's state handler and progress callback update the ``Registry`` (status, metrics),
+``cancel`` reaches the session from any thread, and the end of a migration decides what
+becomes of the guest (``GuestManager``): migrated away → re-opened fresh as "incoming";
+received → running here; a failed receive → re-opened fresh (a destination must start
+from zeroed memory).
+
+Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
+stopped, the guest resumed) and waits for the threads, bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vfiod.daemon.config import MigrationConfig
+from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
+from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.migration.hostfacts import HostFacts
+from vfiod.migration.linkprior import link_prior
+from vfiod.migration.predictor import Policy
+from vfiod.migration.session import MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session_dest import DestinationSession
+from vfiod.migration.session_link import ThrottledLink
+from vfiod.migration.session_source import SourceSession
+from vfiod.migration.states import MigrationState
+from vfiod.migration.status import IterationProgress
+from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
+from vfiod.migration.transport.control import TransportCode
+
+log = logging.getLogger("vfiod.migrations")
+
+PHASE = {MigrationState.SETUP: "setup", MigrationState.ACTIVE: "precopy",
+         MigrationState.DEVICE: "stopcopy", MigrationState.CANCELLING: "stopcopy"}
+OFFER_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class _Pending:
+    """Cancel requested before the session exists (while connecting) is kept here."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.session: SessionBase | None = None
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled.set()
+            session = self.session
+        if session is not None:
+            session.cancel("cancelled by the operator (vfiod ctl cancel)")
+
+    def attach(self, session: SessionBase) -> None:
+        with self.lock:
+            self.session = session
+            if self.cancelled.is_set():
+                session.cancel("cancelled by the operator (vfiod ctl cancel)")
+
+
+class MigrationService:
+    def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
+                 defaults: MigrationConfig, tls: TlsConfig | None = None) -> None:
+        self.registry = registry
+        self.guests = guests
+        self.facts = facts
+        self.defaults = defaults
+        self.tls = tls
+        self.listener: Listener | None = None
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+
+    # -- threads ---------------------------------------------------------------------------
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except Exception:  # noqa: BLE001 - logged; a migration thread must not vanish
+                log.exception("%s crashed", name)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+        t = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+
+    # -- outgoing --------------------------------------------------------------------------
+    def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
+                       downtime_limit_ms: float | None, timeout_s: float | None,
+                       on_timeout: str | None) -> MigrationRecord:
+        d = self.defaults
+        limit = downtime_limit_ms if downtime_limit_ms is not None else d.downtime_limit_ms
+        timeout = timeout_s if timeout_s is not None else d.timeout_s
+        policy = Policy(downtime_limit_s=limit / 1000, timeout_s=timeout,
+                        on_timeout=on_timeout or d.on_timeout)
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        rec = self.registry.begin_migration(entry.name, "source", peer,
+                                            downtime_limit_ms=limit, timeout_s=timeout,
+                                            on_timeout=policy.on_timeout)
+        pending = _Pending()
+        with self.registry.lock:
+            rec.cancel = pending.cancel
+        log.info("migration %s: guest %s to %s (limit %.0f ms)", rec.id, entry.name, peer, limit)
+        self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, host, port,
+                    policy, pending)
+        return rec
+
+    def _source(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
+                policy: Policy, pending: _Pending) -> None:
+        try:
+            self._source_session(rec, entry, host, port, policy, pending)
+        except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
+            log.exception("migration %s crashed", rec.id)
+            self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+
+    def _source_session(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
+                        policy: Policy, pending: _Pending) -> None:
+        guest = entry.handle
+        try:
+            conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
+        except TransportError as e:
+            self._fail(rec, f"cannot reach the destination: {e}")
+            return
+        with conn:
+            try:
+                send_offer(conn, Offer(guest.name, rec.id, socket.gethostname()),
+                           OFFER_TIMEOUT_S)
+            except TransportError as e:
+                reason = str(e.remote.get("message") or e)
+                self._fail(rec, f"the destination refused guest {guest.name}: {reason}")
+                return
+            if pending.cancelled.is_set():
+                self.registry.finish(rec, "cancelled", error="cancelled before the session "
+                                     "started; nothing was changed")
+                return
+            bw = self.defaults.bandwidth_limit
+            link: Any = ThrottledLink(conn, bw) if bw else conn
+            session = SourceSession(
+                guest, link, host=self.facts(), config=SessionConfig(policy=policy),
+                memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
+                link_prior=_prior(host), progress=lambda p: self._progress(rec, p))
+            res = self._run(rec, session, pending)
+        if res.result == "completed":
+            # The guest runs on the destination now; keep it ready to come back.
+            self.guests.reopen(entry, "incoming")
+
+    def _progress(self, rec: MigrationRecord, p: IterationProgress) -> None:
+        with self.registry.lock:
+            self.registry.update(
+                rec, iteration=p.iteration,
+                ram_sent_bytes=rec.progress.ram_sent_bytes + p.ram_sent_bytes,
+                ram_remaining_bytes=p.dirty_ram_bytes, device_remaining_bytes=p.device_bytes,
+                bandwidth_bps=p.bandwidth_bps, dirty_rate_bps=p.dirty_rate_bps,
+                predicted_downtime_s=p.predicted_downtime_s, will_converge=p.will_converge,
+                reason=p.reason, last_sync_s=p.sync_s, bytes_sent=p.total_sent_bytes)
+            self.registry.observe_sync(p.sync_s)
+
+    # -- incoming --------------------------------------------------------------------------
+    def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Accept incoming migrations on ``host:port`` (0 = any port); returns the address."""
+        self.listener = Listener(host, port, tls=self.tls)
+        self._spawn("vfiod-migration-listener", self._accept_loop)
+        return self.listener.address
+
+    def _accept_loop(self) -> None:
+        lst = self.listener
+        while lst is not None and not self._closing.is_set():
+            try:
+                conn = lst.accept(timeout=0.5)   # bounded so shutdown is noticed
+            except TransportError as e:
+                if e.code is not TransportCode.ACCEPT_TIMEOUT and not self._closing.is_set():
+                    log.warning("migration listener: %s", e)
+                continue
+            self._spawn("vfiod-incoming", self._destination, conn)
+
+    def _destination(self, conn: Connection) -> None:
+        with conn:
+            try:
+                offer = read_offer(conn, OFFER_TIMEOUT_S)
+            except (OfferError, TransportError) as e:
+                log.warning("incoming migration from %s refused: %s", conn.peer, e)
+                _try(lambda: refuse_offer(conn, str(e)))
+                return
+            entry = self.registry.guest(offer.guest)
+            try:
+                rec = self._admit(entry, offer, conn.peer)
+            except ValueError as e:
+                log.warning("incoming migration from %s refused: %s", conn.peer, e)
+                _try(lambda: refuse_offer(conn, str(e)))
+                return
+            assert entry is not None
+            pending = _Pending()
+            with self.registry.lock:
+                rec.cancel = pending.cancel
+            try:
+                accept_offer(conn)
+                session = DestinationSession(
+                    entry.handle, conn, host=self.facts(), config=SessionConfig(),
+                    memory_encryption=entry.config.memory_encryption,
+                    migration_id=offer.migration_id or rec.id)
+                res = self._run(rec, session, pending)
+            except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
+                log.exception("incoming migration %s crashed", rec.id)
+                self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+                self.guests.reopen(entry, "incoming")
+                return
+        if res.result == "completed":
+            with self.registry.lock:
+                entry.state = "running"
+            self.guests.started_running(entry)
+        else:
+            self.guests.reopen(entry, "incoming")
+
+    def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str) -> MigrationRecord:
+        if entry is None:
+            raise ValueError(f"this host has no guest {offer.guest!r} configured")
+        with self.registry.lock:
+            if entry.state != "incoming" or entry.handle is None:
+                why = entry.error if entry.state == "error" else f"it is {entry.state} here"
+                raise ValueError(f"guest {offer.guest} cannot be received: {why}")
+            return self.registry.begin_migration(entry.name, "destination", peer)
+
+    # -- both ------------------------------------------------------------------------------
+    def _run(self, rec: MigrationRecord, session: SessionBase,
+             pending: _Pending) -> MigrationResult:
+        def on_state(old: MigrationState, new: MigrationState) -> None:
+            phase = PHASE.get(new)
+            fields = {"phase": phase} if phase else {}
+            self.registry.update(rec, state=new.value, **fields)
+            log.info("migration %s (%s %s): %s -> %s", rec.id, rec.role, rec.guest,
+                     old.name, new.name)
+
+        session.add_state_handler(on_state)
+        with self.registry.lock:
+            rec.live = lambda: session.status().to_dict()
+            rec.progress.ram_total_bytes = session.guest.ram_bytes
+        pending.attach(session)
+        res = session.run()
+        self.registry.finish(rec, res.result if res.result in ("completed", "cancelled")
+                             else "failed", error=res.reason or None,
+                             downtime_s=res.actual_downtime_s,
+                             predicted_s=res.predicted_downtime_s, verified=res.verified)
+        with self.registry.lock:
+            rec.progress.bytes_sent = res.stream_bytes if rec.role == "source" else 0
+            rec.progress.bytes_received = res.stream_bytes if rec.role != "source" else 0
+        log.info("migration %s (%s %s): %s%s", rec.id, rec.role, rec.guest, res.result,
+                 f": {res.reason}" if res.reason else "")
+        return res
+
+    def _fail(self, rec: MigrationRecord, reason: str) -> None:
+        log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
+        self.registry.finish(rec, "failed", error=reason)
+
+    def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
+        """Ask the guest's running migration to cancel; None if none runs."""
+        with self.registry.lock:
+            rec = entry.migration
+            if rec is None or not rec.active or rec.cancel is None:
+                return None
+            cancel = rec.cancel
+        cancel()
+        return rec
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Cancel every running migration and wait for the threads (bounded)."""
+        self._closing.set()
+        for entry in list(self.registry.guests.values()):
+            self.cancel(entry)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("shutdown: %d migration thread(s) still running after %.0f s",
+                          len(threads), timeout_s)
+                break
+            threads[0].join(left)
+        if self.listener is not None:
+            self.listener.close()
+
+
+def _prior(host: str) -> Any:
+    try:
+        return link_prior(host)
+    except Exception as e:  # noqa: BLE001 - the prior is advisory; the default applies
+        log.info("no link prior for %s: %s", host, e)
+        return None
+
+
+def _try(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except (TransportError, OSError):
+        pass

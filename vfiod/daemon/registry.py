@@ -1,0 +1,289 @@
+"""What the daemon owns, in one place: its guests (with their devices), the migrations it
+runs or receives, and the counters and histograms the metrics endpoint reads
+(design.md §6).
+
+Every writer (the control server's handlers, migration threads) and every reader (status
+requests, the Prometheus collector at scrape time) goes through ``Registry``'s lock and
+gets copies, so a scrape never sees a half-updated migration. Nothing here talks to the
+kernel or to prometheus_client: ``snapshot()`` turns the live objects into plain values.
+
+Migration ids are for logs and ``vfiod ctl status`` only; metrics use bounded labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfiod.daemon.config import GuestConfig
+
+#: Seconds; around the 300 ms default downtime limit (peers.md §7.1: 0.05-2 s).
+DOWNTIME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+#: Seconds one dirty sync takes (an ioctl per container plus the merge).
+SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+RESULTS = ("completed", "failed", "cancelled")
+PHASES = ("setup", "precopy", "stopcopy", "resume", "done")
+#: How many finished migrations ``status`` keeps (the journal keeps the rest).
+KEEP_FINISHED = 32
+
+
+class Buckets:
+    """A cumulative histogram (the Prometheus shape) without prometheus_client."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError(f"histogram bounds {bounds} must be increasing")
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)     # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*map(repr, map(float, self.bounds)), "+Inf"), self.counts,
+                            strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+    def copy(self) -> Buckets:
+        b = Buckets(self.bounds)
+        b.counts, b.sum = list(self.counts), self.sum
+        return b
+
+
+@dataclass
+class Progress:
+    """A migration's latest numbers; the runner replaces fields as it learns them."""
+
+    phase: str = "setup"
+    iteration: int = 0
+    ram_total_bytes: int = 0
+    ram_sent_bytes: int = 0
+    ram_remaining_bytes: int = 0
+    device_remaining_bytes: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bandwidth_bps: float | None = None
+    dirty_rate_bps: float | None = None
+    predicted_downtime_s: float | None = None
+    will_converge: bool | None = None
+    reason: str = ""
+    last_sync_s: float | None = None
+    triple: str = ""
+
+
+@dataclass
+class MigrationRecord:
+    id: str
+    guest: str
+    role: str                      # "source" | "destination"
+    peer: str
+    started: float                 # wall clock (time.time) for display
+    state: str = "setup"           # MigrationState value (setup, active, device, ...)
+    progress: Progress = field(default_factory=Progress)
+    downtime_limit_ms: float | None = None
+    timeout_s: float | None = None
+    on_timeout: str | None = None
+    result: str | None = None      # "completed" | "failed" | "cancelled" once finished
+    error: str | None = None
+    downtime_s: float | None = None
+    predicted_downtime_s: float | None = None
+    prediction_error: float | None = None
+    verified: bool | None = None   # destination proved the content digests equal
+    finished: float | None = None
+    cancel: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    #: the live session's status (a dict), for status answers while it runs
+    live: Callable[[], dict[str, Any]] | None = field(default=None, repr=False,
+                                                       compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.result is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("cancel", "live")}
+
+
+def _plain(v: Any) -> Any:
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+
+
+@dataclass
+class DeviceEntry:
+    """One configured device of a guest, as the status and metrics show it."""
+
+    name: str
+    guest: str
+    container: str
+    protocol: str | None = None    # "v2" | "v1" | None (not migratable / not opened)
+    flags: list[str] = field(default_factory=list)
+    state: int | None = None       # vfio_device_mig_state value, read from the driver
+    state_label: str = "-"
+    pre_copy_dirty_page_tracking: bool = True
+    tracker: str | None = None     # dirty provider the container would use
+    dma_logging: bool = False
+    migratable: bool = False
+    reason: str = ""
+
+
+@dataclass
+class GuestEntry:
+    config: GuestConfig
+    handle: Any = None             # vfiod.migration.guest.Guest once opened
+    state: str = "stopped"         # running | incoming | migrated | error | stopped
+    error: str | None = None
+    devices: dict[str, DeviceEntry] = field(default_factory=dict)
+    migration: MigrationRecord | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class Registry:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.guests: dict[str, GuestEntry] = {}
+        self.finished: deque[MigrationRecord] = deque(maxlen=KEEP_FINISHED)
+        self.migrations_total: dict[tuple[str, str], int] = {}
+        self.downtime = Buckets(DOWNTIME_BUCKETS)
+        self.sync_duration = Buckets(SYNC_BUCKETS)
+        self.requests_total: dict[str, int] = {"ok": 0, "error": 0}
+        self.refused_peers_total = 0
+        self.scrape_errors_total = 0
+        self.info: dict[str, Any] = {}
+        #: called under the lock before each snapshot (refreshes device states from drivers)
+        self.refreshers: list[Callable[[], None]] = []
+        self._ids = itertools.count(1)
+        self._boot = f"{os.getpid():x}"
+
+    @contextmanager
+    def locked(self) -> Iterator[Registry]:
+        with self.lock:
+            yield self
+
+    # -- guests and devices ---------------------------------------------------------------
+    def add_guest(self, entry: GuestEntry) -> None:
+        with self.lock:
+            if entry.name in self.guests:
+                raise ValueError(f"guest {entry.name} is registered twice")
+            self.guests[entry.name] = entry
+
+    def guest(self, name: str) -> GuestEntry | None:
+        with self.lock:
+            return self.guests.get(name)
+
+    def device(self, name: str) -> DeviceEntry | None:
+        with self.lock:
+            for g in self.guests.values():
+                if name in g.devices:
+                    return g.devices[name]
+            return None
+
+    # -- migrations ------------------------------------------------------------------------
+    def begin_migration(self, guest: str, role: str, peer: str, **policy: Any) -> MigrationRecord:
+        """Register a new migration of ``guest``; ``ValueError`` if one is running."""
+        with self.lock:
+            entry = self.guests.get(guest)
+            if entry is None:
+                raise KeyError(guest)
+            if entry.migration is not None and entry.migration.active:
+                raise ValueError(f"guest {guest} is already migrating "
+                                 f"({entry.migration.role}, id {entry.migration.id})")
+            rec = MigrationRecord(f"m{self._boot}-{next(self._ids)}", guest, role, peer,
+                                  self.clock(), **policy)
+            entry.migration = rec
+            return rec
+
+    def update(self, rec: MigrationRecord, *, state: str | None = None,
+               **progress: Any) -> None:
+        with self.lock:
+            if state is not None:
+                rec.state = state
+            for key, value in progress.items():
+                if not hasattr(rec.progress, key):
+                    raise AttributeError(f"Progress has no field {key!r}")
+                setattr(rec.progress, key, value)
+
+    def observe_sync(self, seconds: float) -> None:
+        with self.lock:
+            self.sync_duration.observe(seconds)
+
+    def finish(self, rec: MigrationRecord, result: str, *, error: str | None = None,
+               downtime_s: float | None = None, predicted_s: float | None = None,
+               verified: bool | None = None) -> None:
+        if result not in RESULTS:
+            raise ValueError(f"migration result {result!r} is not one of {RESULTS}")
+        with self.lock:
+            if rec.result is not None:
+                return                      # finished once; a late duplicate is ignored
+            rec.result, rec.error, rec.finished = result, error, self.clock()
+            rec.state = result
+            rec.progress.phase = "done"
+            rec.cancel = None
+            rec.live = None
+            rec.verified = verified
+            if downtime_s is not None:
+                rec.downtime_s = downtime_s
+                self.downtime.observe(downtime_s)
+            if predicted_s is not None:
+                rec.predicted_downtime_s = predicted_s
+                if downtime_s:
+                    rec.prediction_error = abs(predicted_s - downtime_s) / downtime_s
+            key = (rec.guest, result)
+            self.migrations_total[key] = self.migrations_total.get(key, 0) + 1
+            self.finished.append(rec)
+
+    def count_request(self, ok: bool) -> None:
+        with self.lock:
+            self.requests_total["ok" if ok else "error"] += 1
+
+    def count_refused_peer(self) -> None:
+        with self.lock:
+            self.refused_peers_total += 1
+
+    def count_scrape_error(self) -> None:
+        with self.lock:
+            self.scrape_errors_total += 1
+
+    # -- reading ---------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of everything, for status answers and the metrics collector."""
+        with self.lock:
+            for refresh in self.refreshers:
+                refresh()
+            guests = []
+            for g in self.guests.values():
+                guests.append({
+                    "name": g.name, "state": g.state, "error": g.error,
+                    "ram_bytes": g.config.ram_bytes, "page_size": g.config.page_size,
+                    "start": g.config.start,
+                    "devices": [dataclasses.asdict(d) for d in g.devices.values()],
+                    "migration": g.migration.to_json() if g.migration else None,
+                })
+            return {
+                "guests": guests,
+                "finished": [m.to_json() for m in self.finished],
+                "migrations_total": dict(self.migrations_total),
+                "downtime": self.downtime.copy(),
+                "sync_duration": self.sync_duration.copy(),
+                "requests_total": dict(self.requests_total),
+                "refused_peers_total": self.refused_peers_total,
+                "scrape_errors_total": self.scrape_errors_total,
+                "info": dict(self.info),
+            }

@@ -1,0 +1,85 @@
+"""The simulated host behind ``vfiod run --backend sim``: built from the config's ``[sim]``
+section, so the whole daemon runs anywhere (design.md §2: the simulator implements the
+same ``KernelOps``; vfio-uapi.md §3.1 groups, §5-§7 through the capability sets).
+
+* ``[[sim.device]]``: a VFIO device with a named capability set
+  (``vfiod.kernel.sim.migration.capability_specs``: v1, v2_stop_copy, v2_p2p,
+  v2_precopy, v2_precopy_p2p, each optionally ``_log`` for DMA logging, or
+  not_migratable), optional IOMMU group number (devices sharing a number share a group;
+  otherwise each gets its own) and state sizes.
+* ``[[sim.host_device]]``: a device bound to a host driver ("not ours"); in the group of a
+  VFIO device it makes that group non-viable, as on a real host.
+* ``[[sim.workload]]``: a running guest's devices write its RAM by DMA at a rate (so
+  migrations have dirty pages to chase), after ``fill`` bytes of initial content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from vfiod.daemon.config import SimConfig, SimWorkload
+from vfiod.errors import ConfigError
+from vfiod.kernel.sim import HostDevice, SimHost, SimHostConfig
+from vfiod.kernel.sim.interfaces import DeviceSpec
+from vfiod.kernel.sim.migration import capability_specs
+from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
+from vfiod.migration.guest import Guest
+
+FIRST_GROUP = 10
+
+
+def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:
+    """The simulated host the ``[sim]`` section describes, rooted at ``root``."""
+    specs = capability_specs()
+    taken = {d.group for d in cfg.devices if d.group is not None}
+    taken |= {h.group for h in cfg.host_devices if h.group is not None}
+    next_group = max(taken | {FIRST_GROUP - 1}) + 1
+    groups: dict[int, list[DeviceSpec | HostDevice]] = {}
+    for d in cfg.devices:
+        sizes = {k: getattr(d, k) for k in ("state_size", "precopy_size", "dirty_rate")
+                 if getattr(d, k) is not None}
+        base = specs[d.capability]
+        # mdev: the parent device is the driver shown in sysfs (host.py picks "mtty" when
+        # the spec says vfio-pci); its name must be a UUID, as the kernel names mdevs.
+        driver = "vfio-pci" if d.kind == "mdev" else base.driver
+        spec = dataclasses.replace(base, name=d.name, kind=d.kind, driver=driver, **sizes)
+        if d.group is None:
+            number, next_group = next_group, next_group + 1
+        else:
+            number = d.group
+        groups.setdefault(number, []).append(spec)
+    for h in cfg.host_devices:
+        if h.group is None:
+            number, next_group = next_group, next_group + 1
+        else:
+            number = h.group
+        groups.setdefault(number, []).append(HostDevice(h.name, h.driver))
+    try:
+        return SimHost.build(root, groups, config=SimHostConfig(
+            iommu_dirty_tracking=cfg.iommu_dirty_tracking, memlock_limit=cfg.memlock_limit))
+    except ValueError as e:
+        raise ConfigError(f"[sim]: the simulated host cannot be built: {e}") from None
+
+
+def start_workload(host: SimHost, guest: Guest, load: SimWorkload) -> Workload | None:
+    """Fill the guest's first RAM region and start its devices' DMA writes; the workload
+    pauses whenever the guest stops running (a run-state handler)."""
+    if load.fill:
+        first = guest.ram[0]
+        fill(first.view(), min(load.fill, first.size), seed=load.seed)
+    targets = []
+    for gc in guest.containers:
+        if not gc.mappings:
+            continue
+        m = gc.mappings[0]
+        targets += [DmaTarget(name, m.iova, m.size) for name in gc.devices]
+    if not targets or load.dirty_rate <= 0:
+        return None
+    ps = guest.page_size
+    work = Workload(host, targets, WorkloadConfig(
+        dirty_rate_bps=float(load.dirty_rate), min_write=ps,
+        max_write=max(ps, 64 * 1024 // ps * ps), page_size=ps, seed=load.seed))
+    guest.add_run_state_handler(work.on_run_state)
+    work.start()
+    return work
