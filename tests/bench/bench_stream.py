@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 import socket
 import statistics
 import sys
@@ -69,12 +70,18 @@ def _header(size: int) -> StreamHeader:
                         (RamRegion("ram0", 0, size),), ())
 
 
-def _destination(lsock: socket.socket, size: int, mode: str, ready: Any) -> None:
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _destination(lsock: socket.socket, size: int, mode: str, ready: Any, cpu_q: Any) -> None:
     k, fd, mm = _guest_memory(size, fill=False)
     view = memoryview(mm)
     sock, addr = lsock.accept()
     conn = Connection(sock, str(addr))
     ready.set()  # memory prepared and connection up: the source may start its clock
+    c0 = _cpu()
     if mode == "raw":
         got = 0
         while got < size:
@@ -90,22 +97,26 @@ def _destination(lsock: socket.socket, size: int, mode: str, ready: Any) -> None
         for ev in r.events():
             if isinstance(ev, Complete):
                 conn.send_control(ControlMessage.ack("complete", ev.manifest.ram_bytes))
+    cpu_q.put(_cpu() - c0)
     conn.close()
     k.close(fd)  # the mapping goes with the process
 
 
-def _one(size: int, mode: str, src_view: memoryview) -> float:
+def _one(size: int, mode: str, src_view: memoryview) -> tuple[float, float]:
+    """(GB/s, CPU seconds of both processes) for one transfer of ``size`` bytes."""
     lsock = socket.create_server(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
     ctx = mp.get_context("fork")
     ready = ctx.Event()
-    child = ctx.Process(target=_destination, args=(lsock, size, mode, ready))
+    cpu_q = ctx.Queue()
+    child = ctx.Process(target=_destination, args=(lsock, size, mode, ready, cpu_q))
     child.start()
     lsock.close()
     conn = connect("127.0.0.1", port)
     if not ready.wait(120):
         raise RuntimeError("destination did not get ready")
     t0 = time.perf_counter()
+    c0 = _cpu()
     if mode == "raw":
         for off in range(0, size, BATCH):
             end = min(size, off + BATCH)
@@ -118,26 +129,30 @@ def _one(size: int, mode: str, src_view: memoryview) -> float:
         w.finish()
     conn.wait_ack("complete", timeout=300)
     dt = time.perf_counter() - t0
+    cpu = _cpu() - c0 + cpu_q.get(timeout=60)
     conn.close()
     child.join(60)
     if child.exitcode != 0:
         raise RuntimeError(f"{mode} destination exited with {child.exitcode}")
-    return size / dt / 1e9
+    return size / dt / 1e9, cpu
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Interleaved trials (raw, stream, live) x ``trials``; each ratio is taken within one
+def run(quick: bool = False, reps: int | None = None) -> list[dict[str, Any]]:
+    """Interleaved trials (raw, stream, live) x ``reps``; each ratio is taken within one
     trial, so the three runs it compares met the same load, and the median is reported."""
     size = (256 << 20) if quick else (1 << 30)
-    trials = 3 if quick else 7
+    trials = reps or (3 if quick else 7)
     crcmod.warm_up()
     k, fd, mm = _guest_memory(size, fill=True)
     src = memoryview(mm)
     runs: dict[str, list[float]] = {"raw": [], "stream": [], "live": []}
+    cpus: dict[str, list[float]] = {"raw": [], "stream": [], "live": []}
     try:
         for _ in range(trials):
             for mode in runs:
-                runs[mode].append(_one(size, mode, src))
+                gbs, cpu = _one(size, mode, src)
+                runs[mode].append(gbs)
+                cpus[mode].append(cpu)
     finally:
         del src, mm  # record views may still reference the map: let it go with them
         k.close(fd)
@@ -145,11 +160,18 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     out = []
     for name, mode in (("stream_loopback", "stream"), ("stream_loopback_live", "live")):
         ratios = [s / r for s, r in zip(runs[mode], runs["raw"], strict=True)]
+        cpu_ratios = [r / s for s, r in zip(cpus[mode], cpus["raw"], strict=True)]
         out.append({"name": name, "value": round(statistics.median(runs[mode]), 3),
                     "unit": "GB/s", "baseline": base,
                     "baseline_value": round(statistics.median(runs["raw"]), 3),
                     "ratio": round(statistics.median(ratios), 3), "target_ratio": TARGET_RATIO,
                     "ratios": [round(x, 3) for x in ratios], "bytes": size, "trials": trials,
+                    # CPU seconds of both ends, raw / stream: what the checks cost when the
+                    # machine is the bottleneck, and less sensitive to other jobs' load.
+                    "cpu_ratio": round(statistics.median(cpu_ratios), 3),
+                    "cpu_s_per_gib": round(statistics.median(cpus[mode]) * (1 << 30) / size, 3),
+                    "raw_cpu_s_per_gib": round(statistics.median(cpus["raw"]) * (1 << 30) / size,
+                                               3),
                     "crc32c": crcmod.IMPLEMENTATION})
     return out
 

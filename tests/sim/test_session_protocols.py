@@ -126,9 +126,13 @@ def test_workload_dirtied_pages_all_arrive(sides) -> None:
                       dirty_rate_bps=4e6, seed=3)
     wl.start()
     cfg = SessionConfig(policy=Policy(max_iterations=4, on_timeout="force",
-                                      downtime_limit_s=0.001))
-    run = migrate(src, dst, cfg)
-    assert wl.paused and wl.error is None and wl.writes > 0
+                                      downtime_limit_s=1e-9))
+
+    def during_precopy(p: IterationProgress) -> None:
+        wl.wait_for_writes(wl.writes + 3)          # the devices write during every pass
+
+    run = migrate(src, dst, cfg, progress=during_precopy)
+    assert wl.paused and wl.error is None and wl.writes >= 12, run.source.warnings
     assert_migrated(src, dst, run)
     assert run.source.iterations == 4
     assert run.source.history[-1].decision == "force"
@@ -147,7 +151,7 @@ def test_opted_out_device_container_counts_dirty_until_stop(sides) -> None:
     wl.record = True
     wl.run_writes(20)                       # before migrating: part of the first pass
     cfg = SessionConfig(policy=Policy(max_iterations=2, on_timeout="force",
-                                      downtime_limit_s=0.001))
+                                      downtime_limit_s=1e-9))
     seen: list[IterationProgress] = []
 
     def write_more(p: IterationProgress) -> None:
@@ -168,7 +172,7 @@ def test_device_without_dirty_tracking_is_all_dirty(sides) -> None:
     every mapped page dirty at every sync; the predictor says it will not converge."""
     src, dst = sides([ContainerPlan([spec("v2_precopy")])], fill_bytes=1 * MiB)
     cfg = SessionConfig(policy=Policy(max_iterations=2, on_timeout="force",
-                                      downtime_limit_s=0.0001))
+                                      downtime_limit_s=1e-9))
     run = migrate(src, dst, cfg)
     assert_migrated(src, dst, run)
     h = run.source.history

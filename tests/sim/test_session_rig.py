@@ -165,6 +165,19 @@ def add_workload(side: Side, targets: Sequence[DmaTarget], **cfg: Any) -> Worklo
     return wl
 
 
+def replay_digest(root: Path, plans: Sequence[ContainerPlan], workload: Workload,
+                  **kw: Any) -> list[Any]:
+    """The RAM digest the source guest must have if nothing but its workload wrote it:
+    a fresh side built the same way, with the same writes replayed (the workload is
+    deterministic from its seed)."""
+    side = build_side(root, "replay", plans, **kw)
+    try:
+        Workload(side.host, workload.targets, workload.config).run_writes(workload.writes)
+        return side.ram_digest()
+    finally:
+        side.close()
+
+
 @dataclass
 class Run:
     source: MigrationResult

@@ -82,9 +82,9 @@ def test_dirty_rate_from_successive_syncs() -> None:
 
 # -- prediction --------------------------------------------------------------------------
 
-def predictor(bps: float, costs: FixedCosts = FixedCosts()) -> DowntimePredictor:
+def predictor(bps: float, costs: FixedCosts | None = None) -> DowntimePredictor:
     bw = BandwidthEstimator(prior(bps))
-    return DowntimePredictor(bw, DirtyRateEstimator(), costs)
+    return DowntimePredictor(bw, DirtyRateEstimator(), costs or FixedCosts())
 
 
 def test_prediction_counts_ram_device_state_and_fixed_costs() -> None:

@@ -150,7 +150,7 @@ def test_the_valid_stream_parses() -> None:
 
 
 def test_every_byte_flip_in_every_record_header_is_detected_and_located() -> None:
-    for index, (off, rtype, _) in enumerate(RECORDS):
+    for index, (off, _, _) in enumerate(RECORDS):
         for i in range(RECORD_HEADER_SIZE):
             bad = bytearray(STREAM)
             bad[off + i] ^= 0xFF

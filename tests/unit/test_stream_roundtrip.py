@@ -228,3 +228,48 @@ def test_writer_refuses_misuse() -> None:
         GuestRam(PS, REGIONS, [bytearray(1)] * 3)
     with pytest.raises(ValueError, match="must be writable"):
         GuestRam(PS, REGIONS[:1], [bytes(64 * PS)], writable=True)
+
+
+def test_live_and_stop_and_copy_records_are_flagged() -> None:
+    from vfiod.migration.stream.records import RAM_LIVE, RECORD_HEADER, RecordType
+
+    pipe = MemPipe()
+    w = StreamWriter(pipe, header(), GuestRam(PS, REGIONS, guest_memory(5)))
+    w.start()
+    w.send_ram([(0, 1)], quiescent=False)
+    w.send_ram([(1, 1)], quiescent=True)
+    off, flags = 16, []
+    while off < len(pipe.data):
+        rtype, fl, _, length, *_ = RECORD_HEADER.unpack_from(pipe.data, off)
+        if rtype == RecordType.RAM:
+            flags.append(fl)
+        off += 40 + length
+    assert flags == [RAM_LIVE, 0]
+
+
+class ShortWrites:
+    """KernelOps stand-in whose write() takes at most 1000 bytes, as a pipe might."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def open(self, path: str, flags: int) -> int:
+        return 99
+
+    def write(self, fd: int, data: Any) -> int:
+        n = min(len(data), 1000)
+        self.out += bytes(data[:n])
+        return n
+
+    def close(self, fd: int) -> None:
+        pass
+
+
+def test_file_sink_finishes_short_writes() -> None:
+    ops = ShortWrites()
+    sink = FileSink(ops, "/nowhere")  # type: ignore[arg-type]
+    sink.send_buffers([b"a" * 2500, memoryview(b"b" * 10), np.arange(300, dtype=np.uint32)])
+    assert ops.out == b"a" * 2500 + b"b" * 10 + np.arange(300, dtype=np.uint32).tobytes()
+    sink.close()
+    with pytest.raises(ValueError, match="is closed"):
+        sink.send_buffers([b"x"])

@@ -21,6 +21,7 @@ from vfiod.migration.stream import (
     StreamReader,
     StreamWriter,
 )
+from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.transport import (
     Connection,
     ControlMessage,
@@ -30,7 +31,6 @@ from vfiod.migration.transport import (
     TransportError,
     connect,
 )
-from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.transport.control import ControlParser
 
 PS = 4096
@@ -262,3 +262,25 @@ def test_control_frames_round_trip_in_pieces_and_refuse_corruption() -> None:
     head += crc32c(head).to_bytes(4, "little")
     with pytest.raises(TransportError, match="over 65536"):
         ControlParser("peer").feed(head)
+
+
+def test_one_big_batch_survives_partial_sends() -> None:
+    # 32 MiB in one send_buffers call, many views: the kernel takes it in pieces (the socket
+    # has a timeout, so sendmsg returns short counts) and every byte must arrive in order.
+    blob = np.random.default_rng(5).integers(0, 256, 32 << 20, dtype=np.uint8)
+    views = [memoryview(blob)[i:i + (1 << 20) - 7] for i in range(0, 32 << 20, (1 << 20) - 7)]
+
+    def drain(conn: Connection) -> bytes:
+        out = bytearray(32 << 20)
+        mv, got = memoryview(out), 0
+        while got < len(out):
+            n = conn.recv_into(mv[got:got + 65536])
+            assert n
+            got += n
+        return bytes(out)
+
+    peer = Peer(drain)
+    with connect("127.0.0.1", peer.port) as conn:
+        conn.send_buffers(views)
+        assert conn.bytes_sent == 32 << 20
+    assert peer.join() == blob.tobytes()

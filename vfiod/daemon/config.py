@@ -26,7 +26,11 @@
     start = "running"                    # "incoming": wait for a migration into it
     [[guest.device]]
     name = "0000:3b:00.1"
+    container = "default"                # devices of one container share its IOMMU space
     pre_copy_dirty_page_tracking = true  # false = QEMU's x-pre-copy-dirty-page-tracking=off
+    [[guest.container]]                  # optional: a container mapping only some regions
+    name = "default"
+    map = ["ram0"]
 
     [sim]                                # the simulated host for `vfiod run --backend sim`
     [[sim.device]]
@@ -117,6 +121,12 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ContainerConfig:
+    name: str
+    map: tuple[str, ...]           # RAM regions mapped for DMA in this container
+
+
+@dataclass(frozen=True)
 class GuestConfig:
     name: str
     ram: tuple[RamConfig, ...]
@@ -124,6 +134,12 @@ class GuestConfig:
     page_size: int = 4096
     memory_encryption: str = "none"
     start: str = "running"
+    #: containers that map only some RAM regions (default: every region)
+    containers: tuple[ContainerConfig, ...] = ()
+
+    def regions_of(self, container: str) -> tuple[RamConfig, ...]:
+        c = next((c for c in self.containers if c.name == container), None)
+        return self.ram if c is None else tuple(r for r in self.ram if r.name in c.map)
 
     @property
     def ram_bytes(self) -> int:
@@ -294,13 +310,13 @@ def _guest(t: Table) -> GuestConfig:
     if not ram:
         raise t.error(None, f"guest {name} has no memory: add memory = \"4GiB\" or "
                       "[[guest.ram]] tables")
-    for i, r in enumerate(ram):
+    for i, reg in enumerate(ram):
         for other in ram[:i]:
-            if other.name == r.name:
-                raise where[i].error("name", f"RAM region name {r.name!r} is used twice")
-            if r.gpa < other.gpa + other.size and other.gpa < r.gpa + r.size:
-                raise where[i].error("gpa", f"RAM region {r.name} "
-                                     f"[{r.gpa:#x}, {r.gpa + r.size:#x}) overlaps "
+            if other.name == reg.name:
+                raise where[i].error("name", f"RAM region name {reg.name!r} is used twice")
+            if reg.gpa < other.gpa + other.size and other.gpa < reg.gpa + reg.size:
+                raise where[i].error("gpa", f"RAM region {reg.name} "
+                                     f"[{reg.gpa:#x}, {reg.gpa + reg.size:#x}) overlaps "
                                      f"{other.name} [{other.gpa:#x}, "
                                      f"{other.gpa + other.size:#x})")
     devices = []
@@ -311,10 +327,26 @@ def _guest(t: Table) -> GuestConfig:
             str(d.string("container", "default", pattern=_NAME)),
             d.boolean("pre_copy_dirty_page_tracking", True)))
         d.finish()
+    containers = []
+    for c in t.tables("container"):
+        cname = str(c.string("name", required=True, pattern=_NAME))
+        regions = c.raw("map")
+        if (not isinstance(regions, list) or not regions
+                or not all(isinstance(x, str) for x in regions)):
+            raise c.error("map", "must be a non-empty array of RAM region names")
+        unknown = sorted(set(regions) - {r.name for r in ram})
+        if unknown:
+            raise c.error("map", f"no RAM region(s) {unknown}; guest {name} has "
+                          f"{[r.name for r in ram]}")
+        if cname not in {d.container for d in devices}:
+            raise c.error("name", f"no [[guest.device]] of guest {name} is in container "
+                          f"{cname!r}")
+        c.finish()
+        containers.append(ContainerConfig(cname, tuple(regions)))
     enc = t.choice("memory_encryption", ("none", "sev", "sev-es", "sev-snp", "tdx"), "none")
     start = t.choice("start", ("running", "incoming"), "running")
     t.finish()
-    return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start)
+    return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers))
 
 
 def _sim(t: Table) -> SimConfig:
@@ -362,12 +394,15 @@ def _cross_checks(cfg: Config, top: Table) -> None:
             seen[d.name] = g.name
     sim = top.table("sim")
     names: list[str] = []
-    for key, items in (("device", cfg.sim.devices), ("host_device", cfg.sim.host_devices)):
+    sims: list[tuple[str, list[str]]] = [
+        ("device", [d.name for d in cfg.sim.devices]),
+        ("host_device", [h.name for h in cfg.sim.host_devices])]
+    for key, items in sims:
         for i, item in enumerate(items):
-            if item.name in names:
-                raise sim.tables(key)[i].error("name", f"simulated device {item.name} is "
+            if item in names:
+                raise sim.tables(key)[i].error("name", f"simulated device {item} is "
                                                "defined twice")
-            names.append(item.name)
+            names.append(item)
     for i, w in enumerate(cfg.sim.workloads):
         if cfg.guest(w.guest) is None:
             raise sim.tables("workload")[i].error("guest", f"no [[guest]] named {w.guest!r}")

@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from vfiod.daemon.config import GuestConfig, SimWorkload
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
@@ -118,7 +117,8 @@ class GuestManager:
                 containers.setdefault(d.container, []).append(d.name)
             for cname, names in containers.items():
                 groups = sorted({self._group_of(n, entry) for n in names})
-                guest.add_container(cname, groups, devices=names,
+                maps = [(r.gpa, r.size) for r in gc.regions_of(cname)]
+                guest.add_container(cname, groups, devices=names, maps=maps,
                                     pre_copy_dirty_page_tracking={
                                         n: entry.devices[n].pre_copy_dirty_page_tracking
                                         for n in names})

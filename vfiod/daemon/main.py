@@ -103,6 +103,10 @@ class Daemon:
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
+        # Signals first: systemd may send SIGTERM as soon as READY=1 (or before it).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._signal)
         cfg, opts = self.config, self.opts
         workloads: tuple[Any, ...] = ()
         starter = None
@@ -200,9 +204,6 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or ``request_stop``); the caller ran ``start``."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, self._signal)
         tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
         last = ""
         while not self._stop_requested:

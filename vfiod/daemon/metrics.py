@@ -230,7 +230,7 @@ class MetricsServer:
 
     def __init__(self, collector: VfiodCollector, host: str, port: int) -> None:
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(collector)  # type: ignore[arg-type]
+        reg.register(collector)
         self._server, self._thread = start_http_server(port, addr=host, registry=reg)
         self.host = host
         self.port = int(self._server.server_address[1])

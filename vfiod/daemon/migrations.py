@@ -191,14 +191,14 @@ class MigrationService:
                 offer = read_offer(conn, OFFER_TIMEOUT_S)
             except (OfferError, TransportError) as e:
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
-                _try(lambda: refuse_offer(conn, str(e)))
+                _try(conn, str(e))
                 return
             entry = self.registry.guest(offer.guest)
             try:
                 rec = self._admit(entry, offer, conn.peer)
             except ValueError as e:
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
-                _try(lambda: refuse_offer(conn, str(e)))
+                _try(conn, str(e))
                 return
             assert entry is not None
             pending = _Pending()
@@ -209,7 +209,7 @@ class MigrationService:
                 session = DestinationSession(
                     entry.handle, conn, host=self.facts(), config=SessionConfig(),
                     memory_encryption=entry.config.memory_encryption,
-                    migration_id=offer.migration_id or rec.id)
+                    migration_id=rec.id)
                 res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
@@ -230,10 +230,11 @@ class MigrationService:
             if entry.state != "incoming" or entry.handle is None:
                 why = entry.error if entry.state == "error" else f"it is {entry.state} here"
                 raise ValueError(f"guest {offer.guest} cannot be received: {why}")
-            return self.registry.begin_migration(entry.name, "destination", peer)
+            return self.registry.begin_migration(entry.name, "destination", peer,
+                                                 migration_id=offer.migration_id[:64])
 
     # -- both ------------------------------------------------------------------------------
-    def _run(self, rec: MigrationRecord, session: SessionBase,
+    def _run(self, rec: MigrationRecord, session: SourceSession | DestinationSession,
              pending: _Pending) -> MigrationResult:
         def on_state(old: MigrationState, new: MigrationState) -> None:
             phase = PHASE.get(new)
@@ -302,8 +303,9 @@ def _prior(host: str) -> Any:
         return None
 
 
-def _try(fn: Callable[[], None]) -> None:
+def _try(conn: Connection, reason: str) -> None:
+    """Tell the source why (best effort: it may be gone already)."""
     try:
-        fn()
+        refuse_offer(conn, reason)
     except (TransportError, OSError):
         pass

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import itertools
-import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,8 +168,6 @@ class Registry:
         self.info: dict[str, Any] = {}
         #: called under the lock before each snapshot (refreshes device states from drivers)
         self.refreshers: list[Callable[[], None]] = []
-        self._ids = itertools.count(1)
-        self._boot = f"{os.getpid():x}"
 
     @contextmanager
     def locked(self) -> Iterator[Registry]:
@@ -196,8 +193,10 @@ class Registry:
             return None
 
     # -- migrations ------------------------------------------------------------------------
-    def begin_migration(self, guest: str, role: str, peer: str, **policy: Any) -> MigrationRecord:
-        """Register a new migration of ``guest``; ``ValueError`` if one is running."""
+    def begin_migration(self, guest: str, role: str, peer: str, *, migration_id: str = "",
+                        **policy: Any) -> MigrationRecord:
+        """Register a new migration of ``guest``; ``ValueError`` if one is running. A
+        destination passes the source's ``migration_id`` so both ends log the same id."""
         with self.lock:
             entry = self.guests.get(guest)
             if entry is None:
@@ -205,8 +204,8 @@ class Registry:
             if entry.migration is not None and entry.migration.active:
                 raise ValueError(f"guest {guest} is already migrating "
                                  f"({entry.migration.role}, id {entry.migration.id})")
-            rec = MigrationRecord(f"m{self._boot}-{next(self._ids)}", guest, role, peer,
-                                  self.clock(), **policy)
+            rec = MigrationRecord(migration_id or uuid.uuid4().hex[:12], guest,
+                                  role, peer, self.clock(), **policy)
             entry.migration = rec
             return rec
 

@@ -25,6 +25,7 @@ from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest
+from vfiod.vfio.discovery import is_vfio_pci_driver
 
 FIRST_GROUP = 10
 
@@ -41,8 +42,11 @@ def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:
                  if getattr(d, k) is not None}
         base = specs[d.capability]
         # mdev: the parent device is the driver shown in sysfs (host.py picks "mtty" when
-        # the spec says vfio-pci); its name must be a UUID, as the kernel names mdevs.
-        driver = "vfio-pci" if d.kind == "mdev" else base.driver
+        # the spec says vfio-pci); its name must be a UUID, as the kernel names mdevs. A PCI
+        # device keeps its set's variant driver if it is one (mlx5_vfio_pci ...), else it
+        # is bound to vfio-pci (the v1 set names an mdev vendor driver).
+        driver = "vfio-pci" if d.kind == "mdev" or not is_vfio_pci_driver(base.driver) \
+            else base.driver
         spec = dataclasses.replace(base, name=d.name, kind=d.kind, driver=driver, **sizes)
         if d.group is None:
             number, next_group = next_group, next_group + 1

@@ -4,9 +4,10 @@ RAM in measured slices, and the numbers each prediction is made from.
 ``RamSender.send`` takes the dirty runs of a pass (``DirtyTracker.take_dirty_runs``) and
 hands them to the ``StreamWriter`` in slices of ``slice_bytes``. After each slice it
 records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent sending only,
-so dirty syncs and device reads between passes do not lower the estimate — marks the
-pages for re-hashing (``session_digest``), and calls ``between()`` (the session checks for
-cancel there). In the first pass, with ``zero_scan``, each run is read first with
+so dirty syncs and device reads between passes do not lower the estimate — and the CPU
+time the slice cost in a ``CostModel`` (per byte and per record: a final pass of scattered
+pages is bound by framing, not by the link), marks the pages for re-hashing
+(``session_digest``), and calls ``between()`` (the session checks for cancel there). In the first pass, with ``zero_scan``, each run is read first with
 ``pread`` and only pages holding data are sent: a guest's RAM is mostly never-written
 holes of a sparse file, which read as zeros without being allocated, and the
 destination's fresh RAM is zero already.
@@ -19,6 +20,7 @@ not a measurement; they still count fully in the RAM still to send.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -97,15 +99,14 @@ class RamSender:
         arr = np.asarray(batch, dtype=np.int64)
         records = records_for(arr[:, 1], self.record_pages)
         before = self.writer.bytes_sent
-        t0 = self.clock()
+        t0, c0 = self.clock(), time.thread_time()
         n = self.writer.send_ram(batch, quiescent=quiescent)
-        t1 = self.clock()
+        t1, c1 = self.clock(), time.thread_time()
         sent = self.writer.bytes_sent - before
-        self.cost.add(sent, records, t1 - t0)
-        # the bandwidth estimator sees the link's byte rate: the per-record part of the
-        # time is predicted separately, from the number of runs left to send
-        per_record = self.cost.fit()[1]
-        self.bandwidth.record(t0, max(t0, t1 - records * per_record), sent)
+        # wall time: what the link delivered; CPU time: what framing and checksumming
+        # cost here, per byte and per record (a scattered final pass is CPU bound)
+        self.bandwidth.record(t0, t1, sent)
+        self.cost.add(sent, records, c1 - c0)
         self.digests.touch(arr[:, 0], arr[:, 1])
         self.between()
         return n

@@ -37,7 +37,7 @@ class CostModel:
 
     def fit(self) -> tuple[float, float]:
         """(per_byte_s, per_item_s); per_byte 0 before any sample."""
-        bb, bi, ii, bt, it = self._s
+        bb, bi, ii, bt, it = (float(x) for x in self._s)
         if bb <= 0:
             return 0.0, self.prior
         det = bb * ii - bi * bi

@@ -37,6 +37,7 @@ from vfiod.migration.driver import DeviceTransitionError
 from vfiod.migration.guest import GuestDevice
 from vfiod.migration.preflight import GuestFacts, MigrationFacts, compare
 from vfiod.migration.session import (
+    Cancelled,
     MigrationResult,
     SessionBase,
     VerificationError,
@@ -111,6 +112,7 @@ class DestinationSession(SessionBase):
             "stage": "hello", "value": 0, "facts": self.facts.to_json()}))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
+        t_header = self.clock()
         self.result.migration_id = self.migration_id = h.migration_id
         self.result.peer["host"] = h.source_host
         theirs = MigrationFacts(self.facts.host, GuestFacts(
@@ -122,7 +124,10 @@ class DestinationSession(SessionBase):
         self._by_index = list(g.devices)        # matched by position, like preflight
         self.reader.attach_ram(g.guest_ram(writable=True))
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
-        self.link.send_control(ControlMessage.ack("header", self.reader.records))
+        # the time spent here is not network: the source subtracts it from its round trip
+        self.link.send_control(ControlMessage(ControlType.ACK, {
+            "stage": "header", "value": self.reader.records,
+            "busy_s": self.clock() - t_header}))
 
     # -- ACTIVE / DEVICE --------------------------------------------------------------
     def _receive(self) -> None:
@@ -189,6 +194,7 @@ class DestinationSession(SessionBase):
         self.result.verified = True
 
     def _resume(self) -> None:
+        self._commit()                  # a cancel is refused from here on
         t0 = self.clock()
         for d in self.guest.devices:
             self._hook(d, "resume")
@@ -203,13 +209,16 @@ class DestinationSession(SessionBase):
     def _discard(self, exc: BaseException) -> MigrationResult:
         self.error = f"{type(exc).__name__}: {exc}"
         aborted = isinstance(exc, RecordError) and exc.code is ErrorCode.ABORTED
+        cancelled = aborted or isinstance(exc, Cancelled)
         if not aborted:
             code = exc.code.name if isinstance(exc, RecordError) else type(exc).__name__
+            msg = (ControlMessage.cancel(exc.reason) if isinstance(exc, Cancelled) else
+                   ControlMessage.error(code, str(exc),
+                                        self.reader.records if self.reader else None))
             try:
-                self.link.send_control(ControlMessage.error(
-                    code, str(exc), self.reader.records if self.reader else None))
+                self.link.send_control(msg)
             except Exception as e:  # noqa: BLE001 - the link may be what failed
-                self.result.warnings.append(f"could not send ERROR: {e}")
+                self.result.warnings.append(f"could not tell the source: {e}")
         states: dict[str, Any] = {}
         for d in self.guest.devices:
             if d.name not in self._loading:
@@ -231,9 +240,11 @@ class DestinationSession(SessionBase):
         self.result.verified = False if self.result.verified is None else self.result.verified
         if not aborted and self.reader is not None:
             self._drain()
-        final = MigrationState.CANCELLED if aborted else MigrationState.FAILED
+        if cancelled:
+            self._set_state(MigrationState.CANCELLING)
+        final = MigrationState.CANCELLED if cancelled else MigrationState.FAILED
         self._set_state(final)
-        return self._result("cancelled" if aborted else "failed", str(exc))
+        return self._result("cancelled" if cancelled else "failed", str(exc))
 
     def _drain(self) -> None:
         """Read and drop the stream until the source's ABORT/EOF or the deadline, so the

@@ -49,7 +49,8 @@ class ThrottledLink:
             raise ValueError(f"bandwidth cap {rate_bps} B/s must be positive")
         self.link = link
         self.rate = float(rate_bps)
-        self.burst = int(burst_bytes or max(16 * 1024, min(1 << 20, int(rate_bps / 50))))
+        # a link has no free bursts: the bucket holds about 2 ms of traffic
+        self.burst = int(burst_bytes or max(16 * 1024, min(1 << 20, int(rate_bps / 500))))
         if self.burst <= 0:
             raise ValueError(f"burst {self.burst} must be positive")
         self._clock = clock

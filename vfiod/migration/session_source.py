@@ -144,8 +144,10 @@ class SourceSession(SessionBase):
         if reasons:
             raise PreflightError(reasons)
         t0 = self.clock()
-        self.link.wait_ack("header", cfg.ack_timeout_s)
-        self._rtt = self.clock() - t0
+        ack = self.link.wait_ack("header", cfg.ack_timeout_s)
+        busy = ack.fields.get("busy_s", 0.0)
+        busy = float(busy) if isinstance(busy, int | float) else 0.0
+        self._rtt = max(0.0, self.clock() - t0 - busy)
         self.result.timings["header_ack_rtt_s"] = self._rtt
 
     def _setup(self) -> None:
@@ -218,11 +220,21 @@ class SourceSession(SessionBase):
         per_byte, per_run = self.digests.cost.fit()
         # both ends re-hash what the final pass moves, side by side: counted once
         verify_s = num.dirty_ram_bytes * per_byte + num.dirty_runs * per_run
-        records_s = num.dirty_records * self.sender.cost.fit()[1]
-        self.result.timings["predicted_verify_s"] = verify_s
-        self.result.timings["predicted_record_overhead_s"] = records_s
-        self.predictor.costs = FixedCosts(device_stop_s=self._stop_cost,
-                                          resume_ack_rtt_s=self._rtt + verify_s + records_s)
+        # the final pass is bound by the link or by the CPU framing its records,
+        # whichever is slower; the predictor counts bytes / bandwidth, this the rest
+        cpu_byte, cpu_rec = self.sender.cost.fit()
+        cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
+        link_s = num.dirty_ram_bytes / max(1.0, self.predictor.bandwidth.bps)
+        records_s = float(max(0.0, cpu_s - link_s))
+        t = self.result.timings
+        t["predicted_verify_s"] = verify_s = float(verify_s)
+        t["predicted_record_overhead_s"] = records_s
+        # stopping: the devices' arcs (as measured at setup) and one more dirty sync;
+        # after the transfer: the same arcs on the destination's devices (resume), the
+        # final re-hash, the per-record costs, and the acknowledgement's round trip
+        self.predictor.costs = FixedCosts(
+            device_stop_s=self._stop_cost + sync.duration_s,
+            resume_ack_rtt_s=self._rtt + self._stop_cost + verify_s + records_s)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking))
@@ -333,7 +345,9 @@ class SourceSession(SessionBase):
                 w.abort(reason)              # the destination discards everything
             except Exception as e:  # noqa: BLE001 - the link may be what failed
                 self.result.warnings.append(f"could not send ABORT: {e}")
-        if self._committed:
+        told = isinstance(exc, TransportError) and exc.code in (
+            TransportCode.PEER_ERROR, TransportCode.PEER_CANCELLED)
+        if self._committed and not told:
             self.result.warnings.append(
                 "the failure came after the commit: the destination may have resumed the "
                 "guest; check it before running the guest anywhere else")

@@ -4,21 +4,27 @@ keeps the host from collecting this folder).
 Session-wide: two mtty-2 mdevs (a migration source and destination, vfio-uapi.md §9.1) and
 the edu device bound to vfio-pci (§9.2). Per test: each opened through vfiod's own objects
 (``Container`` → ``Group`` → ``Device`` over ``LinuxKernel``) and closed afterwards, so a
-test that leaves a device mid-migration does not leak into the next one (closing the
-device fd returns it to RUNNING, vfio-uapi.md §6.3).
+test that leaves a device mid-migration does not leak into the next one. Closing the
+device fd is not enough for that on 6.12's mtty: its close_device ends the data sessions
+but keeps the migration state (a device closed in STOP reopens in STOP, contrary to
+vfio-uapi.md §6.3), so the mtty fixtures reset a device that is not RUNNING first.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.kernel.guest import rig
 from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths, discover_device
 
 if os.environ.get("VFIOD_GUEST") != "1":  # pragma: no cover - a mistake, not a test path
@@ -26,11 +32,57 @@ if os.environ.get("VFIOD_GUEST") != "1":  # pragma: no cover - a mistake, not a 
                        "(run tests/kernel/test_kernel_tier.py on the host)")
 
 
+# numba reads its target and cache directory when it is first imported, which only the
+# test modules do: set them now (rig.py "numba in the guest" says why).
+if rig.guest_numba_ready() is None:
+    if "numba" in sys.modules:  # pragma: no cover - an import-order mistake, say so loudly
+        raise RuntimeError("numba was imported before tests/kernel/guest/conftest.py could "
+                           "point it at the host-compiled cache")
+    os.environ.update(rig.guest_numba_env())
+
+#: numba compilations that happened in the guest (the host's cache had no match)
+_GUEST_COMPILES: list[str] = []
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session")
+def numba_cache() -> None:
+    """Tests that run numba kernels (dirty tracker, stream checksums) need the cache the
+    host compiled for the guest; every compilation that still happens here is listed in
+    the guest's terminal summary, so a path the host's warm-up missed shows up."""
+    missing = rig.guest_numba_ready()
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    from numba.core import event
+
+    class Recorder(event.Listener):
+        def __init__(self) -> None:
+            self.started: list[float] = []
+
+        def on_start(self, ev: Any) -> None:
+            self.started.append(time.monotonic())
+
+        def on_end(self, ev: Any) -> None:
+            took = time.monotonic() - self.started.pop()
+            fn = ev.data["dispatcher"].py_func
+            _GUEST_COMPILES.append(f"{fn.__module__}.{fn.__qualname__}{ev.data['args']}: "
+                                   f"{took:.1f} s")
+
+    event.register("numba:compile", Recorder())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _GUEST_COMPILES:
+        terminalreporter.section("numba compiled in the guest (missing from the host's "
+                                 "warm-up, rig._exercise_numba_paths)")
+        for line in _GUEST_COMPILES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -103,11 +155,21 @@ def open_device(kernel: LinuxKernel, paths: HostPaths, name: str) -> Opened:
     return Opened(container, group, device)
 
 
+def close_migratable(o: Opened) -> None:
+    """Close ``o``, first resetting its device to RUNNING if it is not (see the module
+    docstring: mtty keeps its migration state across close)."""
+    try:
+        if not o.device.closed and o.device.get_mig_state() != MigState.RUNNING:
+            o.device.reset()
+    finally:
+        o.container.close()
+
+
 @pytest.fixture
 def mtty(kernel: LinuxKernel, paths: HostPaths, mtty_uuid: str) -> Iterator[Opened]:
     o = open_device(kernel, paths, mtty_uuid)
     yield o
-    o.container.close()
+    close_migratable(o)
 
 
 @pytest.fixture
@@ -115,7 +177,7 @@ def mtty_dst(kernel: LinuxKernel, paths: HostPaths,
              mtty_pair: tuple[str, str]) -> Iterator[Opened]:
     o = open_device(kernel, paths, mtty_pair[1])
     yield o
-    o.container.close()
+    close_migratable(o)
 
 
 @pytest.fixture

@@ -14,18 +14,24 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vfiod.abi.vfio as v
 from vfiod.kernel.ops import KernelOps
 from vfiod.vfio import Device
 
+REPO = Path(__file__).resolve().parents[3]
 SYS = Path("/sys")
 DEV = Path("/dev")
 #: The writable results share (native/kernel/init.sh mounts it here).
@@ -136,6 +142,25 @@ def edu_bdf() -> str:
                     f"found {found}: is '-device edu' on the QEMU command line?",
                     pytrace=False)
     return found[0]
+
+
+# -- loopback networking (the TCP migration tests) ------------------------------------------
+
+IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up: init.sh configures no network, and the kernel creates ``lo`` down
+    (127.0.0.1 then answers ENETUNREACH). An administrator's step, done with pyroute2."""
+    flags = SYS / "class" / "net" / "lo" / "flags"
+    if int(flags.read_text(), 16) & IFF_UP:
+        return
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    if not int(flags.read_text(), 16) & IFF_UP:
+        pytest.fail("could not bring the loopback interface up", pytrace=False)
 
 
 # -- guest memory to map for DMA ----------------------------------------------------------
@@ -258,3 +283,107 @@ class Uart:
 def mtty_port_records(stream: bytes) -> bytes:
     """The per-port part of an mtty migration stream (after the 24-byte header)."""
     return stream[MTTY_HEADER_BYTES:]
+
+
+# -- numba in the guest (testing.md "The real-kernel tier") --------------------------------
+#
+# numba keys its cache by the CPU it compiled for, and the guest's TCG CPU ("k8-sse3" with
+# AVX2 under QEMU 7.2) is not the host's, so the host's ordinary cache never hits there;
+# compiling under TCG takes 20-80 s per kernel. So the host compiles what the guest tests
+# run for numba's portable target ("generic", no CPU features) into GUEST_NUMBA_CACHE
+# before booting (``warm_guest_numba_cache``), and the guest loads from there with the
+# same target (``guest_numba_env``, applied by conftest.py before numba is imported). The
+# guest sees the host root read-only under a tmpfs overlay: numba can still write, and
+# what it writes is lost, which is fine. With "generic" the CRC-32C stream checksum uses
+# its table kernel (crc32c._sse42_usable), identically on both sides.
+
+GUEST_NUMBA_CACHE = REPO / ".cache" / "numba-guest"
+#: written by ``warm_guest_numba_cache`` once the cache holds everything
+GUEST_NUMBA_STAMP = GUEST_NUMBA_CACHE / "warmed"
+
+
+def guest_numba_env() -> dict[str, str]:
+    # NUMBA_CPU_NAME=generic makes numba default NUMBA_CPU_FEATURES to "" (portable)
+    return {"NUMBA_CACHE_DIR": str(GUEST_NUMBA_CACHE), "NUMBA_CPU_NAME": "generic"}
+
+
+def warm_guest_numba_cache(timeout: float = 900.0) -> float:
+    """Host side, before boot: compile (or just load, when cached) every numba kernel
+    the guest tests use into GUEST_NUMBA_CACHE, in a subprocess so this process's numba
+    keeps its own target. Returns the seconds it took."""
+    t0 = time.monotonic()
+    GUEST_NUMBA_STAMP.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **guest_numba_env())
+    proc = subprocess.run([sys.executable, "-c", "from tests.kernel.guest import rig; "
+                           "rig._exercise_numba_paths()"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError("warming the guest's numba cache failed (exit "
+                           f"{proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    GUEST_NUMBA_STAMP.write_text(f"{time.time():.0f}\n")
+    return time.monotonic() - t0
+
+
+def guest_numba_ready() -> str | None:
+    """None if the host warmed the guest's numba cache, else what is missing."""
+    if GUEST_NUMBA_STAMP.exists():
+        return None
+    return (f"{GUEST_NUMBA_STAMP} is missing: the host must run "
+            "tests.kernel.guest.rig.warm_guest_numba_cache() before booting the guest "
+            "(compiling numba kernels under TCG takes minutes)")
+
+
+def _exercise_numba_paths() -> None:
+    """Run, on the simulated kernel, the vfiod code paths the guest tests take through
+    numba, so each kernel is compiled for the argument types they really pass."""
+    from vfiod.dirty import bitmap_kernels as k
+    from vfiod.dirty.global_bitmap import GlobalBitmap
+    from vfiod.dirty.providers.base import DmaSpace
+    from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+    from vfiod.kernel.sim import SimHost
+    from vfiod.kernel.sim.interfaces import DeviceSpec
+    from vfiod.migration.stream import crc32c
+    from vfiod.vfio import Container, Group, HostPaths
+
+    crc32c.warm_up()
+    words = np.zeros(4, dtype=np.uint64)
+    k.set_range(words, 3, 100)
+    k.popcount(words, 200)
+    k.test_and_clear(words, 0, 200)
+    k.dirty_runs(words, 200, 64)
+    GlobalBitmap(256).mark_all()
+    mdev, pci = "5c3b1c1e-0000-4000-8000-00000000c0de", "0000:00:03.0"
+    with tempfile.TemporaryDirectory() as root:
+        host = SimHost.build(root, [[DeviceSpec(mdev, kind="mdev", dma_logging=True,
+                                              mig_flags=v.VFIO_MIGRATION_STOP_COPY)],
+                                    [DeviceSpec(pci, migration="none")]])
+        paths = HostPaths(host.sysfs_root, host.dev_root)
+        try:
+            with GuestRam(host.kernel, 64 * 4096) as ram:
+                spaces = []
+                for name in (mdev, pci):
+                    c = Container.open(host.kernel, paths)
+                    g = Group.open(host.kernel, paths, host.group_of(name))
+                    g.set_container(c)
+                    c.set_iommu()
+                    spaces.append((c, DmaSpace(name, [g.get_device(name)], type1=c)))
+                tracked = []
+                for i, (c, space) in enumerate(spaces):
+                    iova = 0x10_0000_0000 + i * 0x1000_0000
+                    c.map_dma(iova, ram.vaddr + 4096, 37 * 4096)
+                    c.map_dma(iova + 37 * 4096, ram.vaddr + 40 * 4096, 20 * 4096)
+                    tracked.append(TrackedContainer(space, [IovaMapping(iova, 37 * 4096, 4096),
+                                   IovaMapping(iova + 37 * 4096, 20 * 4096, 40 * 4096)]))
+                t = DirtyTracker([GuestRegion(0, 64 * 4096)], tracked)
+                t.start()
+                for _ in range(2):
+                    t.sync()
+                    t.take_dirty_runs(1024)
+                for tc in tracked:
+                    t.unmap(tc.space.name, tc.mappings[0].iova, 37 * 4096)
+                t.status()
+                t.stop()
+                for c, _ in spaces:
+                    c.close()
+        finally:
+            host.close()

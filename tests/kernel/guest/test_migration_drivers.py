@@ -18,8 +18,9 @@ import pytest
 
 import vfiod.abi.vfio as v
 from tests.kernel.guest import rig
-from tests.kernel.guest.conftest import Opened
+from tests.kernel.guest.conftest import Opened, close_migratable, open_device
 from vfiod.errors import KernelError, NotMigratable
+from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.driver import (
     DeviceMismatch,
     DeviceTransitionError,
@@ -31,6 +32,7 @@ from vfiod.migration.driver import (
 )
 from vfiod.migration.driver_v2 import V2Driver
 from vfiod.migration.states import MigState
+from vfiod.vfio import Device, HostPaths
 
 MTTY2_BYTES = 24 + 2 * 36           # header + two serial_port records (MIG_DATA_SIZE)
 
@@ -55,18 +57,22 @@ def kernel_state(d: V2Driver) -> MigState:
     return st
 
 
+def v2(device: Device) -> V2Driver:
+    d = probe(device)
+    assert isinstance(d, V2Driver), d
+    return d
+
+
 @pytest.fixture
 def src(mtty: Opened) -> Iterator[V2Driver]:
-    d = probe(mtty.device)
-    assert isinstance(d, V2Driver)
+    d = v2(mtty.device)
     yield d
     d.cleanup()                      # closes a data fd the test left open
 
 
 @pytest.fixture
 def dst(mtty_dst: Opened) -> Iterator[V2Driver]:
-    d = probe(mtty_dst.device)
-    assert isinstance(d, V2Driver)
+    d = v2(mtty_dst.device)
     yield d
     d.cleanup()
 
@@ -158,7 +164,7 @@ def test_drivers_migrate_uart_state(src: V2Driver, dst: V2Driver) -> None:
     assert dst_uart.snapshot() == before
     # the whole device state, not just what the registers show: save the destination
     # again and compare the port records byte for byte (divisor, FIFO indices...)
-    again = probe(dst.device)
+    again = v2(dst.device)
     try:
         dst_stream = save_all(again).data
     finally:
@@ -295,3 +301,32 @@ def test_check_state_names_what_differs(src: V2Driver, dst: V2Driver) -> None:
     assert ei.value.reasons == [
         f"flags: source {src.device.name} has 0x3, destination {dst.device.name} has 0x7"]
     assert kernel_state(dst) is MigState.RUNNING
+
+
+def test_device_reopened_in_stop_saves_without_precopy(kernel: LinuxKernel, paths: HostPaths,
+                                                       mtty_uuid: str) -> None:
+    """6.12's mtty keeps its migration state across close (vfio-uapi.md §6.3 says close
+    returns to RUNNING): the driver must read the state back, not assume RUNNING, and
+    from STOP save with stop-copy only (PRE_COPY would start the device)."""
+    first = open_device(kernel, paths, mtty_uuid)
+    try:
+        first.device.set_mig_state(MigState.STOP)
+    finally:
+        first.container.close()             # no reset: leave it in STOP
+    o = open_device(kernel, paths, mtty_uuid)
+    try:
+        assert o.device.get_mig_state() is MigState.STOP
+        d = v2(o.device)
+        assert d.state() is MigState.STOP
+        d.save_setup()
+        assert kernel_state(d) is MigState.STOP     # still stopped: no pre-copy session
+        assert d.save_live_pending() == Pending(0, MTTY2_BYTES, True)
+        assert d.save_live_iterate(Chunks(), 1 << 20) == 0
+        out = Chunks()
+        assert d.save_live_complete_precopy(out) == MTTY2_BYTES     # STOP -> STOP_COPY
+        assert out.data[:8] == (0x7E9D09898C3E2C4E).to_bytes(8, "little")
+        assert kernel_state(d) is MigState.STOP_COPY
+        d.cleanup()
+        assert kernel_state(d) is MigState.STOP
+    finally:
+        close_migratable(o)

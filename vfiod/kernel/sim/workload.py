@@ -205,6 +205,20 @@ class Workload:
     def paused(self) -> bool:
         return self._paused
 
+    def wait_for_writes(self, count: int, timeout: float = 10.0) -> None:
+        """Block until at least ``count`` writes happened in total (the background
+        thread's progress), or raise TimeoutError."""
+        deadline = self._clock() + timeout
+        with self._cv:
+            while self.writes < count:
+                if self.error is not None:
+                    raise RuntimeError(f"workload failed: {self.error}") from self.error
+                left = deadline - self._clock()
+                if left <= 0:
+                    raise TimeoutError(f"workload: {self.writes} of {count} writes after "
+                                       f"{timeout:g} s (paused={self._paused})")
+                self._cv.wait(left)
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopping = True

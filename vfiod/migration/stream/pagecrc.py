@@ -37,7 +37,7 @@ _U16 = np.uint64(16)
 
 
 @njit(nogil=True, cache=True)
-def _pages_sse42(buf, page_size, out):  # type: ignore[no-untyped-def]
+def _pages_sse42(buf, page_size, out):
     words = np.frombuffer(buf, np.uint8).view(np.uint64)
     wpp = page_size // 8
     n = out.shape[0]
@@ -51,8 +51,8 @@ def _pages_sse42(buf, page_size, out):  # type: ignore[no-untyped-def]
         p2 = p1 + wpp
         for k in range(wpp):
             a = _crc32_u64(a, words[p0 + k])  # type: ignore[call-arg]
-            b = _crc32_u64(b, words[p1 + k])  # type: ignore[call-arg]
-            c = _crc32_u64(c, words[p2 + k])  # type: ignore[call-arg]
+            b = _crc32_u64(b, words[p1 + k])
+            c = _crc32_u64(c, words[p2 + k])
         out[i] = a ^ _M32
         out[i + 1] = b ^ _M32
         out[i + 2] = c ^ _M32
@@ -67,7 +67,7 @@ def _pages_sse42(buf, page_size, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _pages_table(buf, page_size, out, t):  # type: ignore[no-untyped-def]
+def _pages_table(buf, page_size, out, t):
     words = np.frombuffer(buf, np.uint8).view(np.uint64)  # little-endian loads
     wpp = page_size // 8
     for i in range(out.shape[0]):

@@ -223,7 +223,8 @@ class StreamReader:
             self._table = np.empty(n, dtype=np.uint32)
             self._got = np.empty(n, dtype=np.uint32)
         table, got = self._table[:n], self._got[:n]
-        self._fill(memoryview(table).cast("B"), h.rtype, at, "RAM checksum table")
+        self._fill(memoryview(table).cast("B"), h.rtype, at,  # type: ignore[arg-type]
+                   "RAM checksum table")
         if crc32c(table) != h.payload_crc:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {first:#x}+{n}: checksum "
                             "table mismatch", at, h.rtype)

@@ -1,0 +1,324 @@
+"""The parts the sessions are built from, each on its own: content digests, the cost
+model, the bandwidth cap, status formatting, the guest model's checks, the simulated
+workload (deterministic, pausable) and the zero-page scan. Bad input shows its error."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.sim.test_session_rig import (
+    MiB,
+    ContainerPlan,
+    Side,
+    build_side,
+    spec,
+)
+from vfiod.errors import KernelError
+from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
+from vfiod.migration.guest import Guest, RamSpec
+from vfiod.migration.session import SessionConfig
+from vfiod.migration.session_costs import CostModel, records_for
+from vfiod.migration.session_digest import (
+    RamDigests,
+    RegionDigest,
+    compare_roots,
+    full_ram_digest,
+    nonzero_page_runs,
+)
+from vfiod.migration.session_link import ThrottledLink
+from vfiod.migration.states import GuestState, MigrationState, MigState
+from vfiod.migration.status import IterationProgress, device_column, format_progress_line, triple
+
+PS = 4096
+
+
+@pytest.fixture
+def side(tmp_path: Path):
+    s = build_side(tmp_path, "h", [ContainerPlan([spec("v2_precopy_log")])],
+                   fill_bytes=1 * MiB)
+    yield s
+    s.close()
+
+
+# -- content digests -------------------------------------------------------------------
+def digests(s: Side) -> RamDigests:
+    g = s.guest
+    return RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
+
+
+def test_incremental_digest_equals_full_digest(side: Side) -> None:
+    d = digests(side)
+    npages = side.guest.ram[0].size // PS
+    d.touch(np.arange(0, npages, 3, dtype=np.int64), np.full(len(range(0, npages, 3)), 3))
+    assert d.pending_pages == npages
+    assert d.rehash() == npages
+    full = full_ram_digest(side.kernel, [(b.name, b.fd, b.size) for b in side.guest.ram])
+    assert d.roots() == full
+    assert compare_roots(full, d.roots()) == []
+
+
+def test_digest_sees_one_changed_byte_only_after_touch(side: Side) -> None:
+    d = digests(side)
+    d.touch_range(0, side.guest.ram[0].size // PS)
+    d.rehash()
+    before = d.roots()
+    with side.guest.ram[0].view() as mem:
+        mem[5 * PS + 7] ^= 0xFF
+    assert d.roots() == before                 # not touched: not re-hashed
+    d.touch_range(5, 1)
+    assert d.rehash() == 1
+    diff = compare_roots(before, d.roots())
+    assert len(diff) == 1 and "RAM region ram: source content digest" in diff[0]
+
+
+def test_touch_scalar_and_vector_agree(side: Side) -> None:
+    a, b = digests(side), digests(side)
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 2000, 400)
+    count = rng.integers(1, 40, 400)
+    a.touch(first, count)                      # > 256 runs: the vectorised path
+    for f, n in zip(first.tolist(), count.tolist(), strict=True):
+        b.touch_range(f, n)
+    assert a.pending_pages == b.pending_pages
+    a.rehash(), b.rehash()
+    assert a.roots() == b.roots()
+
+
+def test_digest_bad_input() -> None:
+    from vfiod.migration.stream import RamRegion
+    r1, r2 = RamRegion("a", 8 * PS, PS), RamRegion("b", 0, PS)
+    with pytest.raises(ValueError, match="guest-address order"):
+        RamDigests((r1, r2), [bytearray(PS), bytearray(PS)], PS)
+    with pytest.raises(ValueError, match="1 regions but 2 views"):
+        RamDigests((r1,), [bytearray(PS), bytearray(PS)], PS)
+    with pytest.raises(ValueError, match="needs name, pages, digest"):
+        RegionDigest.from_dict({"name": "x"})
+    assert "no destination digest" in compare_roots([RegionDigest("a", 1, "x")], [])[1]
+
+
+def test_nonzero_page_runs(side: Side) -> None:
+    b = side.guest.ram[0]
+    with b.view() as mem:
+        mem[:] = bytes(len(mem))
+        for p in (0, 1, 2, 10, 2047):
+            mem[p * PS + 100] = 1
+    assert nonzero_page_runs(side.kernel, b.fd, 0, 0, 2048, PS) == [(0, 3), (10, 1),
+                                                                     (2047, 1)]
+    assert nonzero_page_runs(side.kernel, b.fd, 9 * PS, 9, 3, PS) == [(10, 1)]
+
+
+# -- cost model and bandwidth cap --------------------------------------------------------
+def test_cost_model_separates_bytes_from_records() -> None:
+    m = CostModel()
+    assert m.fit() == (0.0, m.prior)
+    for nbytes, items in ((32 * MiB, 8), (4 * MiB, 1000), (16 * MiB, 300), (MiB, 40)):
+        m.add(nbytes, items, nbytes * 2e-9 + items * 50e-6)
+    per_byte, per_item = m.fit()
+    assert per_byte == pytest.approx(2e-9, rel=1e-6)
+    assert per_item == pytest.approx(50e-6, rel=1e-6)
+
+
+def test_cost_model_falls_back_to_the_prior_without_spread() -> None:
+    m = CostModel(prior_per_item_s=10e-6)
+    for _ in range(5):
+        m.add(MiB, 16, MiB * 1e-9 + 16 * 10e-6)
+    per_byte, per_item = m.fit()
+    assert per_item == 10e-6 and per_byte == pytest.approx(1e-9, rel=1e-6)
+    assert records_for(np.array([1, 1024, 1025, 3000]), 1024) == 1 + 1 + 2 + 3
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.peer_checks = 0
+
+    def send_buffers(self, buffers: Any) -> None:
+        self.sent.append(sum(memoryview(b).nbytes for b in buffers))
+
+    def check_peer(self) -> None:
+        self.peer_checks += 1
+
+
+def test_throttled_link_paces_to_the_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    inner = Recorder()
+    link = ThrottledLink(inner, 1e6, burst_bytes=100_000, clock=lambda: now[0], sleep=sleep)
+    link.send_buffers([bytes(250_000), memoryview(bytes(750_000))])
+    assert sum(inner.sent) == 1_000_000 and max(inner.sent) <= 100_000
+    assert now[0] == pytest.approx(0.9, rel=1e-6)     # the first burst was free
+    link.check_peer()
+    assert inner.peer_checks == 1
+
+
+def test_throttled_link_bad_rate() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        ThrottledLink(Recorder(), 0)
+
+
+def test_session_config_bad_values() -> None:
+    with pytest.raises(ValueError, match="slice_bytes must be positive"):
+        SessionConfig(slice_bytes=0)
+
+
+# -- status -----------------------------------------------------------------------------
+def test_status_formatting() -> None:
+    assert device_column([MigState.PRE_COPY, MigState.RUNNING, MigState.PRE_COPY]) \
+        == "RUNNING|SAVING/RUNNING"
+    assert triple(GuestState.RUNNING, MigrationState.ACTIVE, [MigState.PRE_COPY]) \
+        == "(RUNNING, ACTIVE, RUNNING|SAVING)"
+    assert triple(None, None, []) == "(-, -, -)"
+    p = IterationProgress(3, 1.5, 3 * MiB, 4096, 10 * MiB, 2 * MiB, 2 * MiB - 4096, 4096,
+                          5e6, 100e6, "measured", 0.0213, False, "continue", "why", 0.001)
+    line = format_progress_line(p)
+    words = " ".join(line.split())
+    for part in ("iter 3", "sent 3.0 MiB", "remaining 2.0 MiB", "dirty 5.0 MB/s",
+                 "bw 100.0 MB/s", "predicted downtime 21.3 ms", "will not converge"):
+        assert part in words, line
+    assert p.to_dict()["predicted_downtime_s"] == 0.0213
+
+
+# -- guest model ------------------------------------------------------------------------
+def test_guest_rejects_bad_ram(side: Side) -> None:
+    k = side.kernel
+    with pytest.raises(ValueError, match="must be positive multiples"):
+        Guest.create(k, "g", [RamSpec("ram", 0, 1000)])
+    with pytest.raises(ValueError, match="overlaps"):
+        Guest.create(k, "g", [RamSpec("a", 0, 2 * PS), RamSpec("b", PS, 2 * PS)])
+    with pytest.raises(ValueError, match="exists"):
+        Guest.create(k, "g", [RamSpec("a", 0, PS), RamSpec("a", PS, PS)])
+    with pytest.raises(ValueError, match="page size"):
+        Guest(k, "g", page_size=1000)
+
+
+def test_guest_rejects_bad_containers(tmp_path: Path) -> None:
+    s = build_side(tmp_path, "h", [ContainerPlan([spec("v2_precopy_log")])])
+    try:
+        g, n = s.guest, s.guest.devices[0].name
+        grp = s.host.group_of(n)
+        with pytest.raises(ValueError, match="container 'c0' exists"):
+            g.add_container("c0", [grp])
+        with pytest.raises(ValueError, match="is not inside RAM region"):
+            g.map_dma(g.containers[0], 6 * MiB, 4 * MiB)
+        with pytest.raises(ValueError, match="not in RAM"):
+            g.block_at(64 * MiB)
+        with pytest.raises(KeyError, match="has no device 'nope'"):
+            g.device("nope")
+        with pytest.raises(ValueError, match="to RUNNING"):
+            g.pause(GuestState.RUNNING)
+    finally:
+        s.close()
+
+
+def test_guest_container_names_only_its_devices(tmp_path: Path) -> None:
+    a, b = spec("v2_precopy_log"), spec("v2_stop_copy_log")
+    s = build_side(tmp_path, "h", [ContainerPlan([a])])
+    try:
+        grp = s.host.group_of(b.name) if b.name in s.host.devices else None
+        assert grp is None
+        with pytest.raises(ValueError, match="not in container c9"):
+            s.guest.add_container("c9", [], pre_copy_dirty_page_tracking={b.name: False})
+        with pytest.raises(ValueError, match="are not in groups"):
+            s.guest.add_container("c8", [], devices=[b.name])
+    finally:
+        s.close()
+
+
+def test_run_state_handlers_all_hear_and_errors_surface(side: Side) -> None:
+    heard: list[tuple[GuestState, GuestState]] = []
+
+    def bad(old: GuestState, new: GuestState) -> None:
+        raise RuntimeError("handler broke")
+
+    side.guest.add_run_state_handler(bad)
+    side.guest.add_run_state_handler(lambda o, n: heard.append((o, n)))
+    with pytest.raises(RuntimeError, match="handler broke"):
+        side.guest.pause()
+    assert heard == [(GuestState.RUNNING, GuestState.PAUSED)]
+    assert side.guest.run_state is GuestState.PAUSED
+    side.guest.pause()                 # same state: nobody is told again
+    assert len(heard) == 1
+
+
+def test_guest_close_releases_everything(tmp_path: Path) -> None:
+    s = build_side(tmp_path, "h", [ContainerPlan([spec("v1_log"), spec("v2_p2p_log")])])
+    assert sorted(s.open_kinds()) == ["container", "device", "device", "group", "group"]
+    s.guest.close()
+    assert s.kernel.open_files() == {}
+    s.guest.close()                    # idempotent
+    s.host.close()
+
+
+# -- workload ---------------------------------------------------------------------------
+def targets(s: Side) -> list[DmaTarget]:
+    return [DmaTarget(s.guest.devices[0].name, 0, 2 * MiB)]
+
+
+def test_workload_is_deterministic_from_its_seed(tmp_path: Path) -> None:
+    sides = [build_side(tmp_path / str(i), "h", [ContainerPlan([spec("v2_precopy_log")])])
+             for i in range(3)]
+    try:
+        digests_ = []
+        for i, s in enumerate(sides):
+            wl = Workload(s.host, targets(s), WorkloadConfig(seed=7 if i < 2 else 8))
+            assert wl.run_writes(25) > 0
+            digests_.append((s.ram_digest(), s.models()))
+        assert digests_[0] == digests_[1] != digests_[2]
+    finally:
+        for s in sides:
+            s.close()
+
+
+def test_workload_pause_resume_stop(side: Side) -> None:
+    wl = Workload(side.host, targets(side), WorkloadConfig(dirty_rate_bps=50e6, seed=2))
+    side.guest.add_run_state_handler(wl.on_run_state)
+    wl.start()
+    wl.wait_for_writes(5)
+    side.guest.pause()                 # returns only once no write is in flight
+    n, ram = wl.writes, side.ram_digest()
+    assert wl.paused and not wl._in_write
+    with pytest.raises(TimeoutError, match="writes after"):
+        wl.wait_for_writes(n + 1, timeout=0.2)
+    assert wl.writes == n and side.ram_digest() == ram
+    side.guest.resume()
+    wl.wait_for_writes(n + 3)
+    wl.stop()
+    assert wl.error is None and wl.stats()["writes"] >= n + 3
+    with pytest.raises(RuntimeError, match="already started"):
+        wl.start()
+
+
+def test_workload_errors(side: Side) -> None:
+    with pytest.raises(ValueError, match="page multiples"):
+        WorkloadConfig(min_write=100)
+    with pytest.raises(ValueError, match="at least one DMA target"):
+        Workload(side.host, [])
+    with pytest.raises(KeyError, match="no simulated VFIO device"):
+        Workload(side.host, [DmaTarget("0000:99:00.0", 0, MiB)])
+    with pytest.raises(ValueError, match="must be page aligned"):
+        Workload(side.host, [DmaTarget(side.guest.devices[0].name, 0, 4096)])
+    # a device writing where nothing is mapped: an IOMMU fault, kept in stats()
+    wl = Workload(side.host, [DmaTarget(side.guest.devices[0].name, 64 * MiB, MiB)])
+    with pytest.raises(KernelError) as e:
+        wl.write_once()
+    assert e.value.errno == errno.EFAULT
+
+
+def test_fill_is_deterministic_and_bounded() -> None:
+    a, b = bytearray(8 * MiB), bytearray(8 * MiB)
+    ext = fill(memoryview(a), 3 * MiB, seed=4, extent=MiB)
+    fill(memoryview(b), 3 * MiB, seed=4, extent=MiB)
+    assert a == b and len(ext) == 3 and all(n == MiB for _, n in ext)
+    assert sum(1 for i in range(8) if any(a[i * MiB:(i + 1) * MiB])) == 3
+    with pytest.raises(ValueError, match="into a"):
+        fill(memoryview(a), 9 * MiB)
