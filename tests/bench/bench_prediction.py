@@ -18,8 +18,8 @@ from typing import Any
 
 from tests.bench.timing import row
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     RamSpec,
     add_workload,
     migrate,

@@ -11,13 +11,14 @@ import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon.configs import UNOWNED, host_config
-from vfiod.api import MAX_LINE
 from tests.daemon.rig import DaemonProcess, child_env, vfiod_cmd
+from vfiod.api import MAX_LINE
 
 CONFIG = host_config("source", guests=("g1",), extra_sim=UNOWNED,
                      workloads={"g1": ("64KiB", "1MiB")})
@@ -220,7 +221,7 @@ def test_sigterm_stops_cleanly() -> None:
         d.cleanup()
 
 
-def test_bad_config_is_refused_naming_key_and_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_config_is_refused_naming_key_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(host_config("source").replace('size = "8MiB"', 'size = "8 parsecs"'))
     r = subprocess.run(vfiod_cmd("run", "--backend", "sim", "--config", str(bad),

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     Side,
     assert_migrated,
     assert_rolled_back,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     Side,
     build_side,
     spec,

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     RamSpec,
     Side,
     add_workload,
@@ -185,7 +185,7 @@ def test_cancel_after_commit_is_refused(sides) -> None:
     assert_migrated(src, dst, run)
 
 
-def test_destination_cancels(sides) -> None:
+def test_destination_cancels(sides, monkeypatch: pytest.MonkeyPatch) -> None:
     src, dst = sides(fill_bytes=1 * MiB)
     before = src.ram_digest()
     cfg = SessionConfig(policy=Policy(downtime_limit_s=1e-9, max_iterations=50))
@@ -203,11 +203,8 @@ def test_destination_cancels(sides) -> None:
             super().__init__(*a, **k)
             run_box["dest"] = self
 
-    rig.DestinationSession = Spy
-    try:
-        run = migrate(src, dst, cfg, progress=progress)
-    finally:
-        rig.DestinationSession = real
+    monkeypatch.setattr(rig, "DestinationSession", Spy)
+    run = migrate(src, dst, cfg, progress=progress)
     assert run.source.result == "cancelled"
     assert "destination cancelled" in run.source.reason
     assert run.dest is not None and run.dest.result == "cancelled"

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     RamSpec,
     Side,
     build_side,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.sim.test_session_rig import (
-    MiB,
     ContainerPlan,
+    MiB,
     RamSpec,
     add_workload,
     assert_migrated,

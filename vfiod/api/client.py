@@ -66,6 +66,14 @@ class ControlClient:
         try:
             self.sock.sendall(data)
         except OSError as e:
+            # The daemon may have answered and hung up before reading (it refuses a peer
+            # at once): its answer says why, which beats "broken pipe".
+            try:
+                resp = self.read_response()
+            except ClientError:
+                resp = None
+            if resp is not None and not resp.ok and resp.error is not None:
+                raise ClientError("api", resp.error.message, resp.error.code) from None
             raise ClientError("connect", f"lost the daemon at {self.path}: "
                               f"{errno.errorcode.get(e.errno or 0, e)}") from None
 

@@ -26,9 +26,9 @@ class LinuxKernel:
 
     name = "linux"
 
-    def open(self, path: str, flags: int) -> int:
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
         try:
-            return os.open(path, flags | os.O_CLOEXEC)
+            return os.open(path, flags | os.O_CLOEXEC, mode)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"open({path})") from None
 

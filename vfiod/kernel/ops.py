@@ -37,8 +37,9 @@ class KernelOps(Protocol):
     """The syscalls vfiod needs. Paths are absolute and already include any test root."""
 
     # -- file descriptors -------------------------------------------------------------
-    def open(self, path: str, flags: int) -> int:
-        """open(2) with O_CLOEXEC added."""
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """open(2) with O_CLOEXEC added; ``mode`` applies with O_CREAT (default owner-only:
+        snapshot files hold guest RAM)."""
         ...
 
     def close(self, fd: int) -> None:

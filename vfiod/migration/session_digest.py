@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def _root(crcs: np.ndarray) -> str:
 class RamDigests:
     """Per-page CRCs of each region over ``views`` (the RAM as this process maps it)."""
 
-    def __init__(self, regions: Sequence[RamRegion], views: Sequence[memoryview],
+    def __init__(self, regions: Sequence[RamRegion], views: Sequence[Any],
                  page_size: int, clock: Callable[[], float] = time.perf_counter) -> None:
         if len(regions) != len(views):
             raise ValueError(f"{len(regions)} regions but {len(views)} views")

@@ -139,9 +139,13 @@ class SourceSession(SessionBase):
                               g.ram_regions(), g.device_infos())
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
-        self.writer.start()
         reasons = compare(self.facts, dest)
-        if reasons:
+        try:
+            self.writer.start()       # the HEADER: the destination checks it too
+        except TransportError:
+            if not reasons:
+                raise                 # refused by the destination alone: its words
+        if reasons:                   # ours list every reason, the ABORT carries them
             raise PreflightError(reasons)
         t0 = self.clock()
         ack = self.link.wait_ack("header", cfg.ack_timeout_s)

@@ -12,6 +12,7 @@ file writes here are the administrator's side (sysfs), as a host operator would 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import stat
 import subprocess
@@ -343,9 +344,13 @@ def _exercise_numba_paths() -> None:
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.stream import crc32c
+    from vfiod.migration.stream.pagecrc import page_crcs
     from vfiod.vfio import Container, Group, HostPaths
 
     crc32c.warm_up()
+    with mmap.mmap(-1, 4 * 4096) as mm:       # the stream hashes views of guest RAM mmaps
+        page_crcs(memoryview(mm), 4096)
+        page_crcs(memoryview(mm)[4096:], 4096)
     words = np.zeros(4, dtype=np.uint64)
     k.set_range(words, 3, 100)
     k.popcount(words, 200)

@@ -88,10 +88,10 @@ class SimKernel:
         return f
 
     # -- file descriptors ------------------------------------------------------------------
-    def open(self, path: str, flags: int) -> int:
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
         opener = self._nodes.get(os.path.normpath(path))
         if opener is None:
-            return self.linux.open(path, flags)
+            return self.linux.open(path, flags, mode)
         with self.lock:
             try:
                 file = opener(flags)

@@ -1,0 +1,203 @@
+"""The configuration file (design.md §6): a good file becomes frozen dataclasses; every bad
+one is refused naming file, line and key, and nothing half-applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.configs import UNOWNED, host_config
+from vfiod.daemon.config import Address, Config, load_config, parse_config
+from vfiod.daemon.config_toml import KeyLines, parse_size
+from vfiod.errors import ConfigError
+
+GOOD = """\
+[control]
+socket = "/run/vfiod/control.sock"
+group = "vfiod"
+
+[metrics]
+listen = "[::1]:9477"
+
+[migration]
+listen = "0.0.0.0:4444"
+downtime_limit_ms = 150
+timeout_s = 600
+on_timeout = "force"
+bandwidth_limit = "1GiB"
+[migration.tls]
+cert = "/etc/vfiod/host.pem"
+key = "/etc/vfiod/host.key"
+ca = "/etc/vfiod/ca.pem"
+
+[[guest]]
+name = "g1"
+memory = "4GiB"
+[[guest.device]]
+name = "0000:3b:00.1"
+[[guest.device]]
+name = "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11"
+container = "c1"
+pre_copy_dirty_page_tracking = false
+
+[[guest]]
+name = "g2"
+page_size = 2097152
+start = "incoming"
+[[guest.ram]]
+name = "low"
+size = "2GiB"
+path = "/dev/hugepages/g2-low"
+[[guest.ram]]
+name = "high"
+gpa = "4GiB"
+size = "2GiB"
+"""
+
+
+def test_good_file(tmp_path: Path) -> None:
+    f = tmp_path / "vfiod.toml"
+    f.write_text(GOOD)
+    cfg = load_config(str(f))
+    assert cfg.source == str(f)
+    assert cfg.metrics.listen == Address("::1", 9477) and str(cfg.metrics.listen) == "[::1]:9477"
+    m = cfg.migration
+    assert (m.listen, m.downtime_limit_ms, m.timeout_s, m.on_timeout, m.bandwidth_limit) == (
+        Address("0.0.0.0", 4444), 150.0, 600.0, "force", 1 << 30)
+    assert m.tls is not None and m.tls.ca == "/etc/vfiod/ca.pem"
+    g1, g2 = cfg.guests
+    assert g1.ram_bytes == 4 << 30 and g1.ram[0].name == "ram0"
+    assert [(d.name, d.container, d.pre_copy_dirty_page_tracking) for d in g1.devices] == [
+        ("0000:3b:00.1", "default", True),
+        ("6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11", "c1", False)]
+    assert g2.start == "incoming" and g2.page_size == 2 << 20
+    assert [(r.name, r.gpa, r.size, r.path) for r in g2.ram] == [
+        ("low", 0, 2 << 30, "/dev/hugepages/g2-low"), ("high", 4 << 30, 2 << 30, None)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.guests[0].name = "x"  # type: ignore[misc]
+
+
+def test_defaults_and_test_configs_parse() -> None:
+    cfg = parse_config("")
+    assert cfg == Config(source="(text)")
+    assert cfg.control.socket == "/run/vfiod/control.sock"
+    assert str(cfg.metrics.listen) == "127.0.0.1:9477" and cfg.migration.listen is None
+    src = parse_config(host_config("source", guests=("g1", "g2"), extra_sim=UNOWNED,
+                                   workloads={"g1": ("1MiB", "2MiB")}))
+    assert [d.capability for d in src.sim.devices][-2:] == ["not_migratable", "v1"]
+    assert src.guests[0].regions_of("c1") == (src.guests[0].ram[1],)
+    assert src.guests[0].regions_of("c0") == src.guests[0].ram
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def _last_line_of(text: str, needle: str) -> int:
+    return [i for i, line in enumerate(text.splitlines(), 1) if needle in line][-1]
+
+
+@pytest.mark.parametrize("old, new, at, message", [
+    ('listen = "0.0.0.0:4444"', 'listn = "0.0.0.0:4444"', "listn",
+     "migration.listn: unknown key 'listn' (this table knows"),
+    ('listen = "0.0.0.0:4444"', 'listen = "0.0.0.0"', "listen = \"0.0.0.0\"",
+     "migration.listen: listen '0.0.0.0' must be HOST:PORT"),
+    ("downtime_limit_ms = 150", "downtime_limit_ms = -1", "downtime_limit_ms",
+     "migration.downtime_limit_ms: must be a number above 0"),
+    ('on_timeout = "force"', 'on_timeout = "explode"', "on_timeout",
+     "migration.on_timeout: must be one of ['cancel', 'force'], not 'explode'"),
+    ('bandwidth_limit = "1GiB"', 'bandwidth_limit = "fast"', "bandwidth_limit",
+     "migration.bandwidth_limit: 'fast' is not a size"),
+    ('ca = "/etc/vfiod/ca.pem"', "", "[migration.tls]", "migration.tls.ca: is required"),
+    ('memory = "4GiB"', 'memory = "4GiB"\nram = []', 'memory = "4GiB"',
+     "guest[0].memory: give either memory (one region) or [[guest.ram]]"),
+    ('memory = "4GiB"', 'memory = "4097"', "memory = \"4097\"",
+     "guest[0].memory: 4097 bytes is not a multiple of 4096"),
+    ('name = "g2"', 'name = "g1"', 'name = "g1"',
+     "guest[1].name: guest name 'g1' is used twice"),
+    ('gpa = "4GiB"', 'gpa = "1GiB"', 'gpa = "1GiB"',
+     "guest[1].ram[1].gpa: RAM region high [0x40000000, 0xc0000000) overlaps low"),
+    ("page_size = 2097152", "page_size = 3000000", "page_size",
+     "guest[1].page_size: 3000000 is not a power of two"),
+    ('path = "/dev/hugepages/g2-low"', 'path = "hugepages/g2-low"', "path =",
+     "guest[1].ram[0].path: must be an absolute path"),
+    ('start = "incoming"', 'start = "later"', "start =",
+     "guest[1].start: must be one of ['running', 'incoming']"),
+    ('container = "c1"', 'container = "c 1"', "container =",
+     "guest[0].device[1].container: 'c 1' is not valid"),
+    ("pre_copy_dirty_page_tracking = false", "pre_copy_dirty_page_tracking = 0",
+     "pre_copy_dirty_page_tracking", "must be true or false, not an integer 0"),
+    ('group = "vfiod"', 'group = 5', 'group = 5', "control.group: must be a string"),
+    ('socket = "/run/vfiod/control.sock"', 'socket = "control.sock"', "socket =",
+     "control.socket: 'control.sock' must be an absolute path"),
+])
+def test_bad_file_names_key_and_line(tmp_path: Path, old: str, new: str, at: str,
+                                     message: str) -> None:
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1)
+    f = tmp_path / "vfiod.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(f))
+    line = _last_line_of(text, at)
+    assert str(exc.value).startswith(f"{f}:{line}: "), str(exc.value)
+    assert message in str(exc.value)
+
+
+def test_duplicate_device_across_guests() -> None:
+    text = GOOD + '[[guest.device]]\nname = "0000:3b:00.1"\n'
+    with pytest.raises(ConfigError, match=r"\(text\):\d+: guest\[1\]\.device\[0\]\.name: "
+                                          r"device 0000:3b:00.1 already belongs to guest g1"):
+        parse_config(text)
+
+
+def test_sim_section_errors() -> None:
+    base = host_config("source", extra_sim=UNOWNED)
+    with pytest.raises(ConfigError, match=r"sim\.device\[0\]\.capability: must be one of"):
+        parse_config(base.replace('"v2_precopy_p2p_log"', '"v9"'))
+    dup = base + '[[sim.host_device]]\nname = "0000:3b:00.1"\n'
+    with pytest.raises(ConfigError, match=r"sim\.host_device\[1\]\.name: simulated device "
+                                          r"0000:3b:00.1 is defined twice"):
+        parse_config(dup)
+    with pytest.raises(ConfigError, match=r"sim\.workload\[0\]\.guest: no \[\[guest\]\] named"):
+        parse_config(base + '[[sim.workload]]\nguest = "nope"\ndirty_rate = 1\n')
+
+
+def test_container_map_errors() -> None:
+    base = host_config("source")
+    with pytest.raises(ConfigError, match=r"guest\[0\]\.container\[0\]\.map: no RAM "
+                                          r"region\(s\) \['nope'\]"):
+        parse_config(base.replace('map = ["pool"]', 'map = ["nope"]'))
+    with pytest.raises(ConfigError, match=re.escape("container[0].name: no [[guest.device]] "
+                                                    "of guest g1 is in container 'c9'")):
+        parse_config(base.replace('name = "c1"\nmap', 'name = "c9"\nmap'))
+
+
+def test_syntax_error_and_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\(text\): not valid TOML: .*line 2"):
+        parse_config("[control]\nsocket = \n")
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        load_config(str(tmp_path / "missing.toml"))
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(tmp_path / "latin1.toml"))
+
+
+def test_key_lines_follow_arrays_of_tables() -> None:
+    lines = KeyLines(GOOD)
+    assert lines.line_of(("guest", 1, "ram", 1, "gpa")) == _line_of(GOOD, 'gpa = "4GiB"')
+    assert lines.line_of(("guest", 0, "device", 1, "container")) == _line_of(GOOD, "container")
+    # A key that is absent points at its table's header.
+    assert lines.line_of(("guest", 1, "ram", 0, "gpa")) == GOOD.splitlines().index(
+        "[[guest.ram]]") + 1
+
+
+@pytest.mark.parametrize("text, value", [
+    ("4096", 4096), (4096, 4096), ("64k", 65536), ("1.5GiB", 3 << 29), ("2 MB", 2_000_000),
+    ("7x", None), ("1.1B", None), (True, None), (1.5, None),
+])
+def test_sizes(text: object, value: int | None) -> None:
+    assert parse_size(text) == value

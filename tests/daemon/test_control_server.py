@@ -1,0 +1,194 @@
+"""The control socket server in-process (design.md §6): peer credentials (crafted ones and a
+real unprivileged client), serving after errors, the socket file's life cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon.rig import wait_until
+from vfiod.api import ApiError, ClientError, ControlClient, ErrorCode
+from vfiod.api.ops import Args
+from vfiod.daemon.control_server import ControlServer, PeerCred, check_peer, proc_groups
+from vfiod.errors import VfiodError
+
+NOBODY = 65534
+
+
+def dispatch(op: str, args: Args) -> dict[str, Any]:
+    if op == "hello":
+        return {"hello": "world"}
+    if op == "devices":
+        raise RuntimeError("handler bug")
+    raise ApiError(ErrorCode.NOT_FOUND, f"{op}: nothing here")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="vfiod-ctl-test-"))
+    os.chmod(d, 0o755)            # an unprivileged client must be able to reach the socket
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(sockdir: Path) -> Iterator[ControlServer]:
+    refused: list[int] = []
+    srv = ControlServer(str(sockdir / "control.sock"), dispatch, group="vfiod-test",
+                        allowed_gid=4242, on_refused=lambda: refused.append(1))
+    srv.refused = refused  # type: ignore[attr-defined]
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_root_and_group_members_are_served() -> None:
+    none: frozenset[int] = frozenset()
+    assert check_peer(PeerCred(10, 0, 0), None, "vfiod", lambda c: none) is None
+    assert check_peer(PeerCred(10, 1000, 4242), 4242, "vfiod", lambda c: none) is None
+    assert check_peer(PeerCred(10, 1000, 100), 4242, "vfiod",
+                      lambda c: frozenset({27, 4242})) is None
+
+
+def test_others_are_refused_with_a_reason() -> None:
+    why = check_peer(PeerCred(77, 1000, 100), 4242, "vfiod", lambda c: frozenset({27}))
+    assert why == ("uid 1000 (pid 77) is neither root nor a member of group 'vfiod' (gid "
+                   "4242): ask an administrator to add you to that group")
+    why = check_peer(PeerCred(77, 1000, 100), None, "vfiod", lambda c: frozenset())
+    assert why is not None and "which does not exist on this host" in why
+
+
+def test_supplementary_groups_from_proc(tmp_path: Path) -> None:
+    (tmp_path / "123").mkdir()
+    (tmp_path / "123" / "status").write_text("Name:\tx\nGroups:\t27 4242 \nVmLck:\t0 kB\n")
+    assert proc_groups(PeerCred(123, 1000, 100), str(tmp_path)) == frozenset({27, 4242})
+    assert proc_groups(PeerCred(999, 1000, 100), str(tmp_path)) == frozenset()  # gone
+
+
+def _as_nobody(path: str, line: bytes) -> dict[str, Any]:
+    """Connect as uid/gid 65534 from a forked child; returns the daemon's first answer."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                          # child: only syscalls, then _exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(20)
+            s.connect(path)
+            try:
+                s.sendall(line)
+            except BrokenPipeError:
+                pass                      # refused at once: the answer is already there
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            os.write(w, buf or b'{"child": "no answer"}')
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            os.write(w, json.dumps({"child": repr(e)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return dict(json.loads(data))
+
+
+def test_unprivileged_peer_is_refused_on_a_real_socket(server: ControlServer) -> None:
+    # The socket file's mode (0660, root:group) is the first gate; open it up so the
+    # credential check, which also covers inherited sockets, is what answers.
+    assert os.stat(server.path).st_mode & 0o777 == 0o660
+    os.chmod(server.path, 0o666)
+    answer = _as_nobody(server.path, b'{"schema": 1, "id": 1, "op": "hello"}\n')
+    assert answer.get("ok") is False, answer
+    assert answer["error"]["code"] == "permission_denied"
+    assert "uid 65534" in answer["error"]["message"]
+    assert "group 'vfiod-test' (gid 4242)" in answer["error"]["message"]
+    assert server.refused == [1]  # type: ignore[attr-defined]
+    # Root (this test process) is still served.
+    with ControlClient(server.path) as c:
+        assert c.call("hello") == {"hello": "world"}
+
+
+def test_errors_do_not_stop_the_server(server: ControlServer) -> None:
+    with ControlClient(server.path) as c:
+        with pytest.raises(ClientError) as exc:
+            c.call("devices")
+        assert exc.value.code is ErrorCode.INTERNAL
+        assert "devices: internal error: RuntimeError: handler bug" in exc.value.message
+        with pytest.raises(ClientError) as exc:
+            c.call("status")
+        assert exc.value.code is ErrorCode.NOT_FOUND
+        c.send_raw(b"\n\n{broken\n")            # blank lines are skipped
+        bad = c.read_response()
+        assert bad.error is not None and bad.error.code is ErrorCode.BAD_JSON
+        assert c.call("hello") == {"hello": "world"}
+
+
+def test_client_limit(sockdir: Path) -> None:
+    srv = ControlServer(str(sockdir / "c.sock"), dispatch, max_clients=1)
+    srv.start()
+    try:
+        with ControlClient(srv.path) as first:
+            assert first.call("hello")
+            with ControlClient(srv.path) as second:
+                with pytest.raises(ClientError) as exc:
+                    second.call("hello")
+                assert exc.value.code is ErrorCode.BUSY
+        # Once the first has gone, a new client is served.
+        def served() -> bool:
+            try:
+                with ControlClient(srv.path) as c:
+                    return bool(c.call("hello"))
+            except ClientError as e:
+                assert e.code is ErrorCode.BUSY
+                return False
+        wait_until(served, 10, "the connection slot to free up")
+    finally:
+        srv.close()
+
+
+def test_socket_file_life_cycle(sockdir: Path) -> None:
+    path = sockdir / "life.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))                     # left over by a crashed daemon
+    stale.close()
+    srv = ControlServer(str(path), dispatch)
+    srv.start()
+    try:
+        other = ControlServer(str(path), dispatch)
+        with pytest.raises(VfiodError, match="is in use: another vfiod is running"):
+            other.start()
+    finally:
+        srv.close()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(VfiodError, match="exists and is not a socket"):
+        ControlServer(str(path), dispatch).start()
+    assert path.read_text() == "not a socket"
+
+
+def test_client_reports_missing_daemon(sockdir: Path) -> None:
+    with pytest.raises(ClientError) as exc:
+        ControlClient(str(sockdir / "none.sock"))
+    assert exc.value.kind == "connect" and "ENOENT" in exc.value.message
