@@ -92,6 +92,19 @@ def test_defaults_and_test_configs_parse() -> None:
     assert src.guests[0].regions_of("c0") == src.guests[0].ram
 
 
+def test_documented_example_parses() -> None:
+    import textwrap
+
+    from vfiod.daemon import config as module
+
+    doc = module.__doc__ or ""
+    example = textwrap.dedent(doc.split("\n\n", 1)[1].rsplit('"""', 1)[0])
+    cfg = parse_config(example, "example")
+    assert cfg.guests[0].devices[0].name == "0000:3b:00.1"
+    assert cfg.migration.tls is not None and cfg.sim.host_devices[0].driver == "mlx5_core"
+    assert cfg.sim.workloads[0].fill == 64 << 20
+
+
 def _line_of(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 

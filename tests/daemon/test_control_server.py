@@ -77,32 +77,25 @@ def test_supplementary_groups_from_proc(tmp_path: Path) -> None:
     assert proc_groups(PeerCred(999, 1000, 100), str(tmp_path)) == frozenset()  # gone
 
 
-def _as_nobody(path: str, line: bytes) -> dict[str, Any]:
-    """Connect as uid/gid 65534 from a forked child; returns the daemon's first answer."""
+def _as_nobody(path: str) -> dict[str, Any]:
+    """Call ``hello`` as uid/gid 65534 from a forked child; returns what it saw."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:                          # child: only syscalls, then _exit
+    if pid == 0:                          # child: report through the pipe, then _exit
         try:
             os.close(r)
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(20)
-            s.connect(path)
-            try:
-                s.sendall(line)
-            except BrokenPipeError:
-                pass                      # refused at once: the answer is already there
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-            os.write(w, buf or b'{"child": "no answer"}')
+            with ControlClient(path, timeout=20) as c:
+                out: dict[str, Any] = {"result": c.call("hello")}
+        except ClientError as e:
+            out = {"kind": e.kind, "code": e.code.value if e.code else None,
+                   "message": e.message}
         except BaseException as e:  # noqa: BLE001 - report anything to the parent
-            os.write(w, json.dumps({"child": repr(e)}).encode())
+            out = {"child": repr(e)}
+        try:
+            os.write(w, json.dumps(out).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -119,11 +112,10 @@ def test_unprivileged_peer_is_refused_on_a_real_socket(server: ControlServer) ->
     # credential check, which also covers inherited sockets, is what answers.
     assert os.stat(server.path).st_mode & 0o777 == 0o660
     os.chmod(server.path, 0o666)
-    answer = _as_nobody(server.path, b'{"schema": 1, "id": 1, "op": "hello"}\n')
-    assert answer.get("ok") is False, answer
-    assert answer["error"]["code"] == "permission_denied"
-    assert "uid 65534" in answer["error"]["message"]
-    assert "group 'vfiod-test' (gid 4242)" in answer["error"]["message"]
+    seen = _as_nobody(server.path)
+    assert seen.get("kind") == "api" and seen["code"] == "permission_denied", seen
+    assert "uid 65534" in seen["message"]
+    assert "group 'vfiod-test' (gid 4242)" in seen["message"]
     assert server.refused == [1]  # type: ignore[attr-defined]
     # Root (this test process) is still served.
     with ControlClient(server.path) as c:

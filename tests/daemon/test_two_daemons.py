@@ -119,3 +119,39 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
     assert g["migration"]["result"] in ("cancelled", "failed")
     w = src.ctl("watch", "g2")
     assert w.returncode == 0 and "no migration running" in w.stdout
+
+
+def test_sigterm_cancels_a_running_migration(pair: tuple[DaemonProcess, DaemonProcess]
+                                             ) -> None:
+    """A stop during pre-copy cancels: the source's devices are back to RUNNING before
+    their fds close (its journal says so) and the destination waits again. The source
+    also runs under a systemd watchdog here, fed while its main loop lives."""
+    _, dst = pair
+    src = DaemonProcess(host_config("source", guests=("g2",),
+                                    migration='bandwidth_limit = "64MiB"\n'), "src-term",
+                        env={"WATCHDOG_USEC": "1000000"})
+    try:
+        src.wait_ready()
+        src.notify.wait_for("WATCHDOG", timeout=30)
+        r = src.ctl("migrate", "g2", "--to", dst.migration_address, "--detach", "--json")
+        assert r.returncode == 0, r.stderr
+        mid = json.loads(r.stdout)["migration"]["id"]
+
+        def in_precopy() -> bool:
+            m = guest_status(src, "g2")["migration"]
+            return bool(m["progress"]["phase"] == "precopy" and m["progress"]["iteration"] >= 1)
+        wait_until(in_precopy, 60, "g2's migration to reach pre-copy")
+        assert guest_status(dst, "g2")["migration"]["id"] == mid
+        assert src.stop() == 0, src.log()
+        log = src.log()
+        assert "(source g2): cancelled" in log, log
+        assert "guest g2: closing (RUNNING); devices: 0000:3d:00.1 RUNNING" in log, log
+        assert any(m.get("STOPPING") == "1" for m in src.notify.messages)
+
+        def dest_ready() -> bool:
+            g = guest_status(dst, "g2")
+            m = g["migration"]
+            return g["state"] == "incoming" and m["id"] == mid and m["result"] is not None
+        wait_until(dest_ready, 60, "the destination to discard g2 again")
+    finally:
+        src.cleanup()

@@ -186,26 +186,73 @@ def test_cancel_after_commit_is_refused(sides) -> None:
 
 
 def test_destination_cancels(sides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's operator cancels mid pre-copy: it sends CANCEL on the return
+    path, discards, and the source rolls back."""
     src, dst = sides(fill_bytes=1 * MiB)
     before = src.ram_digest()
-    cfg = SessionConfig(policy=Policy(downtime_limit_s=1e-9, max_iterations=50))
+    cfg = SessionConfig(policy=Policy(downtime_limit_s=1e-9, max_iterations=500))
+    box: dict[str, Any] = {}
 
     def progress(p: IterationProgress) -> None:
-        if p.iteration == 2:
-            assert run_box["dest"].cancel("destination operator cancelled")
+        if p.iteration == 2:     # acted on at the next record the destination reads
+            assert box["dest"].cancel("destination operator cancelled")
 
-    run_box: dict[str, Any] = {}
     import tests.sim.test_session_rig as rig
     real = rig.DestinationSession
 
     class Spy(real):  # type: ignore[misc, valid-type]
         def __init__(self, *a: Any, **k: Any) -> None:
             super().__init__(*a, **k)
-            run_box["dest"] = self
+            box["dest"] = self
 
     monkeypatch.setattr(rig, "DestinationSession", Spy)
     run = migrate(src, dst, cfg, progress=progress)
-    assert run.source.result == "cancelled"
+    assert run.source.result == "cancelled" and 2 <= run.source.iterations < 500
     assert "destination cancelled" in run.source.reason
     assert run.dest is not None and run.dest.result == "cancelled"
     assert_rolled_back(src, dst, run, before)
+
+class DiesAfter:
+    """The destination's end of the connection, which goes away (process killed) after
+    ``after`` bytes: the source sees the connection reset, the destination a truncated
+    stream."""
+
+    def __init__(self, conn: Any, after: int) -> None:
+        self.conn, self.after, self.got = conn, after, 0
+
+    def recv_into(self, view: memoryview) -> int:
+        if self.got >= self.after:
+            self.conn.close()
+            return 0
+        n = self.conn.recv_into(view[:max(1, self.after - self.got)])
+        self.got += n
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_connection_lost_mid_stream(sides) -> None:
+    src, dst = sides(fill_bytes=4 * MiB)
+    before = src.ram_digest()
+    run = migrate(src, dst, SessionConfig(ack_timeout_s=10),
+                  wrap_dest=lambda conn: DiesAfter(conn, 1 * MiB))
+    assert run.source.result == "failed"
+    assert "closed" in run.source.reason or "reset" in run.source.reason
+    assert run.dest is not None and run.dest.result == "failed"
+    assert "the stream ended" in run.dest.reason
+    assert_rolled_back(src, dst, run, before)
+
+
+def test_a_second_attempt_after_a_cancelled_one_completes(sides) -> None:
+    """Nothing half-done remains: the same guests migrate fine right after a cancel (the
+    destination zeroed what it received, the source's devices and tracking restart)."""
+    src, dst = sides(fill_bytes=2 * MiB)
+    before = src.ram_digest()
+    first = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=1e-9,
+                                                          max_iterations=2)))
+    assert first.source.result == "cancelled"
+    assert first.dest is not None and first.dest.verification["discarded_pages"] > 0
+    assert_rolled_back(src, dst, first, before)
+    second = migrate(src, dst)
+    assert_migrated(src, dst, second)

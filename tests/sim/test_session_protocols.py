@@ -218,3 +218,45 @@ def test_destination_status_and_run_states(sides) -> None:
     assert run.dest_session.state is MigrationState.COMPLETED
     assert run.dest_session.status().triple == "(RUNNING, COMPLETED, RUNNING)"
     assert dst.kernel_states() == {dst.guest.devices[0].name: MigState.RUNNING}
+
+
+class Recording:
+    """A driver that records each hook called on it, then calls the real one."""
+
+    HOOKS = {"save_setup", "save_live_pending", "save_live_iterate", "save_state",
+             "quiesce_p2p", "save_live_complete_precopy", "check_state", "load_setup",
+             "load_state", "load_complete", "resume", "cleanup", "rollback"}
+
+    def __init__(self, inner, log: list[str]) -> None:  # noqa: ANN001
+        self._inner, self._log = inner, log
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = getattr(self._inner, name)
+        if name not in self.HOOKS:
+            return attr
+
+        def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            if not self._log or self._log[-1] != name:      # collapse repeats
+                self._log.append(name)
+            return attr(*a, **k)
+        return call
+
+
+@pytest.mark.parametrize("cap", ["v1_log", "v2_precopy_p2p_log"])
+def test_hook_sequence_is_the_seeds(sides, cap: str) -> None:
+    src, dst = sides([ContainerPlan([spec(cap)])], fill_bytes=1 * MiB)
+    slog: list[str] = []
+    dlog: list[str] = []
+    src.guest.devices[0].driver = Recording(src.guest.devices[0].driver, slog)
+    dst.guest.devices[0].driver = Recording(dst.guest.devices[0].driver, dlog)
+    run = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=1e-9,
+                                                        max_iterations=2,
+                                                        on_timeout="force")))
+    assert_migrated(src, dst, run)
+    p2p = ["quiesce_p2p"] if cap.startswith("v2_precopy_p2p") else []
+    assert slog == ["save_setup", "save_state",
+                    "save_live_iterate", "save_live_pending",      # pass 1
+                    "save_live_iterate", "save_live_pending",      # pass 2
+                    *p2p, "save_live_complete_precopy", "cleanup"]
+    assert dlog == ["check_state", "load_setup", "load_state", "load_complete", "resume",
+                    "cleanup"]

@@ -88,7 +88,8 @@ def register(subparsers: Any) -> None:
     d = add("dirty-tracking", "turn a device's pre-copy dirty page tracking on or off")
     d.add_argument("device")
     d.add_argument("mode", choices=("on", "off"))
-    w = add("watch", "follow running migrations (progress bar on a terminal)")
+    w = add("watch", "follow running migrations (progress bar on a terminal, one line per "
+                     "change otherwise, one JSON object per line with --json)")
     w.add_argument("guest", nargs="?", help="only this guest")
     w.add_argument("--interval", type=float, default=0.5, metavar="S",
                    help="seconds between updates (default 0.5)")

@@ -1,5 +1,6 @@
 """``vfiod demo``: a live migration you can watch, on the simulated kernel, between two
-vfiod processes over loopback TCP (README "First command"; design.md §1, §4, §5).
+vfiod processes over loopback TCP (README "First command"; design.md §1, §4, §5; both
+migration protocols, vfio-uapi.md §5 and §6, and device DMA logging, §7).
 
 The source process builds a simulated host and guest (``demo_setup``), fills part of the
 guest's RAM with data (the rest of the sparse memfds stays never-written), starts a
@@ -212,13 +213,16 @@ def _source(args: argparse.Namespace, root: Path, ram: int) -> int:
         remote = dest.result(timeout=120)
         summary = _summary(res, remote, mine, workload, args, ram, fill_s, audit_s,
                            time.monotonic() - t_begin)
-    except BaseException:
+    except Exception as e:
+        # the demo itself broke (not the migration, whose failures are results)
+        summary = {"result": "error", "verified": False, "iterations": 0,
+                   "predicted_downtime_s": None, "actual_downtime_s": None,
+                   "reason": f"{type(e).__name__}: {e}", "destination_stderr": dest.errors()}
         if workload is not None:
             try:
                 workload.stop()
             except TimeoutError:
                 pass
-        raise
     finally:
         dest.close()
         if side is not None:
@@ -305,6 +309,10 @@ class _Printer:
     def summary(self, s: dict[str, Any]) -> None:
         if self.as_json:
             print(json.dumps(s), flush=True)
+            return
+        if s["result"] == "error":
+            print(f"vfiod demo failed: {s['reason']}", file=sys.stderr)
+            print(f"destination process said: {s['destination_stderr']}", file=sys.stderr)
             return
         mib = 1 << 20
         v = s["verification"]

@@ -11,8 +11,6 @@ import logging
 import os
 from typing import Any
 
-from vfiod.daemon.main import RunOptions, run_daemon
-
 DESCRIPTION = "Run the vfiod daemon in the foreground (systemd: Type=notify)."
 
 EPILOG = """\
@@ -64,6 +62,10 @@ def setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the daemon pulls in numba and the whole stack, which other
+    # subcommands (vfiod ctl) should not pay for at start-up.
+    from vfiod.daemon.main import RunOptions, run_daemon
+
     setup_logging(args.log_level)
     return run_daemon(RunOptions(backend=args.backend, config=args.config,
                                  control_socket=args.control_socket,

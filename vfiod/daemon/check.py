@@ -91,7 +91,7 @@ def check_owned_device(d: DeviceEntry, entry: GuestEntry) -> dict[str, Any]:
 
 
 def _device_json(d: DeviceEntry) -> dict[str, Any]:
-    return {"name": d.name, "protocol": d.protocol, "capabilities": d.flags,
+    return {"name": d.name, "protocol": d.protocol, "capabilities": d.capabilities,
             "state": d.state_label, "tracker": d.tracker, "dma_logging": d.dma_logging,
             "pre_copy_dirty_page_tracking": d.pre_copy_dirty_page_tracking,
             "migratable": d.migratable, "reason": d.reason}

@@ -15,6 +15,10 @@
     timeout_s = 600                      # default: none
     on_timeout = "cancel"                # or "force"
     bandwidth_limit = "1GiB"             # bytes per second; default: unlimited
+    [migration.tls]                      # optional: mutual TLS (both hosts, one CA)
+    cert = "/etc/vfiod/host.pem"
+    key = "/etc/vfiod/host.key"
+    ca = "/etc/vfiod/ca.pem"
 
     [paths]                              # roots of sysfs and devfs (tests use trees)
     sysfs = "/sys"
@@ -36,6 +40,9 @@
     [[sim.device]]
     name = "0000:3b:00.1"
     capability = "v2_precopy_p2p_log"    # a vfiod.kernel.sim.migration capability set
+    [[sim.host_device]]                  # bound to a host driver: "not ours"
+    name = "0000:3b:00.0"
+    driver = "mlx5_core"
     [[sim.workload]]
     guest = "g1"
     dirty_rate = "16MiB"                 # bytes per second its devices DMA into guest RAM

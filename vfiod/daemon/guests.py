@@ -151,7 +151,7 @@ class GuestManager:
         for gd in guest.devices:
             d = entry.devices[gd.name]
             info = gd.info()
-            d.protocol, d.flags = info.protocol, list(info.capabilities)
+            d.protocol, d.capabilities = info.protocol, list(info.capabilities)
             d.tracker = trackers.get(gd.container)
             d.dma_logging, d.migratable = gd.dma_logging, True
             d.reason = f"migration {info.protocol} ({', '.join(info.capabilities)})"
@@ -200,6 +200,12 @@ class GuestManager:
             guest, entry.handle = entry.handle, None
             entry.state = "stopped"
         if guest is not None:
+            # What the devices were left in, for the journal: after a shutdown that
+            # cancelled a migration, a source's devices must say RUNNING here.
+            states = ", ".join(f"{d.name} {device_label(d.driver.state())}"
+                               for d in guest.devices)
+            log.info("guest %s: closing (%s); devices: %s", entry.name,
+                     guest.run_state.name, states or "none open")
             self._close_guest(entry.name, guest)
 
     def _close_guest(self, name: str, guest: Guest) -> None:

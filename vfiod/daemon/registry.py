@@ -129,7 +129,7 @@ class DeviceEntry:
     guest: str
     container: str
     protocol: str | None = None    # "v2" | "v1" | None (not migratable / not opened)
-    flags: list[str] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)   # STOP_COPY, P2P, PRE_COPY...
     state: int | None = None       # vfio_device_mig_state value, read from the driver
     state_label: str = "-"
     pre_copy_dirty_page_tracking: bool = True

@@ -11,6 +11,8 @@ A ``Guest`` owns
   (default: every RAM region at iova == gpa), and the devices opened through it;
 * devices: the vfio ``Device``, the migration driver ``probe`` chose, and the per-device
   ``pre_copy_dirty_page_tracking`` flag (QEMU's ``x-pre-copy-dirty-page-tracking``);
+* the dirty tracker over all its containers (``make_tracker``, design.md §3), which
+  reads each device's migration state from its driver for the opt-out;
 * the run state (``GuestState``) with handlers: pausing the guest calls every handler
   before ``pause`` returns, so whatever runs the guest (vCPUs, a simulated workload) has
   stopped writing by then.
@@ -147,6 +149,8 @@ class Guest:
         self.containers: list[GuestContainer] = []
         self.devices: list[GuestDevice] = []
         self.run_state = GuestState.RUNNING
+        #: the guest's dirty tracker (``make_tracker``); a migration starts and stops it
+        self.tracker: DirtyTracker | None = None
         self._handlers: list[RunStateHandler] = []
         self._state_lock = threading.Lock()
         self.closed = False
@@ -312,8 +316,13 @@ class Guest:
                 space, list(con.mappings),
                 {d.name: d.pre_copy_dirty_page_tracking for d in devs}, con.disable))
         kwargs = {"clock": clock} if clock is not None else {}
-        return DirtyTracker(regions, tracked, self.page_size,
-                            device_states=lambda n: self.device(n).driver.state(), **kwargs)
+        if self.tracker is not None and self.tracker.running:
+            raise RuntimeError(f"guest {self.name}: its dirty tracker is running (another "
+                               "migration?)")
+        self.tracker = DirtyTracker(regions, tracked, self.page_size,
+                                    device_states=lambda n: self.device(n).driver.state(),
+                                    **kwargs)
+        return self.tracker
 
     # -- run state ------------------------------------------------------------------------
     def add_run_state_handler(self, handler: RunStateHandler) -> None:

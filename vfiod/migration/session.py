@@ -1,4 +1,5 @@
-"""Migration sessions: what both ends share (design.md §1 steps 5-6, §4, §5).
+"""Migration sessions: what both ends share (design.md §1 steps 5-6, §4, §5; the flows
+of vfio-uapi.md §5.4-§5.6 for v1 and §6.10 for v2, through the drivers).
 
 A session moves one guest. ``SourceSession`` (``session_source``) and
 ``DestinationSession`` (``session_dest``) each drive their side over one ``Link`` and

@@ -18,17 +18,20 @@
     resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
              the verification), ``cleanup``.
 
-Nothing runs unverified: on any failure (bad header, stream error, a device refusing its
-state, a digest mismatch, the source's ABORT) the destination sends ERROR (unless the
-source aborted), ``rollback``s every device it loaded (a reset: what was loaded is
-discarded, the device is back to RUNNING with its power-on state) and never starts the
-guest. After sending ERROR it keeps reading the stream until the source's ABORT or EOF
+The guest's RAM must be zero when a migration starts (fresh memfds): the source does not
+send pages it never wrote. Nothing runs unverified: on any failure (bad header, stream
+error, a device refusing its state, a digest mismatch, the source's ABORT) the destination
+sends ERROR (CANCEL for its own cancel; nothing when the source aborted), ``rollback``s
+every device it loaded (a reset: what was loaded is discarded, the device is back to
+RUNNING with its power-on state), writes zeros over every page it received, and never
+starts the guest: it is ready for another attempt. After sending ERROR it keeps reading the stream until the source's ABORT or EOF
 (bounded by the ack timeout) so that the source reads the ERROR before the connection
 closes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -42,7 +45,7 @@ from vfiod.migration.session import (
     SessionBase,
     VerificationError,
 )
-from vfiod.migration.session_digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.session_digest import RamDigests, RegionDigest, compare_roots, zero_ram
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.reader import (
@@ -135,13 +138,13 @@ class DestinationSession(SessionBase):
         assert r is not None and dg is not None
         t = self.result.timings
         for ev in r.events():
+            self._check_cancel()            # an operator's cancel, at the next record
             if isinstance(ev, RamLoaded):
                 dg.touch_range(ev.first_page, ev.count)
             elif isinstance(ev, DeviceData):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):
                 self.iteration = ev.number
-                self._check_cancel()
                 dg.rehash()
             elif isinstance(ev, EndOfState):
                 if self.state is MigrationState.ACTIVE:
@@ -231,6 +234,17 @@ class DestinationSession(SessionBase):
             except KernelError as e:
                 states[d.name] = {"state": "unknown", "error": str(e)}
         self.result.rollback = states
+        if self.reader is not None and self.reader.header is not None:
+            # discard: the RAM this attempt wrote goes back to zero, as it was
+            g = self.guest
+            try:
+                with contextlib.ExitStack() as views:
+                    self.result.verification["discarded_pages"] = zero_ram(
+                        g.kernel, [(b.gpa // g.page_size, b.fd, b.size,
+                                    views.enter_context(b.view())) for b in g.ram],
+                        g.page_size)
+            except Exception as e:  # noqa: BLE001 - the guest is not run either way
+                self.result.warnings.append(f"zeroing the received RAM: {e}")
         try:
             self.guest.set_run_state(GuestState.PAUSED)   # never run what was loaded
         except Exception as e:  # noqa: BLE001

@@ -148,14 +148,11 @@ class RamDigests:
             idx = np.flatnonzero(touched)
             if not idx.size:
                 continue
-            cuts = np.flatnonzero(np.diff(idx) != 1) + 1
-            starts = np.concatenate(([idx[0]], idx[cuts]))
-            ends = np.concatenate((idx[cuts - 1] + 1, [idx[-1] + 1]))
-            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            for a, b in _runs(idx):
                 page_crcs(view[a * ps:b * ps], ps, out=crcs[a:b])
+                runs += 1
             touched[:] = False
             done += idx.size
-            runs += len(starts)
         self.hashed_bytes += done * ps
         self.last_rehash_s = self._clock() - t0
         self.cost.add(done * ps, runs, self.last_rehash_s)
@@ -167,6 +164,16 @@ class RamDigests:
         """Each region's digest (call ``rehash`` first for a current answer)."""
         return [RegionDigest(r.name, len(c), _root(c))
                 for r, c in zip(self.regions, self._crcs, strict=True)]
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive indexes in a sorted index array."""
+    if not idx.size:
+        return []
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([idx[0]], idx[cuts]))
+    ends = np.concatenate((idx[cuts - 1] + 1, [idx[-1] + 1]))
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def compare_roots(source: Sequence[RegionDigest], dest: Sequence[RegionDigest]) -> list[str]:
@@ -203,6 +210,20 @@ def full_ram_digest(kernel: KernelOps, blocks: Sequence[tuple[str, int, int]],
             page_crcs(data, page_size, out=crcs[off // page_size:(off + n) // page_size])
         out.append(RegionDigest(name, len(crcs), _root(crcs)))
     return out
+
+
+def zero_ram(kernel: KernelOps, blocks: Sequence[tuple[int, int, int, memoryview]],
+             page_size: int = 4096) -> int:
+    """Write zeros over every page holding data in the regions given as (first page, fd,
+    size, writable view): found with ``pread`` (holes stay holes), so it covers pages a
+    record wrote before failing its check or being cut off. Returns the pages zeroed."""
+    done = 0
+    for first, fd, size, view in blocks:
+        for page, n in nonzero_page_runs(kernel, fd, 0, first, size // page_size, page_size):
+            off = (page - first) * page_size
+            view[off:off + n * page_size] = bytes(n * page_size)
+            done += n
+    return done
 
 
 def nonzero_page_runs(kernel: KernelOps, fd: int, file_offset: int, first_page: int,

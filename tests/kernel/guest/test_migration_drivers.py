@@ -249,6 +249,7 @@ def test_refused_stream_rolls_both_ends_back(src: V2Driver, dst: V2Driver, damag
     src_uart.program(seed=0x5E)
     dst_uart.program(seed=0xE5)
     src_before, dst_before = src_uart.snapshot(), dst_uart.snapshot()
+    assert src_before != dst_before
     stream = damage(save_all(src).data)
 
     dst.load_setup()

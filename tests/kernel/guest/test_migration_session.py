@@ -26,6 +26,7 @@ import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
+from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.driver import MigrationDriver
 from vfiod.migration.guest import Guest, GuestDevice, RamSpec
@@ -65,11 +66,16 @@ class HookLog:
         self._driver = gd.driver
         self._device = gd.device
         self.calls: list[tuple[str, MigState | None]] = [("opened", self._kernel_state())]
+        #: fault injection: forward only this many bytes of the stop-copy data
+        self.stopcopy_keep: int | None = None
 
     def _kernel_state(self) -> MigState | None:
         if self._device.closed:                 # released by the session
             return None
-        st = self._device.get_mig_state()
+        try:
+            st = self._device.get_mig_state()
+        except KernelError:                     # never hide the hook's own outcome
+            return None
         return st if isinstance(st, MigState) else None
 
     def __getattr__(self, name: str) -> Any:
@@ -78,11 +84,27 @@ class HookLog:
             return attr
 
         def logged(*args: Any) -> Any:
+            if name == "save_live_complete_precopy" and self.stopcopy_keep is not None:
+                args = (self._cut(args[0]),)
             try:
                 return attr(*args)
             finally:
                 self.calls.append((name, self._kernel_state()))
         return logged
+
+    def _cut(self, sink: Callable[[bytes | memoryview], None]
+             ) -> Callable[[bytes | memoryview], None]:
+        """A sink that passes on the first ``stopcopy_keep`` bytes and drops the rest:
+        the stream stays well-formed (its checksums are computed after), the device
+        state in it is short."""
+        left = [self.stopcopy_keep or 0]
+
+        def cut(chunk: bytes | memoryview) -> None:
+            part = chunk[:left[0]]
+            left[0] -= len(part)
+            if len(part):
+                sink(part)
+        return cut
 
     def states(self) -> list[MigState]:
         """The kernel states seen, consecutive repeats folded."""
@@ -108,6 +130,8 @@ class Side:
     uart: rig.Uart
     facts: HostFacts
     migration_states: list[MigrationState] = field(default_factory=list)
+    #: the session's status triple as each migration state began
+    triples: dict[MigrationState, str] = field(default_factory=dict)
 
     def ram(self) -> bytes:
         return bytes(self.guest.ram[0].view())
@@ -199,7 +223,11 @@ def migrate_tcp(src: Side, dst: Side, *,
         try:
             with connect("127.0.0.1", lst.address[1], timeout=DEADLINE_S) as conn:
                 s = SourceSession(src.guest, conn, host=src.facts, config=config)
-                s.add_state_handler(lambda old, new: src.migration_states.append(new))
+
+                def record(old: MigrationState, new: MigrationState) -> None:
+                    src.migration_states.append(new)
+                    src.triples[new] = s.status().triple
+                s.add_state_handler(record)
                 if on_source is not None:
                     on_source(s)
                 res = s.run()
@@ -222,6 +250,7 @@ def test_session_migrates_mtty_over_loopback_tcp(
     programmed = src.uart.program(seed=0x6B)
     dst.uart.program(seed=0xB6)
     before = src.uart.snapshot()
+    assert dst.uart.snapshot() != before            # so equality afterwards means something
     fill(src, seed=7)
     src_ram = src.ram()
 
@@ -243,6 +272,8 @@ def test_session_migrates_mtty_over_loopback_tcp(
     assert src.migration_states[:3] == [MigrationState.SETUP, MigrationState.ACTIVE,
                                         MigrationState.DEVICE]
     assert src.migration_states[-1] is MigrationState.COMPLETED
+    # status speaks the seed's flow-diagram vocabulary, fed by the real device state
+    assert src.triples[MigrationState.ACTIVE] == "(RUNNING, ACTIVE, RUNNING|SAVING)"
     assert src.guest.run_state is GuestState.POSTMIGRATE
     assert src.dev.device.closed
     assert kernel_state_after_release(kernel, paths, mtty_pair[0]) is MigState.STOP
@@ -255,7 +286,9 @@ def test_session_migrates_mtty_over_loopback_tcp(
     assert dst.migration_states[-1] is MigrationState.COMPLETED
     assert dst.guest.run_state is GuestState.RUNNING
 
-    # what arrived: guest RAM byte for byte, the UART registers and the FIFO contents
+    # what arrived: guest RAM byte for byte, the UART registers and the FIFO contents;
+    # the source only ever read its memory
+    assert src.ram() == src_ram
     assert dst.ram() == src_ram
     assert dst.uart.snapshot() == before
     for port, prog in enumerate(programmed):
@@ -268,6 +301,7 @@ def test_session_cancelled_in_precopy_rolls_both_sides_back(
     src.uart.program(seed=0x2D)
     dst.uart.program(seed=0xD2)
     src_before, dst_before = src.uart.snapshot(), dst.uart.snapshot()
+    assert src_before != dst_before
     fill(src, seed=9)
     src_ram = src.ram()
 
@@ -300,6 +334,50 @@ def test_session_cancelled_in_precopy_rolls_both_sides_back(
     assert dst.uart.snapshot() == dst_before
 
 
+def test_session_rolls_back_when_the_destination_kernel_refuses_the_state(
+        sides: tuple[Side, Side], numba_cache: None) -> None:
+    """The source's stop-copy data reaches the stream one port record short (checksums
+    intact), so the destination's RESUMING -> STOP fails in the mtty driver (EINVAL):
+    the destination resets its device and reports the failure, the source rolls back from
+    STOP_COPY to RUNNING and resumes the guest."""
+    src, dst = sides
+    src.uart.program(seed=0x4E)
+    dst.uart.program(seed=0xE4)
+    src_before, dst_before = src.uart.snapshot(), dst.uart.snapshot()
+    assert src_before != dst_before
+    fill(src, seed=13)
+    src_ram = src.ram()
+    src.log.stopcopy_keep = 36          # of 72: the second port's record never leaves
+
+    run = migrate_tcp(src, dst)
+    d = run.dest
+    assert d.result == "failed"
+    assert d.failed_hook == f"load_complete on {dst.dev.name}"
+    assert "EINVAL" in d.reason and "MIG_DEVICE_STATE STOP" in d.reason
+    assert run.source.result == "failed", run.source.reason
+
+    # destination: the ladder reset the device; nothing it received was applied
+    assert dst.log.states() == [MigState.RUNNING, MigState.RESUMING, MigState.RUNNING]
+    assert dst.dev.device.get_mig_state() is MigState.RUNNING
+    assert dst.uart.snapshot() == dst_before
+    # source: from STOP_COPY back to RUNNING, guest running, memory and device intact
+    assert src.log.states() == [MigState.RUNNING, MigState.PRE_COPY, MigState.PRE_COPY_P2P,
+                                MigState.STOP_COPY, MigState.RUNNING]
+    assert src.dev.device.get_mig_state() is MigState.RUNNING
+    assert src.guest.run_state is GuestState.RUNNING
+    assert src.uart.snapshot() == src_before
+    assert src.ram() == src_ram
+    assert run.session.tracker is not None and not run.session.tracker.running
+
+    # nothing half-done remains: without the fault the same two guests migrate
+    src.log.stopcopy_keep = None
+    again = migrate_tcp(src, dst)
+    assert (again.source.result, again.dest.result) == ("completed", "completed"), (
+        again.source.reason, again.dest.reason)
+    assert dst.uart.snapshot() == src_before
+    assert dst.ram() == src_ram
+
+
 def test_stream_through_a_file_target_restores_device_and_ram(
         kernel: LinuxKernel, sides: tuple[Side, Side], tmp_path: Path,
         numba_cache: None) -> None:
@@ -309,6 +387,7 @@ def test_stream_through_a_file_target_restores_device_and_ram(
     programmed = src.uart.program(seed=0x5A)
     dst.uart.program(seed=0xA5)
     before = src.uart.snapshot()
+    assert dst.uart.snapshot() != before
     fill(src, seed=11)
     path = str(tmp_path / "vm.snapshot")
     name = src.dev.name

@@ -1,0 +1,87 @@
+"""``vfiod ctl watch`` rendering: a redrawn progress bar with the predicted downtime on a
+terminal, one plain line per change otherwise, the outcome and exit status at the end;
+and the help text that documents exit codes with examples."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.daemon.rig import child_env, vfiod_cmd
+from vfiod.cli import ctl_cmd
+
+
+def _guest(phase: str, iteration: int, remaining: int, predicted: float | None,
+           result: str | None = None) -> dict[str, Any]:
+    return {"name": "g1", "state": "running", "migration": {
+        "id": "abc", "role": "source", "peer": "10.0.0.2:4444", "result": result,
+        "error": None, "downtime_s": 0.05 if result else None, "predicted_downtime_s": 0.06,
+        "verified": True if result else None, "downtime_limit_ms": 300.0,
+        "live": {"triple": "(RUNNING, ACTIVE, RUNNING|SAVING)"},
+        "progress": {"phase": phase, "iteration": iteration, "ram_total_bytes": 100 << 20,
+                     "ram_remaining_bytes": remaining, "device_remaining_bytes": 0,
+                     "predicted_downtime_s": predicted, "will_converge": True}}}
+
+
+class FakeClient:
+    def __init__(self, answers: list[dict[str, Any]]) -> None:
+        self.answers = answers
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert op == "status"
+        return {"guests": [self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]]}
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _answers(final: str) -> list[dict[str, Any]]:
+    return [_guest("precopy", 1, 80 << 20, 0.9), _guest("precopy", 2, 50 << 20, 0.45),
+            _guest("stopcopy", 3, 50 << 20, 0.45), _guest("done", 3, 0, 0.06, final)]
+
+
+def test_terminal_gets_a_redrawn_bar() -> None:
+    out = Tty()
+    code = ctl_cmd._follow(FakeClient(_answers("completed")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
+    text = out.getvalue()
+    assert code == ctl_cmd.EXIT_OK
+    assert text.count("\r\x1b[K") >= 3 and "\n" not in text.split("g1: completed")[0]
+    assert "[##########----------]  50%" in text
+    assert "predicted downtime 450 ms (limit 300 ms)" in text
+    assert text.endswith("g1: completed to 10.0.0.2:4444 (downtime 50 ms, predicted 60 ms, "
+                         "verified yes)\n")
+
+
+def test_pipe_gets_plain_lines_and_failure_exit() -> None:
+    out = io.StringIO()
+    code = ctl_cmd._follow(FakeClient(_answers("cancelled")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert code == ctl_cmd.EXIT_FAILED
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 4 and lines[-1] == "g1: cancelled to 10.0.0.2:4444"
+    assert "stopcopy" in lines[2]
+
+
+def test_nothing_to_watch() -> None:
+    out = io.StringIO()
+    idle = {"name": "g1", "state": "running", "migration": None}
+    assert ctl_cmd._follow(FakeClient([idle]), None, False, out, 0.001, None) == 0  # type: ignore[arg-type]
+    assert out.getvalue() == "no migration running\n"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["ctl", "--help"], ["exit status:", "vfiod ctl migrate g1 --to 10.0.0.2:4444",
+                         "permission denied", "--json"]),
+    (["run", "--help"], ["--backend {linux,sim}", "SIGHUP reloads", "exit status:"]),
+])
+def test_help_teaches(argv: list[str], needles: list[str]) -> None:
+    r = subprocess.run(vfiod_cmd(*argv), capture_output=True, text=True, env=child_env(),
+                       timeout=120)
+    assert r.returncode == 0
+    for n in needles:
+        assert n in r.stdout, n

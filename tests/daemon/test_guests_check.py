@@ -1,0 +1,148 @@
+"""Guests opened from the configuration on a simulated host, and ``check`` answers for
+guests and devices (design.md §1 steps 2-4), in-process: a guest that cannot be opened
+is kept with its reason, nothing leaks, and the answers name every blocker."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vfiod.daemon import check
+from vfiod.daemon.config import parse_config
+from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.registry import Registry
+from vfiod.daemon.simhost import build_sim_host
+from vfiod.errors import ConfigError
+from vfiod.kernel.sim import SimHost
+from vfiod.migration.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.vfio import HostPaths
+
+CONFIG = """
+[[guest]]
+name = "good"
+memory = "16MiB"
+[[guest.device]]
+name = "0000:3b:00.1"
+
+[[guest]]
+name = "stuck"
+memory = "16MiB"
+[[guest.device]]
+name = "0000:5f:00.0"
+
+[[guest]]
+name = "shared"
+memory = "16MiB"
+memory_encryption = "sev-snp"
+[[guest.device]]
+name = "0000:61:00.0"
+
+[sim]
+[[sim.device]]
+name = "0000:3b:00.1"
+capability = "v2_precopy"
+[[sim.device]]
+name = "0000:5f:00.0"
+capability = "not_migratable"
+[[sim.device]]
+name = "0000:61:00.0"
+capability = "v2_stop_copy"
+group = 30
+[[sim.host_device]]
+name = "0000:61:00.1"
+driver = "ixgbe"
+group = 30
+[[sim.device]]
+name = "0000:70:00.0"
+capability = "v2_p2p_log"
+"""
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[SimHost, GuestManager, Registry]]:
+    cfg = parse_config(CONFIG)
+    host = build_sim_host(cfg.sim, tmp_path)
+    reg = Registry()
+    mgr = GuestManager(host.kernel, HostPaths(host.sysfs_root, host.dev_root), reg)
+    try:
+        mgr.open_all(cfg.guests)
+        yield host, mgr, reg
+    finally:
+        mgr.close_all()
+        host.close()
+
+
+def _facts(host: SimHost, headroom: int | None = None) -> HostFacts:
+    mem = MemlockFacts(None, None, 0, True) if headroom is None else \
+        MemlockFacts(headroom, headroom, 0, False)
+    return dataclasses.replace(gather_host_facts(host.kernel), memlock=mem)
+
+
+def test_open_states_and_reasons(world: tuple[SimHost, GuestManager, Registry]) -> None:
+    host, _, reg = world
+    good, stuck, shared = (reg.guests[n] for n in ("good", "stuck", "shared"))
+    assert good.state == "running" and good.handle is not None
+    d = good.devices["0000:3b:00.1"]
+    assert (d.protocol, d.capabilities, d.state_label, d.tracker, d.migratable) == (
+        "v2", ["STOP_COPY", "PRE_COPY"], "RUNNING", "type1", True)
+    assert stuck.state == "error" and stuck.handle is None
+    assert stuck.error == ("0000:5f:00.0 is not migratable: VFIO_DEVICE_FEATURE MIGRATION: "
+                           "ENOTTY and no v1 migration region")
+    assert shared.state == "error"
+    assert "bound to host driver ixgbe" in (shared.error or "")
+    # Only the good guest holds simulated fds: the failed ones released what they opened.
+    files = sorted((f.kind, f.name) for f in host.kernel.open_files().values())
+    assert [k for k, _ in files] == ["container", "device", "group"], files
+    assert ("device", "0000:3b:00.1") in files
+    mgr = world[1]
+    mgr.close_all()
+    assert host.kernel.open_files() == {}
+
+
+def test_check_guests(world: tuple[SimHost, GuestManager, Registry]) -> None:
+    host, _, reg = world
+    r = check.check_guest(reg.guests["good"], _facts(host))
+    assert r["migratable"] and r["blockers"] == [] and r["notes"] == []
+    r = check.check_guest(reg.guests["stuck"], _facts(host))
+    assert not r["migratable"]
+    assert any("could not be opened" in b for b in r["blockers"])
+    assert "0000:5f:00.0: VFIO_DEVICE_FEATURE MIGRATION: ENOTTY and no v1 migration region" \
+        in r["blockers"]
+    r = check.check_guest(reg.guests["shared"], _facts(host))
+    assert any("AMD SEV-SNP memory encryption" in b for b in r["blockers"])
+    r = check.check_guest(reg.guests["good"], _facts(host, headroom=1 << 20))
+    assert any("LimitMEMLOCK=infinity" in n for n in r["notes"])
+
+
+def test_check_unowned_devices(world: tuple[SimHost, GuestManager, Registry]) -> None:
+    host, mgr, _ = world
+    before = len(host.kernel.open_files())
+    r = check.probe_unowned(host.kernel, mgr.paths, "0000:70:00.0")
+    assert r["migratable"] and r["protocol"] == "v2" and r["dma_logging"] is True
+    assert r["capabilities"] == ["STOP_COPY", "P2P"] and r["tracker"] == "device-logging"
+    assert len(host.kernel.open_files()) == before        # the probe closed what it opened
+    r = check.probe_unowned(host.kernel, mgr.paths, "0000:61:00.1")
+    assert not r["migratable"] and r["blockers"] == ["bound to host driver ixgbe (not ours)"]
+
+
+def test_opt_out_and_reopen(world: tuple[SimHost, GuestManager, Registry]) -> None:
+    _, mgr, reg = world
+    good = reg.guests["good"]
+    mgr.set_tracking(good, "0000:3b:00.1", False)
+    assert good.handle.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
+    old = good.handle
+    mgr.reopen(good, "incoming")
+    assert good.handle is not old and good.state == "incoming"
+    # The runtime opt-out survives a re-open.
+    assert good.handle.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
+    assert good.handle.run_state.name == "INMIGRATE"
+
+
+def test_bad_sim_host_is_a_config_error(tmp_path: Path) -> None:
+    cfg = parse_config("[sim]\n[[sim.device]]\nname = \"0000:3b:00.1\"\nkind = \"mdev\"\n"
+                       "group = 5\n[[sim.device]]\nname = \"0000:3b:00.2\"\ngroup = 5\n")
+    with pytest.raises(ConfigError, match="an mdev must be alone in its group"):
+        build_sim_host(cfg.sim, tmp_path)
