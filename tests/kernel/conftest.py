@@ -17,6 +17,7 @@ import pytest
 
 from tests.kernel import assets as assets_mod
 from tests.kernel import vm as vm_mod
+from tests.kernel.guest import rig as guest_rig
 
 IN_GUEST = os.environ.get("VFIOD_GUEST") == "1"
 collect_ignore = [] if IN_GUEST else ["guest"]
@@ -46,6 +47,10 @@ def guest_run(request: pytest.FixtureRequest, guest_assets: assets_mod.GuestAsse
     results = tmp_path_factory.mktemp("guest-results")
     timings = _timings(request.config)
     guest_dir = Path(__file__).parent / "guest"
+    # numba cannot compile in the guest in reasonable time (20-80 s per kernel under
+    # TCG): compile for a portable target here, the guest loads it (guest/rig.py)
+    with timings.part("numba cache (guest)"):
+        guest_rig.warm_guest_numba_cache()
     try:
         with timings.part("boot + guest tests (did not finish)"):
             run = vm_mod.run_guest(guest_assets, results,

@@ -30,6 +30,7 @@ from typing import Any
 
 from vfiod.cli.demo_setup import DMA_POOL, DemoSide, GiB, MiB, build_side
 from vfiod.kernel.sim.workload import Workload, WorkloadConfig, fill
+from vfiod.migration.linkprior import link_prior
 from vfiod.migration.predictor import Policy
 from vfiod.migration.session import MigrationResult, SessionConfig
 from vfiod.migration.session_dest import DestinationSession
@@ -202,7 +203,8 @@ def _source(args: argparse.Namespace, root: Path, ram: int) -> int:
             link = (ThrottledLink(conn, args.bandwidth_mbps * 1e6) if args.bandwidth_mbps
                     else conn)
             session = SourceSession(side.guest, link, host=side.facts, config=_config(args),
-                                    progress=out.progress)
+                                    progress=out.progress,
+                                    link_prior=link_prior("127.0.0.1"))
             session.add_state_handler(on_state)
             res = session.run()
         workload.stop()
@@ -335,6 +337,11 @@ class _Printer:
               f"{ms(s['actual_downtime_s'])}"
               + (f" (prediction error {err * 100:.0f}%)" if err is not None else "")
               + f", limit {ms(s['downtime_limit_s'])}")
+        assumed = s["history"][-1]["assumed_dirty_bytes"] if s["history"] else 0
+        if assumed:
+            print(f"                the prediction counts {assumed / mib:.0f} MiB of the "
+                  "opted-out device's window as dirty (it is not asked until "
+                  "stop-and-copy): an upper bound")
         print(f"  destination   manifest {'verified' if man.get('verified') else 'NOT verified'}"
               f" ({man.get('records', '?')} records); RAM content digests "
               f"{'match' if v.get('content_digests_match') else 'DIFFER'}; verification took "

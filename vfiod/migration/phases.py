@@ -16,7 +16,8 @@ destination's fresh RAM is zero already.
 ``prediction_numbers`` turns a ``SyncResult`` and the devices' ``Pending`` into the
 predictor's inputs: the dirty rate excludes containers that were not queried (skipped by
 the pre-copy opt-out, or whose log was lost) because their "all dirty" is a placeholder,
-not a measurement; they still count fully in the RAM still to send.
+not a measurement; they still count fully in the RAM still to send (``dirty_bytes``
+includes the opted-out containers' ``assumed_dirty_bytes``).
 """
 
 from __future__ import annotations
@@ -130,10 +131,12 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
     unmeasured = 0
     precise = False
     for c in st["containers"]:
-        if c["name"] in sync.skipped or c["name"] in sync.lost:
+        if c["name"] in sync.lost:        # counted whole in new_dirty: not a measurement
             unmeasured += c["mapped_bytes"]
-        elif c["precise"]:
+        elif c["name"] not in sync.skipped and c["precise"]:
             precise = True
+    # skipped (opted-out) containers are not in new_dirty_bytes but in dirty_bytes, as
+    # assumed_dirty_bytes: the prediction counts them, the dirty rate does not
     measured = max(0, sync.new_dirty_bytes - unmeasured)
     _, counts = tracker.bitmap.runs(max_run)
     return PredictionNumbers(

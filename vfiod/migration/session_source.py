@@ -33,12 +33,15 @@ before starting the guest anywhere else.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError, ProtocolError
 from vfiod.migration.driver import DeviceTransitionError
-from vfiod.migration.guest import GuestDevice
+from vfiod.migration.guest import Guest, GuestDevice
+from vfiod.migration.hostfacts import HostFacts
 from vfiod.migration.linkprior import LinkPrior
 from vfiod.migration.phases import RamSender, prediction_numbers
 from vfiod.migration.predictor import (
@@ -49,8 +52,9 @@ from vfiod.migration.predictor import (
     IterationInputs,
 )
 from vfiod.migration.preflight import MigrationFacts, compare
-from vfiod.migration.session import Cancelled, MigrationResult, SessionBase
+from vfiod.migration.session import Cancelled, MigrationResult, SessionBase, SessionConfig
 from vfiod.migration.session_digest import RamDigests
+from vfiod.migration.session_link import Link
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.status import IterationProgress
 from vfiod.migration.stream.header import StreamHeader
@@ -66,9 +70,17 @@ from vfiod.migration.transport.control import (
 class SourceSession(SessionBase):
     role = "source"
 
-    def __init__(self, *args: Any, link_prior: LinkPrior | None = None,
-                 progress: Any = None, source_host: str | None = None, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
+                 config: SessionConfig | None = None, memory_encryption: str = "none",
+                 clock: Callable[[], float] = time.monotonic,
+                 migration_id: str | None = None, link_prior: LinkPrior | None = None,
+                 progress: Callable[[IterationProgress], None] | None = None,
+                 source_host: str | None = None) -> None:
+        """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
+        before the first bandwidth window; ``progress``: called after every pass."""
+        super().__init__(guest, link, host=host, config=config,
+                         memory_encryption=memory_encryption, clock=clock,
+                         migration_id=migration_id)
         self.progress = progress
         self.source_host = source_host or self.facts.host.hostname
         self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
@@ -252,7 +264,8 @@ class SourceSession(SessionBase):
             dirty_rate_bps=p.dirty_rate_bps, bandwidth_bps=p.bandwidth_bps,
             bandwidth_source=p.bandwidth_source, predicted_downtime_s=p.downtime_s,
             will_converge=p.will_converge, decision=decision.value, reason=why,
-            sync_s=sync.duration_s)
+            sync_s=sync.duration_s,
+            assumed_dirty_bytes=int(getattr(sync, "assumed_dirty_bytes", 0)))
         self.result.history.append(prog)
         self.result.predicted_downtime_s = p.downtime_s
         if self.progress is not None:

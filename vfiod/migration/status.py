@@ -41,6 +41,8 @@ class IterationProgress:
     decision: str                  # continue | switchover | force | cancel
     reason: str
     sync_s: float                  # duration of this pass's dirty sync
+    #: part of dirty_ram_bytes that opted-out containers count dirty without asking
+    assumed_dirty_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
