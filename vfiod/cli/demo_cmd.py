@@ -342,6 +342,14 @@ class _Printer:
             print(f"                the prediction counts {assumed / mib:.0f} MiB of the "
                   "opted-out device's window as dirty (it is not asked until "
                   "stop-and-copy): an upper bound")
+        if s["result"] != "completed":
+            for dev, r in s["rollback"].items():
+                print(f"  rolled back   {dev}: {r.get('state')}"
+                      + (f" ({r['error']})" if r.get("error") else ""))
+            for w in s["warnings"]:
+                print(f"  warning       {w}")
+            print("  verified      false (nothing migrated; the guest runs on at the source)")
+            return
         print(f"  destination   manifest {'verified' if man.get('verified') else 'NOT verified'}"
               f" ({man.get('records', '?')} records); RAM content digests "
               f"{'match' if v.get('content_digests_match') else 'DIFFER'}; verification took "

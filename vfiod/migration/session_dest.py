@@ -231,8 +231,8 @@ class DestinationSession(SessionBase):
             except DeviceTransitionError as e:
                 states[d.name] = {"state": e.final.name if e.final else "unknown",
                                   "rungs": e.rungs, "error": str(e)}
-            except KernelError as e:
-                states[d.name] = {"state": "unknown", "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - every device gets its rollback
+                states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
         self.result.rollback = states
         if self.reader is not None and self.reader.header is not None:
             # discard: the RAM this attempt wrote goes back to zero, as it was

@@ -336,7 +336,10 @@ class SourceSession(SessionBase):
             except KernelError as e:
                 self.result.warnings.append(f"cleanup on {d.name} after completion: {e}")
         self._stop_tracking()
-        self.guest.set_run_state(GuestState.POSTMIGRATE)
+        try:
+            self.guest.set_run_state(GuestState.POSTMIGRATE)
+        except Exception as e:  # noqa: BLE001 - the migration stands; say what broke
+            self.result.warnings.append(f"guest run-state handler: {e}")
         if self.config.release_on_complete:
             try:
                 self.guest.release_devices()
@@ -347,7 +350,7 @@ class SourceSession(SessionBase):
         if self.tracker is not None and self.tracker.running:
             try:
                 self.tracker.stop()
-            except KernelError as e:
+            except Exception as e:  # noqa: BLE001
                 self.result.warnings.append(f"stopping dirty tracking: {e}")
 
     # -- rollback (design.md §1.6) ----------------------------------------------------
@@ -377,8 +380,8 @@ class SourceSession(SessionBase):
             except DeviceTransitionError as e:
                 states[d.name] = {"state": e.final.name if e.final else "unknown",
                                   "rungs": e.rungs, "error": str(e)}
-            except KernelError as e:
-                states[d.name] = {"state": "unknown", "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - every device gets its rollback
+                states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
         self.result.rollback = states
         self._stop_tracking()
         if self.guest.run_state is not GuestState.RUNNING:

@@ -11,7 +11,9 @@ error instead of an EINVAL from one device after others already started:
   holds no mapping costs nothing, since no DMA can land there. A driver may cap lower and
   answer E2BIG; then the list is merged to half the size and START retried.
 
-REPORT reads and clears the log of each device; the devices' bitmaps are OR-ed. It uses
+REPORT reads and clears the log of each device; the devices' bitmaps are OR-ed. Right
+after START one page is REPORTed as a probe, so a kernel without REPORT support is found
+before the first RAM pass (its bit, if set, is carried into the next real report). It uses
 the page size asked for at START (always aligned with the mappings); a driver whose
 granule is coarser replicates its bits (§7). EOPNOTSUPP/ENOTTY from START or REPORT mean
 "no device logging here" (the 6.12 guest kernel: START succeeds, REPORT says EOPNOTSUPP):
@@ -107,6 +109,8 @@ class DeviceLoggingProvider:
         self.granules: dict[str, int] = {}     # what each driver chose (status)
         self.ranges: list[IovaRange] = []
         self._started: list[Device] = []
+        #: pages the START probe found dirty (and so cleared): owed to the next report
+        self._carried: set[int] = set()
 
     def start(self, ranges: Sequence[IovaRange], page_size: int) -> int:
         if not self.devices:
@@ -127,7 +131,22 @@ class DeviceLoggingProvider:
                 raise unavailable(NAME, e) from e
         self.ranges = planned
         self.page_size = page_size
+        self._probe_report(planned[0][0], page_size)
         return page_size
+
+    def _probe_report(self, iova: int, page_size: int) -> None:
+        """REPORT one page right after START, so a kernel that accepts START but cannot
+        REPORT (6.12 without CONFIG_IOMMUFD_DRIVER: EOPNOTSUPP) is found before the first
+        RAM pass instead of costing the whole container a second pass at the first sync.
+        REPORT clears what it reads: a page found dirty is carried into the next report."""
+        try:
+            for dev in self._started:
+                bits = dev.dma_logging_report(iova, page_size, page_size)
+                if bits[0] & 1:
+                    self._carried.add(iova)
+        except KernelError as e:
+            self._stop_quietly()
+            raise unavailable(NAME, e) from e
 
     def report(self, iova: int, length: int, out: Bitmap | None = None) -> Bitmap:
         """REPORT from every device, OR-ed into one bitmap (bit i = iova + i*page_size)."""
@@ -145,6 +164,10 @@ class DeviceLoggingProvider:
             raise unavailable(NAME, e) from e
         if result is None:
             raise RuntimeError(f"{NAME} on {self.space.name}: report before start()")
+        for page in [p for p in self._carried if iova <= p < iova + length]:
+            n = (page - iova) // pgsize
+            result[n >> 6] |= np.uint64(1 << (n & 63))
+            self._carried.discard(page)
         return result
 
     def unmap(self, iova: int, size: int) -> Bitmap:
