@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
-from vfiod.errors import KernelError
+from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.driver import MigrationDriver, probe
 from vfiod.migration.states import GuestState, MigState
@@ -256,10 +256,33 @@ class Guest:
             logging = dev.dma_logging_probe()
         except KernelError:
             logging = False
-        gd = GuestDevice(name, dev, probe(dev), gc.name, pre_copy, identity, logging)
+        driver = self._claim_running(name, dev)
+        gd = GuestDevice(name, dev, driver, gc.name, pre_copy, identity, logging)
         gc.devices.append(name)
         self.devices.append(gd)
         return gd
+
+    @staticmethod
+    def _claim_running(name: str, dev: Device) -> MigrationDriver:
+        """A device vfiod claims must be RUNNING. Closing a device fd does not always
+        return it there (the mtty sample keeps STOP across close and reopen, seen on
+        6.12), so a device left stopped or mid-session by a previous owner is reset
+        (VFIO_DEVICE_RESET: back to RUNNING, any data session dropped, vfio-uapi.md
+        §3.5) instead of being migrated from the wrong state."""
+        driver = probe(dev)                 # reads the device's state back
+        state = driver.state()
+        if state is MigState.RUNNING:
+            return driver
+        try:
+            dev.reset()
+        except KernelError as e:
+            raise KernelError(e.errno, e.op, name,
+                              f"device is in {state.name}, not RUNNING, and reset failed")
+        driver = probe(dev)
+        if driver.state() is not MigState.RUNNING:
+            raise MigrationError(f"{name}: device is in {driver.state().name} after "
+                                 "VFIO_DEVICE_RESET, not RUNNING; refusing to claim it")
+        return driver
 
     def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> IovaMapping:
         """MAP_DMA guest [gpa, gpa+size) at iova == gpa on ``gc``."""

@@ -68,8 +68,18 @@ class SessionConfig:
     release_on_complete: bool = True
     record_bytes: int = 4 * MiB
     batch_bytes: int = 16 * MiB
+    #: a pre-copy pass that found nothing to send waits this long (or until a cancel)
+    #: before syncing again, so a guest whose remaining work is only what pre-copy cannot
+    #: shrink (an opted-out container, device stop-copy state) does not spin the CPU
+    idle_pass_s: float = 0.05
+    #: iterations kept in ``MigrationResult.history`` (the oldest are dropped; the count
+    #: stays in ``iterations``)
+    history_limit: int = 2000
 
     def __post_init__(self) -> None:
+        if self.idle_pass_s < 0 or self.history_limit < 1:
+            raise ValueError("session config: idle_pass_s must be >= 0 and history_limit "
+                             f">= 1, not {self.idle_pass_s} and {self.history_limit}")
         for name in ("ack_timeout_s", "slice_bytes", "device_iterate_bytes",
                      "max_run_pages"):
             if getattr(self, name) <= 0:

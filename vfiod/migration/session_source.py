@@ -223,6 +223,9 @@ class SourceSession(SessionBase):
                 raise Cancelled(last.reason, by="policy")
             if decision in (Decision.SWITCHOVER, Decision.FORCE):
                 return
+            if ram == 0 and dev_bytes == 0 and cfg.idle_pass_s > 0:
+                # nothing new to send: let dirty data accumulate (a cancel ends the wait)
+                self._cancel.wait(cfg.idle_pass_s)
 
     def _predict(self, sync: Any, pendings: list[Any], start: float, ram: int,
                  dev_bytes: int, sent: int) -> Decision:
@@ -267,6 +270,8 @@ class SourceSession(SessionBase):
             sync_s=sync.duration_s,
             assumed_dirty_bytes=int(getattr(sync, "assumed_dirty_bytes", 0)))
         self.result.history.append(prog)
+        if len(self.result.history) > self.config.history_limit:
+            del self.result.history[0]
         self.result.predicted_downtime_s = p.downtime_s
         if self.progress is not None:
             try:
