@@ -1,19 +1,6 @@
-"""``vfiod demo``: a live migration you can watch, on the simulated kernel, between two
-vfiod processes over loopback TCP (README "First command"; design.md §1, §4, §5; both
-migration protocols, vfio-uapi.md §5 and §6, and device DMA logging, §7).
-
-The source process builds a simulated host and guest (``demo_setup``), fills part of the
-guest's RAM with data (the rest of the sparse memfds stays never-written), starts a
-workload that writes guest RAM by device DMA at ``--dirty-mbps``, starts the destination
-as a second process (``vfiod demo --role destination``, which prints its port), connects
-and migrates, printing one line per pre-copy iteration. Afterwards, out of the downtime
-window, both processes hash all of their guest RAM and their device states and the source
-compares them: the end-to-end proof that the dirty tracking lost nothing.
-
-``--json`` prints one JSON object instead (keys include ``result``, ``iterations``,
-``predicted_downtime_s``, ``actual_downtime_s``, ``verified``). Exit status 0 when the
-migration completed and everything verified, 1 otherwise.
-"""
+"""What ``vfiod demo`` does (the command, its options and its output are described in
+``vfiod/cli/demo_cmd.py``): build the simulated source or destination side, run the
+workload and the migration, print progress and the summary."""
 
 from __future__ import annotations
 

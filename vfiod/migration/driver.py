@@ -26,7 +26,7 @@ import errno
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 from vfiod.abi.v1 import (
     VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
@@ -227,9 +227,60 @@ def compare_records(mine: dict[str, object], theirs: dict[str, object]) -> list[
 
 # -- shared by both drivers -------------------------------------------------------------------
 class DriverBase:
-    """Phase bookkeeping and the identity record, common to the v1 and v2 drivers."""
+    """Phase bookkeeping, the identity record and the recovery ladder, common to the v1
+    and v2 drivers. A driver supplies ``_VERB`` (how its state changes are named in the
+    ladder's rungs), ``_apply`` (change the state), ``_read_back`` and ``_reset``."""
 
     protocol: str = ""
+    _VERB = "SET"
+
+    def _apply(self, state: MigState) -> None:
+        raise NotImplementedError
+
+    def _read_back(self, rungs: list[str]) -> MigState | None:
+        raise NotImplementedError
+
+    def _reset(self, rungs: list[str]) -> MigState | None:
+        raise NotImplementedError
+
+    def _recovery_refused(self, actual: MigState, recover: MigState) -> str | None:
+        """Why ``recover`` must not be requested from ``actual`` (None: it may be)."""
+        return None
+
+    def _ladder(self, err: KernelError, target: MigState,
+                recover: MigState | None) -> NoReturn:
+        """After a failed change to ``target``: read back; if the device is neither there
+        nor in ERROR, change to ``recover``; reset when that fails, when there is no
+        recovery state, or in ERROR (design.md §1.6). Raises with every rung taken."""
+        verb = self._VERB
+        rungs = [f"{verb} {target.name}: {err.errno_name}"]
+        actual = final = self._read_back(rungs)
+        need_reset = actual is None or actual is MigState.ERROR
+        if actual is target:
+            rungs.append(f"device reached {target.name} despite the error")
+        elif actual is not None and not need_reset:
+            refused = None if recover is None else self._recovery_refused(actual, recover)
+            if recover is None:
+                need_reset = True
+            elif actual is recover:
+                rungs.append(f"already in recovery state {recover.name}")
+            elif refused is not None:
+                rungs.append(refused)
+                need_reset = True
+            else:
+                try:
+                    self._apply(recover)
+                    rungs.append(f"{verb} {recover.name} (recovery): ok")
+                    final = recover
+                except KernelError as e2:
+                    rungs.append(f"{verb} {recover.name} (recovery): {e2.errno_name}")
+                    final = self._read_back(rungs)
+                    need_reset = final is not recover
+        if need_reset:
+            final = self._reset(rungs)
+        raise DeviceTransitionError(err.errno or errno.EIO, err.op,
+                                    err.target or self.device.name, rungs, final,
+                                    need_reset) from None
 
     def __init__(self, device: Device, flags: int) -> None:
         self.device = device

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from vfiod.errors import KernelError, MigrationError
 from vfiod.migration import v1_codec
@@ -123,32 +123,11 @@ class V1Driver(DriverBase):
     def _op(target: MigState) -> str:
         return f"v1 write device_state={v1_codec.bits_name(v1_codec.encode(target))}"
 
-    def _ladder(self, err: KernelError, target: MigState,
-                recover: MigState | None) -> NoReturn:
-        rungs = [f"write {target.name}: {err.errno_name}"]
-        actual = final = self._read_back(rungs)
-        need_reset = actual is None or actual is MigState.ERROR
-        if actual is target:
-            rungs.append(f"device reached {target.name} despite the error")
-        elif not need_reset:
-            if recover is None:
-                need_reset = True
-            elif actual is recover:
-                rungs.append(f"already in recovery state {recover.name}")
-            else:
-                try:
-                    self._write_state(recover)
-                    rungs.append(f"write {recover.name} (recovery): ok")
-                    final = recover
-                except KernelError as e2:
-                    rungs.append(f"write {recover.name} (recovery): {e2.errno_name}")
-                    final = self._read_back(rungs)
-                    need_reset = final is not recover
-        if need_reset:
-            final = self._reset(rungs)
-        raise DeviceTransitionError(err.errno or errno.EIO, err.op,
-                                    err.target or self.device.name, rungs, final,
-                                    need_reset) from None
+    _VERB = "write"
+
+    def _apply(self, state: MigState) -> None:
+        self._write_state(state)
+
 
     def _reset(self, rungs: list[str]) -> MigState | None:
         try:

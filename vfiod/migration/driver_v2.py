@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY
 from vfiod.errors import KernelError, MigrationError
@@ -149,35 +149,16 @@ class V2Driver(DriverBase):
                               "no data fd returned and none open")
         self._state = state
 
-    def _ladder(self, err: KernelError, target: MigState,
-                recover: MigState | None) -> NoReturn:
-        rungs = [f"SET {target.name}: {err.errno_name}"]
-        actual = final = self._read_back(rungs)
-        need_reset = actual is None or actual is MigState.ERROR
-        if actual is target:
-            rungs.append(f"device reached {target.name} despite the error")
-        elif not need_reset:
-            if recover is None:
-                need_reset = True
-            elif actual is recover:
-                rungs.append(f"already in recovery state {recover.name}")
-            elif actual is MigState.STOP_COPY and recover in _PRECOPY:
-                rungs.append(f"{recover.name} not requested from STOP_COPY (kernel hang)")
-                need_reset = True
-            else:
-                try:
-                    self._arrived(recover, self.device.set_mig_state(recover))
-                    rungs.append(f"SET {recover.name} (recovery): ok")
-                    final = recover
-                except KernelError as e2:
-                    rungs.append(f"SET {recover.name} (recovery): {e2.errno_name}")
-                    final = self._read_back(rungs)
-                    need_reset = final is not recover
-        if need_reset:
-            final = self._reset(rungs)
-        raise DeviceTransitionError(err.errno or errno.EIO, err.op,
-                                    err.target or self.device.name, rungs, final,
-                                    need_reset) from None
+    _VERB = "SET"
+
+    def _apply(self, state: MigState) -> None:
+        self._arrived(state, self.device.set_mig_state(state))
+
+
+    def _recovery_refused(self, actual: MigState, recover: MigState) -> str | None:
+        if actual is MigState.STOP_COPY and recover in _PRECOPY:
+            return f"{recover.name} not requested from STOP_COPY (kernel hang)"
+        return None
 
     def _reset(self, rungs: list[str]) -> MigState | None:
         """VFIO_DEVICE_RESET and read back; returns the state (None if unreadable)."""

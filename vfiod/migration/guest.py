@@ -277,7 +277,7 @@ class Guest:
             dev.reset()
         except KernelError as e:
             raise KernelError(e.errno, e.op, name,
-                              f"device is in {state.name}, not RUNNING, and reset failed")
+                              f"device is in {state.name}, not RUNNING, and reset failed") from e
         driver = probe(dev)
         if driver.state() is not MigState.RUNNING:
             raise MigrationError(f"{name}: device is in {driver.state().name} after "
