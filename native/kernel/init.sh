@@ -73,6 +73,18 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
 mount --move /results /newroot/vfiod-results
+# The checkout, shared on its own and overlaid like the root: where it lives under a path
+# the guest mounts afresh (a CI clone in /tmp), the root share alone would hide it.
+if [ -f /newroot/vfiod-results/repo-path ]; then
+    repo=$(cat /newroot/vfiod-results/repo-path)
+    mkdir -p /mnt/repo /mnt/rw/repo-upper /mnt/rw/repo-work "/newroot$repo"
+    if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro,cache=loose repo /mnt/repo ||
+       ! mount -t overlay overlay -o lowerdir=/mnt/repo,upperdir=/mnt/rw/repo-upper,workdir=/mnt/rw/repo-work "/newroot$repo"; then
+        say "FATAL: cannot mount the checkout share (9p tag repo) at $repo"
+        echo 124 > /newroot/vfiod-results/exit-code
+        halt_vm
+    fi
+fi
 cp /insmod-failures.log /newroot/vfiod-results/insmod-failures.log
 
 if [ ! -f /newroot/vfiod-results/cmd.sh ]; then

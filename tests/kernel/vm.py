@@ -144,6 +144,8 @@ def qemu_argv(assets: GuestAssets, results: Path, memory: str = "2G") -> list[st
                    "multidevs=remap",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none,"
                    "multidevs=remap",
+        "-virtfs", f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on,"
+                   "multidevs=remap",
         "-kernel", str(assets.vmlinuz), "-initrd", str(assets.initramfs),
         "-append", append,
     ]
@@ -184,6 +186,9 @@ def run_guest(assets: GuestAssets, results: Path, pytest_args: list[str],
                   "insmod-failures.log"):
         (results / stale).unlink(missing_ok=True)
     (results / "cmd.sh").write_text(guest_command(pytest_args, f"{GUEST_RESULTS}/junit.xml"))
+    # the checkout comes as its own share (tag "repo"), mounted by init.sh at this path
+    # over the guest's fresh /tmp and /run, so a checkout under /tmp (CI) is visible too
+    (results / "repo-path").write_text(str(REPO))
     console_path = results / "console.log"
     argv = qemu_argv(assets, results)
     (results / "qemu-argv.txt").write_text(shlex.join(argv) + "\n")
