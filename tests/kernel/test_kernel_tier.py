@@ -21,7 +21,7 @@ from tests.support import debian
 
 #: The first test also pays for the session's downloads, builds and boot (QEMU itself is
 #: cut off at VFIOD_KERNEL_TIMEOUT, 240 s by default): above the suite-wide 300 s.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 GUEST_DIR = REPO / "tests" / "kernel" / "guest"
 GUEST_TESTS = results.discover_guest_tests(GUEST_DIR)

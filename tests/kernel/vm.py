@@ -33,7 +33,7 @@ MARK_COMMAND_START = "vfiod-guest: command start"
 MARK_COMMAND_EXIT = "vfiod-guest: command exit"
 MARK_FATAL = "vfiod-guest: FATAL"
 
-DEFAULT_TIMEOUT = 240.0
+DEFAULT_TIMEOUT = 480.0
 
 
 class VmError(RuntimeError):

@@ -260,3 +260,18 @@ def test_hook_sequence_is_the_seeds(sides, cap: str) -> None:
                     *p2p, "save_live_complete_precopy", "cleanup"]
     assert dlog == ["check_state", "load_setup", "load_state", "load_complete", "resume",
                     "cleanup"]
+
+
+def test_stale_data_in_the_destination_ram_is_cleared_not_kept(sides) -> None:
+    """A reused RAM file (a daemon's file-backed guest reopened as incoming) holds old data
+    in pages the source never wrote and so never sends: the destination clears them
+    before loading, so the migrated RAM equals the source's (seen in the kernel tier)."""
+    src, dst = sides([ContainerPlan([spec("v2_precopy_log")])], fill_bytes=2 * MiB)
+    block = dst.guest.ram[0]
+    with block.view() as view:
+        last = block.size - 4096                  # far past what the fill wrote
+        view[last:last + 4096] = b"\xa5" * 4096
+        view[8192:8192 + 16] = b"stale guest data"
+    run = migrate(src, dst)
+    assert_migrated(src, dst, run)                # full RAM digest equal to the source's
+    assert run.dest is not None and run.dest.verification["stale_pages_zeroed"] >= 1

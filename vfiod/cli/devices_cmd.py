@@ -15,12 +15,13 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vfiod.errors import KernelError
-from vfiod.kernel.linux import LinuxKernel
-from vfiod.kernel.ops import KernelOps
-from vfiod.vfio import DiscoveredDevice, HostPaths, discover
+
+if TYPE_CHECKING:
+    from vfiod.kernel.ops import KernelOps
+    from vfiod.vfio import DiscoveredDevice, HostPaths
 
 
 def register(subparsers: Any) -> None:
@@ -43,6 +44,9 @@ def _row(d: DiscoveredDevice) -> dict[str, Any]:
 
 
 def list_devices(kernel: KernelOps, paths: HostPaths) -> list[dict[str, Any]]:
+    # imported here: vfiod.vfio pulls in numpy, which `vfiod ctl` should not pay for
+    from vfiod.vfio import discover
+
     return [_row(d) for d in discover(kernel, paths)]
 
 
@@ -50,6 +54,7 @@ def _sim_rows() -> list[dict[str, Any]]:
     # imported here: the real-host path must not need the simulator
     from vfiod.kernel.sim import HostDevice, SimHost
     from vfiod.kernel.sim.migration import capability_specs
+    from vfiod.vfio import HostPaths
 
     specs = capability_specs()
     vgpu = dataclasses.replace(specs["v1"], kind="mdev",
@@ -83,6 +88,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vfiod.kernel.linux import LinuxKernel
+    from vfiod.vfio import HostPaths
+
     try:
         rows = (_sim_rows() if args.sim else
                 list_devices(LinuxKernel(), HostPaths(args.sysfs_root, args.dev_root)))

@@ -18,8 +18,8 @@
     resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
              the verification), ``cleanup``.
 
-The guest's RAM must be zero when a migration starts (fresh memfds): the source does not
-send pages it never wrote. Nothing runs unverified: on any failure (bad header, stream
+The source does not send pages it never wrote, so the destination first writes zeros over
+any page of its RAM that holds data (a reused RAM file); fresh memfds cost only the scan. Nothing runs unverified: on any failure (bad header, stream
 error, a device refusing its state, a digest mismatch, the source's ABORT) the destination
 sends ERROR (CANCEL for its own cancel; nothing when the source aborted), ``rollback``s
 every device it loaded (a reset: what was loaded is discarded, the device is back to
@@ -111,6 +111,15 @@ class DestinationSession(SessionBase):
     # -- SETUP ------------------------------------------------------------------------
     def _handshake(self) -> None:
         g = self.guest
+        # The source never sends pages it never wrote, so this RAM must start all zero. A
+        # RAM file reused from an earlier run (a daemon's file-backed guest reopened as
+        # incoming) may hold old data that would survive the migration unnoticed, since
+        # the digests take unsent pages as zero: clear it first (holes stay holes).
+        with contextlib.ExitStack() as views:
+            stale = zero_ram(g.kernel, [(b.gpa // g.page_size, b.fd, b.size,
+                                         views.enter_context(b.view())) for b in g.ram],
+                             g.page_size)
+        self.result.verification["stale_pages_zeroed"] = stale
         self.link.send_control(ControlMessage(ControlType.ACK, {
             "stage": "hello", "value": 0, "facts": self.facts.to_json()}))
         self.reader = StreamReader(self.link)

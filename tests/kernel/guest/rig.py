@@ -376,6 +376,9 @@ def _exercise_numba_paths() -> None:
     words = np.zeros(4, dtype=np.uint64)
     k.set_range(words, 3, 100)
     k.popcount(words, 200)
+    # a run longer than max_run is cut (_k_split_runs): a first pass over a guest of more
+    # than max_run_pages (1024) dirty pages in a row, as the daemon tests migrate
+    k.dirty_runs(words, 200, 64)
     k.test_and_clear(words, 0, 200)
     k.dirty_runs(words, 200, 64)
     GlobalBitmap(256).mark_all()

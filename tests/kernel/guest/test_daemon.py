@@ -1,0 +1,430 @@
+"""``vfiod run --backend linux`` in the guest, driven by ``vfiod ctl`` (design.md §6;
+testing.md "The real-kernel tier"; vfio-uapi.md §9.1 mtty, §9.2 edu).
+
+Real processes on the real kernel: two daemons (``python -m vfiod.cli.main run --backend
+linux`` over the guest's /sys and /dev), P owning mtty A with guest ``g1`` running, Q
+owning mtty B (another IOMMU group) with ``g1`` incoming, both with a migration listener
+on 127.0.0.1. Each reports ``READY=1`` on a NOTIFY_SOCKET this test owns (the systemd side,
+``tests.daemon.rig.NotifySocket``); the operator's questions go through ``vfiod ctl ...
+--json`` processes (several at once: each pays seconds of start-up under TCG), polling and
+the extra questions through an in-process ``ControlClient``. Nothing sleeps: every wait is
+a condition with a deadline.
+
+The two daemons live for the module (under TCG a daemon takes 10-20 s to start and
+its first migration ~15 s more of lazy imports), and the tests are one story in file order:
+
+1. P's view of the real host: status, devices (ours and not ours), check;
+2. ``vfiod ctl migrate g1`` P → Q: completed, digests verified, the RAM arrived;
+3. Q migrates g1 back with a downtime limit it can never meet, and is stopped (SIGTERM)
+   in pre-copy: the migration is cancelled, Q exits cleanly, and B, reopened through
+   ``vfiod.vfio``, is RUNNING and holds the UART state programmed into A before step 2
+   (mtty keeps it in the mdev across opens; a group has one owner at a time, so the
+   registers are only readable once Q let go).
+
+Step 3 migrates forward first if step 2 did not run (``Story.migrate_forward``).
+
+The daemons load numba kernels from the cache the host compiled for the guest (rig.py
+"numba in the guest"). They run with ``NUMBA_DEBUG_CACHE=1``, so a kernel the host's
+warm-up missed shows in their log as "[cache] data saved" and the test fails naming it
+(compiled under TCG it would eat most of a test's time limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.daemon.rig import NotifySocket, vfiod_cmd, wait_until
+from tests.kernel.guest import rig
+from tests.kernel.guest.conftest import close_migratable, open_device
+from vfiod.api import ClientError, ControlClient, ErrorCode
+from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.states import MigState
+from vfiod.vfio import HostPaths, discover_device
+
+#: the module's daemons start (cold: up to a minute under TCG) inside the first test that
+#: runs, and a test run on its own migrates forward first: above the suite's 90 s a test
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1 << 20
+PAGE = 4096
+RAM_BYTES = 16 * MiB
+GUEST = "g1"
+#: generous: under TCG a daemon takes ~10 s just to import numpy and numba
+DEADLINE_S = 60.0
+#: ``vfiod ctl`` exit codes (vfiod/cli/ctl_cmd.py)
+EXIT_OK, EXIT_FAILED = 0, 1
+NUMBA_COMPILED = "[cache] data saved to"
+MTTY_CAPS = ["STOP_COPY", "P2P", "PRE_COPY"]
+
+
+def guest_config(device: str, ram: Path, *, start: str) -> str:
+    """One guest ``g1`` owning ``device``, its RAM the file ``ram`` (a VMM's shared
+    memory), incoming migrations accepted on an ephemeral loopback port."""
+    return ('[migration]\nlisten = "127.0.0.1:0"\n'
+            f'\n[[guest]]\nname = "{GUEST}"\nstart = "{start}"\n'
+            f'[[guest.ram]]\nname = "ram0"\nsize = "{RAM_BYTES // MiB}MiB"\npath = "{ram}"\n'
+            f'[[guest.device]]\nname = "{device}"\n')
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # os.environ carries the guest's numba target and cache (conftest.py set them)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["PYTHONPATH"] = str(rig.REPO)
+    env.update(extra)
+    return env
+
+
+class LinuxDaemon:
+    """One ``vfiod run --backend linux`` process with its config, control socket, notify
+    socket and log in ``workdir/name`` (short paths: a Unix socket path has 107 bytes)."""
+
+    def __init__(self, name: str, config: str, workdir: Path) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir()
+        self.socket = str(self.dir / "control.sock")
+        (self.dir / "vfiod.toml").write_text(config)
+        self.notify = NotifySocket(self.dir)
+        self.log_path = self.dir / "daemon.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                vfiod_cmd("run", "--backend", "linux", "--config", str(self.dir / "vfiod.toml"),
+                          "--control-socket", self.socket, "--metrics-listen", ""),
+                stdout=log, stderr=subprocess.STDOUT,
+                env=_env(NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1",
+                         NUMBA_DEBUG_CACHE="1"))
+        self.ready: dict[str, str] = {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def journal(self) -> str:
+        """The log without numba's cache lines, for failure messages."""
+        return "\n".join(ln for ln in self.log().splitlines() if not ln.startswith("[cache]"))
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon {self.name} exited with {self.proc.returncode}:\n"
+                                 f"{self.journal()}")
+
+    def wait_ready(self) -> None:
+        self.ready = self.notify.wait_for("READY", timeout=DEADLINE_S, alive=self._alive)
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._alive()
+        with ControlClient(self.socket, timeout=DEADLINE_S) as c:
+            return c.call(op, args)
+
+    def guest(self) -> dict[str, Any]:
+        return dict(self.call("status", {"guest": GUEST})["guests"][0])
+
+    def ctl_argv(self, *args: str) -> list[str]:
+        return vfiod_cmd("ctl", "--socket", self.socket, *args, "--json")
+
+    def ctl(self, *args: str, expect: int = EXIT_OK) -> Any:
+        """``vfiod ctl ARGS --json`` as a process; its exit code must be ``expect``."""
+        return self.ctl_many([list(args)], [expect])[0]
+
+    def ctl_many(self, commands: list[list[str]], expect: list[int]) -> list[Any]:
+        """Run several ``vfiod ctl ... --json`` at once (each pays seconds of Python
+        start-up under TCG) and return what each printed last (``migrate`` prints one
+        JSON object per progress update, the outcome last)."""
+        procs = [subprocess.Popen(self.ctl_argv(*c), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=_env())
+                 for c in commands]
+        outs = []
+        for cmd, want, p in zip(commands, expect, procs, strict=True):
+            try:
+                out, err = p.communicate(timeout=DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            assert p.returncode == want, (
+                f"vfiod ctl {' '.join(cmd)} --json exited {p.returncode}, expected {want}\n"
+                f"stdout:\n{out}\nstderr:\n{err}\n--- daemon {self.name} ---\n{self.journal()}")
+            outs.append(json.loads(out) if out.startswith("{\n") else
+                        json.loads(out.strip().splitlines()[-1]))
+        return outs
+
+    def terminate(self) -> int:
+        """SIGTERM, then the exit status (bounded wait)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon {self.name} ignored SIGTERM for {DEADLINE_S:g} s:"
+                                 f"\n{self.journal()}") from None
+        self.notify.poll(0)             # what it said on its way out (STOPPING=1)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
+
+
+def assert_nothing_compiled(*daemons: LinuxDaemon) -> None:
+    compiled = {d.name: [ln for ln in d.log().splitlines() if NUMBA_COMPILED in ln]
+                for d in daemons}
+    assert not any(compiled.values()), (
+        "the daemons compiled numba kernels the host's warm-up did not cache (extend "
+        f"tests/kernel/guest/rig._exercise_numba_paths): {compiled}")
+
+
+def program_uart(kernel: LinuxKernel, paths: HostPaths, uuid: str, seed: int
+                 ) -> tuple[dict[str, int], list[bytes]]:
+    """Program an mdev's UARTs through vfiod's objects before a daemon claims it;
+    returns (registers, FIFO bytes per port)."""
+    o = open_device(kernel, paths, uuid)
+    try:
+        uart = rig.Uart(o.device)
+        progs = uart.program(seed)
+        return uart.snapshot(), [p.fifo for p in progs]
+    finally:
+        close_migratable(o)
+
+
+def state_after_release(kernel: LinuxKernel, paths: HostPaths, uuid: str
+                        ) -> tuple[MigState, dict[str, int], list[bytes]]:
+    """Reopen a device a daemon released: the migration state the kernel reports, then
+    the UART registers and FIFO contents (all read before any reset)."""
+    o = open_device(kernel, paths, uuid)
+    try:
+        st = o.device.get_mig_state()
+        assert isinstance(st, MigState)
+        uart = rig.Uart(o.device)
+        return st, uart.snapshot(), [uart.drain(p) for p in range(uart.ports)]
+    finally:
+        close_migratable(o)
+
+
+@dataclass
+class Story:
+    p: LinuxDaemon              # owns mtty a; g1 runs here at first
+    q: LinuxDaemon              # owns mtty b; g1 incoming, listening on 127.0.0.1
+    a: str
+    b: str
+    p_ram: Path
+    q_ram: Path
+    ram: bytes                  # g1's RAM before any migration
+    uart: dict[str, int]        # what a's UARTs were programmed with
+    fifos: list[bytes]
+    forward: dict[str, Any] | None = field(default=None)
+
+    def migrate_forward(self) -> dict[str, Any]:
+        """``vfiod ctl migrate g1`` P → Q, once; its final migration record."""
+        if self.forward is None:
+            to = self.q.call("status")["daemon"]["migration_listen"]
+            assert to.startswith("127.0.0.1:"), to
+            out = self.p.ctl("migrate", GUEST, "--to", to)
+            self.forward = dict(out["migration"])
+        return self.forward
+
+
+@pytest.fixture(scope="module")
+def story(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
+          numba_cache: None) -> Iterator[Story]:
+    a, b = mtty_pair
+    work = Path(tempfile.mkdtemp(prefix="vfiod-d-"))
+    # guest RAM as files under /dev/shm, so the test sees what the guests hold: P's with
+    # data (a random MiB and a page near the end), Q's all zero
+    p_ram, q_ram = (Path("/dev/shm") / f"vfiod-{n}-{u[:8]}" for n, u in (("p", a), ("q", b)))
+    daemons: list[LinuxDaemon] = []
+    try:
+        with open(p_ram, "wb") as f:
+            f.truncate(RAM_BYTES)
+            f.write(np.random.default_rng(5).integers(0, 256, MiB, dtype=np.uint8).tobytes())
+            f.seek(RAM_BYTES - 3 * PAGE)
+            f.write(b"\x5a" * PAGE)
+        with open(q_ram, "wb") as f:
+            f.truncate(RAM_BYTES)
+        uart, fifos = program_uart(kernel, paths, a, seed=0x3C)
+        other, _ = program_uart(kernel, paths, b, seed=0xC3)
+        assert other != uart            # so equality afterwards means something
+        rig.loopback_up()
+        daemons.append(LinuxDaemon("P", guest_config(a, p_ram, start="running"), work))
+        daemons.append(LinuxDaemon("Q", guest_config(b, q_ram, start="incoming"), work))
+        for d in daemons:               # both start at once; their start-ups overlap
+            d.wait_ready()
+        yield Story(daemons[0], daemons[1], a, b, p_ram, q_ram, p_ram.read_bytes(), uart,
+                    fifos)
+    finally:
+        for d in daemons:
+            d.kill()
+        for ram in (p_ram, q_ram):
+            ram.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- 1. what a daemon sees of the real host ---------------------------------------------
+
+def test_status_devices_and_check_on_the_real_host(
+        kernel: LinuxKernel, paths: HostPaths, story: Story, edu: str) -> None:
+    if story.forward is not None:
+        pytest.fail("this test describes P before the migration: run it first (file "
+                    "order)", pytrace=False)
+    p, a, b = story.p, story.a, story.b
+    assert p.ready.get("STATUS", "").startswith("1 guest(s) (1 running)"), p.ready
+    status, devices, check_g, check_edu = p.ctl_many(
+        [["status"], ["devices"], ["check", GUEST], ["check", edu]],
+        [EXIT_OK, EXIT_OK, EXIT_OK, EXIT_FAILED])
+
+    assert (status["daemon"]["backend"], status["daemon"]["pid"]) == ("linux", p.proc.pid)
+    [g] = status["guests"]
+    assert (g["name"], g["state"], g["error"], g["ram_bytes"], g["migration"]) == (
+        GUEST, "running", None, RAM_BYTES, None), g
+    [dev] = g["devices"]
+    assert (dev["name"], dev["protocol"], dev["state_label"], dev["capabilities"]) == (
+        a, "v2", "RUNNING", [*MTTY_CAPS, "DMA_LOGGING"]), dev
+    # what the open-time probe saw: mtty accepts DMA_LOGGING_START; its REPORT fails on
+    # this kernel, so a migration falls back to type1 (test 3 checks the live status)
+    assert (dev["tracker"], dev["dma_logging"]) == ("device-logging", True), dev
+
+    # every PCI device and mdev the kernel lists, ours or not, and why
+    devs = {x["name"]: x for x in devices["devices"]}
+    in_sysfs = set(os.listdir(rig.SYS / "bus" / "pci" / "devices")) | \
+        set(os.listdir(rig.SYS / "bus" / "mdev" / "devices"))
+    assert set(devs) == in_sysfs
+    mine = devs[a]
+    assert (mine["kind"], mine["guest"], mine["protocol"], mine["state"],
+            mine["vfio_capable"]) == ("mdev", GUEST, "v2", "RUNNING", True), mine
+    assert mine["group"] == discover_device(kernel, a, paths).group
+    free = devs[b]                  # Q's: P knows nothing of Q, sysfs says it is usable
+    assert (free["kind"], free["guest"], free["vfio_capable"]) == ("mdev", None, True), free
+    assert free["group"] not in (None, mine["group"]), free
+    e = devs[edu]
+    assert (e["kind"], e["driver"], e["guest"], e["vfio_capable"]) == (
+        "pci", "vfio-pci", None, True), e
+    assert (int(e["vendor"], 16), int(e["device"], 16)) == (rig.EDU_VENDOR, rig.EDU_DEVICE)
+    host_pci = [x for x in devs.values() if x["kind"] == "pci" and x["driver"] != "vfio-pci"]
+    assert host_pci, "the guest has PCI devices on host drivers (virtio 9p at least)"
+    for x in host_pci:
+        assert (x["vfio_capable"], x["guest"]) == (False, None) and x["reason"], x
+
+    # the guest can migrate: mtty speaks v2 with pre-copy and P2P
+    assert (check_g["kind"], check_g["target"], check_g["migratable"], check_g["blockers"]) \
+        == ("guest", GUEST, True, []), check_g
+    [cd] = check_g["devices"]
+    assert (cd["name"], cd["protocol"], cd["capabilities"], cd["state"], cd["migratable"]) \
+        == (a, "v2", [*MTTY_CAPS, "DMA_LOGGING"], "RUNNING", True), cd
+    # edu, probed on the spot: vfio-pci has no migration ops for it, so the kernel
+    # answers the MIGRATION feature with ENOTTY, and it has no v1 region either
+    assert (check_edu["kind"], check_edu["guest"], check_edu["migratable"],
+            check_edu["driver"], check_edu["blockers"]) == (
+        "device", None, False, "vfio-pci",
+        ["VFIO_DEVICE_FEATURE MIGRATION: ENOTTY and no v1 migration region"]), check_edu
+
+    # the same questions the cheap way (no process start each)
+    c = p.call("check", {"target": a})      # the owned device: what the guest probed
+    assert (c["kind"], c["guest"], c["migratable"]) == ("device", GUEST, True), c
+    # B's group is open in Q: the probe says so, with the kernel's EBUSY
+    c = p.call("check", {"target": b})
+    assert (c["kind"], c["guest"], c["migratable"]) == ("device", None, False), c
+    [why] = c["blockers"]
+    assert f"IOMMU group {free['group']} is open in another process" in why and \
+        "EBUSY" in why, why
+    with pytest.raises(ClientError) as err:
+        p.call("check", {"target": "0000:00:1f.7"})
+    assert err.value.code is ErrorCode.NOT_FOUND and "0000:00:1f.7" in err.value.message
+    # the probe of edu released it: this process can open it
+    o = open_device(kernel, paths, edu)
+    o.container.close()
+    assert_nothing_compiled(p, story.q)
+
+
+# -- 2. a live migration between the two daemons ------------------------------------------
+
+def test_ctl_migrate_to_the_other_daemon_completes_verified(story: Story) -> None:
+    p, q = story.p, story.q
+    final = story.migrate_forward()
+    assert (final["role"], final["result"], final["error"]) == ("source", "completed", None), (
+        final, q.journal())
+    assert final["verified"] is True, final
+    assert final["downtime_s"] is not None and final["predicted_downtime_s"] is not None
+
+    # Q received and verified it and runs it, under the same migration id
+    g = q.guest()
+    m = g["migration"]
+    assert (g["state"], m["role"], m["result"], m["verified"], m["id"]) == (
+        "running", "destination", "completed", True, final["id"]), g
+    assert [(x["name"], x["state_label"]) for x in g["devices"]] == [(story.b, "RUNNING")], g
+    # P released the guest and holds it again, fresh, ready to take it back
+    g = p.guest()
+    assert (g["state"], g["migration"]["result"]) == ("incoming", "completed"), g
+    assert [(x["name"], x["state_label"]) for x in g["devices"]] == [(story.a, "RUNNING")], g
+    # the RAM arrived byte for byte in Q's guest; P's was only read
+    assert story.q_ram.read_bytes() == story.ram
+    assert story.p_ram.read_bytes() == story.ram
+    assert_nothing_compiled(p, q)
+
+
+# -- 3. SIGTERM in the middle of a migration ------------------------------------------------
+
+def test_sigterm_mid_precopy_cancels_and_leaves_the_device_running(
+        kernel: LinuxKernel, paths: HostPaths, story: Story) -> None:
+    """Q migrates g1 back to P with a downtime limit of 1 ns, which mtty's 96 bytes of
+    device state alone exceed, so it stays in pre-copy with B in PRE_COPY until Q is told
+    to stop: it cancels, B is back in RUNNING before its fd closes, Q exits 0 and P
+    waits for the guest again. Then P stops too."""
+    p, q, a, b = story.p, story.q, story.a, story.b
+    assert story.migrate_forward()["result"] == "completed", story.forward
+    to = p.call("status")["daemon"]["migration_listen"]
+    mid = q.call("migrate", {"guest": GUEST, "to": to,
+                             "downtime_limit_ms": 1e-6})["migration"]["id"]
+
+    def in_precopy() -> dict[str, Any] | None:
+        g = q.guest()
+        m = g["migration"]
+        assert m["id"] == mid and m["result"] is None, f"the migration ended early: {m}"
+        if g["devices"][0]["state_label"] != "RUNNING|SAVING" or \
+                m["progress"]["phase"] != "precopy" or m["progress"]["iteration"] < 1:
+            return None
+        return g
+
+    g = wait_until(in_precopy, DEADLINE_S, "a pre-copy pass with B in PRE_COPY")
+    # the tracker the migration really runs on: device logging fell back to type1, whose
+    # pinned-page scope (an mdev-only container) reports only what devices wrote
+    [c] = g["migration"]["live"]["tracker"]["containers"]
+    assert (c["tracker"], c["precise"]) == ("type1", True), c
+    assert c["fallbacks"][0].startswith("device-logging -> type1: ") and \
+        "EOPNOTSUPP" in c["fallbacks"][0], c
+    assert p.guest()["migration"]["id"] == mid
+
+    assert q.terminate() == 0, q.journal()
+    log = q.journal()
+    assert f"(source {GUEST}): cancelled" in log, log
+    assert f"guest {GUEST}: closing (RUNNING); devices: {b} RUNNING" in log, log
+    assert any(m.get("STOPPING") == "1" for m in q.notify.messages), q.notify.messages
+
+    def p_waits_again() -> bool:
+        g = p.guest()
+        m = g["migration"]
+        return g["state"] == "incoming" and m["id"] == mid and m["result"] is not None
+    wait_until(p_waits_again, DEADLINE_S, "P to discard what it had received")
+    assert p.terminate() == 0, p.journal()
+    assert f"guest {GUEST}: closing (INMIGRATE); devices: {a} RUNNING" in p.journal(), \
+        p.journal()
+    assert_nothing_compiled(p, q)
+
+    # what the kernel says now: B is RUNNING and holds the UART state programmed into A
+    # before the first migration (carried by it, untouched by the cancelled one)
+    st, regs, fifos = state_after_release(kernel, paths, b)
+    assert st is MigState.RUNNING
+    assert regs == story.uart
+    assert fifos == story.fifos
+    st, _, _ = state_after_release(kernel, paths, a)
+    assert st is MigState.RUNNING
