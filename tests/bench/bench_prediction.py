@@ -27,8 +27,8 @@ from tests.sim.test_session_rig import (
     spec,
 )
 from vfiod.kernel.sim.workload import DmaTarget
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import SessionConfig
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import SessionConfig
 
 TARGET = 0.15
 CAPS_MBPS = (20.0, 40.0, 80.0)

@@ -17,7 +17,7 @@ from vfiod.daemon.registry import Registry
 from vfiod.daemon.simhost import build_sim_host
 from vfiod.errors import ConfigError
 from vfiod.kernel.sim import SimHost
-from vfiod.migration.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
 from vfiod.vfio import HostPaths
 
 CONFIG = """

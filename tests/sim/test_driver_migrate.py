@@ -11,14 +11,14 @@ import pytest
 from tests.sim.test_driver_rig import CAPS, Side, collect, load, migrate, pair, save, spec_for
 from vfiod.errors import KernelError, MigrationError, ProtocolError
 from vfiod.kernel.sim.base import SimFile
-from vfiod.migration.driver import (
+from vfiod.migration.device.base import (
     DeviceMismatch,
     ForbiddenTransition,
     HookOrderError,
     Phase,
     decode_record,
 )
-from vfiod.migration.driver_v2 import V2Driver
+from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 
 # What the kernel is asked, in order, by a source and a destination (vfio-uapi.md §5.4,

@@ -11,9 +11,9 @@ import pytest
 
 from tests.sim.test_driver_rig import CAPS, Side, spec_for
 from vfiod.errors import KernelError, NotMigratable
-from vfiod.migration.driver import MigrationDriver, probe
-from vfiod.migration.driver_v1 import V1Driver
-from vfiod.migration.driver_v2 import V2Driver
+from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.device.v1 import V1Driver
+from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 
 EXPECT = {  # cap -> (class, protocol, has_precopy, has_p2p, flags)

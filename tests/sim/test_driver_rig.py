@@ -16,7 +16,7 @@ from typing import Any
 from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
-from vfiod.migration.driver import MigrationDriver, probe
+from vfiod.migration.device.base import MigrationDriver, probe
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths
 
@@ -72,7 +72,7 @@ class Side:
         for part in node.parts.features:
             if hasattr(part, "arcs"):
                 return MigState(part.state)   # type: ignore[attr-defined]
-        from vfiod.migration import v1_codec
+        from vfiod.migration.device import v1_codec
         region = node.parts.regions[0]
         return v1_codec.state_of(region.device_state)   # type: ignore[attr-defined]
 

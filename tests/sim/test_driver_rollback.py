@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.sim.test_driver_rig import CAPS, PathRecorder, Side, collect, pair, record_paths, save
-from vfiod.migration.driver import MigrationDriver, Phase
+from vfiod.migration.device.base import MigrationDriver, Phase
 from vfiod.migration.states import MigState
 
 

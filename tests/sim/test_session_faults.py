@@ -35,8 +35,8 @@ from tests.sim.test_session_rig import (
     spec,
 )
 from vfiod.errors import KernelError
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import SessionConfig
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import SessionConfig
 
 DEVICES = {"v1": spec("v1_log"), "v2": spec("v2_precopy_p2p_log")}
 

@@ -21,18 +21,18 @@ from tests.sim.test_session_rig import (
 from vfiod.errors import KernelError
 from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest, RamSpec
-from vfiod.migration.session import SessionConfig
-from vfiod.migration.session_costs import CostModel, records_for
-from vfiod.migration.session_digest import (
+from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.costs import CostModel, records_for
+from vfiod.migration.session.digest import (
     RamDigests,
     RegionDigest,
     compare_roots,
     full_ram_digest,
     nonzero_page_runs,
 )
-from vfiod.migration.session_link import ThrottledLink
+from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.status import IterationProgress, device_column, format_progress_line, triple
+from vfiod.migration.session.status import IterationProgress, device_column, format_progress_line, triple
 
 PS = 4096
 

@@ -25,11 +25,11 @@ from tests.sim.test_session_rig import (
     spec,
 )
 from vfiod.kernel.sim.workload import DmaTarget
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import SessionConfig
-from vfiod.migration.session_link import ThrottledLink
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.states import MigrationState
-from vfiod.migration.status import IterationProgress
+from vfiod.migration.session.status import IterationProgress
 
 RAM = (RamSpec("ram", 0, 16 * MiB),)
 DEV = spec("v2_precopy_log")

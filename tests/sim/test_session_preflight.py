@@ -23,9 +23,9 @@ from tests.sim.test_session_rig import (
     spec,
 )
 from vfiod.abi.vfio import VFIO_MIGRATION_STOP_COPY
-from vfiod.migration.hostfacts import AbiLevel
-from vfiod.migration.session import SessionConfig
-from vfiod.migration.session_dest import DestinationSession
+from vfiod.migration.planning.hostfacts import AbiLevel
+from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.states import MigState
 from vfiod.migration.stream import GuestRam, RamRegion, StreamHeader, StreamWriter
 from vfiod.migration.transport import Listener, connect

@@ -20,10 +20,10 @@ from tests.sim.test_session_rig import (
     spec,
 )
 from vfiod.kernel.sim.workload import DmaTarget
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import SessionConfig
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.status import IterationProgress, format_progress_line
+from vfiod.migration.session.status import IterationProgress, format_progress_line
 
 CAPS = ["v1_log", "v2_stop_copy_log", "v2_precopy_log", "v2_p2p_log", "v2_precopy_p2p_log"]
 

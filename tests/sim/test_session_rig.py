@@ -27,7 +27,7 @@ from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest, RamSpec
-from vfiod.migration.hostfacts import (
+from vfiod.migration.planning.hostfacts import (
     AbiLevel,
     CpuFacts,
     HostFacts,
@@ -35,11 +35,11 @@ from vfiod.migration.hostfacts import (
     SevFacts,
     flags_up_to,
 )
-from vfiod.migration.session import MigrationResult, SessionConfig
-from vfiod.migration.session_dest import DestinationSession
-from vfiod.migration.session_digest import full_ram_digest
-from vfiod.migration.session_link import ThrottledLink
-from vfiod.migration.session_source import SourceSession
+from vfiod.migration.session.common import MigrationResult, SessionConfig
+from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.digest import full_ram_digest
+from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import GuestState, MigrationState, MigState
 from vfiod.migration.transport import Listener, connect
 from vfiod.vfio import HostPaths
@@ -92,7 +92,7 @@ class Side:
                 if d.parts.model is not None}
 
     def kernel_states(self) -> dict[str, MigState]:
-        from vfiod.migration import v1_codec
+        from vfiod.migration.device import v1_codec
         out = {}
         for n, node in self.host.devices.items():
             for part in node.parts.features:

@@ -16,6 +16,14 @@ RANK = {
     "kernel": 1, "vfio": 2, "dirty": 3, "migration": 4, "daemon": 5, "cli": 6,
 }
 
+# Inside vfiod/migration/ the same rule holds between its packages (README "Architecture"):
+# the state vocabulary, then the stream format and its transports, then device protocols and
+# planning, then the guest, then the sessions that drive all of them.
+MIGRATION_RANK = {
+    "__init__": 0, "states": 0, "stream": 1, "transport": 2, "device": 3, "planning": 4,
+    "guest": 5, "session": 6,
+}
+
 # Calls that are syscalls: allowed only in kernel/linux.py.
 SYSCALL_ATTRS = {
     ("fcntl", "ioctl"), ("os", "pread"), ("os", "pwrite"), ("os", "memfd_create"),
@@ -31,6 +39,19 @@ def _modules() -> list[Path]:
 def _part(path: Path) -> str:
     rel = path.relative_to(ROOT).parts
     return rel[0].removesuffix(".py")
+
+
+def _imported_modules(path: Path) -> list[tuple[int, list[str]]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: list[tuple[int, list[str]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module.split(".")))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}:{node.lineno}: relative import; name the package")
+    return out
 
 
 def _imported_parts(path: Path) -> list[tuple[int, str]]:
@@ -78,7 +99,32 @@ def test_only_linux_backend_makes_syscalls(path: Path) -> None:
 def test_layering_check_catches_an_upward_edge(tmp_path: Path) -> None:
     # The checker itself must be able to fail: a vfio/ module importing migration/.
     bad = tmp_path / "bad.py"
-    bad.write_text("import vfiod.migration.session\nfrom vfiod.daemon import x\n")
+    bad.write_text("import vfiod.migration.session.common\nfrom vfiod.daemon import x\n")
     parts = [t for _, t in _imported_parts(bad)]
     assert parts == ["migration", "daemon"]
     assert any(RANK[t] > RANK["vfio"] for t in parts)
+
+
+def _migration_part(parts: tuple[str, ...] | list[str]) -> str:
+    return parts[0].removesuffix(".py")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "migration").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_migration_packages_point_down(path: Path) -> None:
+    mine = _migration_part(path.relative_to(ROOT / "migration").parts)
+    assert mine in MIGRATION_RANK, f"{path}: migration part {mine!r} has no rank; add it"
+    for lineno, parts in _imported_modules(path):
+        if parts[:2] != ["vfiod", "migration"] or len(parts) < 3:
+            continue
+        target = parts[2]
+        assert target in MIGRATION_RANK, f"{path}:{lineno} imports unknown vfiod.migration.{target}"
+        assert target == mine or MIGRATION_RANK[target] < MIGRATION_RANK[mine], (
+            f"{path}:{lineno}: migration/{mine} imports vfiod.migration.{target}: "
+            "upward or sideways edge inside migration/")
+
+
+def test_migration_check_catches_an_upward_edge() -> None:
+    # device/ importing session/ must be refused by the rank table the test above uses.
+    assert MIGRATION_RANK["session"] > MIGRATION_RANK["device"]
+    assert not MIGRATION_RANK["session"] < MIGRATION_RANK["device"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from vfiod.migration.linkprior import LinkPrior, link_prior
-from vfiod.migration.predictor import (
+from vfiod.migration.planning.linkprior import LinkPrior, link_prior
+from vfiod.migration.planning.predictor import (
     DEFAULT_BANDWIDTH_BPS,
     BandwidthEstimator,
     Decision,
@@ -268,7 +268,7 @@ def test_link_prior_on_a_veth_pair_in_a_private_netns() -> None:
         sh("-n", ns, "addr", "add", "10.203.0.1/24", "dev", "vf0")
         sh("-n", ns, "link", "set", "vf0", "up")
         sh("-n", ns, "link", "set", "vf1", "up")
-        code = ("import json; from vfiod.migration.linkprior import link_prior; "
+        code = ("import json; from vfiod.migration.planning.linkprior import link_prior; "
                 "print(json.dumps(link_prior('10.203.0.2').__dict__))")
         root = str(Path(__file__).resolve().parents[2])
         out = subprocess.run([ip, "netns", "exec", ns, sys.executable, "-c", code],

@@ -12,7 +12,7 @@ import pytest
 
 from vfiod.errors import KernelError, PreflightError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.hostfacts import (
+from vfiod.migration.planning.hostfacts import (
     X86_64_LEVELS,
     AbiLevel,
     HostFacts,
@@ -22,7 +22,7 @@ from vfiod.migration.hostfacts import (
     gather_host_facts,
     memlock_facts,
 )
-from vfiod.migration.preflight import GuestFacts, MigrationFacts, check, compare
+from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, check, compare
 from vfiod.migration.stream import DeviceInfo, RamRegion
 
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep cmov pat mmx fxsr sse sse2 ht syscall nx lm"
@@ -122,7 +122,7 @@ DEV = DeviceInfo("0000:3b:00.1", "v2", 0b111, {"vendor": "0x15b3", "device": "0x
 
 def host(name: str, flags: str = V3, memlock: MemlockFacts | None = None,
          page_size: int = 4096) -> HostFacts:
-    from vfiod.migration.hostfacts import SevFacts
+    from vfiod.migration.planning.hostfacts import SevFacts
     return HostFacts(name, cpu_facts(cpuinfo(flags)), SevFacts(False, False, None, None),
                      memlock or MemlockFacts(None, None, 0, False), page_size)
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vfiod.abi.v1 import V1_STATE_MASK, vfio_device_migration_info
-from vfiod.migration import v1_codec
+from vfiod.migration.device import v1_codec
 from vfiod.migration.states import MigState
 
 # The table from the uAPI header, written out independently of the codec.

@@ -17,15 +17,15 @@ from typing import Any
 
 from vfiod.cli.demo_setup import DMA_POOL, DemoSide, GiB, MiB, build_side
 from vfiod.kernel.sim.workload import Workload, WorkloadConfig, fill
-from vfiod.migration.linkprior import link_prior
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import MigrationResult, SessionConfig
-from vfiod.migration.session_dest import DestinationSession
-from vfiod.migration.session_digest import full_ram_digest
-from vfiod.migration.session_link import ThrottledLink
-from vfiod.migration.session_source import SourceSession
+from vfiod.migration.planning.linkprior import link_prior
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import MigrationResult, SessionConfig
+from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.digest import full_ram_digest
+from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import MigrationState
-from vfiod.migration.status import IterationProgress, format_progress_line
+from vfiod.migration.session.status import IterationProgress, format_progress_line
 from vfiod.migration.transport import Listener, connect
 
 

@@ -27,7 +27,7 @@ from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.guest import Guest, RamSpec
-from vfiod.migration.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
 from vfiod.vfio import HostPaths
 
 MiB = 1 << 20

@@ -23,9 +23,9 @@ from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.providers.select import select
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.driver import MigrationDriver, probe
-from vfiod.migration.hostfacts import HostFacts
-from vfiod.migration.preflight import ENCRYPTION_NAMES
+from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.planning.hostfacts import HostFacts
+from vfiod.migration.planning.preflight import ENCRYPTION_NAMES
 from vfiod.vfio import Container, Group, HostPaths
 from vfiod.vfio.discovery import DiscoveredDevice, discover_device
 

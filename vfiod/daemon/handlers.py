@@ -31,7 +31,7 @@ from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import GuestEntry, Registry
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.hostfacts import HostFacts
+from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.vfio import HostPaths
 from vfiod.vfio.discovery import discover
 

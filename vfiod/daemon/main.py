@@ -45,7 +45,7 @@ from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interva
 from vfiod.errors import ConfigError, VfiodError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
 from vfiod.migration.transport import TlsConfig, TransportError
 from vfiod.vfio import HostPaths
 

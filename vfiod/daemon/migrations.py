@@ -26,15 +26,15 @@ from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
-from vfiod.migration.hostfacts import HostFacts
-from vfiod.migration.linkprior import link_prior
-from vfiod.migration.predictor import Policy
-from vfiod.migration.session import MigrationResult, SessionBase, SessionConfig
-from vfiod.migration.session_dest import DestinationSession
-from vfiod.migration.session_link import ThrottledLink
-from vfiod.migration.session_source import SourceSession
+from vfiod.migration.planning.hostfacts import HostFacts
+from vfiod.migration.planning.linkprior import link_prior
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import MigrationState
-from vfiod.migration.status import IterationProgress
+from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
 from vfiod.migration.transport.control import TransportCode
 

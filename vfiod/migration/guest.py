@@ -35,7 +35,7 @@ from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
 from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.driver import MigrationDriver, probe
+from vfiod.migration.device.base import MigrationDriver, probe
 from vfiod.migration.states import GuestState, MigState
 from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam

@@ -2,7 +2,7 @@
 
 One ``MigState`` enum (the kernel's ``enum vfio_device_mig_state``, vfio-uapi.md §6.4)
 serves logs, metrics and the CLI for both protocols; the v1 bitmask (vfio-uapi.md §5.3) is
-decoded into the same values by ``vfiod.migration.v1_codec``.
+decoded into the same values by ``vfiod.migration.device.v1_codec``.
 
 Status shows the triple (guest run state, migration state, device state) in the vocabulary
 of the seed's flow diagram (design.md §1), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)`` while

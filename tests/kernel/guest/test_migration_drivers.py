@@ -21,7 +21,7 @@ from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import Opened, close_migratable, open_device
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.driver import (
+from vfiod.migration.device.base import (
     DeviceMismatch,
     DeviceTransitionError,
     HookOrderError,
@@ -30,7 +30,7 @@ from vfiod.migration.driver import (
     encode_record,
     probe,
 )
-from vfiod.migration.driver_v2 import V2Driver
+from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 from vfiod.vfio import Device, HostPaths
 

@@ -28,12 +28,12 @@ from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.driver import MigrationDriver
+from vfiod.migration.device.base import MigrationDriver
 from vfiod.migration.guest import Guest, GuestDevice, RamSpec
-from vfiod.migration.hostfacts import HostFacts, gather_host_facts
-from vfiod.migration.session import MigrationResult, SessionConfig
-from vfiod.migration.session_dest import DestinationSession
-from vfiod.migration.session_source import SourceSession
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.session.common import MigrationResult, SessionConfig
+from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import GuestState, MigrationState, MigState
 from vfiod.migration.stream import (
     Complete,

@@ -23,8 +23,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from vfiod.errors import KernelError, MigrationError
-from vfiod.migration import v1_codec
-from vfiod.migration.driver import DeviceTransitionError, DriverBase, Pending, Phase, Sink
+from vfiod.migration.device import v1_codec
+from vfiod.migration.device.base import DeviceTransitionError, DriverBase, Pending, Phase, Sink
 from vfiod.migration.states import MigState
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from vfiod.errors import PreflightError
-from vfiod.migration.hostfacts import (
+from vfiod.migration.planning.hostfacts import (
     AbiLevel,
     CpuFacts,
     HostFacts,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from vfiod.migration.linkprior import LinkPrior
+from vfiod.migration.planning.linkprior import LinkPrior
 
 DEFAULT_BANDWIDTH_BPS = 1e9 / 8  # 1 Gb/s: a conservative guess when the link is unknown
 DEFAULT_DOWNTIME_LIMIT_S = 0.300

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY
 from vfiod.errors import KernelError, MigrationError
-from vfiod.migration.driver import (
+from vfiod.migration.device.base import (
     DeviceTransitionError,
     DriverBase,
     ForbiddenTransition,

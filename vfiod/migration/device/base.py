@@ -323,8 +323,8 @@ class DriverBase:
 def probe(device: Device) -> MigrationDriver:
     """The driver for ``device``: v2 first, then v1, else NotMigratable with the reason."""
     # imported here: the drivers import this module for the shared types
-    from vfiod.migration.driver_v1 import V1Driver
-    from vfiod.migration.driver_v2 import V2Driver
+    from vfiod.migration.device.v1 import V1Driver
+    from vfiod.migration.device.v2 import V2Driver
 
     v2_reason: str
     try:

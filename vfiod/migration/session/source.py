@@ -39,24 +39,24 @@ from typing import Any
 
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.driver import DeviceTransitionError
+from vfiod.migration.device.base import DeviceTransitionError
 from vfiod.migration.guest import Guest, GuestDevice
-from vfiod.migration.hostfacts import HostFacts
-from vfiod.migration.linkprior import LinkPrior
-from vfiod.migration.phases import RamSender, prediction_numbers
-from vfiod.migration.predictor import (
+from vfiod.migration.planning.hostfacts import HostFacts
+from vfiod.migration.planning.linkprior import LinkPrior
+from vfiod.migration.session.phases import RamSender, prediction_numbers
+from vfiod.migration.planning.predictor import (
     BandwidthEstimator,
     Decision,
     DowntimePredictor,
     FixedCosts,
     IterationInputs,
 )
-from vfiod.migration.preflight import MigrationFacts, compare
-from vfiod.migration.session import Cancelled, MigrationResult, SessionBase, SessionConfig
-from vfiod.migration.session_digest import RamDigests
-from vfiod.migration.session_link import Link
+from vfiod.migration.planning.preflight import MigrationFacts, compare
+from vfiod.migration.session.common import Cancelled, MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session.digest import RamDigests
+from vfiod.migration.session.link import Link
 from vfiod.migration.states import GuestState, MigrationState
-from vfiod.migration.status import IterationProgress
+from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (

@@ -32,12 +32,12 @@ from typing import Any
 
 from vfiod.errors import MigrationError
 from vfiod.migration.guest import Guest, GuestDevice
-from vfiod.migration.hostfacts import HostFacts
-from vfiod.migration.predictor import Policy
-from vfiod.migration.preflight import GuestFacts, MigrationFacts
-from vfiod.migration.session_link import Link
+from vfiod.migration.planning.hostfacts import HostFacts
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts
+from vfiod.migration.session.link import Link
 from vfiod.migration.states import MigrationState
-from vfiod.migration.status import (
+from vfiod.migration.session.status import (
     IterationProgress,
     StatusSnapshot,
     device_statuses,

@@ -36,16 +36,16 @@ import time
 from typing import Any
 
 from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.driver import DeviceTransitionError
+from vfiod.migration.device.base import DeviceTransitionError
 from vfiod.migration.guest import GuestDevice
-from vfiod.migration.preflight import GuestFacts, MigrationFacts, compare
-from vfiod.migration.session import (
+from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, compare
+from vfiod.migration.session.common import (
     Cancelled,
     MigrationResult,
     SessionBase,
     VerificationError,
 )
-from vfiod.migration.session_digest import RamDigests, RegionDigest, compare_roots, zero_ram
+from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots, zero_ram
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.reader import (

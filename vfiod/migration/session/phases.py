@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from vfiod.dirty.tracker import DirtyTracker, SyncResult
-from vfiod.migration.driver import Pending
+from vfiod.migration.device.base import Pending
 from vfiod.migration.guest import Guest
-from vfiod.migration.predictor import BandwidthEstimator
-from vfiod.migration.session_costs import CostModel, records_for
-from vfiod.migration.session_digest import RamDigests, nonzero_page_runs
+from vfiod.migration.planning.predictor import BandwidthEstimator
+from vfiod.migration.session.costs import CostModel, records_for
+from vfiod.migration.session.digest import RamDigests, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
 

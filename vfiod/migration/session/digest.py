@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.session_costs import CostModel
+from vfiod.migration.session.costs import CostModel
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import RamRegion
 from vfiod.migration.stream.pagecrc import page_crcs
