@@ -23,7 +23,7 @@ from tests.sim.test_driver_rig import (
     spec_for,
 )
 from vfiod.errors import KernelError
-from vfiod.migration.device.base import DeviceTransitionError
+from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.states import MigState
 
 V2 = [c for c in CAPS if c != "v1"]

@@ -11,13 +11,9 @@ import pytest
 from tests.sim.test_driver_rig import CAPS, Side, collect, load, migrate, pair, save, spec_for
 from vfiod.errors import KernelError, MigrationError, ProtocolError
 from vfiod.kernel.sim.base import SimFile
-from vfiod.migration.device.base import (
-    DeviceMismatch,
-    ForbiddenTransition,
-    HookOrderError,
-    Phase,
-    decode_record,
-)
+from vfiod.migration.device.errors import DeviceMismatch, ForbiddenTransition, HookOrderError
+from vfiod.migration.device.protocol import HookPhase
+from vfiod.migration.device.record import decode_record
 from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 
@@ -69,7 +65,7 @@ def test_save_on_a_load_on_b_models_equal(sides, cap: str) -> None:
     assert s.state() is MigState.STOP and src.kernel_state() is MigState.STOP
     assert d.state() is MigState.RUNNING and dst.kernel_state() is MigState.RUNNING
     assert src.data_fds() == [] and dst.data_fds() == []
-    assert s.phase is Phase.IDLE and d.phase is Phase.IDLE
+    assert s.phase is HookPhase.IDLE and d.phase is HookPhase.IDLE
     assert src.resets() == 0 and dst.resets() == 0
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
-from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.device.probe import probe
+from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths
 

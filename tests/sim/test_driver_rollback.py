@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.sim.test_driver_rig import CAPS, PathRecorder, Side, collect, pair, record_paths, save
-from vfiod.migration.device.base import MigrationDriver, Phase
+from vfiod.migration.device.protocol import HookPhase, MigrationDriver
 from vfiod.migration.states import MigState
 
 
@@ -78,7 +78,7 @@ def test_source_rollback_from_each_phase(tmp_path: Path, paths: PathRecorder, ca
         assert src.kernel_state() is expected_state(s, phase)
         assert s.rollback() is MigState.RUNNING
         assert s.state() is MigState.RUNNING and src.kernel_state() is MigState.RUNNING
-        assert src.data_fds() == [] and s.phase is Phase.IDLE
+        assert src.data_fds() == [] and s.phase is HookPhase.IDLE
         assert src.resets() == 0                   # the ladder's first rung was enough
         assert src.model.running
         assert s.rollback() is MigState.RUNNING    # again: nothing to do

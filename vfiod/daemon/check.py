@@ -17,20 +17,17 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.providers.select import select
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.device.probe import probe
+from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.preflight import ENCRYPTION_NAMES
 from vfiod.vfio import Container, Group, HostPaths
 from vfiod.vfio.discovery import DiscoveredDevice, discover_device
-
-_CAPS = (("STOP_COPY", VFIO_MIGRATION_STOP_COPY), ("P2P", VFIO_MIGRATION_P2P),
-         ("PRE_COPY", VFIO_MIGRATION_PRE_COPY))
 
 
 def _gib(n: float) -> str:
@@ -147,8 +144,7 @@ def _probe_open(kernel: KernelOps, paths: HostPaths, found: DiscoveredDevice) ->
             container.set_iommu()
         dev = group.get_device(found.name)
         driver = probe(dev)
-        flags = int(getattr(driver, "flags", 0)) if driver.protocol == "v2" else 0
-        caps = [n for n, bit in _CAPS if flags & bit] or ["V1_REGION"]
+        caps = list(driver.capability_names)
         try:
             logging = dev.dma_logging_probe()
         except KernelError:

@@ -30,12 +30,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
 from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.device.probe import probe
+from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.states import GuestState, MigState
 from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam
@@ -112,15 +112,11 @@ class GuestDevice:
     def info(self) -> DeviceInfo:
         """The device as the stream header and preflight describe it."""
         d = self.driver
-        flags = getattr(d, "flags", 0) if d.protocol == "v2" else 0
-        caps = [name for bit, name in ((VFIO_MIGRATION_STOP_COPY, "STOP_COPY"),
-                                       (VFIO_MIGRATION_P2P, "P2P"),
-                                       (VFIO_MIGRATION_PRE_COPY, "PRE_COPY")) if flags & bit]
-        if d.protocol == "v1":
-            caps.append("V1_REGION")
+        caps = list(d.capability_names)
         if self.dma_logging:
             caps.append("DMA_LOGGING")
-        return DeviceInfo(self.name, d.protocol, int(flags), dict(self.identity), tuple(caps))
+        return DeviceInfo(self.name, d.protocol, d.migration_flags, dict(self.identity),
+                          tuple(caps))
 
 
 @dataclass

@@ -21,15 +21,10 @@ from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import Opened, close_migratable, open_device
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.device.base import (
-    DeviceMismatch,
-    DeviceTransitionError,
-    HookOrderError,
-    Pending,
-    Phase,
-    encode_record,
-    probe,
-)
+from vfiod.migration.device.errors import DeviceMismatch, DeviceTransitionError, HookOrderError
+from vfiod.migration.device.probe import probe
+from vfiod.migration.device.protocol import HookPhase, Pending
+from vfiod.migration.device.record import encode_record
 from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 from vfiod.vfio import Device, HostPaths
@@ -38,7 +33,7 @@ MTTY2_BYTES = 24 + 2 * 36           # header + two serial_port records (MIG_DATA
 
 
 class Chunks:
-    """A driver ``Sink``: copies each chunk (the driver reuses its buffer)."""
+    """A driver ``DeviceDataSink``: copies each chunk (the driver reuses its buffer)."""
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -90,9 +85,9 @@ def save_all(d: V2Driver) -> Chunks:
 
 def test_probe_picks_v2_with_precopy_and_p2p(src: V2Driver) -> None:
     assert (src.protocol, src.has_precopy, src.has_p2p) == ("v2", True, True)
-    assert src.flags == (v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P
+    assert src.migration_flags == (v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P
                          | v.VFIO_MIGRATION_PRE_COPY)
-    assert src.phase is Phase.IDLE
+    assert src.phase is HookPhase.IDLE
     assert src.state() is MigState.RUNNING is kernel_state(src)
 
 
@@ -140,7 +135,7 @@ def test_drivers_migrate_uart_state(src: V2Driver, dst: V2Driver) -> None:
     assert kernel_state(src) is MigState.PRE_COPY_P2P
     assert src.save_live_complete_precopy(out) == MTTY2_BYTES - 24
     assert kernel_state(src) is MigState.STOP_COPY
-    assert src.phase is Phase.SAVED
+    assert src.phase is HookPhase.SAVED
     stream = out.data
     assert len(stream) == MTTY2_BYTES
 
@@ -154,7 +149,7 @@ def test_drivers_migrate_uart_state(src: V2Driver, dst: V2Driver) -> None:
     assert kernel_state(dst) is MigState.STOP
     dst.resume()
     assert kernel_state(dst) is MigState.RUNNING
-    assert dst.phase is Phase.RESUMED
+    assert dst.phase is HookPhase.RESUMED
 
     # the source is done only now: its saving session ends in STOP
     src.cleanup()
@@ -184,7 +179,7 @@ def test_cancel_in_precopy_returns_to_running(src: V2Driver) -> None:
     assert kernel_state(src) is MigState.PRE_COPY
     assert src.rollback() is MigState.RUNNING
     assert kernel_state(src) is MigState.RUNNING
-    assert (src.phase, src.data_fd) == (Phase.IDLE, -1)
+    assert (src.phase, src.data_fd) == (HookPhase.IDLE, -1)
     # the device works: its state is intact and takes new writes
     assert uart.snapshot() == before
     uart.write(1, rig.UART_SCR, 0x77)
@@ -220,7 +215,7 @@ def test_cancel_after_stop_copy_returns_to_running(src: V2Driver) -> None:
 
 
 def _truncated(stream: bytes) -> bytes:
-    return stream[:60]                  # a valid header, one and a bit of two ports
+    return stream[:60]                  # a valid header plus exactly one port (24 + 36)
 
 
 def _foreign_magic(stream: bytes) -> bytes:

@@ -28,7 +28,7 @@ from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.device.base import MigrationDriver
+from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.guest import Guest, GuestDevice, RamSpec
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.session.common import MigrationResult, SessionConfig

@@ -1,257 +1,195 @@
-"""Migration drivers: the one interface the session uses for a device's state, whichever
-protocol the kernel offers (design.md §1.4–§1.6; vfio-uapi.md §5 v1, §6 v2).
+"""What both migration drivers do the same way (design.md §1 steps 5–6, §1.5–§1.6;
+vfio-uapi.md §5.4, §6.3, §6.6, §11): the hook order, every hook's sequence, the identity
+record and the whole recovery sequence. A protocol (v1.py, v2.py) supplies only what
+differs, as small methods ``DriverBase`` calls (template methods): how a state is read and
+requested, how data is read and written, and the words its rungs use.
 
-The hook names are the seed's vocabulary (design.md §1): a source runs
-``save_setup → (save_live_pending, save_live_iterate)* → [quiesce_p2p] →
-save_live_complete_precopy → cleanup``; a destination runs ``load_setup → load_state* →
-load_complete → resume → cleanup``. ``save_state`` is a small identity record the
-destination checks with ``check_state`` before loading. ``rollback`` puts a source back to
-RUNNING from any point (a destination: discards the partial state by reset).
+The recovery ladder, ``set_state(target, recover)``:
 
-The session branches on capabilities (``has_precopy``, ``has_p2p``), never on ``protocol``,
-which is for display only. ``probe(device)`` picks the driver: v2 (``VFIO_DEVICE_FEATURE
-MIGRATION`` GET answers), else v1 (a region of type 3 subtype 1), else ``NotMigratable``
-with the concrete reason.
+1. request ``target`` (never one the protocol forbids: v2 STOP_COPY → PRE_COPY(_P2P)
+   hangs kernels 6.2+, §6.6);
+2. on failure read the actual state back (the request's answer says nothing about it, §6.3);
+3. if it is neither the target nor ``recover``: request ``recover``;
+4. if that fails, or the device is in ERROR, or no recovery state was named:
+   ``VFIO_DEVICE_RESET`` (the device returns to RUNNING and every data session ends, §3.5);
+5. raise ``DeviceTransitionError`` listing every rung, with the first errno.
 
-Data chunks reach the caller through ``sink(chunk)``. A chunk may be a memoryview of a
-buffer the driver reuses: the sink must consume or copy it before returning. Each sink call
-is one device record; the destination must hand the same chunks, in order, to
-``load_state`` (v1 requires identical chunk sizes; v2 does not care).
+Nothing is requested of a device already in ERROR (v2: EINVAL + a kernel WARN, §11.2):
+it is reset. ``rollback`` reads the state back; a source already RUNNING stays; ERROR,
+RESUMING and every destination past ``load_setup`` are reset (what a destination loaded is
+discarded, never run); anything else is asked for RUNNING with reset as the only recovery.
 """
 
 from __future__ import annotations
 
-import enum
+import abc
 import errno
-import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
-from vfiod.abi.v1 import (
-    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
-    VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+from vfiod.errors import KernelError, MigrationError
+from vfiod.migration.device.errors import (
+    DeviceMismatch,
+    DeviceTransitionError,
+    ForbiddenTransition,
+    HookOrderError,
 )
-from vfiod.abi.vfio import VFIO_MIGRATION_STOP_COPY
-from vfiod.errors import KernelError, NotMigratable, ProtocolError, VfiodError
+from vfiod.migration.device.protocol import DeviceDataSink, HookPhase, Pending
+from vfiod.migration.device.record import compare_records, decode_record, encode_record
 from vfiod.migration.states import MigState
 
 if TYPE_CHECKING:
     from vfiod.vfio.device import Device
 
-__all__ = [
-    "Sink", "Pending", "MigrationDriver", "Phase", "HookOrderError", "DeviceMismatch",
-    "ForbiddenTransition", "DeviceTransitionError", "DriverBase", "encode_record",
-    "decode_record", "compare_records", "probe",
-]
+__all__ = ["DriverBase", "PRECOPY_STATES"]
 
-#: Receives device data in order; must consume/copy the chunk before returning.
-Sink = Callable[[bytes | memoryview], None]
+#: States in which pre-copy data can be read while the device runs.
+PRECOPY_STATES = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P})
+#: Phases of a destination: its device holds (part of) another device's state.
+_LOADING_PHASES = frozenset({HookPhase.LOADING, HookPhase.LOADED, HookPhase.RESUMED})
 
 
-@dataclass(frozen=True)
-class Pending:
-    """What a device still has to send (``save_live_pending``).
+class DriverBase(abc.ABC):
+    """One device's migration: the hooks of ``MigrationDriver`` over the protocol methods
+    below. ``protocol`` names it (display only); ``_VERB`` is how its state changes read
+    in the ladder's rungs; ``_LOAD_FROM`` the states ``load_setup`` accepts."""
 
-    ``precopy_bytes``: readable now, while the guest runs. ``stopcopy_bytes``: what the
-    device will produce after it stops. ``exact``: both come from the driver (v2
-    PRECOPY_INFO + MIG_DATA_SIZE); False when any part is an estimate."""
+    protocol: ClassVar[str]
+    _VERB: ClassVar[str] = "SET"
+    _LOAD_FROM: ClassVar[frozenset[MigState]] = frozenset(MigState)
 
-    precopy_bytes: int
-    stopcopy_bytes: int
-    exact: bool
-
-
-class Phase(enum.Enum):
-    """Where a driver is in the hook sequence (hooks called out of order are refused)."""
-
-    IDLE = "idle"                # not migrating (fresh, after rollback or cleanup)
-    SAVING = "saving"            # save_setup done: pre-copy iterations
-    QUIESCED = "quiesced"        # quiesce_p2p done: no new P2P DMA
-    SAVED = "saved"              # save_live_complete_precopy read the stream to its end
-    LOADING = "loading"          # load_setup done: state chunks go in
-    LOADED = "loaded"            # load_complete done: the driver accepted the stream
-    RESUMED = "resumed"          # resume done: destination device RUNNING
-
-
-class HookOrderError(VfiodError, RuntimeError):
-    """A hook was called in a phase where it makes no sense (a session bug)."""
-
-    def __init__(self, device: str, hook: str, phase: Phase, expected: Iterable[Phase]) -> None:
-        self.device, self.hook, self.phase = device, hook, phase
-        exp = ", ".join(p.name for p in expected)
-        super().__init__(f"{hook} on {device}: called in phase {phase.name}; allowed in {exp}")
-
-
-class ForbiddenTransition(VfiodError, RuntimeError):
-    """A driver was asked for a transition that must never reach the kernel
-    (STOP_COPY -> PRE_COPY/PRE_COPY_P2P hangs kernels 6.2+): a caller bug."""
-
-
-class DeviceMismatch(VfiodError):
-    """The destination device cannot take the source device's state; lists every reason."""
-
-    def __init__(self, device: str, reasons: list[str]) -> None:
+    def __init__(self, device: Device, migration_flags: int) -> None:
         self.device = device
-        self.reasons = list(reasons)
-        super().__init__(f"{device}: cannot load the source device's state: "
-                         + "; ".join(self.reasons))
+        self._migration_flags = migration_flags
+        self._phase = HookPhase.IDLE
+        self._rollback_log: tuple[str, ...] = ()
+        self._state = self._read_state()
 
-
-class DeviceTransitionError(KernelError):
-    """A device state change failed; says what happened at each rung of the recovery
-    ladder (target, read back, recovery state, reset) and keeps the first errno.
-
-    ``final`` is the state the device was left in (None if it could not be read back),
-    ``reset`` whether VFIO_DEVICE_RESET was used."""
-
-    def __init__(self, err: int, op: str, target: str, rungs: list[str],
-                 final: MigState | None, reset: bool) -> None:
-        super().__init__(err, op, target, "; ".join(rungs))
-        self.rungs = list(rungs)
-        self.final = final
-        self.reset = reset
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (DeviceTransitionError,
-                (self.errno, self.op, self.target, self.rungs, self.final, self.reset))
-
-
-@runtime_checkable
-class MigrationDriver(Protocol):
-    """One device's migration, protocol hidden. See the module docstring for the order."""
-
+    # -- what a protocol supplies -----------------------------------------------------------
     @property
-    def device_name(self) -> str: ...
-    @property
-    def protocol(self) -> str:
-        """"v2" or "v1" — for display only; branch on capabilities."""
-        ...
-    @property
+    @abc.abstractmethod
     def has_precopy(self) -> bool: ...
+
     @property
+    @abc.abstractmethod
     def has_p2p(self) -> bool: ...
+
     @property
-    def phase(self) -> Phase: ...
+    @abc.abstractmethod
+    def capability_names(self) -> tuple[str, ...]: ...
+
+    @abc.abstractmethod
+    def _read_state(self) -> MigState:
+        """The device state as the kernel reports it now (KernelError if it cannot)."""
+
+    @abc.abstractmethod
+    def _request(self, state: MigState) -> int:
+        """Ask the kernel for ``state``; returns the data fd it handed back (-1: none)."""
+
+    @abc.abstractmethod
+    def _op(self, target: MigState) -> str:
+        """The operation that requests ``target``, as errors name it."""
+
+    @abc.abstractmethod
+    def _end_data_session(self) -> None:
+        """Release what reads or writes the device data (idempotent)."""
+
+    @abc.abstractmethod
+    def _pending(self) -> Pending:
+        """``save_live_pending`` before the stream was read to its end."""
+
+    @abc.abstractmethod
+    def _read_precopy(self, sink: DeviceDataSink, max_bytes: int) -> int:
+        """Up to about ``max_bytes`` of the pre-copy data available now (device in a
+        pre-copy state); returns the bytes handed to ``sink``."""
+
+    @abc.abstractmethod
+    def _read_stopcopy(self, sink: DeviceDataSink) -> int:
+        """The device (in STOP_COPY) read to the end of its state; returns the bytes."""
+
+    @abc.abstractmethod
+    def _write_chunk(self, data: memoryview) -> None:
+        """One chunk of the source's device data into the resuming device."""
+
+    @abc.abstractmethod
+    def _validate_loaded(self) -> None:
+        """End the resuming session once every chunk is in (raises if refused)."""
+
+    def _arrive(self, state: MigState, fd: int | None) -> None:
+        """Bookkeeping once the device is in ``state``: ``fd`` is what ``_request``
+        returned, None when the state was read back rather than requested."""
+        self._state = state
+
+    def _state_label(self, state: MigState) -> str:
+        """``state`` as the read-back rungs show it."""
+        return state.name
+
+    def _forbidden(self, current: MigState, target: MigState) -> str | None:
+        """Why ``target`` must never be requested from ``current`` (None: it may be)."""
+        return None
+
+    def _record_fields(self) -> dict[str, int | str | bool]:
+        """Extra identity fields a protocol adds (compared on the destination)."""
+        return {}
+
+    # -- what every driver answers ----------------------------------------------------------
+    @property
+    def device_name(self) -> str:
+        return self.device.name
+
+    @property
+    def migration_flags(self) -> int:
+        return self._migration_flags
+
+    @property
+    def phase(self) -> HookPhase:
+        return self._phase
+
+    @property
+    def rollback_log(self) -> tuple[str, ...]:
+        return self._rollback_log
 
     def state(self) -> MigState:
-        """The device state as last set or read (no syscall; safe for status)."""
-        ...
+        return self._state
 
-    # -- source ---------------------------------------------------------------------------
-    def save_setup(self) -> None:
-        """Open the saving session: pre-copy if offered and the device is RUNNING."""
-        ...
-    def save_live_pending(self) -> Pending: ...
-    def save_live_iterate(self, sink: Sink, max_bytes: int) -> int:
-        """Read up to about ``max_bytes`` of pre-copy data now available; returns bytes
-        read. 0 means "nothing now", never "finished"."""
-        ...
-    def quiesce_p2p(self) -> None:
-        """Stop initiating P2P DMA (RUNNING_P2P / PRE_COPY_P2P) before any device of the
-        guest stops. Only when every device of the guest has ``has_p2p``."""
-        ...
-    def save_live_complete_precopy(self, sink: Sink) -> int:
-        """Stop the device and read its final state to the end; returns bytes read."""
-        ...
+    def _expect(self, hook: str, *allowed: HookPhase) -> None:
+        if self._phase not in allowed:
+            raise HookOrderError(self.device.name, hook, self._phase, allowed)
+
     def save_state(self) -> bytes:
-        """The identity record (name, protocol, flags) for ``check_state``."""
-        ...
+        return encode_record(self.device.name, self.protocol, self._migration_flags,
+                             **self._record_fields())
 
-    # -- destination ----------------------------------------------------------------------
-    def check_state(self, record: bytes) -> None:
-        """Raise DeviceMismatch if this device cannot load the recorded device's state."""
-        ...
-    def load_setup(self) -> None: ...
-    def load_state(self, chunk: bytes | memoryview) -> None: ...
-    def load_complete(self) -> None:
-        """End the resuming session; the kernel driver validates the state here."""
-        ...
-    def resume(self) -> None: ...
+    def check_state(self, record: bytes | memoryview) -> None:
+        theirs = decode_record(record)
+        mine = decode_record(self.save_state())
+        reasons = compare_records(mine, theirs)
+        if reasons:
+            raise DeviceMismatch(self.device.name, reasons)
 
-    # -- both -------------------------------------------------------------------------------
-    def cleanup(self) -> None:
-        """Release the data session (idempotent); a completed source goes to STOP."""
-        ...
-    def rollback(self) -> MigState:
-        """Back to RUNNING from wherever the device is (recovery ladder, reset last);
-        returns the final state (RUNNING) or raises DeviceTransitionError. A destination
-        (after load_setup) is reset: what it loaded is discarded, never run."""
-        ...
-
-
-# -- the identity record (save_state / check_state) ------------------------------------------
-_RECORD_KEY = "vfiod_device_record"
-_RECORD_VERSION = 1
-_RECORD_MAX = 4096
-
-
-def encode_record(name: str, protocol: str, flags: int, **extra: int | str | bool) -> bytes:
-    rec: dict[str, object] = {_RECORD_KEY: _RECORD_VERSION, "name": name,
-                              "protocol": protocol, "flags": flags}
-    rec.update(extra)
-    return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
-
-
-def decode_record(record: bytes | memoryview) -> dict[str, object]:
-    raw = bytes(record)
-    if len(raw) > _RECORD_MAX:
-        raise ProtocolError(f"device record: {len(raw)} bytes, more than {_RECORD_MAX}")
-    try:
-        rec = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"device record: not a vfiod device record ({e})") from None
-    if not isinstance(rec, dict) or rec.get(_RECORD_KEY) != _RECORD_VERSION:
-        raise ProtocolError(f"device record: missing {_RECORD_KEY}={_RECORD_VERSION}")
-    for key, typ in (("name", str), ("protocol", str), ("flags", int)):
-        if not isinstance(rec.get(key), typ):
-            raise ProtocolError(f"device record: field {key!r} missing or not {typ.__name__}")
-    return rec
-
-
-def compare_records(mine: dict[str, object], theirs: dict[str, object]) -> list[str]:
-    """Reasons the source device (``theirs``) cannot be loaded into this one (``mine``).
-    Device names differ between hosts and are not compared."""
-    reasons = []
-    for key in sorted(set(mine) | set(theirs)):
-        if key in (_RECORD_KEY, "name"):
-            continue
-        a, b = theirs.get(key), mine.get(key)
-        if a != b:
-            fa = f"{a:#x}" if key == "flags" and isinstance(a, int) else repr(a)
-            fb = f"{b:#x}" if key == "flags" and isinstance(b, int) else repr(b)
-            reasons.append(f"{key}: source {theirs.get('name')} has {fa}, "
-                           f"destination {mine.get('name')} has {fb}")
-    return reasons
-
-
-# -- shared by both drivers -------------------------------------------------------------------
-class DriverBase:
-    """Phase bookkeeping, the identity record and the recovery ladder, common to the v1
-    and v2 drivers. A driver supplies ``_VERB`` (how its state changes are named in the
-    ladder's rungs), ``_apply`` (change the state), ``_read_back`` and ``_reset``."""
-
-    protocol: str = ""
-    _VERB = "SET"
-
-    def _apply(self, state: MigState) -> None:
-        raise NotImplementedError
-
-    def _read_back(self, rungs: list[str]) -> MigState | None:
-        raise NotImplementedError
-
-    def _reset(self, rungs: list[str]) -> MigState | None:
-        raise NotImplementedError
-
-    def _recovery_refused(self, actual: MigState, recover: MigState) -> str | None:
-        """Why ``recover`` must not be requested from ``actual`` (None: it may be)."""
-        return None
+    # -- the recovery sequence ----------------------------------------------------------------
+    def set_state(self, target: MigState, recover: MigState | None) -> None:
+        """Request ``target``; on failure run the recovery ladder and raise
+        DeviceTransitionError. ``recover`` None: reset is the only recovery."""
+        why = self._forbidden(self._state, target)
+        if why is not None:
+            raise ForbiddenTransition(f"refusing device state {self._state.name} -> "
+                                      f"{target.name} on {self.device.name}: {why}")
+        if self._state is MigState.ERROR:
+            rungs = [f"device is in ERROR: {target.name} not requested"]
+            final = self._reset(rungs)
+            raise DeviceTransitionError(errno.EIO, self._op(target), self.device.name, rungs,
+                                        final, True)
+        try:
+            fd = self._request(target)
+        except KernelError as e:
+            self._ladder(e, target, recover)
+        self._arrive(target, fd)
 
     def _ladder(self, err: KernelError, target: MigState,
                 recover: MigState | None) -> NoReturn:
         """After a failed change to ``target``: read back; if the device is neither there
         nor in ERROR, change to ``recover``; reset when that fails, when there is no
-        recovery state, or in ERROR (design.md §1.6). Raises with every rung taken."""
+        recovery state, or in ERROR. Raises with every rung taken."""
         verb = self._VERB
         rungs = [f"{verb} {target.name}: {err.errno_name}"]
         actual = final = self._read_back(rungs)
@@ -259,17 +197,17 @@ class DriverBase:
         if actual is target:
             rungs.append(f"device reached {target.name} despite the error")
         elif actual is not None and not need_reset:
-            refused = None if recover is None else self._recovery_refused(actual, recover)
+            refused = None if recover is None else self._forbidden(actual, recover)
             if recover is None:
                 need_reset = True
             elif actual is recover:
                 rungs.append(f"already in recovery state {recover.name}")
             elif refused is not None:
-                rungs.append(refused)
+                rungs.append(f"{recover.name} not requested from {actual.name} ({refused})")
                 need_reset = True
             else:
                 try:
-                    self._apply(recover)
+                    self._arrive(recover, self._request(recover))
                     rungs.append(f"{verb} {recover.name} (recovery): ok")
                     final = recover
                 except KernelError as e2:
@@ -282,71 +220,151 @@ class DriverBase:
                                     err.target or self.device.name, rungs, final,
                                     need_reset) from None
 
-    def __init__(self, device: Device, flags: int) -> None:
-        self.device = device
-        self.flags = flags
-        self._phase = Phase.IDLE
-        self._state = MigState.RUNNING      # replaced by the first read back
+    def _read_back(self, rungs: list[str]) -> MigState | None:
+        """Read the state for the ladder; None (and a rung saying why) if unreadable."""
+        try:
+            st = self._read_state()
+        except KernelError as e:
+            rungs.append(f"read back: {e.errno_name}" + (f" ({e.detail})" if e.detail else ""))
+            return None
+        rungs.append(f"read back: {self._state_label(st)}")
+        self._arrive(st, None)
+        return st
 
-    @property
-    def device_name(self) -> str:
-        return self.device.name
-
-    @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    def state(self) -> MigState:
+    def _reset(self, rungs: list[str]) -> MigState | None:
+        """VFIO_DEVICE_RESET and read back; returns the state (None if unreadable)."""
+        try:
+            self.device.reset()
+            rungs.append("VFIO_DEVICE_RESET: ok")
+        except KernelError as e:
+            rungs.append(f"VFIO_DEVICE_RESET: {e.errno_name}")
+        self._end_data_session()       # a reset ends every data session
+        try:
+            self._state = self._read_state()
+        except KernelError as e:
+            self._state = MigState.ERROR       # unknown: treat as needing another reset
+            rungs.append(f"state after reset unknown ({e.errno_name})")
+            return None
+        rungs.append(f"now {self._state.name}")
         return self._state
 
-    def _expect(self, hook: str, *allowed: Phase) -> None:
-        if self._phase not in allowed:
-            raise HookOrderError(self.device.name, hook, self._phase, allowed)
+    def rollback(self) -> MigState:
+        rungs: list[str] = []
+        actual = final = self._read_back(rungs)
+        err, reset = errno.EIO, True
+        if (actual is None or actual in (MigState.ERROR, MigState.RESUMING)
+                or self._phase in _LOADING_PHASES):
+            # ERROR: only reset recovers. RESUMING: leaving it would validate a partial
+            # stream, and a resuming session can only be abandoned by reset (§6.5). A
+            # destination discards whatever it loaded: reset, never run it.
+            final = self._reset(rungs)
+        elif actual is not MigState.RUNNING:
+            try:
+                # v2: STOP_COPY goes via STOP; v1: _RUNNING set, _SAVING cleared
+                self.set_state(MigState.RUNNING, None)
+                rungs.append(f"{self._VERB} RUNNING: ok")
+                final = MigState.RUNNING
+            except DeviceTransitionError as e:
+                rungs.extend(e.rungs)
+                final, err, reset = e.final, e.errno, e.reset
+        self._end_data_session()
+        self._rollback_log = tuple(rungs)
+        if final is not MigState.RUNNING:
+            # the phase stays: a retried rollback of a destination still resets
+            raise DeviceTransitionError(err, "rollback", self.device.name, rungs, final,
+                                        reset)
+        self._phase = HookPhase.IDLE
+        return final
 
-    def _record_fields(self) -> dict[str, int | str | bool]:
-        """Extra identity fields a protocol adds (compared on the destination)."""
-        return {}
+    def cleanup(self) -> None:
+        failure: DeviceTransitionError | None = None
+        if self._phase is HookPhase.SAVED and self._state is MigState.STOP_COPY:
+            # the source is done: end the saving session (after the switchover, so it
+            # adds nothing to downtime)
+            try:
+                self.set_state(MigState.STOP, None)
+            except DeviceTransitionError as e:
+                failure = e
+        self._end_data_session()
+        self._phase = HookPhase.IDLE
+        if failure is not None:
+            raise failure
 
-    def save_state(self) -> bytes:
-        return encode_record(self.device.name, self.protocol, self.flags,
-                             **self._record_fields())
+    # -- source hooks -------------------------------------------------------------------------
+    def save_setup(self) -> None:
+        self._expect("save_setup", HookPhase.IDLE)
+        self._state = self._read_state()
+        if self._state not in (MigState.RUNNING, MigState.STOP):
+            raise MigrationError(f"save_setup on {self.device.name}: device is in "
+                                 f"{self._state.name}, expected RUNNING or STOP")
+        # pre-copy only from RUNNING: from STOP the kernel's path would start the device
+        if self.has_precopy and self._state is MigState.RUNNING:
+            self.set_state(MigState.PRE_COPY, MigState.RUNNING)
+        self._phase = HookPhase.SAVING
 
-    def check_state(self, record: bytes | memoryview) -> None:
-        theirs = decode_record(record)
-        mine = decode_record(self.save_state())
-        reasons = compare_records(mine, theirs)
-        if reasons:
-            raise DeviceMismatch(self.device.name, reasons)
+    def save_live_pending(self) -> Pending:
+        self._expect("save_live_pending", HookPhase.IDLE, HookPhase.SAVING,
+                     HookPhase.QUIESCED, HookPhase.SAVED)
+        if self._phase is HookPhase.SAVED:
+            return Pending(0, 0, True)
+        return self._pending()
 
+    def save_live_iterate(self, sink: DeviceDataSink, max_bytes: int) -> int:
+        self._expect("save_live_iterate", HookPhase.SAVING, HookPhase.QUIESCED)
+        if max_bytes <= 0:
+            raise ValueError(f"save_live_iterate on {self.device.name}: max_bytes must be "
+                             f"positive, not {max_bytes}")
+        if self._state not in PRECOPY_STATES:
+            return 0               # no pre-copy session: everything comes at stop-copy
+        return self._read_precopy(sink, max_bytes)
 
-# -- probe (design.md §1.4) -------------------------------------------------------------------
-def probe(device: Device) -> MigrationDriver:
-    """The driver for ``device``: v2 first, then v1, else NotMigratable with the reason."""
-    # imported here: the drivers import this module for the shared types
-    from vfiod.migration.device.v1 import V1Driver
-    from vfiod.migration.device.v2 import V2Driver
+    def quiesce_p2p(self) -> None:
+        self._expect("quiesce_p2p", HookPhase.SAVING)
+        if not self.has_p2p:
+            raise MigrationError(f"quiesce_p2p on {self.device.name}: the device has no P2P "
+                                 f"states ({self.protocol}: "
+                                 f"{', '.join(self.capability_names)})")
+        if self._state is MigState.PRE_COPY:
+            self.set_state(MigState.PRE_COPY_P2P, MigState.RUNNING)
+        elif self._state is MigState.RUNNING:
+            self.set_state(MigState.RUNNING_P2P, MigState.RUNNING)
+        # STOP: already quiet, nothing to do
+        self._phase = HookPhase.QUIESCED
 
-    v2_reason: str
-    try:
-        flags = device.mig_flags()
-    except KernelError as e:
-        # pre-6.18 drivers without a device_feature op answer EINVAL for any feature
-        if e.errno != errno.EINVAL:
-            raise
-        flags, v2_reason = None, "VFIO_DEVICE_FEATURE MIGRATION: EINVAL"
-    else:
-        v2_reason = "VFIO_DEVICE_FEATURE MIGRATION: ENOTTY"
-    if flags is not None:
-        if flags & VFIO_MIGRATION_STOP_COPY:
-            return V2Driver(device, flags)
-        v2_reason = (f"VFIO_DEVICE_FEATURE MIGRATION: flags {flags:#x} lack the mandatory "
-                     "STOP_COPY")
-    region = device.find_region(VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
-                                VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED)
-    if region is None:
-        raise NotMigratable(device.name, f"{v2_reason} and no v1 migration region")
-    try:
-        return V1Driver(device, region)
-    except ValueError as e:
-        raise NotMigratable(device.name, f"{v2_reason} and an unusable v1 migration "
-                            f"region: {e}") from None
+    def save_live_complete_precopy(self, sink: DeviceDataSink) -> int:
+        self._expect("save_live_complete_precopy", HookPhase.SAVING, HookPhase.QUIESCED)
+        if self._state is not MigState.STOP_COPY:
+            # v2 from PRE_COPY(_P2P): the kernel keeps the session and returns -1: read on
+            self.set_state(MigState.STOP_COPY, MigState.RUNNING)
+        total = self._read_stopcopy(sink)
+        self._phase = HookPhase.SAVED
+        return total
+
+    # -- destination hooks --------------------------------------------------------------------
+    def load_setup(self) -> None:
+        self._expect("load_setup", HookPhase.IDLE)
+        self._state = self._read_state()
+        if self._state not in self._LOAD_FROM:
+            allowed = " or ".join(sorted(s.name for s in self._LOAD_FROM))
+            raise MigrationError(f"load_setup on {self.device.name}: device is in "
+                                 f"{self._state.name}, expected {allowed}")
+        # v2 from RUNNING: the kernel walks RUNNING -> (RUNNING_P2P) -> STOP -> RESUMING
+        self.set_state(MigState.RESUMING, MigState.RUNNING)
+        self._phase = HookPhase.LOADING
+
+    def load_state(self, chunk: bytes | memoryview) -> None:
+        self._expect("load_state", HookPhase.LOADING)
+        self._write_chunk(memoryview(chunk).cast("B"))
+
+    def load_complete(self) -> None:
+        self._expect("load_complete", HookPhase.LOADING)
+        self._validate_loaded()
+        self._phase = HookPhase.LOADED
+
+    def resume(self) -> None:
+        self._expect("resume", HookPhase.LOADED)
+        # if RUNNING fails, back to where the device waits; a resuming session still open
+        # (v1 has no validation step) can only be left by reset
+        recover = None if self._state is MigState.RESUMING else self._state
+        self.set_state(MigState.RUNNING, recover)
+        self._phase = HookPhase.RESUMED

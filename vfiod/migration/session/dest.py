@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.device.base import DeviceTransitionError
+from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.guest import GuestDevice
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, compare
 from vfiod.migration.session.common import (

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vfiod.dirty.tracker import DirtyTracker, SyncResult
-from vfiod.migration.device.base import Pending
+from vfiod.migration.device.protocol import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
 from vfiod.migration.session.costs import CostModel, records_for

@@ -39,7 +39,7 @@ from typing import Any
 
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.device.base import DeviceTransitionError
+from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
@@ -381,7 +381,7 @@ class SourceSession(SessionBase):
             try:
                 st = d.driver.rollback()
                 states[d.name] = {"state": st.name,
-                                  "rungs": list(getattr(d.driver, "rollback_log", []))}
+                                  "rungs": list(d.driver.rollback_log)}
             except DeviceTransitionError as e:
                 states[d.name] = {"state": e.final.name if e.final else "unknown",
                                   "rungs": e.rungs, "error": str(e)}
