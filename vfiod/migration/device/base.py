@@ -40,10 +40,10 @@ from vfiod.migration.states import MigState
 if TYPE_CHECKING:
     from vfiod.vfio.device import Device
 
-__all__ = ["DriverBase", "PRECOPY_STATES"]
+__all__ = ["DriverBase", "DEVICE_PRECOPY_STATES"]
 
 #: States in which pre-copy data can be read while the device runs.
-PRECOPY_STATES = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P})
+DEVICE_PRECOPY_STATES = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P})
 #: Phases of a destination: its device holds (part of) another device's state.
 _LOADING_PHASES = frozenset({HookPhase.LOADING, HookPhase.LOADED, HookPhase.RESUMED})
 
@@ -62,6 +62,7 @@ class DriverBase(abc.ABC):
         self._migration_flags = migration_flags
         self._phase = HookPhase.IDLE
         self._rollback_log: tuple[str, ...] = ()
+        # last: a protocol sets what _read_state needs before it calls this
         self._state = self._read_state()
 
     # -- what a protocol supplies -----------------------------------------------------------
@@ -314,7 +315,7 @@ class DriverBase(abc.ABC):
         if max_bytes <= 0:
             raise ValueError(f"save_live_iterate on {self.device.name}: max_bytes must be "
                              f"positive, not {max_bytes}")
-        if self._state not in PRECOPY_STATES:
+        if self._state not in DEVICE_PRECOPY_STATES:
             return 0               # no pre-copy session: everything comes at stop-copy
         return self._read_precopy(sink, max_bytes)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.errors import KernelError
-from vfiod.migration.device.base import PRECOPY_STATES, DriverBase
+from vfiod.migration.device.base import DEVICE_PRECOPY_STATES, DriverBase
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.states import MigState
 
@@ -99,7 +99,7 @@ class V2Driver(DriverBase):
         return f"VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE {target.name})"
 
     def _forbidden(self, current: MigState, target: MigState) -> str | None:
-        if current is MigState.STOP_COPY and target in PRECOPY_STATES:
+        if current is MigState.STOP_COPY and target in DEVICE_PRECOPY_STATES:
             return "hangs kernels 6.2+"        # a soft lockup, vfio-uapi.md §6.6
         return None
 
@@ -143,7 +143,7 @@ class V2Driver(DriverBase):
 
     def _pending(self) -> Pending:
         precopy = 0
-        if self._state in PRECOPY_STATES:
+        if self._state in DEVICE_PRECOPY_STATES:
             initial, dirty = self.device.precopy_info(self._fd)
             precopy = initial + dirty
         # MIG_DATA_SIZE may count what pre-copy still has: over-estimating downtime is the
