@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import CAPS, Side, spec_for
+from tests.support.driver_rig import CAPS, Side, spec_for
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.migration.device.base import MigrationDriver, probe
 from vfiod.migration.device.v1 import V1Driver

@@ -5,7 +5,7 @@ Real processes on the real kernel: two daemons (``python -m vfiod.cli.main run -
 linux`` over the guest's /sys and /dev), P owning mtty A with guest ``g1`` running, Q
 owning mtty B (another IOMMU group) with ``g1`` incoming, both with a migration listener
 on 127.0.0.1. Each reports ``READY=1`` on a NOTIFY_SOCKET this test owns (the systemd side,
-``tests.daemon.rig.NotifySocket``); the operator's questions go through ``vfiod ctl ...
+``tests.support.daemons.NotifySocket``); the operator's questions go through ``vfiod ctl ...
 --json`` processes (several at once: each pays seconds of start-up under TCG), polling and
 the extra questions through an in-process ``ControlClient``. Nothing sleeps: every wait is
 a condition with a deadline.
@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.daemon.rig import NotifySocket, vfiod_cmd, wait_until
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
+from tests.support.daemons import NotifySocket, vfiod_cmd, wait_until
 from vfiod.api import ClientError, ControlClient, ErrorCode
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
@@ -182,7 +182,7 @@ def assert_nothing_compiled(*daemons: LinuxDaemon) -> None:
                 for d in daemons}
     assert not any(compiled.values()), (
         "the daemons compiled numba kernels the host's warm-up did not cache (extend "
-        f"tests/kernel/guest/rig._exercise_numba_paths): {compiled}")
+        f"tests/kernel/guest/numba_cache._exercise_numba_paths): {compiled}")
 
 
 def program_uart(kernel: LinuxKernel, paths: HostPaths, uuid: str, seed: int

@@ -1,8 +1,8 @@
 """A whole migration on a real kernel: one mtty instance's guest into another through
 vfiod's migration session and stream (design.md §1 steps 5-6, §5; vfio-uapi.md §6.10, §9.1).
 
-Each side is a ``vfiod.migration.guest.Guest`` over ``LinuxKernel``: memfd RAM mapped for
-DMA on a type1 container holding one mtty-2 mdev. The migration runs over loopback TCP
+Each side is a ``vfiod.migration.guest.Guest`` over ``LinuxKernel`` (``build_guest``, the
+daemon's builder): memfd RAM mapped for DMA on a type1 container holding one mtty-2 mdev. The migration runs over loopback TCP
 (the destination session in a thread); the device states each hook leaves behind are read
 back from the kernel (``HookLog``), so "RUNNING → PRE_COPY → STOP_COPY → STOP" is what the
 kernel says, not what the driver believes. The UART state (registers and FIFO, through
@@ -29,7 +29,7 @@ from tests.kernel.guest.conftest import close_migratable, open_device
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.device.base import MigrationDriver
-from vfiod.migration.guest import Guest, GuestDevice, RamSpec
+from vfiod.migration.guest import DevicePlan, Guest, GuestDevice, GuestPlan, build_guest
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
@@ -39,12 +39,13 @@ from vfiod.migration.stream import (
     Complete,
     DeviceData,
     EndOfState,
+    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
 )
 from vfiod.migration.transport import FileSink, FileSource, Listener, connect
-from vfiod.vfio import HostPaths, discover_device
+from vfiod.vfio import HostPaths
 
 MiB = 1 << 20
 PAGE = 4096
@@ -139,11 +140,9 @@ class Side:
 
 def build_side(kernel: LinuxKernel, paths: HostPaths, name: str, uuid: str,
                facts: HostFacts) -> Side:
-    group = discover_device(kernel, uuid, paths).group
-    assert group is not None, f"mdev {uuid} has no IOMMU group"
-    g = Guest.create(kernel, name, [RamSpec("ram", 0, RAM_BYTES)], paths=paths)
+    g = build_guest(kernel, GuestPlan(name, (RamRegion("ram", 0, RAM_BYTES),),
+                                      (DevicePlan(uuid, "c0"),)), paths)
     try:
-        g.add_container("c0", [group])
         gd = g.device(uuid)
         log = HookLog(gd)
         gd.driver = cast(MigrationDriver, log)

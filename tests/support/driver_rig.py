@@ -1,5 +1,7 @@
-"""Shared rig of the driver tests (no tests here): a simulated host per side with one
-device opened through the real vfio/ objects, and a full migration run through the hooks.
+"""The rig of the driver tests (tests/sim/test_driver_*.py, test_guest_claim.py): a
+simulated host per side with one device opened through the real vfio/ objects (joined the
+way a guest joins its groups), a full migration run through the hooks, and the fault
+injectors' helpers (hook tracing, the v2 path-finding spy).
 
 ``Side`` = one host (SimHost), its container/group/device and the device's simulated model;
 ``migrate(src, dst)`` drives the seed's hook sequence exactly as a session would.
@@ -17,6 +19,7 @@ from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.migration.device.base import MigrationDriver, probe
+from vfiod.migration.guest.devices import join_group
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths
 
@@ -44,9 +47,7 @@ class Side:
         host = SimHost.build(root, [[spec]])
         paths = HostPaths(host.sysfs_root, host.dev_root)
         container = Container.open(host.kernel, paths)
-        group = Group.open(host.kernel, paths, host.group_of(spec.name))
-        group.set_container(container)
-        container.set_iommu()
+        group = join_group(host.kernel, paths, container, host.group_of(spec.name))
         return cls(host, container, group, group.get_device(spec.name))
 
     @property

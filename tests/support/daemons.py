@@ -1,4 +1,6 @@
-"""Real ``vfiod run --backend sim`` processes for the daemon tier (testing.md "daemon").
+"""Real ``vfiod run --backend sim`` processes for the daemon tier, and the pieces the
+kernel tier's guest suite shares with it (``NotifySocket``, ``vfiod_cmd``, ``wait_until``;
+testing.md "daemon").
 
 ``DaemonProcess`` starts the daemon as a subprocess with a config written to a temporary
 directory, a control socket there, metrics on 127.0.0.1 port 0, and ``NOTIFY_SOCKET``
