@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hooks import HOOKS
 from tests.support.session_rig import (
     MiB,
     SideContainer,
@@ -223,16 +224,12 @@ def test_destination_status_and_run_states(sides) -> None:
 class Recording:
     """A driver that records each hook called on it, then calls the real one."""
 
-    HOOKS = {"save_setup", "save_live_pending", "save_live_iterate", "save_state",
-             "quiesce_p2p", "save_live_complete_precopy", "check_state", "load_setup",
-             "load_state", "load_complete", "resume", "cleanup", "rollback"}
-
     def __init__(self, inner, log: list[str]) -> None:  # noqa: ANN001
         self._inner, self._log = inner, log
 
     def __getattr__(self, name: str):  # noqa: ANN204
         attr = getattr(self._inner, name)
-        if name not in self.HOOKS:
+        if name not in HOOKS:
             return attr
 
         def call(*a, **k):  # noqa: ANN002, ANN003, ANN202

@@ -1,7 +1,7 @@
 """The rig of the driver tests (tests/sim/test_driver_*.py, test_guest_claim.py): a
 simulated host per side with one device opened through the real vfio/ objects (joined the
 way a guest joins its groups), a full migration run through the hooks, and the fault
-injectors' helpers (hook tracing, the v2 path-finding spy).
+injectors' helpers (hook tracing with ``Traced`` from hooks.py, the v2 path-finding spy).
 
 ``Side`` = one host (SimHost), its container/group/device and the device's simulated model;
 ``migrate(src, dst)`` drives the seed's hook sequence exactly as a session would.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.hooks import Traced
 from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
@@ -114,29 +115,6 @@ Chunks = list[bytes]
 
 def collect(chunks: Chunks) -> Callable[[bytes | memoryview], None]:
     return lambda c: chunks.append(bytes(c))
-
-
-HOOKS = frozenset({"save_setup", "save_live_pending", "save_live_iterate", "quiesce_p2p",
-                   "save_live_complete_precopy", "save_state", "check_state", "load_setup",
-                   "load_state", "load_complete", "resume", "cleanup", "rollback"})
-
-
-class Traced:
-    """A driver whose hook calls are appended to ``hooks`` (in call order)."""
-
-    def __init__(self, drv: MigrationDriver, hooks: list[str]) -> None:
-        self._drv = drv
-        self._hooks = hooks
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._drv, name)
-        if name not in HOOKS:
-            return attr
-
-        def call(*args: object, **kw: object) -> object:
-            self._hooks.append(name)
-            return attr(*args, **kw)
-        return call
 
 
 def save(src: Side, drv: MigrationDriver, *, ticks: int = 3, rounds: int = 12,
