@@ -73,7 +73,7 @@ def demo_devices(side: str) -> list[DemoDevice]:
     ]
 
 
-def guest_plan(devices: list[DemoDevice], ram_bytes: int) -> GuestPlan:
+def demo_plan(devices: list[DemoDevice], ram_bytes: int) -> GuestPlan:
     """Guest ``vm1`` as the module docstring describes it."""
     if ram_bytes < 2 * DMA_POOL or ram_bytes % (2 * MiB):
         raise ValueError(f"guest RAM {ram_bytes} bytes: need a multiple of 2 MiB and at "
@@ -123,7 +123,7 @@ class DemoSide:
 
 def build_side(side: str, root: Path, ram_bytes: int) -> DemoSide:
     devices = demo_devices(side)
-    plan = guest_plan(devices, ram_bytes)
+    plan = demo_plan(devices, ram_bytes)
     host = SimHost.build(root, [[d.spec] for d in devices])
     try:
         guest = build_guest(host.kernel, plan, HostPaths(host.sysfs_root, host.dev_root))

@@ -106,7 +106,7 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
     if not found.vfio_capable or found.group is None:
         return {**out, "migratable": False, "blockers": [found.reason], "notes": []}
     try:
-        m = probe_unowned_device(kernel, paths, name, found.group)
+        m = probe_unowned_device(kernel, paths, found.name, found.group)
     except NotMigratable as e:
         return {**out, "migratable": False, "blockers": [e.reason], "notes": []}
     except KernelError as e:
@@ -116,7 +116,7 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
                    f"device); vfiod cannot probe it: {e}")
         return {**out, "migratable": False, "blockers": [why], "notes": []}
     notes = []
-    if m.tracker is None:
+    if m.tracker == "none":
         notes.append(f"{name}: no dirty-page tracking available: pre-copy cannot converge")
     return {**out, "protocol": m.protocol, "capabilities": list(m.capabilities),
             "dma_logging": m.dma_logging, "tracker": m.tracker, "migratable": True,

@@ -1,6 +1,6 @@
 """The guests the daemon owns: opened from the configuration at start, kept in the
 ``Registry`` (design.md §1 steps 2-4: containers, groups, device fds, guest RAM mapped for
-DMA, migration and dirty-tracking probes). ``guest_plan`` turns a configured guest into
+DMA, migration and dirty-tracking probes). ``config_plan`` turns a configured guest into
 the plain description ``build_guest`` assembles (the same builder the demo and the tests
 use); ``guest_migratability`` describes its devices for status and ``check``.
 
@@ -9,7 +9,7 @@ configured ``start = "incoming"`` is opened the same way (zeroed RAM, devices re
 load) and waits for a migration into it. After migrating away, the guest's fds and RAM are
 released and it is re-opened fresh as "incoming" (it may come back); after a failed
 incoming migration it is also re-opened fresh, because a destination must start from
-zeroed memory (``session_digest``'s proof assumes it).
+zeroed memory (the digests' proof, session/digest.py, assumes it).
 
 A guest that cannot be opened (a device not bound to VFIO, a group another process owns,
 a device without migration support) is kept in state ``error`` with the reason, so
@@ -45,7 +45,7 @@ log = logging.getLogger("vfiod.guests")
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
 
 
-def guest_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
+def config_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
     """The builder's description of configured guest ``gc``; ``tracking``: the devices'
     current pre-copy dirty-tracking opt-outs (they survive a re-open)."""
     containers = dict.fromkeys(d.container for d in gc.devices)
@@ -121,7 +121,7 @@ class GuestManager:
     def _build(self, gc: GuestConfig, entry: GuestEntry) -> Guest:
         tracking = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         try:
-            return build_guest(self.kernel, guest_plan(gc, tracking), self.paths)
+            return build_guest(self.kernel, config_plan(gc, tracking), self.paths)
         except (NotMigratable, UnusableDevice) as e:
             entry.devices[e.device].reason = e.reason
             raise
