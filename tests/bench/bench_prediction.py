@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.timing import row
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.session_rig import (
     MiB,
-    RamSpec,
+    SideContainer,
     add_workload,
     migrate,
     pair,
@@ -29,6 +28,7 @@ from tests.sim.test_session_rig import (
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.stream import RamRegion
 
 TARGET = 0.15
 CAPS_MBPS = (20.0, 40.0, 80.0)
@@ -37,7 +37,7 @@ DIRTY_MBPS = (2.0, 5.0, 10.0)
 
 def one_case(root: Path, dirty_mbps: float, cap_mbps: float) -> dict[str, Any]:
     dev = spec("v2_precopy_log", state_size=64 * 1024, precopy_size=128 * 1024)
-    src, dst = pair(root, [ContainerPlan([dev])], ram=(RamSpec("ram", 0, 64 * MiB),),
+    src, dst = pair(root, [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
                     fill_bytes=16 * MiB, seed=2)
     try:
         wl = add_workload(src, [DmaTarget(dev.name, 0, 16 * MiB)],

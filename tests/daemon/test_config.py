@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.configs import UNOWNED, host_config
+from tests.support.daemon_configs import UNOWNED, host_config
 from vfiod.daemon.config import Address, Config, load_config, parse_config
 from vfiod.daemon.config_toml import KeyLines, parse_size
 from vfiod.errors import ConfigError

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.rig import wait_until
+from tests.support.daemons import wait_until
 from vfiod.api import ApiError, ClientError, ControlClient, ErrorCode
 from vfiod.api.ops import Args
 from vfiod.daemon.control_server import ControlServer, PeerCred, check_peer, proc_groups

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.rig import child_env, vfiod_cmd
+from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli import ctl_cmd
 
 

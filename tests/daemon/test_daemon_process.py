@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon.configs import UNOWNED, host_config
-from tests.daemon.rig import DaemonProcess, child_env, vfiod_cmd
+from tests.support.daemon_configs import UNOWNED, host_config
+from tests.support.daemons import DaemonProcess, child_env, vfiod_cmd
 from vfiod.api import MAX_LINE
 
 CONFIG = host_config("source", guests=("g1",), extra_sim=UNOWNED,

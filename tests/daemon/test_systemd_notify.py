@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.rig import NotifySocket, wait_until
+from tests.support.daemons import NotifySocket, wait_until
 from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
 
 

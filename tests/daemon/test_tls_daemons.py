@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.configs import host_config
-from tests.daemon.rig import DaemonProcess, guest_status
+from tests.support.daemon_configs import host_config
+from tests.support.daemons import DaemonProcess, guest_status
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command to make "

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon.configs import host_config
-from tests.daemon.rig import DaemonProcess, guest_status, wait_until
+from tests.support.daemon_configs import host_config
+from tests.support.daemons import DaemonProcess, guest_status, wait_until
 
 GUESTS = ("g1", "g2")
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.kernel import assets as assets_mod
 from tests.kernel import vm as vm_mod
-from tests.kernel.guest import rig as guest_rig
+from tests.kernel.guest import numba_cache
 
 IN_GUEST = os.environ.get("VFIOD_GUEST") == "1"
 collect_ignore = [] if IN_GUEST else ["guest"]
@@ -48,9 +48,9 @@ def guest_run(request: pytest.FixtureRequest, guest_assets: assets_mod.GuestAsse
     timings = _timings(request.config)
     guest_dir = Path(__file__).parent / "guest"
     # numba cannot compile in the guest in reasonable time (20-80 s per kernel under
-    # TCG): compile for a portable target here, the guest loads it (guest/rig.py)
+    # TCG): compile for a portable target here, the guest loads it (guest/numba_cache.py)
     with timings.part("numba cache (guest)"):
-        guest_rig.warm_guest_numba_cache()
+        numba_cache.warm_guest_numba_cache()
     try:
         with timings.part("boot + guest tests (did not finish)"):
             run = vm_mod.run_guest(guest_assets, results,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.sim.test_dirty_rig import GUEST_PAGE, Rig, dev, has_dma_logging_sim
+from tests.support.dirty_rig import GUEST_PAGE, Rig, dev, has_dma_logging_sim
 from vfiod.dirty.providers.base import ProviderUnavailable
 from vfiod.dirty.providers.device_logging import DeviceLoggingProvider
 from vfiod.dirty.providers.select import select

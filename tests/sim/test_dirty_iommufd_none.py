@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_dirty_rig import GUEST_PAGE, Rig, dev
+from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import REASON
 from vfiod.dirty.providers.select import select

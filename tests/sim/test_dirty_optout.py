@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_dirty_rig import GUEST_PAGE, Rig, dev
+from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
 from vfiod.abi.vfio import MigState
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.sim.test_dirty_rig import GUEST_PAGE, Rig, dev
+from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping
 from vfiod.kernel.sim.host import SimHostConfig
 from vfiod.kernel.sim.type1 import Type1Config

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.sim.test_driver_migrate import DEST_PATH, SOURCE_PATH
-from tests.sim.test_driver_rig import (
+from tests.support.driver_rig import (
     CAPS,
     PathRecorder,
     Side,

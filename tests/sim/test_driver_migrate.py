@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import CAPS, Side, collect, load, migrate, pair, save, spec_for
+from tests.support.driver_rig import CAPS, Side, collect, load, migrate, pair, save, spec_for
 from vfiod.errors import KernelError, MigrationError, ProtocolError
 from vfiod.kernel.sim.base import SimFile
 from vfiod.migration.device.errors import DeviceMismatch, ForbiddenTransition, HookOrderError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import CAPS, Side, spec_for
+from tests.support.driver_rig import CAPS, Side, spec_for
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.migration.device.probe import probe
 from vfiod.migration.device.protocol import MigrationDriver

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import Side, pair, save, spec_for
+from tests.support.driver_rig import Side, pair, save, spec_for
 from vfiod.errors import MigrationError
 from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.device.protocol import HookPhase, MigrationDriver

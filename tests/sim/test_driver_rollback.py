@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import CAPS, PathRecorder, Side, collect, pair, record_paths, save
+from tests.support.driver_rig import CAPS, PathRecorder, Side, collect, pair, record_paths, save
 from vfiod.migration.device.protocol import HookPhase, MigrationDriver
 from vfiod.migration.states import MigState
 
@@ -89,7 +89,7 @@ def test_source_rollback_from_each_phase(tmp_path: Path, paths: PathRecorder, ca
 
 
 def pair_spec(cap: str):  # noqa: ANN201
-    from tests.sim.test_driver_rig import spec_for
+    from tests.support.driver_rig import spec_for
     return spec_for(cap)
 
 

@@ -1,4 +1,5 @@
-"""A device vfiod claims for a guest must be RUNNING (guest.py ``_claim_running``).
+"""A device vfiod claims for a guest must be RUNNING (``claim_running``,
+vfiod/migration/guest/devices.py).
 
 Closing a device fd does not always return it to RUNNING: the real mtty sample on Linux
 6.12 keeps STOP across close and reopen (seen in the kernel tier). A device left stopped
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_driver_rig import Side, spec_for
-from vfiod.migration.guest import Guest
+from tests.support.driver_rig import Side, spec_for
+from vfiod.migration.guest.devices import claim_running
 from vfiod.migration.states import MigState
 
 
@@ -29,7 +30,7 @@ def test_a_device_left_stopped_is_reset_to_running(tmp_path: Path, cap: str) -> 
             side.device.set_mig_state(MigState.STOP)
         assert side.kernel_state() is MigState.STOP
         resets = side.resets()
-        drv = Guest._claim_running(side.name, side.device)
+        drv = claim_running(side.name, side.device)
         assert side.kernel_state() is MigState.RUNNING and drv.state() is MigState.RUNNING
         assert side.resets() == resets + 1
     finally:
@@ -40,7 +41,7 @@ def test_a_running_device_is_claimed_untouched(tmp_path: Path) -> None:
     side = Side.build(tmp_path, spec_for("v2_precopy"))
     try:
         resets = side.resets()
-        Guest._claim_running(side.name, side.device)
+        claim_running(side.name, side.device)
         assert side.kernel_state() is MigState.RUNNING and side.resets() == resets
     finally:
         side.close()

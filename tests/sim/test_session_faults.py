@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.session_rig import (
     MiB,
     Side,
+    SideContainer,
     assert_migrated,
     assert_rolled_back,
     build_side,
@@ -89,7 +89,7 @@ class FailingHook:
 @pytest.mark.parametrize("hook,proto", list(FAULTS), ids=[f"{h}-{p}" for h, p in FAULTS])
 def test_fault_at_every_hook(tmp_path: Path, hook: str, proto: str) -> None:
     dev = DEVICES[proto]
-    src, dst = pair(tmp_path, [ContainerPlan([dev])], fill_bytes=2 * MiB)
+    src, dst = pair(tmp_path, [SideContainer([dev])], fill_bytes=2 * MiB)
     try:
         side_name, point, *err = FAULTS[(hook, proto)]
         side: Side = src if side_name == "src" else dst
@@ -124,7 +124,7 @@ def test_device_error_state_is_reset_on_rollback(tmp_path: Path) -> None:
     """EIO on an arc puts the simulated device in ERROR: rollback resets it (the last rung
     of the ladder) and says so; the device runs again, its state back to power-on."""
     dev = DEVICES["v2"]
-    src, dst = pair(tmp_path, [ContainerPlan([dev])], fill_bytes=1 * MiB)
+    src, dst = pair(tmp_path, [SideContainer([dev])], fill_bytes=1 * MiB)
     try:
         src.kernel.faults.inject("transition:PRE_COPY_P2P->STOP_COPY", errno.EIO)
         before = src.ram_digest()
@@ -147,10 +147,10 @@ def test_destination_device_refuses_the_state(tmp_path: Path) -> None:
     rejects the stream (a write or RESUMING -> STOP fails); the source rolls back and the
     destination resets the device, so nothing it loaded runs."""
     dev = DEVICES["v2"]
-    src = build_side(tmp_path / "src", "hostA", [ContainerPlan([dev])], fill_bytes=1 * MiB)
+    src = build_side(tmp_path / "src", "hostA", [SideContainer([dev])], fill_bytes=1 * MiB)
     other = dataclasses.replace(dev, name="0000:8f:00.1", seed=5,
                                 state_size=dev.state_size * 2)
-    dst = build_side(tmp_path / "dst", "hostB", [ContainerPlan([other])])
+    dst = build_side(tmp_path / "dst", "hostB", [SideContainer([other])])
     try:
         before = src.ram_digest()
         run = migrate(src, dst)

@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.session_rig import (
     MiB,
     Side,
+    SideContainer,
     build_side,
     spec,
 )
 from vfiod.errors import KernelError
 from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
-from vfiod.migration.guest import Guest, RamSpec
+from vfiod.migration.guest import Guest, GuestPlan, build_guest
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.costs import CostModel, records_for
 from vfiod.migration.session.digest import (
@@ -31,15 +31,21 @@ from vfiod.migration.session.digest import (
     nonzero_page_runs,
 )
 from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.status import (
+    IterationProgress,
+    device_column,
+    format_progress_line,
+    triple,
+)
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.session.status import IterationProgress, device_column, format_progress_line, triple
+from vfiod.migration.stream import RamRegion
 
 PS = 4096
 
 
 @pytest.fixture
 def side(tmp_path: Path):
-    s = build_side(tmp_path, "h", [ContainerPlan([spec("v2_precopy_log")])],
+    s = build_side(tmp_path, "h", [SideContainer([spec("v2_precopy_log")])],
                    fill_bytes=1 * MiB)
     yield s
     s.close()
@@ -57,7 +63,7 @@ def test_incremental_digest_equals_full_digest(side: Side) -> None:
     d.touch(np.arange(0, npages, 3, dtype=np.int64), np.full(len(range(0, npages, 3)), 3))
     assert d.pending_pages == npages
     assert d.rehash() == npages
-    full = full_ram_digest(side.kernel, [(b.name, b.fd, b.size) for b in side.guest.ram])
+    full = full_ram_digest(side.kernel, side.guest.ram)
     assert d.roots() == full
     assert compare_roots(full, d.roots()) == []
 
@@ -90,7 +96,6 @@ def test_touch_scalar_and_vector_agree(side: Side) -> None:
 
 
 def test_digest_bad_input() -> None:
-    from vfiod.migration.stream import RamRegion
     r1, r2 = RamRegion("a", 8 * PS, PS), RamRegion("b", 0, PS)
     with pytest.raises(ValueError, match="guest-address order"):
         RamDigests((r1, r2), [bytearray(PS), bytearray(PS)], PS)
@@ -192,17 +197,17 @@ def test_status_formatting() -> None:
 def test_guest_rejects_bad_ram(side: Side) -> None:
     k = side.kernel
     with pytest.raises(ValueError, match="must be positive multiples"):
-        Guest.create(k, "g", [RamSpec("ram", 0, 1000)])
+        build_guest(k, GuestPlan("g", (RamRegion("ram", 0, 1000),)))
     with pytest.raises(ValueError, match="overlaps"):
-        Guest.create(k, "g", [RamSpec("a", 0, 2 * PS), RamSpec("b", PS, 2 * PS)])
+        build_guest(k, GuestPlan("g", (RamRegion("a", 0, 2 * PS), RamRegion("b", PS, 2 * PS))))
     with pytest.raises(ValueError, match="exists"):
-        Guest.create(k, "g", [RamSpec("a", 0, PS), RamSpec("a", PS, PS)])
+        build_guest(k, GuestPlan("g", (RamRegion("a", 0, PS), RamRegion("a", PS, PS))))
     with pytest.raises(ValueError, match="page size"):
         Guest(k, "g", page_size=1000)
 
 
 def test_guest_rejects_bad_containers(tmp_path: Path) -> None:
-    s = build_side(tmp_path, "h", [ContainerPlan([spec("v2_precopy_log")])])
+    s = build_side(tmp_path, "h", [SideContainer([spec("v2_precopy_log")])])
     try:
         g, n = s.guest, s.guest.devices[0].name
         grp = s.host.group_of(n)
@@ -222,7 +227,7 @@ def test_guest_rejects_bad_containers(tmp_path: Path) -> None:
 
 def test_guest_container_names_only_its_devices(tmp_path: Path) -> None:
     a, b = spec("v2_precopy_log"), spec("v2_stop_copy_log")
-    s = build_side(tmp_path, "h", [ContainerPlan([a])])
+    s = build_side(tmp_path, "h", [SideContainer([a])])
     try:
         grp = s.host.group_of(b.name) if b.name in s.host.devices else None
         assert grp is None
@@ -251,7 +256,7 @@ def test_run_state_handlers_all_hear_and_errors_surface(side: Side) -> None:
 
 
 def test_guest_close_releases_everything(tmp_path: Path) -> None:
-    s = build_side(tmp_path, "h", [ContainerPlan([spec("v1_log"), spec("v2_p2p_log")])])
+    s = build_side(tmp_path, "h", [SideContainer([spec("v1_log"), spec("v2_p2p_log")])])
     assert sorted(s.open_kinds()) == ["container", "device", "device", "group", "group"]
     s.guest.close()
     assert s.kernel.open_files() == {}
@@ -265,7 +270,7 @@ def targets(s: Side) -> list[DmaTarget]:
 
 
 def test_workload_is_deterministic_from_its_seed(tmp_path: Path) -> None:
-    sides = [build_side(tmp_path / str(i), "h", [ContainerPlan([spec("v2_precopy_log")])])
+    sides = [build_side(tmp_path / str(i), "h", [SideContainer([spec("v2_precopy_log")])])
              for i in range(3)]
     try:
         digests_ = []

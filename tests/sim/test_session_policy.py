@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.session_rig import (
     MiB,
-    RamSpec,
     Side,
+    SideContainer,
     add_workload,
     assert_migrated,
     assert_rolled_back,
@@ -28,12 +27,13 @@ from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.link import ThrottledLink
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.states import MigrationState
+from vfiod.migration.stream import RamRegion
 
-RAM = (RamSpec("ram", 0, 16 * MiB),)
+RAM = (RamRegion("ram", 0, 16 * MiB),)
 DEV = spec("v2_precopy_log")
-PLANS = [ContainerPlan([DEV])]
+PLANS = [SideContainer([DEV])]
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_cancel_during_the_first_ram_pass(sides, monkeypatch: pytest.MonkeyPatch
     src, dst = sides(fill_bytes=6 * MiB)
     before = src.ram_digest()
     links: list[CancelAfter] = []
-    import tests.sim.test_session_rig as rig
+    import tests.support.session_rig as rig
 
     real = rig.connect
 
@@ -197,7 +197,7 @@ def test_destination_cancels(sides, monkeypatch: pytest.MonkeyPatch) -> None:
         if p.iteration == 2:     # acted on at the next record the destination reads
             assert box["dest"].cancel("destination operator cancelled")
 
-    import tests.sim.test_session_rig as rig
+    import tests.support.session_rig as rig
     real = rig.DestinationSession
 
     class Spy(real):  # type: ignore[misc, valid-type]

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.session_rig import (
     MiB,
-    RamSpec,
     Side,
+    SideContainer,
     build_side,
     migrate,
     spec,
@@ -36,10 +35,10 @@ DEV = spec("v2_precopy_log")
 def build(tmp: Path, dst_dev: Any = None, dst_ram: int = 8 * MiB,
           dst_abi: AbiLevel = AbiLevel.V3, extra_dst: list[Any] | None = None
           ) -> tuple[Side, Side]:
-    src = build_side(tmp / "src", "hostA", [ContainerPlan([DEV])], fill_bytes=1 * MiB)
+    src = build_side(tmp / "src", "hostA", [SideContainer([DEV])], fill_bytes=1 * MiB)
     d = dst_dev or dataclasses.replace(DEV, name="0000:8e:00.1", seed=77)
-    dst = build_side(tmp / "dst", "hostB", [ContainerPlan([d] + (extra_dst or []))],
-                     ram=(RamSpec("ram", 0, dst_ram),), abi=dst_abi)
+    dst = build_side(tmp / "dst", "hostB", [SideContainer([d] + (extra_dst or []))],
+                     ram=(RamRegion("ram", 0, dst_ram),), abi=dst_abi)
     return src, dst
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_session_rig import (
-    ContainerPlan,
+from tests.support.hooks import HOOKS
+from tests.support.session_rig import (
     MiB,
-    RamSpec,
+    SideContainer,
     add_workload,
     assert_migrated,
     migrate,
@@ -22,8 +22,9 @@ from tests.sim.test_session_rig import (
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.states import GuestState, MigrationState, MigState
 from vfiod.migration.session.status import IterationProgress, format_progress_line
+from vfiod.migration.states import GuestState, MigrationState, MigState
+from vfiod.migration.stream import RamRegion
 
 CAPS = ["v1_log", "v2_stop_copy_log", "v2_precopy_log", "v2_p2p_log", "v2_precopy_p2p_log"]
 
@@ -54,7 +55,7 @@ def arcs(side, name: str) -> list[str]:  # noqa: ANN001
 
 @pytest.mark.parametrize("cap", CAPS)
 def test_one_device_each_protocol(sides, cap: str) -> None:
-    src, dst = sides([ContainerPlan([spec(cap)])], fill_bytes=2 * MiB)
+    src, dst = sides([SideContainer([spec(cap)])], fill_bytes=2 * MiB)
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     assert run.source.iterations >= 1
@@ -64,7 +65,7 @@ def test_one_device_each_protocol(sides, cap: str) -> None:
 
 
 def test_v2_stop_copy_only_sends_device_state_in_stop_copy(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v2_stop_copy_log")])])
+    src, dst = sides([SideContainer([spec("v2_stop_copy_log")])])
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     name = spec("v2_stop_copy_log").name
@@ -74,7 +75,7 @@ def test_v2_stop_copy_only_sends_device_state_in_stop_copy(sides) -> None:
 
 
 def test_v2_precopy_reads_device_data_while_running(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v2_precopy_log")])], fill_bytes=1 * MiB)
+    src, dst = sides([SideContainer([spec("v2_precopy_log")])], fill_bytes=1 * MiB)
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     assert run.source.history[0].device_sent_bytes > 0
@@ -83,7 +84,7 @@ def test_v2_precopy_reads_device_data_while_running(sides) -> None:
 
 
 def test_v1_walks_the_bit_sequence(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v1_log")])], fill_bytes=1 * MiB)
+    src, dst = sides([SideContainer([spec("v1_log")])], fill_bytes=1 * MiB)
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     assert arcs(src, spec("v1_log").name) == ["v1:SAVING|RUNNING", "v1:SAVING", "v1:STOP"]
@@ -93,7 +94,7 @@ def test_v1_walks_the_bit_sequence(sides) -> None:
 def test_several_p2p_devices_quiesce_all_before_any_stops(sides) -> None:
     devs = [spec("v2_precopy_p2p_log"), spec("v2_p2p_log"),
             spec("v2_precopy_p2p_log", name="0000:3f:00.2")]
-    src, dst = sides([ContainerPlan(devs)], fill_bytes=1 * MiB)
+    src, dst = sides([SideContainer(devs)], fill_bytes=1 * MiB)
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     order = [e.split("@") for e in src.kernel.faults.log if e.startswith("transition:")]
@@ -106,7 +107,7 @@ def test_several_p2p_devices_quiesce_all_before_any_stops(sides) -> None:
 
 
 def test_p2p_skipped_when_one_device_lacks_it(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v2_precopy_p2p_log"), spec("v2_precopy_log")])])
+    src, dst = sides([SideContainer([spec("v2_precopy_p2p_log"), spec("v2_precopy_log")])])
     run = migrate(src, dst)
     assert_migrated(src, dst, run)
     p2p = spec("v2_precopy_p2p_log").name
@@ -119,7 +120,7 @@ def test_workload_dirtied_pages_all_arrive(sides) -> None:
     """The guest's devices write its RAM by DMA during pre-copy: the destination ends
     with exactly the source's memory (full digests, not just the stream's)."""
     devs = [spec("v2_precopy_log"), spec("v1_log")]
-    src, dst = sides([ContainerPlan(devs)], ram=(RamSpec("ram", 0, 16 * MiB),),
+    src, dst = sides([SideContainer(devs)], ram=(RamRegion("ram", 0, 16 * MiB),),
                      fill_bytes=4 * MiB)
     wl = add_workload(src, [DmaTarget(devs[0].name, 0, 4 * MiB),
                             DmaTarget(devs[1].name, 8 * MiB, 4 * MiB)],
@@ -144,9 +145,9 @@ def test_opted_out_device_container_counts_dirty_until_stop(sides) -> None:
     collected in stop-and-copy (design.md §3)."""
     opt = spec("v2_stop_copy_log")
     other = spec("v2_precopy_log")
-    plans = [ContainerPlan([other]),
-             ContainerPlan([opt], maps=[(8 * MiB, 2 * MiB)], opt_out=[opt.name])]
-    src, dst = sides(plans, ram=(RamSpec("ram", 0, 16 * MiB),), fill_bytes=1 * MiB)
+    plans = [SideContainer([other]),
+             SideContainer([opt], maps=[(8 * MiB, 2 * MiB)], opt_out=[opt.name])]
+    src, dst = sides(plans, ram=(RamRegion("ram", 0, 16 * MiB),), fill_bytes=1 * MiB)
     wl = add_workload(src, [DmaTarget(opt.name, 8 * MiB, 2 * MiB)], dirty_rate_bps=0, seed=5)
     wl.record = True
     wl.run_writes(20)                       # before migrating: part of the first pass
@@ -170,7 +171,7 @@ def test_opted_out_device_container_counts_dirty_until_stop(sides) -> None:
 def test_device_without_dirty_tracking_is_all_dirty(sides) -> None:
     """A physical device with no DMA logging in a type1 container: the kernel reports
     every mapped page dirty at every sync; the predictor says it will not converge."""
-    src, dst = sides([ContainerPlan([spec("v2_precopy")])], fill_bytes=1 * MiB)
+    src, dst = sides([SideContainer([spec("v2_precopy")])], fill_bytes=1 * MiB)
     cfg = SessionConfig(policy=Policy(max_iterations=2, on_timeout="force",
                                       downtime_limit_s=1e-9))
     run = migrate(src, dst, cfg)
@@ -182,7 +183,7 @@ def test_device_without_dirty_tracking_is_all_dirty(sides) -> None:
 
 
 def test_status_shows_the_triple_through_the_phases(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v2_precopy_log"), spec("v2_stop_copy_log")])])
+    src, dst = sides([SideContainer([spec("v2_precopy_log"), spec("v2_stop_copy_log")])])
     seen: list[str] = []
     lines: list[str] = []
     states: list[tuple[str, str]] = []
@@ -207,7 +208,7 @@ def test_status_shows_the_triple_through_the_phases(sides) -> None:
 
 
 def test_destination_status_and_run_states(sides) -> None:
-    src, dst = sides([ContainerPlan([spec("v2_precopy_log")])])
+    src, dst = sides([SideContainer([spec("v2_precopy_log")])])
     guest_states: list[tuple[GuestState, GuestState]] = []
     dst.guest.add_run_state_handler(lambda o, n: guest_states.append((o, n)))
     run = migrate(src, dst)
@@ -223,16 +224,12 @@ def test_destination_status_and_run_states(sides) -> None:
 class Recording:
     """A driver that records each hook called on it, then calls the real one."""
 
-    HOOKS = {"save_setup", "save_live_pending", "save_live_iterate", "save_state",
-             "quiesce_p2p", "save_live_complete_precopy", "check_state", "load_setup",
-             "load_state", "load_complete", "resume", "cleanup", "rollback"}
-
     def __init__(self, inner, log: list[str]) -> None:  # noqa: ANN001
         self._inner, self._log = inner, log
 
     def __getattr__(self, name: str):  # noqa: ANN204
         attr = getattr(self._inner, name)
-        if name not in self.HOOKS:
+        if name not in HOOKS:
             return attr
 
         def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
@@ -244,7 +241,7 @@ class Recording:
 
 @pytest.mark.parametrize("cap", ["v1_log", "v2_precopy_p2p_log"])
 def test_hook_sequence_is_the_seeds(sides, cap: str) -> None:
-    src, dst = sides([ContainerPlan([spec(cap)])], fill_bytes=1 * MiB)
+    src, dst = sides([SideContainer([spec(cap)])], fill_bytes=1 * MiB)
     slog: list[str] = []
     dlog: list[str] = []
     src.guest.devices[0].driver = Recording(src.guest.devices[0].driver, slog)
@@ -266,7 +263,7 @@ def test_stale_data_in_the_destination_ram_is_cleared_not_kept(sides) -> None:
     """A reused RAM file (a daemon's file-backed guest reopened as incoming) holds old data
     in pages the source never wrote and so never sends: the destination clears them
     before loading, so the migrated RAM equals the source's (seen in the kernel tier)."""
-    src, dst = sides([ContainerPlan([spec("v2_precopy_log")])], fill_bytes=2 * MiB)
+    src, dst = sides([SideContainer([spec("v2_precopy_log")])], fill_bytes=2 * MiB)
     block = dst.guest.ram[0]
     with block.view() as view:
         last = block.size - 4096                  # far past what the fill wrote

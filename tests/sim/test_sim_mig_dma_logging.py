@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import vfiod.abi.vfio as v
-from tests.sim.test_sim_mig_common import GET, PROBE, SET, Dev, RigFactory, make_rigs, specs
+from tests.support.sim_mig_rig import GET, PROBE, SET, Dev, RigFactory, make_rigs, specs
 from vfiod.errors import KernelError
 from vfiod.kernel.sim.migration.dma_logging import DmaLogging
 from vfiod.kernel.sim.rawvfio import map_dma

@@ -15,7 +15,7 @@ import pytest
 
 import vfiod.abi.v1 as v1
 import vfiod.abi.vfio as v
-from tests.sim.test_sim_mig_common import Dev, RigFactory, make_rigs, specs, twin
+from tests.support.sim_mig_rig import Dev, RigFactory, make_rigs, specs, twin
 from vfiod.abi.layout import flex_array, parse_caps
 from vfiod.errors import KernelError
 from vfiod.kernel.sim.migration.specs import V1_RESERVED

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vfiod.abi.vfio as v
-from tests.sim.test_sim_mig_common import (
+from tests.support.sim_mig_rig import (
     GET,
     SET,
     Dev,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import vfiod.abi.vfio as v
-from tests.sim.test_sim_mig_common import MIG_STATE, Dev, MigRig, S, specs
+from tests.support.sim_mig_rig import MIG_STATE, Dev, MigRig, S, specs
 from vfiod.errors import KernelError, SimulatorViolation
 from vfiod.kernel.sim.migration.v2 import MigrationV2
 

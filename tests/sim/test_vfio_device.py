@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vfiod.abi.vfio as v
-from tests.sim.test_vfio_helpers import (  # noqa: F401  (rig_fixture: the rig fixture)
+from tests.support.vfio_rig import (  # noqa: F401  (rig_fixture: the rig fixture)
     MDEV,
     PCI,
     PCI2,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.test_vfio_helpers import BLOCKED, FOREIGN, MDEV, PCI, PCI2, SIBLING, build_rig
+from tests.support.vfio_rig import BLOCKED, FOREIGN, MDEV, PCI, PCI2, SIBLING, build_rig
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.vfio.discovery import discover, discover_device, group_viability, is_vfio_pci_driver

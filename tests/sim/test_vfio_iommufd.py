@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.sim.test_vfio_helpers import (  # noqa: F401  (rig_fixture: the rig fixture)
+from tests.support.vfio_rig import (  # noqa: F401  (rig_fixture: the rig fixture)
     GROUP,
     MDEV,
     PCI,

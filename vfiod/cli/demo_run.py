@@ -24,8 +24,8 @@ from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.digest import full_ram_digest
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import IterationProgress, format_progress_line
+from vfiod.migration.states import MigrationState
 from vfiod.migration.transport import Listener, connect
 
 
@@ -75,8 +75,7 @@ def _destination(args: argparse.Namespace, root: Path, ram: int) -> int:
 
 def _audit(side: DemoSide) -> dict[str, Any]:
     g = side.guest
-    return {"ram": [r.to_dict() for r in full_ram_digest(
-                side.host.kernel, [(b.name, b.fd, b.size) for b in g.ram])],
+    return {"ram": [r.to_dict() for r in full_ram_digest(side.host.kernel, g.ram)],
             "models": side.models()}
 
 

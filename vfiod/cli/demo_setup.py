@@ -13,7 +13,8 @@ All three log their DMA (device DMA logging), so tracking is precise. Containers
 (v1 + v2pre) maps all RAM; ``c1`` (v2opt) maps only ``dma-pool``, the window that device
 DMAs into. While v2opt runs, c1's bitmap is not queried and its 32 MiB count as dirty
 (design.md §3): the predictor includes them, and they are collected precisely in
-stop-and-copy.
+stop-and-copy. ``build_side`` assembles the guest with ``build_guest``, the builder the
+daemon and the tests use.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget
-from vfiod.migration.guest import Guest, RamSpec
+from vfiod.migration.guest import ContainerPlan, DevicePlan, Guest, GuestPlan, build_guest
 from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.stream.header import RamRegion
 from vfiod.vfio import HostPaths
 
 MiB = 1 << 20
@@ -71,12 +73,17 @@ def demo_devices(side: str) -> list[DemoDevice]:
     ]
 
 
-def ram_layout(ram_bytes: int) -> list[RamSpec]:
+def demo_plan(devices: list[DemoDevice], ram_bytes: int) -> GuestPlan:
+    """Guest ``vm1`` as the module docstring describes it."""
     if ram_bytes < 2 * DMA_POOL or ram_bytes % (2 * MiB):
         raise ValueError(f"guest RAM {ram_bytes} bytes: need a multiple of 2 MiB and at "
                          f"least {2 * DMA_POOL >> 20} MiB")
-    return [RamSpec("ram", 0, ram_bytes - DMA_POOL),
-            RamSpec("dma-pool", ram_bytes - DMA_POOL, DMA_POOL)]
+    pool = RamRegion("dma-pool", ram_bytes - DMA_POOL, DMA_POOL)
+    return GuestPlan(
+        "vm1", (RamRegion("ram", 0, ram_bytes - DMA_POOL), pool),
+        tuple(DevicePlan(d.spec.name, d.container, d.pre_copy_dirty_page_tracking)
+              for d in devices),
+        (ContainerPlan("c1", ((pool.gpa, pool.size),)),))
 
 
 @dataclass
@@ -116,22 +123,14 @@ class DemoSide:
 
 def build_side(side: str, root: Path, ram_bytes: int) -> DemoSide:
     devices = demo_devices(side)
+    plan = demo_plan(devices, ram_bytes)
     host = SimHost.build(root, [[d.spec] for d in devices])
-    paths = HostPaths(host.sysfs_root, host.dev_root)
     try:
-        guest = Guest.create(host.kernel, "vm1", ram_layout(ram_bytes), paths=paths)
+        guest = build_guest(host.kernel, plan, HostPaths(host.sysfs_root, host.dev_root))
     except BaseException:
         host.close()
         raise
     try:
-        for cname in ("c0", "c1"):
-            members = [d for d in devices if d.container == cname]
-            pool = guest.ram[1]
-            guest.add_container(
-                cname, [host.group_of(d.spec.name) for d in members],
-                maps=None if cname == "c0" else [(pool.gpa, pool.size)],
-                pre_copy_dirty_page_tracking={d.spec.name: d.pre_copy_dirty_page_tracking
-                                              for d in members})
         # The simulated kernel pins nothing (as if vfiod had CAP_IPC_LOCK): say so in the
         # facts preflight compares, instead of this process's real RLIMIT_MEMLOCK.
         facts = dataclasses.replace(gather_host_facts(host.kernel),

@@ -7,9 +7,9 @@ but an operator should know: no dirty tracking means pre-copy cannot converge, a
 device's pages all move in stop-and-copy, little memlock headroom to receive a guest).
 
 A device of a guest is described from what the daemon probed when it opened the guest. A
-device no guest owns is probed on the spot: a temporary container, its group, the device
-fd, the migration driver probe and the dirty-provider selection, then everything is closed
-again. If another process holds the group (a VMM), that is the answer (EBUSY).
+device no guest owns is probed on the spot (``probe_unowned_device``: the same steps and
+the same description as a guest's devices, vfiod.migration.guest.migratability). If
+another process holds the group (a VMM), that is the answer (EBUSY).
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import errno
 from typing import Any
 
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
-from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.providers.select import select
-from vfiod.errors import KernelError, NotMigratable, VfiodError
+from vfiod.errors import KernelError, NotMigratable
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.device.probe import probe
-from vfiod.migration.device.protocol import MigrationDriver
+from vfiod.migration.guest.migratability import probe_unowned_device
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.preflight import ENCRYPTION_NAMES
-from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio import HostPaths
 from vfiod.vfio.discovery import DiscoveredDevice, discover_device
 
 
@@ -109,7 +106,7 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
     if not found.vfio_capable or found.group is None:
         return {**out, "migratable": False, "blockers": [found.reason], "notes": []}
     try:
-        facts = _probe_open(kernel, paths, found)
+        m = probe_unowned_device(kernel, paths, found.name, found.group)
     except NotMigratable as e:
         return {**out, "migratable": False, "blockers": [e.reason], "notes": []}
     except KernelError as e:
@@ -119,46 +116,13 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
                    f"device); vfiod cannot probe it: {e}")
         return {**out, "migratable": False, "blockers": [why], "notes": []}
     notes = []
-    if facts["tracker"] == "none":
+    if m.tracker == "none":
         notes.append(f"{name}: no dirty-page tracking available: pre-copy cannot converge")
-    return {**out, **facts, "migratable": True, "blockers": [], "notes": notes}
+    return {**out, "protocol": m.protocol, "capabilities": list(m.capabilities),
+            "dma_logging": m.dma_logging, "tracker": m.tracker, "migratable": True,
+            "blockers": [], "notes": notes}
 
 
 def _discovered_json(found: DiscoveredDevice) -> dict[str, Any]:
     return {"device_kind": found.kind, "group": found.group, "driver": found.driver,
             "vfio_capable": found.vfio_capable, "reason": found.reason}
-
-
-def _probe_open(kernel: KernelOps, paths: HostPaths, found: DiscoveredDevice) -> dict[str, Any]:
-    assert found.group is not None
-    container = Container.open(kernel, paths)
-    driver: MigrationDriver | None = None
-    try:
-        group = Group.open(kernel, paths, found.group)
-        try:
-            group.set_container(container)
-        except BaseException:
-            group.close()
-            raise
-        if container.iommu_type is None:
-            container.set_iommu()
-        dev = group.get_device(found.name)
-        driver = probe(dev)
-        caps = list(driver.capability_names)
-        try:
-            logging = dev.dma_logging_probe()
-        except KernelError:
-            logging = False
-        try:
-            tracker = select(DmaSpace(found.name, [dev], type1=container)).chain[0].name
-        except (VfiodError, ValueError):
-            tracker = None
-        return {"protocol": driver.protocol, "capabilities": caps, "dma_logging": logging,
-                "tracker": tracker}
-    finally:
-        if driver is not None:
-            try:
-                driver.cleanup()          # v1 window mappings go before the device fd
-            except KernelError:
-                pass
-        container.close()

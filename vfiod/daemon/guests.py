@@ -1,13 +1,15 @@
 """The guests the daemon owns: opened from the configuration at start, kept in the
 ``Registry`` (design.md §1 steps 2-4: containers, groups, device fds, guest RAM mapped for
-DMA, migration and dirty-tracking probes).
+DMA, migration and dirty-tracking probes). ``config_plan`` turns a configured guest into
+the plain description ``build_guest`` assembles (the same builder the demo and the tests
+use); ``guest_migratability`` describes its devices for status and ``check``.
 
 A guest configured ``start = "running"`` runs here (it can be migrated away); one
 configured ``start = "incoming"`` is opened the same way (zeroed RAM, devices ready to
 load) and waits for a migration into it. After migrating away, the guest's fds and RAM are
 released and it is re-opened fresh as "incoming" (it may come back); after a failed
 incoming migration it is also re-opened fresh, because a destination must start from
-zeroed memory (``session_digest``'s proof assumes it).
+zeroed memory (the digests' proof, session/digest.py, assumes it).
 
 A guest that cannot be opened (a device not bound to VFIO, a group another process owns,
 a device without migration support) is kept in state ``error`` with the reason, so
@@ -16,27 +18,45 @@ a device without migration support) is kept in state ``error`` with the reason, 
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vfiod.daemon.config import GuestConfig, SimWorkload
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
-from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.providers.select import select
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.guest import Guest, RamSpec
+from vfiod.migration.guest import (
+    ContainerPlan,
+    DevicePlan,
+    Guest,
+    GuestPlan,
+    UnusableDevice,
+    build_guest,
+)
+from vfiod.migration.guest.migratability import guest_migratability
 from vfiod.migration.states import GuestState, device_label
+from vfiod.migration.stream.header import RamRegion
 from vfiod.vfio import HostPaths
-from vfiod.vfio.discovery import discover_device
 
 log = logging.getLogger("vfiod.guests")
 
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
+
+
+def config_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
+    """The builder's description of configured guest ``gc``; ``tracking``: the devices'
+    current pre-copy dirty-tracking opt-outs (they survive a re-open)."""
+    containers = dict.fromkeys(d.container for d in gc.devices)
+    return GuestPlan(
+        gc.name, tuple(RamRegion(r.name, r.gpa, r.size) for r in gc.ram),
+        tuple(DevicePlan(d.name, d.container,
+                         tracking.get(d.name, d.pre_copy_dirty_page_tracking))
+              for d in gc.devices),
+        tuple(ContainerPlan(c, tuple((r.gpa, r.size) for r in gc.regions_of(c)))
+              for c in containers),
+        gc.page_size, {r.name: r.path for r in gc.ram if r.path is not None})
 
 
 class GuestManager:
@@ -49,7 +69,6 @@ class GuestManager:
         self.workloads = {w.guest: w for w in workloads}
         self._start_workload = start_workload
         self._stops: dict[str, Callable[[], None]] = {}
-        self._fds: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         registry.refreshers.append(self.refresh)
 
@@ -100,61 +119,23 @@ class GuestManager:
             self._stops[entry.name] = stop
 
     def _build(self, gc: GuestConfig, entry: GuestEntry) -> Guest:
-        guest = Guest(self.kernel, gc.name, gc.page_size, self.paths)
-        fds: list[int] = []
-        self._fds[gc.name] = fds
+        tracking = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         try:
-            for r in gc.ram:
-                spec = RamSpec(r.name, r.gpa, r.size)
-                if r.path is None:
-                    guest.add_ram(spec)
-                else:
-                    fd = self.kernel.open(r.path, os.O_RDWR)
-                    fds.append(fd)
-                    guest.add_ram(spec, fd)
-            containers: dict[str, list[str]] = {}
-            for d in gc.devices:
-                containers.setdefault(d.container, []).append(d.name)
-            for cname, names in containers.items():
-                groups = sorted({self._group_of(n, entry) for n in names})
-                maps = [(r.gpa, r.size) for r in gc.regions_of(cname)]
-                guest.add_container(cname, groups, devices=names, maps=maps,
-                                    pre_copy_dirty_page_tracking={
-                                        n: entry.devices[n].pre_copy_dirty_page_tracking
-                                        for n in names})
-        except NotMigratable as e:
+            return build_guest(self.kernel, config_plan(gc, tracking), self.paths)
+        except (NotMigratable, UnusableDevice) as e:
             entry.devices[e.device].reason = e.reason
-            self._close_guest(gc.name, guest)
             raise
-        except BaseException:
-            self._close_guest(gc.name, guest)
-            raise
-        return guest
-
-    def _group_of(self, name: str, entry: GuestEntry) -> int:
-        found = discover_device(self.kernel, name, self.paths)
-        if not found.vfio_capable or found.group is None:
-            entry.devices[name].reason = found.reason
-            raise KernelError(errno.ENODEV, "open", name, f"not usable: {found.reason}")
-        return found.group
 
     def _describe(self, entry: GuestEntry, guest: Guest) -> None:
-        trackers: dict[str, str] = {}
-        for gc in guest.containers:
-            devs = [guest.device(n).device for n in gc.devices]
-            try:
-                chain = select(DmaSpace(gc.name, devs, type1=gc.container), gc.disable).chain
-                trackers[gc.name] = chain[0].name
-            except (VfiodError, ValueError) as e:
-                log.warning("guest %s: container %s: tracker probe failed: %s", entry.name,
-                            gc.name, e)
-        for gd in guest.devices:
-            d = entry.devices[gd.name]
-            info = gd.info()
-            d.protocol, d.capabilities = info.protocol, list(info.capabilities)
-            d.tracker = trackers.get(gd.container)
-            d.dma_logging, d.migratable = gd.dma_logging, True
-            d.reason = f"migration {info.protocol} ({', '.join(info.capabilities)})"
+        for name, m in guest_migratability(guest).items():
+            if m.tracker_error:
+                log.warning("guest %s: device %s: tracker probe failed: %s", entry.name,
+                            name, m.tracker_error)
+            d = entry.devices[name]
+            d.protocol, d.capabilities = m.protocol, list(m.capabilities)
+            d.tracker = m.tracker
+            d.dma_logging, d.migratable = m.dma_logging, True
+            d.reason = m.summary
         self._refresh_entry(entry)
 
     # -- runtime ---------------------------------------------------------------------------
@@ -213,11 +194,6 @@ class GuestManager:
             guest.close()           # device -> group -> container, then RAM
         except (KernelError, BufferError) as e:
             log.error("guest %s: closing: %s", name, e)
-        for fd in self._fds.pop(name, []):
-            try:
-                self.kernel.close(fd)
-            except KernelError as e:
-                log.error("guest %s: closing RAM file: %s", name, e)
 
     def close_all(self) -> None:
         for entry in list(self.registry.guests.values()):

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.guest import rig
+from tests.kernel.guest import numba_cache, rig
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths, discover_device
@@ -33,12 +33,12 @@ if os.environ.get("VFIOD_GUEST") != "1":  # pragma: no cover - a mistake, not a 
 
 
 # numba reads its target and cache directory when it is first imported, which only the
-# test modules do: set them now (rig.py "numba in the guest" says why).
-if rig.guest_numba_ready() is None:
+# test modules do: set them now (numba_cache.py says why).
+if numba_cache.guest_numba_ready() is None:
     if "numba" in sys.modules:  # pragma: no cover - an import-order mistake, say so loudly
         raise RuntimeError("numba was imported before tests/kernel/guest/conftest.py could "
                            "point it at the host-compiled cache")
-    os.environ.update(rig.guest_numba_env())
+    os.environ.update(numba_cache.guest_numba_env())
 
 #: numba compilations that happened in the guest (the host's cache had no match)
 _GUEST_COMPILES: list[str] = []
@@ -56,7 +56,7 @@ def numba_cache() -> None:
     """Tests that run numba kernels (dirty tracker, stream checksums) need the cache the
     host compiled for the guest; every compilation that still happens here is listed in
     the guest's terminal summary, so a path the host's warm-up missed shows up."""
-    missing = rig.guest_numba_ready()
+    missing = numba_cache.guest_numba_ready()
     if missing:
         pytest.fail(missing, pytrace=False)
     from numba.core import event
@@ -80,7 +80,7 @@ def numba_cache() -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _GUEST_COMPILES:
         terminalreporter.section("numba compiled in the guest (missing from the host's "
-                                 "warm-up, rig._exercise_numba_paths)")
+                                 "warm-up, numba_cache._exercise_numba_paths)")
         for line in _GUEST_COMPILES:
             terminalreporter.write_line(line)
 

@@ -5,7 +5,7 @@ Real processes on the real kernel: two daemons (``python -m vfiod.cli.main run -
 linux`` over the guest's /sys and /dev), P owning mtty A with guest ``g1`` running, Q
 owning mtty B (another IOMMU group) with ``g1`` incoming, both with a migration listener
 on 127.0.0.1. Each reports ``READY=1`` on a NOTIFY_SOCKET this test owns (the systemd side,
-``tests.daemon.rig.NotifySocket``); the operator's questions go through ``vfiod ctl ...
+``tests.support.daemons.NotifySocket``); the operator's questions go through ``vfiod ctl ...
 --json`` processes (several at once: each pays seconds of start-up under TCG), polling and
 the extra questions through an in-process ``ControlClient``. Nothing sleeps: every wait is
 a condition with a deadline.
@@ -31,11 +31,8 @@ warm-up missed shows in their log as "[cache] data saved" and the test fails nam
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,10 +42,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.daemon.rig import NotifySocket, vfiod_cmd, wait_until
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
-from vfiod.api import ClientError, ControlClient, ErrorCode
+from tests.support.daemons import LinuxDaemon, wait_until
+from vfiod.api import ClientError, ErrorCode
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import HostPaths, discover_device
@@ -61,8 +58,7 @@ MiB = 1 << 20
 PAGE = 4096
 RAM_BYTES = 16 * MiB
 GUEST = "g1"
-#: generous: under TCG a daemon takes ~10 s just to import numpy and numba
-DEADLINE_S = 60.0
+DEADLINE_S = LinuxDaemon.deadline_s
 #: ``vfiod ctl`` exit codes (vfiod/cli/ctl_cmd.py)
 EXIT_OK, EXIT_FAILED = 0, 1
 NUMBA_COMPILED = "[cache] data saved to"
@@ -78,111 +74,12 @@ def guest_config(device: str, ram: Path, *, start: str) -> str:
             f'[[guest.device]]\nname = "{device}"\n')
 
 
-def _env(**extra: str) -> dict[str, str]:
-    # os.environ carries the guest's numba target and cache (conftest.py set them)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    env["PYTHONPATH"] = str(rig.REPO)
-    env.update(extra)
-    return env
-
-
-class LinuxDaemon:
-    """One ``vfiod run --backend linux`` process with its config, control socket, notify
-    socket and log in ``workdir/name`` (short paths: a Unix socket path has 107 bytes)."""
-
-    def __init__(self, name: str, config: str, workdir: Path) -> None:
-        self.name = name
-        self.dir = workdir / name
-        self.dir.mkdir()
-        self.socket = str(self.dir / "control.sock")
-        (self.dir / "vfiod.toml").write_text(config)
-        self.notify = NotifySocket(self.dir)
-        self.log_path = self.dir / "daemon.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                vfiod_cmd("run", "--backend", "linux", "--config", str(self.dir / "vfiod.toml"),
-                          "--control-socket", self.socket, "--metrics-listen", ""),
-                stdout=log, stderr=subprocess.STDOUT,
-                env=_env(NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1",
-                         NUMBA_DEBUG_CACHE="1"))
-        self.ready: dict[str, str] = {}
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def journal(self) -> str:
-        """The log without numba's cache lines, for failure messages."""
-        return "\n".join(ln for ln in self.log().splitlines() if not ln.startswith("[cache]"))
-
-    def _alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon {self.name} exited with {self.proc.returncode}:\n"
-                                 f"{self.journal()}")
-
-    def wait_ready(self) -> None:
-        self.ready = self.notify.wait_for("READY", timeout=DEADLINE_S, alive=self._alive)
-
-    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        self._alive()
-        with ControlClient(self.socket, timeout=DEADLINE_S) as c:
-            return c.call(op, args)
-
-    def guest(self) -> dict[str, Any]:
-        return dict(self.call("status", {"guest": GUEST})["guests"][0])
-
-    def ctl_argv(self, *args: str) -> list[str]:
-        return vfiod_cmd("ctl", "--socket", self.socket, *args, "--json")
-
-    def ctl(self, *args: str, expect: int = EXIT_OK) -> Any:
-        """``vfiod ctl ARGS --json`` as a process; its exit code must be ``expect``."""
-        return self.ctl_many([list(args)], [expect])[0]
-
-    def ctl_many(self, commands: list[list[str]], expect: list[int]) -> list[Any]:
-        """Run several ``vfiod ctl ... --json`` at once (each pays seconds of Python
-        start-up under TCG) and return what each printed last (``migrate`` prints one
-        JSON object per progress update, the outcome last)."""
-        procs = [subprocess.Popen(self.ctl_argv(*c), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_env())
-                 for c in commands]
-        outs = []
-        for cmd, want, p in zip(commands, expect, procs, strict=True):
-            try:
-                out, err = p.communicate(timeout=DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out, err = p.communicate()
-            assert p.returncode == want, (
-                f"vfiod ctl {' '.join(cmd)} --json exited {p.returncode}, expected {want}\n"
-                f"stdout:\n{out}\nstderr:\n{err}\n--- daemon {self.name} ---\n{self.journal()}")
-            outs.append(json.loads(out) if out.startswith("{\n") else
-                        json.loads(out.strip().splitlines()[-1]))
-        return outs
-
-    def terminate(self) -> int:
-        """SIGTERM, then the exit status (bounded wait)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"daemon {self.name} ignored SIGTERM for {DEADLINE_S:g} s:"
-                                 f"\n{self.journal()}") from None
-        self.notify.poll(0)             # what it said on its way out (STOPPING=1)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
-
-
 def assert_nothing_compiled(*daemons: LinuxDaemon) -> None:
     compiled = {d.name: [ln for ln in d.log().splitlines() if NUMBA_COMPILED in ln]
                 for d in daemons}
     assert not any(compiled.values()), (
         "the daemons compiled numba kernels the host's warm-up did not cache (extend "
-        f"tests/kernel/guest/rig._exercise_numba_paths): {compiled}")
+        f"tests/kernel/guest/numba_cache._exercise_numba_paths): {compiled}")
 
 
 def program_uart(kernel: LinuxKernel, paths: HostPaths, uuid: str, seed: int
@@ -357,13 +254,13 @@ def test_ctl_migrate_to_the_other_daemon_completes_verified(story: Story) -> Non
     assert final["downtime_s"] is not None and final["predicted_downtime_s"] is not None
 
     # Q received and verified it and runs it, under the same migration id
-    g = q.guest()
+    g = q.guest(GUEST)
     m = g["migration"]
     assert (g["state"], m["role"], m["result"], m["verified"], m["id"]) == (
         "running", "destination", "completed", True, final["id"]), g
     assert [(x["name"], x["state_label"]) for x in g["devices"]] == [(story.b, "RUNNING")], g
     # P released the guest and holds it again, fresh, ready to take it back
-    g = p.guest()
+    g = p.guest(GUEST)
     assert (g["state"], g["migration"]["result"]) == ("incoming", "completed"), g
     assert [(x["name"], x["state_label"]) for x in g["devices"]] == [(story.a, "RUNNING")], g
     # the RAM arrived byte for byte in Q's guest; P's was only read
@@ -387,7 +284,7 @@ def test_sigterm_mid_precopy_cancels_and_leaves_the_device_running(
                              "downtime_limit_ms": 1e-6})["migration"]["id"]
 
     def in_precopy() -> dict[str, Any] | None:
-        g = q.guest()
+        g = q.guest(GUEST)
         m = g["migration"]
         assert m["id"] == mid and m["result"] is None, f"the migration ended early: {m}"
         if g["devices"][0]["state_label"] != "RUNNING|SAVING" or \
@@ -402,7 +299,7 @@ def test_sigterm_mid_precopy_cancels_and_leaves_the_device_running(
     assert (c["tracker"], c["precise"]) == ("type1", True), c
     assert c["fallbacks"][0].startswith("device-logging -> type1: ") and \
         "EOPNOTSUPP" in c["fallbacks"][0], c
-    assert p.guest()["migration"]["id"] == mid
+    assert p.guest(GUEST)["migration"]["id"] == mid
 
     assert q.terminate() == 0, q.journal()
     log = q.journal()
@@ -411,7 +308,7 @@ def test_sigterm_mid_precopy_cancels_and_leaves_the_device_running(
     assert any(m.get("STOPPING") == "1" for m in q.notify.messages), q.notify.messages
 
     def p_waits_again() -> bool:
-        g = p.guest()
+        g = p.guest(GUEST)
         m = g["migration"]
         return g["state"] == "incoming" and m["id"] == mid and m["result"] is not None
     wait_until(p_waits_again, DEADLINE_S, "P to discard what it had received")

@@ -37,6 +37,7 @@ from vfiod.dirty.providers import (
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.guest import RamBlock
 from vfiod.vfio import Container
 
 PAGE = 4096
@@ -51,7 +52,7 @@ ALL_RUNS = [(37, 100), (160, 50)]
 
 @dataclass
 class Mapped:
-    ram: rig.GuestRam
+    ram: RamBlock
     maps: list[IovaMapping]
     space: DmaSpace
 
@@ -63,10 +64,10 @@ class Mapped:
 
 def _map(kernel: LinuxKernel, o: Opened, name: str) -> Iterator[Mapped]:
     """Guest RAM mapped for DMA as LAYOUT says; unmapped (if still mapped) afterwards."""
-    with rig.GuestRam(kernel, RAM_PAGES * PAGE) as ram:
+    with rig.guest_ram(kernel, RAM_PAGES * PAGE) as ram:
         maps = []
         for gpa_page, npages, iova in LAYOUT:
-            o.container.map_dma(iova, ram.vaddr + gpa_page * PAGE, npages * PAGE)
+            o.container.map_dma(iova, ram.addr + gpa_page * PAGE, npages * PAGE)
             maps.append(IovaMapping(iova, npages * PAGE, gpa_page * PAGE))
         try:
             yield Mapped(ram, maps, DmaSpace(name, [o.device], type1=o.container))
@@ -128,7 +129,7 @@ def test_type1_provider_on_mtty_reports_nothing(mtty_mapped: Mapped) -> None:
     p = Type1Provider(mtty_mapped.container)
     assert p.start([(m.iova, m.size) for m in mtty_mapped.maps], 2 * PAGE) == PAGE
     try:
-        mtty_mapped.ram.mm[:] = b"\xff" * len(mtty_mapped.ram.mm)   # CPU writes, not DMA
+        mtty_mapped.ram.mem[:] = b"\xff" * mtty_mapped.ram.size   # CPU writes, not DMA
         for m in mtty_mapped.maps:
             assert not bits(p.report(m.iova, m.size), m.size // PAGE).any()
         gone = mtty_mapped.maps[0]
@@ -217,7 +218,7 @@ def test_tracker_on_mtty_falls_back_to_type1_and_loses_nothing(
         assert "EOPNOTSUPP" in st["fallbacks"][0]
 
         # from now on type1 in pinned-page scope: CPU writes are not device DMA
-        mtty_mapped.ram.mm[:] = b"\x5a" * len(mtty_mapped.ram.mm)
+        mtty_mapped.ram.mem[:] = b"\x5a" * mtty_mapped.ram.size
         r = t.sync()
         assert (r.providers, r.lost, r.new_dirty_pages, r.dirty_pages) == (
             {"mtty": "type1"}, {}, 0, 0)

@@ -27,11 +27,11 @@ def _bits(bitmap: np.ndarray, npages: int) -> np.ndarray:
 def test_type1_mtty_container_reports_nothing_dirty(kernel: LinuxKernel, mtty: Opened) -> None:
     c = mtty.container
     pgsize = c.iommu_info().dirty.pgsize  # type: ignore[union-attr]
-    with rig.GuestRam(kernel, SIZE) as ram:
-        c.map_dma(IOVA, ram.vaddr, SIZE)
+    with rig.guest_ram(kernel, SIZE) as ram:
+        c.map_dma(IOVA, ram.addr, SIZE)
         c.dirty_start()
         try:
-            ram.mm[:] = b"\xff" * SIZE        # CPU writes are not device DMA
+            ram.mem[:] = b"\xff" * SIZE        # CPU writes are not device DMA
             bitmap = c.dirty_get(IOVA, SIZE, pgsize)
             assert _bits(bitmap, PAGES).sum() == 0
         finally:
@@ -43,8 +43,8 @@ def test_type1_edu_container_reports_every_page_dirty(kernel: LinuxKernel,
                                                       edu_dev: Opened) -> None:
     c = edu_dev.container
     pgsize = c.iommu_info().dirty.pgsize  # type: ignore[union-attr]
-    with rig.GuestRam(kernel, SIZE) as ram:
-        c.map_dma(IOVA, ram.vaddr, SIZE)
+    with rig.guest_ram(kernel, SIZE) as ram:
+        c.map_dma(IOVA, ram.addr, SIZE)
         c.dirty_start()
         try:
             for _ in range(2):                # read-and-clear, yet all dirty every time
@@ -59,8 +59,8 @@ def test_type1_edu_container_reports_every_page_dirty(kernel: LinuxKernel,
 
 def test_type1_get_before_start_is_einval(kernel: LinuxKernel, edu_dev: Opened) -> None:
     c = edu_dev.container
-    with rig.GuestRam(kernel, SIZE) as ram:
-        c.map_dma(IOVA, ram.vaddr, SIZE)
+    with rig.guest_ram(kernel, SIZE) as ram:
+        c.map_dma(IOVA, ram.addr, SIZE)
         with pytest.raises(KernelError) as ei:
             c.dirty_get(IOVA, SIZE, 4096)
         assert ei.value.errno == errno.EINVAL

@@ -215,7 +215,8 @@ def test_cancel_after_stop_copy_returns_to_running(src: V2Driver) -> None:
 
 
 def _truncated(stream: bytes) -> bytes:
-    return stream[:60]                  # a valid header plus exactly one port (24 + 36)
+    # the 24-byte header and exactly one of the two 36-byte ports: the second is missing
+    return stream[:rig.MTTY_HEADER_BYTES + rig.MTTY_PORT_BYTES]
 
 
 def _foreign_magic(stream: bytes) -> bytes:

@@ -1,8 +1,8 @@
 """A whole migration on a real kernel: one mtty instance's guest into another through
 vfiod's migration session and stream (design.md §1 steps 5-6, §5; vfio-uapi.md §6.10, §9.1).
 
-Each side is a ``vfiod.migration.guest.Guest`` over ``LinuxKernel``: memfd RAM mapped for
-DMA on a type1 container holding one mtty-2 mdev. The migration runs over loopback TCP
+Each side is a ``vfiod.migration.guest.Guest`` over ``LinuxKernel`` (``build_guest``, the
+daemon's builder): memfd RAM mapped for DMA on a type1 container holding one mtty-2 mdev. The migration runs over loopback TCP
 (the destination session in a thread); the device states each hook leaves behind are read
 back from the kernel (``HookLog``), so "RUNNING → PRE_COPY → STOP_COPY → STOP" is what the
 kernel says, not what the driver believes. The UART state (registers and FIFO, through
@@ -26,10 +26,10 @@ import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
-from vfiod.errors import KernelError
+from tests.support.hooks import HookLog
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.device.protocol import MigrationDriver
-from vfiod.migration.guest import Guest, GuestDevice, RamSpec
+from vfiod.migration.guest import DevicePlan, Guest, GuestDevice, GuestPlan, build_guest
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
@@ -39,87 +39,19 @@ from vfiod.migration.stream import (
     Complete,
     DeviceData,
     EndOfState,
+    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
 )
 from vfiod.migration.transport import FileSink, FileSource, Listener, connect
-from vfiod.vfio import HostPaths, discover_device
+from vfiod.vfio import HostPaths
 
 MiB = 1 << 20
 PAGE = 4096
 RAM_BYTES = 4 * MiB
 #: generous: everything runs under TCG emulation on a busy 2-core host
 DEADLINE_S = 60.0
-
-
-class HookLog:
-    """Stands in for a device's migration driver: passes every call through and, after
-    each hook, reads the device state back from the kernel (GET MIG_DEVICE_STATE)."""
-
-    HOOKS = frozenset({
-        "save_setup", "save_live_pending", "save_live_iterate", "quiesce_p2p",
-        "save_live_complete_precopy", "save_state", "check_state", "load_setup",
-        "load_state", "load_complete", "resume", "cleanup", "rollback"})
-
-    def __init__(self, gd: GuestDevice) -> None:
-        self._driver = gd.driver
-        self._device = gd.device
-        self.calls: list[tuple[str, MigState | None]] = [("opened", self._kernel_state())]
-        #: fault injection: forward only this many bytes of the stop-copy data
-        self.stopcopy_keep: int | None = None
-
-    def _kernel_state(self) -> MigState | None:
-        if self._device.closed:                 # released by the session
-            return None
-        try:
-            st = self._device.get_mig_state()
-        except KernelError:                     # never hide the hook's own outcome
-            return None
-        return st if isinstance(st, MigState) else None
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._driver, name)
-        if name not in self.HOOKS:
-            return attr
-
-        def logged(*args: Any) -> Any:
-            if name == "save_live_complete_precopy" and self.stopcopy_keep is not None:
-                args = (self._cut(args[0]),)
-            try:
-                return attr(*args)
-            finally:
-                self.calls.append((name, self._kernel_state()))
-        return logged
-
-    def _cut(self, sink: Callable[[bytes | memoryview], None]
-             ) -> Callable[[bytes | memoryview], None]:
-        """A sink that passes on the first ``stopcopy_keep`` bytes and drops the rest:
-        the stream stays well-formed (its checksums are computed after), the device
-        state in it is short."""
-        left = [self.stopcopy_keep or 0]
-
-        def cut(chunk: bytes | memoryview) -> None:
-            part = chunk[:left[0]]
-            left[0] -= len(part)
-            if len(part):
-                sink(part)
-        return cut
-
-    def states(self) -> list[MigState]:
-        """The kernel states seen, consecutive repeats folded."""
-        out: list[MigState] = []
-        for _, st in self.calls:
-            if st is not None and (not out or out[-1] is not st):
-                out.append(st)
-        return out
-
-    def hooks(self) -> list[str]:
-        out: list[str] = []
-        for name, _ in self.calls[1:]:
-            if not out or out[-1] != name:
-                out.append(name)
-        return out
 
 
 @dataclass
@@ -139,11 +71,9 @@ class Side:
 
 def build_side(kernel: LinuxKernel, paths: HostPaths, name: str, uuid: str,
                facts: HostFacts) -> Side:
-    group = discover_device(kernel, uuid, paths).group
-    assert group is not None, f"mdev {uuid} has no IOMMU group"
-    g = Guest.create(kernel, name, [RamSpec("ram", 0, RAM_BYTES)], paths=paths)
+    g = build_guest(kernel, GuestPlan(name, (RamRegion("ram", 0, RAM_BYTES),),
+                                      (DevicePlan(uuid, "c0"),)), paths)
     try:
-        g.add_container("c0", [group])
         gd = g.device(uuid)
         log = HookLog(gd)
         gd.driver = cast(MigrationDriver, log)

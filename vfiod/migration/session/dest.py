@@ -31,7 +31,6 @@ closes.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -115,10 +114,7 @@ class DestinationSession(SessionBase):
         # RAM file reused from an earlier run (a daemon's file-backed guest reopened as
         # incoming) may hold old data that would survive the migration unnoticed, since
         # the digests take unsent pages as zero: clear it first (holes stay holes).
-        with contextlib.ExitStack() as views:
-            stale = zero_ram(g.kernel, [(b.gpa // g.page_size, b.fd, b.size,
-                                         views.enter_context(b.view())) for b in g.ram],
-                             g.page_size)
+        stale = zero_ram(g.kernel, g.ram, g.page_size)
         self.result.verification["stale_pages_zeroed"] = stale
         self.link.send_control(ControlMessage(ControlType.ACK, {
             "stage": "hello", "value": 0, "facts": self.facts.to_json()}))
@@ -247,11 +243,8 @@ class DestinationSession(SessionBase):
             # discard: the RAM this attempt wrote goes back to zero, as it was
             g = self.guest
             try:
-                with contextlib.ExitStack() as views:
-                    self.result.verification["discarded_pages"] = zero_ram(
-                        g.kernel, [(b.gpa // g.page_size, b.fd, b.size,
-                                    views.enter_context(b.view())) for b in g.ram],
-                        g.page_size)
+                self.result.verification["discarded_pages"] = zero_ram(
+                    g.kernel, g.ram, g.page_size)
             except Exception as e:  # noqa: BLE001 - the guest is not run either way
                 self.result.warnings.append(f"zeroing the received RAM: {e}")
         try:

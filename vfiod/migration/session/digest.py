@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from vfiod.kernel.ops import KernelOps
+from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.session.costs import CostModel
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import RamRegion
@@ -193,36 +194,38 @@ def compare_roots(source: Sequence[RegionDigest], dest: Sequence[RegionDigest]) 
     return out
 
 
-def full_ram_digest(kernel: KernelOps, blocks: Sequence[tuple[str, int, int]],
+def full_ram_digest(kernel: KernelOps, blocks: Sequence[RamBlock],
                     page_size: int = 4096) -> list[RegionDigest]:
-    """Digest whole regions given as (name, fd, size), read with ``pread`` (holes of a
-    sparse file read as zeros without being allocated). Same value as ``RamDigests``."""
+    """Digest whole regions, each read from its file with ``pread`` (holes of a sparse
+    file read as zeros without being allocated). Same value as ``RamDigests``."""
     out = []
     piece = max(page_size, READ_PIECE // page_size * page_size)
-    for name, fd, size in blocks:
-        crcs = np.empty(size // page_size, dtype=np.uint32)
-        for off in range(0, size, piece):
-            n = min(piece, size - off)
-            data = kernel.pread(fd, n, off)
+    for b in blocks:
+        crcs = np.empty(b.size // page_size, dtype=np.uint32)
+        for off in range(0, b.size, piece):
+            n = min(piece, b.size - off)
+            data = kernel.pread(b.fd, n, off)
             if len(data) != n:
-                raise ValueError(f"RAM region {name}: file ended {len(data)} bytes into a "
+                raise ValueError(f"RAM region {b.name}: file ended {len(data)} bytes into a "
                                  f"{n}-byte read at {off:#x}")
             page_crcs(data, page_size, out=crcs[off // page_size:(off + n) // page_size])
-        out.append(RegionDigest(name, len(crcs), _root(crcs)))
+        out.append(RegionDigest(b.name, len(crcs), _root(crcs)))
     return out
 
 
-def zero_ram(kernel: KernelOps, blocks: Sequence[tuple[int, int, int, memoryview]],
-             page_size: int = 4096) -> int:
-    """Write zeros over every page holding data in the regions given as (first page, fd,
-    size, writable view): found with ``pread`` (holes stay holes), so it covers pages a
-    record wrote before failing its check or being cut off. Returns the pages zeroed."""
+def zero_ram(kernel: KernelOps, blocks: Sequence[RamBlock], page_size: int = 4096) -> int:
+    """Write zeros over every page holding data in the regions: found with ``pread`` (holes
+    stay holes), so it covers pages a record wrote before failing its check or being cut
+    off. Returns the pages zeroed."""
     done = 0
-    for first, fd, size, view in blocks:
-        for page, n in nonzero_page_runs(kernel, fd, 0, first, size // page_size, page_size):
-            off = (page - first) * page_size
-            view[off:off + n * page_size] = bytes(n * page_size)
-            done += n
+    for b in blocks:
+        first = b.gpa // page_size
+        with b.view() as view:
+            for page, n in nonzero_page_runs(kernel, b.fd, 0, first, b.size // page_size,
+                                             page_size):
+                off = (page - first) * page_size
+                view[off:off + n * page_size] = bytes(n * page_size)
+                done += n
     return done
 
 

@@ -3,10 +3,8 @@
 
 A ``Guest`` owns
 
-* RAM regions: each a shared memory file (a memfd here, or an fd a VMM handed over) of
-  ``size`` bytes at guest-physical address ``gpa``, mapped into this process through
-  ``KernelOps.mmap``. The mapping's address is what ``VFIO_IOMMU_MAP_DMA`` is given, so a
-  device DMA write lands in the very memory the stream reads and writes;
+* RAM regions (``RamBlock``, memory.py): each a shared file of ``size`` bytes at
+  guest-physical address ``gpa``, mapped into this process for DMA;
 * containers (type1v2): the groups attached to each, the IOVA -> guest mappings made on it
   (default: every RAM region at iova == gpa), and the devices opened through it;
 * devices: the vfio ``Device``, the migration driver ``probe`` chose, and the per-device
@@ -17,120 +15,41 @@ A ``Guest`` owns
   before ``pause`` returns, so whatever runs the guest (vCPUs, a simulated workload) has
   stopped writing by then.
 
-Everything goes through ``KernelOps``: the same class serves the real host and the
-simulated one. fds close device -> group -> container, then the RAM mappings and files.
+``build_guest`` (builder.py) assembles one from a plain description. Everything goes
+through ``KernelOps``: the same class serves the real host and the simulated one. fds
+close device -> group -> container, then the RAM mappings and files.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
-from vfiod.errors import KernelError, MigrationError
+from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.device.probe import probe
-from vfiod.migration.device.protocol import MigrationDriver
+from vfiod.migration.guest.devices import (
+    GuestContainer,
+    GuestDevice,
+    claim_running,
+    device_identity,
+    dma_logging_supported,
+    group_members,
+    join_group,
+)
+from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.states import GuestState, MigState
 from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.vfio import Container, Device, Group, HostPaths
-from vfiod.vfio.discovery import discover_device
+from vfiod.vfio import Container, Group, HostPaths
 
 #: (old, new) run state; called synchronously by ``Guest.set_run_state``.
 RunStateHandler = Callable[[GuestState, GuestState], None]
 
 
-@dataclass(frozen=True)
-class RamSpec:
-    """One RAM region of a guest: ``size`` bytes at guest-physical ``gpa``."""
-
-    name: str
-    gpa: int
-    size: int
-
-
-class RamBlock:
-    """One RAM region mapped into this process (MAP_SHARED over its file)."""
-
-    def __init__(self, kernel: KernelOps, spec: RamSpec, fd: int, owned: bool) -> None:
-        self.kernel = kernel
-        self.spec = spec
-        self.fd = fd
-        self.owned = owned              # vfiod created the file (closes it on release)
-        self.mem = kernel.mmap(fd, spec.size)
-        # The address of the mapping, for MAP_DMA. The ctypes view pins the mmap while it
-        # exists (mmap.close() refuses exported buffers), so it is dropped at once.
-        anchor = ctypes.c_char.from_buffer(self.mem)
-        self.addr = ctypes.addressof(anchor)
-        del anchor
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def gpa(self) -> int:
-        return self.spec.gpa
-
-    @property
-    def size(self) -> int:
-        return self.spec.size
-
-    def view(self) -> memoryview:
-        return memoryview(self.mem)
-
-    def close(self) -> None:
-        if not self.mem.closed:
-            try:
-                self.mem.close()
-            except BufferError:
-                # views handed out (stream, digests) may only be unreachable through a
-                # reference cycle that has not been collected yet
-                gc.collect()
-                self.mem.close()
-        if self.owned and self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            self.kernel.close(fd)
-
-
-@dataclass
-class GuestDevice:
-    name: str
-    device: Device
-    driver: MigrationDriver
-    container: str
-    pre_copy_dirty_page_tracking: bool = True
-    identity: dict[str, str] = field(default_factory=dict)
-    dma_logging: bool = False
-
-    def info(self) -> DeviceInfo:
-        """The device as the stream header and preflight describe it."""
-        d = self.driver
-        caps = list(d.capability_names)
-        if self.dma_logging:
-            caps.append("DMA_LOGGING")
-        return DeviceInfo(self.name, d.protocol, d.migration_flags, dict(self.identity),
-                          tuple(caps))
-
-
-@dataclass
-class GuestContainer:
-    name: str
-    container: Container
-    mappings: list[IovaMapping] = field(default_factory=list)
-    devices: list[str] = field(default_factory=list)
-    #: dirty providers not to use here (``TrackedContainer.disable``)
-    disable: tuple[str, ...] = ()
-
-
 class Guest:
-    """See the module docstring. Build with ``Guest.create`` (fresh zeroed RAM)."""
+    """See the module docstring. Build with ``build_guest`` (builder.py)."""
 
     def __init__(self, kernel: KernelOps, name: str, page_size: int = 4096,
                  paths: HostPaths | None = None) -> None:
@@ -152,40 +71,21 @@ class Guest:
         self.closed = False
 
     # -- construction ---------------------------------------------------------------------
-    @classmethod
-    def create(cls, kernel: KernelOps, name: str, ram: Sequence[RamSpec], *,
-               page_size: int = 4096, paths: HostPaths | None = None) -> Guest:
-        """A guest whose RAM regions are new sparse memfds (all zero)."""
-        g = cls(kernel, name, page_size, paths)
-        try:
-            for spec in ram:
-                g.add_ram(spec)
-        except BaseException:
-            g.close()
-            raise
-        return g
-
-    def add_ram(self, spec: RamSpec, fd: int | None = None) -> RamBlock:
-        """Add a RAM region: a new memfd, or ``fd`` (a file a VMM handed over, not owned)."""
+    def add_ram(self, region: RamRegion, path: str | None = None) -> RamBlock:
+        """Add a RAM region backed by a new memfd (all zero) or by the file at ``path``."""
         ps = self.page_size
-        if spec.size <= 0 or spec.gpa % ps or spec.size % ps:
-            raise ValueError(f"guest {self.name}: RAM region {spec.name!r} gpa {spec.gpa:#x} "
-                             f"size {spec.size:#x} must be positive multiples of {ps:#x}")
+        if region.size <= 0 or region.gpa % ps or region.size % ps:
+            raise ValueError(f"guest {self.name}: RAM region {region.name!r} gpa "
+                             f"{region.gpa:#x} size {region.size:#x} must be positive "
+                             f"multiples of {ps:#x}")
         for b in self.ram:
-            if b.name == spec.name:
-                raise ValueError(f"guest {self.name}: RAM region {spec.name!r} exists")
-            if spec.gpa < b.gpa + b.size and b.gpa < spec.gpa + spec.size:
-                raise ValueError(f"guest {self.name}: RAM region {spec.name!r} overlaps "
+            if b.name == region.name:
+                raise ValueError(f"guest {self.name}: RAM region {region.name!r} exists")
+            if region.gpa < b.gpa + b.size and b.gpa < region.gpa + region.size:
+                raise ValueError(f"guest {self.name}: RAM region {region.name!r} overlaps "
                                  f"{b.name!r}")
-        owned = fd is None
-        if fd is None:
-            fd = self.kernel.memfd_create(f"vfiod-{self.name}-{spec.name}", spec.size)
-        try:
-            block = RamBlock(self.kernel, spec, fd, owned)
-        except BaseException:
-            if owned:
-                self.kernel.close(fd)
-            raise
+        block = RamBlock.open(self.kernel, region, label=f"vfiod-{self.name}-{region.name}",
+                              path=path)
         self.ram.append(block)
         self.ram.sort(key=lambda b: b.gpa)
         return block
@@ -206,15 +106,8 @@ class Guest:
         self.containers.append(gc)
         opt = dict(pre_copy_dirty_page_tracking or {})
         for number in groups:
-            grp = Group.open(self.kernel, self.paths, number)
-            try:
-                grp.set_container(c)
-            except BaseException:
-                grp.close()
-                raise
-            if c.iommu_type is None:
-                c.set_iommu()
-            members = self._group_devices(number)
+            grp = join_group(self.kernel, self.paths, c, number)
+            members = group_members(self.kernel, self.paths, number)
             for dev_name in members if devices is None else [n for n in devices
                                                              if n in members]:
                 self._open_device(gc, grp, dev_name, opt.pop(dev_name, True))
@@ -229,56 +122,18 @@ class Guest:
             self.map_dma(gc, gpa, size)
         return gc
 
-    def _group_devices(self, number: int) -> list[str]:
-        path = os.path.join(self.paths.iommu_group_dir(number), "devices")
-        return self.kernel.listdir(path)
-
     def _open_device(self, gc: GuestContainer, grp: Group, name: str,
                      pre_copy: bool) -> GuestDevice:
         if any(d.name == name for d in self.devices):
             raise ValueError(f"guest {self.name}: device {name} is already open")
         dev = grp.get_device(name)
-        identity: dict[str, str] = {}
-        found = discover_device(self.kernel, name, self.paths)
-        for key in ("kind", "driver", "mdev_type"):
-            val = getattr(found, key)
-            if val is not None:
-                identity[key] = str(val)
-        for key in ("vendor", "device"):
-            val = getattr(found, key)
-            if val is not None:
-                identity[key] = f"{val:#06x}"
-        try:
-            logging = dev.dma_logging_probe()
-        except KernelError:
-            logging = False
-        driver = self._claim_running(name, dev)
+        identity = device_identity(self.kernel, self.paths, name)
+        logging = dma_logging_supported(dev)
+        driver = claim_running(name, dev)
         gd = GuestDevice(name, dev, driver, gc.name, pre_copy, identity, logging)
         gc.devices.append(name)
         self.devices.append(gd)
         return gd
-
-    @staticmethod
-    def _claim_running(name: str, dev: Device) -> MigrationDriver:
-        """A device vfiod claims must be RUNNING. Closing a device fd does not always
-        return it there (the mtty sample keeps STOP across close and reopen, seen on
-        6.12), so a device left stopped or mid-session by a previous owner is reset
-        (VFIO_DEVICE_RESET: back to RUNNING, any data session dropped, vfio-uapi.md
-        §3.5) instead of being migrated from the wrong state."""
-        driver = probe(dev)                 # reads the device's state back
-        state = driver.state()
-        if state is MigState.RUNNING:
-            return driver
-        try:
-            dev.reset()
-        except KernelError as e:
-            raise KernelError(e.errno, e.op, name,
-                              f"device is in {state.name}, not RUNNING, and reset failed") from e
-        driver = probe(dev)
-        if driver.state() is not MigState.RUNNING:
-            raise MigrationError(f"{name}: device is in {driver.state().name} after "
-                                 "VFIO_DEVICE_RESET, not RUNNING; refusing to claim it")
-        return driver
 
     def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> IovaMapping:
         """MAP_DMA guest [gpa, gpa+size) at iova == gpa on ``gc``."""
@@ -310,7 +165,7 @@ class Guest:
         return sum(b.size for b in self.ram)
 
     def ram_regions(self) -> tuple[RamRegion, ...]:
-        return tuple(RamRegion(b.name, b.gpa, b.size) for b in self.ram)
+        return tuple(b.region for b in self.ram)
 
     def guest_ram(self, writable: bool = False) -> GuestRam:
         """The stream's view of this RAM (a destination writes straight into it)."""
@@ -323,6 +178,11 @@ class Guest:
     def device_states(self) -> dict[str, MigState]:
         return {d.name: d.driver.state() for d in self.devices}
 
+    def dma_space(self, con: GuestContainer) -> DmaSpace:
+        """Container ``con`` with its devices, as the dirty providers see it."""
+        return DmaSpace(con.name, [self.device(n).device for n in con.devices],
+                        type1=con.container)
+
     def make_tracker(self, clock: Callable[[], float] | None = None) -> DirtyTracker:
         """The guest's dirty tracker: every container with its devices' opt-out flags; the
         opt-out reads the devices' migration states from their drivers."""
@@ -330,9 +190,8 @@ class Guest:
         tracked = []
         for con in self.containers:
             devs = [self.device(n) for n in con.devices]
-            space = DmaSpace(con.name, [d.device for d in devs], type1=con.container)
             tracked.append(TrackedContainer(
-                space, list(con.mappings),
+                self.dma_space(con), list(con.mappings),
                 {d.name: d.pre_copy_dirty_page_tracking for d in devs}, con.disable))
         kwargs = {"clock": clock} if clock is not None else {}
         if self.tracker is not None and self.tracker.running:

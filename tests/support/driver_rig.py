@@ -1,5 +1,7 @@
-"""Shared rig of the driver tests (no tests here): a simulated host per side with one
-device opened through the real vfio/ objects, and a full migration run through the hooks.
+"""The rig of the driver tests (tests/sim/test_driver_*.py, test_guest_claim.py): a
+simulated host per side with one device opened through the real vfio/ objects (joined the
+way a guest joins its groups), a full migration run through the hooks, and the fault
+injectors' helpers (hook tracing with ``Traced`` from hooks.py, the v2 path-finding spy).
 
 ``Side`` = one host (SimHost), its container/group/device and the device's simulated model;
 ``migrate(src, dst)`` drives the seed's hook sequence exactly as a session would.
@@ -13,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.hooks import Traced
 from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.migration.device.probe import probe
 from vfiod.migration.device.protocol import MigrationDriver
+from vfiod.migration.guest.devices import join_group
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths
 
@@ -45,9 +49,7 @@ class Side:
         host = SimHost.build(root, [[spec]])
         paths = HostPaths(host.sysfs_root, host.dev_root)
         container = Container.open(host.kernel, paths)
-        group = Group.open(host.kernel, paths, host.group_of(spec.name))
-        group.set_container(container)
-        container.set_iommu()
+        group = join_group(host.kernel, paths, container, host.group_of(spec.name))
         return cls(host, container, group, group.get_device(spec.name))
 
     @property
@@ -114,29 +116,6 @@ Chunks = list[bytes]
 
 def collect(chunks: Chunks) -> Callable[[bytes | memoryview], None]:
     return lambda c: chunks.append(bytes(c))
-
-
-HOOKS = frozenset({"save_setup", "save_live_pending", "save_live_iterate", "quiesce_p2p",
-                   "save_live_complete_precopy", "save_state", "check_state", "load_setup",
-                   "load_state", "load_complete", "resume", "cleanup", "rollback"})
-
-
-class Traced:
-    """A driver whose hook calls are appended to ``hooks`` (in call order)."""
-
-    def __init__(self, drv: MigrationDriver, hooks: list[str]) -> None:
-        self._drv = drv
-        self._hooks = hooks
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._drv, name)
-        if name not in HOOKS:
-            return attr
-
-        def call(*args: object, **kw: object) -> object:
-            self._hooks.append(name)
-            return attr(*args, **kw)
-        return call
 
 
 def save(src: Side, drv: MigrationDriver, *, ticks: int = 3, rounds: int = 12,

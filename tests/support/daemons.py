@@ -1,4 +1,6 @@
-"""Real ``vfiod run --backend sim`` processes for the daemon tier (testing.md "daemon").
+"""Real ``vfiod run`` processes: ``DaemonProcess`` (``--backend sim``) for the daemon tier,
+``LinuxDaemon`` (``--backend linux``) for the kernel tier's guest suite (testing.md
+"daemon", "The real-kernel tier").
 
 ``DaemonProcess`` starts the daemon as a subprocess with a config written to a temporary
 directory, a control socket there, metrics on 127.0.0.1 port 0, and ``NOTIFY_SOCKET``
@@ -10,6 +12,7 @@ subprocess, the way an operator would.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -165,6 +168,100 @@ class DaemonProcess:
         if self.notify.sock.fileno() >= 0:
             self.notify.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LinuxDaemon:
+    """One ``vfiod run --backend linux`` process (the kernel tier's guest suite) with its
+    config, control socket, notify socket and log in ``workdir/name`` (short paths: a Unix
+    socket path has 107 bytes). Every wait is bounded by ``deadline_s``."""
+
+    #: generous: under TCG a daemon takes ~10 s just to import numpy and numba
+    deadline_s = 60.0
+
+    def __init__(self, name: str, config: str, workdir: Path) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir()
+        self.socket = str(self.dir / "control.sock")
+        (self.dir / "vfiod.toml").write_text(config)
+        self.notify = NotifySocket(self.dir)
+        self.log_path = self.dir / "daemon.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                vfiod_cmd("run", "--backend", "linux", "--config", str(self.dir / "vfiod.toml"),
+                          "--control-socket", self.socket, "--metrics-listen", ""),
+                stdout=log, stderr=subprocess.STDOUT,
+                env=child_env(NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1",
+                              NUMBA_DEBUG_CACHE="1"))
+        self.ready: dict[str, str] = {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def journal(self) -> str:
+        """The log without numba's cache lines, for failure messages."""
+        return "\n".join(ln for ln in self.log().splitlines() if not ln.startswith("[cache]"))
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon {self.name} exited with {self.proc.returncode}:\n"
+                                 f"{self.journal()}")
+
+    def wait_ready(self) -> None:
+        self.ready = self.notify.wait_for("READY", timeout=self.deadline_s, alive=self._alive)
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._alive()
+        with ControlClient(self.socket, timeout=self.deadline_s) as c:
+            return c.call(op, args)
+
+    def guest(self, name: str) -> dict[str, Any]:
+        return dict(self.call("status", {"guest": name})["guests"][0])
+
+    def ctl_argv(self, *args: str) -> list[str]:
+        return vfiod_cmd("ctl", "--socket", self.socket, *args, "--json")
+
+    def ctl(self, *args: str, expect: int = 0) -> Any:
+        """``vfiod ctl ARGS --json`` as a process; its exit code must be ``expect``."""
+        return self.ctl_many([list(args)], [expect])[0]
+
+    def ctl_many(self, commands: list[list[str]], expect: list[int]) -> list[Any]:
+        """Run several ``vfiod ctl ... --json`` at once (each pays seconds of Python
+        start-up under TCG) and return what each printed last (``migrate`` prints one
+        JSON object per progress update, the outcome last)."""
+        procs = [subprocess.Popen(self.ctl_argv(*c), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=child_env())
+                 for c in commands]
+        outs = []
+        for cmd, want, p in zip(commands, expect, procs, strict=True):
+            try:
+                out, err = p.communicate(timeout=self.deadline_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            assert p.returncode == want, (
+                f"vfiod ctl {' '.join(cmd)} --json exited {p.returncode}, expected {want}\n"
+                f"stdout:\n{out}\nstderr:\n{err}\n--- daemon {self.name} ---\n{self.journal()}")
+            outs.append(json.loads(out) if out.startswith("{\n") else
+                        json.loads(out.strip().splitlines()[-1]))
+        return outs
+
+    def terminate(self) -> int:
+        """SIGTERM, then the exit status (bounded wait)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(self.deadline_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon {self.name} ignored SIGTERM for "
+                                 f"{self.deadline_s:g} s:\n{self.journal()}") from None
+        self.notify.poll(0)             # what it said on its way out (STOPPING=1)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
 
 
 def guest_status(d: DaemonProcess, guest: str) -> dict[str, Any]:
