@@ -11,6 +11,7 @@ subprocess, the way an operator would.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -170,3 +171,12 @@ class DaemonProcess:
 def guest_status(d: DaemonProcess, guest: str) -> dict[str, Any]:
     r = d.call("status", {"guest": guest})
     return dict(r["guests"][0])
+
+
+_STEP = re.compile(r"guest (\S+): ([a-z-]+) -> ([a-z-]+): ")
+
+
+def lifecycle_steps(d: DaemonProcess, guest: str) -> list[tuple[str, str]]:
+    """The guest's lifecycle transitions so far, from the daemon's log (each is logged)."""
+    return [(m[2], m[3]) for m in map(_STEP.search, d.log().splitlines())
+            if m is not None and m[1] == guest]

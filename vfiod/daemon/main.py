@@ -97,7 +97,6 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         sock = opts.control_socket or config.control.socket
         self.info = DaemonInfo(opts.backend, config.source, sock)
-        self.registry.info = {"backend": opts.backend}
         self.guests: GuestManager
         self.migrations: MigrationService
 

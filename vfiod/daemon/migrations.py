@@ -4,13 +4,26 @@ incoming ones accepted on the migration listener (design.md §1 steps 5-6, §6).
 Each migration runs a ``vfiod.migration`` session on its own thread; this module wires
 it to the daemon: the offer (``offer.py``) says which guest a connection is for, the
 session's state handler and progress callback update the ``Registry`` (status, metrics),
-``cancel`` reaches the session from any thread, and the end of a migration decides what
-becomes of the guest (``GuestManager``): migrated away → re-opened fresh as "incoming";
-received → running here; a failed receive → re-opened fresh (a destination must start
-from zeroed memory).
+``cancel`` reaches the session from any thread (this service keeps each running
+migration's cancel and live status, keyed by its record), and each step moves the guest's
+lifecycle (``lifecycle.py``):
+
+    source       running → migrating-out (ordered) → switching-over (stop-and-copy)
+                 → migrated-away (the peer resumed it; then re-opened fresh: defined →
+                 claimed → incoming, it may come back), or back to running (cancelled or
+                 failed: rolled back)
+    destination  incoming → loaded → running (received, verified, resumed here); a
+                 failed receive is discarded (→ defined) and re-opened fresh (claimed →
+                 incoming): a destination must start from zeroed memory
+
+The last lifecycle steps of a migration and the end of its record are one write under the
+registry lock, so status never shows a finished migration with its guest in a state it
+has left: a guest to be re-opened (migrated away, or a discarded receive) is released
+(``defined``) in that write, and ``GuestManager.reopen`` then opens it fresh.
 
 Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
-stopped, the guest resumed) and waits for the threads, bounded by a deadline.
+stopped, the guest resumed) and waits for the threads, bounded by a deadline; a guest
+whose outgoing migration outlives it is marked failed (what its thread did is unknown).
 """
 
 from __future__ import annotations
@@ -19,13 +32,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.lifecycle import OUTGOING, LifecycleState
 from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import link_prior
 from vfiod.migration.planning.predictor import Policy
@@ -33,8 +48,8 @@ from vfiod.migration.session.common import MigrationResult, SessionBase, Session
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.states import MigrationState
 from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
 from vfiod.migration.transport.control import TransportCode
 
@@ -47,7 +62,8 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class _Pending:
-    """Cancel requested before the session exists (while connecting) is kept here."""
+    """A running migration's handle for other threads: its cancel (kept if it comes
+    before the session exists, while connecting) and the session's live status."""
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
@@ -67,18 +83,29 @@ class _Pending:
             if self.cancelled.is_set():
                 session.cancel("cancelled by the operator (vfiod ctl cancel)")
 
+    def live(self) -> dict[str, Any] | None:
+        with self.lock:
+            session = self.session
+        return session.status().to_dict() if session is not None else None
+
+
+#: Lifecycle steps taken when a migration ends: (new state, cause).
+Moves = Sequence[tuple[LifecycleState, str]]
+
 
 class MigrationService:
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
                  defaults: MigrationConfig, tls: TlsConfig | None = None) -> None:
         self.registry = registry
+        self.lifecycle = registry.lifecycle
         self.guests = guests
         self.facts = facts
         self.defaults = defaults
         self.tls = tls
         self.listener: Listener | None = None
         self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
+        self._running: dict[MigrationRecord, _Pending] = {}
+        self._lock = threading.Lock()      # _threads, _running (after the registry lock)
         self._closing = threading.Event()
 
     # -- threads ---------------------------------------------------------------------------
@@ -96,42 +123,86 @@ class MigrationService:
             self._threads.add(t)
         t.start()
 
+    def _begin(self, guest: str, role: str, peer: str, *, migration_id: str = "",
+               moves: Moves = (), **policy: Any) -> tuple[MigrationRecord, _Pending]:
+        """Register a migration (``ValueError`` if one of the guest runs), take its first
+        lifecycle steps and keep its cancel handle, in one write. The caller holds the
+        registry lock and checked that the guest may take those steps."""
+        with self.registry.lock:
+            rec = self.registry.begin_migration(guest, role, peer, migration_id=migration_id,
+                                                **policy)
+            self._move(rec, moves)
+            with self._lock:
+                pending = self._running[rec] = _Pending()
+            return rec, pending
+
+    def _end(self, rec: MigrationRecord, result: str, moves: Moves = (), *,
+             res: MigrationResult | None = None, error: str | None = None) -> None:
+        """The migration's last lifecycle steps, its cancel handle dropped and its record
+        finished (with the session's numbers, if it ran), in one write."""
+        with self.registry.lock:
+            try:
+                self._move(rec, moves)
+            finally:                # a refused step still ends the record; then it raises
+                with self._lock:
+                    self._running.pop(rec, None)
+                if res is None:
+                    self.registry.finish(rec, result, error=error)
+                else:
+                    sent = res.stream_bytes if rec.role == "source" else 0
+                    self.registry.update(rec, bytes_sent=sent,
+                                         bytes_received=res.stream_bytes - sent)
+                    self.registry.finish(rec, result, error=res.reason or None,
+                                         downtime_s=res.actual_downtime_s,
+                                         predicted_s=res.predicted_downtime_s,
+                                         verified=res.verified)
+
+    def _move(self, rec: MigrationRecord, moves: Moves) -> None:
+        for state, cause in moves:
+            self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer)
+
     # -- outgoing --------------------------------------------------------------------------
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
                        downtime_limit_ms: float | None, timeout_s: float | None,
                        on_timeout: str | None) -> MigrationRecord:
+        """Start migrating a running guest; ``ValueError`` if a migration of it runs."""
         d = self.defaults
         limit = downtime_limit_ms if downtime_limit_ms is not None else d.downtime_limit_ms
         timeout = timeout_s if timeout_s is not None else d.timeout_s
         policy = Policy(downtime_limit_s=limit / 1000, timeout_s=timeout,
                         on_timeout=on_timeout or d.on_timeout)
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        rec = self.registry.begin_migration(entry.name, "source", peer,
-                                            downtime_limit_ms=limit, timeout_s=timeout,
-                                            on_timeout=policy.on_timeout)
-        pending = _Pending()
-        with self.registry.lock:
-            rec.cancel = pending.cancel
+        guest = self.guests.opened(entry.name)
+        assert guest is not None, f"guest {entry.name} is {entry.state} but not open"
+        rec, pending = self._begin(
+            entry.name, "source", peer, downtime_limit_ms=limit, timeout_s=timeout,
+            on_timeout=policy.on_timeout,
+            moves=[(LifecycleState.MIGRATING_OUT, "migration ordered by the operator")])
         log.info("migration %s: guest %s to %s (limit %.0f ms)", rec.id, entry.name, peer, limit)
-        self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, host, port,
+        self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, guest, host, port,
                     policy, pending)
         return rec
 
-    def _source(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
-                policy: Policy, pending: _Pending) -> None:
+    def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
+                port: int, policy: Policy, pending: _Pending) -> None:
         try:
-            self._source_session(rec, entry, host, port, policy, pending)
+            self._source_session(rec, entry, guest, host, port, policy, pending)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
-            self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+            reason = f"internal error: {type(e).__name__}: {e}"
+            with self.registry.lock:
+                # Whatever the session did to it is unknown: the guest is not ours to
+                # migrate again until an operator looks.
+                stuck = self.lifecycle.state(rec.guest) in OUTGOING
+                self._end(rec, "failed", [(LifecycleState.FAILED, reason)] if stuck else (),
+                          error=reason)
 
-    def _source_session(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
-                        policy: Policy, pending: _Pending) -> None:
-        guest = entry.handle
+    def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
+                        host: str, port: int, policy: Policy, pending: _Pending) -> None:
         try:
             conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
         except TransportError as e:
-            self._fail(rec, f"cannot reach the destination: {e}")
+            self._not_started(rec, "failed", f"cannot reach the destination: {e}")
             return
         with conn:
             try:
@@ -139,11 +210,12 @@ class MigrationService:
                            OFFER_TIMEOUT_S)
             except TransportError as e:
                 reason = str(e.remote.get("message") or e)
-                self._fail(rec, f"the destination refused guest {guest.name}: {reason}")
+                self._not_started(rec, "failed",
+                                  f"the destination refused guest {guest.name}: {reason}")
                 return
             if pending.cancelled.is_set():
-                self.registry.finish(rec, "cancelled", error="cancelled before the session "
-                                     "started; nothing was changed")
+                self._not_started(rec, "cancelled", "cancelled before the session started; "
+                                  "nothing was changed")
                 return
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
@@ -152,9 +224,25 @@ class MigrationService:
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p))
             res = self._run(rec, session, pending)
+            if res.result == "completed":
+                self._end(rec, "completed", [
+                    (LifecycleState.MIGRATED_AWAY, "the destination resumed it"),
+                    (LifecycleState.DEFINED, "released, to be re-opened: it may come back")],
+                    res=res)
+            else:
+                self._end(rec, _result(res), [(LifecycleState.RUNNING, f"migration "
+                                               f"{res.result}, rolled back: {res.reason}")],
+                          res=res)
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
+
+    def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
+        """An outgoing migration that ended before its session ran: nothing changed."""
+        if result == "failed":
+            log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
+        self._end(rec, result, [(LifecycleState.RUNNING, f"migration {result}: {reason}")],
+                  error=reason)
 
     def _progress(self, rec: MigrationRecord, p: IterationProgress) -> None:
         with self.registry.lock:
@@ -195,43 +283,51 @@ class MigrationService:
                 return
             entry = self.registry.guest(offer.guest)
             try:
-                rec = self._admit(entry, offer, conn.peer)
+                rec, guest, pending = self._admit(entry, offer, conn.peer)
             except ValueError as e:
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
                 _try(conn, str(e))
                 return
             assert entry is not None
-            pending = _Pending()
-            with self.registry.lock:
-                rec.cancel = pending.cancel
             try:
                 accept_offer(conn)
                 session = DestinationSession(
-                    entry.handle, conn, host=self.facts(), config=SessionConfig(),
+                    guest, conn, host=self.facts(), config=SessionConfig(),
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id)
                 res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
-                self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+                reason = f"internal error: {type(e).__name__}: {e}"
+                self._end(rec, "failed", [(LifecycleState.DEFINED, f"discarded: {reason}")],
+                          error=reason)
                 self.guests.reopen(entry, "incoming")
                 return
+            if res.result == "completed":
+                self._end(rec, "completed", [
+                    (LifecycleState.LOADED, "received and loaded"),
+                    (LifecycleState.RUNNING, "verified and resumed")], res=res)
+            else:
+                self._end(rec, _result(res), [(LifecycleState.DEFINED, f"discarded "
+                                               f"({res.result}): {res.reason}")], res=res)
         if res.result == "completed":
-            with self.registry.lock:
-                entry.state = "running"
             self.guests.started_running(entry)
         else:
             self.guests.reopen(entry, "incoming")
 
-    def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str) -> MigrationRecord:
+    def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str
+               ) -> tuple[MigrationRecord, Guest, _Pending]:
         if entry is None:
             raise ValueError(f"this host has no guest {offer.guest!r} configured")
         with self.registry.lock:
-            if entry.state != "incoming" or entry.handle is None:
-                why = entry.error if entry.state == "error" else f"it is {entry.state} here"
+            guest = self.guests.opened(entry.name)
+            if entry.state is not LifecycleState.INCOMING or guest is None:
+                why = (entry.error if entry.state is LifecycleState.FAILED
+                       else f"it is {entry.state} here")
                 raise ValueError(f"guest {offer.guest} cannot be received: {why}")
-            return self.registry.begin_migration(entry.name, "destination", peer,
-                                                 migration_id=offer.migration_id[:64])
+            rec, pending = self._begin(entry.name, "destination", peer,
+                                       migration_id=offer.migration_id[:64])
+            return rec, guest, pending
 
     # -- both ------------------------------------------------------------------------------
     def _run(self, rec: MigrationRecord, session: SourceSession | DestinationSession,
@@ -239,39 +335,48 @@ class MigrationService:
         def on_state(old: MigrationState, new: MigrationState) -> None:
             phase = PHASE.get(new)
             fields = {"phase": phase} if phase else {}
-            self.registry.update(rec, state=new.value, **fields)
+            with self.registry.lock:
+                self.registry.update(rec, state=new.value, **fields)
+                if rec.role == "source" and new is MigrationState.DEVICE:
+                    self._move(rec, [(LifecycleState.SWITCHING_OVER,
+                                      "paused for stop-and-copy")])
             log.info("migration %s (%s %s): %s -> %s", rec.id, rec.role, rec.guest,
                      old.name, new.name)
 
         session.add_state_handler(on_state)
-        with self.registry.lock:
-            rec.live = lambda: session.status().to_dict()
-            rec.progress.ram_total_bytes = session.guest.ram_bytes
+        self.registry.update(rec, ram_total_bytes=session.guest.ram_bytes)
         pending.attach(session)
         res = session.run()
-        self.registry.finish(rec, res.result if res.result in ("completed", "cancelled")
-                             else "failed", error=res.reason or None,
-                             downtime_s=res.actual_downtime_s,
-                             predicted_s=res.predicted_downtime_s, verified=res.verified)
-        with self.registry.lock:
-            rec.progress.bytes_sent = res.stream_bytes if rec.role == "source" else 0
-            rec.progress.bytes_received = res.stream_bytes if rec.role != "source" else 0
         log.info("migration %s (%s %s): %s%s", rec.id, rec.role, rec.guest, res.result,
                  f": {res.reason}" if res.reason else "")
         return res
 
-    def _fail(self, rec: MigrationRecord, reason: str) -> None:
-        log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
-        self.registry.finish(rec, "failed", error=reason)
+    def live_status(self) -> dict[str, dict[str, Any]]:
+        """Each running session's own status, by guest (read outside every lock: a
+        session answers from its own)."""
+        with self._lock:
+            running = [(rec.guest, p) for rec, p in self._running.items()]
+        out: dict[str, dict[str, Any]] = {}
+        for guest, pending in running:
+            try:
+                live = pending.live()
+            except Exception as e:  # noqa: BLE001 - status must answer even mid-teardown
+                live = {"error": f"{type(e).__name__}: {e}"}
+            if live is not None:
+                out[guest] = live
+        return out
 
     def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
         """Ask the guest's running migration to cancel; None if none runs."""
         with self.registry.lock:
             rec = entry.migration
-            if rec is None or not rec.active or rec.cancel is None:
+            if rec is None or not rec.active:
                 return None
-            cancel = rec.cancel
-        cancel()
+            with self._lock:
+                pending = self._running.get(rec)
+        if pending is None:
+            return None
+        pending.cancel()
         return rec
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
@@ -289,10 +394,25 @@ class MigrationService:
             if left <= 0:
                 log.error("shutdown: %d migration thread(s) still running after %.0f s",
                           len(threads), timeout_s)
+                self._abandon(timeout_s)
                 break
             threads[0].join(left)
         if self.listener is not None:
             self.listener.close()
+
+    def _abandon(self, timeout_s: float) -> None:
+        """Guests whose outgoing migration outlived the shutdown deadline are failed (so
+        they can be released): what their thread did to them is unknown."""
+        with self.registry.lock:
+            for name, state in self.lifecycle.states().items():
+                if state in OUTGOING:
+                    self.lifecycle.move(name, LifecycleState.FAILED, "its migration did not "
+                                        f"end within the {timeout_s:.0f} s shutdown deadline")
+
+
+def _result(res: MigrationResult) -> str:
+    """The record's result for a session's (anything but completed or cancelled failed)."""
+    return res.result if res.result in ("completed", "cancelled") else "failed"
 
 
 def _prior(host: str) -> Any:
