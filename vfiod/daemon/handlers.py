@@ -107,7 +107,7 @@ class Handlers:
     def status(self, args: StatusArgs) -> dict[str, Any]:
         if args.guest is not None:
             self._guest(args.guest)
-        live = self.migrations.live_status()
+        live = self.migrations.ledger.live_status()
         snap = self.registry.snapshot()
         guests = [g for g in snap["guests"] if args.guest in (None, g["name"])]
         for g in guests:
@@ -190,7 +190,7 @@ class Handlers:
 
     def cancel(self, args: CancelArgs) -> dict[str, Any]:
         entry = self._guest(args.guest)
-        rec = self.migrations.cancel(entry)
+        rec = self.migrations.ledger.cancel(entry)
         if rec is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
                            "running")

@@ -197,12 +197,8 @@ class Daemon:
             self._stop_requested = True
         self._wake.set()
 
-    def request_stop(self) -> None:
-        self._stop_requested = True
-        self._wake.set()
-
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (or ``request_stop``); the caller ran ``start``."""
+        """Serve until SIGTERM/SIGINT; the caller ran ``start``."""
         tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
         last = ""
         while not self._stop_requested:

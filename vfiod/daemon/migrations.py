@@ -4,9 +4,8 @@ incoming ones accepted on the migration listener (design.md §1 steps 5-6, §6).
 Each migration runs a ``vfiod.migration`` session on its own thread; this module wires
 it to the daemon: the offer (``offer.py``) says which guest a connection is for, the
 session's state handler and progress callback update the ``Registry`` (status, metrics),
-``cancel`` reaches the session from any thread (this service keeps each running
-migration's cancel and live status, keyed by its record), and each step moves the guest's
-lifecycle (``lifecycle.py``):
+the ``MigrationLedger`` (``ledger.py``) keeps each running migration's cancel and live
+status and changes its record and its guest's lifecycle (``lifecycle.py``) together:
 
     source       running → migrating-out (ordered) → switching-over (stop-and-copy)
                  → migrated-away (the peer resumed it; then re-opened fresh: defined →
@@ -16,10 +15,8 @@ lifecycle (``lifecycle.py``):
                  failed receive is discarded (→ defined) and re-opened fresh (claimed →
                  incoming): a destination must start from zeroed memory
 
-The last lifecycle steps of a migration and the end of its record are one write under the
-registry lock, so status never shows a finished migration with its guest in a state it
-has left: a guest to be re-opened (migrated away, or a discarded receive) is released
-(``defined``) in that write, and ``GuestManager.reopen`` then opens it fresh.
+A guest to be re-opened (migrated away, or a discarded receive) is released (``defined``)
+with the end of the record, and ``GuestManager.reopen`` then opens it fresh.
 
 Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
 stopped, the guest resumed) and waits for the threads, bounded by a deadline; a guest
@@ -32,19 +29,20 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
-from vfiod.daemon.lifecycle import OUTGOING, LifecycleState
+from vfiod.daemon.ledger import MigrationHandle, MigrationLedger
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import link_prior
 from vfiod.migration.planning.predictor import Policy
-from vfiod.migration.session.common import MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
@@ -61,51 +59,18 @@ OFFER_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 
 
-class _Pending:
-    """A running migration's handle for other threads: its cancel (kept if it comes
-    before the session exists, while connecting) and the session's live status."""
-
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-        self.session: SessionBase | None = None
-        self.lock = threading.Lock()
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled.set()
-            session = self.session
-        if session is not None:
-            session.cancel("cancelled by the operator (vfiod ctl cancel)")
-
-    def attach(self, session: SessionBase) -> None:
-        with self.lock:
-            self.session = session
-            if self.cancelled.is_set():
-                session.cancel("cancelled by the operator (vfiod ctl cancel)")
-
-    def live(self) -> dict[str, Any] | None:
-        with self.lock:
-            session = self.session
-        return session.status().to_dict() if session is not None else None
-
-
-#: Lifecycle steps taken when a migration ends: (new state, cause).
-Moves = Sequence[tuple[LifecycleState, str]]
-
-
 class MigrationService:
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
                  defaults: MigrationConfig, tls: TlsConfig | None = None) -> None:
         self.registry = registry
-        self.lifecycle = registry.lifecycle
+        self.ledger = MigrationLedger(registry)
         self.guests = guests
         self.facts = facts
         self.defaults = defaults
         self.tls = tls
         self.listener: Listener | None = None
         self._threads: set[threading.Thread] = set()
-        self._running: dict[MigrationRecord, _Pending] = {}
-        self._lock = threading.Lock()      # _threads, _running (after the registry lock)
+        self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
 
     # -- threads ---------------------------------------------------------------------------
@@ -123,44 +88,6 @@ class MigrationService:
             self._threads.add(t)
         t.start()
 
-    def _begin(self, guest: str, role: str, peer: str, *, migration_id: str = "",
-               moves: Moves = (), **policy: Any) -> tuple[MigrationRecord, _Pending]:
-        """Register a migration (``ValueError`` if one of the guest runs), take its first
-        lifecycle steps and keep its cancel handle, in one write. The caller holds the
-        registry lock and checked that the guest may take those steps."""
-        with self.registry.lock:
-            rec = self.registry.begin_migration(guest, role, peer, migration_id=migration_id,
-                                                **policy)
-            self._move(rec, moves)
-            with self._lock:
-                pending = self._running[rec] = _Pending()
-            return rec, pending
-
-    def _end(self, rec: MigrationRecord, result: str, moves: Moves = (), *,
-             res: MigrationResult | None = None, error: str | None = None) -> None:
-        """The migration's last lifecycle steps, its cancel handle dropped and its record
-        finished (with the session's numbers, if it ran), in one write."""
-        with self.registry.lock:
-            try:
-                self._move(rec, moves)
-            finally:                # a refused step still ends the record; then it raises
-                with self._lock:
-                    self._running.pop(rec, None)
-                if res is None:
-                    self.registry.finish(rec, result, error=error)
-                else:
-                    sent = res.stream_bytes if rec.role == "source" else 0
-                    self.registry.update(rec, bytes_sent=sent,
-                                         bytes_received=res.stream_bytes - sent)
-                    self.registry.finish(rec, result, error=res.reason or None,
-                                         downtime_s=res.actual_downtime_s,
-                                         predicted_s=res.predicted_downtime_s,
-                                         verified=res.verified)
-
-    def _move(self, rec: MigrationRecord, moves: Moves) -> None:
-        for state, cause in moves:
-            self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer)
-
     # -- outgoing --------------------------------------------------------------------------
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
                        downtime_limit_ms: float | None, timeout_s: float | None,
@@ -174,7 +101,7 @@ class MigrationService:
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         guest = self.guests.opened(entry.name)
         assert guest is not None, f"guest {entry.name} is {entry.state} but not open"
-        rec, pending = self._begin(
+        rec, pending = self.ledger.begin(
             entry.name, "source", peer, downtime_limit_ms=limit, timeout_s=timeout,
             on_timeout=policy.on_timeout,
             moves=[(LifecycleState.MIGRATING_OUT, "migration ordered by the operator")])
@@ -184,21 +111,15 @@ class MigrationService:
         return rec
 
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
-                port: int, policy: Policy, pending: _Pending) -> None:
+                port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
             self._source_session(rec, entry, guest, host, port, policy, pending)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
-            reason = f"internal error: {type(e).__name__}: {e}"
-            with self.registry.lock:
-                # Whatever the session did to it is unknown: the guest is not ours to
-                # migrate again until an operator looks.
-                stuck = self.lifecycle.state(rec.guest) in OUTGOING
-                self._end(rec, "failed", [(LifecycleState.FAILED, reason)] if stuck else (),
-                          error=reason)
+            self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
-                        host: str, port: int, policy: Policy, pending: _Pending) -> None:
+                        host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
             conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
         except TransportError as e:
@@ -225,14 +146,13 @@ class MigrationService:
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p))
             res = self._run(rec, session, pending)
             if res.result == "completed":
-                self._end(rec, "completed", [
+                self.ledger.end(rec, "completed", [
                     (LifecycleState.MIGRATED_AWAY, "the destination resumed it"),
                     (LifecycleState.DEFINED, "released, to be re-opened: it may come back")],
                     res=res)
             else:
-                self._end(rec, _result(res), [(LifecycleState.RUNNING, f"migration "
-                                               f"{res.result}, rolled back: {res.reason}")],
-                          res=res)
+                back = f"migration {res.result}, rolled back: {res.reason}"
+                self.ledger.end(rec, _result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
@@ -241,8 +161,8 @@ class MigrationService:
         """An outgoing migration that ended before its session ran: nothing changed."""
         if result == "failed":
             log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
-        self._end(rec, result, [(LifecycleState.RUNNING, f"migration {result}: {reason}")],
-                  error=reason)
+        self.ledger.end(rec, result, [(LifecycleState.RUNNING, f"migration {result}: {reason}")],
+                        error=reason)
 
     def _progress(self, rec: MigrationRecord, p: IterationProgress) -> None:
         with self.registry.lock:
@@ -299,24 +219,24 @@ class MigrationService:
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
                 reason = f"internal error: {type(e).__name__}: {e}"
-                self._end(rec, "failed", [(LifecycleState.DEFINED, f"discarded: {reason}")],
-                          error=reason)
+                self.ledger.end(rec, "failed", [(LifecycleState.DEFINED,
+                                                 f"discarded: {reason}")], error=reason)
                 self.guests.reopen(entry, "incoming")
                 return
             if res.result == "completed":
-                self._end(rec, "completed", [
+                self.ledger.end(rec, "completed", [
                     (LifecycleState.LOADED, "received and loaded"),
                     (LifecycleState.RUNNING, "verified and resumed")], res=res)
             else:
-                self._end(rec, _result(res), [(LifecycleState.DEFINED, f"discarded "
-                                               f"({res.result}): {res.reason}")], res=res)
+                gone = f"discarded ({res.result}): {res.reason}"
+                self.ledger.end(rec, _result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
             self.guests.started_running(entry)
         else:
             self.guests.reopen(entry, "incoming")
 
     def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str
-               ) -> tuple[MigrationRecord, Guest, _Pending]:
+               ) -> tuple[MigrationRecord, Guest, MigrationHandle]:
         if entry is None:
             raise ValueError(f"this host has no guest {offer.guest!r} configured")
         with self.registry.lock:
@@ -325,20 +245,20 @@ class MigrationService:
                 why = (entry.error if entry.state is LifecycleState.FAILED
                        else f"it is {entry.state} here")
                 raise ValueError(f"guest {offer.guest} cannot be received: {why}")
-            rec, pending = self._begin(entry.name, "destination", peer,
+            rec, pending = self.ledger.begin(entry.name, "destination", peer,
                                        migration_id=offer.migration_id[:64])
             return rec, guest, pending
 
     # -- both ------------------------------------------------------------------------------
     def _run(self, rec: MigrationRecord, session: SourceSession | DestinationSession,
-             pending: _Pending) -> MigrationResult:
+             pending: MigrationHandle) -> MigrationResult:
         def on_state(old: MigrationState, new: MigrationState) -> None:
             phase = PHASE.get(new)
             fields = {"phase": phase} if phase else {}
             with self.registry.lock:
                 self.registry.update(rec, state=new.value, **fields)
                 if rec.role == "source" and new is MigrationState.DEVICE:
-                    self._move(rec, [(LifecycleState.SWITCHING_OVER,
+                    self.ledger.move(rec, [(LifecycleState.SWITCHING_OVER,
                                       "paused for stop-and-copy")])
             log.info("migration %s (%s %s): %s -> %s", rec.id, rec.role, rec.guest,
                      old.name, new.name)
@@ -351,39 +271,11 @@ class MigrationService:
                  f": {res.reason}" if res.reason else "")
         return res
 
-    def live_status(self) -> dict[str, dict[str, Any]]:
-        """Each running session's own status, by guest (read outside every lock: a
-        session answers from its own)."""
-        with self._lock:
-            running = [(rec.guest, p) for rec, p in self._running.items()]
-        out: dict[str, dict[str, Any]] = {}
-        for guest, pending in running:
-            try:
-                live = pending.live()
-            except Exception as e:  # noqa: BLE001 - status must answer even mid-teardown
-                live = {"error": f"{type(e).__name__}: {e}"}
-            if live is not None:
-                out[guest] = live
-        return out
-
-    def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
-        """Ask the guest's running migration to cancel; None if none runs."""
-        with self.registry.lock:
-            rec = entry.migration
-            if rec is None or not rec.active:
-                return None
-            with self._lock:
-                pending = self._running.get(rec)
-        if pending is None:
-            return None
-        pending.cancel()
-        return rec
-
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Cancel every running migration and wait for the threads (bounded)."""
         self._closing.set()
         for entry in list(self.registry.guests.values()):
-            self.cancel(entry)
+            self.ledger.cancel(entry)
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -394,20 +286,12 @@ class MigrationService:
             if left <= 0:
                 log.error("shutdown: %d migration thread(s) still running after %.0f s",
                           len(threads), timeout_s)
-                self._abandon(timeout_s)
+                self.ledger.abandon(f"its migration did not end within the {timeout_s:g} "
+                                    "s shutdown deadline")
                 break
             threads[0].join(left)
         if self.listener is not None:
             self.listener.close()
-
-    def _abandon(self, timeout_s: float) -> None:
-        """Guests whose outgoing migration outlived the shutdown deadline are failed (so
-        they can be released): what their thread did to them is unknown."""
-        with self.registry.lock:
-            for name, state in self.lifecycle.states().items():
-                if state in OUTGOING:
-                    self.lifecycle.move(name, LifecycleState.FAILED, "its migration did not "
-                                        f"end within the {timeout_s:.0f} s shutdown deadline")
 
 
 def _result(res: MigrationResult) -> str:
