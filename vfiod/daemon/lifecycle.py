@@ -67,46 +67,68 @@ class LifecycleState(enum.StrEnum):
     FAILED = "failed"
 
 
-S = LifecycleState
+_S = LifecycleState
 
 #: States in which the guest is this host's to run: it runs, or it is being migrated
 #: away and the peer has not taken it over yet.
-RUNS_HERE = frozenset({S.RUNNING, S.MIGRATING_OUT, S.SWITCHING_OVER})
+RUNS_HERE = frozenset({_S.RUNNING, _S.MIGRATING_OUT, _S.SWITCHING_OVER})
 
 #: An outgoing migration holds the guest (its thread writes the next state).
-OUTGOING = frozenset({S.MIGRATING_OUT, S.SWITCHING_OVER})
+OUTGOING = frozenset({_S.MIGRATING_OUT, _S.SWITCHING_OVER})
 
-#: Where a release (fds and RAM closed, back to ``defined``) may start: not while an
-#: outgoing migration holds the guest or its outcome is unsettled.
-_RELEASABLE = frozenset(S) - OUTGOING - {S.OUTCOME_UNKNOWN, S.DEFINED}
+#: Where each state may go. Any state may fail (the cause says why); a release (back to
+#: ``defined``) is refused while an outgoing migration holds the guest or its outcome is
+#: unsettled.
+_NEXT: dict[LifecycleState, frozenset[LifecycleState]] = {
+    _S.DEFINED: frozenset({
+        _S.CLAIMED,                 # opened and probed
+        _S.FAILED}),                # could not be opened
+    _S.CLAIMED: frozenset({
+        _S.RUNNING,                 # configured to run here
+        _S.INCOMING,                # configured (or re-opened) to receive
+        _S.DEFINED, _S.FAILED}),
+    _S.RUNNING: frozenset({
+        _S.MIGRATING_OUT,           # a migration to a peer was ordered
+        _S.DEFINED, _S.FAILED}),
+    _S.MIGRATING_OUT: frozenset({
+        _S.SWITCHING_OVER,          # paused for stop-and-copy
+        _S.RUNNING,                 # cancelled or failed: rolled back
+        _S.FAILED}),
+    _S.SWITCHING_OVER: frozenset({
+        _S.MIGRATED_AWAY,           # the peer resumed it
+        _S.OUTCOME_UNKNOWN,         # committed, no answer
+        _S.RUNNING,                 # cancelled or failed before the commit: rolled back
+        _S.FAILED}),
+    _S.OUTCOME_UNKNOWN: frozenset({
+        _S.MIGRATED_AWAY,           # settled: the peer resumed it
+        _S.RUNNING,                 # settled: the peer discarded it; resumed here
+        _S.FAILED}),
+    _S.MIGRATED_AWAY: frozenset({
+        _S.DEFINED, _S.FAILED}),
+    _S.INCOMING: frozenset({
+        _S.LOADED,                  # everything received and loaded
+        _S.DEFINED, _S.FAILED}),    # a failed receive is discarded
+    _S.LOADED: frozenset({
+        _S.PREPARED,                # verified, waiting for the commit
+        _S.RUNNING,                 # verified and resumed in one step (today's session)
+        _S.DEFINED, _S.FAILED}),
+    _S.PREPARED: frozenset({
+        _S.RUNNING,                 # commit received: resumed
+        _S.DEFINED, _S.FAILED}),    # the source aborted: discarded
+    _S.FAILED: frozenset({
+        _S.DEFINED}),
+}
 
 #: Every allowed (from, to) pair; anything else raises ``LifecycleError``.
-ALLOWED_TRANSITIONS: frozenset[tuple[LifecycleState, LifecycleState]] = frozenset({
-    (S.DEFINED, S.CLAIMED),                 # opened and probed
-    (S.CLAIMED, S.RUNNING),                 # configured to run here
-    (S.CLAIMED, S.INCOMING),                # configured (or re-opened) to receive
-    (S.RUNNING, S.MIGRATING_OUT),           # a migration to a peer was ordered
-    (S.MIGRATING_OUT, S.SWITCHING_OVER),    # paused for stop-and-copy
-    (S.MIGRATING_OUT, S.RUNNING),           # cancelled or failed: rolled back
-    (S.SWITCHING_OVER, S.RUNNING),          # cancelled or failed: rolled back, resumed
-    (S.SWITCHING_OVER, S.MIGRATED_AWAY),    # the peer resumed it
-    (S.SWITCHING_OVER, S.OUTCOME_UNKNOWN),  # committed, no answer
-    (S.OUTCOME_UNKNOWN, S.MIGRATED_AWAY),   # settled: the peer resumed it
-    (S.OUTCOME_UNKNOWN, S.RUNNING),         # settled: the peer discarded it; resumed here
-    (S.INCOMING, S.LOADED),                 # everything received and loaded
-    (S.LOADED, S.PREPARED),                 # verified, waiting for the commit
-    (S.LOADED, S.RUNNING),                  # verified and resumed in one step
-    (S.PREPARED, S.RUNNING),                # commit received: resumed
-    *((s, S.DEFINED) for s in _RELEASABLE),               # released
-    *((s, S.FAILED) for s in S if s is not S.FAILED),     # broke; the cause says why
-})
+ALLOWED_TRANSITIONS: frozenset[tuple[LifecycleState, LifecycleState]] = frozenset(
+    (a, b) for a, tos in _NEXT.items() for b in tos)
 
 
 class LifecycleError(VfiodError):
     """A transition the table does not allow (or a replayed record that does not follow
     from the guest's current state)."""
 
-    def __init__(self, guest: str, from_state: LifecycleState | None,
+    def __init__(self, guest: str, from_state: LifecycleState,
                  to_state: LifecycleState, cause: str, why: str = "is not allowed") -> None:
         self.guest, self.from_state, self.to_state, self.cause = (guest, from_state,
                                                                   to_state, cause)
@@ -167,7 +189,7 @@ class GuestLifecycle:
         with self.lock:
             if guest in self._states:
                 raise ValueError(f"guest {guest} is registered twice")
-            self._states[guest] = S.DEFINED
+            self._states[guest] = _S.DEFINED
 
     # -- reading ---------------------------------------------------------------------------
     def state(self, guest: str) -> LifecycleState:
@@ -178,7 +200,7 @@ class GuestLifecycle:
         """Why the guest is ``failed`` (the cause of that transition); None otherwise."""
         with self.lock:
             last = self._last.get(guest)
-            return last.cause if last is not None and self._states[guest] is S.FAILED else None
+            return last.cause if last is not None and self._states[guest] is _S.FAILED else None
 
     def states(self) -> dict[str, LifecycleState]:
         with self.lock:
@@ -199,16 +221,16 @@ class GuestLifecycle:
     def release(self, guest: str, cause: str) -> LifecycleTransition | None:
         """Back to ``defined`` (the daemon closed what it held); None if it already is."""
         with self.lock:
-            if self.state(guest) is S.DEFINED:
+            if self.state(guest) is _S.DEFINED:
                 return None
-            return self.move(guest, S.DEFINED, cause)
+            return self.move(guest, _S.DEFINED, cause)
 
     def replay(self, records: Iterable[LifecycleTransition]) -> None:
         """Rebuild states from records (a journal), each checked against the table and
         the guest's state at that point; a guest not known yet starts ``defined``."""
         with self.lock:
             for rec in records:
-                self._states.setdefault(rec.guest, S.DEFINED)
+                self._states.setdefault(rec.guest, _S.DEFINED)
                 if rec.from_state is not self._states[rec.guest]:
                     raise LifecycleError(rec.guest, rec.from_state, rec.to_state, rec.cause,
                                          f"does not follow from {self._states[rec.guest]}")

@@ -166,6 +166,7 @@ class Registry:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.lock = threading.RLock()
         self.clock = clock
+        #: the one writer of guest lifecycle states; it shares this lock
         self.lifecycle = GuestLifecycle(self.lock, clock)
         self._guests: dict[str, GuestEntry] = {}
         #: read-only: guests are added by ``add_guest`` only
