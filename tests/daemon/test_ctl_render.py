@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli import ctl_cmd
+from vfiod.daemon.lifecycle import LifecycleState
 
 
 def _guest(phase: str, iteration: int, remaining: int, predicted: float | None,
@@ -72,6 +73,13 @@ def test_nothing_to_watch() -> None:
     idle = {"name": "g1", "state": "running", "migration": None}
     assert ctl_cmd._follow(FakeClient([idle]), None, False, out, 0.001, None) == 0  # type: ignore[arg-type]
     assert out.getvalue() == "no migration running\n"
+
+
+def test_help_explains_every_guest_state() -> None:
+    section = ctl_cmd.EPILOG.split("guest states (vfiod ctl status):\n")[1].split("\n\n")[0]
+    named = {name for line in section.splitlines() if not line.startswith("    ")
+             for name in line.strip().split("  ")[0].split(", ")}
+    assert named == {s.value for s in LifecycleState}
 
 
 @pytest.mark.parametrize("argv, needles", [

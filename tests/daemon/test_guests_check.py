@@ -82,24 +82,24 @@ def _facts(host: SimHost, headroom: int | None = None) -> HostFacts:
 
 
 def test_open_states_and_reasons(world: tuple[SimHost, GuestManager, Registry]) -> None:
-    host, _, reg = world
+    host, mgr, reg = world
     good, stuck, shared = (reg.guests[n] for n in ("good", "stuck", "shared"))
-    assert good.state == "running" and good.handle is not None
+    assert good.state == "running" and mgr.opened("good") is not None
     d = good.devices["0000:3b:00.1"]
     assert (d.protocol, d.capabilities, d.state_label, d.tracker, d.migratable) == (
         "v2", ["STOP_COPY", "PRE_COPY"], "RUNNING", "type1", True)
-    assert stuck.state == "error" and stuck.handle is None
+    assert stuck.state == "failed" and mgr.opened("stuck") is None
     assert stuck.error == ("0000:5f:00.0 is not migratable: VFIO_DEVICE_FEATURE MIGRATION: "
                            "ENOTTY and no v1 migration region")
-    assert shared.state == "error"
+    assert shared.state == "failed"
     assert "bound to host driver ixgbe" in (shared.error or "")
     # Only the good guest holds simulated fds: the failed ones released what they opened.
     files = sorted((f.kind, f.name) for f in host.kernel.open_files().values())
     assert [k for k, _ in files] == ["container", "device", "group"], files
     assert ("device", "0000:3b:00.1") in files
-    mgr = world[1]
     mgr.close_all()
     assert host.kernel.open_files() == {}
+    assert {g.state for g in reg.guests.values()} == {"defined"}      # released
 
 
 def test_check_guests(world: tuple[SimHost, GuestManager, Registry]) -> None:
@@ -134,13 +134,15 @@ def test_opt_out_and_reopen(world: tuple[SimHost, GuestManager, Registry]) -> No
     _, mgr, reg = world
     good = reg.guests["good"]
     mgr.set_tracking(good, "0000:3b:00.1", False)
-    assert good.handle.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
-    old = good.handle
+    old = mgr.opened("good")
+    assert old is not None
+    assert old.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
     mgr.reopen(good, "incoming")
-    assert good.handle is not old and good.state == "incoming"
+    new = mgr.opened("good")
+    assert new is not None and new is not old and good.state == "incoming"
     # The runtime opt-out survives a re-open.
-    assert good.handle.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
-    assert good.handle.run_state.name == "INMIGRATE"
+    assert new.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
+    assert new.run_state.name == "INMIGRATE"
 
 
 def test_bad_sim_host_is_a_config_error(tmp_path: Path) -> None:

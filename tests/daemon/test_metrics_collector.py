@@ -14,19 +14,21 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfiod.daemon.config import GuestConfig, RamConfig
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector, proc_status_bytes
-from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
+from vfiod.daemon.registry import DeviceEntry, Registry
 
 
 def _registry() -> Registry:
     reg = Registry(clock=lambda: 1000.0)
     for name in ("g1", "g2"):
-        e = GuestEntry(GuestConfig(name, (RamConfig("ram0", 0, 1 << 30),)), state="running")
+        e = reg.add_guest(GuestConfig(name, (RamConfig("ram0", 0, 1 << 30),)))
+        reg.lifecycle.move(name, LifecycleState.CLAIMED, "test")
+        reg.lifecycle.move(name, LifecycleState.RUNNING, "test")
         e.devices["0000:3b:00.1" if name == "g1" else "0000:3c:00.1"] = DeviceEntry(
             "0000:3b:00.1" if name == "g1" else "0000:3c:00.1", name, "default",
             protocol="v2", state=2, state_label="RUNNING", tracker="device-logging",
             pre_copy_dirty_page_tracking=name == "g1", migratable=True)
-        reg.add_guest(e)
     done = reg.begin_migration("g1", "source", "10.0.0.2:4444")
     reg.update(done, state="active", phase="precopy", iteration=3, ram_remaining_bytes=1 << 20,
                device_remaining_bytes=4096, bandwidth_bps=1e9, dirty_rate_bps=1e6,
@@ -34,6 +36,7 @@ def _registry() -> Registry:
     reg.observe_sync(0.002)
     reg.finish(done, "completed", downtime_s=0.1, predicted_s=0.12, verified=True)
     running = reg.begin_migration("g2", "source", "10.0.0.3:4444")
+    reg.lifecycle.move("g2", LifecycleState.MIGRATING_OUT, "test")
     reg.update(running, state="active", phase="precopy", iteration=7,
                ram_remaining_bytes=5 << 20, predicted_downtime_s=2.5, will_converge=False)
     return reg
@@ -69,6 +72,8 @@ def test_migration_metrics() -> None:
     # The running one: active, in pre-copy, will not converge, its numbers as they are.
     assert _value(fams, "vfiod_migration_active", guest="g2") == 1
     assert _value(fams, "vfiod_migration_active", guest="g1") == 0
+    # Being migrated away, g2 still runs here.
+    assert _value(fams, "vfiod_guest_running", guest="g2") == 1
     assert _value(fams, "vfiod_migration_phase", guest="g2", phase="precopy") == 1
     assert _value(fams, "vfiod_migration_phase", guest="g2", phase="stopcopy") == 0
     assert _value(fams, "vfiod_migration_iterations", guest="g2") == 7

@@ -1,7 +1,7 @@
 """Two daemons on loopback (design.md §1 steps 5-6, §6): ``vfiod ctl migrate`` moves a
 running guest to the other daemon and both ends verify the RAM content digests; a cancel
 in the middle of pre-copy leaves the source guest and its devices RUNNING and the
-destination ready to receive again.
+destination ready to receive again. Each end's log shows the guest's lifecycle steps.
 
 The source caps migration bandwidth at 64 MiB/s. Guest g2's only device has no DMA
 logging, so its container's tracker (type1 with a PCI device) reports all 64 MiB dirty at
@@ -19,9 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon_configs import host_config
-from tests.support.daemons import DaemonProcess, guest_status, wait_until
+from tests.support.daemons import DaemonProcess, guest_status, lifecycle_steps, wait_until
 
 GUESTS = ("g1", "g2")
+OPENED_RUNNING = [("defined", "claimed"), ("claimed", "running")]
+OPENED_INCOMING = [("defined", "claimed"), ("claimed", "incoming")]
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +58,21 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     assert final["result"] == "completed" and final["verified"] is True, final
     assert final["downtime_s"] is not None and final["predicted_downtime_s"] is not None
     # The destination received, verified and runs it; the same migration id on both ends.
-    g = guest_status(dst, "g1")
-    assert g["state"] == "running", g
+    g = wait_until(lambda: (g := guest_status(dst, "g1"))["state"] == "running" and g,
+                   30, "g1 to run on the destination")
     m = g["migration"]
     assert (m["role"], m["result"], m["verified"], m["id"]) == (
         "destination", "completed", True, final["id"])
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
+    assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
+                                                             ("loaded", "running")]
     # The source released the guest and keeps it ready to come back.
-    g = guest_status(src, "g1")
-    assert g["state"] == "incoming" and g["migration"]["result"] == "completed"
+    g = wait_until(lambda: (g := guest_status(src, "g1"))["state"] == "incoming" and g,
+                   30, "g1 to be re-opened on the source")
+    assert g["migration"]["result"] == "completed"
+    assert lifecycle_steps(src, "g1") == OPENED_RUNNING + [
+        ("running", "migrating-out"), ("migrating-out", "switching-over"),
+        ("switching-over", "migrated-away"), ("migrated-away", "defined")] + OPENED_INCOMING
     metrics = _scrape(src)
     done = [s for s in metrics["vfiod_migrations"] if s.name == "vfiod_migrations_total"]
     assert [(s.labels, s.value) for s in done] == [({"guest": "g1", "result": "completed"},
@@ -106,6 +114,8 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
     assert (m["id"], m["result"]) == (mid, "cancelled"), m
     g = guest_status(src, "g2")
     assert g["state"] == "running"
+    assert lifecycle_steps(src, "g2") == OPENED_RUNNING + [("running", "migrating-out"),
+                                                           ("migrating-out", "running")]
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
     assert src.call("check", {"target": "g2"})["migratable"] is True
     # The destination discarded what it had and waits for g2 again, fresh.
@@ -117,6 +127,8 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
 
     g = wait_until(dest_ready, 60, "the destination to discard g2")
     assert g["migration"]["result"] in ("cancelled", "failed")
+    assert lifecycle_steps(dst, "g2") == OPENED_INCOMING + [("incoming", "defined")] \
+        + OPENED_INCOMING
     w = src.ctl("watch", "g2")
     assert w.returncode == 0 and "no migration running" in w.stdout
 

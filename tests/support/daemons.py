@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -267,3 +268,12 @@ class LinuxDaemon:
 def guest_status(d: DaemonProcess, guest: str) -> dict[str, Any]:
     r = d.call("status", {"guest": guest})
     return dict(r["guests"][0])
+
+
+_STEP = re.compile(r"guest (\S+): ([a-z-]+) -> ([a-z-]+): ")
+
+
+def lifecycle_steps(d: DaemonProcess, guest: str) -> list[tuple[str, str]]:
+    """The guest's lifecycle transitions so far, from the daemon's log (each is logged)."""
+    return [(m[2], m[3]) for m in map(_STEP.search, d.log().splitlines())
+            if m is not None and m[1] == guest]

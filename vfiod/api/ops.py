@@ -9,7 +9,8 @@ so a request the client builds is exactly what the daemon validates.
 op                 arguments
 =================  ===============================================================
 ``hello``          none: the daemon's version, schema and backend
-``status``         ``guest`` (optional): guests, their devices and migrations
+``status``         ``guest`` (optional): guests (each with its lifecycle ``state``, as
+                   ``vfiod ctl --help`` lists them), their devices and migrations
 ``devices``        none: every VFIO device on the host, ours or not, and why
 ``check``          ``target``: a device or guest name: can it migrate, and why not
 ``migrate``        ``guest``, ``to`` ("HOST:PORT", "[v6]:PORT"), ``downtime_limit_ms``,

@@ -40,6 +40,18 @@ examples:
   vfiod ctl watch                       follow running migrations
   vfiod ctl status --json | jq .        everything as JSON, for scripts
 
+guest states (vfiod ctl status):
+  defined, claimed      configured; its devices and RAM opened, role not yet given
+  running               runs here
+  migrating-out         being migrated away, pre-copy (it still runs here)
+  switching-over        paused here, its final state going to the destination
+  migrated-away         the destination resumed it
+  outcome-unknown       committed but the destination never answered: check it before
+                        starting the guest anywhere else
+  incoming              waiting for (or receiving) a migration into it
+  loaded, prepared      received and loaded; prepared: verified, waiting for the commit
+  failed                could not be opened, or broke; status says why
+
 exit status:
   {EXIT_OK}  success (check: it can migrate; migrate/watch: the migration completed)
   {EXIT_FAILED}  the operation failed (check: it cannot migrate; migrate: failed or cancelled)

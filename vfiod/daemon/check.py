@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from vfiod.daemon.lifecycle import RUNS_HERE, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.kernel.ops import KernelOps
@@ -48,16 +49,16 @@ def check_guest(entry: GuestEntry, host: HostFacts) -> dict[str, Any]:
     gc = entry.config
     blockers: list[str] = []
     notes: list[str] = []
-    if entry.state == "error":
+    if entry.state is LifecycleState.FAILED:
         blockers.append(f"guest {gc.name} could not be opened: {entry.error}")
-    elif entry.state != "running":
+    elif entry.state not in RUNS_HERE:
         blockers.append(f"guest {gc.name} does not run here (it is {entry.state})")
     if gc.memory_encryption != "none":
         name = ENCRYPTION_NAMES.get(gc.memory_encryption, gc.memory_encryption)
         blockers.append(f"guest {gc.name} uses {name} memory encryption: its RAM is "
                         "ciphertext to the host, so it cannot be migrated by copying pages")
     for d in entry.devices.values():
-        if not d.migratable and entry.state != "error":
+        if not d.migratable and entry.state is not LifecycleState.FAILED:
             blockers.append(f"{d.name}: not migratable: {d.reason or 'not opened'}")
         elif not d.migratable and d.reason:
             blockers.append(f"{d.name}: {d.reason}")

@@ -11,8 +11,12 @@ released and it is re-opened fresh as "incoming" (it may come back); after a fai
 incoming migration it is also re-opened fresh, because a destination must start from
 zeroed memory (the digests' proof, session/digest.py, assumes it).
 
+Every state change goes through the ``GuestLifecycle`` (``lifecycle.py``): opened →
+``claimed`` → ``running`` or ``incoming``; closed → ``defined``. The open ``Guest``
+objects (fds, RAM) are kept here, not in the registry.
+
 A guest that cannot be opened (a device not bound to VFIO, a group another process owns,
-a device without migration support) is kept in state ``error`` with the reason, so
+a device without migration support) is kept in state ``failed`` with the reason, so
 ``vfiod ctl status`` and ``check`` can say why; the daemon still starts.
 """
 
@@ -23,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from vfiod.daemon.config import GuestConfig, SimWorkload
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
@@ -69,18 +74,18 @@ class GuestManager:
         self.workloads = {w.guest: w for w in workloads}
         self._start_workload = start_workload
         self._stops: dict[str, Callable[[], None]] = {}
+        self._guests: dict[str, Guest] = {}
         self._lock = threading.Lock()
         registry.refreshers.append(self.refresh)
 
     # -- opening ---------------------------------------------------------------------------
     def open_all(self, configs: Sequence[GuestConfig]) -> None:
         for gc in configs:
-            entry = GuestEntry(gc)
-            self.registry.add_guest(entry)
+            entry = self.registry.add_guest(gc)
             self.open(entry, gc.start)
 
     def open(self, entry: GuestEntry, start: str) -> None:
-        """Open ``entry``'s guest fresh; on failure the entry says why (state "error")."""
+        """Open ``entry``'s guest fresh; on failure the entry says why (state "failed")."""
         gc = entry.config
         flags = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         entry.devices = {d.name: DeviceEntry(d.name, gc.name, d.container,
@@ -90,13 +95,17 @@ class GuestManager:
         try:
             guest = self._build(gc, entry)
         except (VfiodError, OSError, ValueError) as e:
-            with self.registry.lock:
-                entry.handle, entry.state, entry.error = None, "error", str(e)
+            self.registry.lifecycle.move(gc.name, LifecycleState.FAILED, str(e))
             log.error("guest %s: cannot open: %s", gc.name, e)
             return
+        lifecycle = self.registry.lifecycle
         with self.registry.lock:
-            entry.handle, entry.error = guest, None
-            entry.state = "running" if start == "running" else "incoming"
+            self._guests[gc.name] = guest
+            lifecycle.move(gc.name, LifecycleState.CLAIMED, "devices and RAM opened")
+            if start == "running":
+                lifecycle.move(gc.name, LifecycleState.RUNNING, "runs here")
+            else:
+                lifecycle.move(gc.name, LifecycleState.INCOMING, "waits for a migration into it")
             self._describe(entry, guest)
         if start == "incoming":
             guest.set_run_state(GuestState.INMIGRATE)
@@ -111,7 +120,7 @@ class GuestManager:
         if load is None or self._start_workload is None or entry.name in self._stops:
             return
         try:
-            stop = self._start_workload(entry.handle, load)
+            stop = self._start_workload(self._guests[entry.name], load)
         except (ValueError, VfiodError) as e:
             log.error("guest %s: simulated workload not started: %s", entry.name, e)
             return
@@ -139,13 +148,18 @@ class GuestManager:
         self._refresh_entry(entry)
 
     # -- runtime ---------------------------------------------------------------------------
+    def opened(self, name: str) -> Guest | None:
+        """The guest's open ``Guest`` (fds, RAM); None while it is not open."""
+        with self.registry.lock:
+            return self._guests.get(name)
+
     def refresh(self) -> None:
         """Device states from the drivers (cached values: no syscall); registry lock held."""
         for entry in self.registry.guests.values():
             self._refresh_entry(entry)
 
     def _refresh_entry(self, entry: GuestEntry) -> None:
-        guest: Guest | None = entry.handle
+        guest = self._guests.get(entry.name)
         live = {d.name: d for d in guest.devices} if guest is not None else {}
         for name, d in entry.devices.items():
             gd = live.get(name)
@@ -160,17 +174,17 @@ class GuestManager:
         """The per-device opt-out; the caller made sure no migration runs."""
         with self.registry.lock:
             entry.devices[device].pre_copy_dirty_page_tracking = enabled
-            guest: Guest | None = entry.handle
+            guest = self._guests.get(entry.name)
             if guest is not None and any(d.name == device for d in guest.devices):
                 guest.device(device).pre_copy_dirty_page_tracking = enabled
 
     def reopen(self, entry: GuestEntry, start: str) -> None:
         """Release everything of the guest and open it fresh (``start``: its new role)."""
-        self.close(entry)
+        self.close(entry, "re-opened fresh")
         self.open(entry, start)
 
     # -- closing ---------------------------------------------------------------------------
-    def close(self, entry: GuestEntry) -> None:
+    def close(self, entry: GuestEntry, cause: str) -> None:
         stop = self._stops.pop(entry.name, None)
         if stop is not None:
             try:
@@ -178,8 +192,8 @@ class GuestManager:
             except (TimeoutError, VfiodError) as e:
                 log.error("guest %s: workload did not stop: %s", entry.name, e)
         with self.registry.lock:
-            guest, entry.handle = entry.handle, None
-            entry.state = "stopped"
+            guest = self._guests.pop(entry.name, None)
+            self.registry.lifecycle.release(entry.name, cause)
         if guest is not None:
             # What the devices were left in, for the journal: after a shutdown that
             # cancelled a migration, a source's devices must say RUNNING here.
@@ -197,4 +211,4 @@ class GuestManager:
 
     def close_all(self) -> None:
         for entry in list(self.registry.guests.values()):
-            self.close(entry)
+            self.close(entry, "the daemon is stopping")

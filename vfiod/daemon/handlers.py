@@ -27,6 +27,7 @@ from vfiod.api.ops import (
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ErrorCode
 from vfiod.daemon import check
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import GuestEntry, Registry
 from vfiod.errors import KernelError
@@ -106,15 +107,7 @@ class Handlers:
     def status(self, args: StatusArgs) -> dict[str, Any]:
         if args.guest is not None:
             self._guest(args.guest)
-        with self.registry.lock:
-            lives = {g.name: g.migration.live for g in self.registry.guests.values()
-                     if g.migration is not None and g.migration.live is not None}
-        live: dict[str, Any] = {}
-        for name, fn in lives.items():          # outside the lock: the session's own status
-            try:
-                live[name] = fn()
-            except Exception as e:  # noqa: BLE001 - status must answer even mid-teardown
-                live[name] = {"error": f"{type(e).__name__}: {e}"}
+        live = self.migrations.ledger.live_status()
         snap = self.registry.snapshot()
         guests = [g for g in snap["guests"] if args.guest in (None, g["name"])]
         for g in guests:
@@ -176,29 +169,28 @@ class Handlers:
 
     def migrate(self, args: MigrateArgs) -> dict[str, Any]:
         entry = self._guest(args.guest)
+        # Checked and started in one hold of the lock: no other request gets in between.
         with self.registry.lock:
             if entry.migration is not None and entry.migration.active:
                 raise ApiError(ErrorCode.BUSY, f"guest {entry.name} is already migrating "
                                f"({entry.migration.role}, {entry.migration.peer})")
-            if entry.state != "running" or entry.handle is None:
-                why = entry.error if entry.state == "error" else f"it is {entry.state} here"
+            if entry.state is not LifecycleState.RUNNING:
+                why = (entry.error if entry.state is LifecycleState.FAILED
+                       else f"it is {entry.state} here")
                 raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated "
                                f"from this host: {why}")
             bad = [d for d in entry.devices.values() if not d.migratable]
             if bad:
                 raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated: "
                                + "; ".join(f"{d.name}: {d.reason}" for d in bad))
-        try:
             rec = self.migrations.start_outgoing(
                 entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
                 timeout_s=args.timeout_s, on_timeout=args.on_timeout)
-        except ValueError as e:          # raced with another migrate
-            raise ApiError(ErrorCode.BUSY, str(e)) from None
-        return {"migration": rec.to_json()}
+            return {"migration": rec.to_json()}
 
     def cancel(self, args: CancelArgs) -> dict[str, Any]:
         entry = self._guest(args.guest)
-        rec = self.migrations.cancel(entry)
+        rec = self.migrations.ledger.cancel(entry)
         if rec is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
                            "running")

@@ -97,7 +97,6 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         sock = opts.control_socket or config.control.socket
         self.info = DaemonInfo(opts.backend, config.source, sock)
-        self.registry.info = {"backend": opts.backend}
         self.guests: GuestManager
         self.migrations: MigrationService
 
@@ -198,12 +197,8 @@ class Daemon:
             self._stop_requested = True
         self._wake.set()
 
-    def request_stop(self) -> None:
-        self._stop_requested = True
-        self._wake.set()
-
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (or ``request_stop``); the caller ran ``start``."""
+        """Serve until SIGTERM/SIGINT; the caller ran ``start``."""
         tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
         last = ""
         while not self._stop_requested:

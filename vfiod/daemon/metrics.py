@@ -31,6 +31,7 @@ from prometheus_client.exposition import start_http_server
 
 from vfiod import __version__
 from vfiod.abi.vfio import vfio_device_mig_state
+from vfiod.daemon.lifecycle import RUNS_HERE
 from vfiod.daemon.registry import PHASES, Buckets, Registry
 
 log = logging.getLogger("vfiod.metrics")
@@ -116,7 +117,7 @@ class VfiodCollector:
                                labels=["guest"])
         for g in guests:
             ram.add_metric([g["name"]], g["ram_bytes"])
-            up.add_metric([g["name"]], 1 if g["state"] == "running" else 0)
+            up.add_metric([g["name"]], 1 if g["state"] in RUNS_HERE else 0)
         yield ram
         yield up
 

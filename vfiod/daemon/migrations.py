@@ -4,13 +4,23 @@ incoming ones accepted on the migration listener (design.md §1 steps 5-6, §6).
 Each migration runs a ``vfiod.migration`` session on its own thread; this module wires
 it to the daemon: the offer (``offer.py``) says which guest a connection is for, the
 session's state handler and progress callback update the ``Registry`` (status, metrics),
-``cancel`` reaches the session from any thread, and the end of a migration decides what
-becomes of the guest (``GuestManager``): migrated away → re-opened fresh as "incoming";
-received → running here; a failed receive → re-opened fresh (a destination must start
-from zeroed memory).
+the ``MigrationLedger`` (``ledger.py``) keeps each running migration's cancel and live
+status and changes its record and its guest's lifecycle (``lifecycle.py``) together:
+
+    source       running → migrating-out (ordered) → switching-over (stop-and-copy)
+                 → migrated-away (the peer resumed it; then re-opened fresh: defined →
+                 claimed → incoming, it may come back), or back to running (cancelled or
+                 failed: rolled back)
+    destination  incoming → loaded → running (received, verified, resumed here); a
+                 failed receive is discarded (→ defined) and re-opened fresh (claimed →
+                 incoming): a destination must start from zeroed memory
+
+A guest to be re-opened (migrated away, or a discarded receive) is released (``defined``)
+with the end of the record, and ``GuestManager.reopen`` then opens it fresh.
 
 Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
-stopped, the guest resumed) and waits for the threads, bounded by a deadline.
+stopped, the guest resumed) and waits for the threads, bounded by a deadline; a guest
+whose outgoing migration outlives it is marked failed (what its thread did is unknown).
 """
 
 from __future__ import annotations
@@ -24,17 +34,20 @@ from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.ledger import MigrationHandle, MigrationLedger
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import link_prior
 from vfiod.migration.planning.predictor import Policy
-from vfiod.migration.session.common import MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.states import MigrationState
 from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
 from vfiod.migration.transport.control import TransportCode
 
@@ -46,39 +59,18 @@ OFFER_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 
 
-class _Pending:
-    """Cancel requested before the session exists (while connecting) is kept here."""
-
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-        self.session: SessionBase | None = None
-        self.lock = threading.Lock()
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled.set()
-            session = self.session
-        if session is not None:
-            session.cancel("cancelled by the operator (vfiod ctl cancel)")
-
-    def attach(self, session: SessionBase) -> None:
-        with self.lock:
-            self.session = session
-            if self.cancelled.is_set():
-                session.cancel("cancelled by the operator (vfiod ctl cancel)")
-
-
 class MigrationService:
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
                  defaults: MigrationConfig, tls: TlsConfig | None = None) -> None:
         self.registry = registry
+        self.ledger = MigrationLedger(registry)
         self.guests = guests
         self.facts = facts
         self.defaults = defaults
         self.tls = tls
         self.listener: Listener | None = None
         self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
 
     # -- threads ---------------------------------------------------------------------------
@@ -100,38 +92,38 @@ class MigrationService:
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
                        downtime_limit_ms: float | None, timeout_s: float | None,
                        on_timeout: str | None) -> MigrationRecord:
+        """Start migrating a running guest; ``ValueError`` if a migration of it runs."""
         d = self.defaults
         limit = downtime_limit_ms if downtime_limit_ms is not None else d.downtime_limit_ms
         timeout = timeout_s if timeout_s is not None else d.timeout_s
         policy = Policy(downtime_limit_s=limit / 1000, timeout_s=timeout,
                         on_timeout=on_timeout or d.on_timeout)
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        rec = self.registry.begin_migration(entry.name, "source", peer,
-                                            downtime_limit_ms=limit, timeout_s=timeout,
-                                            on_timeout=policy.on_timeout)
-        pending = _Pending()
-        with self.registry.lock:
-            rec.cancel = pending.cancel
+        guest = self.guests.opened(entry.name)
+        assert guest is not None, f"guest {entry.name} is {entry.state} but not open"
+        rec, pending = self.ledger.begin(
+            entry.name, "source", peer, downtime_limit_ms=limit, timeout_s=timeout,
+            on_timeout=policy.on_timeout,
+            moves=[(LifecycleState.MIGRATING_OUT, "migration ordered by the operator")])
         log.info("migration %s: guest %s to %s (limit %.0f ms)", rec.id, entry.name, peer, limit)
-        self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, host, port,
+        self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, guest, host, port,
                     policy, pending)
         return rec
 
-    def _source(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
-                policy: Policy, pending: _Pending) -> None:
+    def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
+                port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
-            self._source_session(rec, entry, host, port, policy, pending)
+            self._source_session(rec, entry, guest, host, port, policy, pending)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
-            self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+            self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
 
-    def _source_session(self, rec: MigrationRecord, entry: GuestEntry, host: str, port: int,
-                        policy: Policy, pending: _Pending) -> None:
-        guest = entry.handle
+    def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
+                        host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
             conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
         except TransportError as e:
-            self._fail(rec, f"cannot reach the destination: {e}")
+            self._not_started(rec, "failed", f"cannot reach the destination: {e}")
             return
         with conn:
             try:
@@ -139,11 +131,12 @@ class MigrationService:
                            OFFER_TIMEOUT_S)
             except TransportError as e:
                 reason = str(e.remote.get("message") or e)
-                self._fail(rec, f"the destination refused guest {guest.name}: {reason}")
+                self._not_started(rec, "failed",
+                                  f"the destination refused guest {guest.name}: {reason}")
                 return
             if pending.cancelled.is_set():
-                self.registry.finish(rec, "cancelled", error="cancelled before the session "
-                                     "started; nothing was changed")
+                self._not_started(rec, "cancelled", "cancelled before the session started; "
+                                  "nothing was changed")
                 return
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
@@ -152,9 +145,24 @@ class MigrationService:
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p))
             res = self._run(rec, session, pending)
+            if res.result == "completed":
+                self.ledger.end(rec, "completed", [
+                    (LifecycleState.MIGRATED_AWAY, "the destination resumed it"),
+                    (LifecycleState.DEFINED, "released, to be re-opened: it may come back")],
+                    res=res)
+            else:
+                back = f"migration {res.result}, rolled back: {res.reason}"
+                self.ledger.end(rec, _result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
+
+    def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
+        """An outgoing migration that ended before its session ran: nothing changed."""
+        if result == "failed":
+            log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
+        self.ledger.end(rec, result, [(LifecycleState.RUNNING, f"migration {result}: {reason}")],
+                        error=reason)
 
     def _progress(self, rec: MigrationRecord, p: IterationProgress) -> None:
         with self.registry.lock:
@@ -195,90 +203,79 @@ class MigrationService:
                 return
             entry = self.registry.guest(offer.guest)
             try:
-                rec = self._admit(entry, offer, conn.peer)
+                rec, guest, pending = self._admit(entry, offer, conn.peer)
             except ValueError as e:
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
                 _try(conn, str(e))
                 return
             assert entry is not None
-            pending = _Pending()
-            with self.registry.lock:
-                rec.cancel = pending.cancel
             try:
                 accept_offer(conn)
                 session = DestinationSession(
-                    entry.handle, conn, host=self.facts(), config=SessionConfig(),
+                    guest, conn, host=self.facts(), config=SessionConfig(),
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id)
                 res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
-                self._fail(rec, f"internal error: {type(e).__name__}: {e}")
+                reason = f"internal error: {type(e).__name__}: {e}"
+                self.ledger.end(rec, "failed", [(LifecycleState.DEFINED,
+                                                 f"discarded: {reason}")], error=reason)
                 self.guests.reopen(entry, "incoming")
                 return
+            if res.result == "completed":
+                self.ledger.end(rec, "completed", [
+                    (LifecycleState.LOADED, "received and loaded"),
+                    (LifecycleState.RUNNING, "verified and resumed")], res=res)
+            else:
+                gone = f"discarded ({res.result}): {res.reason}"
+                self.ledger.end(rec, _result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
-            with self.registry.lock:
-                entry.state = "running"
             self.guests.started_running(entry)
         else:
             self.guests.reopen(entry, "incoming")
 
-    def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str) -> MigrationRecord:
+    def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str
+               ) -> tuple[MigrationRecord, Guest, MigrationHandle]:
         if entry is None:
             raise ValueError(f"this host has no guest {offer.guest!r} configured")
         with self.registry.lock:
-            if entry.state != "incoming" or entry.handle is None:
-                why = entry.error if entry.state == "error" else f"it is {entry.state} here"
+            guest = self.guests.opened(entry.name)
+            if entry.state is not LifecycleState.INCOMING or guest is None:
+                why = (entry.error if entry.state is LifecycleState.FAILED
+                       else f"it is {entry.state} here")
                 raise ValueError(f"guest {offer.guest} cannot be received: {why}")
-            return self.registry.begin_migration(entry.name, "destination", peer,
-                                                 migration_id=offer.migration_id[:64])
+            rec, pending = self.ledger.begin(entry.name, "destination", peer,
+                                       migration_id=offer.migration_id[:64])
+            return rec, guest, pending
 
     # -- both ------------------------------------------------------------------------------
     def _run(self, rec: MigrationRecord, session: SourceSession | DestinationSession,
-             pending: _Pending) -> MigrationResult:
+             pending: MigrationHandle) -> MigrationResult:
         def on_state(old: MigrationState, new: MigrationState) -> None:
             phase = PHASE.get(new)
             fields = {"phase": phase} if phase else {}
-            self.registry.update(rec, state=new.value, **fields)
+            with self.registry.lock:
+                self.registry.update(rec, state=new.value, **fields)
+                if rec.role == "source" and new is MigrationState.DEVICE:
+                    self.ledger.move(rec, [(LifecycleState.SWITCHING_OVER,
+                                      "paused for stop-and-copy")])
             log.info("migration %s (%s %s): %s -> %s", rec.id, rec.role, rec.guest,
                      old.name, new.name)
 
         session.add_state_handler(on_state)
-        with self.registry.lock:
-            rec.live = lambda: session.status().to_dict()
-            rec.progress.ram_total_bytes = session.guest.ram_bytes
+        self.registry.update(rec, ram_total_bytes=session.guest.ram_bytes)
         pending.attach(session)
         res = session.run()
-        self.registry.finish(rec, res.result if res.result in ("completed", "cancelled")
-                             else "failed", error=res.reason or None,
-                             downtime_s=res.actual_downtime_s,
-                             predicted_s=res.predicted_downtime_s, verified=res.verified)
-        with self.registry.lock:
-            rec.progress.bytes_sent = res.stream_bytes if rec.role == "source" else 0
-            rec.progress.bytes_received = res.stream_bytes if rec.role != "source" else 0
         log.info("migration %s (%s %s): %s%s", rec.id, rec.role, rec.guest, res.result,
                  f": {res.reason}" if res.reason else "")
         return res
-
-    def _fail(self, rec: MigrationRecord, reason: str) -> None:
-        log.error("migration %s of %s failed: %s", rec.id, rec.guest, reason)
-        self.registry.finish(rec, "failed", error=reason)
-
-    def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
-        """Ask the guest's running migration to cancel; None if none runs."""
-        with self.registry.lock:
-            rec = entry.migration
-            if rec is None or not rec.active or rec.cancel is None:
-                return None
-            cancel = rec.cancel
-        cancel()
-        return rec
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Cancel every running migration and wait for the threads (bounded)."""
         self._closing.set()
         for entry in list(self.registry.guests.values()):
-            self.cancel(entry)
+            self.ledger.cancel(entry)
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -289,10 +286,17 @@ class MigrationService:
             if left <= 0:
                 log.error("shutdown: %d migration thread(s) still running after %.0f s",
                           len(threads), timeout_s)
+                self.ledger.abandon(f"its migration did not end within the {timeout_s:g} "
+                                    "s shutdown deadline")
                 break
             threads[0].join(left)
         if self.listener is not None:
             self.listener.close()
+
+
+def _result(res: MigrationResult) -> str:
+    """The record's result for a session's (anything but completed or cancelled failed)."""
+    return res.result if res.result in ("completed", "cancelled") else "failed"
 
 
 def _prior(host: str) -> Any:

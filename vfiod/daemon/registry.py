@@ -1,11 +1,14 @@
-"""What the daemon owns, in one place: its guests (with their devices), the migrations it
-runs or receives, and the counters and histograms the metrics endpoint reads
-(design.md §6).
+"""The daemon's read model: its guests (lifecycle state, devices, latest migration), the
+migrations it runs or receives, and the counters and histograms the metrics endpoint
+reads (design.md §6, §7). Status answers, the Prometheus collector and ``vfiod ctl`` read
+it through ``snapshot()``: plain copies taken under the lock, so a scrape never sees a
+half-updated migration.
 
-Every writer (the control server's handlers, migration threads) and every reader (status
-requests, the Prometheus collector at scrape time) goes through ``Registry``'s lock and
-gets copies, so a scrape never sees a half-updated migration. Nothing here talks to the
-kernel or to prometheus_client: ``snapshot()`` turns the live objects into plain values.
+One writer per piece: a guest's lifecycle state belongs to ``GuestLifecycle``
+(``lifecycle.py``; ``GuestEntry.state`` only reads it), its device rows to
+``GuestManager``, migration records and counters to this class's methods. No runtime
+objects live here (open guests, sessions, cancel functions): their services keep them.
+Nothing here talks to the kernel or to prometheus_client.
 
 Migration ids are for logs and ``vfiod ctl status`` only; metrics use bounded labels.
 """
@@ -18,12 +21,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.lifecycle import GuestLifecycle, LifecycleState
 
 #: Seconds; around the 300 ms default downtime limit (peers.md §7.1: 0.05-2 s).
 DOWNTIME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -84,7 +88,7 @@ class Progress:
     triple: str = ""
 
 
-@dataclass
+@dataclass(eq=False)           # identity: the migration service keys its handles by record
 class MigrationRecord:
     id: str
     guest: str
@@ -103,18 +107,13 @@ class MigrationRecord:
     prediction_error: float | None = None
     verified: bool | None = None   # destination proved the content digests equal
     finished: float | None = None
-    cancel: Callable[[], None] | None = field(default=None, repr=False, compare=False)
-    #: the live session's status (a dict), for status answers while it runs
-    live: Callable[[], dict[str, Any]] | None = field(default=None, repr=False,
-                                                       compare=False)
 
     @property
     def active(self) -> bool:
         return self.result is None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in ("cancel", "live")}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _plain(v: Any) -> Any:
@@ -139,25 +138,39 @@ class DeviceEntry:
     reason: str = ""
 
 
-@dataclass
 class GuestEntry:
-    config: GuestConfig
-    handle: Any = None             # vfiod.migration.guest.Guest once opened
-    state: str = "stopped"         # running | incoming | migrated | error | stopped
-    error: str | None = None
-    devices: dict[str, DeviceEntry] = field(default_factory=dict)
-    migration: MigrationRecord | None = None
+    """One configured guest. ``state`` and ``error`` are read-only: they come from the
+    ``GuestLifecycle`` that owns them."""
+
+    def __init__(self, config: GuestConfig, lifecycle: GuestLifecycle) -> None:
+        self.config = config
+        self.devices: dict[str, DeviceEntry] = {}
+        self.migration: MigrationRecord | None = None
+        self._lifecycle = lifecycle
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def state(self) -> LifecycleState:
+        return self._lifecycle.state(self.config.name)
+
+    @property
+    def error(self) -> str | None:
+        """Why the guest is ``failed``; None in every other state."""
+        return self._lifecycle.failure(self.config.name)
 
 
 class Registry:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.lock = threading.RLock()
         self.clock = clock
-        self.guests: dict[str, GuestEntry] = {}
+        #: the one writer of guest lifecycle states; it shares this lock
+        self.lifecycle = GuestLifecycle(self.lock, clock)
+        self._guests: dict[str, GuestEntry] = {}
+        #: read-only: guests are added by ``add_guest`` only
+        self.guests: Mapping[str, GuestEntry] = MappingProxyType(self._guests)
         self.finished: deque[MigrationRecord] = deque(maxlen=KEEP_FINISHED)
         self.migrations_total: dict[tuple[str, str], int] = {}
         self.downtime = Buckets(DOWNTIME_BUCKETS)
@@ -165,32 +178,20 @@ class Registry:
         self.requests_total: dict[str, int] = {"ok": 0, "error": 0}
         self.refused_peers_total = 0
         self.scrape_errors_total = 0
-        self.info: dict[str, Any] = {}
         #: called under the lock before each snapshot (refreshes device states from drivers)
         self.refreshers: list[Callable[[], None]] = []
 
-    @contextmanager
-    def locked(self) -> Iterator[Registry]:
+    # -- guests ---------------------------------------------------------------------------
+    def add_guest(self, config: GuestConfig) -> GuestEntry:
+        """A configured guest, ``defined`` (``ValueError`` if the name is taken)."""
         with self.lock:
-            yield self
-
-    # -- guests and devices ---------------------------------------------------------------
-    def add_guest(self, entry: GuestEntry) -> None:
-        with self.lock:
-            if entry.name in self.guests:
-                raise ValueError(f"guest {entry.name} is registered twice")
-            self.guests[entry.name] = entry
+            self.lifecycle.add(config.name)
+            entry = self._guests[config.name] = GuestEntry(config, self.lifecycle)
+            return entry
 
     def guest(self, name: str) -> GuestEntry | None:
         with self.lock:
-            return self.guests.get(name)
-
-    def device(self, name: str) -> DeviceEntry | None:
-        with self.lock:
-            for g in self.guests.values():
-                if name in g.devices:
-                    return g.devices[name]
-            return None
+            return self._guests.get(name)
 
     # -- migrations ------------------------------------------------------------------------
     def begin_migration(self, guest: str, role: str, peer: str, *, migration_id: str = "",
@@ -198,7 +199,7 @@ class Registry:
         """Register a new migration of ``guest``; ``ValueError`` if one is running. A
         destination passes the source's ``migration_id`` so both ends log the same id."""
         with self.lock:
-            entry = self.guests.get(guest)
+            entry = self._guests.get(guest)
             if entry is None:
                 raise KeyError(guest)
             if entry.migration is not None and entry.migration.active:
@@ -234,8 +235,6 @@ class Registry:
             rec.result, rec.error, rec.finished = result, error, self.clock()
             rec.state = result
             rec.progress.phase = "done"
-            rec.cancel = None
-            rec.live = None
             rec.verified = verified
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
@@ -267,9 +266,9 @@ class Registry:
             for refresh in self.refreshers:
                 refresh()
             guests = []
-            for g in self.guests.values():
+            for g in self._guests.values():
                 guests.append({
-                    "name": g.name, "state": g.state, "error": g.error,
+                    "name": g.name, "state": g.state.value, "error": g.error,
                     "ram_bytes": g.config.ram_bytes, "page_size": g.config.page_size,
                     "start": g.config.start,
                     "devices": [dataclasses.asdict(d) for d in g.devices.values()],
@@ -284,5 +283,4 @@ class Registry:
                 "requests_total": dict(self.requests_total),
                 "refused_peers_total": self.refused_peers_total,
                 "scrape_errors_total": self.scrape_errors_total,
-                "info": dict(self.info),
             }

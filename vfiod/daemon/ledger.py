@@ -1,0 +1,141 @@
+"""The daemon's running migrations, kept together (design.md §6, §7): each one's record
+in the ``Registry``, its guest's lifecycle steps (``GuestLifecycle``) and its runtime
+handle (the cancel and the live status of its session, which are no part of the read
+model). ``begin`` and ``end`` change all three in one hold of the registry lock, so
+status never shows a migration ended while its guest is still in a state it has left,
+nor a guest migrating without a record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from vfiod.daemon.lifecycle import OUTGOING, LifecycleState
+from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.migration.session.common import MigrationResult, SessionBase
+
+#: Lifecycle steps taken with a migration's start or end: (new state, cause).
+Moves = Sequence[tuple[LifecycleState, str]]
+
+CANCEL_REASON = "cancelled by the operator (vfiod ctl cancel)"
+
+
+class MigrationHandle:
+    """A running migration as other threads reach it: its cancel (kept if it comes
+    before the session exists, while connecting) and the session's live status."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self._session: SessionBase | None = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled.set()
+            session = self._session
+        if session is not None:
+            session.cancel(CANCEL_REASON)
+
+    def attach(self, session: SessionBase) -> None:
+        with self._lock:
+            self._session = session
+            if self.cancelled.is_set():
+                session.cancel(CANCEL_REASON)
+
+    def live(self) -> dict[str, Any] | None:
+        with self._lock:
+            session = self._session
+        return session.status().to_dict() if session is not None else None
+
+
+class MigrationLedger:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.lifecycle = registry.lifecycle
+        self._handles: dict[MigrationRecord, MigrationHandle] = {}
+        self._lock = threading.Lock()          # _handles; taken after the registry lock
+
+    def begin(self, guest: str, role: str, peer: str, *, migration_id: str = "",
+              moves: Moves = (), **policy: Any) -> tuple[MigrationRecord, MigrationHandle]:
+        """Register a migration (``ValueError`` if one of the guest runs), take its first
+        lifecycle steps and keep its handle. The caller holds the registry lock and
+        checked that the guest may take those steps."""
+        with self.registry.lock:
+            rec = self.registry.begin_migration(guest, role, peer, migration_id=migration_id,
+                                                **policy)
+            self.move(rec, moves)
+            with self._lock:
+                handle = self._handles[rec] = MigrationHandle()
+            return rec, handle
+
+    def move(self, rec: MigrationRecord, moves: Moves) -> None:
+        for state, cause in moves:
+            self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer)
+
+    def end(self, rec: MigrationRecord, result: str, moves: Moves = (), *,
+            res: MigrationResult | None = None, error: str | None = None) -> None:
+        """The migration's last lifecycle steps, its handle dropped and its record
+        finished (with the session's numbers, if one ran)."""
+        with self.registry.lock:
+            try:
+                self.move(rec, moves)
+            finally:                # a refused step still ends the record; then it raises
+                with self._lock:
+                    self._handles.pop(rec, None)
+                if res is None:
+                    self.registry.finish(rec, result, error=error)
+                else:
+                    sent = res.stream_bytes if rec.role == "source" else 0
+                    self.registry.update(rec, bytes_sent=sent,
+                                         bytes_received=res.stream_bytes - sent)
+                    self.registry.finish(rec, result, error=res.reason or None,
+                                         downtime_s=res.actual_downtime_s,
+                                         predicted_s=res.predicted_downtime_s,
+                                         verified=res.verified)
+
+    def crashed(self, rec: MigrationRecord, reason: str) -> None:
+        """End an outgoing migration whose thread broke: what it did to the guest is
+        unknown, so a guest it still held is failed (not ours to migrate again until an
+        operator looks)."""
+        with self.registry.lock:
+            stuck = self.lifecycle.state(rec.guest) in OUTGOING
+            self.end(rec, "failed", [(LifecycleState.FAILED, reason)] if stuck else (),
+                     error=reason)
+
+    def abandon(self, why: str) -> None:
+        """Fail every guest an outgoing migration still holds (so it can be released)."""
+        with self.registry.lock:
+            for name, state in self.lifecycle.states().items():
+                if state in OUTGOING:
+                    self.lifecycle.move(name, LifecycleState.FAILED, why)
+
+    # -- from other threads ----------------------------------------------------------------
+    def live_status(self) -> dict[str, dict[str, Any]]:
+        """Each running session's own status, by guest (read outside every lock: a
+        session answers from its own)."""
+        with self._lock:
+            running = [(rec.guest, h) for rec, h in self._handles.items()]
+        out: dict[str, dict[str, Any]] = {}
+        for guest, handle in running:
+            try:
+                live = handle.live()
+            except Exception as e:  # noqa: BLE001 - status must answer even mid-teardown
+                live = {"error": f"{type(e).__name__}: {e}"}
+            if live is not None:
+                out[guest] = live
+        return out
+
+    def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
+        """Ask the guest's running migration to cancel; None if none runs."""
+        with self.registry.lock:
+            rec = entry.migration
+            if rec is None or not rec.active:
+                return None
+            with self._lock:
+                handle = self._handles.get(rec)
+        if handle is None:
+            return None
+        handle.cancel()
+        return rec
