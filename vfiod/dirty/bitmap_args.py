@@ -5,8 +5,9 @@ little-endian u64 words, bit ``i`` (page ``i``) is bit ``i % 64`` of word ``i //
 Here a bitmap is a 1-D C-contiguous ``numpy.uint64`` array; the word *values* carry that
 layout, so the host byte order does not matter once the words are loaded.
 
-Both ``bitmap_ref`` (the specification) and ``bitmap_kernels`` (the fast versions) run the
-same checks, so they accept and refuse exactly the same inputs. Every refusal is a
+Both ``bitmap_ref`` (the specification) and ``bitmap_kernels`` (the fast versions) validate
+each operation's arguments with the one ``*_args`` function here, so they accept and refuse
+exactly the same inputs. Every refusal is a
 ``ValueError`` whose message names the function, the argument and what was wrong; the
 kernels rely on these checks to never index outside an array (numba does not bounds-check).
 """
@@ -89,3 +90,60 @@ def tail_mask(nbits: int) -> int:
     """Mask of the valid bits in the last word of an ``nbits`` bitmap (all ones if full)."""
     tail = nbits % WORD_BITS
     return (1 << tail) - 1 if tail else (1 << WORD_BITS) - 1
+
+
+# -- the arguments of each bitmap operation, checked once for both implementations ------------
+
+def or_merge_args(dst: object, src: object, dst_bit_offset: object,
+                  nbits: object) -> tuple[Words, Words, int, int]:
+    """``or_merge``: a writable ``dst``, a ``src`` not sharing its memory, both spans fit."""
+    fn = "or_merge"
+    d = check_words(fn, "dst", dst, writable=True)
+    s = check_words(fn, "src", src)
+    off = check_count(fn, "dst_bit_offset", dst_bit_offset)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "src", s, 0, n)
+    check_span(fn, "dst", d, off, n)
+    check_disjoint(fn, "dst", d, "src", s)
+    return d, s, off, n
+
+
+def popcount_args(words: object, nbits: object | None) -> tuple[Words, int]:
+    """``popcount``: the words and how many bits to count (all of them for ``None``)."""
+    fn = "popcount"
+    w = check_words(fn, "words", words)
+    n = w.shape[0] * WORD_BITS if nbits is None else check_count(fn, "nbits", nbits)
+    check_span(fn, "words", w, 0, n)
+    return w, n
+
+
+def dirty_runs_args(words: object, nbits: object, max_run: object) -> tuple[Words, int, int]:
+    """``dirty_runs``: the words, the bit count that fits them, a ``max_run`` of at least 1."""
+    fn = "dirty_runs"
+    w = check_words(fn, "words", words)
+    n = check_count(fn, "nbits", nbits)
+    longest = check_count(fn, "max_run", max_run, minimum=1)
+    check_span(fn, "words", w, 0, n)
+    return w, n, longest
+
+
+def bit_range_args(fn: str, words: object, first_bit: object,
+                   nbits: object) -> tuple[Words, int, int]:
+    """``test_and_clear`` and ``set_range``: writable words and a bit range inside them."""
+    w = check_words(fn, "words", words, writable=True)
+    first = check_count(fn, "first_bit", first_bit)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "words", w, first, n)
+    return w, first, n
+
+
+def rescale_args(src: object, src_pgsize: object, dst_pgsize: object,
+                 nbits: object) -> tuple[Words, int, int, int]:
+    """``rescale``: the source words, both page sizes (powers of two), the bits to take."""
+    fn = "rescale"
+    s = check_words(fn, "src", src)
+    sp = check_page_size(fn, "src_pgsize", src_pgsize)
+    dp = check_page_size(fn, "dst_pgsize", dst_pgsize)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "src", s, 0, n)
+    return s, sp, dp, n

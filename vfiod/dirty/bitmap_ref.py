@@ -9,7 +9,8 @@ packs the result back. They are still vectorised (no Python loop per bit or per 
 the benchmark ratios of ``bitmap_kernels`` against them are honest.
 
 ``bitmap_kernels`` must agree with every function here on every valid input, and both
-refuse the same invalid inputs with ``ValueError`` (checks in ``bitmap_args``).
+refuse the same invalid inputs with ``ValueError`` (one check per operation in
+``bitmap_args``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from vfiod.dirty.bitmap_args import (
     WORD_BITS,
     Pages,
     Words,
-    check_count,
-    check_disjoint,
-    check_page_size,
-    check_span,
-    check_words,
+    bit_range_args,
+    dirty_runs_args,
+    or_merge_args,
+    popcount_args,
+    rescale_args,
     rescaled_nbits,
     words_for,
 )
@@ -51,14 +52,7 @@ def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
     Bits of ``src`` at or beyond ``nbits`` are ignored; ``dst`` bits outside the range are
     untouched. Only the ``dst`` words the range touches are unpacked.
     """
-    fn = "or_merge"
-    dst = check_words(fn, "dst", dst, writable=True)
-    src = check_words(fn, "src", src)
-    off = check_count(fn, "dst_bit_offset", dst_bit_offset)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
-    check_span(fn, "dst", dst, off, nbits)
-    check_disjoint(fn, "dst", dst, "src", src)
+    dst, src, off, nbits = or_merge_args(dst, src, dst_bit_offset, nbits)
     if nbits == 0:
         return
     lo, hi = off // WORD_BITS, words_for(off + nbits)
@@ -74,10 +68,7 @@ def popcount(words: Words, nbits: int | None = None) -> int:
     Counts whole words with ``np.bitwise_count`` (numpy >= 2) and masks the partial last word;
     on older numpy it sums the unpacked bits instead.
     """
-    fn = "popcount"
-    words = check_words(fn, "words", words)
-    n = words.shape[0] * WORD_BITS if nbits is None else check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, 0, n)
+    words, n = popcount_args(words, nbits)
     if not hasattr(np, "bitwise_count"):
         return int(_unpack(words, n).sum(dtype=np.int64))
     full = n // WORD_BITS
@@ -95,11 +86,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     ``max_run`` pages plus a shorter last piece. Runs come from the +1/-1 edges of the bit
     array (``np.diff`` with a 0 on either side); the split is ``ranges.split_ranges``.
     """
-    fn = "dirty_runs"
-    words = check_words(fn, "words", words)
-    nbits = check_count(fn, "nbits", nbits)
-    max_run = check_count(fn, "max_run", max_run, minimum=1)
-    check_span(fn, "words", words, 0, nbits)
+    words, nbits, max_run = dirty_runs_args(words, nbits, max_run)
     edges = np.diff(_unpack(words, nbits).view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1).astype(np.int64)
     lengths = np.flatnonzero(edges == -1).astype(np.int64) - starts
@@ -112,11 +99,7 @@ def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
     Bit ``j`` of the result is old bit ``first_bit + j``; the result has ``ceil(nbits/64)``
     words with bits beyond ``nbits`` zero.
     """
-    fn = "test_and_clear"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bit_range_args("test_and_clear", words, first_bit, nbits)
     if nbits == 0:
         return np.zeros(0, dtype=np.uint64)
     lo, hi = first // WORD_BITS, words_for(first + nbits)
@@ -134,11 +117,7 @@ test_and_clear.__test__ = False  # type: ignore[attr-defined]
 
 def set_range(words: Words, first_bit: int, nbits: int) -> None:
     """Set bits ``[first_bit, first_bit + nbits)`` of ``words``; other bits untouched."""
-    fn = "set_range"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bit_range_args("set_range", words, first_bit, nbits)
     if nbits == 0:
         return
     lo, hi = first // WORD_BITS, words_for(first + nbits)
@@ -157,12 +136,7 @@ def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
     has ``nbits*r`` bits. Equal sizes copy. Both sizes must be powers of two.
     The result is a new array of ``ceil(result_bits/64)`` words.
     """
-    fn = "rescale"
-    src = check_words(fn, "src", src)
-    sp = check_page_size(fn, "src_pgsize", src_pgsize)
-    dp = check_page_size(fn, "dst_pgsize", dst_pgsize)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
+    src, sp, dp, nbits = rescale_args(src, src_pgsize, dst_pgsize, nbits)
     bits = _unpack(src, nbits)
     if dp > sp:
         ratio = dp // sp

@@ -17,13 +17,13 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.vfio import bitmap as bm
-from vfiod.vfio.call import check_uint, ioctl
+from vfiod.vfio.call import OwnedFd, check_uint, ioctl
 from vfiod.vfio.iommu_info import DIRTY_BITMAP_SIZE_MAX, IommuInfo, query_iommu_info
 from vfiod.vfio.paths import HostPaths
 
@@ -57,19 +57,17 @@ class _DirtyGet(ctypes.Structure):
                 ("get", v.vfio_iommu_type1_dirty_bitmap_get)]
 
 
-class Container:
+class Container(OwnedFd):
     """One open container fd. Build with ``open`` (vfiod owns it) or ``adopt`` (a VMM
-    handed the fd over the control socket)."""
+    handed the fd over the control socket). ``close`` closes its groups (and their
+    devices) first."""
 
     def __init__(self, kernel: KernelOps, fd: int, name: str, iommu_type: int | None = None):
-        self.kernel = kernel
-        self.fd = fd
-        self.name = name
+        super().__init__(kernel, fd, name)
         self.iommu_type = iommu_type
         self.groups: list[Group] = []
         self._maps: list[Mapping] = []         # sorted by iova
         self._info: IommuInfo | None = None
-        self.closed = False
 
     # -- setup (§3.1) -----------------------------------------------------------------
     @classmethod
@@ -266,29 +264,14 @@ class Container:
         return chunks
 
     # -- teardown ---------------------------------------------------------------------
-    def close(self) -> None:
-        """Close devices, then groups, then the container; finish even if one step fails
-        and raise the first failure afterwards."""
-        if self.closed:
-            return
-        first: BaseException | None = None
+    def _close_members(self) -> KernelError | None:
+        """Each group closes its devices, then itself, before the container fd goes."""
+        first: KernelError | None = None
         for g in list(self.groups):
             try:
                 g.close()
             except KernelError as e:
                 first = first or e
         self.groups.clear()
-        try:
-            self.kernel.close(self.fd)
-        except KernelError as e:
-            first = first or e.with_context(op="close", target=self.name)
-        self.closed = True
         self._maps.clear()
-        if first is not None:
-            raise first
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return first
