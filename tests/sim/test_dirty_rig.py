@@ -16,10 +16,10 @@ import numpy as np
 
 import vfiod.abi.vfio as v
 from vfiod.dirty.providers.base import DmaSpace, IommufdSpace
-from vfiod.dirty.tracker import IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import TrackedContainer
 from vfiod.kernel.sim.host import SimHost, SimHostConfig
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
-from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio import Container, DmaMapping, Group, HostPaths
 from vfiod.vfio.cdev import CdevDevice
 from vfiod.vfio.device import Device
 from vfiod.vfio.iommufd import Iommufd
@@ -54,7 +54,7 @@ def has_dma_logging_sim() -> bool:
 @dataclass
 class RigContainer:
     space: DmaSpace
-    maps: list[IovaMapping] = field(default_factory=list)
+    maps: list[DmaMapping] = field(default_factory=list)
     opt: dict[str, bool] = field(default_factory=dict)
 
     def tracked(self, disable: Sequence[str] = ()) -> TrackedContainer:
@@ -102,7 +102,7 @@ class Rig:
         self.containers[name] = rc
         return rc
 
-    def map(self, name: str, iova: int, gpa: int, size: int) -> IovaMapping:
+    def map(self, name: str, iova: int, gpa: int, size: int) -> DmaMapping:
         rc = self.containers[name]
         if rc.space.type1 is not None:
             rc.space.type1.map_dma(iova, VADDR_BASE + gpa, size)
@@ -111,7 +111,7 @@ class Rig:
             assert sp is not None
             sp.iommufd.ioas_map(sp.ioas_id, VADDR_BASE + gpa, size, iova=iova)
             sp.mappings.append((iova, size))
-        m = IovaMapping(iova, size, gpa)
+        m = DmaMapping(iova, size, gpa)
         rc.maps.append(m)
         return m
 

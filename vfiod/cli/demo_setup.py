@@ -27,7 +27,7 @@ from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.guest import Guest, RamSpec
-from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.vfio import HostPaths
 
 MiB = 1 << 20
@@ -132,10 +132,8 @@ def build_side(side: str, root: Path, ram_bytes: int) -> DemoSide:
                 maps=None if cname == "c0" else [(pool.gpa, pool.size)],
                 pre_copy_dirty_page_tracking={d.spec.name: d.pre_copy_dirty_page_tracking
                                               for d in members})
-        # The simulated kernel pins nothing (as if vfiod had CAP_IPC_LOCK): say so in the
-        # facts preflight compares, instead of this process's real RLIMIT_MEMLOCK.
-        facts = dataclasses.replace(gather_host_facts(host.kernel),
-                                    memlock=MemlockFacts(None, None, 0, True))
+        # the simulated kernel has no memlock limit (as if vfiod had CAP_IPC_LOCK)
+        facts = gather_host_facts(host.kernel)
     except BaseException:
         guest.close()
         host.close()

@@ -22,7 +22,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from vfiod.daemon.config import GuestConfig, SimWorkload
+from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.providers.select import select

@@ -24,9 +24,10 @@ import numpy as np
 from numba import njit
 
 from vfiod.dirty import bitmap_args
-from vfiod.dirty.bitmap_args import Pages, Words, words_for
+from vfiod.dirty.bitmap_args import Pages
 from vfiod.dirty.bitmap_rescale import rescale
 from vfiod.dirty.bitmap_words import ALL, ONE, ZERO, ctz64, popcnt64, tail_mask_u64
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 __all__ = ["dirty_runs", "or_merge", "popcount", "rescale", "set_range", "test_and_clear"]
 
@@ -210,20 +211,20 @@ def _k_fill(words, first_bit, nbits, value):
     words[w0 + 1 : w1] = fillw
 
 
-def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
+def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> None:
     """OR bits ``[0, nbits)`` of ``src`` into ``dst`` at bit ``dst_bit_offset`` (any alignment)."""
     dst, src, off, nbits = bitmap_args.or_merge_args(dst, src, dst_bit_offset, nbits)
     if nbits:
         _k_or_merge(dst, src, off, nbits)
 
 
-def popcount(words: Words, nbits: int | None = None) -> int:
+def popcount(words: Bitmap, nbits: int | None = None) -> int:
     """Set bits among the first ``nbits`` bits (all of ``words`` if ``None``)."""
     words, n = bitmap_args.popcount_args(words, nbits)
     return int(_k_popcount(words, n)) if n else 0
 
 
-def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
+def dirty_runs(words: Bitmap, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     """Maximal runs of set bits, split at ``max_run``, as ``(first_page, count)`` int64 arrays.
 
     Without splitting, the two arrays are views of larger buffers whose unused tail was
@@ -256,7 +257,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     return out_first, out_count
 
 
-def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
+def test_and_clear(words: Bitmap, first_bit: int, nbits: int) -> Bitmap:
     """Return bits ``[first_bit, +nbits)`` as a new bitmap (bit 0 = ``first_bit``); clear them."""
     words, first, nbits = bitmap_args.bit_range_args("test_and_clear", words, first_bit, nbits)
     out = np.zeros(words_for(nbits), dtype=np.uint64)
@@ -269,7 +270,7 @@ def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
 test_and_clear.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def set_range(words: Words, first_bit: int, nbits: int) -> None:
+def set_range(words: Bitmap, first_bit: int, nbits: int) -> None:
     """Set bits ``[first_bit, first_bit + nbits)``; other bits untouched."""
     words, first, nbits = bitmap_args.bit_range_args("set_range", words, first_bit, nbits)
     if nbits:

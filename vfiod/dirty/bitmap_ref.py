@@ -21,32 +21,31 @@ import numpy.typing as npt
 from vfiod.dirty.bitmap_args import (
     WORD_BITS,
     Pages,
-    Words,
     bit_range_args,
     dirty_runs_args,
     or_merge_args,
     popcount_args,
     rescale_args,
     rescaled_nbits,
-    words_for,
 )
 from vfiod.dirty.ranges import split_ranges
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 
-def _unpack(words: Words, nbits: int | None = None) -> npt.NDArray[np.uint8]:
+def _unpack(words: Bitmap, nbits: int | None = None) -> npt.NDArray[np.uint8]:
     """One uint8 (0/1) per bit; ``astype('<u8')`` makes the byte view little-endian anywhere."""
     raw = words.astype("<u8", copy=False).view(np.uint8)
     return np.unpackbits(raw, count=nbits, bitorder="little")
 
 
-def _pack(bits: npt.NDArray[np.uint8]) -> Words:
+def _pack(bits: npt.NDArray[np.uint8]) -> Bitmap:
     """Inverse of ``_unpack``: pad to whole words, pack, read back as native uint64."""
     padded = np.zeros(words_for(bits.shape[0]) * WORD_BITS, dtype=np.uint8)
     padded[: bits.shape[0]] = bits
     return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
 
 
-def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
+def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> None:
     """OR bits ``[0, nbits)`` of ``src`` into ``dst`` bits ``[dst_bit_offset, +nbits)``.
 
     Bits of ``src`` at or beyond ``nbits`` are ignored; ``dst`` bits outside the range are
@@ -62,7 +61,7 @@ def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
     dst[lo:hi] = _pack(seg)
 
 
-def popcount(words: Words, nbits: int | None = None) -> int:
+def popcount(words: Bitmap, nbits: int | None = None) -> int:
     """Number of set bits among the first ``nbits`` bits (all of ``words`` if ``None``).
 
     Counts whole words with ``np.bitwise_count`` (numpy >= 2) and masks the partial last word;
@@ -79,7 +78,7 @@ def popcount(words: Words, nbits: int | None = None) -> int:
     return total
 
 
-def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
+def dirty_runs(words: Bitmap, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     """Maximal runs of set bits among the first ``nbits``, as ``(first_page, count)`` arrays.
 
     Runs are in ascending order; a run longer than ``max_run`` is split into pieces of
@@ -93,7 +92,7 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     return split_ranges(starts, lengths, max_run)
 
 
-def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
+def test_and_clear(words: Bitmap, first_bit: int, nbits: int) -> Bitmap:
     """Return bits ``[first_bit, first_bit + nbits)`` as a new bitmap and clear them in ``words``.
 
     Bit ``j`` of the result is old bit ``first_bit + j``; the result has ``ceil(nbits/64)``
@@ -115,7 +114,7 @@ def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
 test_and_clear.__test__ = False  # type: ignore[attr-defined]
 
 
-def set_range(words: Words, first_bit: int, nbits: int) -> None:
+def set_range(words: Bitmap, first_bit: int, nbits: int) -> None:
     """Set bits ``[first_bit, first_bit + nbits)`` of ``words``; other bits untouched."""
     words, first, nbits = bit_range_args("set_range", words, first_bit, nbits)
     if nbits == 0:
@@ -127,7 +126,7 @@ def set_range(words: Words, first_bit: int, nbits: int) -> None:
     words[lo:hi] = _pack(seg)
 
 
-def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
+def rescale(src: Bitmap, src_pgsize: int, dst_pgsize: int, nbits: int) -> Bitmap:
     """Re-express the first ``nbits`` pages of ``src`` in ``dst_pgsize`` pages (from page 0).
 
     Coarser (``dst_pgsize > src_pgsize``, ratio ``r``): dst bit ``j`` is set iff any of src

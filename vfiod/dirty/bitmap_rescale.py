@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vfiod.dirty.bitmap_args import Words, rescale_args, rescaled_nbits, tail_mask, words_for
+from vfiod.dirty.bitmap_args import rescale_args, rescaled_nbits, tail_mask
 from vfiod.dirty.bitmap_words import ALL, ONE, ZERO, ctz64, tail_mask_u64
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 
 @njit(nogil=True, cache=True)
@@ -85,7 +86,7 @@ def _k_refine(src, nbits, ratio, out):
                 out[k * ratio + b // per_word] |= group << np.uint64((b % per_word) * ratio)
 
 
-def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
+def rescale(src: Bitmap, src_pgsize: int, dst_pgsize: int, nbits: int) -> Bitmap:
     """The first ``nbits`` pages of ``src`` in ``dst_pgsize`` pages; see ``bitmap_ref.rescale``."""
     src, sp, dp, nbits = rescale_args(src, src_pgsize, dst_pgsize, nbits)
     out = np.zeros(words_for(rescaled_nbits(nbits, sp, dp)), dtype=np.uint64)

@@ -49,6 +49,7 @@ from vfiod.dirty.providers.chain import ProviderChain
 from vfiod.dirty.providers.select import select
 from vfiod.dirty.ranges import PageRange
 from vfiod.errors import KernelError
+from vfiod.vfio.container import DmaMapping
 
 
 @dataclass(frozen=True)
@@ -60,21 +61,12 @@ class GuestRegion:
     name: str = ""
 
 
-@dataclass(frozen=True)
-class IovaMapping:
-    """A container's DMA mapping of IOVA [iova, iova + size) onto guest [gpa, gpa + size)."""
-
-    iova: int
-    size: int
-    gpa: int
-
-
 @dataclass
 class TrackedContainer:
     """One DMA space of the guest, its mappings and its devices' opt-out settings."""
 
     space: DmaSpace
-    mappings: Sequence[IovaMapping]
+    mappings: Sequence[DmaMapping]
     #: device name -> False: QEMU's x-pre-copy-dirty-page-tracking=off (default: on)
     pre_copy_dirty_page_tracking: Mapping[str, bool] = field(default_factory=dict)
     #: provider names not to use, e.g. {"device-logging"}
@@ -104,13 +96,13 @@ class _Segment:
     iova: int
     size: int
     first_page: int             # guest page of iova
-    maps: list[IovaMapping]
+    maps: list[DmaMapping]
 
 
 class _Box:
     """Run-time state of one container."""
 
-    def __init__(self, spec: TrackedContainer, maps: list[IovaMapping]) -> None:
+    def __init__(self, spec: TrackedContainer, maps: list[DmaMapping]) -> None:
         self.spec = spec
         self.name = spec.space.name
         self.maps = maps
@@ -332,7 +324,7 @@ class DirtyTracker:
             return self._merge_unmapped(box, iova, bits, gone)
 
     def _merge_unmapped(self, box: _Box, iova: int, bits: Bitmap,
-                        gone: list[IovaMapping]) -> int:
+                        gone: list[DmaMapping]) -> int:
         chain = box.chain
         assert chain is not None and chain.page_size is not None
         pg = chain.page_size
@@ -348,19 +340,19 @@ class DirtyTracker:
         self._forget(box, gone)
         return n
 
-    def _mark_maps(self, maps: list[IovaMapping]) -> int:
+    def _mark_maps(self, maps: list[DmaMapping]) -> int:
         n = 0
         for m in maps:
             self.bitmap.mark_all(PageRange(m.gpa // self.page_size, m.size // self.page_size))
             n += m.size // self.page_size
         return n
 
-    def _forget(self, box: _Box, gone: list[IovaMapping]) -> int:
+    def _forget(self, box: _Box, gone: list[DmaMapping]) -> int:
         box.maps = [m for m in box.maps if m not in gone]
         self._resegment(box)
         return 0
 
-    def add_mapping(self, container: str, mapping: IovaMapping) -> None:
+    def add_mapping(self, container: str, mapping: DmaMapping) -> None:
         """Track a mapping the owner just created (MAP_DMA / IOAS_MAP). type1 and iommufd
         track it by themselves; device logging only logs the ranges given at START, so it
         is restarted with the new list and the container counts dirty once."""
@@ -457,7 +449,7 @@ def _check_regions(regions: Sequence[GuestRegion], page_size: int) -> list[Guest
 
 
 def _check_mappings(c: TrackedContainer, regions: list[GuestRegion],
-                    page_size: int) -> list[IovaMapping]:
+                    page_size: int) -> list[DmaMapping]:
     name = c.space.name
     maps = sorted(c.mappings, key=lambda m: m.iova)
     for m in maps:

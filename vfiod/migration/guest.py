@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
 from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.device.base import MigrationDriver, probe
 from vfiod.migration.states import GuestState, MigState
 from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.vfio import Container, Device, Group, HostPaths
+from vfiod.vfio import Container, Device, DmaMapping, Group, HostPaths
 from vfiod.vfio.discovery import discover_device
 
 #: (old, new) run state; called synchronously by ``Guest.set_run_state``.
@@ -127,7 +127,7 @@ class GuestDevice:
 class GuestContainer:
     name: str
     container: Container
-    mappings: list[IovaMapping] = field(default_factory=list)
+    mappings: list[DmaMapping] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     #: dirty providers not to use here (``TrackedContainer.disable``)
     disable: tuple[str, ...] = ()
@@ -284,14 +284,13 @@ class Guest:
                                  "VFIO_DEVICE_RESET, not RUNNING; refusing to claim it")
         return driver
 
-    def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> IovaMapping:
+    def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> DmaMapping:
         """MAP_DMA guest [gpa, gpa+size) at iova == gpa on ``gc``."""
         block = self.block_at(gpa)
         if gpa + size > block.gpa + block.size or size <= 0:
             raise ValueError(f"guest {self.name}: DMA map {gpa:#x}+{size:#x} is not inside "
                              f"RAM region {block.name}")
-        gc.container.map_dma(gpa, block.addr + gpa - block.gpa, size)
-        m = IovaMapping(gpa, size, gpa)
+        m = gc.container.map_dma(gpa, block.addr + gpa - block.gpa, size, gpa=gpa)
         gc.mappings.append(m)
         return m
 

@@ -35,11 +35,20 @@ _IOMMU_NAMES = {v.VFIO_TYPE1_IOMMU: "VFIO_TYPE1_IOMMU", v.VFIO_TYPE1v2_IOMMU: "V
 
 
 @dataclass(frozen=True)
-class Mapping:
+class DmaMapping:
+    """IOVA [iova, iova + size) mapped for device DMA onto guest-physical [gpa, gpa + size).
+
+    The one mapping type of vfiod: ``Container.map_dma`` returns it and the dirty tracker
+    takes it. ``vaddr`` is the process address the kernel pinned and ``flags`` the
+    device-side permissions; a mapping that only describes the guest layout to the tracker
+    has no ``vaddr``.
+    """
+
     iova: int
     size: int
-    vaddr: int
-    flags: int            # VFIO_DMA_MAP_FLAG_READ | _WRITE
+    gpa: int
+    vaddr: int | None = None
+    flags: int = v.VFIO_DMA_MAP_FLAG_READ | v.VFIO_DMA_MAP_FLAG_WRITE
 
     @property
     def end(self) -> int:
@@ -66,7 +75,7 @@ class Container(OwnedFd):
         super().__init__(kernel, fd, name)
         self.iommu_type = iommu_type
         self.groups: list[Group] = []
-        self._maps: list[Mapping] = []         # sorted by iova
+        self._maps: list[DmaMapping] = []      # sorted by iova
         self._info: IommuInfo | None = None
 
     # -- setup (§3.1) -----------------------------------------------------------------
@@ -133,12 +142,14 @@ class Container(OwnedFd):
 
     # -- DMA mappings (§3.7, §3.8) ----------------------------------------------------
     @property
-    def mappings(self) -> tuple[Mapping, ...]:
+    def mappings(self) -> tuple[DmaMapping, ...]:
         return tuple(self._maps)
 
     def map_dma(self, iova: int, vaddr: int, size: int, readable: bool = True,
-                writable: bool = True) -> Mapping:
-        """``VFIO_IOMMU_MAP_DMA`` (device-side permissions); pins and charges memlock."""
+                writable: bool = True, *, gpa: int | None = None) -> DmaMapping:
+        """``VFIO_IOMMU_MAP_DMA`` (device-side permissions); pins and charges memlock.
+        ``gpa``: the guest-physical address of the memory (default ``iova``: vfiod maps a
+        guest's RAM at IOVA = guest-physical address)."""
         check_uint("iova", iova), check_uint("vaddr", vaddr), check_uint("size", size)
         flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | \
                 (v.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
@@ -146,7 +157,7 @@ class Container(OwnedFd):
                                          flags=flags, vaddr=vaddr, iova=iova, size=size)
         ioctl(self.kernel, self.fd, v.VFIO_IOMMU_MAP_DMA, arg,
               f"VFIO_IOMMU_MAP_DMA(iova {iova:#x}, size {size:#x})", self.name)
-        m = Mapping(iova, size, vaddr, flags)
+        m = DmaMapping(iova, size, iova if gpa is None else gpa, vaddr, flags)
         bisect.insort(self._maps, m, key=lambda x: x.iova)
         return m
 

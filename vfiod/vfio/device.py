@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
+class VfioDeviceInfo:
     """``VFIO_DEVICE_GET_INFO`` answer."""
 
     flags: int
@@ -49,16 +49,16 @@ class Device(OwnedFd, DeviceFeatures):
     def __init__(self, kernel: KernelOps, fd: int, name: str, group: Group | None = None):
         super().__init__(kernel, fd, name)
         self.group = group
-        self._info: DeviceInfo | None = None
+        self._info: VfioDeviceInfo | None = None
         self._regions: dict[int, RegionInfo] = {}
 
-    def info(self) -> DeviceInfo:
+    def info(self) -> VfioDeviceInfo:
         if self._info is None:
             arg = v.vfio_device_info(argsz=ctypes.sizeof(v.vfio_device_info))
             ioctl(self.kernel, self.fd, v.VFIO_DEVICE_GET_INFO, arg, "VFIO_DEVICE_GET_INFO",
                   self.name)
             # device capabilities (zPCI, ...) are not used by vfiod: no second call
-            self._info = DeviceInfo(arg.flags, arg.num_regions, arg.num_irqs)
+            self._info = VfioDeviceInfo(arg.flags, arg.num_regions, arg.num_irqs)
         return self._info
 
     # -- regions ------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import pytest
 from tests.daemon.rig import NotifySocket, vfiod_cmd, wait_until
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
-from vfiod.api import ClientError, ControlClient, ErrorCode
+from vfiod.api import ApiErrorCode, ClientError, ControlClient
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import HostPaths, discover_device
@@ -339,7 +339,7 @@ def test_status_devices_and_check_on_the_real_host(
         "EBUSY" in why, why
     with pytest.raises(ClientError) as err:
         p.call("check", {"target": "0000:00:1f.7"})
-    assert err.value.code is ErrorCode.NOT_FOUND and "0000:00:1f.7" in err.value.message
+    assert err.value.code is ApiErrorCode.NOT_FOUND and "0000:00:1f.7" in err.value.message
     # the probe of edu released it: this process can open it
     o = open_device(kernel, paths, edu)
     o.container.close()

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 
 from vfiod.errors import KernelError, VfiodError
+from vfiod.vfio.bitmap import Bitmap, words_for
 from vfiod.vfio.container import Container
 from vfiod.vfio.device import Device
 from vfiod.vfio.iommufd import Iommufd
 
-Bitmap = npt.NDArray[np.uint64]
 #: (iova, length) in bytes
 IovaRange = tuple[int, int]
 
@@ -140,13 +139,9 @@ class DmaSpace:
         return any(a == iova for a, _ in self.iommufd.mappings)
 
 
-def pages_in(length: int, page_size: int) -> int:
-    return -(-length // page_size)
-
-
 def ones(npages: int, out: Bitmap | None = None) -> Bitmap:
     """A bitmap with bits [0, npages) set and the tail of the last word clear."""
-    nwords = -(-npages // 64)
+    nwords = words_for(npages)
     if out is None or out.size < nwords:
         out = np.empty(nwords, dtype=np.uint64)
     out[:nwords] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
