@@ -17,10 +17,9 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
-from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.providers.select import select
+from vfiod.dirty.providers.base import DmaSpace, ProviderName
+from vfiod.dirty.providers.select import preferred
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.device.base import MigrationDriver, probe
@@ -28,9 +27,7 @@ from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.preflight import ENCRYPTION_NAMES
 from vfiod.vfio import Container, Group, HostPaths
 from vfiod.vfio.discovery import DiscoveredDevice, discover_device
-
-_CAPS = (("STOP_COPY", VFIO_MIGRATION_STOP_COPY), ("P2P", VFIO_MIGRATION_P2P),
-         ("PRE_COPY", VFIO_MIGRATION_PRE_COPY))
+from vfiod.vfio.features import migration_capabilities
 
 
 def _gib(n: float) -> str:
@@ -39,7 +36,7 @@ def _gib(n: float) -> str:
 
 def device_notes(d: DeviceEntry) -> list[str]:
     notes = []
-    if d.tracker == "none":
+    if d.tracker == ProviderName.NONE:
         notes.append(f"{d.name}: its container has no dirty-page tracking: every mapped page "
                      "counts dirty at every sync, so pre-copy cannot converge and the downtime "
                      "includes all of the container's mapped RAM")
@@ -122,7 +119,7 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
                    f"device); vfiod cannot probe it: {e}")
         return {**out, "migratable": False, "blockers": [why], "notes": []}
     notes = []
-    if facts["tracker"] == "none":
+    if facts["tracker"] == ProviderName.NONE:
         notes.append(f"{name}: no dirty-page tracking available: pre-copy cannot converge")
     return {**out, **facts, "migratable": True, "blockers": [], "notes": notes}
 
@@ -148,13 +145,13 @@ def _probe_open(kernel: KernelOps, paths: HostPaths, found: DiscoveredDevice) ->
         dev = group.get_device(found.name)
         driver = probe(dev)
         flags = int(getattr(driver, "flags", 0)) if driver.protocol == "v2" else 0
-        caps = [n for n, bit in _CAPS if flags & bit] or ["V1_REGION"]
+        caps = migration_capabilities(driver.protocol, flags)
         try:
             logging = dev.dma_logging_probe()
         except KernelError:
             logging = False
         try:
-            tracker = select(DmaSpace(found.name, [dev], type1=container)).chain[0].name
+            tracker = preferred(DmaSpace(found.name, [dev], type1=container))
         except (VfiodError, ValueError):
             tracker = None
         return {"protocol": driver.protocol, "capabilities": caps, "dma_logging": logging,

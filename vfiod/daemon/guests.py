@@ -26,7 +26,7 @@ from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.providers.select import select
+from vfiod.dirty.providers.select import preferred
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest import Guest, RamSpec
@@ -144,8 +144,8 @@ class GuestManager:
         for gc in guest.containers:
             devs = [guest.device(n).device for n in gc.devices]
             try:
-                chain = select(DmaSpace(gc.name, devs, type1=gc.container), gc.disable).chain
-                trackers[gc.name] = chain[0].name
+                trackers[gc.name] = preferred(DmaSpace(gc.name, devs, type1=gc.container),
+                                              gc.disable)
             except (VfiodError, ValueError) as e:
                 log.warning("guest %s: container %s: tracker probe failed: %s", entry.name,
                             gc.name, e)

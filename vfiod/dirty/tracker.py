@@ -43,6 +43,7 @@ from vfiod.dirty.providers.base import (
     DirtyProvider,
     DmaSpace,
     IovaRange,
+    ProviderName,
     ProviderUnavailable,
 )
 from vfiod.dirty.providers.chain import ProviderChain
@@ -152,7 +153,7 @@ class DirtyTracker:
                 for box in self._boxes:
                     disable = set(box.spec.disable)
                     if not box.maps:        # device logging needs ranges at START (§7)
-                        disable.add("device-logging")
+                        disable.add(ProviderName.DEVICE_LOGGING)
                     box.chain = ProviderChain(select(box.spec.space, disable), box.name)
                     box.chain.start(box.ranges(), self.page_size)
                     self._resegment(box)
@@ -361,7 +362,7 @@ class DirtyTracker:
             probe = TrackedContainer(box.spec.space, [*box.maps, mapping])
             box.maps = _check_mappings(probe, self.regions, self.page_size)
             chain = box.chain
-            if self.running and chain is not None and chain.name == "device-logging":
+            if self.running and chain is not None and chain.name == ProviderName.DEVICE_LOGGING:
                 chain.restart(f"mapping at iova {mapping.iova:#x} added: device logging "
                               "restarted with the new ranges", box.ranges(), self.page_size)
                 self._resegment(box)

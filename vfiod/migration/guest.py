@@ -30,7 +30,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
 from vfiod.errors import KernelError, MigrationError
@@ -41,6 +40,7 @@ from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.vfio import Container, Device, DmaMapping, Group, HostPaths
 from vfiod.vfio.discovery import discover_device
+from vfiod.vfio.features import migration_capabilities
 
 #: (old, new) run state; called synchronously by ``Guest.set_run_state``.
 RunStateHandler = Callable[[GuestState, GuestState], None]
@@ -113,11 +113,7 @@ class GuestDevice:
         """The device as the stream header and preflight describe it."""
         d = self.driver
         flags = getattr(d, "flags", 0) if d.protocol == "v2" else 0
-        caps = [name for bit, name in ((VFIO_MIGRATION_STOP_COPY, "STOP_COPY"),
-                                       (VFIO_MIGRATION_P2P, "P2P"),
-                                       (VFIO_MIGRATION_PRE_COPY, "PRE_COPY")) if flags & bit]
-        if d.protocol == "v1":
-            caps.append("V1_REGION")
+        caps = migration_capabilities(d.protocol, flags)
         if self.dma_logging:
             caps.append("DMA_LOGGING")
         return DeviceInfo(self.name, d.protocol, int(flags), dict(self.identity), tuple(caps))

@@ -39,6 +39,20 @@ _GET, _SET, _PROBE = v.VFIO_DEVICE_FEATURE_GET, v.VFIO_DEVICE_FEATURE_SET, v.VFI
 _UNSUPPORTED = (errno.ENOTTY, errno.EINVAL)
 
 
+#: The VFIO_MIGRATION_* flags (§6.2) by the names status, ``vfiod ctl check`` and the
+#: stream header give them.
+MIGRATION_FLAG_NAMES = ((v.VFIO_MIGRATION_STOP_COPY, "STOP_COPY"), (v.VFIO_MIGRATION_P2P, "P2P"),
+                        (v.VFIO_MIGRATION_PRE_COPY, "PRE_COPY"))
+
+
+def migration_capabilities(protocol: str, flags: int) -> list[str]:
+    """What a device migrates with, by name: its v2 ``flags``, or ``V1_REGION`` for the v1
+    migration region (``protocol`` is "v1" or "v2")."""
+    if protocol == "v1":
+        return ["V1_REGION"]
+    return [name for bit, name in MIGRATION_FLAG_NAMES if flags & bit]
+
+
 def feature_op(feature: int, flags: int, suffix: str = "") -> str:
     """``VFIO_DEVICE_FEATURE(PROBE SET DMA_LOGGING_START)``-style operation name."""
     words = [w for bit, w in ((_PROBE, "PROBE"), (_GET, "GET"), (_SET, "SET")) if flags & bit]

@@ -23,6 +23,7 @@ of failing the migration. Every other errno stays a ``KernelError``.
 
 from __future__ import annotations
 
+import enum
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,16 @@ IovaRange = tuple[int, int]
 #: errnos meaning "this kernel/driver does not do that" (vfio-uapi.md §7, §8, §4.3)
 UNAVAILABLE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY})
 
-NAMES = ("device-logging", "type1", "iommufd", "none")
+
+
+class ProviderName(enum.StrEnum):
+    """The providers, in ``select``'s order of preference: the one place their names (in
+    status, metrics, logs and ``TrackedContainer.disable``) are written."""
+
+    DEVICE_LOGGING = "device-logging"
+    TYPE1 = "type1"
+    IOMMUFD = "iommufd"
+    NONE = "none"
 
 
 class ProviderUnavailable(VfiodError):

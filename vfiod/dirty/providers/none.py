@@ -15,12 +15,13 @@ from vfiod.dirty.providers.base import (
     Bitmap,
     DmaSpace,
     IovaRange,
+    ProviderName,
     check_report_args,
     ones,
 )
 from vfiod.vfio.bitmap import pages
 
-NAME = "none"
+NAME = ProviderName.NONE
 REASON = "no dirty tracking: every mapped page counts as dirty at every sync"
 
 
