@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.sim.test_dirty_rig import GUEST_PAGE, Rig, dev
+from vfiod.dirty.providers.base import ProviderName
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import REASON
-from vfiod.dirty.providers.base import ProviderName
 from vfiod.dirty.providers.select import preferred, select
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion
 from vfiod.kernel.sim.host import SimHostConfig
