@@ -84,7 +84,7 @@ def unavailable(provider: str, e: KernelError) -> BaseException:
 
 @runtime_checkable
 class DirtyProvider(Protocol):
-    name: str
+    name: ProviderName
     #: True when the bitmaps show only pages really written; False when the provider
     #: over-reports (type1 with an IOMMU-backed device, "none")
     precise: bool

@@ -119,6 +119,6 @@ def select(space: DmaSpace, disable: Collection[str] = ()) -> Selection:
     return Selection(chain, notes)
 
 
-def preferred(space: DmaSpace, disable: Collection[str] = ()) -> str:
+def preferred(space: DmaSpace, disable: Collection[str] = ()) -> ProviderName:
     """The provider a tracker over ``space`` starts with (it may still fall back at START)."""
     return select(space, disable).chain[0].name
