@@ -105,13 +105,13 @@ class Rig:
     def map(self, name: str, iova: int, gpa: int, size: int) -> DmaMapping:
         rc = self.containers[name]
         if rc.space.type1 is not None:
-            rc.space.type1.map_dma(iova, VADDR_BASE + gpa, size)
+            m = rc.space.type1.map_dma(iova, VADDR_BASE + gpa, size, gpa=gpa)
         else:
             sp = rc.space.iommufd
             assert sp is not None
             sp.iommufd.ioas_map(sp.ioas_id, VADDR_BASE + gpa, size, iova=iova)
-            sp.mappings.append((iova, size))
-        m = DmaMapping(iova, size, gpa)
+            m = DmaMapping(iova, size, gpa, VADDR_BASE + gpa)
+            sp.mappings.append(m)
         rc.maps.append(m)
         return m
 

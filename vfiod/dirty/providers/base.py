@@ -33,7 +33,7 @@ import numpy as np
 
 from vfiod.errors import KernelError, VfiodError
 from vfiod.vfio.bitmap import Bitmap, words_for
-from vfiod.vfio.container import Container
+from vfiod.vfio.container import Container, DmaMapping
 from vfiod.vfio.device import Device
 from vfiod.vfio.iommufd import Iommufd
 
@@ -111,8 +111,8 @@ class IommufdSpace:
     hwpt_id: int | None = None
     #: the HWPT was allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING
     dirty_capable: bool = False
-    #: (iova, length) of the live IOAS mappings, kept by ``DmaSpace.unmap`` and the owner
-    mappings: list[IovaRange] = field(default_factory=list)
+    #: the live IOAS mappings, kept by ``DmaSpace.unmap`` and the owner
+    mappings: list[DmaMapping] = field(default_factory=list)
 
 
 @dataclass
@@ -139,14 +139,14 @@ class DmaSpace:
         sp = self.iommufd
         sp.iommufd.ioas_unmap(sp.ioas_id, iova, size)
         end = iova + size
-        sp.mappings = [(a, n) for a, n in sp.mappings if not (a >= iova and a + n <= end)]
+        sp.mappings = [m for m in sp.mappings if not (m.iova >= iova and m.end <= end)]
 
     def is_mapped(self, iova: int) -> bool:
         """Whether a live mapping starts at ``iova`` (after a failed unmap: did it go?)."""
         if self.type1 is not None:
             return any(m.iova == iova for m in self.type1.mappings)
         assert self.iommufd is not None
-        return any(a == iova for a, _ in self.iommufd.mappings)
+        return any(m.iova == iova for m in self.iommufd.mappings)
 
 
 def ones(npages: int, out: Bitmap | None = None) -> Bitmap:
