@@ -19,7 +19,6 @@ from vfiod.abi.layout import FlexStruct, flex_array, parse_caps
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import Buffer, KernelOps
 
-U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
 
