@@ -32,10 +32,10 @@ import numpy as np
 
 from tests.bench.timing import best_time, row
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
 from vfiod.kernel.sim.host import SimHost
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
-from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio import Container, DmaMapping, Group, HostPaths
 
 PAGE = 4096
 CONTAINERS = 4
@@ -63,7 +63,7 @@ def _guest(tmp: str, size_log2: int, mdev: bool) -> tuple[SimHost, list[Containe
         c.map_dma(0, VADDR + i * per, per)
         containers.append(c)
         tracked.append(TrackedContainer(DmaSpace(f"c{i}", [dev], type1=c),
-                                        [IovaMapping(0, per, i * per)]))
+                                        [DmaMapping(0, per, i * per)]))
     tr = DirtyTracker([GuestRegion(0, CONTAINERS * per, "ram")], tracked, PAGE)
     return host, containers, tr
 

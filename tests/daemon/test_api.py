@@ -11,9 +11,9 @@ from vfiod.api import (
     MAX_LINE,
     SCHEMA_VERSION,
     ApiError,
+    ApiErrorCode,
     CheckArgs,
     DirtyTrackingArgs,
-    ErrorCode,
     MigrateArgs,
     NoArgs,
     Request,
@@ -36,26 +36,26 @@ def test_request_round_trip() -> None:
 
 
 def test_text_with_newlines_stays_on_one_line() -> None:
-    line = Response.failure(1, ApiError(ErrorCode.FAILED, "two\nlines")).encode()
+    line = Response.failure(1, ApiError(ApiErrorCode.FAILED, "two\nlines")).encode()
     assert line.count(b"\n") == 1
     assert Response.decode(line).error.message == "two\nlines"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("line, code, fragment", [
-    (b"not json", ErrorCode.BAD_JSON, "not valid JSON"),
-    (b"[1, 2]", ErrorCode.BAD_JSON, "must be a JSON object, not list"),
-    (b'{"id": 1, "op": "status"}', ErrorCode.BAD_REQUEST, "'schema' (integer) is required"),
-    (b'{"schema": 2, "id": 1, "op": "status"}', ErrorCode.UNSUPPORTED_SCHEMA,
+    (b"not json", ApiErrorCode.BAD_JSON, "not valid JSON"),
+    (b"[1, 2]", ApiErrorCode.BAD_JSON, "must be a JSON object, not list"),
+    (b'{"id": 1, "op": "status"}', ApiErrorCode.BAD_REQUEST, "'schema' (integer) is required"),
+    (b'{"schema": 2, "id": 1, "op": "status"}', ApiErrorCode.UNSUPPORTED_SCHEMA,
      "schema 2 is not supported"),
-    (b'{"schema": 1, "id": 1}', ErrorCode.BAD_REQUEST, "'op'"),
-    (b'{"schema": 1, "id": 1, "op": "status", "args": []}', ErrorCode.BAD_REQUEST,
+    (b'{"schema": 1, "id": 1}', ApiErrorCode.BAD_REQUEST, "'op'"),
+    (b'{"schema": 1, "id": 1, "op": "status", "args": []}', ApiErrorCode.BAD_REQUEST,
      "'args' must be a JSON object"),
-    (b'{"schema": 1, "id": true, "op": "status"}', ErrorCode.BAD_REQUEST, "'id' must be"),
-    (b'{"schema": 1, "id": 1, "op": "status", "extra": 1}', ErrorCode.BAD_REQUEST,
+    (b'{"schema": 1, "id": true, "op": "status"}', ApiErrorCode.BAD_REQUEST, "'id' must be"),
+    (b'{"schema": 1, "id": 1, "op": "status", "extra": 1}', ApiErrorCode.BAD_REQUEST,
      "unknown request field(s) ['extra']"),
-    (b"x" * (MAX_LINE + 1), ErrorCode.TOO_LARGE, "exceeds"),
+    (b"x" * (MAX_LINE + 1), ApiErrorCode.TOO_LARGE, "exceeds"),
 ])
-def test_bad_envelopes(line: bytes, code: ErrorCode, fragment: str) -> None:
+def test_bad_envelopes(line: bytes, code: ApiErrorCode, fragment: str) -> None:
     with pytest.raises(ApiError) as exc:
         Request.decode(line)
     assert exc.value.code is code
@@ -86,24 +86,24 @@ def test_args_parse_and_round_trip(op: str, raw: dict, expected: object) -> None
 
 
 @pytest.mark.parametrize("op, raw, code, fragment", [
-    ("reboot", {}, ErrorCode.UNKNOWN_OP, "unknown operation 'reboot'"),
-    ("devices", {"x": 1}, ErrorCode.BAD_REQUEST, "unknown argument(s) ['x'] (allowed: none)"),
-    ("check", {}, ErrorCode.BAD_REQUEST, "check: argument 'target' is required"),
-    ("check", {"target": "a b"}, ErrorCode.BAD_REQUEST, "must be a guest or device name"),
-    ("cancel", {"guest": 3}, ErrorCode.BAD_REQUEST, "must be a guest or device name"),
-    ("dirty_tracking", {"device": "d", "enabled": "yes"}, ErrorCode.BAD_REQUEST,
+    ("reboot", {}, ApiErrorCode.UNKNOWN_OP, "unknown operation 'reboot'"),
+    ("devices", {"x": 1}, ApiErrorCode.BAD_REQUEST, "unknown argument(s) ['x'] (allowed: none)"),
+    ("check", {}, ApiErrorCode.BAD_REQUEST, "check: argument 'target' is required"),
+    ("check", {"target": "a b"}, ApiErrorCode.BAD_REQUEST, "must be a guest or device name"),
+    ("cancel", {"guest": 3}, ApiErrorCode.BAD_REQUEST, "must be a guest or device name"),
+    ("dirty_tracking", {"device": "d", "enabled": "yes"}, ApiErrorCode.BAD_REQUEST,
      "'enabled' must be true or false"),
-    ("migrate", {"guest": "g1"}, ErrorCode.BAD_REQUEST, "argument 'to'"),
-    ("migrate", {"guest": "g1", "to": "host"}, ErrorCode.BAD_REQUEST, "must be HOST:PORT"),
-    ("migrate", {"guest": "g1", "to": "host:0"}, ErrorCode.BAD_REQUEST, "port 0"),
-    ("migrate", {"guest": "g1", "to": "h:1", "downtime_limit_ms": -5}, ErrorCode.BAD_REQUEST,
+    ("migrate", {"guest": "g1"}, ApiErrorCode.BAD_REQUEST, "argument 'to'"),
+    ("migrate", {"guest": "g1", "to": "host"}, ApiErrorCode.BAD_REQUEST, "must be HOST:PORT"),
+    ("migrate", {"guest": "g1", "to": "host:0"}, ApiErrorCode.BAD_REQUEST, "port 0"),
+    ("migrate", {"guest": "g1", "to": "h:1", "downtime_limit_ms": -5}, ApiErrorCode.BAD_REQUEST,
      "'downtime_limit_ms' must be a number"),
-    ("migrate", {"guest": "g1", "to": "h:1", "on_timeout": "force"}, ErrorCode.BAD_REQUEST,
+    ("migrate", {"guest": "g1", "to": "h:1", "on_timeout": "force"}, ApiErrorCode.BAD_REQUEST,
      "needs 'timeout_s'"),
     ("migrate", {"guest": "g1", "to": "h:1", "timeout_s": 5, "on_timeout": "panic"},
-     ErrorCode.BAD_REQUEST, "must be one of ['cancel', 'force']"),
+     ApiErrorCode.BAD_REQUEST, "must be one of ['cancel', 'force']"),
 ])
-def test_bad_args(op: str, raw: dict, code: ErrorCode, fragment: str) -> None:
+def test_bad_args(op: str, raw: dict, code: ApiErrorCode, fragment: str) -> None:
     with pytest.raises(ApiError) as exc:
         parse_args(op, raw)
     assert exc.value.code is code
@@ -135,4 +135,4 @@ def test_response_decode_rejects_garbage_and_keeps_unknown_codes() -> None:
         Response.decode(b'{"id": 1}')
     r = Response.decode(b'{"schema":1,"id":1,"ok":false,"error":{"code":"new_code",'
                         b'"message":"m"}}')
-    assert r.error is not None and r.error.code is ErrorCode.FAILED and r.error.message == "m"
+    assert r.error is not None and r.error.code is ApiErrorCode.FAILED and r.error.message == "m"

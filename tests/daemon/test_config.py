@@ -67,7 +67,7 @@ def test_good_file(tmp_path: Path) -> None:
     m = cfg.migration
     assert (m.listen, m.downtime_limit_ms, m.timeout_s, m.on_timeout, m.bandwidth_limit) == (
         Address("0.0.0.0", 4444), 150.0, 600.0, "force", 1 << 30)
-    assert m.tls is not None and m.tls.ca == "/etc/vfiod/ca.pem"
+    assert m.tls is not None and m.tls.cafile == "/etc/vfiod/ca.pem"
     g1, g2 = cfg.guests
     assert g1.ram_bytes == 4 << 30 and g1.ram[0].name == "ram0"
     assert [(d.name, d.container, d.pre_copy_dirty_page_tracking) for d in g1.devices] == [
@@ -95,14 +95,17 @@ def test_defaults_and_test_configs_parse() -> None:
 def test_documented_example_parses() -> None:
     import textwrap
 
-    from vfiod.daemon import config as module
+    from vfiod.daemon import config, config_sim
 
-    doc = module.__doc__ or ""
-    example = textwrap.dedent(doc.split("\n\n", 1)[1].rsplit('"""', 1)[0])
-    cfg = parse_config(example, "example")
+    def example_of(module: object) -> str:
+        doc = getattr(module, "__doc__", None) or ""
+        return textwrap.dedent(doc.split("\n\n", 1)[1].rsplit('"""', 1)[0])
+
+    cfg = parse_config(example_of(config) + "\n" + example_of(config_sim), "example")
     assert cfg.guests[0].devices[0].name == "0000:3b:00.1"
     assert cfg.migration.tls is not None and cfg.sim.host_devices[0].driver == "mlx5_core"
     assert cfg.sim.workloads[0].fill == 64 << 20
+    assert cfg.sim.memlock_limit == 8 << 30 and cfg.sim.iommu_dirty_tracking is False
 
 
 def _line_of(text: str, needle: str) -> int:

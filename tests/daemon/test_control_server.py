@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemons import wait_until
-from vfiod.api import ApiError, ClientError, ControlClient, ErrorCode
+from vfiod.api import ApiError, ApiErrorCode, ClientError, ControlClient
 from vfiod.api.ops import Args
 from vfiod.daemon.control_server import ControlServer, PeerCred, check_peer, proc_groups
 from vfiod.errors import VfiodError
@@ -28,7 +28,7 @@ def dispatch(op: str, args: Args) -> dict[str, Any]:
         return {"hello": "world"}
     if op == "devices":
         raise RuntimeError("handler bug")
-    raise ApiError(ErrorCode.NOT_FOUND, f"{op}: nothing here")
+    raise ApiError(ApiErrorCode.NOT_FOUND, f"{op}: nothing here")
 
 
 @pytest.fixture
@@ -126,14 +126,14 @@ def test_errors_do_not_stop_the_server(server: ControlServer) -> None:
     with ControlClient(server.path) as c:
         with pytest.raises(ClientError) as exc:
             c.call("devices")
-        assert exc.value.code is ErrorCode.INTERNAL
+        assert exc.value.code is ApiErrorCode.INTERNAL
         assert "devices: internal error: RuntimeError: handler bug" in exc.value.message
         with pytest.raises(ClientError) as exc:
             c.call("status")
-        assert exc.value.code is ErrorCode.NOT_FOUND
+        assert exc.value.code is ApiErrorCode.NOT_FOUND
         c.send_raw(b"\n\n{broken\n")            # blank lines are skipped
         bad = c.read_response()
-        assert bad.error is not None and bad.error.code is ErrorCode.BAD_JSON
+        assert bad.error is not None and bad.error.code is ApiErrorCode.BAD_JSON
         assert c.call("hello") == {"hello": "world"}
 
 
@@ -146,14 +146,14 @@ def test_client_limit(sockdir: Path) -> None:
             with ControlClient(srv.path) as second:
                 with pytest.raises(ClientError) as exc:
                     second.call("hello")
-                assert exc.value.code is ErrorCode.BUSY
+                assert exc.value.code is ApiErrorCode.BUSY
         # Once the first has gone, a new client is served.
         def served() -> bool:
             try:
                 with ControlClient(srv.path) as c:
                     return bool(c.call("hello"))
             except ClientError as e:
-                assert e.code is ErrorCode.BUSY
+                assert e.code is ApiErrorCode.BUSY
                 return False
         wait_until(served, 10, "the connection slot to free up")
     finally:

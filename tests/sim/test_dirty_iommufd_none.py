@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
+from vfiod.dirty.providers.base import ProviderName
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import REASON
-from vfiod.dirty.providers.select import select
+from vfiod.dirty.providers.select import preferred, select
 from vfiod.dirty.tracker import DirtyTracker, GuestRegion
 from vfiod.kernel.sim.host import SimHostConfig
 
@@ -36,6 +37,7 @@ def test_iommufd_precise_pages_and_selection(rig: Rig) -> None:
     rig.map("ioas", 0x100000, 37 * G, 45 * G)
     sel = select(rig.containers["ioas"].space)
     assert [p.name for p in sel.chain] == ["iommufd", "none"]
+    assert preferred(rig.containers["ioas"].space) == ProviderName.IOMMUFD == "iommufd"
     assert any("type1: not a type1 container" in n for n in sel.notes)
     tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["ioas"].tracked()],
                       clock=clock())
@@ -64,7 +66,7 @@ def test_iommufd_unmap_reads_with_no_clear_then_unmaps(rig: Rig) -> None:
         assert tr.unmap("ioas", 0x200000, 5 * G) == 1
         calls = [e.split("@")[0] for e in rig.kernel.faults.log[log:]]
         assert calls == ["ioctl:IOMMU_HWPT_GET_DIRTY_BITMAP", "ioctl:IOMMU_IOAS_UNMAP"]
-        assert rig.ioas_of("ioas").mappings == [(0x100000, 45 * G)]
+        assert [(m.iova, m.size) for m in rig.ioas_of("ioas").mappings] == [(0x100000, 45 * G)]
         assert rig.sent(tr.take_dirty_runs(64)) == {94}
     finally:
         tr.stop()
@@ -115,6 +117,8 @@ def test_type1_disabled_by_configuration_gives_none(tmp_path: Path) -> None:
         sel = select(rig.containers["c0"].space, disable={"device-logging", "type1"})
         assert [p.name for p in sel.chain] == ["none"]
         assert "type1: disabled by configuration" in sel.notes
+        assert preferred(rig.containers["c0"].space, {"device-logging", "type1"}) == "none"
+        assert preferred(rig.containers["c0"].space, {"device-logging"}) == "type1"
         with pytest.raises(ValueError, match="unknown provider name"):
             select(rig.containers["c0"].space, disable={"kvm"})
     finally:

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping
+from vfiod.dirty.tracker import DirtyTracker, GuestRegion
 from vfiod.kernel.sim.host import SimHostConfig
 from vfiod.kernel.sim.type1 import Type1Config
+from vfiod.vfio import DmaMapping
 
 MDEV = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
 MDEV2 = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -193,7 +194,7 @@ def test_add_mapping_is_tracked(mdev_rig: Rig) -> None:
         tr.sync()
         assert take_all(tr, rig) == {209}
         with pytest.raises(ValueError, match="overlap"):
-            tr.add_mapping("c0", IovaMapping(0x400000, G, 400 * G))
+            tr.add_mapping("c0", DmaMapping(0x400000, G, 400 * G))
     finally:
         tr.stop()
 
@@ -238,10 +239,10 @@ def test_bad_layouts_are_refused(mdev_rig: Rig) -> None:
         ([GuestRegion(0, 64 * G), GuestRegion(32 * G, 64 * G)], [], "overlap"),
         ([GuestRegion(100, 64 * G)], [], "multiple of the 0x1000-byte guest page"),
         ([GuestRegion(0, 0)], [], "empty"),
-        (good, [IovaMapping(0, 8 * G, 60 * G)], "not inside one RAM region"),
-        (good, [IovaMapping(0, 8 * G, 0), IovaMapping(4 * G, 8 * G, 16 * G)], "overlap"),
-        (good, [IovaMapping(0, 0, 0)], "empty"),
-        (good, [IovaMapping(G + 1, G, 0)], "iova 0x1001"),
+        (good, [DmaMapping(0, 8 * G, 60 * G)], "not inside one RAM region"),
+        (good, [DmaMapping(0, 8 * G, 0), DmaMapping(4 * G, 8 * G, 16 * G)], "overlap"),
+        (good, [DmaMapping(0, 0, 0)], "empty"),
+        (good, [DmaMapping(G + 1, G, 0)], "iova 0x1001"),
     ]
     for regions, maps, msg in cases:
         c.maps = maps

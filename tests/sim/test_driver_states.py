@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vfiod.abi.vfio import vfio_device_mig_state
-from vfiod.migration.states import (
-    GuestState,
-    MigrationState,
-    MigState,
-    device_label,
-    format_triple,
-)
+from vfiod.migration.session.status import triple
+from vfiod.migration.states import GuestState, MigrationState, MigState, device_label
 
 
 def test_one_enum() -> None:
@@ -38,11 +33,11 @@ def test_every_state_has_a_label() -> None:
 
 
 def test_triple() -> None:
-    assert format_triple(GuestState.RUNNING, MigrationState.ACTIVE, MigState.PRE_COPY) \
+    assert triple(GuestState.RUNNING, MigrationState.ACTIVE, [MigState.PRE_COPY]) \
         == "(RUNNING, ACTIVE, RUNNING|SAVING)"
-    assert format_triple(GuestState.FINISH_MIGRATE, MigrationState.DEVICE, 3) \
+    assert triple(GuestState.FINISH_MIGRATE, MigrationState.DEVICE, [MigState(3)]) \
         == "(FINISH_MIGRATE, DEVICE, SAVING)"
-    assert format_triple(None, MigrationState.NONE, None) == "(-, NONE, -)"
+    assert triple(None, MigrationState.NONE, [None]) == "(-, NONE, -)"
 
 
 def test_unknown_device_value_is_a_clear_error() -> None:

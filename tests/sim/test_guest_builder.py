@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.session_rig import MiB, spec
-from vfiod.dirty.tracker import IovaMapping
 from vfiod.errors import NotMigratable
 from vfiod.kernel.sim import HostDevice, SimHost
 from vfiod.migration.guest import (
@@ -24,7 +23,7 @@ from vfiod.migration.guest import (
 )
 from vfiod.migration.guest.migratability import guest_migratability, probe_unowned_device
 from vfiod.migration.stream import RamRegion
-from vfiod.vfio import HostPaths
+from vfiod.vfio import DmaMapping, HostPaths
 
 PS = 4096
 A, B, C = "0000:3b:00.1", "0000:3c:00.1", "0000:3d:00.1"
@@ -55,10 +54,13 @@ def test_containers_follow_the_plan(host: SimHost) -> None:
         # containers in the order of their first device; an unlisted one maps all RAM
         assert [(c.name, c.devices) for c in g.containers] == [("dma", [B, C]), ("main", [A])]
         dma, main = g.containers
-        assert dma.mappings == [IovaMapping(16 * MiB, 2 * MiB, 16 * MiB)]
+        def layout(ms: list[DmaMapping]) -> list[tuple[int, int, int]]:
+            return [(m.iova, m.size, m.gpa) for m in ms]
+        assert layout(dma.mappings) == [(16 * MiB, 2 * MiB, 16 * MiB)]
         assert dma.disable == ("device-logging",)
-        assert main.mappings == [IovaMapping(0, 8 * MiB, 0), IovaMapping(16 * MiB, 4 * MiB,
-                                                                          16 * MiB)]
+        assert layout(main.mappings) == [(0, 8 * MiB, 0), (16 * MiB, 4 * MiB, 16 * MiB)]
+        # each mapping carries the process address the kernel pinned: inside guest RAM
+        assert all(m.vaddr is not None for m in dma.mappings + main.mappings)
         assert {d.name: d.pre_copy_dirty_page_tracking for d in g.devices} == {
             B: True, C: False, A: True}
         assert g.ram_regions() == RAM

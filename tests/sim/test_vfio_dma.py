@@ -24,7 +24,9 @@ from tests.support.vfio_rig import (  # noqa: F401  (rig_fixture: the rig fixtur
     rig_fixture,
 )
 from vfiod.errors import KernelError
+from vfiod.kernel.ops import MemlockFacts
 from vfiod.kernel.sim import Type1Config
+from vfiod.migration.planning.hostfacts import gather_host_facts
 from vfiod.vfio import Container, Group
 
 PG = 4096
@@ -78,6 +80,13 @@ def test_map_and_unmap_track_mappings(pci: Opened, ram: Ram) -> None:
     m1 = c.map_dma(IOVA, ram.vaddr, 8 * PG)
     m2 = c.map_dma(IOVA + 16 * PG, ram.vaddr + 8 * PG, 4 * PG, writable=False)
     assert c.mappings == (m1, m2) and m2.end == IOVA + 20 * PG
+    # one DmaMapping type: what the kernel pinned and where the guest sees it
+    assert (m1.vaddr, m1.gpa, m1.flags) == (
+        ram.vaddr, IOVA, v.VFIO_DMA_MAP_FLAG_READ | v.VFIO_DMA_MAP_FLAG_WRITE)
+    assert m2.flags == v.VFIO_DMA_MAP_FLAG_READ
+    m3 = c.map_dma(IOVA + 32 * PG, ram.vaddr, PG, gpa=0x4000)
+    assert (m3.iova, m3.gpa, m3.size) == (IOVA + 32 * PG, 0x4000, PG)
+    assert c.unmap_dma(IOVA + 32 * PG, PG) == PG
     assert c.iommu_info().dma_avail == 65535 - 2
     assert c.unmap_dma(IOVA + 8 * PG, 8 * PG) == 0          # a hole: nothing unmapped
     assert c.unmap_dma(IOVA, 20 * PG) == 12 * PG
@@ -115,6 +124,11 @@ def test_map_rejects_values_a_u64_cannot_hold(pci: Opened) -> None:
         pci.container.map_dma(0, 0, 1 << 64)
 
 
+def test_no_memlock_limit_is_cap_ipc_lock(rig: Rig) -> None:
+    assert rig.kernel.memlock() == MemlockFacts(None, None, 0, True)
+    assert rig.kernel.memlock().headroom() is None
+
+
 def test_memlock_and_entry_limits(tmp_path: Path) -> None:
     r = build_rig(tmp_path, memlock_limit=4 * PG, type1=Type1Config(dma_entry_limit=2))
     ram = Ram(r, 16 * PG)
@@ -129,6 +143,10 @@ def test_memlock_and_entry_limits(tmp_path: Path) -> None:
         with pytest.raises(KernelError) as ei:
             c.map_dma(IOVA + 2 * PG, ram.vaddr + 2 * PG, PG)
         assert ei.value.errno == errno.ENOSPC
+        # the simulated kernel answers memlock with its own limit and pinned bytes, so
+        # preflight sees the kernel vfiod talks to, not this process's RLIMIT_MEMLOCK
+        assert r.kernel.memlock() == MemlockFacts(4 * PG, 4 * PG, 2 * PG, False)
+        assert gather_host_facts(r.kernel).memlock.headroom() == 2 * PG
     finally:
         o.container.close()
         ram.close()

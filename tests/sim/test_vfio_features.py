@@ -22,6 +22,7 @@ from vfiod.errors import KernelError
 from vfiod.kernel.sim import SimHost
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.vfio import Container, Device, Group, HostPaths
+from vfiod.vfio.features import migration_flag_names
 
 SPECS = capability_specs(state_size=4096, precopy_size=8192)
 _GET, _SET = v.VFIO_DEVICE_FEATURE_GET, v.VFIO_DEVICE_FEATURE_SET
@@ -76,6 +77,14 @@ def test_mig_flags_per_kind(devices: dict[str, Device]) -> None:
     with pytest.raises(KernelError) as ei:       # EINVAL is not "not migratable": it raises
         devices["old_mdev"].mig_flags()
     assert ei.value.errno == errno.EINVAL
+
+
+def test_migration_capability_names(devices: dict[str, Device]) -> None:
+    flags = devices["v2_precopy_p2p_log"].mig_flags()
+    assert flags is not None
+    assert migration_flag_names(flags) == ("STOP_COPY", "P2P", "PRE_COPY")
+    assert migration_flag_names(v.VFIO_MIGRATION_STOP_COPY) == ("STOP_COPY",)
+    assert migration_flag_names(0) == ()
 
 
 def test_v1_region_is_found_by_type(devices: dict[str, Device]) -> None:

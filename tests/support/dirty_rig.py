@@ -17,11 +17,11 @@ import numpy as np
 
 import vfiod.abi.vfio as v
 from vfiod.dirty.providers.base import DmaSpace, IommufdSpace
-from vfiod.dirty.tracker import IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import TrackedContainer
 from vfiod.kernel.sim.host import SimHost, SimHostConfig
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
 from vfiod.migration.guest.devices import join_group
-from vfiod.vfio import Container, HostPaths
+from vfiod.vfio import Container, DmaMapping, HostPaths
 from vfiod.vfio.cdev import CdevDevice
 from vfiod.vfio.device import Device
 from vfiod.vfio.iommufd import Iommufd
@@ -56,7 +56,7 @@ def has_dma_logging_sim() -> bool:
 @dataclass
 class RigContainer:
     space: DmaSpace
-    maps: list[IovaMapping] = field(default_factory=list)
+    maps: list[DmaMapping] = field(default_factory=list)
     opt: dict[str, bool] = field(default_factory=dict)
 
     def tracked(self, disable: Sequence[str] = ()) -> TrackedContainer:
@@ -101,16 +101,16 @@ class Rig:
         self.containers[name] = rc
         return rc
 
-    def map(self, name: str, iova: int, gpa: int, size: int) -> IovaMapping:
+    def map(self, name: str, iova: int, gpa: int, size: int) -> DmaMapping:
         rc = self.containers[name]
         if rc.space.type1 is not None:
-            rc.space.type1.map_dma(iova, VADDR_BASE + gpa, size)
+            m = rc.space.type1.map_dma(iova, VADDR_BASE + gpa, size, gpa=gpa)
         else:
             sp = rc.space.iommufd
             assert sp is not None
             sp.iommufd.ioas_map(sp.ioas_id, VADDR_BASE + gpa, size, iova=iova)
-            sp.mappings.append((iova, size))
-        m = IovaMapping(iova, size, gpa)
+            m = DmaMapping(iova, size, gpa, VADDR_BASE + gpa)
+            sp.mappings.append(m)
         rc.maps.append(m)
         return m
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from vfiod.errors import KernelError, PreflightError
-from vfiod.kernel.linux import LinuxKernel
+from vfiod.kernel.linux import LinuxKernel, memlock_from_status
 from vfiod.migration.planning.hostfacts import (
     X86_64_LEVELS,
     AbiLevel,
@@ -20,7 +20,6 @@ from vfiod.migration.planning.hostfacts import (
     abi_level,
     cpu_facts,
     gather_host_facts,
-    memlock_facts,
 )
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, check, compare
 from vfiod.migration.stream import DeviceInfo, RamRegion
@@ -89,27 +88,31 @@ def test_gather_from_files(tmp_path: Path) -> None:
     ci = write(tmp_path, "proc/cpuinfo", cpuinfo(V3 + " sev sev_es", vendor="AuthenticAMD"))
     write(tmp_path, "sys/module/kvm_amd/parameters/sev", "Y\n")
     write(tmp_path, "sys/module/kvm_amd/parameters/sev_es", "N\n")
-    st = write(tmp_path, "proc/self/status",
-               "Name:\tvfiod\nVmLck:\t    2048 kB\nCapEff:\t0000000000000000\n")
-    f = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "sys"), proc_status=st,
-                          getrlimit=lambda _: (8 * GiB, resource.RLIM_INFINITY),
+    f = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "sys"),
                           page_size=4096, hostname="h1")
     assert f.cpu.abi_level == AbiLevel.V3 and f.cpu.vendor == "AuthenticAMD"
     assert f.sev.cpu_sev and f.sev.cpu_sev_es and f.sev.kvm_sev is True
     assert f.sev.kvm_sev_es is False and f.sev.host_offers_sev
-    assert f.memlock == MemlockFacts(8 * GiB, None, 2 << 20, False)
-    assert f.memlock.headroom() == 8 * GiB - (2 << 20)
+    # the kernel answers memlock (this process's limit here)
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    assert f.memlock.soft == (None if soft == resource.RLIM_INFINITY else soft)
     # no kvm_amd module: unknown, not an error
-    g = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "nosys"), proc_status=st,
+    g = gather_host_facts(ops, cpuinfo=ci, sys_root=str(tmp_path / "nosys"),
                           page_size=4096, hostname="h1")
     assert g.sev.kvm_sev is None and not g.sev.host_offers_sev
     with pytest.raises(KernelError, match="no CPU information"):
         gather_host_facts(ops, cpuinfo=str(tmp_path / "missing"))
 
 
-def test_cap_ipc_lock_lifts_the_memlock_limit(tmp_path: Path) -> None:
-    st = write(tmp_path, "status", "VmLck:\t0 kB\nCapEff:\t0000000000004000\n")
-    m = memlock_facts(LinuxKernel(), st, lambda _: (64 << 10, 64 << 10))
+def test_memlock_from_proc_status() -> None:
+    m = memlock_from_status("Name:\tvfiod\nVmLck:\t    2048 kB\nCapEff:\t0000000000000000\n",
+                            8 * GiB, resource.RLIM_INFINITY)
+    assert m == MemlockFacts(8 * GiB, None, 2 << 20, False)
+    assert m.headroom() == 8 * GiB - (2 << 20)
+
+
+def test_cap_ipc_lock_lifts_the_memlock_limit() -> None:
+    m = memlock_from_status("VmLck:\t0 kB\nCapEff:\t0000000000004000\n", 64 << 10, 64 << 10)
     assert m.cap_ipc_lock and m.headroom() is None
 
 

@@ -30,7 +30,7 @@ PS = 4096
 
 
 class MemPipe:
-    """Sink and Source over one bytearray; ``piece`` caps each read like a socket would."""
+    """StreamSink and Source over one bytearray; ``piece`` caps each read like a socket would."""
 
     def __init__(self, piece: int = 1 << 30) -> None:
         self.data = bytearray()

@@ -20,7 +20,7 @@ import struct
 from typing import Any
 
 __all__ = ["FlexStruct", "offsetofend", "flex_size", "flex_buffer", "flex_array",
-           "fixed_size", "parse_caps", "CAP_HEADER_SIZE"]
+           "parse_caps", "CAP_HEADER_SIZE"]
 
 #: ``sizeof(struct vfio_info_cap_header)``: id u16, version u16, next u32.
 CAP_HEADER_SIZE = 8
@@ -35,11 +35,6 @@ class FlexStruct(ctypes.Structure):
     """
 
     _flex_: tuple[str, Any, int]
-
-
-def fixed_size(struct_type: type[ctypes.Structure]) -> int:
-    """Bytes before the flexible tail (``sizeof`` of the C struct)."""
-    return ctypes.sizeof(struct_type)
 
 
 def offsetofend(struct_type: type[ctypes.Structure], field: str) -> int:

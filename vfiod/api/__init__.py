@@ -21,7 +21,7 @@ from vfiod.api.schema import (
     MAX_LINE,
     SCHEMA_VERSION,
     ApiError,
-    ErrorCode,
+    ApiErrorCode,
     Request,
     RequestError,
     Response,
@@ -31,5 +31,5 @@ __all__ = [
     "DEFAULT_SOCKET", "ClientError", "ControlClient", "OPS", "CancelArgs", "CheckArgs",
     "DirtyTrackingArgs", "MigrateArgs", "NoArgs", "StatusArgs", "args_to_json",
     "format_host_port", "parse_args", "parse_host_port", "MAX_LINE", "SCHEMA_VERSION",
-    "ApiError", "ErrorCode", "Request", "RequestError", "Response",
+    "ApiError", "ApiErrorCode", "Request", "RequestError", "Response",
 ]

@@ -7,7 +7,7 @@
 ``ClientError.kind`` tells the caller what went wrong without parsing text: ``connect``
 (no daemon at that path, or it refused the connection), ``protocol`` (the daemon sent
 something that is not a response), or ``api`` (the daemon answered with an error; ``code``
-is its ``ErrorCode``).
+is its ``ApiErrorCode``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import socket
 from types import TracebackType
 from typing import Any
 
-from vfiod.api.schema import MAX_LINE, ApiError, ErrorCode, Request, Response
+from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, Response
 from vfiod.errors import ProtocolError, VfiodError
 
 DEFAULT_SOCKET = "/run/vfiod/control.sock"
 
 
 class ClientError(VfiodError):
-    def __init__(self, kind: str, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(self, kind: str, message: str, code: ApiErrorCode | None = None) -> None:
         self.kind = kind
         self.code = code
         self.message = message
@@ -57,7 +57,7 @@ class ControlClient:
         if resp.id != rid and resp.id is not None:
             raise ClientError("protocol", f"daemon answered request {resp.id}, expected {rid}")
         if not resp.ok:
-            err = resp.error or ApiError(ErrorCode.FAILED, "no error given")
+            err = resp.error or ApiError(ApiErrorCode.FAILED, "no error given")
             raise ClientError("api", err.message, err.code)
         return resp.result or {}
 

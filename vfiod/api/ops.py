@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from vfiod.api.schema import ApiError, ErrorCode
+from vfiod.api.schema import ApiError, ApiErrorCode
 
 ON_TIMEOUT = ("cancel", "force")
 #: Names of guests and devices: PCI BDFs, mdev UUIDs, operator-chosen guest names.
@@ -124,7 +124,7 @@ class _Fields:
             self.fail(f"unknown argument(s) {unknown} (allowed: {allowed})")
 
     def fail(self, message: str) -> None:
-        raise ApiError(ErrorCode.BAD_REQUEST, f"{self.op}: {message}")
+        raise ApiError(ApiErrorCode.BAD_REQUEST, f"{self.op}: {message}")
 
     def name(self, key: str, *, required: bool = True) -> str | None:
         v = self.raw.get(key)
@@ -155,7 +155,7 @@ class _Fields:
 def parse_args(op: str, raw: dict[str, Any]) -> Args:
     """Validate ``raw`` (a request's ``args``) for ``op``; ``ApiError`` if anything is off."""
     if op not in OPS:
-        raise ApiError(ErrorCode.UNKNOWN_OP,
+        raise ApiError(ApiErrorCode.UNKNOWN_OP,
                        f"unknown operation {op!r}; known: {', '.join(OPS)}")
     if op in ("hello", "devices"):
         _Fields(op, raw, ())

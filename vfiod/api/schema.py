@@ -13,7 +13,7 @@ Response (daemon → client), one line, same ``id``::
     {"schema": 1, "id": 7, "ok": true, "result": {...}}
     {"schema": 1, "id": 7, "ok": false, "error": {"code": "not_found", "message": "..."}}
 
-``code`` is one of ``ErrorCode``: clients branch on it, never on the message text. A client
+``code`` is one of ``ApiErrorCode``: clients branch on it, never on the message text. A client
 may send many requests on one connection; the daemon answers each in order. Lines are at
 most ``MAX_LINE`` bytes. A daemon answers a request with a higher schema than it speaks
 with ``unsupported_schema`` naming the versions it does speak.
@@ -38,7 +38,7 @@ MAX_LINE = 1 << 20
 RequestId = int | str | None
 
 
-class ErrorCode(enum.Enum):
+class ApiErrorCode(enum.Enum):
     """Why a request failed: the stable, machine-readable part of an error response."""
 
     BAD_JSON = "bad_json"                      # the line is not a JSON object
@@ -56,7 +56,7 @@ class ErrorCode(enum.Enum):
 class ApiError(ProtocolError):
     """A request cannot be served; ``code`` says why (branch on it, not on the text)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ApiErrorCode, message: str) -> None:
         self.code = code
         self.message = message
         super().__init__(f"{code.value}: {message}")
@@ -69,20 +69,20 @@ def _check_id(value: object) -> RequestId:
     # bool is an int subclass; an id of true/false is almost certainly a client bug.
     if value is None or (isinstance(value, int | str) and not isinstance(value, bool)):
         return value
-    raise ApiError(ErrorCode.BAD_REQUEST,
+    raise ApiError(ApiErrorCode.BAD_REQUEST,
                    f"'id' must be an integer, a string or null, not {type(value).__name__}")
 
 
 def _load_object(line: bytes | str, what: str) -> dict[str, Any]:
     if len(line) > MAX_LINE:
-        raise ApiError(ErrorCode.TOO_LARGE,
+        raise ApiError(ApiErrorCode.TOO_LARGE,
                        f"{what} of {len(line)} bytes exceeds the {MAX_LINE}-byte limit")
     try:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(ErrorCode.BAD_JSON, f"{what} is not valid JSON: {e}") from None
+        raise ApiError(ApiErrorCode.BAD_JSON, f"{what} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise ApiError(ErrorCode.BAD_JSON,
+        raise ApiError(ApiErrorCode.BAD_JSON,
                        f"{what} must be a JSON object, not {type(obj).__name__}")
     return obj
 
@@ -109,26 +109,26 @@ class Request:
             rid = _check_id(rid)
             unknown = sorted(set(obj) - {"schema", "id", "op", "args"})
             if unknown:
-                raise ApiError(ErrorCode.BAD_REQUEST,
+                raise ApiError(ApiErrorCode.BAD_REQUEST,
                                f"unknown request field(s) {unknown}; a request has "
                                "schema, id, op, args")
             schema = obj.get("schema")
             if not isinstance(schema, int) or isinstance(schema, bool):
-                raise ApiError(ErrorCode.BAD_REQUEST,
+                raise ApiError(ApiErrorCode.BAD_REQUEST,
                                "'schema' (integer) is required: this daemon speaks "
                                f"schema {MIN_SCHEMA_VERSION}..{SCHEMA_VERSION}")
             if not MIN_SCHEMA_VERSION <= schema <= SCHEMA_VERSION:
-                raise ApiError(ErrorCode.UNSUPPORTED_SCHEMA,
+                raise ApiError(ApiErrorCode.UNSUPPORTED_SCHEMA,
                                f"schema {schema} is not supported: this daemon speaks "
                                f"{MIN_SCHEMA_VERSION}..{SCHEMA_VERSION}")
             op = obj.get("op")
             if not isinstance(op, str) or not op:
-                raise ApiError(ErrorCode.BAD_REQUEST, "'op' (a non-empty string) is required")
+                raise ApiError(ApiErrorCode.BAD_REQUEST, "'op' (a non-empty string) is required")
             args = obj.get("args", {})
             if args is None:
                 args = {}
             if not isinstance(args, dict):
-                raise ApiError(ErrorCode.BAD_REQUEST,
+                raise ApiError(ApiErrorCode.BAD_REQUEST,
                                f"'args' must be a JSON object, not {type(args).__name__}")
         except ApiError as e:
             raise RequestError(e.code, e.message, rid if _valid_id(rid) else None) from None
@@ -142,7 +142,7 @@ def _valid_id(value: object) -> bool:
 class RequestError(ApiError):
     """A malformed request whose ``id`` could still be read (the error echoes it)."""
 
-    def __init__(self, code: ErrorCode, message: str, request_id: RequestId) -> None:
+    def __init__(self, code: ApiErrorCode, message: str, request_id: RequestId) -> None:
         super().__init__(code, message)
         self.request_id = request_id
 
@@ -170,7 +170,7 @@ class Response:
         if self.ok:
             body["result"] = self.result if self.result is not None else {}
         else:
-            err = self.error or ApiError(ErrorCode.INTERNAL, "error response without error")
+            err = self.error or ApiError(ApiErrorCode.INTERNAL, "error response without error")
             body["error"] = err.to_dict()
         return _line(body)
 
@@ -196,10 +196,10 @@ class Response:
         if not isinstance(err, dict) or not isinstance(err.get("message"), str):
             raise ProtocolError("daemon sent an error response without error.message")
         try:
-            code = ErrorCode(err.get("code"))
+            code = ApiErrorCode(err.get("code"))
         except ValueError:
             # A newer daemon may know more codes: keep the message, treat it as a failure.
-            code = ErrorCode.FAILED
+            code = ApiErrorCode.FAILED
         return cls(rid, False, error=ApiError(code, err["message"]), schema=schema)
 
 

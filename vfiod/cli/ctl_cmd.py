@@ -14,12 +14,12 @@ import sys
 import time
 from typing import Any, TextIO
 
-from vfiod.api import DEFAULT_SOCKET, ClientError, ControlClient, ErrorCode
+from vfiod.api import DEFAULT_SOCKET, ApiErrorCode, ClientError, ControlClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED, EXIT_NOT_FOUND, EXIT_BUSY = (
     0, 1, 2, 3, 4, 5, 6)
-_CODE_EXIT = {ErrorCode.PERMISSION_DENIED: EXIT_DENIED, ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
-              ErrorCode.BUSY: EXIT_BUSY}
+_CODE_EXIT = {ApiErrorCode.PERMISSION_DENIED: EXIT_DENIED, ApiErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
+              ApiErrorCode.BUSY: EXIT_BUSY}
 
 EPILOG = f"""\
 examples:

@@ -28,7 +28,7 @@ from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.guest import ContainerPlan, DevicePlan, Guest, GuestPlan, build_guest
-from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.stream.header import RamRegion
 from vfiod.vfio import HostPaths
 
@@ -131,10 +131,8 @@ def build_side(side: str, root: Path, ram_bytes: int) -> DemoSide:
         host.close()
         raise
     try:
-        # The simulated kernel pins nothing (as if vfiod had CAP_IPC_LOCK): say so in the
-        # facts preflight compares, instead of this process's real RLIMIT_MEMLOCK.
-        facts = dataclasses.replace(gather_host_facts(host.kernel),
-                                    memlock=MemlockFacts(None, None, 0, True))
+        # the simulated kernel answers memlock itself (as if vfiod had CAP_IPC_LOCK)
+        facts = gather_host_facts(host.kernel)
     except BaseException:
         guest.close()
         host.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 from vfiod.daemon.lifecycle import RUNS_HERE, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
+from vfiod.dirty.providers.base import ProviderName
 from vfiod.errors import KernelError, NotMigratable
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.migratability import probe_unowned_device
@@ -34,7 +35,7 @@ def _gib(n: float) -> str:
 
 def device_notes(d: DeviceEntry) -> list[str]:
     notes = []
-    if d.tracker == "none":
+    if d.tracker == ProviderName.NONE:
         notes.append(f"{d.name}: its container has no dirty-page tracking: every mapped page "
                      "counts dirty at every sync, so pre-copy cannot converge and the downtime "
                      "includes all of the container's mapped RAM")
@@ -117,7 +118,7 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
                    f"device); vfiod cannot probe it: {e}")
         return {**out, "migratable": False, "blockers": [why], "notes": []}
     notes = []
-    if m.tracker == "none":
+    if m.tracker == ProviderName.NONE:
         notes.append(f"{name}: no dirty-page tracking available: pre-copy cannot converge")
     return {**out, "protocol": m.protocol, "capabilities": list(m.capabilities),
             "dma_logging": m.dma_logging, "tracker": m.tracker, "migratable": True,

@@ -1,6 +1,7 @@
 """The daemon's configuration: ``/etc/vfiod/vfiod.toml`` validated into frozen dataclasses
 (design.md §6). A bad file is refused whole, naming the file, line and key
-(``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied.
+(``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied. The ``[sim]``
+table (the simulated host of ``vfiod run --backend sim``) is read by ``config_sim``.
 
     [control]
     socket = "/run/vfiod/control.sock"   # Unix socket for `vfiod ctl`
@@ -35,18 +36,6 @@
     [[guest.container]]                  # optional: a container mapping only some regions
     name = "default"
     map = ["ram0"]
-
-    [sim]                                # the simulated host for `vfiod run --backend sim`
-    [[sim.device]]
-    name = "0000:3b:00.1"
-    capability = "v2_precopy_p2p_log"    # a vfiod.kernel.sim.migration capability set
-    [[sim.host_device]]                  # bound to a host driver: "not ours"
-    name = "0000:3b:00.0"
-    driver = "mlx5_core"
-    [[sim.workload]]
-    guest = "g1"
-    dirty_rate = "16MiB"                 # bytes per second its devices DMA into guest RAM
-    fill = "64MiB"                       # initial content written before the guest runs
 """
 
 from __future__ import annotations
@@ -55,18 +44,15 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
-from vfiod.daemon.config_toml import KeyLines, Table
+from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
+from vfiod.daemon.config_toml import DEVICE_NAME, NAME, KeyLines, Table
 from vfiod.errors import ConfigError
+from vfiod.migration.transport.tcp import TlsConfig
 
 DEFAULT_PATH = "/etc/vfiod/vfiod.toml"
-DEFAULT_SOCKET = "/run/vfiod/control.sock"
 DEFAULT_METRICS = "127.0.0.1:9477"
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
-_DEVICE = r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}"
-CAPABILITIES = ("v1", "v1_log", "v2_stop_copy", "v2_stop_copy_log", "v2_p2p", "v2_p2p_log",
-                "v2_precopy", "v2_precopy_log", "v2_precopy_p2p", "v2_precopy_p2p_log",
-                "not_migratable")
 
 
 @dataclass(frozen=True)
@@ -90,20 +76,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class TlsFiles:
-    cert: str
-    key: str
-    ca: str
-
-
-@dataclass(frozen=True)
 class MigrationConfig:
     listen: Address | None = None
     downtime_limit_ms: float = 300.0
     timeout_s: float | None = None
     on_timeout: str = "cancel"
     bandwidth_limit: int | None = None
-    tls: TlsFiles | None = None
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -154,41 +133,6 @@ class GuestConfig:
 
 
 @dataclass(frozen=True)
-class SimDeviceConfig:
-    name: str
-    capability: str
-    group: int | None = None
-    kind: str = "pci"
-    state_size: int | None = None
-    precopy_size: int | None = None
-    dirty_rate: int | None = None
-
-
-@dataclass(frozen=True)
-class SimHostDeviceConfig:
-    name: str
-    driver: str | None
-    group: int | None = None
-
-
-@dataclass(frozen=True)
-class SimWorkload:
-    guest: str
-    dirty_rate: int                # bytes of guest RAM written per second (device DMA)
-    fill: int = 0                  # bytes of initial content written before it runs
-    seed: int = 1
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    devices: tuple[SimDeviceConfig, ...] = ()
-    host_devices: tuple[SimHostDeviceConfig, ...] = ()
-    workloads: tuple[SimWorkload, ...] = ()
-    iommu_dirty_tracking: bool = False
-    memlock_limit: int | None = None
-
-
-@dataclass(frozen=True)
 class Config:
     source: str = "(defaults)"
     control: ControlConfig = ControlConfig()
@@ -228,7 +172,7 @@ def parse_config(text: str, source: str = "(text)") -> Config:
                  migration=_migration(top.table("migration")),
                  paths=_paths(top.table("paths")),
                  guests=tuple(_guest(t) for t in top.tables("guest")),
-                 sim=_sim(top.table("sim")))
+                 sim=parse_sim(top.table("sim")))
     top.finish()
     _cross_checks(cfg, top)
     return cfg
@@ -273,7 +217,7 @@ def _migration(t: Table) -> MigrationConfig:
         files = [str(tt.string(k, required=True, hint="a PEM file path")) for k in
                  ("cert", "key", "ca")]
         tt.finish()
-        tls = TlsFiles(*files)
+        tls = TlsConfig(*files)
     t.finish()
     return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls)
 
@@ -290,7 +234,7 @@ def _paths(t: Table) -> PathsConfig:
 
 
 def _guest(t: Table) -> GuestConfig:
-    name = str(t.string("name", required=True, pattern=_NAME,
+    name = str(t.string("name", required=True, pattern=NAME,
                         hint="letters, digits and '_.+-', at most 64"))
     page = int(t.integer("page_size", 4096, low=4096) or 4096)
     if page & (page - 1):
@@ -307,7 +251,7 @@ def _guest(t: Table) -> GuestConfig:
     for r in t.tables("ram"):
         where.append(r)
         ram.append(RamConfig(
-            str(r.string("name", f"ram{len(ram)}", pattern=_NAME)),
+            str(r.string("name", f"ram{len(ram)}", pattern=NAME)),
             int(r.size("gpa", 0, multiple_of=page) or 0),
             int(r.size("size", required=True, low=page, multiple_of=page) or 0),
             r.string("path")))
@@ -329,14 +273,14 @@ def _guest(t: Table) -> GuestConfig:
     devices = []
     for d in t.tables("device"):
         devices.append(DeviceConfig(
-            str(d.string("name", required=True, pattern=_DEVICE,
+            str(d.string("name", required=True, pattern=DEVICE_NAME,
                          hint="a PCI address (0000:3b:00.1) or an mdev UUID")),
-            str(d.string("container", "default", pattern=_NAME)),
+            str(d.string("container", "default", pattern=NAME)),
             d.boolean("pre_copy_dirty_page_tracking", True)))
         d.finish()
     containers = []
     for c in t.tables("container"):
-        cname = str(c.string("name", required=True, pattern=_NAME))
+        cname = str(c.string("name", required=True, pattern=NAME))
         regions = c.raw("map")
         if (not isinstance(regions, list) or not regions
                 or not all(isinstance(x, str) for x in regions)):
@@ -356,37 +300,6 @@ def _guest(t: Table) -> GuestConfig:
     return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers))
 
 
-def _sim(t: Table) -> SimConfig:
-    devices = []
-    for d in t.tables("device"):
-        devices.append(SimDeviceConfig(
-            str(d.string("name", required=True, pattern=_DEVICE)),
-            d.choice("capability", CAPABILITIES, "v2_precopy_p2p"),
-            d.integer("group", None, low=0, high=1 << 20),
-            d.choice("kind", ("pci", "mdev"), "pci"),
-            d.size("state_size", None, low=1), d.size("precopy_size", None, low=0),
-            d.size("dirty_rate", None, low=0)))
-        d.finish()
-    hosts = []
-    for h in t.tables("host_device"):
-        driver = h.string("driver", "ixgbe")
-        hosts.append(SimHostDeviceConfig(str(h.string("name", required=True, pattern=_DEVICE)),
-                                         driver or None, h.integer("group", None, low=0)))
-        h.finish()
-    loads = []
-    for w in t.tables("workload"):
-        loads.append(SimWorkload(str(w.string("guest", required=True, pattern=_NAME)),
-                                 int(w.size("dirty_rate", required=True, low=0) or 0),
-                                 int(w.size("fill", 0, low=0) or 0),
-                                 int(w.integer("seed", 1, low=0) or 0)))
-        w.finish()
-    cfg = SimConfig(tuple(devices), tuple(hosts), tuple(loads),
-                    t.boolean("iommu_dirty_tracking", False),
-                    t.size("memlock_limit", None, low=0))
-    t.finish()
-    return cfg
-
-
 def _cross_checks(cfg: Config, top: Table) -> None:
     guests = top.tables("guest")
     seen: dict[str, str] = {}
@@ -399,17 +312,4 @@ def _cross_checks(cfg: Config, top: Table) -> None:
                 raise devs[j].error("name", f"device {d.name} already belongs to guest "
                                     f"{seen[d.name]}")
             seen[d.name] = g.name
-    sim = top.table("sim")
-    names: list[str] = []
-    sims: list[tuple[str, list[str]]] = [
-        ("device", [d.name for d in cfg.sim.devices]),
-        ("host_device", [h.name for h in cfg.sim.host_devices])]
-    for key, items in sims:
-        for i, item in enumerate(items):
-            if item in names:
-                raise sim.tables(key)[i].error("name", f"simulated device {item} is "
-                                               "defined twice")
-            names.append(item)
-    for i, w in enumerate(cfg.sim.workloads):
-        if cfg.guest(w.guest) is None:
-            raise sim.tables("workload")[i].error("guest", f"no [[guest]] named {w.guest!r}")
+    check_sim(cfg.sim, top.table("sim"), {g.name for g in cfg.guests})

@@ -20,6 +20,11 @@ from vfiod.errors import ConfigError
 
 Path = tuple[str | int, ...]
 
+#: What a guest, RAM region, container or workload may be called.
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
+#: A device name: a PCI address (0000:3b:00.1) or an mdev UUID.
+DEVICE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}"
+
 _HEADER = re.compile(r"^\s*(\[\[?)\s*(.+?)\s*\]\]?\s*(#.*)?$")
 _KEYLINE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 _KEYPART = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")

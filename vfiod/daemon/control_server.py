@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vfiod.api.ops import Args, parse_args
-from vfiod.api.schema import MAX_LINE, ApiError, ErrorCode, Request, RequestError, Response
+from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, RequestError, Response
 from vfiod.errors import VfiodError
 
 log = logging.getLogger("vfiod.control")
@@ -181,7 +181,7 @@ class ControlServer:
                 if not full:
                     self._clients.add(conn)
             if full:
-                self._refuse(conn, ApiError(ErrorCode.BUSY, f"more than {self.max_clients} "
+                self._refuse(conn, ApiError(ApiErrorCode.BUSY, f"more than {self.max_clients} "
                                             "control connections; try again"))
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="vfiod-control-conn",
@@ -201,7 +201,7 @@ class ControlServer:
             if why is not None:
                 log.warning("control: refused %s", why)
                 self._on_refused()
-                self._refuse(conn, ApiError(ErrorCode.PERMISSION_DENIED, why))
+                self._refuse(conn, ApiError(ApiErrorCode.PERMISSION_DENIED, why))
                 return
             self._serve_lines(conn)
         except OSError:
@@ -216,7 +216,7 @@ class ControlServer:
         while True:
             while b"\n" not in buf:
                 if len(buf) > MAX_LINE:
-                    err = ApiError(ErrorCode.TOO_LARGE, f"request line exceeds {MAX_LINE} "
+                    err = ApiError(ApiErrorCode.TOO_LARGE, f"request line exceeds {MAX_LINE} "
                                    "bytes; closing the connection")
                     self._on_request(False)
                     conn.sendall(Response.failure(None, err).encode())
@@ -248,4 +248,4 @@ class ControlServer:
         except Exception as e:  # noqa: BLE001 - a handler bug must not kill the server
             log.exception("control: %s failed", req.op)
             return Response.failure(req.id, ApiError(
-                ErrorCode.INTERNAL, f"{req.op}: internal error: {type(e).__name__}: {e}"))
+                ApiErrorCode.INTERNAL, f"{req.op}: internal error: {type(e).__name__}: {e}"))

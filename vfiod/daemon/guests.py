@@ -26,7 +26,8 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from vfiod.daemon.config import GuestConfig, SimWorkload
+from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.errors import KernelError, NotMigratable, VfiodError

@@ -24,7 +24,7 @@ from vfiod.api.ops import (
     MigrateArgs,
     StatusArgs,
 )
-from vfiod.api.schema import SCHEMA_VERSION, ApiError, ErrorCode
+from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
 from vfiod.daemon import check
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.lifecycle import LifecycleState
@@ -84,14 +84,14 @@ class Handlers:
         if op == "dirty_tracking":
             assert isinstance(args, DirtyTrackingArgs)
             return self.dirty_tracking(args)
-        raise ApiError(ErrorCode.UNKNOWN_OP, f"operation {op!r} has no handler")
+        raise ApiError(ApiErrorCode.UNKNOWN_OP, f"operation {op!r} has no handler")
 
     # -- lookups ---------------------------------------------------------------------------
     def _guest(self, name: str) -> GuestEntry:
         entry = self.registry.guest(name)
         if entry is None:
             known = ", ".join(sorted(self.registry.guests)) or "none configured"
-            raise ApiError(ErrorCode.NOT_FOUND, f"no guest {name!r} (guests: {known})")
+            raise ApiError(ApiErrorCode.NOT_FOUND, f"no guest {name!r} (guests: {known})")
         return entry
 
     def _owner(self, device: str) -> GuestEntry | None:
@@ -128,7 +128,7 @@ class Handlers:
         try:
             found = discover(self.kernel, self.paths)
         except KernelError as e:
-            raise ApiError(ErrorCode.FAILED, f"device discovery failed: {e}") from None
+            raise ApiError(ApiErrorCode.FAILED, f"device discovery failed: {e}") from None
         out = []
         with self.registry.lock:
             for d in found:
@@ -163,25 +163,25 @@ class Handlers:
             return check.probe_unowned(self.kernel, self.paths, args.target)
         except KernelError as e:
             if e.errno == errno.ENODEV:
-                raise ApiError(ErrorCode.NOT_FOUND, f"no guest or device {args.target!r} "
+                raise ApiError(ApiErrorCode.NOT_FOUND, f"no guest or device {args.target!r} "
                                f"on this host ({e})") from None
-            raise ApiError(ErrorCode.FAILED, f"check {args.target}: {e}") from None
+            raise ApiError(ApiErrorCode.FAILED, f"check {args.target}: {e}") from None
 
     def migrate(self, args: MigrateArgs) -> dict[str, Any]:
         entry = self._guest(args.guest)
         # Checked and started in one hold of the lock: no other request gets in between.
         with self.registry.lock:
             if entry.migration is not None and entry.migration.active:
-                raise ApiError(ErrorCode.BUSY, f"guest {entry.name} is already migrating "
+                raise ApiError(ApiErrorCode.BUSY, f"guest {entry.name} is already migrating "
                                f"({entry.migration.role}, {entry.migration.peer})")
             if entry.state is not LifecycleState.RUNNING:
                 why = (entry.error if entry.state is LifecycleState.FAILED
                        else f"it is {entry.state} here")
-                raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated "
+                raise ApiError(ApiErrorCode.FAILED, f"guest {entry.name} cannot be migrated "
                                f"from this host: {why}")
             bad = [d for d in entry.devices.values() if not d.migratable]
             if bad:
-                raise ApiError(ErrorCode.FAILED, f"guest {entry.name} cannot be migrated: "
+                raise ApiError(ApiErrorCode.FAILED, f"guest {entry.name} cannot be migrated: "
                                + "; ".join(f"{d.name}: {d.reason}" for d in bad))
             rec = self.migrations.start_outgoing(
                 entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
@@ -192,18 +192,18 @@ class Handlers:
         entry = self._guest(args.guest)
         rec = self.migrations.ledger.cancel(entry)
         if rec is None:
-            raise ApiError(ErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
+            raise ApiError(ApiErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
                            "running")
         return {"migration": rec.id, "guest": entry.name, "cancel_requested": True}
 
     def dirty_tracking(self, args: DirtyTrackingArgs) -> dict[str, Any]:
         owner = self._owner(args.device)
         if owner is None:
-            raise ApiError(ErrorCode.NOT_FOUND, f"device {args.device} belongs to no guest "
+            raise ApiError(ApiErrorCode.NOT_FOUND, f"device {args.device} belongs to no guest "
                            "of this daemon")
         with self.registry.lock:
             if owner.migration is not None and owner.migration.active:
-                raise ApiError(ErrorCode.BUSY, f"guest {owner.name} is migrating: the "
+                raise ApiError(ApiErrorCode.BUSY, f"guest {owner.name} is migrating: the "
                                "opt-out is read when a migration starts; change it before "
                                "or after")
             self.guests.set_tracking(owner, args.device, args.enabled)

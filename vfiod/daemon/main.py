@@ -20,7 +20,6 @@ the running configuration stays.
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import logging
 import os
@@ -45,8 +44,8 @@ from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interva
 from vfiod.errors import ConfigError, VfiodError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
-from vfiod.migration.transport import TlsConfig, TransportError
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.transport import TransportError
 from vfiod.vfio import HostPaths
 
 log = logging.getLogger("vfiod")
@@ -124,7 +123,7 @@ class Daemon:
         self.guests = GuestManager(self.kernel, self.paths, self.registry, workloads=workloads,
                                    start_workload=starter)
         self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
-                                           cfg.migration, _tls(cfg))
+                                           cfg.migration, cfg.migration.tls)
         self.guests.open_all(cfg.guests)
         listen = opts.migration_listen or (str(cfg.migration.listen)
                                            if cfg.migration.listen else None)
@@ -161,14 +160,8 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def host_facts(self) -> HostFacts:
-        facts = gather_host_facts(self.kernel)
-        if self._sim is None:
-            return facts
-        # The simulated kernel pins nothing real: its limit is [sim] memlock_limit.
-        limit = self.config.sim.memlock_limit
-        mem = (MemlockFacts(None, None, 0, True) if limit is None else
-               MemlockFacts(limit, limit, int(self._sim.kernel.locked_bytes), False))
-        return dataclasses.replace(facts, memlock=mem)
+        # on the sim backend the simulated kernel answers memlock with [sim] memlock_limit
+        return gather_host_facts(self.kernel)
 
     def status_line(self) -> str:
         snap = self.registry.snapshot()
@@ -261,11 +254,6 @@ def _gid(group: str) -> int | None:
         log.warning("control group %r does not exist: only root may use the control socket",
                     group)
         return None
-
-
-def _tls(cfg: Config) -> TlsConfig | None:
-    t = cfg.migration.tls
-    return TlsConfig(t.cert, t.key, t.ca) if t is not None else None
 
 
 def run_daemon(opts: RunOptions) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vfiod.daemon.config import SimConfig, SimWorkload
+from vfiod.daemon.config_sim import SimConfig, SimWorkload
 from vfiod.errors import ConfigError
 from vfiod.kernel.sim import HostDevice, SimHost, SimHostConfig
 from vfiod.kernel.sim.interfaces import DeviceSpec

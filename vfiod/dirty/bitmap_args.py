@@ -5,8 +5,9 @@ little-endian u64 words, bit ``i`` (page ``i``) is bit ``i % 64`` of word ``i //
 Here a bitmap is a 1-D C-contiguous ``numpy.uint64`` array; the word *values* carry that
 layout, so the host byte order does not matter once the words are loaded.
 
-Both ``bitmap_ref`` (the specification) and ``bitmap_kernels`` (the fast versions) run the
-same checks, so they accept and refuse exactly the same inputs. Every refusal is a
+Both ``bitmap_ref`` (the specification) and ``bitmap_kernels`` (the fast versions) validate
+each operation's arguments with the one ``*_args`` function here, so they accept and refuse
+exactly the same inputs. Every refusal is a
 ``ValueError`` whose message names the function, the argument and what was wrong; the
 kernels rely on these checks to never index outside an array (numba does not bounds-check).
 """
@@ -18,19 +19,15 @@ import operator
 import numpy as np
 import numpy.typing as npt
 
+from vfiod.vfio.bitmap import Bitmap
+
 WORD_BITS = 64
 U64 = np.dtype(np.uint64)
 
-Words = npt.NDArray[np.uint64]
 Pages = npt.NDArray[np.int64]  # page numbers or page counts
 
 
-def words_for(nbits: int) -> int:
-    """Number of u64 words that hold ``nbits`` bits (the kernel's ``ceil(n/64)``)."""
-    return (nbits + WORD_BITS - 1) // WORD_BITS
-
-
-def check_words(fn: str, name: str, arr: object, *, writable: bool = False) -> Words:
+def check_words(fn: str, name: str, arr: object, *, writable: bool = False) -> Bitmap:
     """Return ``arr`` if it is a usable bitmap, else raise ``ValueError`` saying why."""
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"{fn}: {name} must be a numpy uint64 array, got {type(arr).__name__}")
@@ -55,7 +52,7 @@ def check_count(fn: str, name: str, value: object, *, minimum: int = 0) -> int:
     return n
 
 
-def check_span(fn: str, name: str, arr: Words, first_bit: int, nbits: int) -> None:
+def check_span(fn: str, name: str, arr: Bitmap, first_bit: int, nbits: int) -> None:
     """Refuse a bit range ``[first_bit, first_bit + nbits)`` that does not fit in ``arr``."""
     have = arr.shape[0] * WORD_BITS
     if first_bit + nbits > have:
@@ -63,7 +60,7 @@ def check_span(fn: str, name: str, arr: Words, first_bit: int, nbits: int) -> No
                          f"({arr.shape[0]} words = {have} bits)")
 
 
-def check_disjoint(fn: str, a_name: str, a: Words, b_name: str, b: Words) -> None:
+def check_disjoint(fn: str, a_name: str, a: Bitmap, b_name: str, b: Bitmap) -> None:
     """Refuse overlapping buffers: the word-shifting kernels read words they already wrote."""
     if np.may_share_memory(a, b):
         raise ValueError(f"{fn}: {a_name} and {b_name} share memory; pass a copy")
@@ -89,3 +86,60 @@ def tail_mask(nbits: int) -> int:
     """Mask of the valid bits in the last word of an ``nbits`` bitmap (all ones if full)."""
     tail = nbits % WORD_BITS
     return (1 << tail) - 1 if tail else (1 << WORD_BITS) - 1
+
+
+# -- the arguments of each bitmap operation, checked once for both implementations ------------
+
+def or_merge_args(dst: object, src: object, dst_bit_offset: object,
+                  nbits: object) -> tuple[Bitmap, Bitmap, int, int]:
+    """``or_merge``: a writable ``dst``, a ``src`` not sharing its memory, both spans fit."""
+    fn = "or_merge"
+    d = check_words(fn, "dst", dst, writable=True)
+    s = check_words(fn, "src", src)
+    off = check_count(fn, "dst_bit_offset", dst_bit_offset)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "src", s, 0, n)
+    check_span(fn, "dst", d, off, n)
+    check_disjoint(fn, "dst", d, "src", s)
+    return d, s, off, n
+
+
+def popcount_args(words: object, nbits: object | None) -> tuple[Bitmap, int]:
+    """``popcount``: the words and how many bits to count (all of them for ``None``)."""
+    fn = "popcount"
+    w = check_words(fn, "words", words)
+    n = w.shape[0] * WORD_BITS if nbits is None else check_count(fn, "nbits", nbits)
+    check_span(fn, "words", w, 0, n)
+    return w, n
+
+
+def dirty_runs_args(words: object, nbits: object, max_run: object) -> tuple[Bitmap, int, int]:
+    """``dirty_runs``: the words, the bit count that fits them, a ``max_run`` of at least 1."""
+    fn = "dirty_runs"
+    w = check_words(fn, "words", words)
+    n = check_count(fn, "nbits", nbits)
+    longest = check_count(fn, "max_run", max_run, minimum=1)
+    check_span(fn, "words", w, 0, n)
+    return w, n, longest
+
+
+def bit_range_args(fn: str, words: object, first_bit: object,
+                   nbits: object) -> tuple[Bitmap, int, int]:
+    """``test_and_clear`` and ``set_range``: writable words and a bit range inside them."""
+    w = check_words(fn, "words", words, writable=True)
+    first = check_count(fn, "first_bit", first_bit)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "words", w, first, n)
+    return w, first, n
+
+
+def rescale_args(src: object, src_pgsize: object, dst_pgsize: object,
+                 nbits: object) -> tuple[Bitmap, int, int, int]:
+    """``rescale``: the source words, both page sizes (powers of two), the bits to take."""
+    fn = "rescale"
+    s = check_words(fn, "src", src)
+    sp = check_page_size(fn, "src_pgsize", src_pgsize)
+    dp = check_page_size(fn, "dst_pgsize", dst_pgsize)
+    n = check_count(fn, "nbits", nbits)
+    check_span(fn, "src", s, 0, n)
+    return s, sp, dp, n

@@ -13,9 +13,9 @@ Why they are fast:
 
 ``rescale`` lives in ``bitmap_rescale`` and is re-exported here, so this module has the
 same functions as ``bitmap_ref``. The public functions are thin Python wrappers that
-validate arguments (``bitmap_args``) before entering a kernel: numba does not bounds-check,
-so a kernel is only ever called with offsets and lengths already proven to fit. The
-kernels release the GIL while they run.
+validate arguments (the same ``bitmap_args`` check as the reference) before entering a
+kernel: numba does not bounds-check, so a kernel is only ever called with offsets and
+lengths already proven to fit. The kernels release the GIL while they run.
 """
 
 from __future__ import annotations
@@ -23,18 +23,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vfiod.dirty.bitmap_args import (
-    WORD_BITS,
-    Pages,
-    Words,
-    check_count,
-    check_disjoint,
-    check_span,
-    check_words,
-    words_for,
-)
+from vfiod.dirty import bitmap_args
+from vfiod.dirty.bitmap_args import Pages
 from vfiod.dirty.bitmap_rescale import rescale
 from vfiod.dirty.bitmap_words import ALL, ONE, ZERO, ctz64, popcnt64, tail_mask_u64
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 __all__ = ["dirty_runs", "or_merge", "popcount", "rescale", "set_range", "test_and_clear"]
 
@@ -218,40 +211,26 @@ def _k_fill(words, first_bit, nbits, value):
     words[w0 + 1 : w1] = fillw
 
 
-def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
+def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> None:
     """OR bits ``[0, nbits)`` of ``src`` into ``dst`` at bit ``dst_bit_offset`` (any alignment)."""
-    fn = "or_merge"
-    dst = check_words(fn, "dst", dst, writable=True)
-    src = check_words(fn, "src", src)
-    off = check_count(fn, "dst_bit_offset", dst_bit_offset)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
-    check_span(fn, "dst", dst, off, nbits)
-    check_disjoint(fn, "dst", dst, "src", src)
+    dst, src, off, nbits = bitmap_args.or_merge_args(dst, src, dst_bit_offset, nbits)
     if nbits:
         _k_or_merge(dst, src, off, nbits)
 
 
-def popcount(words: Words, nbits: int | None = None) -> int:
+def popcount(words: Bitmap, nbits: int | None = None) -> int:
     """Set bits among the first ``nbits`` bits (all of ``words`` if ``None``)."""
-    fn = "popcount"
-    words = check_words(fn, "words", words)
-    n = words.shape[0] * WORD_BITS if nbits is None else check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, 0, n)
+    words, n = bitmap_args.popcount_args(words, nbits)
     return int(_k_popcount(words, n)) if n else 0
 
 
-def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
+def dirty_runs(words: Bitmap, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     """Maximal runs of set bits, split at ``max_run``, as ``(first_page, count)`` int64 arrays.
 
     Without splitting, the two arrays are views of larger buffers whose unused tail was
     never written (so never committed to memory); copy them to keep them for long.
     """
-    fn = "dirty_runs"
-    words = check_words(fn, "words", words)
-    nbits = check_count(fn, "nbits", nbits)
-    max_run = check_count(fn, "max_run", max_run, minimum=1)
-    check_span(fn, "words", words, 0, nbits)
+    words, nbits, max_run = bitmap_args.dirty_runs_args(words, nbits, max_run)
     if nbits == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # Room for a run per 4 words to start with: np.empty commits only the pages written, so
@@ -278,13 +257,9 @@ def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     return out_first, out_count
 
 
-def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
+def test_and_clear(words: Bitmap, first_bit: int, nbits: int) -> Bitmap:
     """Return bits ``[first_bit, +nbits)`` as a new bitmap (bit 0 = ``first_bit``); clear them."""
-    fn = "test_and_clear"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bitmap_args.bit_range_args("test_and_clear", words, first_bit, nbits)
     out = np.zeros(words_for(nbits), dtype=np.uint64)
     if nbits:
         _k_extract(words, first, nbits, out)
@@ -295,12 +270,8 @@ def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
 test_and_clear.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def set_range(words: Words, first_bit: int, nbits: int) -> None:
+def set_range(words: Bitmap, first_bit: int, nbits: int) -> None:
     """Set bits ``[first_bit, first_bit + nbits)``; other bits untouched."""
-    fn = "set_range"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bitmap_args.bit_range_args("set_range", words, first_bit, nbits)
     if nbits:
         _k_fill(words, first, nbits, True)

@@ -9,7 +9,8 @@ packs the result back. They are still vectorised (no Python loop per bit or per 
 the benchmark ratios of ``bitmap_kernels`` against them are honest.
 
 ``bitmap_kernels`` must agree with every function here on every valid input, and both
-refuse the same invalid inputs with ``ValueError`` (checks in ``bitmap_args``).
+refuse the same invalid inputs with ``ValueError`` (one check per operation in
+``bitmap_args``).
 """
 
 from __future__ import annotations
@@ -20,45 +21,37 @@ import numpy.typing as npt
 from vfiod.dirty.bitmap_args import (
     WORD_BITS,
     Pages,
-    Words,
-    check_count,
-    check_disjoint,
-    check_page_size,
-    check_span,
-    check_words,
+    bit_range_args,
+    dirty_runs_args,
+    or_merge_args,
+    popcount_args,
+    rescale_args,
     rescaled_nbits,
-    words_for,
 )
 from vfiod.dirty.ranges import split_ranges
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 
-def _unpack(words: Words, nbits: int | None = None) -> npt.NDArray[np.uint8]:
+def _unpack(words: Bitmap, nbits: int | None = None) -> npt.NDArray[np.uint8]:
     """One uint8 (0/1) per bit; ``astype('<u8')`` makes the byte view little-endian anywhere."""
     raw = words.astype("<u8", copy=False).view(np.uint8)
     return np.unpackbits(raw, count=nbits, bitorder="little")
 
 
-def _pack(bits: npt.NDArray[np.uint8]) -> Words:
+def _pack(bits: npt.NDArray[np.uint8]) -> Bitmap:
     """Inverse of ``_unpack``: pad to whole words, pack, read back as native uint64."""
     padded = np.zeros(words_for(bits.shape[0]) * WORD_BITS, dtype=np.uint8)
     padded[: bits.shape[0]] = bits
     return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
 
 
-def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
+def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> None:
     """OR bits ``[0, nbits)`` of ``src`` into ``dst`` bits ``[dst_bit_offset, +nbits)``.
 
     Bits of ``src`` at or beyond ``nbits`` are ignored; ``dst`` bits outside the range are
     untouched. Only the ``dst`` words the range touches are unpacked.
     """
-    fn = "or_merge"
-    dst = check_words(fn, "dst", dst, writable=True)
-    src = check_words(fn, "src", src)
-    off = check_count(fn, "dst_bit_offset", dst_bit_offset)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
-    check_span(fn, "dst", dst, off, nbits)
-    check_disjoint(fn, "dst", dst, "src", src)
+    dst, src, off, nbits = or_merge_args(dst, src, dst_bit_offset, nbits)
     if nbits == 0:
         return
     lo, hi = off // WORD_BITS, words_for(off + nbits)
@@ -68,16 +61,13 @@ def or_merge(dst: Words, src: Words, dst_bit_offset: int, nbits: int) -> None:
     dst[lo:hi] = _pack(seg)
 
 
-def popcount(words: Words, nbits: int | None = None) -> int:
+def popcount(words: Bitmap, nbits: int | None = None) -> int:
     """Number of set bits among the first ``nbits`` bits (all of ``words`` if ``None``).
 
     Counts whole words with ``np.bitwise_count`` (numpy >= 2) and masks the partial last word;
     on older numpy it sums the unpacked bits instead.
     """
-    fn = "popcount"
-    words = check_words(fn, "words", words)
-    n = words.shape[0] * WORD_BITS if nbits is None else check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, 0, n)
+    words, n = popcount_args(words, nbits)
     if not hasattr(np, "bitwise_count"):
         return int(_unpack(words, n).sum(dtype=np.int64))
     full = n // WORD_BITS
@@ -88,35 +78,27 @@ def popcount(words: Words, nbits: int | None = None) -> int:
     return total
 
 
-def dirty_runs(words: Words, nbits: int, max_run: int) -> tuple[Pages, Pages]:
+def dirty_runs(words: Bitmap, nbits: int, max_run: int) -> tuple[Pages, Pages]:
     """Maximal runs of set bits among the first ``nbits``, as ``(first_page, count)`` arrays.
 
     Runs are in ascending order; a run longer than ``max_run`` is split into pieces of
     ``max_run`` pages plus a shorter last piece. Runs come from the +1/-1 edges of the bit
     array (``np.diff`` with a 0 on either side); the split is ``ranges.split_ranges``.
     """
-    fn = "dirty_runs"
-    words = check_words(fn, "words", words)
-    nbits = check_count(fn, "nbits", nbits)
-    max_run = check_count(fn, "max_run", max_run, minimum=1)
-    check_span(fn, "words", words, 0, nbits)
+    words, nbits, max_run = dirty_runs_args(words, nbits, max_run)
     edges = np.diff(_unpack(words, nbits).view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1).astype(np.int64)
     lengths = np.flatnonzero(edges == -1).astype(np.int64) - starts
     return split_ranges(starts, lengths, max_run)
 
 
-def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
+def test_and_clear(words: Bitmap, first_bit: int, nbits: int) -> Bitmap:
     """Return bits ``[first_bit, first_bit + nbits)`` as a new bitmap and clear them in ``words``.
 
     Bit ``j`` of the result is old bit ``first_bit + j``; the result has ``ceil(nbits/64)``
     words with bits beyond ``nbits`` zero.
     """
-    fn = "test_and_clear"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bit_range_args("test_and_clear", words, first_bit, nbits)
     if nbits == 0:
         return np.zeros(0, dtype=np.uint64)
     lo, hi = first // WORD_BITS, words_for(first + nbits)
@@ -132,13 +114,9 @@ def test_and_clear(words: Words, first_bit: int, nbits: int) -> Words:
 test_and_clear.__test__ = False  # type: ignore[attr-defined]
 
 
-def set_range(words: Words, first_bit: int, nbits: int) -> None:
+def set_range(words: Bitmap, first_bit: int, nbits: int) -> None:
     """Set bits ``[first_bit, first_bit + nbits)`` of ``words``; other bits untouched."""
-    fn = "set_range"
-    words = check_words(fn, "words", words, writable=True)
-    first = check_count(fn, "first_bit", first_bit)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "words", words, first, nbits)
+    words, first, nbits = bit_range_args("set_range", words, first_bit, nbits)
     if nbits == 0:
         return
     lo, hi = first // WORD_BITS, words_for(first + nbits)
@@ -148,7 +126,7 @@ def set_range(words: Words, first_bit: int, nbits: int) -> None:
     words[lo:hi] = _pack(seg)
 
 
-def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
+def rescale(src: Bitmap, src_pgsize: int, dst_pgsize: int, nbits: int) -> Bitmap:
     """Re-express the first ``nbits`` pages of ``src`` in ``dst_pgsize`` pages (from page 0).
 
     Coarser (``dst_pgsize > src_pgsize``, ratio ``r``): dst bit ``j`` is set iff any of src
@@ -157,12 +135,7 @@ def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
     has ``nbits*r`` bits. Equal sizes copy. Both sizes must be powers of two.
     The result is a new array of ``ceil(result_bits/64)`` words.
     """
-    fn = "rescale"
-    src = check_words(fn, "src", src)
-    sp = check_page_size(fn, "src_pgsize", src_pgsize)
-    dp = check_page_size(fn, "dst_pgsize", dst_pgsize)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
+    src, sp, dp, nbits = rescale_args(src, src_pgsize, dst_pgsize, nbits)
     bits = _unpack(src, nbits)
     if dp > sp:
         ratio = dp // sp

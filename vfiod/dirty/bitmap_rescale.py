@@ -12,22 +12,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vfiod.dirty.bitmap_args import (
-    Words,
-    check_count,
-    check_page_size,
-    check_span,
-    check_words,
-    rescaled_nbits,
-    tail_mask,
-    words_for,
-)
+from vfiod.dirty.bitmap_args import rescale_args, rescaled_nbits, tail_mask
 from vfiod.dirty.bitmap_words import ALL, ONE, ZERO, ctz64, tail_mask_u64
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 
 @njit(nogil=True, cache=True)
 def _ceil_div(a, b):
     return (a + b - 1) // b
+
+
+@njit(nogil=True, cache=True)
+def _src_word(src, k, nsw, nbits):
+    # source word k, with the bits past nbits of the last word read as clean
+    if k == nsw - 1:
+        return src[k] & tail_mask_u64(nbits)
+    return src[k]
 
 
 @njit(nogil=True, cache=True)
@@ -39,18 +39,13 @@ def _k_coarsen(src, nbits, ratio, out):
         for j in range(_ceil_div(nbits, ratio)):
             acc = ZERO
             for k in range(j * per, min((j + 1) * per, nsw)):
-                v = src[k]
-                if k == nsw - 1:
-                    v &= tail_mask_u64(nbits)
-                acc |= v
+                acc |= _src_word(src, k, nsw, nbits)
             if acc != ZERO:
                 out[j >> 6] |= ONE << np.uint64(j & 63)
         return
     groups = 64 // ratio  # dst bits produced by one src word
     for k in range(nsw):
-        v = src[k]
-        if k == nsw - 1:
-            v &= tail_mask_u64(nbits)
+        v = _src_word(src, k, nsw, nbits)
         if v == ZERO:
             continue
         # fold each ratio-bit group onto its lowest bit, then gather those bits
@@ -70,9 +65,7 @@ def _k_refine(src, nbits, ratio, out):
     # src bit i sets out bits [i*ratio, (i+1)*ratio); ratio a power of two >= 2.
     nsw = (nbits + 63) >> 6
     for k in range(nsw):
-        v = src[k]
-        if k == nsw - 1:
-            v &= tail_mask_u64(nbits)
+        v = _src_word(src, k, nsw, nbits)
         if v == ZERO:
             continue
         if ratio >= 64:
@@ -93,14 +86,9 @@ def _k_refine(src, nbits, ratio, out):
                 out[k * ratio + b // per_word] |= group << np.uint64((b % per_word) * ratio)
 
 
-def rescale(src: Words, src_pgsize: int, dst_pgsize: int, nbits: int) -> Words:
+def rescale(src: Bitmap, src_pgsize: int, dst_pgsize: int, nbits: int) -> Bitmap:
     """The first ``nbits`` pages of ``src`` in ``dst_pgsize`` pages; see ``bitmap_ref.rescale``."""
-    fn = "rescale"
-    src = check_words(fn, "src", src)
-    sp = check_page_size(fn, "src_pgsize", src_pgsize)
-    dp = check_page_size(fn, "dst_pgsize", dst_pgsize)
-    nbits = check_count(fn, "nbits", nbits)
-    check_span(fn, "src", src, 0, nbits)
+    src, sp, dp, nbits = rescale_args(src, src_pgsize, dst_pgsize, nbits)
     out = np.zeros(words_for(rescaled_nbits(nbits, sp, dp)), dtype=np.uint64)
     if nbits == 0:
         return out

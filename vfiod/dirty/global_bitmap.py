@@ -20,15 +20,14 @@ import numpy as np
 from vfiod.dirty import bitmap_kernels as kernels
 from vfiod.dirty.bitmap_args import (
     Pages,
-    Words,
     check_count,
     check_page_size,
     check_span,
     check_words,
     rescaled_nbits,
-    words_for,
 )
 from vfiod.dirty.ranges import PageRange
+from vfiod.vfio.bitmap import Bitmap, words_for
 
 
 class GlobalBitmap:
@@ -37,11 +36,11 @@ class GlobalBitmap:
     def __init__(self, npages: int, page_size: int = 4096) -> None:
         self.npages = check_count("GlobalBitmap", "npages", npages)
         self.page_size = check_page_size("GlobalBitmap", "page_size", page_size)
-        self._words: Words = np.zeros(words_for(self.npages), dtype=np.uint64)
+        self._words: Bitmap = np.zeros(words_for(self.npages), dtype=np.uint64)
         self._lock = threading.Lock()
 
     @property
-    def words(self) -> Words:
+    def words(self) -> Bitmap:
         """A live read-only view of the words (bits past ``npages`` are always clear)."""
         view = self._words.view()
         view.flags.writeable = False
@@ -58,7 +57,7 @@ class GlobalBitmap:
                              f"extend past the guest's {self.npages} pages")
         return pages
 
-    def merge_container(self, bitmap: Words, first_guest_page: int, nbits: int,
+    def merge_container(self, bitmap: Bitmap, first_guest_page: int, nbits: int,
                         src_pgsize: int | None = None) -> int:
         """OR a mapping's dirty bitmap into the guest's, starting at ``first_guest_page``.
 
@@ -104,7 +103,7 @@ class GlobalBitmap:
         with self._lock:
             return kernels.dirty_runs(self._words, self.npages, max_run)
 
-    def take_and_clear(self, pages: PageRange | None = None) -> Words:
+    def take_and_clear(self, pages: PageRange | None = None) -> Bitmap:
         """Return the bits of ``pages`` (bit 0 = ``pages.first``) and clear them here."""
         r = self._range("take_and_clear", pages)
         with self._lock:

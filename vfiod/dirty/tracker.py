@@ -43,12 +43,14 @@ from vfiod.dirty.providers.base import (
     DirtyProvider,
     DmaSpace,
     IovaRange,
+    ProviderName,
     ProviderUnavailable,
 )
 from vfiod.dirty.providers.chain import ProviderChain
 from vfiod.dirty.providers.select import select
 from vfiod.dirty.ranges import PageRange
 from vfiod.errors import KernelError
+from vfiod.vfio.container import DmaMapping
 
 
 @dataclass(frozen=True)
@@ -60,21 +62,12 @@ class GuestRegion:
     name: str = ""
 
 
-@dataclass(frozen=True)
-class IovaMapping:
-    """A container's DMA mapping of IOVA [iova, iova + size) onto guest [gpa, gpa + size)."""
-
-    iova: int
-    size: int
-    gpa: int
-
-
 @dataclass
 class TrackedContainer:
     """One DMA space of the guest, its mappings and its devices' opt-out settings."""
 
     space: DmaSpace
-    mappings: Sequence[IovaMapping]
+    mappings: Sequence[DmaMapping]
     #: device name -> False: QEMU's x-pre-copy-dirty-page-tracking=off (default: on)
     pre_copy_dirty_page_tracking: Mapping[str, bool] = field(default_factory=dict)
     #: provider names not to use, e.g. {"device-logging"}
@@ -104,13 +97,13 @@ class _Segment:
     iova: int
     size: int
     first_page: int             # guest page of iova
-    maps: list[IovaMapping]
+    maps: list[DmaMapping]
 
 
 class _Box:
     """Run-time state of one container."""
 
-    def __init__(self, spec: TrackedContainer, maps: list[IovaMapping]) -> None:
+    def __init__(self, spec: TrackedContainer, maps: list[DmaMapping]) -> None:
         self.spec = spec
         self.name = spec.space.name
         self.maps = maps
@@ -160,7 +153,7 @@ class DirtyTracker:
                 for box in self._boxes:
                     disable = set(box.spec.disable)
                     if not box.maps:        # device logging needs ranges at START (§7)
-                        disable.add("device-logging")
+                        disable.add(ProviderName.DEVICE_LOGGING)
                     box.chain = ProviderChain(select(box.spec.space, disable), box.name)
                     box.chain.start(box.ranges(), self.page_size)
                     self._resegment(box)
@@ -332,7 +325,7 @@ class DirtyTracker:
             return self._merge_unmapped(box, iova, bits, gone)
 
     def _merge_unmapped(self, box: _Box, iova: int, bits: Bitmap,
-                        gone: list[IovaMapping]) -> int:
+                        gone: list[DmaMapping]) -> int:
         chain = box.chain
         assert chain is not None and chain.page_size is not None
         pg = chain.page_size
@@ -348,19 +341,19 @@ class DirtyTracker:
         self._forget(box, gone)
         return n
 
-    def _mark_maps(self, maps: list[IovaMapping]) -> int:
+    def _mark_maps(self, maps: list[DmaMapping]) -> int:
         n = 0
         for m in maps:
             self.bitmap.mark_all(PageRange(m.gpa // self.page_size, m.size // self.page_size))
             n += m.size // self.page_size
         return n
 
-    def _forget(self, box: _Box, gone: list[IovaMapping]) -> int:
+    def _forget(self, box: _Box, gone: list[DmaMapping]) -> int:
         box.maps = [m for m in box.maps if m not in gone]
         self._resegment(box)
         return 0
 
-    def add_mapping(self, container: str, mapping: IovaMapping) -> None:
+    def add_mapping(self, container: str, mapping: DmaMapping) -> None:
         """Track a mapping the owner just created (MAP_DMA / IOAS_MAP). type1 and iommufd
         track it by themselves; device logging only logs the ranges given at START, so it
         is restarted with the new list and the container counts dirty once."""
@@ -369,7 +362,7 @@ class DirtyTracker:
             probe = TrackedContainer(box.spec.space, [*box.maps, mapping])
             box.maps = _check_mappings(probe, self.regions, self.page_size)
             chain = box.chain
-            if self.running and chain is not None and chain.name == "device-logging":
+            if self.running and chain is not None and chain.name == ProviderName.DEVICE_LOGGING:
                 chain.restart(f"mapping at iova {mapping.iova:#x} added: device logging "
                               "restarted with the new ranges", box.ranges(), self.page_size)
                 self._resegment(box)
@@ -457,7 +450,7 @@ def _check_regions(regions: Sequence[GuestRegion], page_size: int) -> list[Guest
 
 
 def _check_mappings(c: TrackedContainer, regions: list[GuestRegion],
-                    page_size: int) -> list[IovaMapping]:
+                    page_size: int) -> list[DmaMapping]:
     name = c.space.name
     maps = sorted(c.mappings, key=lambda m: m.iova)
     for m in maps:

@@ -11,14 +11,34 @@ import errno
 import fcntl
 import mmap as _mmap
 import os
+import resource
 
 from vfiod.errors import KernelError
-from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer
+from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, MemlockFacts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
 _libc.eventfd.restype = ctypes.c_int
 _EFD_CLOEXEC = 0o2000000
+_CAP_IPC_LOCK = 14    # bit of CapEff in /proc/self/status
+
+
+def memlock_from_status(status: str, soft: int, hard: int) -> MemlockFacts:
+    """``MemlockFacts`` from getrlimit's ``soft``/``hard`` and the text of
+    ``/proc/self/status`` (``VmLck``: bytes locked; ``CapEff``: CAP_IPC_LOCK)."""
+    locked, cap = 0, False
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "VmLck":
+            parts = value.split()  # "  1234 kB"
+            locked = int(parts[0]) * 1024 if parts else 0
+        elif key == "CapEff":
+            cap = bool(int(value.strip() or "0", 16) >> _CAP_IPC_LOCK & 1)
+
+    def limit(v: int) -> int | None:
+        return None if v == resource.RLIM_INFINITY or v < 0 else v
+
+    return MemlockFacts(limit(soft), limit(hard), locked, cap)
 
 
 class LinuxKernel:
@@ -121,3 +141,13 @@ class LinuxKernel:
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
+
+    def memlock(self) -> MemlockFacts:
+        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        try:
+            status = self.read_text("/proc/self/status")
+        except KernelError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):   # no /proc: nothing locked
+                raise
+            status = ""
+        return memlock_from_status(status, soft, hard)

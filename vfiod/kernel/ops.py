@@ -17,12 +17,16 @@ Conventions shared by both implementations:
   structs (bitmap data, range arrays) are real process addresses
   (``ctypes.addressof``); the simulator dereferences them like ``copy_from_user``.
 * ``mmap`` returns an ``mmap.mmap``-compatible object (buffer protocol, ``close()``).
+* ``memlock`` answers how much memory DMA may still pin (vfio-uapi.md §3.7: type1 MAP_DMA
+  charges RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK); the simulator answers with
+  its own limit and pinned bytes, so preflight sees the kernel vfiod really talks to.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap as _mmap
+from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
 #: What ``ioctl`` accepts as an in/out argument.
@@ -30,6 +34,22 @@ Buffer = Union[bytearray, ctypes.Structure, ctypes.Array, "ctypes._SimpleCData"]
 
 PROT_READ = _mmap.PROT_READ
 PROT_WRITE = _mmap.PROT_WRITE
+
+
+@dataclass(frozen=True)
+class MemlockFacts:
+    """RLIMIT_MEMLOCK as DMA pinning sees it."""
+
+    soft: int | None          # bytes; None = unlimited
+    hard: int | None
+    locked: int               # bytes this process has locked already
+    cap_ipc_lock: bool        # CAP_IPC_LOCK is effective: the limit does not apply
+
+    def headroom(self) -> int | None:
+        """Bytes that may still be pinned; None = no limit applies."""
+        if self.cap_ipc_lock or self.soft is None:
+            return None
+        return max(0, self.soft - self.locked)
 
 
 @runtime_checkable
@@ -90,4 +110,9 @@ class KernelOps(Protocol):
         ...
 
     def exists(self, path: str) -> bool:
+        ...
+
+    # -- limits ------------------------------------------------------------------------
+    def memlock(self) -> MemlockFacts:
+        """getrlimit(RLIMIT_MEMLOCK), the bytes already locked and CAP_IPC_LOCK."""
         ...

@@ -6,8 +6,9 @@ decoded into the same values by ``vfiod.migration.device.v1_codec``.
 
 Status shows the triple (guest run state, migration state, device state) in the vocabulary
 of the seed's flow diagram (design.md §1), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)`` while
-pre-copying and ``(FINISH_MIGRATE, DEVICE, SAVING)`` in stop-and-copy. The device part is
-written in v1 bit names because that diagram is the operators' reference; v2-only states
+pre-copying and ``(FINISH_MIGRATE, DEVICE, SAVING)`` in stop-and-copy
+(``session.status.triple`` writes it). The device part (``device_label``) is written in
+v1 bit names because that diagram is the operators' reference; v2-only states
 say so (``RUNNING_P2P``, ``RUNNING_P2P|SAVING``).
 """
 
@@ -15,15 +16,10 @@ from __future__ import annotations
 
 import enum
 
-from vfiod.abi.vfio import vfio_device_mig_state
+#: The one device-state enum (``vfio_device_mig_state``: the kernel's v2 values).
+from vfiod.abi.vfio import MigState
 
-#: The one device-state enum (values are the kernel's v2 values).
-MigState = vfio_device_mig_state
-
-__all__ = [
-    "MigState", "GuestState", "MigrationState", "SAVING_STATES", "P2P_STATES",
-    "device_label", "format_triple",
-]
+__all__ = ["MigState", "GuestState", "MigrationState", "device_label"]
 
 
 class GuestState(enum.Enum):
@@ -55,11 +51,6 @@ class MigrationState(enum.Enum):
                         MigrationState.CANCELLED)
 
 
-#: States in which a saving data session is open (a data fd to read).
-SAVING_STATES = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
-#: States that exist only on devices with VFIO_MIGRATION_P2P.
-P2P_STATES = frozenset({MigState.RUNNING_P2P, MigState.PRE_COPY_P2P})
-
 # The seed diagram's device column: v1 bit names (_RUNNING, _SAVING, _RESUMING, _STOP).
 _LABELS: dict[MigState, str] = {
     MigState.ERROR: "ERROR",
@@ -86,11 +77,3 @@ def device_label(state: MigState | int | None) -> str:
         raise ValueError(f"device state {state!r} is not a vfio_device_mig_state value "
                          f"(0..{len(MigState) - 1})") from None
     return _LABELS[member]
-
-
-def format_triple(guest: GuestState | None, migration: MigrationState | None,
-                  device_state: MigState | int | None) -> str:
-    """``(GUEST, MIGRATION, DEVICE)`` e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)``."""
-    g = guest.name if guest is not None else "-"
-    m = migration.name if migration is not None else "-"
-    return f"({g}, {m}, {device_label(device_state)})"

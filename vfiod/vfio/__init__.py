@@ -4,8 +4,8 @@ iommufd. Every syscall goes through the ``KernelOps`` passed in; /sys and /dev c
 ``HostPaths``. Mirrors vfio-uapi.md §3, §4, §6.1-§6.3, §6.7-§6.9 and §7.
 """
 
-from vfiod.vfio.container import Container, Mapping
-from vfiod.vfio.device import Device, DeviceInfo
+from vfiod.vfio.container import Container, DmaMapping
+from vfiod.vfio.device import Device, VfioDeviceInfo
 from vfiod.vfio.discovery import (
     DiscoveredDevice,
     GroupViability,
@@ -19,7 +19,7 @@ from vfiod.vfio.paths import HostPaths
 from vfiod.vfio.regions import IrqInfo, RegionInfo
 
 __all__ = [
-    "Container", "Mapping", "Device", "DeviceInfo", "DiscoveredDevice", "GroupViability",
+    "Container", "DmaMapping", "Device", "VfioDeviceInfo", "DiscoveredDevice", "GroupViability",
     "discover", "discover_device", "group_viability", "Group", "DirtyCap", "IommuInfo",
     "HostPaths", "IrqInfo", "RegionInfo",
 ]

@@ -5,20 +5,20 @@ Every failure leaves here as ``KernelError`` whose ``op`` is the kernel's reques
 whose ``target`` is the VFIO object (device name, ``group 12``, the container path), so a
 message reads ``VFIO_IOMMU_MAP_DMA on container /dev/vfio/vfio: EEXIST`` whichever backend
 raised it (design.md §2 "Errors"). Also the shared checks on caller-supplied numbers
-(vfio-uapi.md §0: every field is a fixed-width unsigned integer).
+(vfio-uapi.md §0: every field is a fixed-width unsigned integer), and ``OwnedFd``, the
+close-once life of every fd a vfio object owns.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from vfiod.abi.layout import FlexStruct, flex_array, parse_caps
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import Buffer, KernelOps
 
-U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
 
@@ -29,6 +29,44 @@ def ioctl(kernel: KernelOps, fd: int, request: int, arg: int | Buffer, op: str,
         return kernel.ioctl(fd, request, arg, label=op, target=target)
     except KernelError as e:
         raise e.with_context(op=op, target=target) from None
+
+
+class OwnedFd:
+    """An fd a vfio object owns: ``close`` releases it once (what must go first, e.g. a
+    container's groups, goes in ``_close_members``), and leaving a ``with`` block closes.
+
+    Teardown finishes every step even if one fails and raises the first failure afterwards,
+    named after this object.
+    """
+
+    def __init__(self, kernel: KernelOps, fd: int, name: str) -> None:
+        self.kernel = kernel
+        self.fd = fd
+        self.name = name
+        self.closed = False
+
+    def _close_members(self) -> KernelError | None:
+        """Close what depends on this fd and must be closed before it; return the first
+        failure (nothing by default)."""
+        return None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        first = self._close_members()
+        self.closed = True
+        try:
+            self.kernel.close(self.fd)
+        except KernelError as e:
+            first = first or e.with_context(op="close", target=self.name)
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def renamed(err: KernelError, op: str, target: str) -> KernelError:

@@ -17,13 +17,13 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.vfio import bitmap as bm
-from vfiod.vfio.call import check_uint, ioctl
+from vfiod.vfio.call import OwnedFd, check_uint, ioctl
 from vfiod.vfio.iommu_info import DIRTY_BITMAP_SIZE_MAX, IommuInfo, query_iommu_info
 from vfiod.vfio.paths import HostPaths
 
@@ -35,11 +35,20 @@ _IOMMU_NAMES = {v.VFIO_TYPE1_IOMMU: "VFIO_TYPE1_IOMMU", v.VFIO_TYPE1v2_IOMMU: "V
 
 
 @dataclass(frozen=True)
-class Mapping:
+class DmaMapping:
+    """IOVA [iova, iova + size) mapped for device DMA onto guest-physical [gpa, gpa + size).
+
+    The one mapping type of vfiod: ``Container.map_dma`` returns it and the dirty tracker
+    takes it. ``vaddr`` is the process address the kernel pinned and ``flags`` the
+    device-side permissions; a mapping that only describes the guest layout to the tracker
+    has no ``vaddr``.
+    """
+
     iova: int
     size: int
-    vaddr: int
-    flags: int            # VFIO_DMA_MAP_FLAG_READ | _WRITE
+    gpa: int
+    vaddr: int | None = None
+    flags: int = v.VFIO_DMA_MAP_FLAG_READ | v.VFIO_DMA_MAP_FLAG_WRITE
 
     @property
     def end(self) -> int:
@@ -57,19 +66,17 @@ class _DirtyGet(ctypes.Structure):
                 ("get", v.vfio_iommu_type1_dirty_bitmap_get)]
 
 
-class Container:
+class Container(OwnedFd):
     """One open container fd. Build with ``open`` (vfiod owns it) or ``adopt`` (a VMM
-    handed the fd over the control socket)."""
+    handed the fd over the control socket). ``close`` closes its groups (and their
+    devices) first."""
 
     def __init__(self, kernel: KernelOps, fd: int, name: str, iommu_type: int | None = None):
-        self.kernel = kernel
-        self.fd = fd
-        self.name = name
+        super().__init__(kernel, fd, name)
         self.iommu_type = iommu_type
         self.groups: list[Group] = []
-        self._maps: list[Mapping] = []         # sorted by iova
+        self._maps: list[DmaMapping] = []      # sorted by iova
         self._info: IommuInfo | None = None
-        self.closed = False
 
     # -- setup (§3.1) -----------------------------------------------------------------
     @classmethod
@@ -135,12 +142,14 @@ class Container:
 
     # -- DMA mappings (§3.7, §3.8) ----------------------------------------------------
     @property
-    def mappings(self) -> tuple[Mapping, ...]:
+    def mappings(self) -> tuple[DmaMapping, ...]:
         return tuple(self._maps)
 
     def map_dma(self, iova: int, vaddr: int, size: int, readable: bool = True,
-                writable: bool = True) -> Mapping:
-        """``VFIO_IOMMU_MAP_DMA`` (device-side permissions); pins and charges memlock."""
+                writable: bool = True, *, gpa: int | None = None) -> DmaMapping:
+        """``VFIO_IOMMU_MAP_DMA`` (device-side permissions); pins and charges memlock.
+        ``gpa``: the guest-physical address of the memory (default ``iova``: vfiod maps a
+        guest's RAM at IOVA = guest-physical address)."""
         check_uint("iova", iova), check_uint("vaddr", vaddr), check_uint("size", size)
         flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | \
                 (v.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
@@ -148,7 +157,7 @@ class Container:
                                          flags=flags, vaddr=vaddr, iova=iova, size=size)
         ioctl(self.kernel, self.fd, v.VFIO_IOMMU_MAP_DMA, arg,
               f"VFIO_IOMMU_MAP_DMA(iova {iova:#x}, size {size:#x})", self.name)
-        m = Mapping(iova, size, vaddr, flags)
+        m = DmaMapping(iova, size, iova if gpa is None else gpa, vaddr, flags)
         bisect.insort(self._maps, m, key=lambda x: x.iova)
         return m
 
@@ -266,29 +275,14 @@ class Container:
         return chunks
 
     # -- teardown ---------------------------------------------------------------------
-    def close(self) -> None:
-        """Close devices, then groups, then the container; finish even if one step fails
-        and raise the first failure afterwards."""
-        if self.closed:
-            return
-        first: BaseException | None = None
+    def _close_members(self) -> KernelError | None:
+        """Each group closes its devices, then itself, before the container fd goes."""
+        first: KernelError | None = None
         for g in list(self.groups):
             try:
                 g.close()
             except KernelError as e:
                 first = first or e
         self.groups.clear()
-        try:
-            self.kernel.close(self.fd)
-        except KernelError as e:
-            first = first or e.with_context(op="close", target=self.name)
-        self.closed = True
         self._maps.clear()
-        if first is not None:
-            raise first
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return first

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ctypes
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import PROT_READ, PROT_WRITE, KernelOps
-from vfiod.vfio.call import ioctl, renamed
+from vfiod.vfio.call import OwnedFd, ioctl, renamed
 from vfiod.vfio.features import DeviceFeatures
 from vfiod.vfio.regions import IrqInfo, RegionInfo, query_irq_info, query_region_info
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
+class VfioDeviceInfo:
     """``VFIO_DEVICE_GET_INFO`` answer."""
 
     flags: int
@@ -42,26 +42,23 @@ class DeviceInfo:
         return bool(self.flags & v.VFIO_DEVICE_FLAGS_PCI)
 
 
-class Device(DeviceFeatures):
+class Device(OwnedFd, DeviceFeatures):
     """One device fd. Obtain from ``Group.get_device``, or ``Device(kernel, fd, name)``
     for an fd handed over by a VMM."""
 
     def __init__(self, kernel: KernelOps, fd: int, name: str, group: Group | None = None):
-        self.kernel = kernel
-        self.fd = fd
-        self.name = name
+        super().__init__(kernel, fd, name)
         self.group = group
-        self.closed = False
-        self._info: DeviceInfo | None = None
+        self._info: VfioDeviceInfo | None = None
         self._regions: dict[int, RegionInfo] = {}
 
-    def info(self) -> DeviceInfo:
+    def info(self) -> VfioDeviceInfo:
         if self._info is None:
             arg = v.vfio_device_info(argsz=ctypes.sizeof(v.vfio_device_info))
             ioctl(self.kernel, self.fd, v.VFIO_DEVICE_GET_INFO, arg, "VFIO_DEVICE_GET_INFO",
                   self.name)
             # device capabilities (zPCI, ...) are not used by vfiod: no second call
-            self._info = DeviceInfo(arg.flags, arg.num_regions, arg.num_irqs)
+            self._info = VfioDeviceInfo(arg.flags, arg.num_regions, arg.num_irqs)
         return self._info
 
     # -- regions ------------------------------------------------------------------------
@@ -150,7 +147,7 @@ class Device(DeviceFeatures):
         except KernelError as e:
             raise renamed(e, what, self.name) from None
 
-    # -- IRQs, reset, close -------------------------------------------------------------
+    # -- IRQs, reset ---------------------------------------------------------------------
     def irq_info(self, index: int) -> IrqInfo:
         return query_irq_info(self.kernel, self.fd, index, self.name)
 
@@ -158,21 +155,6 @@ class Device(DeviceFeatures):
         """``VFIO_DEVICE_RESET``: also returns migration to RUNNING and ends any data fd
         session (§3.5); the only way out of ERROR."""
         ioctl(self.kernel, self.fd, v.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET", self.name)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.kernel.close(self.fd)
-        except KernelError as e:
-            raise renamed(e, "close", self.name) from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Device({self.name!r}, fd={self.fd})"

@@ -20,29 +20,27 @@ from vfiod.kernel.ops import KernelOps
 from vfiod.vfio import bitmap as bm
 from vfiod.vfio.call import check_uint, ioctl, renamed
 
-FEATURE_NAMES = {
-    v.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN: "PCI_VF_TOKEN",
-    v.VFIO_DEVICE_FEATURE_MIGRATION: "MIGRATION",
-    v.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: "MIG_DEVICE_STATE",
-    v.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY: "LOW_POWER_ENTRY",
-    v.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP: "LOW_POWER_ENTRY_WITH_WAKEUP",
-    v.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT: "LOW_POWER_EXIT",
-    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START: "DMA_LOGGING_START",
-    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP: "DMA_LOGGING_STOP",
-    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: "DMA_LOGGING_REPORT",
-    v.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: "MIG_DATA_SIZE",
-    v.VFIO_DEVICE_FEATURE_BUS_MASTER: "BUS_MASTER",
-}
 _GET, _SET, _PROBE = v.VFIO_DEVICE_FEATURE_GET, v.VFIO_DEVICE_FEATURE_SET, v.VFIO_DEVICE_FEATURE_PROBE
 #: What a PROBE answers for a feature the device lacks: ENOTTY, or EINVAL from drivers
 #: without a device_feature op before 6.18 and for an unsupported direction (§6.1).
 _UNSUPPORTED = (errno.ENOTTY, errno.EINVAL)
 
 
+#: The VFIO_MIGRATION_* flags (§6.2) by the names status, ``vfiod ctl check`` and the
+#: stream header give them.
+MIGRATION_FLAG_NAMES = ((v.VFIO_MIGRATION_STOP_COPY, "STOP_COPY"), (v.VFIO_MIGRATION_P2P, "P2P"),
+                        (v.VFIO_MIGRATION_PRE_COPY, "PRE_COPY"))
+
+
+def migration_flag_names(flags: int) -> tuple[str, ...]:
+    """The VFIO_MIGRATION_* bits set in ``flags``, by name, in the kernel's bit order."""
+    return tuple(name for bit, name in MIGRATION_FLAG_NAMES if flags & bit)
+
+
 def feature_op(feature: int, flags: int, suffix: str = "") -> str:
     """``VFIO_DEVICE_FEATURE(PROBE SET DMA_LOGGING_START)``-style operation name."""
     words = [w for bit, w in ((_PROBE, "PROBE"), (_GET, "GET"), (_SET, "SET")) if flags & bit]
-    words.append(FEATURE_NAMES.get(feature, f"feature {feature}") + suffix)
+    words.append(v.FEATURE_NAMES.get(feature, f"feature {feature}") + suffix)
     return f"VFIO_DEVICE_FEATURE({' '.join(words)})"
 
 

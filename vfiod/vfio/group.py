@@ -11,12 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import vfiod.abi.vfio as v
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
-from vfiod.vfio.call import ioctl
+from vfiod.vfio.call import OwnedFd, ioctl
 from vfiod.vfio.device import Device
 from vfiod.vfio.discovery import group_viability
 from vfiod.vfio.paths import HostPaths
@@ -25,17 +25,17 @@ if TYPE_CHECKING:
     from vfiod.vfio.container import Container
 
 
-class Group:
+class Group(OwnedFd):
+    """One group fd. ``close`` closes its devices and detaches it from its container
+    first."""
+
     def __init__(self, kernel: KernelOps, fd: int, number: int,
                  paths: HostPaths | None = None) -> None:
-        self.kernel = kernel
-        self.fd = fd
+        super().__init__(kernel, fd, f"group {number}")
         self.number = number
-        self.name = f"group {number}"
         self.paths = paths or HostPaths()
         self.container: Container | None = None
         self.devices: list[Device] = []
-        self.closed = False
 
     @classmethod
     def open(cls, kernel: KernelOps, paths: HostPaths | None, number: int, *,
@@ -134,11 +134,9 @@ class Group:
         self.devices.append(dev)
         return dev
 
-    def close(self) -> None:
-        """Close this group's devices, detach from the container, close the group fd;
-        finish every step and raise the first failure afterwards."""
-        if self.closed:
-            return
+    def _close_members(self) -> KernelError | None:
+        """Close this group's devices, then detach it from the container (which the
+        kernel refuses while a device fd is open)."""
         first: KernelError | None = None
         for d in self.devices:
             try:
@@ -152,16 +150,4 @@ class Group:
             if self.container is not None and self in self.container.groups:
                 self.container.groups.remove(self)
             self.container = None
-        try:
-            self.kernel.close(self.fd)
-        except KernelError as e:
-            first = first or e.with_context(op="close", target=self.name)
-        self.closed = True
-        if first is not None:
-            raise first
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return first

@@ -14,13 +14,13 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import vfiod.abi.iommufd as iu
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import Buffer, KernelOps
 from vfiod.vfio import bitmap as bm
-from vfiod.vfio.call import U64_MAX, check_uint, ioctl
+from vfiod.vfio.call import U64_MAX, OwnedFd, check_uint, ioctl
 from vfiod.vfio.paths import HostPaths
 
 
@@ -47,12 +47,9 @@ def _new(struct_type: type[S], **fields: int) -> S:
     return s
 
 
-class Iommufd:
-    def __init__(self, kernel: KernelOps, fd: int, name: str) -> None:
-        self.kernel = kernel
-        self.fd = fd
-        self.name = name
-        self.closed = False
+class Iommufd(OwnedFd):
+    """An open ``/dev/iommu``. Closing it destroys every object it still holds: close the
+    cdevs bound to it first."""
 
     @classmethod
     def open(cls, kernel: KernelOps, paths: HostPaths | None = None) -> Iommufd:
@@ -166,20 +163,3 @@ class Iommufd:
                    flags=iu.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR if no_clear else 0)
         self._call(iu.IOMMU_HWPT_GET_DIRTY_BITMAP, arg, op)
         return result
-
-    # -- teardown -----------------------------------------------------------------------
-    def close(self) -> None:
-        """Closing the fd destroys every object it still holds; close bound cdevs first."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.kernel.close(self.fd)
-        except KernelError as e:
-            raise e.with_context(op="close", target=self.name) from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

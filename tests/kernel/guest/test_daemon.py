@@ -45,7 +45,7 @@ import pytest
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
 from tests.support.daemons import LinuxDaemon, wait_until
-from vfiod.api import ClientError, ErrorCode
+from vfiod.api import ApiErrorCode, ClientError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import HostPaths, discover_device
@@ -236,7 +236,7 @@ def test_status_devices_and_check_on_the_real_host(
         "EBUSY" in why, why
     with pytest.raises(ClientError) as err:
         p.call("check", {"target": "0000:00:1f.7"})
-    assert err.value.code is ErrorCode.NOT_FOUND and "0000:00:1f.7" in err.value.message
+    assert err.value.code is ApiErrorCode.NOT_FOUND and "0000:00:1f.7" in err.value.message
     # the probe of edu released it: this process can open it
     o = open_device(kernel, paths, edu)
     o.container.close()

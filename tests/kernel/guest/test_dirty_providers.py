@@ -34,11 +34,11 @@ from vfiod.dirty.providers import (
     Type1Provider,
     select,
 )
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.guest import RamBlock
-from vfiod.vfio import Container
+from vfiod.vfio import Container, DmaMapping
 
 PAGE = 4096
 RAM_PAGES = 256
@@ -53,7 +53,7 @@ ALL_RUNS = [(37, 100), (160, 50)]
 @dataclass
 class Mapped:
     ram: RamBlock
-    maps: list[IovaMapping]
+    maps: list[DmaMapping]
     space: DmaSpace
 
     @property
@@ -68,7 +68,7 @@ def _map(kernel: LinuxKernel, o: Opened, name: str) -> Iterator[Mapped]:
         maps = []
         for gpa_page, npages, iova in LAYOUT:
             o.container.map_dma(iova, ram.addr + gpa_page * PAGE, npages * PAGE)
-            maps.append(IovaMapping(iova, npages * PAGE, gpa_page * PAGE))
+            maps.append(DmaMapping(iova, npages * PAGE, gpa_page * PAGE))
         try:
             yield Mapped(ram, maps, DmaSpace(name, [o.device], type1=o.container))
         finally:

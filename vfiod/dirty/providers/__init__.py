@@ -7,16 +7,17 @@ from vfiod.dirty.providers.base import (
     DirtyProvider,
     DmaSpace,
     IommufdSpace,
+    ProviderName,
     ProviderUnavailable,
 )
 from vfiod.dirty.providers.device_logging import DeviceLoggingProvider, plan_ranges
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import NoneProvider
-from vfiod.dirty.providers.select import Selection, select
+from vfiod.dirty.providers.select import Selection, preferred, select
 from vfiod.dirty.providers.type1 import Type1Provider
 
 __all__ = [
-    "Bitmap", "DirtyProvider", "DmaSpace", "IommufdSpace", "ProviderUnavailable",
+    "Bitmap", "DirtyProvider", "DmaSpace", "IommufdSpace", "ProviderName", "ProviderUnavailable",
     "DeviceLoggingProvider", "plan_ranges", "IommufdProvider", "NoneProvider",
-    "Selection", "select", "Type1Provider",
+    "Selection", "preferred", "select", "Type1Provider",
 ]

@@ -23,27 +23,36 @@ of failing the migration. Every other errno stays a ``KernelError``.
 
 from __future__ import annotations
 
+import enum
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 
 from vfiod.errors import KernelError, VfiodError
-from vfiod.vfio.container import Container
+from vfiod.vfio.bitmap import Bitmap, words_for
+from vfiod.vfio.container import Container, DmaMapping
 from vfiod.vfio.device import Device
 from vfiod.vfio.iommufd import Iommufd
 
-Bitmap = npt.NDArray[np.uint64]
 #: (iova, length) in bytes
 IovaRange = tuple[int, int]
 
 #: errnos meaning "this kernel/driver does not do that" (vfio-uapi.md §7, §8, §4.3)
 UNAVAILABLE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY})
 
-NAMES = ("device-logging", "type1", "iommufd", "none")
+
+
+class ProviderName(enum.StrEnum):
+    """The providers, in ``select``'s order of preference: the one place their names (in
+    status, metrics, logs and ``TrackedContainer.disable``) are written."""
+
+    DEVICE_LOGGING = "device-logging"
+    TYPE1 = "type1"
+    IOMMUFD = "iommufd"
+    NONE = "none"
 
 
 class ProviderUnavailable(VfiodError):
@@ -75,7 +84,7 @@ def unavailable(provider: str, e: KernelError) -> BaseException:
 
 @runtime_checkable
 class DirtyProvider(Protocol):
-    name: str
+    name: ProviderName
     #: True when the bitmaps show only pages really written; False when the provider
     #: over-reports (type1 with an IOMMU-backed device, "none")
     precise: bool
@@ -102,8 +111,8 @@ class IommufdSpace:
     hwpt_id: int | None = None
     #: the HWPT was allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING
     dirty_capable: bool = False
-    #: (iova, length) of the live IOAS mappings, kept by ``DmaSpace.unmap`` and the owner
-    mappings: list[IovaRange] = field(default_factory=list)
+    #: the live IOAS mappings, kept by ``DmaSpace.unmap`` and the owner
+    mappings: list[DmaMapping] = field(default_factory=list)
 
 
 @dataclass
@@ -130,23 +139,19 @@ class DmaSpace:
         sp = self.iommufd
         sp.iommufd.ioas_unmap(sp.ioas_id, iova, size)
         end = iova + size
-        sp.mappings = [(a, n) for a, n in sp.mappings if not (a >= iova and a + n <= end)]
+        sp.mappings = [m for m in sp.mappings if not (m.iova >= iova and m.end <= end)]
 
     def is_mapped(self, iova: int) -> bool:
         """Whether a live mapping starts at ``iova`` (after a failed unmap: did it go?)."""
         if self.type1 is not None:
             return any(m.iova == iova for m in self.type1.mappings)
         assert self.iommufd is not None
-        return any(a == iova for a, _ in self.iommufd.mappings)
-
-
-def pages_in(length: int, page_size: int) -> int:
-    return -(-length // page_size)
+        return any(m.iova == iova for m in self.iommufd.mappings)
 
 
 def ones(npages: int, out: Bitmap | None = None) -> Bitmap:
     """A bitmap with bits [0, npages) set and the tail of the last word clear."""
-    nwords = -(-npages // 64)
+    nwords = words_for(npages)
     if out is None or out.size < nwords:
         out = np.empty(nwords, dtype=np.uint64)
     out[:nwords] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)

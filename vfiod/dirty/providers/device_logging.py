@@ -31,13 +31,14 @@ from vfiod.dirty.providers.base import (
     Bitmap,
     DmaSpace,
     IovaRange,
+    ProviderName,
     check_report_args,
     unavailable,
 )
 from vfiod.errors import KernelError
 from vfiod.vfio.device import Device
 
-NAME = "device-logging"
+NAME = ProviderName.DEVICE_LOGGING
 #: PAGE_SIZE / sizeof(struct vfio_device_feature_dma_logging_range) on 4 KiB hosts
 MAX_RANGES = 256
 _U64_END = 1 << 64

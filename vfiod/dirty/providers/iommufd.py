@@ -23,13 +23,14 @@ from vfiod.dirty.providers.base import (
     Bitmap,
     DmaSpace,
     IovaRange,
+    ProviderName,
     ProviderUnavailable,
     check_report_args,
     unavailable,
 )
 from vfiod.errors import KernelError
 
-NAME = "iommufd"
+NAME = ProviderName.IOMMUFD
 
 
 class IommufdProvider:

@@ -15,12 +15,13 @@ from vfiod.dirty.providers.base import (
     Bitmap,
     DmaSpace,
     IovaRange,
+    ProviderName,
     check_report_args,
     ones,
-    pages_in,
 )
+from vfiod.vfio.bitmap import pages
 
-NAME = "none"
+NAME = ProviderName.NONE
 REASON = "no dirty tracking: every mapped page counts as dirty at every sync"
 
 
@@ -39,12 +40,12 @@ class NoneProvider:
 
     def report(self, iova: int, length: int, out: Bitmap | None = None) -> Bitmap:
         pgsize = check_report_args(NAME, iova, length, self.page_size)
-        return ones(pages_in(length, pgsize), out)
+        return ones(pages(length, pgsize), out)
 
     def unmap(self, iova: int, size: int) -> Bitmap:
         pgsize = check_report_args(NAME, iova, size, self.page_size)
         self.space.unmap(iova, size)
-        return ones(pages_in(size, pgsize))
+        return ones(pages(size, pgsize))
 
     def stop(self) -> None:
         pass

@@ -14,7 +14,8 @@ Order of preference, as QEMU's VFIO listener does it:
 
 ``select`` returns the whole chain, best first, so the tracker can fall back down it when a
 provider turns out unavailable at START or REPORT time (EOPNOTSUPP/ENOTTY), and ``notes``
-saying why each better provider was not taken.
+saying why each better provider was not taken. ``preferred`` is the one a tracker would
+start with: what status and ``vfiod ctl check`` show as a device's tracker.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from vfiod.dirty.providers.base import NAMES, DirtyProvider, DmaSpace
+from vfiod.dirty.providers.base import DirtyProvider, DmaSpace, ProviderName
 from vfiod.dirty.providers.device_logging import DeviceLoggingProvider
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import REASON as NONE_REASON
@@ -48,18 +49,20 @@ class Selection:
 def select(space: DmaSpace, disable: Collection[str] = ()) -> Selection:
     """The provider chain for ``space``. ``disable`` names providers not to use (e.g.
     ``{"device-logging"}`` like QEMU's ``x-device-dirty-page-tracking=off``)."""
-    unknown = set(disable) - set(NAMES) - {""}
+    unknown = set(disable) - set(ProviderName) - {""}
     if unknown:
         raise ValueError(f"dirty provider selection for {space.name}: unknown provider "
-                         f"name(s) {sorted(unknown)}; known: {', '.join(NAMES)}")
+                         f"name(s) {sorted(unknown)}; known: {', '.join(ProviderName)}")
     chain: list[DirtyProvider] = []
     notes: list[str] = []
     n = len(space.devices)
 
-    if "device-logging" in disable:
-        notes.append("device-logging: disabled by configuration")
+    dev_logging, type1, iommufd = (ProviderName.DEVICE_LOGGING, ProviderName.TYPE1,
+                                   ProviderName.IOMMUFD)
+    if dev_logging in disable:
+        notes.append(f"{dev_logging}: disabled by configuration")
     elif n == 0:
-        notes.append("device-logging: the container has no devices")
+        notes.append(f"{dev_logging}: the container has no devices")
     else:
         lacking = []
         for dev in space.devices:
@@ -67,28 +70,28 @@ def select(space: DmaSpace, disable: Collection[str] = ()) -> Selection:
                 ok = dev.dma_logging_probe()
             except KernelError as e:
                 ok = False
-                notes.append(f"device-logging: probe failed: {e}")
+                notes.append(f"{dev_logging}: probe failed: {e}")
             if not ok:
                 lacking.append(dev.name)
         if lacking:
-            notes.append(f"device-logging: not supported by {', '.join(lacking)} "
+            notes.append(f"{dev_logging}: not supported by {', '.join(lacking)} "
                          f"(needs every device of the container)")
         else:
             chain.append(DeviceLoggingProvider(
                 space, reason=f"device DMA logging on all {n} device(s) of the container"))
 
-    if "type1" in disable:
-        notes.append("type1: disabled by configuration")
+    if type1 in disable:
+        notes.append(f"{type1}: disabled by configuration")
     elif space.type1 is None:
-        notes.append("type1: not a type1 container")
+        notes.append(f"{type1}: not a type1 container")
     else:
         try:
             cap = space.type1.iommu_info(refresh=False).dirty
         except KernelError as e:
             cap = None
-            notes.append(f"type1: {e}")
+            notes.append(f"{type1}: {e}")
         if cap is None:
-            notes.append("type1: VFIO_IOMMU_GET_INFO has no MIGRATION capability "
+            notes.append(f"{type1}: VFIO_IOMMU_GET_INFO has no MIGRATION capability "
                          "(iommufd-compat container or kernel < 5.8)")
         else:
             physical = [d.name for d in space.devices if not is_mdev(d.name)]
@@ -101,12 +104,12 @@ def select(space: DmaSpace, disable: Collection[str] = ()) -> Selection:
                     "every mapped page dirty at every sync")
             chain.append(Type1Provider(space.type1, precise=precise, reason=why))
 
-    if "iommufd" in disable:
-        notes.append("iommufd: disabled by configuration")
+    if iommufd in disable:
+        notes.append(f"{iommufd}: disabled by configuration")
     elif space.iommufd is None:
-        notes.append("iommufd: not an iommufd space")
+        notes.append(f"{iommufd}: not an iommufd space")
     elif not space.iommufd.dirty_capable or space.iommufd.hwpt_id is None:
-        notes.append("iommufd: no HWPT allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING "
+        notes.append(f"{iommufd}: no HWPT allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING "
                      "(IOMMU lacks IOMMU_HW_CAP_DIRTY_TRACKING?)")
     else:
         chain.append(IommufdProvider(
@@ -114,3 +117,8 @@ def select(space: DmaSpace, disable: Collection[str] = ()) -> Selection:
 
     chain.append(NoneProvider(space, reason=NONE_REASON))
     return Selection(chain, notes)
+
+
+def preferred(space: DmaSpace, disable: Collection[str] = ()) -> ProviderName:
+    """The provider a tracker over ``space`` starts with (it may still fall back at START)."""
+    return select(space, disable).chain[0].name

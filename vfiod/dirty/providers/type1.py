@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from vfiod.dirty.providers.base import (
     Bitmap,
     IovaRange,
+    ProviderName,
     ProviderUnavailable,
     check_report_args,
     unavailable,
@@ -27,7 +28,7 @@ from vfiod.dirty.providers.base import (
 from vfiod.errors import KernelError
 from vfiod.vfio.container import Container
 
-NAME = "type1"
+NAME = ProviderName.TYPE1
 
 
 class Type1Provider:

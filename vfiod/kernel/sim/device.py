@@ -36,16 +36,6 @@ if TYPE_CHECKING:
 _FEATURE_DIRS = v.VFIO_DEVICE_FEATURE_GET | v.VFIO_DEVICE_FEATURE_SET
 _FEATURE_KNOWN = v.VFIO_DEVICE_FEATURE_MASK | _FEATURE_DIRS | v.VFIO_DEVICE_FEATURE_PROBE
 
-#: feature id -> short kernel name (``VFIO_DEVICE_FEATURE_<NAME>``), for fault points.
-FEATURE_NAMES: dict[int, str] = {
-    getattr(v, n): n.removeprefix("VFIO_DEVICE_FEATURE_")
-    for n in dir(v)
-    if n.startswith("VFIO_DEVICE_FEATURE_")
-    and n not in ("VFIO_DEVICE_FEATURE_MASK", "VFIO_DEVICE_FEATURE_GET",
-                  "VFIO_DEVICE_FEATURE_SET", "VFIO_DEVICE_FEATURE_PROBE")
-    and isinstance(getattr(v, n), int)
-}
-
 _IRQ_DATA = {v.VFIO_IRQ_SET_DATA_NONE: 0, v.VFIO_IRQ_SET_DATA_BOOL: 1,
              v.VFIO_IRQ_SET_DATA_EVENTFD: 4}
 _IRQ_ACTIONS = (v.VFIO_IRQ_SET_ACTION_MASK, v.VFIO_IRQ_SET_ACTION_UNMASK,
@@ -256,7 +246,7 @@ class DeviceFile(SimFile):
         if hdr.argsz > len(mv):
             raise fail(errno.EFAULT, op, self.name,
                        f"argsz {hdr.argsz} beyond the {len(mv)}-byte argument buffer")
-        name = FEATURE_NAMES.get(fid, str(fid))
+        name = v.FEATURE_NAMES.get(fid, str(fid))
         self.node.kernel.faults.check(f"feature:{name}", op, self.name)
         handler.handle(fid, flags, mv[minsz:hdr.argsz])
         return 0

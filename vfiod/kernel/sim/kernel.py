@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer
+from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, MemlockFacts
 from vfiod.kernel.sim.base import FaultInjector, SimFile, fail
 
 SIM_FD_BASE = 1 << 20
@@ -189,3 +189,11 @@ class SimKernel:
 
     def exists(self, path: str) -> bool:
         return self.linux.exists(path)
+
+    # -- limits: the simulated kernel's own, not this process's -------------------------------
+    def memlock(self) -> MemlockFacts:
+        """``memlock_limit`` and the bytes DMA pinned here; no limit is CAP_IPC_LOCK."""
+        limit = self.memlock_limit
+        if limit is None:
+            return MemlockFacts(None, None, 0, True)
+        return MemlockFacts(limit, limit, int(self.locked_bytes), False)

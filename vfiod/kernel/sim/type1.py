@@ -59,7 +59,7 @@ class Type1Config:
 
 
 @dataclass
-class Mapping:
+class VfioDma:
     iova: int
     size: int
     vaddr: int
@@ -82,7 +82,7 @@ class Type1Iommu:
         self.v2 = v2
         self.name = name
         self.groups: list[SimGroup] = []
-        self.mappings: list[Mapping] = []
+        self.mappings: list[VfioDma] = []
         self._starts: list[int] = []
         self.tracking = False
         self.pinned: dict[int, int] = {}           # page iova -> pin count
@@ -126,14 +126,14 @@ class Type1Iommu:
         return max(0, self.config.dma_entry_limit - len(self.mappings))
 
     # -- lookup ----------------------------------------------------------------------------
-    def find(self, addr: int) -> Mapping | None:
+    def find(self, addr: int) -> VfioDma | None:
         """The mapping containing IOVA ``addr``."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and self.mappings[i].iova <= addr < self.mappings[i].end:
             return self.mappings[i]
         return None
 
-    def overlapping(self, lo: int, hi: int) -> list[Mapping]:
+    def overlapping(self, lo: int, hi: int) -> list[VfioDma]:
         """Mappings intersecting [lo, hi), in IOVA order."""
         i = max(0, bisect.bisect_right(self._starts, lo) - 1)
         out = []
@@ -143,12 +143,12 @@ class Type1Iommu:
             i += 1
         return out
 
-    def _insert(self, m: Mapping) -> None:
+    def _insert(self, m: VfioDma) -> None:
         i = bisect.bisect_left(self._starts, m.iova)
         self._starts.insert(i, m.iova)
         self.mappings.insert(i, m)
 
-    def remove(self, m: Mapping) -> None:
+    def remove(self, m: VfioDma) -> None:
         i = bisect.bisect_left(self._starts, m.iova)
         del self._starts[i]
         del self.mappings[i]
@@ -250,7 +250,7 @@ class Type1Iommu:
         if limit is not None and self.kernel.locked_bytes + charge > limit:
             raise fail(errno.ENOMEM, op, self.name, "RLIMIT_MEMLOCK exceeded")
         self.kernel.locked_bytes += charge
-        self._insert(Mapping(iova, size, vaddr, prot, charge, dirty=DirtyMap(size // pg)))
+        self._insert(VfioDma(iova, size, vaddr, prot, charge, dirty=DirtyMap(size // pg)))
         return 0
 
     def _unmap(self, arg: int | Buffer, op: str) -> int:
@@ -303,7 +303,7 @@ class Type1Iommu:
         return 0
 
     # -- the device side -------------------------------------------------------------------
-    def _covering(self, iova: int, length: int, op: str, device: str) -> list[Mapping]:
+    def _covering(self, iova: int, length: int, op: str, device: str) -> list[VfioDma]:
         out, addr = [], iova
         while addr < iova + length:
             m = self.find(addr)
@@ -353,7 +353,7 @@ class Type1Iommu:
             else:
                 raise fail(errno.EINVAL, op, self.name, f"page {page:#x} is not pinned")
 
-    def populate_pinned(self, m: Mapping) -> None:
+    def populate_pinned(self, m: VfioDma) -> None:
         """Re-mark the pinned pages of ``m`` (they count as dirty until unpinned)."""
         pg = self.min_pgsize
         for page in self.pinned:

@@ -30,7 +30,7 @@ from vfiod.kernel.sim.uaccess import U64_MAX, arg_view, copy_in, user_range_ok
 
 if TYPE_CHECKING:
     from vfiod.kernel.ops import Buffer
-    from vfiod.kernel.sim.type1 import Mapping, Type1Iommu
+    from vfiod.kernel.sim.type1 import Type1Iommu, VfioDma
 
 #: DIRTY_BITMAP_SIZE_MAX: bytes of bitmap one dirty query may ask for (also reported as
 #: max_dirty_bitmap_size in the MIGRATION capability).
@@ -53,7 +53,7 @@ def _pgshift(pgsize: int, op: str, name: str) -> int:
     return (pgsize & -pgsize).bit_length() - 1          # __ffs
 
 
-def write_mapping(iommu: Type1Iommu, m: Mapping, data: int, base_iova: int, op: str) -> None:
+def write_mapping(iommu: Type1Iommu, m: VfioDma, data: int, base_iova: int, op: str) -> None:
     """Write ``m``'s bits into the user bitmap at ``data`` (bit 0 = ``base_iova``), then
     clear them and re-mark its pinned pages (read-and-clear)."""
     pg = iommu.min_pgsize
@@ -73,7 +73,7 @@ class UnmapBitmap:
         self.data = data
         self.op = op
 
-    def __call__(self, m: Mapping, base_iova: int) -> None:
+    def __call__(self, m: VfioDma, base_iova: int) -> None:
         write_mapping(self.iommu, m, self.data, base_iova, self.op)
 
 

@@ -26,7 +26,6 @@ S = TypeVar("S", bound=ctypes.Structure)
 
 #: x86-64 user address space ends here (TASK_SIZE_MAX with 4-level paging).
 TASK_SIZE = 1 << 47
-U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 _CAP_NEXT = struct.Struct("=I")
 

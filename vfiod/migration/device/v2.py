@@ -18,11 +18,12 @@ import errno
 import logging
 from typing import TYPE_CHECKING
 
-from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
+from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY
 from vfiod.errors import KernelError
 from vfiod.migration.device.base import DEVICE_PRECOPY_STATES, DriverBase
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.states import MigState
+from vfiod.vfio.features import migration_flag_names
 
 if TYPE_CHECKING:
     from vfiod.vfio.device import Device
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 #: States with an open data session (a data fd that reads or writes the stream).
 _SESSION = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY,
                       MigState.RESUMING})
-#: The VFIO_MIGRATION_* bits by the names the stream header and ``vfiod check`` show.
-_CAPABILITY_BITS = (("STOP_COPY", VFIO_MIGRATION_STOP_COPY), ("P2P", VFIO_MIGRATION_P2P),
-                    ("PRE_COPY", VFIO_MIGRATION_PRE_COPY))
 #: QEMU's answer when a driver cannot size its stop-copy data (VFIO_MIG_STOP_COPY_SIZE):
 #: large enough that a downtime limit is never believed met by accident.
 UNKNOWN_STOPCOPY_BYTES = 100 << 30
@@ -77,7 +75,7 @@ class V2Driver(DriverBase):
 
     @property
     def capability_names(self) -> tuple[str, ...]:
-        return tuple(name for name, bit in _CAPABILITY_BITS if self.migration_flags & bit)
+        return migration_flag_names(self.migration_flags)
 
     @property
     def data_fd(self) -> int:

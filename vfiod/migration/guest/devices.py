@@ -19,15 +19,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from vfiod.dirty.tracker import IovaMapping
 from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.device.probe import probe
 from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.states import MigState
 from vfiod.migration.stream.header import DeviceInfo
-from vfiod.vfio import Container, Device, Group, HostPaths
+from vfiod.vfio import Container, Device, DmaMapping, Group, HostPaths
 from vfiod.vfio.discovery import discover_device
+
 
 def device_info(name: str, driver: MigrationDriver, dma_logging: bool,
                 identity: dict[str, str] | None = None) -> DeviceInfo:
@@ -59,7 +59,7 @@ class GuestDevice:
 class GuestContainer:
     name: str
     container: Container
-    mappings: list[IovaMapping] = field(default_factory=list)
+    mappings: list[DmaMapping] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     #: dirty providers not to use here (``TrackedContainer.disable``)
     disable: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.providers.select import select
+from vfiod.dirty.providers.select import preferred
 from vfiod.errors import KernelError, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.device.probe import probe
@@ -54,7 +54,7 @@ class Migratability:
 def tracker_choice(space: DmaSpace, disable: Collection[str] = ()) -> tuple[str | None, str]:
     """(the dirty provider a tracker on ``space`` starts with, ""), or (None, why not)."""
     try:
-        return select(space, disable).chain[0].name, ""
+        return preferred(space, disable), ""
     except (VfiodError, ValueError) as e:
         return None, str(e)
 

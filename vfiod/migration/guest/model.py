@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.devices import (
@@ -42,7 +42,7 @@ from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.states import GuestState, MigState
 from vfiod.migration.stream.header import DeviceInfo, RamRegion
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio import Container, DmaMapping, Group, HostPaths
 
 #: (old, new) run state; called synchronously by ``Guest.set_run_state``.
 RunStateHandler = Callable[[GuestState, GuestState], None]
@@ -135,14 +135,13 @@ class Guest:
         self.devices.append(gd)
         return gd
 
-    def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> IovaMapping:
+    def map_dma(self, gc: GuestContainer, gpa: int, size: int) -> DmaMapping:
         """MAP_DMA guest [gpa, gpa+size) at iova == gpa on ``gc``."""
         block = self.block_at(gpa)
         if gpa + size > block.gpa + block.size or size <= 0:
             raise ValueError(f"guest {self.name}: DMA map {gpa:#x}+{size:#x} is not inside "
                              f"RAM region {block.name}")
-        gc.container.map_dma(gpa, block.addr + gpa - block.gpa, size)
-        m = IovaMapping(gpa, size, gpa)
+        m = gc.container.map_dma(gpa, block.addr + gpa - block.gpa, size, gpa=gpa)
         gc.mappings.append(m)
         return m
 

@@ -8,9 +8,8 @@ tests feed files:
 * ``sev_facts(cpu, ops, sys_root)``: whether the CPU and KVM offer AMD SEV / SEV-ES
   (``/sys/module/kvm_amd/parameters/sev``, ``sev_es``). Informative: the refusal is made
   from the *guest's* encryption flag (``preflight.compare``).
-* ``memlock_facts(...)``: RLIMIT_MEMLOCK (soft/hard, None = unlimited), bytes already locked
-  (``VmLck`` in ``/proc/self/status``) and whether CAP_IPC_LOCK is effective (then VFIO's
-  type1 pinning ignores the limit).
+* ``memlock``: ``KernelOps.memlock`` (RLIMIT_MEMLOCK, bytes already locked, CAP_IPC_LOCK;
+  the simulated kernel answers with its own limit).
 * ``gather_host_facts(...)``: all of them plus page size and host name.
 
 The ABI levels are data (``X86_64_LEVELS``), the feature lists QEMU uses for its CPU models'
@@ -25,13 +24,11 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import resource
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiod.errors import KernelError
-from vfiod.kernel.ops import KernelOps
+from vfiod.kernel.ops import KernelOps, MemlockFacts
 
 X86_64_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
     ("x86-64", frozenset({"cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "sse", "sse2"})),
@@ -40,8 +37,6 @@ X86_64_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
     ("x86-64-v3", frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"})),
     ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
 )
-
-_CAP_IPC_LOCK = 14
 
 
 class AbiLevel(enum.IntEnum):
@@ -91,20 +86,6 @@ class SevFacts:
     @property
     def host_offers_sev(self) -> bool:
         return bool(self.cpu_sev and self.kvm_sev)
-
-
-@dataclass(frozen=True)
-class MemlockFacts:
-    soft: int | None          # bytes; None = unlimited
-    hard: int | None
-    locked: int               # bytes this process has locked already
-    cap_ipc_lock: bool
-
-    def headroom(self) -> int | None:
-        """Bytes that may still be pinned; None = no limit applies."""
-        if self.cap_ipc_lock or self.soft is None:
-            return None
-        return max(0, self.soft - self.locked)
 
 
 @dataclass(frozen=True)
@@ -158,29 +139,7 @@ def sev_facts(cpu: CpuFacts, ops: KernelOps, sys_root: str = "/sys") -> SevFacts
                     _yes(_read(ops, os.path.join(params, "sev_es"))))
 
 
-def memlock_facts(ops: KernelOps, proc_status: str = "/proc/self/status",
-                  getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit
-                  ) -> MemlockFacts:
-    soft, hard = getrlimit(resource.RLIMIT_MEMLOCK)
-    locked, cap = 0, False
-    status = _read(ops, proc_status) or ""
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key == "VmLck":
-            parts = value.split()  # "  1234 kB"
-            locked = int(parts[0]) * 1024 if parts else 0
-        elif key == "CapEff":
-            cap = bool(int(value.strip() or "0", 16) >> _CAP_IPC_LOCK & 1)
-
-    def lim(v: int) -> int | None:
-        return None if v == resource.RLIM_INFINITY or v < 0 else v
-
-    return MemlockFacts(lim(soft), lim(hard), locked, cap)
-
-
 def gather_host_facts(ops: KernelOps, *, cpuinfo: str = "/proc/cpuinfo", sys_root: str = "/sys",
-                      proc_status: str = "/proc/self/status",
-                      getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
                       page_size: int | None = None, hostname: str | None = None) -> HostFacts:
     text = _read(ops, cpuinfo)
     if text is None:
@@ -190,6 +149,6 @@ def gather_host_facts(ops: KernelOps, *, cpuinfo: str = "/proc/cpuinfo", sys_roo
         hostname=hostname or socket.gethostname(),
         cpu=cpu,
         sev=sev_facts(cpu, ops, sys_root),
-        memlock=memlock_facts(ops, proc_status, getrlimit),
+        memlock=ops.memlock(),
         page_size=page_size or os.sysconf("SC_PAGE_SIZE"),
     )

@@ -36,13 +36,13 @@ from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts
 from vfiod.migration.session.link import Link
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import (
     IterationProgress,
     StatusSnapshot,
     device_statuses,
     triple,
 )
+from vfiod.migration.states import MigrationState
 
 MiB = 1 << 20
 

@@ -2,7 +2,7 @@
 (design.md §5 transport, §4 bandwidth).
 
 ``Link`` is the slice of ``vfiod.migration.transport.tcp.Connection`` the sessions use:
-the stream ``Sink``/``Source`` plus the return path. Control frames travel both ways on
+the ``StreamSink``/``Source`` plus the return path. Control frames travel both ways on
 one connection: the destination sends ACK/CANCEL/ERROR back; the source sends one frame
 after the MANIFEST (stage ``verify``: its RAM content digests), which the destination
 reads after its last record.

@@ -43,7 +43,6 @@ from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
-from vfiod.migration.session.phases import RamSender, prediction_numbers
 from vfiod.migration.planning.predictor import (
     BandwidthEstimator,
     Decision,
@@ -55,8 +54,9 @@ from vfiod.migration.planning.preflight import MigrationFacts, compare
 from vfiod.migration.session.common import Cancelled, MigrationResult, SessionBase, SessionConfig
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.link import Link
-from vfiod.migration.states import GuestState, MigrationState
+from vfiod.migration.session.phases import RamSender, prediction_numbers
 from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (

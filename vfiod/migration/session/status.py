@@ -3,7 +3,7 @@ snapshot a control client, the metrics collector or the demo can read at any tim
 (design.md §1 "status shows the triple", §4 prediction, §6 ``vfiod ctl status``/``watch``).
 
 The triple is (guest run state, migration state, device state) in the seed's flow-diagram
-words (``states.format_triple``; device states are vfio-uapi.md §6.4's, v1 bits §5.3
+words (``states.device_label``; device states are vfio-uapi.md §6.4's, v1 bits §5.3
 decoded into them), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)``. A guest with
 several devices shows one triple per device; ``triple`` joins the distinct device labels
 with ``/`` in device order, e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING/RUNNING)``.

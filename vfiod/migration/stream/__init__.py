@@ -7,7 +7,7 @@ Modules:
 * ``header``   the HEADER payload: source, guest layout (``RamRegion``), ``DeviceInfo``
 * ``manifest`` per-region / per-device tallies and the final MANIFEST check
 * ``ram``      ``GuestRam``: guest pages → slices of the mmaps backing them
-* ``writer``   ``StreamWriter`` (source) over any ``Sink``
+* ``writer``   ``StreamWriter`` (source) over any ``StreamSink``
 * ``reader``   ``StreamReader`` (destination) over any ``Source``, yielding events
 * ``crc32c``   the record checksum (SSE4.2 via numba, table fallback)
 * ``pagecrc``  one CRC-32C per guest page: the checksum of RAM records
@@ -18,7 +18,7 @@ checks cost about 0.1 CPU-second per GiB on each end (CRC-32C runs at 11-17 GB/s
 a loopback TCP copy costs each end about 0.2 CPU-second per GiB). See
 ``tests/bench/bench_stream.py`` for the same-run comparison with a raw socket.
 
-Transports (TCP, TLS, files) live in ``vfiod.migration.transport`` and implement ``Sink``
+Transports (TCP, TLS, files) live in ``vfiod.migration.transport`` and implement ``StreamSink``
 and ``Source``; this package never touches a socket or a file itself.
 """
 
@@ -43,11 +43,11 @@ from vfiod.migration.stream.records import (
     RecordError,
     RecordType,
 )
-from vfiod.migration.stream.writer import Sink, StreamWriter
+from vfiod.migration.stream.writer import StreamSink, StreamWriter
 
 __all__ = [
     "DEFAULT_LIMITS", "PROTOCOL_VERSION", "Complete", "DeviceData", "DeviceInfo",
     "EndOfState", "ErrorCode", "Event", "GuestRam", "IterationMark", "Limits", "Manifest",
-    "ManifestEntry", "RamLoaded", "RamRegion", "RecordError", "RecordType", "Sink", "Source",
+    "ManifestEntry", "RamLoaded", "RamRegion", "RecordError", "RecordType", "StreamSink", "Source",
     "StreamHeader", "StreamReader", "StreamWriter",
 ]

@@ -75,7 +75,7 @@ def _tables(batch: list[_Rec], page_size: int) -> list[tuple[np.ndarray, int]]:
 _MAX_IOV = 1000
 
 
-class Sink(Protocol):
+class StreamSink(Protocol):
     """Where a stream goes (``vfiod.migration.transport`` implements it)."""
 
     def send_buffers(self, buffers: Sequence[Any]) -> None:
@@ -88,7 +88,7 @@ class Sink(Protocol):
 
 
 class StreamWriter:
-    def __init__(self, sink: Sink, header: StreamHeader, ram: GuestRam | None = None, *,
+    def __init__(self, sink: StreamSink, header: StreamHeader, ram: GuestRam | None = None, *,
                  limits: Limits = DEFAULT_LIMITS, record_bytes: int = 4 * MiB,
                  batch_bytes: int = 16 * MiB) -> None:
         if ram is not None and (ram.page_size != header.page_size

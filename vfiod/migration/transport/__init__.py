@@ -1,6 +1,6 @@
 """Transports for the migration stream (design.md §5): TCP with a return path and optional
 mutual TLS (``tcp``), snapshot files (``files``), and the return-path control messages and
-``TransportError`` (``control``). Each implements the stream's ``Sink``/``Source``.
+``TransportError`` (``control``). Each implements the ``StreamSink``/``Source``.
 """
 
 from vfiod.migration.transport.control import (

@@ -11,7 +11,7 @@ source (``control.py``). API::
     conn.send_control(ControlMessage.ack("complete"))
                                                     conn.wait_ack("complete", timeout=30)
 
-``Connection`` is both a stream ``Sink`` (``send_buffers``, ``check_peer``) and a stream
+``Connection`` is both a ``StreamSink`` (``send_buffers``, ``check_peer``) and a stream
 ``Source`` (``recv_into``). On plain TCP, ``send_buffers`` hands the whole batch (record
 headers and memoryviews over guest memory) to ``socket.sendmsg``, so the kernel copies
 straight from the guest mmap; ``recv_into`` lands bytes directly in the caller's view (the
@@ -108,7 +108,7 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    # -- stream Sink -----------------------------------------------------------------------
+    # -- StreamSink ------------------------------------------------------------------------
     def send_buffers(self, buffers: Sequence[Any]) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         try:

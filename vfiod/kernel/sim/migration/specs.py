@@ -55,3 +55,8 @@ def capability_specs(**overrides: object) -> dict[str, DeviceSpec]:
         DeviceSpec(name=f"0000:{bus:02x}:00.0", migration="none", driver="vfio-pci",
                    vendor=0x8086, device=0x10ED), **overrides)  # type: ignore[arg-type]
     return out
+
+
+#: Every capability set's name, in ``capability_specs`` order: what ``[[sim.device]]
+#: capability`` of the daemon configuration accepts.
+CAPABILITY_NAMES: tuple[str, ...] = tuple(capability_specs())
