@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.guest import numba_cache, rig
+from tests.kernel.guest import numba_cache as guest_numba
+from tests.kernel.guest import rig
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths, discover_device
@@ -34,11 +35,11 @@ if os.environ.get("VFIOD_GUEST") != "1":  # pragma: no cover - a mistake, not a 
 
 # numba reads its target and cache directory when it is first imported, which only the
 # test modules do: set them now (numba_cache.py says why).
-if numba_cache.guest_numba_ready() is None:
+if guest_numba.guest_numba_ready() is None:
     if "numba" in sys.modules:  # pragma: no cover - an import-order mistake, say so loudly
         raise RuntimeError("numba was imported before tests/kernel/guest/conftest.py could "
                            "point it at the host-compiled cache")
-    os.environ.update(numba_cache.guest_numba_env())
+    os.environ.update(guest_numba.guest_numba_env())
 
 #: numba compilations that happened in the guest (the host's cache had no match)
 _GUEST_COMPILES: list[str] = []
@@ -56,7 +57,7 @@ def numba_cache() -> None:
     """Tests that run numba kernels (dirty tracker, stream checksums) need the cache the
     host compiled for the guest; every compilation that still happens here is listed in
     the guest's terminal summary, so a path the host's warm-up missed shows up."""
-    missing = numba_cache.guest_numba_ready()
+    missing = guest_numba.guest_numba_ready()
     if missing:
         pytest.fail(missing, pytrace=False)
     from numba.core import event
