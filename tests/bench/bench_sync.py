@@ -32,7 +32,8 @@ import numpy as np
 
 from tests.bench.timing import best_time, row
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_layout import GuestRegion, IovaMapping, TrackedContainer
 from vfiod.kernel.sim.host import SimHost
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
 from vfiod.vfio import Container, Group, HostPaths

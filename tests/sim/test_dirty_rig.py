@@ -16,7 +16,7 @@ import numpy as np
 
 import vfiod.abi.vfio as v
 from vfiod.dirty.providers.base import DmaSpace, IommufdSpace
-from vfiod.dirty.tracker import IovaMapping, TrackedContainer
+from vfiod.dirty.tracker_layout import IovaMapping, TrackedContainer
 from vfiod.kernel.sim.host import SimHost, SimHostConfig
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
 from vfiod.vfio import Container, Group, HostPaths

@@ -17,6 +17,7 @@ comes after the destination resumed: the migration stands, verified, with a warn
 from __future__ import annotations
 
 import dataclasses
+import functools
 import errno
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class FailingHook:
         if name != self._hook or self.hits:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def fail(*a: Any, **k: Any) -> Any:
             self.hits += 1
             raise KernelError(errno.EIO, f"{name} (injected)", self._inner.device_name)

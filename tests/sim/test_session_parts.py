@@ -31,8 +31,13 @@ from vfiod.migration.session.digest import (
     nonzero_page_runs,
 )
 from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.status import (
+    IterationProgress,
+    device_column,
+    format_progress_line,
+    triple,
+)
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.session.status import IterationProgress, device_column, format_progress_line, triple
 
 PS = 4096
 

@@ -28,8 +28,8 @@ from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.link import ThrottledLink
-from vfiod.migration.states import MigrationState
 from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.states import MigrationState
 
 RAM = (RamSpec("ram", 0, 16 * MiB),)
 DEV = spec("v2_precopy_log")

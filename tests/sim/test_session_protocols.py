@@ -5,6 +5,7 @@ device states equal to the source's, and a source that released every fd."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from tests.sim.test_session_rig import (
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.states import GuestState, MigrationState, MigState
 from vfiod.migration.session.status import IterationProgress, format_progress_line
+from vfiod.migration.states import GuestState, MigrationState, MigState
 
 CAPS = ["v1_log", "v2_stop_copy_log", "v2_precopy_log", "v2_p2p_log", "v2_precopy_p2p_log"]
 
@@ -235,6 +236,7 @@ class Recording:
         if name not in self.HOOKS:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
             if not self._log or self._log[-1] != name:      # collapse repeats
                 self._log.append(name)

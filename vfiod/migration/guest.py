@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from vfiod.abi.vfio import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_layout import GuestRegion, IovaMapping, TrackedContainer
 from vfiod.errors import KernelError, MigrationError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.device.base import MigrationDriver, probe

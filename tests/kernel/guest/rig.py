@@ -362,7 +362,8 @@ def _exercise_numba_paths() -> None:
     from vfiod.dirty import bitmap_kernels as k
     from vfiod.dirty.global_bitmap import GlobalBitmap
     from vfiod.dirty.providers.base import DmaSpace
-    from vfiod.dirty.tracker import DirtyTracker, GuestRegion, IovaMapping, TrackedContainer
+    from vfiod.dirty.tracker import DirtyTracker
+    from vfiod.dirty.tracker_layout import GuestRegion, IovaMapping, TrackedContainer
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.stream import crc32c

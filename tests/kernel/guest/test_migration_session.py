@@ -15,6 +15,7 @@ the same drivers writing the stream to a ``FileSink`` and restoring from a ``Fil
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class HookLog:
         if name not in self.HOOKS:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def logged(*args: Any) -> Any:
             if name == "save_live_complete_precopy" and self.stopcopy_keep is not None:
                 args = (self._cut(args[0]),)

@@ -133,6 +133,8 @@ class MigrationDriver(Protocol):
     def has_p2p(self) -> bool: ...
     @property
     def phase(self) -> Phase: ...
+    #: the recovery rungs the latest ``rollback`` took (for the result)
+    rollback_log: list[str]
 
     def state(self) -> MigState:
         """The device state as last set or read (no syscall; safe for status)."""
@@ -159,7 +161,7 @@ class MigrationDriver(Protocol):
         ...
 
     # -- destination ----------------------------------------------------------------------
-    def check_state(self, record: bytes) -> None:
+    def check_state(self, record: bytes | memoryview) -> None:
         """Raise DeviceMismatch if this device cannot load the recorded device's state."""
         ...
     def load_setup(self) -> None: ...
