@@ -10,9 +10,8 @@ time the slice cost in a ``CostModel`` (per byte and per record: a final pass of
 pages is bound by framing, not by the link), marks the pages for re-hashing
 (``digest``), and calls ``between()`` (the session checks for cancel there). In the first
 pass, with ``zero_scan``, each run is read first with ``pread`` and only pages holding
-data are sent: a guest's RAM is mostly never-written
-holes of a sparse file, which read as zeros without being allocated, and the
-destination's fresh RAM is zero already.
+data are sent: a guest's RAM is mostly never-written holes of a sparse file, which read
+as zeros without being allocated, and the destination's fresh RAM is zero already.
 
 ``prediction_numbers`` turns a ``SyncResult`` and the devices' ``Pending`` into the
 predictor's inputs: the dirty rate excludes containers that were not queried (skipped by

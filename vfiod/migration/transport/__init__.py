@@ -14,6 +14,6 @@ from vfiod.migration.transport.files import FileSink, FileSource
 from vfiod.migration.transport.tcp import Connection, Listener, TlsConfig, connect
 
 __all__ = [
-    "AckStage", "Connection", "ControlMessage", "ControlType", "FileSink", "FileSource", "Listener",
-    "TlsConfig", "TransportCode", "TransportError", "connect",
+    "AckStage", "Connection", "ControlMessage", "ControlType", "FileSink", "FileSource",
+    "Listener", "TlsConfig", "TransportCode", "TransportError", "connect",
 ]
