@@ -43,7 +43,7 @@ from vfiod.migration.stream import (
     StreamWriter,
 )
 from vfiod.migration.stream import crc32c as crcmod
-from vfiod.migration.transport import ControlMessage, connect
+from vfiod.migration.transport import AckStage, ControlMessage, connect
 from vfiod.migration.transport.tcp import Connection
 
 PAGE = 4096
@@ -89,14 +89,14 @@ def _destination(lsock: socket.socket, size: int, mode: str, ready: Any, cpu_q: 
             if n == 0:
                 raise SystemExit("raw receiver: early EOF")
             got += n
-        conn.send_control(ControlMessage.ack("complete", got))
+        conn.send_control(ControlMessage.ack(AckStage.RESUMED, got))
     else:
         r = StreamReader(conn)
         h = r.read_header()
         r.attach_ram(GuestRam(PAGE, h.regions, [view], writable=True))
         for ev in r.events():
             if isinstance(ev, Complete):
-                conn.send_control(ControlMessage.ack("complete", ev.manifest.ram_bytes))
+                conn.send_control(ControlMessage.ack(AckStage.RESUMED, ev.manifest.ram_bytes))
     cpu_q.put(_cpu() - c0)
     conn.close()
     k.close(fd)  # the mapping goes with the process
@@ -127,7 +127,7 @@ def _one(size: int, mode: str, src_view: memoryview) -> tuple[float, float]:
         w.start()
         w.send_ram([(0, size // PAGE)], quiescent=(mode == "stream"))
         w.finish()
-    conn.wait_ack("complete", timeout=300)
+    conn.wait_ack(AckStage.RESUMED, timeout=300)
     dt = time.perf_counter() - t0
     cpu = _cpu() - c0 + cpu_q.get(timeout=60)
     conn.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from tests.support.dirty_rig import GUEST_PAGE, Rig, dev, has_dma_logging_sim
 from vfiod.dirty.providers.base import ProviderUnavailable
 from vfiod.dirty.providers.device_logging import DeviceLoggingProvider
 from vfiod.dirty.providers.select import select
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_layout import GuestRegion
 from vfiod.kernel.sim.interfaces import DeviceSpec
 
 pytestmark = pytest.mark.skipif(
@@ -63,8 +63,8 @@ def test_device_logging_is_chosen_and_precise(tmp_path: Path) -> None:
         rig.map("c0", 0x100000, 37 * G, 45 * G)
         tr = _tracker(rig)
         tr.start(initial_all_dirty=False)
-        st = tr.status()["containers"][0]
-        assert (st["tracker"], st["precise"]) == ("device-logging", True)
+        st = tr.status().containers[0]
+        assert (st.tracker, st.precise) == ("device-logging", True)
         rig.write(PCI, "c0", 0x100000 + 26 * G, 3 * G)       # guest pages 63..65
         res = tr.sync()
         assert res.providers == {"c0": "device-logging"} and res.new_dirty_pages == 3
@@ -104,9 +104,9 @@ def test_report_eopnotsupp_falls_back_to_type1_and_loses_nothing(mdev_rig: Rig) 
         assert res.new_dirty_pages == 45 + 7                 # whole container, this once
         assert rig.sent(tr.take_dirty_runs(1 << 20)) == set(range(37, 82)) | set(range(130, 137))
         assert not rig.written
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "type1"
-        assert st["fallbacks"] and st["fallbacks"][0].startswith("device-logging -> type1:")
+        st = tr.status().containers[0]
+        assert st.tracker == "type1"
+        assert st.fallbacks and st.fallbacks[0].startswith("device-logging -> type1:")
         # type1 (pinned scope) carries on precisely: a later write is found exactly
         rig.write(M1, "c0", 0x100000 + 40 * G, 1)            # page 77
         res = tr.sync()
@@ -127,9 +127,9 @@ def test_the_612_kernel_report_answer_falls_back_at_start(tmp_path: Path) -> Non
         rig.map("c0", 0x100000, 37 * G, 45 * G)
         tr = _tracker(rig)
         tr.start(initial_all_dirty=False)
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "type1"
-        assert "EOPNOTSUPP" in json.dumps(st)                 # the fallback is explained
+        st = tr.status().containers[0]
+        assert st.tracker == "type1"
+        assert "EOPNOTSUPP" in repr(st)                       # the fallback is explained
         rig.write(M1, "c0", 0x100000 + 3 * G, 1)
         res = tr.sync()
         assert res.providers == {"c0": "type1"} and res.lost == {}
@@ -205,9 +205,9 @@ def test_start_enotty_falls_back_at_start(mdev_rig: Rig) -> None:
     tr = _tracker(rig)
     tr.start(initial_all_dirty=False)
     try:
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "type1"
-        assert "ENOTTY" in st["fallbacks"][0]
+        st = tr.status().containers[0]
+        assert st.tracker == "type1"
+        assert "ENOTTY" in st.fallbacks[0]
         rig.write(M1, "c0", 0x100000, 1)
         tr.sync()
         assert rig.sent(tr.take_dirty_runs(64)) == {37}
@@ -225,7 +225,7 @@ def test_report_eio_restarts_logging_and_counts_all_dirty(mdev_rig: Rig) -> None
         assert res.providers == {"c0": "device-logging"}     # restarted, not replaced
         assert "log treated as lost" in res.lost["c0"] and "EIO" in res.lost["c0"]
         assert res.new_dirty_pages == 52
-        assert any("EIO" in e for e in tr.status()["containers"][0]["errors"])
+        assert any("EIO" in e for e in tr.status().containers[0].errors)
         rig.sent(tr.take_dirty_runs(1 << 20))
         rig.write(M1, "c0", 0x800000, 1)                     # page 130, new session
         assert tr.sync().lost == {}
@@ -291,7 +291,7 @@ def test_two_devices_reports_are_ored(tmp_path: Path) -> None:
         rig.map("c0", 0x100000, 37 * G, 45 * G)
         tr = _tracker(rig)
         tr.start(initial_all_dirty=False)
-        assert tr.status()["containers"][0]["tracker"] == "device-logging"
+        assert tr.status().containers[0].tracker == "device-logging"
         rig.write(PCI, "c0", 0x100000, 1)
         rig.write("0000:5e:00.0", "c0", 0x100000 + 44 * G, 1)
         tr.sync()
@@ -322,9 +322,9 @@ def test_report_failing_after_the_unmap_counts_the_range_dirty(mdev_rig: Rig) ->
     try:
         rig.kernel.faults.inject("feature:DMA_LOGGING_REPORT", errno.EIO)
         assert tr.unmap("c0", 0x800000, 7 * G) == 7
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "device-logging" and st["mappings"] == 1
-        assert any("unmap failed" in e for e in st["errors"])
+        st = tr.status().containers[0]
+        assert st.tracker == "device-logging" and st.mappings == 1
+        assert any("unmap failed" in e for e in st.errors)
         # the restarted log may have missed writes: the remaining mapping counts too
         assert rig.sent(tr.take_dirty_runs(1 << 20)) == set(range(37, 82)) | set(range(130, 137))
     finally:

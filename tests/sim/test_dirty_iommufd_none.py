@@ -48,7 +48,7 @@ def test_iommufd_precise_pages_and_selection(rig: Rig) -> None:
         res = tr.sync()
         assert res.providers == {"ioas": "iommufd"} and res.new_dirty_pages == 2
         assert rig.sent(tr.take_dirty_runs(64)) == {63, 64}
-        assert tr.status()["containers"][0]["precise"] is True
+        assert tr.status().containers[0].precise is True
     finally:
         tr.stop()
 
@@ -92,11 +92,11 @@ def test_hwpt_without_dirty_tracking_means_none(rig: Rig) -> None:
                       clock=clock())
     tr.start(initial_all_dirty=False)
     try:
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "none" and st["precise"] is False
-        assert st["reason"] == REASON == ("no dirty tracking: every mapped page counts as "
+        st = tr.status().containers[0]
+        assert st.tracker == "none" and st.precise is False
+        assert st.reason == REASON == ("no dirty tracking: every mapped page counts as "
                                           "dirty at every sync")
-        assert any("IOMMU_HWPT_ALLOC_DIRTY_TRACKING" in n for n in st["notes"])
+        assert any("IOMMU_HWPT_ALLOC_DIRTY_TRACKING" in n for n in st.notes)
         for _ in range(2):                     # every sync: the whole mapping, nothing else
             res = tr.sync()
             assert res.new_dirty_pages == 45 and res.providers == {"ioas": "none"}

@@ -12,7 +12,8 @@ import pytest
 
 from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
 from vfiod.abi.vfio import MigState
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_layout import GuestRegion
 
 A = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"     # opted out, container c0
 B = "7c9e6679-7425-40de-944b-e07fc1f90ae7"     # tracking on, container c1
@@ -44,8 +45,8 @@ def test_opted_out_container_is_not_queried_but_nothing_is_lost(rig: Rig) -> Non
     tr.start()
     try:
         rig.sent(tr.take_dirty_runs(1 << 20))               # first full pass
-        st = tr.status()["containers"][0]
-        assert st["opt_out_devices"] == [A] and st["opt_out_active"] is True
+        st = tr.status().containers[0]
+        assert st.opt_out_devices == (A,) and st.opt_out_active is True
 
         for phase_state in (MigState.RUNNING, MigState.PRE_COPY):
             states[A] = states[B] = phase_state
@@ -77,7 +78,7 @@ def test_opted_out_container_is_not_queried_but_nothing_is_lost(rig: Rig) -> Non
         final = rig.sent(tr.take_dirty_runs(1 << 20))
         assert final == {40, 42, 56}
         assert not rig.written                               # every written page was sent
-        assert tr.status()["containers"][0]["opt_out_active"] is False
+        assert tr.status().containers[0].opt_out_active is False
     finally:
         tr.stop()
 
@@ -109,6 +110,6 @@ def test_device_without_optout_never_blocks(rig: Rig) -> None:
     tr.start(initial_all_dirty=False)
     try:
         assert tr.sync().skipped == {}
-        assert tr.status()["containers"][0]["opt_out_devices"] == []
+        assert tr.status().containers[0].opt_out_devices == ()
     finally:
         tr.stop()

@@ -104,9 +104,9 @@ def test_all_dirty_scope_with_a_physical_device(tmp_path: Path) -> None:
         tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["c0"].tracked()],
                           clock=Clock())
         tr.start(initial_all_dirty=False)
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "type1" and st["precise"] is False
-        assert "every mapped page dirty" in st["reason"]
+        st = tr.status().containers[0]
+        assert st.tracker == "type1" and st.precise is False
+        assert "every mapped page dirty" in st.reason
         res = tr.sync()
         # the kernel reports the whole mapping; nothing outside it
         assert res.new_dirty_pages == 45
@@ -151,7 +151,7 @@ def test_unmap_during_tracking_loses_no_bit(mdev_rig: Rig) -> None:
         calls = [e.split("@")[0] for e in rig.kernel.faults.log[log:]]
         assert calls == ["ioctl:VFIO_IOMMU_UNMAP_DMA"]
         assert [m.iova for m in rig.type1_of("c1").mappings] == [0x200000 + 77 * G]
-        assert tr.status()["containers"][1]["mappings"] == 1
+        assert tr.status().containers[1].mappings == 1
         tr.sync()
         assert take_all(tr, rig) == expect
         # the unmapped IOVA is no longer queried: syncing again finds nothing there
@@ -208,7 +208,7 @@ def test_dirty_rate_uses_the_injected_clock(mdev_rig: Rig) -> None:
         res = tr.sync()                        # clock 2 (t0), 3 (t1)
         assert res.duration_s == 1.0
         assert tr.dirty_rate() == 3 * G / 2.0  # 3 pages over [1, 3]
-        assert tr.status()["dirty_rate_bytes_per_s"] == 3 * G / 2.0
+        assert tr.status().dirty_rate_bytes_per_s == 3 * G / 2.0
     finally:
         tr.stop()
 
@@ -225,7 +225,7 @@ def test_stop_is_idempotent_and_stops_every_container_despite_errors(mdev_rig: R
     with pytest.raises(OSError, match="EINVAL"):
         c1.dirty_get(0x200000, 77 * G, G)
     tr.stop()                                  # idempotent, no error now
-    assert all(not c["running"] for c in tr.status()["containers"])
+    assert all(not c.running for c in tr.status().containers)
     with pytest.raises(RuntimeError, match="before start"):
         tr.sync()
 
@@ -263,7 +263,7 @@ def test_take_dirty_runs_splits_and_clears(mdev_rig: Rig) -> None:
         first, count = tr.take_dirty_runs(100)
         assert count.max() == 100 and int(count.sum()) == 512
         assert np.array_equal(first[:3], [0, 100, 200])
-        assert tr.status()["dirty_pages"] == 0
+        assert tr.status().dirty_pages == 0
         assert tr.take_dirty_runs(100)[0].size == 0
     finally:
         tr.stop()
@@ -280,7 +280,7 @@ def test_unmap_failing_before_the_unmap_changes_nothing(mdev_rig: Rig) -> None:
             tr.unmap("c0", 0x100000, 45 * G)
         assert ei.value.errno == 5
         assert len(rig.type1_of("c0").mappings) == 1
-        assert tr.status()["containers"][0]["mappings"] == 1
+        assert tr.status().containers[0].mappings == 1
         tr.sync()                                                  # the bit is still there
         assert take_all(tr, rig) == {41}
     finally:
@@ -294,8 +294,8 @@ def test_unmap_enotty_falls_back_and_still_unmaps(mdev_rig: Rig) -> None:
     try:
         rig.kernel.faults.inject("ioctl:VFIO_IOMMU_UNMAP_DMA", errno.ENOTTY)
         assert tr.unmap("c0", 0x100000, 45 * G) == 45              # "none": all of it
-        st = tr.status()["containers"][0]
-        assert st["tracker"] == "none" and "type1 -> none" in st["fallbacks"][0]
+        st = tr.status().containers[0]
+        assert st.tracker == "none" and "type1 -> none" in st.fallbacks[0]
         assert rig.type1_of("c0").mappings == ()
         assert take_all(tr, rig) == set(range(37, 82))
     finally:
@@ -313,7 +313,7 @@ def test_iommu_page_coarser_than_guest_page(tmp_path: Path) -> None:
         tr = DirtyTracker([GuestRegion(0, 256 * G)], [rig.containers["c0"].tracked()],
                           clock=Clock())
         tr.start(initial_all_dirty=False)
-        assert tr.status()["containers"][0]["page_size"] == 0x10000
+        assert tr.status().containers[0].page_size == 0x10000
         res = tr.sync()
         assert res.new_dirty_pages == 96
         assert take_all(tr, rig) == set(range(80, 176))
@@ -326,15 +326,15 @@ def test_iommu_page_coarser_than_guest_page(tmp_path: Path) -> None:
 
 def test_status_of_an_mdev_only_container(mdev_rig: Rig) -> None:
     tr = _two_container_guest(mdev_rig)
-    assert tr.status()["containers"][0]["tracker"] is None     # not started yet
+    assert tr.status().containers[0].tracker is None     # not started yet
     tr.start()
     try:
         st = tr.status()
-        assert st["running"] and st["guest_pages"] == 512 and st["dirty_pages"] == 512
-        c0 = st["containers"][0]
-        assert (c0["tracker"], c0["precise"], c0["page_size"]) == ("type1", True, G)
-        assert "pinned-page scope" in c0["reason"]
-        assert c0["mapped_bytes"] == 45 * G and c0["opt_out_active"] is False
-        assert any("device-logging: not supported" in n for n in c0["notes"])
+        assert st.running and st.guest_pages == 512 and st.dirty_pages == 512
+        c0 = st.containers[0]
+        assert (c0.tracker, c0.precise, c0.page_size) == ("type1", True, G)
+        assert "pinned-page scope" in c0.reason
+        assert c0.mapped_bytes == 45 * G and c0.opt_out_active is False
+        assert any("device-logging: not supported" in n for n in c0.notes)
     finally:
         tr.stop()

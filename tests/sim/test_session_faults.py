@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class FailingHook:
         if name != self._hook or self.hits:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def fail(*a: Any, **k: Any) -> Any:
             self.hits += 1
             raise KernelError(errno.EIO, f"{name} (injected)", self._inner.device_name)
@@ -157,6 +159,11 @@ def test_destination_device_refuses_the_state(tmp_path: Path) -> None:
         assert run.dest is not None and run.dest.failed_hook is not None
         assert run.dest.failed_hook.split()[0] in ("load_state", "load_complete")
         assert_rolled_back(src, dst, run, before)
+        # both ends report their rollback alike: final state and the rungs it took
+        [back] = run.dest.rollback.values()
+        assert back["state"] == "RUNNING" and "VFIO_DEVICE_RESET: ok" in back["rungs"], back
+        assert all(v["state"] == "RUNNING" and "rungs" in v
+                   for v in run.source.rollback.values())
     finally:
         src.close()
         dst.close()

@@ -5,6 +5,7 @@ workload (deterministic, pausable) and the zero-page scan. Bad input shows its e
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.support.session_rig import (
     build_side,
     spec,
 )
+from vfiod.dirty.tracker_status import ContainerStatus, TrackerStatus
 from vfiod.errors import KernelError
 from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest, GuestPlan, build_guest
@@ -35,6 +37,7 @@ from vfiod.migration.session.status import (
     IterationProgress,
     device_column,
     format_progress_line,
+    tracker_view,
     triple,
 )
 from vfiod.migration.states import GuestState, MigrationState, MigState
@@ -191,6 +194,24 @@ def test_status_formatting() -> None:
                  "bw 100.0 MB/s", "predicted downtime 21.3 ms", "will not converge"):
         assert part in words, line
     assert p.to_dict()["predicted_downtime_s"] == 0.0213
+
+
+def test_tracker_snapshot_is_shown_with_the_keys_status_always_had() -> None:
+    c = ContainerStatus("c0", "type1", True, 4096, "pinned-page scope", True, 8 * MiB, 2,
+                        ("0000:3b:00.1",), True, "queried type1", ("device-logging -> type1",),
+                        (), ("note",))
+    t = TrackerStatus(True, 4096, 2048, 7, 3, 1e6, None, (c,))
+    view = tracker_view(t)
+    assert view == {
+        "running": True, "page_size": 4096, "guest_pages": 2048, "dirty_pages": 7,
+        "syncs": 3, "dirty_rate_bytes_per_s": 1e6, "dirty_rate_smoothed_bytes_per_s": None,
+        "containers": [{
+            "name": "c0", "tracker": "type1", "precise": True, "page_size": 4096,
+            "reason": "pinned-page scope", "running": True, "mapped_bytes": 8 * MiB,
+            "mappings": 2, "opt_out_devices": ["0000:3b:00.1"], "opt_out_active": True,
+            "last_sync": "queried type1", "fallbacks": ["device-logging -> type1"],
+            "errors": [], "notes": ["note"]}]}
+    assert json.loads(json.dumps(view)) == view
 
 
 # -- guest model ------------------------------------------------------------------------

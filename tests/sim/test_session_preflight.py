@@ -1,5 +1,5 @@
 """Preflight refusals (design.md §1 step 5): migration flags, x86-64 ABI level, memory
-encryption, memory layout, device count. Every reason is reported at once, nothing is
+encryption, memory layout, device count, protocol version. Every reason is reported at once, nothing is
 touched on either side (no device state change, no dirty tracking, no byte of guest RAM
 written on the destination), and the destination also refuses a header that does not
 match its guest before writing any RAM, whatever the source says."""
@@ -23,11 +23,21 @@ from tests.support.session_rig import (
 )
 from vfiod.abi.vfio import VFIO_MIGRATION_STOP_COPY
 from vfiod.migration.planning.hostfacts import AbiLevel
-from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.planning.preflight import MigrationFacts
+from vfiod.migration.session.common import SessionConfig, guest_facts
 from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import MigState
 from vfiod.migration.stream import GuestRam, RamRegion, StreamHeader, StreamWriter
-from vfiod.migration.transport import Listener, connect
+from vfiod.migration.stream.records import PREAMBLE_SIZE, pack_preamble
+from vfiod.migration.transport import (
+    AckStage,
+    ControlMessage,
+    Listener,
+    TransportCode,
+    TransportError,
+    connect,
+)
 
 DEV = spec("v2_precopy_log")
 
@@ -125,7 +135,7 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
         t = threading.Thread(target=serve)
         t.start()
         with connect("127.0.0.1", lst.address[1]) as conn:
-            conn.wait_ack("hello", 10)
+            conn.wait_ack(AckStage.HELLO, 10)
             region = RamRegion("ram", 0, 16 * MiB)          # not the destination's 8 MiB
             mem = bytearray(b"\xab" * (16 * MiB))
             w = StreamWriter(conn, StreamHeader("rogue", "m1", "vm1", 4096, (region,), ()),
@@ -133,9 +143,71 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
             with pytest.raises(Exception, match="preflight refused"):
                 w.start()                       # the ERROR may already be there
                 w.send_ram([(0, 64)], quiescent=True)
-                conn.wait_ack("header", 10)
+                conn.wait_ack(AckStage.HEADER, 10)
         t.join(30)
     r = box["r"]
     assert r.result == "failed" and "memory layout differs" in r.reason
     assert dst.ram_digest() == before
     assert dst.mig_fds() == [] and dst.models() == dst.initial_models
+
+
+def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
+                                                            made: list[Side]) -> None:
+    """A version-1 destination (its digests came in an ACK) says so in its hello facts: the
+    source refuses before tracking anything, names both versions, and its HEADER (version
+    2) tells the old destination the same by number."""
+    src, dst = build(tmp_path)
+    made += [src, dst]
+    before = src.ram_digest()
+    old = dataclasses.replace(MigrationFacts(dst.facts, guest_facts(dst.guest)),
+                              protocol_version=1)
+    got = bytearray()
+    with Listener("127.0.0.1", 0) as lst:
+        def old_destination() -> None:
+            with lst.accept(timeout=30) as conn:
+                conn.send_control(ControlMessage.ack(AckStage.HELLO, facts=old.to_json()))
+                buf = memoryview(bytearray(1 << 16))
+                while n := conn.recv_into(buf):
+                    got.extend(buf[:n])
+        t = threading.Thread(target=old_destination)
+        t.start()
+        with connect("127.0.0.1", lst.address[1]) as conn:
+            session = SourceSession(src.guest, conn, host=src.facts,
+                                    config=SessionConfig(ack_timeout_s=10))
+            r = session.run()
+        t.join(30)
+    assert r.result == "failed" and r.reason.startswith("preflight refused:")
+    assert r.verification["preflight"] == [
+        "stream protocol differs: source speaks 2, destination 1"]
+    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(2)
+    assert session.tracker is None and src.ram_digest() == before
+    assert set(src.kernel_states().values()) == {MigState.RUNNING}
+
+
+def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
+                                                            made: list[Side]) -> None:
+    """A version-1 source's stream is refused at its preamble, by number, before the
+    destination writes anything; the source hears why (ERROR)."""
+    _, dst = build(tmp_path)
+    made.append(dst)
+    before = dst.ram_digest()
+    box: dict[str, Any] = {}
+    with Listener("127.0.0.1", 0) as lst:
+        def serve() -> None:
+            with lst.accept(timeout=30) as conn:
+                box["r"] = DestinationSession(dst.guest, conn, host=dst.facts,
+                                              config=SessionConfig(ack_timeout_s=5)).run()
+        t = threading.Thread(target=serve)
+        t.start()
+        with connect("127.0.0.1", lst.address[1]) as conn:
+            conn.wait_ack(AckStage.HELLO, 10)
+            conn.send_buffers([pack_preamble(1)])
+            with pytest.raises(TransportError) as ei:
+                conn.wait_ack(AckStage.HEADER, 10)
+        t.join(30)
+    said = "stream protocol version 1 (an older vfiod), this vfiod speaks 2 only"
+    assert ei.value.code is TransportCode.PEER_ERROR and ei.value.remote["code"] == "VERSION"
+    assert said in ei.value.remote["message"]
+    r = box["r"]
+    assert r.result == "failed" and said in r.reason
+    assert dst.ram_digest() == before and dst.mig_fds() == []

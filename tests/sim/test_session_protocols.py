@@ -5,6 +5,7 @@ device states equal to the source's, and a source that released every fd."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,7 @@ class Recording:
         if name not in HOOKS:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
             if not self._log or self._log[-1] != name:      # collapse repeats
                 self._log.append(name)

@@ -6,6 +6,7 @@ stop-and-copy data short (a fault a destination kernel must refuse).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ class Traced:
         if name not in HOOKS:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def call(*args: object, **kw: object) -> object:
             self._hooks.append(name)
             return attr(*args, **kw)
@@ -63,6 +65,7 @@ class HookLog:
         if name not in HOOKS:
             return attr
 
+        @functools.wraps(attr)            # the session names a hook by its method's name
         def logged(*args: Any) -> Any:
             if name == "save_live_complete_precopy" and self.stopcopy_keep is not None:
                 args = (self._cut(args[0]),)

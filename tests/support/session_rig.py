@@ -296,7 +296,7 @@ def assert_rolled_back(src: Side, dst: Side, run: Run, ram_before: list[Any],
     s = run.session
     assert s is not None and (s.tracker is None or not s.tracker.running)
     if s.tracker is not None:
-        assert not any(c["running"] for c in s.tracker.status()["containers"])
+        assert not any(c.running for c in s.tracker.status().containers)
     d = run.dest
     assert d is not None and d.result in ("failed", "cancelled"), d
     assert set(dst.kernel_states().values()) == {MigState.RUNNING}

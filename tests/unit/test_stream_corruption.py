@@ -25,6 +25,7 @@ from vfiod.migration.stream.manifest import Manifest, ManifestEntry
 from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.records import (
     PREAMBLE_SIZE,
+    PROTOCOL_VERSION,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     pack_header,
@@ -338,9 +339,17 @@ def test_abort_is_reported_with_its_reason() -> None:
     assert "operator cancelled" in str(err) and err.record == 2
 
 
-def test_wrong_version_and_magic() -> None:
-    head = struct.pack("<8sHH", b"VFIODMS\0", 2, 0)
+@pytest.mark.parametrize("version,age", [(1, "an older"), (3, "a newer")])
+def test_another_protocol_version_is_refused(version: int, age: str) -> None:
+    """Version 1 sent the content digests as an ACK: its streams are refused by number."""
+    head = struct.pack("<8sHH", b"VFIODMS\0", version, 0)
     bad = head + struct.pack("<I", crc32c(head)) + STREAM[PREAMBLE_SIZE:]
-    assert "version 2" in str(fails(bad, ErrorCode.VERSION))
+    err = fails(bad, ErrorCode.VERSION)
+    assert f"stream protocol version {version} ({age} vfiod), this vfiod speaks 2 only" in \
+        str(err)
+    assert PROTOCOL_VERSION == 2
+
+
+def test_wrong_magic() -> None:
     assert "not a vfiod migration stream" in str(fails(b"GET / HTTP/1.1\r\n" + STREAM,
                                                       ErrorCode.MAGIC))

@@ -31,7 +31,7 @@ from vfiod.migration.transport import (
     TransportError,
     connect,
 )
-from vfiod.migration.transport.control import ControlParser
+from vfiod.migration.transport.control import AckStage, ControlParser
 
 PS = 4096
 REGIONS = (RamRegion("ram", 0, 256 * PS),)
@@ -80,11 +80,12 @@ def destination(conn: Connection) -> bytearray:
     h = r.read_header()
     dst = bytearray(h.regions[0].size)
     r.attach_ram(GuestRam(PS, h.regions, [dst], writable=True))
-    conn.send_control(ControlMessage.ack("header"))
+    conn.send_control(ControlMessage.ack(AckStage.HEADER))
     for ev in r.events():
         if isinstance(ev, Complete):
-            conn.send_control(ControlMessage.ack("complete", r.records))
-    conn.send_control(ControlMessage.ack("resumed"))
+            digests = conn.wait_digests(JOIN)       # the source's commit, after the MANIFEST
+            conn.send_control(ControlMessage.ack(AckStage.RESUMED, r.records,
+                                                 regions=digests.fields["regions"]))
     return dst
 
 
@@ -95,15 +96,18 @@ def test_migrate_over_loopback_with_acknowledgements() -> None:
         w = StreamWriter(conn, HEADER, GuestRam(PS, REGIONS, [src]), record_bytes=16 * PS,
                          batch_bytes=64 * PS)
         w.start()
-        assert conn.wait_ack("header", timeout=JOIN).fields == {"stage": "header", "value": 0}
+        ack = conn.wait_ack(AckStage.HEADER, timeout=JOIN)
+        assert ack.stage is AckStage.HEADER and ack.fields == {"value": 0}
         w.send_ram([(0, 256)], quiescent=False)
         w.send_device_data("dev0", b"state" * 1000)
         w.end_of_state("dev0")
         w.finish()
-        done = conn.wait_ack("complete", timeout=JOIN)
-        assert done.fields["value"] == w.records_sent
-        conn.wait_ack("resumed", timeout=JOIN)
-        assert conn.bytes_sent == w.bytes_sent
+        regions = [{"name": "ram", "pages": 256, "digest": "ab" * 16}]
+        commit = ControlMessage.digests(w.records_sent, regions)
+        conn.send_control(commit)
+        done = conn.wait_ack(AckStage.RESUMED, timeout=JOIN)
+        assert done.fields == {"value": w.records_sent, "regions": regions}
+        assert conn.bytes_sent == w.bytes_sent + len(commit.encode())
     assert peer.join() == src and peer.error is None
 
 
@@ -141,7 +145,7 @@ def test_destination_error_is_raised_with_its_fields() -> None:
     peer = Peer(failing)
     with connect("127.0.0.1", peer.port) as conn:
         with pytest.raises(TransportError) as ei:
-            conn.wait_ack("complete", timeout=JOIN)
+            conn.wait_ack(AckStage.RESUMED, timeout=JOIN)
         assert ei.value.code == TransportCode.PEER_ERROR
         assert ei.value.remote == {"code": "payload-checksum", "message": "record 7 bad",
                                    "record": 7}
@@ -153,13 +157,14 @@ def test_wait_ack_times_out_and_notices_a_closed_peer() -> None:
     peer = Peer(lambda conn: gate.wait(JOIN))
     with connect("127.0.0.1", peer.port) as conn:
         with pytest.raises(TransportError) as ei:
-            conn.wait_ack("complete", timeout=0.2)
+            conn.wait_ack(AckStage.RESUMED, timeout=0.2)
         assert ei.value.code == TransportCode.TIMEOUT
         gate.set()
         peer.join()  # the peer closes its end
         with pytest.raises(TransportError) as ei:
-            conn.wait_ack("complete", timeout=JOIN)
+            conn.wait_ack(AckStage.RESUMED, timeout=JOIN)
         assert ei.value.code == TransportCode.PEER_CLOSED
+        assert "before sending its 'resumed' acknowledgement" in str(ei.value)
 
 
 def test_source_closing_mid_stream_is_a_located_truncation() -> None:
@@ -243,14 +248,16 @@ def test_connect_timeout_against_a_full_accept_queue() -> None:
 
 
 def test_control_frames_round_trip_in_pieces_and_refuse_corruption() -> None:
-    msgs = [ControlMessage.ack("header"), ControlMessage.cancel("x" * 100),
-            ControlMessage.error("EIO", "boom", 3)]
+    msgs = [ControlMessage.ack(AckStage.HEADER), ControlMessage.cancel("x" * 100),
+            ControlMessage.error("EIO", "boom", 3),
+            ControlMessage.digests(9, [{"name": "ram", "pages": 2, "digest": "00ff"}])]
     blob = b"".join(m.encode() for m in msgs)
     p = ControlParser("peer")
     got = []
     for i in range(0, len(blob), 7):
         got += p.feed(blob[i:i + 7])
     assert got == msgs and got[1].kind == ControlType.CANCEL
+    assert got[0].stage is AckStage.HEADER and got[3].kind is ControlType.DIGESTS
     for i in range(len(msgs[0].encode())):
         bad = bytearray(msgs[0].encode())
         bad[i] ^= 0xFF
@@ -262,6 +269,35 @@ def test_control_frames_round_trip_in_pieces_and_refuse_corruption() -> None:
     head += crc32c(head).to_bytes(4, "little")
     with pytest.raises(TransportError, match="over 65536"):
         ControlParser("peer").feed(head)
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    head = (b"VFCT" + kind.to_bytes(2, "little") + b"\0\0" + len(payload).to_bytes(4, "little")
+            + crc32c(payload).to_bytes(4, "little"))
+    return head + crc32c(head).to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("payload,refusal", [
+    (b'{"stage":"complete","value":1}', "unknown acknowledgement stage 'complete'"),
+    (b'{"stage":"verify","value":1}', "unknown acknowledgement stage 'verify'"),
+    (b'{"value":1}', "unknown acknowledgement stage None"),
+])
+def test_an_ack_with_a_stage_this_vfiod_never_sends_is_refused(payload: bytes,
+                                                                refusal: str) -> None:
+    with pytest.raises(TransportError, match=refusal) as ei:
+        ControlParser("peer").feed(_frame(ControlType.ACK, payload))
+    assert ei.value.code == TransportCode.CONTROL
+    [ok] = ControlParser("peer").feed(_frame(ControlType.ACK, b'{"stage":"resumed"}'))
+    assert ok == ControlMessage(ControlType.ACK, {}, AckStage.RESUMED)
+
+
+def test_only_an_ack_carries_a_stage() -> None:
+    with pytest.raises(TransportError, match="DIGESTS frame carries a stage"):
+        ControlParser("peer").feed(_frame(ControlType.DIGESTS, b'{"stage":"header"}'))
+    with pytest.raises(ValueError, match="every ACK has one"):
+        ControlMessage(ControlType.ACK, {"value": 0})
+    with pytest.raises(ValueError, match="a stage belongs to ACK alone"):
+        ControlMessage(ControlType.CANCEL, {}, AckStage.HEADER)
 
 
 def test_one_big_batch_survives_partial_sends() -> None:

@@ -21,6 +21,7 @@ from vfiod.migration.stream import (
     StreamWriter,
 )
 from vfiod.migration.transport import (
+    AckStage,
     ControlMessage,
     Listener,
     TlsConfig,
@@ -111,7 +112,7 @@ def receive(conn: Any) -> bytearray:
     r.attach_ram(GuestRam(PS, h.regions, [dst], writable=True))
     for ev in r.events():
         if isinstance(ev, Complete):
-            conn.send_control(ControlMessage.ack("complete"))
+            conn.send_control(ControlMessage.ack(AckStage.RESUMED))
     return dst
 
 
@@ -123,7 +124,7 @@ def test_mutual_tls_stream_round_trip(pki: Path) -> None:
         w.start()
         w.send_ram([(0, 64)], quiescent=False)
         w.finish()
-        conn.wait_ack("complete", timeout=JOIN)
+        conn.wait_ack(AckStage.RESUMED, timeout=JOIN)
     srv.join()
     assert srv.error is None and srv.result == src
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vfiod.migration.transport.control import ControlMessage
+from vfiod.migration.transport.control import AckStage, ControlMessage
 from vfiod.migration.transport.tcp import Connection
 
 MAGIC = b"VFOFFER1"
@@ -51,7 +51,7 @@ def send_offer(conn: Connection, offer: Offer, timeout: float) -> None:
     """Source side: offer the guest and wait for the destination's acceptance
     (``TransportError`` carrying the destination's reason if refused)."""
     conn.send_buffers([offer.encode()])
-    conn.wait_ack("offer", timeout)
+    conn.wait_ack(AckStage.OFFER, timeout)
 
 
 def _read_exact(conn: Connection, n: int, deadline: float) -> bytes:
@@ -87,7 +87,7 @@ def read_offer(conn: Connection, timeout: float) -> Offer:
 
 
 def accept_offer(conn: Connection) -> None:
-    conn.send_control(ControlMessage.ack("offer"))
+    conn.send_control(ControlMessage.ack(AckStage.OFFER))
 
 
 def refuse_offer(conn: Connection, reason: str) -> None:

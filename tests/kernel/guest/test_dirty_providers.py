@@ -212,10 +212,10 @@ def test_tracker_on_mtty_falls_back_to_type1_and_loses_nothing(
         # first sync costs no whole-container pass
         r = t.sync()
         assert (r.providers, r.lost, r.new_dirty_pages) == ({"mtty": "type1"}, {}, 0)
-        st = t.status()["containers"][0]
-        assert (st["tracker"], st["precise"], st["running"]) == ("type1", True, True)
-        assert st["fallbacks"][0].startswith("device-logging -> type1: ")
-        assert "EOPNOTSUPP" in st["fallbacks"][0]
+        st = t.status().containers[0]
+        assert (st.tracker, st.precise, st.running) == ("type1", True, True)
+        assert st.fallbacks[0].startswith("device-logging -> type1: ")
+        assert "EOPNOTSUPP" in st.fallbacks[0]
 
         # from now on type1 in pinned-page scope: CPU writes are not device DMA
         mtty_mapped.ram.mem[:] = b"\x5a" * mtty_mapped.ram.size
@@ -227,11 +227,11 @@ def test_tracker_on_mtty_falls_back_to_type1_and_loses_nothing(
         gone = mtty_mapped.maps[0]
         assert t.unmap("mtty", gone.iova, gone.size) == 0
         assert [m.iova for m in mtty_mapped.container.mappings] == [LAYOUT[1][2]]
-        assert t.status()["containers"][0]["mappings"] == 1
+        assert t.status().containers[0].mappings == 1
         assert t.sync().new_dirty_pages == 0
     finally:
         t.stop()
-    assert not t.status()["containers"][0]["running"]
+    assert not t.status().containers[0].running
     assert not still_mapped_in_kernel(mtty_mapped.container, gone.iova, gone.size)
 
 
@@ -240,8 +240,8 @@ def test_tracker_on_edu_counts_every_mapped_page_every_sync(
     t = tracker(edu_mapped)
     t.start(initial_all_dirty=False)
     try:
-        st = t.status()["containers"][0]
-        assert (st["tracker"], st["precise"]) == ("type1", False)
+        st = t.status().containers[0]
+        assert (st.tracker, st.precise) == ("type1", False)
         for _ in range(2):
             r = t.sync()
             assert (r.providers, r.lost) == ({"edu": "type1"}, {})

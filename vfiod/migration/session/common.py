@@ -1,9 +1,9 @@
 """Migration sessions: what both ends share (design.md §1 steps 5-6, §4, §5; the flows
 of vfio-uapi.md §5.4-§5.6 for v1 and §6.10 for v2, through the drivers).
 
-A session moves one guest. ``SourceSession`` (``session_source``) and
-``DestinationSession`` (``session_dest``) each drive their side over one ``Link`` and
-return a ``MigrationResult``; this module holds what they share:
+A session moves one guest. ``SourceSession`` (``source``) and ``DestinationSession``
+(``dest``) each drive their side over one ``Link`` and return a ``MigrationResult``; this
+module holds what they share:
 
 * ``SessionConfig``: the policy (downtime limit, maximum iterations, timeout with
   ``on_timeout`` cancel|force), timeouts and batch sizes;
@@ -13,8 +13,11 @@ return a ``MigrationResult``; this module holds what they share:
 * ``cancel(reason)``: from any thread; honoured at the next safe point until the source
   commits (sends its content digests after the MANIFEST). After that the destination
   resumes on its own and the migration can only complete or fail;
-* hook calls: every driver hook goes through ``_hook`` so status names the hook running on
-  each device and a failure names the hook and the device;
+* hook calls: every driver hook is a method of the device's ``MigrationDriver``, called
+  through ``_hook`` so status names the hook running on each device and a failure names
+  the hook and the device;
+* the end of every device's part: ``cleanup`` after a completed migration, ``rollback``
+  after a failed one (design.md §1.6), each device's tried whatever the others did;
 * ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
 
 Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``; they import nothing from the
@@ -26,11 +29,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from vfiod.errors import MigrationError
+from vfiod.dirty.tracker_status import TrackerStatus
+from vfiod.errors import KernelError, MigrationError
+from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.predictor import Policy
@@ -48,6 +53,9 @@ MiB = 1 << 20
 
 #: (old, new) migration state; called synchronously on the session's thread.
 StateHandler = Callable[[MigrationState, MigrationState], None]
+
+_HookArgs = ParamSpec("_HookArgs")
+_HookResult = TypeVar("_HookResult")
 
 
 @dataclass(frozen=True)
@@ -198,25 +206,64 @@ class SessionBase:
             self._committed = True
 
     # -- hooks ------------------------------------------------------------------------
-    def _hook(self, dev: GuestDevice, hook: str, *args: Any) -> Any:
-        self._hooks[dev.name] = hook
+    def _hook(self, dev: GuestDevice, hook: Callable[_HookArgs, _HookResult],
+              *args: _HookArgs.args, **kwargs: _HookArgs.kwargs) -> _HookResult:
+        """Call ``hook``, a method of ``dev.driver``: status shows it (by its name) while
+        it runs, and a failure names it with the device."""
+        name = hook.__name__
+        self._hooks[dev.name] = name
         try:
-            return getattr(dev.driver, hook)(*args)
+            return hook(*args, **kwargs)
         except BaseException:
-            self.result.failed_hook = f"{hook} on {dev.name}"
+            self.result.failed_hook = f"{name} on {dev.name}"
             raise
         finally:
             self._hooks.pop(dev.name, None)
+
+    # -- the devices' end -------------------------------------------------------------
+    def _cleanup_devices(self) -> None:
+        """``cleanup`` every device after completion: a failure is a warning, the
+        migration stands."""
+        for d in self.guest.devices:
+            try:
+                self._hook(d, d.driver.cleanup)   # v2 source: STOP_COPY -> STOP, fd closed
+            except KernelError as e:
+                self.result.warnings.append(f"cleanup on {d.name} after completion: {e}")
+
+    def _rollback_devices(self, devices: Iterable[GuestDevice]) -> None:
+        """Every device of ``devices`` back to RUNNING (its driver's ``rollback``), each
+        one tried whatever the others did; the result says, per device, the final state,
+        the recovery rungs taken and the error if it failed."""
+        states: dict[str, Any] = {}
+        for d in devices:
+            try:
+                st = d.driver.rollback()
+                states[d.name] = {"state": st.name, "rungs": list(d.driver.rollback_log)}
+            except DeviceTransitionError as e:
+                states[d.name] = {"state": e.final.name if e.final else "unknown",
+                                  "rungs": e.rungs, "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - every device gets its rollback
+                states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
+        self.result.rollback = states
 
     # -- status -----------------------------------------------------------------------
     def _last_progress(self) -> IterationProgress | None:
         return self.result.history[-1] if self.result.history else None
 
-    def _tracker_status(self) -> dict[str, Any] | None:
+    def _tracker_status(self) -> TrackerStatus | None:
         return None
 
     def _bytes(self) -> tuple[int, int]:
         return self.result.stream_bytes, 0
+
+    def _result(self, kind: str, reason: str) -> MigrationResult:
+        """The result as it ends: ``kind`` completed | failed | cancelled."""
+        r = self.result
+        r.result, r.state, r.reason = kind, self.state.name, reason
+        r.iterations = self.iteration
+        if self.started_at is not None:
+            r.timings["total_s"] = self.clock() - self.started_at
+        return r
 
     def status(self) -> StatusSnapshot:
         g = self.guest

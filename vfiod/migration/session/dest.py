@@ -13,8 +13,8 @@
     DEVICE   from the first END_OF_STATE: ``load_complete`` per device as its state ends
              (the kernel driver validates it, RESUMING -> STOP); the MANIFEST is verified
              by the reader (record counts, bytes, digests per region and device).
-    verify   wait for the source's content digests (control ``verify``), re-hash what
-             the last pass touched, compare every region.
+    verify   wait for the source's content digests (control frame DIGESTS), re-hash
+             what the last pass touched, compare every region.
     resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
              the verification), ``cleanup``.
 
@@ -34,8 +34,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.device.errors import DeviceTransitionError
+from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.guest import GuestDevice
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, compare
 from vfiod.migration.session.common import (
@@ -56,7 +55,7 @@ from vfiod.migration.stream.reader import (
     StreamReader,
 )
 from vfiod.migration.stream.records import ErrorCode, RecordError
-from vfiod.migration.transport.control import ControlMessage, ControlType
+from vfiod.migration.transport.control import AckStage, ControlMessage
 
 
 class DestinationSession(SessionBase):
@@ -100,11 +99,7 @@ class DestinationSession(SessionBase):
                 raise
             return res
         self._set_state(MigrationState.COMPLETED)
-        for d in self.guest.devices:
-            try:
-                self._hook(d, "cleanup")
-            except KernelError as e:
-                self.result.warnings.append(f"cleanup on {d.name}: {e}")
+        self._cleanup_devices()
         return self._result("completed", "")
 
     # -- SETUP ------------------------------------------------------------------------
@@ -116,8 +111,7 @@ class DestinationSession(SessionBase):
         # the digests take unsent pages as zero: clear it first (holes stay holes).
         stale = zero_ram(g.kernel, g.ram, g.page_size)
         self.result.verification["stale_pages_zeroed"] = stale
-        self.link.send_control(ControlMessage(ControlType.ACK, {
-            "stage": "hello", "value": 0, "facts": self.facts.to_json()}))
+        self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json()))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
         t_header = self.clock()
@@ -133,9 +127,8 @@ class DestinationSession(SessionBase):
         self.reader.attach_ram(g.guest_ram(writable=True))
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
         # the time spent here is not network: the source subtracts it from its round trip
-        self.link.send_control(ControlMessage(ControlType.ACK, {
-            "stage": "header", "value": self.reader.records,
-            "busy_s": self.clock() - t_header}))
+        self.link.send_control(ControlMessage.ack(AckStage.HEADER, self.reader.records,
+                                                  busy_s=self.clock() - t_header))
 
     # -- ACTIVE / DEVICE --------------------------------------------------------------
     def _receive(self) -> None:
@@ -164,16 +157,16 @@ class DestinationSession(SessionBase):
 
     def _device_data(self, dev: GuestDevice, ev: DeviceData) -> None:
         if ev.chunk == 0:
-            self._hook(dev, "check_state", ev.data)
+            self._hook(dev, dev.driver.check_state, ev.data)
             self._loading.add(dev.name)
-            self._hook(dev, "load_setup")
+            self._hook(dev, dev.driver.load_setup)
         else:
-            self._hook(dev, "load_state", ev.data)
+            self._hook(dev, dev.driver.load_state, ev.data)
 
     def _end_of_state(self, dev: GuestDevice) -> None:
         if dev.name not in self._loading:
             raise ProtocolError(f"device {dev.name}: END_OF_STATE before its state record")
-        self._hook(dev, "load_complete")
+        self._hook(dev, dev.driver.load_complete)
 
     # -- verify / resume --------------------------------------------------------------
     def _verify(self) -> None:
@@ -183,12 +176,12 @@ class DestinationSession(SessionBase):
         t0 = self.clock()
         dg.rehash()                   # overlaps the source's own final re-hash
         t["dest_final_rehash_s"] = self.clock() - t0
-        msg = self.link.wait_ack("verify", self.config.ack_timeout_s)
+        msg = self.link.wait_digests(self.config.ack_timeout_s)
         t1 = self.clock()
         try:
             theirs = [RegionDigest.from_dict(x) for x in msg.fields.get("regions", [])]
         except ValueError as e:
-            raise ProtocolError(f"source verify message: {e}") from None
+            raise ProtocolError(f"source content digests: {e}") from None
         mine = dg.roots()
         diffs = compare_roots(theirs, mine)
         t["dest_compare_s"] = self.clock() - t1
@@ -205,13 +198,12 @@ class DestinationSession(SessionBase):
         self._commit()                  # a cancel is refused from here on
         t0 = self.clock()
         for d in self.guest.devices:
-            self._hook(d, "resume")
+            self._hook(d, d.driver.resume)
         self.guest.set_run_state(GuestState.RUNNING)
         self.result.timings["resume_s"] = self.clock() - t0
-        self.link.send_control(ControlMessage(ControlType.ACK, {
-            "stage": "resumed", "value": 0, "verified": True,
-            "verification": self.result.verification,
-            "timings": dict(self.result.timings)}))
+        self.link.send_control(ControlMessage.ack(
+            AckStage.RESUMED, verified=True, verification=self.result.verification,
+            timings=dict(self.result.timings)))
 
     # -- failure ----------------------------------------------------------------------
     def _discard(self, exc: BaseException) -> MigrationResult:
@@ -227,18 +219,7 @@ class DestinationSession(SessionBase):
                 self.link.send_control(msg)
             except Exception as e:  # noqa: BLE001 - the link may be what failed
                 self.result.warnings.append(f"could not tell the source: {e}")
-        states: dict[str, Any] = {}
-        for d in self.guest.devices:
-            if d.name not in self._loading:
-                continue
-            try:
-                states[d.name] = {"state": d.driver.rollback().name}
-            except DeviceTransitionError as e:
-                states[d.name] = {"state": e.final.name if e.final else "unknown",
-                                  "rungs": e.rungs, "error": str(e)}
-            except Exception as e:  # noqa: BLE001 - every device gets its rollback
-                states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
-        self.result.rollback = states
+        self._rollback_devices(d for d in self.guest.devices if d.name in self._loading)
         if self.reader is not None and self.reader.header is not None:
             # discard: the RAM this attempt wrote goes back to zero, as it was
             g = self.guest
@@ -275,12 +256,8 @@ class DestinationSession(SessionBase):
                 return
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
-        r = self.result
-        r.result, r.state, r.reason = kind, self.state.name, reason
-        r.iterations = self.iteration
+        r = super()._result(kind, reason)
         if self.reader is not None:
             r.stream_bytes = self.reader.offset
-        if self.started_at is not None:
-            r.timings["total_s"] = self.clock() - self.started_at
         return r
 

@@ -3,9 +3,9 @@
 
 ``Link`` is the slice of ``vfiod.migration.transport.tcp.Connection`` the sessions use:
 the ``StreamSink``/``Source`` plus the return path. Control frames travel both ways on
-one connection: the destination sends ACK/CANCEL/ERROR back; the source sends one frame
-after the MANIFEST (stage ``verify``: its RAM content digests), which the destination
-reads after its last record.
+one connection (``transport.control``): the destination sends ACK/CANCEL/ERROR back; the
+source sends one DIGESTS frame after the MANIFEST (its RAM content digests: the commit),
+which the destination reads after its last record.
 
 ``ThrottledLink`` caps the stream at ``rate_bps`` with a token bucket: a slower link in a
 test or a benchmark (the prediction-error matrix), or an operator's bandwidth limit so a
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from vfiod.migration.transport.control import ControlMessage
+from vfiod.migration.transport.control import AckStage, ControlMessage
 
 
 class Link(Protocol):
@@ -31,7 +31,11 @@ class Link(Protocol):
 
     def send_control(self, msg: ControlMessage) -> None: ...
 
-    def wait_ack(self, stage: str, timeout: float) -> ControlMessage: ...
+    def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage: ...
+
+    def wait_digests(self, timeout: float) -> ControlMessage: ...
+
+    def close(self) -> None: ...
 
 
 class ThrottledLink:
@@ -93,9 +97,7 @@ class ThrottledLink:
 
     def close(self) -> None:
         self._stop.set()          # wake a paced send so a closing link does not linger
-        close = getattr(self.link, "close", None)
-        if close is not None:
-            close()
+        self.link.close()
 
     def check_peer(self) -> None:
         self.link.check_peer()
@@ -106,8 +108,8 @@ class ThrottledLink:
     def send_control(self, msg: ControlMessage) -> None:
         self.link.send_control(msg)
 
-    def wait_ack(self, stage: str, timeout: float) -> ControlMessage:
+    def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage:
         return self.link.wait_ack(stage, timeout)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.link, name)
+    def wait_digests(self, timeout: float) -> ControlMessage:
+        return self.link.wait_digests(timeout)

@@ -8,16 +8,17 @@ records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent s
 so dirty syncs and device reads between passes do not lower the estimate — and the CPU
 time the slice cost in a ``CostModel`` (per byte and per record: a final pass of scattered
 pages is bound by framing, not by the link), marks the pages for re-hashing
-(``session_digest``), and calls ``between()`` (the session checks for cancel there). In the first pass, with ``zero_scan``, each run is read first with
-``pread`` and only pages holding data are sent: a guest's RAM is mostly never-written
-holes of a sparse file, which read as zeros without being allocated, and the
-destination's fresh RAM is zero already.
+(``digest``), and calls ``between()`` (the session checks for cancel there). In the first
+pass, with ``zero_scan``, each run is read first with ``pread`` and only pages holding
+data are sent: a guest's RAM is mostly never-written holes of a sparse file, which read
+as zeros without being allocated, and the destination's fresh RAM is zero already.
 
 ``prediction_numbers`` turns a ``SyncResult`` and the devices' ``Pending`` into the
 predictor's inputs: the dirty rate excludes containers that were not queried (skipped by
 the pre-copy opt-out, or whose log was lost) because their "all dirty" is a placeholder,
 not a measurement; they still count fully in the RAM still to send (``dirty_bytes``
-includes the opted-out containers' ``assumed_dirty_bytes``).
+includes the opted-out containers' ``assumed_dirty_bytes``). ``final_pass_overheads``
+adds what the final pass costs beyond its bytes: the re-hash and the framing CPU time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vfiod.dirty.tracker import DirtyTracker, SyncResult
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_status import SyncResult
 from vfiod.migration.device.protocol import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
@@ -127,13 +129,13 @@ class PredictionNumbers:
 
 def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequence[Pending],
                        max_run: int, record_pages: int) -> PredictionNumbers:
-    st = tracker.status()
+    containers = tracker.status().containers
     unmeasured = 0
     precise = False
-    for c in st["containers"]:
-        if c["name"] in sync.lost:        # counted whole in new_dirty: not a measurement
-            unmeasured += c["mapped_bytes"]
-        elif c["name"] not in sync.skipped and c["precise"]:
+    for c in containers:
+        if c.name in sync.lost:           # counted whole in new_dirty: not a measurement
+            unmeasured += c.mapped_bytes
+        elif c.name not in sync.skipped and c.precise:
             precise = True
     # skipped (opted-out) containers are not in new_dirty_bytes but in dirty_bytes, as
     # assumed_dirty_bytes: the prediction counts them, the dirty rate does not
@@ -146,5 +148,18 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         measured_dirty_bytes=measured,
         device_stopcopy_bytes=sum(p.stopcopy_bytes for p in pendings),
         device_precopy_bytes=sum(p.precopy_bytes for p in pendings),
-        tracking=precise or not st["containers"])
+        tracking=precise or not containers)
 
+
+def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,
+                         bandwidth_bps: float) -> tuple[float, float]:
+    """(verify_s, records_s) of the final pass, beyond its bytes over the link: the final
+    re-hash (both ends re-hash what it moves, side by side: counted once), and the CPU
+    time framing its records past what the link takes (the pass is bound by the link or
+    by that CPU, whichever is slower; the predictor counts bytes / bandwidth)."""
+    per_byte, per_run = digests.cost.fit()
+    verify_s = num.dirty_ram_bytes * per_byte + num.dirty_runs * per_run
+    cpu_byte, cpu_rec = sender.cost.fit()
+    cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
+    link_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
+    return float(verify_s), float(max(0.0, cpu_s - link_s))

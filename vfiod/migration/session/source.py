@@ -16,7 +16,7 @@
              ``save_live_complete_precopy`` each (STOP_COPY, read to the end); final dirty
              sync (opted-out containers are queried now); remaining RAM; END_OF_STATE per
              device; MANIFEST; re-hash; commit: send the content digests (control frame
-             ``verify``); wait for ACK resumed. Actual downtime = pause -> that ACK.
+             DIGESTS); wait for ACK resumed. Actual downtime = pause -> that ACK.
     done     ``cleanup`` each device (v2: STOP_COPY -> STOP), stop tracking, guest
              POSTMIGRATE, close device/group/container fds.
 
@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from vfiod.dirty.tracker import DirtyTracker
+from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import KernelError, PreflightError, ProtocolError
-from vfiod.migration.device.errors import DeviceTransitionError
+from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
@@ -54,14 +54,18 @@ from vfiod.migration.planning.preflight import MigrationFacts, compare
 from vfiod.migration.session.common import Cancelled, MigrationResult, SessionBase, SessionConfig
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.link import Link
-from vfiod.migration.session.phases import RamSender, prediction_numbers
+from vfiod.migration.session.phases import (
+    RamSender,
+    final_pass_overheads,
+    prediction_numbers,
+)
 from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (
+    AckStage,
     ControlMessage,
-    ControlType,
     TransportCode,
     TransportError,
 )
@@ -93,7 +97,7 @@ class SourceSession(SessionBase):
         self._stop_cost = 0.0
 
     # -- status hooks -----------------------------------------------------------------
-    def _tracker_status(self) -> dict[str, Any] | None:
+    def _tracker_status(self) -> TrackerStatus | None:
         return self.tracker.status() if self.tracker is not None else None
 
     def _bytes(self) -> tuple[int, int]:
@@ -140,7 +144,7 @@ class SourceSession(SessionBase):
     # -- SETUP ------------------------------------------------------------------------
     def _handshake(self) -> None:
         cfg = self.config
-        hello = self.link.wait_ack("hello", cfg.ack_timeout_s)
+        hello = self.link.wait_ack(AckStage.HELLO, cfg.ack_timeout_s)
         try:
             dest = MigrationFacts.from_json(str(hello.fields.get("facts", "")))
         except ValueError as e:
@@ -160,7 +164,7 @@ class SourceSession(SessionBase):
         if reasons:                   # ours list every reason, the ABORT carries them
             raise PreflightError(reasons)
         t0 = self.clock()
-        ack = self.link.wait_ack("header", cfg.ack_timeout_s)
+        ack = self.link.wait_ack(AckStage.HEADER, cfg.ack_timeout_s)
         busy = ack.fields.get("busy_s", 0.0)
         busy = float(busy) if isinstance(busy, int | float) else 0.0
         self._rtt = max(0.0, self.clock() - t0 - busy)
@@ -174,19 +178,19 @@ class SourceSession(SessionBase):
         self.predictor.dirty.start(self.clock())
         for d in g.devices:
             t0 = self.clock()
-            self._hook(d, "save_setup")
+            self._hook(d, d.driver.save_setup)
             # one arc each way costs about the same: the stop-and-copy arc is predicted
             # from the setup arc measured here (design.md §4 fixed costs)
             self._stop_cost += self.clock() - t0
         for d in g.devices:
-            w.send_device_data(d.name, self._hook(d, "save_state"))
+            w.send_device_data(d.name, self._hook(d, d.driver.save_state))
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
         self.sender = RamSender(w, g, self.digests, self.predictor.bandwidth,
                                 slice_bytes=cfg.slice_bytes,
                                 record_pages=cfg.record_bytes // g.page_size,
                                 clock=self.clock, between=self._check_cancel)
 
-    def _device_sink(self, dev: GuestDevice) -> Any:
+    def _device_sink(self, dev: GuestDevice) -> DeviceDataSink:
         w = self.writer
         assert w is not None
         return lambda chunk: w.send_device_data(dev.name, chunk)
@@ -200,7 +204,6 @@ class SourceSession(SessionBase):
         while True:
             self._check_cancel()
             self.iteration += 1
-            before = w.bytes_sent
             ram = sender.send(tr.take_dirty_runs(cfg.max_run_pages), quiescent=False,
                               zero_scan=self.iteration == 1 and cfg.zero_scan_first_pass)
             dev_bytes = 0
@@ -208,16 +211,15 @@ class SourceSession(SessionBase):
                 if d.driver.has_precopy:
                     t0 = self.clock()
                     b0 = w.bytes_sent
-                    dev_bytes += self._hook(d, "save_live_iterate", self._device_sink(d),
-                                            cfg.device_iterate_bytes)
+                    dev_bytes += self._hook(d, d.driver.save_live_iterate,
+                                            self._device_sink(d), cfg.device_iterate_bytes)
                     self.predictor.bandwidth.record(t0, self.clock(), w.bytes_sent - b0)
             w.mark_iteration(self.iteration)
             assert self.digests is not None
             self.digests.rehash()
             sync = tr.sync("precopy")
-            pendings = [self._hook(d, "save_live_pending") for d in self.guest.devices]
-            decision = self._predict(sync, pendings, start, ram, dev_bytes,
-                                     w.bytes_sent - before)
+            pendings = [self._hook(d, d.driver.save_live_pending) for d in self.guest.devices]
+            decision = self._predict(sync, pendings, start, ram, dev_bytes)
             if decision is Decision.CANCEL:
                 last = self.result.history[-1]
                 raise Cancelled(last.reason, by="policy")
@@ -227,26 +229,19 @@ class SourceSession(SessionBase):
                 # nothing new to send: let dirty data accumulate (a cancel ends the wait)
                 self._cancel.wait(cfg.idle_pass_s)
 
-    def _predict(self, sync: Any, pendings: list[Any], start: float, ram: int,
-                 dev_bytes: int, sent: int) -> Decision:
+    def _predict(self, sync: SyncResult, pendings: list[Pending], start: float, ram: int,
+                 dev_bytes: int) -> Decision:
         assert self.tracker is not None and self.digests is not None and self.writer
+        assert self.sender is not None
         cfg = self.config
         now = self.clock()
-        assert self.sender is not None
         num = prediction_numbers(self.tracker, sync, pendings, cfg.max_run_pages,
                                  cfg.record_bytes // self.guest.page_size)
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
-        per_byte, per_run = self.digests.cost.fit()
-        # both ends re-hash what the final pass moves, side by side: counted once
-        verify_s = num.dirty_ram_bytes * per_byte + num.dirty_runs * per_run
-        # the final pass is bound by the link or by the CPU framing its records,
-        # whichever is slower; the predictor counts bytes / bandwidth, this the rest
-        cpu_byte, cpu_rec = self.sender.cost.fit()
-        cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
-        link_s = num.dirty_ram_bytes / max(1.0, self.predictor.bandwidth.bps)
-        records_s = float(max(0.0, cpu_s - link_s))
+        verify_s, records_s = final_pass_overheads(num, self.digests, self.sender,
+                                                   self.predictor.bandwidth.bps)
         t = self.result.timings
-        t["predicted_verify_s"] = verify_s = float(verify_s)
+        t["predicted_verify_s"] = verify_s
         t["predicted_record_overhead_s"] = records_s
         # stopping: the devices' arcs (as measured at setup) and one more dirty sync;
         # after the transfer: the same arcs on the destination's devices (resume), the
@@ -268,7 +263,7 @@ class SourceSession(SessionBase):
             bandwidth_source=p.bandwidth_source, predicted_downtime_s=p.downtime_s,
             will_converge=p.will_converge, decision=decision.value, reason=why,
             sync_s=sync.duration_s,
-            assumed_dirty_bytes=int(getattr(sync, "assumed_dirty_bytes", 0)))
+            assumed_dirty_bytes=sync.assumed_dirty_bytes)
         self.result.history.append(prog)
         if len(self.result.history) > self.config.history_limit:
             del self.result.history[0]
@@ -292,11 +287,11 @@ class SourceSession(SessionBase):
         t0 = self.clock()
         if devs and all(d.driver.has_p2p for d in devs):
             for d in devs:              # no device may DMA into a peer that has stopped
-                self._hook(d, "quiesce_p2p")
+                self._hook(d, d.driver.quiesce_p2p)
         for d in devs:
             b0 = w.bytes_sent
             t1 = self.clock()
-            self._hook(d, "save_live_complete_precopy", self._device_sink(d))
+            self._hook(d, d.driver.save_live_complete_precopy, self._device_sink(d))
             self.predictor.bandwidth.record(t1, self.clock(), w.bytes_sent - b0)
         t["device_stop_copy_s"] = self.clock() - t0
         t0 = self.clock()
@@ -316,30 +311,25 @@ class SourceSession(SessionBase):
             manifest_records=manifest.records,
             source_hash_total_s=dg.hash_seconds)
         self._commit()
-        self.link.send_control(ControlMessage(ControlType.ACK, {
-            "stage": "verify", "value": manifest.records,
-            "regions": [r.to_dict() for r in dg.roots()]}))
+        self.link.send_control(ControlMessage.digests(
+            manifest.records, [r.to_dict() for r in dg.roots()]))
 
     def _await_destination(self) -> None:
         assert self._stop_t is not None
-        ack = self.link.wait_ack("resumed", self.config.ack_timeout_s)
+        ack = self.link.wait_ack(AckStage.RESUMED, self.config.ack_timeout_s)
         actual = self.clock() - self._stop_t
         self.result.actual_downtime_s = actual
         outcome = self.predictor.record_actual(actual)
         self.result.prediction_error = outcome.error
         self.result.predicted_downtime_s = outcome.predicted_s
-        peer = {k: v for k, v in ack.fields.items() if k not in ("stage", "value")}
+        peer = {k: v for k, v in ack.fields.items() if k != "value"}
         self.result.peer.update(peer)
         self.result.verified = bool(peer.get("verified"))
         self.result.verification["destination"] = peer.get("verification", {})
 
     # -- completion -------------------------------------------------------------------
     def _finish(self) -> None:
-        for d in self.guest.devices:
-            try:
-                self._hook(d, "cleanup")       # v2: STOP_COPY -> STOP, data fd closed
-            except KernelError as e:
-                self.result.warnings.append(f"cleanup on {d.name} after completion: {e}")
+        self._cleanup_devices()
         self._stop_tracking()
         try:
             self.guest.set_run_state(GuestState.POSTMIGRATE)
@@ -376,18 +366,7 @@ class SourceSession(SessionBase):
             self.result.warnings.append(
                 "the failure came after the commit: the destination may have resumed the "
                 "guest; check it before running the guest anywhere else")
-        states: dict[str, Any] = {}
-        for d in self.guest.devices:
-            try:
-                st = d.driver.rollback()
-                states[d.name] = {"state": st.name,
-                                  "rungs": list(d.driver.rollback_log)}
-            except DeviceTransitionError as e:
-                states[d.name] = {"state": e.final.name if e.final else "unknown",
-                                  "rungs": e.rungs, "error": str(e)}
-            except Exception as e:  # noqa: BLE001 - every device gets its rollback
-                states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
-        self.result.rollback = states
+        self._rollback_devices(self.guest.devices)
         self._stop_tracking()
         if self.guest.run_state is not GuestState.RUNNING:
             try:
@@ -401,9 +380,7 @@ class SourceSession(SessionBase):
         return self._result(kind, reason)
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
-        r = self.result
-        r.result, r.state, r.reason = kind, self.state.name, reason
-        r.iterations = self.iteration
+        r = super()._result(kind, reason)
         w = self.writer
         if w is not None:
             r.ram_bytes_sent = w.ram_bytes_sent
@@ -412,6 +389,4 @@ class SourceSession(SessionBase):
         if self.sender is not None:
             r.timings["zero_scan_s"] = self.sender.scan_seconds
             r.verification["zero_pages_skipped"] = self.sender.skipped_zero_pages
-        if self.started_at is not None:
-            r.timings["total_s"] = self.clock() - self.started_at
         return r

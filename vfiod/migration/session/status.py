@@ -9,7 +9,8 @@ several devices shows one triple per device; ``triple`` joins the distinct devic
 with ``/`` in device order, e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING/RUNNING)``.
 
 Everything here is plain data (dataclasses with ``to_dict``): no locks, no I/O. The session
-builds a new snapshot on request from its own fields.
+builds a new snapshot on request from its own fields; the dirty tracker's part is its typed
+``TrackerStatus``, which ``tracker_view`` formats for display with the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vfiod.dirty.tracker_status import ContainerStatus, TrackerStatus
 from vfiod.migration.states import GuestState, MigrationState, MigState, device_label
 
 
@@ -116,16 +118,30 @@ class StatusSnapshot:
     predicted_downtime_s: float | None
     actual_downtime_s: float | None
     error: str | None
-    tracker: Mapping[str, Any] | None = None
+    tracker: TrackerStatus | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["devices"] = [asdict(x) for x in self.devices]
         d["last"] = self.last.to_dict() if self.last is not None else None
-        d["tracker"] = dict(self.tracker) if self.tracker is not None else None
+        d["tracker"] = tracker_view(self.tracker) if self.tracker is not None else None
         d["notes"] = list(self.notes)
         return d
+
+
+def _container_view(c: ContainerStatus) -> dict[str, Any]:
+    d = asdict(c)
+    for key in ("opt_out_devices", "fallbacks", "errors", "notes"):
+        d[key] = list(d[key])
+    return d
+
+
+def tracker_view(t: TrackerStatus) -> dict[str, Any]:
+    """The dirty tracker's snapshot as status shows it (JSON-ready)."""
+    d = asdict(t)
+    d["containers"] = [_container_view(c) for c in t.containers]
+    return d
 
 
 def device_statuses(guest_state: GuestState, migration: MigrationState,

@@ -54,7 +54,9 @@ from typing import NamedTuple
 from vfiod.errors import StreamError
 from vfiod.migration.stream.crc32c import crc32c
 
-PROTOCOL_VERSION = 1
+#: The migration protocol: this stream and its return-path frames (``transport.control``).
+#: 2: the source's final content digests travel in their own DIGESTS frame (1: in an ACK).
+PROTOCOL_VERSION = 2
 MAGIC = b"VFIODMS\x00"
 
 PREAMBLE = struct.Struct("<8sHHI")
@@ -186,8 +188,10 @@ def check_preamble(buf: bytes | bytearray | memoryview) -> int:
         raise RecordError(ErrorCode.HEADER_CHECKSUM, "preamble checksum mismatch",
                           record=None, offset=0)
     if version != PROTOCOL_VERSION:
-        raise RecordError(ErrorCode.VERSION, f"stream protocol version {version}, this vfiod "
-                          f"speaks {PROTOCOL_VERSION}", record=None, offset=8)
+        age = "an older" if version < PROTOCOL_VERSION else "a newer"
+        raise RecordError(ErrorCode.VERSION, f"stream protocol version {version} ({age} "
+                          f"vfiod), this vfiod speaks {PROTOCOL_VERSION} only",
+                          record=None, offset=8)
     if flags:
         raise RecordError(ErrorCode.FLAGS, f"preamble flags {flags:#x} are reserved",
                           record=None, offset=10)

@@ -4,6 +4,7 @@ mutual TLS (``tcp``), snapshot files (``files``), and the return-path control me
 """
 
 from vfiod.migration.transport.control import (
+    AckStage,
     ControlMessage,
     ControlType,
     TransportCode,
@@ -13,6 +14,6 @@ from vfiod.migration.transport.files import FileSink, FileSource
 from vfiod.migration.transport.tcp import Connection, Listener, TlsConfig, connect
 
 __all__ = [
-    "Connection", "ControlMessage", "ControlType", "FileSink", "FileSource", "Listener",
-    "TlsConfig", "TransportCode", "TransportError", "connect",
+    "AckStage", "Connection", "ControlMessage", "ControlType", "FileSink", "FileSource",
+    "Listener", "TlsConfig", "TransportCode", "TransportError", "connect",
 ]

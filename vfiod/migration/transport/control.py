@@ -1,17 +1,27 @@
 """Return-path control messages and the transport's error type (design.md §5).
 
-The destination talks back to the source on the same TCP connection, in the opposite
-direction of the stream, with small framed messages:
+Control frames travel on the migration's TCP connection beside the stream. Most go back
+from the destination to the source, in the opposite direction of the stream:
 
-* ``ACK``    progress the source waits for: ``stage`` is ``"header"`` (preflight passed on
-  the destination, send RAM), ``"complete"`` (MANIFEST verified), ``"resumed"`` (devices
-  and guest run on the destination: the source may release its side); ``value`` is an
-  optional count (e.g. records read).
+* ``ACK``    progress the other end waits for; ``stage`` (``AckStage``) says which:
+  ``offer`` (the destination daemon accepted the offered guest: the session follows),
+  ``hello`` (the destination's facts, for the source's preflight), ``header`` (preflight
+  passed on the destination, send RAM), ``resumed`` (devices and guest run on the
+  destination: the source may release its side); ``value`` is an optional count (e.g.
+  records read). Any other stage is refused with the value named.
 * ``CANCEL`` the destination (or its operator) cancels: the source rolls back.
 * ``ERROR``  the destination failed (``code`` is an ``ErrorCode``/errno name, ``message``
   the text, ``record`` the stream record index where known).
 
-Cancel in the other direction is the stream's ABORT record.
+One frame goes the other way, source to destination, after the MANIFEST:
+
+* ``DIGESTS`` the source's commit: its RAM content digests (``regions``, a list of
+  ``{name, pages, digest}``) and the stream's record count (``records``).
+
+Cancel in the other direction is the stream's ABORT record. The frames are part of the
+stream protocol (``stream.records.PROTOCOL_VERSION``; ``DIGESTS`` came with version 2):
+both ends compare versions before either sends RAM (preflight facts on the source, the
+stream preamble on the destination), so a peer that speaks another version never sees one.
 
 Frame (20-byte header, then a UTF-8 JSON payload of at most ``MAX_CONTROL_PAYLOAD``)::
 
@@ -26,7 +36,7 @@ The header has its own checksum so that a damaged length is refused at once inst
 making the parser wait for bytes that will never come.
 
 ``ControlParser`` reassembles frames from whatever pieces the socket returns and refuses a
-bad magic, type, length or checksum with ``TransportError(code=CONTROL)``.
+bad magic, type, stage, length or checksum with ``TransportError(code=CONTROL)``.
 """
 
 from __future__ import annotations
@@ -76,16 +86,37 @@ class ControlType(enum.IntEnum):
     ACK = 1
     CANCEL = 2
     ERROR = 3
+    DIGESTS = 4
+
+
+class AckStage(enum.Enum):
+    """What an ACK acknowledges (only these are sent)."""
+
+    OFFER = "offer"          # the destination daemon took the offered guest
+    HELLO = "hello"          # the destination's facts, for the source's preflight
+    HEADER = "header"        # the destination checked the HEADER: send RAM
+    RESUMED = "resumed"      # the guest runs on the destination
 
 
 @dataclass(frozen=True)
 class ControlMessage:
+    """One control frame: its ``kind``, the ACK's ``stage`` (ACK only) and the other
+    payload ``fields``."""
+
     kind: ControlType
     fields: dict[str, Any] = field(default_factory=dict)
+    stage: AckStage | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind is ControlType.ACK) != (self.stage is not None):
+            raise ValueError(f"control {self.kind.name}: a stage belongs to ACK alone, "
+                             f"and every ACK has one (got {self.stage})")
+        if "stage" in self.fields:
+            raise ValueError("control message: the stage is not a payload field")
 
     @classmethod
-    def ack(cls, stage: str, value: int = 0) -> ControlMessage:
-        return cls(ControlType.ACK, {"stage": stage, "value": value})
+    def ack(cls, stage: AckStage, value: int = 0, **extra: Any) -> ControlMessage:
+        return cls(ControlType.ACK, {"value": value, **extra}, stage)
 
     @classmethod
     def cancel(cls, reason: str) -> ControlMessage:
@@ -95,8 +126,13 @@ class ControlMessage:
     def error(cls, code: str, message: str, record: int | None = None) -> ControlMessage:
         return cls(ControlType.ERROR, {"code": code, "message": message, "record": record})
 
+    @classmethod
+    def digests(cls, records: int, regions: list[dict[str, Any]]) -> ControlMessage:
+        return cls(ControlType.DIGESTS, {"records": records, "regions": regions})
+
     def encode(self) -> bytes:
-        payload = json.dumps(self.fields, separators=(",", ":")).encode()
+        body = self.fields if self.stage is None else {"stage": self.stage.value, **self.fields}
+        payload = json.dumps(body, separators=(",", ":")).encode()
         if len(payload) > MAX_CONTROL_PAYLOAD:
             raise ValueError(f"control payload of {len(payload)} bytes is over "
                              f"{MAX_CONTROL_PAYLOAD}")
@@ -138,9 +174,21 @@ class ControlParser:
                 raise self._bad("control payload is not UTF-8 JSON") from None
             if not isinstance(fields, dict):
                 raise self._bad("control payload is not an object")
-            out.append(ControlMessage(ctype, fields))
+            out.append(self._message(ctype, fields))
             del self._buf[:FRAME_HEADER_SIZE + length]
         return out
+
+    def _message(self, ctype: ControlType, fields: dict[str, Any]) -> ControlMessage:
+        if ctype is not ControlType.ACK:
+            if "stage" in fields:
+                raise self._bad(f"control {ctype.name} frame carries a stage")
+            return ControlMessage(ctype, fields)
+        raw = fields.pop("stage", None)
+        try:
+            stage = AckStage(raw)
+        except ValueError:
+            raise self._bad(f"unknown acknowledgement stage {raw!r}") from None
+        return ControlMessage(ctype, fields, stage)
 
     def _bad(self, msg: str) -> TransportError:
         return TransportError(TransportCode.CONTROL, self._peer, msg)

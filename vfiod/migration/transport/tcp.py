@@ -8,8 +8,8 @@ source (``control.py``). API::
     conn = lst.accept(timeout=30)                                  timeout=10)
     reader = StreamReader(conn)                     writer = StreamWriter(conn, header, ram)
     ...                                             ...
-    conn.send_control(ControlMessage.ack("complete"))
-                                                    conn.wait_ack("complete", timeout=30)
+    conn.send_control(ControlMessage.ack(AckStage.HEADER))
+                                                    conn.wait_ack(AckStage.HEADER, timeout=30)
 
 ``Connection`` is both a ``StreamSink`` (``send_buffers``, ``check_peer``) and a stream
 ``Source`` (``recv_into``). On plain TCP, ``send_buffers`` hands the whole batch (record
@@ -35,11 +35,12 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vfiod.migration.transport.control import (
+    AckStage,
     ControlMessage,
     ControlParser,
     ControlType,
@@ -142,25 +143,34 @@ class Connection:
             raise TransportError(TransportCode.PEER_CLOSED, self.peer,
                                  "the destination closed the connection")
 
-    def wait_ack(self, stage: str, timeout: float) -> ControlMessage:
-        """Block until ACK(``stage``) arrives (earlier ACKs are kept in ``acks``)."""
+    def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage:
+        """Block until ACK(``stage``) arrives (other messages are kept in ``acks``)."""
+        return self._wait_for(lambda m: m.stage is stage,
+                              f"{stage.value!r} acknowledgement", timeout)
+
+    def wait_digests(self, timeout: float) -> ControlMessage:
+        """Destination: block until the source's DIGESTS frame arrives."""
+        return self._wait_for(lambda m: m.kind is ControlType.DIGESTS, "content digests",
+                              timeout)
+
+    def _wait_for(self, wanted: Callable[[ControlMessage], bool], what: str,
+                  timeout: float) -> ControlMessage:
         deadline = time.monotonic() + timeout
         while True:
             for i, m in enumerate(self.acks):
-                if m.fields.get("stage") == stage:
+                if wanted(m):
                     del self.acks[i]
                     return m
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransportError(TransportCode.TIMEOUT, self.peer,
-                                     f"no {stage!r} acknowledgement within {timeout:g} s")
+                                     f"no {what} within {timeout:g} s")
             for msg in self._poll(left):
                 self._raise_if_fatal(msg)
                 self.acks.append(msg)
-            if self._closed_by_peer and not any(m.fields.get("stage") == stage
-                                                for m in self.acks):
+            if self._closed_by_peer and not any(wanted(m) for m in self.acks):
                 raise TransportError(TransportCode.PEER_CLOSED, self.peer,
-                                     f"the destination closed before acknowledging {stage!r}")
+                                     f"the peer closed before sending its {what}")
 
     # -- stream Source ---------------------------------------------------------------------
     def recv_into(self, view: memoryview) -> int:
