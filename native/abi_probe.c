@@ -1,7 +1,7 @@
 /*
  * abi_probe.c - print what C sees of the VFIO / iommufd uAPI as one JSON object, so
  * tests/abi can compare vfiod's ctypes mirrors (vfiod/abi/) with real kernel headers
- * (vfio-uapi.md sections 0-7; docs/testing.md "Checking ctypes layouts ...").
+ * (docs/kernel-contract.md sections 0-7; docs/testing.md "Checking ctypes layouts ...").
  *
  * Keys (all values are unsigned integers unless noted):
  *   struct.<name>.sizeof             sizeof(struct <name>)

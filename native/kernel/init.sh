@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# /init of the real-kernel tier's initramfs (testing.md "The real-kernel tier").
+# /init of the real-kernel tier's initramfs (docs/testing.md "The real-kernel tier").
 #
 # Runs as PID 1 in a QEMU guest booted by tests/kernel/vm.py. It loads the modules listed
 # in /modules.list (in `modprobe --show-depends` order, already decompressed because

@@ -1,4 +1,4 @@
-"""Header sets for the ABI tier, each probed once per session (testing.md, abi tier).
+"""Header sets for the ABI tier, each probed once per session (docs/testing.md, abi tier).
 
 No skips: a missing gcc, a failed download or a compile error fails the tests that need
 the probe, with the reason.

@@ -30,7 +30,7 @@ Version = tuple[int, int]
 SINCE: dict[str, Version] = {
     # 6.2: <linux/iommufd.h> (names of vfiod.abi.ioctl that only it defines)
     "IOMMUFD_TYPE": (6, 2), "IOMMUFD_CMD_BASE": (6, 2),
-    # 6.2: PRE_COPY, PRECOPY_INFO, MIG_DATA_SIZE (vfio-uapi.md §1)
+    # 6.2: PRE_COPY, PRECOPY_INFO, MIG_DATA_SIZE (docs/kernel-contract.md §1)
     "VFIO_MIGRATION_PRE_COPY": (6, 2), "VFIO_DEVICE_STATE_PRE_COPY": (6, 2),
     "VFIO_DEVICE_STATE_PRE_COPY_P2P": (6, 2), "VFIO_DEVICE_STATE_NR": (6, 2),
     "MigState.PRE_COPY": (6, 2), "MigState.PRE_COPY_P2P": (6, 2),

@@ -1,5 +1,5 @@
 """Build and run native/abi_probe.c against a set of kernel headers (the ABI tier,
-testing.md; vfio-uapi.md §0 - §7). Reused by the real-kernel tier with the guest's headers.
+docs/testing.md; docs/kernel-contract.md §0 - §7). Reused by the real-kernel tier with the guest's headers.
 
 ``build_and_run(include_dirs, extra_cflags)`` compiles the probe with gcc in a temporary
 directory (never in the repository), runs it and returns its JSON as a dict. Any failure
@@ -9,7 +9,7 @@ Header sets used by tests/abi:
 * ``system_headers()``: /usr/include as installed (Debian bookworm: 6.1, no iommufd.h).
 * ``uapi_headers(root, into)``: raw include/uapi/linux/{vfio,iommufd}.h from an unpacked
   ``linux-headers-*-common`` package, copied into ``into/linux/`` and compiled ahead of
-  the system headers with ``-D__user=`` (testing.md "Checking ctypes layouts ...").
+  the system headers with ``-D__user=`` (docs/testing.md "Checking ctypes layouts ...").
 """
 
 from __future__ import annotations

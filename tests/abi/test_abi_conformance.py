@@ -1,5 +1,5 @@
 """Every ctypes size, field offset, ioctl number and constant in vfiod.abi equals what gcc
-sees in real kernel headers (testing.md abi tier; vfio-uapi.md §0 - §7): the system's
+sees in real kernel headers (docs/testing.md abi tier; docs/kernel-contract.md §0 - §7): the system's
 6.1 headers and Debian's 6.12 uAPI headers, one test id per key and header set."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Pure helpers of vfiod.abi (no headers needed): capability-chain parsing on crafted
-buffers (vfio-uapi.md §0, §3.4, §3.6), feature buffers (§6.1), flexible-array buffers,
+buffers (docs/kernel-contract.md §0, §3.4, §3.6), feature buffers (§6.1), flexible-array buffers,
 offsetofend, the v2 state enum and the per-fd ioctl tables (§2)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Downtime prediction error: |predicted - actual| / actual over a matrix of guest dirty
-rates and link bandwidth caps (design.md §4).
+rates and link bandwidth caps (docs/architecture.md §4).
 
 Each case is a whole migration on the simulated kernel, in this process: a 64 MiB guest
 (16 MiB of data) with a v2+PRE_COPY device whose DMA dirties a 16 MiB window at the given

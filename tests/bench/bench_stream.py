@@ -1,6 +1,6 @@
 """Benchmark ``stream_loopback``: the checksummed RAM stream vs a raw socket, same run.
 
-What is compared (design.md §5, issue 4): a source process sends guest RAM to a destination
+What is compared (docs/architecture.md §5, issue 4): a source process sends guest RAM to a destination
 process over loopback TCP.
 
 * baseline: ``socket.sendmsg`` of the guest memory in the same batches, ``recv_into`` the

@@ -1,8 +1,8 @@
 """Benchmark ``sync_1tib_4containers``: one full dirty sync of a simulated 1 TiB guest.
 
-What is measured (design.md §3, issue 3): a guest of 2^28 4 KiB pages (1 TiB) whose RAM is
+What is measured (docs/architecture.md §3, issue 3): a guest of 2^28 4 KiB pages (1 TiB) whose RAM is
 mapped by 4 type1 containers, 256 GiB each, every container holding one vfio-pci device
-(the common production case, where type1 reports every mapped page dirty, vfio-uapi.md
+(the common production case, where type1 reports every mapped page dirty, docs/kernel-contract.md
 §3.9). One ``DirtyTracker.sync()`` does, per container, a ``VFIO_IOMMU_DIRTY_PAGES``
 GET_BITMAP through ``KernelOps`` into the simulated kernel (argument parsing, checks, the
 kernel's bitmap write into a zeroed 8 MiB buffer), a popcount and an OR-merge into the

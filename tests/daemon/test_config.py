@@ -1,4 +1,4 @@
-"""The configuration file (design.md §6): a good file becomes frozen dataclasses; every bad
+"""The configuration file (docs/architecture.md §6): a good file becomes frozen dataclasses; every bad
 one is refused naming file, line and key, and nothing half-applies."""
 
 from __future__ import annotations

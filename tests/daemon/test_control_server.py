@@ -1,4 +1,4 @@
-"""The control socket server in-process (design.md §6): peer credentials (crafted ones and a
+"""The control socket server in-process (docs/architecture.md §6): peer credentials (crafted ones and a
 real unprivileged client), serving after errors, the socket file's life cycle."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One real ``vfiod run --backend sim`` process: READY over a real NOTIFY_SOCKET, ``vfiod
 ctl`` against its socket, /metrics scraped over HTTP and checked, bad control messages,
-SIGHUP reload (good and bad files), SIGTERM (design.md §6)."""
+SIGHUP reload (good and bad files), SIGTERM (docs/architecture.md §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Guests opened from the configuration on a simulated host, and ``check`` answers for
-guests and devices (design.md §1 steps 2-4), in-process: a guest that cannot be opened
+guests and devices (docs/architecture.md §1 steps 2-4), in-process: a guest that cannot be opened
 is kept with its reason, nothing leaks, and the answers name every blocker."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guest lifecycle (design.md §1 steps 5-8, §7): the transition table, checked over
+"""The guest lifecycle (docs/architecture.md §1 steps 5-8, §7): the transition table, checked over
 every pair of states; the error for a refused transition; ``GuestLifecycle`` as the only
 writer (the registry shows states read-only); every transition logged with its cause; and
 records that survive a journal round trip and replay to the same states."""

@@ -1,4 +1,4 @@
-"""The Prometheus collector reads the registry at scrape time (design.md §6): names, units,
+"""The Prometheus collector reads the registry at scrape time (docs/architecture.md §6): names, units,
 bounded labels, migration gauges and histograms, and a broken collection counted instead of
 failing the scrape. Checked with prometheus_client's parser and, when installed, promtool."""
 

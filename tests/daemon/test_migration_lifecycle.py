@@ -1,5 +1,5 @@
 """What the migration service does to a source guest's lifecycle when a migration ends
-without running a session (design.md §1 step 6): an unreachable destination gives the
+without running a session (docs/architecture.md §1 step 6): an unreachable destination gives the
 guest back (running), a crash in the migration thread fails it, and a migration that
 outlives the shutdown deadline fails it so that it can be released. In-process: a
 registry, a stand-in for the guest manager, no kernel."""

@@ -1,4 +1,4 @@
-"""sd_notify over a real datagram socket and the watchdog's liveness rule (design.md §6)."""
+"""sd_notify over a real datagram socket and the watchdog's liveness rule (docs/architecture.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The systemd unit (design.md §6): ``systemd-analyze verify`` accepts it, and
+"""The systemd unit (docs/architecture.md §6): ``systemd-analyze verify`` accepts it, and
 ``systemd-analyze security --offline=yes`` rates its exposure at most 2.0 ("OK") while
 keeping what VFIO needs (device allow-list, CAP_IPC_LOCK, no PrivateDevices, W+X for numba).
 

@@ -1,4 +1,4 @@
-"""Two daemons configured with ``[migration.tls]`` (design.md §5: mutual TLS, stdlib ssl):
+"""Two daemons configured with ``[migration.tls]`` (docs/architecture.md §5: mutual TLS, stdlib ssl):
 the migration goes through when both hosts' certificates come from the configured CA, and
 fails cleanly, with the source still running, when the destination's does not."""
 

@@ -1,4 +1,4 @@
-"""Two daemons on loopback (design.md §1 steps 5-6, §6): ``vfiod ctl migrate`` moves a
+"""Two daemons on loopback (docs/architecture.md §1 steps 5-6, §6): ``vfiod ctl migrate`` moves a
 running guest to the other daemon and both ends verify the RAM content digests; a cancel
 in the middle of pre-copy leaves the source guest and its devices RUNNING and the
 destination ready to receive again. Each end's log shows the guest's lifecycle steps.

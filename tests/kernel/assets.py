@@ -1,6 +1,6 @@
 """Everything the real-kernel tier boots, fetched and built on the host, cached.
 
-testing.md "The real-kernel tier": Debian's 6.12 kernel (newest build the mirror has), its
+docs/testing.md "The real-kernel tier": Debian's 6.12 kernel (newest build the mirror has), its
 modules, headers + kbuild to build the ``mtty`` sample driver out of tree (from the
 ``linux-source-6.12`` of the same version; its code is never committed here), busybox and
 kmod. Nothing is installed on the host: packages are unpacked with ``dpkg -x``
@@ -152,7 +152,7 @@ def _merge_kbuild(pkgs: Packages, dest: Path) -> Path:
     for pkg in (pkgs.headers, pkgs.common, pkgs.kbuild):
         shutil.copytree(debian.fetch(pkg) / "usr", dest / "usr", symlinks=True,
                         copy_function=os.link, dirs_exist_ok=True)
-    # Pitfall (testing.md): the arch headers' Makefile includes the -common tree by an
+    # Pitfall (docs/testing.md): the arch headers' Makefile includes the -common tree by an
     # absolute /usr/src path; point it at our copy. Replace the file, not its hard-linked
     # content, so the unpacked package stays pristine.
     makefile = build_dir / "Makefile"
@@ -185,7 +185,7 @@ def build_mtty(kbuild_dir: Path, src_version: str, work: Path) -> Path:
             src.with_suffix(".tmp").write_bytes(f.read())
             src.with_suffix(".tmp").rename(src)
     (work / "Kbuild").write_text("obj-m := mtty.o\n")
-    # Pitfall (testing.md): no pahole here, so no BTF for out-of-tree modules.
+    # Pitfall (docs/testing.md): no pahole here, so no BTF for out-of-tree modules.
     _run("build mtty.ko", ["make", "-s", "-C", str(kbuild_dir), f"M={work}",
                            "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"])
     if not ko.exists():

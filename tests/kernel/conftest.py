@@ -1,4 +1,4 @@
-"""Host side of the real-kernel tier (testing.md "The real-kernel tier").
+"""Host side of the real-kernel tier (docs/testing.md "The real-kernel tier").
 
 * The guest suite (tests/kernel/guest) is never collected on the host: it runs inside the
   QEMU guest, where VFIOD_GUEST=1.

@@ -1,5 +1,5 @@
-"""vfiod.abi against the uAPI headers of the very kernel the guest boots (testing.md
-"Checking ctypes layouts against the 6.12 uAPI headers"; vfio-uapi.md §0-§7).
+"""vfiod.abi against the uAPI headers of the very kernel the guest boots (docs/testing.md
+"Checking ctypes layouts against the 6.12 uAPI headers"; docs/kernel-contract.md §0-§7).
 
 The ABI tier checks the newest 6.12 headers; this check pins the headers to the kernel
 build the real-kernel tier runs (the image's own ``linux-headers-<abi>-common``), so what

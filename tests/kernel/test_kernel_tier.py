@@ -1,5 +1,5 @@
-"""vfiod against a real Linux 6.12 VFIO kernel in a QEMU guest (testing.md "The real-kernel
-tier"; vfio-uapi.md §9).
+"""vfiod against a real Linux 6.12 VFIO kernel in a QEMU guest (docs/testing.md "The real-kernel
+tier"; docs/kernel-contract.md §9).
 
 The guest boots once per session (``guest_run`` in conftest.py) and runs every test under
 tests/kernel/guest. Here each guest test function becomes one host test carrying the

@@ -1,6 +1,6 @@
 """Boot the real-kernel tier's QEMU guest once and collect what it ran.
 
-testing.md "The real-kernel tier" is the recipe: ``-accel tcg`` (the host's /dev/kvm cannot
+docs/testing.md "The real-kernel tier" is the recipe: ``-accel tcg`` (the host's /dev/kvm cannot
 run a stock kernel), ``-machine q35`` with ``-device intel-iommu,intremap=on`` (without
 intremap VFIO_SET_IOMMU fails with EPERM) and ``intel_iommu=on``, QEMU's ``edu`` PCI device
 for vfio-pci, the host root shared read-only over 9p (the guest overlays a tmpfs on it)
@@ -95,7 +95,7 @@ def why_not_runnable() -> str | None:
 
 
 def guest_python() -> str:
-    """The project venv's versioned interpreter (testing.md: a shim costs seconds under
+    """The project venv's versioned interpreter (docs/testing.md: a shim costs seconds under
     emulation). ``sys.prefix`` is the venv this pytest runs in."""
     versioned = Path(sys.prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
     return str(versioned if versioned.exists() else Path(sys.executable))
@@ -108,7 +108,7 @@ def guest_command(pytest_args: list[str], junit: str) -> str:
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(REPO),
-        # ~15 s -> ~5 s of pytest start-up under emulation (testing.md); the plugins this
+        # ~15 s -> ~5 s of pytest start-up under emulation (docs/testing.md); the plugins this
         # suite relies on are named with -p below instead.
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         "VFIOD_GUEST": "1",

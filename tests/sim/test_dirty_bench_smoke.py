@@ -1,5 +1,5 @@
 """``bench_sync`` runs end to end at a tiny size and returns well-formed rows (no timing
-asserts: speed is judged by ``make bench``, testing.md)."""
+asserts: speed is judged by ``make bench``, docs/testing.md)."""
 
 from __future__ import annotations
 

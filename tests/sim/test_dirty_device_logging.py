@@ -1,5 +1,5 @@
 """Device DMA logging through the tracker on the simulated kernel, and its fallback to the
-container's type1 tracking (vfio-uapi.md §7, testing.md: the 6.12 kernel answers
+container's type1 tracking (docs/kernel-contract.md §7, docs/testing.md: the 6.12 kernel answers
 EOPNOTSUPP to DMA_LOGGING_REPORT). Every test proves no written page goes unsent."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_report_eopnotsupp_falls_back_to_type1_and_loses_nothing(mdev_rig: Rig) 
 
 
 def test_the_612_kernel_report_answer_falls_back_at_start(tmp_path: Path) -> None:
-    """testing.md: on the 6.12 guest kernel START succeeds and REPORT is EOPNOTSUPP. The
+    """docs/testing.md: on the 6.12 guest kernel START succeeds and REPORT is EOPNOTSUPP. The
     provider probes REPORT right after START, so the fallback happens before the first RAM
     pass and costs no extra whole-container pass at the first sync."""
     rig = _rig(tmp_path, dev(M1, kind="mdev", dma_logging=True,

@@ -1,5 +1,5 @@
 """iommufd HWPT dirty tracking and the "none" provider through the tracker, on the
-simulated kernel (vfio-uapi.md §4.4; design.md §1 step 4, §3)."""
+simulated kernel (docs/kernel-contract.md §4.4; docs/architecture.md §1 step 4, §3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The pre-copy dirty-tracking opt-out through the tracker on the simulated kernel
-(design.md §3, QEMU's x-pre-copy-dirty-page-tracking=off): while an opted-out device of a
+(docs/architecture.md §3, QEMU's x-pre-copy-dirty-page-tracking=off): while an opted-out device of a
 container is RUNNING or PRE_COPY its bitmap is not queried and its whole mapped range
 counts dirty; the stop-and-copy sync queries it and every page the device wrote is sent."""
 

@@ -1,4 +1,4 @@
-"""DMA-logging range planning (vfio-uapi.md §7) and the opt-out rule (design.md §3):
+"""DMA-logging range planning (docs/kernel-contract.md §7) and the opt-out rule (docs/architecture.md §3):
 pure parts of the dirty providers, checked without a kernel."""
 
 from __future__ import annotations

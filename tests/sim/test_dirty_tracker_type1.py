@@ -1,5 +1,5 @@
 """The per-guest tracker over type1 containers on the simulated kernel: unaligned merges,
-page-size rescale, unmaps during tracking, status, stop (design.md §3; vfio-uapi.md §3.8,
+page-size rescale, unmaps during tracking, status, stop (docs/architecture.md §3; docs/kernel-contract.md §3.8,
 §3.9). Each test checks against the pages the simulated devices really wrote."""
 
 from __future__ import annotations

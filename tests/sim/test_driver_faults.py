@@ -1,7 +1,7 @@
 """Faults injected at exact transitions, data-fd reads/writes and v1 state writes end with the
 source RUNNING (reset where the device went to ERROR) and an error that names the
-operation, the device, the errno and every recovery rung (design.md §1.6, §2 "Errors";
-vfio-uapi.md §5.4, §6.3, §11.2)."""
+operation, the device, the errno and every recovery rung (docs/architecture.md §1.6, §2 "Errors";
+docs/kernel-contract.md §5.4, §6.3, §11.2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Save on host A → load on host B for every capability set, through the drivers' hooks
-(design.md §1.5; vfio-uapi.md §5.5–§5.6, §6.7–§6.10, §9.1 fd behaviour)."""
+(docs/architecture.md §1.5; docs/kernel-contract.md §5.5–§5.6, §6.7–§6.10, §9.1 fd behaviour)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from vfiod.migration.device.record import decode_record
 from vfiod.migration.device.v2 import V2Driver
 from vfiod.migration.states import MigState
 
-# What the kernel is asked, in order, by a source and a destination (vfio-uapi.md §5.4,
+# What the kernel is asked, in order, by a source and a destination (docs/kernel-contract.md §5.4,
 # §6.6 paths). v2: the arcs the kernel walks; v1: the device_state values written.
 SOURCE_PATH = {
     "v1": ["v1:SAVING|RUNNING", "v1:SAVING", "v1:STOP"],

@@ -1,5 +1,5 @@
-"""probe(): v2 first, then v1, else NotMigratable with the concrete reason (design.md §1.4;
-vfio-uapi.md §5.1, §6.1–§6.2)."""
+"""probe(): v2 first, then v1, else NotMigratable with the concrete reason (docs/architecture.md §1.4;
+docs/kernel-contract.md §5.1, §6.1–§6.2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The recovery sequence is one piece of code for both protocols (design.md §1 step 6,
-§1.6; vfio-uapi.md §5.4, §6.3, §11.2): the same fault at the same arc gives v1 and v2 the
+"""The recovery sequence is one piece of code for both protocols (docs/architecture.md §1 step 6,
+§1.6; docs/kernel-contract.md §5.4, §6.3, §11.2): the same fault at the same arc gives v1 and v2 the
 same rungs, in the same order — in the ladder, in a reset, in the refusal to touch a device
 in ERROR and in ``rollback_log``. Only the words differ (v1 "write" and its state bits,
 v2 "SET"); ``neutral`` maps them to one vocabulary before comparing.

@@ -1,6 +1,6 @@
 """Rollback from every phase leaves a source RUNNING (no reset needed without a fault) and
 a destination reset to RUNNING; no path ever asks for STOP_COPY → PRE_COPY(_P2P)
-(design.md §1.6; vfio-uapi.md §5.4, §6.6 and pitfall §11.1)."""
+(docs/architecture.md §1.6; docs/kernel-contract.md §5.4, §6.6 and pitfall §11.1)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ SOURCE_PHASES: dict[str, Callable[[MigrationDriver, Side], None]] = {
 
 
 def expected_state(s: MigrationDriver, phase: str) -> MigState:
-    """Where the device must be after ``phase`` (vfio-uapi.md §5.4, §6.10 flows)."""
+    """Where the device must be after ``phase`` (docs/kernel-contract.md §5.4, §6.10 flows)."""
     live = MigState.PRE_COPY if s.has_precopy else MigState.RUNNING
     if phase in ("setup", "iterated"):
         return live

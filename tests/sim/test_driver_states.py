@@ -1,4 +1,4 @@
-"""The status vocabulary: the triple in the seed's flow-diagram words (design.md §1)."""
+"""The status vocabulary: the triple in the seed's flow-diagram words (docs/architecture.md §1)."""
 
 from __future__ import annotations
 

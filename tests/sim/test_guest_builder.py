@@ -1,6 +1,6 @@
 """``build_guest`` (vfiod/migration/guest/builder.py), the one assembly of a guest for the
 daemon, the demo and the tests, and the migratability check it shares with the probe of a
-device no guest owns (guest/migratability.py; design.md §1 steps 2-4)."""
+device no guest owns (guest/migratability.py; docs/architecture.md §1 steps 2-4)."""
 
 from __future__ import annotations
 

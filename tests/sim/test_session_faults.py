@@ -1,4 +1,4 @@
-"""A fault at every hook of both protocols (design.md §1.6): the seed's hooks
+"""A fault at every hook of both protocols (docs/architecture.md §1.6): the seed's hooks
 (save_setup, save_live_pending, save_live_iterate, save_state, quiesce_p2p,
 save_live_complete_precopy on the source; load_setup, load_state, load_complete, resume
 on the destination; cleanup) each fail once, on a v1 device and on a v2 device.

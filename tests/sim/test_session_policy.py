@@ -1,4 +1,4 @@
-"""Switchover policy and cancel (design.md §1 steps 5-6, §4): a dirty rate the link never
+"""Switchover policy and cancel (docs/architecture.md §1 steps 5-6, §4): a dirty rate the link never
 catches up with (cancel on timeout, or force by policy), the iteration limit, and cancel
 by the operator or by the destination at several points. A cancelled attempt rolls back:
 source devices RUNNING, tracking stopped, guest memory written only by the guest itself

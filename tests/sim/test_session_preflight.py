@@ -1,4 +1,4 @@
-"""Preflight refusals (design.md §1 step 5): migration flags, x86-64 ABI level, memory
+"""Preflight refusals (docs/architecture.md §1 step 5): migration flags, x86-64 ABI level, memory
 encryption, memory layout, device count, protocol version. Every reason is reported at once, nothing is
 touched on either side (no device state change, no dirty tracking, no byte of guest RAM
 written on the destination), and the destination also refuses a header that does not

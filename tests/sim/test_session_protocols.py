@@ -1,5 +1,5 @@
 """Whole migrations over loopback TCP between two simulated hosts, for every way a device
-can offer migration (design.md §1 steps 4-5; vfio-uapi.md §5, §6.10): each ends with a
+can offer migration (docs/architecture.md §1 steps 4-5; docs/kernel-contract.md §5, §6.10): each ends with a
 destination that verified every digest, RAM equal to the source's (full digest) and
 device states equal to the source's, and a source that released every fd."""
 
@@ -143,7 +143,7 @@ def test_workload_dirtied_pages_all_arrive(sides) -> None:
 def test_opted_out_device_container_counts_dirty_until_stop(sides) -> None:
     """pre_copy_dirty_page_tracking=false: its container is not queried in pre-copy, its
     whole mapping counts dirty (the prediction includes it), and the pages it wrote are
-    collected in stop-and-copy (design.md §3)."""
+    collected in stop-and-copy (docs/architecture.md §3)."""
     opt = spec("v2_stop_copy_log")
     other = spec("v2_precopy_log")
     plans = [SideContainer([other]),

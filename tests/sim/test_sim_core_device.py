@@ -1,5 +1,5 @@
 """The simulated device fd: info, regions (two-call capability chains), region access and
-mmap, IRQs, reset and the generic VFIO_DEVICE_FEATURE rules (vfio-uapi.md §3.3 - §3.5,
+mmap, IRQs, reset and the generic VFIO_DEVICE_FEATURE rules (docs/kernel-contract.md §3.3 - §3.5,
 §6.1), with stand-in parts so the generic layer is tested on its own."""
 
 from __future__ import annotations

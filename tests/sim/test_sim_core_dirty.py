@@ -1,5 +1,5 @@
 """Type1 dirty tracking of the simulated kernel: every check of VFIO_IOMMU_DIRTY_PAGES and
-of UNMAP_DMA's dirty bitmap (vfio-uapi.md §3.8 - §3.9), the scope rule (IOMMU-backed →
+of UNMAP_DMA's dirty bitmap (docs/kernel-contract.md §3.8 - §3.9), the scope rule (IOMMU-backed →
 all dirty; emulated only → written + pinned pages), read-and-clear, and a 1 TiB guest that
 costs no big memory."""
 

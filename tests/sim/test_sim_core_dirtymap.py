@@ -1,5 +1,5 @@
 """The simulator's dirty-bit store and its two bitmap writers, against plain-Python models
-of what the kernels do (vfio-uapi.md §3.9 type1 ``update_user_bitmap``; §4.4 iommufd),
+of what the kernels do (docs/kernel-contract.md §3.9 type1 ``update_user_bitmap``; §4.4 iommufd),
 on random inputs."""
 
 from __future__ import annotations

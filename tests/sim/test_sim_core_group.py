@@ -1,4 +1,4 @@
-"""Container and group fds of the simulated kernel: every rule and errno of vfio-uapi.md
+"""Container and group fds of the simulated kernel: every rule and errno of docs/kernel-contract.md
 §3.1 - §3.2 and §8, close ordering, and fault injection at a named ioctl."""
 
 from __future__ import annotations

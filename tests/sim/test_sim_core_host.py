@@ -1,5 +1,5 @@
 """SimHost builds a sysfs tree shaped like the kernel's and /dev nodes served by SimKernel;
-SimKernel's fd table answers like the kernel's (vfio-uapi.md §3.1, §4.1)."""
+SimKernel's fd table answers like the kernel's (docs/kernel-contract.md §3.1, §4.1)."""
 
 from __future__ import annotations
 

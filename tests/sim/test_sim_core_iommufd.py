@@ -1,5 +1,5 @@
 """iommufd and the VFIO cdev in the simulated kernel: command conventions, IOAS, HWPT
-allocation and attach, dirty tracking and its bitmap (vfio-uapi.md §4.1 - §4.4, §8)."""
+allocation and attach, dirty tracking and its bitmap (docs/kernel-contract.md §4.1 - §4.4, §8)."""
 
 from __future__ import annotations
 

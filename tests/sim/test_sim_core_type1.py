@@ -1,5 +1,5 @@
 """Type1 IOMMU of the simulated kernel: GET_INFO (two-call pattern, caps), MAP_DMA and
-UNMAP_DMA with the checks and errno values of vfio-uapi.md §3.6 - §3.8."""
+UNMAP_DMA with the checks and errno values of docs/kernel-contract.md §3.6 - §3.8."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tests of the simulated kernel's migration rig (tests/support/sim_mig_rig.py) and of
-``capability_specs`` / ``build_parts`` (vfio-uapi.md §5 - §7)."""
+``capability_specs`` / ``build_parts`` (docs/kernel-contract.md §5 - §7)."""
 
 from __future__ import annotations
 

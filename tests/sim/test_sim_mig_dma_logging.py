@@ -1,4 +1,4 @@
-"""Device DMA logging on the simulated kernel (vfio-uapi.md §6.1, §7): START/STOP/REPORT
+"""Device DMA logging on the simulated kernel (docs/kernel-contract.md §6.1, §7): START/STOP/REPORT
 argument checks with the kernel's errno values, report bit layout and read-and-clear, and
 the device's DMA writes (through its IOMMU mapping) landing in the log."""
 

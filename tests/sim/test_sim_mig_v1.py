@@ -1,4 +1,4 @@
-"""The simulated v1 migration region (vfio-uapi.md §3.4, §5): discovery through
+"""The simulated v1 migration region (docs/kernel-contract.md §3.4, §5): discovery through
 REGION_INFO capabilities, register access rules, device_state bit rules, the save and
 resume loops by pread/pwrite and by mmap, the error state and reset."""
 

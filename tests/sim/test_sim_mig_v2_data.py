@@ -1,5 +1,5 @@
 """v2 data fds, PRECOPY_INFO, MIG_DATA_SIZE, save/restore and fault injection on the
-simulated kernel (vfio-uapi.md §6.3, §6.7 - §6.9, §9.1, §11)."""
+simulated kernel (docs/kernel-contract.md §6.3, §6.7 - §6.9, §9.1, §11)."""
 
 from __future__ import annotations
 

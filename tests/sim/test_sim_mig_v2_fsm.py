@@ -1,5 +1,5 @@
 """The v2 state machine of the simulated kernel against the documented protocol
-(vfio-uapi.md §6.3 - §6.6): every (from, to) pair of the 8 states, for every v2
+(docs/kernel-contract.md §6.3 - §6.6): every (from, to) pair of the 8 states, for every v2
 capability set, checked against an expectation derived here -- independently of the
 simulator's next-hop table -- from the list of arcs drivers implement (§6.5):
 
@@ -216,7 +216,7 @@ def test_out_of_range_states_are_einval(rigs: dict[str, MigRig],
 
 
 def test_error_state_answers_configured_errno(tmp_path: Path) -> None:
-    """pds short-circuits a SET in ERROR with EIO (vfio-uapi.md §8)."""
+    """pds short-circuits a SET in ERROR with EIO (docs/kernel-contract.md §8)."""
     import dataclasses
     spec = specs()["v2_p2p"]
     spec = dataclasses.replace(spec, extra={"error_set_errno": errno.EIO})

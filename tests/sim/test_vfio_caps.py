@@ -2,7 +2,7 @@
 answers: pre-6.6 layouts (4-byte aligned capabilities), unknown ids, and malformed chains
 that must fail with a clear EPROTO naming the ioctl, never a crash or a hang.
 
-A scripted ``KernelOps`` plays the kernel's side of the two-call pattern (vfio-uapi.md
+A scripted ``KernelOps`` plays the kernel's side of the two-call pattern (docs/kernel-contract.md
 §3.4): if the caller's argsz is too small it raises argsz, sets CAPS, leaves cap_offset 0
 and succeeds; otherwise it copies the whole answer.
 """

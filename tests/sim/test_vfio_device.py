@@ -1,5 +1,5 @@
 """``Device`` on the simulated kernel: region info with the two-call pattern and its
-capabilities, region access and mmap, IRQ info, reset (vfio-uapi.md §3.3-§3.5), and the
+capabilities, region access and mmap, IRQ info, reset (docs/kernel-contract.md §3.3-§3.5), and the
 ``VFIO_DEVICE_FEATURE`` primitives the migration layer builds on (§6.1-§6.3, §6.8-§6.9,
 §7), each failure named ``VFIO_DEVICE_FEATURE(...) on <device>: <errno>``."""
 

@@ -1,5 +1,5 @@
 """DMA mappings and type1 dirty tracking through ``Container`` on the simulated kernel
-(vfio-uapi.md §3.7-§3.9, §8): mapping bookkeeping, every refusal surfacing as a named
+(docs/kernel-contract.md §3.7-§3.9, §8): mapping bookkeeping, every refusal surfacing as a named
 error with the kernel's errno, read-and-clear bitmaps in both type1 scopes, the
 unmap-with-bitmap path, and splitting a query that exceeds the per-call bitmap limit."""
 

@@ -1,6 +1,6 @@
 """``Device`` feature primitives against the simulator's own migration parts
 (``vfiod.kernel.sim.migration.build_parts``, the device kinds of ``capability_specs``):
-what a probe answers for each kind of device (vfio-uapi.md §6.1, §6.2, §7), and the thin
+what a probe answers for each kind of device (docs/kernel-contract.md §6.1, §6.2, §7), and the thin
 v2 wrappers driving a real state machine and data fd (§6.3, §6.7, §6.8)."""
 
 from __future__ import annotations

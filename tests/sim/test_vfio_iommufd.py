@@ -1,4 +1,4 @@
-"""The cdev + iommufd path on the simulated kernel (vfio-uapi.md §4.1-§4.4): bind, IOAS,
+"""The cdev + iommufd path on the simulated kernel (docs/kernel-contract.md §4.1-§4.4): bind, IOAS,
 hardware info, a dirty-tracking HWPT, attach, map, enable, read-and-clear bitmaps (and
 NO_CLEAR), teardown; plus the refusals a real host gives (no A/D bits → EOPNOTSUPP, cdev
 before bind → EINVAL, cdev vs legacy group → EBUSY)."""

@@ -1,4 +1,4 @@
-"""Container → group → device setup on the simulated kernel (vfio-uapi.md §3.1-§3.3, §3.6;
+"""Container → group → device setup on the simulated kernel (docs/kernel-contract.md §3.1-§3.3, §3.6;
 errno facts §8): the happy path, every refusal with a clear error that keeps the errno,
 and teardown order (devices → groups → container)."""
 

@@ -1,5 +1,5 @@
 """Real ``vfiod run`` processes: ``DaemonProcess`` (``--backend sim``) for the daemon tier,
-``LinuxDaemon`` (``--backend linux``) for the kernel tier's guest suite (testing.md
+``LinuxDaemon`` (``--backend linux``) for the kernel tier's guest suite (docs/testing.md
 "daemon", "The real-kernel tier").
 
 ``DaemonProcess`` starts the daemon as a subprocess with a config written to a temporary

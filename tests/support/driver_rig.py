@@ -25,7 +25,7 @@ from vfiod.migration.guest.devices import join_group
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths
 
-#: The capability sets every behaviour is proven on (vfio-uapi.md §5, §6.2).
+#: The capability sets every behaviour is proven on (docs/kernel-contract.md §5, §6.2).
 CAPS = ["v1", "v2_stop_copy", "v2_p2p", "v2_precopy", "v2_precopy_p2p"]
 #: Small device state so each migration is quick; pre-copy offers more than one chunk.
 SMALL = {"state_size": 12 * 1024, "precopy_size": 20 * 1024, "dirty_rate": 700}

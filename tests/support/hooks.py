@@ -1,4 +1,4 @@
-"""Migration drivers wrapped to record the hooks called on them (design.md §1.4-§1.6
+"""Migration drivers wrapped to record the hooks called on them (docs/architecture.md §1.4-§1.6
 hook order): ``Traced`` appends each hook's name to a list; ``HookLog`` (the real-kernel
 tier) also reads the device state back from the kernel after each hook, and can cut the
 stop-and-copy data short (a fault a destination kernel must refuse).

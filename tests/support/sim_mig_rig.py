@@ -1,5 +1,5 @@
 """The rig of the ``test_sim_mig_*`` tests (the simulated kernel's migration parts,
-vfio-uapi.md §5 - §7; checked by tests/sim/test_sim_mig_common.py).
+docs/kernel-contract.md §5 - §7; checked by tests/sim/test_sim_mig_common.py).
 
 ``MigRig`` builds a ``SimHost`` (helper B's simulated kernel) with one device per IOMMU
 group and opens each device through its group (``rawvfio``), so every call below goes

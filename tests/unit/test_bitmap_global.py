@@ -1,4 +1,4 @@
-"""GlobalBitmap (per-guest dirty bitmap) and DirtyRate, design.md §3 and §4."""
+"""GlobalBitmap (per-guest dirty bitmap) and DirtyRate, docs/architecture.md §3 and §4."""
 
 from __future__ import annotations
 

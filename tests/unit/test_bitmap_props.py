@@ -186,7 +186,7 @@ def test_large_runs_and_popcount(max_run: int) -> None:
 
 
 def test_kernels_are_nogil_and_cached() -> None:
-    # design.md §3: kernels release the GIL and are cached (the daemon's start-up cost)
+    # docs/architecture.md §3: kernels release the GIL and are cached (the daemon's start-up cost)
     kernels: list[Any] = [K._k_or_merge, K._k_popcount, K._k_runs, K._k_extract, K._k_fill,
                           K._k_split_runs, bitmap_rescale._k_coarsen, bitmap_rescale._k_refine]
     for fn in kernels:

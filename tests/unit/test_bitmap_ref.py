@@ -1,7 +1,7 @@
 """The numpy reference (the specification) against a model anyone can check by eye:
 the bitmap as one Python integer, page i = bit i, built bit by bit from the words.
 
-Also pins the layout of vfio-uapi.md §3.9 with hand-made examples."""
+Also pins the layout of docs/kernel-contract.md §3.9 with hand-made examples."""
 
 from __future__ import annotations
 

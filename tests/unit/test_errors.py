@@ -1,5 +1,5 @@
 """``KernelError``: the errno stays, the layers rename it, the message reads the same way
-whichever backend raised it (design.md §2 "Errors")."""
+whichever backend raised it (docs/architecture.md §2 "Errors")."""
 
 from __future__ import annotations
 

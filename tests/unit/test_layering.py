@@ -1,4 +1,4 @@
-"""design.md §2: imports point down only, and only kernel/linux.py makes syscalls."""
+"""docs/architecture.md §2: imports point down only, and only kernel/linux.py makes syscalls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Downtime predictor, switchover policy and the link-speed prior (design.md §4)."""
+"""Downtime predictor, switchover policy and the link-speed prior (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

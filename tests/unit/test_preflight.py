@@ -1,4 +1,4 @@
-"""Preflight facts and refusals (design.md §1): each refusal, and the pass case."""
+"""Preflight facts and refusals (docs/architecture.md §1): each refusal, and the pass case."""
 
 from __future__ import annotations
 

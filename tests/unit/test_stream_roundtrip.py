@@ -1,4 +1,4 @@
-"""Stream round trips: what the writer sends is what the reader loads (design.md §5)."""
+"""Stream round trips: what the writer sends is what the reader loads (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""v1 device_state bitmask ⇄ MigState (vfio-uapi.md §5.3) and the register layout (§5.2)."""
+"""v1 device_state bitmask ⇄ MigState (docs/kernel-contract.md §5.3) and the register layout (§5.2)."""
 
 from __future__ import annotations
 

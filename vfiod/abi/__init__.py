@@ -1,5 +1,5 @@
 """Pure data mirroring the kernel ABI: ctypes structs, constants and ioctl numbers under
-the kernel's own names (vfio-uapi.md §0 - §7). Import the modules, e.g.
+the kernel's own names (docs/kernel-contract.md §0 - §7). Import the modules, e.g.
 ``import vfiod.abi.vfio as vfio``:
 
 * ``ioctl``     -- ``_IO`` request-number helpers (VFIO_TYPE, VFIO_BASE, IOMMUFD_TYPE)

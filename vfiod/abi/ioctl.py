@@ -1,4 +1,4 @@
-"""Ioctl request-number helpers for the VFIO and iommufd uAPI (vfio-uapi.md §0, §2).
+"""Ioctl request-number helpers for the VFIO and iommufd uAPI (docs/kernel-contract.md §0, §2).
 
 Mirrors ``_IO()`` from ``<linux/ioctl.h>`` as used by ``<linux/vfio.h>`` and
 ``<linux/iommufd.h>``. Every VFIO and iommufd request is ``_IO(';', nr)``: no size and no

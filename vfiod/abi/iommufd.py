@@ -1,5 +1,5 @@
 """ctypes mirrors of <linux/iommufd.h> as far as vfiod uses iommufd: IOAS management,
-HWPT allocation, hardware info and HWPT dirty tracking (vfio-uapi.md §2, §4.3, §4.4).
+HWPT allocation, hardware info and HWPT dirty tracking (docs/kernel-contract.md §2, §4.3, §4.4).
 
 Layouts are those of the Linux 6.12 uAPI header: ``iommu_hwpt_alloc`` is 48 bytes
 (``fault_id`` appended in 6.11) and ``iommu_hw_info`` 40 bytes (``out_max_pasid_log2``

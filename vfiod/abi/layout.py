@@ -1,5 +1,5 @@
 """Layout helpers shared by the ctypes mirrors of <linux/vfio.h> and <linux/iommufd.h>
-(vfio-uapi.md §0: extensible structs, flexible array tails, capability chains).
+(docs/kernel-contract.md §0: extensible structs, flexible array tails, capability chains).
 
 * Flexible array members (``areas[]``, ``iova_ranges[]``, ``data[]``) cannot be ctypes
   fields: a struct that ends in one declares ``_flex_ = (name, element_type, offset)`` and

@@ -1,5 +1,5 @@
 """Migration protocol v1: the register block at the start of the v1 migration region
-(vfio-uapi.md §5). Mirrors ``struct vfio_device_migration_info`` from <linux/vfio.h>,
+(docs/kernel-contract.md §5). Mirrors ``struct vfio_device_migration_info`` from <linux/vfio.h>,
 which 5.18+ headers keep only as a deprecated stub.
 
 The state-bit names are OURS (``V1_STATE_*``): the header's names changed meaning in 5.18

@@ -1,5 +1,5 @@
 """ctypes mirrors of <linux/vfio.h>: container, group, device, region, IRQ and type1 IOMMU
-uAPI (vfio-uapi.md §0, §2, §3), plus a re-export of the device-feature, migration v2,
+uAPI (docs/kernel-contract.md §0, §2, §3), plus a re-export of the device-feature, migration v2,
 DMA-logging and cdev part from ``vfiod.abi.vfio_feature`` (§4.2, §6, §7), so that
 ``import vfiod.abi.vfio as vfio; vfio.VFIO_DEVICE_FEATURE_GET`` reaches every name.
 

@@ -1,5 +1,5 @@
 """ctypes mirrors of the newer half of <linux/vfio.h>: ``VFIO_DEVICE_FEATURE`` and its
-payloads (vfio-uapi.md §6.1), migration v2 (§6.2 - §6.9), device DMA logging (§7) and the
+payloads (docs/kernel-contract.md §6.1), migration v2 (§6.2 - §6.9), device DMA logging (§7) and the
 vfio cdev ioctls (§4.2). Re-exported by ``vfiod.abi.vfio``; import names from there.
 
 Layouts follow the Linux 6.12 uAPI header. The cdev structs are the 6.12 ones

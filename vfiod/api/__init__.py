@@ -1,4 +1,4 @@
-"""The control protocol (design.md §6): the JSON-lines envelope with its schema version
+"""The control protocol (docs/architecture.md §6): the JSON-lines envelope with its schema version
 (``schema``), the operations and their typed arguments (``ops``), and a socket client
 (``client``). A leaf of the layer graph: imports nothing of vfiod but ``errors``.
 """

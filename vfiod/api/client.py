@@ -1,5 +1,5 @@
 """A control-socket client: what ``vfiod ctl`` and scripts use to talk to the daemon
-(design.md §6). Stdlib only, so it stays a leaf next to the schema it speaks.
+(docs/architecture.md §6). Stdlib only, so it stays a leaf next to the schema it speaks.
 
     with ControlClient("/run/vfiod/control.sock") as c:
         result = c.call("status")                    # dict, or raises ClientError

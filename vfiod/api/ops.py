@@ -1,4 +1,4 @@
-"""The control protocol's operations and their typed arguments (design.md §6).
+"""The control protocol's operations and their typed arguments (docs/architecture.md §6).
 
 Each operation has a frozen dataclass of arguments; ``parse_args(op, raw)`` checks the raw
 JSON values of a ``Request`` and returns that dataclass, or raises ``ApiError`` naming the

@@ -1,5 +1,5 @@
 """The control protocol's envelope: one JSON object per line, with a schema version
-(design.md §6 "JSON messages with a schema version").
+(docs/architecture.md §6 "JSON messages with a schema version").
 
 A leaf module: it imports nothing of vfiod but ``errors``, so the daemon, ``vfiod ctl`` and
 third-party automation share one definition of what goes over the control socket.

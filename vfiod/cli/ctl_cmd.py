@@ -1,4 +1,4 @@
-"""``vfiod ctl``: the operator's client of the control socket (design.md §6). It imports
+"""``vfiod ctl``: the operator's client of the control socket (docs/architecture.md §6). It imports
 only ``vfiod.api`` (the protocol), never the daemon.
 
 Every subcommand prints for people by default and one JSON object with ``--json`` (the

@@ -1,6 +1,6 @@
 """``vfiod demo``: a live migration you can watch, on the simulated kernel, between two
-vfiod processes over loopback TCP (README "First command"; design.md §1, §4, §5; both
-migration protocols, vfio-uapi.md §5 and §6, and device DMA logging, §7).
+vfiod processes over loopback TCP (README "First command"; docs/architecture.md §1, §4, §5; both
+migration protocols, docs/kernel-contract.md §5 and §6, and device DMA logging, §7).
 
 The source process builds a simulated host and guest (``demo_setup``), fills part of the
 guest's RAM with data (the rest of the sparse memfds stays never-written), starts a

@@ -12,7 +12,7 @@ all by default), each a sparse memfd. Three devices, each in its own IOMMU group
 All three log their DMA (device DMA logging), so tracking is precise. Containers: ``c0``
 (v1 + v2pre) maps all RAM; ``c1`` (v2opt) maps only ``dma-pool``, the window that device
 DMAs into. While v2opt runs, c1's bitmap is not queried and its 32 MiB count as dirty
-(design.md §3): the predictor includes them, and they are collected precisely in
+(docs/architecture.md §3): the predictor includes them, and they are collected precisely in
 stop-and-copy. ``build_side`` assembles the guest with ``build_guest``, the builder the
 daemon and the tests use.
 """

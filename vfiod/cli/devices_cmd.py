@@ -1,5 +1,5 @@
 """``vfiod devices``: the VFIO devices on this host and whether vfiod can own them
-(design.md §1 step 1; vfio-uapi.md §3.1 step 1, §4.1 step 1).
+(docs/architecture.md §1 step 1; docs/kernel-contract.md §3.1 step 1, §4.1 step 1).
 
 Read-only sysfs discovery (``vfiod.vfio.discover``): nothing is opened, so it is safe while
 a VMM owns the devices. Each device is "ours" (bound to vfio-pci, a vfio-pci variant

@@ -1,4 +1,4 @@
-"""``vfiod run``: the daemon in the foreground, as systemd starts it (design.md §6).
+"""``vfiod run``: the daemon in the foreground, as systemd starts it (docs/architecture.md §6).
 
 Logs go to stderr (the journal under systemd, which adds its own timestamps, so they are
 left out when ``$JOURNAL_STREAM`` says stderr is the journal).

@@ -1,5 +1,5 @@
-"""``vfiod ctl check DEVICE|GUEST``: can it migrate, and if not, why (design.md §1 step 4
-probes, step 5 preflight facts; vfio-uapi.md §5.1 v1 discovery, §6.2 v2 flags, §3.9 and §7
+"""``vfiod ctl check DEVICE|GUEST``: can it migrate, and if not, why (docs/architecture.md §1 step 4
+probes, step 5 preflight facts; docs/kernel-contract.md §5.1 v1 discovery, §6.2 v2 flags, §3.9 and §7
 dirty tracking).
 
 The answer separates *blockers* (the migration will be refused) from *notes* (it will run,

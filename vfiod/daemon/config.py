@@ -1,5 +1,5 @@
 """The daemon's configuration: ``/etc/vfiod/vfiod.toml`` validated into frozen dataclasses
-(design.md §6). A bad file is refused whole, naming the file, line and key
+(docs/architecture.md §6). A bad file is refused whole, naming the file, line and key
 (``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied. The ``[sim]``
 table (the simulated host of ``vfiod run --backend sim``) is read by ``config_sim``.
 

@@ -1,5 +1,5 @@
 """The ``[sim]`` table of the daemon configuration: the simulated host that
-``vfiod run --backend sim`` builds (design.md §6), validated like the rest of the file.
+``vfiod run --backend sim`` builds (docs/architecture.md §6), validated like the rest of the file.
 
     [sim]
     iommu_dirty_tracking = false         # its IOMMU has A/D bits (IOMMU_HW_CAP_DIRTY_TRACKING)

@@ -1,4 +1,4 @@
-"""Reading a TOML file so that every complaint names the key and its line (design.md §6
+"""Reading a TOML file so that every complaint names the key and its line (docs/architecture.md §6
 "a bad file is refused with the key and line that is wrong").
 
 ``tomllib`` parses but forgets where values came from, so ``KeyLines`` scans the text once

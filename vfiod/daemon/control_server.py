@@ -1,5 +1,5 @@
 """The control socket: a Unix stream socket speaking the JSON-lines protocol of
-``vfiod.api`` (design.md §6), for ``vfiod ctl`` and automation.
+``vfiod.api`` (docs/architecture.md §6), for ``vfiod ctl`` and automation.
 
 * Who may talk: the peer's credentials (``SO_PEERCRED``: pid, uid, gid) are checked on
   accept; root and members of the control group (``vfiod`` by default, primary or

@@ -1,5 +1,5 @@
 """The guests the daemon owns: opened from the configuration at start, kept in the
-``Registry`` (design.md §1 steps 2-4: containers, groups, device fds, guest RAM mapped for
+``Registry`` (docs/architecture.md §1 steps 2-4: containers, groups, device fds, guest RAM mapped for
 DMA, migration and dirty-tracking probes). ``config_plan`` turns a configured guest into
 the plain description ``build_guest`` assembles (the same builder the demo and the tests
 use); ``guest_migratability`` describes its devices for status and ``check``.

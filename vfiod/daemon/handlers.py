@@ -1,5 +1,5 @@
 """The control operations: what the daemon does for each validated request
-(design.md §6; the operations and their arguments are defined in ``vfiod.api.ops``).
+(docs/architecture.md §6; the operations and their arguments are defined in ``vfiod.api.ops``).
 
 Every failure is an ``ApiError`` with a code the client can branch on: ``not_found`` (no
 such guest or device), ``busy`` (a migration of that guest runs), ``failed`` (the

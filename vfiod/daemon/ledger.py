@@ -1,4 +1,4 @@
-"""The daemon's running migrations, kept together (design.md §6, §7): each one's record
+"""The daemon's running migrations, kept together (docs/architecture.md §6, §7): each one's record
 in the ``Registry``, its guest's lifecycle steps (``GuestLifecycle``) and its runtime
 handle (the cancel and the live status of its session, which are no part of the read
 model). ``begin`` and ``end`` change all three in one hold of the registry lock, so

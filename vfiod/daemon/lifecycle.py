@@ -1,6 +1,6 @@
 """The guest lifecycle: the states a guest of the daemon goes through, the transitions
 allowed between them, and ``GuestLifecycle``, the one writer of those states
-(design.md §1 steps 5-8, §7).
+(docs/architecture.md §1 steps 5-8, §7).
 
     start:     defined → claimed → running | incoming      (or defined → failed)
     outgoing:  running → migrating-out → switching-over → migrated-away

@@ -1,4 +1,4 @@
-"""The daemon's wiring root: ``vfiod run`` (design.md §6).
+"""The daemon's wiring root: ``vfiod run`` (docs/architecture.md §6).
 
 Start-up order, each step before the next, so ``READY=1`` means "serving":
 

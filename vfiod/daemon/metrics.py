@@ -1,5 +1,5 @@
 """The Prometheus endpoint: a custom collector that reads the ``Registry`` at scrape time
-(design.md §6; peers.md §7.1). This is the only module that imports prometheus_client;
+(docs/architecture.md §6; Prometheus' metric and label naming conventions). This is the only module that imports prometheus_client;
 domain code fills the registry with plain values.
 
 Conventions: the ``vfiod_`` prefix, base units (seconds, bytes, bytes per second, ratios),

@@ -1,5 +1,5 @@
 """Running migrations for the daemon: outgoing ones ordered over the control socket, and
-incoming ones accepted on the migration listener (design.md §1 steps 5-6, §6).
+incoming ones accepted on the migration listener (docs/architecture.md §1 steps 5-6, §6).
 
 Each migration runs a ``vfiod.migration`` session on its own thread; this module wires
 it to the daemon: the offer (``offer.py``) says which guest a connection is for, the

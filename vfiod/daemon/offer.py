@@ -1,5 +1,5 @@
 """The offer: which guest an incoming migration is for, agreed before the session starts
-(design.md §1 step 5, §5 transport).
+(docs/architecture.md §1 step 5, §5 transport).
 
 A destination daemon may wait for several guests on one listening port, but the
 destination session needs its guest before it speaks (it opens with this guest's facts).

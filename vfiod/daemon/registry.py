@@ -1,6 +1,6 @@
 """The daemon's read model: its guests (lifecycle state, devices, latest migration), the
 migrations it runs or receives, and the counters and histograms the metrics endpoint
-reads (design.md §6, §7). Status answers, the Prometheus collector and ``vfiod ctl`` read
+reads (docs/architecture.md §6, §7). Status answers, the Prometheus collector and ``vfiod ctl`` read
 it through ``snapshot()``: plain copies taken under the lock, so a scrape never sees a
 half-updated migration.
 
@@ -29,7 +29,7 @@ from typing import Any
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.lifecycle import GuestLifecycle, LifecycleState
 
-#: Seconds; around the 300 ms default downtime limit (peers.md §7.1: 0.05-2 s).
+#: Seconds; around the 300 ms default downtime limit (docs/architecture.md §4, §6).
 DOWNTIME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 #: Seconds one dirty sync takes (an ioctl per container plus the merge).
 SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)

@@ -1,5 +1,5 @@
 """SIGHUP: apply what can change while the daemon runs, list what needs a restart
-(design.md §6 "SIGHUP reload config").
+(docs/architecture.md §6 "SIGHUP reload config").
 
 Applied at once: the migration defaults (downtime limit, timeout, on_timeout, bandwidth
 limit: they are read when a migration starts) and each device's

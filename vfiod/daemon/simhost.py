@@ -1,6 +1,6 @@
 """The simulated host behind ``vfiod run --backend sim``: built from the config's ``[sim]``
-section, so the whole daemon runs anywhere (design.md §2: the simulator implements the
-same ``KernelOps``; vfio-uapi.md §3.1 groups, §5-§7 through the capability sets).
+section, so the whole daemon runs anywhere (docs/architecture.md §2: the simulator implements the
+same ``KernelOps``; docs/kernel-contract.md §3.1 groups, §5-§7 through the capability sets).
 
 * ``[[sim.device]]``: a VFIO device with a named capability set
   (``vfiod.kernel.sim.migration.capability_specs``: v1, v2_stop_copy, v2_p2p,

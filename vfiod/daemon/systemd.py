@@ -1,5 +1,5 @@
-"""systemd integration without a dependency: ``sd_notify`` and the watchdog (design.md §6,
-peers.md §7.2).
+"""systemd integration without a dependency: ``sd_notify`` and the watchdog (docs/architecture.md §6,
+sd_notify(3)).
 
 The notify protocol is one datagram of ``KEY=VALUE`` lines to the Unix socket named by
 ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace). vfiod sends

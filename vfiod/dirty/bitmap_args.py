@@ -1,6 +1,6 @@
 """Argument checks and geometry shared by the bitmap reference and the numba kernels.
 
-The bitmap layout is the kernel's dirty-bitmap layout (vfio-uapi.md §3.9 and §4.4):
+The bitmap layout is the kernel's dirty-bitmap layout (docs/kernel-contract.md §3.9 and §4.4):
 little-endian u64 words, bit ``i`` (page ``i``) is bit ``i % 64`` of word ``i // 64``.
 Here a bitmap is a 1-D C-contiguous ``numpy.uint64`` array; the word *values* carry that
 layout, so the host byte order does not matter once the words are loaded.

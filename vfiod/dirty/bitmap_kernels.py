@@ -1,7 +1,7 @@
-"""Fast dirty-bitmap kernels (numba ``@njit(nogil=True, cache=True)``), design.md §3.
+"""Fast dirty-bitmap kernels (numba ``@njit(nogil=True, cache=True)``), docs/architecture.md §3.
 
 Same semantics, signatures and refusals as ``bitmap_ref`` (the specification); layout as in
-vfio-uapi.md §3.9: little-endian u64 words, page ``i`` is bit ``i % 64`` of word ``i // 64``.
+docs/kernel-contract.md §3.9: little-endian u64 words, page ``i`` is bit ``i % 64`` of word ``i // 64``.
 
 Why they are fast:
 - everything works a word at a time: an unaligned merge or extract is two shifts and an OR

@@ -1,6 +1,6 @@
 """Dirty-bitmap operations in plain numpy: the specification and the test oracle.
 
-Layout (vfio-uapi.md §3.9, §4.4): little-endian u64 words, page ``i`` is bit ``i % 64`` of
+Layout (docs/kernel-contract.md §3.9, §4.4): little-endian u64 words, page ``i`` is bit ``i % 64`` of
 word ``i // 64``. These functions are written to be obviously correct, not fast: each one
 unpacks the words it touches into one byte per bit (``np.unpackbits(..., bitorder="little")``
 over a little-endian byte view), does the operation on that bit array with ordinary

@@ -1,6 +1,6 @@
-"""Page-size rescaling of a dirty bitmap (numba kernels), design.md §3.
+"""Page-size rescaling of a dirty bitmap (numba kernels), docs/architecture.md §3.
 
-Used when the IOMMU page size of a container (``pgsize`` of vfio-uapi.md §3.9, or an
+Used when the IOMMU page size of a container (``pgsize`` of docs/kernel-contract.md §3.9, or an
 iommufd ``page_size``, §4.4) differs from the guest page size of the global bitmap.
 Semantics are ``bitmap_ref.rescale`` (the specification): coarser pages are dirty if any
 page they cover is; finer pages are dirty if the page covering them is. Both sizes are

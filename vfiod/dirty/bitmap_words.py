@@ -1,4 +1,4 @@
-"""Word-level numba primitives shared by the bitmap kernels (vfio-uapi.md §3.9 layout).
+"""Word-level numba primitives shared by the bitmap kernels (docs/kernel-contract.md §3.9 layout).
 
 Bitmaps are little-endian u64 words, page ``i`` = bit ``i % 64`` of word ``i // 64``. These
 helpers work on one ``uint64`` word; they are compiled into (and inlined by LLVM in) the

@@ -1,4 +1,4 @@
-"""One container's dirty tracking while it runs (design.md §3; vfio-uapi.md §3.9, §4.4, §7):
+"""One container's dirty tracking while it runs (docs/architecture.md §3; docs/kernel-contract.md §3.9, §4.4, §7):
 the provider chosen for it at start, its mappings joined into segments, and the query
 that merges its dirty bits into the guest's ``GlobalBitmap``.
 

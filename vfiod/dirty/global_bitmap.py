@@ -1,6 +1,6 @@
-"""One dirty bitmap per guest over guest-physical pages, and the dirty rate (design.md §3, §4).
+"""One dirty bitmap per guest over guest-physical pages, and the dirty rate (docs/architecture.md §3, §4).
 
-Providers hand in per-mapping bitmaps in the kernel's layout (vfio-uapi.md §3.9: bit ``i``
+Providers hand in per-mapping bitmaps in the kernel's layout (docs/kernel-contract.md §3.9: bit ``i``
 covers ``iova + i * pgsize``; §4.4 the same for iommufd). A mapping starts at a guest page
 that need not be a multiple of 64, and the IOMMU page size may differ from the guest's, so
 ``merge_container`` rescales (when the sizes differ) and OR-merges at an unaligned offset.

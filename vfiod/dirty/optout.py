@@ -1,5 +1,5 @@
-"""The per-device pre-copy dirty-tracking opt-out, with QEMU's semantics (design.md §3;
-QEMU's ``x-pre-copy-dirty-page-tracking=off``, peers.md §1).
+"""The per-device pre-copy dirty-tracking opt-out, with QEMU's semantics (docs/architecture.md §3;
+QEMU's ``x-pre-copy-dirty-page-tracking=off``).
 
 A device configured with ``pre_copy_dirty_page_tracking = False`` stops its container's
 bitmap from being *queried* while ANY such device of that container is RUNNING or

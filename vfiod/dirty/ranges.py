@@ -1,8 +1,8 @@
-"""Page ranges and page/byte arithmetic for dirty tracking (design.md §3).
+"""Page ranges and page/byte arithmetic for dirty tracking (docs/architecture.md §3).
 
 A range table is a pair of int64 numpy arrays ``(first, count)``: range ``r`` covers pages
 ``[first[r], first[r] + count[r])``. That is what ``dirty_runs`` produces and what the RAM
-sender turns into (guest page, count, bytes) records (design.md §5). ``PageRange`` is one
+sender turns into (guest page, count, bytes) records (docs/architecture.md §5). ``PageRange`` is one
 range with checked fields, for APIs that take a single range.
 
 Everything here is vectorised numpy: tables have up to millions of rows.

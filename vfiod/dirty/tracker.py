@@ -1,5 +1,5 @@
 """The per-guest dirty tracker: every container's provider merged into one bitmap over
-guest-physical pages (design.md §3, §4; vfio-uapi.md §3.8, §3.9, §4.4, §7).
+guest-physical pages (docs/architecture.md §3, §4; docs/kernel-contract.md §3.8, §3.9, §4.4, §7).
 
 A guest is a set of RAM regions (guest-physical address, size) and one or more DMA
 spaces (containers), each mapping IOVA ranges onto guest memory (``tracker_layout``).

@@ -1,4 +1,4 @@
-"""What a dirty tracker tracks, checked before it starts (design.md §3; vfio-uapi.md §3.8,
+"""What a dirty tracker tracks, checked before it starts (docs/architecture.md §3; docs/kernel-contract.md §3.8,
 §4.4): the guest's RAM regions, and per DMA space (container) its mappings of IOVA ranges
 onto guest memory and its devices' pre-copy opt-out settings.
 

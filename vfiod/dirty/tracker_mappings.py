@@ -1,5 +1,5 @@
-"""Mapping changes while a container is tracked (design.md §3 "no dirty bit is lost";
-vfio-uapi.md §3.8, §4.4, §7).
+"""Mapping changes while a container is tracked (docs/architecture.md §3 "no dirty bit is lost";
+docs/kernel-contract.md §3.8, §4.4, §7).
 
 Unmapping goes through the provider (type1: UNMAP_DMA with GET_DIRTY_BITMAP), and the
 final bits of what was unmapped are merged into the guest's bitmap before the mapping

@@ -1,5 +1,5 @@
 """What a dirty tracker reports: the result of each sync and a snapshot of its state
-(design.md §3, §4 prediction inputs; §6 status). Plain frozen data, no locks, no I/O: the
+(docs/architecture.md §3, §4 prediction inputs; §6 status). Plain frozen data, no locks, no I/O: the
 predictor reads the fields, and whoever displays status formats them.
 
 ``SyncResult`` counts the containers the pre-copy opt-out skipped (``skipped``) as wholly

@@ -1,6 +1,6 @@
 """Real syscalls behind ``KernelOps`` — the only module in vfiod that makes them.
 
-Every fd is opened with O_CLOEXEC (design.md §2) and every failure becomes a
+Every fd is opened with O_CLOEXEC (docs/architecture.md §2) and every failure becomes a
 ``KernelError`` naming the operation and the object, with the kernel's errno.
 """
 

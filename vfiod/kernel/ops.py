@@ -1,4 +1,4 @@
-"""``KernelOps``: every syscall vfiod makes, as one protocol (design.md §2).
+"""``KernelOps``: every syscall vfiod makes, as one protocol (docs/architecture.md §2).
 
 Only ``vfiod/kernel/linux.py`` implements it with real syscalls; ``vfiod/kernel/sim``
 implements it with a simulated VFIO kernel held to the same checks and errno values.
@@ -17,7 +17,7 @@ Conventions shared by both implementations:
   structs (bitmap data, range arrays) are real process addresses
   (``ctypes.addressof``); the simulator dereferences them like ``copy_from_user``.
 * ``mmap`` returns an ``mmap.mmap``-compatible object (buffer protocol, ``close()``).
-* ``memlock`` answers how much memory DMA may still pin (vfio-uapi.md §3.7: type1 MAP_DMA
+* ``memlock`` answers how much memory DMA may still pin (docs/kernel-contract.md §3.7: type1 MAP_DMA
   charges RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK); the simulator answers with
   its own limit and pinned bytes, so preflight sees the kernel vfiod really talks to.
 """

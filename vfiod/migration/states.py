@@ -1,11 +1,11 @@
 """The state vocabulary of a migration: device, guest and migration states.
 
-One ``MigState`` enum (the kernel's ``enum vfio_device_mig_state``, vfio-uapi.md §6.4)
-serves logs, metrics and the CLI for both protocols; the v1 bitmask (vfio-uapi.md §5.3) is
+One ``MigState`` enum (the kernel's ``enum vfio_device_mig_state``, docs/kernel-contract.md §6.4)
+serves logs, metrics and the CLI for both protocols; the v1 bitmask (docs/kernel-contract.md §5.3) is
 decoded into the same values by ``vfiod.migration.device.v1_codec``.
 
 Status shows the triple (guest run state, migration state, device state) in the vocabulary
-of the seed's flow diagram (design.md §1), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)`` while
+of the seed's flow diagram (docs/architecture.md §1), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)`` while
 pre-copying and ``(FINISH_MIGRATE, DEVICE, SAVING)`` in stop-and-copy
 (``session.status.triple`` writes it). The device part (``device_label``) is written in
 v1 bit names because that diagram is the operators' reference; v2-only states

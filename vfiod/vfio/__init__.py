@@ -1,7 +1,7 @@
-"""Typed objects over VFIO fds (design.md §2, layer ``vfio``): sysfs discovery, the type1
+"""Typed objects over VFIO fds (docs/architecture.md §2, layer ``vfio``): sysfs discovery, the type1
 container, groups, devices (regions, features, migration primitives), the cdev path and
 iommufd. Every syscall goes through the ``KernelOps`` passed in; /sys and /dev come from
-``HostPaths``. Mirrors vfio-uapi.md §3, §4, §6.1-§6.3, §6.7-§6.9 and §7.
+``HostPaths``. Mirrors docs/kernel-contract.md §3, §4, §6.1-§6.3, §6.7-§6.9 and §7.
 """
 
 from vfiod.vfio.container import Container, DmaMapping

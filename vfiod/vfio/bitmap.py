@@ -1,4 +1,4 @@
-"""Dirty-bitmap buffers handed to the kernel (vfio-uapi.md §3.8, §3.9, §4.4, §7).
+"""Dirty-bitmap buffers handed to the kernel (docs/kernel-contract.md §3.8, §3.9, §4.4, §7).
 
 Every dirty ioctl writes a little-endian array of u64 words, bit *i* = page ``iova + i*pgsize``
 relative to the requested iova, and only ever *sets* bits, so the buffer must be zeroed

@@ -4,8 +4,8 @@ Every failure leaves here as ``KernelError`` whose ``op`` is the kernel's reques
 (plus the sub-operation, e.g. ``VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE PRE_COPY)``) and
 whose ``target`` is the VFIO object (device name, ``group 12``, the container path), so a
 message reads ``VFIO_IOMMU_MAP_DMA on container /dev/vfio/vfio: EEXIST`` whichever backend
-raised it (design.md §2 "Errors"). Also the shared checks on caller-supplied numbers
-(vfio-uapi.md §0: every field is a fixed-width unsigned integer), and ``OwnedFd``, the
+raised it (docs/architecture.md §2 "Errors"). Also the shared checks on caller-supplied numbers
+(docs/kernel-contract.md §0: every field is a fixed-width unsigned integer), and ``OwnedFd``, the
 close-once life of every fd a vfio object owns.
 """
 

@@ -1,5 +1,5 @@
 """A VFIO device opened through its character device ``/dev/vfio/devices/vfioN`` and bound
-to iommufd instead of a group/container (vfio-uapi.md §4.1 steps 1, 3, 6; §4.2; 6.6+).
+to iommufd instead of a group/container (docs/kernel-contract.md §4.1 steps 1, 3, 6; §4.2; 6.6+).
 
 Until ``bind`` succeeds every other ioctl on the fd fails with EINVAL; after it the object
 is an ordinary ``Device`` (regions, features, migration). A group opened the legacy way and

@@ -1,9 +1,9 @@
 """A type1 VFIO container: ``/dev/vfio/vfio``, its IOMMU, DMA mappings and type1 dirty
-tracking (vfio-uapi.md §3.1 steps 2, 5-6; §3.6-§3.9).
+tracking (docs/kernel-contract.md §3.1 steps 2, 5-6; §3.6-§3.9).
 
 The container owns its groups (and through them their devices), so ``close()`` releases
 fds in the only order the kernel accepts without EBUSY: devices, then groups (each
-UNSET_CONTAINER once it has no device fds), then the container (design.md §2).
+UNSET_CONTAINER once it has no device fds), then the container (docs/architecture.md §2).
 
 Dirty bitmaps: the caller passes ranges that start and end on mapping boundaries (the
 kernel refuses a range that bisects a mapping, §3.9); a range whose bitmap would exceed the

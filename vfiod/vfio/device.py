@@ -1,5 +1,5 @@
 """A VFIO device fd: info, regions, IRQ info, reset, region access and mmap
-(vfio-uapi.md §3.3-§3.5), plus the feature primitives mixed in from ``features.py``.
+(docs/kernel-contract.md §3.3-§3.5), plus the feature primitives mixed in from ``features.py``.
 
 Region access is ``pread``/``pwrite`` on the device fd at ``region.offset + off`` (the
 offset is the kernel's; never computed here) or ``mmap`` of a range the region allows.

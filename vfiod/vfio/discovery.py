@@ -1,6 +1,6 @@
 """Find VFIO devices in sysfs and say, per device, whether vfiod can use it and why not.
 
-Mirrors vfio-uapi.md §3.1 step 1 (the ``iommu_group`` and ``driver`` links; every device in
+Mirrors docs/kernel-contract.md §3.1 step 1 (the ``iommu_group`` and ``driver`` links; every device in
 the group must be bound to a VFIO driver or unbound) and §4.1 step 1 (the ``vfio-dev``
 directory naming the cdev). Read-only: nothing here opens a VFIO fd, so discovery is safe
 while a VMM owns the devices. All reads go through ``KernelOps`` so tests run on a built
@@ -23,7 +23,7 @@ _VIABLE_HOST_DRIVERS = frozenset({"pci-stub", "pcieport"})
 
 
 def is_vfio_pci_driver(driver: str) -> bool:
-    """vfio-pci itself or a vendor variant (mlx5_vfio_pci, xe-vfio-pci, ...): design.md §1."""
+    """vfio-pci itself or a vendor variant (mlx5_vfio_pci, xe-vfio-pci, ...): docs/architecture.md §1."""
     return driver in ("vfio-pci", "vfio_pci") or driver.endswith(("_vfio_pci", "-vfio-pci"))
 
 
@@ -102,7 +102,7 @@ def _cdev_name(kernel: KernelOps, dev_dir: str) -> str | None:
 
 
 def _is_noiommu(kernel: KernelOps, paths: HostPaths, number: int) -> bool:
-    # No-IOMMU groups are created by VFIO itself and carry this name (vfio-uapi.md §3.1).
+    # No-IOMMU groups are created by VFIO itself and carry this name (docs/kernel-contract.md §3.1).
     name_file = os.path.join(paths.iommu_group_dir(number), "name")
     return kernel.exists(name_file) and kernel.read_text(name_file).strip() == "vfio-noiommu"
 
@@ -110,7 +110,7 @@ def _is_noiommu(kernel: KernelOps, paths: HostPaths, number: int) -> bool:
 # -- groups -------------------------------------------------------------------------------
 
 def group_viability(kernel: KernelOps, paths: HostPaths, number: int) -> GroupViability:
-    """Check what the kernel checks before it lets a group be used (vfio-uapi.md §3.1)."""
+    """Check what the kernel checks before it lets a group be used (docs/kernel-contract.md §3.1)."""
     devices_dir = os.path.join(paths.iommu_group_dir(number), "devices")
     if not kernel.exists(devices_dir):
         return GroupViability(number, (), (f"IOMMU group {number} does not exist",))

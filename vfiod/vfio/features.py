@@ -1,10 +1,10 @@
 """``VFIO_DEVICE_FEATURE`` plumbing for a device fd, and the thin typed wrappers the
-migration drivers and dirty trackers build on (vfio-uapi.md §6.1-§6.3, §6.7-§6.9, §7).
+migration drivers and dirty trackers build on (docs/kernel-contract.md §6.1-§6.3, §6.7-§6.9, §7).
 
 Only primitives live here: one ioctl each, errors named like
 ``VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE PRE_COPY) on 0000:3b:00.1: EINVAL``. The v2
 state machine, recovery and the v1 protocol belong to ``vfiod.migration``; the kernel
-composes multi-step transitions itself, so nothing here plans a path (design.md §2).
+composes multi-step transitions itself, so nothing here plans a path (docs/architecture.md §2).
 """
 
 from __future__ import annotations

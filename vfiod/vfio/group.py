@@ -1,5 +1,5 @@
 """A VFIO group fd (``/dev/vfio/N``): status, container attach/detach, device fds
-(vfio-uapi.md §3.1 steps 3-4 and 7, §3.2; errno facts from §8).
+(docs/kernel-contract.md §3.1 steps 3-4 and 7, §3.2; errno facts from §8).
 
 Only one process can have a group open (EBUSY for the next): vfiod is then not the owner,
 a VMM is, and the error says so. A group whose members are not all VFIO-bound (or unbound)

@@ -1,4 +1,4 @@
-"""``VFIO_IOMMU_GET_INFO`` on a type1 container, decoded (vfio-uapi.md §3.6).
+"""``VFIO_IOMMU_GET_INFO`` on a type1 container, decoded (docs/kernel-contract.md §3.6).
 
 Two-call pattern: ask with the fixed 24-byte struct; if the kernel has capabilities that
 do not fit it raises ``argsz`` (and still succeeds), so ask again with a buffer that big.

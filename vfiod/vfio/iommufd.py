@@ -1,5 +1,5 @@
 """``/dev/iommu``: IOAS mappings, hardware info, HWPT allocation and HWPT dirty tracking
-(vfio-uapi.md §4.1 steps 2, 4-5, 7; structs §4.3; dirty semantics §4.4).
+(docs/kernel-contract.md §4.1 steps 2, 4-5, 7; structs §4.3; dirty semantics §4.4).
 
 The path vfiod uses for IOMMU-side dirty tracking on 6.7+ kernels: bind a cdev
 (``vfiod.vfio.cdev``), allocate an IOAS, check ``IOMMU_HW_CAP_DIRTY_TRACKING``, allocate a

@@ -1,8 +1,8 @@
-"""Where the VFIO files live: the sysfs and devfs roots as parameters (design.md §2).
+"""Where the VFIO files live: the sysfs and devfs roots as parameters (docs/architecture.md §2).
 
 Production uses ``/sys`` and ``/dev``; tests point both at a tree built in a temporary
 directory, so every path the vfio layer touches is derived here and nowhere else.
-Layout facts are from vfio-uapi.md §3.1 (group path, sysfs links) and §4.1 (cdev, iommufd).
+Layout facts are from docs/kernel-contract.md §3.1 (group path, sysfs links) and §4.1 (cdev, iommufd).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class HostPaths:
     # -- devfs -------------------------------------------------------------------------
     @property
     def vfio_container(self) -> str:
-        """The legacy container node (vfio-uapi.md §3.1 step 2)."""
+        """The legacy container node (docs/kernel-contract.md §3.1 step 2)."""
         return os.path.join(self.dev_root, "vfio", "vfio")
 
     def vfio_group(self, number: int, noiommu: bool = False) -> str:
@@ -51,7 +51,7 @@ class HostPaths:
         return os.path.join(self.dev_root, "vfio", f"noiommu-{number}" if noiommu else str(number))
 
     def vfio_cdev(self, name: str) -> str:
-        """``/dev/vfio/devices/vfioN`` (vfio-uapi.md §4.1 step 1)."""
+        """``/dev/vfio/devices/vfioN`` (docs/kernel-contract.md §4.1 step 1)."""
         return os.path.join(self.dev_root, "vfio", "devices", name)
 
     @property

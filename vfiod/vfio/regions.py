@@ -1,5 +1,5 @@
 """``VFIO_DEVICE_GET_REGION_INFO`` and ``VFIO_DEVICE_GET_IRQ_INFO``, decoded
-(vfio-uapi.md §3.3, §3.4).
+(docs/kernel-contract.md §3.3, §3.4).
 
 Region info uses the two-call pattern: with the fixed 32-byte struct the kernel reports
 ``flags |= CAPS``, leaves ``cap_offset`` 0 and raises ``argsz`` when the capabilities do not

@@ -1,13 +1,13 @@
 """Fixtures of the guest suite (runs inside the QEMU guest only; tests/kernel/conftest.py
 keeps the host from collecting this folder).
 
-Session-wide: two mtty-2 mdevs (a migration source and destination, vfio-uapi.md §9.1) and
+Session-wide: two mtty-2 mdevs (a migration source and destination, docs/kernel-contract.md §9.1) and
 the edu device bound to vfio-pci (§9.2). Per test: each opened through vfiod's own objects
 (``Container`` → ``Group`` → ``Device`` over ``LinuxKernel``) and closed afterwards, so a
 test that leaves a device mid-migration does not leak into the next one. Closing the
 device fd is not enough for that on 6.12's mtty: its close_device ends the data sessions
 but keeps the migration state (a device closed in STOP reopens in STOP, contrary to
-vfio-uapi.md §6.3), so the mtty fixtures reset a device that is not RUNNING first.
+docs/kernel-contract.md §6.3), so the mtty fixtures reset a device that is not RUNNING first.
 """
 
 from __future__ import annotations

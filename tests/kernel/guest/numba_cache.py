@@ -1,4 +1,4 @@
-"""numba in the guest (testing.md "The real-kernel tier").
+"""numba in the guest (docs/testing.md "The real-kernel tier").
 
 numba keys its cache by the CPU it compiled for, and the guest's TCG CPU ("k8-sse3" with
 AVX2 under QEMU 7.2) is not the host's, so the host's ordinary cache never hits there;

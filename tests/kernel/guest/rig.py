@@ -1,7 +1,7 @@
 """The guest's test environment: checks that it is what the tests need, and the sysfs
 set-up that is not vfiod's job (creating mtty mdevs, binding edu to vfio-pci).
 
-Runs only inside the QEMU guest of the real-kernel tier (testing.md; vfio-uapi.md §9.1,
+Runs only inside the QEMU guest of the real-kernel tier (docs/testing.md; docs/kernel-contract.md §9.1,
 §9.2). Every missing piece fails with what is missing and what would provide it, never a
 skip: a guest that lacks a module is a broken rig, not an optional feature.
 
@@ -72,7 +72,7 @@ def _write(path: Path, text: str) -> None:
         f.write(text)
 
 
-# -- mtty mdevs (vfio-uapi.md §9.1) ---------------------------------------------------------
+# -- mtty mdevs (docs/kernel-contract.md §9.1) ---------------------------------------------------------
 
 def mtty_type_dir(type_name: str) -> Path:
     require_module("mtty")
@@ -101,7 +101,7 @@ def mtty_mdev(type_name: str = "mtty-2") -> Iterator[str]:
             _write(remove, "1")
 
 
-# -- edu behind the emulated intel-iommu, bound to vfio-pci (vfio-uapi.md §9.2) -------------
+# -- edu behind the emulated intel-iommu, bound to vfio-pci (docs/kernel-contract.md §9.2) -------------
 
 def find_pci(vendor: int, device: int) -> list[str]:
     out = []
@@ -178,7 +178,7 @@ def guest_ram(kernel: KernelOps, size: int) -> Iterator[RamBlock]:
         block.close()
 
 
-# -- mtty's UART registers, the device state a migration must carry (vfio-uapi.md §9.1) ----
+# -- mtty's UART registers, the device state a migration must carry (docs/kernel-contract.md §9.1) ----
 
 #: 16550 register offsets inside each port's 8-byte BAR (port n = BAR n)
 UART_RX = UART_TX = 0

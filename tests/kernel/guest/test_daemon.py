@@ -1,5 +1,5 @@
-"""``vfiod run --backend linux`` in the guest, driven by ``vfiod ctl`` (design.md §6;
-testing.md "The real-kernel tier"; vfio-uapi.md §9.1 mtty, §9.2 edu).
+"""``vfiod run --backend linux`` in the guest, driven by ``vfiod ctl`` (docs/architecture.md §6;
+docs/testing.md "The real-kernel tier"; docs/kernel-contract.md §9.1 mtty, §9.2 edu).
 
 Real processes on the real kernel: two daemons (``python -m vfiod.cli.main run --backend
 linux`` over the guest's /sys and /dev), P owning mtty A with guest ``g1`` running, Q

@@ -1,5 +1,5 @@
-"""vfiod's dirty tracking on real type1 containers (Linux 6.12; vfio-uapi.md §3.8, §3.9, §7;
-design.md §3): provider selection, the type1 and device-logging providers, and the
+"""vfiod's dirty tracking on real type1 containers (Linux 6.12; docs/kernel-contract.md §3.8, §3.9, §7;
+docs/architecture.md §3): provider selection, the type1 and device-logging providers, and the
 per-guest tracker with its fallback chain and its unmap path.
 
 What this kernel does, and what each test holds vfiod to:
@@ -10,7 +10,7 @@ What this kernel does, and what each test holds vfiod to:
   every GET, and UNMAP_DMA with GET_DIRTY_BITMAP returns the unmapped range all dirty;
 * device DMA logging on mtty: START succeeds, REPORT fails with EOPNOTSUPP (no
   CONFIG_IOMMUFD_DRIVER); the provider probes REPORT right after START, so the tracker
-  falls back to type1 before the first sync (vfio-uapi.md §7).
+  falls back to type1 before the first sync (docs/kernel-contract.md §7).
 
 Mappings sit at guest pages 37 and 160 (not multiples of 64) so the merge into the guest
 bitmap is checked at unaligned offsets.

@@ -1,4 +1,4 @@
-"""Dirty tracking on a real kernel (vfio-uapi.md §3.9, §7; testing.md "What the guest
+"""Dirty tracking on a real kernel (docs/kernel-contract.md §3.9, §7; docs/testing.md "What the guest
 kernel offers"): type1 on an mtty-only container (pinned-page scope: nothing pinned, so
 all zeros), type1 on the edu container (an IOMMU-backed group: every mapped page dirty on
 every read), and device DMA logging on mtty (REPORT unsupported on this kernel)."""

@@ -1,4 +1,4 @@
-"""The guest is the rig the other guest tests assume (testing.md "The real-kernel tier"):
+"""The guest is the rig the other guest tests assume (docs/testing.md "The real-kernel tier"):
 modules loaded, device nodes present, the emulated IOMMU active, the mtty mdev and the edu
 device usable through VFIO. Each check fails naming what is missing."""
 

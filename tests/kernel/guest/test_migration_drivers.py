@@ -1,5 +1,5 @@
-"""vfiod's migration drivers against a real v2 driver (mtty on Linux 6.12; vfio-uapi.md §6,
-§9.1; design.md §1.4-§1.6): ``probe``, the source hooks (save_setup → save_live_pending /
+"""vfiod's migration drivers against a real v2 driver (mtty on Linux 6.12; docs/kernel-contract.md §6,
+§9.1; docs/architecture.md §1.4-§1.6): ``probe``, the source hooks (save_setup → save_live_pending /
 save_live_iterate → quiesce_p2p → save_live_complete_precopy → cleanup), the destination
 hooks (load_setup → load_state → load_complete → resume), cancel in pre-copy and after
 stop-copy, and rollback after a destination stream the kernel refuses.
@@ -228,7 +228,7 @@ def _overlong(stream: bytes) -> bytes:
 
 
 # (how the stream is damaged, the hook the kernel refuses it at, the kernel's errno):
-# vfio-uapi.md §9.1: the header is checked once 24 bytes arrived (EFAULT), writes beyond
+# docs/kernel-contract.md §9.1: the header is checked once 24 bytes arrived (EFAULT), writes beyond
 # MIG_DATA_SIZE fail (ENOMEM), and RESUMING -> STOP with a short stream is EINVAL.
 BAD_STREAMS = [
     pytest.param(_truncated, "load_complete", errno.EINVAL, id="truncated"),
@@ -302,7 +302,7 @@ def test_check_state_names_what_differs(src: V2Driver, dst: V2Driver) -> None:
 
 def test_device_reopened_in_stop_saves_without_precopy(kernel: LinuxKernel, paths: HostPaths,
                                                        mtty_uuid: str) -> None:
-    """6.12's mtty keeps its migration state across close (vfio-uapi.md §6.3 says close
+    """6.12's mtty keeps its migration state across close (docs/kernel-contract.md §6.3 says close
     returns to RUNNING): the driver must read the state back, not assume RUNNING, and
     from STOP save with stop-copy only (PRE_COPY would start the device)."""
     first = open_device(kernel, paths, mtty_uuid)

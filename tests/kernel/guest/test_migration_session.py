@@ -1,5 +1,5 @@
 """A whole migration on a real kernel: one mtty instance's guest into another through
-vfiod's migration session and stream (design.md §1 steps 5-6, §5; vfio-uapi.md §6.10, §9.1).
+vfiod's migration session and stream (docs/architecture.md §1 steps 5-6, §5; docs/kernel-contract.md §6.10, §9.1).
 
 Each side is a ``vfiod.migration.guest.Guest`` over ``LinuxKernel`` (``build_guest``, the
 daemon's builder): memfd RAM mapped for DMA on a type1 container holding one mtty-2 mdev. The migration runs over loopback TCP

@@ -1,4 +1,4 @@
-"""Migration v2 on a real driver (mtty, vfio-uapi.md §6, §9.1) through vfiod.vfio's
+"""Migration v2 on a real driver (mtty, docs/kernel-contract.md §6, §9.1) through vfiod.vfio's
 feature primitives: capability probe, MIG_DATA_SIZE, the PRE_COPY → PRE_COPY_P2P →
 STOP_COPY save with the real data fd, PRECOPY_INFO, and a resume onto a second mtty that
 carries UART register state across."""
@@ -56,7 +56,7 @@ def test_precopy_cycle_with_real_data_fd(mtty: Opened) -> None:
         assert dev.data_read(fd, 4096) == b""
         assert dev.set_mig_state(MigState.PRE_COPY_P2P) == -1
         assert dev.precopy_info(fd) == (0, 0)
-        # STOP_COPY continues the same session: no new fd (vfio-uapi.md §11 pitfall 3)
+        # STOP_COPY continues the same session: no new fd (docs/kernel-contract.md §11 pitfall 3)
         assert dev.set_mig_state(MigState.STOP_COPY) == -1
         assert dev.get_mig_state() == MigState.STOP_COPY
         rest = read_to_eof(dev, fd)
@@ -126,5 +126,5 @@ def test_resume_rejects_a_foreign_stream(mtty_dst: Opened) -> None:
         dst.set_mig_state(MigState.STOP)
     state = dst.get_mig_state()
     assert state in (MigState.RESUMING, MigState.ERROR), state
-    dst.reset()                            # the only way back (vfio-uapi.md §3.5)
+    dst.reset()                            # the only way back (docs/kernel-contract.md §3.5)
     assert dst.get_mig_state() == MigState.RUNNING

@@ -1,5 +1,5 @@
 """Container → group → device against real /dev/vfio, through vfiod.vfio objects
-(vfio-uapi.md §3.1-§3.4, §3.6; errno facts from §8)."""
+(docs/kernel-contract.md §3.1-§3.4, §3.6; errno facts from §8)."""
 
 from __future__ import annotations
 

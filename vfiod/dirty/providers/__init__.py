@@ -1,4 +1,4 @@
-"""Dirty-page providers (design.md §3): one protocol (``base.DirtyProvider``) over device
+"""Dirty-page providers (docs/architecture.md §3): one protocol (``base.DirtyProvider``) over device
 DMA logging, type1 container tracking, iommufd HWPT tracking and "none", and the
 per-container choice among them (``select``)."""
 

@@ -1,8 +1,8 @@
-"""The dirty-page provider protocol and the DMA address space it tracks (design.md §3).
+"""The dirty-page provider protocol and the DMA address space it tracks (docs/architecture.md §3).
 
 A *provider* answers "which pages of this IOVA range did DMA write since I last asked?"
 for one container-like DMA address space. Four kinds exist, chosen per container by
-``select.py``: device DMA logging (vfio-uapi.md §7), type1 container tracking (§3.9),
+``select.py``: device DMA logging (docs/kernel-contract.md §7), type1 container tracking (§3.9),
 iommufd HWPT tracking (§4.4) and "none" (every mapped page is always dirty). They share
 one protocol so the tracker merges their bitmaps the same way:
 
@@ -16,7 +16,7 @@ one protocol so the tracker merges their bitmaps the same way:
 * ``stop()``: end tracking; idempotent.
 
 A kernel that does not implement a provider answers EOPNOTSUPP or ENOTTY (the 6.12 guest
-kernel answers EOPNOTSUPP to DMA_LOGGING_REPORT, testing.md): providers turn exactly
+kernel answers EOPNOTSUPP to DMA_LOGGING_REPORT, docs/testing.md): providers turn exactly
 those into ``ProviderUnavailable`` so the tracker falls back to the next provider instead
 of failing the migration. Every other errno stays a ``KernelError``.
 """
@@ -40,7 +40,7 @@ from vfiod.vfio.iommufd import Iommufd
 #: (iova, length) in bytes
 IovaRange = tuple[int, int]
 
-#: errnos meaning "this kernel/driver does not do that" (vfio-uapi.md §7, §8, §4.3)
+#: errnos meaning "this kernel/driver does not do that" (docs/kernel-contract.md §7, §8, §4.3)
 UNAVAILABLE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY})
 
 
@@ -104,7 +104,7 @@ class DirtyProvider(Protocol):
 
 @dataclass
 class IommufdSpace:
-    """An iommufd IOAS whose devices are attached to one HWPT (vfio-uapi.md §4.1)."""
+    """An iommufd IOAS whose devices are attached to one HWPT (docs/kernel-contract.md §4.1)."""
 
     iommufd: Iommufd
     ioas_id: int

@@ -1,4 +1,4 @@
-"""A container's provider with its fallbacks (design.md §3; vfio-uapi.md §7, §11).
+"""A container's provider with its fallbacks (docs/architecture.md §3; docs/kernel-contract.md §7, §11).
 
 ``select`` orders the usable providers best first, ending with "none". ``ProviderChain``
 runs the first that starts, and moves down the chain when one turns out unavailable
@@ -7,7 +7,7 @@ logging and then refuses every REPORT). "none" never fails, so a container alway
 provider and a migration never fails for lack of dirty tracking; it only gets slower and
 the status says why.
 
-After a REPORT failure the log may be lost (vfio-uapi.md §7: "treat the whole log as
+After a REPORT failure the log may be lost (docs/kernel-contract.md §7: "treat the whole log as
 lost"), so the caller must count the whole container as dirty for that sync. It must do
 so *after* ``fallback``/``restart`` returns: every write then either happened before the
 all-dirty marking (and the page will be sent after it) or after the new START (and the

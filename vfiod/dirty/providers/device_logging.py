@@ -1,5 +1,5 @@
 """Device DMA logging: ``VFIO_DEVICE_FEATURE_DMA_LOGGING_START/STOP/REPORT`` on every
-device of a container (vfio-uapi.md §7).
+device of a container (docs/kernel-contract.md §7).
 
 The kernel's START limits are checked here before any ioctl, so a mistake is a clear
 error instead of an EINVAL from one device after others already started:

@@ -1,5 +1,5 @@
 """iommufd HWPT dirty tracking: ``IOMMU_HWPT_SET_DIRTY_TRACKING`` enable/disable and
-``IOMMU_HWPT_GET_DIRTY_BITMAP`` with and without ``NO_CLEAR`` (vfio-uapi.md §4.1, §4.4).
+``IOMMU_HWPT_GET_DIRTY_BITMAP`` with and without ``NO_CLEAR`` (docs/kernel-contract.md §4.1, §4.4).
 
 Needs a HWPT allocated with ``IOMMU_HWPT_ALLOC_DIRTY_TRACKING`` (the device's IOMMU has
 ``IOMMU_HW_CAP_DIRTY_TRACKING``); the kernel answers EOPNOTSUPP otherwise, which becomes

@@ -1,4 +1,4 @@
-"""The "none" provider: no dirty tracking at all (design.md §1 step 4, §3).
+"""The "none" provider: no dirty tracking at all (docs/architecture.md §1 step 4, §3).
 
 Used when a container has no device logging, no type1 MIGRATION capability and no dirty
 -capable iommufd HWPT, and as the last resort after another provider failed for good.

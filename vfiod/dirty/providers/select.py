@@ -1,4 +1,4 @@
-"""Choosing a container's dirty-page provider (design.md §1 step 4, §3; vfio-uapi.md §3.6,
+"""Choosing a container's dirty-page provider (docs/architecture.md §1 step 4, §3; docs/kernel-contract.md §3.6,
 §3.9, §4.4, §7).
 
 Order of preference, as QEMU's VFIO listener does it:
@@ -32,7 +32,7 @@ from vfiod.dirty.providers.none import NoneProvider
 from vfiod.dirty.providers.type1 import Type1Provider
 from vfiod.errors import KernelError
 
-# mdev devices are named by UUID; PCI devices by BDF (vfio-uapi.md §4.1, design.md §1)
+# mdev devices are named by UUID; PCI devices by BDF (docs/kernel-contract.md §4.1, docs/architecture.md §1)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 

@@ -1,5 +1,5 @@
 """Type1 container dirty tracking: ``VFIO_IOMMU_DIRTY_PAGES`` START / GET_BITMAP / STOP and
-``VFIO_IOMMU_UNMAP_DMA`` with ``GET_DIRTY_BITMAP`` (vfio-uapi.md §3.6, §3.8, §3.9).
+``VFIO_IOMMU_UNMAP_DMA`` with ``GET_DIRTY_BITMAP`` (docs/kernel-contract.md §3.6, §3.8, §3.9).
 
 The kernel accepts exactly one bitmap page size, the IOMMU's minimum (the MIGRATION
 capability's ``pgsize_bitmap``), so ``start`` ignores the size asked for and returns that

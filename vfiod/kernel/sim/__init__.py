@@ -1,6 +1,6 @@
-"""The simulated VFIO kernel: ``SimKernel`` implements ``KernelOps`` (design.md §2) over
+"""The simulated VFIO kernel: ``SimKernel`` implements ``KernelOps`` (docs/architecture.md §2) over
 simulated containers, groups, devices, type1 and iommufd, held to the real kernel's checks
-and errno values (vfio-uapi.md §3, §4, §8); ``SimHost`` builds a host around it (sysfs tree,
+and errno values (docs/kernel-contract.md §3, §4, §8); ``SimHost`` builds a host around it (sysfs tree,
 /dev nodes, devices from ``DeviceSpec``s). Migration parts live in ``sim.migration``.
 
     from vfiod.kernel.sim import SimHost, HostDevice

@@ -3,7 +3,7 @@
 The simulated kernel (``SimKernel``) keeps an fd table mapping fd numbers to ``SimFile``
 objects, one class per kind of kernel file (container, group, device, migration data fd,
 iommufd, ...). Dispatch is on (file kind, request number) because the kernel reuses
-request numbers across fd kinds (vfio-uapi.md §0).
+request numbers across fd kinds (docs/kernel-contract.md §0).
 
 User memory: pointers inside ioctl structs are real addresses in this process; the
 simulator reads and writes them with ``copy_from_user``/``copy_to_user`` below, as the

@@ -1,4 +1,4 @@
-"""The VFIO device cdev ``/dev/vfio/devices/vfioN`` (6.6+, vfio-uapi.md §4.1 - §4.2), kept
+"""The VFIO device cdev ``/dev/vfio/devices/vfioN`` (6.6+, docs/kernel-contract.md §4.1 - §4.2), kept
 minimal: enough to bind a device to iommufd and attach it to an IOAS or a HWPT, so
 iommufd dirty tracking sees its DMA.
 

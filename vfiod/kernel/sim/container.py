@@ -1,4 +1,4 @@
-"""The container fd ``/dev/vfio/vfio`` (vfio-uapi.md §3.1, §8).
+"""The container fd ``/dev/vfio/vfio`` (docs/kernel-contract.md §3.1, §8).
 
 ``GET_API_VERSION`` (0), ``CHECK_EXTENSION`` (answered by the type1 driver: TYPE1,
 TYPE1v2, UNMAP_ALL always; UPDATE_VADDR and DMA_CC_IOMMU once an IOMMU is set, and

@@ -1,4 +1,4 @@
-"""The device fd of the simulated kernel (vfio-uapi.md §3.3 - §3.5, §6.1).
+"""The device fd of the simulated kernel (docs/kernel-contract.md §3.3 - §3.5, §6.1).
 
 Generic like vfio-pci core: the fixed PCI regions and IRQs come from ``pci.PciFunction``;
 everything migration-related is plugged in as ``DeviceParts`` (interfaces.py): extra

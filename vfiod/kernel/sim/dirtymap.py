@@ -1,5 +1,5 @@
 """Dirty-page state of one DMA mapping, and the two ways a kernel writes it to a caller's
-bitmap (vfio-uapi.md §3.9 for type1, §4.4 for iommufd).
+bitmap (docs/kernel-contract.md §3.9 for type1, §4.4 for iommufd).
 
 Bits are little-endian u64 words, bit ``i`` (word ``i // 64``, bit ``i % 64``) = page ``i``.
 State is a numpy ``uint64`` array allocated on the first mark: ``np.zeros`` is ``calloc``,

@@ -1,4 +1,4 @@
-"""IOMMU groups and the group fd ``/dev/vfio/N`` (vfio-uapi.md §3.1 - §3.2, §8).
+"""IOMMU groups and the group fd ``/dev/vfio/N`` (docs/kernel-contract.md §3.1 - §3.2, §8).
 
 Kernel rules kept here:
 * One open at a time: a second ``open`` is EBUSY (also while a member's cdev is open).
@@ -53,7 +53,7 @@ class SimGroup:
 
     @property
     def viable(self) -> bool:
-        """Every member is VFIO-bound or unbound (vfio-uapi.md §3.1 step 1)."""
+        """Every member is VFIO-bound or unbound (docs/kernel-contract.md §3.1 step 1)."""
         return all(driver is None for _, driver in self.host_members)
 
     @property

@@ -1,6 +1,6 @@
 """``SimHost``: a whole simulated hypervisor host in a temporary directory — the sysfs
 tree discovery reads, the ``/dev`` nodes, and a ``SimKernel`` serving those nodes
-(vfio-uapi.md §3.1, §4.1).
+(docs/kernel-contract.md §3.1, §4.1).
 
     host = SimHost.build(tmp_path, [[DeviceSpec("0000:3b:00.1")],
                                     [DeviceSpec("0000:5e:00.0"), HostDevice("0000:5e:00.1")],

@@ -5,12 +5,12 @@ into it, each built by ``vfiod.kernel.sim.migration`` (v2 state machine, v1 regi
 logging) from a ``DeviceSpec``:
 
 * ``FeatureHandler``: answers ``VFIO_DEVICE_FEATURE`` for the feature ids it owns
-  (vfio-uapi.md §6.1). The device fd validates argsz/flags common to all features
+  (docs/kernel-contract.md §6.1). The device fd validates argsz/flags common to all features
   (GET+SET together, unknown bits, PROBE) and answers ENOTTY for features no handler owns.
 * ``SimRegion``: a device region beyond the fixed vfio-pci ones (the v1 migration region,
-  vfio-uapi.md §5), with its capability chain and pread/pwrite/mmap.
+  docs/kernel-contract.md §5), with its capability chain and pread/pwrite/mmap.
 * ``DmaListener``: told about simulated device DMA writes (DMA logging sets bits; type1
-  marks pages dirty for pinned-scope devices, vfio-uapi.md §3.9).
+  marks pages dirty for pinned-scope devices, docs/kernel-contract.md §3.9).
 * ``Resettable``: VFIO_DEVICE_RESET returns every part to its power-on state.
 * ``Closable``: the last close of the device fd also ends what a reset keeps (DMA logging).
 """

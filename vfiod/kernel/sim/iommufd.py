@@ -1,4 +1,4 @@
-"""``/dev/iommu``: the iommufd objects vfiod's dirty tracking needs (vfio-uapi.md §4.3 -
+"""``/dev/iommu``: the iommufd objects vfiod's dirty tracking needs (docs/kernel-contract.md §4.3 -
 §4.4): IOAS (alloc, map, unmap, IOVA ranges), device objects (created by a cdev BIND),
 HWPTs (alloc with DIRTY_TRACKING, auto-created on attach to an IOAS), hardware info,
 dirty tracking on/off and the dirty bitmap; ``IOMMU_DESTROY``.

@@ -1,4 +1,4 @@
-"""The iommufd objects behind ``/dev/iommu`` (vfio-uapi.md §4.3 - §4.4): an IOAS (the
+"""The iommufd objects behind ``/dev/iommu`` (docs/kernel-contract.md §4.3 - §4.4): an IOAS (the
 IOVA → user-memory areas), a HWPT (an IOMMU page table over an IOAS; with dirty tracking it
 records attached devices' DMA writes per area) and a device object (a bound cdev).
 

@@ -1,8 +1,8 @@
-"""``SimKernel``: the ``KernelOps`` protocol over a simulated VFIO kernel (design.md §2).
+"""``SimKernel``: the ``KernelOps`` protocol over a simulated VFIO kernel (docs/architecture.md §2).
 
 It owns an fd table of ``SimFile`` objects (container, group, device, cdev, iommufd, data
 fds) and dispatches every call on the fd's file. Request numbers are reused across fd
-kinds (vfio-uapi.md §0), so each file kind has its own request → kernel-name table; an
+kinds (docs/kernel-contract.md §0), so each file kind has its own request → kernel-name table; an
 unknown request is ENOTTY, like the kernel.
 
 What is real: memory. ``memfd_create``, ``eventfd`` and ``mmap`` of those fds go to a

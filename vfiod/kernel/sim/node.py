@@ -3,7 +3,7 @@ the parts ``build_parts`` plugged into it, its PCI function (regions, IRQs), whi
 domain its DMA goes through, and the test hooks that make it act like hardware
 (``dma_write``, ``pin_pages``, ``signal_irq``).
 
-DMA (vfio-uapi.md §3.9, §4.4, §7): a device write goes through the domain the device is
+DMA (docs/kernel-contract.md §3.9, §4.4, §7): a device write goes through the domain the device is
 attached to — the type1 container of its group, or the iommufd HWPT its cdev is attached
 to — which translates and marks pages dirty by its own rules; then every ``DmaListener``
 (device DMA logging) hears about it. A write to an IOVA nothing maps is an IOMMU fault:
@@ -63,7 +63,7 @@ class SimDevice:
         self.open_count += 1
 
     def closed(self) -> None:
-        """Last close returns the device to its power-on state (vfio-uapi.md §6.3: closing
+        """Last close returns the device to its power-on state (docs/kernel-contract.md §6.3: closing
         the device fd ends any migration session and goes back to RUNNING), then ends
         what a reset keeps (``Closable``: a DMA-logging session)."""
         self.open_count -= 1
@@ -104,7 +104,7 @@ class SimDevice:
 
     def pin_pages(self, iova: int, length: int) -> None:
         """``vfio_pin_pages`` by an emulated-IOMMU (mdev) driver: the pages stay dirty in
-        type1's pinned scope until unpinned (vfio-uapi.md §3.9). Since 6.1 only emulated
+        type1's pinned scope until unpinned (docs/kernel-contract.md §3.9). Since 6.1 only emulated
         devices may pin."""
         if self.kind != "mdev":
             raise fail(errno.EINVAL, "vfio_pin_pages", self.name,

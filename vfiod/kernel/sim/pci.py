@@ -1,5 +1,5 @@
 """The fixed vfio-pci part of a simulated device: BARs, ROM, config space, VGA and the five
-IRQ indexes (vfio-uapi.md §3.3 - §3.4).
+IRQ indexes (docs/kernel-contract.md §3.3 - §3.4).
 
 Region offsets in the device fd follow vfio-pci: ``index << 40`` (callers must still use
 the ``offset`` from REGION_INFO verbatim). Sizes come from the spec:

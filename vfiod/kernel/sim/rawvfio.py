@@ -1,6 +1,6 @@
 """Raw-ioctl helpers for tests that drive the simulated kernel below the vfio/ object layer
 (simulator tests of this package and of ``sim.migration``): open a device the legacy way
-(vfio-uapi.md §3.1), map DMA, run ``VFIO_DEVICE_FEATURE`` and ``VFIO_IOMMU_DIRTY_PAGES``.
+(docs/kernel-contract.md §3.1), map DMA, run ``VFIO_DEVICE_FEATURE`` and ``VFIO_IOMMU_DIRTY_PAGES``.
 Everything goes through ``KernelOps`` with the ``vfiod.abi`` structs, exactly as a caller of
 the real kernel would; nothing here knows simulator internals.
 """
@@ -27,7 +27,7 @@ class RawVfio:
     device: int
 
     def close(self) -> None:
-        """Device, then group, then container (design.md §2)."""
+        """Device, then group, then container (docs/architecture.md §2)."""
         for fd in (self.device, self.group, self.container):
             self.kernel.close(fd)
 

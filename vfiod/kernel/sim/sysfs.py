@@ -1,5 +1,5 @@
 """Writes the part of ``/sys`` that VFIO discovery reads, into a directory, shaped like the
-kernel's (vfio-uapi.md §3.1 step 1, §4.1 step 1): real directories, attribute files and
+kernel's (docs/kernel-contract.md §3.1 step 1, §4.1 step 1): real directories, attribute files and
 relative symlinks, so discovery code reads it with plain readlink/listdir/read.
 
     devices/pci<dom>:<bus>/<BDF>/{vendor,device,class,driver->,iommu_group->,vfio-dev/vfioN/}

@@ -1,5 +1,5 @@
 """The type1 IOMMU driver behind a container: info, DMA mappings and the DMA path of
-simulated devices (vfio-uapi.md §3.6 - §3.8; dirty tracking in ``type1_dirty``).
+simulated devices (docs/kernel-contract.md §3.6 - §3.8; dirty tracking in ``type1_dirty``).
 
 Held to the kernel's checks and errno values:
 * ``GET_INFO``: argsz >= 16, caps (two-call pattern) in the order MIGRATION, DMA_AVAIL,
@@ -105,7 +105,7 @@ class Type1Iommu:
     @property
     def all_dirty(self) -> bool:
         """Any IOMMU-backed (non-pinned-scope) group: type1 cannot see device writes and
-        reports every mapped page dirty (vfio-uapi.md §3.9 scope rule)."""
+        reports every mapped page dirty (docs/kernel-contract.md §3.9 scope rule)."""
         return any(g.kind == "pci" for g in self.groups)
 
     @property

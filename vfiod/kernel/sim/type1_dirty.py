@@ -1,5 +1,5 @@
 """Type1 dirty-page tracking: ``VFIO_IOMMU_DIRTY_PAGES`` and the dirty bitmap of
-``VFIO_IOMMU_UNMAP_DMA`` (vfio-uapi.md §3.8 - §3.9).
+``VFIO_IOMMU_UNMAP_DMA`` (docs/kernel-contract.md §3.8 - §3.9).
 
 Validation order and errno values are the kernel's: TYPE1 (v1) container → EACCES first;
 argsz < 8 or unknown flags → EINVAL; not exactly one flag → EINVAL. GET_BITMAP: argsz must

@@ -1,4 +1,4 @@
-"""How the simulated kernel reads and answers a caller's ioctl argument (vfio-uapi.md §0).
+"""How the simulated kernel reads and answers a caller's ioctl argument (docs/kernel-contract.md §0).
 
 The real kernel copies ``min(argsz, what it knows)`` bytes of an extensible struct from the
 caller, checks a minimum size, and copies back only the fields it answers. These helpers do

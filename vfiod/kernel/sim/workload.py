@@ -1,5 +1,5 @@
 """A simulated guest workload: devices DMA real bytes into guest RAM at a chosen rate
-(design.md §1, §3; vfio-uapi.md §3.9 and §7 for how the writes become dirty bits).
+(docs/architecture.md §1, §3; docs/kernel-contract.md §3.9 and §7 for how the writes become dirty bits).
 
 Each write goes through ``SimDevice.dma_write(iova, length, data)``: the IOMMU domain the
 device is attached to translates it, the bytes land in the guest's memory behind the

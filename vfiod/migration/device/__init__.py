@@ -1,4 +1,4 @@
-"""Device migration protocols (design.md §1.4–§1.6, §7; vfio-uapi.md §5 v1, §6 v2): one
+"""Device migration protocols (docs/architecture.md §1.4–§1.6, §7; docs/kernel-contract.md §5 v1, §6 v2): one
 module per job, imported from the module that does it.
 
 * ``protocol``  ``MigrationDriver`` (the hooks a session calls), ``Pending``, ``HookPhase``,

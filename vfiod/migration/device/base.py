@@ -1,5 +1,5 @@
-"""What both migration drivers do the same way (design.md §1 steps 5–6, §1.5–§1.6;
-vfio-uapi.md §5.4, §6.3, §6.6, §11): the hook order, every hook's sequence, the identity
+"""What both migration drivers do the same way (docs/architecture.md §1 steps 5–6, §1.5–§1.6;
+docs/kernel-contract.md §5.4, §6.3, §6.6, §11): the hook order, every hook's sequence, the identity
 record and the whole recovery sequence. A protocol (v1.py, v2.py) supplies only what
 differs, as small methods ``DriverBase`` calls (template methods): how a state is read and
 requested, how data is read and written, and the words its rungs use.

@@ -1,4 +1,4 @@
-"""The ways a migration driver refuses or fails (design.md §1.6, §2 "Errors"; vfio-uapi.md
+"""The ways a migration driver refuses or fails (docs/architecture.md §1.6, §2 "Errors"; docs/kernel-contract.md
 §6.3, §6.6, §11): a hook out of order, a transition that must never reach the kernel, a
 destination that cannot take the source's state, and a state change that failed after the
 recovery ladder ran.

@@ -1,4 +1,4 @@
-"""Which migration driver a device gets (design.md §1 step 4; vfio-uapi.md §5.1, §6.1–§6.2):
+"""Which migration driver a device gets (docs/architecture.md §1 step 4; docs/kernel-contract.md §5.1, §6.1–§6.2):
 v2 when ``VFIO_DEVICE_FEATURE MIGRATION`` GET answers with the mandatory STOP_COPY, else v1
 when the device has a migration region (type 3, subtype 1), else ``NotMigratable`` naming
 the concrete reason for both.

@@ -1,8 +1,8 @@
 """The one interface the session uses for a device's state, whichever protocol the kernel
-offers (design.md §1.4–§1.6; vfio-uapi.md §5 v1, §6 v2): ``MigrationDriver`` and the
+offers (docs/architecture.md §1.4–§1.6; docs/kernel-contract.md §5 v1, §6 v2): ``MigrationDriver`` and the
 small types its hooks speak in.
 
-The hook names are the seed's vocabulary (design.md §1): a source runs
+The hook names are the seed's vocabulary (docs/architecture.md §1): a source runs
 ``save_setup → (save_live_pending, save_live_iterate)* → [quiesce_p2p] →
 save_live_complete_precopy → cleanup``; a destination runs ``load_setup → load_state* →
 load_complete → resume → cleanup``. ``save_state`` is a small identity record the

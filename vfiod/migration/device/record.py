@@ -1,5 +1,5 @@
-"""The device identity record (``save_state`` / ``check_state``; design.md §1 step 5
-preflight "device identity and migration flags", vfio-uapi.md §6.2): a small JSON object a
+"""The device identity record (``save_state`` / ``check_state``; docs/architecture.md §1 step 5
+preflight "device identity and migration flags", docs/kernel-contract.md §6.2): a small JSON object a
 source writes before its device data and a destination checks before it loads anything.
 
 ``encode_record`` names the device, its protocol and its VFIO_MIGRATION_* flags plus any

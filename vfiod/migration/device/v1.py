@@ -1,5 +1,5 @@
 """Migration driver for protocol v1: the migration region's register block and data window
-(vfio-uapi.md §5; design.md §1.4–§1.6). For 5.8–5.17 kernels and out-of-tree vendor drivers.
+(docs/kernel-contract.md §5; docs/architecture.md §1.4–§1.6). For 5.8–5.17 kernels and out-of-tree vendor drivers.
 
 * ``device_state`` changes by read-modify-write of the 4-byte register (bits 3–31 are
   reserved and kept), decoded into ``MigState`` by ``v1_codec``. What follows a failed
@@ -175,7 +175,7 @@ class V1Driver(DriverBase):
         if self._state not in (MigState.PRE_COPY, MigState.STOP_COPY):
             return Pending(0, 0, False)
         pending = self._read("pending_bytes")
-        # v1 cannot say what will be left after the stop: design.md §4 takes the current
+        # v1 cannot say what will be left after the stop: docs/architecture.md §4 takes the current
         # pending_bytes as the stop-copy estimate (over-estimating downtime, never under)
         pre = pending if self._state is MigState.PRE_COPY else 0
         return Pending(pre, pending, False)

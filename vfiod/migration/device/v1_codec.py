@@ -1,9 +1,9 @@
 """Migration v1 ``device_state`` bitmask ⇄ ``MigState``, and the register block's layout
-(vfio-uapi.md §5.2, §5.3).
+(docs/kernel-contract.md §5.2, §5.3).
 
 v1 has no enum: the state is three bits (_RESUMING _SAVING _RUNNING) of a 32-bit register
 whose bits 3–31 are reserved and must survive every write (read-modify-write). vfiod keeps
-one state vocabulary (design.md §2), so the bits are decoded into the v2 values:
+one state vocabulary (docs/architecture.md §2), so the bits are decoded into the v2 values:
 
     000 STOP   001 RUNNING   010 STOP_COPY   011 PRE_COPY   100 RESUMING   110 ERROR
 

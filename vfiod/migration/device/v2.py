@@ -1,8 +1,8 @@
 """Migration driver for protocol v2: the ``VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`` state
-machine and its data fd (vfio-uapi.md §6, pitfalls §11; design.md §1.5–§1.6).
+machine and its data fd (docs/kernel-contract.md §6, pitfalls §11; docs/architecture.md §1.5–§1.6).
 
 The kernel composes multi-step transitions; this driver only names a target and a recovery
-state (design.md §2), and the recovery ladder around each SET is the shared one of
+state (docs/architecture.md §2), and the recovery ladder around each SET is the shared one of
 ``base`` (SET target → GET → SET recovery → VFIO_DEVICE_RESET, every rung reported).
 
 Rules kept here (§11): never request PRE_COPY/PRE_COPY_P2P while the device is in
@@ -98,7 +98,7 @@ class V2Driver(DriverBase):
 
     def _forbidden(self, current: MigState, target: MigState) -> str | None:
         if current is MigState.STOP_COPY and target in DEVICE_PRECOPY_STATES:
-            return "hangs kernels 6.2+"        # a soft lockup, vfio-uapi.md §6.6
+            return "hangs kernels 6.2+"        # a soft lockup, docs/kernel-contract.md §6.6
         return None
 
     def _arrive(self, state: MigState, fd: int | None) -> None:

@@ -1,4 +1,4 @@
-"""The guest a migration moves, and how one is assembled and checked (design.md §1 steps
+"""The guest a migration moves, and how one is assembled and checked (docs/architecture.md §1 steps
 2-4).
 
 Modules:

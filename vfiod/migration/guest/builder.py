@@ -1,5 +1,5 @@
 """``build_guest``: the one way a ``Guest`` is assembled, for the daemon (from its
-configuration), ``vfiod demo`` and the tests (design.md §1 steps 2-4; vfio-uapi.md §3.1
+configuration), ``vfiod demo`` and the tests (docs/architecture.md §1 steps 2-4; docs/kernel-contract.md §3.1
 container/group/device, §3.7 MAP_DMA).
 
 A ``GuestPlan`` is a plain description: the RAM layout (``RamRegion``s, each a new memfd

@@ -1,5 +1,5 @@
 """A guest's devices and DMA containers, and the steps of opening a device for migration
-(design.md §1 steps 2 and 4; vfio-uapi.md §3.1 container/group/device, §3.5 reset, §5.1
+(docs/architecture.md §1 steps 2 and 4; docs/kernel-contract.md §3.1 container/group/device, §3.5 reset, §5.1
 v1 discovery, §6.2 v2 flags, §7 device DMA logging).
 
 Both the guest builder and the migratability check of a device no guest owns go through
@@ -112,7 +112,7 @@ def claim_running(name: str, dev: Device) -> MigrationDriver:
     """A device vfiod claims must be RUNNING. Closing a device fd does not always
     return it there (the mtty sample keeps STOP across close and reopen, seen on
     6.12), so a device left stopped or mid-session by a previous owner is reset
-    (VFIO_DEVICE_RESET: back to RUNNING, any data session dropped, vfio-uapi.md
+    (VFIO_DEVICE_RESET: back to RUNNING, any data session dropped, docs/kernel-contract.md
     §3.5) instead of being migrated from the wrong state."""
     driver = probe(dev)                 # reads the device's state back
     state = driver.state()

@@ -1,5 +1,5 @@
-"""``RamBlock``: one RAM region of a guest, mapped into this process (design.md §1 step 3;
-vfio-uapi.md §3.7 MAP_DMA).
+"""``RamBlock``: one RAM region of a guest, mapped into this process (docs/architecture.md §1 step 3;
+docs/kernel-contract.md §3.7 MAP_DMA).
 
 The region is described by a ``RamRegion`` (name, guest-physical address, size: the same
 value the stream header carries); the block adds what this process holds for it: the

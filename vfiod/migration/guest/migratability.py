@@ -1,6 +1,6 @@
 """The migratability check: what a device offers a migration, found the same way for a
-device of an open guest and for a device no guest owns (design.md §1 step 4 probes;
-vfio-uapi.md §5.1 v1 discovery, §6.2 v2 flags, §3.9 and §7 dirty tracking).
+device of an open guest and for a device no guest owns (docs/architecture.md §1 step 4 probes;
+docs/kernel-contract.md §5.1 v1 discovery, §6.2 v2 flags, §3.9 and §7 dirty tracking).
 
 ``Migratability`` is the answer for one device that has a migration driver: its protocol
 and capability names (``device_info``), whether it logs its DMA, and the dirty provider

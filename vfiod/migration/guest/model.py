@@ -1,5 +1,5 @@
 """The guest a migration moves: its RAM, its DMA containers, its devices, its run state
-(design.md §1 steps 2-4; vfio-uapi.md §3.1 container/group/device, §3.7 MAP_DMA).
+(docs/architecture.md §1 steps 2-4; docs/kernel-contract.md §3.1 container/group/device, §3.7 MAP_DMA).
 
 A ``Guest`` owns
 
@@ -9,7 +9,7 @@ A ``Guest`` owns
   (default: every RAM region at iova == gpa), and the devices opened through it;
 * devices: the vfio ``Device``, the migration driver ``probe`` chose, and the per-device
   ``pre_copy_dirty_page_tracking`` flag (QEMU's ``x-pre-copy-dirty-page-tracking``);
-* the dirty tracker over all its containers (``make_tracker``, design.md §3), which
+* the dirty tracker over all its containers (``make_tracker``, docs/architecture.md §3), which
   reads each device's migration state from its driver for the opt-out;
 * the run state (``GuestState``) with handlers: pausing the guest calls every handler
   before ``pause`` returns, so whatever runs the guest (vCPUs, a simulated workload) has

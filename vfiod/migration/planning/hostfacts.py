@@ -1,4 +1,4 @@
-"""Facts about a host that decide whether a guest may migrate to it (design.md §1 preflight).
+"""Facts about a host that decide whether a guest may migrate to it (docs/architecture.md §1 preflight).
 
 Gatherers, each reading paths given as parameters (through ``KernelOps.read_text``) so
 tests feed files:

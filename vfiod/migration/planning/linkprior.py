@@ -1,4 +1,4 @@
-"""Bandwidth prior from the egress link to the destination (design.md §4, §6).
+"""Bandwidth prior from the egress link to the destination (docs/architecture.md §4, §6).
 
 Before the first 100 ms measurement window the predictor needs some bandwidth: this asks
 the kernel which interface the route to the destination leaves by (``IPRoute().route('get',

@@ -1,4 +1,4 @@
-"""Downtime prediction and the switchover policy (design.md §4).
+"""Downtime prediction and the switchover policy (docs/architecture.md §4).
 
 Pure code: every input carries its timestamp (``time.monotonic()`` seconds from the
 caller), nothing here reads a clock, a socket or a device, so tests are deterministic.

@@ -1,6 +1,6 @@
 """Preflight: may this guest migrate from the source host to the destination host?
 
-design.md §1 step 5. Each side describes itself as ``MigrationFacts`` (its ``HostFacts``
+docs/architecture.md §1 step 5. Each side describes itself as ``MigrationFacts`` (its ``HostFacts``
 from ``hostfacts.gather_host_facts`` plus ``GuestFacts``: the guest as the source runs it,
 or as the destination is configured to receive it). ``compare(source, dest)`` returns every
 reason to refuse, as sentences an operator can act on (empty list = go);

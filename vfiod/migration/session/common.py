@@ -1,5 +1,5 @@
-"""Migration sessions: what both ends share (design.md §1 steps 5-6, §4, §5; the flows
-of vfio-uapi.md §5.4-§5.6 for v1 and §6.10 for v2, through the drivers).
+"""Migration sessions: what both ends share (docs/architecture.md §1 steps 5-6, §4, §5; the flows
+of docs/kernel-contract.md §5.4-§5.6 for v1 and §6.10 for v2, through the drivers).
 
 A session moves one guest. ``SourceSession`` (``source``) and ``DestinationSession``
 (``dest``) each drive their side over one ``Link`` and return a ``MigrationResult``; this
@@ -17,7 +17,7 @@ module holds what they share:
   through ``_hook`` so status names the hook running on each device and a failure names
   the hook and the device;
 * the end of every device's part: ``cleanup`` after a completed migration, ``rollback``
-  after a failed one (design.md §1.6), each device's tried whatever the others did;
+  after a failed one (docs/architecture.md §1.6), each device's tried whatever the others did;
 * ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
 
 Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``; they import nothing from the

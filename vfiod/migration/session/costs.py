@@ -1,4 +1,4 @@
-"""Time models fitted on this path, for the downtime prediction (design.md §4 "fixed costs
+"""Time models fitted on this path, for the downtime prediction (docs/architecture.md §4 "fixed costs
 measured on this path").
 
 ``CostModel`` fits ``seconds ~= bytes * per_byte + items * per_item`` over recent samples.
@@ -19,7 +19,7 @@ class CostModel:
     recent samples (older ones decay), with ``per_item`` >= 0. Sending RAM costs time per
     byte (the link) and per record (framing, checksum tables, the receiver's bookkeeping):
     a final pass of many scattered pages takes longer than its bytes say, so the
-    prediction counts both (design.md §4 "fixed costs measured on this path")."""
+    prediction counts both (docs/architecture.md §4 "fixed costs measured on this path")."""
 
     def __init__(self, prior_per_item_s: float = 40e-6, decay: float = 0.9) -> None:
         self.prior = prior_per_item_s

@@ -1,4 +1,4 @@
-"""The destination side of a live migration (design.md §1 steps 5-6; vfio-uapi.md §5.6,
+"""The destination side of a live migration (docs/architecture.md §1 steps 5-6; docs/kernel-contract.md §5.6,
 §6.10 destination flow; the seed's load hooks).
 
     SETUP    send this host's facts (ACK hello); read the HEADER; check it against this

@@ -1,5 +1,5 @@
 """Content digests of guest RAM, kept current incrementally on both ends of a migration
-(design.md §1 step 5 "destination verifies"; §5 manifest).
+(docs/architecture.md §1 step 5 "destination verifies"; §5 manifest).
 
 The stream's MANIFEST proves the destination received exactly the records the source sent.
 This module proves the next thing: that the destination's RAM, once loaded, has the same

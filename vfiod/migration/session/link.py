@@ -1,5 +1,5 @@
 """What a migration session needs from its transport, and a bandwidth-capped wrapper
-(design.md §5 transport, §4 bandwidth).
+(docs/architecture.md §5 transport, §4 bandwidth).
 
 ``Link`` is the slice of ``vfiod.migration.transport.tcp.Connection`` the sessions use:
 the ``StreamSink``/``Source`` plus the return path. Control frames travel both ways on

@@ -1,6 +1,6 @@
-"""The pieces the source's phases are made of (design.md §1 step 5, §4, §5): sending dirty
+"""The pieces the source's phases are made of (docs/architecture.md §1 step 5, §4, §5): sending dirty
 RAM in measured slices, and the numbers each prediction is made from (dirty pages as the
-providers report them, vfio-uapi.md §3.9, §4.4, §7; device bytes from §6.8-§6.9 / §5.5).
+providers report them, docs/kernel-contract.md §3.9, §4.4, §7; device bytes from §6.8-§6.9 / §5.5).
 
 ``RamSender.send`` takes the dirty runs of a pass (``DirtyTracker.take_dirty_runs``) and
 hands them to the ``StreamWriter`` in slices of ``slice_bytes``. After each slice it

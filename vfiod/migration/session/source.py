@@ -1,4 +1,4 @@
-"""The source side of a live migration (design.md §1 steps 5-6, §4; vfio-uapi.md §5.4-§5.5,
+"""The source side of a live migration (docs/architecture.md §1 steps 5-6, §4; docs/kernel-contract.md §5.4-§5.5,
 §6.10 source flow; the seed's hook sequence).
 
     SETUP    wait for the destination's facts (ACK hello); send the stream HEADER; refuse
@@ -20,14 +20,14 @@
     done     ``cleanup`` each device (v2: STOP_COPY -> STOP), stop tracking, guest
              POSTMIGRATE, close device/group/container fds.
 
-Any failure or cancel before the destination's ACK resumed rolls back (design.md §1.6):
+Any failure or cancel before the destination's ACK resumed rolls back (docs/architecture.md §1.6):
 ABORT to the destination (it discards), every device ``rollback`` to RUNNING (v2 ladder:
 target, recovery state, reset; v1 _RUNNING with _SAVING cleared), tracking stopped, the
 guest resumed. Guest memory is only ever read here.
 
 After the commit the destination verifies and resumes on its own; if its ACK never comes
 (the connection died), the source cannot know whether it resumed. It rolls back, as
-design.md §1.6 asks, and says so in the result: an operator must check the destination
+docs/architecture.md §1.6 asks, and says so in the result: an operator must check the destination
 before starting the guest anywhere else.
 """
 
@@ -180,7 +180,7 @@ class SourceSession(SessionBase):
             t0 = self.clock()
             self._hook(d, d.driver.save_setup)
             # one arc each way costs about the same: the stop-and-copy arc is predicted
-            # from the setup arc measured here (design.md §4 fixed costs)
+            # from the setup arc measured here (docs/architecture.md §4 fixed costs)
             self._stop_cost += self.clock() - t0
         for d in g.devices:
             w.send_device_data(d.name, self._hook(d, d.driver.save_state))
@@ -348,7 +348,7 @@ class SourceSession(SessionBase):
             except Exception as e:  # noqa: BLE001
                 self.result.warnings.append(f"stopping dirty tracking: {e}")
 
-    # -- rollback (design.md §1.6) ----------------------------------------------------
+    # -- rollback (docs/architecture.md §1.6) ----------------------------------------------------
     def _rollback(self, final: MigrationState, exc: BaseException) -> MigrationResult:
         if final is MigrationState.CANCELLED:
             self._set_state(MigrationState.CANCELLING)

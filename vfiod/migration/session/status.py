@@ -1,9 +1,9 @@
 """Progress and status of a migration session: one record per pre-copy iteration, and a
 snapshot a control client, the metrics collector or the demo can read at any time
-(design.md §1 "status shows the triple", §4 prediction, §6 ``vfiod ctl status``/``watch``).
+(docs/architecture.md §1 "status shows the triple", §4 prediction, §6 ``vfiod ctl status``/``watch``).
 
 The triple is (guest run state, migration state, device state) in the seed's flow-diagram
-words (``states.device_label``; device states are vfio-uapi.md §6.4's, v1 bits §5.3
+words (``states.device_label``; device states are docs/kernel-contract.md §6.4's, v1 bits §5.3
 decoded into them), e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING)``. A guest with
 several devices shows one triple per device; ``triple`` joins the distinct device labels
 with ``/`` in device order, e.g. ``(RUNNING, ACTIVE, RUNNING|SAVING/RUNNING)``.

@@ -1,4 +1,4 @@
-"""The migration stream: versioned, framed, checksummed records (design.md §5).
+"""The migration stream: versioned, framed, checksummed records (docs/architecture.md §5).
 
 Modules:
 

@@ -1,4 +1,4 @@
-"""CRC-32C (Castagnoli), the checksum of every migration stream record (design.md §5).
+"""CRC-32C (Castagnoli), the checksum of every migration stream record (docs/architecture.md §5).
 
 Why CRC-32C and why here: the stream must be checked end to end, yet the checked RAM
 stream has to keep up with a loopback socket (several GB/s). ``zlib.crc32`` is the other

@@ -1,12 +1,12 @@
 """The stream's HEADER record: who sends, the guest's memory layout, its devices.
 
-design.md §5 ("the header carries protocol version, source identity, guest layout and
+docs/architecture.md §5 ("the header carries protocol version, source identity, guest layout and
 device list"). The payload is UTF-8 JSON so that an operator can read it with ``jq`` from a
 saved snapshot; it is small and bounded (``Limits.header``), and ``StreamHeader.from_json``
 checks every field (types, alignment, overlaps, counts) before anything uses it, because
 the destination sizes its memory checks from it.
 
-Device entries carry what preflight compares (design.md §1): identity (vendor, device,
+Device entries carry what preflight compares (docs/architecture.md §1): identity (vendor, device,
 subsystem, driver, mdev type ... as strings), migration protocol (``v2``/``v1``), the
 migration flags (v2 ``VFIO_MIGRATION_*`` bits as the kernel reports them) and capability
 names (``PRE_COPY``, ``P2P``, ``DMA_LOGGING`` ...).

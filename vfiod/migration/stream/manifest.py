@@ -1,6 +1,6 @@
 """The final MANIFEST record: per-region and per-device tallies the destination verifies.
 
-design.md §5: "a final manifest (per-region digests, byte counts) lets the destination prove
+docs/architecture.md §5: "a final manifest (per-region digests, byte counts) lets the destination prove
 nothing was lost". Both ends keep a ``Tally`` per RAM region and per device, fed one entry
 per record (never per page): the record's sequence number, its two arguments, its data
 length (for RAM: the page bytes, without the CRC table) and its payload CRC (for RAM: the

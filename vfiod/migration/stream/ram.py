@@ -1,10 +1,10 @@
 """``GuestRam``: guest-physical pages → slices of the memory views that back them.
 
-design.md §1 step 3: a guest's RAM is one or more shared files that the vfio layer mmaps;
+docs/architecture.md §1 step 3: a guest's RAM is one or more shared files that the vfio layer mmaps;
 this object is how the stream reaches them without a Python object per page. The source
 gives it read views (its mmaps); the destination gives it writable views, and RAM payload is
 received straight into them. Pages are numbered globally: page ``p`` is guest-physical
-address ``p * page_size``, the numbering the dirty bitmaps use (design.md §3).
+address ``p * page_size``, the numbering the dirty bitmaps use (docs/architecture.md §3).
 
 A range must lie inside one region: ``locate`` refuses anything else with ``ValueError``
 (the reader turns that into a located ``RecordError``); ``split`` cuts a range that crosses

@@ -1,4 +1,4 @@
-"""``StreamReader``: the destination side of the migration stream (design.md §5).
+"""``StreamReader``: the destination side of the migration stream (docs/architecture.md §5).
 
 Usage (the destination session drives it; the source is a connection or a file)::
 

@@ -1,6 +1,6 @@
 """Wire format of the migration stream: preamble, record header, record types, limits.
 
-design.md §5. Everything is little-endian. A stream is a 16-byte preamble followed by
+docs/architecture.md §5. Everything is little-endian. A stream is a 16-byte preamble followed by
 records; byte offsets in errors count from the first byte of the preamble.
 
 Preamble (16 bytes)::

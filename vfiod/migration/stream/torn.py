@@ -1,6 +1,6 @@
 """``TornPages``: guest pages whose live RAM record failed its checksum, until re-sent.
 
-Why this exists (design.md §5, "zero-copy ... over the mmap"): during pre-copy the guest
+Why this exists (docs/architecture.md §5, "zero-copy ... over the mmap"): during pre-copy the guest
 runs, and the source sends RAM straight from the guest mapping. A page the guest writes
 between the source's checksum and the kernel's copy arrives with a checksum that does not
 match. That page is dirty again, so dirty tracking makes the source send it in a later pass

@@ -1,4 +1,4 @@
-"""``StreamWriter``: the source side of the migration stream (design.md §5).
+"""``StreamWriter``: the source side of the migration stream (docs/architecture.md §5).
 
 Usage (the session drives it; the sink is a transport connection or a file)::
 

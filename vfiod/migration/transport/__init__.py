@@ -1,4 +1,4 @@
-"""Transports for the migration stream (design.md §5): TCP with a return path and optional
+"""Transports for the migration stream (docs/architecture.md §5): TCP with a return path and optional
 mutual TLS (``tcp``), snapshot files (``files``), and the return-path control messages and
 ``TransportError`` (``control``). Each implements the ``StreamSink``/``Source``.
 """

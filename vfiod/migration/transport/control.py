@@ -1,4 +1,4 @@
-"""Return-path control messages and the transport's error type (design.md §5).
+"""Return-path control messages and the transport's error type (docs/architecture.md §5).
 
 Control frames travel on the migration's TCP connection beside the stream. Most go back
 from the destination to the source, in the opposite direction of the stream:

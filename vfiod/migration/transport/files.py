@@ -1,7 +1,7 @@
-"""File target for save and restore snapshots (design.md §5): the same records as TCP.
+"""File target for save and restore snapshots (docs/architecture.md §5): the same records as TCP.
 
 ``FileSink`` is a ``StreamSink`` (no return path: ``check_peer`` does nothing) and
-``FileSource`` a stream ``Source``. Both go through ``KernelOps`` (design.md §2: only the
+``FileSource`` a stream ``Source``. Both go through ``KernelOps`` (docs/architecture.md §2: only the
 kernel layer makes syscalls), so the restore path reads RAM payload with one ``readv`` per
 record straight into guest memory, exactly like ``recv_into`` on a socket.
 

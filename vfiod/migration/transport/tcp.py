@@ -1,4 +1,4 @@
-"""TCP transport with a return path and optional mutual TLS (design.md §5).
+"""TCP transport with a return path and optional mutual TLS (docs/architecture.md §5).
 
 One connection carries the stream source → destination and control messages destination →
 source (``control.py``). API::

@@ -1,4 +1,4 @@
-"""The migration side of the simulated kernel (vfio-uapi.md §5 - §7): what a simulated
+"""The migration side of the simulated kernel (docs/kernel-contract.md §5 - §7): what a simulated
 device can do beyond plain vfio-pci, built from its ``DeviceSpec`` by ``build_parts``
 (the ``BuildParts`` contract of ``vfiod.kernel.sim.interfaces``):
 

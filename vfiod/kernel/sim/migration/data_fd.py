@@ -1,4 +1,4 @@
-"""The v2 migration data fds (vfio-uapi.md §6.7, §6.8): the anonymous stream files a
+"""The v2 migration data fds (docs/kernel-contract.md §6.7, §6.8): the anonymous stream files a
 ``VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`` SET returns in ``data_fd``.
 
 * ``SavingFile`` (O_RDONLY): ``read`` streams the session (``stream.SaveSession``). In
@@ -60,7 +60,7 @@ class SavingFile(SimFile):
         data = self.session.read(length)
         if not data and length and self.owner.state in PRECOPY_STATES \
                 and self.owner.precopy_empty_enomsg:
-            # A temporary end of pre-copy data, not EOF (vfio-uapi.md §6.7).
+            # A temporary end of pre-copy data, not EOF (docs/kernel-contract.md §6.7).
             raise fail(errno.ENOMSG, op, self.name, "no pre-copy data right now")
         return data
 

@@ -1,4 +1,4 @@
-"""The internal state of one simulated migratable device (what vfio-uapi.md §6.4 calls
+"""The internal state of one simulated migratable device (what docs/kernel-contract.md §6.4 calls
 "internal state change" and §5.5/§6.7 stream out).
 
 A ``DeviceModel`` is ``spec.state_size`` bytes of device state plus a tick counter. While

@@ -1,4 +1,4 @@
-"""Device DMA logging of a simulated device (vfio-uapi.md §7): the ``FeatureHandler`` for
+"""Device DMA logging of a simulated device (docs/kernel-contract.md §7): the ``FeatureHandler`` for
 VFIO_DEVICE_FEATURE_DMA_LOGGING_START (6, SET), STOP (7, SET) and REPORT (8, GET), and the
 ``DmaListener`` that records the device's DMA writes while a session is active.
 

@@ -1,4 +1,4 @@
-"""Named capability sets of simulated devices, for tests and demos (vfio-uapi.md §5, §6.2,
+"""Named capability sets of simulated devices, for tests and demos (docs/kernel-contract.md §5, §6.2,
 §7, §9): one ``DeviceSpec`` per way a real device can offer migration.
 
     specs = capability_specs()
@@ -29,7 +29,7 @@ _BASE: dict[str, tuple[str, int, str, int, int]] = {
 }
 
 #: The v1 register block's reserved bits are reported non-zero, so a client that does not
-#: read-modify-write device_state fails loudly (vfio-uapi.md §5.2).
+#: read-modify-write device_state fails loudly (docs/kernel-contract.md §5.2).
 V1_RESERVED = 0x100
 
 

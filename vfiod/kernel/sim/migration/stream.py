@@ -1,5 +1,5 @@
 """The simulated device's migration data stream: what a saving session produces and a
-resuming session consumes. Opaque to vfiod (vfio-uapi.md §6.7: "the stream is opaque;
+resuming session consumes. Opaque to vfiod (docs/kernel-contract.md §6.7: "the stream is opaque;
 bytes must be delivered in the same order; write segmentation need not match read
 segmentation"); both the v2 data fd and the v1 data window carry it.
 
@@ -149,7 +149,7 @@ class LoadSession:
     """One resuming session: parses the stream as it is written, applies STATE records to
     a staging copy and hands the result to the model at RESUMING->STOP (``finish``).
 
-    Errors found while writing (mtty style, vfio-uapi.md §9.1): a header of another device
+    Errors found while writing (mtty style, docs/kernel-contract.md §9.1): a header of another device
     kind or protocol fails that ``write`` with EFAULT; bytes after END fail with ENOMEM.
     Anything else wrong is remembered and reported by ``finish`` with EINVAL, as is a
     short stream (no END) or one whose final digest does not match what was loaded.

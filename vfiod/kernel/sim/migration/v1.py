@@ -1,4 +1,4 @@
-"""Migration protocol v1 of a simulated device: the migration region (vfio-uapi.md §5).
+"""Migration protocol v1 of a simulated device: the migration region (docs/kernel-contract.md §5).
 
 Region layout: the 32-byte ``vfio_device_migration_info`` register block at offset 0,
 then (page aligned, at ``data_offset`` = 4096) a data window of ``spec.extra["v1_window"]``

@@ -1,4 +1,4 @@
-"""Migration protocol v2 of a simulated device (vfio-uapi.md §6.2 - §6.9): the
+"""Migration protocol v2 of a simulated device (docs/kernel-contract.md §6.2 - §6.9): the
 ``FeatureHandler`` for VFIO_DEVICE_FEATURE_MIGRATION (1), MIG_DEVICE_STATE (2) and
 MIG_DATA_SIZE (9), and the kernel's state machine.
 
