@@ -42,9 +42,6 @@ class GuestRam:
                 raise ValueError(f"region {r.name}: destination memory must be writable")
             self._views.append(mv)
 
-    def region_view(self, index: int) -> memoryview:
-        return self._views[index]
-
     def locate(self, first_page: int, count: int) -> tuple[int, memoryview]:
         """(region index, view of exactly those pages); ``ValueError`` if not in one region."""
         if count <= 0:
