@@ -28,7 +28,7 @@ from tests.support.session_rig import (
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.stream import RamRegion
+from vfiod.vfio import RamRegion
 
 TARGET = 0.15
 CAPS_MBPS = (20.0, 40.0, 80.0)

@@ -37,7 +37,6 @@ from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.stream import (
     Complete,
     GuestRam,
-    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
@@ -45,6 +44,7 @@ from vfiod.migration.stream import (
 from vfiod.migration.stream import crc32c as crcmod
 from vfiod.migration.transport import AckStage, ControlMessage, connect
 from vfiod.migration.transport.tcp import Connection
+from vfiod.vfio import RamRegion
 
 PAGE = 4096
 BATCH = 16 << 20

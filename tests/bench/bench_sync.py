@@ -32,10 +32,10 @@ import numpy as np
 
 from tests.bench.timing import best_time, row
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
 from vfiod.kernel.sim.host import SimHost
 from vfiod.kernel.sim.interfaces import DeviceParts, DeviceSpec
-from vfiod.vfio import Container, DmaMapping, Group, HostPaths
+from vfiod.vfio import Container, DmaMapping, Group, HostPaths, RamRegion
 
 PAGE = 4096
 CONTAINERS = 4
@@ -64,7 +64,7 @@ def _guest(tmp: str, size_log2: int, mdev: bool) -> tuple[SimHost, list[Containe
         containers.append(c)
         tracked.append(TrackedContainer(DmaSpace(f"c{i}", [dev], type1=c),
                                         [DmaMapping(0, per, i * per)]))
-    tr = DirtyTracker([GuestRegion(0, CONTAINERS * per, "ram")], tracked, PAGE)
+    tr = DirtyTracker([RamRegion("ram", 0, CONTAINERS * per)], tracked, PAGE)
     return host, containers, tr
 
 

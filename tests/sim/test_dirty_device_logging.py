@@ -16,8 +16,8 @@ from vfiod.dirty.providers.base import ProviderUnavailable
 from vfiod.dirty.providers.device_logging import DeviceLoggingProvider
 from vfiod.dirty.providers.select import select
 from vfiod.dirty.tracker import DirtyTracker
-from vfiod.dirty.tracker_layout import GuestRegion
 from vfiod.kernel.sim.interfaces import DeviceSpec
+from vfiod.vfio import RamRegion
 
 pytestmark = pytest.mark.skipif(
     not has_dma_logging_sim(),
@@ -40,7 +40,7 @@ def _rig(tmp: Path, *specs: DeviceSpec) -> Rig:
 
 
 def _tracker(rig: Rig, **kw) -> DirtyTracker:  # noqa: ANN003
-    return DirtyTracker([GuestRegion(0, 512 * G)],
+    return DirtyTracker([RamRegion("ram", 0, 512 * G)],
                         [c.tracked() for c in rig.containers.values()], clock=clock(), **kw)
 
 
@@ -252,7 +252,7 @@ def test_300_mappings_are_merged_below_the_kernel_limit(tmp_path: Path) -> None:
         rig.type1("c0", [10])
         for i in range(300):
             rig.map("c0", 0x100000 + i * 2 * G, i * G, G)     # IOVA gaps, guest-contiguous
-        tr = DirtyTracker([GuestRegion(0, 512 * G)], [rig.containers["c0"].tracked()],
+        tr = DirtyTracker([RamRegion("ram", 0, 512 * G)], [rig.containers["c0"].tracked()],
                           clock=clock())
         tr.start(initial_all_dirty=False)
         prov = tr.provider("c0")

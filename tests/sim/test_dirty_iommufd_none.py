@@ -13,8 +13,9 @@ from vfiod.dirty.providers.base import ProviderName
 from vfiod.dirty.providers.iommufd import IommufdProvider
 from vfiod.dirty.providers.none import REASON
 from vfiod.dirty.providers.select import preferred, select
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion
+from vfiod.dirty.tracker import DirtyTracker
 from vfiod.kernel.sim.host import SimHostConfig
+from vfiod.vfio import RamRegion
 
 PCI = "0000:3b:00.1"
 G = GUEST_PAGE
@@ -39,7 +40,7 @@ def test_iommufd_precise_pages_and_selection(rig: Rig) -> None:
     assert [p.name for p in sel.chain] == ["iommufd", "none"]
     assert preferred(rig.containers["ioas"].space) == ProviderName.IOMMUFD == "iommufd"
     assert any("type1: not a type1 container" in n for n in sel.notes)
-    tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["ioas"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["ioas"].tracked()],
                       clock=clock())
     tr.start(initial_all_dirty=False)
     try:
@@ -57,7 +58,7 @@ def test_iommufd_unmap_reads_with_no_clear_then_unmaps(rig: Rig) -> None:
     rig.iommufd("ioas", [PCI])
     rig.map("ioas", 0x100000, 37 * G, 45 * G)
     rig.map("ioas", 0x200000, 90 * G, 5 * G)
-    tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["ioas"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["ioas"].tracked()],
                       clock=clock())
     tr.start(initial_all_dirty=False)
     try:
@@ -88,7 +89,7 @@ def test_iommufd_no_clear_leaves_bits_for_the_next_read(rig: Rig) -> None:
 def test_hwpt_without_dirty_tracking_means_none(rig: Rig) -> None:
     rig.iommufd("ioas", [PCI], dirty=False)
     rig.map("ioas", 0x100000, 37 * G, 45 * G)
-    tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["ioas"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["ioas"].tracked()],
                       clock=clock())
     tr.start(initial_all_dirty=False)
     try:

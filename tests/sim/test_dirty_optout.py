@@ -13,7 +13,7 @@ import pytest
 from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
 from vfiod.abi.vfio import MigState
 from vfiod.dirty.tracker import DirtyTracker
-from vfiod.dirty.tracker_layout import GuestRegion
+from vfiod.vfio import RamRegion
 
 A = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"     # opted out, container c0
 B = "7c9e6679-7425-40de-944b-e07fc1f90ae7"     # tracking on, container c1
@@ -39,7 +39,7 @@ def _gets(rig: Rig, since: int) -> list[str]:
 def test_opted_out_container_is_not_queried_but_nothing_is_lost(rig: Rig) -> None:
     states = {A: MigState.RUNNING, B: MigState.RUNNING}
     c = itertools.count(1)
-    tr = DirtyTracker([GuestRegion(0, 128 * G)],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)],
                       [rig.containers["c0"].tracked(), rig.containers["c1"].tracked()],
                       device_states=states, clock=lambda: float(next(c)))
     tr.start()
@@ -89,7 +89,7 @@ def test_opted_out_container_is_not_queried_but_nothing_is_lost(rig: Rig) -> Non
     (None, False),
 ])
 def test_which_states_block_the_query(rig: Rig, state: MigState | None, queried: bool) -> None:
-    tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["c0"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["c0"].tracked()],
                       device_states=lambda name: state)
     tr.start(initial_all_dirty=False)
     try:
@@ -105,7 +105,7 @@ def test_which_states_block_the_query(rig: Rig, state: MigState | None, queried:
 
 
 def test_device_without_optout_never_blocks(rig: Rig) -> None:
-    tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["c1"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["c1"].tracked()],
                       device_states={B: MigState.RUNNING})
     tr.start(initial_all_dirty=False)
     try:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.support.dirty_rig import GUEST_PAGE, Rig, dev
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion
+from vfiod.dirty.tracker import DirtyTracker
 from vfiod.kernel.sim.host import SimHostConfig
 from vfiod.kernel.sim.type1 import Type1Config
-from vfiod.vfio import DmaMapping
+from vfiod.vfio import DmaMapping, RamRegion
 
 MDEV = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
 MDEV2 = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -52,7 +52,7 @@ def _two_container_guest(rig: Rig) -> DirtyTracker:
     rig.map("c0", 0x100000, 37 * G, 45 * G)
     rig.map("c1", 0x200000, 100 * G, 77 * G)
     rig.map("c1", 0x200000 + 77 * G, 300 * G, 3 * G)
-    regions = [GuestRegion(0, 512 * G, "ram")]
+    regions = [RamRegion("ram", 0, 512 * G)]
     return DirtyTracker(regions, [c.tracked() for c in rig.containers.values()],
                         clock=Clock())
 
@@ -101,7 +101,7 @@ def test_all_dirty_scope_with_a_physical_device(tmp_path: Path) -> None:
     try:
         rig.type1("c0", [10])
         rig.map("c0", 0x100000, 37 * G, 45 * G)
-        tr = DirtyTracker([GuestRegion(0, 128 * G)], [rig.containers["c0"].tracked()],
+        tr = DirtyTracker([RamRegion("ram", 0, 128 * G)], [rig.containers["c0"].tracked()],
                           clock=Clock())
         tr.start(initial_all_dirty=False)
         st = tr.status().containers[0]
@@ -122,7 +122,7 @@ def test_guest_page_coarser_than_iommu_page(mdev_rig: Rig) -> None:
     rig.type1("c0", [10])
     gp = 4 * G
     rig.map("c0", 0x100000, 37 * gp, 45 * gp)
-    tr = DirtyTracker([GuestRegion(0, 128 * gp)], [rig.containers["c0"].tracked()],
+    tr = DirtyTracker([RamRegion("ram", 0, 128 * gp)], [rig.containers["c0"].tracked()],
                       page_size=gp, clock=Clock())
     tr.start(initial_all_dirty=False)
     try:
@@ -234,11 +234,11 @@ def test_bad_layouts_are_refused(mdev_rig: Rig) -> None:
     rig = mdev_rig
     rig.type1("c0", [10])
     c = rig.containers["c0"]
-    good = [GuestRegion(0, 64 * G)]
+    good = [RamRegion("ram", 0, 64 * G)]
     cases = [
-        ([GuestRegion(0, 64 * G), GuestRegion(32 * G, 64 * G)], [], "overlap"),
-        ([GuestRegion(100, 64 * G)], [], "multiple of the 0x1000-byte guest page"),
-        ([GuestRegion(0, 0)], [], "empty"),
+        ([RamRegion("ram", 0, 64 * G), RamRegion("ram", 32 * G, 64 * G)], [], "overlap"),
+        ([RamRegion("ram", 100, 64 * G)], [], "multiple of the 0x1000-byte guest page"),
+        ([RamRegion("ram", 0, 0)], [], "empty"),
         (good, [DmaMapping(0, 8 * G, 60 * G)], "not inside one RAM region"),
         (good, [DmaMapping(0, 8 * G, 0), DmaMapping(4 * G, 8 * G, 16 * G)], "overlap"),
         (good, [DmaMapping(0, 0, 0)], "empty"),
@@ -310,7 +310,7 @@ def test_iommu_page_coarser_than_guest_page(tmp_path: Path) -> None:
     try:
         rig.type1("c0", [10])
         rig.map("c0", 0x100000, 80 * G, 6 * 16 * G)
-        tr = DirtyTracker([GuestRegion(0, 256 * G)], [rig.containers["c0"].tracked()],
+        tr = DirtyTracker([RamRegion("ram", 0, 256 * G)], [rig.containers["c0"].tracked()],
                           clock=Clock())
         tr.start(initial_all_dirty=False)
         assert tr.status().containers[0].page_size == 0x10000

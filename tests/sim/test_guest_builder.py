@@ -22,8 +22,7 @@ from vfiod.migration.guest import (
     build_guest,
 )
 from vfiod.migration.guest.migratability import guest_migratability, probe_unowned_device
-from vfiod.migration.stream import RamRegion
-from vfiod.vfio import DmaMapping, HostPaths
+from vfiod.vfio import DmaMapping, HostPaths, RamRegion
 
 PS = 4096
 A, B, C = "0000:3b:00.1", "0000:3c:00.1", "0000:3d:00.1"

@@ -41,7 +41,7 @@ from vfiod.migration.session.status import (
     triple,
 )
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.stream import RamRegion
+from vfiod.vfio import RamRegion
 
 PS = 4096
 

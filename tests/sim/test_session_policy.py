@@ -29,7 +29,7 @@ from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.states import MigrationState
-from vfiod.migration.stream import RamRegion
+from vfiod.vfio import RamRegion
 
 RAM = (RamRegion("ram", 0, 16 * MiB),)
 DEV = spec("v2_precopy_log")

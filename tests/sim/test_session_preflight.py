@@ -28,7 +28,7 @@ from vfiod.migration.session.common import SessionConfig, guest_facts
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import MigState
-from vfiod.migration.stream import GuestRam, RamRegion, StreamHeader, StreamWriter
+from vfiod.migration.stream import GuestRam, StreamHeader, StreamWriter
 from vfiod.migration.stream.records import PREAMBLE_SIZE, pack_preamble
 from vfiod.migration.transport import (
     AckStage,
@@ -38,6 +38,7 @@ from vfiod.migration.transport import (
     TransportError,
     connect,
 )
+from vfiod.vfio import RamRegion
 
 DEV = spec("v2_precopy_log")
 

@@ -25,7 +25,7 @@ from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.status import IterationProgress, format_progress_line
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.stream import RamRegion
+from vfiod.vfio import RamRegion
 
 CAPS = ["v1_log", "v2_stop_copy_log", "v2_precopy_log", "v2_p2p_log", "v2_precopy_p2p_log"]
 

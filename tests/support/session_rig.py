@@ -43,9 +43,8 @@ from vfiod.migration.session.digest import full_ram_digest
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import GuestState, MigrationState, MigState
-from vfiod.migration.stream.header import RamRegion
 from vfiod.migration.transport import Listener, connect
-from vfiod.vfio import HostPaths
+from vfiod.vfio import HostPaths, RamRegion
 from vfiod.vfio.discovery import is_vfio_pci_driver
 
 MiB = 1 << 20

@@ -22,7 +22,8 @@ from vfiod.migration.planning.hostfacts import (
     gather_host_facts,
 )
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, check, compare
-from vfiod.migration.stream import DeviceInfo, RamRegion
+from vfiod.migration.stream import DeviceInfo
+from vfiod.vfio import RamRegion
 
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep cmov pat mmx fxsr sse sse2 ht syscall nx lm"
 V2 = BASE + " pni ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm"

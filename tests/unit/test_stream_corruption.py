@@ -13,7 +13,6 @@ from vfiod.migration.stream import (
     ErrorCode,
     GuestRam,
     Limits,
-    RamRegion,
     RecordError,
     RecordType,
     StreamHeader,
@@ -31,6 +30,7 @@ from vfiod.migration.stream.records import (
     pack_header,
     pack_preamble,
 )
+from vfiod.vfio import RamRegion
 
 PS = 4096
 REGIONS = (RamRegion("low", 0, 8 * PS), RamRegion("high", 0x10000, 4 * PS))

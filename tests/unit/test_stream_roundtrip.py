@@ -19,12 +19,12 @@ from vfiod.migration.stream import (
     IterationMark,
     Limits,
     RamLoaded,
-    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
 )
 from vfiod.migration.transport import FileSink, FileSource
+from vfiod.vfio import RamRegion
 
 PS = 4096
 

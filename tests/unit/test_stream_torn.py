@@ -10,7 +10,6 @@ from vfiod.migration.stream import (
     ErrorCode,
     GuestRam,
     RamLoaded,
-    RamRegion,
     RecordError,
     RecordType,
     StreamHeader,
@@ -21,6 +20,7 @@ from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.records import RAM_LIVE, pack_header, pack_preamble
 from vfiod.migration.stream.torn import TornPages
+from vfiod.vfio import RamRegion
 
 PS = 4096
 REGIONS = (RamRegion("ram", 0, 32 * PS),)

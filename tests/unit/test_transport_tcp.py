@@ -15,7 +15,6 @@ from vfiod.migration.stream import (
     DeviceInfo,
     ErrorCode,
     GuestRam,
-    RamRegion,
     RecordError,
     StreamHeader,
     StreamReader,
@@ -32,6 +31,7 @@ from vfiod.migration.transport import (
     connect,
 )
 from vfiod.migration.transport.control import AckStage, ControlParser
+from vfiod.vfio import RamRegion
 
 PS = 4096
 REGIONS = (RamRegion("ram", 0, 256 * PS),)

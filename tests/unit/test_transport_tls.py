@@ -15,7 +15,6 @@ import pytest
 from vfiod.migration.stream import (
     Complete,
     GuestRam,
-    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
@@ -29,6 +28,7 @@ from vfiod.migration.transport import (
     TransportError,
     connect,
 )
+from vfiod.vfio import RamRegion
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(

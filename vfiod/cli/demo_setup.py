@@ -29,8 +29,7 @@ from vfiod.kernel.sim.migration import capability_specs
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.guest import ContainerPlan, DevicePlan, Guest, GuestPlan, build_guest
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
-from vfiod.migration.stream.header import RamRegion
-from vfiod.vfio import HostPaths
+from vfiod.vfio import HostPaths, RamRegion
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -42,8 +42,7 @@ from vfiod.migration.guest import (
 )
 from vfiod.migration.guest.migratability import guest_migratability
 from vfiod.migration.states import GuestState, device_label
-from vfiod.migration.stream.header import RamRegion
-from vfiod.vfio import HostPaths
+from vfiod.vfio import HostPaths, RamRegion
 
 log = logging.getLogger("vfiod.guests")
 

@@ -38,7 +38,7 @@ from vfiod.dirty.optout import StateSource, state_lookup
 from vfiod.dirty.providers.base import DirtyProvider
 from vfiod.dirty.ranges import PageRange
 from vfiod.dirty.tracker_layout import (
-    GuestRegion,
+    RamRegion,
     TrackedContainer,
     check_mappings,
     check_regions,
@@ -50,7 +50,7 @@ from vfiod.vfio.container import DmaMapping
 
 
 class DirtyTracker:
-    def __init__(self, regions: Sequence[GuestRegion], containers: Sequence[TrackedContainer],
+    def __init__(self, regions: Sequence[RamRegion], containers: Sequence[TrackedContainer],
                  page_size: int = 4096, device_states: StateSource | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if page_size < 4096 or page_size & (page_size - 1):

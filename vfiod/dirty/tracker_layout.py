@@ -15,15 +15,7 @@ from dataclasses import dataclass, field
 
 from vfiod.dirty.providers.base import DmaSpace
 from vfiod.vfio.container import DmaMapping
-
-
-@dataclass(frozen=True)
-class GuestRegion:
-    """Guest RAM at guest-physical [gpa, gpa + size)."""
-
-    gpa: int
-    size: int
-    name: str = ""
+from vfiod.vfio.layout import RamRegion
 
 
 @dataclass
@@ -45,7 +37,7 @@ def _aligned(what: str, page_size: int, **values: int) -> None:
                              f"multiple of the {page_size:#x}-byte guest page")
 
 
-def check_regions(regions: Sequence[GuestRegion], page_size: int) -> list[GuestRegion]:
+def check_regions(regions: Sequence[RamRegion], page_size: int) -> list[RamRegion]:
     """The regions in address order, each page aligned, non-empty and apart."""
     out = sorted(regions, key=lambda r: r.gpa)
     for r in out:
@@ -58,7 +50,7 @@ def check_regions(regions: Sequence[GuestRegion], page_size: int) -> list[GuestR
     return out
 
 
-def check_mappings(c: TrackedContainer, regions: list[GuestRegion],
+def check_mappings(c: TrackedContainer, regions: list[RamRegion],
                    page_size: int) -> list[DmaMapping]:
     """``c``'s mappings in IOVA order, each page aligned, inside one region, apart."""
     name = c.space.name

@@ -18,7 +18,7 @@ from vfiod.dirty.bitmap_args import rescaled_nbits
 from vfiod.dirty.container_tracking import ContainerTracking
 from vfiod.dirty.providers.base import Bitmap, ProviderName, ProviderUnavailable
 from vfiod.dirty.tracker_layout import (
-    GuestRegion,
+    RamRegion,
     TrackedContainer,
     check_mappings,
 )
@@ -78,7 +78,7 @@ def _merge_unmapped(box: ContainerTracking, iova: int, bits: Bitmap,
 
 
 def add_tracked_mapping(box: ContainerTracking, mapping: DmaMapping,
-                        regions: list[GuestRegion], *, running: bool) -> None:
+                        regions: list[RamRegion], *, running: bool) -> None:
     """Track a mapping the owner just created (MAP_DMA / IOAS_MAP)."""
     page_size = box.page_size
     probe = TrackedContainer(box.spec.space, [*box.maps, mapping])

@@ -15,11 +15,12 @@ from vfiod.vfio.discovery import (
 )
 from vfiod.vfio.group import Group
 from vfiod.vfio.iommu_info import DirtyCap, IommuInfo
+from vfiod.vfio.layout import RamRegion
 from vfiod.vfio.paths import HostPaths
 from vfiod.vfio.regions import IrqInfo, RegionInfo
 
 __all__ = [
     "Container", "DmaMapping", "Device", "VfioDeviceInfo", "DiscoveredDevice", "GroupViability",
     "discover", "discover_device", "group_viability", "Group", "DirtyCap", "IommuInfo",
-    "HostPaths", "IrqInfo", "RegionInfo",
+    "HostPaths", "IrqInfo", "RamRegion", "RegionInfo",
 ]

@@ -89,13 +89,13 @@ def _exercise_numba_paths() -> None:
     from vfiod.dirty import bitmap_kernels as k
     from vfiod.dirty.global_bitmap import GlobalBitmap
     from vfiod.dirty.providers.base import DmaSpace
-    from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
+    from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.guest.devices import join_group
     from vfiod.migration.stream import crc32c
     from vfiod.migration.stream.pagecrc import page_crcs
-    from vfiod.vfio import Container, DmaMapping, HostPaths
+    from vfiod.vfio import Container, DmaMapping, HostPaths, RamRegion
 
     crc32c.warm_up()
     with mmap.mmap(-1, 4 * 4096) as mm:       # the stream hashes views of guest RAM mmaps
@@ -130,7 +130,7 @@ def _exercise_numba_paths() -> None:
                     c.map_dma(iova + 37 * 4096, ram.addr + 40 * 4096, 20 * 4096)
                     tracked.append(TrackedContainer(space, [DmaMapping(iova, 37 * 4096, 4096),
                                    DmaMapping(iova + 37 * 4096, 20 * 4096, 40 * 4096)]))
-                t = DirtyTracker([GuestRegion(0, 64 * 4096)], tracked)
+                t = DirtyTracker([RamRegion("ram", 0, 64 * 4096)], tracked)
                 t.start()
                 for _ in range(2):
                     t.sync()

@@ -169,7 +169,7 @@ def guest_ram(kernel: KernelOps, size: int) -> Iterator[RamBlock]:
     ``RamBlock``, a memfd mapped into this process whose ``addr`` MAP_DMA is given."""
     # imported here: vfiod.migration pulls in numba, which conftest.py must configure first
     from vfiod.migration.guest.memory import RamBlock
-    from vfiod.migration.stream.header import RamRegion
+    from vfiod.vfio import RamRegion
 
     block = RamBlock.open(kernel, RamRegion("ram", 0, size), label="vfiod-guest-ram")
     try:

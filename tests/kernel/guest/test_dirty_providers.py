@@ -34,11 +34,11 @@ from vfiod.dirty.providers import (
     Type1Provider,
     select,
 )
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.guest import RamBlock
-from vfiod.vfio import Container, DmaMapping
+from vfiod.vfio import Container, DmaMapping, RamRegion
 
 PAGE = 4096
 RAM_PAGES = 256
@@ -102,7 +102,7 @@ def still_mapped_in_kernel(c: Container, iova: int, size: int) -> bool:
 
 
 def tracker(m: Mapped) -> DirtyTracker:
-    return DirtyTracker([GuestRegion(0, RAM_PAGES * PAGE, "ram")],
+    return DirtyTracker([RamRegion("ram", 0, RAM_PAGES * PAGE)],
                         [TrackedContainer(m.space, list(m.maps))], PAGE)
 
 

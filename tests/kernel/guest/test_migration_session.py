@@ -39,13 +39,12 @@ from vfiod.migration.stream import (
     Complete,
     DeviceData,
     EndOfState,
-    RamRegion,
     StreamHeader,
     StreamReader,
     StreamWriter,
 )
 from vfiod.migration.transport import FileSink, FileSource, Listener, connect
-from vfiod.vfio import HostPaths
+from vfiod.vfio import HostPaths, RamRegion
 
 MiB = 1 << 20
 PAGE = 4096

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.model import Guest
-from vfiod.migration.stream.header import RamRegion
-from vfiod.vfio import HostPaths
+from vfiod.vfio import HostPaths, RamRegion
 from vfiod.vfio.discovery import discover_device
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import gc
 import os
 
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.stream.header import RamRegion
+from vfiod.vfio import RamRegion
 
 
 class RamBlock:

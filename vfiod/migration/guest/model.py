@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from vfiod.dirty.providers.base import DmaSpace
-from vfiod.dirty.tracker import DirtyTracker, GuestRegion, TrackedContainer
+from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.devices import (
@@ -40,9 +40,9 @@ from vfiod.migration.guest.devices import (
 )
 from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.states import GuestState, MigState
-from vfiod.migration.stream.header import DeviceInfo, RamRegion
+from vfiod.migration.stream.header import DeviceInfo
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.vfio import Container, DmaMapping, Group, HostPaths
+from vfiod.vfio import Container, DmaMapping, Group, HostPaths, RamRegion
 
 #: (old, new) run state; called synchronously by ``Guest.set_run_state``.
 RunStateHandler = Callable[[GuestState, GuestState], None]
@@ -185,7 +185,7 @@ class Guest:
     def make_tracker(self, clock: Callable[[], float] | None = None) -> DirtyTracker:
         """The guest's dirty tracker: every container with its devices' opt-out flags; the
         opt-out reads the devices' migration states from their drivers."""
-        regions = [GuestRegion(b.gpa, b.size, b.name) for b in self.ram]
+        regions = [b.region for b in self.ram]
         tracked = []
         for con in self.containers:
             devs = [self.device(n) for n in con.devices]

@@ -37,8 +37,9 @@ from vfiod.migration.planning.hostfacts import (
     SevFacts,
     flags_up_to,
 )
-from vfiod.migration.stream.header import DeviceInfo, RamRegion
+from vfiod.migration.stream.header import DeviceInfo
 from vfiod.migration.stream.records import PROTOCOL_VERSION
+from vfiod.vfio import RamRegion
 
 ENCRYPTION_NAMES = {"sev": "AMD SEV", "sev-es": "AMD SEV-ES", "sev-snp": "AMD SEV-SNP",
                     "tdx": "Intel TDX"}

@@ -39,8 +39,8 @@ from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.session.costs import CostModel
 from vfiod.migration.stream.crc32c import crc32c
-from vfiod.migration.stream.header import RamRegion
 from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.vfio import RamRegion
 
 #: bytes read per pread when hashing a whole region (the full audit, the zero scan)
 READ_PIECE = 8 << 20

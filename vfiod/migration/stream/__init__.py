@@ -4,7 +4,7 @@ Modules:
 
 * ``records``  wire format (preamble, 40-byte record header, types, ``Limits``,
   ``RecordError`` with record index, byte offset and ``ErrorCode``)
-* ``header``   the HEADER payload: source, guest layout (``RamRegion``), ``DeviceInfo``
+* ``header``   the HEADER payload: source, guest layout (``vfiod.vfio.RamRegion``), ``DeviceInfo``
 * ``manifest`` per-region / per-device tallies and the final MANIFEST check
 * ``ram``      ``GuestRam``: guest pages → slices of the mmaps backing them
 * ``writer``   ``StreamWriter`` (source) over any ``StreamSink``
@@ -22,7 +22,7 @@ Transports (TCP, TLS, files) live in ``vfiod.migration.transport`` and implement
 and ``Source``; this package never touches a socket or a file itself.
 """
 
-from vfiod.migration.stream.header import DeviceInfo, RamRegion, StreamHeader
+from vfiod.migration.stream.header import DeviceInfo, StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.reader import (
@@ -48,6 +48,6 @@ from vfiod.migration.stream.writer import StreamSink, StreamWriter
 __all__ = [
     "DEFAULT_LIMITS", "PROTOCOL_VERSION", "Complete", "DeviceData", "DeviceInfo",
     "EndOfState", "ErrorCode", "Event", "GuestRam", "IterationMark", "Limits", "Manifest",
-    "ManifestEntry", "RamLoaded", "RamRegion", "RecordError", "RecordType", "StreamSink", "Source",
+    "ManifestEntry", "RamLoaded", "RecordError", "RecordType", "StreamSink", "Source",
     "StreamHeader", "StreamReader", "StreamWriter",
 ]

@@ -19,26 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfiod.migration.stream.records import PROTOCOL_VERSION
+from vfiod.vfio.layout import RamRegion
 
 MAX_REGIONS = 4096
 MAX_DEVICES = 1024
 MAX_NAME = 256
 CHECKSUM_NAME = "crc32c"
-
-
-@dataclass(frozen=True)
-class RamRegion:
-    """One range of guest-physical RAM: ``size`` bytes at guest address ``gpa``."""
-
-    name: str
-    gpa: int
-    size: int
-
-    def first_page(self, page_size: int) -> int:
-        return self.gpa // page_size
-
-    def pages(self, page_size: int) -> int:
-        return self.size // page_size
 
 
 @dataclass(frozen=True)

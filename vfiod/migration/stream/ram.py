@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from vfiod.migration.stream.header import RamRegion
+from vfiod.vfio import RamRegion
 
 
 class GuestRam:
