@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli import ctl_cmd
+from vfiod.cli.exits import Exit
 from vfiod.daemon.lifecycle import LifecycleState
 
 
@@ -50,7 +51,7 @@ def test_terminal_gets_a_redrawn_bar() -> None:
     out = Tty()
     code = ctl_cmd._follow(FakeClient(_answers("completed")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
     text = out.getvalue()
-    assert code == ctl_cmd.EXIT_OK
+    assert code == Exit.OK
     assert text.count("\r\x1b[K") >= 3 and "\n" not in text.split("g1: completed")[0]
     assert "[##########----------]  50%" in text
     assert "predicted downtime 450 ms (limit 300 ms)" in text
@@ -62,7 +63,7 @@ def test_pipe_gets_plain_lines_and_failure_exit() -> None:
     out = io.StringIO()
     code = ctl_cmd._follow(FakeClient(_answers("cancelled")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
     lines = out.getvalue().splitlines()
-    assert code == ctl_cmd.EXIT_FAILED
+    assert code == Exit.FAILED
     assert "\r" not in out.getvalue()
     assert len(lines) == 4 and lines[-1] == "g1: cancelled to 10.0.0.2:4444"
     assert "stopcopy" in lines[2]

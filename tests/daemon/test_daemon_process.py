@@ -101,7 +101,7 @@ def test_dirty_tracking_flag_round_trip(daemon: DaemonProcess) -> None:
 
 def test_ctl_usage_errors(daemon: DaemonProcess) -> None:
     r = daemon.ctl("migrate", "g1", "--to", "no-port-here")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "must be HOST:PORT" in r.stderr
     r = daemon.ctl("migrate", "nosuch", "--to", "127.0.0.1:1")
     assert r.returncode == 5

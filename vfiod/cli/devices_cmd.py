@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vfiod.cli.exits import Exit, report_error
 from vfiod.errors import KernelError
 
 if TYPE_CHECKING:
@@ -95,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
         rows = (_sim_rows() if args.sim else
                 list_devices(LinuxKernel(), HostPaths(args.sysfs_root, args.dev_root)))
     except KernelError as e:
-        print(f"vfiod devices: {e}")
-        return 1
+        return report_error("vfiod devices", Exit.FAILED, str(e), as_json=args.json)
     if args.json:
         print(json.dumps(rows))
     else:
