@@ -283,3 +283,21 @@ def test_every_ctl_subcommand_help_has_an_example() -> None:
     for name, p in subs.items():
         text = p.format_help()
         assert "example" in text and f"vfiod ctl {name}" in text.split("example")[1], name
+
+
+def _helps() -> dict[str, str]:
+    top = build_parser()
+    cmds = top._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    out = {"vfiod": top.format_help()}
+    for name in ("ctl", "devices", "run"):
+        out[name] = cmds[name].format_help()
+    for name, p in cmds["ctl"]._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        out[f"ctl {name}"] = p.format_help()
+    return out
+
+
+def test_help_cites_only_files_in_the_repo() -> None:
+    import re
+    for cmd, text in _helps().items():
+        for doc in re.findall(r"[\w/.-]+\.md\b", text):
+            assert (REPO / doc).exists() or (REPO / "docs" / doc).exists(), (cmd, doc)

@@ -164,6 +164,8 @@ def _devices(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     for d in r["devices"]:
         status = (f"{d['protocol'] or '-'} {d['state']}, tracker {d['tracker'] or '-'}"
                   if d["guest"] else ("usable, " if d["vfio_capable"] else "") + d["reason"])
+        if d["vfio_capable"] and not d["migratable"]:
+            status += f"; cannot migrate: {d['migratable_reason']}"
         out.write(f"{d['name']:<38} {d['kind']:<4} {d['group'] if d['group'] is not None else '-':>5} "
                   f"{d['driver'] or '-':<18} {d['guest'] or '-':<10} {status}\n")
     return Exit.OK
