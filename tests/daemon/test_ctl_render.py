@@ -5,6 +5,7 @@ and the help text that documents exit codes with examples."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from typing import Any
 
@@ -94,3 +95,13 @@ def test_help_teaches(argv: list[str], needles: list[str]) -> None:
     assert r.returncode == 0
     for n in needles:
         assert n in r.stdout, n
+
+
+def test_watch_json_prints_json_lines() -> None:
+    out = Tty()                      # even on a terminal: no bar, no escapes
+    code = ctl_cmd._follow(FakeClient(_answers("completed")), "g1", True, out, 0.001, "abc")  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert code == Exit.OK and len(lines) == 4
+    objs = [json.loads(line) for line in lines]
+    assert [o["migration"]["progress"]["iteration"] for o in objs] == [1, 2, 3, 3]
+    assert objs[-1]["migration"]["result"] == "completed"
