@@ -39,6 +39,7 @@ class ControlClient:
 
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
         self.path = path
+        self._timeout = timeout
         self._ids = itertools.count(1)
         self._buf = b""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -50,6 +51,11 @@ class ControlClient:
             kind = "denied" if e.errno in (errno.EACCES, errno.EPERM) else "connect"
             raise ClientError(kind, _connect_hint(path, e)) from None
         self.sock = sock
+
+    def reopen(self) -> ControlClient:
+        """A new connection to the same daemon (after an interrupted call left this one
+        waiting for an answer nobody will read)."""
+        return ControlClient(self.path, self._timeout)
 
     def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return its result; ``ClientError`` on any failure."""

@@ -201,12 +201,40 @@ def _migrate(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         if args.json:
             _json(out, r)
         else:
-            out.write(f"migration {m['id']} of {args.guest} to {args.to} started; follow it "
-                      f"with: vfiod ctl watch {args.guest}\n")
+            out.write(f"migration {m['id']} of {args.guest} to {args.to} started; "
+                      f"{_HOW_TO.format(guest=args.guest)}\n")
         return Exit.OK
     if not args.json:
         out.write(f"migrating {args.guest} to {args.to} (migration {m['id']})\n")
-    return _follow(c, args.guest, args.json, out, 0.5, m["id"])
+    try:
+        return _follow(c, args.guest, args.json, out, 0.5, m["id"])
+    except KeyboardInterrupt:
+        _interrupted(c, args.guest, m["id"])
+        raise
+
+
+_HOW_TO = "follow it with: vfiod ctl watch {guest}; cancel it with: vfiod ctl cancel {guest}"
+
+
+def _interrupted(c: ControlClient, guest: str, mid: str) -> None:
+    """Ctrl-C while ``migrate`` follows: the migration runs in the daemon, not here, so
+    say what happens to it. On a terminal ask; otherwise (a script was stopped) cancel."""
+    if sys.stdin.isatty():
+        print(f"\ncancel migration {mid} of {guest}? [y/N] ", end="", file=sys.stderr,
+              flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print(f"the migration keeps running: vfiod ctl watch {guest} to follow it, "
+                  f"vfiod ctl cancel {guest} to cancel it", file=sys.stderr)
+            return
+    try:
+        with c.reopen() as fresh:         # the interrupted call may have left c mid-answer
+            fresh.call("cancel", {"guest": guest})
+    except ClientError as e:
+        print(f"interrupted: could not cancel migration {mid} of {guest}: {e.message}",
+              file=sys.stderr)
+        return
+    print(f"interrupted: cancelled migration {mid} of {guest}; the guest keeps running here",
+          file=sys.stderr)
 
 
 def _cancel(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -230,7 +258,7 @@ def _dirty(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _watch(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
-    return _follow(c, args.guest, args.json, out, args.interval, None)
+    return _follow(c, args.guest, args.json, out, args.interval, None, wait=not args.once)
 
 
 # -- following a migration ----------------------------------------------------------------
@@ -239,33 +267,48 @@ def _active(r: dict[str, Any], guest: str | None) -> list[dict[str, Any]]:
             and g["migration"] and g["migration"]["result"] is None]
 
 
-def _bar_line(g: dict[str, Any]) -> str:
+def _progress_line(g: dict[str, Any], bar: bool) -> str:
+    """One migration's progress: with a bar (a terminal redraws it) or as plain words."""
     m = g["migration"]
     pr = m["progress"]
     total = pr["ram_total_bytes"] or 1
     left = pr["ram_remaining_bytes"] + pr["device_remaining_bytes"]
     done = 0.0 if pr["iteration"] == 0 else max(0.0, min(1.0, 1 - left / total))
-    bar = "#" * int(done * 20) + "-" * (20 - int(done * 20))
     limit = f" (limit {m['downtime_limit_ms']:.0f} ms)" if m["downtime_limit_ms"] else ""
     conv = "" if pr["will_converge"] is not False else "  WILL NOT CONVERGE"
     triple = (m.get("live") or {}).get("triple", "")
-    return (f"{g['name']} [{bar}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
+    if not bar:
+        return (f"{g['name']} {done * 100:.0f}% {pr['phase']} iter {pr['iteration']} "
+                f"remaining {_size(left)} predicted downtime "
+                f"{_ms(pr['predicted_downtime_s'])}{limit}{conv} {triple}").rstrip()
+    drawn = "#" * int(done * 20) + "-" * (20 - int(done * 20))
+    return (f"{g['name']} [{drawn}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
             f"{pr['iteration']:>3}  remaining {_size(left):>10}  predicted downtime "
             f"{_ms(pr['predicted_downtime_s'])}{limit}{conv}  {triple}")
 
 
 def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,
-            interval: float, migration_id: str | None) -> int:
+            interval: float, migration_id: str | None, *, wait: bool = False) -> int:
+    """Print the progress of running migrations until they end; the exit status is
+    OK only if every one completed. ``wait``: if none runs yet, wait for one."""
     tty = out.isatty() and not as_json
     seen: dict[str, str] = {}
     last_lines: dict[str, str] = {}
     results: list[str] = []
+    announced = False
     while True:
         r = c.call("status", {"guest": guest} if guest else {})
         active = _active(r, guest)
+        if wait and not active and not seen and not migration_id:
+            if not as_json and not announced:
+                out.write("waiting for a migration to start (Ctrl-C to stop)\n")
+                out.flush()
+            announced = True
+            time.sleep(interval)  # the display's refresh period, not a wait for a condition
+            continue
         for g in active:
             seen[g["name"]] = g["migration"]["id"]
-            line = _bar_line(g)
+            line = _progress_line(g, bar=tty)
             if as_json:
                 out.write(json.dumps({"guest": g["name"], "migration": g["migration"]}) + "\n")
             elif tty:

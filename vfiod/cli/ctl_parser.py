@@ -28,8 +28,12 @@ examples:
   vfiod ctl dirty-tracking 0000:3b:00.1 off
                                         opt the device out of pre-copy dirty tracking (QEMU's
                                         x-pre-copy-dirty-page-tracking=off)
-  vfiod ctl watch                       follow running migrations
+  vfiod ctl watch                       follow migrations until they end (waits for one)
   vfiod ctl status --json | jq .        everything as JSON, for scripts
+
+Ctrl-C during migrate: the migration runs in the daemon, so on a terminal vfiod ctl
+asks whether to cancel it; without one (a script was stopped) it cancels it and says
+so. --detach returns at once and prints how to follow and cancel the migration.
 
 guest states (vfiod ctl status):
   defined, claimed      configured; its devices and RAM opened, role not yet given
@@ -68,7 +72,8 @@ EXAMPLES = {
   vfiod ctl migrate g1 --to [fd00::2]:4444 --downtime-limit 100 --timeout 120 \\
         --on-timeout force          switch over at <= 100 ms predicted, or after 120 s
   vfiod ctl migrate g1 --to 10.0.0.2:4444 --detach
-                                    start it and return (then: vfiod ctl watch g1)""",
+                                    start it and return, printing how to follow and
+                                    cancel it""",
     "cancel": """\
   vfiod ctl cancel g1               stop g1's migration; g1 keeps running here""",
     "dirty-tracking": """\
@@ -77,7 +82,9 @@ EXAMPLES = {
   vfiod ctl dirty-tracking 0000:3b:00.1 on
                                     and back in""",
     "watch": """\
-  vfiod ctl watch                   follow every running migration until it ends
+  vfiod ctl watch                   follow every running migration until it ends (wait
+                                    for one to start if none runs)
+  vfiod ctl watch --once            the same, but exit at once if none runs
   vfiod ctl watch g1 --json         one JSON object per update, for a script""",
 }
 
@@ -116,17 +123,20 @@ def register(subparsers: Any, handler: Callable[[argparse.Namespace], int]) -> N
                    help="at the timeout: cancel (the guest stays here) or force the "
                         "switchover (default: the daemon's, cancel)")
     m.add_argument("--detach", action="store_true",
-                   help="return once started (follow later with vfiod ctl watch)")
+                   help="return once started, printing how to follow and cancel it")
     x = add("cancel", "cancel a guest's running migration")
     x.add_argument("guest")
     d = add("dirty-tracking", "turn a device's pre-copy dirty page tracking on or off")
     d.add_argument("device")
     d.add_argument("mode", choices=("on", "off"))
-    w = add("watch", "follow running migrations (progress bar on a terminal, one line per "
-                     "change otherwise, one JSON object per line with --json)")
+    w = add("watch", "follow migrations until they end, waiting for one if none runs "
+                     "(progress bar on a terminal, one line per change otherwise, one JSON "
+                     "object per line with --json)")
     w.add_argument("guest", nargs="?", help="only this guest")
     w.add_argument("--interval", type=float, default=0.5, metavar="S",
                    help="seconds between updates (default 0.5)")
+    w.add_argument("--once", action="store_true",
+                   help="if no migration runs now, say so and exit (default: wait for one)")
     p.set_defaults(handler=handler, ctl_parser=p)
 
 

@@ -20,7 +20,7 @@ from vfiod.migration.session.common import MigrationResult, SessionBase
 Moves = Sequence[tuple[LifecycleState, str]]
 
 CANCEL_REASON = "cancelled by the operator (vfiod ctl cancel)"
-SHUTDOWN_REASON = "cancelled: the daemon is shutting down (SIGTERM, systemctl stop)"
+SHUTDOWN_REASON = "the daemon is shutting down (SIGTERM, systemctl stop)"
 
 
 class MigrationHandle:
