@@ -236,9 +236,19 @@ def test_4_socket_0660_refuses_other_users(daemon: ScriptedDaemon) -> None:
     assert _json_error(text)["code"] == "permission_denied"
 
 
-def test_5_and_6_come_from_the_daemon() -> None:
-    assert API_EXIT[ApiErrorCode.NOT_FOUND] == Exit.NOT_FOUND == 5
-    assert API_EXIT[ApiErrorCode.BUSY] == Exit.BUSY == 6
+def test_5_not_found_and_6_busy(capsys: pytest.CaptureFixture[str]) -> None:
+    def answer(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "check":
+            return {"error": {"code": "not_found", "message": "no guest or device 'x'"}}
+        return {"error": {"code": "busy", "message": "guest g1 is already migrating"}}
+    d = ScriptedDaemon(answer)
+    try:
+        code, _, err = ctl(d, "check", "x", capsys=capsys)
+        assert code == Exit.NOT_FOUND == 5 and "no guest or device 'x'" in err
+        code, _, err = ctl(d, "migrate", "g1", "--to", "127.0.0.1:4444", capsys=capsys)
+        assert code == Exit.BUSY == 6 and "already migrating" in err
+    finally:
+        d.close()
 
 
 def test_130_ctrl_c(daemon: ScriptedDaemon, capsys: pytest.CaptureFixture[str],

@@ -66,7 +66,7 @@ def _check_usage(args: argparse.Namespace) -> None:
     try:
         req = parse_args("migrate", _migrate_request(args))
     except ApiError as e:
-        raise _UsageError(e.message) from None
+        raise _UsageError(e.message.removeprefix("migrate: ")) from None
     assert isinstance(req, MigrateArgs)
     try:
         socket.getaddrinfo(req.host, req.port, type=socket.SOCK_STREAM)

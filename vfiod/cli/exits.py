@@ -47,7 +47,8 @@ EXIT_TABLE: tuple[tuple[Exit, str], ...] = (
     (Exit.NOT_FOUND, "no such guest or device (or no migration to cancel)"),
     (Exit.BUSY, "busy: the guest is migrating already"),
     (Exit.INTERRUPTED, "interrupted (Ctrl-C)"),
-    (Exit.PIPE_CLOSED, "the reader of the output went away (vfiod ctl status | head)"),
+    (Exit.PIPE_CLOSED, "the reader of the output went away (e.g. vfiod ctl status piped "
+                       "into head)"),
 )
 
 #: What each daemon error code means for the exit status.
