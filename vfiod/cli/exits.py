@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import sys
+import textwrap
 from typing import Any
 
 from vfiod.api import ApiErrorCode
@@ -67,7 +68,11 @@ API_EXIT: dict[ApiErrorCode, Exit] = {
 
 
 def table_text(indent: str = "  ") -> str:
-    return "".join(f"{indent}{code.value:<3} {text}\n" for code, text in EXIT_TABLE)
+    """The table as --help prints it, each meaning wrapped under itself."""
+    lead = f"{indent}{'':<3} "
+    return "".join(textwrap.fill(text, 88, initial_indent=f"{indent}{code.value:<3} ",
+                                 subsequent_indent=lead) + "\n"
+                   for code, text in EXIT_TABLE)
 
 
 def code_name(status: Exit) -> str:
