@@ -3,7 +3,11 @@ only ``vfiod.api`` (the protocol), never the daemon.
 
 Every subcommand prints for people by default and one JSON object with ``--json`` (the
 daemon's answer as it is, for scripts). ``watch`` and ``migrate`` draw a live progress bar
-with the predicted downtime on a terminal and print plain lines otherwise.
+with the predicted downtime on a terminal and print plain lines otherwise (one JSON
+object per line with ``--json``). What the client can tell is wrong (the daemon's own
+argument checks, an unresolvable destination) is refused before the daemon is asked;
+errors and exit codes follow the one table of ``vfiod.cli.exits``; the parser and the
+help are ``vfiod.cli.ctl_parser``.
 """
 
 from __future__ import annotations
