@@ -5,10 +5,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: help venv test test-fast lint typecheck bench demo kernel-test clean
+#: a skipped test fails `make test`: every tier runs, or the run says what is missing
+NO_SKIPS := -p tests.support.no_skips
+
+.PHONY: help deps venv test test-fast lint typecheck bench demo kernel-test clean
 
 help:
-	@echo "make test         create .venv if missing, then run the whole suite (all tiers)"
+	@echo "make test         install missing system packages (as root; else say how), create"
+	@echo "                  .venv if missing, run the whole suite (all tiers, no skips)"
+	@echo "make deps         only the system packages (.ci/deps, the one list)"
 	@echo "make test-fast    every tier except the real-kernel QEMU tier"
 	@echo "make kernel-test  the real-kernel tier: Linux 6.12 VFIO under QEMU"
 	@echo "make bench        benchmarks as ratios against same-run baselines (.bench/results.json)"
@@ -24,14 +29,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+deps:
+	.ci/deps ensure
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/kernel
+# deps first: creating the venv needs one of them, and nothing is tested before all are there
+test: deps $(STAMP)
+	$(PY) -m pytest -q -rs $(NO_SKIPS) tests
 
-kernel-test: $(STAMP)
-	$(PY) -m pytest -q tests/kernel
+test-fast: deps $(STAMP)
+	$(PY) -m pytest -q -rs tests --ignore=tests/kernel
+
+kernel-test: deps $(STAMP)
+	$(PY) -m pytest -q -rs $(NO_SKIPS) tests/kernel
 
 lint: $(STAMP)
 	$(PY) -m ruff check vfiod tests

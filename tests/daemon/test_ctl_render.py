@@ -5,6 +5,7 @@ and the help text that documents exit codes with examples."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli import ctl_cmd
+from vfiod.cli.exits import Exit
 from vfiod.daemon.lifecycle import LifecycleState
 
 
@@ -50,7 +52,7 @@ def test_terminal_gets_a_redrawn_bar() -> None:
     out = Tty()
     code = ctl_cmd._follow(FakeClient(_answers("completed")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
     text = out.getvalue()
-    assert code == ctl_cmd.EXIT_OK
+    assert code == Exit.OK
     assert text.count("\r\x1b[K") >= 3 and "\n" not in text.split("g1: completed")[0]
     assert "[##########----------]  50%" in text
     assert "predicted downtime 450 ms (limit 300 ms)" in text
@@ -62,17 +64,106 @@ def test_pipe_gets_plain_lines_and_failure_exit() -> None:
     out = io.StringIO()
     code = ctl_cmd._follow(FakeClient(_answers("cancelled")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
     lines = out.getvalue().splitlines()
-    assert code == ctl_cmd.EXIT_FAILED
+    assert code == Exit.FAILED
     assert "\r" not in out.getvalue()
     assert len(lines) == 4 and lines[-1] == "g1: cancelled to 10.0.0.2:4444"
     assert "stopcopy" in lines[2]
+    assert lines[-2] == ("g1 50% stopcopy iter 3 remaining 50.0 MiB predicted downtime "
+                         "450 ms (limit 300 ms) (RUNNING, ACTIVE, RUNNING|SAVING)")
 
 
-def test_nothing_to_watch() -> None:
+def test_nothing_to_watch_once() -> None:
     out = io.StringIO()
     idle = {"name": "g1", "state": "running", "migration": None}
     assert ctl_cmd._follow(FakeClient([idle]), None, False, out, 0.001, None) == 0  # type: ignore[arg-type]
     assert out.getvalue() == "no migration running\n"
+
+
+def test_watch_waits_for_the_next_migration() -> None:
+    out = io.StringIO()
+    idle = {"name": "g1", "state": "running", "migration": None}
+    client = FakeClient([idle, idle, *_answers("completed")])
+    assert ctl_cmd._follow(client, None, False, out, 0.001, None, wait=True) == 0  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "waiting for a migration to start (Ctrl-C to stop)"
+    assert lines[-1].startswith("g1: completed")
+
+
+def test_plain_lines_draw_no_bar() -> None:
+    out = io.StringIO()
+    ctl_cmd._follow(FakeClient(_answers("completed")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
+    first = out.getvalue().splitlines()[0]
+    assert "[" not in first and "#" not in first, first
+    assert first.startswith("g1 20% precopy iter 1 remaining 80.0 MiB predicted downtime 900 ms")
+
+
+class CancellingClient(FakeClient):
+    """Ctrl-C arrives while ``migrate`` follows; records what the client then asks."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.ops: list[tuple[str, dict[str, Any] | None]] = []
+
+    def reopen(self) -> CancellingClient:
+        return self
+
+    def __enter__(self) -> CancellingClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.ops.append((op, args))
+        if op == "migrate":
+            return {"migration": {"id": "abc"}}
+        if op == "cancel":
+            return {"guest": "g1", "migration": "abc"}
+        raise KeyboardInterrupt
+
+
+def _migrate_args(**kw: Any) -> Any:
+    import argparse
+    return argparse.Namespace(**{"guest": "g1", "to": "10.0.0.2:4444", "downtime_limit": None,
+                                 "timeout": None, "on_timeout": None, "detach": False,
+                                 "json": False, **kw})
+
+
+def test_ctrl_c_without_a_terminal_cancels_and_says_so(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    c = CancellingClient()
+    with pytest.raises(KeyboardInterrupt):
+        ctl_cmd._migrate(c, _migrate_args(), io.StringIO())  # type: ignore[arg-type]
+    assert ("cancel", {"guest": "g1"}) in c.ops
+    assert "interrupted: cancelled migration abc of g1; the guest keeps running here" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer, cancels", [("y\n", True), ("n\n", False), ("", False)])
+def test_ctrl_c_on_a_terminal_asks(monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str], answer: str,
+                                   cancels: bool) -> None:
+    class TtyIn(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    monkeypatch.setattr("sys.stdin", TtyIn(answer))
+    c = CancellingClient()
+    with pytest.raises(KeyboardInterrupt):
+        ctl_cmd._migrate(c, _migrate_args(), io.StringIO())  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "cancel migration abc of g1? [y/N]" in err
+    assert (("cancel", {"guest": "g1"}) in c.ops) is cancels
+    if not cancels:
+        assert "the migration keeps running: vfiod ctl watch g1 to follow it, vfiod ctl " \
+               "cancel g1 to cancel it" in err
+
+
+def test_detach_says_how_to_watch_and_cancel() -> None:
+    out = io.StringIO()
+    assert ctl_cmd._migrate(CancellingClient(), _migrate_args(detach=True), out) == 0  # type: ignore[arg-type]
+    assert out.getvalue() == ("migration abc of g1 to 10.0.0.2:4444 started; follow it with: "
+                              "vfiod ctl watch g1; cancel it with: vfiod ctl cancel g1\n")
 
 
 def test_help_explains_every_guest_state() -> None:
@@ -93,3 +184,13 @@ def test_help_teaches(argv: list[str], needles: list[str]) -> None:
     assert r.returncode == 0
     for n in needles:
         assert n in r.stdout, n
+
+
+def test_watch_json_prints_json_lines() -> None:
+    out = Tty()                      # even on a terminal: no bar, no escapes
+    code = ctl_cmd._follow(FakeClient(_answers("completed")), "g1", True, out, 0.001, "abc")  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert code == Exit.OK and len(lines) == 4
+    objs = [json.loads(line) for line in lines]
+    assert [o["migration"]["progress"]["iteration"] for o in objs] == [1, 2, 3, 3]
+    assert objs[-1]["migration"]["result"] == "completed"

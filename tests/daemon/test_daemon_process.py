@@ -74,6 +74,21 @@ def test_ctl_devices_says_whose_and_why(daemon: DaemonProcess) -> None:
     assert not by["0000:60:00.0"]["vfio_capable"]
 
 
+def test_ctl_devices_says_which_can_migrate(daemon: DaemonProcess) -> None:
+    code, r = ctl_json(daemon, "devices")
+    assert code == 0
+    by = {d["name"]: d for d in r["devices"]}
+    assert by["0000:3b:00.1"]["migratable"] is True                  # g1's, opened
+    assert by["0000:3b:00.1"]["migratable_reason"] is None
+    assert by["0000:5f:00.0"]["migratable"] is False                 # probed on the spot
+    assert by["0000:5f:00.0"]["migratable_reason"] == (
+        "VFIO_DEVICE_FEATURE MIGRATION: ENOTTY and no v1 migration region")
+    assert by["0000:60:00.0"]["migratable_reason"] == "bound to host driver ixgbe (not ours)"
+    human = daemon.ctl("devices").stdout
+    (line,) = [ln for ln in human.splitlines() if ln.startswith("0000:5f:00.0")]
+    assert "cannot migrate: VFIO_DEVICE_FEATURE MIGRATION: ENOTTY" in line, human
+
+
 def test_ctl_check(daemon: DaemonProcess) -> None:
     code, r = ctl_json(daemon, "check", "g1")
     assert code == 0 and r["migratable"], r
@@ -101,7 +116,7 @@ def test_dirty_tracking_flag_round_trip(daemon: DaemonProcess) -> None:
 
 def test_ctl_usage_errors(daemon: DaemonProcess) -> None:
     r = daemon.ctl("migrate", "g1", "--to", "no-port-here")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "must be HOST:PORT" in r.stderr
     r = daemon.ctl("migrate", "nosuch", "--to", "127.0.0.1:1")
     assert r.returncode == 5

@@ -129,7 +129,7 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
     assert g["migration"]["result"] in ("cancelled", "failed")
     assert lifecycle_steps(dst, "g2") == OPENED_INCOMING + [("incoming", "defined")] \
         + OPENED_INCOMING
-    w = src.ctl("watch", "g2")
+    w = src.ctl("watch", "g2", "--once")
     assert w.returncode == 0 and "no migration running" in w.stdout
 
 
@@ -157,6 +157,8 @@ def test_sigterm_cancels_a_running_migration(pair: tuple[DaemonProcess, DaemonPr
         assert src.stop() == 0, src.log()
         log = src.log()
         assert "(source g2): cancelled" in log, log
+        assert "the daemon is shutting down (SIGTERM" in log, log
+        assert "vfiod ctl cancel" not in log, log
         assert "guest g2: closing (RUNNING); devices: 0000:3d:00.1 RUNNING" in log, log
         assert any(m.get("STOPPING") == "1" for m in src.notify.messages)
 

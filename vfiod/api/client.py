@@ -5,7 +5,8 @@
         result = c.call("status")                    # dict, or raises ClientError
 
 ``ClientError.kind`` tells the caller what went wrong without parsing text: ``connect``
-(no daemon at that path, or it refused the connection), ``protocol`` (the daemon sent
+(no daemon at that path, or it refused the connection), ``denied`` (the socket's
+permissions keep this user out: not root, not in the vfiod group), ``protocol`` (the daemon sent
 something that is not a response), or ``api`` (the daemon answered with an error; ``code``
 is its ``ApiErrorCode``).
 """
@@ -38,6 +39,7 @@ class ControlClient:
 
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
         self.path = path
+        self._timeout = timeout
         self._ids = itertools.count(1)
         self._buf = b""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -46,8 +48,14 @@ class ControlClient:
             sock.connect(path)
         except OSError as e:
             sock.close()
-            raise ClientError("connect", _connect_hint(path, e)) from None
+            kind = "denied" if e.errno in (errno.EACCES, errno.EPERM) else "connect"
+            raise ClientError(kind, _connect_hint(path, e)) from None
         self.sock = sock
+
+    def reopen(self) -> ControlClient:
+        """A new connection to the same daemon (after an interrupted call left this one
+        waiting for an answer nobody will read)."""
+        return ControlClient(self.path, self._timeout)
 
     def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return its result; ``ClientError`` on any failure."""
@@ -120,8 +128,8 @@ def _connect_hint(path: str, e: OSError) -> str:
     if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
         return (f"cannot reach vfiod at {path}: {name} (is the daemon running? "
                 "systemctl status vfiod; or pass --socket)")
-    if e.errno == errno.EACCES:
+    if e.errno in (errno.EACCES, errno.EPERM):
         who = os.geteuid()
-        return (f"cannot reach vfiod at {path}: EACCES (uid {who} may not open the socket; "
+        return (f"cannot reach vfiod at {path}: {name} (uid {who} may not open the socket; "
                 "run as root or as a member of the vfiod group)")
     return f"cannot reach vfiod at {path}: {name}"

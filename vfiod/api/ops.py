@@ -11,7 +11,8 @@ op                 arguments
 ``hello``          none: the daemon's version, schema and backend
 ``status``         ``guest`` (optional): guests (each with its lifecycle ``state``, as
                    ``vfiod ctl --help`` lists them), their devices and migrations
-``devices``        none: every VFIO device on the host, ours or not, and why
+``devices``        none: every VFIO device on the host, ours or not, and why; whether
+                   it can migrate (``migratable``) and, if not, ``migratable_reason``
 ``check``          ``target``: a device or guest name: can it migrate, and why not
 ``migrate``        ``guest``, ``to`` ("HOST:PORT", "[v6]:PORT"), ``downtime_limit_ms``,
                    ``timeout_s``, ``on_timeout`` ("cancel" | "force"; needs timeout_s)

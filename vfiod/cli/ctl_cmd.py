@@ -3,135 +3,92 @@ only ``vfiod.api`` (the protocol), never the daemon.
 
 Every subcommand prints for people by default and one JSON object with ``--json`` (the
 daemon's answer as it is, for scripts). ``watch`` and ``migrate`` draw a live progress bar
-with the predicted downtime on a terminal and print plain lines otherwise.
+with the predicted downtime on a terminal and print plain lines otherwise (one JSON
+object per line with ``--json``). What the client can tell is wrong (the daemon's own
+argument checks, an unresolvable destination) is refused before the daemon is asked;
+errors and exit codes follow the one table of ``vfiod.cli.exits``; the parser and the
+help are ``vfiod.cli.ctl_parser``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from typing import Any, TextIO
 
-from vfiod.api import DEFAULT_SOCKET, ApiErrorCode, ClientError, ControlClient
+from vfiod.api import ApiError, ClientError, ControlClient, MigrateArgs, parse_args
+from vfiod.cli import ctl_parser
+from vfiod.cli.exits import API_EXIT, Exit, report_error
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED, EXIT_NOT_FOUND, EXIT_BUSY = (
-    0, 1, 2, 3, 4, 5, 6)
-_CODE_EXIT = {ApiErrorCode.PERMISSION_DENIED: EXIT_DENIED, ApiErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
-              ApiErrorCode.BUSY: EXIT_BUSY}
-
-EPILOG = f"""\
-examples:
-  vfiod ctl status                      guests, devices and migrations of this host
-  vfiod ctl devices                     every VFIO device here, ours or not, and why
-  vfiod ctl check g1                    can guest g1 migrate? if not, every reason
-  vfiod ctl check 0000:3b:00.1          the same for one device (probes it if no guest owns it)
-  vfiod ctl migrate g1 --to 10.0.0.2:4444
-                                        live-migrate g1 to the vfiod on 10.0.0.2 (listening
-                                        on 4444), showing progress until it ends
-  vfiod ctl migrate g1 --to 10.0.0.2:4444 --downtime-limit 100 --timeout 120 --on-timeout force
-                                        switch over once the predicted downtime is <= 100 ms;
-                                        after 120 s of pre-copy, switch over anyway
-  vfiod ctl cancel g1                   cancel g1's migration (the source keeps running)
-  vfiod ctl dirty-tracking 0000:3b:00.1 off
-                                        opt the device out of pre-copy dirty tracking (QEMU's
-                                        x-pre-copy-dirty-page-tracking=off)
-  vfiod ctl watch                       follow running migrations
-  vfiod ctl status --json | jq .        everything as JSON, for scripts
-
-guest states (vfiod ctl status):
-  defined, claimed      configured; its devices and RAM opened, role not yet given
-  running               runs here
-  migrating-out         being migrated away, pre-copy (it still runs here)
-  switching-over        paused here, its final state going to the destination
-  migrated-away         the destination resumed it
-  outcome-unknown       committed but the destination never answered: check it before
-                        starting the guest anywhere else
-  incoming              waiting for (or receiving) a migration into it
-  loaded, prepared      received and loaded; prepared: verified, waiting for the commit
-  failed                could not be opened, or broke; status says why
-
-exit status:
-  {EXIT_OK}  success (check: it can migrate; migrate/watch: the migration completed)
-  {EXIT_FAILED}  the operation failed (check: it cannot migrate; migrate: failed or cancelled)
-  {EXIT_USAGE}  bad usage
-  {EXIT_UNREACHABLE}  no daemon at the socket (not running? wrong --socket?)
-  {EXIT_DENIED}  permission denied: run as root or as a member of the vfiod group
-  {EXIT_NOT_FOUND}  no such guest or device (or no migration to cancel)
-  {EXIT_BUSY}  busy: the guest is migrating already
-"""
+EPILOG = ctl_parser.EPILOG
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "ctl", help="control a running vfiod (status, check, migrate, cancel, watch)",
-        description="Talk to the vfiod daemon over its control socket.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p, None)
-    sub = p.add_subparsers(dest="ctl_command", metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
-    _common(common, argparse.SUPPRESS)
-
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, parents=[common])
-
-    s = add("status", "guests, their devices and migrations")
-    s.add_argument("guest", nargs="?", help="only this guest")
-    add("devices", "VFIO devices on this host, ours or not, and why")
-    c = add("check", "can a guest or device migrate, and why not")
-    c.add_argument("target", metavar="DEVICE|GUEST")
-    m = add("migrate", "live-migrate a guest to another vfiod")
-    m.add_argument("guest")
-    m.add_argument("--to", required=True, metavar="HOST:PORT",
-                   help="the destination vfiod's migration listener")
-    m.add_argument("--downtime-limit", type=float, metavar="MS",
-                   help="switch over when the predicted downtime is at most this "
-                        "(default: the daemon's, 300 ms)")
-    m.add_argument("--timeout", type=float, metavar="S",
-                   help="seconds of pre-copy before --on-timeout applies")
-    m.add_argument("--on-timeout", choices=("cancel", "force"),
-                   help="at the timeout: cancel (the guest stays here) or force the "
-                        "switchover (default: the daemon's, cancel)")
-    m.add_argument("--detach", action="store_true",
-                   help="return once started (follow later with vfiod ctl watch)")
-    x = add("cancel", "cancel a guest's running migration")
-    x.add_argument("guest")
-    d = add("dirty-tracking", "turn a device's pre-copy dirty page tracking on or off")
-    d.add_argument("device")
-    d.add_argument("mode", choices=("on", "off"))
-    w = add("watch", "follow running migrations (progress bar on a terminal, one line per "
-                     "change otherwise, one JSON object per line with --json)")
-    w.add_argument("guest", nargs="?", help="only this guest")
-    w.add_argument("--interval", type=float, default=0.5, metavar="S",
-                   help="seconds between updates (default 0.5)")
-    p.set_defaults(handler=run, ctl_parser=p)
-
-
-def _common(p: argparse.ArgumentParser, default: Any) -> None:
-    p.add_argument("--socket", metavar="PATH",
-                   default=DEFAULT_SOCKET if default is None else default,
-                   help=f"the daemon's control socket (default {DEFAULT_SOCKET})")
-    p.add_argument("--json", action="store_true",
-                   default=False if default is None else default,
-                   help="print the daemon's answer as one JSON object")
+    ctl_parser.register(subparsers, run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.ctl_command:
         args.ctl_parser.print_help()
-        return EXIT_USAGE
-    if args.ctl_command == "migrate" and args.on_timeout and args.timeout is None:
-        print("vfiod ctl migrate: --on-timeout needs --timeout", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
+    command = f"vfiod ctl {args.ctl_command}"
+    try:
+        _check_usage(args)
+    except _UsageError as e:
+        return report_error(command, e.status, e.message, as_json=args.json)
     try:
         with ControlClient(args.socket) as client:
             return _COMMANDS[args.ctl_command](client, args, sys.stdout)
     except ClientError as e:
-        print(f"vfiod ctl {args.ctl_command}: {e.message}", file=sys.stderr)
-        if e.kind == "connect":
-            return EXIT_UNREACHABLE
-        return _CODE_EXIT.get(e.code, EXIT_FAILED) if e.code else EXIT_FAILED
+        if e.kind == "api" and e.code is not None:
+            return report_error(command, API_EXIT[e.code], e.message, as_json=args.json,
+                                code=e.code.value)
+        status = {"connect": Exit.UNREACHABLE, "denied": Exit.PERMISSION_DENIED
+                  }.get(e.kind, Exit.FAILED)
+        return report_error(command, status, e.message, as_json=args.json)
+
+
+class _UsageError(Exception):
+    def __init__(self, message: str, status: Exit = Exit.USAGE) -> None:
+        self.message = message
+        self.status = status
+        super().__init__(message)
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """What the client can tell is wrong before asking the daemon: the same checks the
+    daemon makes (``vfiod.api.parse_args``), and that the destination host resolves."""
+    if args.ctl_command == "watch" and args.interval <= 0:
+        raise _UsageError("--interval must be positive")
+    if args.ctl_command != "migrate":
+        return
+    if args.on_timeout and args.timeout is None:
+        raise _UsageError("--on-timeout needs --timeout")
+    try:
+        req = parse_args("migrate", _migrate_request(args))
+    except ApiError as e:
+        raise _UsageError(e.message.removeprefix("migrate: ")) from None
+    assert isinstance(req, MigrateArgs)
+    try:
+        socket.getaddrinfo(req.host, req.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        # A name that does not exist is the operator's typo; anything else (no DNS
+        # server answering) is a failure of this host.
+        status = Exit.USAGE if e.errno in (socket.EAI_NONAME, socket.EAI_NODATA) else Exit.FAILED
+        raise _UsageError(f"cannot resolve the destination host {req.host!r}: "
+                          f"{e.strerror}", status) from None
+
+
+def _migrate_request(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {"guest": args.guest, "to": args.to}
+    for key, val in (("downtime_limit_ms", args.downtime_limit), ("timeout_s", args.timeout),
+                     ("on_timeout", args.on_timeout)):
+        if val is not None:
+            req[key] = val
+    return req
 
 
 # -- formatting helpers -------------------------------------------------------------------
@@ -173,7 +130,7 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     r = c.call("status", {"guest": args.guest} if args.guest else {})
     if args.json:
         _json(out, r)
-        return EXIT_OK
+        return Exit.OK
     d = r["daemon"]
     out.write(f"vfiod {d['version']} ({d['backend']} backend), pid {d['pid']}, up "
               f"{d['uptime_s']:.0f} s; control {d['control_socket']}; metrics "
@@ -199,26 +156,28 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
             live = m.get("live") or {}
             if live.get("triple"):
                 out.write(f"  state {live['triple']}\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _devices(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     r = c.call("devices")
     if args.json:
         _json(out, r)
-        return EXIT_OK
+        return Exit.OK
     out.write(f"{'DEVICE':<38} {'KIND':<4} {'GROUP':>5} {'DRIVER':<18} {'GUEST':<10} STATUS\n")
     for d in r["devices"]:
         status = (f"{d['protocol'] or '-'} {d['state']}, tracker {d['tracker'] or '-'}"
                   if d["guest"] else ("usable, " if d["vfio_capable"] else "") + d["reason"])
+        if d["vfio_capable"] and not d["migratable"]:
+            status += f"; cannot migrate: {d['migratable_reason']}"
         out.write(f"{d['name']:<38} {d['kind']:<4} {d['group'] if d['group'] is not None else '-':>5} "
                   f"{d['driver'] or '-':<18} {d['guest'] or '-':<10} {status}\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _check(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     r = c.call("check", {"target": args.target})
-    code = EXIT_OK if r["migratable"] else EXIT_FAILED
+    code = Exit.OK if r["migratable"] else Exit.FAILED
     if args.json:
         _json(out, r)
         return code
@@ -240,23 +199,46 @@ def _check(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _migrate(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
-    req: dict[str, Any] = {"guest": args.guest, "to": args.to}
-    for key, val in (("downtime_limit_ms", args.downtime_limit), ("timeout_s", args.timeout),
-                     ("on_timeout", args.on_timeout)):
-        if val is not None:
-            req[key] = val
-    r = c.call("migrate", req)
+    r = c.call("migrate", _migrate_request(args))
     m = r["migration"]
     if args.detach:
         if args.json:
             _json(out, r)
         else:
-            out.write(f"migration {m['id']} of {args.guest} to {args.to} started; follow it "
-                      f"with: vfiod ctl watch {args.guest}\n")
-        return EXIT_OK
+            out.write(f"migration {m['id']} of {args.guest} to {args.to} started; "
+                      f"{_HOW_TO.format(guest=args.guest)}\n")
+        return Exit.OK
     if not args.json:
         out.write(f"migrating {args.guest} to {args.to} (migration {m['id']})\n")
-    return _follow(c, args.guest, args.json, out, 0.5, m["id"])
+    try:
+        return _follow(c, args.guest, args.json, out, 0.5, m["id"])
+    except KeyboardInterrupt:
+        _interrupted(c, args.guest, m["id"])
+        raise
+
+
+_HOW_TO = "follow it with: vfiod ctl watch {guest}; cancel it with: vfiod ctl cancel {guest}"
+
+
+def _interrupted(c: ControlClient, guest: str, mid: str) -> None:
+    """Ctrl-C while ``migrate`` follows: the migration runs in the daemon, not here, so
+    say what happens to it. On a terminal ask; otherwise (a script was stopped) cancel."""
+    if sys.stdin.isatty():
+        print(f"\ncancel migration {mid} of {guest}? [y/N] ", end="", file=sys.stderr,
+              flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print(f"the migration keeps running: vfiod ctl watch {guest} to follow it, "
+                  f"vfiod ctl cancel {guest} to cancel it", file=sys.stderr)
+            return
+    try:
+        with c.reopen() as fresh:         # the interrupted call may have left c mid-answer
+            fresh.call("cancel", {"guest": guest})
+    except ClientError as e:
+        print(f"interrupted: could not cancel migration {mid} of {guest}: {e.message}",
+              file=sys.stderr)
+        return
+    print(f"interrupted: cancelled migration {mid} of {guest}; the guest keeps running here",
+          file=sys.stderr)
 
 
 def _cancel(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -266,7 +248,7 @@ def _cancel(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(f"cancel requested for {r['guest']} (migration {r['migration']}); the "
                   "source rolls back to RUNNING\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _dirty(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -276,14 +258,11 @@ def _dirty(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(f"{r['device']} (guest {r['guest']}): pre-copy dirty page tracking "
                   f"{'on' if r['pre_copy_dirty_page_tracking'] else 'off'}\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _watch(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
-    if args.interval <= 0:
-        print("vfiod ctl watch: --interval must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    return _follow(c, args.guest, args.json, out, args.interval, None)
+    return _follow(c, args.guest, args.json, out, args.interval, None, wait=not args.once)
 
 
 # -- following a migration ----------------------------------------------------------------
@@ -292,33 +271,48 @@ def _active(r: dict[str, Any], guest: str | None) -> list[dict[str, Any]]:
             and g["migration"] and g["migration"]["result"] is None]
 
 
-def _bar_line(g: dict[str, Any]) -> str:
+def _progress_line(g: dict[str, Any], bar: bool) -> str:
+    """One migration's progress: with a bar (a terminal redraws it) or as plain words."""
     m = g["migration"]
     pr = m["progress"]
     total = pr["ram_total_bytes"] or 1
     left = pr["ram_remaining_bytes"] + pr["device_remaining_bytes"]
     done = 0.0 if pr["iteration"] == 0 else max(0.0, min(1.0, 1 - left / total))
-    bar = "#" * int(done * 20) + "-" * (20 - int(done * 20))
     limit = f" (limit {m['downtime_limit_ms']:.0f} ms)" if m["downtime_limit_ms"] else ""
     conv = "" if pr["will_converge"] is not False else "  WILL NOT CONVERGE"
     triple = (m.get("live") or {}).get("triple", "")
-    return (f"{g['name']} [{bar}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
+    if not bar:
+        return (f"{g['name']} {done * 100:.0f}% {pr['phase']} iter {pr['iteration']} "
+                f"remaining {_size(left)} predicted downtime "
+                f"{_ms(pr['predicted_downtime_s'])}{limit}{conv} {triple}").rstrip()
+    drawn = "#" * int(done * 20) + "-" * (20 - int(done * 20))
+    return (f"{g['name']} [{drawn}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
             f"{pr['iteration']:>3}  remaining {_size(left):>10}  predicted downtime "
             f"{_ms(pr['predicted_downtime_s'])}{limit}{conv}  {triple}")
 
 
 def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,
-            interval: float, migration_id: str | None) -> int:
+            interval: float, migration_id: str | None, *, wait: bool = False) -> int:
+    """Print the progress of running migrations until they end; the exit status is
+    OK only if every one completed. ``wait``: if none runs yet, wait for one."""
     tty = out.isatty() and not as_json
     seen: dict[str, str] = {}
     last_lines: dict[str, str] = {}
     results: list[str] = []
+    announced = False
     while True:
         r = c.call("status", {"guest": guest} if guest else {})
         active = _active(r, guest)
+        if wait and not active and not seen and not migration_id:
+            if not as_json and not announced:
+                out.write("waiting for a migration to start (Ctrl-C to stop)\n")
+                out.flush()
+            announced = True
+            time.sleep(interval)  # the display's refresh period, not a wait for a condition
+            continue
         for g in active:
             seen[g["name"]] = g["migration"]["id"]
-            line = _bar_line(g)
+            line = _progress_line(g, bar=tty)
             if as_json:
                 out.write(json.dumps({"guest": g["name"], "migration": g["migration"]}) + "\n")
             elif tty:
@@ -341,7 +335,7 @@ def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,
         if not seen and not migration_id:
             if not results and not as_json:
                 out.write("no migration running\n")
-            return EXIT_OK if all(x == "completed" for x in results) else EXIT_FAILED
+            return Exit.OK if all(x == "completed" for x in results) else Exit.FAILED
         time.sleep(interval)     # the display's refresh period, not a wait for a condition
 
 

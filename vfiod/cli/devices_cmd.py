@@ -1,11 +1,13 @@
-"""``vfiod devices``: the VFIO devices on this host and whether vfiod can own them
-(docs/architecture.md §1 step 1; docs/kernel-contract.md §3.1 step 1, §4.1 step 1).
+"""``vfiod devices``: the VFIO devices on this host, whether vfiod can own them and whether
+they can migrate (docs/architecture.md §1 steps 1 and 4; docs/kernel-contract.md §3.1 step 1, §4.1 step 1).
 
-Read-only sysfs discovery (``vfiod.vfio.discover``): nothing is opened, so it is safe while
-a VMM owns the devices. Each device is "ours" (bound to vfio-pci, a vfio-pci variant
-driver, or an mdev, in a viable IOMMU group) or "not ours" with the reason. ``--sim``
-lists a simulated host instead (no VFIO needed); ``--sysfs-root``/``--dev-root`` point at
-another tree. ``--json`` prints a list of objects.
+Sysfs discovery (``vfiod.vfio.discover``) says whether each device is "ours" (bound to
+vfio-pci, a vfio-pci variant driver, or an mdev, in a viable IOMMU group) or "not ours"
+with the reason. A device that is ours is then probed as ``vfiod ctl check DEVICE`` probes
+it (its group opened briefly; a group a VMM holds is answered with EBUSY and left alone),
+giving ``migratable`` and, when false, ``migratable_reason``. ``--sim`` lists a simulated
+host instead (no VFIO needed); ``--sysfs-root``/``--dev-root`` point at another tree.
+``--json`` prints a list of objects.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vfiod.cli.exits import Exit, report_error
 from vfiod.errors import KernelError
 
 if TYPE_CHECKING:
@@ -24,9 +27,23 @@ if TYPE_CHECKING:
     from vfiod.vfio import DiscoveredDevice, HostPaths
 
 
+DESCRIPTION = ("The VFIO devices on this host: whether vfiod can own each one (and why not), "
+               "and whether it can migrate (and why not).")
+
+EPILOG = """\
+examples:
+  vfiod devices                   this host's devices (a device that is ours is probed:
+                                  its IOMMU group is opened briefly unless a VMM holds it)
+  vfiod devices --sim --json      a simulated host, as JSON
+
+exit status: see vfiod --help
+"""
+
+
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("devices", help="list VFIO devices and whether vfiod can own "
-                              "them", description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("devices", help="list VFIO devices, whether vfiod can own them "
+                              "and whether they can migrate", description=DESCRIPTION,
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--sim", action="store_true", help="list a simulated host")
     p.add_argument("--sysfs-root", default="/sys")
@@ -34,20 +51,22 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def _row(d: DiscoveredDevice) -> dict[str, Any]:
+def _row(kernel: KernelOps, paths: HostPaths, d: DiscoveredDevice) -> dict[str, Any]:
+    from vfiod.daemon.check import device_migratability
+
     row = dataclasses.asdict(d)
     row["ours"] = d.vfio_capable
     for key in ("vendor", "device"):
         if row[key] is not None:
             row[key] = f"{row[key]:#06x}"
-    return row
+    return {**row, **device_migratability(kernel, paths, d.name, None)}
 
 
 def list_devices(kernel: KernelOps, paths: HostPaths) -> list[dict[str, Any]]:
     # imported here: vfiod.vfio pulls in numpy, which `vfiod ctl` should not pay for
     from vfiod.vfio import discover
 
-    return [_row(d) for d in discover(kernel, paths)]
+    return [_row(kernel, paths, d) for d in discover(kernel, paths)]
 
 
 def _sim_rows() -> list[dict[str, Any]]:
@@ -79,12 +98,14 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print("no PCI or mdev devices found")
         return
     print(f"{'DEVICE':<38} {'KIND':<5} {'GROUP':>5} {'DRIVER':<20} {'VENDOR:DEVICE':<14} "
-          "OURS  WHY")
+          "OURS MIGRATABLE WHY")
     for r in rows:
         ids = f"{r['vendor'] or '-'}:{r['device'] or '-'}".replace("0x", "")
         group = "-" if r["group"] is None else str(r["group"])
+        why = r["reason"] if r["migratable"] or not r["ours"] else r["migratable_reason"]
         print(f"{r['name']:<38} {r['kind']:<5} {group:>5} {r['driver'] or '-':<20} "
-              f"{ids:<14} {'yes' if r['ours'] else 'no ':<5} {r['reason']}")
+              f"{ids:<14} {'yes' if r['ours'] else 'no':<4} "
+              f"{'yes' if r['migratable'] else 'no':<10} {why}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
         rows = (_sim_rows() if args.sim else
                 list_devices(LinuxKernel(), HostPaths(args.sysfs_root, args.dev_root)))
     except KernelError as e:
-        print(f"vfiod devices: {e}")
-        return 1
+        return report_error("vfiod devices", Exit.FAILED, str(e), as_json=args.json)
     if args.json:
         print(json.dumps(rows))
     else:

@@ -125,6 +125,21 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
             "blockers": [], "notes": notes}
 
 
+def device_migratability(kernel: KernelOps, paths: HostPaths, name: str,
+                         owned: DeviceEntry | None) -> dict[str, Any]:
+    """``migratable`` and, when false, ``migratable_reason`` for one row of ``vfiod devices``
+    and ``vfiod ctl devices``: what ``check`` says of the device (its first blocker)."""
+    if owned is not None:
+        ok, why = owned.migratable, owned.reason or "not opened"
+    else:
+        try:
+            r = probe_unowned(kernel, paths, name)
+        except KernelError as e:
+            r = {"migratable": False, "blockers": [f"cannot probe it: {e}"]}
+        ok, why = r["migratable"], "; ".join(r["blockers"])
+    return {"migratable": ok, "migratable_reason": None if ok else why}
+
+
 def _discovered_json(found: DiscoveredDevice) -> dict[str, Any]:
     return {"device_kind": found.kind, "group": found.group, "driver": found.driver,
             "vfio_capable": found.vfio_capable, "reason": found.reason}

@@ -145,6 +145,7 @@ class Handlers:
                     "tracker": entry.tracker if entry else None,
                     "pre_copy_dirty_page_tracking":
                         entry.pre_copy_dirty_page_tracking if entry else None,
+                    **check.device_migratability(self.kernel, self.paths, d.name, entry),
                 })
         return {"devices": out}
 

@@ -20,6 +20,7 @@ from vfiod.migration.session.common import MigrationResult, SessionBase
 Moves = Sequence[tuple[LifecycleState, str]]
 
 CANCEL_REASON = "cancelled by the operator (vfiod ctl cancel)"
+SHUTDOWN_REASON = "the daemon is shutting down (SIGTERM, systemctl stop)"
 
 
 class MigrationHandle:
@@ -28,21 +29,24 @@ class MigrationHandle:
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
+        self.reason = CANCEL_REASON            # who cancelled: the first cancel's reason
         self._session: SessionBase | None = None
         self._lock = threading.Lock()
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = CANCEL_REASON) -> None:
         with self._lock:
+            if not self.cancelled.is_set():
+                self.reason = reason
             self.cancelled.set()
             session = self._session
         if session is not None:
-            session.cancel(CANCEL_REASON)
+            session.cancel(self.reason)
 
     def attach(self, session: SessionBase) -> None:
         with self._lock:
             self._session = session
             if self.cancelled.is_set():
-                session.cancel(CANCEL_REASON)
+                session.cancel(self.reason)
 
     def live(self) -> dict[str, Any] | None:
         with self._lock:
@@ -127,7 +131,7 @@ class MigrationLedger:
                 out[guest] = live
         return out
 
-    def cancel(self, entry: GuestEntry) -> MigrationRecord | None:
+    def cancel(self, entry: GuestEntry, reason: str = CANCEL_REASON) -> MigrationRecord | None:
         """Ask the guest's running migration to cancel; None if none runs."""
         with self.registry.lock:
             rec = entry.migration
@@ -137,5 +141,5 @@ class MigrationLedger:
                 handle = self._handles.get(rec)
         if handle is None:
             return None
-        handle.cancel()
+        handle.cancel(reason)
         return rec

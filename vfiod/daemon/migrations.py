@@ -34,7 +34,7 @@ from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
-from vfiod.daemon.ledger import MigrationHandle, MigrationLedger
+from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle, MigrationLedger
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
@@ -135,8 +135,8 @@ class MigrationService:
                                   f"the destination refused guest {guest.name}: {reason}")
                 return
             if pending.cancelled.is_set():
-                self._not_started(rec, "cancelled", "cancelled before the session started; "
-                                  "nothing was changed")
+                self._not_started(rec, "cancelled", f"{pending.reason}, before the session "
+                                  "started; nothing was changed")
                 return
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
@@ -275,7 +275,7 @@ class MigrationService:
         """Cancel every running migration and wait for the threads (bounded)."""
         self._closing.set()
         for entry in list(self.registry.guests.values()):
-            self.ledger.cancel(entry)
+            self.ledger.cancel(entry, SHUTDOWN_REASON)
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:

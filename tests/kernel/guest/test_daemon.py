@@ -207,6 +207,10 @@ def test_status_devices_and_check_on_the_real_host(
     assert (e["kind"], e["driver"], e["guest"], e["vfio_capable"]) == (
         "pci", "vfio-pci", None, True), e
     assert (int(e["vendor"], 16), int(e["device"], 16)) == (rig.EDU_VENDOR, rig.EDU_DEVICE)
+    # ctl devices says which can migrate: edu, probed on the spot as check does, cannot
+    assert (mine["migratable"], mine["migratable_reason"]) == (True, None), mine
+    assert (e["migratable"], e["migratable_reason"]) == (
+        False, "VFIO_DEVICE_FEATURE MIGRATION: ENOTTY and no v1 migration region"), e
     host_pci = [x for x in devs.values() if x["kind"] == "pci" and x["driver"] != "vfio-pci"]
     assert host_pci, "the guest has PCI devices on host drivers (virtio 9p at least)"
     for x in host_pci:

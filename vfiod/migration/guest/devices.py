@@ -16,6 +16,7 @@ these steps, so they open, probe and describe a device the same way:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from vfiod.migration.states import MigState
 from vfiod.migration.stream.header import DeviceInfo
 from vfiod.vfio import Container, Device, DmaMapping, Group, HostPaths
 from vfiod.vfio.discovery import discover_device
+
+log = logging.getLogger(__name__)
 
 
 def device_info(name: str, driver: MigrationDriver, dma_logging: bool,
@@ -118,6 +121,8 @@ def claim_running(name: str, dev: Device) -> MigrationDriver:
     state = driver.state()
     if state is MigState.RUNNING:
         return driver
+    log.warning("%s: VFIO_DEVICE_RESET: found in %s, not RUNNING (left there by a previous "
+                "owner); reset to RUNNING before claiming it", name, state.name)
     try:
         dev.reset()
     except KernelError as e:
