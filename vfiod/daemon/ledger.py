@@ -21,6 +21,8 @@ Moves = Sequence[tuple[LifecycleState, str]]
 
 CANCEL_REASON = "cancelled by the operator (vfiod ctl cancel)"
 SHUTDOWN_REASON = "the daemon is shutting down (SIGTERM, systemctl stop)"
+#: who cancelled, as ``Cancelled`` names it ("cancelled by shutdown: ...")
+_CANCELLED_BY = {CANCEL_REASON: "operator", SHUTDOWN_REASON: "shutdown"}
 
 
 class MigrationHandle:
@@ -40,13 +42,13 @@ class MigrationHandle:
             self.cancelled.set()
             session = self._session
         if session is not None:
-            session.cancel(self.reason)
+            session.cancel(self.reason, _CANCELLED_BY.get(self.reason, "operator"))
 
     def attach(self, session: SessionBase) -> None:
         with self._lock:
             self._session = session
             if self.cancelled.is_set():
-                session.cancel(self.reason)
+                session.cancel(self.reason, _CANCELLED_BY.get(self.reason, "operator"))
 
     def live(self) -> dict[str, Any] | None:
         with self._lock:

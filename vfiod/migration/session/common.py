@@ -161,6 +161,7 @@ class SessionBase:
         self._handlers: list[StateHandler] = []
         self._cancel = threading.Event()
         self._cancel_reason = ""
+        self._cancel_by = "operator"
         self._lock = threading.Lock()
         self._committed = False
         self._hooks: dict[str, str] = {}
@@ -186,18 +187,19 @@ class SessionBase:
                                             f"{new.name}: {type(e).__name__}: {e}")
 
     # -- cancel -----------------------------------------------------------------------
-    def cancel(self, reason: str = "operator cancelled") -> bool:
-        """Ask the session to cancel; False when it is too late (committed or finished)."""
+    def cancel(self, reason: str = "operator cancelled", by: str = "operator") -> bool:
+        """Ask the session to cancel (``by``: who asked, e.g. "operator", "shutdown");
+        False when it is too late (committed or finished)."""
         with self._lock:
             if self._committed or self.state.finished:
                 return False
-            self._cancel_reason = reason
+            self._cancel_reason, self._cancel_by = reason, by
             self._cancel.set()
             return True
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
-            raise Cancelled(self._cancel_reason or "cancelled")
+            raise Cancelled(self._cancel_reason or "cancelled", by=self._cancel_by)
 
     def _commit(self) -> None:
         """Past this point a cancel is refused (the peer acts on its own)."""
