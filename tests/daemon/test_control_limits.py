@@ -20,7 +20,8 @@ from tests.support.daemons import wait_until
 from vfiod.api import ApiErrorCode, ClientError, ControlClient
 from vfiod.api.ops import Args
 from vfiod.api.schema import MAX_DEPTH, Request, Response
-from vfiod.daemon.control_server import ACCEPT_BACKOFF_S, ControlServer
+from vfiod.daemon.backoff import ACCEPT_BACKOFF_S
+from vfiod.daemon.control_server import ControlServer
 
 
 def dispatch(op: str, args: Args) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def test_accept_backs_off_on_emfile(sockdir: Path) -> None:
     pauses: list[float] = []
     fake = _Emfile(srv, 10)
     srv._sock = fake  # type: ignore[assignment]
-    srv._pause = pauses.append
+    srv.backoff.pause = pauses.append
     srv._accept_loop()
     first, cap = ACCEPT_BACKOFF_S
     assert fake.calls == 11 and len(pauses) == 10      # a pause after every failure

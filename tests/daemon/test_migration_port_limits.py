@@ -5,6 +5,7 @@ deadline."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import socket
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from tests.daemon.test_tls_daemons import _make_ca, _make_host
 from tests.support.daemons import wait_until
+from vfiod.daemon.backoff import ACCEPT_BACKOFF_S
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.migrations import MigrationService
@@ -120,6 +122,32 @@ def test_a_flood_of_slow_connections_is_bounded(service) -> None:  # type: ignor
         for s in flood:
             s.close()
     assert peak[0] <= 12, f"{peak[0]} offer threads for 8 slots"
+
+
+class _EmfileListener:
+    """accept_raw() fails EMFILE ``n`` times, then the service is closing."""
+
+    def __init__(self, svc: MigrationService, n: int) -> None:
+        self.svc, self.n, self.calls = svc, n, 0
+
+    def accept_raw(self, timeout: float) -> None:
+        self.calls += 1
+        if self.calls > self.n:
+            self.svc._closing.set()
+        raise TransportError(TransportCode.IO, "here", "accept: EMFILE", errno=errno.EMFILE)
+
+
+def test_the_accept_loop_backs_off_on_emfile() -> None:
+    svc = MigrationService(Registry(), cast(GuestManager, None), _no_facts,
+                           MigrationConfig())
+    fake = _EmfileListener(svc, 8)
+    svc.listener = fake  # type: ignore[assignment]
+    pauses: list[float] = []
+    svc.backoff.pause = pauses.append
+    svc._accept_loop()
+    first, cap = ACCEPT_BACKOFF_S
+    assert fake.calls == 9 and len(pauses) == 9
+    assert pauses[0] == first and pauses[-1] == cap and pauses == sorted(pauses)
 
 
 OPENSSL = shutil.which("openssl")

@@ -22,7 +22,7 @@
   closed with ``timeout`` to make room; only if every handler is inside a request does the
   newcomer get ``busy``. Requests nest at most ``MAX_DEPTH`` deep (``vfiod.api.schema``).
 * Running out of file descriptors (EMFILE, ENFILE) or kernel memory in ``accept`` pauses
-  the accept loop with a doubling backoff (``ACCEPT_BACKOFF_S``) instead of spinning.
+  the accept loop with a doubling backoff (``backoff.py``) instead of spinning.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Any
 
 from vfiod.api.ops import Args, parse_args
 from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, RequestError, Response
+from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.errors import VfiodError
 
 log = logging.getLogger("vfiod.control")
@@ -54,9 +55,6 @@ MAX_CLIENTS = 64
 IDLE_TIMEOUT_S = 60.0
 #: listen() backlog: a burst of clients queues in the kernel instead of failing EAGAIN.
 BACKLOG = 256
-#: The accept loop's pause after EMFILE and kin: the first, and the cap as it doubles.
-ACCEPT_BACKOFF_S = (0.01, 1.0)
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(eq=False)
@@ -130,8 +128,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._closing = False
         self._closed = threading.Event()
-        #: waits out an accept backoff (returns early when the server closes)
-        self._pause: Callable[[float], object] = self._closed.wait
+        self.backoff = AcceptBackoff("control", self._closed.wait)
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,21 +199,15 @@ class ControlServer:
 
     # -- serving ---------------------------------------------------------------------------
     def _accept_loop(self) -> None:
-        backoff = 0.0
         while not self._closing and self._sock is not None:
             try:
                 conn, _ = self._sock.accept()
             except OSError as e:
                 if self._closing:
                     return
-                if e.errno in _OUT_OF_RESOURCES:
-                    first, cap = ACCEPT_BACKOFF_S
-                    backoff = min(cap, backoff * 2 if backoff else first)
-                    log.warning("control: accept: %s; pausing %.2f s",
-                                errno.errorcode.get(e.errno or 0, e), backoff)
-                    self._pause(backoff)
+                self.backoff.failed(e.errno)
                 continue
-            backoff = 0.0
+            self.backoff.succeeded()
             client = _Client(conn)
             with self._lock:
                 if len(self._clients) >= self.max_clients:

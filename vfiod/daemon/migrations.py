@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.ledger import MigrationHandle, MigrationLedger
@@ -88,6 +89,7 @@ class MigrationService:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
+        self.backoff = AcceptBackoff("migration port", self._closing.wait)
 
     # -- threads ---------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -205,9 +207,12 @@ class MigrationService:
             try:
                 conn = lst.accept_raw(timeout=ACCEPT_POLL_S)
             except TransportError as e:
+                if self.backoff.failed(e.errno):
+                    continue
                 if e.code is not TransportCode.ACCEPT_TIMEOUT and not self._closing.is_set():
                     log.warning("migration listener: %s", e)
                 continue
+            self.backoff.succeeded()
             # The handshake and the offer run on the connection's own thread; the slots
             # bound how many such threads exist (offer.py).
             if self.offers.admit(conn):
