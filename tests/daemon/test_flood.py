@@ -1,7 +1,8 @@
 """A flood from one client process during a real migration (README "Limits"): 200 idle
 control connections, and on the destination's migration port 50 silent, 50 slow and 50
-malformed connections. The migration completes verified, and ``status`` answers on both
-daemons within its deadline while the flood holds its connections."""
+malformed connections (on a TLS port: TLS garbage). The migration completes verified, and
+``status`` answers on both daemons within its deadline while the flood holds its
+connections."""
 
 from __future__ import annotations
 
@@ -13,17 +14,28 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.daemon.test_tls_daemons import OPENSSL, _make_ca, _make_host, _tls, _with_tls
 from tests.support.daemon_configs import host_config
 from tests.support.daemons import DaemonProcess, guest_status, wait_until
 
 STATUS_DEADLINE_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    src = DaemonProcess(host_config("source", workloads={"g1": ("128KiB", "2MiB")}),
-                        "flood-src")
-    dst = DaemonProcess(host_config("destination"), "flood-dst")
+@pytest.fixture(scope="module", params=["tcp", "tls"])
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    src_cfg = host_config("source", workloads={"g1": ("128KiB", "2MiB")})
+    dst_cfg = host_config("destination")
+    if request.param == "tls":
+        if OPENSSL is None:
+            pytest.skip("needs the openssl command to make test certificates")
+        d = tmp_path_factory.mktemp("pki")
+        _make_ca(d, "ca")
+        _make_host(d, "src", "ca")
+        _make_host(d, "dst", "ca")
+        src_cfg, dst_cfg = _with_tls(src_cfg, _tls(d, "src")), _with_tls(dst_cfg, _tls(d, "dst"))
+    src = DaemonProcess(src_cfg, f"flood-{request.param}-src")
+    dst = DaemonProcess(dst_cfg, f"flood-{request.param}-dst")
     try:
         src.wait_ready()
         dst.wait_ready()
@@ -50,7 +62,7 @@ def _flood(src: DaemonProcess, dst: DaemonProcess) -> list[socket.socket]:
         s = socket.create_connection(port, timeout=10)
         if i % 3 == 1:
             s.sendall(b"V")                              # slow: one byte, then nothing
-        elif i % 3 == 2:                                 # malformed: bad magic, huge length
+        elif i % 3 == 2:                 # malformed: bad magic, huge length (TLS: garbage)
             s.sendall(struct.pack("<8sI", b"GET / HT", 1 << 30))
         held.append(s)
     return held
