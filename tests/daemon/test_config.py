@@ -123,6 +123,24 @@ def _last_line_of(text: str, needle: str) -> int:
      "migration.listen: listen '0.0.0.0' must be HOST:PORT"),
     ("downtime_limit_ms = 150", "downtime_limit_ms = -1", "downtime_limit_ms",
      "migration.downtime_limit_ms: must be a number above 0"),
+    ("downtime_limit_ms = 150", "downtime_limit_ms = nan", "downtime_limit_ms",
+     "migration.downtime_limit_ms: must be a finite number, not nan"),
+    ("downtime_limit_ms = 150", "downtime_limit_ms = -inf", "downtime_limit_ms",
+     "migration.downtime_limit_ms: must be a finite number, not -inf"),
+    ("timeout_s = 600", "timeout_s = nan", "timeout_s",
+     "migration.timeout_s: must be a finite number, not nan"),
+    ("timeout_s = 600", "timeout_s = inf", "timeout_s",
+     "migration.timeout_s: must be a finite number, not inf"),
+    ('memory = "4GiB"', 'memory = "100000TiB"', 'memory = "100000TiB"',
+     "guest[0].memory: guest g1 would have 109951162777600000 bytes of RAM, more than this "
+     "host's"),
+    ('memory = "4GiB"', 'memory = "2000000TiB"', 'memory = "2000000TiB"',
+     "guest[0].memory: '2000000TiB' is 2199023255552000000 bytes, above the limit of "
+     "1152921504606846976 bytes (1 EiB)"),
+    ('size = "2GiB"', 'size = "1000TiB"', 'size = "1000TiB"',
+     "guest[1].ram[0].size: guest g2 would have"),
+    ('bandwidth_limit = "1GiB"', 'bandwidth_limit = "' + "9" * 400 + 'TiB"',
+     "bandwidth_limit", "migration.bandwidth_limit: '999"),
     ('on_timeout = "force"', 'on_timeout = "explode"', "on_timeout",
      "migration.on_timeout: must be one of ['cancel', 'force'], not 'explode'"),
     ('bandwidth_limit = "1GiB"', 'bandwidth_limit = "fast"', "bandwidth_limit",
@@ -170,6 +188,25 @@ def test_duplicate_device_across_guests() -> None:
         parse_config(text)
 
 
+def test_sim_sizes_have_a_ceiling() -> None:
+    base = ('[sim]\n[[sim.device]]\nname = "0000:3b:00.1"\nstate_size = ' + "9" * 30
+            + "\n")
+    with pytest.raises(ConfigError, match=r"^\(text\):4: sim\.device\[0\]\.state_size: 9+ is "
+                       r"\d+ bytes, above the limit of 1073741824 bytes \(1 GiB\)$"):
+        parse_config(base)
+    with pytest.raises(ConfigError, match=r"^\(text\):4: sim\.device\[0\]\.precopy_size: "):
+        parse_config(base.replace("state_size", "precopy_size").replace("9" * 30,
+                                                                        '"16TiB"'))
+
+
+def test_guest_memory_is_compared_with_the_host() -> None:
+    text = '[[guest]]\nname = "g"\nmemory = "64MiB"\n'
+    assert parse_config(text, host_memory=64 << 20).guests[0].ram_bytes == 64 << 20
+    with pytest.raises(ConfigError, match=r"^\(text\):3: guest\[0\]\.memory: guest g would "
+                       r"have 67108864 bytes of RAM, more than this host's 33554432 bytes$"):
+        parse_config(text, host_memory=32 << 20)
+
+
 def test_sim_section_errors() -> None:
     base = host_config("source", extra_sim=UNOWNED)
     with pytest.raises(ConfigError, match=r"sim\.device\[0\]\.capability: must be one of"):
@@ -214,6 +251,7 @@ def test_key_lines_follow_arrays_of_tables() -> None:
 @pytest.mark.parametrize("text, value", [
     ("4096", 4096), (4096, 4096), ("64k", 65536), ("1.5GiB", 3 << 29), ("2 MB", 2_000_000),
     ("7x", None), ("1.1B", None), (True, None), (1.5, None),
+    ("9" * 400 + "TiB", int("9" * 400) << 40),        # exact: no float overflow
 ])
 def test_sizes(text: object, value: int | None) -> None:
     assert parse_size(text) == value

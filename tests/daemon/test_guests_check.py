@@ -5,14 +5,18 @@ is kept with its reason, nothing leaks, and the answers name every blocker."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vfiod.api.ops import CheckArgs
 from vfiod.daemon import check
-from vfiod.daemon.config import parse_config
+from vfiod.daemon.config import MigrationConfig, parse_config
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.handlers import DaemonInfo, Handlers
+from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import Registry
 from vfiod.daemon.simhost import build_sim_host
 from vfiod.errors import ConfigError
@@ -150,3 +154,31 @@ def test_bad_sim_host_is_a_config_error(tmp_path: Path) -> None:
                        "group = 5\n[[sim.device]]\nname = \"0000:3b:00.2\"\ngroup = 5\n")
     with pytest.raises(ConfigError, match="an mdev must be alone in its group"):
         build_sim_host(cfg.sim, tmp_path)
+
+
+def test_check_reads_host_facts_outside_the_registry_lock(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """Host facts come from /proc and /sys; a slow read must not hold every status up."""
+    host, mgr, reg = world
+    held: list[bool] = []
+
+    def facts() -> HostFacts:
+        # Another thread tries the lock: it fails only if the caller holds it.
+        t = threading.Thread(target=lambda: held.append(not _try_lock(reg)))
+        t.start()
+        t.join(10)
+        return _facts(host)
+
+    migrations = MigrationService(reg, mgr, facts, MigrationConfig())
+    handlers = Handlers(reg, mgr, migrations, host.kernel,
+                        HostPaths(host.sysfs_root, host.dev_root), facts,
+                        DaemonInfo("sim", "test.toml", "/run/test.sock"))
+    assert handlers.check(CheckArgs("good"))["migratable"]
+    assert held == [False]
+
+
+def _try_lock(reg: Registry) -> bool:
+    if not reg.lock.acquire(blocking=False):
+        return False
+    reg.lock.release()
+    return True

@@ -22,9 +22,11 @@ S = LifecycleState
 class RecordingSession:
     def __init__(self) -> None:
         self.reasons: list[str] = []
+        self.by: list[str] = []
 
-    def cancel(self, reason: str) -> bool:
+    def cancel(self, reason: str, by: str = "operator") -> bool:
         self.reasons.append(reason)
+        self.by.append(by)
         return True
 
 
@@ -52,7 +54,7 @@ def test_shutdown_cancels_as_shutdown(service: tuple[Registry, MigrationService]
     session = RecordingSession()
     _running(reg, svc).attach(session)
     svc.shutdown(timeout_s=30)
-    assert session.reasons == [SHUTDOWN_REASON]
+    assert session.reasons == [SHUTDOWN_REASON] and session.by == ["shutdown"]
     assert "shutting down" in SHUTDOWN_REASON and "operator" not in SHUTDOWN_REASON
 
 
@@ -73,4 +75,4 @@ def test_ctl_cancel_is_the_operators(service: tuple[Registry, MigrationService])
     entry = reg.guest("g1")
     assert entry is not None
     assert svc.ledger.cancel(entry) is not None
-    assert session.reasons == [CANCEL_REASON]
+    assert session.reasons == [CANCEL_REASON] and session.by == ["operator"]

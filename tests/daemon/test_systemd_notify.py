@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,22 @@ def test_watchdog_thread_pings_a_real_socket(tmp_path: Path) -> None:
     finally:
         dog.stop()
         sink.close()
+
+
+def test_notify_never_blocks_when_systemd_does_not_read(tmp_path: Path) -> None:
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(tmp_path / "notify.sock"))      # bound, never read: its queue fills
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    sent: list[bool] = []
+    t = threading.Thread(target=lambda: sent.extend(n.watchdog() for _ in range(5000)),
+                         daemon=True)
+    try:
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "sd_notify blocked on a full queue"
+        assert sent[0] and not sent[-1]           # delivered, then dropped
+        sink.recv(100)                            # the queue drains: delivered again
+        assert n.watchdog()
+    finally:
+        sink.close()                              # unblocks a sender stuck on it
+        n.close()

@@ -15,14 +15,17 @@ Response (daemon → client), one line, same ``id``::
 
 ``code`` is one of ``ApiErrorCode``: clients branch on it, never on the message text. A client
 may send many requests on one connection; the daemon answers each in order. Lines are at
-most ``MAX_LINE`` bytes. A daemon answers a request with a higher schema than it speaks
+most ``MAX_LINE`` bytes and nest at most ``MAX_DEPTH`` arrays and objects deep (a request
+needs three). A daemon answers a request with a higher schema than it speaks
 with ``unsupported_schema`` naming the versions it does speak.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,9 @@ SCHEMA_VERSION = 1
 MIN_SCHEMA_VERSION = 1
 #: Longest accepted line, newline included (a request is a few hundred bytes).
 MAX_LINE = 1 << 20
+#: Deepest accepted nesting of arrays and objects: the parser recurses once per level, and
+#: a line of 100,000 ``[`` must get an answer, not exhaust the interpreter's stack.
+MAX_DEPTH = 32
 
 RequestId = int | str | None
 
@@ -46,6 +52,7 @@ class ApiErrorCode(enum.Enum):
     UNSUPPORTED_SCHEMA = "unsupported_schema"  # schema version this daemon does not speak
     UNKNOWN_OP = "unknown_op"
     TOO_LARGE = "too_large"                    # the line exceeds MAX_LINE
+    TIMEOUT = "timeout"                        # idle past the control socket's timeout
     PERMISSION_DENIED = "permission_denied"    # peer is neither root nor in the vfiod group
     NOT_FOUND = "not_found"                    # no such guest / device / migration
     BUSY = "busy"                              # conflicts with a migration in progress
@@ -73,10 +80,27 @@ def _check_id(value: object) -> RequestId:
                    f"'id' must be an integer, a string or null, not {type(value).__name__}")
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_OPENERS = b"[{"
+
+
+def json_depth(line: bytes) -> int:
+    """How deep ``line`` nests arrays and objects, counted without parsing it (brackets
+    inside strings do not count), so that the check itself cannot recurse."""
+    brackets = _JSON_STRING.sub(b"", line).translate(None, delete=bytes(
+        c for c in range(256) if c not in b"[]{}"))
+    steps = (1 if c in _OPENERS else -1 for c in brackets)
+    return max(itertools.accumulate(steps, initial=0))
+
+
 def _load_object(line: bytes | str, what: str) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise ApiError(ApiErrorCode.TOO_LARGE,
                        f"{what} of {len(line)} bytes exceeds the {MAX_LINE}-byte limit")
+    depth = json_depth(line.encode() if isinstance(line, str) else line)
+    if depth > MAX_DEPTH:
+        raise ApiError(ApiErrorCode.BAD_REQUEST, f"{what} nests {depth} levels of arrays and "
+                       f"objects; the limit is {MAX_DEPTH}")
     try:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -64,6 +64,9 @@ API_EXIT: dict[ApiErrorCode, Exit] = {
     ApiErrorCode.BUSY: Exit.BUSY,
     ApiErrorCode.FAILED: Exit.FAILED,
     ApiErrorCode.INTERNAL: Exit.FAILED,
+    # the daemon closed an idle connection (docs: README "Limits"): ctl never idles
+    # between request and answer, so this is a daemon under a connection flood
+    ApiErrorCode.TIMEOUT: Exit.BUSY,
 }
 
 

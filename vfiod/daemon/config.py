@@ -44,6 +44,8 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+import psutil
+
 from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
@@ -160,7 +162,14 @@ def load_config(path: str) -> Config:
     return parse_config(text, path)
 
 
-def parse_config(text: str, source: str = "(text)") -> Config:
+def host_memory_bytes() -> int:
+    """This host's RAM: no guest configured here may have more."""
+    return int(psutil.virtual_memory().total)
+
+
+def parse_config(text: str, source: str = "(text)", *,
+                 host_memory: int | None = None) -> Config:
+    """``host_memory``: the RAM a guest may have at most (default: this host's)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -171,7 +180,8 @@ def parse_config(text: str, source: str = "(text)") -> Config:
                  metrics=_metrics(top.table("metrics")),
                  migration=_migration(top.table("migration")),
                  paths=_paths(top.table("paths")),
-                 guests=tuple(_guest(t) for t in top.tables("guest")),
+                 guests=tuple(_guest(t, host_memory or host_memory_bytes())
+                              for t in top.tables("guest")),
                  sim=parse_sim(top.table("sim")))
     top.finish()
     _cross_checks(cfg, top)
@@ -233,7 +243,7 @@ def _paths(t: Table) -> PathsConfig:
     return PathsConfig(*out)
 
 
-def _guest(t: Table) -> GuestConfig:
+def _guest(t: Table, host_memory: int) -> GuestConfig:
     name = str(t.string("name", required=True, pattern=NAME,
                         hint="letters, digits and '_.+-', at most 64"))
     page = int(t.integer("page_size", 4096, low=4096) or 4096)
@@ -261,6 +271,13 @@ def _guest(t: Table) -> GuestConfig:
     if not ram:
         raise t.error(None, f"guest {name} has no memory: add memory = \"4GiB\" or "
                       "[[guest.ram]] tables")
+    total = 0
+    for i, reg in enumerate(ram):
+        total += reg.size
+        if total > host_memory:
+            key = "memory" if where[i] is t else "size"
+            raise where[i].error(key, f"guest {name} would have {total} bytes of RAM, more "
+                                 f"than this host's {host_memory} bytes")
     for i, reg in enumerate(ram):
         for other in ram[:i]:
             if other.name == reg.name:

@@ -60,6 +60,10 @@ class SimConfig:
     memlock_limit: int | None = None
 
 
+#: The simulator holds a device's state in memory: a clear ceiling, far above any test's.
+MAX_SIM_STATE = 1 << 30
+
+
 def parse_sim(t: Table) -> SimConfig:
     devices = []
     for d in t.tables("device"):
@@ -68,7 +72,8 @@ def parse_sim(t: Table) -> SimConfig:
             d.choice("capability", CAPABILITY_NAMES, "v2_precopy_p2p"),
             d.integer("group", None, low=0, high=1 << 20),
             d.choice("kind", ("pci", "mdev"), "pci"),
-            d.size("state_size", None, low=1), d.size("precopy_size", None, low=0),
+            d.size("state_size", None, low=1, high=MAX_SIM_STATE),
+            d.size("precopy_size", None, low=0, high=MAX_SIM_STATE),
             d.size("dirty_rate", None, low=0)))
         d.finish()
     hosts = []

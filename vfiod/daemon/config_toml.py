@@ -12,8 +12,10 @@ fall back to a default.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 from vfiod.errors import ConfigError
@@ -29,6 +31,8 @@ _HEADER = re.compile(r"^\s*(\[\[?)\s*(.+?)\s*\]\]?\s*(#.*)?$")
 _KEYLINE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 _KEYPART = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+#: The largest size any key takes: more than any host has, and it fits every 64-bit field.
+MAX_SIZE = 1 << 60
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "ki": 1 << 10,
           "m": 1 << 20, "mib": 1 << 20, "mb": 10**6, "mi": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "gi": 1 << 30,
@@ -178,10 +182,12 @@ class Table:
 
     def number(self, key: str, default: float | None = None, *, low: float = 0.0,
                high: float | None = None) -> float | None:
-        """A positive number (> ``low``)."""
+        """A positive, finite number (> ``low``)."""
         v = self.raw(key)
         if v is None:
             return default
+        if isinstance(v, float) and not math.isfinite(v):
+            raise self.error(key, f"must be a finite number, not {v!r}")
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= low or (
                 high is not None and v > high):
             top = f" and at most {high:g}" if high is not None else ""
@@ -189,8 +195,9 @@ class Table:
         return float(v)
 
     def size(self, key: str, default: int | None = None, *, required: bool = False,
-             low: int = 0, multiple_of: int = 1) -> int | None:
-        """Bytes: an integer, or a string with a unit ("512MiB", "4GiB", "64k")."""
+             low: int = 0, high: int = MAX_SIZE, multiple_of: int = 1) -> int | None:
+        """Bytes: an integer, or a string with a unit ("512MiB", "4GiB", "64k"), at most
+        ``high`` (no size the daemon reads may overflow a 64-bit field)."""
         v = self.raw(key)
         if v is None:
             if required:
@@ -200,6 +207,9 @@ class Table:
         if n is None:
             raise self.error(key, f"{v!r} is not a size: write bytes (4096) or a number with "
                              "a unit (\"512MiB\", \"4GiB\")")
+        if n > high:
+            raise self.error(key, f"{v!r} is {n} bytes, above the limit of {high} bytes "
+                             f"({_human(high)})")
         self._range(key, n, low, None)
         if n % multiple_of:
             raise self.error(key, f"{n} bytes is not a multiple of {multiple_of}")
@@ -233,8 +243,15 @@ def parse_size(v: object) -> int | None:
     unit = (m.group(2) or "").lower()
     if unit not in _UNITS:
         return None
-    value = float(m.group(1)) * _UNITS[unit]
-    return int(value) if value == int(value) else None
+    value = Fraction(m.group(1)) * _UNITS[unit]   # exact: no float overflow or rounding
+    return int(value) if value.denominator == 1 else None
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
 
 
 def _kind(v: object) -> str:

@@ -14,7 +14,15 @@
 * A handler that raises anything but ``ApiError`` is a daemon bug: the client gets
   ``internal`` with the exception's type and text, the traceback goes to the log, and the
   daemon keeps serving.
-* A thread per connection, at most ``max_clients`` at once (others get ``busy``).
+* Bounded service (README "Limits"): a thread per connection, at most ``max_clients`` at
+  once. A connection must complete each request line within ``idle_timeout`` seconds of
+  its previous answer (or of connecting), else it gets ``timeout`` and is closed, so a
+  silent or one-byte-a-second client cannot hold a handler. When every handler is taken,
+  the connection idle the longest (waiting for its next request, with no partial line) is
+  closed with ``timeout`` to make room; only if every handler is inside a request does the
+  newcomer get ``busy``. Requests nest at most ``MAX_DEPTH`` deep (``vfiod.api.schema``).
+* Running out of file descriptors (EMFILE, ENFILE) or kernel memory in ``accept`` pauses
+  the accept loop with a doubling backoff (``backoff.py``) instead of spinning.
 """
 
 from __future__ import annotations
@@ -26,18 +34,35 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vfiod.api.ops import Args, parse_args
 from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, RequestError, Response
+from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.errors import VfiodError
 
 log = logging.getLogger("vfiod.control")
 
 #: Runs one validated request; returns the result object or raises ApiError.
 Dispatch = Callable[[str, Args], dict[str, Any]]
+
+#: Handler threads (connections served at once).
+MAX_CLIENTS = 64
+#: Seconds a connection may take to send its next complete request line.
+IDLE_TIMEOUT_S = 60.0
+#: listen() backlog: a burst of clients queues in the kernel instead of failing EAGAIN.
+BACKLOG = 256
+
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    #: monotonic time it began waiting for a new request; None inside a request
+    idle_since: float | None = field(default_factory=time.monotonic)
+    evicted: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,8 @@ def check_peer(cred: PeerCred, allowed_gid: int | None, group_name: str,
 
 class ControlServer:
     def __init__(self, path: str, dispatch: Dispatch, *, group: str = "vfiod",
-                 allowed_gid: int | None = None, max_clients: int = 64,
+                 allowed_gid: int | None = None, max_clients: int = MAX_CLIENTS,
+                 idle_timeout: float = IDLE_TIMEOUT_S,
                  on_request: Callable[[bool], None] | None = None,
                  on_refused: Callable[[], None] | None = None,
                  groups: Callable[[PeerCred], frozenset[int]] = proc_groups) -> None:
@@ -92,14 +118,17 @@ class ControlServer:
         self.group = group
         self.allowed_gid = allowed_gid
         self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
         self._on_request = on_request or (lambda ok: None)
         self._on_refused = on_refused or (lambda: None)
         self._groups = groups
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._clients: set[socket.socket] = set()
+        self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._closing = False
+        self._closed = threading.Event()
+        self.backoff = AcceptBackoff("control", self._closed.wait)
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,7 +145,7 @@ class ControlServer:
                 except OSError as e:       # not root and not in the group: root-only then
                     log.warning("cannot give %s to group %s: %s", self.path, self.group,
                                 e.strerror)
-            sock.listen(16)
+            sock.listen(BACKLOG)
         except OSError as e:
             sock.close()
             raise VfiodError(f"control socket {self.path}: {errno.errorcode.get(e.errno or 0, e)}"
@@ -146,6 +175,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._closing = True
+        self._closed.set()
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
@@ -161,7 +191,7 @@ class ControlServer:
             clients = list(self._clients)
         for c in clients:
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                c.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -172,29 +202,58 @@ class ControlServer:
         while not self._closing and self._sock is not None:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._closing:
                     return
+                self.backoff.failed(e.errno)
                 continue
+            self.backoff.succeeded()
+            client = _Client(conn)
             with self._lock:
+                if len(self._clients) >= self.max_clients:
+                    self._evict_idlest()
                 full = len(self._clients) >= self.max_clients
                 if not full:
-                    self._clients.add(conn)
+                    self._clients.add(client)
             if full:
-                self._refuse(conn, ApiError(ApiErrorCode.BUSY, f"more than {self.max_clients} "
-                                            "control connections; try again"))
+                self._refuse(conn, ApiError(
+                    ApiErrorCode.BUSY, f"all {self.max_clients} control connections are "
+                    "inside a request; try again"))
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="vfiod-control-conn",
+            threading.Thread(target=self._serve, args=(client,), name="vfiod-control-conn",
                              daemon=True).start()
 
-    def _refuse(self, conn: socket.socket, err: ApiError) -> None:
+    def _evict_idlest(self) -> None:
+        """Close the connection idle the longest, if any is idle (server lock held)."""
+        idle = [c for c in self._clients if c.idle_since is not None]
+        if not idle:
+            return
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        victim.evicted = True
+        self._clients.discard(victim)
+        waited = time.monotonic() - (victim.idle_since or 0.0)
+        self._tell(victim.sock, ApiError(
+            ApiErrorCode.TIMEOUT, f"closed after {waited:.1f} s idle: all "
+            f"{self.max_clients} control connections were taken"))
         try:
-            conn.sendall(Response.failure(None, err).encode())
+            victim.sock.shutdown(socket.SHUT_RDWR)   # its handler's recv() returns
         except OSError:
             pass
+
+    @staticmethod
+    def _tell(conn: socket.socket, err: ApiError) -> None:
+        """One error line, without blocking the accept loop (best effort)."""
+        try:
+            conn.send(Response.failure(None, err).encode(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def _refuse(self, conn: socket.socket, err: ApiError) -> None:
+        self._tell(conn, err)
         conn.close()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, client: _Client) -> None:
+        conn = client.sock
         try:
             cred = peer_cred(conn)
             why = check_peer(cred, self.allowed_gid, self.group, self._groups)
@@ -203,16 +262,18 @@ class ControlServer:
                 self._on_refused()
                 self._refuse(conn, ApiError(ApiErrorCode.PERMISSION_DENIED, why))
                 return
-            self._serve_lines(conn)
+            self._serve_lines(client)
         except OSError:
             pass                           # the client went away
         finally:
             with self._lock:
-                self._clients.discard(conn)
+                self._clients.discard(client)
             conn.close()
 
-    def _serve_lines(self, conn: socket.socket) -> None:
+    def _serve_lines(self, client: _Client) -> None:
+        conn = client.sock
         buf = b""
+        deadline = time.monotonic() + self.idle_timeout
         while True:
             while b"\n" not in buf:
                 if len(buf) > MAX_LINE:
@@ -221,7 +282,24 @@ class ControlServer:
                     self._on_request(False)
                     conn.sendall(Response.failure(None, err).encode())
                     return
-                chunk = conn.recv(65536)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._tell(conn, ApiError(ApiErrorCode.TIMEOUT, "no complete request "
+                                              f"within {self.idle_timeout:g} s; closing"))
+                    return
+                with self._lock:
+                    if client.evicted:
+                        return
+                    client.idle_since = None if buf else time.monotonic()
+                conn.settimeout(left)
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                with self._lock:
+                    if client.evicted:
+                        return
+                    client.idle_since = None
                 if not chunk:
                     return
                 buf += chunk
@@ -230,7 +308,9 @@ class ControlServer:
                 continue
             resp = self.handle_line(line)
             self._on_request(resp.ok)
+            conn.settimeout(self.idle_timeout)   # a client that never reads is dropped
             conn.sendall(resp.encode())
+            deadline = time.monotonic() + self.idle_timeout
 
     def handle_line(self, line: bytes) -> Response:
         """One request line → its response (never raises)."""

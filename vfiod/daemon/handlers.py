@@ -152,10 +152,11 @@ class Handlers:
     def check(self, args: CheckArgs) -> dict[str, Any]:
         entry = self.registry.guest(args.target)
         if entry is not None:
+            facts = self.facts()    # reads /proc and /sys: not under the registry lock
             with self.registry.lock:
                 for refresh in self.registry.refreshers:
                     refresh()
-                return check.check_guest(entry, self.facts())
+                return check.check_guest(entry, facts)
         owner = self._owner(args.target)
         if owner is not None:
             with self.registry.lock:

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +108,15 @@ class Daemon:
         workloads: tuple[Any, ...] = ()
         starter = None
         if opts.backend == "sim":
-            from vfiod.daemon.simhost import build_sim_host, start_workload
+            from vfiod.daemon.simhost import (
+                build_sim_host,
+                make_sim_root,
+                remove_stale_sim_roots,
+                start_workload,
+            )
 
-            self._sim_root = opts.sim_root or tempfile.mkdtemp(prefix="vfiod-sim-")
+            remove_stale_sim_roots()
+            self._sim_root = opts.sim_root or make_sim_root()
             self._sim = build_sim_host(cfg.sim, Path(self._sim_root))
             self.kernel = self._sim.kernel
             self.paths = HostPaths(self._sim.sysfs_root, self._sim.dev_root)

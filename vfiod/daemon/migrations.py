@@ -32,11 +32,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle, MigrationLedger
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.offer import Offer, OfferError, accept_offer, read_offer, refuse_offer, send_offer
+from vfiod.daemon.offer import (
+    Offer,
+    OfferError,
+    OfferLimits,
+    PendingOffers,
+    accept_offer,
+    read_offer,
+    refuse_offer,
+    send_offer,
+)
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -50,6 +60,7 @@ from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.states import MigrationState
 from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
 from vfiod.migration.transport.control import TransportCode
+from vfiod.migration.transport.tcp import Accepted
 
 log = logging.getLogger("vfiod.migrations")
 
@@ -57,11 +68,16 @@ PHASE = {MigrationState.SETUP: "setup", MigrationState.ACTIVE: "precopy",
          MigrationState.DEVICE: "stopcopy", MigrationState.CANCELLING: "stopcopy"}
 OFFER_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+#: listen() backlog of the migration port: a burst of connections waits in the kernel
+LISTEN_BACKLOG = 64
+#: how long the accept loop blocks: shutdown and offer deadlines are noticed this often
+ACCEPT_POLL_S = 0.1
 
 
 class MigrationService:
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
-                 defaults: MigrationConfig, tls: TlsConfig | None = None) -> None:
+                 defaults: MigrationConfig, tls: TlsConfig | None = None,
+                 offers: OfferLimits | None = None) -> None:
         self.registry = registry
         self.ledger = MigrationLedger(registry)
         self.guests = guests
@@ -69,9 +85,11 @@ class MigrationService:
         self.defaults = defaults
         self.tls = tls
         self.listener: Listener | None = None
+        self.offers = PendingOffers(offers or OfferLimits(deadline_s=OFFER_TIMEOUT_S))
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
+        self.backoff = AcceptBackoff("migration port", self._closing.wait)
 
     # -- threads ---------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -178,29 +196,45 @@ class MigrationService:
     # -- incoming --------------------------------------------------------------------------
     def listen(self, host: str, port: int) -> tuple[str, int]:
         """Accept incoming migrations on ``host:port`` (0 = any port); returns the address."""
-        self.listener = Listener(host, port, tls=self.tls)
+        self.listener = Listener(host, port, tls=self.tls, backlog=LISTEN_BACKLOG)
         self._spawn("vfiod-migration-listener", self._accept_loop)
         return self.listener.address
 
     def _accept_loop(self) -> None:
         lst = self.listener
         while lst is not None and not self._closing.is_set():
+            self.offers.expire()
             try:
-                conn = lst.accept(timeout=0.5)   # bounded so shutdown is noticed
+                conn = lst.accept_raw(timeout=ACCEPT_POLL_S)
             except TransportError as e:
+                if self.backoff.failed(e.errno):
+                    continue
                 if e.code is not TransportCode.ACCEPT_TIMEOUT and not self._closing.is_set():
                     log.warning("migration listener: %s", e)
                 continue
-            self._spawn("vfiod-incoming", self._destination, conn)
+            self.backoff.succeeded()
+            # The handshake and the offer run on the connection's own thread; the slots
+            # bound how many such threads exist (offer.py).
+            if self.offers.admit(conn):
+                self._spawn("vfiod-incoming", self._destination, conn)
 
-    def _destination(self, conn: Connection) -> None:
+    def _destination(self, accepted: Accepted) -> None:
+        try:
+            conn = accepted.handshake(self.offers.limits.handshake_s)
+        except TransportError as e:
+            self.offers.done(accepted)
+            log.warning("incoming migration from %s refused: %s", accepted.peer, e)
+            return
         with conn:
             try:
-                offer = read_offer(conn, OFFER_TIMEOUT_S)
+                offer = read_offer(conn, self.offers.limits.deadline_s)
             except (OfferError, TransportError) as e:
+                self.offers.done(accepted)
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
                 _try(conn, str(e))
                 return
+            if not self.offers.done(accepted):
+                return                     # closed at its deadline, or to make room
             entry = self.registry.guest(offer.guest)
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)

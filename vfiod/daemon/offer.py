@@ -13,18 +13,34 @@ answers on the return path before either session starts::
 
 A malformed offer (bad magic, length over ``MAX_OFFER``, not a JSON object, no guest
 name) is answered with ERROR too, naming what was wrong.
+
+The migration port is open to any host that can reach it, so the time before an offer is
+accepted is bounded (``OfferLimits``, README "Limits"): at most ``max_pending``
+connections are in their TLS handshake or offer at once, and a newcomer closes the
+oldest of them (a real source sends its offer at once; a flood cannot lock it out for
+long); each is closed at its deadline, ``deadline_s`` after it was accepted, whatever it
+is blocked in; a TLS handshake also has its own, shorter deadline.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from vfiod.migration.transport.control import AckStage, ControlMessage
-from vfiod.migration.transport.tcp import Connection
+from vfiod.migration.transport.control import (
+    AckStage,
+    ControlMessage,
+    TransportCode,
+    TransportError,
+)
+from vfiod.migration.transport.tcp import Accepted, Connection
+
+log = logging.getLogger("vfiod.migrations")
 
 MAGIC = b"VFOFFER1"
 _HEAD = struct.Struct("<8sI")
@@ -59,9 +75,17 @@ def _read_exact(conn: Connection, n: int, deadline: float) -> bytes:
     view = memoryview(buf)
     got = 0
     while got < n:
-        if time.monotonic() > deadline:
-            raise OfferError(f"the source sent {got} of {n} offer bytes before the deadline")
-        k = conn.recv_into(view[got:])
+        left = deadline - time.monotonic()
+        late = OfferError(f"the source sent {got} of {n} offer bytes before the deadline")
+        if left <= 0:
+            raise late
+        conn.set_io_timeout(left)           # no single receive outlives the deadline
+        try:
+            k = conn.recv_into(view[got:])
+        except TransportError as e:
+            if e.code is TransportCode.TIMEOUT:
+                raise late from None
+            raise
         if k == 0:
             raise OfferError(f"the source closed after {got} of {n} offer bytes")
         got += k
@@ -70,7 +94,14 @@ def _read_exact(conn: Connection, n: int, deadline: float) -> bytes:
 
 def read_offer(conn: Connection, timeout: float) -> Offer:
     """Destination side: read the offer (``OfferError`` if it is not one)."""
-    deadline = time.monotonic() + timeout
+    io_timeout = conn.io_timeout
+    try:
+        return _read_offer(conn, time.monotonic() + timeout)
+    finally:
+        conn.set_io_timeout(io_timeout)
+
+
+def _read_offer(conn: Connection, deadline: float) -> Offer:
     magic, length = _HEAD.unpack(_read_exact(conn, _HEAD.size, deadline))
     if magic != MAGIC:
         raise OfferError(f"not a vfiod migration offer (magic {magic!r}, want {MAGIC!r})")
@@ -92,3 +123,70 @@ def accept_offer(conn: Connection) -> None:
 
 def refuse_offer(conn: Connection, reason: str) -> None:
     conn.send_control(ControlMessage.error("offer", reason))
+
+
+@dataclass(frozen=True)
+class OfferLimits:
+    max_pending: int = 16          # connections in their handshake or offer at once
+    deadline_s: float = 30.0       # from accept to an offer read (handshake included)
+    handshake_s: float = 10.0      # the TLS handshake alone
+
+
+#: how long a newcomer waits for the thread of the connection it evicted to let go
+EVICT_WAIT_S = 1.0
+
+
+class PendingOffers:
+    """The connections accepted whose offer is not read yet: at most ``max_pending``, each
+    closed at its deadline (``expire``, called by the accept loop between accepts)."""
+
+    def __init__(self, limits: OfferLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        # insertion order: the first is the oldest
+        self._pending: dict[Accepted, float] = {}
+        self._slots = threading.BoundedSemaphore(limits.max_pending)
+
+    def admit(self, conn: Accepted) -> bool:
+        """Count ``conn`` in, closing the oldest if all slots are taken; False (``conn``
+        is closed) if no slot came free within ``EVICT_WAIT_S``. A slot is free once the
+        thread of the closed connection has called ``done``, so the threads reading offers
+        never outnumber the slots."""
+        with self._lock:
+            if len(self._pending) >= self.limits.max_pending:
+                oldest = next(iter(self._pending))
+                del self._pending[oldest]
+                log.warning("migration port: %s closed before its offer: %d connections "
+                            "were waiting to offer", oldest.peer, self.limits.max_pending)
+                oldest.abort()
+        if not self._slots.acquire(timeout=EVICT_WAIT_S):
+            log.warning("migration port: %s refused: no offer slot came free", conn.peer)
+            conn.close()
+            return False
+        with self._lock:
+            self._pending[conn] = time.monotonic() + self.limits.deadline_s
+        return True
+
+    def done(self, conn: Accepted) -> bool:
+        """Its offer was read (or it failed): it no longer counts. False if it had been
+        closed already (deadline or eviction): then its session must not start. Called
+        once for each admitted connection, by its thread."""
+        self._slots.release()
+        with self._lock:
+            return self._pending.pop(conn, None) is not None
+
+    def expire(self) -> None:
+        """Close every connection past its deadline: its thread sees the end at once."""
+        now = time.monotonic()
+        with self._lock:           # so that no abort() follows the thread's done()
+            late = [c for c, d in self._pending.items() if d <= now]
+            for c in late:
+                del self._pending[c]
+                c.abort()
+        for c in late:
+            log.warning("migration port: %s sent no offer within %g s; closed", c.peer,
+                        self.limits.deadline_s)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)

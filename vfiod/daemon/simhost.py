@@ -11,12 +11,23 @@ same ``KernelOps``; docs/kernel-contract.md §3.1 groups, §5-§7 through the ca
   VFIO device it makes that group non-viable, as on a real host.
 * ``[[sim.workload]]``: a running guest's devices write its RAM by DMA at a rate (so
   migrations have dirty pages to chase), after ``fill`` bytes of initial content.
+
+Without ``--sim-root`` the tree lives in a temporary ``/tmp/vfiod-sim-*`` directory that
+records its owner (``OWNER_FILE``: pid and start time); the daemon removes it on a clean
+stop, and a daemon starting later removes those whose owner is dead (a SIGKILL leaves
+them). A configured root has no owner file and is never removed: a restart needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import psutil
 
 from vfiod.daemon.config_sim import SimConfig, SimWorkload
 from vfiod.errors import ConfigError
@@ -28,6 +39,44 @@ from vfiod.migration.guest import Guest
 from vfiod.vfio.discovery import is_vfio_pci_driver
 
 FIRST_GROUP = 10
+SIM_ROOT_PREFIX = "vfiod-sim-"
+OWNER_FILE = "vfiod.owner"
+
+log = logging.getLogger("vfiod.sim")
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def make_sim_root(tmp: str | None = None) -> str:
+    """A fresh temporary root for the simulated host, recording this process as owner."""
+    root = tempfile.mkdtemp(prefix=SIM_ROOT_PREFIX, dir=tmp)
+    Path(root, OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())!r}\n")
+    return root
+
+
+def remove_stale_sim_roots(tmp: str | None = None) -> list[str]:
+    """Remove the temporary roots vfiod made whose owner is dead; the removed paths."""
+    base = Path(tmp or tempfile.gettempdir())
+    removed = []
+    for d in sorted(base.glob(SIM_ROOT_PREFIX + "*")):
+        try:
+            pid_text, started = (d / OWNER_FILE).read_text().split()
+            pid = int(pid_text)
+            if d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue                   # not ours to remove
+        except (OSError, ValueError):
+            continue                       # no owner file: not made by make_sim_root
+        if repr(_start_time(pid)) == started:
+            continue                       # its owner still runs (pid and start time)
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s: a simulated host left by dead vfiod pid %d", d, pid)
+        removed.append(str(d))
+    return removed
 
 
 def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:

@@ -13,6 +13,10 @@ long send), but only while the main loop proves it is alive: the main loop beats
 watchdog interval. A wedged main loop therefore stops the pings and systemd restarts vfiod,
 which is the point of the watchdog. ``WATCHDOG_USEC`` gives the interval; ``WATCHDOG_PID``,
 when set, must be this process (otherwise the watchdog belongs to someone else).
+
+Sending never blocks (``MSG_DONTWAIT``): a systemd that does not read its socket fills the
+queue, and a blocked send would hold up the caller (the reload, the shutdown, the
+watchdog thread); the datagram is dropped instead and the drop is logged once per streak.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Notifier:
             log.warning("NOTIFY_SOCKET=%r is neither a path nor @abstract: ignored", addr)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._dropping = False
 
     @property
     def enabled(self) -> bool:
@@ -57,8 +62,16 @@ class Notifier:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX,
                                                socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(msg, self.address)
+                self._sock.sendto(msg, socket.MSG_DONTWAIT, self.address)
+                self._dropping = False
                 return True
+            except BlockingIOError:
+                if not self._dropping:
+                    log.warning("sd_notify to %r: its queue is full (systemd is not "
+                                "reading); dropping notifications until it drains",
+                                self.address)
+                self._dropping = True
+                return False
             except OSError as e:
                 # systemd gone or the socket unreachable: log, never kill the daemon for it.
                 log.warning("sd_notify to %r failed: %s", self.address, e.strerror)

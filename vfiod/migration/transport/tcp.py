@@ -25,6 +25,11 @@ destination's CANCEL or ERROR (raised by ``check_peer``/``wait_ack`` on the sour
 Both ends of a connection run their side from one thread: the source polls the return
 path between batches rather than reading it from a second thread, which also keeps one
 TLS object from being used by two threads at once.
+
+``Listener.accept_raw`` takes a connection off the listening socket without its TLS
+handshake, so a server with many peers runs each handshake on that connection's own
+thread under its own deadline (``Accepted.handshake``); a stalled or garbage peer then
+delays nobody else, and ``Accepted.abort`` wakes whatever that thread is blocked in.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import errno as _errno
 import select
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -133,6 +139,15 @@ class Connection:
                     i += 1
         except OSError as e:
             raise self._wrap(e, "send") from None
+
+    @property
+    def io_timeout(self) -> float | None:
+        return self._io_timeout
+
+    def set_io_timeout(self, seconds: float | None) -> None:
+        """Seconds any one send or receive may block (None: forever)."""
+        self._io_timeout = seconds
+        self._sock.settimeout(seconds)
 
     def check_peer(self) -> None:
         """Read whatever the destination sent back; raise on CANCEL, ERROR or close."""
@@ -259,6 +274,59 @@ class Connection:
                               errno=e.errno)
 
 
+class Accepted:
+    """An accepted connection whose TLS handshake (if any) has not run yet."""
+
+    def __init__(self, sock: socket.socket, peer: str, ctx: ssl.SSLContext | None,
+                 io_timeout: float | None) -> None:
+        self._sock = sock
+        self.peer = peer
+        self._ctx = ctx
+        self._io_timeout = io_timeout
+        # abort() against the handshake's swap of the socket object and against close():
+        # a shutdown must reach this connection's fd, never a reused one.
+        self._lock = threading.Lock()
+        self._aborted = self._closed = False
+
+    def handshake(self, timeout: float | None) -> Connection:
+        """The connection, after the TLS handshake within ``timeout`` on TLS."""
+        if self._ctx is None:
+            return Connection(self._sock, self.peer, io_timeout=self._io_timeout)
+        try:
+            with self._lock:
+                if self._aborted:
+                    raise ConnectionAbortedError(_errno.ECONNABORTED, "aborted")
+                self._sock.settimeout(timeout)
+                sock = self._sock = self._ctx.wrap_socket(
+                    self._sock, server_side=True, do_handshake_on_connect=False)
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as e:
+            self.close()
+            reason = "no handshake within the deadline" if isinstance(e, TimeoutError) \
+                else getattr(e, "reason", None) or str(e)
+            raise TransportError(TransportCode.TLS, self.peer,
+                                 f"TLS handshake failed: {reason}") from None
+        return Connection(sock, self.peer, io_timeout=self._io_timeout)
+
+    def abort(self) -> None:
+        """Wake the thread blocked in the handshake or a receive: it sees the connection
+        end. The plain socket's shutdown, also under TLS (``SSLSocket.shutdown`` would
+        drop the TLS object under the other thread's feet)."""
+        with self._lock:
+            self._aborted = True
+            if self._closed:
+                return
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._sock.close()
+
+
 class Listener:
     """A listening socket for one incoming migration at a time."""
 
@@ -279,6 +347,11 @@ class Listener:
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
 
     def accept(self, timeout: float | None) -> Connection:
+        """The next connection, its TLS handshake done (both within ``timeout``)."""
+        return self.accept_raw(timeout).handshake(timeout)
+
+    def accept_raw(self, timeout: float | None) -> Accepted:
+        """The next connection, before its TLS handshake."""
         self._sock.settimeout(timeout)
         here = _peer_name(self.address)
         try:
@@ -289,17 +362,7 @@ class Listener:
         except OSError as e:
             raise TransportError(TransportCode.IO, here, f"accept: {_errno_name(e)}",
                                  errno=e.errno) from None
-        peer = _peer_name(addr)
-        if self._ctx is not None:
-            sock.settimeout(timeout)
-            try:
-                sock = self._ctx.wrap_socket(sock, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                sock.close()
-                reason = getattr(e, "reason", None) or str(e)
-                raise TransportError(TransportCode.TLS, peer,
-                                     f"TLS handshake failed: {reason}") from None
-        return Connection(sock, peer, io_timeout=self._io_timeout)
+        return Accepted(sock, _peer_name(addr), self._ctx, self._io_timeout)
 
     def close(self) -> None:
         self._sock.close()

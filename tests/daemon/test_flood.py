@@ -1,0 +1,96 @@
+"""A flood from one client process during a real migration (README "Limits"): 200 idle
+control connections, and on the destination's migration port 50 silent, 50 slow and 50
+malformed connections (on a TLS port: TLS garbage). The migration completes verified, and
+``status`` answers on both daemons within its deadline while the flood holds its
+connections."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.daemon.test_tls_daemons import OPENSSL, _make_ca, _make_host, _tls, _with_tls
+from tests.support.daemon_configs import host_config
+from tests.support.daemons import DaemonProcess, guest_status, wait_until
+
+STATUS_DEADLINE_S = 5.0
+
+
+@pytest.fixture(scope="module", params=["tcp", "tls"])
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    src_cfg = host_config("source", workloads={"g1": ("128KiB", "2MiB")})
+    dst_cfg = host_config("destination")
+    if request.param == "tls":
+        if OPENSSL is None:
+            pytest.skip("needs the openssl command to make test certificates")
+        d = tmp_path_factory.mktemp("pki")
+        _make_ca(d, "ca")
+        _make_host(d, "src", "ca")
+        _make_host(d, "dst", "ca")
+        src_cfg, dst_cfg = _with_tls(src_cfg, _tls(d, "src")), _with_tls(dst_cfg, _tls(d, "dst"))
+    src = DaemonProcess(src_cfg, f"flood-{request.param}-src")
+    dst = DaemonProcess(dst_cfg, f"flood-{request.param}-dst")
+    try:
+        src.wait_ready()
+        dst.wait_ready()
+        yield src, dst
+    finally:
+        for d in (src, dst):
+            d.cleanup()
+
+
+def _port(d: DaemonProcess) -> tuple[str, int]:
+    host, _, port = d.migration_address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _flood(src: DaemonProcess, dst: DaemonProcess) -> list[socket.socket]:
+    held = []
+    for d in (src, dst):
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)                          # idle: never sends a request
+            held.append(s)
+    port = _port(dst)
+    for i in range(150):
+        s = socket.create_connection(port, timeout=10)
+        if i % 3 == 1:
+            s.sendall(b"V")                              # slow: one byte, then nothing
+        elif i % 3 == 2:                 # malformed: bad magic, huge length (TLS: garbage)
+            s.sendall(struct.pack("<8sI", b"GET / HT", 1 << 30))
+        held.append(s)
+    return held
+
+
+def _timed_status(d: DaemonProcess) -> float:
+    t0 = time.monotonic()
+    with d.client() as c:
+        assert c.call("status")["guests"]
+    return time.monotonic() - t0
+
+
+def test_migration_and_status_survive_a_flood(pair: tuple[DaemonProcess, DaemonProcess]
+                                              ) -> None:
+    src, dst = pair
+    held = _flood(src, dst)
+    try:
+        assert _timed_status(src) < STATUS_DEADLINE_S
+        assert _timed_status(dst) < STATUS_DEADLINE_S
+        r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--timeout", "60",
+                    "--on-timeout", "force", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr + src.log() + dst.log()
+        final = json.loads(r.stdout.strip().splitlines()[-1])["migration"]
+        assert final["result"] == "completed" and final["verified"] is True, final
+        wait_until(lambda: guest_status(dst, "g1")["state"] == "running", 30,
+                   "g1 to run on the destination")
+        assert _timed_status(src) < STATUS_DEADLINE_S
+        assert _timed_status(dst) < STATUS_DEADLINE_S
+    finally:
+        for s in held:
+            s.close()
