@@ -7,4 +7,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "numba"))
-pytest.register_assert_rewrite("tests.support")
+# by module, not the package: ``make test`` loads tests.support.no_skips as a plugin first
+pytest.register_assert_rewrite(*(f"tests.support.{p.stem}" for p in
+                                 (Path(__file__).parent / "support").glob("*.py")
+                                 if p.stem not in ("__init__", "no_skips")))
