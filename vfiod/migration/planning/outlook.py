@@ -62,7 +62,7 @@ class Outlook:
 
 
 def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.0f} MiB"
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 or n == 0 else f"{n / 1024:.0f} KiB"
 
 
 def _rate(bps: float) -> str:
