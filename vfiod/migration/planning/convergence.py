@@ -29,8 +29,9 @@ from collections import deque
 from vfiod.migration.planning.predictor import Prediction
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
+def size_text(n: float) -> str:
+    """Bytes as whole MiB, or KiB under one MiB (for reasons an operator reads)."""
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 or n == 0 else f"{n / 1024:.0f} KiB"
 
 
 class ConvergenceWatch:
@@ -68,7 +69,7 @@ class ConvergenceWatch:
             return f"not converging for {self.refused} iterations: {p.reason}"
         if self.stalled >= self.stall_iterations and p.at - self._progress_at >= self.min_s:
             return (f"not converging: remaining bytes stopped shrinking for {self.stalled} "
-                    f"iterations (best {_mib(self.best)}, now {_mib(rem)}): {p.reason}")
+                    f"iterations (best {size_text(self.best)}, now {size_text(rem)}): {p.reason}")
         return None
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vfiod.migration.planning.convergence import size_text
+
 CONVERGES = "converges"
 FORCED = "converges only with a forced switchover"
 WILL_NOT = "will not converge"
@@ -61,10 +63,6 @@ class Outlook:
                 "device_state_bytes": self.device_state_bytes, "reasons": list(self.reasons)}
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 or n == 0 else f"{n / 1024:.0f} KiB"
-
-
 def _rate(bps: float) -> str:
     return f"{bps / (1 << 20):.1f} MiB/s"
 
@@ -80,13 +78,13 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
         if not d.tracked:
             dirty_by_container[d.container] = d.container_ram_bytes
             reasons.append(f"{d.name}: its container has no dirty-page tracking: all "
-                           f"{_mib(d.container_ram_bytes)} it maps are dirty at every pass")
+                           f"{size_text(d.container_ram_bytes)} it maps are dirty at every pass")
         elif d.opted_out:
             dirty_by_container[d.container] = d.container_ram_bytes
             shared = "shared " if any(
                 o.container == d.container and o.name != d.name for o in devices) else ""
             reasons.append(f"{d.name}: pre-copy dirty tracking is off (opt-out): all "
-                           f"{_mib(d.container_ram_bytes)} of RAM its {shared}container "
+                           f"{size_text(d.container_ram_bytes)} of RAM its {shared}container "
                            "maps count dirty at every pass until stop-and-copy")
     always = min(ram_bytes, sum(dirty_by_container.values()))
     state = sum(d.state_bytes or 0 for d in devices)
@@ -96,11 +94,11 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
     over = downtime > limit_s
     if over:
         reasons.append(f"predicted downtime {downtime * 1000:.0f} ms > limit {limit_ms:.0f} ms:"
-                       f" {_mib(always)} of RAM pre-copy cannot clean and {_mib(state)} of "
+                       f" {size_text(always)} of RAM pre-copy cannot clean and {size_text(state)} of "
                        f"device state at {_rate(bandwidth_bps)} ({bandwidth_source})")
     big = [d for d in devices if (d.state_bytes or 0) / bandwidth_bps > limit_s]
     for d in big:
-        reasons.append(f"{d.name}: its {_mib(d.state_bytes or 0)} of device state alone take "
+        reasons.append(f"{d.name}: its {size_text(d.state_bytes or 0)} of device state alone take "
                        f"{(d.state_bytes or 0) / bandwidth_bps * 1000:.0f} ms at "
                        f"{_rate(bandwidth_bps)}: too large for the {limit_ms:.0f} ms limit")
     racing = dirty_rate_bps is not None and dirty_rate_bps >= bandwidth_bps
