@@ -117,7 +117,11 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
     assert lifecycle_steps(src, "g2") == OPENED_RUNNING + [("running", "migrating-out"),
                                                            ("migrating-out", "running")]
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
-    assert src.call("check", {"target": "g2"})["migratable"] is True
+    # nothing blocks it, but its check says what the cancelled attempt showed: with no
+    # dirty tracking, all of its RAM at the configured bandwidth is over the limit
+    c = src.call("check", {"target": "g2"})
+    assert c["blockers"] == [] and c["outlook"]["verdict"] == "will not converge", c
+    assert c["outlook"]["bandwidth_source"] == "the configured bandwidth_limit", c
     # The destination discarded what it had and waits for g2 again, fresh.
 
     def dest_ready() -> dict | None:

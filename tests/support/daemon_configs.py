@@ -11,7 +11,8 @@ SOURCE_DEVICES = {"g1": ["0000:3b:00.1", "0000:3c:00.0"], "g2": ["0000:3d:00.1"]
 DEST_DEVICES = {"g1": ["0000:81:00.1", "0000:82:00.0"], "g2": ["0000:83:00.1"]}
 #: g2's device has no DMA logging: its container falls back to type1, which reports every
 #: mapped page dirty at every sync (a PCI device behind a real IOMMU), so its pre-copy can
-#: never converge under a bandwidth cap: it stays in pre-copy until cancelled.
+#: never converge under a bandwidth cap: it stays in pre-copy until cancelled (or until
+#: the policy gives up on it, after at least 30 s).
 CAPS = {"g1": ["v2_precopy_p2p_log", "v2_stop_copy_log"], "g2": ["v2_precopy"]}
 
 

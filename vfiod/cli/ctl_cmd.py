@@ -182,9 +182,16 @@ def _check(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         _json(out, r)
         return code
     what = f"{r['kind']} {r['target']}"
-    out.write(f"{what}: {'can migrate' if r['migratable'] else 'cannot migrate'}\n")
+    o = r.get("outlook")
+    if r["blockers"] or o is None:
+        out.write(f"{what}: {'can migrate' if r['migratable'] else 'cannot migrate'}\n")
+    else:
+        out.write(f"{what}: {o['verdict']} (predicted downtime {o['predicted_downtime_ms']:.0f} "
+                  f"ms, limit {o['downtime_limit_ms']:.0f} ms)\n")
     for b in r["blockers"]:
         out.write(f"  - {b}\n")
+    for why in o["reasons"] if o is not None else ():
+        out.write(f"  - {why}\n")
     for n in r["notes"]:
         out.write(f"  note: {n}\n")
     for d in r.get("devices", []):

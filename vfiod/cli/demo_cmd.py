@@ -6,12 +6,14 @@ The source process builds a simulated host and guest (``demo_setup``), fills par
 guest's RAM with data (the rest of the sparse memfds stays never-written), starts a
 workload that writes guest RAM by device DMA at ``--dirty-mbps``, starts the destination
 as a second process (``vfiod demo --role destination``, which prints its port), connects
-and migrates, printing one line per pre-copy iteration. Afterwards, out of the downtime
+and migrates, printing progress lines (at most one a second, each saying how many passes
+it stands for; the first and the deciding pass always show). Afterwards, out of the downtime
 window, both processes hash all of their guest RAM and their device states and the source
 compares them: the end-to-end proof that the dirty tracking lost nothing.
 
 ``--json`` prints one JSON object instead (keys include ``result``, ``iterations``,
-``predicted_downtime_s``, ``actual_downtime_s``, ``verified``). Exit status 0 when the
+``predicted_downtime_s``, ``actual_downtime_s``, ``verified``; ``history`` keeps the last
+40 passes and ``history_omitted`` counts the rest, so the object stays well under 64 KiB). Exit status 0 when the
 migration completed and everything verified, 1 otherwise.
 """
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,18 @@ def _ram_bytes(args: argparse.Namespace) -> int:
     return n
 
 
+#: passes kept in the result's history (the last ones): ``--json`` stays far under 64 KiB
+#: however many passes ran (``iterations`` still counts them all)
+HISTORY_KEPT = 40
+#: at most one progress line per this many seconds (the first and the last always show)
+PROGRESS_EVERY_S = 1.0
+
+
 def _config(args: argparse.Namespace) -> SessionConfig:
     return SessionConfig(policy=Policy(downtime_limit_s=args.downtime_limit_ms / 1000,
                                        max_iterations=args.max_iterations,
                                        timeout_s=args.timeout, on_timeout=args.on_timeout),
-                         ack_timeout_s=60.0)
+                         ack_timeout_s=60.0, history_limit=HISTORY_KEPT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,14 +251,22 @@ def _summary(res: MigrationResult, remote: dict[str, Any], mine: dict[str, Any],
                     **{f"destination_{k}": v for k, v in dt.items()},
                     "fill_s": fill_s, "demo_total_s": total_s},
         "history": [p.to_dict() for p in res.history],
+        "history_omitted": res.iterations - len(res.history),
     }
 
 
 class _Printer:
-    """Terminal output (or nothing but the final JSON with ``--json``)."""
+    """Terminal output (or nothing but the final JSON with ``--json``). Progress lines are
+    rate-limited to one per ``every_s`` by ``clock``: a pass that decides (switchover,
+    force, cancel) and the first always show; the others are counted and said."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, *, every_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.as_json = as_json
+        self.every_s = every_s
+        self.clock = clock
+        self._shown_at: float | None = None
+        self.hidden = 0
 
     def line(self, text: str) -> None:
         if not self.as_json:
@@ -268,7 +284,16 @@ class _Printer:
                      if args.bandwidth_mbps else ""))
 
     def progress(self, p: IterationProgress) -> None:
-        self.line(format_progress_line(p))
+        now = self.clock()
+        if (self._shown_at is not None and p.decision == "continue"
+                and now - self._shown_at < self.every_s):
+            self.hidden += 1
+            return
+        self._shown_at = now
+        skipped, self.hidden = self.hidden, 0
+        self.line(format_progress_line(p)
+                  + (f"  (+{skipped} pass{'es' if skipped > 1 else ''} not shown)"
+                     if skipped else ""))
 
     def summary(self, s: dict[str, Any]) -> None:
         if self.as_json:

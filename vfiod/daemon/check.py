@@ -6,6 +6,15 @@ The answer separates *blockers* (the migration will be refused) from *notes* (it
 but an operator should know: no dirty tracking means pre-copy cannot converge, an opted-out
 device's pages all move in stop-and-copy, little memlock headroom to receive a guest).
 
+For a guest it also gives the outlook (vfiod.migration.planning.outlook): the predicted
+downtime floor and a verdict, "converges", "converges only with a forced switchover" or
+"will not converge", with every reason (RAM pre-copy can never clean because of an
+opt-out or a container without dirty tracking, device state too large for the limit at the
+bandwidth, a measured dirty rate at or above it). The bandwidth is the configured cap, else
+what this guest's last outgoing migration measured, else the 1 Gb/s default; the limit and
+the give-up action are the daemon's migration defaults. A guest that will not converge is
+not reported migratable.
+
 A device of a guest is described from what the daemon probed when it opened the guest. A
 device no guest owns is probed on the spot (``probe_unowned_device``: the same steps and
 the same description as a guest's devices, vfiod.migration.guest.migratability). If
@@ -17,13 +26,18 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.lifecycle import RUNS_HERE, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
 from vfiod.dirty.providers.base import ProviderName
-from vfiod.errors import KernelError, NotMigratable
+from vfiod.dirty.providers.select import is_mdev
+from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
+from vfiod.migration.guest import Guest
 from vfiod.migration.guest.migratability import probe_unowned_device
 from vfiod.migration.planning.hostfacts import HostFacts
+from vfiod.migration.planning.outlook import WILL_NOT, DeviceOutlook, Outlook, outlook
+from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS
 from vfiod.migration.planning.preflight import ENCRYPTION_NAMES
 from vfiod.vfio import HostPaths
 from vfiod.vfio.discovery import DiscoveredDevice, discover_device
@@ -46,7 +60,54 @@ def device_notes(d: DeviceEntry) -> list[str]:
     return notes
 
 
-def check_guest(entry: GuestEntry, host: HostFacts) -> dict[str, Any]:
+def _tracked(d: DeviceEntry, entry: GuestEntry) -> bool:
+    """Does ``d``'s container report only written pages? (dirty/providers/select.py: a type1
+    container with an IOMMU-backed device reports every mapped page dirty)."""
+    if d.tracker in (None, ProviderName.NONE):
+        return False
+    if d.tracker != ProviderName.TYPE1:
+        return True
+    return all(is_mdev(o.name) for o in entry.devices.values() if o.container == d.container)
+
+
+def _state_bytes(guest: Guest | None, busy: bool) -> dict[str, int | None]:
+    """Each device's stop-copy size as its driver estimates it now (v2 MIG_DATA_SIZE);
+    not asked while a migration drives the devices."""
+    out: dict[str, int | None] = {}
+    for gd in guest.devices if guest is not None and not busy else ():
+        try:
+            p = gd.driver.save_live_pending()
+        except (VfiodError, OSError):
+            continue
+        out[gd.name] = p.stopcopy_bytes if p.exact or p.stopcopy_bytes else None
+    return out
+
+
+def guest_outlook(entry: GuestEntry, defaults: MigrationConfig,
+                  guest: Guest | None) -> Outlook:
+    gc = entry.config
+    last = entry.migration if entry.migration and entry.migration.role == "source" else None
+    if defaults.bandwidth_limit:
+        bw, src = float(defaults.bandwidth_limit), "the configured bandwidth_limit"
+    elif last is not None and last.progress.bandwidth_bps:
+        bw, src = last.progress.bandwidth_bps, f"measured by migration {last.id}"
+    else:
+        bw, src = DEFAULT_BANDWIDTH_BPS, "the 1 Gb/s default: link speed unknown"
+    sizes = _state_bytes(guest, entry.migration is not None and entry.migration.active)
+    devices = [DeviceOutlook(d.name, d.container, sum(r.size for r in gc.regions_of(d.container)),
+                             _tracked(d, entry), not d.pre_copy_dirty_page_tracking,
+                             sizes.get(d.name))
+               for d in entry.devices.values()]
+    return outlook(gc.ram_bytes, devices, bandwidth_bps=bw, bandwidth_source=src,
+                   limit_s=defaults.downtime_limit_ms / 1000, on_give_up=defaults.on_timeout,
+                   dirty_rate_bps=last.progress.dirty_rate_bps if last else None)
+
+
+def check_guest(entry: GuestEntry, host: HostFacts, *,
+                defaults: MigrationConfig | None = None,
+                guest: Guest | None = None) -> dict[str, Any]:
+    """``defaults``: the daemon's migration defaults (limit, bandwidth cap, give-up);
+    ``guest``: the open guest, whose drivers say how large their device state is."""
     gc = entry.config
     blockers: list[str] = []
     notes: list[str] = []
@@ -72,8 +133,10 @@ def check_guest(entry: GuestEntry, host: HostFacts) -> dict[str, Any]:
         notes.append(f"as a destination this host could pin {_gib(room)} more but the guest "
                      f"needs {_gib(gc.ram_bytes)}: set LimitMEMLOCK=infinity in the unit "
                      "or grant CAP_IPC_LOCK")
-    return {"target": gc.name, "kind": "guest", "migratable": not blockers,
-            "blockers": blockers, "notes": notes,
+    view = guest_outlook(entry, defaults or MigrationConfig(), guest)
+    return {"target": gc.name, "kind": "guest",
+            "migratable": not blockers and view.verdict != WILL_NOT,
+            "blockers": blockers, "notes": notes, "outlook": view.to_json(),
             "devices": [_device_json(d) for d in entry.devices.values()],
             "host": host_json(host, gc.ram_bytes)}
 

@@ -156,7 +156,9 @@ class Handlers:
             with self.registry.lock:
                 for refresh in self.registry.refreshers:
                     refresh()
-                return check.check_guest(entry, facts)
+                return check.check_guest(entry, facts,
+                                         defaults=self.migrations.defaults,
+                                         guest=self.guests.opened(entry.name))
         owner = self._owner(args.target)
         if owner is not None:
             with self.registry.lock:

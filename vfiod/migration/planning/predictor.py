@@ -23,8 +23,13 @@ Pieces:
   ``will_converge`` (False when the dirty rate is at or above the bandwidth, or when nothing
   tracks dirty pages; ``reason`` has the numbers). ``record_actual(seconds)`` after
   switchover gives the actual downtime and the prediction error ``|pred - act| / act``.
-* ``Policy``: downtime limit (300 ms default), maximum iterations, timeout with
-  ``on_timeout`` "cancel" or "force"; ``decide(...)`` → ``Decision``.
+* ``Policy``: downtime limit (300 ms default), maximum iterations, timeout, and when pre-copy
+  is not converging (vfiod.migration.planning.convergence: 20 passes without the remaining
+  bytes shrinking, or 10 passes in a row of ``will_converge`` False, either for at least
+  30 s) it gives up too, so no migration runs forever. Giving up does ``on_timeout``: "cancel" by default (the guest
+  keeps running at the source) or "force" (switch over anyway, with the longer downtime);
+  ``on_not_converging`` overrides it for the convergence case. ``decide(...)`` →
+  ``Decision``.
 """
 
 from __future__ import annotations
@@ -130,6 +135,9 @@ class IterationInputs:
     device_stopcopy_bytes: int      # Σ over devices
     device_precopy_bytes: int = 0   # Σ pre-copy bytes not yet read
     tracking: bool = True           # False: no dirty tracking, every page is always dirty
+    #: of ``dirty_ram_bytes``, counted dirty because an opted-out device's container is not
+    #: queried before stop-and-copy (all of its mapped RAM, at every pass)
+    assumed_dirty_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,10 @@ class DowntimePredictor:
             dr = "not measured yet" if rate is None else _rate(rate)
             reason = (f"{total} bytes ({x.dirty_ram_bytes} RAM, {dev} device) at "
                       f"{_rate(bw)} + {self.costs.total_s * 1000:.0f} ms fixed; dirty rate {dr}")
+            if x.assumed_dirty_bytes:
+                reason += (f"; {x.assumed_dirty_bytes} bytes of the RAM count dirty at "
+                           "every pass (a device's pre-copy dirty tracking is off and its "
+                           "container is not queried until stop-and-copy)")
         p = Prediction(x.now, downtime, x.dirty_ram_bytes, dev, bw, self.bandwidth.source,
                        rate, self.costs.total_s, converge, reason)
         self.last = p
@@ -218,6 +230,14 @@ class Policy:
     max_iterations: int | None = None
     timeout_s: float | None = None
     on_timeout: str = "cancel"
+    #: passes without the remaining bytes falling below 90 % of their lowest so far
+    stall_iterations: int = 20
+    #: passes in a row the predictor says ``will_converge`` False
+    not_converging_iterations: int = 10
+    #: ... and either held for at least this long
+    not_converging_min_s: float = 30.0
+    #: what to do when pre-copy is not converging; None: as ``on_timeout``
+    on_not_converging: str | None = None
 
     def __post_init__(self) -> None:
         if self.downtime_limit_s <= 0:
@@ -228,10 +248,19 @@ class Policy:
             raise ValueError(f"timeout {self.timeout_s} s must be positive")
         if self.on_timeout not in ("cancel", "force"):
             raise ValueError(f"on_timeout {self.on_timeout!r} must be 'cancel' or 'force'")
+        if self.on_not_converging not in (None, "cancel", "force"):
+            raise ValueError(f"on_not_converging {self.on_not_converging!r} must be 'cancel' "
+                             "or 'force'")
+        if self.not_converging_min_s < 0:
+            raise ValueError(f"not_converging_min_s {self.not_converging_min_s} is negative")
+        if self.stall_iterations < 1 or self.not_converging_iterations < 1:
+            raise ValueError("stall_iterations and not_converging_iterations must be at "
+                             "least 1")
 
-    def verdict(self, p: Prediction, *, iteration: int, elapsed_s: float
-                ) -> tuple[Decision, str]:
-        """The decision after pass ``iteration`` (1-based) with its reason."""
+    def verdict(self, p: Prediction, *, iteration: int, elapsed_s: float,
+                not_converging: str | None = None) -> tuple[Decision, str]:
+        """The decision after pass ``iteration`` (1-based) with its reason;
+        ``not_converging``: why pre-copy is not converging (a ``ConvergenceWatch``)."""
         limit_ms = self.downtime_limit_s * 1000
         if p.downtime_s <= self.downtime_limit_s:
             return Decision.SWITCHOVER, (f"predicted downtime {p.downtime_s * 1000:.0f} ms <= "
@@ -243,8 +272,15 @@ class Policy:
         if self.max_iterations is not None and iteration >= self.max_iterations:
             return out, (f"{iteration} iterations reached with predicted downtime "
                          f"{p.downtime_s * 1000:.0f} ms > {limit_ms:.0f} ms")
+        if not_converging is not None:
+            give_up = self.on_not_converging or self.on_timeout
+            return (Decision.CANCEL if give_up == "cancel" else Decision.FORCE), (
+                f"{not_converging}; predicted downtime {p.downtime_s * 1000:.0f} ms > "
+                f"limit {limit_ms:.0f} ms")
         return Decision.CONTINUE, (f"predicted downtime {p.downtime_s * 1000:.0f} ms > limit "
                                    f"{limit_ms:.0f} ms; {p.reason}")
 
-    def decide(self, p: Prediction, *, iteration: int, elapsed_s: float) -> Decision:
-        return self.verdict(p, iteration=iteration, elapsed_s=elapsed_s)[0]
+    def decide(self, p: Prediction, *, iteration: int, elapsed_s: float,
+               not_converging: str | None = None) -> Decision:
+        return self.verdict(p, iteration=iteration, elapsed_s=elapsed_s,
+                            not_converging=not_converging)[0]

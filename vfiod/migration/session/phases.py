@@ -125,6 +125,8 @@ class PredictionNumbers:
     device_stopcopy_bytes: int
     device_precopy_bytes: int
     tracking: bool                  # some container reports only what was written
+    #: counted dirty (opted-out containers, not queried before stop-and-copy)
+    assumed_dirty_bytes: int = 0
 
 
 def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequence[Pending],
@@ -148,7 +150,9 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         measured_dirty_bytes=measured,
         device_stopcopy_bytes=sum(p.stopcopy_bytes for p in pendings),
         device_precopy_bytes=sum(p.precopy_bytes for p in pendings),
-        tracking=precise or not containers)
+        # containers skipped by the opt-out are tracked: stop-and-copy queries them
+        tracking=precise or all(c.name in sync.skipped for c in containers),
+        assumed_dirty_bytes=sync.assumed_dirty_bytes)
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,

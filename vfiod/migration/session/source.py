@@ -41,6 +41,7 @@ from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import KernelError, PreflightError, ProtocolError
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
+from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
 from vfiod.migration.planning.predictor import (
@@ -94,7 +95,11 @@ class SourceSession(SessionBase):
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
         self._rtt = 0.0
-        self._stop_cost = 0.0
+        #: the devices' state arcs: at setup, then the pending queries of every pass
+        self._arcs = FixedCostSamples()
+        pol = self.config.policy
+        self._watch = ConvergenceWatch(pol.stall_iterations, pol.not_converging_iterations,
+                                       pol.not_converging_min_s)
 
     # -- status hooks -----------------------------------------------------------------
     def _tracker_status(self) -> TrackerStatus | None:
@@ -176,12 +181,12 @@ class SourceSession(SessionBase):
         self.tracker = g.make_tracker()
         self.tracker.start(initial_all_dirty=True)
         self.predictor.dirty.start(self.clock())
+        t0 = self.clock()
         for d in g.devices:
-            t0 = self.clock()
             self._hook(d, d.driver.save_setup)
-            # one arc each way costs about the same: the stop-and-copy arc is predicted
-            # from the setup arc measured here (docs/architecture.md §4 fixed costs)
-            self._stop_cost += self.clock() - t0
+        # one arc each way costs about the same: the stop-and-copy arc is predicted from
+        # the arcs measured here and at every pass (docs/architecture.md §4 fixed costs)
+        self._arcs.add(self.clock() - t0)
         for d in g.devices:
             w.send_device_data(d.name, self._hook(d, d.driver.save_state))
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
@@ -218,7 +223,9 @@ class SourceSession(SessionBase):
             assert self.digests is not None
             self.digests.rehash()
             sync = tr.sync("precopy")
+            t0 = self.clock()
             pendings = [self._hook(d, d.driver.save_live_pending) for d in self.guest.devices]
+            self._arcs.add(self.clock() - t0)
             decision = self._predict(sync, pendings, start, ram, dev_bytes)
             if decision is Decision.CANCEL:
                 last = self.result.history[-1]
@@ -243,17 +250,18 @@ class SourceSession(SessionBase):
         t = self.result.timings
         t["predicted_verify_s"] = verify_s
         t["predicted_record_overhead_s"] = records_s
-        # stopping: the devices' arcs (as measured at setup) and one more dirty sync;
-        # after the transfer: the same arcs on the destination's devices (resume), the
-        # final re-hash, the per-record costs, and the acknowledgement's round trip
-        self.predictor.costs = FixedCosts(
-            device_stop_s=self._stop_cost + sync.duration_s,
-            resume_ack_rtt_s=self._rtt + self._stop_cost + verify_s + records_s)
+        # stopping: the devices' arcs and one more dirty sync; after the transfer: the
+        # same arcs on the destination's devices (resume), the final re-hash, the
+        # per-record costs, and the acknowledgement's round trip
+        arc = self._arcs.estimate_s
+        self.predictor.costs = FixedCosts(device_stop_s=arc + sync.duration_s,
+                                          resume_ack_rtt_s=self._rtt + arc + verify_s + records_s)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
-            num.tracking))
-        decision, why = self.config.policy.verdict(p, iteration=self.iteration,
-                                                   elapsed_s=now - start)
+            num.tracking, num.assumed_dirty_bytes))
+        decision, why = self.config.policy.verdict(
+            p, iteration=self.iteration, elapsed_s=now - start,
+            not_converging=self._watch.observe(p))
         prog = IterationProgress(
             iteration=self.iteration, elapsed_s=now - (self.started_at or start),
             ram_sent_bytes=ram, device_sent_bytes=dev_bytes,
