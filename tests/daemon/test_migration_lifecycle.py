@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.service_rig import running_guest_service
 from vfiod.daemon import migrations
-from vfiod.daemon.config import GuestConfig, MigrationConfig, RamConfig
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import Registry
@@ -31,14 +31,8 @@ class OpenGuests:
 
 @pytest.fixture
 def service() -> Iterator[tuple[Registry, MigrationService]]:
-    reg = Registry()
-    reg.add_guest(GuestConfig("g1", (RamConfig("ram0", 0, 1 << 20),)))
-    reg.lifecycle.move("g1", S.CLAIMED, "test")
-    reg.lifecycle.move("g1", S.RUNNING, "test")
-    svc = MigrationService(reg, OpenGuests(), facts=lambda: None,  # type: ignore[arg-type]
-                           defaults=MigrationConfig())
-    yield reg, svc
-    svc.shutdown(timeout_s=30)
+    with running_guest_service(OpenGuests()) as made:
+        yield made
 
 
 def _closed_port() -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vfiod.daemon.config import GuestConfig, MigrationConfig, RamConfig
+from tests.support.service_rig import running_guest_service
 from vfiod.daemon.ledger import CANCEL_REASON, SHUTDOWN_REASON
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
@@ -32,14 +32,8 @@ class RecordingSession:
 
 @pytest.fixture
 def service() -> Iterator[tuple[Registry, MigrationService]]:
-    reg = Registry()
-    reg.add_guest(GuestConfig("g1", (RamConfig("ram0", 0, 1 << 20),)))
-    reg.lifecycle.move("g1", S.CLAIMED, "test")
-    reg.lifecycle.move("g1", S.RUNNING, "test")
-    svc = MigrationService(reg, object(), facts=lambda: None,  # type: ignore[arg-type]
-                           defaults=MigrationConfig())
-    yield reg, svc
-    svc.shutdown(timeout_s=30)
+    with running_guest_service(object()) as made:
+        yield made
 
 
 def _running(reg: Registry, svc: MigrationService) -> Any:

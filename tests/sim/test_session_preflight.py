@@ -120,6 +120,17 @@ def test_every_reason_at_once(tmp_path: Path, made: list[Side]) -> None:
         assert needle in text, text
 
 
+def _serve_destination(lst: Listener, dst: Side, box: dict[str, Any]) -> threading.Thread:
+    """A destination session on ``lst``'s next connection, its result put in box["r"]."""
+    def serve() -> None:
+        with lst.accept(timeout=30) as conn:
+            box["r"] = DestinationSession(dst.guest, conn, host=dst.facts,
+                                          config=SessionConfig(ack_timeout_s=5)).run()
+    t = threading.Thread(target=serve)
+    t.start()
+    return t
+
+
 def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
                                                           made: list[Side]) -> None:
     """A source that ignores preflight and sends RAM for another layout: the destination
@@ -129,12 +140,7 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
     before = dst.ram_digest()
     box: dict[str, Any] = {}
     with Listener("127.0.0.1", 0) as lst:
-        def serve() -> None:
-            with lst.accept(timeout=30) as conn:
-                box["r"] = DestinationSession(dst.guest, conn, host=dst.facts,
-                                              config=SessionConfig(ack_timeout_s=5)).run()
-        t = threading.Thread(target=serve)
-        t.start()
+        t = _serve_destination(lst, dst, box)
         with connect("127.0.0.1", lst.address[1]) as conn:
             conn.wait_ack(AckStage.HELLO, 10)
             region = RamRegion("ram", 0, 16 * MiB)          # not the destination's 8 MiB
@@ -194,12 +200,7 @@ def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
     before = dst.ram_digest()
     box: dict[str, Any] = {}
     with Listener("127.0.0.1", 0) as lst:
-        def serve() -> None:
-            with lst.accept(timeout=30) as conn:
-                box["r"] = DestinationSession(dst.guest, conn, host=dst.facts,
-                                              config=SessionConfig(ack_timeout_s=5)).run()
-        t = threading.Thread(target=serve)
-        t.start()
+        t = _serve_destination(lst, dst, box)
         with connect("127.0.0.1", lst.address[1]) as conn:
             conn.wait_ack(AckStage.HELLO, 10)
             conn.send_buffers([pack_preamble(1)])
