@@ -288,14 +288,25 @@ def _progress_line(g: dict[str, Any], bar: bool) -> str:
     limit = f" (limit {m['downtime_limit_ms']:.0f} ms)" if m["downtime_limit_ms"] else ""
     conv = "" if pr["will_converge"] is not False else "  WILL NOT CONVERGE"
     triple = (m.get("live") or {}).get("triple", "")
+    rate = _speed(pr.get("throughput_bps"), pr.get("eta_s"))
     if not bar:
         return (f"{g['name']} {done * 100:.0f}% {pr['phase']} iter {pr['iteration']} "
-                f"remaining {_size(left)} predicted downtime "
-                f"{_ms(pr['predicted_downtime_s'])}{limit}{conv} {triple}").rstrip()
+                f"sent {_size(pr.get('bytes_sent'))} remaining {_size(left)}{rate} "
+                f"predicted downtime {_ms(pr['predicted_downtime_s'])}{limit}{conv} "
+                f"{triple}").rstrip()
     drawn = "#" * int(done * 20) + "-" * (20 - int(done * 20))
     return (f"{g['name']} [{drawn}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
-            f"{pr['iteration']:>3}  remaining {_size(left):>10}  predicted downtime "
+            f"{pr['iteration']:>3}  sent {_size(pr.get('bytes_sent')):>10}  remaining "
+            f"{_size(left):>10}{rate}  predicted downtime "
             f"{_ms(pr['predicted_downtime_s'])}{limit}{conv}  {triple}")
+
+
+def _speed(bps: float | None, eta_s: float | None) -> str:
+    """Throughput and ETA, once the link's rate was measured (nothing before)."""
+    if not bps:
+        return ""
+    eta = "" if eta_s is None else f" eta {eta_s:.1f} s"
+    return f" at {bps / 1e6:.1f} MB/s{eta}"
 
 
 def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,

@@ -80,6 +80,9 @@ class Progress:
     bytes_sent: int = 0
     bytes_received: int = 0
     bandwidth_bps: float | None = None
+    #: measured during a pass (the live figures); eta_s: the pass's rest plus switchover
+    throughput_bps: float | None = None
+    eta_s: float | None = None
     dirty_rate_bps: float | None = None
     predicted_downtime_s: float | None = None
     will_converge: bool | None = None
