@@ -63,6 +63,12 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     m = g["migration"]
     assert (m["role"], m["result"], m["verified"], m["id"]) == (
         "destination", "completed", True, final["id"])
+    # it reports its own share of the downtime and the source's prediction
+    assert m["predicted_downtime_s"] == final["predicted_downtime_s"], m
+    share = m["downtime_share"]
+    assert 0 <= share["resume_s"] <= share["total_s"] <= final["downtime_s"], (share, final)
+    w = dst.ctl("status", "g1")
+    assert "downtime share here" in w.stdout and "predicted" in w.stdout, w.stdout
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
     assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
                                                              ("loaded", "running")]

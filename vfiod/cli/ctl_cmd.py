@@ -116,7 +116,13 @@ def _outcome(m: dict[str, Any]) -> str:
         return (f"{m['role']} {where}: {pr['phase']} iteration {pr['iteration']}, predicted "
                 f"downtime {_ms(pr['predicted_downtime_s'])}")
     text = f"{m['result']} {where}"
-    if m["result"] == "completed":
+    share = m.get("downtime_share")
+    if m["result"] == "completed" and share:       # the destination: its own part
+        text += (f" (downtime share here {_ms(share['total_s'])}: load "
+                 f"{_ms(share['load_s'])}, verify {_ms(share['verify_s'])}, resume "
+                 f"{_ms(share['resume_s'])}; predicted {_ms(m['predicted_downtime_s'])}, "
+                 f"verified {'yes' if m['verified'] else 'no'})")
+    elif m["result"] == "completed":
         text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
                  f"{_ms(m['predicted_downtime_s'])}, verified "
                  f"{'yes' if m['verified'] else 'no'})")

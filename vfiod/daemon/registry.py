@@ -109,6 +109,8 @@ class MigrationRecord:
     predicted_downtime_s: float | None = None
     prediction_error: float | None = None
     verified: bool | None = None   # destination proved the content digests equal
+    #: the destination's own part of the downtime (total_s, load_s, verify_s, resume_s)
+    downtime_share: dict[str, float] | None = None
     finished: float | None = None
 
     @property
@@ -229,7 +231,8 @@ class Registry:
 
     def finish(self, rec: MigrationRecord, result: str, *, error: str | None = None,
                downtime_s: float | None = None, predicted_s: float | None = None,
-               verified: bool | None = None) -> None:
+               verified: bool | None = None,
+               downtime_share: dict[str, float] | None = None) -> None:
         if result not in RESULTS:
             raise ValueError(f"migration result {result!r} is not one of {RESULTS}")
         with self.lock:
@@ -239,6 +242,7 @@ class Registry:
             rec.state = result
             rec.progress.phase = "done"
             rec.verified = verified
+            rec.downtime_share = downtime_share or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
                 self.downtime.observe(downtime_s)

@@ -132,6 +132,9 @@ class MigrationResult:
     history: list[IterationProgress] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     peer: dict[str, Any] = field(default_factory=dict)
+    #: the destination's own part of the downtime: ``total_s`` from the source's stopped
+    #: state arriving to the guest resumed, and its ``load_s``, ``verify_s``, ``resume_s``
+    downtime_share: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -236,8 +236,7 @@ class SourceSession(SessionBase):
             self._arcs.add(self.clock() - t0)
             decision = self._predict(sync, pendings, start, ram, dev_bytes)
             if decision is Decision.CANCEL:
-                last = self.result.history[-1]
-                raise Cancelled(last.reason, by="policy")
+                raise Cancelled(self.result.history[-1].reason, by="policy")
             if decision in (Decision.SWITCHOVER, Decision.FORCE):
                 return
             if ram == 0 and dev_bytes == 0 and cfg.idle_pass_s > 0:
@@ -319,8 +318,9 @@ class SourceSession(SessionBase):
             manifest_records=manifest.records,
             source_hash_total_s=dg.hash_seconds)
         self._commit()
-        self.link.send_control(ControlMessage.digests(
-            manifest.records, [r.to_dict() for r in dg.roots()]))
+        self.link.send_control(ControlMessage.digests(     # the destination reports it too
+            manifest.records, [r.to_dict() for r in dg.roots()],
+            predicted_downtime_s=self.result.predicted_downtime_s))
 
     def _await_destination(self) -> None:
         assert self._stop_t is not None
