@@ -88,8 +88,8 @@ def test_the_destinations_outcome_gives_its_share_of_the_downtime() -> None:
     m.update(role="destination", peer="10.0.0.1", downtime_s=None, downtime_share={
         "total_s": 0.021, "load_s": 0.002, "verify_s": 0.004, "resume_s": 0.001})
     assert ctl_cmd._outcome(m) == (
-        "completed from 10.0.0.1 (downtime share here 21 ms: load 2 ms, verify 4 ms, resume "
-        "1 ms; predicted 60 ms, verified yes)")
+        "completed from 10.0.0.1 (downtime share here 21.0 ms: load 2.0 ms, verify 4.0 ms, "
+        "resume 1.0 ms; predicted 60 ms, verified yes)")
 
 
 def test_nothing_to_watch_once() -> None:

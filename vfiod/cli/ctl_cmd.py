@@ -105,6 +105,11 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:.0f} ms"
 
 
+def _fine_ms(s: float) -> str:
+    """The destination's parts of the downtime are often under a millisecond."""
+    return f"{s * 1000:.1f} ms"
+
+
 def _json(out: TextIO, obj: Any) -> None:
     out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -118,9 +123,9 @@ def _outcome(m: dict[str, Any]) -> str:
     text = f"{m['result']} {where}"
     share = m.get("downtime_share")
     if m["result"] == "completed" and share:       # the destination: its own part
-        text += (f" (downtime share here {_ms(share['total_s'])}: load "
-                 f"{_ms(share['load_s'])}, verify {_ms(share['verify_s'])}, resume "
-                 f"{_ms(share['resume_s'])}; predicted {_ms(m['predicted_downtime_s'])}, "
+        text += (f" (downtime share here {_fine_ms(share['total_s'])}: load "
+                 f"{_fine_ms(share['load_s'])}, verify {_fine_ms(share['verify_s'])}, resume "
+                 f"{_fine_ms(share['resume_s'])}; predicted {_ms(m['predicted_downtime_s'])}, "
                  f"verified {'yes' if m['verified'] else 'no'})")
     elif m["result"] == "completed":
         text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
