@@ -18,7 +18,7 @@ from vfiod.daemon.lifecycle import LifecycleState
 
 
 def _guest(phase: str, iteration: int, remaining: int, predicted: float | None,
-           result: str | None = None) -> dict[str, Any]:
+           result: str | None = None, throughput: float | None = 8e6) -> dict[str, Any]:
     return {"name": "g1", "state": "running", "migration": {
         "id": "abc", "role": "source", "peer": "10.0.0.2:4444", "result": result,
         "error": None, "downtime_s": 0.05 if result else None, "predicted_downtime_s": 0.06,
@@ -26,7 +26,9 @@ def _guest(phase: str, iteration: int, remaining: int, predicted: float | None,
         "live": {"triple": "(RUNNING, ACTIVE, RUNNING|SAVING)"},
         "progress": {"phase": phase, "iteration": iteration, "ram_total_bytes": 100 << 20,
                      "ram_remaining_bytes": remaining, "device_remaining_bytes": 0,
-                     "predicted_downtime_s": predicted, "will_converge": True}}}
+                     "predicted_downtime_s": predicted, "will_converge": True,
+                     "bytes_sent": (100 << 20) - remaining, "throughput_bps": throughput,
+                     "eta_s": None if throughput is None else remaining / throughput}}}
 
 
 class FakeClient:
@@ -55,6 +57,7 @@ def test_terminal_gets_a_redrawn_bar() -> None:
     assert code == Exit.OK
     assert text.count("\r\x1b[K") >= 3 and "\n" not in text.split("g1: completed")[0]
     assert "[##########----------]  50%" in text
+    assert "sent   50.0 MiB  remaining   50.0 MiB at 8.0 MB/s eta 6.6 s" in text
     assert "predicted downtime 450 ms (limit 300 ms)" in text
     assert text.endswith("g1: completed to 10.0.0.2:4444 (downtime 50 ms, predicted 60 ms, "
                          "verified yes)\n")
@@ -68,8 +71,25 @@ def test_pipe_gets_plain_lines_and_failure_exit() -> None:
     assert "\r" not in out.getvalue()
     assert len(lines) == 4 and lines[-1] == "g1: cancelled to 10.0.0.2:4444"
     assert "stopcopy" in lines[2]
-    assert lines[-2] == ("g1 50% stopcopy iter 3 remaining 50.0 MiB predicted downtime "
-                         "450 ms (limit 300 ms) (RUNNING, ACTIVE, RUNNING|SAVING)")
+    assert lines[-2] == ("g1 50% stopcopy iter 3 sent 50.0 MiB remaining 50.0 MiB at "
+                         "8.0 MB/s eta 6.6 s predicted downtime 450 ms (limit 300 ms) "
+                         "(RUNNING, ACTIVE, RUNNING|SAVING)")
+
+
+def test_no_throughput_and_eta_before_the_link_was_measured() -> None:
+    line = ctl_cmd._progress_line(_guest("precopy", 1, 80 << 20, None, throughput=None),
+                                  bar=False)
+    assert line == ("g1 20% precopy iter 1 sent 20.0 MiB remaining 80.0 MiB predicted "
+                    "downtime - (limit 300 ms) (RUNNING, ACTIVE, RUNNING|SAVING)")
+
+
+def test_the_destinations_outcome_gives_its_share_of_the_downtime() -> None:
+    m = _guest("done", 3, 0, 0.06, "completed")["migration"]
+    m.update(role="destination", peer="10.0.0.1", downtime_s=None, downtime_share={
+        "total_s": 0.021, "load_s": 0.002, "verify_s": 0.004, "resume_s": 0.001})
+    assert ctl_cmd._outcome(m) == (
+        "completed from 10.0.0.1 (downtime share here 21.0 ms: load 2.0 ms, verify 4.0 ms, "
+        "resume 1.0 ms; predicted 60 ms, verified yes)")
 
 
 def test_nothing_to_watch_once() -> None:
@@ -94,7 +114,8 @@ def test_plain_lines_draw_no_bar() -> None:
     ctl_cmd._follow(FakeClient(_answers("completed")), "g1", False, out, 0.001, "abc")  # type: ignore[arg-type]
     first = out.getvalue().splitlines()[0]
     assert "[" not in first and "#" not in first, first
-    assert first.startswith("g1 20% precopy iter 1 remaining 80.0 MiB predicted downtime 900 ms")
+    assert first.startswith("g1 20% precopy iter 1 sent 20.0 MiB remaining 80.0 MiB at "
+                            "8.0 MB/s eta 10.5 s predicted downtime 900 ms")
 
 
 class CancellingClient(FakeClient):

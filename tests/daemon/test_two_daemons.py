@@ -63,6 +63,12 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     m = g["migration"]
     assert (m["role"], m["result"], m["verified"], m["id"]) == (
         "destination", "completed", True, final["id"])
+    # it reports its own share of the downtime and the source's prediction
+    assert m["predicted_downtime_s"] == final["predicted_downtime_s"], m
+    share = m["downtime_share"]
+    assert 0 <= share["resume_s"] <= share["total_s"] <= final["downtime_s"], (share, final)
+    w = dst.ctl("status", "g1")
+    assert "downtime share here" in w.stdout and "predicted" in w.stdout, w.stdout
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
     assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
                                                              ("loaded", "running")]
@@ -100,6 +106,21 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
         return bool(m["progress"]["phase"] == "precopy" and m["progress"]["iteration"] >= 1)
 
     wait_until(in_precopy, 60, "g2's migration to finish a pre-copy pass")
+    # the figures move during a pass, not only at its end: two reads of the same pass
+    # with more bytes sent and less RAM left (a pass's end resets remaining to the dirty
+    # total), with a measured throughput and an ETA
+    reads: list[dict] = []
+
+    def moved_within_a_pass() -> bool:
+        reads.append(guest_status(src, "g2")["migration"]["progress"])
+        new = reads[-1]
+        return any(old["iteration"] == new["iteration"]
+                   and old["bytes_sent"] < new["bytes_sent"]
+                   and old["ram_remaining_bytes"] > new["ram_remaining_bytes"]
+                   for old in reads[:-1])
+
+    wait_until(moved_within_a_pass, 60, "bytes sent to grow within one pass")
+    assert reads[-1]["throughput_bps"] > 0 and reads[-1]["eta_s"] > 0, reads[-1]
     m = guest_status(src, "g2")["migration"]
     assert m["progress"]["will_converge"] is False, m["progress"]
     assert src.ctl("migrate", "g2", "--to", dst.migration_address).returncode == 6  # busy

@@ -105,6 +105,11 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:.0f} ms"
 
 
+def _fine_ms(s: float) -> str:
+    """The destination's parts of the downtime are often under a millisecond."""
+    return f"{s * 1000:.1f} ms"
+
+
 def _json(out: TextIO, obj: Any) -> None:
     out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -116,7 +121,13 @@ def _outcome(m: dict[str, Any]) -> str:
         return (f"{m['role']} {where}: {pr['phase']} iteration {pr['iteration']}, predicted "
                 f"downtime {_ms(pr['predicted_downtime_s'])}")
     text = f"{m['result']} {where}"
-    if m["result"] == "completed":
+    share = m.get("downtime_share")
+    if m["result"] == "completed" and share:       # the destination: its own part
+        text += (f" (downtime share here {_fine_ms(share['total_s'])}: load "
+                 f"{_fine_ms(share['load_s'])}, verify {_fine_ms(share['verify_s'])}, resume "
+                 f"{_fine_ms(share['resume_s'])}; predicted {_ms(m['predicted_downtime_s'])}, "
+                 f"verified {'yes' if m['verified'] else 'no'})")
+    elif m["result"] == "completed":
         text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
                  f"{_ms(m['predicted_downtime_s'])}, verified "
                  f"{'yes' if m['verified'] else 'no'})")
@@ -288,14 +299,25 @@ def _progress_line(g: dict[str, Any], bar: bool) -> str:
     limit = f" (limit {m['downtime_limit_ms']:.0f} ms)" if m["downtime_limit_ms"] else ""
     conv = "" if pr["will_converge"] is not False else "  WILL NOT CONVERGE"
     triple = (m.get("live") or {}).get("triple", "")
+    rate = _speed(pr.get("throughput_bps"), pr.get("eta_s"))
     if not bar:
         return (f"{g['name']} {done * 100:.0f}% {pr['phase']} iter {pr['iteration']} "
-                f"remaining {_size(left)} predicted downtime "
-                f"{_ms(pr['predicted_downtime_s'])}{limit}{conv} {triple}").rstrip()
+                f"sent {_size(pr.get('bytes_sent'))} remaining {_size(left)}{rate} "
+                f"predicted downtime {_ms(pr['predicted_downtime_s'])}{limit}{conv} "
+                f"{triple}").rstrip()
     drawn = "#" * int(done * 20) + "-" * (20 - int(done * 20))
     return (f"{g['name']} [{drawn}] {done * 100:3.0f}%  {pr['phase']:<8} iter "
-            f"{pr['iteration']:>3}  remaining {_size(left):>10}  predicted downtime "
+            f"{pr['iteration']:>3}  sent {_size(pr.get('bytes_sent')):>10}  remaining "
+            f"{_size(left):>10}{rate}  predicted downtime "
             f"{_ms(pr['predicted_downtime_s'])}{limit}{conv}  {triple}")
+
+
+def _speed(bps: float | None, eta_s: float | None) -> str:
+    """Throughput and ETA, once the link's rate was measured (nothing before)."""
+    if not bps:
+        return ""
+    eta = "" if eta_s is None else f" eta {eta_s:.1f} s"
+    return f" at {bps / 1e6:.1f} MB/s{eta}"
 
 
 def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,

@@ -99,7 +99,8 @@ class MigrationLedger:
                     self.registry.finish(rec, result, error=res.reason or None,
                                          downtime_s=res.actual_downtime_s,
                                          predicted_s=res.predicted_downtime_s,
-                                         verified=res.verified)
+                                         verified=res.verified,
+                                         downtime_share=res.downtime_share)
 
     def crashed(self, rec: MigrationRecord, reason: str) -> None:
         """End an outgoing migration whose thread broke: what it did to the guest is

@@ -56,7 +56,7 @@ from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
-from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.session.status import IterationProgress, LiveProgress
 from vfiod.migration.states import MigrationState
 from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
 from vfiod.migration.transport.control import TransportCode
@@ -161,7 +161,8 @@ class MigrationService:
             session = SourceSession(
                 guest, link, host=self.facts(), config=SessionConfig(policy=policy),
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
-                link_prior=_prior(host), progress=lambda p: self._progress(rec, p))
+                link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
+                live=lambda lp: self._live(rec, lp))
             res = self._run(rec, session, pending)
             if res.result == "completed":
                 self.ledger.end(rec, "completed", [
@@ -192,6 +193,15 @@ class MigrationService:
                 predicted_downtime_s=p.predicted_downtime_s, will_converge=p.will_converge,
                 reason=p.reason, last_sync_s=p.sync_s, bytes_sent=p.total_sent_bytes)
             self.registry.observe_sync(p.sync_s)
+
+    def _live(self, rec: MigrationRecord, lp: LiveProgress) -> None:
+        """During a pass: what moved since its start (at most every 100 ms)."""
+        with self.registry.lock:
+            self.registry.update(
+                rec, iteration=lp.iteration, bytes_sent=lp.bytes_sent,
+                ram_remaining_bytes=lp.ram_remaining_bytes,
+                device_remaining_bytes=lp.device_remaining_bytes,
+                throughput_bps=lp.throughput_bps, eta_s=lp.eta_s)
 
     # -- incoming --------------------------------------------------------------------------
     def listen(self, host: str, port: int) -> tuple[str, int]:

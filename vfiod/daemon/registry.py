@@ -80,6 +80,9 @@ class Progress:
     bytes_sent: int = 0
     bytes_received: int = 0
     bandwidth_bps: float | None = None
+    #: measured during a pass (the live figures); eta_s: the pass's rest plus switchover
+    throughput_bps: float | None = None
+    eta_s: float | None = None
     dirty_rate_bps: float | None = None
     predicted_downtime_s: float | None = None
     will_converge: bool | None = None
@@ -106,6 +109,8 @@ class MigrationRecord:
     predicted_downtime_s: float | None = None
     prediction_error: float | None = None
     verified: bool | None = None   # destination proved the content digests equal
+    #: the destination's own part of the downtime (total_s, load_s, verify_s, resume_s)
+    downtime_share: dict[str, float] | None = None
     finished: float | None = None
 
     @property
@@ -226,7 +231,8 @@ class Registry:
 
     def finish(self, rec: MigrationRecord, result: str, *, error: str | None = None,
                downtime_s: float | None = None, predicted_s: float | None = None,
-               verified: bool | None = None) -> None:
+               verified: bool | None = None,
+               downtime_share: dict[str, float] | None = None) -> None:
         if result not in RESULTS:
             raise ValueError(f"migration result {result!r} is not one of {RESULTS}")
         with self.lock:
@@ -236,6 +242,7 @@ class Registry:
             rec.state = result
             rec.progress.phase = "done"
             rec.verified = verified
+            rec.downtime_share = downtime_share or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
                 self.downtime.observe(downtime_s)

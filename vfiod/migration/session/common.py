@@ -43,6 +43,7 @@ from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts
 from vfiod.migration.session.link import Link
 from vfiod.migration.session.status import (
     IterationProgress,
+    LiveProgress,
     StatusSnapshot,
     device_statuses,
     triple,
@@ -131,6 +132,9 @@ class MigrationResult:
     history: list[IterationProgress] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     peer: dict[str, Any] = field(default_factory=dict)
+    #: the destination's own part of the downtime: ``total_s`` from the source's stopped
+    #: state arriving to the guest resumed, and its ``load_s``, ``verify_s``, ``resume_s``
+    downtime_share: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -146,6 +150,10 @@ def guest_facts(guest: Guest, memory_encryption: str = "none") -> GuestFacts:
 
 class SessionBase:
     role = ""
+    #: called after every pre-copy pass with its record (the source's passes)
+    progress: Callable[[IterationProgress], None] | None = None
+    #: called during a pass, at a bounded rate, with the live figures
+    live: Callable[[LiveProgress], None] | None = None
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
                  config: SessionConfig | None = None, memory_encryption: str = "none",
@@ -255,6 +263,31 @@ class SessionBase:
     def _tracker_status(self) -> TrackerStatus | None:
         return None
 
+    def _live(self) -> LiveProgress | None:
+        return None
+
+    def _record_pass(self, prog: IterationProgress) -> None:
+        """Keep a pass's record (the newest ``history_limit``) and tell ``progress``."""
+        self.result.history.append(prog)
+        if len(self.result.history) > self.config.history_limit:
+            del self.result.history[0]
+        self.result.predicted_downtime_s = prog.predicted_downtime_s
+        if self.progress is not None:
+            self._tell(self.progress, prog, "progress")
+
+    def _publish_live(self) -> None:
+        live = self._live()
+        if self.live is not None and live is not None:
+            self._tell(self.live, live, "live progress")
+
+    def _tell(self, callback: Callable[[Any], None], arg: Any, what: str) -> None:
+        try:
+            callback(arg)
+        except Exception as e:  # noqa: BLE001 - a display must not fail a migration
+            warning = f"{what} callback failed: {e}"
+            if warning not in self.result.warnings:     # once, not every slice
+                self.result.warnings.append(warning)
+
     def _bytes(self) -> tuple[int, int]:
         return self.result.stream_bytes, 0
 
@@ -284,4 +317,5 @@ class SessionBase:
             predicted_downtime_s=last.predicted_downtime_s if last else
             self.result.predicted_downtime_s,
             actual_downtime_s=self.result.actual_downtime_s, error=self.error,
-            tracker=self._tracker_status(), notes=tuple(self.result.warnings))
+            tracker=self._tracker_status(), notes=tuple(self.result.warnings),
+            live=self._live())

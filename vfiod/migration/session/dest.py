@@ -18,6 +18,12 @@
     resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
              the verification), ``cleanup``.
 
+The destination reports its own share of the downtime (``downtime_share``: from the
+source's stopped device state arriving to the guest resumed, with its load, verify and
+resume parts) and the source's predicted downtime, which the DIGESTS frame carries
+(docs/protocol.md §8.3). The downtime itself and the prediction error are the source's:
+it measures them when ACK resumed arrives, after the destination's last word.
+
 The source does not send pages it never wrote, so the destination first writes zeros over
 any page of its RAM that holds data (a reused RAM file); fresh memfds cost only the scan. Nothing runs unverified: on any failure (bad header, stream
 error, a device refusing its state, a digest mismatch, the source's ABORT) the destination
@@ -69,6 +75,8 @@ class DestinationSession(SessionBase):
         self._by_index: list[GuestDevice] = []
         self._loading: set[str] = set()
         self._aborted_by_source = False
+        self._stopped_at: float | None = None      # the source's device state arriving
+        self._load_s = 0.0
 
     def _bytes(self) -> tuple[int, int]:
         return 0, (self.reader.offset if self.reader else self.result.stream_bytes)
@@ -145,11 +153,13 @@ class DestinationSession(SessionBase):
                 self.iteration = ev.number
                 dg.rehash()
             elif isinstance(ev, EndOfState):
+                self._stopped_at = self._stopped_at or self.clock()
                 if self.state is MigrationState.ACTIVE:
                     self._set_state(MigrationState.DEVICE)
                     t["device_phase_at_s"] = self.clock() - (self.started_at or 0.0)
                 self._end_of_state(self._by_index[ev.index])
             elif isinstance(ev, Complete):
+                self._stopped_at = self._stopped_at or self.clock()    # a guest without devices
                 self.result.verification["manifest"] = {
                     "verified": True, "records": ev.manifest.records,
                     "ram_bytes": ev.manifest.ram_bytes,
@@ -166,7 +176,9 @@ class DestinationSession(SessionBase):
     def _end_of_state(self, dev: GuestDevice) -> None:
         if dev.name not in self._loading:
             raise ProtocolError(f"device {dev.name}: END_OF_STATE before its state record")
+        t0 = self.clock()
         self._hook(dev, dev.driver.load_complete)
+        self._load_s += self.clock() - t0
 
     # -- verify / resume --------------------------------------------------------------
     def _verify(self) -> None:
@@ -182,6 +194,9 @@ class DestinationSession(SessionBase):
             theirs = [RegionDigest.from_dict(x) for x in msg.fields.get("regions", [])]
         except ValueError as e:
             raise ProtocolError(f"source content digests: {e}") from None
+        predicted = msg.fields.get("predicted_downtime_s")
+        if isinstance(predicted, int | float):     # the source's, for this end's report
+            self.result.predicted_downtime_s = float(predicted)
         mine = dg.roots()
         diffs = compare_roots(theirs, mine)
         t["dest_compare_s"] = self.clock() - t1
@@ -200,7 +215,12 @@ class DestinationSession(SessionBase):
         for d in self.guest.devices:
             self._hook(d, d.driver.resume)
         self.guest.set_run_state(GuestState.RUNNING)
-        self.result.timings["resume_s"] = self.clock() - t0
+        now = self.clock()
+        r = self.result
+        r.timings["resume_s"] = now - t0
+        r.downtime_share = {"total_s": now - (self._stopped_at or t0), "load_s": self._load_s,
+                            "verify_s": r.verification["final_verify_s"],
+                            "resume_s": now - t0}
         self.link.send_control(ControlMessage.ack(
             AckStage.RESUMED, verified=True, verification=self.result.verification,
             timings=dict(self.result.timings)))

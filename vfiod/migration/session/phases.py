@@ -8,7 +8,10 @@ records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent s
 so dirty syncs and device reads between passes do not lower the estimate — and the CPU
 time the slice cost in a ``CostModel`` (per byte and per record: a final pass of scattered
 pages is bound by framing, not by the link), marks the pages for re-hashing
-(``digest``), and calls ``between()`` (the session checks for cancel there). In the first
+(``digest``), and calls ``between()`` (the session checks for cancel there). It counts
+the pages of the pass still to send (``pass_left_pages``, a status read at any time shows
+them) and calls ``publish()`` at most every ``publish_every_s``, so the daemon's figures
+move during a pass at a bounded rate (once per slice at most, no per-page work). In the first
 pass, with ``zero_scan``, each run is read first with ``pread`` and only pages holding
 data are sent: a guest's RAM is mostly never-written holes of a sparse file, which read
 as zeros without being allocated, and the destination's fresh RAM is zero already.
@@ -42,7 +45,9 @@ from vfiod.migration.stream.writer import StreamWriter
 class RamSender:
     def __init__(self, writer: StreamWriter, guest: Guest, digests: RamDigests,
                  bandwidth: BandwidthEstimator, *, slice_bytes: int, record_pages: int,
-                 clock: Callable[[], float], between: Callable[[], None]) -> None:
+                 clock: Callable[[], float], between: Callable[[], None],
+                 publish: Callable[[], None] | None = None,
+                 publish_every_s: float = 0.1) -> None:
         self.writer = writer
         self.record_pages = record_pages
         self.cost = CostModel()
@@ -52,8 +57,13 @@ class RamSender:
         self.slice_pages = max(1, slice_bytes // guest.page_size)
         self.clock = clock
         self.between = between
+        self.publish = publish
+        self.publish_every_s = publish_every_s
+        self._published: float | None = None
         self.scan_seconds = 0.0
         self.skipped_zero_pages = 0
+        #: pages of the current pass not sent (nor skipped as holes) yet
+        self.pass_left_pages = 0
 
     def _scan(self, first: int, count: int) -> Iterator[tuple[int, int]]:
         """Runs of non-zero pages inside [first, first+count), region by region."""
@@ -66,7 +76,9 @@ class RamSender:
             runs = nonzero_page_runs(self.guest.kernel, block.fd, page * ps - block.gpa,
                                      page, n, ps)
             self.scan_seconds += self.clock() - t0
-            self.skipped_zero_pages += n - sum(c for _, c in runs)
+            holes = n - sum(c for _, c in runs)
+            self.skipped_zero_pages += holes
+            self.pass_left_pages -= holes
             yield from runs
             page += n
             left -= n
@@ -82,6 +94,7 @@ class RamSender:
     def send(self, runs: tuple[np.ndarray, np.ndarray], *, quiescent: bool,
              zero_scan: bool = False) -> int:
         """Send the pages of ``runs``; returns RAM payload bytes sent."""
+        self.pass_left_pages = int(runs[1].sum())
         sent = 0
         batch: list[tuple[int, int]] = []
         pages = 0
@@ -97,7 +110,18 @@ class RamSender:
                     batch, pages = [], 0
         if batch:
             sent += self._slice(batch, quiescent)
+        self.pass_left_pages = 0
         return sent
+
+    @property
+    def pass_left_bytes(self) -> int:
+        return max(0, self.pass_left_pages) * self.guest.page_size
+
+    @property
+    def throughput_bps(self) -> float | None:
+        """The link's measured rate; None until a window was measured (a prior is not a
+        measurement)."""
+        return self.bandwidth.bps if self.bandwidth.windows else None
 
     def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool) -> int:
         arr = np.asarray(batch, dtype=np.int64)
@@ -112,7 +136,12 @@ class RamSender:
         self.bandwidth.record(t0, t1, sent)
         self.cost.add(sent, records, c1 - c0)
         self.digests.touch(arr[:, 0], arr[:, 1])
+        self.pass_left_pages -= int(arr[:, 1].sum())
         self.between()
+        if self.publish is not None and (self._published is None
+                                         or t1 - self._published >= self.publish_every_s):
+            self._published = t1
+            self.publish()
         return n
 
 

@@ -60,7 +60,7 @@ from vfiod.migration.session.phases import (
     final_pass_overheads,
     prediction_numbers,
 )
-from vfiod.migration.session.status import IterationProgress
+from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
@@ -80,13 +80,14 @@ class SourceSession(SessionBase):
                  clock: Callable[[], float] = time.monotonic,
                  migration_id: str | None = None, link_prior: LinkPrior | None = None,
                  progress: Callable[[IterationProgress], None] | None = None,
+                 live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
-        before the first bandwidth window; ``progress``: called after every pass."""
+        before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id)
-        self.progress = progress
+        self.progress, self.live = progress, live
         self.source_host = source_host or self.facts.host.hostname
         self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
         self.tracker: DirtyTracker | None = None
@@ -107,6 +108,12 @@ class SourceSession(SessionBase):
 
     def _bytes(self) -> tuple[int, int]:
         return (self.writer.bytes_sent if self.writer else self.result.stream_bytes), 0
+
+    def _live(self) -> LiveProgress | None:
+        sender, w = self.sender, self.writer       # run() drops them at its end
+        return None if sender is None or w is None else live_progress(
+            self.iteration, w.bytes_sent, sender.pass_left_bytes, sender.throughput_bps,
+            self._last_progress())
 
     # -- the whole migration ----------------------------------------------------------
     def run(self) -> MigrationResult:
@@ -193,7 +200,8 @@ class SourceSession(SessionBase):
         self.sender = RamSender(w, g, self.digests, self.predictor.bandwidth,
                                 slice_bytes=cfg.slice_bytes,
                                 record_pages=cfg.record_bytes // g.page_size,
-                                clock=self.clock, between=self._check_cancel)
+                                clock=self.clock, between=self._check_cancel,
+                                publish=self._publish_live)
 
     def _device_sink(self, dev: GuestDevice) -> DeviceDataSink:
         w = self.writer
@@ -228,8 +236,7 @@ class SourceSession(SessionBase):
             self._arcs.add(self.clock() - t0)
             decision = self._predict(sync, pendings, start, ram, dev_bytes)
             if decision is Decision.CANCEL:
-                last = self.result.history[-1]
-                raise Cancelled(last.reason, by="policy")
+                raise Cancelled(self.result.history[-1].reason, by="policy")
             if decision in (Decision.SWITCHOVER, Decision.FORCE):
                 return
             if ram == 0 and dev_bytes == 0 and cfg.idle_pass_s > 0:
@@ -272,15 +279,7 @@ class SourceSession(SessionBase):
             will_converge=p.will_converge, decision=decision.value, reason=why,
             sync_s=sync.duration_s,
             assumed_dirty_bytes=sync.assumed_dirty_bytes)
-        self.result.history.append(prog)
-        if len(self.result.history) > self.config.history_limit:
-            del self.result.history[0]
-        self.result.predicted_downtime_s = p.downtime_s
-        if self.progress is not None:
-            try:
-                self.progress(prog)
-            except Exception as e:  # noqa: BLE001 - a display must not fail a migration
-                self.result.warnings.append(f"progress callback failed: {e}")
+        self._record_pass(prog)
         return decision
 
     # -- DEVICE -----------------------------------------------------------------------
@@ -319,8 +318,9 @@ class SourceSession(SessionBase):
             manifest_records=manifest.records,
             source_hash_total_s=dg.hash_seconds)
         self._commit()
-        self.link.send_control(ControlMessage.digests(
-            manifest.records, [r.to_dict() for r in dg.roots()]))
+        self.link.send_control(ControlMessage.digests(     # the destination reports it too
+            manifest.records, [r.to_dict() for r in dg.roots()],
+            predicted_downtime_s=self.result.predicted_downtime_s))
 
     def _await_destination(self) -> None:
         assert self._stop_t is not None

@@ -50,6 +50,38 @@ class IterationProgress:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class LiveProgress:
+    """Figures refreshed during a pass, slice by slice, not only at its end
+    (docs/architecture.md §4 prediction, §6 ``vfiod ctl watch``).
+
+    ``eta_s`` is what is left of this pass at the measured throughput plus the switchover
+    the last prediction expects (none before the first pass ends); passes after this one
+    are not in it (the policy decides whether there are any).
+    """
+
+    iteration: int
+    bytes_sent: int                # stream bytes so far
+    ram_remaining_bytes: int       # pages of this pass not sent yet
+    device_remaining_bytes: int    # device data pending at the last pass's query
+    throughput_bps: float | None   # over the bandwidth estimator's recent windows
+    predicted_switchover_s: float | None
+    eta_s: float | None
+
+
+def live_progress(iteration: int, bytes_sent: int, ram_remaining: int,
+                  throughput_bps: float | None, last: IterationProgress | None
+                  ) -> LiveProgress:
+    """The live figures; the device's share and the switchover come from ``last`` pass."""
+    device = last.device_bytes if last is not None else 0
+    switchover = last.predicted_downtime_s if last is not None else None
+    eta = None
+    if throughput_bps:
+        eta = (ram_remaining + device) / throughput_bps + (switchover or 0.0)
+    return LiveProgress(iteration, bytes_sent, ram_remaining, device, throughput_bps,
+                        switchover, eta)
+
+
 def _size(n: float | None) -> str:
     if n is None:
         return "?"
@@ -120,6 +152,7 @@ class StatusSnapshot:
     error: str | None
     tracker: TrackerStatus | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    live: LiveProgress | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -127,8 +127,12 @@ class ControlMessage:
         return cls(ControlType.ERROR, {"code": code, "message": message, "record": record})
 
     @classmethod
-    def digests(cls, records: int, regions: list[dict[str, Any]]) -> ControlMessage:
-        return cls(ControlType.DIGESTS, {"records": records, "regions": regions})
+    def digests(cls, records: int, regions: list[dict[str, Any]],
+                predicted_downtime_s: float | None = None) -> ControlMessage:
+        fields: dict[str, Any] = {"records": records, "regions": regions}
+        if predicted_downtime_s is not None:
+            fields["predicted_downtime_s"] = predicted_downtime_s
+        return cls(ControlType.DIGESTS, fields)
 
     def encode(self) -> bytes:
         body = self.fields if self.stage is None else {"stage": self.stage.value, **self.fields}
