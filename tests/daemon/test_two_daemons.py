@@ -63,12 +63,14 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     m = g["migration"]
     assert (m["role"], m["result"], m["verified"], m["id"]) == (
         "destination", "completed", True, final["id"])
-    # it reports its own share of the downtime and the source's prediction
-    assert m["predicted_downtime_s"] == final["predicted_downtime_s"], m
+    # it reports the source's downtime, prediction and error, and its own share
+    assert [m[k] for k in ("downtime_s", "predicted_downtime_s", "prediction_error")] == [
+        final[k] for k in ("downtime_s", "predicted_downtime_s", "prediction_error")], (m, final)
     share = m["downtime_share"]
     assert 0 <= share["resume_s"] <= share["total_s"] <= final["downtime_s"], (share, final)
     w = dst.ctl("status", "g1")
-    assert "downtime share here" in w.stdout and "predicted" in w.stdout, w.stdout
+    assert f"downtime {final['downtime_s'] * 1000:.0f} ms" in w.stdout, w.stdout
+    assert "error" in w.stdout and "share here" in w.stdout, w.stdout
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
     assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
                                                              ("loaded", "running")]

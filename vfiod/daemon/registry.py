@@ -245,7 +245,8 @@ class Registry:
             rec.downtime_share = downtime_share or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
-                self.downtime.observe(downtime_s)
+                if rec.role == "source":    # the destination repeats the source's figure:
+                    self.downtime.observe(downtime_s)   # counting it twice would skew sums
             if predicted_s is not None:
                 rec.predicted_downtime_s = predicted_s
                 if downtime_s:
