@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vfiod.daemon.config import GuestConfig, RamConfig
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector, proc_status_bytes
-from vfiod.daemon.registry import DeviceEntry, Registry
+from vfiod.daemon.registry import RECOVERY_OUTCOMES, DeviceEntry, Registry, recovery_outcome
 
 
 def _registry() -> Registry:
@@ -91,6 +91,47 @@ def test_migration_metrics() -> None:
         for s in fam.samples:
             assert set(s.labels) <= {"guest", "device", "phase", "result", "protocol",
                                      "tracker", "version", "backend", "le"}
+
+
+def _rolled_back(reg: Registry, result: str, rollback: dict) -> None:
+    rec = reg.begin_migration("g1", "source", "10.0.0.2:4444")
+    reg.finish(rec, result, error="pre-copy: EIO on 0000:3b:00.1", rollback=rollback)
+
+
+def test_device_recoveries_count_how_each_rollback_ended() -> None:
+    """The session result's per-device rollback (state, rungs) becomes a counter with a
+    bounded outcome: back to RUNNING, back through VFIO_DEVICE_RESET, or not back."""
+    reg = _registry()
+    _rolled_back(reg, "cancelled", {"0000:3b:00.1": {"state": "RUNNING", "rungs": []}})
+    _rolled_back(reg, "failed", {"0000:3b:00.1": {
+        "state": "RUNNING", "rungs": ["RUNNING: EIO", "VFIO_DEVICE_RESET: ok"],
+        "error": "set RUNNING: EIO"}})
+    _rolled_back(reg, "failed", {
+        "0000:3b:00.1": {"state": "ERROR", "rungs": ["VFIO_DEVICE_RESET: EIO"],
+                         "error": "reset: EIO"},
+        "0000:3b:00.2": {"state": "unknown", "error": "OSError: gone"}})
+    _rolled_back(reg, "cancelled", {"0000:3b:00.1": {"state": "RUNNING", "rungs": []}})
+    _rolled_back(reg, "failed", {})         # a failure before any device was touched
+    text, fams = _families(reg)
+    fam = "vfiod_device_recoveries"
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="running") == 2
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="reset") == 1
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="failed") == 1
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.2", outcome="failed") == 1
+    assert len(fams[fam].samples) == 4
+    assert {s.name for s in fams[fam].samples} == {"vfiod_device_recoveries_total"}
+    assert {s.labels["outcome"] for s in fams[fam].samples} <= {"running", "reset", "failed"}
+    assert "EIO" not in text and "gone" not in text        # no error text in a label
+
+
+def test_recovery_outcome_names_only_bounded_labels() -> None:
+    assert [recovery_outcome(r) for r in (
+        {"state": "RUNNING", "rungs": ["already RUNNING"]},
+        {"state": "RUNNING", "rungs": ["VFIO_DEVICE_RESET: ok"]},
+        {"state": "STOP", "rungs": ["VFIO_DEVICE_RESET: ok"]},
+        {"state": "unknown", "error": "KernelError: ENODEV"},
+        {})] == ["running", "reset", "failed", "failed", "failed"]
+    assert set(RECOVERY_OUTCOMES) == {"running", "reset", "failed"}
 
 
 def test_promtool_accepts_the_exposition() -> None:
