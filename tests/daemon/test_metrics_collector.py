@@ -124,6 +124,23 @@ def test_device_recoveries_count_how_each_rollback_ended() -> None:
     assert "EIO" not in text and "gone" not in text        # no error text in a label
 
 
+def test_the_destination_repeats_the_downtime_without_counting_it_again() -> None:
+    """The destination's record carries the source's REPORT (downtime, prediction, error)
+    for its status and gauges; the histogram counts each migration once, at the source."""
+    reg = Registry(clock=lambda: 1000.0)
+    for name, role in (("out", "source"), ("in", "destination")):
+        reg.add_guest(GuestConfig(name, (RamConfig("ram0", 0, 1 << 30),)))
+        rec = reg.begin_migration(name, role, "10.0.0.3:4444")
+        reg.finish(rec, "completed", downtime_s=0.05, predicted_s=0.04, verified=True)
+        assert rec.prediction_error == pytest.approx(0.2)
+    _, fams = _families(reg)
+    assert _value(fams, "vfiod_migration_last_downtime_seconds", guest="in") == 0.05
+    assert _value(fams, "vfiod_migration_prediction_error_ratio", guest="in") == pytest.approx(
+        0.2)
+    assert _value(fams, "vfiod_migration_downtime_seconds",
+                  "vfiod_migration_downtime_seconds_count") == 1      # the source's
+
+
 def test_recovery_outcome_names_only_bounded_labels() -> None:
     assert [recovery_outcome(r) for r in (
         {"state": "RUNNING", "rungs": ["already RUNNING"]},
