@@ -83,13 +83,23 @@ def test_no_throughput_and_eta_before_the_link_was_measured() -> None:
                     "downtime - (limit 300 ms) (RUNNING, ACTIVE, RUNNING|SAVING)")
 
 
-def test_the_destinations_outcome_gives_its_share_of_the_downtime() -> None:
+_SHARE = {"total_s": 0.021, "load_s": 0.002, "verify_s": 0.004, "resume_s": 0.001}
+
+
+def test_the_destinations_outcome_gives_the_sources_report_and_its_own_share() -> None:
     m = _guest("done", 3, 0, 0.06, "completed")["migration"]
-    m.update(role="destination", peer="10.0.0.1", downtime_s=None, downtime_share={
-        "total_s": 0.021, "load_s": 0.002, "verify_s": 0.004, "resume_s": 0.001})
+    m.update(role="destination", peer="10.0.0.1", prediction_error=0.2, downtime_share=_SHARE)
     assert ctl_cmd._outcome(m) == (
-        "completed from 10.0.0.1 (downtime share here 21.0 ms: load 2.0 ms, verify 4.0 ms, "
-        "resume 1.0 ms; predicted 60 ms, verified yes)")
+        "completed from 10.0.0.1 (downtime 50 ms, predicted 60 ms, error 20%; share here "
+        "21.0 ms: load 2.0 ms, verify 4.0 ms, resume 1.0 ms; verified yes)")
+
+
+def test_without_the_sources_report_the_destination_gives_its_share() -> None:
+    m = _guest("done", 3, 0, 0.06, "completed")["migration"]
+    m.update(role="destination", peer="10.0.0.1", downtime_s=None, downtime_share=_SHARE)
+    assert ctl_cmd._outcome(m) == (
+        "completed from 10.0.0.1 (downtime -, predicted 60 ms, error -; share here 21.0 ms: "
+        "load 2.0 ms, verify 4.0 ms, resume 1.0 ms; verified yes)")
 
 
 def test_nothing_to_watch_once() -> None:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vfiod.daemon.config import GuestConfig, RamConfig
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector, proc_status_bytes
-from vfiod.daemon.registry import DeviceEntry, Registry
+from vfiod.daemon.registry import RECOVERY_OUTCOMES, DeviceEntry, Registry, recovery_outcome
 
 
 def _registry() -> Registry:
@@ -91,6 +91,64 @@ def test_migration_metrics() -> None:
         for s in fam.samples:
             assert set(s.labels) <= {"guest", "device", "phase", "result", "protocol",
                                      "tracker", "version", "backend", "le"}
+
+
+def _rolled_back(reg: Registry, result: str, rollback: dict) -> None:
+    rec = reg.begin_migration("g1", "source", "10.0.0.2:4444")
+    reg.finish(rec, result, error="pre-copy: EIO on 0000:3b:00.1", rollback=rollback)
+
+
+def test_device_recoveries_count_how_each_rollback_ended() -> None:
+    """The session result's per-device rollback (state, rungs) becomes a counter with a
+    bounded outcome: back to RUNNING, back through VFIO_DEVICE_RESET, or not back."""
+    reg = _registry()
+    _rolled_back(reg, "cancelled", {"0000:3b:00.1": {"state": "RUNNING", "rungs": []}})
+    _rolled_back(reg, "failed", {"0000:3b:00.1": {
+        "state": "RUNNING", "rungs": ["RUNNING: EIO", "VFIO_DEVICE_RESET: ok"],
+        "error": "set RUNNING: EIO"}})
+    _rolled_back(reg, "failed", {
+        "0000:3b:00.1": {"state": "ERROR", "rungs": ["VFIO_DEVICE_RESET: EIO"],
+                         "error": "reset: EIO"},
+        "0000:3b:00.2": {"state": "unknown", "error": "OSError: gone"}})
+    _rolled_back(reg, "cancelled", {"0000:3b:00.1": {"state": "RUNNING", "rungs": []}})
+    _rolled_back(reg, "failed", {})         # a failure before any device was touched
+    text, fams = _families(reg)
+    fam = "vfiod_device_recoveries"
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="running") == 2
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="reset") == 1
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.1", outcome="failed") == 1
+    assert _value(fams, fam, guest="g1", device="0000:3b:00.2", outcome="failed") == 1
+    assert len(fams[fam].samples) == 4
+    assert {s.name for s in fams[fam].samples} == {"vfiod_device_recoveries_total"}
+    assert {s.labels["outcome"] for s in fams[fam].samples} <= {"running", "reset", "failed"}
+    assert "EIO" not in text and "gone" not in text        # no error text in a label
+
+
+def test_the_destination_repeats_the_downtime_without_counting_it_again() -> None:
+    """The destination's record carries the source's REPORT (downtime, prediction, error)
+    for its status and gauges; the histogram counts each migration once, at the source."""
+    reg = Registry(clock=lambda: 1000.0)
+    for name, role in (("out", "source"), ("in", "destination")):
+        reg.add_guest(GuestConfig(name, (RamConfig("ram0", 0, 1 << 30),)))
+        rec = reg.begin_migration(name, role, "10.0.0.3:4444")
+        reg.finish(rec, "completed", downtime_s=0.05, predicted_s=0.04, verified=True)
+        assert rec.prediction_error == pytest.approx(0.2)
+    _, fams = _families(reg)
+    assert _value(fams, "vfiod_migration_last_downtime_seconds", guest="in") == 0.05
+    assert _value(fams, "vfiod_migration_prediction_error_ratio", guest="in") == pytest.approx(
+        0.2)
+    assert _value(fams, "vfiod_migration_downtime_seconds",
+                  "vfiod_migration_downtime_seconds_count") == 1      # the source's
+
+
+def test_recovery_outcome_names_only_bounded_labels() -> None:
+    assert [recovery_outcome(r) for r in (
+        {"state": "RUNNING", "rungs": ["already RUNNING"]},
+        {"state": "RUNNING", "rungs": ["VFIO_DEVICE_RESET: ok"]},
+        {"state": "STOP", "rungs": ["VFIO_DEVICE_RESET: ok"]},
+        {"state": "unknown", "error": "KernelError: ENODEV"},
+        {})] == ["running", "reset", "failed", "failed", "failed"]
+    assert set(RECOVERY_OUTCOMES) == {"running", "reset", "failed"}
 
 
 def test_promtool_accepts_the_exposition() -> None:

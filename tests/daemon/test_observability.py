@@ -7,7 +7,8 @@
 ``prometheus`` package that ``make deps`` installs); every alert has a case where it fires
 and one where it stays quiet; and every metric a panel, a rule or a rule test names, with
 every label they match on, appears in a live ``/metrics`` scrape of two real daemons after
-one migration between them (some series exist only once a guest has migrated).
+one migration between them and one cancelled (some series exist only once a guest has
+migrated, the recoveries only once a device was rolled back).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon_configs import host_config
-from tests.support.daemons import REPO, DaemonProcess
+from tests.support.daemons import REPO, DaemonProcess, guest_status, wait_until
 
 DASHBOARD = REPO / "systemd" / "grafana-dashboard.json"
 RULES = REPO / "systemd" / "vfiod-alerts.yml"
 RULE_TESTS = REPO / "tests" / "daemon" / "vfiod-alerts.test.yml"
 
 ALERTS = {"VfiodMigrationNotConverging", "VfiodMigrationStuck", "VfiodPredictionErrorHigh",
-          "VfiodMigrationRolledBack", "VfiodDeviceInError"}
+          "VfiodDeviceRecovery", "VfiodDeviceInError"}
 #: What the issue asks the dashboard to show, as the metrics that show it.
 DASHBOARD_MUST_SHOW = {
     "migration progress": "vfiod_migration_ram_remaining_bytes",
@@ -119,16 +120,27 @@ def test_metric_name_scan_sees_every_metric_of_a_query() -> None:
 
 @pytest.fixture(scope="module")
 def scraped() -> Iterator[tuple[set[str], set[str]]]:
-    """Sample names and label names of both daemons' ``/metrics`` after g1 migrated."""
-    src = DaemonProcess(host_config("source", migration='bandwidth_limit = "64MiB"\n',
-                                    workloads={"g1": ("128KiB", "2MiB")}), "obs-src")
-    dst = DaemonProcess(host_config("destination"), "obs-dst")
+    """Sample names and label names of both daemons' ``/metrics`` after g1 migrated and
+    a migration of g2 (which cannot converge) was cancelled: its devices' recoveries."""
+    src = DaemonProcess(host_config("source", guests=("g1", "g2"),
+                                    migration='bandwidth_limit = "64MiB"\n',
+                                    workloads={"g1": ("128KiB", "2MiB"),
+                                               "g2": ("64KiB", "8MiB")}), "obs-src")
+    dst = DaemonProcess(host_config("destination", guests=("g1", "g2")), "obs-dst")
     try:
         src.wait_ready()
         dst.wait_ready()
         r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--timeout", "60",
                     "--on-timeout", "force", "--json")
         assert r.returncode == 0, r.stdout + r.stderr + src.log() + dst.log()
+        r = src.ctl("migrate", "g2", "--to", dst.migration_address, "--detach")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: guest_status(src, "g2")["migration"]["progress"]["iteration"] >= 1,
+                   60, "g2's first pre-copy pass")
+        assert src.ctl("cancel", "g2").returncode == 0
+        for d in (src, dst):
+            wait_until(lambda d=d: guest_status(d, "g2")["migration"]["result"] is not None,
+                       60, "the cancelled migration to end on both daemons")
         names: set[str] = set()
         labels: set[str] = set()
         for d in (src, dst):

@@ -47,6 +47,12 @@ def _scrape(d: DaemonProcess) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text.decode())}
 
 
+def _recoveries(d: DaemonProcess, guest: str) -> dict[tuple[str, str], float]:
+    return {(s.labels["device"], s.labels["outcome"]): s.value
+            for s in _scrape(d).get("vfiod_device_recoveries", [])
+            if s.name == "vfiod_device_recoveries_total" and s.labels["guest"] == guest}
+
+
 def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, DaemonProcess]
                                                  ) -> None:
     src, dst = pair
@@ -63,12 +69,14 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     m = g["migration"]
     assert (m["role"], m["result"], m["verified"], m["id"]) == (
         "destination", "completed", True, final["id"])
-    # it reports its own share of the downtime and the source's prediction
-    assert m["predicted_downtime_s"] == final["predicted_downtime_s"], m
+    # it reports the source's downtime, prediction and error, and its own share
+    assert [m[k] for k in ("downtime_s", "predicted_downtime_s", "prediction_error")] == [
+        final[k] for k in ("downtime_s", "predicted_downtime_s", "prediction_error")], (m, final)
     share = m["downtime_share"]
     assert 0 <= share["resume_s"] <= share["total_s"] <= final["downtime_s"], (share, final)
     w = dst.ctl("status", "g1")
-    assert "downtime share here" in w.stdout and "predicted" in w.stdout, w.stdout
+    assert f"downtime {final['downtime_s'] * 1000:.0f} ms" in w.stdout, w.stdout
+    assert "error" in w.stdout and "share here" in w.stdout, w.stdout
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
     assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
                                                              ("loaded", "running")]
@@ -138,6 +146,8 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
     assert lifecycle_steps(src, "g2") == OPENED_RUNNING + [("running", "migrating-out"),
                                                            ("migrating-out", "running")]
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
+    # its device's recovery is counted: straight back to RUNNING, no reset
+    assert _recoveries(src, "g2") == {("0000:3d:00.1", "running"): 1.0}
     # nothing blocks it, but its check says what the cancelled attempt showed: with no
     # dirty tracking, all of its RAM at the configured bandwidth is over the limit
     c = src.call("check", {"target": "g2"})
@@ -152,6 +162,8 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
 
     g = wait_until(dest_ready, 60, "the destination to discard g2")
     assert g["migration"]["result"] in ("cancelled", "failed")
+    # what its device loaded was discarded by a reset
+    assert _recoveries(dst, "g2") == {("0000:83:00.1", "reset"): 1.0}
     assert lifecycle_steps(dst, "g2") == OPENED_INCOMING + [("incoming", "defined")] \
         + OPENED_INCOMING
     w = src.ctl("watch", "g2", "--once")

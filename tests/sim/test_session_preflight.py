@@ -160,14 +160,14 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
 
 def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-1 destination (its digests came in an ACK) says so in its hello facts: the
+    """A version-2 destination (it knows no REPORT frame) says so in its hello facts: the
     source refuses before tracking anything, names both versions, and its HEADER (version
-    2) tells the old destination the same by number."""
+    3) tells the old destination the same by number."""
     src, dst = build(tmp_path)
     made += [src, dst]
     before = src.ram_digest()
     old = dataclasses.replace(MigrationFacts(dst.facts, guest_facts(dst.guest)),
-                              protocol_version=1)
+                              protocol_version=2)
     got = bytearray()
     with Listener("127.0.0.1", 0) as lst:
         def old_destination() -> None:
@@ -185,16 +185,16 @@ def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
         t.join(30)
     assert r.result == "failed" and r.reason.startswith("preflight refused:")
     assert r.verification["preflight"] == [
-        "stream protocol differs: source speaks 2, destination 1"]
-    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(2)
+        "stream protocol differs: source speaks 3, destination 2"]
+    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(3)
     assert session.tracker is None and src.ram_digest() == before
     assert set(src.kernel_states().values()) == {MigState.RUNNING}
 
 
 def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-1 source's stream is refused at its preamble, by number, before the
-    destination writes anything; the source hears why (ERROR)."""
+    """A version-2 source's stream (no REPORT frame) is refused at its preamble, by number,
+    before the destination writes anything; the source hears why (ERROR)."""
     _, dst = build(tmp_path)
     made.append(dst)
     before = dst.ram_digest()
@@ -203,11 +203,11 @@ def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
         t = _serve_destination(lst, dst, box)
         with connect("127.0.0.1", lst.address[1]) as conn:
             conn.wait_ack(AckStage.HELLO, 10)
-            conn.send_buffers([pack_preamble(1)])
+            conn.send_buffers([pack_preamble(2)])
             with pytest.raises(TransportError) as ei:
                 conn.wait_ack(AckStage.HEADER, 10)
         t.join(30)
-    said = "stream protocol version 1 (an older vfiod), this vfiod speaks 2 only"
+    said = "stream protocol version 2 (an older vfiod), this vfiod speaks 3 only"
     assert ei.value.code is TransportCode.PEER_ERROR and ei.value.remote["code"] == "VERSION"
     assert said in ei.value.remote["message"]
     r = box["r"]

@@ -207,9 +207,9 @@ def test_device_identity_and_flags_must_match() -> None:
 
 def test_protocol_version_and_every_reason_reported_together() -> None:
     src = facts("a", flags=V4, memory_encryption="sev")
-    dst = dataclasses.replace(facts("b", flags=V2, devices=()), protocol_version=1)
+    dst = dataclasses.replace(facts("b", flags=V2, devices=()), protocol_version=2)
     reasons = compare(src, dst)
-    assert reasons[0] == "stream protocol differs: source speaks 2, destination 1"
+    assert reasons[0] == "stream protocol differs: source speaks 3, destination 2"
     assert len(reasons) == 4
     with pytest.raises(PreflightError) as ei:
         check(src, dst)

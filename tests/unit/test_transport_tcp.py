@@ -83,7 +83,7 @@ def destination(conn: Connection) -> bytearray:
     conn.send_control(ControlMessage.ack(AckStage.HEADER))
     for ev in r.events():
         if isinstance(ev, Complete):
-            digests = conn.wait_digests(JOIN)       # the source's commit, after the MANIFEST
+            digests = conn.wait_control(ControlType.DIGESTS, JOIN)   # the commit
             conn.send_control(ControlMessage.ack(AckStage.RESUMED, r.records,
                                                  regions=digests.fields["regions"]))
     return dst

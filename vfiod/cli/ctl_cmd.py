@@ -122,10 +122,13 @@ def _outcome(m: dict[str, Any]) -> str:
                 f"downtime {_ms(pr['predicted_downtime_s'])}")
     text = f"{m['result']} {where}"
     share = m.get("downtime_share")
-    if m["result"] == "completed" and share:       # the destination: its own part
-        text += (f" (downtime share here {_fine_ms(share['total_s'])}: load "
-                 f"{_fine_ms(share['load_s'])}, verify {_fine_ms(share['verify_s'])}, resume "
-                 f"{_fine_ms(share['resume_s'])}; predicted {_ms(m['predicted_downtime_s'])}, "
+    if m["result"] == "completed" and share:       # the destination: the source's report
+        err = m.get("prediction_error")             # and its own part
+        text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
+                 f"{_ms(m['predicted_downtime_s'])}, error "
+                 f"{'-' if err is None else f'{err * 100:.0f}%'}; share here "
+                 f"{_fine_ms(share['total_s'])}: load {_fine_ms(share['load_s'])}, verify "
+                 f"{_fine_ms(share['verify_s'])}, resume {_fine_ms(share['resume_s'])}; "
                  f"verified {'yes' if m['verified'] else 'no'})")
     elif m["result"] == "completed":
         text += (f" (downtime {_ms(m['downtime_s'])}, predicted "

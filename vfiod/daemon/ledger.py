@@ -100,7 +100,8 @@ class MigrationLedger:
                                          downtime_s=res.actual_downtime_s,
                                          predicted_s=res.predicted_downtime_s,
                                          verified=res.verified,
-                                         downtime_share=res.downtime_share)
+                                         downtime_share=res.downtime_share,
+                                         rollback=res.rollback)
 
     def crashed(self, rec: MigrationRecord, reason: str) -> None:
         """End an outgoing migration whose thread broke: what it did to the guest is

@@ -95,6 +95,13 @@ class VfiodCollector:
         for (guest, result), n in sorted(snap["migrations_total"].items()):
             total.add_metric([guest, result], n)
         yield total
+        rec = CounterMetricFamily(
+            "vfiod_device_recoveries", "Devices rolled back after a failed or cancelled "
+            "migration, by outcome: running (back to RUNNING), reset (back to RUNNING "
+            "through VFIO_DEVICE_RESET), failed.", labels=["guest", "device", "outcome"])
+        for (guest, device, outcome), n in sorted(snap["device_recoveries_total"].items()):
+            rec.add_metric([guest, device, outcome], n)
+        yield rec
         yield _histogram("vfiod_migration_downtime_seconds",
                          "Measured downtime of completed migrations (source stop to "
                          "destination acknowledgement).", snap["downtime"])

@@ -37,6 +37,18 @@ RESULTS = ("completed", "failed", "cancelled")
 PHASES = ("setup", "precopy", "stopcopy", "resume", "done")
 #: How many finished migrations ``status`` keeps (the journal keeps the rest).
 KEEP_FINISHED = 32
+#: how a device's rollback ended, the bounded label of the recoveries counter
+RECOVERY_OUTCOMES = ("running", "reset", "failed")
+
+
+def recovery_outcome(rollback: Mapping[str, Any]) -> str:
+    """One device's entry of a session result's ``rollback`` (``state``, ``rungs``) as a
+    ``RECOVERY_OUTCOMES`` label: back to RUNNING, back to RUNNING through
+    VFIO_DEVICE_RESET (the rung the recovery ladder names so), or anything else."""
+    if rollback.get("state") != "RUNNING":
+        return "failed"
+    reset = any(str(r).startswith("VFIO_DEVICE_RESET") for r in rollback.get("rungs", ()))
+    return "reset" if reset else "running"
 
 
 class Buckets:
@@ -178,6 +190,9 @@ class Registry:
         self.guests: Mapping[str, GuestEntry] = MappingProxyType(self._guests)
         self.finished: deque[MigrationRecord] = deque(maxlen=KEEP_FINISHED)
         self.migrations_total: dict[tuple[str, str], int] = {}
+        #: (guest, device, outcome) -> devices rolled back after a failed or cancelled
+        #: migration, by how their recovery ended
+        self.device_recoveries_total: dict[tuple[str, str, str], int] = {}
         self.downtime = Buckets(DOWNTIME_BUCKETS)
         self.sync_duration = Buckets(SYNC_BUCKETS)
         self.requests_total: dict[str, int] = {"ok": 0, "error": 0}
@@ -232,7 +247,10 @@ class Registry:
     def finish(self, rec: MigrationRecord, result: str, *, error: str | None = None,
                downtime_s: float | None = None, predicted_s: float | None = None,
                verified: bool | None = None,
-               downtime_share: dict[str, float] | None = None) -> None:
+               downtime_share: dict[str, float] | None = None,
+               rollback: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """End ``rec`` with ``result`` and the session's figures; ``rollback``: the
+        session result's per-device rollback entries, counted by ``recovery_outcome``."""
         if result not in RESULTS:
             raise ValueError(f"migration result {result!r} is not one of {RESULTS}")
         with self.lock:
@@ -245,13 +263,18 @@ class Registry:
             rec.downtime_share = downtime_share or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
-                self.downtime.observe(downtime_s)
+                if rec.role == "source":    # the destination repeats the source's figure:
+                    self.downtime.observe(downtime_s)   # counting it twice would skew sums
             if predicted_s is not None:
                 rec.predicted_downtime_s = predicted_s
                 if downtime_s:
                     rec.prediction_error = abs(predicted_s - downtime_s) / downtime_s
             key = (rec.guest, result)
             self.migrations_total[key] = self.migrations_total.get(key, 0) + 1
+            recoveries = self.device_recoveries_total
+            for device, entry in (rollback or {}).items():
+                rkey = (rec.guest, device, recovery_outcome(entry))
+                recoveries[rkey] = recoveries.get(rkey, 0) + 1
             self.finished.append(rec)
 
     def count_request(self, ok: bool) -> None:
@@ -285,6 +308,7 @@ class Registry:
                 "guests": guests,
                 "finished": [m.to_json() for m in self.finished],
                 "migrations_total": dict(self.migrations_total),
+                "device_recoveries_total": dict(self.device_recoveries_total),
                 "downtime": self.downtime.copy(),
                 "sync_duration": self.sync_duration.copy(),
                 "requests_total": dict(self.requests_total),

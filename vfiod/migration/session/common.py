@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from vfiod.dirty.tracker_status import TrackerStatus
-from vfiod.errors import KernelError, MigrationError
+from vfiod.errors import KernelError, MigrationError, ProtocolError
 from vfiod.migration.device.errors import DeviceTransitionError
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -49,6 +49,7 @@ from vfiod.migration.session.status import (
     triple,
 )
 from vfiod.migration.states import MigrationState
+from vfiod.migration.transport.control import ControlMessage
 
 MiB = 1 << 20
 
@@ -84,13 +85,15 @@ class SessionConfig:
     #: iterations kept in ``MigrationResult.history`` (the oldest are dropped; the count
     #: stays in ``iterations``)
     history_limit: int = 2000
+    #: destination: how long it waits, with the guest running, for the source's REPORT
+    report_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.idle_pass_s < 0 or self.history_limit < 1:
             raise ValueError("session config: idle_pass_s must be >= 0 and history_limit "
                              f">= 1, not {self.idle_pass_s} and {self.history_limit}")
         for name in ("ack_timeout_s", "slice_bytes", "device_iterate_bytes",
-                     "max_run_pages"):
+                     "max_run_pages", "report_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"session config: {name} must be positive, not "
                                  f"{getattr(self, name)}")
@@ -140,6 +143,37 @@ class MigrationResult:
         d = asdict(self)
         d["history"] = [p.to_dict() for p in self.history]
         return d
+
+    def take_resumed_ack(self, fields: dict[str, Any]) -> None:
+        """The source: what the destination's ACK resumed says it verified."""
+        peer = {k: v for k, v in fields.items() if k != "value"}
+        self.peer.update(peer)
+        self.verified = bool(peer.get("verified"))
+        self.verification["destination"] = peer.get("verification", {})
+
+    def downtime_report(self) -> ControlMessage:
+        """The source's REPORT: its measured downtime, prediction and error."""
+        if self.actual_downtime_s is None:
+            raise ValueError("downtime report before the downtime was measured")
+        return ControlMessage.report(self.actual_downtime_s, self.predicted_downtime_s,
+                                     self.prediction_error)
+
+    def take_downtime_report(self, fields: dict[str, Any]) -> None:
+        """The destination: the source's REPORT (``ProtocolError`` if a figure is not a
+        number, or the downtime is missing)."""
+        got = {k: fields.get(k) for k in _REPORTED}
+        if not isinstance(got["actual_downtime_s"], int | float) or not all(
+                v is None or isinstance(v, int | float) and not isinstance(v, bool)
+                for v in got.values()):
+            raise ProtocolError(f"source report: not numbers: {got}")
+        self.actual_downtime_s = float(got["actual_downtime_s"])
+        pred, err = got["predicted_downtime_s"], got["prediction_error"]
+        self.predicted_downtime_s = None if pred is None else float(pred)
+        self.prediction_error = None if err is None else float(err)
+
+
+#: the figures a REPORT carries (docs/protocol.md §8.2)
+_REPORTED = ("actual_downtime_s", "predicted_downtime_s", "prediction_error")
 
 
 def guest_facts(guest: Guest, memory_encryption: str = "none") -> GuestFacts:

@@ -16,13 +16,16 @@
     verify   wait for the source's content digests (control frame DIGESTS), re-hash
              what the last pass touched, compare every region.
     resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
-             the verification), ``cleanup``.
+             the verification); the source's REPORT; ``cleanup``.
 
 The destination reports its own share of the downtime (``downtime_share``: from the
 source's stopped device state arriving to the guest resumed, with its load, verify and
 resume parts) and the source's predicted downtime, which the DIGESTS frame carries
 (docs/protocol.md §8.3). The downtime itself and the prediction error are the source's:
-it measures them when ACK resumed arrives, after the destination's last word.
+it measures them when ACK resumed arrives and sends them in a REPORT frame, which this end
+waits for briefly after resuming (``report_timeout_s``; the guest runs already, so the
+wait adds nothing to the downtime). Without it the migration still completes, with the
+warning "source report not received".
 
 The source does not send pages it never wrote, so the destination first writes zeros over
 any page of its RAM that holds data (a reused RAM file); fresh memfds cost only the scan. Nothing runs unverified: on any failure (bad header, stream
@@ -61,7 +64,12 @@ from vfiod.migration.stream.reader import (
     StreamReader,
 )
 from vfiod.migration.stream.records import ErrorCode, RecordError
-from vfiod.migration.transport.control import AckStage, ControlMessage
+from vfiod.migration.transport.control import (
+    AckStage,
+    ControlMessage,
+    ControlType,
+    TransportError,
+)
 
 
 class DestinationSession(SessionBase):
@@ -106,6 +114,7 @@ class DestinationSession(SessionBase):
             if not isinstance(e, Exception):
                 raise
             return res
+        self._await_report()
         self._set_state(MigrationState.COMPLETED)
         self._cleanup_devices()
         return self._result("completed", "")
@@ -188,7 +197,7 @@ class DestinationSession(SessionBase):
         t0 = self.clock()
         dg.rehash()                   # overlaps the source's own final re-hash
         t["dest_final_rehash_s"] = self.clock() - t0
-        msg = self.link.wait_digests(self.config.ack_timeout_s)
+        msg = self.link.wait_control(ControlType.DIGESTS, self.config.ack_timeout_s)
         t1 = self.clock()
         try:
             theirs = [RegionDigest.from_dict(x) for x in msg.fields.get("regions", [])]
@@ -224,6 +233,16 @@ class DestinationSession(SessionBase):
         self.link.send_control(ControlMessage.ack(
             AckStage.RESUMED, verified=True, verification=self.result.verification,
             timings=dict(self.result.timings)))
+
+    def _await_report(self) -> None:
+        """The source's REPORT (its downtime, prediction and error), waited for briefly:
+        the guest runs here already, so the wait adds nothing to the downtime, and without
+        it the migration still completes."""
+        try:
+            msg = self.link.wait_control(ControlType.REPORT, self.config.report_timeout_s)
+            self.result.take_downtime_report(msg.fields)
+        except (TransportError, ProtocolError) as e:
+            self.result.warnings.append(f"source report not received: {e}")
 
     # -- failure ----------------------------------------------------------------------
     def _discard(self, exc: BaseException) -> MigrationResult:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from vfiod.migration.transport.control import AckStage, ControlMessage
+from vfiod.migration.transport.control import AckStage, ControlMessage, ControlType
 
 
 class Link(Protocol):
@@ -33,7 +33,7 @@ class Link(Protocol):
 
     def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage: ...
 
-    def wait_digests(self, timeout: float) -> ControlMessage: ...
+    def wait_control(self, kind: ControlType, timeout: float) -> ControlMessage: ...
 
     def close(self) -> None: ...
 
@@ -111,5 +111,5 @@ class ThrottledLink:
     def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage:
         return self.link.wait_ack(stage, timeout)
 
-    def wait_digests(self, timeout: float) -> ControlMessage:
-        return self.link.wait_digests(timeout)
+    def wait_control(self, kind: ControlType, timeout: float) -> ControlMessage:
+        return self.link.wait_control(kind, timeout)

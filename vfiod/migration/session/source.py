@@ -16,7 +16,8 @@
              ``save_live_complete_precopy`` each (STOP_COPY, read to the end); final dirty
              sync (opted-out containers are queried now); remaining RAM; END_OF_STATE per
              device; MANIFEST; re-hash; commit: send the content digests (control frame
-             DIGESTS); wait for ACK resumed. Actual downtime = pause -> that ACK.
+             DIGESTS); wait for ACK resumed. Actual downtime = pause -> that ACK; REPORT
+             it, the prediction and the error to the destination.
     done     ``cleanup`` each device (v2: STOP_COPY -> STOP), stop tracking, guest
              POSTMIGRATE, close device/group/container fds.
 
@@ -325,15 +326,14 @@ class SourceSession(SessionBase):
     def _await_destination(self) -> None:
         assert self._stop_t is not None
         ack = self.link.wait_ack(AckStage.RESUMED, self.config.ack_timeout_s)
-        actual = self.clock() - self._stop_t
-        self.result.actual_downtime_s = actual
-        outcome = self.predictor.record_actual(actual)
-        self.result.prediction_error = outcome.error
-        self.result.predicted_downtime_s = outcome.predicted_s
-        peer = {k: v for k, v in ack.fields.items() if k != "value"}
-        self.result.peer.update(peer)
-        self.result.verified = bool(peer.get("verified"))
-        self.result.verification["destination"] = peer.get("verification", {})
+        out, r = self.predictor.record_actual(self.clock() - self._stop_t), self.result
+        r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
+        r.prediction_error = out.error
+        r.take_resumed_ack(ack.fields)
+        try:            # the guest runs there already: this adds nothing to the downtime
+            self.link.send_control(r.downtime_report())
+        except TransportError as e:
+            r.warnings.append(f"could not send the downtime report: {e}")
 
     # -- completion -------------------------------------------------------------------
     def _finish(self) -> None:

@@ -56,7 +56,8 @@ from vfiod.migration.stream.crc32c import crc32c
 
 #: The migration protocol: this stream and its return-path frames (``transport.control``).
 #: 2: the source's final content digests travel in their own DIGESTS frame (1: in an ACK).
-PROTOCOL_VERSION = 2
+#: 3: the source sends its downtime, prediction and error after ACK resumed (REPORT).
+PROTOCOL_VERSION = 3
 MAGIC = b"VFIODMS\x00"
 
 PREAMBLE = struct.Struct("<8sHHI")

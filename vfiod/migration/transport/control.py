@@ -13,15 +13,20 @@ from the destination to the source, in the opposite direction of the stream:
 * ``ERROR``  the destination failed (``code`` is an ``ErrorCode``/errno name, ``message``
   the text, ``record`` the stream record index where known).
 
-One frame goes the other way, source to destination, after the MANIFEST:
+Two go the other way, source to destination:
 
-* ``DIGESTS`` the source's commit: its RAM content digests (``regions``, a list of
-  ``{name, pages, digest}``) and the stream's record count (``records``).
+* ``DIGESTS`` after the MANIFEST, the source's commit: its RAM content digests
+  (``regions``, a list of ``{name, pages, digest}``), the stream's record count
+  (``records``) and its last ``predicted_downtime_s``.
+* ``REPORT`` after ACK resumed, the source's last word: the downtime it measured
+  (``actual_downtime_s``), its ``predicted_downtime_s`` and the ``prediction_error``, so
+  that the destination reports them too.
 
 Cancel in the other direction is the stream's ABORT record. The frames are part of the
-stream protocol (``stream.records.PROTOCOL_VERSION``; ``DIGESTS`` came with version 2):
-both ends compare versions before either sends RAM (preflight facts on the source, the
-stream preamble on the destination), so a peer that speaks another version never sees one.
+stream protocol (``stream.records.PROTOCOL_VERSION``; ``DIGESTS`` came with version 2,
+``REPORT`` with 3): both ends compare versions before either sends RAM (preflight facts on
+the source, the stream preamble on the destination), so a peer that speaks another
+version never sees one.
 
 Frame (20-byte header, then a UTF-8 JSON payload of at most ``MAX_CONTROL_PAYLOAD``)::
 
@@ -87,6 +92,7 @@ class ControlType(enum.IntEnum):
     CANCEL = 2
     ERROR = 3
     DIGESTS = 4
+    REPORT = 5
 
 
 class AckStage(enum.Enum):
@@ -133,6 +139,13 @@ class ControlMessage:
         if predicted_downtime_s is not None:
             fields["predicted_downtime_s"] = predicted_downtime_s
         return cls(ControlType.DIGESTS, fields)
+
+    @classmethod
+    def report(cls, actual_downtime_s: float, predicted_downtime_s: float | None,
+               prediction_error: float | None) -> ControlMessage:
+        return cls(ControlType.REPORT, {"actual_downtime_s": actual_downtime_s,
+                                        "predicted_downtime_s": predicted_downtime_s,
+                                        "prediction_error": prediction_error})
 
     def encode(self) -> bytes:
         body = self.fields if self.stage is None else {"stage": self.stage.value, **self.fields}

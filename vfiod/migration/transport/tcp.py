@@ -163,10 +163,10 @@ class Connection:
         return self._wait_for(lambda m: m.stage is stage,
                               f"{stage.value!r} acknowledgement", timeout)
 
-    def wait_digests(self, timeout: float) -> ControlMessage:
-        """Destination: block until the source's DIGESTS frame arrives."""
-        return self._wait_for(lambda m: m.kind is ControlType.DIGESTS, "content digests",
-                              timeout)
+    def wait_control(self, kind: ControlType, timeout: float) -> ControlMessage:
+        """Destination: block until the source's frame of ``kind`` (DIGESTS, REPORT)
+        arrives."""
+        return self._wait_for(lambda m: m.kind is kind, f"{kind.name} frame", timeout)
 
     def _wait_for(self, wanted: Callable[[ControlMessage], bool], what: str,
                   timeout: float) -> ControlMessage:
