@@ -320,3 +320,14 @@ def test_one_big_batch_survives_partial_sends() -> None:
         conn.send_buffers(views)
         assert conn.bytes_sent == 32 << 20
     assert peer.join() == blob.tobytes()
+
+
+def test_an_unresolvable_host_is_named_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the resolver's EAI_NONAME (-2) must not be shown as an errno ("connect: -2")
+    def no_such_host(*a: object, **k: object) -> socket.socket:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", no_such_host)
+    with pytest.raises(TransportError) as ei:
+        connect("no-such-host.invalid", 4444)
+    assert "cannot resolve the host: Name or service not known" in str(ei.value)
+    assert "connect: -" not in str(ei.value)

@@ -96,6 +96,8 @@ def _peer_name(addr: Any) -> str:
 
 
 def _errno_name(e: OSError) -> str:
+    if isinstance(e, socket.gaierror):      # EAI_* codes are not errno values
+        return f"cannot resolve the host: {e.strerror}"
     return _errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
