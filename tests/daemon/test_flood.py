@@ -16,7 +16,7 @@ import pytest
 
 from tests.daemon.test_tls_daemons import OPENSSL, _make_ca, _make_host, _tls, _with_tls
 from tests.support.daemon_configs import host_config
-from tests.support.daemons import DaemonProcess, guest_status, wait_until
+from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
 
 STATUS_DEADLINE_S = 5.0
 
@@ -34,15 +34,9 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         _make_host(d, "src", "ca")
         _make_host(d, "dst", "ca")
         src_cfg, dst_cfg = _with_tls(src_cfg, _tls(d, "src")), _with_tls(dst_cfg, _tls(d, "dst"))
-    src = DaemonProcess(src_cfg, f"flood-{request.param}-src")
-    dst = DaemonProcess(dst_cfg, f"flood-{request.param}-dst")
-    try:
-        src.wait_ready()
-        dst.wait_ready()
-        yield src, dst
-    finally:
-        for d in (src, dst):
-            d.cleanup()
+    with daemon_pair(src_cfg, dst_cfg, f"flood-{request.param}-src",
+                     f"flood-{request.param}-dst") as daemons:
+        yield daemons
 
 
 def _port(d: DaemonProcess) -> tuple[str, int]:

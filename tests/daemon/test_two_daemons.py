@@ -19,7 +19,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon_configs import host_config
-from tests.support.daemons import DaemonProcess, guest_status, lifecycle_steps, wait_until
+from tests.support.daemons import (
+    DaemonProcess,
+    daemon_pair,
+    guest_status,
+    lifecycle_steps,
+    wait_until,
+)
 
 GUESTS = ("g1", "g2")
 OPENED_RUNNING = [("defined", "claimed"), ("claimed", "running")]
@@ -28,18 +34,12 @@ OPENED_INCOMING = [("defined", "claimed"), ("claimed", "incoming")]
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    src = DaemonProcess(host_config("source", guests=GUESTS,
-                                    migration='bandwidth_limit = "64MiB"\n',
-                                    workloads={"g1": ("128KiB", "2MiB"),
-                                               "g2": ("64KiB", "8MiB")}), "src")
-    dst = DaemonProcess(host_config("destination", guests=GUESTS), "dst")
-    try:
-        src.wait_ready()
-        dst.wait_ready()
-        yield src, dst
-    finally:
-        for d in (src, dst):
-            d.cleanup()
+    with daemon_pair(host_config("source", guests=GUESTS,
+                                 migration='bandwidth_limit = "64MiB"\n',
+                                 workloads={"g1": ("128KiB", "2MiB"),
+                                            "g2": ("64KiB", "8MiB")}),
+                     host_config("destination", guests=GUESTS), "src", "dst") as daemons:
+        yield daemons
 
 
 def _scrape(d: DaemonProcess) -> dict[str, list]:

@@ -19,8 +19,8 @@ from tests.support.session_rig import (
     assert_migrated,
     assert_rolled_back,
     migrate,
-    pair,
     replay_digest,
+    side_pairs,
     spec,
 )
 from vfiod.kernel.sim.workload import DmaTarget
@@ -38,15 +38,8 @@ PLANS = [SideContainer([DEV])]
 
 @pytest.fixture
 def sides(tmp_path: Path):
-    made: list[Side] = []
-
-    def make(**kw: Any) -> tuple[Side, Side]:
-        s, d = pair(tmp_path, PLANS, ram=RAM, **kw)
-        made.extend((s, d))
-        return s, d
-    yield make
-    for side in made:
-        side.close()
+    with side_pairs(tmp_path, PLANS, RAM) as make:
+        yield make
 
 
 def busy(src: Side, rate: float) -> Any:

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.session_rig import MiB, Side, SideContainer, assert_migrated, migrate, pair, spec
+from tests.support.session_rig import (
+    MiB,
+    SideContainer,
+    assert_migrated,
+    migrate,
+    side_pairs,
+    spec,
+)
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.status import (
@@ -33,15 +40,8 @@ RATE = 8e6
 
 @pytest.fixture
 def sides(tmp_path: Path):
-    made: list[Side] = []
-
-    def make(**kw: Any) -> tuple[Side, Side]:
-        s, d = pair(tmp_path, PLANS, ram=RAM, **kw)
-        made.extend((s, d))
-        return s, d
-    yield make
-    for side in made:
-        side.close()
+    with side_pairs(tmp_path, PLANS, RAM) as make:
+        yield make
 
 
 class StatusReader(ThrottledLink):

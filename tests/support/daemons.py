@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,18 @@ def lifecycle_steps(d: DaemonProcess, guest: str) -> list[tuple[str, str]]:
     """The guest's lifecycle transitions so far, from the daemon's log (each is logged)."""
     return [(m[2], m[3]) for m in map(_STEP.search, d.log().splitlines())
             if m is not None and m[1] == guest]
+
+
+@contextmanager
+def daemon_pair(src_config: str, dst_config: str, src_name: str, dst_name: str
+                ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """A source and a destination daemon, both ready; both cleaned up afterwards."""
+    src = DaemonProcess(src_config, src_name)
+    dst = DaemonProcess(dst_config, dst_name)
+    try:
+        src.wait_ready()
+        dst.wait_ready()
+        yield src, dst
+    finally:
+        for d in (src, dst):
+            d.cleanup()

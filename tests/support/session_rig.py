@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,21 @@ def assert_rolled_back(src: Side, dst: Side, run: Run, ram_before: list[Any],
     assert dst.models() == dst.initial_models                 # nothing loaded survives
     assert dst.guest.run_state is not GuestState.RUNNING
     assert dst.ram_digest() == (dst_ram_before or dst.initial_ram)   # received RAM zeroed
+
+
+@contextmanager
+def side_pairs(tmp_path: Path, plans: Sequence[SideContainer], ram: Any
+               ) -> Iterator[Callable[..., tuple[Side, Side]]]:
+    """A maker of (source, destination) pairs on ``plans``/``ram`` (keywords go to
+    ``pair``); every side it made is closed afterwards."""
+    made: list[Side] = []
+
+    def make(**kw: Any) -> tuple[Side, Side]:
+        s, d = pair(tmp_path, plans, ram=ram, **kw)
+        made.extend((s, d))
+        return s, d
+    try:
+        yield make
+    finally:
+        for side in made:
+            side.close()
