@@ -12,6 +12,7 @@ import fcntl
 import mmap as _mmap
 import os
 import resource
+import select
 
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, MemlockFacts
@@ -98,6 +99,15 @@ class LinuxKernel:
             return os.write(fd, data)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"write(fd {fd})") from None
+
+    def wait_readable(self, fd: int, timeout_s: float) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        try:
+            # any event (POLLIN, POLLERR, POLLHUP) means the next read returns at once
+            return bool(poller.poll(max(0, int(timeout_s * 1000))))
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"poll(fd {fd})") from None
 
     def mmap(self, fd: int, length: int, offset: int = 0,
              prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:

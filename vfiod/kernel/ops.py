@@ -87,6 +87,11 @@ class KernelOps(Protocol):
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         ...
 
+    def wait_readable(self, fd: int, timeout_s: float) -> bool:
+        """poll(2) ``fd`` for POLLIN up to ``timeout_s``: True once a read would not block
+        (data, end of stream or an error to report), False when the deadline passed."""
+        ...
+
     def mmap(self, fd: int, length: int, offset: int = 0,
              prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:
         """mmap(2) MAP_SHARED of ``length`` bytes of ``fd`` at ``offset``."""

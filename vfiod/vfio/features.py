@@ -148,6 +148,12 @@ class DeviceFeatures:
         except KernelError as e:
             raise renamed(e, "read(migration data fd)", self.name) from None
 
+    def data_wait_readable(self, data_fd: int, timeout_s: float) -> bool:
+        try:
+            return self.kernel.wait_readable(data_fd, timeout_s)
+        except KernelError as e:
+            raise renamed(e, "poll(migration data fd)", self.name) from None
+
     def data_write(self, data_fd: int, data: bytes | bytearray | memoryview) -> int:
         try:
             return self.kernel.write(data_fd, data)

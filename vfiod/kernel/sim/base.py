@@ -73,6 +73,10 @@ class SimFile:
     def read(self, length: int) -> bytes:
         raise fail(errno.EINVAL, "read", self.name)
 
+    def readable(self) -> bool:
+        """Whether poll(2) would report POLLIN now; a file that cannot block is always."""
+        return True
+
     def write(self, data: bytes) -> int:
         raise fail(errno.EINVAL, "write", self.name)
 
@@ -109,6 +113,7 @@ class FaultInjector:
       ``transition:<FROM>-><TO>``         one v2 arc, e.g. ``transition:PRE_COPY->STOP_COPY``
       ``v1:<bits>``                       a v1 device_state write, e.g. ``v1:SAVING``
       ``read:data_fd`` / ``write:data_fd`` a migration data-fd read or write
+      ``stall:data_fd``                   a saving data fd that never becomes readable
       ``v1:read_data`` / ``v1:write_data`` a v1 data-window access
     A fault may also name a device: ``<point>@<device name>``.
     """
@@ -126,6 +131,16 @@ class FaultInjector:
 
     def check(self, point: str, op: str, target: str = "") -> None:
         """Raise the injected error if a live fault matches ``point`` (or ``point@target``)."""
+        f = self._fire(point, target)
+        if f is not None:
+            raise fail(f.errno, op, target, detail=f"injected at {point}")
+
+    def stalls(self, point: str, target: str = "") -> bool:
+        """Whether a live fault at ``point`` fires: for points that model a file that never
+        becomes ready (``stall:data_fd``), where the fault's errno is not used."""
+        return self._fire(point, target) is not None
+
+    def _fire(self, point: str, target: str) -> Fault | None:
         self.log.append(f"{point}@{target}" if target else point)
         for f in self.faults:
             if f.point not in (point, f"{point}@{target}"):
@@ -138,4 +153,5 @@ class FaultInjector:
             if f.count > 0:
                 f.count -= 1
             f.hits += 1
-            raise fail(f.errno, op, target, detail=f"injected at {point}")
+            return f
+        return None

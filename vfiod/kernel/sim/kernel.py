@@ -163,6 +163,17 @@ class SimKernel:
                 return self.linux.write(fd, data)
             return f.write(bytes(data))
 
+    def wait_readable(self, fd: int, timeout_s: float) -> bool:
+        with self.lock:
+            f = self._file(fd, "poll")
+            if f is None:
+                return self.linux.wait_readable(fd, timeout_s)
+            if f.readable():
+                return True
+        # a stalled file stays so: block as poll(2) would, outside the kernel lock
+        threading.Event().wait(timeout_s)
+        return False
+
     def mmap(self, fd: int, length: int, offset: int = 0,
              prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:
         with self.lock:

@@ -9,7 +9,9 @@ Rules kept here (§11): never request PRE_COPY/PRE_COPY_P2P while the device is 
 STOP_COPY (kernels 6.2+ spin forever); the PRE_COPY fd is kept through PRE_COPY_P2P and
 STOP_COPY when those SETs return -1 (mtty), a new fd replaces (and closes) the old one, a
 state without a data session closes it; a 0 read is end of stream only in STOP_COPY — in
-PRE_COPY it, like ENOMSG, means "nothing now".
+PRE_COPY it, like ENOMSG, means "nothing now". Every data-fd read first polls the fd for
+at most ``read_deadline_s``: a device that never produces data fails the read with
+ETIMEDOUT, a kernel error like any other, so the session rolls back instead of hanging.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _SESSION = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_CO
 #: large enough that a downtime limit is never believed met by accident.
 UNKNOWN_STOPCOPY_BYTES = 100 << 30
 DEFAULT_CHUNK = 1 << 20
+#: longest wait for one data-fd read to have something: generous for a device that
+#: serialises state slowly, finite so a stuck device cannot hold the guest stopped
+DEFAULT_READ_DEADLINE_S = 30.0
 
 
 def _hand_over(sink: DeviceDataSink, chunk: memoryview) -> None:
@@ -54,9 +59,14 @@ class V2Driver(DriverBase):
     protocol = "v2"
 
     def __init__(self, device: Device, flags: int, *, chunk_size: int = DEFAULT_CHUNK,
-                 unknown_stopcopy_bytes: int = UNKNOWN_STOPCOPY_BYTES) -> None:
+                 unknown_stopcopy_bytes: int = UNKNOWN_STOPCOPY_BYTES,
+                 read_deadline_s: float = DEFAULT_READ_DEADLINE_S) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        if not read_deadline_s > 0:
+            raise ValueError(f"read_deadline_s must be positive, not {read_deadline_s}")
+        #: how long each data-fd read may wait for data (a test may shorten it)
+        self.read_deadline_s = read_deadline_s
         self._chunk = chunk_size
         self._buf: bytearray | None = None
         self._fd = -1
@@ -154,6 +164,13 @@ class V2Driver(DriverBase):
             self._buf = bytearray(self._chunk)
         return memoryview(self._buf)
 
+    def _readinto(self, view: memoryview) -> int:
+        """One read of the data fd, polled first so it cannot block past the deadline."""
+        if not self.device.data_wait_readable(self._fd, self.read_deadline_s):
+            raise KernelError(errno.ETIMEDOUT, f"read(migration data fd) in {self._state.name}",
+                              self.device.name, f"no data within {self.read_deadline_s:g} s")
+        return self.device.data_readinto(self._fd, view)
+
     def _read_precopy(self, sink: DeviceDataSink, max_bytes: int) -> int:
         initial, dirty = self.device.precopy_info(self._fd)
         if initial + dirty == 0:
@@ -163,7 +180,7 @@ class V2Driver(DriverBase):
         while total < max_bytes:
             view = buf[:min(len(buf), max_bytes - total)]
             try:
-                n = self.device.data_readinto(self._fd, view)
+                n = self._readinto(view)
             except KernelError as e:
                 if e.errno == errno.ENOMSG:    # temporary end of pre-copy data (mlx5)
                     break
@@ -178,7 +195,7 @@ class V2Driver(DriverBase):
         buf = self._chunk_view()
         total = 0
         while True:
-            n = self.device.data_readinto(self._fd, buf)
+            n = self._readinto(buf)
             if n == 0:                         # STOP_COPY: 0 is the permanent end
                 break
             _hand_over(sink, buf[:n])

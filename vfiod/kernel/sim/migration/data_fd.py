@@ -11,7 +11,8 @@ Both: after the session ended (state left, reset, device closed) reads/writes fa
 ENODEV; ``pread``/``pwrite`` are ESPIPE (stream files, the ``SimFile`` default); a read on
 the write-only file and a write on the read-only one are EBADF, as the VFS answers.
 Every read/write first passes the fault points ``read:data_fd`` / ``write:data_fd`` with
-the device name as target.
+the device name as target; a fault at ``stall:data_fd`` makes the saving file never become
+readable (a device that stops producing data): poll waits out its timeout.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class SavingFile(SimFile):
             # A temporary end of pre-copy data, not EOF (docs/kernel-contract.md §6.7).
             raise fail(errno.ENOMSG, op, self.name, "no pre-copy data right now")
         return data
+
+    def readable(self) -> bool:
+        return not self.owner.faults.stalls("stall:data_fd", self.name)
 
     def write(self, data: bytes) -> int:
         raise fail(errno.EBADF, "write(data_fd)", self.name, "saving data fd is read-only")
