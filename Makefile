@@ -18,6 +18,7 @@ help:
 	@echo "make kernel-test  the real-kernel tier: Linux 6.12 VFIO under QEMU"
 	@echo "make bench        benchmarks as ratios against same-run baselines (.bench/results.json)"
 	@echo "make demo         migrate a simulated 4 GiB guest with three devices over loopback"
+	@echo "make fuzz         the hypothesis fuzz tests with a large budget (VFIOD_FUZZ_EXAMPLES)"
 	@echo "make lint         ruff"
 	@echo "make typecheck    mypy"
 
@@ -41,6 +42,13 @@ test-fast: deps $(STAMP)
 
 kernel-test: deps $(STAMP)
 	$(PY) -m pytest -q -rs $(NO_SKIPS) tests/kernel
+
+#: the fuzz tests, each with this many inputs instead of its small `make test` budget
+VFIOD_FUZZ_EXAMPLES ?= 20000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	VFIOD_FUZZ_EXAMPLES=$(VFIOD_FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/unit/test_parsers_fuzz.py tests/unit/test_stream_fuzz.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check vfiod tests

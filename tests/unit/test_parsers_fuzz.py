@@ -1,6 +1,7 @@
 """Property-based fuzzing (hypothesis, bounded) of the two parsers any client or operator
 feeds: a control-protocol line and a configuration file. Whatever the input, the answer is
-the parser's own error type, never another exception (README "Limits")."""
+the parser's own error type, never another exception (README "Limits"). ``make fuzz``
+raises every budget (``tests/support/fuzz.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.fuzz import fuzz_examples
 from vfiod.api.schema import ApiError, Request, json_depth
 from vfiod.daemon.config import parse_config
 from vfiod.errors import ConfigError
@@ -21,7 +23,7 @@ _JSON = st.recursive(
     max_leaves=40)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(st.binary(max_size=512) | st.text(max_size=512).map(str.encode))
 def test_any_line_is_a_request_or_an_api_error(line: bytes) -> None:
     try:
@@ -30,7 +32,7 @@ def test_any_line_is_a_request_or_an_api_error(line: bytes) -> None:
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.fixed_dictionaries({"schema": st.integers(0, 2), "op": st.text(max_size=10)},
                              optional={"id": _JSON, "args": _JSON, "extra": _JSON}))
 def test_any_json_envelope_is_a_request_or_an_api_error(obj: dict[str, Any]) -> None:
@@ -41,7 +43,7 @@ def test_any_json_envelope_is_a_request_or_an_api_error(obj: dict[str, Any]) -> 
     assert req.op == obj["op"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(_JSON)
 def test_depth_matches_the_structure(value: Any) -> None:
     def depth(v: Any) -> int:
@@ -62,7 +64,7 @@ _TABLES = st.sampled_from(["[migration]", "[[guest]]", "[[guest.ram]]", "[[guest
                            "[sim]", "[[sim.device]]", "[control]", "[paths]"])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(st.lists(st.one_of(_TABLES, st.tuples(_KEYS, _VALUES).map(" = ".join)),
                 max_size=14))
 def test_any_config_is_a_config_or_a_config_error(lines: list[str]) -> None:
@@ -72,7 +74,7 @@ def test_any_config_is_a_config_or_a_config_error(lines: list[str]) -> None:
         assert str(e).startswith("(text)")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.text(max_size=300))
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
     try:
