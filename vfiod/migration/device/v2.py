@@ -9,9 +9,11 @@ Rules kept here (§11): never request PRE_COPY/PRE_COPY_P2P while the device is 
 STOP_COPY (kernels 6.2+ spin forever); the PRE_COPY fd is kept through PRE_COPY_P2P and
 STOP_COPY when those SETs return -1 (mtty), a new fd replaces (and closes) the old one, a
 state without a data session closes it; a 0 read is end of stream only in STOP_COPY — in
-PRE_COPY it, like ENOMSG, means "nothing now". Every data-fd read first polls the fd for
-at most ``read_deadline_s``: a device that never produces data fails the read with
-ETIMEDOUT, a kernel error like any other, so the session rolls back instead of hanging.
+PRE_COPY it, like ENOMSG, means "nothing now". Every stop-copy read, and the first read of
+a pre-copy pass, first polls the fd for at most ``read_deadline_s``: a device that never
+produces data fails the read with ETIMEDOUT, a kernel error like any other, so the session
+rolls back instead of hanging. Later reads of a pre-copy pass take only what is readable
+now (a fd that is not ends the pass, like ENOMSG).
 """
 
 from __future__ import annotations
@@ -164,12 +166,11 @@ class V2Driver(DriverBase):
             self._buf = bytearray(self._chunk)
         return memoryview(self._buf)
 
-    def _readinto(self, view: memoryview) -> int:
-        """One read of the data fd, polled first so it cannot block past the deadline."""
+    def _wait_for_data(self) -> None:
+        """Poll the data fd until a read would not block, for at most the deadline."""
         if not self.device.data_wait_readable(self._fd, self.read_deadline_s):
             raise KernelError(errno.ETIMEDOUT, f"read(migration data fd) in {self._state.name}",
                               self.device.name, f"no data within {self.read_deadline_s:g} s")
-        return self.device.data_readinto(self._fd, view)
 
     def _read_precopy(self, sink: DeviceDataSink, max_bytes: int) -> int:
         initial, dirty = self.device.precopy_info(self._fd)
@@ -178,9 +179,15 @@ class V2Driver(DriverBase):
         buf = self._chunk_view()
         total = 0
         while total < max_bytes:
+            # the first read waits: the device said it has data. Later ones take only what
+            # is there now, since mlx5's poll stays silent once pre-copy data runs out.
+            if total == 0:
+                self._wait_for_data()
+            elif not self.device.data_wait_readable(self._fd, 0):
+                break
             view = buf[:min(len(buf), max_bytes - total)]
             try:
-                n = self._readinto(view)
+                n = self.device.data_readinto(self._fd, view)
             except KernelError as e:
                 if e.errno == errno.ENOMSG:    # temporary end of pre-copy data (mlx5)
                     break
@@ -195,7 +202,8 @@ class V2Driver(DriverBase):
         buf = self._chunk_view()
         total = 0
         while True:
-            n = self._readinto(buf)
+            self._wait_for_data()
+            n = self.device.data_readinto(self._fd, buf)
             if n == 0:                         # STOP_COPY: 0 is the permanent end
                 break
             _hand_over(sink, buf[:n])
