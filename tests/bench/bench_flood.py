@@ -65,6 +65,9 @@ class StatusSampler:
         self._stop.set()
         self._thread.join()
 
+    def enough(self) -> bool:
+        return len(self.latencies) >= MIN_SAMPLES
+
     def _run(self) -> None:
         start = time.monotonic()
         i = 0
@@ -115,8 +118,7 @@ def bench_flood(quick: bool = False, reps: int = 5) -> list[dict[str, Any]]:
                         else nullcontext())
                     with StatusSampler((src, dst)) as sampler, flood:
                         times[kind].append(migrate_once(src, dst, fleet_guest(2 * t + j)))
-                        wait_until(lambda s=sampler: len(s.latencies) >= MIN_SAMPLES, 30,
-                                   f"{MIN_SAMPLES} status samples")
+                        wait_until(sampler.enough, 30, f"{MIN_SAMPLES} status samples")
                     status[kind].extend(sampler.latencies)
     med = {k: statistics.median(v) for k, v in times.items()}
     p99 = {k: percentile(v, 0.99) * 1e3 for k, v in status.items()}
