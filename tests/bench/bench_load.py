@@ -18,9 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from tests.bench.timing import row
-from tests.support.daemons import DaemonProcess
-from tests.support.fleet_configs import fleet_config, fleet_guest
-from tests.support.load import WATCHDOG_USEC, run_load, warm_up
+from tests.support.fleet_configs import fleet_guest
+from tests.support.load import fleet_pair, run_load, warm_up
 
 GUESTS, DEVICES, MIGRATING = 16, 4, 8
 RATE, THREADS = 1000.0, 8
@@ -28,22 +27,13 @@ RATE, THREADS = 1000.0, 8
 
 def bench_load(quick: bool = False) -> list[dict[str, Any]]:
     duration = 4.0 if quick else 10.0
-    src = DaemonProcess(fleet_config("source", GUESTS, DEVICES, dirty_rate="256KiB",
-                                     fill="2MiB"), "bench-load-src",
-                        env={"WATCHDOG_USEC": str(WATCHDOG_USEC)})
-    dst = DaemonProcess(fleet_config("destination", GUESTS, DEVICES), "bench-load-dst")
     guests = [fleet_guest(i) for i in range(GUESTS)]
-    try:
-        src.wait_ready()
-        dst.wait_ready()
+    with fleet_pair(GUESTS, DEVICES, "bench-load") as (src, dst):
         warm_up(src, dst, guests[-1])
         quiet = run_load(src, dst, rate=50.0, threads=1, duration_s=3.0, migrate=[],
                          guests=guests)
         r = run_load(src, dst, rate=RATE, threads=THREADS, duration_s=duration,
                      migrate=guests[:MIGRATING], guests=guests)
-    finally:
-        src.cleanup()
-        dst.cleanup()
     outcomes = {g: (m["result"], m["verified"]) for g, m in r.migrations.items()}
     if r.errors or any(o != ("completed", True) for o in outcomes.values()):
         raise RuntimeError(f"load: errors {r.errors[:5]}, migrations {outcomes}")

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemons import DaemonProcess
-from tests.support.fleet_configs import fleet_config, fleet_guest
-from tests.support.load import WATCHDOG_USEC, run_load, warm_up
+from tests.support.fleet_configs import fleet_guest
+from tests.support.load import WATCHDOG_USEC, fleet_pair, run_load, warm_up
 
 GUESTS, DEVICES = 16, 4
 RATE, THREADS, DURATION_S = 200.0, 4, 3.0
@@ -26,17 +26,8 @@ RSS_GROWTH_BOUND = (8 + 8 * MIGRATING) << 20
 
 @pytest.fixture()
 def fleet() -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    src = DaemonProcess(fleet_config("source", GUESTS, DEVICES, dirty_rate="256KiB",
-                                     fill="2MiB"), "load-src",
-                        env={"WATCHDOG_USEC": str(WATCHDOG_USEC)})
-    dst = DaemonProcess(fleet_config("destination", GUESTS, DEVICES), "load-dst")
-    try:
-        src.wait_ready()
-        dst.wait_ready()
-        yield src, dst
-    finally:
-        src.cleanup()
-        dst.cleanup()
+    with fleet_pair(GUESTS, DEVICES, "load") as pair:
+        yield pair
 
 
 def test_load_leaves_watchdog_requests_and_memory_intact(

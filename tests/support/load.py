@@ -15,12 +15,15 @@ import select
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
 from tests.support.daemons import DaemonProcess, wait_until
+from tests.support.fleet_configs import fleet_config
 from vfiod.api import ControlClient
 
 WATCHDOG_USEC = 1_000_000          # the daemon pings every half of it: every 0.5 s
@@ -127,6 +130,25 @@ def _scraper(url: str, report: LoadReport, start: float, end: float) -> None:
             report.scrape_errors.append(str(e))
         report.scrapes += 1
         k += 1
+
+
+@contextmanager
+def fleet_pair(guests: int, devices: int, name: str
+               ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """A source daemon with ``guests`` x ``devices`` (each guest 8 MiB, 2 MiB written,
+    256 KiB/s dirtied) and systemd's watchdog on, and its destination; both ready, both
+    cleaned up afterwards."""
+    src = DaemonProcess(fleet_config("source", guests, devices, dirty_rate="256KiB",
+                                     fill="2MiB"), f"{name}-src",
+                        env={"WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    dst = DaemonProcess(fleet_config("destination", guests, devices), f"{name}-dst")
+    try:
+        src.wait_ready()
+        dst.wait_ready()
+        yield src, dst
+    finally:
+        src.cleanup()
+        dst.cleanup()
 
 
 def rss(d: DaemonProcess) -> int:
