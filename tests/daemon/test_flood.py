@@ -1,22 +1,24 @@
 """A flood from one client process during a real migration (README "Limits"): 200 idle
-control connections, and on the destination's migration port 50 silent, 50 slow and 50
-malformed connections (on a TLS port: TLS garbage). The migration completes verified, and
+control connections, and on the destination's migration port 50 silent, 50 slow (one
+byte a second, ``tests/support/flood.py``) and 50 malformed connections (on a TLS port: TLS garbage). The migration completes verified, and
 ``status`` answers on both daemons within its deadline while the flood holds its
 connections."""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
-import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.daemon.test_tls_daemons import OPENSSL, _make_ca, _make_host, _tls, _with_tls
 from tests.support.daemon_configs import host_config
 from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
+from tests.support.flood import MALFORMED, SLOW_PAYLOAD, Flood, address
 
 STATUS_DEADLINE_S = 5.0
 
@@ -39,29 +41,6 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         yield daemons
 
 
-def _port(d: DaemonProcess) -> tuple[str, int]:
-    host, _, port = d.migration_address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _flood(src: DaemonProcess, dst: DaemonProcess) -> list[socket.socket]:
-    held = []
-    for d in (src, dst):
-        for _ in range(100):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(d.socket)                          # idle: never sends a request
-            held.append(s)
-    port = _port(dst)
-    for i in range(150):
-        s = socket.create_connection(port, timeout=10)
-        if i % 3 == 1:
-            s.sendall(b"V")                              # slow: one byte, then nothing
-        elif i % 3 == 2:                 # malformed: bad magic, huge length (TLS: garbage)
-            s.sendall(struct.pack("<8sI", b"GET / HT", 1 << 30))
-        held.append(s)
-    return held
-
-
 def _timed_status(d: DaemonProcess) -> float:
     t0 = time.monotonic()
     with d.client() as c:
@@ -72,8 +51,7 @@ def _timed_status(d: DaemonProcess) -> float:
 def test_migration_and_status_survive_a_flood(pair: tuple[DaemonProcess, DaemonProcess]
                                               ) -> None:
     src, dst = pair
-    held = _flood(src, dst)
-    try:
+    with Flood([src.socket, dst.socket], address(dst.migration_address)):
         assert _timed_status(src) < STATUS_DEADLINE_S
         assert _timed_status(dst) < STATUS_DEADLINE_S
         r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--timeout", "60",
@@ -85,6 +63,37 @@ def test_migration_and_status_survive_a_flood(pair: tuple[DaemonProcess, DaemonP
                    "g1 to run on the destination")
         assert _timed_status(src) < STATUS_DEADLINE_S
         assert _timed_status(dst) < STATUS_DEADLINE_S
+
+
+def test_slow_clients_send_one_byte_a_second(tmp_path: Path) -> None:
+    """The flood's slow clients trickle their payload: a byte a second, no faster."""
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.bind(str(tmp_path / "c.sock"))
+    ctl.listen(8)
+    port = socket.create_server(("127.0.0.1", 0))
+    got: dict[socket.socket, bytes] = {}
+
+    def pump(_: float) -> None:
+        ready, _w, _x = select.select([port, *got], [], [], 0.2)
+        for s in ready:
+            if s is port:
+                got[port.accept()[0]] = b""
+            else:
+                got[s] += s.recv(64)
+
+    def slow_bytes() -> int:
+        return max((len(b) for b in got.values() if SLOW_PAYLOAD.startswith(b)), default=0)
+
+    try:
+        with Flood([ctl.getsockname()], port.getsockname(), idle=2, silent=1, slow=2,
+                   malformed=1):
+            t0 = time.monotonic()
+            wait_until(lambda: slow_bytes() >= 3, 10, "three trickled bytes", pump)
+            assert slow_bytes() <= 2 + int(time.monotonic() - t0)    # started just before t0
+            assert [b for b in got.values() if b == MALFORMED], "the malformed client sent"
+        assert len(got) == 4
     finally:
-        for s in held:
+        for s in got:
             s.close()
+        port.close()
+        ctl.close()
