@@ -55,6 +55,10 @@ MAX_CLIENTS = 64
 IDLE_TIMEOUT_S = 60.0
 #: listen() backlog: a burst of clients queues in the kernel instead of failing EAGAIN.
 BACKLOG = 256
+#: Seconds a newcomer waits, when every handler is inside a request, for one to finish:
+#: a handler marks itself idle just after its answer leaves, so a client that reconnects
+#: at once must not be told "busy" by that gap.
+BUSY_GRACE_S = 0.2
 
 
 @dataclass(eq=False)
@@ -126,6 +130,7 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._clients: set[_Client] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # a handler became idle or left
         self._closing = False
         self._closed = threading.Event()
         self.backoff = AcceptBackoff("control", self._closed.wait)
@@ -212,6 +217,13 @@ class ControlServer:
             with self._lock:
                 if len(self._clients) >= self.max_clients:
                     self._evict_idlest()
+                if len(self._clients) >= self.max_clients:
+                    self._idle.wait_for(lambda: any(c.idle_since is not None
+                                                    for c in self._clients)
+                                        or len(self._clients) < self.max_clients,
+                                        timeout=BUSY_GRACE_S)
+                    if len(self._clients) >= self.max_clients:
+                        self._evict_idlest()
                 full = len(self._clients) >= self.max_clients
                 if not full:
                     self._clients.add(client)
@@ -268,6 +280,7 @@ class ControlServer:
         finally:
             with self._lock:
                 self._clients.discard(client)
+                self._idle.notify_all()
             conn.close()
 
     def _serve_lines(self, client: _Client) -> None:
@@ -291,6 +304,8 @@ class ControlServer:
                     if client.evicted:
                         return
                     client.idle_since = None if buf else time.monotonic()
+                    if not buf:
+                        self._idle.notify_all()
                 conn.settimeout(left)
                 try:
                     chunk = conn.recv(65536)
