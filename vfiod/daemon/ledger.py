@@ -21,8 +21,6 @@ Moves = Sequence[tuple[LifecycleState, str]]
 
 CANCEL_REASON = "cancelled by the operator (vfiod ctl cancel)"
 SHUTDOWN_REASON = "the daemon is shutting down (SIGTERM, systemctl stop)"
-#: who cancelled, as ``Cancelled`` names it ("cancelled by shutdown: ...")
-_CANCELLED_BY = {CANCEL_REASON: "operator", SHUTDOWN_REASON: "shutdown"}
 
 
 class MigrationHandle:
@@ -31,24 +29,25 @@ class MigrationHandle:
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
-        self.reason = CANCEL_REASON            # who cancelled: the first cancel's reason
+        self.reason = CANCEL_REASON            # the first cancel's reason ...
+        self.by = "operator"                   # ... and who asked ("cancelled by shutdown")
         self._session: SessionBase | None = None
         self._lock = threading.Lock()
 
-    def cancel(self, reason: str = CANCEL_REASON) -> None:
+    def cancel(self, reason: str = CANCEL_REASON, by: str = "operator") -> None:
         with self._lock:
             if not self.cancelled.is_set():
-                self.reason = reason
+                self.reason, self.by = reason, by
             self.cancelled.set()
             session = self._session
         if session is not None:
-            session.cancel(self.reason, _CANCELLED_BY.get(self.reason, "operator"))
+            session.cancel(self.reason, self.by)
 
     def attach(self, session: SessionBase) -> None:
         with self._lock:
             self._session = session
             if self.cancelled.is_set():
-                session.cancel(self.reason, _CANCELLED_BY.get(self.reason, "operator"))
+                session.cancel(self.reason, self.by)
 
     def live(self) -> dict[str, Any] | None:
         with self._lock:
@@ -135,8 +134,10 @@ class MigrationLedger:
                 out[guest] = live
         return out
 
-    def cancel(self, entry: GuestEntry, reason: str = CANCEL_REASON) -> MigrationRecord | None:
-        """Ask the guest's running migration to cancel; None if none runs."""
+    def cancel(self, entry: GuestEntry, reason: str = CANCEL_REASON,
+               by: str = "operator") -> MigrationRecord | None:
+        """Ask the guest's running migration to cancel (``by``: who asks); None if none
+        runs."""
         with self.registry.lock:
             rec = entry.migration
             if rec is None or not rec.active:
@@ -145,5 +146,5 @@ class MigrationLedger:
                 handle = self._handles.get(rec)
         if handle is None:
             return None
-        handle.cancel(reason)
+        handle.cancel(reason, by)
         return rec

@@ -319,7 +319,7 @@ class MigrationService:
         """Cancel every running migration and wait for the threads (bounded)."""
         self._closing.set()
         for entry in list(self.registry.guests.values()):
-            self.ledger.cancel(entry, SHUTDOWN_REASON)
+            self.ledger.cancel(entry, SHUTDOWN_REASON, by="shutdown")
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
