@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.service_rig import sim_guests
 from vfiod.cli import ctl_cmd
 from vfiod.daemon import check
-from vfiod.daemon.config import MigrationConfig, parse_config
+from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.registry import Registry
-from vfiod.daemon.simhost import build_sim_host
 from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
-from vfiod.vfio import HostPaths
 
 MiB = 1 << 20
 
@@ -75,18 +74,9 @@ capability = "v2_precopy_log"
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[GuestManager, Registry, HostFacts]]:
-    cfg = parse_config(CONFIG)
-    host = build_sim_host(cfg.sim, tmp_path)
-    reg = Registry()
-    mgr = GuestManager(host.kernel, HostPaths(host.sysfs_root, host.dev_root), reg)
-    facts = dataclasses.replace(gather_host_facts(host.kernel),
-                                memlock=MemlockFacts(None, None, 0, True))
-    try:
-        mgr.open_all(cfg.guests)
-        yield mgr, reg, facts
-    finally:
-        mgr.close_all()
-        host.close()
+    with sim_guests(CONFIG, tmp_path) as (host, mgr, reg):
+        yield mgr, reg, dataclasses.replace(gather_host_facts(host.kernel),
+                                            memlock=MemlockFacts(None, None, 0, True))
 
 
 def _check(world: tuple[GuestManager, Registry, HostFacts], name: str,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.service_rig import sim_guests
 from vfiod.api.ops import CheckArgs
 from vfiod.daemon import check
 from vfiod.daemon.config import MigrationConfig, parse_config
@@ -67,16 +68,8 @@ capability = "v2_p2p_log"
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[SimHost, GuestManager, Registry]]:
-    cfg = parse_config(CONFIG)
-    host = build_sim_host(cfg.sim, tmp_path)
-    reg = Registry()
-    mgr = GuestManager(host.kernel, HostPaths(host.sysfs_root, host.dev_root), reg)
-    try:
-        mgr.open_all(cfg.guests)
-        yield host, mgr, reg
-    finally:
-        mgr.close_all()
-        host.close()
+    with sim_guests(CONFIG, tmp_path) as made:
+        yield made
 
 
 def _facts(host: SimHost, headroom: int | None = None) -> HostFacts:
