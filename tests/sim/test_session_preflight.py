@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from vfiod.migration.stream import GuestRam, StreamHeader, StreamWriter
 from vfiod.migration.stream.records import PREAMBLE_SIZE, pack_preamble
 from vfiod.migration.transport import (
     AckStage,
+    Connection,
     ControlMessage,
     Listener,
     TransportCode,
@@ -120,15 +123,23 @@ def test_every_reason_at_once(tmp_path: Path, made: list[Side]) -> None:
         assert needle in text, text
 
 
-def _serve_destination(lst: Listener, dst: Side, box: dict[str, Any]) -> threading.Thread:
-    """A destination session on ``lst``'s next connection, its result put in box["r"]."""
+@contextmanager
+def _past_hello(dst: Side) -> Iterator[tuple[Connection, dict[str, Any]]]:
+    """A connection to a destination session on loopback, past its HELLO; when the block
+    ends the session's thread is joined and box["r"] holds its result."""
+    box: dict[str, Any] = {}
+
     def serve() -> None:
         with lst.accept(timeout=30) as conn:
             box["r"] = DestinationSession(dst.guest, conn, host=dst.facts,
                                           config=SessionConfig(ack_timeout_s=5)).run()
-    t = threading.Thread(target=serve)
-    t.start()
-    return t
+    with Listener("127.0.0.1", 0) as lst:
+        t = threading.Thread(target=serve)
+        t.start()
+        with connect("127.0.0.1", lst.address[1]) as conn:
+            conn.wait_ack(AckStage.HELLO, 10)
+            yield conn, box
+        t.join(30)
 
 
 def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
@@ -138,20 +149,15 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
     _, dst = build(tmp_path)
     made.append(dst)
     before = dst.ram_digest()
-    box: dict[str, Any] = {}
-    with Listener("127.0.0.1", 0) as lst:
-        t = _serve_destination(lst, dst, box)
-        with connect("127.0.0.1", lst.address[1]) as conn:
-            conn.wait_ack(AckStage.HELLO, 10)
-            region = RamRegion("ram", 0, 16 * MiB)          # not the destination's 8 MiB
-            mem = bytearray(b"\xab" * (16 * MiB))
-            w = StreamWriter(conn, StreamHeader("rogue", "m1", "vm1", 4096, (region,), ()),
-                             GuestRam(4096, (region,), [mem]))
-            with pytest.raises(Exception, match="preflight refused"):
-                w.start()                       # the ERROR may already be there
-                w.send_ram([(0, 64)], quiescent=True)
-                conn.wait_ack(AckStage.HEADER, 10)
-        t.join(30)
+    with _past_hello(dst) as (conn, box):
+        region = RamRegion("ram", 0, 16 * MiB)              # not the destination's 8 MiB
+        mem = bytearray(b"\xab" * (16 * MiB))
+        w = StreamWriter(conn, StreamHeader("rogue", "m1", "vm1", 4096, (region,), ()),
+                         GuestRam(4096, (region,), [mem]))
+        with pytest.raises(Exception, match="preflight refused"):
+            w.start()                           # the ERROR may already be there
+            w.send_ram([(0, 64)], quiescent=True)
+            conn.wait_ack(AckStage.HEADER, 10)
     r = box["r"]
     assert r.result == "failed" and "memory layout differs" in r.reason
     assert dst.ram_digest() == before
@@ -198,15 +204,10 @@ def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
     _, dst = build(tmp_path)
     made.append(dst)
     before = dst.ram_digest()
-    box: dict[str, Any] = {}
-    with Listener("127.0.0.1", 0) as lst:
-        t = _serve_destination(lst, dst, box)
-        with connect("127.0.0.1", lst.address[1]) as conn:
-            conn.wait_ack(AckStage.HELLO, 10)
-            conn.send_buffers([pack_preamble(2)])
-            with pytest.raises(TransportError) as ei:
-                conn.wait_ack(AckStage.HEADER, 10)
-        t.join(30)
+    with _past_hello(dst) as (conn, box):
+        conn.send_buffers([pack_preamble(2)])
+        with pytest.raises(TransportError) as ei:
+            conn.wait_ack(AckStage.HEADER, 10)
     said = "stream protocol version 2 (an older vfiod), this vfiod speaks 3 only"
     assert ei.value.code is TransportCode.PEER_ERROR and ei.value.remote["code"] == "VERSION"
     assert said in ei.value.remote["message"]
