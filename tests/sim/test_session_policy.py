@@ -201,7 +201,7 @@ def test_destination_cancels(sides, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rig, "DestinationSession", Spy)
     run = migrate(src, dst, cfg, progress=progress)
     assert run.source.result == "cancelled" and 2 <= run.source.iterations < 500
-    assert "destination cancelled" in run.source.reason
+    assert "peer cancelled" in run.source.reason
     assert run.dest is not None and run.dest.result == "cancelled"
     assert_rolled_back(src, dst, run, before)
 

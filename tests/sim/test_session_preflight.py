@@ -137,7 +137,7 @@ def _past_hello(dst: Side) -> Iterator[tuple[Connection, dict[str, Any]]]:
         t = threading.Thread(target=serve)
         t.start()
         with connect("127.0.0.1", lst.address[1]) as conn:
-            conn.wait_ack(AckStage.HELLO, 10)
+            box["challenge"] = conn.wait_ack(AckStage.HELLO, 10).fields["challenge"]
             yield conn, box
         t.join(30)
 
@@ -152,7 +152,8 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
     with _past_hello(dst) as (conn, box):
         region = RamRegion("ram", 0, 16 * MiB)              # not the destination's 8 MiB
         mem = bytearray(b"\xab" * (16 * MiB))
-        w = StreamWriter(conn, StreamHeader("rogue", "m1", "vm1", 4096, (region,), ()),
+        w = StreamWriter(conn, StreamHeader("rogue", "m1", "vm1", 4096, (region,), (),
+                                                challenge=box["challenge"]),
                          GuestRam(4096, (region,), [mem]))
         with pytest.raises(Exception, match="preflight refused"):
             w.start()                           # the ERROR may already be there
@@ -166,19 +167,20 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
 
 def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-2 destination (it knows no REPORT frame) says so in its hello facts: the
-    source refuses before tracking anything, names both versions, and its HEADER (version
-    3) tells the old destination the same by number."""
+    """A version-3 destination (it would resume without waiting for COMMIT) says so in
+    its hello facts: the source refuses before tracking anything, names both versions, and
+    its HEADER (version 4) tells the old destination the same by number."""
     src, dst = build(tmp_path)
     made += [src, dst]
     before = src.ram_digest()
     old = dataclasses.replace(MigrationFacts(dst.facts, guest_facts(dst.guest)),
-                              protocol_version=2)
+                              protocol_version=3)
     got = bytearray()
     with Listener("127.0.0.1", 0) as lst:
         def old_destination() -> None:
             with lst.accept(timeout=30) as conn:
-                conn.send_control(ControlMessage.ack(AckStage.HELLO, facts=old.to_json()))
+                conn.send_control(ControlMessage.ack(AckStage.HELLO, facts=old.to_json(),
+                                                     challenge="c"))
                 buf = memoryview(bytearray(1 << 16))
                 while n := conn.recv_into(buf):
                     got.extend(buf[:n])
@@ -191,24 +193,24 @@ def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
         t.join(30)
     assert r.result == "failed" and r.reason.startswith("preflight refused:")
     assert r.verification["preflight"] == [
-        "stream protocol differs: source speaks 3, destination 2"]
-    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(3)
+        "stream protocol differs: source speaks 4, destination 3"]
+    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(4)
     assert session.tracker is None and src.ram_digest() == before
     assert set(src.kernel_states().values()) == {MigState.RUNNING}
 
 
 def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-2 source's stream (no REPORT frame) is refused at its preamble, by number,
-    before the destination writes anything; the source hears why (ERROR)."""
+    """A version-3 source's stream (it sends no COMMIT) is refused at its preamble, by
+    number, before the destination writes anything; the source hears why (ERROR)."""
     _, dst = build(tmp_path)
     made.append(dst)
     before = dst.ram_digest()
     with _past_hello(dst) as (conn, box):
-        conn.send_buffers([pack_preamble(2)])
+        conn.send_buffers([pack_preamble(3)])
         with pytest.raises(TransportError) as ei:
             conn.wait_ack(AckStage.HEADER, 10)
-    said = "stream protocol version 2 (an older vfiod), this vfiod speaks 3 only"
+    said = "stream protocol version 3 (an older vfiod), this vfiod speaks 4 only"
     assert ei.value.code is TransportCode.PEER_ERROR and ei.value.remote["code"] == "VERSION"
     assert said in ei.value.remote["message"]
     r = box["r"]

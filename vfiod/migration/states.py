@@ -44,6 +44,9 @@ class MigrationState(enum.Enum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    #: committed (source) or prepared (destination), and the peer's word on the outcome
+    #: has not arrived: nothing may resume or discard on its own (docs/architecture.md §1.7)
+    UNSETTLED = "unsettled"
 
     @property
     def finished(self) -> bool:

@@ -10,9 +10,11 @@ module holds what they share:
 * the migration-state handler: ``add_state_handler(fn(old, new))`` hears every change of
   ``MigrationState`` (SETUP, ACTIVE, DEVICE, COMPLETED, FAILED, CANCELLING, CANCELLED);
   the guest-run-state handler lives on the ``Guest``;
-* ``cancel(reason)``: from any thread; honoured at the next safe point until the source
-  commits (sends its content digests after the MANIFEST). After that the destination
-  resumes on its own and the migration can only complete or fail;
+* ``cancel(reason)``: from any thread; honoured at the next safe point until the commit
+  point: the source's journaled decision to commit, the destination's PREPARED answer.
+  After it, neither end resumes or discards on its own (docs/architecture.md §1.7);
+* ``SwitchoverJournal``: what a session writes down durably before the step it allows
+  (the daemon's journal; ``UNJOURNALED`` for an in-process migration such as the demo);
 * hook calls: every driver hook is a method of the device's ``MigrationDriver``, called
   through ``_hook`` so status names the hook running on each device and a failure names
   the hook and the device;
@@ -48,6 +50,7 @@ from vfiod.migration.session.status import (
     device_statuses,
     triple,
 )
+from vfiod.migration.session.switchover import UNJOURNALED, SwitchoverJournal
 from vfiod.migration.states import MigrationState
 from vfiod.migration.transport.control import ControlMessage
 
@@ -117,7 +120,9 @@ class MigrationResult:
     role: str
     guest: str
     migration_id: str
-    result: str                          # completed | failed | cancelled
+    #: completed | failed | cancelled, or unsettled: committed (source) or prepared
+    #: (destination) with the peer's word missing; ``settle`` ends it (§1.7)
+    result: str
     state: str                           # final MigrationState name
     reason: str = ""
     iterations: int = 0
@@ -192,12 +197,18 @@ class SessionBase:
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
                  config: SessionConfig | None = None, memory_encryption: str = "none",
                  clock: Callable[[], float] = time.monotonic,
-                 migration_id: str | None = None) -> None:
+                 migration_id: str | None = None,
+                 journal: SwitchoverJournal = UNJOURNALED) -> None:
         self.guest = guest
         self.link = link
         self.config = config or SessionConfig()
         self.clock = clock
+        self.journal = journal
+        #: given by the daemon (the offer's id): the stream must carry the same one
+        self.assigned_migration_id = migration_id
         self.migration_id = migration_id or uuid.uuid4().hex[:12]
+        #: the destination's random challenge of this connection (docs/protocol.md §8.4)
+        self.challenge = ""
         self.facts = MigrationFacts(host, guest_facts(guest, memory_encryption))
         self.state = MigrationState.NONE
         self._handlers: list[StateHandler] = []
@@ -244,10 +255,19 @@ class SessionBase:
             raise Cancelled(self._cancel_reason or "cancelled", by=self._cancel_by)
 
     def _commit(self) -> None:
-        """Past this point a cancel is refused (the peer acts on its own)."""
+        """Past this point a cancel is refused (docs/architecture.md §1.7)."""
         with self._lock:
             self._check_cancel()
             self._committed = True
+
+    def _uncommit(self) -> None:
+        """The commit's journal record could not be written: nothing was promised yet."""
+        with self._lock:
+            self._committed = False
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
 
     # -- hooks ------------------------------------------------------------------------
     def _hook(self, dev: GuestDevice, hook: Callable[_HookArgs, _HookResult],

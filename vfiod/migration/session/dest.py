@@ -15,8 +15,23 @@
              by the reader (record counts, bytes, digests per region and device).
     verify   wait for the source's content digests (control frame DIGESTS), re-hash
              what the last pass touched, compare every region.
-    resume   ``resume`` each device (STOP -> RUNNING), guest RUNNING, ACK resumed (with
-             the verification); the source's REPORT; ``cleanup``.
+    prepare  journal "prepared" (``SwitchoverJournal.prepared``); from here no cancel and
+             no discard on this end's own initiative; ACK prepared (with the
+             verification); wait for the source's COMMIT, which must name this migration
+             and answer this connection's challenge.
+    resume   journal "resuming"; ``resume`` each device (STOP -> RUNNING), guest RUNNING,
+             ACK resumed; the source's REPORT; ``cleanup``.
+
+The HELLO carries a fresh random challenge; a HEADER that does not answer it (a replayed
+or foreign stream), or that names another migration id than the one the daemon admitted,
+is refused before any byte is written (docs/protocol.md §8.4).
+
+Prepared, the destination never resumes and never discards on its own: a source CANCEL
+discards; a COMMIT resumes; anything else (the link dies, a timeout, a COMMIT that does
+not answer the challenge) leaves the result ``unsettled``, the guest not running and its
+devices loaded and stopped, until ``settle`` is told the source's decision
+(docs/architecture.md §1.7). A device that fails to resume after COMMIT discards
+everything (its journal then says discarded, and the source resumes with its own state).
 
 The destination reports its own share of the downtime (``downtime_share``: from the
 source's stopped device state arriving to the guest resumed, with its load, verify and
@@ -40,18 +55,18 @@ closes.
 
 from __future__ import annotations
 
-import time
+import secrets
 from typing import Any
 
 from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.guest import GuestDevice
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, compare
 from vfiod.migration.session.common import (
-    Cancelled,
     MigrationResult,
     SessionBase,
     VerificationError,
 )
+from vfiod.migration.session.dest_end import DestinationEnding
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots, zero_ram
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
@@ -63,16 +78,16 @@ from vfiod.migration.stream.reader import (
     RamLoaded,
     StreamReader,
 )
-from vfiod.migration.stream.records import ErrorCode, RecordError
 from vfiod.migration.transport.control import (
     AckStage,
     ControlMessage,
     ControlType,
+    TransportCode,
     TransportError,
 )
 
 
-class DestinationSession(SessionBase):
+class DestinationSession(DestinationEnding, SessionBase):
     role = "destination"
 
     def __init__(self, *args: Any, **kw: Any) -> None:
@@ -108,16 +123,24 @@ class DestinationSession(SessionBase):
             self._set_state(MigrationState.ACTIVE)
             self._receive()
             self._verify()
-            self._resume()
+            self._prepare()
         except BaseException as e:
             res = self._discard(e)
             if not isinstance(e, Exception):
                 raise
             return res
-        self._await_report()
-        self._set_state(MigrationState.COMPLETED)
-        self._cleanup_devices()
-        return self._result("completed", "")
+        try:
+            self.link.send_control(ControlMessage.ack(
+                AckStage.PREPARED, verified=True, verification=self.result.verification,
+                timings=dict(self.result.timings)))
+            self._await_commit()
+        except TransportError as e:
+            if e.code is TransportCode.PEER_CANCELLED:     # the source decided: discard
+                return self._discard(e)
+            return self._unsettled(e)
+        except ProtocolError as e:
+            return self._unsettled(e)
+        return self._commit_received()
 
     # -- SETUP ------------------------------------------------------------------------
     def _handshake(self) -> None:
@@ -128,10 +151,18 @@ class DestinationSession(SessionBase):
         # the digests take unsent pages as zero: clear it first (holes stay holes).
         stale = zero_ram(g.kernel, g.ram, g.page_size)
         self.result.verification["stale_pages_zeroed"] = stale
-        self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json()))
+        self.challenge = secrets.token_hex(16)
+        self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
+                                                  challenge=self.challenge))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
         t_header = self.clock()
+        if not secrets.compare_digest(h.challenge, self.challenge):
+            raise ProtocolError("the stream's HEADER does not answer this connection's "
+                                "challenge: a replayed or foreign stream is refused")
+        if self.assigned_migration_id and h.migration_id != self.assigned_migration_id:
+            raise ProtocolError(f"the stream's HEADER names migration {h.migration_id!r}, "
+                                f"not {self.assigned_migration_id!r} as offered")
         self.result.migration_id = self.migration_id = h.migration_id
         self.result.peer["host"] = h.source_host
         theirs = MigrationFacts(self.facts.host, GuestFacts(
@@ -217,82 +248,6 @@ class DestinationSession(SessionBase):
         if diffs:
             raise VerificationError("RAM content differs from the source: " + "; ".join(diffs))
         self.result.verified = True
-
-    def _resume(self) -> None:
-        self._commit()                  # a cancel is refused from here on
-        t0 = self.clock()
-        for d in self.guest.devices:
-            self._hook(d, d.driver.resume)
-        self.guest.set_run_state(GuestState.RUNNING)
-        now = self.clock()
-        r = self.result
-        r.timings["resume_s"] = now - t0
-        r.downtime_share = {"total_s": now - (self._stopped_at or t0), "load_s": self._load_s,
-                            "verify_s": r.verification["final_verify_s"],
-                            "resume_s": now - t0}
-        self.link.send_control(ControlMessage.ack(
-            AckStage.RESUMED, verified=True, verification=self.result.verification,
-            timings=dict(self.result.timings)))
-
-    def _await_report(self) -> None:
-        """The source's REPORT (its downtime, prediction and error), waited for briefly:
-        the guest runs here already, so the wait adds nothing to the downtime, and without
-        it the migration still completes."""
-        try:
-            msg = self.link.wait_control(ControlType.REPORT, self.config.report_timeout_s)
-            self.result.take_downtime_report(msg.fields)
-        except (TransportError, ProtocolError) as e:
-            self.result.warnings.append(f"source report not received: {e}")
-
-    # -- failure ----------------------------------------------------------------------
-    def _discard(self, exc: BaseException) -> MigrationResult:
-        self.error = f"{type(exc).__name__}: {exc}"
-        aborted = isinstance(exc, RecordError) and exc.code is ErrorCode.ABORTED
-        cancelled = aborted or isinstance(exc, Cancelled)
-        if not aborted:
-            code = exc.code.name if isinstance(exc, RecordError) else type(exc).__name__
-            msg = (ControlMessage.cancel(exc.reason) if isinstance(exc, Cancelled) else
-                   ControlMessage.error(code, str(exc),
-                                        self.reader.records if self.reader else None))
-            try:
-                self.link.send_control(msg)
-            except Exception as e:  # noqa: BLE001 - the link may be what failed
-                self.result.warnings.append(f"could not tell the source: {e}")
-        self._rollback_devices(d for d in self.guest.devices if d.name in self._loading)
-        if self.reader is not None and self.reader.header is not None:
-            # discard: the RAM this attempt wrote goes back to zero, as it was
-            g = self.guest
-            try:
-                self.result.verification["discarded_pages"] = zero_ram(
-                    g.kernel, g.ram, g.page_size)
-            except Exception as e:  # noqa: BLE001 - the guest is not run either way
-                self.result.warnings.append(f"zeroing the received RAM: {e}")
-        try:
-            self.guest.set_run_state(GuestState.PAUSED)   # never run what was loaded
-        except Exception as e:  # noqa: BLE001
-            self.result.warnings.append(f"pausing the guest: {e}")
-        if isinstance(exc, PreflightError):
-            self.result.verification["preflight"] = exc.reasons
-        self.result.verified = False if self.result.verified is None else self.result.verified
-        if not aborted and self.reader is not None:
-            self._drain()
-        if cancelled:
-            self._set_state(MigrationState.CANCELLING)
-        final = MigrationState.CANCELLED if cancelled else MigrationState.FAILED
-        self._set_state(final)
-        return self._result("cancelled" if cancelled else "failed", str(exc))
-
-    def _drain(self) -> None:
-        """Read and drop the stream until the source's ABORT/EOF or the deadline, so the
-        source sees our ERROR before the connection goes away."""
-        buf = memoryview(bytearray(1 << 16))
-        deadline = time.monotonic() + self.config.ack_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if self.link.recv_into(buf) == 0:
-                    return
-            except Exception:  # noqa: BLE001 - closed, reset or timed out: done
-                return
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
         r = super()._result(kind, reason)

@@ -15,21 +15,25 @@
              every device offers P2P, ``quiesce_p2p`` all of them first; then
              ``save_live_complete_precopy`` each (STOP_COPY, read to the end); final dirty
              sync (opted-out containers are queried now); remaining RAM; END_OF_STATE per
-             device; MANIFEST; re-hash; commit: send the content digests (control frame
-             DIGESTS); wait for ACK resumed. Actual downtime = pause -> that ACK; REPORT
-             it, the prediction and the error to the destination.
+             device; MANIFEST; re-hash; send the content digests (control frame DIGESTS).
+    commit   wait for ACK prepared (the destination loaded and verified everything and
+             waits, stopped); journal the decision to commit; send COMMIT; wait for ACK
+             resumed. Actual downtime = pause -> that ACK; REPORT it, the prediction and
+             the error to the destination (``source_end.py``).
     done     ``cleanup`` each device (v2: STOP_COPY -> STOP), stop tracking, guest
              POSTMIGRATE, close device/group/container fds.
 
-Any failure or cancel before the destination's ACK resumed rolls back (docs/architecture.md §1.6):
-ABORT to the destination (it discards), every device ``rollback`` to RUNNING (v2 ladder:
-target, recovery state, reset; v1 _RUNNING with _SAVING cleared), tracking stopped, the
-guest resumed. Guest memory is only ever read here.
+The destination's HELLO carries a fresh random challenge; the HEADER and the COMMIT answer
+it, so a recorded stream cannot be replayed on another connection (docs/protocol.md §8.4).
 
-After the commit the destination verifies and resumes on its own; if its ACK never comes
-(the connection died), the source cannot know whether it resumed. It rolls back, as
-docs/architecture.md §1.6 asks, and says so in the result: an operator must check the destination
-before starting the guest anywhere else.
+Any failure or cancel before the commit record rolls back (docs/architecture.md §1.6):
+ABORT to the destination (after the MANIFEST: a CANCEL frame; it discards), every device
+``rollback`` to RUNNING (v2 ladder: target, recovery state, reset; v1 _RUNNING with _SAVING
+cleared), tracking stopped, the guest resumed. Guest memory is only ever read here.
+
+After the commit record the source never resumes on its own (docs/architecture.md §1.7):
+if ACK resumed does not come, the result is ``unsettled``, the guest stays paused with its
+devices' state kept, and ``settle`` ends it once the destination's answer is known.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from collections.abc import Callable
 
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
-from vfiod.errors import KernelError, PreflightError, ProtocolError
+from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
@@ -53,7 +57,14 @@ from vfiod.migration.planning.predictor import (
     IterationInputs,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
-from vfiod.migration.session.common import Cancelled, MigrationResult, SessionBase, SessionConfig
+from vfiod.migration.session.common import (
+    UNJOURNALED,
+    Cancelled,
+    MigrationResult,
+    SessionBase,
+    SessionConfig,
+    SwitchoverJournal,
+)
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.link import Link
 from vfiod.migration.session.phases import (
@@ -61,6 +72,7 @@ from vfiod.migration.session.phases import (
     final_pass_overheads,
     prediction_numbers,
 )
+from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
@@ -73,7 +85,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceSession(SessionBase):
+class SourceSession(SourceEnding, SessionBase):
     role = "source"
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
@@ -82,12 +94,14 @@ class SourceSession(SessionBase):
                  migration_id: str | None = None, link_prior: LinkPrior | None = None,
                  progress: Callable[[IterationProgress], None] | None = None,
                  live: Callable[[LiveProgress], None] | None = None,
-                 source_host: str | None = None) -> None:
+                 source_host: str | None = None,
+                 journal: SwitchoverJournal = UNJOURNALED) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
-        before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s."""
+        before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
+        ``journal``: where the decision to commit is written first (§1.7)."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
-                         migration_id=migration_id)
+                         migration_id=migration_id, journal=journal)
         self.progress, self.live = progress, live
         self.source_host = source_host or self.facts.host.hostname
         self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
@@ -138,7 +152,8 @@ class SourceSession(SessionBase):
             self._precopy()
             self._set_state(MigrationState.DEVICE)
             self._stop_and_copy()
-            self._await_destination()
+            self._await_prepared()
+            self._commit_switchover()
         except Cancelled as e:
             return self._rollback(MigrationState.CANCELLED, e)
         except TransportError as e:
@@ -150,9 +165,7 @@ class SourceSession(SessionBase):
             if not isinstance(e, Exception):
                 raise
             return res
-        self._set_state(MigrationState.COMPLETED)
-        self._finish()
-        return self._result("completed", "")
+        return self._after_commit()
 
     # -- SETUP ------------------------------------------------------------------------
     def _handshake(self) -> None:
@@ -163,9 +176,12 @@ class SourceSession(SessionBase):
         except ValueError as e:
             raise ProtocolError(f"destination hello: {e}") from None
         self.result.peer["host"] = dest.host.hostname
+        self.challenge = str(hello.fields.get("challenge", ""))
+        if not self.challenge:
+            raise ProtocolError("the destination's hello carries no challenge")
         g = self.guest
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
-                              g.ram_regions(), g.device_infos())
+                              g.ram_regions(), g.device_infos(), challenge=self.challenge)
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest)
@@ -318,74 +334,9 @@ class SourceSession(SessionBase):
             source_regions=[r.to_dict() for r in dg.roots()],
             manifest_records=manifest.records,
             source_hash_total_s=dg.hash_seconds)
-        self._commit()
         self.link.send_control(ControlMessage.digests(     # the destination reports it too
             manifest.records, [r.to_dict() for r in dg.roots()],
             predicted_downtime_s=self.result.predicted_downtime_s))
-
-    def _await_destination(self) -> None:
-        assert self._stop_t is not None
-        ack = self.link.wait_ack(AckStage.RESUMED, self.config.ack_timeout_s)
-        out, r = self.predictor.record_actual(self.clock() - self._stop_t), self.result
-        r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
-        r.prediction_error = out.error
-        r.take_resumed_ack(ack.fields)
-        try:            # the guest runs there already: this adds nothing to the downtime
-            self.link.send_control(r.downtime_report())
-        except TransportError as e:
-            r.warnings.append(f"could not send the downtime report: {e}")
-
-    # -- completion -------------------------------------------------------------------
-    def _finish(self) -> None:
-        self._cleanup_devices()
-        self._stop_tracking()
-        try:
-            self.guest.set_run_state(GuestState.POSTMIGRATE)
-        except Exception as e:  # noqa: BLE001 - the migration stands; say what broke
-            self.result.warnings.append(f"guest run-state handler: {e}")
-        if self.config.release_on_complete:
-            try:
-                self.guest.release_devices()
-            except KernelError as e:
-                self.result.warnings.append(f"releasing device fds: {e}")
-
-    def _stop_tracking(self) -> None:
-        if self.tracker is not None and self.tracker.running:
-            try:
-                self.tracker.stop()
-            except Exception as e:  # noqa: BLE001
-                self.result.warnings.append(f"stopping dirty tracking: {e}")
-
-    # -- rollback (docs/architecture.md §1.6) ----------------------------------------------------
-    def _rollback(self, final: MigrationState, exc: BaseException) -> MigrationResult:
-        if final is MigrationState.CANCELLED:
-            self._set_state(MigrationState.CANCELLING)
-        reason = str(exc)
-        self.error = f"{type(exc).__name__}: {reason}"
-        w = self.writer
-        if w is not None and not self._committed:
-            try:
-                w.abort(reason)              # the destination discards everything
-            except Exception as e:  # noqa: BLE001 - the link may be what failed
-                self.result.warnings.append(f"could not send ABORT: {e}")
-        told = isinstance(exc, TransportError) and exc.code in (
-            TransportCode.PEER_ERROR, TransportCode.PEER_CANCELLED)
-        if self._committed and not told:
-            self.result.warnings.append(
-                "the failure came after the commit: the destination may have resumed the "
-                "guest; check it before running the guest anywhere else")
-        self._rollback_devices(self.guest.devices)
-        self._stop_tracking()
-        if self.guest.run_state is not GuestState.RUNNING:
-            try:
-                self.guest.resume()
-            except Exception as e:  # noqa: BLE001
-                self.result.warnings.append(f"resuming the guest: {e}")
-        self._set_state(final)
-        kind = "cancelled" if final is MigrationState.CANCELLED else "failed"
-        if isinstance(exc, PreflightError):
-            self.result.verification["preflight"] = exc.reasons
-        return self._result(kind, reason)
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
         r = super()._result(kind, reason)

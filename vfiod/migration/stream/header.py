@@ -49,6 +49,8 @@ class StreamHeader:
     protocol: int = PROTOCOL_VERSION
     checksum: str = CHECKSUM_NAME
     software: str = "vfiod"
+    #: the destination's challenge for this connection, answered (docs/protocol.md §8.4)
+    challenge: str = ""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -68,7 +70,8 @@ class StreamHeader:
             "protocol": self.protocol,
             "checksum": self.checksum,
             "software": self.software,
-            "source": {"host": self.source_host, "migration_id": self.migration_id},
+            "source": {"host": self.source_host, "migration_id": self.migration_id,
+                       "challenge": self.challenge},
             "guest": {
                 "name": self.guest,
                 "page_size": self.page_size,
@@ -119,6 +122,7 @@ class StreamHeader:
             protocol=_int(d.get("protocol"), "protocol"),
             checksum=_str(d.get("checksum"), "checksum"),
             software=_str(d.get("software", "vfiod"), "software"),
+            challenge=_str(src.get("challenge", ""), "source.challenge"),
         )
 
 

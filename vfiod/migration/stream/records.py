@@ -57,7 +57,9 @@ from vfiod.migration.stream.crc32c import crc32c
 #: The migration protocol: this stream and its return-path frames (``transport.control``).
 #: 2: the source's final content digests travel in their own DIGESTS frame (1: in an ACK).
 #: 3: the source sends its downtime, prediction and error after ACK resumed (REPORT).
-PROTOCOL_VERSION = 3
+#: 4: the confirmed switchover: ACK prepared, COMMIT, outcome queries, and the
+#:    destination's challenge, which the HEADER must answer (docs/protocol.md §8.4).
+PROTOCOL_VERSION = 4
 MAGIC = b"VFIODMS\x00"
 
 PREAMBLE = struct.Struct("<8sHHI")

@@ -209,6 +209,11 @@ class StreamWriter:
         self._flush()
         return manifest
 
+    @property
+    def finished(self) -> bool:
+        """The MANIFEST went out: the stream has ended."""
+        return self._phase == "done"
+
     def abort(self, reason: str) -> None:
         """Tell the destination to discard everything (the source rolls back itself)."""
         if self._phase in ("done", "aborted"):

@@ -5,26 +5,33 @@ from the destination to the source, in the opposite direction of the stream:
 
 * ``ACK``    progress the other end waits for; ``stage`` (``AckStage``) says which:
   ``offer`` (the destination daemon accepted the offered guest: the session follows),
-  ``hello`` (the destination's facts, for the source's preflight), ``header`` (preflight
-  passed on the destination, send RAM), ``resumed`` (devices and guest run on the
-  destination: the source may release its side); ``value`` is an optional count (e.g.
-  records read). Any other stage is refused with the value named.
-* ``CANCEL`` the destination (or its operator) cancels: the source rolls back.
+  ``hello`` (the destination's facts, for the source's preflight, and this connection's
+  ``challenge``), ``header`` (preflight passed on the destination, send RAM),
+  ``prepared`` (everything loaded and verified; the devices wait, stopped, for COMMIT),
+  ``resumed`` (devices and guest run on the destination: the source may release its
+  side), ``outcome`` (the answer to an outcome query, docs/protocol.md §8.4); ``value``
+  is an optional count (e.g. records read). Any other stage is refused with the value
+  named.
+* ``CANCEL`` the destination (or its operator) cancels: the source rolls back. After its
+  MANIFEST the source cancels the same way (the stream has ended, so no ABORT record can
+  follow it).
 * ``ERROR``  the destination failed (``code`` is an ``ErrorCode``/errno name, ``message``
   the text, ``record`` the stream record index where known).
 
-Two go the other way, source to destination:
+Three go the other way, source to destination:
 
 * ``DIGESTS`` after the MANIFEST, the source's commit: its RAM content digests
   (``regions``, a list of ``{name, pages, digest}``), the stream's record count
   (``records``) and its last ``predicted_downtime_s``.
+* ``COMMIT`` after ACK prepared, once the source has journaled its decision: resume the
+  guest. It carries the ``migration_id`` and the connection's ``challenge``.
 * ``REPORT`` after ACK resumed, the source's last word: the downtime it measured
   (``actual_downtime_s``), its ``predicted_downtime_s`` and the ``prediction_error``, so
   that the destination reports them too.
 
 Cancel in the other direction is the stream's ABORT record. The frames are part of the
 stream protocol (``stream.records.PROTOCOL_VERSION``; ``DIGESTS`` came with version 2,
-``REPORT`` with 3): both ends compare versions before either sends RAM (preflight facts on
+``REPORT`` with 3, ``COMMIT`` and the ``prepared``/``outcome`` stages with 4): both ends compare versions before either sends RAM (preflight facts on
 the source, the stream preamble on the destination), so a peer that speaks another
 version never sees one.
 
@@ -93,6 +100,7 @@ class ControlType(enum.IntEnum):
     ERROR = 3
     DIGESTS = 4
     REPORT = 5
+    COMMIT = 6
 
 
 class AckStage(enum.Enum):
@@ -101,7 +109,9 @@ class AckStage(enum.Enum):
     OFFER = "offer"          # the destination daemon took the offered guest
     HELLO = "hello"          # the destination's facts, for the source's preflight
     HEADER = "header"        # the destination checked the HEADER: send RAM
+    PREPARED = "prepared"    # loaded and verified, waiting for COMMIT
     RESUMED = "resumed"      # the guest runs on the destination
+    OUTCOME = "outcome"      # the answer to an outcome query (docs/protocol.md §8.4)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,10 @@ class ControlMessage:
         if predicted_downtime_s is not None:
             fields["predicted_downtime_s"] = predicted_downtime_s
         return cls(ControlType.DIGESTS, fields)
+
+    @classmethod
+    def commit(cls, migration_id: str, challenge: str) -> ControlMessage:
+        return cls(ControlType.COMMIT, {"migration_id": migration_id, "challenge": challenge})
 
     @classmethod
     def report(cls, actual_downtime_s: float, predicted_downtime_s: float | None,

@@ -254,7 +254,7 @@ class Connection:
     def _raise_if_fatal(self, msg: ControlMessage) -> None:
         if msg.kind == ControlType.CANCEL:
             raise TransportError(TransportCode.PEER_CANCELLED, self.peer,
-                                 f"the destination cancelled: {msg.fields.get('reason', '')}",
+                                 f"the peer cancelled: {msg.fields.get('reason', '')}",
                                  remote=msg.fields)
         if msg.kind == ControlType.ERROR:
             raise TransportError(TransportCode.PEER_ERROR, self.peer,

@@ -1,0 +1,176 @@
+"""How a source session ends: the confirmed switchover, completion, rollback, and the
+unsettled outcome (docs/architecture.md §1.5 "Commit and verify", §1.6, §1.7;
+docs/protocol.md §8.4).
+
+    prepared   the destination's ACK prepared: it loaded and verified everything, its
+               devices wait stopped. Its verification is taken into the result.
+    commit     the decision is journaled first (``SwitchoverJournal.committing``); from
+               then on a cancel is refused and nothing here resumes on its own. Then
+               COMMIT (migration id and the connection's challenge).
+    resumed    ACK resumed: the downtime is measured and REPORTed; ``cleanup`` the
+               devices, stop tracking, guest POSTMIGRATE, release the fds.
+    unsettled  no ACK resumed (the link died, a timeout, any error after the commit):
+               tracking stops, the guest stays paused, the devices keep their state.
+               ``settle(peer_resumed)`` finishes as above, or rolls back and resumes the
+               guest here, once the destination's answer is known.
+
+A failure before the commit record rolls back: ABORT (or, once the stream has ended, a
+CANCEL frame) tells the destination to discard; every device back to RUNNING; the guest
+resumes.
+"""
+
+from __future__ import annotations
+
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.errors import KernelError, PreflightError
+from vfiod.migration.planning.predictor import DowntimePredictor
+from vfiod.migration.session.common import MigrationResult, SessionBase
+from vfiod.migration.states import GuestState, MigrationState
+from vfiod.migration.stream.writer import StreamWriter
+from vfiod.migration.transport.control import (
+    AckStage,
+    ControlMessage,
+    TransportCode,
+    TransportError,
+)
+
+
+class SourceEnding(SessionBase):
+    """The end of ``SourceSession`` (its base: it uses the session's writer, tracker and
+    predictor)."""
+
+    writer: StreamWriter | None
+    tracker: DirtyTracker | None
+    predictor: DowntimePredictor
+    _stop_t: float | None
+
+    # -- the confirmed switchover ---------------------------------------------------------
+    def _await_prepared(self) -> None:
+        ack = self.link.wait_ack(AckStage.PREPARED, self.config.ack_timeout_s)
+        self.result.take_resumed_ack(ack.fields)   # its verification, as it reports it
+
+    def _commit_switchover(self) -> None:
+        """Journal the decision, then nothing rolls back here on its own. A journal that
+        cannot be written means no decision: the caller rolls back."""
+        self._commit()
+        try:
+            self.journal.committing(self.migration_id)
+        except BaseException:
+            self._uncommit()
+            raise
+
+    def _after_commit(self) -> MigrationResult:
+        try:
+            self.link.send_control(ControlMessage.commit(self.migration_id, self.challenge))
+            self._await_destination()
+        except TransportError as e:
+            if e.code in (TransportCode.PEER_ERROR, TransportCode.PEER_CANCELLED):
+                # its word, sent only once its journal says discarded: resume here
+                return self._resume_here(f"the destination discarded it after the commit: "
+                                         f"{e}")
+            return self._unsettled(e)
+        except Exception as e:  # noqa: BLE001 - after the commit every failure is "unknown"
+            return self._unsettled(e)
+        self._set_state(MigrationState.COMPLETED)
+        self._finish()
+        return self._result("completed", "")
+
+    def _await_destination(self) -> None:
+        assert self._stop_t is not None
+        ack = self.link.wait_ack(AckStage.RESUMED, self.config.ack_timeout_s)
+        out, r = self.predictor.record_actual(self.clock() - self._stop_t), self.result
+        r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
+        r.prediction_error = out.error
+        r.take_resumed_ack(ack.fields)
+        try:            # the guest runs there already: this adds nothing to the downtime
+            self.link.send_control(r.downtime_report())
+        except TransportError as e:
+            r.warnings.append(f"could not send the downtime report: {e}")
+
+    def _unsettled(self, exc: Exception) -> MigrationResult:
+        self.error = f"{type(exc).__name__}: {exc}"
+        self._stop_tracking()
+        self.result.warnings.append(
+            f"committed, but the destination's answer did not arrive ({exc}): the guest "
+            "stays paused here with its device state until the destination's journal "
+            "settles the outcome")
+        self._set_state(MigrationState.UNSETTLED)
+        return self._result("unsettled", f"outcome unknown after the commit: {exc}")
+
+    def settle(self, peer_resumed: bool, why: str) -> MigrationResult:
+        """End an unsettled migration on the destination's answer: it resumed the guest
+        (finish here), or it did not and never will (roll back and resume here)."""
+        if self.state is not MigrationState.UNSETTLED:
+            raise ValueError(f"migration {self.migration_id} is {self.state.value}, not "
+                             "unsettled")
+        if peer_resumed:
+            self.error = None
+            self._set_state(MigrationState.COMPLETED)
+            self._finish()
+            return self._result("completed", "")
+        return self._resume_here(why)
+
+    def _resume_here(self, why: str) -> MigrationResult:
+        """The destination will never run it: devices back to RUNNING, the guest resumes."""
+        self._rollback_devices(self.guest.devices)
+        self._stop_tracking()
+        self._resume_guest()
+        self._set_state(MigrationState.FAILED)
+        return self._result("failed", f"rolled back: {why}")
+
+    # -- completion -------------------------------------------------------------------
+    def _finish(self) -> None:
+        self._cleanup_devices()
+        self._stop_tracking()
+        try:
+            self.guest.set_run_state(GuestState.POSTMIGRATE)
+        except Exception as e:  # noqa: BLE001 - the migration stands; say what broke
+            self.result.warnings.append(f"guest run-state handler: {e}")
+        if self.config.release_on_complete:
+            try:
+                self.guest.release_devices()
+            except KernelError as e:
+                self.result.warnings.append(f"releasing device fds: {e}")
+
+    def _stop_tracking(self) -> None:
+        if self.tracker is not None and self.tracker.running:
+            try:
+                self.tracker.stop()
+            except Exception as e:  # noqa: BLE001
+                self.result.warnings.append(f"stopping dirty tracking: {e}")
+
+    def _resume_guest(self) -> None:
+        if self.guest.run_state is not GuestState.RUNNING:
+            try:
+                self.guest.resume()
+            except Exception as e:  # noqa: BLE001
+                self.result.warnings.append(f"resuming the guest: {e}")
+
+    # -- rollback (docs/architecture.md §1.6) ---------------------------------------------
+    def _rollback(self, final: MigrationState, exc: BaseException) -> MigrationResult:
+        if final is MigrationState.CANCELLED:
+            self._set_state(MigrationState.CANCELLING)
+        reason = str(exc)
+        self.error = f"{type(exc).__name__}: {reason}"
+        self._tell_destination_to_discard(reason)
+        self._rollback_devices(self.guest.devices)
+        self._stop_tracking()
+        self._resume_guest()
+        self._set_state(final)
+        kind = "cancelled" if final is MigrationState.CANCELLED else "failed"
+        if isinstance(exc, PreflightError):
+            self.result.verification["preflight"] = exc.reasons
+        return self._result(kind, reason)
+
+    def _tell_destination_to_discard(self, reason: str) -> None:
+        w = self.writer
+        if w is None:
+            return
+        try:
+            if w.finished:                   # the stream has ended: no ABORT record fits
+                self.link.send_control(ControlMessage.cancel(reason))
+            else:
+                w.abort(reason)
+        except Exception as e:  # noqa: BLE001 - the link may be what failed
+            self.result.warnings.append(f"could not tell the destination to discard: {e}")
+
