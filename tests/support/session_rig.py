@@ -43,6 +43,7 @@ from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.digest import full_ram_digest
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
+from vfiod.migration.session.switchover import UNJOURNALED, SwitchoverJournal
 from vfiod.migration.states import GuestState, MigrationState, MigState
 from vfiod.migration.transport import Listener, connect
 from vfiod.vfio import HostPaths, RamRegion
@@ -216,8 +217,13 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
             on_source: Callable[[SourceSession], None] | None = None,
             progress: Callable[[Any], None] | None = None,
             wrap_dest: Callable[[Any], Any] | None = None,
+            wrap_source: Callable[[Any], Any] | None = None,
+            journals: tuple[SwitchoverJournal, SwitchoverJournal] = (UNJOURNALED,
+                                                                     UNJOURNALED),
             timeout: float = 120.0) -> Run:
-    """One migration attempt over loopback TCP; the destination runs in a thread."""
+    """One migration attempt over loopback TCP; the destination runs in a thread.
+    ``wrap_dest``/``wrap_source`` wrap either end's link (faults); ``journals``: the
+    source's and the destination's switchover journal."""
     config = config or SessionConfig()
     box: dict[str, Any] = {}
     with Listener("127.0.0.1", 0) as lst:
@@ -228,7 +234,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
                     link = wrap_dest(conn) if wrap_dest is not None else conn
                     s = DestinationSession(dst.guest, link, host=dst.facts,
                                            config=dest_config or config,
-                                           memory_encryption=dst_encryption)
+                                           memory_encryption=dst_encryption,
+                                           journal=journals[1])
                     box["session"] = s
                     box["result"] = s.run()
             except BaseException as e:  # noqa: BLE001 - reported to the test
@@ -238,6 +245,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
         t.start()
         conn = connect("127.0.0.1", lst.address[1], timeout=timeout)
         link = ThrottledLink(conn, rate_bps) if rate_bps else conn
+        if wrap_source is not None:
+            link = wrap_source(link)
         models: list[str] = []
 
         def at_end(old: MigrationState, new: MigrationState) -> None:
@@ -246,7 +255,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
 
         try:
             s = SourceSession(src.guest, link, host=src.facts, config=config,
-                              memory_encryption=src_encryption, progress=progress)
+                              memory_encryption=src_encryption, progress=progress,
+                              journal=journals[0])
             s.add_state_handler(at_end)
             if on_source is not None:
                 on_source(s)
