@@ -161,3 +161,131 @@ class LinuxKernel:
                 raise
             status = ""
         return memlock_from_status(status, soft, hard)
+
+
+# -- durable files (the daemon's journal under its state directory) ------------------------
+# Module functions, not ``KernelOps`` methods: the journal is host filesystem state, not the
+# device backend, and the simulated kernel keeps its journal on the real disk too. Each
+# write is followed by fsync, each create or rename by an fsync of the directory, so what
+# a function returned from survives a power cut (docs/architecture.md §1.8).
+
+def _fsync_dir(path: str) -> None:
+    """Make a directory's entries (a created, renamed or removed file) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"open({path})") from None
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"fsync({path})") from None
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0o700, parents as needed) unless it exists; a directory that
+    exists keeps its mode (the service manager may have made it)."""
+    if os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"mkdir({path})") from None
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_file(path: str) -> bytes:
+    """The whole content of ``path`` (``KernelError`` ENOENT when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"read({path})") from None
+
+
+def remove_file(path: str) -> bool:
+    """Remove ``path`` durably; True if it was there (a path already gone is no error)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"unlink({path})") from None
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return True
+
+
+def open_append(path: str) -> int:
+    """An O_APPEND fd on ``path`` (created 0o600 if missing, its directory entry fsynced),
+    so every write lands at the end whatever the offset."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"open({path})") from None
+    try:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except KernelError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_all_fsync(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a short write continues where it stopped), then fsync: when
+    this returns, the bytes are on disk. On a failure some prefix may have been written."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"write+fsync(fd {fd})") from None
+
+
+def truncate_fsync(fd: int, size: int) -> None:
+    """Cut the file of ``fd`` back to ``size`` bytes, durably."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"ftruncate(fd {fd}, {size})") from None
+
+
+def file_size(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"fstat(fd {fd})") from None
+
+
+def close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"close({fd})") from None
+
+
+def write_file_fsync(path: str, data: bytes) -> None:
+    """Create or overwrite ``path`` (0o600) with ``data`` and fsync it: the first half of
+    a durable replace (``rename_fsync_dir`` is the second)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"open({path})") from None
+    try:
+        write_all_fsync(fd, data)
+    except KernelError as e:
+        raise e.with_context(op=f"write+fsync({path})") from None
+    finally:
+        os.close(fd)
+
+
+def rename_fsync_dir(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` (atomic: a reader sees one file or the other, whole) and
+    fsync the directory so the rename survives a power cut."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"rename({src}, {dst})") from None
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
