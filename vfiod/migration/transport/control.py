@@ -93,6 +93,7 @@ class ControlType(enum.IntEnum):
     ERROR = 3
     DIGESTS = 4
     REPORT = 5
+    COMMIT = 6
 
 
 class AckStage(enum.Enum):
@@ -101,6 +102,7 @@ class AckStage(enum.Enum):
     OFFER = "offer"          # the destination daemon took the offered guest
     HELLO = "hello"          # the destination's facts, for the source's preflight
     HEADER = "header"        # the destination checked the HEADER: send RAM
+    PREPARED = "prepared"    # loaded and verified, waiting for COMMIT
     RESUMED = "resumed"      # the guest runs on the destination
 
 
@@ -139,6 +141,10 @@ class ControlMessage:
         if predicted_downtime_s is not None:
             fields["predicted_downtime_s"] = predicted_downtime_s
         return cls(ControlType.DIGESTS, fields)
+
+    @classmethod
+    def commit(cls, migration_id: str, challenge: str) -> ControlMessage:
+        return cls(ControlType.COMMIT, {"migration_id": migration_id, "challenge": challenge})
 
     @classmethod
     def report(cls, actual_downtime_s: float, predicted_downtime_s: float | None,
