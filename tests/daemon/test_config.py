@@ -33,6 +33,9 @@ cert = "/etc/vfiod/host.pem"
 key = "/etc/vfiod/host.key"
 ca = "/etc/vfiod/ca.pem"
 
+[paths]
+state = "/srv/vfiod/state"
+
 [[guest]]
 name = "g1"
 memory = "4GiB"
@@ -68,6 +71,7 @@ def test_good_file(tmp_path: Path) -> None:
     assert (m.listen, m.downtime_limit_ms, m.timeout_s, m.on_timeout, m.bandwidth_limit) == (
         Address("0.0.0.0", 4444), 150.0, 600.0, "force", 1 << 30)
     assert m.tls is not None and m.tls.cafile == "/etc/vfiod/ca.pem"
+    assert (cfg.paths.state, cfg.paths.sysfs) == ("/srv/vfiod/state", "/sys")
     g1, g2 = cfg.guests
     assert g1.ram_bytes == 4 << 30 and g1.ram[0].name == "ram0"
     assert [(d.name, d.container, d.pre_copy_dirty_page_tracking) for d in g1.devices] == [
@@ -85,6 +89,7 @@ def test_defaults_and_test_configs_parse() -> None:
     assert cfg == Config(source="(text)")
     assert cfg.control.socket == "/run/vfiod/control.sock"
     assert str(cfg.metrics.listen) == "127.0.0.1:9477" and cfg.migration.listen is None
+    assert cfg.paths.state == "/var/lib/vfiod"          # the unit's StateDirectory
     src = parse_config(host_config("source", guests=("g1", "g2"), extra_sim=UNOWNED,
                                    workloads={"g1": ("1MiB", "2MiB")}))
     assert [d.capability for d in src.sim.devices][-2:] == ["not_migratable", "v1"]
@@ -167,6 +172,8 @@ def _last_line_of(text: str, needle: str) -> int:
     ('group = "vfiod"', 'group = 5', 'group = 5', "control.group: must be a string"),
     ('socket = "/run/vfiod/control.sock"', 'socket = "control.sock"', "socket =",
      "control.socket: 'control.sock' must be an absolute path"),
+    ('state = "/srv/vfiod/state"', 'state = "state"', "state =",
+     "paths.state: 'state' must be an absolute path"),
 ])
 def test_bad_file_names_key_and_line(tmp_path: Path, old: str, new: str, at: str,
                                      message: str) -> None:

@@ -103,6 +103,8 @@ class DaemonProcess:
         os.chmod(self.dir, 0o755)
         self.socket = str(self.dir / "control.sock")
         self.config_path = self.dir / "vfiod.toml"
+        if "[paths]" not in config:     # its own journal, not the host's /var/lib/vfiod
+            config += f'\n[paths]\nstate = "{self.dir / "state"}"\n'
         self.config_path.write_text(config)
         self.notify = NotifySocket(self.dir)
         self.log_path = self.dir / "daemon.log"

@@ -21,9 +21,11 @@ table (the simulated host of ``vfiod run --backend sim``) is read by ``config_si
     key = "/etc/vfiod/host.key"
     ca = "/etc/vfiod/ca.pem"
 
-    [paths]                              # roots of sysfs and devfs (tests use trees)
-    sysfs = "/sys"
+    [paths]
+    sysfs = "/sys"                       # roots of sysfs and devfs (tests use trees)
     dev = "/dev"
+    state = "/var/lib/vfiod"             # the journal (the unit's StateDirectory); made
+                                         # 0700 at start if missing
 
     [[guest]]
     name = "g1"
@@ -55,6 +57,7 @@ from vfiod.migration.transport.tcp import TlsConfig
 
 DEFAULT_PATH = "/etc/vfiod/vfiod.toml"
 DEFAULT_METRICS = "127.0.0.1:9477"
+DEFAULT_STATE_DIR = "/var/lib/vfiod"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class MigrationConfig:
 class PathsConfig:
     sysfs: str = "/sys"
     dev: str = "/dev"
+    state: str = DEFAULT_STATE_DIR     # the journal's directory
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def _migration(t: Table) -> MigrationConfig:
 
 def _paths(t: Table) -> PathsConfig:
     out = []
-    for key, default in (("sysfs", "/sys"), ("dev", "/dev")):
+    for key, default in (("sysfs", "/sys"), ("dev", "/dev"), ("state", DEFAULT_STATE_DIR)):
         v = str(t.string(key, default))
         if not os.path.isabs(v):
             raise t.error(key, f"{v!r} must be an absolute path")

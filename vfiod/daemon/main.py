@@ -2,7 +2,8 @@
 
 Start-up order, each step before the next, so ``READY=1`` means "serving":
 
-1. the configuration (``config.py``; a bad file stops here, naming key and line);
+1. the configuration (``config.py``; a bad file stops here, naming key and line), and the
+   state directory (``[paths] state``, the journal's), made private (0700) if missing;
 2. the kernel: ``LinuxKernel`` over /sys and /dev, or the simulated host of ``[sim]``;
 3. the guests (``guests.py``): containers, groups, devices, RAM mapped for DMA, probes;
 4. the migration listener (incoming migrations), the control socket, the metrics endpoint;
@@ -105,6 +106,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._signal)
         cfg, opts = self.config, self.opts
+        make_state_dir(cfg.paths.state)
         workloads: tuple[Any, ...] = ()
         starter = None
         if opts.backend == "sim":
@@ -250,6 +252,17 @@ class Daemon:
             shutil.rmtree(self._sim_root, ignore_errors=True)
         self.notifier.close()
         log.info("stopped")
+
+
+def make_state_dir(path: str) -> None:
+    """The state directory, made 0700 (the journal says which guests run where) if
+    missing; ``VfiodError`` naming it if it cannot be a directory."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise VfiodError(f"state directory {path}: it exists and is not a directory") from None
+    except OSError as e:
+        raise VfiodError(f"state directory {path}: {e.strerror}") from None
 
 
 def _gid(group: str) -> int | None:

@@ -15,7 +15,13 @@ same ``KernelOps``; docs/kernel-contract.md §3.1 groups, §5-§7 through the ca
 Without ``--sim-root`` the tree lives in a temporary ``/tmp/vfiod-sim-*`` directory that
 records its owner (``OWNER_FILE``: pid and start time); the daemon removes it on a clean
 stop, and a daemon starting later removes those whose owner is dead (a SIGKILL leaves
-them). A configured root has no owner file and is never removed: a restart needs it.
+them). A configured root has no owner file and is never removed: a restart needs it (the
+fault matrix keeps a crashed host's guest RAM files beside it). Every start rebuilds the
+tree in it (``sys/``, ``dev/``, marked by ``TREE_MARK``) from the configuration: the
+simulated devices live in the daemon's memory, so after a stop or a crash they come back
+reset, as the kernel resets a device when its last fd closes (docs/architecture.md §1
+step 8). A ``sys/`` or ``dev/`` there without the mark was not made here: the start is
+refused and it is left alone.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from vfiod.vfio.discovery import is_vfio_pci_driver
 FIRST_GROUP = 10
 SIM_ROOT_PREFIX = "vfiod-sim-"
 OWNER_FILE = "vfiod.owner"
+TREE_MARK = "vfiod-sim.tree"
+TREE_DIRS = ("sys", "dev")
 
 log = logging.getLogger("vfiod.sim")
 
@@ -79,8 +87,28 @@ def remove_stale_sim_roots(tmp: str | None = None) -> list[str]:
     return removed
 
 
+def clear_old_tree(root: Path) -> bool:
+    """Remove the tree an earlier start built in ``root`` (True if there was one), and
+    mark ``root`` as holding ours; ``ConfigError`` if a tree there is not ours."""
+    mark = root / TREE_MARK
+    old = [root / d for d in TREE_DIRS if (root / d).is_symlink() or (root / d).exists()]
+    for d in old:
+        if not mark.is_file() or d.is_symlink() or not d.is_dir():
+            raise ConfigError(f"--sim-root {root}: its {d.name}/ was not made by vfiod's "
+                              "simulated host; give an empty directory or one vfiod made")
+    for d in old:
+        shutil.rmtree(d)
+    root.mkdir(parents=True, exist_ok=True)
+    mark.write_text("sys/ and dev/ here are rebuilt by every vfiod --backend sim start\n")
+    return bool(old)
+
+
 def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:
-    """The simulated host the ``[sim]`` section describes, rooted at ``root``."""
+    """The simulated host the ``[sim]`` section describes, rooted at ``root`` (a tree an
+    earlier start left there is rebuilt: its devices start reset)."""
+    if clear_old_tree(root):
+        log.info("simulated host rebuilt over %s: its devices start reset, as after a "
+                 "crash", root)
     specs = capability_specs()
     taken = {d.group for d in cfg.devices if d.group is not None}
     taken |= {h.group for h in cfg.host_devices if h.group is not None}

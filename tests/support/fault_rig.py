@@ -1,0 +1,203 @@
+"""The fault matrix's hosts: real ``vfiod run --backend sim`` processes that can be killed
+and started again over what they left (docs/architecture.md §1 steps 7-8, the restart).
+
+Each ``FaultHost`` owns a root directory that survives its process::
+
+    ROOT/vfiod.toml        the configuration (written once; a restart reads it again)
+    ROOT/sim/              --sim-root: the simulated host's tree (rebuilt by each start,
+                           its devices reset, as a crashed host's are)
+    ROOT/state/            [paths] state: the journal
+    ROOT/ram/GUEST.ram     each guest's RAM as a file ([[guest.ram]] path), so the RAM
+                           survives a crash as a VMM's would
+    ROOT/control.sock, ROOT/notify.sock, ROOT/daemon.log (every run appended)
+
+``start``, ``sigterm``, ``sigkill``, ``restart``; ``status`` is ``vfiod ctl status --json``'s
+answer (asked over the control socket, the same call); ``guest_state`` is the guest's
+lifecycle state there, ``where`` "what runs where" over both hosts; ``ram_digest`` hashes a
+guest's RAM file. ``netns`` runs the process in a network namespace (``netns.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.daemons import NotifySocket, child_env, vfiod_cmd, wait_until
+from vfiod.api import ControlClient
+from vfiod.api.client import ClientError
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class RigGuest:
+    """One guest of the rig: a RAM file and one simulated device on each host."""
+
+    name: str
+    index: int                       # picks its devices' PCI buses (unique per rig)
+    ram_bytes: int = 1 << 20
+    capability: str = "v2_precopy_p2p_log"
+    state_size: int = 64 * 1024      # the device's stop-copy state: makes stop-and-copy last
+
+    def device(self, side: str) -> str:
+        # PCI addresses differ between hosts, as on real ones
+        return f"0000:{(0x10 if side == 'source' else 0x90) + self.index:02x}:00.0"
+
+
+def pattern(name: str, size: int) -> bytes:
+    """The known content of a source guest's RAM: every page distinct, none zero."""
+    seed = hashlib.sha256(name.encode()).digest()
+    return b"".join(hashlib.sha256(seed + i.to_bytes(8, "little")).digest() * (PAGE // 32)
+                    for i in range(size // PAGE))
+
+
+def host_config(side: str, guests: Sequence[RigGuest], root: Path, listen: str, *,
+                migration: str = "", tls: str = "") -> str:
+    """``side``: "source" (guests run) or "destination" (guests incoming)."""
+    start = "running" if side == "source" else "incoming"
+    text = f'[migration]\nlisten = "{listen}"\n{migration}{tls}'
+    text += f'\n[paths]\nstate = "{root / "state"}"\n'
+    for g in guests:
+        text += (f'\n[[guest]]\nname = "{g.name}"\nstart = "{start}"\n'
+                 f'[[guest.ram]]\nname = "ram"\nsize = {g.ram_bytes}\n'
+                 f'path = "{root / "ram" / (g.name + ".ram")}"\n'
+                 f'[[guest.device]]\nname = "{g.device(side)}"\n')
+    text += "\n[sim]\n"
+    for g in guests:
+        text += (f'[[sim.device]]\nname = "{g.device(side)}"\ncapability = "{g.capability}"\n'
+                 f'state_size = {g.state_size}\n')
+    return text
+
+
+class FaultHost:
+    """One host: ``config(host)`` gives its configuration text (it may name the host's
+    paths); RAM files are made at construction, the source's filled with ``pattern``."""
+
+    def __init__(self, name: str, side: str, guests: Sequence[RigGuest],
+                 config: Callable[[FaultHost], str], *, netns: str | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.name, self.side, self.netns = name, side, netns
+        # short paths: a Unix socket path has at most 107 bytes
+        self.root = Path(tempfile.mkdtemp(prefix=f"vf-{name}-"))
+        for sub in ("ram", "state"):
+            (self.root / sub).mkdir()
+        for g in guests:
+            data = pattern(g.name, g.ram_bytes) if side == "source" else bytes(g.ram_bytes)
+            (self.root / "ram" / f"{g.name}.ram").write_bytes(data)
+        self.guests = {g.name: g for g in guests}
+        self.socket = str(self.root / "control.sock")
+        self.config_path = self.root / "vfiod.toml"
+        self.config_path.write_text(config(self))
+        self.notify = NotifySocket(self.root)
+        self.log_path = self.root / "daemon.log"
+        self._preexec = preexec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    # -- process ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the daemon over the root and wait for READY=1."""
+        assert not self.alive(), f"{self.name} runs already"
+        self.runs += 1
+        after = len(self.notify.messages)
+        cmd = vfiod_cmd("run", "--backend", "sim", "--config", str(self.config_path),
+                        "--control-socket", self.socket, "--metrics-listen", "",
+                        "--sim-root", str(self.root / "sim"))
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        with open(self.log_path, "ab") as log:
+            log.write(f"==== {self.name} run {self.runs} ====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=self._preexec,
+                                         env=child_env(NOTIFY_SOCKET=self.notify.path,
+                                                       PYTHONUNBUFFERED="1"))
+        self.notify.wait_for("READY", timeout=START_TIMEOUT, after=after, alive=self._check)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                 f"{self.log()[-6000:]}")
+
+    def sigkill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def sigterm(self, timeout: float = STOP_TIMEOUT) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout:g} s:\n"
+                                 f"{self.log()[-6000:]}") from None
+
+    def restart(self) -> None:
+        """Start again over the same root (after a kill or a stop; killed if it runs)."""
+        if self.alive():
+            self.sigkill()
+        self.start()
+
+    def close(self) -> None:
+        if self.alive():
+            self.sigkill()
+        self.notify.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -- what it says ----------------------------------------------------------------------
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        with ControlClient(self.socket, timeout=30) as c:
+            return c.call(op, args)
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def guest(self, name: str) -> dict[str, Any]:
+        return dict(self.call("status", {"guest": name})["guests"][0])
+
+    def guest_state(self, name: str) -> str | None:
+        """The guest's lifecycle state here; None while the daemon is down."""
+        if not self.alive():
+            return None
+        try:
+            return str(self.guest(name)["state"])
+        except ClientError:
+            return None
+
+    @property
+    def migration_address(self) -> str:
+        return str(self.status()["daemon"]["migration_listen"])
+
+    def ram_path(self, guest: str) -> Path:
+        return self.root / "ram" / f"{guest}.ram"
+
+    def ram_digest(self, guest: str) -> str:
+        return hashlib.sha256(self.ram_path(guest).read_bytes()).hexdigest()
+
+    def journal_text(self) -> str:
+        """Everything under the state directory, as text (the journal's records)."""
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted((self.root / "state").rglob("*")) if p.is_file())
+
+
+def where(hosts: Sequence[FaultHost], guest: str) -> dict[str, str | None]:
+    """What runs where: each host's lifecycle state of ``guest``."""
+    return {h.name: h.guest_state(guest) for h in hosts}
