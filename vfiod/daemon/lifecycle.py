@@ -26,16 +26,19 @@ allowed between them, and ``GuestLifecycle``, the one writer of those states
 * failed: could not be opened, or broke beyond recovery; the cause says why. Any state
   may fail.
 
-Today's destination session loads, verifies and resumes in one run, so a completed receive
-is recorded as incoming → loaded → running; ``prepared`` and ``outcome-unknown`` are the
-commit protocol's (step 5 "confirmed switchover", step 7), in the table so that journal
-replay knows them.
+A receive goes incoming → loaded → prepared (journaled before the destination answers
+PREPARED) → running (journaled on COMMIT, before the devices resume). A source that
+committed and heard nothing goes switching-over → outcome-unknown until the peer's journal
+answers (§1.7). After a restart every guest starts ``defined`` (the process death released
+everything) and ``recovery.py`` decides from the journal what it becomes; a source whose
+committed migration has no outcome is opened and goes claimed → outcome-unknown.
 
 Every transition is one immutable ``LifecycleTransition`` (guest, from, to, cause,
-migration id, peer, time), logged with its cause when made. Records can be written to a
-journal (``to_json``), read back (``from_json``) and replayed (``GuestLifecycle.replay``):
-replay checks each record against the table and the guest's current state, so a journal
-that skips a step is refused rather than believed.
+migration id, peer, time), logged with its cause when made. ``record``, when given, writes
+it to the journal (docs/architecture.md §1.8) before the state changes: a transition the
+journal cannot hold does not happen. Records can be read back (``from_json``) and replayed
+(``GuestLifecycle.replay``): replay checks each record against the table and the guest's
+current state, so a journal that skips a step is refused rather than believed.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ _NEXT: dict[LifecycleState, frozenset[LifecycleState]] = {
     _S.CLAIMED: frozenset({
         _S.RUNNING,                 # configured to run here
         _S.INCOMING,                # configured (or re-opened) to receive
+        _S.OUTCOME_UNKNOWN,         # restarted after a commit with no outcome (§1.8)
         _S.DEFINED, _S.FAILED}),
     _S.RUNNING: frozenset({
         _S.MIGRATING_OUT,           # a migration to a peer was ordered
@@ -110,7 +114,6 @@ _NEXT: dict[LifecycleState, frozenset[LifecycleState]] = {
         _S.DEFINED, _S.FAILED}),    # a failed receive is discarded
     _S.LOADED: frozenset({
         _S.PREPARED,                # verified, waiting for the commit
-        _S.RUNNING,                 # verified and resumed in one step (today's session)
         _S.DEFINED, _S.FAILED}),
     _S.PREPARED: frozenset({
         _S.RUNNING,                 # commit received: resumed
@@ -178,9 +181,13 @@ class GuestLifecycle:
     """
 
     def __init__(self, lock: threading.RLock | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 record: Callable[[LifecycleTransition], None] | None = None) -> None:
+        """``record``: writes a transition down durably before it is made (raises when it
+        cannot: the transition is then refused)."""
         self.lock = lock if lock is not None else threading.RLock()
         self._clock = clock
+        self.record = record
         self._states: dict[str, LifecycleState] = {}
         self._last: dict[str, LifecycleTransition] = {}
 
@@ -214,6 +221,10 @@ class GuestLifecycle:
         with self.lock:
             rec = LifecycleTransition(guest, self.state(guest), to, cause, migration_id,
                                       peer, self._clock())
+            if (rec.from_state, rec.to_state) not in ALLOWED_TRANSITIONS:
+                raise LifecycleError(rec.guest, rec.from_state, rec.to_state, rec.cause)
+            if self.record is not None:
+                self.record(rec)
             self._apply(rec)
         log.info("%s", rec.describe())
         return rec
