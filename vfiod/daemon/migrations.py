@@ -10,10 +10,18 @@ status and changes its record and its guest's lifecycle (``lifecycle.py``) toget
     source       running → migrating-out (ordered) → switching-over (stop-and-copy)
                  → migrated-away (the peer resumed it; then re-opened fresh: defined →
                  claimed → incoming, it may come back), or back to running (cancelled or
-                 failed: rolled back)
-    destination  incoming → loaded → running (received, verified, resumed here); a
-                 failed receive is discarded (→ defined) and re-opened fresh (claimed →
-                 incoming): a destination must start from zeroed memory
+                 failed before the commit: rolled back), or → outcome-unknown (committed,
+                 no answer: ``resolution.py`` settles it)
+    destination  incoming → loaded → prepared (journaled before ACK prepared) → running
+                 (journaled on COMMIT, before the devices resume); a failed receive is
+                 discarded (→ defined) and re-opened fresh (claimed → incoming): a
+                 destination must start from zeroed memory; no COMMIT: it stays prepared
+                 until ``resolution.py`` settles it
+
+With a journal (``journal.py``, the daemon always has one) every lifecycle step and the
+switchover's records (``switchover_records.py``) are on disk before the step they allow,
+an offer whose migration id the journal has seen is refused (a replay), and the outcome
+queries of peers (docs/protocol.md §8.4) are answered on the migration port.
 
 A guest to be re-opened (migrated away, or a discarded receive) is released (``defined``)
 with the end of the record, and ``GuestManager.reopen`` then opens it fresh.
@@ -35,8 +43,10 @@ from typing import Any
 from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
-from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle, MigrationLedger
+from vfiod.daemon.journal import Journal, MigrationOutcome
+from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
+from vfiod.daemon.migration_outcomes import OutcomeKeeping
 from vfiod.daemon.offer import (
     Offer,
     OfferError,
@@ -74,16 +84,13 @@ LISTEN_BACKLOG = 64
 ACCEPT_POLL_S = 0.1
 
 
-class MigrationService:
+class MigrationService(OutcomeKeeping):
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
                  defaults: MigrationConfig, tls: TlsConfig | None = None,
-                 offers: OfferLimits | None = None) -> None:
-        self.registry = registry
-        self.ledger = MigrationLedger(registry)
-        self.guests = guests
+                 offers: OfferLimits | None = None, journal: Journal | None = None) -> None:
+        super().__init__(registry, guests, tls, journal)
         self.facts = facts
         self.defaults = defaults
-        self.tls = tls
         self.listener: Listener | None = None
         self.offers = PendingOffers(offers or OfferLimits(deadline_s=OFFER_TIMEOUT_S))
         self._threads: set[threading.Thread] = set()
@@ -145,8 +152,8 @@ class MigrationService:
             return
         with conn:
             try:
-                send_offer(conn, Offer(guest.name, rec.id, socket.gethostname()),
-                           OFFER_TIMEOUT_S)
+                send_offer(conn, Offer(guest.name, rec.id, socket.gethostname(),
+                                       reply_port=self.reply_port), OFFER_TIMEOUT_S)
             except TransportError as e:
                 reason = str(e.remote.get("message") or e)
                 self._not_started(rec, "failed",
@@ -162,14 +169,20 @@ class MigrationService:
                 guest, link, host=self.facts(), config=SessionConfig(policy=policy),
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
-                live=lambda lp: self._live(rec, lp))
+                live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec))
             res = self._run(rec, session, pending)
             if res.result == "completed":
+                self._outcome(rec, MigrationOutcome.RESUMED, "the destination resumed it")
                 self.ledger.end(rec, "completed", [
                     (LifecycleState.MIGRATED_AWAY, "the destination resumed it"),
                     (LifecycleState.DEFINED, "released, to be re-opened: it may come back")],
                     res=res)
+            elif res.result == "unsettled":
+                self._unsettled(rec, entry, "source", host, port, session, res,
+                                LifecycleState.OUTCOME_UNKNOWN)
+                return
             else:
+                self._outcome(rec, MigrationOutcome.ROLLED_BACK, res.reason)
                 back = f"migration {res.result}, rolled back: {res.reason}"
                 self.ledger.end(rec, _result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
@@ -207,6 +220,7 @@ class MigrationService:
     def listen(self, host: str, port: int) -> tuple[str, int]:
         """Accept incoming migrations on ``host:port`` (0 = any port); returns the address."""
         self.listener = Listener(host, port, tls=self.tls, backlog=LISTEN_BACKLOG)
+        self.reply_port = self.listener.address[1]
         self._spawn("vfiod-migration-listener", self._accept_loop)
         return self.listener.address
 
@@ -245,6 +259,9 @@ class MigrationService:
                 return
             if not self.offers.done(accepted):
                 return                     # closed at its deadline, or to make room
+            if offer.kind == "query":
+                self._answer(conn, offer)
+                return
             entry = self.registry.guest(offer.guest)
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
@@ -258,7 +275,7 @@ class MigrationService:
                 session = DestinationSession(
                     guest, conn, host=self.facts(), config=SessionConfig(),
                     memory_encryption=entry.config.memory_encryption,
-                    migration_id=rec.id)
+                    migration_id=rec.id, journal=self._journal_of(rec))
                 res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
@@ -267,11 +284,14 @@ class MigrationService:
                                                  f"discarded: {reason}")], error=reason)
                 self.guests.reopen(entry, "incoming")
                 return
-            if res.result == "completed":
-                self.ledger.end(rec, "completed", [
-                    (LifecycleState.LOADED, "received and loaded"),
-                    (LifecycleState.RUNNING, "verified and resumed")], res=res)
+            if res.result == "completed":     # prepared → running was journaled on COMMIT
+                self.ledger.end(rec, "completed", [], res=res)
+            elif res.result == "unsettled":
+                self._unsettled(rec, entry, "destination", _host_of(conn.peer), offer.reply_port,
+                                session, res, None)
+                return
             else:
+                self._outcome(rec, MigrationOutcome.DISCARDED, res.reason)
                 gone = f"discarded ({res.result}): {res.reason}"
                 self.ledger.end(rec, _result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
@@ -283,6 +303,11 @@ class MigrationService:
                ) -> tuple[MigrationRecord, Guest, MigrationHandle]:
         if entry is None:
             raise ValueError(f"this host has no guest {offer.guest!r} configured")
+        if not offer.migration_id:
+            raise ValueError("the offer names no migration id")
+        if self.journal is not None and self.journal.seen(offer.migration_id):
+            raise ValueError(f"migration id {offer.migration_id!r} was seen on this host "
+                             "before: a replayed or reused offer is refused")
         with self.registry.lock:
             guest = self.guests.opened(entry.name)
             if entry.state is not LifecycleState.INCOMING or guest is None:
@@ -349,6 +374,11 @@ def _prior(host: str) -> Any:
     except Exception as e:  # noqa: BLE001 - the prior is advisory; the default applies
         log.info("no link prior for %s: %s", host, e)
         return None
+
+
+def _host_of(peer: str) -> str:
+    """The host of a "host:port" or "[v6]:port" peer name."""
+    return peer.rsplit(":", 1)[0].strip("[]")
 
 
 def _try(conn: Connection, reason: str) -> None:

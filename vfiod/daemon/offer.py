@@ -7,9 +7,13 @@ So the source daemon opens each connection with one small frame, and the destina
 answers on the return path before either session starts::
 
     source → destination   b"VFOFFER1" | u32 length (LE) | UTF-8 JSON
-                           {"guest": "g1", "migration_id": "...", "source_host": "..."}
+                           {"kind": "migrate", "guest": "g1", "migration_id": "...",
+                            "source_host": "...", "reply_port": 4444}
     destination → source   ACK stage "offer"                  (the session follows)
                            or ERROR code "offer" with the reason, then close
+
+The same frame with ``"kind": "query"`` (and the asker's ``role`` and ``decision``) asks
+about a migration's outcome instead (``outcomes.py``, docs/protocol.md §8.4).
 
 A malformed offer (bad magic, length over ``MAX_OFFER``, not a JSON object, no guest
 name) is answered with ERROR too, naming what was wrong.
@@ -51,15 +55,28 @@ class OfferError(Exception):
     """The offer could not be read or was refused; the message says why."""
 
 
+#: what a connection opened with an offer frame is for
+OFFER_KINDS = ("migrate", "query")
+
+
 @dataclass(frozen=True)
 class Offer:
     guest: str
     migration_id: str = ""
     source_host: str = ""
+    kind: str = "migrate"
+    #: migrate: the source daemon's own migration port (0: it does not listen), where a
+    #: destination left prepared asks it about the outcome
+    reply_port: int = 0
+    #: query: the asker's role, and "commit" when a committed source asks
+    role: str = ""
+    decision: str = ""
 
     def encode(self) -> bytes:
-        payload = json.dumps({"guest": self.guest, "migration_id": self.migration_id,
-                              "source_host": self.source_host}).encode()
+        payload = json.dumps({"kind": self.kind, "guest": self.guest,
+                              "migration_id": self.migration_id,
+                              "source_host": self.source_host, "reply_port": self.reply_port,
+                              "role": self.role, "decision": self.decision}).encode()
         return _HEAD.pack(MAGIC, len(payload)) + payload
 
 
@@ -113,8 +130,17 @@ def _read_offer(conn: Connection, deadline: float) -> Offer:
         raise OfferError(f"offer is not UTF-8 JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("guest"), str) or not doc["guest"]:
         raise OfferError("offer has no guest name")
-    return Offer(doc["guest"], str(doc.get("migration_id", "")),
-                 str(doc.get("source_host", "")))
+    kind = doc.get("kind", "migrate")
+    if kind not in OFFER_KINDS:
+        raise OfferError(f"offer kind {kind!r} is not one of {', '.join(OFFER_KINDS)}")
+    port = doc.get("reply_port", 0)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+        raise OfferError(f"offer reply_port {port!r} is not a port number")
+    mid = str(doc.get("migration_id", ""))
+    if kind == "query" and not mid:
+        raise OfferError("an outcome query names no migration id")
+    return Offer(doc["guest"], mid, str(doc.get("source_host", "")), kind, port,
+                 str(doc.get("role", "")), str(doc.get("decision", "")))
 
 
 def accept_offer(conn: Connection) -> None:
