@@ -79,10 +79,13 @@ class GuestManager:
         registry.refreshers.append(self.refresh)
 
     # -- opening ---------------------------------------------------------------------------
-    def open_all(self, configs: Sequence[GuestConfig]) -> None:
+    def open_all(self, configs: Sequence[GuestConfig],
+                 starts: Mapping[str, str] | None = None) -> None:
+        """Open every configured guest as ``starts`` says (a restart's recovery plan, by
+        guest), else as its configuration says."""
         for gc in configs:
             entry = self.registry.add_guest(gc)
-            self.open(entry, gc.start)
+            self.open(entry, (starts or {}).get(gc.name, gc.start))
 
     def open(self, entry: GuestEntry, start: str) -> None:
         """Open ``entry``'s guest fresh; on failure the entry says why (state "failed")."""
@@ -104,11 +107,17 @@ class GuestManager:
             lifecycle.move(gc.name, LifecycleState.CLAIMED, "devices and RAM opened")
             if start == "running":
                 lifecycle.move(gc.name, LifecycleState.RUNNING, "runs here")
+            elif start == "outcome-unknown":
+                lifecycle.move(gc.name, LifecycleState.OUTCOME_UNKNOWN,
+                               "restarted after a commit with no outcome: paused until the "
+                               "peer answers")
             else:
                 lifecycle.move(gc.name, LifecycleState.INCOMING, "waits for a migration into it")
             self._describe(entry, guest)
         if start == "incoming":
             guest.set_run_state(GuestState.INMIGRATE)
+        elif start == "outcome-unknown":
+            guest.set_run_state(GuestState.PAUSED)
         else:
             self.started_running(entry)
         log.info("guest %s: open (%s), %d device(s), %d bytes of RAM", gc.name, entry.state,

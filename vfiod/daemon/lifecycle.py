@@ -106,6 +106,7 @@ _NEXT: dict[LifecycleState, frozenset[LifecycleState]] = {
     _S.OUTCOME_UNKNOWN: frozenset({
         _S.MIGRATED_AWAY,           # settled: the peer resumed it
         _S.RUNNING,                 # settled: the peer discarded it; resumed here
+        _S.DEFINED,                 # the daemon stops: the journal keeps the commit
         _S.FAILED}),
     _S.MIGRATED_AWAY: frozenset({
         _S.DEFINED, _S.FAILED}),

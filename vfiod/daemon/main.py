@@ -37,8 +37,10 @@ from vfiod.daemon.config import DEFAULT_PATH, Config, load_config
 from vfiod.daemon.control_server import ControlServer
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.handlers import DaemonInfo, Handlers
+from vfiod.daemon.journal import Journal
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector
 from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.recovery import recover
 from vfiod.daemon.registry import Registry
 from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
 from vfiod.errors import ConfigError, VfiodError
@@ -107,6 +109,7 @@ class Daemon:
                 signal.signal(sig, self._signal)
         cfg, opts = self.config, self.opts
         make_state_dir(cfg.paths.state)
+        self.journal = open_journal(cfg.paths.state, self.registry)
         workloads: tuple[Any, ...] = ()
         starter = None
         if opts.backend == "sim":
@@ -130,8 +133,9 @@ class Daemon:
         self.guests = GuestManager(self.kernel, self.paths, self.registry, workloads=workloads,
                                    start_workload=starter)
         self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
-                                           cfg.migration, cfg.migration.tls)
-        self.guests.open_all(cfg.guests)
+                                           cfg.migration, cfg.migration.tls,
+                                           journal=self.journal)
+        recover(cfg.guests, self.journal, self.registry, self.guests, self.migrations)
         listen = opts.migration_listen or (str(cfg.migration.listen)
                                            if cfg.migration.listen else None)
         if listen:
@@ -141,6 +145,7 @@ class Daemon:
             except TransportError as e:
                 raise VfiodError(f"migration listener {listen}: {e}") from None
             self.info.migration_listen = f"{bound[0]}:{bound[1]}"
+        self.migrations.resolution.start()
         self.control = ControlServer(
             self.info.control_socket,
             Handlers(self.registry, self.guests, self.migrations, self.kernel, self.paths,
@@ -239,9 +244,16 @@ class Daemon:
         if self.control is not None:
             self.control.close()
         if hasattr(self, "migrations"):
+            self.migrations.resolution.stop()
             self.migrations.shutdown()
+        # Closing fds at a stop is what a crash does too (the kernel resets the devices):
+        # the journal keeps each guest's state as it was, so the restart recovers it the
+        # same way instead of reading "released" for every guest.
+        self.registry.lifecycle.record = None
         if hasattr(self, "guests"):
             self.guests.close_all()
+        if hasattr(self, "journal"):
+            self.journal.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.watchdog is not None:
@@ -252,6 +264,16 @@ class Daemon:
             shutil.rmtree(self._sim_root, ignore_errors=True)
         self.notifier.close()
         log.info("stopped")
+
+
+def open_journal(state_dir: str, registry: Registry) -> Journal:
+    """The journal under the state directory; every lifecycle transition is written to it
+    before it is made (docs/architecture.md §1.8)."""
+    journal = Journal.open(state_dir)
+    for warning in journal.state.warnings:
+        log.warning("journal %s: %s", journal.path, warning)
+    registry.lifecycle.record = journal.append_transition
+    return journal
 
 
 def make_state_dir(path: str) -> None:

@@ -112,6 +112,12 @@ class VfiodCollector:
         for result, n in sorted(snap["requests_total"].items()):
             req.add_metric([result], n)
         yield req
+        recovered = CounterMetricFamily(
+            "vfiod_recoveries", "Guests a restart of vfiod recovered from its journal, by "
+            "what it found (docs/architecture.md §1.8).", labels=["outcome"])
+        for outcome, n in sorted(snap["recoveries_total"].items()):
+            recovered.add_metric([outcome], n)
+        yield recovered
         refused = CounterMetricFamily("vfiod_control_refused_peers",
                                       "Control connections refused by peer credentials.")
         refused.add_metric([], snap["refused_peers_total"])
@@ -122,11 +128,18 @@ class VfiodCollector:
                                 labels=["guest"])
         up = GaugeMetricFamily("vfiod_guest_running", "1 if the guest runs on this host.",
                                labels=["guest"])
+        unknown = GaugeMetricFamily(
+            "vfiod_guest_outcome_unknown", "1 while a migration of the guest is unsettled "
+            "here: committed (source) or prepared (destination), waiting for the peer's "
+            "word; the guest runs nowhere it can be seen from here (docs/architecture.md "
+            "§1.7).", labels=["guest"])
         for g in guests:
             ram.add_metric([g["name"]], g["ram_bytes"])
             up.add_metric([g["name"]], 1 if g["state"] in RUNS_HERE else 0)
+            unknown.add_metric([g["name"]], 1 if g["unsettled"] else 0)
         yield ram
         yield up
+        yield unknown
 
     def _device_families(self, guests: list[dict[str, Any]]) -> Iterator[Metric]:
         state = GaugeMetricFamily(

@@ -27,12 +27,19 @@ note says which, never silently.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, MigrationOutcome, OutcomeRecord
 from vfiod.daemon.lifecycle import LifecycleState, LifecycleTransition
+from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.registry import Registry
+from vfiod.daemon.resolution import Unsettled
+
+log = logging.getLogger("vfiod.recovery")
 
 #: the ``outcome`` label of ``vfiod_recoveries_total``
 RECOVERY = ("running-here", "resumed-here", "rolled-back", "unknown", "migrated-away",
@@ -117,8 +124,53 @@ def plan_all(guests: tuple[GuestConfig, ...], journal: Journal) -> dict[str, Rec
     for gc in guests:
         last = journal.last(gc.name)
         mid = last.migration_id if last is not None else ""
-        out[gc.name] = plan_recovery(gc, last, journal.outcome(mid) if mid else None)
+        plan = plan_recovery(gc, last, journal.outcome(mid) if mid else None)
+        away = _last_departure(journal, gc.name)
+        if plan.start == "incoming" and not plan.outcome and away is not None:
+            # re-opened as incoming after it left: say where it went
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(away.at))
+            plan = RecoveryPlan(gc.name, "incoming", "migrated-away",
+                                f"migrated to {away.peer} at {when} (migration "
+                                f"{away.migration_id}); not started here",
+                                away.migration_id, away.peer)
+        out[gc.name] = plan
     return out
+
+
+def _last_departure(journal: Journal, guest: str) -> OutcomeRecord | None:
+    """The guest's latest outcome, if it is a source's "the peer resumed it"."""
+    mine = [o for o in journal.state.outcomes.values() if o.guest == guest]
+    last = max(mine, key=lambda o: o.at, default=None)
+    if last is not None and last.role == "source" and last.outcome is _O.RESUMED:
+        return last
+    return None
+
+
+def recover(configs: tuple[GuestConfig, ...], journal: Journal, registry: Registry,
+            guests: GuestManager, migrations: MigrationService) -> None:
+    """Open every guest as its plan says, write what the plans must write first, report
+    each recovery (log, ``vfiod ctl status`` notes, ``vfiod_recoveries_total``) and hand
+    committed migrations with no outcome to the resolution."""
+    plans = plan_all(configs, journal)
+    for plan in plans.values():
+        rec = outcome_record(plan)
+        if rec is not None:
+            journal.append_outcome(rec)       # JournalError: refuse to start, say why
+    guests.open_all(configs, {n: p.start for n, p in plans.items()})
+    for plan in plans.values():
+        if not plan.outcome:
+            continue
+        entry = registry.guests[plan.guest]
+        entry.notes.append(plan.note)
+        registry.count_recovery(plan.outcome)
+        log.warning("guest %s: recovery after restart: %s", plan.guest, plan.note)
+        if plan.start == "outcome-unknown" and entry.state is LifecycleState.OUTCOME_UNKNOWN:
+            host, _, port = plan.peer.rpartition(":")
+            mrec, _ = migrations.ledger.begin(plan.guest, "source", plan.peer,
+                                              migration_id=plan.migration_id)
+            registry.update(mrec, state="unsettled")
+            migrations.resolution.add(Unsettled(mrec, entry, "source", host.strip("[]"),
+                                                int(port) if port.isdigit() else 0, None))
 
 
 def outcome_record(plan: RecoveryPlan) -> OutcomeRecord | None:

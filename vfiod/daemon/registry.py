@@ -163,6 +163,10 @@ class GuestEntry:
         self.config = config
         self.devices: dict[str, DeviceEntry] = {}
         self.migration: MigrationRecord | None = None
+        #: what the daemon's restart did to the guest, and where it is (recovery.py)
+        self.notes: list[str] = []
+        #: an unsettled migration's status: its peer's last answer (resolution.py)
+        self.unsettled: dict[str, Any] | None = None
         self._lifecycle = lifecycle
 
     @property
@@ -197,6 +201,8 @@ class Registry:
         self.sync_duration = Buckets(SYNC_BUCKETS)
         self.requests_total: dict[str, int] = {"ok": 0, "error": 0}
         self.refused_peers_total = 0
+        #: guests a restart recovered, by what it found (recovery.RECOVERY)
+        self.recoveries_total: dict[str, int] = {}
         self.scrape_errors_total = 0
         #: called under the lock before each snapshot (refreshes device states from drivers)
         self.refreshers: list[Callable[[], None]] = []
@@ -285,6 +291,10 @@ class Registry:
         with self.lock:
             self.refused_peers_total += 1
 
+    def count_recovery(self, outcome: str) -> None:
+        with self.lock:
+            self.recoveries_total[outcome] = self.recoveries_total.get(outcome, 0) + 1
+
     def count_scrape_error(self) -> None:
         with self.lock:
             self.scrape_errors_total += 1
@@ -303,6 +313,8 @@ class Registry:
                     "start": g.config.start,
                     "devices": [dataclasses.asdict(d) for d in g.devices.values()],
                     "migration": g.migration.to_json() if g.migration else None,
+                    "notes": list(g.notes),
+                    "unsettled": dict(g.unsettled) if g.unsettled else None,
                 })
             return {
                 "guests": guests,
@@ -313,5 +325,6 @@ class Registry:
                 "sync_duration": self.sync_duration.copy(),
                 "requests_total": dict(self.requests_total),
                 "refused_peers_total": self.refused_peers_total,
+                "recoveries_total": dict(self.recoveries_total),
                 "scrape_errors_total": self.scrape_errors_total,
             }

@@ -100,6 +100,7 @@ class Resolution:
     def add(self, item: Unsettled) -> None:
         with self._lock:
             self._items[item.rec.id] = item
+        item.entry.unsettled = item.describe()
         log.warning("migration %s (%s of %s): outcome unsettled; asking %s:%s", item.rec.id,
                     item.role, item.rec.guest, item.peer_host, item.peer_port)
         self._wake.set()
@@ -126,6 +127,7 @@ class Resolution:
                 return False
             with self._lock:
                 self._items.pop(item.rec.id, None)
+            item.entry.unsettled = None
             return True
 
     def settle_on(self, item: Unsettled, answer: OutcomeAnswer) -> bool:
@@ -146,11 +148,15 @@ class Resolution:
             answer = self._ask(item)
         except Exception as e:  # noqa: BLE001 - unreachable, refused, garbled: ask again
             item.last_error = str(e)
+            item.entry.unsettled = item.describe()
             log.info("migration %s: asking %s:%s: %s", item.rec.id, item.peer_host,
                      item.peer_port, e)
             return False
         item.last_error = ""
-        return self.settle_on(item, answer)
+        settled = self.settle_on(item, answer)
+        if not settled:
+            item.entry.unsettled = item.describe()
+        return settled
 
     def resolve_by_hand(self, guest: str, resume_here: bool) -> str:
         """``vfiod ctl resolve``: ask the peer once more; only if it cannot answer, settle as
