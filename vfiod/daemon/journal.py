@@ -76,40 +76,46 @@ class JournalState:
     warnings: list[str]                         # what was ignored or repaired at open
 
 
+#: A record with its journal line (kept so that compaction need not encode it again).
+LineOfRecord = tuple[JournalRecord, bytes]
+
+
 class JournalIndex:
-    """The records that matter, each with its position in the file (for compaction)."""
+    """The records that matter, each with its position in the file and its line (for
+    compaction)."""
 
-    def __init__(self, records: Iterable[JournalRecord] = ()) -> None:
+    def __init__(self, entries: Iterable[LineOfRecord] = ()) -> None:
         self.count = 0
-        self.last: dict[str, tuple[int, LifecycleTransition]] = {}
-        self.outcomes: dict[str, tuple[int, OutcomeRecord]] = {}
-        self.id_transitions: dict[str, tuple[int, LifecycleTransition]] = {}
-        for rec in records:
-            self.add(rec)
+        self.last: dict[str, tuple[int, LifecycleTransition, bytes]] = {}
+        self.outcomes: dict[str, tuple[int, OutcomeRecord, bytes]] = {}
+        self.id_transitions: dict[str, tuple[int, LifecycleTransition, bytes]] = {}
+        for rec, line in entries:
+            self.add(rec, line)
 
-    def add(self, rec: JournalRecord) -> None:
+    def add(self, rec: JournalRecord, line: bytes) -> None:
         seq, self.count = self.count, self.count + 1
         if isinstance(rec, OutcomeRecord):
-            self.outcomes[rec.migration_id] = (seq, rec)
+            self.outcomes[rec.migration_id] = (seq, rec, line)
             return
-        self.last[rec.guest] = (seq, rec)
+        self.last[rec.guest] = (seq, rec, line)
         if rec.migration_id:
-            self.id_transitions[rec.migration_id] = (seq, rec)
+            self.id_transitions[rec.migration_id] = (seq, rec, line)
 
     def seen(self, migration_id: str) -> bool:
         return migration_id in self.outcomes or migration_id in self.id_transitions
 
-    def live(self, keep_ids: int) -> list[JournalRecord]:
+    def live(self, keep_ids: int) -> list[LineOfRecord]:
         """The records a compacted journal holds, in their original order."""
         recency: dict[str, int] = {}
         for table in (self.outcomes, self.id_transitions):
-            for mid, (seq, _) in table.items():
+            for mid, (seq, _, _) in table.items():
                 recency[mid] = max(seq, recency.get(mid, -1))
         kept = sorted(recency, key=recency.__getitem__, reverse=True)[:keep_ids]
-        keep: dict[int, JournalRecord] = {seq: rec for seq, rec in self.last.values()}
+        keep: dict[int, LineOfRecord] = {seq: (rec, line)
+                                         for seq, rec, line in self.last.values()}
         for mid in kept:
-            seq, rec = self.outcomes.get(mid) or self.id_transitions[mid]
-            keep[seq] = rec
+            seq, rec, line = self.outcomes.get(mid) or self.id_transitions[mid]
+            keep[seq] = (rec, line)
         return [keep[seq] for seq in sorted(keep)]
 
 
@@ -133,7 +139,7 @@ class Journal:
         self._since = 0
         self._index = JournalIndex()
         # set between a compaction's rename and the reopen that adopts its result
-        self._compacted: tuple[int, list[JournalRecord]] | None = None
+        self._compacted: tuple[int, list[LineOfRecord]] | None = None
         self.state = JournalState({}, {}, [])
 
     @classmethod
@@ -210,7 +216,7 @@ class Journal:
                     log.error("%s (retried before the next append)", cut)
                 raise io_failure(self.path, f"appending a {type(record).__name__}", e) from None
             self._size += len(line)
-            self._index.add(record)
+            self._index.add(record, line)
             self._since += 1
             if self._since >= self._compact_after:
                 self._compact()
@@ -248,7 +254,7 @@ class Journal:
         journal goes on growing until the next try, ``compact_after`` records later."""
         self._since = 0
         live = self._index.live(self._keep_ids)
-        data = b"".join(encode_line(r) for r in live)
+        data = b"".join(line for _, line in live)
         try:
             self._files.write_file_fsync(self._compacting_path, data)
         except OSError as e:
@@ -300,8 +306,8 @@ class Journal:
             self._size = good
             self._cut_back(fd)
         self._since = self._index.count - len(self._index.live(self._keep_ids))
-        self.state = JournalState({g: rec for g, (_, rec) in self._index.last.items()},
-                                  {m: rec for m, (_, rec) in self._index.outcomes.items()},
+        self.state = JournalState({g: e[1] for g, e in self._index.last.items()},
+                                  {m: e[1] for m, e in self._index.outcomes.items()},
                                   warnings)
 
     def _parse(self, data: bytes, warnings: list[str]) -> int:
@@ -311,7 +317,7 @@ class Journal:
         offset = 0
         for number, line in enumerate(lines, 1):
             try:
-                self._index.add(decode_line(line))
+                self._index.add(decode_line(line), line + b"\n")
             except JournalLineError as e:
                 if not (e.torn and number == len(lines) and not tail):
                     raise JournalError(f"journal {self.path}:{number}: {e}; vfiod does not "
