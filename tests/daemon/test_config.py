@@ -41,6 +41,7 @@ name = "g1"
 memory = "4GiB"
 [[guest.device]]
 name = "0000:3b:00.1"
+id = "nic0"
 [[guest.device]]
 name = "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11"
 container = "c1"
@@ -74,9 +75,12 @@ def test_good_file(tmp_path: Path) -> None:
     assert (cfg.paths.state, cfg.paths.sysfs) == ("/srv/vfiod/state", "/sys")
     g1, g2 = cfg.guests
     assert g1.ram_bytes == 4 << 30 and g1.ram[0].name == "ram0"
-    assert [(d.name, d.container, d.pre_copy_dirty_page_tracking) for d in g1.devices] == [
-        ("0000:3b:00.1", "default", True),
-        ("6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11", "c1", False)]
+    assert [(d.name, d.id, d.container, d.pre_copy_dirty_page_tracking)
+            for d in g1.devices] == [
+        ("0000:3b:00.1", "nic0", "default", True),
+        # no id: the id is the name (migrations then pair it only with that name)
+        ("6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11", "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11",
+         "c1", False)]
     assert g2.start == "incoming" and g2.page_size == 2 << 20
     assert [(r.name, r.gpa, r.size, r.path) for r in g2.ram] == [
         ("low", 0, 2 << 30, "/dev/hugepages/g2-low"), ("high", 4 << 30, 2 << 30, None)]
@@ -107,7 +111,8 @@ def test_documented_example_parses() -> None:
         return textwrap.dedent(doc.split("\n\n", 1)[1].rsplit('"""', 1)[0])
 
     cfg = parse_config(example_of(config) + "\n" + example_of(config_sim), "example")
-    assert cfg.guests[0].devices[0].name == "0000:3b:00.1"
+    assert (cfg.guests[0].devices[0].name, cfg.guests[0].devices[0].id) == ("0000:3b:00.1",
+                                                                             "nic0")
     assert cfg.migration.tls is not None and cfg.sim.host_devices[0].driver == "mlx5_core"
     assert cfg.sim.workloads[0].fill == 64 << 20
     assert cfg.sim.memlock_limit == 8 << 30 and cfg.sim.iommu_dirty_tracking is False
@@ -167,6 +172,18 @@ def _last_line_of(text: str, needle: str) -> int:
      "guest[1].start: must be one of ['running', 'incoming']"),
     ('container = "c1"', 'container = "c 1"', "container =",
      "guest[0].device[1].container: 'c 1' is not valid"),
+    ('id = "nic0"', 'id = "nic 0"', 'id = "nic 0"',
+     "guest[0].device[0].id: 'nic 0' is not valid: letters, digits and '_.+-', at most 64, "
+     "the same on both hosts"),
+    ('id = "nic0"', 'id = 3', 'id = 3', "guest[0].device[0].id: must be a string"),
+    ('container = "c1"', 'id = "nic0"\ncontainer = "c1"', 'id = "nic0"',
+     "guest[0].device[1].id: device id 'nic0' of 6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11 is "
+     "already the id of 0000:3b:00.1 in guest g1 (a device without id has its name as id): "
+     "ids must be unique within a guest"),
+    ('id = "nic0"', 'id = "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11"',
+     'name = "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11"',
+     "guest[0].device[1].name: device id '6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11' of "
+     "6c4e8e12-0b1a-4d1e-9d4f-2b7a3c5e0a11 is already the id of 0000:3b:00.1"),
     ("pre_copy_dirty_page_tracking = false", "pre_copy_dirty_page_tracking = 0",
      "pre_copy_dirty_page_tracking", "must be true or false, not an integer 0"),
     ('group = "vfiod"', 'group = 5', 'group = 5', "control.group: must be a string"),

@@ -93,6 +93,8 @@ def test_ctl_check(daemon: DaemonProcess) -> None:
     code, r = ctl_json(daemon, "check", "g1")
     assert code == 0 and r["migratable"], r
     assert any("opt-out" in n for n in r["notes"])
+    assert not any("no id is configured" in n for n in r["notes"])
+    assert "  0000:3b:00.1 (id nic0): v2 (" in daemon.ctl("check", "g1").stdout
     code, r = ctl_json(daemon, "check", "0000:5f:00.0")        # probed on the spot
     assert code == 1 and not r["migratable"]
     assert r["blockers"] == ["VFIO_DEVICE_FEATURE MIGRATION: ENOTTY and no v1 migration "

@@ -31,6 +31,7 @@ name = "good"
 memory = "16MiB"
 [[guest.device]]
 name = "0000:3b:00.1"
+id = "nic0"
 
 [[guest]]
 name = "stuck"
@@ -112,6 +113,21 @@ def test_check_guests(world: tuple[SimHost, GuestManager, Registry]) -> None:
     assert any("AMD SEV-SNP memory encryption" in b for b in r["blockers"])
     r = check.check_guest(reg.guests["good"], _facts(host, headroom=1 << 20))
     assert any("LimitMEMLOCK=infinity" in n for n in r["notes"])
+
+
+def test_check_names_device_ids_and_notes_a_device_without_one(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """A device without ``id`` pairs only by its name: ``check`` says so (a note: the
+    migration is refused by name if the hosts differ, never mis-paired)."""
+    host, _, reg = world
+    r = check.check_guest(reg.guests["good"], _facts(host))
+    assert [(d["name"], d["id"]) for d in r["devices"]] == [("0000:3b:00.1", "nic0")]
+    r = check.check_guest(reg.guests["shared"], _facts(host))
+    assert [(d["name"], d["id"]) for d in r["devices"]] == [("0000:61:00.0", "0000:61:00.0")]
+    assert r["notes"] == [
+        "0000:61:00.0: no id is configured: a destination pairs this device only with a "
+        "device of the same name, and PCI addresses differ between hosts; give it the same "
+        "id in both hosts' configurations (a mismatch is a preflight refusal)"]
 
 
 def test_check_unowned_devices(world: tuple[SimHost, GuestManager, Registry]) -> None:

@@ -38,11 +38,15 @@ class SysTree:
         os.symlink(os.path.relpath(drv, dev), dev / "driver")
 
     def pci(self, bdf: str, group: int | None, driver: str | None, vendor: int = 0x15B3,
-            device: int = 0x101E, cdev: str | None = None) -> None:
+            device: int = 0x101E, cdev: str | None = None,
+            subsystem: tuple[int, int] | None = None) -> None:
         dev = self.root / "devices/pci0000:00" / bdf
         dev.mkdir()
         (dev / "vendor").write_text(f"{vendor:#06x}\n")
         (dev / "device").write_text(f"{device:#06x}\n")
+        if subsystem is not None:
+            (dev / "subsystem_vendor").write_text(f"{subsystem[0]:#06x}\n")
+            (dev / "subsystem_device").write_text(f"{subsystem[1]:#06x}\n")
         self._bind(dev, driver)
         if group is not None:
             g = self._group(group)
@@ -74,7 +78,8 @@ UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[SysTree, HostPaths]:
     t = SysTree(tmp_path / "sys")
-    t.pci("0000:3b:00.1", 12, "mlx5_vfio_pci", cdev="vfio0")     # ours (variant driver)
+    t.pci("0000:3b:00.1", 12, "mlx5_vfio_pci", cdev="vfio0",     # ours (variant driver)
+          subsystem=(0x15B3, 0x0047))
     t.pci("0000:3b:00.2", 13, "vfio-pci")                         # ours
     t.pci("0000:3b:00.0", 11, "mlx5_core")                        # not ours
     t.pci("0000:5e:00.0", 20, "vfio-pci", vendor=0x8086, device=0x0B25)
@@ -95,6 +100,8 @@ def test_discover_classifies_every_device(tree: tuple[SysTree, HostPaths]) -> No
     ours = found["0000:3b:00.1"]
     assert (ours.kind, ours.group, ours.driver, ours.vfio_capable) == ("pci", 12, "mlx5_vfio_pci", True)
     assert (ours.vendor, ours.device, ours.cdev) == (0x15B3, 0x101E, "vfio0")
+    assert (ours.subsystem_vendor, ours.subsystem_device) == (0x15B3, 0x0047)
+    assert found["0000:3b:00.2"].subsystem_vendor is None        # no attribute: unknown
     assert ours.reason == "bound to mlx5_vfio_pci"
 
     host = found["0000:3b:00.0"]

@@ -2,7 +2,8 @@
 
 A source host runs guests; a destination host is configured with the same guests as
 ``start = "incoming"``, with its own device names (PCI addresses differ between hosts) of
-the same capability sets in the same order, as preflight requires.
+the same capability sets and the same device ids (``nic0`` ...), which migrations pair
+devices by.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ DEST_DEVICES = {"g1": ["0000:81:00.1", "0000:82:00.0"], "g2": ["0000:83:00.1"]}
 CAPS = {"g1": ["v2_precopy_p2p_log", "v2_stop_copy_log"], "g2": ["v2_precopy"]}
 
 
-def _guest(name: str, devices: list[str], start: str, opt_out: str | None) -> str:
+def _guest(name: str, devices: list[str], start: str, opt_out: str | None,
+           reverse: bool = False) -> str:
     out = f'''
 [[guest]]
 name = "{name}"
@@ -29,9 +31,11 @@ name = "pool"
 gpa = "56MiB"
 size = "8MiB"
 '''
-    for i, dev in enumerate(devices):
+    listed = list(enumerate(devices))
+    for i, dev in reversed(listed) if reverse else listed:
         container = "c1" if i == 1 else "c0"
-        out += f'[[guest.device]]\nname = "{dev}"\ncontainer = "{container}"\n'
+        out += (f'[[guest.device]]\nname = "{dev}"\nid = "nic{i}"\n'
+                f'container = "{container}"\n')
         if dev == opt_out:
             out += "pre_copy_dirty_page_tracking = false\n"
     if len(devices) > 1:
@@ -42,9 +46,11 @@ size = "8MiB"
 
 def host_config(side: str, *, guests: tuple[str, ...] = ("g1",), extra_sim: str = "",
                 migration: str = "", workloads: dict[str, tuple[str, str]] | None = None,
-                ) -> str:
+                reversed_devices: tuple[str, ...] = ()) -> str:
     """``side``: "source" (guests run) or "destination" (guests incoming, listener on an
-    ephemeral loopback port). ``workloads``: guest -> (dirty_rate, fill) on the source."""
+    ephemeral loopback port). ``workloads``: guest -> (dirty_rate, fill) on the source.
+    ``reversed_devices``: guests whose ``[[guest.device]]`` tables are listed last first
+    (each with its own id and container)."""
     devices = SOURCE_DEVICES if side == "source" else DEST_DEVICES
     start = "running" if side == "source" else "incoming"
     text = "[migration]\n" + migration
@@ -52,7 +58,7 @@ def host_config(side: str, *, guests: tuple[str, ...] = ("g1",), extra_sim: str 
         text += 'listen = "127.0.0.1:0"\n'
     for g in guests:
         opt = devices[g][1] if len(devices[g]) > 1 else None
-        text += _guest(g, devices[g], start, opt)
+        text += _guest(g, devices[g], start, opt, g in reversed_devices)
     text += "\n[sim]\n"
     for g in guests:
         for dev, cap in zip(devices[g], CAPS[g], strict=True):

@@ -5,8 +5,8 @@ device a v2 device with PRE_COPY, P2P and DMA logging in the ``[sim]`` section.
 
 As in ``daemon_configs.py``, a destination host has the same guests as
 ``start = "incoming"`` with its own PCI addresses (bus 0x90 + guest instead of 0x10 +
-guest), the same capability sets in the same order, and a listener on an ephemeral
-loopback port.
+guest), the same capability sets and device ids (``fn0`` ...), and a listener on an
+ephemeral loopback port.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def fleet_config(side: str, guests: int, devices: int, *, memory: str = "8MiB",
         text += f'\n[[guest]]\nname = "{fleet_guest(g)}"\nmemory = "{memory}"\nstart = "{start}"\n'
         for d in range(devices):
             name = fleet_device(side, g, d)
-            text += f'[[guest.device]]\nname = "{name}"\n'
+            text += f'[[guest.device]]\nname = "{name}"\nid = "fn{d}"\n'
             sim += f'[[sim.device]]\nname = "{name}"\ncapability = "{CAPABILITY}"\n'
         if side == "source" and dirty_rate:
             sim += (f'[[sim.workload]]\nguest = "{fleet_guest(g)}"\ndirty_rate = "{dirty_rate}"\n'

@@ -12,7 +12,9 @@ device DMA. Checks used by every scenario:
   stay holes) -- "guest memory untouched" and "destination equals source";
 * ``side.kernel_states()``: device states as the simulated kernel holds them;
 * ``side.mig_fds()``: open migration data fds (none may outlive a session);
-* ``side.models()``: the simulated devices' internal state digests.
+* ``side.models()``: the simulated devices' internal state digests; ``paired(src, dst,
+  ...)`` keys the destination's by the source device each one pairs with (same id:
+  ``SideContainer.ids``), which is how ``assert_migrated`` compares device states.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class SideContainer:
     maps: Sequence[tuple[int, int]] | None = None      # (gpa, size); None = all RAM
     opt_out: Sequence[str] = ()                          # device names with the opt-out
     disable: Sequence[str] = ()
+    #: the devices' ids, in ``devices`` order; empty: "dev<k>", k counting the guest's
+    #: devices over all containers (``pair`` keeps the order, so its sides pair up)
+    ids: Sequence[str] = ()
 
 
 @dataclass
@@ -90,6 +95,8 @@ class Side:
     workload: Workload | None = None
     initial_models: dict[str, str] = field(default_factory=dict)
     initial_ram: list[Any] = field(default_factory=list)
+    #: device name -> id (the guest forgets its devices when it releases them)
+    ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def kernel(self):  # noqa: ANN201
@@ -132,7 +139,9 @@ def guest_plan(plans: Sequence[SideContainer], ram: Sequence[RamRegion]) -> Gues
     devices: list[DevicePlan] = []
     containers = []
     for i, p in enumerate(plans):
-        devices += [DevicePlan(s.name, f"c{i}", s.name not in p.opt_out) for s in p.devices]
+        ids = list(p.ids) or [f"dev{len(devices) + j}" for j in range(len(p.devices))]
+        devices += [DevicePlan(s.name, f"c{i}", s.name not in p.opt_out, dev_id)
+                    for s, dev_id in zip(p.devices, ids, strict=True)]
         containers.append(ContainerPlan(f"c{i}", None if p.maps is None else tuple(p.maps),
                                         tuple(p.disable)))
     return GuestPlan("vm1", tuple(ram), tuple(devices), tuple(containers))
@@ -156,7 +165,7 @@ def build_side(root: Path, name: str, plans: Sequence[SideContainer], *,
         guest.close()
         host.close()
         raise
-    side = Side(host, guest, host_facts(name, abi))
+    side = Side(host, guest, host_facts(name, abi), ids={d.name: d.id for d in guest.devices})
     side.initial_models = side.models()
     side.initial_ram = side.ram_digest()
     return side
@@ -167,7 +176,7 @@ def pair(tmp: Path, plans: Sequence[SideContainer], **kw: Any) -> tuple[Side, Si
     src = build_side(tmp / "src", "hostA", plans, **kw)
     dplans = [SideContainer([dataclasses.replace(s, name=_dest_name(s.name), seed=s.seed + 50)
                              for s in p.devices],
-                            p.maps, [_dest_name(n) for n in p.opt_out], p.disable)
+                            p.maps, [_dest_name(n) for n in p.opt_out], p.disable, p.ids)
               for p in plans]
     kw = {k: v for k, v in kw.items() if k not in ("fill_bytes", "seed")}
     dst = build_side(tmp / "dst", "hostB", dplans, **kw)
@@ -207,8 +216,9 @@ class Run:
     dest_error: BaseException | None = None
     session: SourceSession | None = None
     dest_session: DestinationSession | None = None
-    #: the source's device model digests when the migration completed (before release)
-    src_models_at_end: list[str] = field(default_factory=list)
+    #: the source's device model digests by device name when the migration completed
+    #: (before release)
+    src_models_at_end: dict[str, str] = field(default_factory=dict)
 
 
 def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
@@ -247,11 +257,11 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
         link = ThrottledLink(conn, rate_bps) if rate_bps else conn
         if wrap_source is not None:
             link = wrap_source(link)
-        models: list[str] = []
+        models: dict[str, str] = {}
 
         def at_end(old: MigrationState, new: MigrationState) -> None:
             if new is MigrationState.COMPLETED:
-                models.extend(src.models().values())
+                models.update(src.models())
 
         try:
             s = SourceSession(src.guest, link, host=src.facts, config=config,
@@ -269,6 +279,14 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
     return Run(res, box.get("result"), box.get("error"), s, box.get("session"), models)
 
 
+def paired(src: Side, dst: Side, dst_values: dict[str, Any]) -> dict[str, Any]:
+    """``dst_values`` (by destination device name) keyed by the name of the source device
+    each destination device pairs with (the one with the same id)."""
+    dst_name = {dev_id: name for name, dev_id in dst.ids.items()}
+    return {name: dst_values[dst_name[dev_id]] for name, dev_id in src.ids.items()
+            if dst_name[dev_id] in dst_values}
+
+
 def assert_migrated(src: Side, dst: Side, run: Run) -> None:
     """The destination verified every digest, its RAM and device states equal the
     source's, it runs; the source released everything (no fd left)."""
@@ -280,7 +298,7 @@ def assert_migrated(src: Side, dst: Side, run: Run) -> None:
     assert d.verification["manifest"]["verified"] is True
     assert d.verification["content_verified"] is True
     assert src.ram_digest() == dst.ram_digest()
-    assert run.src_models_at_end == list(dst.models().values())
+    assert run.src_models_at_end == paired(src, dst, dst.models())
     assert set(dst.kernel_states().values()) == {MigState.RUNNING}
     assert dst.mig_fds() == [] and src.mig_fds() == []
     assert src.kernel.open_files() == {}                      # released: fds closed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import resource
 from pathlib import Path
@@ -121,7 +122,8 @@ def test_cap_ipc_lock_lifts_the_memlock_limit() -> None:
 
 REGIONS = (RamRegion("ram0", 0, 2 * GiB), RamRegion("ram1", 4 * GiB, 2 * GiB))
 DEV = DeviceInfo("0000:3b:00.1", "v2", 0b111, {"vendor": "0x15b3", "device": "0x101e",
-                                                "driver": "mlx5_vfio_pci"}, ("PRE_COPY",))
+                                                "driver": "mlx5_vfio_pci"}, ("PRE_COPY",),
+                 id="nic0")
 
 
 def host(name: str, flags: str = V3, memlock: MemlockFacts | None = None,
@@ -192,17 +194,83 @@ def test_memory_layout_difference() -> None:
 
 
 def test_device_identity_and_flags_must_match() -> None:
-    other = dataclasses.replace(DEV, identity={**DEV.identity, "device": "0x1021"}, flags=0b011)
+    other = dataclasses.replace(DEV, name="0000:5e:00.1",
+                                identity={**DEV.identity, "device": "0x1021"}, flags=0b011)
     reasons = compare(facts("a"), facts("b", devices=(other,)))
     assert reasons == [
-        "device 0 (source 0000:3b:00.1, destination 0000:3b:00.1): identity differs: "
+        "device nic0 (source 0000:3b:00.1, destination 0000:5e:00.1): identity differs: "
         "device 0x101e vs 0x1021",
-        "device 0 (source 0000:3b:00.1, destination 0000:3b:00.1): migration flags 0x7 vs 0x3"]
+        "device nic0 (source 0000:3b:00.1, destination 0000:5e:00.1): migration flags 0x7 "
+        "vs 0x3"]
     v1 = dataclasses.replace(DEV, protocol="v1")
     assert "migration protocol v2 vs v1" in compare(facts("a"), facts("b", devices=(v1,)))[0]
     reasons = compare(facts("a"), facts("b", devices=()))
-    assert reasons == ["device count differs: source has 1 (0000:3b:00.1), destination 0 "
-                       "(none)"]
+    assert reasons == ["device nic0 (source 0000:3b:00.1) is not on the destination"]
+
+
+def _dev(name: str, dev_id: str = "", **change: Any) -> DeviceInfo:
+    return dataclasses.replace(DEV, name=name, id=dev_id or name, **change)
+
+
+def test_devices_pair_by_id_whatever_the_order() -> None:
+    """PCI addresses and the order of the lists differ between the hosts: pairs by id."""
+    gpu = dict(identity={"vendor": "0x10de", "device": "0x1eb8"}, protocol="v1", flags=0)
+    src = (_dev("0000:3b:00.1", "nic0"), _dev("0000:3c:00.0", "gpu0", **gpu))
+    dst = (_dev("0000:82:00.0", "gpu0", **gpu), _dev("0000:81:00.1", "nic0"))
+    assert compare(facts("a", devices=src), facts("b", devices=dst)) == []
+    # by position the NIC would meet the GPU: refused, naming the pair by id
+    swapped = (_dev("0000:82:00.0", "nic0", **gpu), _dev("0000:81:00.1", "gpu0"))
+    reasons = compare(facts("a", devices=src), facts("b", devices=swapped))
+    assert reasons[0].startswith("device nic0 (source 0000:3b:00.1, destination "
+                                 "0000:82:00.0): identity differs: device 0x101e vs 0x1eb8")
+    assert "device nic0 (source 0000:3b:00.1, destination 0000:82:00.0): migration protocol "\
+           "v2 vs v1" in reasons
+
+
+def test_a_pair_of_another_subsystem_is_refused() -> None:
+    """Same chip, another board (PCI subsystem ids): the pair's identity differs."""
+    ident = {**DEV.identity, "subsystem_vendor": "0x15b3", "subsystem_device": "0x0047"}
+    other = {**ident, "subsystem_device": "0x0051"}
+    reasons = compare(facts("a", devices=(_dev("0000:3b:00.1", "nic0", identity=ident),)),
+                      facts("b", devices=(_dev("0000:81:00.1", "nic0", identity=other),)))
+    assert reasons == ["device nic0 (source 0000:3b:00.1, destination 0000:81:00.1): "
+                       "identity differs: subsystem_device 0x0047 vs 0x0051"]
+
+
+def test_missing_extra_and_duplicate_ids_are_refused_by_name() -> None:
+    src = (_dev("0000:3b:00.1", "nic0"), _dev("0000:3b:00.2", "nic1"))
+    dst = (_dev("0000:81:00.1", "nic0"), _dev("0000:81:00.3", "nic9"))
+    assert compare(facts("a", devices=src), facts("b", devices=dst)) == [
+        "device nic1 (source 0000:3b:00.2) is not on the destination",
+        "device nic9 (destination 0000:81:00.3) is not on the source"]
+    twice = (_dev("0000:81:00.1", "nic0"), _dev("0000:81:00.2", "nic0"),
+             _dev("0000:81:00.3", "nic1"))
+    assert compare(facts("a", devices=src), facts("b", devices=twice)) == [
+        "the destination lists device id nic0 twice (0000:81:00.1 and 0000:81:00.2): ids "
+        "must be unique within a guest"]
+    assert compare(facts("a", devices=twice), facts("b", devices=src)) == [
+        "the source lists device id nic0 twice (0000:81:00.1 and 0000:81:00.2): ids must "
+        "be unique within a guest"]
+
+
+def test_a_device_without_id_pairs_by_name_and_a_mismatch_says_so() -> None:
+    """No id configured: the id is the name, so other addresses never pair silently."""
+    same = compare(facts("a", devices=(_dev("0000:3b:00.1"),)),
+                   facts("b", devices=(_dev("0000:3b:00.1"),)))
+    assert same == []
+    reasons = compare(facts("a", devices=(_dev("0000:3b:00.1"),)),
+                      facts("b", devices=(_dev("0000:81:00.1"),)))
+    advice = ("no id is configured for it, so it pairs only with a device of the same name "
+              "(PCI addresses differ between hosts): give it the same id in both hosts' "
+              "configurations")
+    assert reasons == [
+        f"device 0000:3b:00.1 (source 0000:3b:00.1) is not on the destination: {advice}",
+        f"device 0000:81:00.1 (destination 0000:81:00.1) is not on the source: {advice}"]
+    # an id on one side only: the side with the id gets no advice, the other does
+    reasons = compare(facts("a", devices=(_dev("0000:3b:00.1", "nic0"),)),
+                      facts("b", devices=(_dev("0000:81:00.1"),)))
+    assert reasons[0] == "device nic0 (source 0000:3b:00.1) is not on the destination"
+    assert reasons[1].endswith(advice)
 
 
 def test_protocol_version_and_every_reason_reported_together() -> None:
@@ -220,6 +288,15 @@ def test_facts_travel_as_json() -> None:
     src = facts("a", memlock=MemlockFacts(8 * GiB, None, 0, True))
     back = MigrationFacts.from_json(src.to_json())
     assert back == src
+    assert [d.id for d in back.guest.devices] == ["nic0"]
+    # an older peer's facts have no ids: its devices pair by name, and the protocol
+    # versions differ, which is the refusal it gets
+    old = json.loads(src.to_json())
+    del old["guest"]["devices"][0]["id"]
+    old["protocol_version"] = 2
+    older = MigrationFacts.from_json(json.dumps(old))
+    assert older.guest.devices[0].id == DEV.name
+    assert compare(facts("a"), older)[0].startswith("stream protocol differs")
     with pytest.raises(ValueError, match="malformed"):
         MigrationFacts.from_json('{"host": {}}')
     with pytest.raises(ValueError, match="malformed"):

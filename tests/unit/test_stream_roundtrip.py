@@ -56,7 +56,7 @@ class MemPipe:
 REGIONS = (RamRegion("low", 0, 64 * PS), RamRegion("high", 0x100000, 32 * PS),
            RamRegion("adjacent", 0x100000 + 32 * PS, 16 * PS))
 DEVICES = (DeviceInfo("0000:3b:00.1", "v2", 0b111, {"vendor": "0x15b3", "device": "0x101e"},
-                      ("PRE_COPY", "P2P")),
+                      ("PRE_COPY", "P2P"), id="nic0"),
            DeviceInfo("mdev-7", "v1", 0, {"driver": "mtty"}))
 
 
@@ -200,6 +200,31 @@ def test_header_json_round_trip_and_validation() -> None:
         StreamHeader.from_json(h.to_json().replace(b'"page_size":4096', b'"page_size":"x"'))
     with pytest.raises(ValueError, match="not UTF-8 JSON"):
         StreamHeader.from_json(b"\xff{")
+
+
+def test_header_devices_carry_their_ids() -> None:
+    """The id travels as "id" (a device without one has its name as id); the header
+    refuses an entry without id, an empty or non-string one, and an id given twice."""
+    h = header()
+    doc = json.loads(h.to_json())
+    assert [(d["name"], d["id"]) for d in doc["devices"]] == [("0000:3b:00.1", "nic0"),
+                                                               ("mdev-7", "mdev-7")]
+    assert [d.id for d in StreamHeader.from_json(h.to_json()).devices] == ["nic0", "mdev-7"]
+
+    def with_ids(*ids: object) -> bytes:
+        d = json.loads(h.to_json())
+        for dev, dev_id in zip(d["devices"], ids, strict=True):
+            if dev_id is None:
+                del dev["id"]
+            else:
+                dev["id"] = dev_id
+        return json.dumps(d).encode()
+    for ids, msg in (((None, "mdev-7"), r"devices\[0\]\.id must be a string"),
+                     (("nic0", ""), r"devices\[1\]\.id must not be empty"),
+                     ((7, "mdev-7"), r"devices\[0\]\.id must be a string"),
+                     (("nic0", "nic0"), "device mdev-7: id 'nic0' is repeated")):
+        with pytest.raises(ValueError, match=msg):
+            StreamHeader.from_json(with_ids(*ids))
 
 
 def test_writer_refuses_misuse() -> None:

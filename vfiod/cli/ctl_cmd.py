@@ -210,7 +210,8 @@ def _check(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"  note: {n}\n")
     for d in r.get("devices", []):
         caps = ", ".join(d["capabilities"]) or "-"
-        out.write(f"  {d['name']}: {d['protocol'] or 'not migratable'} ({caps}), tracker "
+        named = f"{d['name']} (id {d['id']})" if d.get("id") else d["name"]
+        out.write(f"  {named}: {d['protocol'] or 'not migratable'} ({caps}), tracker "
                   f"{d['tracker'] or '-'}, device logging {'yes' if d['dma_logging'] else 'no'}"
                   "\n")
     if r["kind"] == "device" and r.get("protocol"):

@@ -9,6 +9,7 @@ all by default), each a sparse memfd. Three devices, each in its own IOMMU group
 * ``v2opt``: a PCI VF with v2 STOP_COPY only, configured with
   ``pre_copy_dirty_page_tracking = false`` (QEMU's x-pre-copy-dirty-page-tracking=off).
 
+Each device's role is its id, which the destination pairs it by (the names differ).
 All three log their DMA (device DMA logging), so tracking is precise. Containers: ``c0``
 (v1 + v2pre) maps all RAM; ``c1`` (v2opt) maps only ``dma-pool``, the window that device
 DMAs into. While v2opt runs, c1's bitmap is not queried and its 32 MiB count as dirty
@@ -80,7 +81,7 @@ def demo_plan(devices: list[DemoDevice], ram_bytes: int) -> GuestPlan:
     pool = RamRegion("dma-pool", ram_bytes - DMA_POOL, DMA_POOL)
     return GuestPlan(
         "vm1", (RamRegion("ram", 0, ram_bytes - DMA_POOL), pool),
-        tuple(DevicePlan(d.spec.name, d.container, d.pre_copy_dirty_page_tracking)
+        tuple(DevicePlan(d.spec.name, d.container, d.pre_copy_dirty_page_tracking, d.role)
               for d in devices),
         (ContainerPlan("c1", ((pool.gpa, pool.size),)),))
 

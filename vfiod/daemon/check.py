@@ -4,7 +4,8 @@ dirty tracking).
 
 The answer separates *blockers* (the migration will be refused) from *notes* (it will run,
 but an operator should know: no dirty tracking means pre-copy cannot converge, an opted-out
-device's pages all move in stop-and-copy, little memlock headroom to receive a guest).
+device's pages all move in stop-and-copy, little memlock headroom to receive a guest, a
+device without an ``id``, which pairs with a destination device only by its name).
 
 For a guest it also gives the outlook (vfiod.migration.planning.outlook): the predicted
 downtime floor and a verdict, "converges", "converges only with a forced switchover" or
@@ -119,6 +120,11 @@ def check_guest(entry: GuestEntry, host: HostFacts, *,
         name = ENCRYPTION_NAMES.get(gc.memory_encryption, gc.memory_encryption)
         blockers.append(f"guest {gc.name} uses {name} memory encryption: its RAM is "
                         "ciphertext to the host, so it cannot be migrated by copying pages")
+    ids = {d.name: d.id for d in gc.devices}
+    notes += [f"{d.name}: no id is configured: a destination pairs this device only with a "
+              "device of the same name, and PCI addresses differ between hosts; give it the "
+              "same id in both hosts' configurations (a mismatch is a preflight refusal)"
+              for d in gc.devices if d.id == d.name]
     for d in entry.devices.values():
         if not d.migratable and entry.state is not LifecycleState.FAILED:
             blockers.append(f"{d.name}: not migratable: {d.reason or 'not opened'}")
@@ -137,7 +143,8 @@ def check_guest(entry: GuestEntry, host: HostFacts, *,
     return {"target": gc.name, "kind": "guest",
             "migratable": not blockers and view.verdict != WILL_NOT,
             "blockers": blockers, "notes": notes, "outlook": view.to_json(),
-            "devices": [_device_json(d) for d in entry.devices.values()],
+            "devices": [{"id": ids.get(d.name, d.name), **_device_json(d)}
+                        for d in entry.devices.values()],
             "host": host_json(host, gc.ram_bytes)}
 
 

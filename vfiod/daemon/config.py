@@ -2,6 +2,11 @@
 (docs/architecture.md §6). A bad file is refused whole, naming the file, line and key
 (``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied. The ``[sim]``
 table (the simulated host of ``vfiod run --backend sim``) is read by ``config_sim``.
+A device's ``id`` names it independently of the host: PCI addresses differ between hosts,
+so a migration pairs each incoming device with the destination's device of the same id
+(docs/architecture.md §1.5). Ids are unique within a guest. Without ``id`` a device's id is
+its ``name``; two hosts then pair it only if the addresses are equal, and a difference is a
+preflight refusal naming the device, never a silent mis-pairing (``ctl check`` notes it).
 
     [control]
     socket = "/run/vfiod/control.sock"   # Unix socket for `vfiod ctl`
@@ -32,7 +37,8 @@ table (the simulated host of ``vfiod run --backend sim``) is read by ``config_si
     memory = "4GiB"                      # one RAM region at guest address 0, or [[guest.ram]]
     start = "running"                    # "incoming": wait for a migration into it
     [[guest.device]]
-    name = "0000:3b:00.1"
+    name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
+    id = "nic0"                          # the same on both hosts: migrations pair by it
     container = "default"                # devices of one container share its IOMMU space
     pre_copy_dirty_page_tracking = true  # false = QEMU's x-pre-copy-dirty-page-tracking=off
     [[guest.container]]                  # optional: a container mapping only some regions
@@ -110,6 +116,12 @@ class DeviceConfig:
     name: str
     container: str = "default"
     pre_copy_dirty_page_tracking: bool = True
+    #: the host-independent id migrations pair devices by; "" = the name (no ``id`` key)
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
 
 
 @dataclass(frozen=True)
@@ -291,13 +303,24 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
                                      f"[{reg.gpa:#x}, {reg.gpa + reg.size:#x}) overlaps "
                                      f"{other.name} [{other.gpa:#x}, "
                                      f"{other.gpa + other.size:#x})")
-    devices = []
+    devices: list[DeviceConfig] = []
     for d in t.tables("device"):
-        devices.append(DeviceConfig(
-            str(d.string("name", required=True, pattern=DEVICE_NAME,
-                         hint="a PCI address (0000:3b:00.1) or an mdev UUID")),
-            str(d.string("container", "default", pattern=NAME)),
-            d.boolean("pre_copy_dirty_page_tracking", True)))
+        dev_name = str(d.string("name", required=True, pattern=DEVICE_NAME,
+                                hint="a PCI address (0000:3b:00.1) or an mdev UUID"))
+        dev = DeviceConfig(
+            dev_name, str(d.string("container", "default", pattern=NAME)),
+            d.boolean("pre_copy_dirty_page_tracking", True),
+            str(d.string("id", dev_name, pattern=NAME,
+                         hint="letters, digits and '_.+-', at most 64, the same on both "
+                              "hosts")))
+        # (a device listed twice is refused by name in _cross_checks)
+        twin = next((o for o in devices if o.id == dev.id and o.name != dev.name), None)
+        if twin is not None:
+            raise d.error("id" if d.has("id") else "name",
+                          f"device id {dev.id!r} of {dev.name} is already the id of "
+                          f"{twin.name} in guest {name} (a device without id has its name "
+                          "as id): ids must be unique within a guest")
+        devices.append(dev)
         d.finish()
     containers = []
     for c in t.tables("container"):

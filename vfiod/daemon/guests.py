@@ -57,7 +57,7 @@ def config_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
     return GuestPlan(
         gc.name, tuple(RamRegion(r.name, r.gpa, r.size) for r in gc.ram),
         tuple(DevicePlan(d.name, d.container,
-                         tracking.get(d.name, d.pre_copy_dirty_page_tracking))
+                         tracking.get(d.name, d.pre_copy_dirty_page_tracking), d.id)
               for d in gc.devices),
         tuple(ContainerPlan(c, tuple((r.gpa, r.size) for r in gc.regions_of(c)))
               for c in containers),

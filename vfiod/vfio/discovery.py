@@ -55,6 +55,9 @@ class DiscoveredDevice:
     reason: str
     vendor: int | None = None
     device: int | None = None
+    #: PCI subsystem ids (the board/vendor variant of a chip); None on mdevs
+    subsystem_vendor: int | None = None
+    subsystem_device: int | None = None
     mdev_type: str | None = None
     parent: str | None = None       # mdev parent device name
     cdev: str | None = None         # "vfioN" when the kernel offers the cdev (6.6+)
@@ -171,6 +174,8 @@ class _Discoverer:
             name=bdf, kind="pci", group=group, driver=driver, vfio_capable=ok, reason=reason,
             vendor=_hex_attr(k, os.path.join(dev_dir, "vendor")),
             device=_hex_attr(k, os.path.join(dev_dir, "device")),
+            subsystem_vendor=_hex_attr(k, os.path.join(dev_dir, "subsystem_vendor")),
+            subsystem_device=_hex_attr(k, os.path.join(dev_dir, "subsystem_device")),
             cdev=_cdev_name(k, dev_dir), noiommu=bool(via and via.noiommu))
 
     def mdev(self, uuid: str) -> DiscoveredDevice:

@@ -63,15 +63,18 @@ DEADLINE_S = LinuxDaemon.deadline_s
 EXIT_OK, EXIT_FAILED = 0, 1
 NUMBA_COMPILED = "[cache] data saved to"
 MTTY_CAPS = ["STOP_COPY", "P2P", "PRE_COPY"]
+#: the device's id in both daemons' configs: their mdev UUIDs differ, and migrations
+#: pair devices by id
+DEVICE_ID = "uart0"
 
 
 def guest_config(device: str, ram: Path, *, start: str) -> str:
-    """One guest ``g1`` owning ``device``, its RAM the file ``ram`` (a VMM's shared
-    memory), incoming migrations accepted on an ephemeral loopback port."""
+    """One guest ``g1`` owning ``device`` (id ``DEVICE_ID``), its RAM the file ``ram`` (a
+    VMM's shared memory), incoming migrations accepted on an ephemeral loopback port."""
     return ('[migration]\nlisten = "127.0.0.1:0"\n'
             f'\n[[guest]]\nname = "{GUEST}"\nstart = "{start}"\n'
             f'[[guest.ram]]\nname = "ram0"\nsize = "{RAM_BYTES // MiB}MiB"\npath = "{ram}"\n'
-            f'[[guest.device]]\nname = "{device}"\n')
+            f'[[guest.device]]\nname = "{device}"\nid = "{DEVICE_ID}"\n')
 
 
 def assert_nothing_compiled(*daemons: LinuxDaemon) -> None:

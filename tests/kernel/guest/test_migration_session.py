@@ -71,7 +71,7 @@ class Side:
 def build_side(kernel: LinuxKernel, paths: HostPaths, name: str, uuid: str,
                facts: HostFacts) -> Side:
     g = build_guest(kernel, GuestPlan(name, (RamRegion("ram", 0, RAM_BYTES),),
-                                      (DevicePlan(uuid, "c0"),)), paths)
+                                      (DevicePlan(uuid, "c0", id="uart0"),)), paths)
     try:
         gd = g.device(uuid)
         log = HookLog(gd)

@@ -4,8 +4,8 @@ container/group/device, §3.7 MAP_DMA).
 
 A ``GuestPlan`` is a plain description: the RAM layout (``RamRegion``s, each a new memfd
 unless ``ram_files`` names a shared file for it), the devices with the container each goes
-in and its pre-copy dirty-tracking opt-out, and per-container options (which guest ranges
-to map for DMA, dirty providers not to use). The builder maps the RAM, then opens the
+in, its pre-copy dirty-tracking opt-out and its id (unique in the guest), and
+per-container options (which guest ranges to map for DMA, dirty providers not to use). The builder maps the RAM, then opens the
 containers in the order their first device is listed: the IOMMU groups of a container's
 devices (from sysfs), the devices, their migration drivers (each claimed RUNNING) and the
 DMA mappings. Anything that fails closes what was opened before it is raised (a
@@ -30,12 +30,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """A device of the guest: its name (PCI address or mdev UUID), its container, and
-    QEMU's ``x-pre-copy-dirty-page-tracking`` (False: the opt-out)."""
+    """A device of the guest: its name (PCI address or mdev UUID), its container, QEMU's
+    ``x-pre-copy-dirty-page-tracking`` (False: the opt-out), and its ``id``: the
+    host-independent name a migration pairs it by (docs/architecture.md §1.5; "" = its
+    name)."""
 
     name: str
     container: str = "default"
     pre_copy_dirty_page_tracking: bool = True
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ def build_guest(kernel: KernelOps, plan: GuestPlan, paths: HostPaths | None = No
     unused = sorted(set(options) - set(members))
     if unused:
         raise ValueError(f"guest {plan.name}: containers {unused} have no device")
+    id_of = {d.name: d.id for d in plan.devices}
     tracking = {d.name: d.pre_copy_dirty_page_tracking for d in plan.devices}
     guest = Guest(kernel, plan.name, plan.page_size, paths)
     try:
@@ -101,6 +109,7 @@ def build_guest(kernel: KernelOps, plan: GuestPlan, paths: HostPaths | None = No
             groups = sorted({_group_of(kernel, paths, n) for n in names})
             guest.add_container(cname, groups, devices=names, maps=opt.maps,
                                 pre_copy_dirty_page_tracking={n: tracking[n] for n in names},
+                                ids={n: id_of[n] for n in names},
                                 disable=opt.disable)
     except BaseException:
         try:

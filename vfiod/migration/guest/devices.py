@@ -6,7 +6,7 @@ Both the guest builder and the migratability check of a device no guest owns go 
 these steps, so they open, probe and describe a device the same way:
 
 * ``join_group``: a group attached to a container (type1v2 set on the first one);
-* ``device_identity``: what sysfs says the device is (kind, driver, vendor ...);
+* ``device_identity``: what sysfs says the device is (kind, driver, vendor, subsystem ...);
 * ``dma_logging_supported``: whether the device accepts DMA_LOGGING_START;
 * ``claim_running``: the migration driver of a device vfiod takes for a guest, which must
   be RUNNING (reset if a previous owner left it elsewhere);
@@ -33,14 +33,16 @@ log = logging.getLogger(__name__)
 
 
 def device_info(name: str, driver: MigrationDriver, dma_logging: bool,
-                identity: dict[str, str] | None = None) -> DeviceInfo:
-    """The device as the stream header, preflight and ``check`` describe it: protocol,
-    v2 flags, capability names (the driver's, plus ``DMA_LOGGING`` if it logs)."""
+                identity: dict[str, str] | None = None, dev_id: str = "") -> DeviceInfo:
+    """The device as the stream header, preflight and ``check`` describe it: its id
+    ("" = its name), protocol, v2 flags, capability names (the driver's, plus
+    ``DMA_LOGGING`` if it logs)."""
     flags = driver.migration_flags
     caps = list(driver.capability_names)
     if dma_logging:
         caps.append("DMA_LOGGING")
-    return DeviceInfo(name, driver.protocol, flags, dict(identity or {}), tuple(caps))
+    return DeviceInfo(name, driver.protocol, flags, dict(identity or {}), tuple(caps),
+                      dev_id)
 
 
 @dataclass
@@ -52,10 +54,15 @@ class GuestDevice:
     pre_copy_dirty_page_tracking: bool = True
     identity: dict[str, str] = field(default_factory=dict)
     dma_logging: bool = False
+    #: the host-independent id a migration pairs the device by; "" = its name
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.name
 
     def info(self) -> DeviceInfo:
         """The device as the stream header and preflight describe it."""
-        return device_info(self.name, self.driver, self.dma_logging, self.identity)
+        return device_info(self.name, self.driver, self.dma_logging, self.identity, self.id)
 
 
 @dataclass
@@ -89,14 +96,15 @@ def group_members(kernel: KernelOps, paths: HostPaths, number: int) -> list[str]
 
 
 def device_identity(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, str]:
-    """What sysfs says ``name`` is, as strings: kind, driver, mdev type, vendor, device."""
+    """What sysfs says ``name`` is, as strings: kind, driver, mdev type, vendor, device
+    and (PCI) subsystem ids; preflight compares it between the paired devices."""
     identity: dict[str, str] = {}
     found = discover_device(kernel, name, paths)
     for key in ("kind", "driver", "mdev_type"):
         val = getattr(found, key)
         if val is not None:
             identity[key] = str(val)
-    for key in ("vendor", "device"):
+    for key in ("vendor", "device", "subsystem_vendor", "subsystem_device"):
         val = getattr(found, key)
         if val is not None:
             identity[key] = f"{val:#06x}"

@@ -7,8 +7,9 @@ A ``Guest`` owns
   guest-physical address ``gpa``, mapped into this process for DMA;
 * containers (type1v2): the groups attached to each, the IOVA -> guest mappings made on it
   (default: every RAM region at iova == gpa), and the devices opened through it;
-* devices: the vfio ``Device``, the migration driver ``probe`` chose, and the per-device
-  ``pre_copy_dirty_page_tracking`` flag (QEMU's ``x-pre-copy-dirty-page-tracking``);
+* devices: the vfio ``Device``, the migration driver ``probe`` chose, the per-device
+  ``pre_copy_dirty_page_tracking`` flag (QEMU's ``x-pre-copy-dirty-page-tracking``) and
+  the device's ``id``, which a migration pairs it by (docs/architecture.md §1.5);
 * the dirty tracker over all its containers (``make_tracker``, docs/architecture.md §3), which
   reads each device's migration state from its driver for the opt-out;
 * the run state (``GuestState``) with handlers: pausing the guest calls every handler
@@ -94,11 +95,13 @@ class Guest:
                       devices: Sequence[str] | None = None,
                       maps: Sequence[tuple[int, int]] | None = None,
                       pre_copy_dirty_page_tracking: Mapping[str, bool] | None = None,
-                      disable: Sequence[str] = ()) -> GuestContainer:
+                      disable: Sequence[str] = (),
+                      ids: Mapping[str, str] | None = None) -> GuestContainer:
         """Open a type1v2 container, attach ``groups``, open ``devices`` (default: every
         device sysfs lists in those groups), probe their migration drivers and map guest
         RAM for DMA: ``maps`` = (gpa, size) ranges inside RAM regions at iova == gpa
-        (default: every region)."""
+        (default: every region). ``ids``: device name -> the id a migration pairs it by
+        (default: its name)."""
         if any(c.name == name for c in self.containers):
             raise ValueError(f"guest {self.name}: container {name!r} exists")
         c = Container.open(self.kernel, self.paths)
@@ -110,7 +113,8 @@ class Guest:
             members = group_members(self.kernel, self.paths, number)
             for dev_name in members if devices is None else [n for n in devices
                                                              if n in members]:
-                self._open_device(gc, grp, dev_name, opt.pop(dev_name, True))
+                self._open_device(gc, grp, dev_name, opt.pop(dev_name, True),
+                                  (ids or {}).get(dev_name, dev_name))
         missing = [n for n in devices or () if n not in gc.devices]
         if missing:
             raise ValueError(f"guest {self.name}: devices {missing} are not in groups "
@@ -123,14 +127,18 @@ class Guest:
         return gc
 
     def _open_device(self, gc: GuestContainer, grp: Group, name: str,
-                     pre_copy: bool) -> GuestDevice:
+                     pre_copy: bool, dev_id: str) -> GuestDevice:
         if any(d.name == name for d in self.devices):
             raise ValueError(f"guest {self.name}: device {name} is already open")
+        twin = next((d for d in self.devices if d.id == dev_id), None)
+        if twin is not None:
+            raise ValueError(f"guest {self.name}: device id {dev_id!r} of {name} is already "
+                             f"the id of {twin.name}: ids must be unique within a guest")
         dev = grp.get_device(name)
         identity = device_identity(self.kernel, self.paths, name)
         logging = dma_logging_supported(dev)
         driver = claim_running(name, dev)
-        gd = GuestDevice(name, dev, driver, gc.name, pre_copy, identity, logging)
+        gd = GuestDevice(name, dev, driver, gc.name, pre_copy, identity, logging, dev_id)
         gc.devices.append(name)
         self.devices.append(gd)
         return gd

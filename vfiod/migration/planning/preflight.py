@@ -18,9 +18,13 @@ Refusals, in the order they are reported:
   to pin and no CAP_IPC_LOCK, with the advice to set ``LimitMEMLOCK=`` in the unit;
 * host or guest page sizes differ;
 * the guest memory layouts differ (regions by guest address and size);
-* the device lists differ in length, or a device (matched by position in the guest's
-  device list: PCI addresses differ between hosts) differs in identity, migration protocol
-  or migration flags.
+* the devices do not pair up: devices are paired by their ``id`` (host-independent, the
+  same in both hosts' configurations; PCI addresses differ between hosts, and the order
+  the configurations list them in may differ too), never by position. A device on one
+  side only, an id listed twice on one side, or a pair that differs in identity
+  (vendor, device, subsystem ...), migration protocol or migration flags is a refusal
+  naming the id and both device names. A device configured without an id has its name
+  as id, so it pairs only with a device of the same name; the refusal says so.
 """
 
 from __future__ import annotations
@@ -83,9 +87,12 @@ class MigrationFacts:
             guest = GuestFacts(
                 name=str(g["name"]), page_size=int(g["page_size"]),
                 regions=tuple(RamRegion(**r) for r in g["regions"]),
+                # an older peer sends no id: its devices pair by name, and the protocol
+                # versions differ anyway, which compare() reports
                 devices=tuple(DeviceInfo(name=v["name"], protocol=v["protocol"],
                                          flags=int(v["flags"]), identity=dict(v["identity"]),
-                                         capabilities=tuple(v["capabilities"]))
+                                         capabilities=tuple(v["capabilities"]),
+                                         id=str(v.get("id") or v["name"]))
                               for v in g["devices"]),
                 pinned_bytes=int(g["pinned_bytes"]),
                 memory_encryption=str(g["memory_encryption"]))
@@ -155,13 +162,38 @@ def _layout(src: GuestFacts, dst: GuestFacts) -> list[str]:
             f"destination {only_b or '[]'}"]
 
 
+_NO_ID = ("no id is configured for it, so it pairs only with a device of the same name "
+          "(PCI addresses differ between hosts): give it the same id in both hosts' "
+          "configurations")
+
+
+def _by_id(side: str, devices: tuple[DeviceInfo, ...], out: list[str]
+           ) -> dict[str, DeviceInfo]:
+    """``devices`` by id; an id listed twice is a refusal (the first one pairs)."""
+    found: dict[str, DeviceInfo] = {}
+    for d in devices:
+        if d.id in found:
+            out.append(f"the {side} lists device id {d.id} twice ({found[d.id].name} and "
+                       f"{d.name}): ids must be unique within a guest")
+        else:
+            found[d.id] = d
+    return found
+
+
+def _unpaired(d: DeviceInfo, side: str, other: str) -> str:
+    text = f"device {d.id} ({side} {d.name}) is not on the {other}"
+    return text + (f": {_NO_ID}" if d.id == d.name else "")
+
+
 def _devices(src: GuestFacts, dst: GuestFacts) -> list[str]:
-    if len(src.devices) != len(dst.devices):
-        return [f"device count differs: source has {len(src.devices)} "
-                f"({', '.join(d.name for d in src.devices) or 'none'}), destination "
-                f"{len(dst.devices)} ({', '.join(d.name for d in dst.devices) or 'none'})"]
-    out = []
-    for i, (a, b) in enumerate(zip(src.devices, dst.devices, strict=True)):
+    out: list[str] = []
+    a_ids = _by_id("source", src.devices, out)
+    b_ids = _by_id("destination", dst.devices, out)
+    for i, a in a_ids.items():
+        b = b_ids.get(i)
+        if b is None:
+            out.append(_unpaired(a, "source", "destination"))
+            continue
         who = f"device {i} (source {a.name}, destination {b.name})"
         if a.identity != b.identity:
             keys = sorted(set(a.identity) | set(b.identity))
@@ -172,6 +204,8 @@ def _devices(src: GuestFacts, dst: GuestFacts) -> list[str]:
             out.append(f"{who}: migration protocol {a.protocol} vs {b.protocol}")
         if a.flags != b.flags:
             out.append(f"{who}: migration flags {a.flags:#x} vs {b.flags:#x}")
+    out += [_unpaired(b, "destination", "source") for i, b in b_ids.items()
+            if i not in a_ids]
     return out
 
 

@@ -2,7 +2,7 @@
 §6.10 destination flow; the seed's load hooks).
 
     SETUP    send this host's facts (ACK hello); read the HEADER; check it against this
-             guest (page size, memory layout, devices by position: identity, protocol,
+             guest (page size, memory layout, devices paired by id: identity, protocol,
              flags) and refuse with every reason (ERROR) before any byte is written; attach
              this guest's RAM as the place RAM records land; ACK header.
     ACTIVE   RAM records land in guest memory (CRC checked in place by the reader) and
@@ -171,7 +171,8 @@ class DestinationSession(DestinationEnding, SessionBase):
         reasons = compare(theirs, self.facts)
         if reasons:
             raise PreflightError(reasons)
-        self._by_index = list(g.devices)        # matched by position, like preflight
+        mine = {d.id: d for d in g.devices}      # paired by id, as preflight checked
+        self._by_index = [mine[d.id] for d in h.devices]
         self.reader.attach_ram(g.guest_ram(writable=True))
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
         # the time spent here is not network: the source subtracts it from its round trip

@@ -6,7 +6,9 @@ saved snapshot; it is small and bounded (``Limits.header``), and ``StreamHeader.
 checks every field (types, alignment, overlaps, counts) before anything uses it, because
 the destination sizes its memory checks from it.
 
-Device entries carry what preflight compares (docs/architecture.md §1): identity (vendor, device,
+Device entries carry what preflight compares (docs/architecture.md §1): the device's ``id``
+(host-independent, the same in both hosts' configurations: the destination pairs each
+entry with its own device of that id, docs/protocol.md §5.1), identity (vendor, device,
 subsystem, driver, mdev type ... as strings), migration protocol (``v2``/``v1``), the
 migration flags (v2 ``VFIO_MIGRATION_*`` bits as the kernel reports them) and capability
 names (``PRE_COPY``, ``P2P``, ``DMA_LOGGING`` ...).
@@ -29,13 +31,19 @@ CHECKSUM_NAME = "crc32c"
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """A migrating device as the source sees it (see the module docstring)."""
+    """A migrating device as the source sees it (see the module docstring); ``id`` ""
+    means its name."""
 
     name: str
     protocol: str
     flags: int = 0
     identity: dict[str, str] = field(default_factory=dict, hash=False)
     capabilities: tuple[str, ...] = ()
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,8 @@ class StreamHeader:
                 "regions": [{"name": r.name, "gpa": r.gpa, "size": r.size}
                             for r in self.regions],
             },
-            "devices": [{"name": d.name, "protocol": d.protocol, "flags": d.flags,
+            "devices": [{"name": d.name, "id": d.id, "protocol": d.protocol,
+                         "flags": d.flags,
                          "identity": dict(sorted(d.identity.items())),
                          "capabilities": list(d.capabilities)} for d in self.devices],
         }
@@ -107,6 +116,7 @@ class StreamHeader:
                 raise ValueError(f"devices[{i}].capabilities must be a list of names")
             devices.append(DeviceInfo(
                 name=_str(dev.get("name"), f"devices[{i}].name"),
+                id=_nonempty(dev.get("id"), f"devices[{i}].id"),
                 protocol=_str(dev.get("protocol"), f"devices[{i}].protocol"),
                 flags=_int(dev.get("flags", 0), f"devices[{i}].flags"),
                 identity={_str(k, f"devices[{i}].identity key"):
@@ -148,6 +158,12 @@ def _str(v: Any, what: str) -> str:
     return v
 
 
+def _nonempty(v: Any, what: str) -> str:
+    if not _str(v, what):
+        raise ValueError(f"{what} must not be empty")
+    return str(v)
+
+
 def _int(v: Any, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 64:
         raise ValueError(f"{what} must be an unsigned 64-bit integer, not {v!r}")
@@ -179,9 +195,13 @@ def _validate(h: StreamHeader) -> None:
     if end > 1 << 64:
         raise ValueError("guest layout ends beyond 2^64")
     seen: set[str] = set()
+    ids: set[str] = set()
     for d in h.devices:
         if not d.name or d.name in seen:
             raise ValueError(f"device name {d.name!r} is empty or repeated")
         seen.add(d.name)
+        if d.id in ids:      # never empty: DeviceInfo makes an empty id the name
+            raise ValueError(f"device {d.name}: id {d.id!r} is repeated")
+        ids.add(d.id)
         if d.protocol not in ("v1", "v2"):
             raise ValueError(f"device {d.name}: protocol {d.protocol!r} is not v1 or v2")
