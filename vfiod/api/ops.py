@@ -17,6 +17,8 @@ op                 arguments
 ``migrate``        ``guest``, ``to`` ("HOST:PORT", "[v6]:PORT"), ``downtime_limit_ms``,
                    ``timeout_s``, ``on_timeout`` ("cancel" | "force"; needs timeout_s)
 ``cancel``         ``guest``: cancel its running migration (source back to RUNNING)
+``resolve``        ``guest``, ``resume_here`` (bool): settle an unsettled migration by hand
+                   when its peer is gone for good (docs/architecture.md §1.7)
 ``dirty_tracking`` ``device``, ``enabled`` (bool): the per-device pre-copy dirty page
                    tracking flag (QEMU's x-pre-copy-dirty-page-tracking)
 =================  ===============================================================
@@ -72,15 +74,22 @@ class CancelArgs:
 
 
 @dataclass(frozen=True)
+class ResolveArgs:
+    guest: str
+    resume_here: bool
+
+
+@dataclass(frozen=True)
 class DirtyTrackingArgs:
     device: str
     enabled: bool
 
 
-Args = NoArgs | StatusArgs | CheckArgs | MigrateArgs | CancelArgs | DirtyTrackingArgs
+Args = (NoArgs | StatusArgs | CheckArgs | MigrateArgs | CancelArgs | DirtyTrackingArgs
+        | ResolveArgs)
 
 OPS: tuple[str, ...] = ("hello", "status", "devices", "check", "migrate", "cancel",
-                        "dirty_tracking")
+                        "dirty_tracking", "resolve")
 
 
 def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -167,6 +176,9 @@ def parse_args(op: str, raw: dict[str, Any]) -> Args:
         return CheckArgs(str(_Fields(op, raw, ("target",)).name("target")))
     if op == "cancel":
         return CancelArgs(str(_Fields(op, raw, ("guest",)).name("guest")))
+    if op == "resolve":
+        f = _Fields(op, raw, ("guest", "resume_here"))
+        return ResolveArgs(str(f.name("guest")), f.flag("resume_here"))
     if op == "dirty_tracking":
         f = _Fields(op, raw, ("device", "enabled"))
         return DirtyTrackingArgs(str(f.name("device")), f.flag("enabled"))

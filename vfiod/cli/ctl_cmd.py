@@ -159,6 +159,16 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"\nguest {g['name']}: {g['state']}, {_size(g['ram_bytes'])} RAM\n")
         if g["error"]:
             out.write(f"  error: {g['error']}\n")
+        for note in g.get("notes") or ():
+            out.write(f"  recovered: {note}\n")
+        u = g.get("unsettled")
+        if u:
+            asked = (f"last answer {u['peer_last_answer']!r}" if u["peer_last_answer"]
+                     else f"no answer yet{': ' + u['peer_last_error'] if u['peer_last_error'] else ''}")
+            out.write(f"  OUTCOME UNKNOWN: migration {u['migration_id']} ({u['role']}) is "
+                      f"unsettled; the guest runs nowhere that this host can see. Asking "
+                      f"{u['peer'] or 'nobody (no peer address)'}: {asked}. If the peer is "
+                      f"gone for good: vfiod ctl resolve {g['name']} --resume-here|--discard\n")
         for dev in g["devices"]:
             track = "on" if dev["pre_copy_dirty_page_tracking"] else "OFF (opt-out)"
             out.write(f"  {dev['name']:<38} {dev['protocol'] or '-':<3} "
@@ -273,6 +283,15 @@ def _cancel(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     return Exit.OK
 
 
+def _resolve(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    r = c.call("resolve", {"guest": args.guest, "resume_here": bool(args.resume_here)})
+    if args.json:
+        _json(out, r)
+    else:
+        out.write(f"{r['guest']}: {r['result']}; it is {r['state']} here now\n")
+    return Exit.OK
+
+
 def _dirty(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     r = c.call("dirty_tracking", {"device": args.device, "enabled": args.mode == "on"})
     if args.json:
@@ -373,4 +392,5 @@ def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,
 
 
 _COMMANDS = {"status": _status, "devices": _devices, "check": _check, "migrate": _migrate,
-             "cancel": _cancel, "dirty-tracking": _dirty, "watch": _watch}
+             "cancel": _cancel, "resolve": _resolve, "dirty-tracking": _dirty,
+             "watch": _watch}

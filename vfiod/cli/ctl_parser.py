@@ -76,6 +76,10 @@ EXAMPLES = {
                                     cancel it""",
     "cancel": """\
   vfiod ctl cancel g1               stop g1's migration; g1 keeps running here""",
+    "resolve": """\
+  vfiod ctl status g1               "unsettled": who was asked, their last answer
+  vfiod ctl resolve g1 --resume-here   the peer is gone for good and never ran g1: run it here
+  vfiod ctl resolve g1 --discard       g1 runs on the peer: give it up here""",
     "dirty-tracking": """\
   vfiod ctl dirty-tracking 0000:3b:00.1 off
                                     opt the device out of pre-copy dirty tracking
@@ -126,6 +130,15 @@ def register(subparsers: Any, handler: Callable[[argparse.Namespace], int]) -> N
                    help="return once started, printing how to follow and cancel it")
     x = add("cancel", "cancel a guest's running migration")
     x.add_argument("guest")
+    r = add("resolve", "settle a migration whose outcome is unknown, when its peer is gone "
+                       "for good (the peer is asked once more first; its answer wins)")
+    r.add_argument("guest")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--resume-here", action="store_true",
+                     help="run the guest on this host (refused if the peer confirmed it "
+                          "resumed there)")
+    how.add_argument("--discard", action="store_true",
+                     help="give it up here: the guest runs on the peer")
     d = add("dirty-tracking", "turn a device's pre-copy dirty page tracking on or off")
     d.add_argument("device")
     d.add_argument("mode", choices=("on", "off"))

@@ -22,6 +22,7 @@ from vfiod.api.ops import (
     CheckArgs,
     DirtyTrackingArgs,
     MigrateArgs,
+    ResolveArgs,
     StatusArgs,
 )
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
@@ -81,6 +82,9 @@ class Handlers:
         if op == "cancel":
             assert isinstance(args, CancelArgs)
             return self.cancel(args)
+        if op == "resolve":
+            assert isinstance(args, ResolveArgs)
+            return self.resolve(args)
         if op == "dirty_tracking":
             assert isinstance(args, DirtyTrackingArgs)
             return self.dirty_tracking(args)
@@ -199,6 +203,16 @@ class Handlers:
             raise ApiError(ApiErrorCode.NOT_FOUND, f"guest {entry.name} has no migration "
                            "running")
         return {"migration": rec.id, "guest": entry.name, "cancel_requested": True}
+
+    def resolve(self, args: ResolveArgs) -> dict[str, Any]:
+        """Settle an unsettled migration by hand; the peer is asked once more first, and
+        its answer wins (docs/architecture.md §1.7)."""
+        entry = self._guest(args.guest)
+        try:
+            what = self.migrations.resolution.resolve_by_hand(entry.name, args.resume_here)
+        except ValueError as e:
+            raise ApiError(ApiErrorCode.FAILED, str(e)) from None
+        return {"guest": entry.name, "result": what, "state": entry.state.value}
 
     def dirty_tracking(self, args: DirtyTrackingArgs) -> dict[str, Any]:
         owner = self._owner(args.device)
