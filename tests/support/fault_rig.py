@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemons import NotifySocket, child_env, vfiod_cmd, wait_until
+from tests.support.daemons import NotifySocket, child_env, vfiod_cmd
 from vfiod.api import ControlClient
 from vfiod.api.client import ClientError
 
