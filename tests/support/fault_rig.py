@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemons import NotifySocket, child_env, vfiod_cmd
+from tests.support.netns import in_netns
 from vfiod.api import ControlClient
 from vfiod.api.client import ClientError
 
@@ -83,8 +84,7 @@ class FaultHost:
     paths); RAM files are made at construction, the source's filled with ``pattern``."""
 
     def __init__(self, name: str, side: str, guests: Sequence[RigGuest],
-                 config: Callable[[FaultHost], str], *, netns: str | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 config: Callable[[FaultHost], str], *, netns: str | None = None) -> None:
         self.name, self.side, self.netns = name, side, netns
         # short paths: a Unix socket path has at most 107 bytes
         self.root = Path(tempfile.mkdtemp(prefix=f"vf-{name}-"))
@@ -99,7 +99,6 @@ class FaultHost:
         self.config_path.write_text(config(self))
         self.notify = NotifySocket(self.root)
         self.log_path = self.root / "daemon.log"
-        self._preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
@@ -113,12 +112,11 @@ class FaultHost:
                         "--control-socket", self.socket, "--metrics-listen", "",
                         "--sim-root", str(self.root / "sim"))
         if self.netns is not None:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+            cmd = in_netns(self.netns, cmd)
         with open(self.log_path, "ab") as log:
             log.write(f"==== {self.name} run {self.runs} ====\n".encode())
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=self._preexec,
                                          env=child_env(NOTIFY_SOCKET=self.notify.path,
                                                        PYTHONUNBUFFERED="1"))
         self.notify.wait_for("READY", timeout=START_TIMEOUT, after=after, alive=self._check)
@@ -181,6 +179,15 @@ class FaultHost:
             return str(self.guest(name)["state"])
         except ClientError:
             return None
+
+    def migrate(self, guest: str, to: str, **args: Any) -> str:
+        """Start migrating ``guest`` to ``to`` (HOST:PORT); its migration id."""
+        return str(self.call("migrate", {"guest": guest, "to": to, **args})["migration"]["id"])
+
+    def migration(self, guest: str) -> dict[str, Any] | None:
+        """The guest's current or last migration record here."""
+        m = self.guest(guest)["migration"]
+        return dict(m) if m else None
 
     @property
     def migration_address(self) -> str:
