@@ -71,7 +71,7 @@ def host_config(side: str, guests: Sequence[RigGuest], root: Path, listen: str, 
         text += (f'\n[[guest]]\nname = "{g.name}"\nstart = "{start}"\n'
                  f'[[guest.ram]]\nname = "ram"\nsize = {g.ram_bytes}\n'
                  f'path = "{root / "ram" / (g.name + ".ram")}"\n'
-                 f'[[guest.device]]\nname = "{g.device(side)}"\n')
+                 f'[[guest.device]]\nname = "{g.device(side)}"\nid = "dev{g.index}"\n')
     text += "\n[sim]\n"
     for g in guests:
         text += (f'[[sim.device]]\nname = "{g.device(side)}"\ncapability = "{g.capability}"\n'
