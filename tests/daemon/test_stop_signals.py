@@ -2,7 +2,8 @@
 SIGTERM, SIGTERM twice, and SIGINT in the middle of a pre-copy cancel it; the source's
 guest runs again with its devices RUNNING before their fds close (STATUS and the log say
 so), the process exits 0 within the stop budget, and the destination discards what it
-received and waits again.
+received and waits again. A stop of the destination instead discards there, and the
+source rolls back.
 
 Guest g2's only device has no DMA logging and the source caps its bandwidth, so its
 pre-copy never converges (tests/support/daemon_configs.py): it is still in pre-copy
@@ -20,7 +21,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemon_configs import host_config
-from tests.support.daemons import DaemonProcess, guest_status, lifecycle_steps, wait_until
+from tests.support.daemons import (
+    DaemonProcess,
+    daemon_pair,
+    guest_status,
+    lifecycle_steps,
+    wait_until,
+)
 from vfiod.daemon.stopping import STOP_BUDGET_S
 
 SIGNALS = {"SIGTERM": [signal.SIGTERM], "SIGTERM twice": [signal.SIGTERM, signal.SIGTERM],
@@ -96,3 +103,35 @@ def test_a_stop_during_precopy_rolls_back_within_the_budget(
         wait_until(dest_ready, 60, "the destination to discard g2 again")
     finally:
         src.cleanup()
+
+
+def test_a_stop_of_the_destination_discards_and_the_source_rolls_back() -> None:
+    with daemon_pair(host_config("source", guests=("g2",),
+                                 migration='bandwidth_limit = "64MiB"\n'),
+                     host_config("destination", guests=("g2",)), "src-dstop", "dst-dstop"
+                     ) as (src, dst):
+        r = src.ctl("migrate", "g2", "--to", dst.migration_address, "--detach", "--json")
+        assert r.returncode == 0, r.stderr
+
+        def receiving() -> bool:
+            m = guest_status(dst, "g2")["migration"]
+            return bool(m is not None and m["result"] is None
+                        and m["progress"]["phase"] == "precopy")
+        wait_until(receiving, 60, "the destination to receive g2's pre-copy")
+        started = time.monotonic()
+        dst.signal(signal.SIGTERM)
+        assert dst.proc.wait(STOP_BUDGET_S) == 0, dst.log()
+        took = time.monotonic() - started
+        assert dst.stop() == 0
+        log = dst.log()
+        assert took < STOP_BUDGET_S, (took, log)
+        assert "Traceback" not in log and "left open" not in log, log
+        assert "(destination g2): cancelled" in log, log
+        assert lifecycle_steps(dst, "g2")[-1] == ("incoming", "defined"), log
+
+        def rolled_back() -> dict | None:
+            g = guest_status(src, "g2")
+            return g if g["migration"]["result"] is not None else None
+        g = wait_until(rolled_back, 60, "the source to end the migration")
+        assert g["state"] == "running", (g, src.log())
+        assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}

@@ -181,7 +181,8 @@ class GuestManager:
         try:
             return build_guest(self.kernel, config_plan(gc, tracking), self.paths)
         except (NotMigratable, UnusableDevice) as e:
-            entry.devices[e.device].reason = e.reason
+            with self.registry.lock:
+                entry.devices[e.device].reason = e.reason
             raise
 
     def _describe(self, entry: GuestEntry, guest: Guest) -> None:
