@@ -18,17 +18,27 @@ objects (fds, RAM) are kept here, not in the registry.
 A guest that cannot be opened (a device not bound to VFIO, a group another process owns,
 a device without migration support) is kept in state ``failed`` with the reason, so
 ``vfiod ctl status`` and ``check`` can say why; the daemon still starts.
+
+Threads: the open guests (``_guests``, whose fds the migration threads use) change under
+the registry lock; the workloads' stop functions (``_stops``), the guests a thread is
+re-opening or starting (``_busy``) and the stop flag under this manager's own lock, taken
+on its own or after the registry lock. ``close_all`` (the stop, docs/architecture.md §6)
+closes no guest a thread still uses: one a running migration holds (the caller's
+``held``) or one in ``_busy``. Its fds are left open for the process exit, which closes
+them and resets its devices; the log says which guest and why. After the stop began no
+guest is re-opened or started again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
-from vfiod.daemon.lifecycle import LifecycleState
+from vfiod.daemon.lifecycle import LifecycleError, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
@@ -73,9 +83,11 @@ class GuestManager:
         self.registry = registry
         self.workloads = {w.guest: w for w in workloads}
         self._start_workload = start_workload
+        self._guests: dict[str, Guest] = {}          # under the registry lock
         self._stops: dict[str, Callable[[], None]] = {}
-        self._guests: dict[str, Guest] = {}
-        self._lock = threading.Lock()
+        self._busy: set[str] = set()                 # re-opened or started on a thread
+        self._stopping = False
+        self._lock = threading.Lock()                # the three above
         registry.refreshers.append(self.refresh)
 
     # -- opening ---------------------------------------------------------------------------
@@ -90,11 +102,12 @@ class GuestManager:
     def open(self, entry: GuestEntry, start: str) -> None:
         """Open ``entry``'s guest fresh; on failure the entry says why (state "failed")."""
         gc = entry.config
-        flags = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
-        entry.devices = {d.name: DeviceEntry(d.name, gc.name, d.container,
-                                             pre_copy_dirty_page_tracking=flags.get(
-                                                 d.name, d.pre_copy_dirty_page_tracking))
-                         for d in gc.devices}
+        with self.registry.lock:                     # status reads them
+            flags = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
+            entry.devices = {d.name: DeviceEntry(d.name, gc.name, d.container,
+                                                 pre_copy_dirty_page_tracking=flags.get(
+                                                     d.name, d.pre_copy_dirty_page_tracking))
+                             for d in gc.devices}
         try:
             guest = self._build(gc, entry)
         except (VfiodError, OSError, ValueError) as e:
@@ -103,7 +116,16 @@ class GuestManager:
             return
         lifecycle = self.registry.lifecycle
         with self.registry.lock:
-            self._guests[gc.name] = guest
+            with self._lock:
+                stopping = self._stopping
+            if not stopping:
+                self._guests[gc.name] = guest
+        if stopping:
+            # The stop began while this thread built it: nobody else has seen it.
+            log.info("guest %s: not re-opened: the daemon is stopping", gc.name)
+            self._close_guest(gc.name, guest)
+            return
+        with self.registry.lock:
             lifecycle.move(gc.name, LifecycleState.CLAIMED, "devices and RAM opened")
             if start == "running":
                 lifecycle.move(gc.name, LifecycleState.RUNNING, "runs here")
@@ -119,29 +141,57 @@ class GuestManager:
         elif start == "outcome-unknown":
             guest.set_run_state(GuestState.PAUSED)
         else:
-            self.started_running(entry)
+            self._start_load(entry)
         log.info("guest %s: open (%s), %d device(s), %d bytes of RAM", gc.name, entry.state,
                  len(guest.devices), guest.ram_bytes)
 
     def started_running(self, entry: GuestEntry) -> None:
-        """The guest runs here now (configured so, or an incoming migration completed)."""
+        """The guest runs here now: an incoming migration completed (its thread calls)."""
+        with self._working(entry.name) as allowed:
+            if allowed:
+                self._start_load(entry)
+
+    def _start_load(self, entry: GuestEntry) -> None:
+        """Start the guest's simulated workload, if it has one and none runs."""
         load = self.workloads.get(entry.name)
-        if load is None or self._start_workload is None or entry.name in self._stops:
+        if load is None or self._start_workload is None:
             return
+        with self.registry.lock:
+            guest = self._guests.get(entry.name)
+        with self._lock:
+            if guest is None or entry.name in self._stops:
+                return
         try:
-            stop = self._start_workload(self._guests[entry.name], load)
+            stop = self._start_workload(guest, load)
         except (ValueError, VfiodError) as e:
             log.error("guest %s: simulated workload not started: %s", entry.name, e)
             return
         if stop is not None:
-            self._stops[entry.name] = stop
+            with self._lock:
+                self._stops[entry.name] = stop
+
+    @contextmanager
+    def _working(self, name: str) -> Iterator[bool]:
+        """This thread works on guest ``name``'s fds: the stop leaves them alone until it
+        is done. Yields False (and marks nothing) once the stop began."""
+        with self._lock:
+            allowed = not self._stopping
+            if allowed:
+                self._busy.add(name)
+        try:
+            yield allowed
+        finally:
+            if allowed:
+                with self._lock:
+                    self._busy.discard(name)
 
     def _build(self, gc: GuestConfig, entry: GuestEntry) -> Guest:
         tracking = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         try:
             return build_guest(self.kernel, config_plan(gc, tracking), self.paths)
         except (NotMigratable, UnusableDevice) as e:
-            entry.devices[e.device].reason = e.reason
+            with self.registry.lock:
+                entry.devices[e.device].reason = e.reason
             raise
 
     def _describe(self, entry: GuestEntry, guest: Guest) -> None:
@@ -188,29 +238,39 @@ class GuestManager:
                 guest.device(device).pre_copy_dirty_page_tracking = enabled
 
     def reopen(self, entry: GuestEntry, start: str) -> None:
-        """Release everything of the guest and open it fresh (``start``: its new role)."""
-        self.close(entry, "re-opened fresh")
-        self.open(entry, start)
+        """Release everything of the guest and open it fresh (``start``: its new role);
+        a migration's thread calls it. Once the stop began, the stop closes it instead."""
+        with self._working(entry.name) as allowed:
+            if not allowed:
+                log.info("guest %s: not re-opened: the daemon is stopping", entry.name)
+                return
+            self.close(entry, "re-opened fresh")
+            self.open(entry, start)
 
     # -- closing ---------------------------------------------------------------------------
     def close(self, entry: GuestEntry, cause: str) -> None:
-        stop = self._stops.pop(entry.name, None)
+        with self.registry.lock:
+            guest = self._guests.pop(entry.name, None)
+            self.registry.lifecycle.release(entry.name, cause)
+        self._release(entry.name, guest)
+
+    def _release(self, name: str, guest: Guest | None) -> None:
+        """Stop the guest's workload, then close its fds and RAM (no longer listed)."""
+        with self._lock:
+            stop = self._stops.pop(name, None)
         if stop is not None:
             try:
                 stop()
             except (TimeoutError, VfiodError) as e:
-                log.error("guest %s: workload did not stop: %s", entry.name, e)
-        with self.registry.lock:
-            guest = self._guests.pop(entry.name, None)
-            self.registry.lifecycle.release(entry.name, cause)
+                log.error("guest %s: workload did not stop: %s", name, e)
         if guest is not None:
             # What the devices were left in, for the journal: after a shutdown that
             # cancelled a migration, a source's devices must say RUNNING here.
             states = ", ".join(f"{d.name} {device_label(d.driver.state())}"
                                for d in guest.devices)
-            log.info("guest %s: closing (%s); devices: %s", entry.name,
+            log.info("guest %s: closing (%s); devices: %s", name,
                      guest.run_state.name, states or "none open")
-            self._close_guest(entry.name, guest)
+            self._close_guest(name, guest)
 
     def _close_guest(self, name: str, guest: Guest) -> None:
         try:
@@ -218,6 +278,34 @@ class GuestManager:
         except (KernelError, BufferError) as e:
             log.error("guest %s: closing: %s", name, e)
 
-    def close_all(self) -> None:
+    def close_all(self, held: Callable[[str], bool] | None = None) -> list[str]:
+        """The stop: close every guest but those a thread still uses (``held``: a running
+        migration holds it; or a thread here re-opens or starts it) and those whose
+        lifecycle refuses a release. Returns the guests left open, for the process exit
+        to close."""
+        with self._lock:
+            self._stopping = True
+            busy = set(self._busy)
+        kept: list[str] = []
         for entry in list(self.registry.guests.values()):
-            self.close(entry, "the daemon is stopping")
+            why: str | None = None
+            guest: Guest | None = None
+            with self.registry.lock:
+                if held is not None and held(entry.name):
+                    why = "its migration still runs (past the stop budget)"
+                elif entry.name in busy:
+                    why = "a migration thread still re-opens or starts it"
+                else:
+                    try:
+                        self.registry.lifecycle.release(entry.name, "the daemon is stopping")
+                    except LifecycleError as e:
+                        why = f"it is {entry.state}, which may not be released: {e}"
+                    else:
+                        guest = self._guests.pop(entry.name, None)
+            if why is None:
+                self._release(entry.name, guest)
+                continue
+            kept.append(entry.name)
+            log.error("guest %s: fds left open: %s; they close, and the kernel resets its "
+                      "devices, when the process exits", entry.name, why)
+        return kept

@@ -4,6 +4,11 @@ handle (the cancel and the live status of its session, which are no part of the 
 model). ``begin`` and ``end`` change all three in one hold of the registry lock, so
 status never shows a migration ended while its guest is still in a state it has left,
 nor a guest migrating without a record.
+
+A running migration holds its guest (``holds``) from ``begin`` to ``end``: its thread uses
+the guest's fds, so the stop does not close them (guests.py ``close_all``). ``close``,
+at the stop, cancels every running migration and refuses every later ``begin`` in the
+same hold of the lock, so none starts unseen while the stop waits.
 """
 
 from __future__ import annotations
@@ -60,14 +65,19 @@ class MigrationLedger:
         self.registry = registry
         self.lifecycle = registry.lifecycle
         self._handles: dict[MigrationRecord, MigrationHandle] = {}
-        self._lock = threading.Lock()          # _handles; taken after the registry lock
+        self._closed: str | None = None        # why no migration may begin any more
+        self._lock = threading.Lock()          # both; taken after the registry lock
 
     def begin(self, guest: str, role: str, peer: str, *, migration_id: str = "",
               moves: Moves = (), **policy: Any) -> tuple[MigrationRecord, MigrationHandle]:
         """Register a migration (``ValueError`` if one of the guest runs), take its first
         lifecycle steps and keep its handle. The caller holds the registry lock and
-        checked that the guest may take those steps."""
+        checked that the guest may take those steps. Refused (``ValueError``) once the
+        ledger is closed."""
         with self.registry.lock:
+            with self._lock:
+                if self._closed is not None:
+                    raise ValueError(f"{self._closed}: no migration starts now")
             rec = self.registry.begin_migration(guest, role, peer, migration_id=migration_id,
                                                 **policy)
             self.move(rec, moves)
@@ -117,6 +127,31 @@ class MigrationLedger:
             for name, state in self.lifecycle.states().items():
                 if state in OUTGOING:
                     self.lifecycle.move(name, LifecycleState.FAILED, why)
+
+    def close(self, reason: str, by: str) -> int:
+        """At the stop: refuse every later ``begin`` and cancel every running migration
+        (one that is past its commit refuses and runs on). Returns how many were asked."""
+        with self.registry.lock, self._lock:
+            self._closed = reason
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.cancel(reason, by)
+        return len(handles)
+
+    def park(self, rec: MigrationRecord) -> None:
+        """Its thread ended but the record stays open: an unsettled outcome
+        (``resolution.py``), which no thread holds until it is settled."""
+        with self._lock:
+            self._handles.pop(rec, None)
+
+    def holds(self, guest: str) -> bool:
+        """Whether a running migration holds ``guest`` (its thread may use its fds)."""
+        with self._lock:
+            return any(rec.guest == guest for rec in self._handles)
+
+    def running(self) -> list[MigrationRecord]:
+        with self._lock:
+            return list(self._handles)
 
     # -- from other threads ----------------------------------------------------------------
     def live_status(self) -> dict[str, dict[str, Any]]:

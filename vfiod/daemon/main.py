@@ -10,13 +10,20 @@ Start-up order, each step before the next, so ``READY=1`` means "serving":
 5. ``READY=1`` with a STATUS line, and the watchdog thread if systemd asked for one.
 
 The main loop wakes at least every second (or a quarter of the watchdog interval), beats
-the heartbeat the watchdog checks, refreshes STATUS while migrations run, and acts on
-signals: SIGTERM/SIGINT stop gracefully (``STOPPING=1``; running migrations are
-cancelled, so a source's devices are back to RUNNING; then the guests' fds are closed),
+the heartbeat the watchdog checks, refreshes STATUS while migrations run, and acts on the
+signals its self-pipe brings (``stopping.py``; the handlers only write to the pipe):
 SIGHUP reloads the configuration (``RELOADING=1`` ... ``READY=1``): the migration
 defaults and the per-device opt-out apply at once; what needs a restart (sockets, paths,
 guests, the simulated host) is listed in ``vfiod ctl status``; a bad file is refused and
 the running configuration stays.
+
+SIGTERM/SIGINT stop, in this order: ``STOPPING=1`` (systemd stops watching the watchdog,
+and so does vfiod); the control socket closes; every migration that has not committed is
+cancelled and nothing new may start; the stop waits for the migration threads at most
+``STOP_BUDGET_S`` (a source rolls back: devices RUNNING, the guest resumed; one past its
+commit runs on to its end); a STATUS line says where the guests are; only then are the
+guests' fds closed, except those of a guest whose thread still runs (left for the
+process exit, logged with the reason). More signals during the stop change nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from vfiod.api.ops import parse_host_port
@@ -42,6 +48,7 @@ from vfiod.daemon.metrics import MetricsServer, VfiodCollector
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.recovery import recover
 from vfiod.daemon.registry import Registry
+from vfiod.daemon.stopping import STOP_BUDGET_S, STOP_SIGNALS, SignalPipe
 from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
 from vfiod.errors import ConfigError, VfiodError
 from vfiod.kernel.linux import LinuxKernel
@@ -80,15 +87,16 @@ def _address(text: str, what: str) -> tuple[str, int]:
 
 
 class Daemon:
+    #: how long a stop waits for the migrations it cancelled (stopping.py)
+    stop_budget_s = STOP_BUDGET_S
+
     def __init__(self, opts: RunOptions, config: Config, notifier: Notifier | None = None) -> None:
         self.opts = opts
         self.config = config
         self.notifier = notifier or Notifier()
         self.registry = Registry()
         self.heartbeat = Heartbeat()
-        self._wake = threading.Event()
-        self._stop_requested = False
-        self._reload_requested = False
+        self.signals = SignalPipe()
         self._sim: Any = None
         self._sim_root: str | None = None
         self.kernel: KernelOps = LinuxKernel()
@@ -105,8 +113,7 @@ class Daemon:
     def start(self) -> None:
         # Signals first: systemd may send SIGTERM as soon as READY=1 (or before it).
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, self._signal)
+            self.signals.install()
         cfg, opts = self.config, self.opts
         make_state_dir(cfg.paths.state)
         self.journal = open_journal(cfg.paths.state, self.registry)
@@ -195,28 +202,23 @@ class Daemon:
         return "; ".join(parts)
 
     # -- main loop -------------------------------------------------------------------------
-    def _signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self._reload_requested = True
-        else:
-            self._stop_requested = True
-        self._wake.set()
-
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT; the caller ran ``start``."""
         tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
         last = ""
-        while not self._stop_requested:
+        while True:
             self.heartbeat.beat()
-            if self._reload_requested:
-                self._reload_requested = False
-                self.reload()
             line = self.status_line()
             if line != last:
                 self.notifier.status(line)
                 last = line
-            self._wake.wait(tick)
-            self._wake.clear()
+            got = self.signals.wait(tick)
+            stop = next((s for s in got if s in STOP_SIGNALS), None)
+            if stop is not None:
+                log.info("%s received", signal.Signals(stop).name)
+                return
+            if signal.SIGHUP in got:
+                self.reload()
 
     def reload(self) -> None:
         from vfiod.daemon.reload import apply_reload
@@ -239,29 +241,46 @@ class Daemon:
 
     # -- stop ------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        self.notifier.stopping("stopping: cancelling migrations, releasing devices")
+        """The stop (see the module docstring); bounded by the stop budget plus what
+        closing takes."""
+        self.notifier.stopping("stopping: cancelling migrations that have not committed")
         log.info("stopping")
+        if self.watchdog is not None:
+            # After STOPPING=1 systemd no longer expects pings; a long rollback must not
+            # read as a wedged main loop.
+            self.watchdog.stop()
         if self.control is not None:
             self.control.close()
-        if hasattr(self, "migrations"):
-            self.migrations.resolution.stop()
-            self.migrations.shutdown()
+        migrations = getattr(self, "migrations", None)
+        if migrations is not None:
+            migrations.resolution.stop()
+            migrations.shutdown(self.stop_budget_s)
+            self.notifier.status(f"stopping: migrations ended; {self.status_line()}")
         # Closing fds at a stop is what a crash does too (the kernel resets the devices):
         # the journal keeps each guest's state as it was, so the restart recovers it the
         # same way instead of reading "released" for every guest.
         self.registry.lifecycle.record = None
+        kept: list[str] = []
         if hasattr(self, "guests"):
-            self.guests.close_all()
+            kept = self.guests.close_all(migrations.ledger.holds if migrations else None)
         if hasattr(self, "journal"):
             self.journal.close()
         if self.metrics is not None:
             self.metrics.close()
-        if self.watchdog is not None:
-            self.watchdog.stop()
         if self._sim is not None:
-            self._sim.close()
-        if self._sim_root is not None and self.opts.sim_root is None:
-            shutil.rmtree(self._sim_root, ignore_errors=True)
+            if kept:
+                log.warning("simulated host left up for the process exit: guest(s) %s "
+                            "still held by a thread", ", ".join(kept))
+            else:
+                self._sim.close()
+                if self._sim_root is not None and self.opts.sim_root is None:
+                    shutil.rmtree(self._sim_root, ignore_errors=True)
+        late = [signal.Signals(s).name for s in self.signals.drain()]
+        if late:
+            log.info("%s during the stop: ignored (the stop was under way)", ", ".join(late))
+        self.signals.close()
+        self.notifier.notify(status="stopped" + (
+            f"; fds of {', '.join(kept)} left to the process exit" if kept else ""))
         self.notifier.close()
         log.info("stopped")
 

@@ -64,6 +64,7 @@ class OutcomeKeeping:
             if to is not None:
                 self.ledger.move(rec, [(to, res.reason)])
             self.registry.update(rec, state="unsettled")
+            self.ledger.park(rec)
         log.error("migration %s (%s of %s): %s; the guest stays paused until the peer "
                   "answers (vfiod ctl status shows it; vfiod ctl resolve if the peer is gone)",
                   rec.id, role, rec.guest, res.reason)

@@ -340,11 +340,14 @@ class MigrationService(OutcomeKeeping):
                  f": {res.reason}" if res.reason else "")
         return res
 
-    def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Cancel every running migration and wait for the threads (bounded)."""
+    def shutdown(self, timeout_s: float) -> None:
+        """Refuse new migrations, cancel every running one that has not committed (one
+        past its commit refuses the cancel and runs on: it is finished, never rolled
+        back) and wait for the threads, at most ``timeout_s`` (daemon/stopping.py). A
+        migration still running then keeps its guest (``ledger.holds``): the caller leaves
+        that guest's fds open; an outgoing one's guest is marked failed."""
         self._closing.set()
-        for entry in list(self.registry.guests.values()):
-            self.ledger.cancel(entry, SHUTDOWN_REASON, by="shutdown")
+        self.ledger.close(SHUTDOWN_REASON, by="shutdown")
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -353,12 +356,18 @@ class MigrationService(OutcomeKeeping):
                 break
             left = deadline - time.monotonic()
             if left <= 0:
-                log.error("shutdown: %d migration thread(s) still running after %.0f s",
-                          len(threads), timeout_s)
+                running = self.ledger.running()
+                log.error("shutdown: %d thread(s) still running after the %g s stop budget"
+                          "%s", len(threads), timeout_s,
+                          "".join(f"; migration {r.id} ({r.role} {r.guest}, {r.peer})"
+                                  for r in running))
                 self.ledger.abandon(f"its migration did not end within the {timeout_s:g} "
                                     "s shutdown deadline")
                 break
-            threads[0].join(left)
+            # A connection still waiting to offer holds no guest: close it (again each
+            # turn, until the accept loop has seen _closing and admits no more).
+            self.offers.abort_all()
+            threads[0].join(min(left, ACCEPT_POLL_S))
         if self.listener is not None:
             self.listener.close()
 

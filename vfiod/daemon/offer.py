@@ -213,6 +213,15 @@ class PendingOffers:
             log.warning("migration port: %s sent no offer within %g s; closed", c.peer,
                         self.limits.deadline_s)
 
+    def abort_all(self) -> None:
+        """Close every connection still waiting to offer (the daemon stops): its thread
+        sees the end at once instead of waiting for the deadline."""
+        with self._lock:
+            waiting = list(self._pending)
+            self._pending.clear()
+            for c in waiting:
+                c.abort()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)

@@ -169,6 +169,7 @@ def recover(configs: tuple[GuestConfig, ...], journal: Journal, registry: Regist
             mrec, _ = migrations.ledger.begin(plan.guest, "source", plan.peer,
                                               migration_id=plan.migration_id)
             registry.update(mrec, state="unsettled")
+            migrations.ledger.park(mrec)
             migrations.resolution.add(Unsettled(mrec, entry, "source", host.strip("[]"),
                                                 int(port) if port.isdigit() else 0, None))
 
