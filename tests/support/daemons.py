@@ -187,6 +187,8 @@ class LinuxDaemon:
         self.dir = workdir / name
         self.dir.mkdir()
         self.socket = str(self.dir / "control.sock")
+        if "[paths]" not in config:     # its own journal: two daemons share this host
+            config += f'\n[paths]\nstate = "{self.dir / "state"}"\n'
         (self.dir / "vfiod.toml").write_text(config)
         self.notify = NotifySocket(self.dir)
         self.log_path = self.dir / "daemon.log"

@@ -31,6 +31,7 @@ warm-up missed shows in their log as "[cache] data saved" and the test fails nam
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -75,6 +76,14 @@ def guest_config(device: str, ram: Path, *, start: str) -> str:
             f'\n[[guest]]\nname = "{GUEST}"\nstart = "{start}"\n'
             f'[[guest.ram]]\nname = "ram0"\nsize = "{RAM_BYTES // MiB}MiB"\npath = "{ram}"\n'
             f'[[guest.device]]\nname = "{device}"\nid = "{DEVICE_ID}"\n')
+
+
+def journal_outcomes(d: LinuxDaemon) -> list[dict[str, Any]]:
+    """The outcome records of a daemon's journal (its ``[paths] state``, which
+    ``LinuxDaemon`` puts in its own directory); each line is "<crc32c> <json>"."""
+    lines = (d.dir / "state" / "journal").read_text().splitlines()
+    recs = [json.loads(ln.split(" ", 1)[1]) for ln in lines]
+    return [r for r in recs if r["kind"] == "outcome"]
 
 
 def assert_nothing_compiled(*daemons: LinuxDaemon) -> None:
@@ -270,6 +279,13 @@ def test_ctl_migrate_to_the_other_daemon_completes_verified(story: Story) -> Non
     g = p.guest(GUEST)
     assert (g["state"], g["migration"]["result"]) == ("incoming", "completed"), g
     assert [(x["name"], x["state_label"]) for x in g["devices"]] == [(story.a, "RUNNING")], g
+    # the confirmed switchover, from both journals: Q prepared, then P committed, then
+    # Q resumed (docs/protocol.md §8.4)
+    steps = sorted(
+        (rec["at"], side, rec["outcome"]) for side, d in (("P", p), ("Q", q))
+        for rec in journal_outcomes(d) if rec["migration_id"] == final["id"])
+    assert [(side, o) for _, side, o in steps] == [
+        ("Q", "prepared"), ("P", "committed"), ("Q", "resumed"), ("P", "resumed")], steps
     # the RAM arrived byte for byte in Q's guest; P's was only read
     assert story.q_ram.read_bytes() == story.ram
     assert story.p_ram.read_bytes() == story.ram
