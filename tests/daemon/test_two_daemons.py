@@ -78,8 +78,8 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     assert f"downtime {final['downtime_s'] * 1000:.0f} ms" in w.stdout, w.stdout
     assert "error" in w.stdout and "share here" in w.stdout, w.stdout
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
-    assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [("incoming", "loaded"),
-                                                             ("loaded", "running")]
+    assert lifecycle_steps(dst, "g1") == OPENED_INCOMING + [
+        ("incoming", "loaded"), ("loaded", "prepared"), ("prepared", "running")]
     # The source released the guest and keeps it ready to come back.
     g = wait_until(lambda: (g := guest_status(src, "g1"))["state"] == "incoming" and g,
                    30, "g1 to be re-opened on the source")
