@@ -28,6 +28,8 @@ downtime_limit_ms = 150
 timeout_s = 600
 on_timeout = "force"
 bandwidth_limit = "1GiB"
+ack_timeout_s = 5
+io_timeout_s = 7.5
 [migration.tls]
 cert = "/etc/vfiod/host.pem"
 key = "/etc/vfiod/host.key"
@@ -71,6 +73,7 @@ def test_good_file(tmp_path: Path) -> None:
     m = cfg.migration
     assert (m.listen, m.downtime_limit_ms, m.timeout_s, m.on_timeout, m.bandwidth_limit) == (
         Address("0.0.0.0", 4444), 150.0, 600.0, "force", 1 << 30)
+    assert (m.ack_timeout_s, m.io_timeout_s) == (5.0, 7.5)
     assert m.tls is not None and m.tls.cafile == "/etc/vfiod/ca.pem"
     assert (cfg.paths.state, cfg.paths.sysfs) == ("/srv/vfiod/state", "/sys")
     g1, g2 = cfg.guests
@@ -93,6 +96,7 @@ def test_defaults_and_test_configs_parse() -> None:
     assert cfg == Config(source="(text)")
     assert cfg.control.socket == "/run/vfiod/control.sock"
     assert str(cfg.metrics.listen) == "127.0.0.1:9477" and cfg.migration.listen is None
+    assert (cfg.migration.ack_timeout_s, cfg.migration.io_timeout_s) == (60.0, 120.0)
     assert cfg.paths.state == "/var/lib/vfiod"          # the unit's StateDirectory
     src = parse_config(host_config("source", guests=("g1", "g2"), extra_sim=UNOWNED,
                                    workloads={"g1": ("1MiB", "2MiB")}))
@@ -137,10 +141,14 @@ def _last_line_of(text: str, needle: str) -> int:
      "migration.downtime_limit_ms: must be a finite number, not nan"),
     ("downtime_limit_ms = 150", "downtime_limit_ms = -inf", "downtime_limit_ms",
      "migration.downtime_limit_ms: must be a finite number, not -inf"),
-    ("timeout_s = 600", "timeout_s = nan", "timeout_s",
+    ("timeout_s = 600", "timeout_s = nan", "timeout_s = nan",
      "migration.timeout_s: must be a finite number, not nan"),
-    ("timeout_s = 600", "timeout_s = inf", "timeout_s",
+    ("timeout_s = 600", "timeout_s = inf", "timeout_s = inf",
      "migration.timeout_s: must be a finite number, not inf"),
+    ("ack_timeout_s = 5", "ack_timeout_s = 0", "ack_timeout_s",
+     "migration.ack_timeout_s: must be a number above 0"),
+    ("io_timeout_s = 7.5", 'io_timeout_s = "soon"', "io_timeout_s",
+     "migration.io_timeout_s: must be a number above 0"),
     ('memory = "4GiB"', 'memory = "100000TiB"', 'memory = "100000TiB"',
      "guest[0].memory: guest g1 would have 109951162777600000 bytes of RAM, more than this "
      "host's"),

@@ -21,6 +21,8 @@ preflight refusal naming the device, never a silent mis-pairing (``ctl check`` n
     timeout_s = 600                      # default: none
     on_timeout = "cancel"                # or "force"
     bandwidth_limit = "1GiB"             # bytes per second; default: unlimited
+    ack_timeout_s = 60                   # wait at most this for each acknowledgement
+    io_timeout_s = 120                   # a send or receive that moves nothing fails
     [migration.tls]                      # optional: mutual TLS (both hosts, one CA)
     cert = "/etc/vfiod/host.pem"
     key = "/etc/vfiod/host.key"
@@ -94,6 +96,8 @@ class MigrationConfig:
     on_timeout: str = "cancel"
     bandwidth_limit: int | None = None
     tls: TlsConfig | None = None
+    ack_timeout_s: float = 60.0        # each acknowledgement of the peer
+    io_timeout_s: float = 120.0        # a send or receive that makes no progress
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,8 @@ def _migration(t: Table) -> MigrationConfig:
     timeout = t.number("timeout_s", None, high=7 * 86400)
     on_timeout = t.choice("on_timeout", ("cancel", "force"), "cancel")
     bw = t.size("bandwidth_limit", None, low=1)
+    ack = t.number("ack_timeout_s", 60.0, high=86400)
+    io = t.number("io_timeout_s", 120.0, high=86400)
     tls = None
     if t.has("tls"):
         tt = t.table("tls")
@@ -245,7 +251,8 @@ def _migration(t: Table) -> MigrationConfig:
         tt.finish()
         tls = TlsConfig(*files)
     t.finish()
-    return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls)
+    return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls,
+                           float(ack or 60.0), float(io or 120.0))
 
 
 def _paths(t: Table) -> PathsConfig:
