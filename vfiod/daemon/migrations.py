@@ -57,6 +57,7 @@ from vfiod.daemon.offer import (
     refuse_offer,
     send_offer,
 )
+from vfiod.daemon.peer_auth import refusal
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -151,6 +152,10 @@ class MigrationService(OutcomeKeeping):
             self._not_started(rec, "failed", f"cannot reach the destination: {e}")
             return
         with conn:
+            why = refusal(conn, entry.config, self.defaults, "to")
+            if why is not None:
+                self._not_started(rec, "failed", f"destination refused here: {why}")
+                return
             try:
                 send_offer(conn, Offer(guest.name, rec.id, socket.gethostname(),
                                        reply_port=self.reply_port), OFFER_TIMEOUT_S)
@@ -259,10 +264,16 @@ class MigrationService(OutcomeKeeping):
                 return
             if not self.offers.done(accepted):
                 return                     # closed at its deadline, or to make room
+            entry = self.registry.guest(offer.guest)
+            why = refusal(conn, entry.config if entry else None, self.defaults,
+                          "from" if offer.kind == "migrate" else None)
+            if why is not None:
+                log.warning("incoming %s from %s refused: %s", offer.kind, conn.peer, why)
+                _try(conn, why)
+                return
             if offer.kind == "query":
                 self._answer(conn, offer)
                 return
-            entry = self.registry.guest(offer.guest)
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
             except ValueError as e:
