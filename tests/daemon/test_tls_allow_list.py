@@ -6,6 +6,7 @@ each migration logs that its link is unauthenticated, and ``ctl check`` says so.
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def _migrate(src: DaemonProcess, dst: DaemonProcess) -> tuple[int, dict[str, obj
     return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])["migration"]
 
 
+def _reload(d: DaemonProcess, config: str) -> None:
+    n = len(d.notify.messages)
+    d.config_path.write_text(config)
+    d.signal(signal.SIGHUP)
+    d.notify.wait_for("READY", after=n)
+    st = d.call("status")["daemon"]
+    assert st["reload_error"] is None and st["restart_needed"] == [], st
+
+
 def test_a_peer_off_the_list_is_refused_then_a_listed_one_migrates(
         daemons: tuple[DaemonProcess, ...]) -> None:
     src, strict, opened = daemons
@@ -73,6 +83,18 @@ def test_a_peer_off_the_list_is_refused_then_a_listed_one_migrates(
     assert "note: TLS: peers allowed by guest g1 allow_peers: host-z.example" in check, check
     check = src.ctl("check", "g1").stdout
     assert "note: TLS: any peer certified by the CA" in check, check
+
+    # The source checks the destination too: with a global list naming only host-x
+    # (applied by SIGHUP, no restart), it does not even offer g1 to "open".
+    good = src.config_path.read_text()
+    _reload(src, good.replace('ca = "', 'allow = ["host-x.example"]\nca = "', 1))
+    code, m = _migrate(src, opened)
+    error = str(m["error"])
+    assert code == 1 and "this host does not allow that destination" in error, m
+    assert "its certificate names open" in error and "host-x.example" in error, error
+    assert guest_status(src, "g1")["state"] == "running"
+    assert "incoming migrate" not in opened.log()
+    _reload(src, good)
 
     code, m = _migrate(src, opened)
     assert code == 0 and m["result"] == "completed", (m, src.log(), opened.log())

@@ -7,8 +7,9 @@ signed by the configured CA. The allow-list narrows that to named hosts: a guest
 the CA certified is allowed (``ctl check`` says so). A peer is allowed when one of its
 certificate's identities (subject CN or a DNS SAN, ``transport/peer_identity.py``)
 equals a listed name, compared without regard to case as DNS names are. The destination
-checks the source before it admits a migration or answers an outcome query; the source
-checks the destination before it sends its offer.
+checks the source before it admits a migration or answers an outcome query
+(``refused_peer``: the source gets the reason as the offer's refusal); the source checks
+the destination before it sends its offer (``connect_allowed``).
 
 Without TLS nothing proves who the peer is: each migration logs that its link is
 unauthenticated, and ``ctl check`` carries it as a note (``link_notes``).
@@ -19,10 +20,16 @@ from __future__ import annotations
 import logging
 
 from vfiod.daemon.config import GuestConfig, MigrationConfig
+from vfiod.daemon.offer import refuse_offer
+from vfiod.daemon.registry import GuestEntry
+from vfiod.migration.transport.control import TransportCode, TransportError
 from vfiod.migration.transport.peer_identity import peer_identities
-from vfiod.migration.transport.tcp import Connection
+from vfiod.migration.transport.tcp import Connection, TlsConfig, connect
 
 log = logging.getLogger("vfiod.peer_auth")
+
+#: the source's connect to a destination, TLS handshake included
+CONNECT_TIMEOUT_S = 10.0
 
 
 def allowed_peers(guest: GuestConfig | None, migration: MigrationConfig
@@ -66,3 +73,33 @@ def link_notes(guest: GuestConfig, migration: MigrationConfig) -> list[str]:
         return ["TLS: any peer certified by the CA (no allow-list: set "
                 "[migration.tls] allow or the guest's allow_peers to name the hosts)"]
     return [f"TLS: peers allowed by {where}: {', '.join(allow)}"]
+
+
+def refused_peer(conn: Connection, entry: GuestEntry | None, migration: MigrationConfig,
+                 kind: str) -> bool:
+    """Destination, after the offer (``kind`` "migrate" or "query") for ``entry`` (None: no
+    such guest here, the global list applies): refuse a peer that is not allowed, telling
+    it why; True if refused. A migration over plain TCP is logged as unauthenticated."""
+    why = refusal(conn, entry.config if entry is not None else None, migration,
+                  "from" if kind == "migrate" else None)
+    if why is None:
+        return False
+    log.warning("incoming %s from %s refused: %s", kind, conn.peer, why)
+    try:
+        refuse_offer(conn, why)
+    except (TransportError, OSError):
+        pass                        # best effort: the peer may be gone already
+    return True
+
+
+def connect_allowed(host: str, port: int, guest: GuestConfig, migration: MigrationConfig,
+                    tls: TlsConfig | None, timeout: float = CONNECT_TIMEOUT_S) -> Connection:
+    """Source: connect to a destination allowed to receive ``guest``; a ``TransportError``
+    (code ``tls``) naming its identities and the list if it is not."""
+    conn = connect(host, port, tls=tls, timeout=timeout)
+    why = refusal(conn, guest, migration, "to")
+    if why is not None:
+        conn.close()
+        raise TransportError(TransportCode.TLS, conn.peer, "this host does not allow that "
+                             f"destination: {why}")
+    return conn
