@@ -14,7 +14,9 @@ opt-out or a container without dirty tracking, device state too large for the li
 bandwidth, a measured dirty rate at or above it). The bandwidth is the configured cap, else
 what this guest's last outgoing migration measured, else the 1 Gb/s default; the limit and
 the give-up action are the daemon's migration defaults. A guest that will not converge is
-not reported migratable.
+not reported migratable. It also says who may migrate the guest: plain TCP is not
+authenticated; under TLS, the allow-list that applies, or any peer the CA certified
+(``peer_auth.py``).
 
 A device of a guest is described from what the daemon probed when it opened the guest. A
 device no guest owns is probed on the spot (``probe_unowned_device``: the same steps and
@@ -29,6 +31,7 @@ from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.lifecycle import RUNS_HERE, LifecycleState
+from vfiod.daemon.peer_auth import allowed_peers, link_notes
 from vfiod.daemon.registry import DeviceEntry, GuestEntry
 from vfiod.dirty.providers.base import ProviderName
 from vfiod.dirty.providers.select import is_mdev
@@ -139,10 +142,14 @@ def check_guest(entry: GuestEntry, host: HostFacts, *,
         notes.append(f"as a destination this host could pin {_gib(room)} more but the guest "
                      f"needs {_gib(gc.ram_bytes)}: set LimitMEMLOCK=infinity in the unit "
                      "or grant CAP_IPC_LOCK")
-    view = guest_outlook(entry, defaults or MigrationConfig(), guest)
+    defaults = defaults or MigrationConfig()
+    notes += link_notes(gc, defaults)
+    view = guest_outlook(entry, defaults, guest)
     return {"target": gc.name, "kind": "guest",
             "migratable": not blockers and view.verdict != WILL_NOT,
             "blockers": blockers, "notes": notes, "outlook": view.to_json(),
+            "link": {"tls": defaults.tls is not None,
+                     "allow_peers": list(allowed_peers(gc, defaults)[0])},
             "devices": [{"id": ids.get(d.name, d.name), **_device_json(d)}
                         for d in entry.devices.values()],
             "host": host_json(host, gc.ram_bytes)}

@@ -27,6 +27,8 @@ preflight refusal naming the device, never a silent mis-pairing (``ctl check`` n
     cert = "/etc/vfiod/host.pem"
     key = "/etc/vfiod/host.key"
     ca = "/etc/vfiod/ca.pem"
+    allow = ["host-b.example"]           # peers' certificate names (CN or DNS SAN) that may
+                                         # migrate with this host; absent: any the CA signed
 
     [paths]
     sysfs = "/sys"                       # roots of sysfs and devfs (tests use trees)
@@ -38,6 +40,7 @@ preflight refusal naming the device, never a silent mis-pairing (``ctl check`` n
     name = "g1"
     memory = "4GiB"                      # one RAM region at guest address 0, or [[guest.ram]]
     start = "running"                    # "incoming": wait for a migration into it
+    allow_peers = ["host-c.example"]     # with TLS: replaces [migration.tls] allow for it
     [[guest.device]]
     name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
     id = "nic0"                          # the same on both hosts: migrations pair by it
@@ -51,6 +54,7 @@ preflight refusal naming the device, never a silent mis-pairing (``ctl check`` n
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 
@@ -66,6 +70,8 @@ from vfiod.migration.transport.tcp import TlsConfig
 DEFAULT_PATH = "/etc/vfiod/vfiod.toml"
 DEFAULT_METRICS = "127.0.0.1:9477"
 DEFAULT_STATE_DIR = "/var/lib/vfiod"
+#: a certificate name on an allow-list: printable, no space at either end
+PEER_NAME = r"[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,253}[^\s\x00-\x1f\x7f])?"
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class MigrationConfig:
     tls: TlsConfig | None = None
     ack_timeout_s: float = 60.0        # each acknowledgement of the peer
     io_timeout_s: float = 120.0        # a send or receive that makes no progress
+    #: certificate names (CN or DNS SAN) a TLS peer must have one of; () = any the CA signed
+    allow_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,8 @@ class GuestConfig:
     start: str = "running"
     #: containers that map only some RAM regions (default: every region)
     containers: tuple[ContainerConfig, ...] = ()
+    #: TLS peers allowed for this guest, in place of [migration.tls] allow; None: that list
+    allow_peers: tuple[str, ...] | None = None
 
     def regions_of(self, container: str) -> tuple[RamConfig, ...]:
         c = next((c for c in self.containers if c.name == container), None)
@@ -243,16 +253,37 @@ def _migration(t: Table) -> MigrationConfig:
     bw = t.size("bandwidth_limit", None, low=1)
     ack = t.number("ack_timeout_s", 60.0, high=86400)
     io = t.number("io_timeout_s", 120.0, high=86400)
-    tls = None
+    tls, allow = None, None
     if t.has("tls"):
         tt = t.table("tls")
         files = [str(tt.string(k, required=True, hint="a PEM file path")) for k in
                  ("cert", "key", "ca")]
+        allow = _allow_list(tt, "allow")
         tt.finish()
         tls = TlsConfig(*files)
     t.finish()
     return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls,
-                           float(ack or 60.0), float(io or 120.0))
+                           float(ack or 60.0), float(io or 120.0), allow or ())
+
+
+def _allow_list(t: Table, key: str) -> tuple[str, ...] | None:
+    """Certificate names, matched exactly (case aside); None when ``key`` is absent."""
+    names = t.raw(key)
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise t.error(key, "must be an array of certificate names (CN or DNS SAN), e.g. "
+                      '["host-b.example"]')
+    if not names:
+        raise t.error(key, "is empty, which would refuse every peer: list the peers' "
+                      "certificate names, or leave it out to accept any the CA signed")
+    for n in names:
+        if not re.fullmatch(PEER_NAME, n):
+            raise t.error(key, f"{n!r} is not a certificate name: 1 to 255 printable "
+                          "characters, no space at either end")
+        if "*" in n:
+            raise t.error(key, f"{n!r}: wildcards are not matched; list each peer's name")
+    return tuple(names)
 
 
 def _paths(t: Table) -> PathsConfig:
@@ -347,8 +378,10 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
         containers.append(ContainerConfig(cname, tuple(regions)))
     enc = t.choice("memory_encryption", ("none", "sev", "sev-es", "sev-snp", "tdx"), "none")
     start = t.choice("start", ("running", "incoming"), "running")
+    allow = _allow_list(t, "allow_peers")
     t.finish()
-    return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers))
+    return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers),
+                       allow)
 
 
 def _cross_checks(cfg: Config, top: Table) -> None:
@@ -357,6 +390,9 @@ def _cross_checks(cfg: Config, top: Table) -> None:
     for i, g in enumerate(cfg.guests):
         if any(h.name == g.name for h in cfg.guests[:i]):
             raise guests[i].error("name", f"guest name {g.name!r} is used twice")
+        if g.allow_peers is not None and cfg.migration.tls is None:
+            raise guests[i].error("allow_peers", "needs [migration.tls]: without TLS no "
+                                  "peer has a certificate to check")
         devs = guests[i].tables("device")
         for j, d in enumerate(g.devices):
             if d.name in seen:

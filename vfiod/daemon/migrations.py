@@ -57,6 +57,7 @@ from vfiod.daemon.offer import (
     refuse_offer,
     send_offer,
 )
+from vfiod.daemon.peer_auth import connect_allowed, refused_peer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -68,7 +69,7 @@ from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.session.status import IterationProgress, LiveProgress
 from vfiod.migration.states import MigrationState
-from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError, connect
+from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError
 from vfiod.migration.transport.control import TransportCode
 from vfiod.migration.transport.tcp import Accepted
 
@@ -77,7 +78,6 @@ log = logging.getLogger("vfiod.migrations")
 PHASE = {MigrationState.SETUP: "setup", MigrationState.ACTIVE: "precopy",
          MigrationState.DEVICE: "stopcopy", MigrationState.CANCELLING: "stopcopy"}
 OFFER_TIMEOUT_S = 30.0
-CONNECT_TIMEOUT_S = 10.0
 #: listen() backlog of the migration port: a burst of connections waits in the kernel
 LISTEN_BACKLOG = 64
 #: how long the accept loop blocks: shutdown and offer deadlines are noticed this often
@@ -146,7 +146,7 @@ class MigrationService(OutcomeKeeping):
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
                         host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
-            conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
+            conn = connect_allowed(host, port, entry.config, self.defaults, self.tls)
         except TransportError as e:
             self._not_started(rec, "failed", f"cannot reach the destination: {e}")
             return
@@ -259,10 +259,12 @@ class MigrationService(OutcomeKeeping):
                 return
             if not self.offers.done(accepted):
                 return                     # closed at its deadline, or to make room
+            entry = self.registry.guest(offer.guest)
+            if refused_peer(conn, entry, self.defaults, offer.kind):
+                return
             if offer.kind == "query":
                 self._answer(conn, offer)
                 return
-            entry = self.registry.guest(offer.guest)
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
             except ValueError as e:

@@ -11,25 +11,23 @@ source (``control.py``). API::
     conn.send_control(ControlMessage.ack(AckStage.HEADER))
                                                     conn.wait_ack(AckStage.HEADER, timeout=30)
 
-``Connection`` is both a ``StreamSink`` (``send_buffers``, ``check_peer``) and a stream
-``Source`` (``recv_into``). On plain TCP, ``send_buffers`` hands the whole batch (record
-headers and memoryviews over guest memory) to ``socket.sendmsg``, so the kernel copies
-straight from the guest mmap; ``recv_into`` lands bytes directly in the caller's view (the
-destination's guest memory for RAM). Python's ``ssl`` has no ``sendmsg``: under TLS each
-buffer goes through ``sendall`` (encryption copies anyway).
+``Connection`` is a ``StreamSink`` (``send_buffers``, ``check_peer``), a stream ``Source``
+(``recv_into``) and shows a TLS peer's certificate (``peer_certificate``). On plain TCP,
+``send_buffers`` hands the whole batch (record headers and memoryviews over guest memory)
+to ``socket.sendmsg``, so the kernel copies straight from the guest mmap; ``recv_into``
+lands bytes directly in the caller's view (the destination's guest memory for RAM).
+Python's ``ssl`` has no ``sendmsg``: under TLS each buffer goes through ``sendall``.
 
-Every failure is a ``TransportError`` with a ``TransportCode``: connect refused or timed
-out, accept timed out, no progress within ``io_timeout``, the peer closed or reset the
-connection, a TLS handshake or certificate failure, a malformed control frame, and the
-destination's CANCEL or ERROR (raised by ``check_peer``/``wait_ack`` on the source).
-Both ends of a connection run their side from one thread: the source polls the return
-path between batches rather than reading it from a second thread, which also keeps one
-TLS object from being used by two threads at once.
+Every failure is a ``TransportError`` with a ``TransportCode``: connect or accept refused
+or timed out, no progress within ``io_timeout``, the peer closed or reset the connection,
+TLS handshake or certificate failure, a malformed control frame, the destination's CANCEL
+or ERROR (raised by ``check_peer``/``wait_ack`` on the source). Both ends of a connection
+run their side from one thread (the source polls the return path between batches), so
+one TLS object is never used by two threads at once.
 
-``Listener.accept_raw`` takes a connection off the listening socket without its TLS
-handshake, so a server with many peers runs each handshake on that connection's own
-thread under its own deadline (``Accepted.handshake``); a stalled or garbage peer then
-delays nobody else, and ``Accepted.abort`` wakes whatever that thread is blocked in.
+``Listener.accept_raw`` leaves the TLS handshake to the connection's own thread under its
+own deadline (``Accepted.handshake``): a stalled or garbage peer delays nobody else, and
+``Accepted.abort`` wakes whatever that thread is blocked in.
 """
 
 from __future__ import annotations
@@ -141,6 +139,10 @@ class Connection:
                     i += 1
         except OSError as e:
             raise self._wrap(e, "send") from None
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The TLS peer's verified certificate (``ssl`` ``getpeercert``); None on plain TCP."""
+        return self._sock.getpeercert() if isinstance(self._sock, ssl.SSLSocket) else None
 
     @property
     def io_timeout(self) -> float | None:
@@ -285,8 +287,7 @@ class Accepted:
         self.peer = peer
         self._ctx = ctx
         self._io_timeout = io_timeout
-        # abort() against the handshake's swap of the socket object and against close():
-        # a shutdown must reach this connection's fd, never a reused one.
+        # abort() vs the handshake's socket swap and close(): shut this fd, never a reused one
         self._lock = threading.Lock()
         self._aborted = self._closed = False
 
@@ -311,9 +312,8 @@ class Accepted:
         return Connection(sock, self.peer, io_timeout=self._io_timeout)
 
     def abort(self) -> None:
-        """Wake the thread blocked in the handshake or a receive: it sees the connection
-        end. The plain socket's shutdown, also under TLS (``SSLSocket.shutdown`` would
-        drop the TLS object under the other thread's feet)."""
+        """Wake the thread blocked in the handshake or a receive: it sees the connection end.
+        A plain socket shutdown even under TLS (``SSLSocket.shutdown`` drops the TLS object)."""
         with self._lock:
             self._aborted = True
             if self._closed:
