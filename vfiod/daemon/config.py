@@ -2,11 +2,9 @@
 (docs/architecture.md §6). A bad file is refused whole, naming the file, line and key
 (``vfiod.toml:12: guest[0].ram[1].size: ...``); nothing is half-applied. The ``[sim]``
 table (the simulated host of ``vfiod run --backend sim``) is read by ``config_sim``.
-A device's ``id`` names it independently of the host: PCI addresses differ between hosts,
-so a migration pairs each incoming device with the destination's device of the same id
-(docs/architecture.md §1.5). Ids are unique within a guest. Without ``id`` a device's id is
-its ``name``; two hosts then pair it only if the addresses are equal, and a difference is a
-preflight refusal naming the device, never a silent mis-pairing (``ctl check`` notes it).
+A device's ``id`` is the same on both hosts: a migration pairs devices by it, never by
+order (docs/architecture.md §1.5). Ids are unique within a guest; without one, it is the
+device's ``name`` (the addresses must then be equal, or preflight refuses, naming it).
 
     [control]
     socket = "/run/vfiod/control.sock"   # Unix socket for `vfiod ctl`
@@ -33,8 +31,7 @@ preflight refusal naming the device, never a silent mis-pairing (``ctl check`` n
     [paths]
     sysfs = "/sys"                       # roots of sysfs and devfs (tests use trees)
     dev = "/dev"
-    state = "/var/lib/vfiod"             # the journal (the unit's StateDirectory); made
-                                         # 0700 at start if missing
+    state = "/var/lib/vfiod"             # the journal (StateDirectory); made 0700 if missing
 
     [[guest]]
     name = "g1"
@@ -251,8 +248,8 @@ def _migration(t: Table) -> MigrationConfig:
     timeout = t.number("timeout_s", None, high=7 * 86400)
     on_timeout = t.choice("on_timeout", ("cancel", "force"), "cancel")
     bw = t.size("bandwidth_limit", None, low=1)
-    ack = t.number("ack_timeout_s", 60.0, high=86400)
-    io = t.number("io_timeout_s", 120.0, high=86400)
+    ack, io = (t.number(k, d, high=86400) for k, d in (("ack_timeout_s", 60.0),
+                                                       ("io_timeout_s", 120.0)))
     tls, allow = None, None
     if t.has("tls"):
         tt = t.table("tls")

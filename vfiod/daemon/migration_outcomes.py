@@ -28,6 +28,11 @@ from vfiod.migration.transport import Connection, TlsConfig, TransportError
 log = logging.getLogger("vfiod.migrations")
 
 
+def host_of(peer: str) -> str:
+    """The host of a "host:port" or "[v6]:port" peer name."""
+    return peer.rsplit(":", 1)[0].strip("[]")
+
+
 class OutcomeKeeping:
     def __init__(self, registry: Registry, guests: GuestManager, tls: TlsConfig | None,
                  journal: Journal | None) -> None:

@@ -46,7 +46,7 @@ from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.migration_outcomes import OutcomeKeeping
+from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of
 from vfiod.daemon.offer import (
     Offer,
     OfferError,
@@ -54,7 +54,7 @@ from vfiod.daemon.offer import (
     PendingOffers,
     accept_offer,
     read_offer,
-    refuse_offer,
+    refuse_quietly,
     send_offer,
 )
 from vfiod.daemon.peer_auth import connect_allowed, refused_peer
@@ -69,7 +69,7 @@ from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.session.status import IterationProgress, LiveProgress
 from vfiod.migration.states import MigrationState
-from vfiod.migration.transport import Connection, Listener, TlsConfig, TransportError
+from vfiod.migration.transport import Listener, TlsConfig, TransportError
 from vfiod.migration.transport.control import TransportCode
 from vfiod.migration.transport.tcp import Accepted
 
@@ -166,7 +166,7 @@ class MigrationService(OutcomeKeeping):
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
             session = SourceSession(
-                guest, link, host=self.facts(), config=SessionConfig(policy=policy),
+                guest, link, host=self.facts(), config=self._session_config(policy),
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec))
@@ -188,6 +188,10 @@ class MigrationService(OutcomeKeeping):
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
+
+    def _session_config(self, policy: Policy | None = None) -> SessionConfig:
+        d = self.defaults
+        return SessionConfig(policy=policy or Policy(), ack_timeout_s=d.ack_timeout_s)
 
     def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
         """An outgoing migration that ended before its session ran: nothing changed."""
@@ -245,6 +249,7 @@ class MigrationService(OutcomeKeeping):
     def _destination(self, accepted: Accepted) -> None:
         try:
             conn = accepted.handshake(self.offers.limits.handshake_s)
+            conn.set_io_timeout(self.defaults.io_timeout_s)
         except TransportError as e:
             self.offers.done(accepted)
             log.warning("incoming migration from %s refused: %s", accepted.peer, e)
@@ -255,7 +260,7 @@ class MigrationService(OutcomeKeeping):
             except (OfferError, TransportError) as e:
                 self.offers.done(accepted)
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
-                _try(conn, str(e))
+                refuse_quietly(conn, str(e))
                 return
             if not self.offers.done(accepted):
                 return                     # closed at its deadline, or to make room
@@ -269,13 +274,13 @@ class MigrationService(OutcomeKeeping):
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
             except ValueError as e:
                 log.warning("incoming migration from %s refused: %s", conn.peer, e)
-                _try(conn, str(e))
+                refuse_quietly(conn, str(e))
                 return
             assert entry is not None
             try:
                 accept_offer(conn)
                 session = DestinationSession(
-                    guest, conn, host=self.facts(), config=SessionConfig(),
+                    guest, conn, host=self.facts(), config=self._session_config(),
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id, journal=self._journal_of(rec))
                 res = self._run(rec, session, pending)
@@ -289,8 +294,8 @@ class MigrationService(OutcomeKeeping):
             if res.result == "completed":     # prepared → running was journaled on COMMIT
                 self.ledger.end(rec, "completed", [], res=res)
             elif res.result == "unsettled":
-                self._unsettled(rec, entry, "destination", _host_of(conn.peer), offer.reply_port,
-                                session, res, None)
+                self._unsettled(rec, entry, "destination", host_of(conn.peer),
+                                offer.reply_port, session, res, None)
                 return
             else:
                 self._outcome(rec, MigrationOutcome.DISCARDED, res.reason)
@@ -385,16 +390,3 @@ def _prior(host: str) -> Any:
     except Exception as e:  # noqa: BLE001 - the prior is advisory; the default applies
         log.info("no link prior for %s: %s", host, e)
         return None
-
-
-def _host_of(peer: str) -> str:
-    """The host of a "host:port" or "[v6]:port" peer name."""
-    return peer.rsplit(":", 1)[0].strip("[]")
-
-
-def _try(conn: Connection, reason: str) -> None:
-    """Tell the source why (best effort: it may be gone already)."""
-    try:
-        refuse_offer(conn, reason)
-    except (TransportError, OSError):
-        pass

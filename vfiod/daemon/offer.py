@@ -143,6 +143,14 @@ def _read_offer(conn: Connection, deadline: float) -> Offer:
                  str(doc.get("role", "")), str(doc.get("decision", "")))
 
 
+def refuse_quietly(conn: Connection, reason: str) -> None:
+    """Tell the source why (best effort: it may be gone already)."""
+    try:
+        refuse_offer(conn, reason)
+    except (TransportError, OSError):
+        pass
+
+
 def accept_offer(conn: Connection) -> None:
     conn.send_control(ControlMessage.ack(AckStage.OFFER))
 

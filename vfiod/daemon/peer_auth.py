@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 from vfiod.daemon.config import GuestConfig, MigrationConfig
-from vfiod.daemon.offer import refuse_offer
+from vfiod.daemon.offer import refuse_quietly
 from vfiod.daemon.registry import GuestEntry
 from vfiod.migration.transport.control import TransportCode, TransportError
 from vfiod.migration.transport.peer_identity import peer_identities
@@ -85,10 +85,7 @@ def refused_peer(conn: Connection, entry: GuestEntry | None, migration: Migratio
     if why is None:
         return False
     log.warning("incoming %s from %s refused: %s", kind, conn.peer, why)
-    try:
-        refuse_offer(conn, why)
-    except (TransportError, OSError):
-        pass                        # best effort: the peer may be gone already
+    refuse_quietly(conn, why)
     return True
 
 
@@ -97,6 +94,7 @@ def connect_allowed(host: str, port: int, guest: GuestConfig, migration: Migrati
     """Source: connect to a destination allowed to receive ``guest``; a ``TransportError``
     (code ``tls``) naming its identities and the list if it is not."""
     conn = connect(host, port, tls=tls, timeout=timeout)
+    conn.set_io_timeout(migration.io_timeout_s)
     why = refusal(conn, guest, migration, "to")
     if why is not None:
         conn.close()
