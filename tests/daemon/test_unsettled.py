@@ -7,11 +7,12 @@ destination cannot be asked."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.daemons import wait_until
+from tests.support.daemons import child_env, vfiod_cmd, wait_until
 from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
 from tests.support.fault_rig import FaultHost, RigGuest, host_config, pattern, where
 from vfiod.api.client import ClientError
@@ -78,8 +79,12 @@ def test_a_peer_gone_for_good_shows_outcome_unknown_until_resolved_by_hand(
     # B got the COMMIT and runs it; A keeps it paused with its device state
     wait_until(lambda: b.guest_state(G.name) == "running", 30, lambda: _why(a, b))
     assert [d["state_label"] for d in g["devices"]] == ["SAVING"], g["devices"]
+    text = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "status", G.name),
+                          capture_output=True, text=True, timeout=60, env=child_env()).stdout
+    assert "OUTCOME UNKNOWN" in text and "vfiod ctl resolve g1" in text, text
     # the operator says: it runs on B
-    r = a.call("resolve", {"guest": G.name, "resume_here": False})
-    assert r["result"] == "resolved by hand: discard here", r
+    r = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "resolve", G.name, "--discard"),
+                       capture_output=True, text=True, timeout=60, env=child_env())
+    assert r.returncode == 0 and "resolved by hand: discard here" in r.stdout, r
     assert where([a, b], G.name) == {"A": "incoming", "B": "running"}
     assert b.ram_digest(G.name) == PATTERN
