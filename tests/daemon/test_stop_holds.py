@@ -45,6 +45,8 @@ S = LifecycleState
 @contextmanager
 def started_daemon(tmp: Path, config: str) -> Iterator[Daemon]:
     path = tmp / "vfiod.toml"
+    if "[paths]" not in config:     # its own journal, not this host's /var/lib/vfiod
+        config += f'\n[paths]\nstate = "{tmp / "state"}"\n'
     path.write_text(config)
     opts = RunOptions(backend="sim", config=str(path), control_socket=str(tmp / "c.sock"),
                       metrics_listen="", sim_root=str(tmp / "host"))
