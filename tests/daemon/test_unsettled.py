@@ -76,12 +76,16 @@ def test_a_peer_gone_for_good_shows_outcome_unknown_until_resolved_by_hand(
     assert g["state"] == "outcome-unknown", g
     assert g["unsettled"]["role"] == "source" and g["unsettled"]["peer"] == proxy.address
     assert g["migration"]["state"] == "unsettled" and g["migration"]["result"] is None, g
+    # the session's warning reaches status (and the log), not only its result
+    assert any("stays paused here" in w for w in g["migration"]["warnings"]), g["migration"]
+    assert "stays paused here" in a.log()
     # B got the COMMIT and runs it; A keeps it paused with its device state
     wait_until(lambda: b.guest_state(G.name) == "running", 30, lambda: _why(a, b))
     assert [d["state_label"] for d in g["devices"]] == ["SAVING"], g["devices"]
     text = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "status", G.name),
                           capture_output=True, text=True, timeout=60, env=child_env()).stdout
     assert "OUTCOME UNKNOWN" in text and "vfiod ctl resolve g1" in text, text
+    assert "warning: committed, but the destination's answer did not arrive" in text, text
     # the operator says: it runs on B
     r = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "resolve", G.name, "--discard"),
                        capture_output=True, text=True, timeout=60, env=child_env())

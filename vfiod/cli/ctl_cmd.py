@@ -177,6 +177,8 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         m = g["migration"]
         if m is not None:
             out.write(f"  migration {m['id']}: {_outcome(m)}\n")
+            for warning in m.get("warnings") or ():
+                out.write(f"  warning: {warning}\n")
             live = m.get("live") or {}
             if live.get("triple"):
                 out.write(f"  state {live['triple']}\n")

@@ -345,6 +345,10 @@ class MigrationService(OutcomeKeeping):
         res = session.run()
         log.info("migration %s (%s %s): %s%s", rec.id, rec.role, rec.guest, res.result,
                  f": {res.reason}" if res.reason else "")
+        for warning in res.warnings:
+            log.warning("migration %s (%s %s): %s", rec.id, rec.role, rec.guest, warning)
+        with self.registry.lock:
+            rec.warnings = list(res.warnings)
         return res
 
     def shutdown(self, timeout_s: float) -> None:

@@ -123,6 +123,9 @@ class MigrationRecord:
     verified: bool | None = None   # destination proved the content digests equal
     #: the destination's own part of the downtime (total_s, load_s, verify_s, resume_s)
     downtime_share: dict[str, float] | None = None
+    #: what the session said went wrong beside its result (a rollback step, a report not
+    #: received, the outcome unknown after the commit ...): logged and shown by status
+    warnings: list[str] = field(default_factory=list)
     finished: float | None = None
 
     @property
