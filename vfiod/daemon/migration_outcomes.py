@@ -6,14 +6,12 @@ the unsettled ones (``resolution.py``) and the answers to peers' outcome queries
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, JournalError, MigrationOutcome
 from vfiod.daemon.ledger import MigrationLedger
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.offer import Offer
-from vfiod.daemon.outcomes import ask_outcome, send_answer
+from vfiod.daemon.outcomes import OutcomeAnswer, ask_outcome, send_answer
 from vfiod.daemon.query_answer import answer_query
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.daemon.resolution import QUERY_TIMEOUT_S, Resolution, Unsettled
@@ -75,7 +73,7 @@ class OutcomeKeeping:
                   rec.id, role, rec.guest, res.reason)
         self.resolution.add(Unsettled(rec, entry, role, host, port, session))
 
-    def _ask(self, item: Unsettled) -> Any:
+    def _ask(self, item: Unsettled) -> OutcomeAnswer:
         return ask_outcome(item.peer_host, item.peer_port, item.query(), tls=self.tls,
                            timeout_s=QUERY_TIMEOUT_S)
 
