@@ -6,6 +6,7 @@ the unsettled ones (``resolution.py``) and the answers to peers' outcome queries
 from __future__ import annotations
 
 import logging
+
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, JournalError, MigrationOutcome
 from vfiod.daemon.ledger import MigrationLedger
