@@ -100,10 +100,15 @@ def test_open_states_and_reasons(world: tuple[SimHost, GuestManager, Registry]) 
     assert {g.state for g in reg.guests.values()} == {"defined"}      # released
 
 
+_PLAIN = ["migration link is not authenticated: plain TCP (any host that reaches the "
+          "migration port can offer a stream; configure [migration.tls])"]
+
+
 def test_check_guests(world: tuple[SimHost, GuestManager, Registry]) -> None:
     host, _, reg = world
     r = check.check_guest(reg.guests["good"], _facts(host))
-    assert r["migratable"] and r["blockers"] == [] and r["notes"] == []
+    # No [migration.tls] in these defaults: the one note says the link is unauthenticated.
+    assert r["migratable"] and r["blockers"] == [] and r["notes"] == _PLAIN
     r = check.check_guest(reg.guests["stuck"], _facts(host))
     assert not r["migratable"]
     assert any("could not be opened" in b for b in r["blockers"])
@@ -127,7 +132,7 @@ def test_check_names_device_ids_and_notes_a_device_without_one(
     assert r["notes"] == [
         "0000:61:00.0: no id is configured: a destination pairs this device only with a "
         "device of the same name, and PCI addresses differ between hosts; give it the same "
-        "id in both hosts' configurations (a mismatch is a preflight refusal)"]
+        "id in both hosts' configurations (a mismatch is a preflight refusal)", *_PLAIN]
 
 
 def test_check_unowned_devices(world: tuple[SimHost, GuestManager, Registry]) -> None:

@@ -64,7 +64,7 @@ def test_a_crash_in_the_migration_thread_fails_the_guest(
         service: tuple[Registry, MigrationService], monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any, **kw: Any) -> Any:
         raise RuntimeError("wiring bug")
-    monkeypatch.setattr(migrations, "connect", broken)
+    monkeypatch.setattr(migrations, "connect_allowed", broken)
     reg, svc = service
     _migrate(reg, svc, 1)
     svc.shutdown(timeout_s=30)
@@ -80,7 +80,7 @@ def test_a_migration_outliving_shutdown_fails_its_guest(
     def stuck(*args: Any, **kw: Any) -> Any:
         release.wait(60)
         raise ConnectionRefusedError("released by the test")
-    monkeypatch.setattr(migrations, "connect", stuck)
+    monkeypatch.setattr(migrations, "connect_allowed", stuck)
     reg, svc = service
     _migrate(reg, svc, 1)
     try:
