@@ -41,13 +41,17 @@ from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import Registry
 from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
 from vfiod.errors import ConfigError, VfiodError
-from vfiod.kernel.linux import LinuxKernel
+from vfiod.kernel.linux import LinuxKernel, pin_malloc_thresholds
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.transport import TransportError
 from vfiod.vfio import HostPaths
 
 log = logging.getLogger("vfiod")
+
+#: README "Limits": glibc's own starting mmap and trim thresholds, pinned so that freeing
+#: a large block does not raise them (``pin_malloc_thresholds``)
+MALLOC_THRESHOLD = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._signal)
+        if not pin_malloc_thresholds(MALLOC_THRESHOLD):
+            log.warning("the C library has no mallopt: memory freed by finished migrations "
+                        "may stay resident in its arenas")
         cfg, opts = self.config, self.opts
         workloads: tuple[Any, ...] = ()
         starter = None
