@@ -19,7 +19,7 @@ from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.handlers import DaemonInfo, Handlers
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import Registry
-from vfiod.daemon.simhost import build_sim_host
+from vfiod.daemon.simhost import FAULT_LOG_LIMIT, build_sim_host
 from vfiod.errors import ConfigError
 from vfiod.kernel.sim import SimHost
 from vfiod.migration.planning.hostfacts import HostFacts, MemlockFacts, gather_host_facts
@@ -161,6 +161,13 @@ def test_opt_out_and_reopen(world: tuple[SimHost, GuestManager, Registry]) -> No
     # The runtime opt-out survives a re-open.
     assert new.device("0000:3b:00.1").pre_copy_dirty_page_tracking is False
     assert new.run_state.name == "INMIGRATE"
+
+
+def test_the_daemons_sim_host_keeps_a_bounded_fault_log(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """README "Limits": the simulated kernel's event log of a daemon's host is capped."""
+    host, _, _ = world
+    assert host.kernel.faults.log_limit == FAULT_LOG_LIMIT
 
 
 def test_bad_sim_host_is_a_config_error(tmp_path: Path) -> None:

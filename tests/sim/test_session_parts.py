@@ -26,11 +26,13 @@ from vfiod.migration.guest import Guest, GuestPlan, build_guest
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.costs import CostModel, records_for
 from vfiod.migration.session.digest import (
+    PieceBuffer,
     RamDigests,
     RegionDigest,
     compare_roots,
     full_ram_digest,
     nonzero_page_runs,
+    zero_ram,
 )
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.status import (
@@ -118,6 +120,40 @@ def test_nonzero_page_runs(side: Side) -> None:
     assert nonzero_page_runs(side.kernel, b.fd, 0, 0, 2048, PS) == [(0, 3), (10, 1),
                                                                      (2047, 1)]
     assert nonzero_page_runs(side.kernel, b.fd, 9 * PS, 9, 3, PS) == [(10, 1)]
+    # through a caller's buffer smaller than the range: read piece by piece, runs joined
+    # across pieces, the same answer
+    with PieceBuffer(side.kernel, 4 * PS) as buf:
+        assert nonzero_page_runs(side.kernel, b.fd, 0, 0, 2048, PS, buf) == [
+            (0, 3), (10, 1), (2047, 1)]
+
+
+def test_piece_buffer_reads_in_place_and_refuses_what_does_not_fit(side: Side) -> None:
+    b = side.guest.ram[0]
+    with b.view() as mem:
+        mem[PS:PS + 5] = b"piece"
+    buf = PieceBuffer(side.kernel, 2 * PS)
+    first = buf.read(b.fd, 2 * PS, 0, "ram")
+    assert bytes(first[PS:PS + 5]) == b"piece"
+    assert bytes(buf.read(b.fd, 5, PS, "ram")) == b"piece"
+    with pytest.raises(ValueError, match="ram: a 12288-byte read into a 8192-byte buffer"):
+        buf.read(b.fd, 3 * PS, 0, "ram")
+    with pytest.raises(ValueError, match=f"ram ended 0 bytes into a 4096-byte read at "
+                                         f"{b.size:#x}"):
+        buf.read(b.fd, PS, b.size, "ram")
+    # closing while a piece is still held (an error's traceback may hold one) raises
+    # nothing; the piece stays readable and the mapping goes with it
+    buf.close()
+    assert bytes(first[PS:PS + 5]) == b"piece"
+
+
+def test_zero_ram_zeroes_the_pages_holding_data(side: Side) -> None:
+    b = side.guest.ram[0]
+    with b.view() as mem:
+        mem[:] = bytes(len(mem))
+        mem[3 * PS:3 * PS + 2] = b"\x01\x02"
+        mem[7 * PS + PS - 1] = 9
+    assert zero_ram(side.kernel, [b], PS) == 2
+    assert nonzero_page_runs(side.kernel, b.fd, 0, 0, b.size // PS, PS) == []
 
 
 # -- cost model and bandwidth cap --------------------------------------------------------

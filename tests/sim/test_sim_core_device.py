@@ -211,6 +211,8 @@ def test_bar_mmap_and_pread_share_memory(dev) -> None:
     m = k.mmap(raw.device, 8192, 4096)
     m[0:4] = b"ping"
     assert k.pread(raw.device, 4, 4096) == b"ping"
+    into = bytearray(6)
+    assert k.pread_into(raw.device, into, 4096) == 6 and into[:4] == b"ping"
     k.pwrite(raw.device, b"pong", 8192)
     assert m[4096:4100] == b"pong"
     m.close()

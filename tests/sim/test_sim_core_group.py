@@ -300,3 +300,20 @@ def test_fault_can_target_one_device_and_skip_calls(host: SimHost) -> None:
     assert f"ioctl:VFIO_DEVICE_GET_INFO@{BDF2}" in k.faults.log
     k.close(d2)
     raw.close()
+
+
+def test_fault_log_keeps_the_latest_events_within_its_limit(host: SimHost) -> None:
+    k = host.kernel
+    k.faults.log_limit = 3
+    raw = open_device(k, host.dev_root, 10, BDF)
+    info = v.vfio_device_info(argsz=24)
+    for _ in range(10):
+        k.ioctl(raw.device, v.VFIO_DEVICE_GET_INFO, info)
+        assert 3 <= len(k.faults.log) < 6
+    assert k.faults.log[-3:] == [f"ioctl:VFIO_DEVICE_GET_INFO@{BDF}"] * 3
+    k.faults.log_limit = None                      # the default: every event is kept
+    before = len(k.faults.log)
+    for _ in range(10):
+        k.ioctl(raw.device, v.VFIO_DEVICE_GET_INFO, info)
+    assert len(k.faults.log) == before + 10
+    raw.close()

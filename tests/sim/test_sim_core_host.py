@@ -152,7 +152,8 @@ def test_sim_fds_start_above_real_fd_range_and_install_works(host: SimHost) -> N
 def test_unknown_sim_fd_is_ebadf(host: SimHost) -> None:
     k = host.kernel
     for call in (lambda: k.close(SIM_FD_BASE + 999), lambda: k.ioctl(SIM_FD_BASE + 999, 0x3b64),
-                 lambda: k.read(SIM_FD_BASE + 999, 1), lambda: k.pread(SIM_FD_BASE + 999, 1, 0)):
+                 lambda: k.read(SIM_FD_BASE + 999, 1), lambda: k.pread(SIM_FD_BASE + 999, 1, 0),
+                 lambda: k.pread_into(SIM_FD_BASE + 999, bytearray(1), 0)):
         with pytest.raises(KernelError) as e:
             call()
         assert e.value.errno == errno.EBADF
@@ -166,10 +167,27 @@ def test_real_fds_go_to_the_real_kernel(host: SimHost) -> None:
     m = k.mmap(fd, 1 << 20)
     assert m[4096:4101] == b"hello"
     m.close()
+    buf = bytearray(8)
+    assert k.pread_into(fd, memoryview(buf)[:5], 4096) == 5 and buf == b"hello\0\0\0"
+    assert k.pread_into(fd, buf, (1 << 20) - 2) == 2          # short at the end of the file
+    with pytest.raises(KernelError, match=r"pread\(fd -1, 8@0x0\)") as e:
+        k.pread_into(-1, buf, 0)
+    assert e.value.errno == errno.EBADF
     with pytest.raises(KernelError) as e:           # a VFIO request on a memfd: real ENOTTY
         k.ioctl(fd, 0x3b64, 0, label="VFIO_GET_API_VERSION")
     assert e.value.errno == errno.ENOTTY
     k.close(fd)
+
+
+def test_anonymous_memory_is_private_and_zeroed(host: SimHost) -> None:
+    k = host.kernel
+    a, b = k.anonymous_memory(1 << 20), k.anonymous_memory(1 << 20)
+    a[:5] = b"hello"
+    assert len(a) == 1 << 20 and a[:5] == b"hello" and b[:5] == bytes(5)
+    a.close()
+    b.close()
+    with pytest.raises(KernelError, match=r"mmap\(anonymous, 0\)"):
+        k.anonymous_memory(0)
 
 
 def test_unknown_request_on_a_file_kind_is_enotty(host: SimHost) -> None:

@@ -51,13 +51,17 @@ from vfiod.daemon.registry import Registry
 from vfiod.daemon.stopping import STOP_BUDGET_S, STOP_SIGNALS, SignalPipe
 from vfiod.daemon.systemd import Heartbeat, Notifier, Watchdog, watchdog_interval
 from vfiod.errors import ConfigError, VfiodError
-from vfiod.kernel.linux import LinuxKernel
+from vfiod.kernel.linux import LinuxKernel, pin_malloc_thresholds
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.transport import TransportError
 from vfiod.vfio import HostPaths
 
 log = logging.getLogger("vfiod")
+
+#: README "Limits": glibc's own starting mmap and trim thresholds, pinned so that freeing
+#: a large block does not raise them (``pin_malloc_thresholds``)
+MALLOC_THRESHOLD = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,9 @@ class Daemon:
         # Signals first: systemd may send SIGTERM as soon as READY=1 (or before it).
         if threading.current_thread() is threading.main_thread():
             self.signals.install()
+        if not pin_malloc_thresholds(MALLOC_THRESHOLD):
+            log.warning("the C library has no mallopt: memory freed by finished migrations "
+                        "may stay resident in its arenas")
         cfg, opts = self.config, self.opts
         make_state_dir(cfg.paths.state)
         self.journal = open_journal(cfg.paths.state, self.registry)

@@ -49,6 +49,10 @@ SIM_ROOT_PREFIX = "vfiod-sim-"
 OWNER_FILE = "vfiod.owner"
 TREE_MARK = "vfiod-sim.tree"
 TREE_DIRS = ("sys", "dev")
+#: events the simulated kernel's fault log keeps (``FaultInjector.log_limit``; README
+#: "Limits"): a daemon reads none, and every ioctl (a migration makes thousands: a dirty
+#: sync per container per pass) would otherwise add one for as long as it runs
+FAULT_LOG_LIMIT = 1024
 
 log = logging.getLogger("vfiod.sim")
 
@@ -138,7 +142,8 @@ def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:
         groups.setdefault(number, []).append(HostDevice(h.name, h.driver))
     try:
         return SimHost.build(root, groups, config=SimHostConfig(
-            iommu_dirty_tracking=cfg.iommu_dirty_tracking, memlock_limit=cfg.memlock_limit))
+            iommu_dirty_tracking=cfg.iommu_dirty_tracking, memlock_limit=cfg.memlock_limit,
+            fault_log_limit=FAULT_LOG_LIMIT))
     except ValueError as e:
         raise ConfigError(f"[sim]: the simulated host cannot be built: {e}") from None
 

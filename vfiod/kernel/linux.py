@@ -21,6 +21,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
 _libc.eventfd.restype = ctypes.c_int
 _EFD_CLOEXEC = 0o2000000
+_M_TRIM_THRESHOLD = -1     # mallopt(3) parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
 _CAP_IPC_LOCK = 14    # bit of CapEff in /proc/self/status
 
 
@@ -40,6 +42,21 @@ def memlock_from_status(status: str, soft: int, hard: int) -> MemlockFacts:
         return None if v == resource.RLIM_INFINITY or v < 0 else v
 
     return MemlockFacts(limit(soft), limit(hard), locked, cap)
+
+
+def pin_malloc_thresholds(nbytes: int) -> bool:
+    """Fix the C library's mmap and trim thresholds at ``nbytes`` (glibc ``mallopt(3)``):
+    an allocation of at least that size gets a mapping of its own, unmapped when freed,
+    and an arena gives back free memory above that. Left alone, glibc raises both after
+    freeing a large block (up to 32 and 64 MiB), and a process whose short-lived threads
+    are handed its arenas in turn keeps that much resident in every arena (README
+    "Limits"). Returns False where the C library has no ``mallopt`` (not glibc)."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
 
 
 class LinuxKernel:
@@ -94,6 +111,13 @@ class LinuxKernel:
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"read(fd {fd})") from None
 
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
+        try:
+            return os.preadv(fd, [buf], offset)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO,
+                              f"pread(fd {fd}, {len(buf)}@{offset:#x})") from None
+
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         try:
             return os.write(fd, data)
@@ -115,6 +139,13 @@ class LinuxKernel:
             return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"mmap(fd {fd}, {length}@{offset:#x})") from None
+
+    def anonymous_memory(self, length: int) -> _mmap.mmap:
+        try:
+            return _mmap.mmap(-1, length, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS,
+                              prot=PROT_READ | PROT_WRITE)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"mmap(anonymous, {length})") from None
 
     def eventfd(self, initval: int = 0, flags: int = 0) -> int:
         fd = _libc.eventfd(initval, flags | _EFD_CLOEXEC)

@@ -84,6 +84,11 @@ class KernelOps(Protocol):
         """read(2) into a caller buffer; returns the byte count (0 = end of stream)."""
         ...
 
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
+        """pread(2) of ``len(buf)`` bytes at ``offset`` into a caller buffer; returns the
+        byte count (short at the end of the file)."""
+        ...
+
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         ...
 
@@ -95,6 +100,12 @@ class KernelOps(Protocol):
     def mmap(self, fd: int, length: int, offset: int = 0,
              prot: int = PROT_READ | PROT_WRITE) -> _mmap.mmap:
         """mmap(2) MAP_SHARED of ``length`` bytes of ``fd`` at ``offset``."""
+        ...
+
+    def anonymous_memory(self, length: int) -> _mmap.mmap:
+        """mmap(2) MAP_PRIVATE|MAP_ANONYMOUS of ``length`` bytes: a working buffer whose
+        pages go back to the kernel on ``close()`` (or when the object is freed), never
+        into the C allocator's arenas."""
         ...
 
     def eventfd(self, initval: int = 0, flags: int = 0) -> int:

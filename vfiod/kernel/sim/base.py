@@ -116,10 +116,16 @@ class FaultInjector:
       ``stall:data_fd``                   a saving data fd that never becomes readable
       ``v1:read_data`` / ``v1:write_data`` a v1 data-window access
     A fault may also name a device: ``<point>@<device name>``.
+
+    ``log`` lists every point checked, in order (tests read it). With ``log_limit`` set
+    it keeps only the latest: between ``log_limit`` and twice that many entries (it is
+    cut back in one step when it reaches twice the limit), so a long-running daemon's
+    simulated host does not grow with every ioctl.
     """
 
     faults: list[Fault] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    log_limit: int | None = None
 
     def inject(self, point: str, err: int, *, skip: int = 0, count: int = 1) -> Fault:
         f = Fault(point, err, skip, count)
@@ -142,6 +148,8 @@ class FaultInjector:
 
     def _fire(self, point: str, target: str) -> Fault | None:
         self.log.append(f"{point}@{target}" if target else point)
+        if self.log_limit is not None and len(self.log) >= 2 * self.log_limit:
+            del self.log[:len(self.log) - self.log_limit]
         for f in self.faults:
             if f.point not in (point, f"{point}@{target}"):
                 continue

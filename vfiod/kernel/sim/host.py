@@ -57,6 +57,7 @@ class SimHostConfig:
     iommufd: bool = True                  # /dev/iommu
     iommu_dirty_tracking: bool = False    # IOMMU A/D bits (IOMMU_HW_CAP_DIRTY_TRACKING)
     memlock_limit: int | None = None      # RLIMIT_MEMLOCK bytes; None = CAP_IPC_LOCK
+    fault_log_limit: int | None = None    # FaultInjector.log_limit; None keeps every event
 
 
 Member = DeviceSpec | HostDevice
@@ -89,6 +90,7 @@ class SimHost:
         config = config or SimHostConfig()
         host = cls(Path(root), kernel or SimKernel(), config)
         host.kernel.memlock_limit = config.memlock_limit
+        host.kernel.faults.log_limit = config.fault_log_limit
         numbered: dict[int, Sequence[Member]] = (
             dict(groups) if isinstance(groups, Mapping) else
             {config.first_group + i: list(g) for i, g in enumerate(groups)})

@@ -156,6 +156,16 @@ class SimKernel:
             view[:len(data)] = data
             return len(data)
 
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
+        with self.lock:
+            f = self._file(fd, "pread")
+            if f is None:
+                return self.linux.pread_into(fd, buf, offset)
+            view = memoryview(buf).cast("B")
+            data = f.pread(len(view), offset)
+            view[:len(data)] = data
+            return len(data)
+
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         with self.lock:
             f = self._file(fd, "write")
@@ -181,6 +191,9 @@ class SimKernel:
             if f is None:
                 return self.linux.mmap(fd, length, offset, prot)
             return f.mmap(length, offset, prot)  # type: ignore[return-value]
+
+    def anonymous_memory(self, length: int) -> _mmap.mmap:
+        return self.linux.anonymous_memory(length)
 
     def eventfd(self, initval: int = 0, flags: int = 0) -> int:
         return self.linux.eventfd(initval, flags)

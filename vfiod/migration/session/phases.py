@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ from vfiod.migration.device.protocol import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
 from vfiod.migration.session.costs import CostModel, records_for
-from vfiod.migration.session.digest import RamDigests, nonzero_page_runs
+from vfiod.migration.session.digest import PieceBuffer, RamDigests, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
 
@@ -65,8 +66,9 @@ class RamSender:
         #: pages of the current pass not sent (nor skipped as holes) yet
         self.pass_left_pages = 0
 
-    def _scan(self, first: int, count: int) -> Iterator[tuple[int, int]]:
-        """Runs of non-zero pages inside [first, first+count), region by region."""
+    def _scan(self, first: int, count: int, buf: PieceBuffer) -> Iterator[tuple[int, int]]:
+        """Runs of non-zero pages inside [first, first+count), region by region, read
+        through ``buf``."""
         ps = self.guest.page_size
         page, left = first, count
         while left > 0:
@@ -74,7 +76,7 @@ class RamSender:
             n = min(left, (block.gpa + block.size) // ps - page)
             t0 = self.clock()
             runs = nonzero_page_runs(self.guest.kernel, block.fd, page * ps - block.gpa,
-                                     page, n, ps)
+                                     page, n, ps, buf)
             self.scan_seconds += self.clock() - t0
             holes = n - sum(c for _, c in runs)
             self.skipped_zero_pages += holes
@@ -84,21 +86,27 @@ class RamSender:
             left -= n
 
     def _runs(self, first: np.ndarray, count: np.ndarray,
-              zero_scan: bool) -> Iterator[tuple[int, int]]:
+              scan: PieceBuffer | None) -> Iterator[tuple[int, int]]:
         for f, n in zip(first.tolist(), count.tolist(), strict=True):
-            if zero_scan:
-                yield from self._scan(f, n)
+            if scan is not None:
+                yield from self._scan(f, n, scan)
             else:
                 yield f, n
 
     def send(self, runs: tuple[np.ndarray, np.ndarray], *, quiescent: bool,
              zero_scan: bool = False) -> int:
-        """Send the pages of ``runs``; returns RAM payload bytes sent."""
+        """Send the pages of ``runs``; returns RAM payload bytes sent. A ``zero_scan``
+        pass reads through one ``PieceBuffer``, unmapped when the pass ends."""
+        with PieceBuffer(self.guest.kernel) if zero_scan else nullcontext() as scan:
+            return self._send(runs, quiescent, scan)
+
+    def _send(self, runs: tuple[np.ndarray, np.ndarray], quiescent: bool,
+              scan: PieceBuffer | None) -> int:
         self.pass_left_pages = int(runs[1].sum())
         sent = 0
         batch: list[tuple[int, int]] = []
         pages = 0
-        for f, n in self._runs(runs[0], runs[1], zero_scan):
+        for f, n in self._runs(runs[0], runs[1], scan):
             while n > 0:
                 take = min(n, self.slice_pages - pages)
                 batch.append((f, take))
