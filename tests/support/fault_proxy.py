@@ -334,7 +334,7 @@ class FaultProxy:
     def _stream(self, link: Link, data: bytes) -> None:
         plan, n = link.plan, link.after_header
         if (plan is not None and plan.point is Point.PRECOPY and n is not None
-                and not link.fired and n + len(data) >= plan.precopy_bytes):
+                and n < plan.precopy_bytes <= n + len(data)):
             k = plan.precopy_bytes - n
             self._emit(link, link.fwd, data[:k])
             self._reach(link, link.fwd)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ class RigGuest:
     ram_bytes: int = 1 << 20
     capability: str = "v2_precopy_p2p_log"
     state_size: int = 64 * 1024      # the device's stop-copy state: makes stop-and-copy last
+    dirty_rate: int = 0              # bytes/s its device writes into its RAM on the source
 
     def device(self, side: str) -> str:
         # PCI addresses differ between hosts, as on real ones
@@ -76,6 +78,8 @@ def host_config(side: str, guests: Sequence[RigGuest], root: Path, listen: str, 
     for g in guests:
         text += (f'[[sim.device]]\nname = "{g.device(side)}"\ncapability = "{g.capability}"\n'
                  f'state_size = {g.state_size}\n')
+        if g.dirty_rate and side == "source":
+            text += f'[[sim.workload]]\nguest = "{g.name}"\ndirty_rate = {g.dirty_rate}\n'
     return text
 
 
@@ -208,3 +212,44 @@ class FaultHost:
 def where(hosts: Sequence[FaultHost], guest: str) -> dict[str, str | None]:
     """What runs where: each host's lifecycle state of ``guest``."""
     return {h.name: h.guest_state(guest) for h in hosts}
+
+
+def free_port() -> int:
+    """A loopback port free now: a host keeps its migration port across restarts (the
+    peer asks it about a migration's outcome there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FaultPair:
+    """A source and a destination host with the same guests (the destination's incoming),
+    each listening on a port of its own that it keeps across restarts."""
+
+    def __init__(self, guests: Sequence[RigGuest], *, migration: str = "",
+                 tls: Callable[[str], str] | None = None) -> None:
+        """``tls(host name)``: that host's ``[migration.tls]`` table."""
+        self.ports = {"src": free_port(), "dst": free_port()}
+        self.guests = list(guests)
+
+        def config(side: str) -> Callable[[FaultHost], str]:
+            return lambda h: host_config(side, guests, h.root, f"127.0.0.1:{self.ports[h.name]}",
+                                         migration=migration, tls=tls(h.name) if tls else "")
+        self.src = FaultHost("src", "source", guests, config("source"))
+        self.dst = FaultHost("dst", "destination", guests, config("destination"))
+        self.hosts = (self.src, self.dst)
+
+    @property
+    def dst_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["dst"])
+
+    def start(self) -> None:
+        for h in self.hosts:
+            h.start()
+
+    def where(self, guest: str) -> dict[str, str | None]:
+        return where(self.hosts, guest)
+
+    def close(self) -> None:
+        for h in self.hosts:
+            h.close()
