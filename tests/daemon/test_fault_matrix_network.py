@@ -16,8 +16,8 @@ from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     PointMissed,
     case_log,
+    journals,
     judge,
-    loaded,
     plan_for,
     record,
     start_through,
@@ -55,7 +55,7 @@ def test_network_fault(pair: FaultPair, fault: Fault, point: Point) -> None:
         record(TABLE, fault.value, point, None, "the point was never reached")
         raise
     try:
-        verdict = judge(pair, guest, mid, dest_loaded=loaded(proxy))
+        verdict = judge(pair, guest, mid, journals(pair, proxy))
     finally:
         proxy.close()
     record(TABLE, fault.value, point, verdict)

@@ -16,8 +16,8 @@ from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     PointMissed,
     case_log,
+    journals,
     judge,
-    loaded,
     record,
     start_through,
 )
@@ -62,10 +62,10 @@ def test_sigkill_then_restart(pair: FaultPair, victim: str, point: Point) -> Non
     try:
         host.sigkill()
         proxy.apply(Fault.CUT)             # its sockets closed with it
-        dest_loaded = loaded(proxy)
+        journaled = journals(pair, proxy)
     finally:
         proxy.close()
     host.start()
-    verdict = judge(pair, guest, mid, dest_loaded=dest_loaded)
+    verdict = judge(pair, guest, mid, journaled)
     record(TABLE, row, point, verdict)
     verdict.check(lambda: case_log(pair, guest, mid))

@@ -13,7 +13,7 @@ every problem named.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +70,10 @@ def settle(pair: FaultPair, guest: str) -> dict[str, str | None]:
         return pair.where(guest)
 
 
-def judge(pair: FaultPair, guest: str, migration_id: str, *, dest_loaded: bool,
-          expected: str | None = None) -> Verdict:
-    """``dest_loaded``: the destination got everything (its journal must name the
-    migration too); ``expected``: the RAM digest at the pause (default: the pattern)."""
+def judge(pair: FaultPair, guest: str, migration_id: str | None,
+          journaled: Sequence[FaultHost], *, expected: str | None = None) -> Verdict:
+    """``journaled``: the hosts whose journals must name the migration (``journals``);
+    ``expected``: the RAM digest at the pause (default: the pattern's)."""
     states = settle(pair, guest)
     g = pair.guests[[x.name for x in pair.guests].index(guest)]
     want = expected or hashlib.sha256(pattern(guest, g.ram_bytes)).hexdigest()
@@ -94,9 +94,8 @@ def judge(pair: FaultPair, guest: str, migration_id: str, *, dest_loaded: bool,
     holder = running[0] if len(running) == 1 else (unknown[0] if unknown else None)
     if holder is not None and holder.ram_digest(guest) != want:
         problems.append(f"the RAM on {holder.name} is not the source's at the pause")
-    journals = [pair.src] + ([pair.dst] if dest_loaded else [])
-    for h in journals:
-        if migration_id not in h.journal_text():
+    for h in journaled:
+        if migration_id is None or migration_id not in h.journal_text():
             problems.append(f"{h.name}'s journal does not name the migration")
     cell = (f"FAIL: {owner}: " + "; ".join(problems) if problems
             else f"{owner}, nothing lost")
@@ -160,9 +159,11 @@ def plan_for(fault: Fault, point: Point) -> FaultPlan:
                      delay_s=0.2)
 
 
-def loaded(proxy: FaultProxy) -> bool:
-    """The destination loaded everything: it acknowledged prepared (or resumed)."""
-    return any(s in ("return prepared", "return resumed") for s in proxy.link.seen)
+def journals(pair: FaultPair, proxy: FaultProxy) -> list[FaultHost]:
+    """Whose journal must name the migration: the source's (it ordered it), and the
+    destination's once it loaded everything (it acknowledged prepared, or resumed)."""
+    loaded = any(s in ("return prepared", "return resumed") for s in proxy.link.seen)
+    return [pair.src, pair.dst] if loaded else [pair.src]
 
 
 def record(table: str, row: str, point: Point, verdict: Verdict | None, why: str = "") -> None:
