@@ -43,7 +43,7 @@ from vfiod.migration.transport import FileSink, FileSource
 from vfiod.vfio import RamRegion
 
 CASES = [("src", "before"), ("dst", "before"), ("src", "setup"), ("dst", "setup")]
-TABLE = "disk full"
+TABLE = "journal on a full disk"
 STATE_TMPFS = 512 * 1024
 
 
@@ -96,7 +96,7 @@ def test_journal_disk_full(pair: FaultPair, which: str, when: str) -> None:
         proxy.close()
         for f in fillers:
             f.unlink()
-    record(TABLE, f"journal full on {which}", "before the migration" if when == "before"
+    record(TABLE, f"full on {which}", "before the migration" if when == "before"
            else "from the setup on", verdict.cell)
     verdict.check(lambda: case_log(pair, guest, mid or guest))
     assert pair.src.alive() and pair.dst.alive(), "a full disk must not stop the daemon"
@@ -128,7 +128,7 @@ def test_file_transport_disk_full(tmp_path: Path) -> None:
             r.attach_ram(GuestRam(4096, (region,), [bytearray(size)], writable=True))
             for _ in r.events():
                 pass
-        record(TABLE, "snapshot file (FileSink)", "while writing",
+        record("other faults", "snapshot to a full disk (FileSink)", "outcome",
                "write refused naming the file (ENOSPC); guest RAM untouched; partial "
                "snapshot refused on restore")
     finally:

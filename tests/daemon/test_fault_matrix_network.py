@@ -19,7 +19,7 @@ from tests.support.fault_matrix import (
     journals,
     judge,
     plan_for,
-    record,
+    record_case,
     start_through,
 )
 from tests.support.fault_proxy import Fault, Point
@@ -52,11 +52,11 @@ def test_network_fault(pair: FaultPair, fault: Fault, point: Point) -> None:
     try:
         proxy, mid = start_through(pair, guest, plan_for(fault, point))
     except PointMissed:
-        record(TABLE, fault.value, point, None, "the point was never reached")
+        record_case(TABLE, fault.value, point, None, "the point was never reached")
         raise
     try:
         verdict = judge(pair, guest, mid, journals(pair, proxy))
     finally:
         proxy.close()
-    record(TABLE, fault.value, point, verdict)
+    record_case(TABLE, fault.value, point, verdict)
     verdict.check(lambda: case_log(pair, guest, mid))

@@ -18,7 +18,7 @@ from tests.support.fault_matrix import (
     case_log,
     journals,
     judge,
-    record,
+    record_case,
     start_through,
 )
 from tests.support.fault_proxy import Fault, FaultPlan, Point
@@ -56,7 +56,7 @@ def test_sigkill_then_restart(pair: FaultPair, victim: str, point: Point) -> Non
     try:
         proxy, mid = start_through(pair, guest, plan)
     except PointMissed:
-        record(TABLE, row, point, None, "the point was never reached")
+        record_case(TABLE, row, point, None, "the point was never reached")
         raise
     host = pair.src if victim == "source" else pair.dst
     try:
@@ -67,5 +67,5 @@ def test_sigkill_then_restart(pair: FaultPair, victim: str, point: Point) -> Non
         proxy.close()
     host.start()
     verdict = judge(pair, guest, mid, journaled)
-    record(TABLE, row, point, verdict)
+    record_case(TABLE, row, point, verdict)
     verdict.check(lambda: case_log(pair, guest, mid))

@@ -166,5 +166,5 @@ def journals(pair: FaultPair, proxy: FaultProxy) -> list[FaultHost]:
     return [pair.src, pair.dst] if loaded else [pair.src]
 
 
-def record(table: str, row: str, point: Point, verdict: Verdict | None, why: str = "") -> None:
+def record_case(table: str, row: str, point: Point, verdict: Verdict | None, why: str = "") -> None:
     fault_table.record(table, row, point.value, verdict.cell if verdict else f"FAIL: {why}")
