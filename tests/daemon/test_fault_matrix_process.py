@@ -62,10 +62,10 @@ def test_sigkill_then_restart(pair: FaultPair, victim: str, point: Point) -> Non
     try:
         host.sigkill()
         proxy.apply(Fault.CUT)             # its sockets closed with it
-        journaled = journals(pair, proxy)
+        host.start()
+        # the proxy stays: the hosts' questions about the outcome go through it
+        verdict = judge(pair, guest, mid, journals(pair, proxy))
     finally:
         proxy.close()
-    host.start()
-    verdict = judge(pair, guest, mid, journaled)
     record_case(TABLE, row, point, verdict)
     verdict.check(lambda: case_log(pair, guest, mid))
