@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemons import wait_until
+from tests.support.fault_link import FaultPlan, Point
 from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     POINT_S,
@@ -24,7 +25,7 @@ from tests.support.fault_matrix import (
     journals,
     judge,
 )
-from tests.support.fault_proxy import FaultPlan, FaultProxy, Point
+from tests.support.fault_proxy import FaultProxy
 from tests.support.fault_rig import (
     FaultHost,
     FaultPair,

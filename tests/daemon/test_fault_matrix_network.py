@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fault_link import Fault, Point
 from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     PointMissed,
@@ -22,7 +23,6 @@ from tests.support.fault_matrix import (
     record_case,
     start_through,
 )
-from tests.support.fault_proxy import Fault, Point
 from tests.support.fault_rig import FaultPair, RigGuest
 
 FAULTS = [Fault.CUT, Fault.STALL, Fault.DROP_BYTES, Fault.DROP_RETURN, Fault.DELAY]

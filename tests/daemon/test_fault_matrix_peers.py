@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemons import wait_until
+from tests.support.fault_link import Fault, FaultPlan, Point
 from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     POINT_S,
@@ -24,7 +25,7 @@ from tests.support.fault_matrix import (
     start_through,
 )
 from tests.support.fault_pki import make_pki, tls_table
-from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
+from tests.support.fault_proxy import FaultProxy
 from tests.support.fault_rig import FaultHost, FaultPair, RigGuest, pattern
 from tests.support.fault_table import record
 from vfiod.migration.transport.control import ControlMessage, ControlParser, TransportError

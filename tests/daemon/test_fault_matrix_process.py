@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fault_link import Fault, FaultPlan, Point
 from tests.support.fault_matrix import (
     MATRIX_MIGRATION,
     PointMissed,
@@ -21,7 +22,6 @@ from tests.support.fault_matrix import (
     record_case,
     start_through,
 )
-from tests.support.fault_proxy import Fault, FaultPlan, Point
 from tests.support.fault_rig import FaultPair, RigGuest
 
 VICTIMS = ["source", "destination"]

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
+from tests.support.fault_link import Fault, FaultPlan, Point
+from tests.support.fault_proxy import FaultProxy
 from vfiod.migration.transport.control import AckStage, ControlMessage
 
 OFFER, HELLO, HEADER = (ControlMessage.ack(s).encode()

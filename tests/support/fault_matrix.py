@@ -19,7 +19,8 @@ from typing import Any
 
 from tests.support import fault_table
 from tests.support.daemons import wait_until
-from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
+from tests.support.fault_link import Fault, FaultPlan, Point
+from tests.support.fault_proxy import FaultProxy
 from tests.support.fault_rig import FaultHost, FaultPair, pattern
 
 #: how long a case may take to settle after its fault and restarts
