@@ -31,8 +31,8 @@ POINT_S = 30.0
 STABLE = frozenset({"running", "incoming", "defined", "migrated-away", "failed"})
 #: the proxy's cap: a 1 MiB guest with 1 MiB of device state takes about half a second
 RATE_BPS = 4 << 20
-#: per-connection knobs of every matrix host: switch over after the first pass; stalls
-#: end in seconds
+#: the [migration] keys of every matrix host: switch over after the first pass, and a
+#: stalled connection fails in seconds (ack_timeout_s, io_timeout_s), not minutes
 MATRIX_MIGRATION = "downtime_limit_ms = 60000\nack_timeout_s = 3\nio_timeout_s = 3\n"
 
 
