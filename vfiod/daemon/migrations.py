@@ -139,8 +139,7 @@ class MigrationService:
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
                         host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
         try:
-            conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S,
-                           io_timeout=self.defaults.io_timeout_s)
+            conn = connect(host, port, tls=self.tls, timeout=CONNECT_TIMEOUT_S)
         except TransportError as e:
             self._not_started(rec, "failed", f"cannot reach the destination: {e}")
             return
@@ -160,8 +159,7 @@ class MigrationService:
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
             session = SourceSession(
-                guest, link, host=self.facts(),
-                config=SessionConfig(policy=policy, ack_timeout_s=self.defaults.ack_timeout_s),
+                guest, link, host=self.facts(), config=SessionConfig(policy=policy),
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp))
@@ -208,8 +206,7 @@ class MigrationService:
     # -- incoming --------------------------------------------------------------------------
     def listen(self, host: str, port: int) -> tuple[str, int]:
         """Accept incoming migrations on ``host:port`` (0 = any port); returns the address."""
-        self.listener = Listener(host, port, tls=self.tls, backlog=LISTEN_BACKLOG,
-                                 io_timeout=self.defaults.io_timeout_s)
+        self.listener = Listener(host, port, tls=self.tls, backlog=LISTEN_BACKLOG)
         self._spawn("vfiod-migration-listener", self._accept_loop)
         return self.listener.address
 
@@ -259,8 +256,7 @@ class MigrationService:
             try:
                 accept_offer(conn)
                 session = DestinationSession(
-                    guest, conn, host=self.facts(),
-                    config=SessionConfig(ack_timeout_s=self.defaults.ack_timeout_s),
+                    guest, conn, host=self.facts(), config=SessionConfig(),
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id)
                 res = self._run(rec, session, pending)
