@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
+from tests.support.fault_link import Fault, FaultPlan, Point
+from tests.support.fault_proxy import FaultProxy
 from vfiod.migration.transport.control import AckStage, ControlMessage
 
 OFFER, HELLO, HEADER = (ControlMessage.ack(s).encode()
@@ -173,6 +174,19 @@ def test_precopy_point_counts_stream_bytes_after_the_header_ack() -> None:
         assert recv_exactly(src, len(HEADER)) == HEADER
         src.sendall(b"r" * 3000)
         assert recv_to_end(dst) == b"r" * 1000
+
+
+def test_a_point_reached_mid_stream_loses_nothing_after_it() -> None:
+    """What arrives while the bytes before the point drain waits, then goes under the
+    fault (here: delayed), all of it."""
+    with proxied(FaultPlan(Fault.DELAY, Point.PRECOPY, precopy_bytes=1000, delay_s=0.1),
+                 rate_bps=8 << 20) as (proxy, src, dst):
+        dst.sendall(HEADER)
+        recv_exactly(src, len(HEADER))
+        data = bytes(range(256)) * 4096
+        src.sendall(data)
+        assert recv_exactly(dst, len(data)) == data
+        assert proxy.fired.is_set() and proxy.link.fwd.dropped == 0
 
 
 @pytest.mark.parametrize("point, passes", [(Point.PREPARED, True),

@@ -33,146 +33,17 @@ socket, and nothing waits by sleeping.
 
 from __future__ import annotations
 
-import enum
 import queue
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from vfiod.migration.transport.control import (
-    CONTROL_MAGIC,
-    FRAME_HEADER_SIZE,
-    MAX_CONTROL_PAYLOAD,
-    AckStage,
-    ControlMessage,
-    ControlParser,
-    ControlType,
-    TransportError,
-)
+from tests.support.fault_link import Direction, Fault, FaultPlan, Link
 
 HIGH_WATER = 256 * 1024          # a direction stops reading with this much queued
 CHUNK = 64 * 1024
-
-
-class Fault(enum.Enum):
-    CUT = "cut"
-    STALL = "stall"
-    DELAY = "delay"
-    DROP_BYTES = "drop-bytes"
-    DROP_RETURN = "drop-return-path"
-
-
-class Point(enum.Enum):
-    SETUP = "setup"
-    PRECOPY = "pre-copy"
-    STOPCOPY = "stop-and-copy"
-    PREPARED = "after-prepared"
-    PREPARED_SWALLOWED = "prepared-swallowed"
-    COMMIT = "after-commit"
-    RESUMED = "after-resumed"
-    RESUMED_SWALLOWED = "resumed-swallowed"
-
-
-_ACK_POINTS = {AckStage.PREPARED: (Point.PREPARED, Point.PREPARED_SWALLOWED),
-               AckStage.RESUMED: (Point.RESUMED, Point.RESUMED_SWALLOWED)}
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """What to do to the next connection: ``fault`` at ``point`` (None: only when
-    triggered); ``on_fire`` runs on the proxy's thread right after the fault applied."""
-
-    fault: Fault | None
-    point: Point | None = None
-    precopy_bytes: int = 256 * 1024
-    delay_s: float = 0.2
-    drop_bytes: int = 1024
-    drop_forward: bool = True        # drop-bytes: source → destination (else the return)
-    record: bool = False             # keep the forward bytes (``Link.recorded``)
-    on_fire: Callable[[], None] | None = None
-
-
-@dataclass
-class _Chunk:
-    due: float
-    data: memoryview
-    then: Callable[[], None] | None = None
-
-
-class _Frames:
-    """Whole control frames out of a byte stream; after a frame the parser refuses, the
-    rest passes through unread (``broken`` says why)."""
-
-    def __init__(self, label: str) -> None:
-        self.buf = bytearray()
-        self.parser = ControlParser(label)
-        self.broken: str | None = None
-
-    def feed(self, data: bytes) -> tuple[list[tuple[bytes, ControlMessage]], bytes]:
-        if self.broken is not None:
-            return [], data
-        self.buf += data
-        out: list[tuple[bytes, ControlMessage]] = []
-        while len(self.buf) >= FRAME_HEADER_SIZE:
-            length = int.from_bytes(self.buf[8:12], "little")
-            if self.buf[:4] != CONTROL_MAGIC or length > MAX_CONTROL_PAYLOAD:
-                self.broken = f"not a control frame: {bytes(self.buf[:FRAME_HEADER_SIZE]).hex()}"
-                break
-            end = FRAME_HEADER_SIZE + length
-            if len(self.buf) < end:
-                return out, b""
-            frame = bytes(self.buf[:end])
-            try:
-                msg = self.parser.feed(frame)[0]
-            except TransportError as e:
-                self.broken = str(e)
-                break
-            del self.buf[:end]
-            out.append((frame, msg))
-        rest = bytes(self.buf) if self.broken is not None else b""
-        if rest:
-            self.buf.clear()
-        return out, rest
-
-
-class Direction:
-    """One way of a connection: what was read, queued, sent and dropped."""
-
-    def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
-        self.name, self.src, self.dst = name, src, dst
-        self.queue: deque[_Chunk] = deque()
-        self.queued = self.received = self.sent = self.dropped = 0
-        self.eof = self.shut = False
-        self.drop = 0                  # bytes still to discard
-        self.discard = False           # discard everything from now on
-        self.frames: _Frames | None = None
-        self.tokens, self.stamp = 0.0, time.monotonic()
-
-
-class Link:
-    """One proxied connection; ``seen`` lists the frames recognised, in order."""
-
-    def __init__(self, client: socket.socket, upstream: socket.socket,
-                 plan: FaultPlan | None) -> None:
-        self.fwd = Direction("forward", client, upstream)
-        self.ret = Direction("return", upstream, client)
-        self.ret.frames = _Frames("fault proxy return path")
-        self.plan = plan
-        self.stalled = self.closed = self.fired = False
-        self.delay = 0.0
-        self.after_header: int | None = None   # forward bytes since ACK header
-        #: bytes read after a point was reached and before its fault applied (the queue
-        #: ahead of the point drains first): emitted under the fault
-        self.held: list[tuple[Direction, bytes]] | None = None
-        self.seen: list[str] = []
-        self.recorded = bytearray()
-
-    def sockets(self) -> tuple[socket.socket, socket.socket]:
-        return self.fwd.src, self.fwd.dst
 
 
 class FaultProxy:
@@ -264,7 +135,7 @@ class FaultProxy:
             self.error = e
         finally:
             for link in self.links:
-                self._close_link(link)
+                link.close()
             self._sel.close()
             for s in (self._lsock, self._wake_r, self._wake_w):
                 s.close()
@@ -289,9 +160,9 @@ class FaultProxy:
         elif what == "sync":
             self._synced += 1
         elif what == "fire" and armed is not None:
-            self._fire(armed)
+            armed.fire()
         elif what == "apply" and armed is not None and fault is not None:
-            self._apply(armed, fault)
+            armed.apply(fault)
 
     def _accept(self) -> None:
         try:
@@ -306,7 +177,8 @@ class FaultProxy:
         for s in (client, upstream):
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.links.append(Link(client, upstream, None if self.links else self.plan))
+        self.links.append(Link(client, upstream, None if self.links else self.plan,
+                               on_close=self._release, on_fired=self.fired.set))
 
     def _read(self, link: Link, d: Direction) -> None:
         try:
@@ -314,107 +186,12 @@ class FaultProxy:
         except BlockingIOError:
             return
         except OSError:
-            self._close_link(link)          # reset: the other side sees it go too
+            link.close()          # reset: the other side sees it go too
             return
         if not data:
             d.eof = True
             return
-        d.received += len(data)
-        if d is link.fwd and link.plan is not None and link.plan.record:
-            link.recorded += data
-        if d.frames is not None:
-            frames, rest = d.frames.feed(data)
-            for frame, msg in frames:
-                self._frame(link, d, frame, msg)
-            if rest:
-                self._emit(link, d, rest)
-        else:
-            self._stream(link, data)
-
-    def _stream(self, link: Link, data: bytes) -> None:
-        plan, n = link.plan, link.after_header
-        if (plan is not None and plan.point is Point.PRECOPY and n is not None
-                and not link.fired and n + len(data) >= plan.precopy_bytes):
-            k = plan.precopy_bytes - n
-            self._emit(link, link.fwd, data[:k])
-            self._reach(link, link.fwd)
-            self._emit(link, link.fwd, data[k:])
-        else:
-            self._emit(link, link.fwd, data)
-        if n is not None:
-            link.after_header = n + len(data)
-
-    def _frame(self, link: Link, d: Direction, frame: bytes, msg: ControlMessage) -> None:
-        name = msg.stage.value if msg.stage is not None else msg.kind.name
-        link.seen.append(f"{d.name} {name}")
-        point = link.plan.point if link.plan is not None else None
-        if msg.stage is AckStage.HEADER:
-            if point is Point.SETUP:
-                self._reach(link, d)        # before it passes: the fault applies to it
-            self._emit(link, d, frame)
-            link.after_header = 0
-        elif msg.stage in _ACK_POINTS:
-            if msg.stage is AckStage.PREPARED:
-                link.fwd.frames = _Frames("fault proxy forward path")
-            forwarded, swallowed = _ACK_POINTS[msg.stage]
-            if point is not swallowed:
-                self._emit(link, d, frame)
-            if point in (forwarded, swallowed):
-                self._reach(link, d)
-        else:
-            self._emit(link, d, frame)
-            if msg.kind is ControlType.COMMIT and point is Point.COMMIT:
-                self._reach(link, d)
-
-    def _reach(self, link: Link, d: Direction) -> None:
-        """The plan's point: fire once what ``d`` queued before it has been written;
-        whatever is read meanwhile waits and then goes under the fault."""
-        def fire() -> None:
-            held, link.held = link.held or [], None
-            self._fire(link)
-            for hd, data in held:
-                self._emit(link, hd, data)
-        d.queue.append(_Chunk(time.monotonic() + link.delay, memoryview(b""), fire))
-        link.held = []
-
-    def _emit(self, link: Link, d: Direction, data: bytes) -> None:
-        if link.held is not None:
-            link.held.append((d, data))
-            return
-        if link.closed or d.discard:
-            d.dropped += len(data)
-            return
-        if d.drop:
-            n = min(d.drop, len(data))
-            d.drop -= n
-            d.dropped += n
-            data = data[n:]
-        if data:
-            d.queue.append(_Chunk(time.monotonic() + link.delay, memoryview(data)))
-            d.queued += len(data)
-
-    def _fire(self, link: Link) -> None:
-        if link.fired or link.plan is None:
-            return
-        link.fired = True
-        if link.plan.fault is not None:
-            self._apply(link, link.plan.fault)
-        if link.plan.on_fire is not None:
-            link.plan.on_fire()
-        self.fired.set()
-
-    def _apply(self, link: Link, fault: Fault) -> None:
-        plan = link.plan or FaultPlan(fault)
-        if fault is Fault.CUT:
-            self._close_link(link)
-        elif fault is Fault.STALL:
-            link.stalled = True
-        elif fault is Fault.DELAY:
-            link.delay = plan.delay_s
-        elif fault is Fault.DROP_BYTES:
-            (link.fwd if plan.drop_forward else link.ret).drop = plan.drop_bytes
-        elif fault is Fault.DROP_RETURN:
-            link.ret.discard = True
+        link.ingest(d, data)
 
     def _flush(self, link: Link, d: Direction) -> None:
         now = time.monotonic()
@@ -433,7 +210,7 @@ class FaultProxy:
             except BlockingIOError:
                 return
             except OSError:
-                self._close_link(link)
+                link.close()
                 return
             d.tokens -= sent
             d.sent += sent
@@ -451,7 +228,7 @@ class FaultProxy:
             except OSError:
                 pass
             if link.fwd.shut and link.ret.shut:
-                self._close_link(link)
+                link.close()
 
     def _refill(self, d: Direction, now: float) -> None:
         assert self.rate is not None
@@ -459,10 +236,7 @@ class FaultProxy:
         d.tokens = min(burst, d.tokens + (now - d.stamp) * self.rate)
         d.stamp = now
 
-    def _close_link(self, link: Link) -> None:
-        if link.closed:
-            return
-        link.closed = True
+    def _release(self, link: Link) -> None:
         for s in link.sockets():
             if s in self._masks:
                 self._sel.unregister(s)

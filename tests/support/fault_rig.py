@@ -19,9 +19,12 @@ guest's RAM file. ``netns`` runs the process in a network namespace (``netns.py`
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemons import NotifySocket, child_env, vfiod_cmd
-from tests.support.netns import in_netns
+from tests.support.netns import NetPair, in_netns
 from vfiod.api import ControlClient
 from vfiod.api.client import ClientError
 
@@ -48,6 +51,7 @@ class RigGuest:
     ram_bytes: int = 1 << 20
     capability: str = "v2_precopy_p2p_log"
     state_size: int = 64 * 1024      # the device's stop-copy state: makes stop-and-copy last
+    dirty_rate: int = 0              # bytes/s its device writes into its RAM on the source
 
     def device(self, side: str) -> str:
         # PCI addresses differ between hosts, as on real ones
@@ -76,6 +80,8 @@ def host_config(side: str, guests: Sequence[RigGuest], root: Path, listen: str, 
     for g in guests:
         text += (f'[[sim.device]]\nname = "{g.device(side)}"\ncapability = "{g.capability}"\n'
                  f'state_size = {g.state_size}\n')
+        if g.dirty_rate and side == "source":
+            text += f'[[sim.workload]]\nguest = "{g.name}"\ndirty_rate = {g.dirty_rate}\n'
     return text
 
 
@@ -155,6 +161,7 @@ class FaultHost:
         if self.alive():
             self.sigkill()
         self.notify.close()
+        unmount(self.root / "state")
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log(self) -> str:
@@ -208,3 +215,80 @@ class FaultHost:
 def where(hosts: Sequence[FaultHost], guest: str) -> dict[str, str | None]:
     """What runs where: each host's lifecycle state of ``guest``."""
     return {h.name: h.guest_state(guest) for h in hosts}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now: a host keeps its migration port across restarts (the peer asks it
+    about a migration's outcome there)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def mount_tmpfs(path: Path, size: int) -> None:
+    """A small tmpfs over ``path`` (the disk-full cases fill it)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "vfiod-test",
+                    str(path)], check=True, capture_output=True, timeout=30)
+
+
+def unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", str(path)], check=True, capture_output=True, timeout=30)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write ``directory/filler`` until its file system is full; the file (delete it to
+    give the space back)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(bytes(64 * 1024))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                return filler
+
+
+class FaultPair:
+    """A source and a destination host with the same guests (the destination's incoming),
+    each listening on a port of its own that it keeps across restarts."""
+
+    def __init__(self, guests: Sequence[RigGuest], *, migration: str = "",
+                 tls: Callable[[str], str] | None = None, net: NetPair | None = None,
+                 state_tmpfs: int | None = None) -> None:
+        """``tls(host name)``: that host's ``[migration.tls]`` table; ``net``: the source
+        runs in ``net.a``, the destination in ``net.b``; ``state_tmpfs``: each state
+        directory is a tmpfs of that many bytes."""
+        self.addr = {"src": net.addr_a if net else "127.0.0.1",
+                     "dst": net.addr_b if net else "127.0.0.1"}
+        self.ports = {"src": free_port(), "dst": free_port()}
+        self.guests = list(guests)
+
+        def config(side: str) -> Callable[[FaultHost], str]:
+            return lambda h: host_config(side, guests, h.root,
+                                         f"{self.addr[h.name]}:{self.ports[h.name]}",
+                                         migration=migration, tls=tls(h.name) if tls else "")
+        self.src = FaultHost("src", "source", guests, config("source"),
+                             netns=net.a if net else None)
+        self.dst = FaultHost("dst", "destination", guests, config("destination"),
+                             netns=net.b if net else None)
+        self.hosts = (self.src, self.dst)
+        if state_tmpfs is not None:
+            for h in self.hosts:
+                mount_tmpfs(h.root / "state", state_tmpfs)
+
+    @property
+    def dst_address(self) -> tuple[str, int]:
+        return (self.addr["dst"], self.ports["dst"])
+
+    def start(self) -> None:
+        for h in self.hosts:
+            h.start()
+
+    def where(self, guest: str) -> dict[str, str | None]:
+        return where(self.hosts, guest)
+
+    def close(self) -> None:
+        for h in self.hosts:
+            h.close()

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 
 
@@ -31,7 +32,10 @@ class FileSink:
             mv = memoryview(b).cast("B")
             off = 0
             while off < len(mv):
-                off += self._ops.write(fd, mv[off:])
+                try:
+                    off += self._ops.write(fd, mv[off:])
+                except KernelError as e:      # ENOSPC, EIO: name the snapshot, not the fd
+                    raise e.with_context(target=self.path) from None
             self.bytes_written += len(mv)
 
     def check_peer(self) -> None:
