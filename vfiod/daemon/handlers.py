@@ -28,6 +28,7 @@ from vfiod.api.ops import (
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
 from vfiod.daemon import check
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import GuestEntry, Registry
@@ -191,9 +192,13 @@ class Handlers:
             if bad:
                 raise ApiError(ApiErrorCode.FAILED, f"guest {entry.name} cannot be migrated: "
                                + "; ".join(f"{d.name}: {d.reason}" for d in bad))
-            rec = self.migrations.start_outgoing(
-                entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
-                timeout_s=args.timeout_s, on_timeout=args.on_timeout)
+            try:
+                rec = self.migrations.start_outgoing(
+                    entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
+                    timeout_s=args.timeout_s, on_timeout=args.on_timeout)
+            except JournalError as e:       # nothing started: it could not be written down
+                raise ApiError(ApiErrorCode.FAILED, f"guest {entry.name} was not migrated: "
+                               f"{e}") from None
             return {"migration": rec.to_json()}
 
     def cancel(self, args: CancelArgs) -> dict[str, Any]:

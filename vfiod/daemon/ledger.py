@@ -19,6 +19,7 @@ from typing import Any
 
 from vfiod.daemon.lifecycle import OUTGOING, LifecycleState
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.errors import VfiodError
 from vfiod.migration.session.common import MigrationResult, SessionBase
 
 #: Lifecycle steps taken with a migration's start or end: (new state, cause).
@@ -80,14 +81,21 @@ class MigrationLedger:
                     raise ValueError(f"{self._closed}: no migration starts now")
             rec = self.registry.begin_migration(guest, role, peer, migration_id=migration_id,
                                                 **policy)
-            self.move(rec, moves)
+            try:            # a migration the journal cannot name must not start
+                self.move(rec, moves, must_record=True)
+            except VfiodError:
+                self.registry.finish(rec, "failed", error="its start could not be journaled")
+                raise
             with self._lock:
                 handle = self._handles[rec] = MigrationHandle()
             return rec, handle
 
-    def move(self, rec: MigrationRecord, moves: Moves) -> None:
+    def move(self, rec: MigrationRecord, moves: Moves, *, must_record: bool = False) -> None:
+        """The guest's lifecycle steps for ``rec`` (``must_record``: see
+        ``GuestLifecycle.move``)."""
         for state, cause in moves:
-            self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer)
+            self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer,
+                                must_record=must_record)
 
     def end(self, rec: MigrationRecord, result: str, moves: Moves = (), *,
             res: MigrationResult | None = None, error: str | None = None) -> None:

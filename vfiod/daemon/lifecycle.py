@@ -216,16 +216,29 @@ class GuestLifecycle:
 
     # -- writing ---------------------------------------------------------------------------
     def move(self, guest: str, to: LifecycleState, cause: str, *, migration_id: str = "",
-             peer: str = "") -> LifecycleTransition:
+             peer: str = "", must_record: bool = False) -> LifecycleTransition:
         """Move ``guest`` to ``to`` for ``cause``; ``LifecycleError`` if the table does
-        not allow it from the guest's current state. Returns the record, already logged."""
+        not allow it from the guest's current state. Returns the record, already logged.
+
+        ``must_record``: the transition allows an action a restart must know about (a
+        migration starts; the destination prepares or resumes), so a journal that cannot
+        hold it refuses it (the error propagates). Any other transition follows what
+        already happened (a rollback, a release, a settled outcome): the restart's
+        recovery reaches the same place from the records before it (docs/architecture.md
+        §1.8), so a failed write is logged and the state still follows the facts."""
         with self.lock:
             rec = LifecycleTransition(guest, self.state(guest), to, cause, migration_id,
                                       peer, self._clock())
             if (rec.from_state, rec.to_state) not in ALLOWED_TRANSITIONS:
                 raise LifecycleError(rec.guest, rec.from_state, rec.to_state, rec.cause)
             if self.record is not None:
-                self.record(rec)
+                try:
+                    self.record(rec)
+                except VfiodError as e:
+                    if must_record:
+                        raise
+                    log.error("%s: not journaled (%s); recovery from the records before "
+                              "it reaches the same state", rec.describe(), e)
             self._apply(rec)
         log.info("%s", rec.describe())
         return rec

@@ -39,12 +39,14 @@ class MigrationJournal:
     def prepared(self, migration_id: str) -> None:
         self.ledger.move(self.rec, [
             (LifecycleState.LOADED, "received and loaded"),
-            (LifecycleState.PREPARED, "verified; waiting for the source's commit")])
+            (LifecycleState.PREPARED, "verified; waiting for the source's commit")],
+            must_record=True)
         self.outcome(MigrationOutcome.PREPARED)
 
     def resuming(self, migration_id: str) -> None:
         self.outcome(MigrationOutcome.RESUMED, "committed by the source")
-        self.ledger.move(self.rec, [(LifecycleState.RUNNING, "committed: resumed here")])
+        self.ledger.move(self.rec, [(LifecycleState.RUNNING, "committed: resumed here")],
+                         must_record=True)
 
     def discarding(self, migration_id: str) -> None:
         self.outcome(MigrationOutcome.DISCARDED, "could not resume after the commit")
