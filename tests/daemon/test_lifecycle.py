@@ -22,6 +22,7 @@ from vfiod.daemon.lifecycle import (
     LifecycleTransition,
 )
 from vfiod.daemon.registry import Registry
+from vfiod.errors import VfiodError
 
 S = LifecycleState
 
@@ -226,3 +227,20 @@ def test_replay_refuses_a_journal_that_skips_a_step() -> None:
 def test_a_bad_journal_record_is_refused(bad: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LifecycleTransition.from_json(bad)
+
+
+def test_a_journal_that_cannot_write_refuses_only_what_must_be_recorded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def full(rec: LifecycleTransition) -> None:
+        raise VfiodError("journal /x/journal: appending: No space left on device (ENOSPC)")
+    lc = _at(S.RUNNING)
+    lc.record = full
+    with pytest.raises(VfiodError, match="No space left"):
+        lc.move("g1", S.MIGRATING_OUT, "ordered", must_record=True)
+    assert lc.state("g1") is S.RUNNING                 # refused: nothing started
+    lc.record = None
+    lc.move("g1", S.MIGRATING_OUT, "ordered")
+    lc.record = full
+    lc.move("g1", S.RUNNING, "rolled back")            # follows the facts: made, and said
+    assert lc.state("g1") is S.RUNNING
+    assert "not journaled" in caplog.text and "No space left" in caplog.text
