@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd, wait_until
-from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, Point
+from tests.support.fault_link import Fault, FaultPlan, Point
+from tests.support.fault_proxy import FaultProxy
 from tests.support.fault_rig import FaultHost, RigGuest, host_config, pattern, where
 from vfiod.api.client import ClientError
 
