@@ -23,7 +23,7 @@ from tests.support.fault_matrix import (
     record_case,
     start_through,
 )
-from tests.support.fault_rig import FaultPair, RigGuest
+from tests.support.fault_rig import FaultPair, RigGuest, started_pair
 
 FAULTS = [Fault.CUT, Fault.STALL, Fault.DROP_BYTES, Fault.DROP_RETURN, Fault.DELAY]
 POINTS = list(Point)
@@ -38,12 +38,8 @@ def _guest(fault: Fault, point: Point) -> str:
 @pytest.fixture(scope="module")
 def pair() -> Iterator[FaultPair]:
     guests = [RigGuest(_guest(f, p), i, state_size=1 << 20) for i, (f, p) in enumerate(CASES)]
-    p = FaultPair(guests, migration=MATRIX_MIGRATION)
-    try:
-        p.start()
+    with started_pair(guests, migration=MATRIX_MIGRATION) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.mark.parametrize("fault, point", CASES, ids=[_guest(f, p) for f, p in CASES])

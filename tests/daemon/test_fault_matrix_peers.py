@@ -26,7 +26,7 @@ from tests.support.fault_matrix import (
 )
 from tests.support.fault_pki import make_pki, tls_table
 from tests.support.fault_proxy import FaultProxy
-from tests.support.fault_rig import FaultHost, FaultPair, RigGuest, pattern
+from tests.support.fault_rig import FaultHost, FaultPair, RigGuest, pattern, started_pair
 from tests.support.fault_table import record
 from vfiod.migration.transport.control import ControlMessage, ControlParser, TransportError
 
@@ -38,12 +38,8 @@ REPLAY, WORKLOAD = "replay", "workload.delay.pre-copy"
 def pair() -> Iterator[FaultPair]:
     guests = [RigGuest(REPLAY, 0, state_size=1 << 20),
               RigGuest(WORKLOAD, 1, state_size=1 << 20, dirty_rate=512 * 1024)]
-    p = FaultPair(guests, migration=MATRIX_MIGRATION)
-    try:
-        p.start()
+    with started_pair(guests, migration=MATRIX_MIGRATION) as p:
         yield p
-    finally:
-        p.close()
 
 
 def _result(h: FaultHost, guest: str, mid: str) -> dict | None:

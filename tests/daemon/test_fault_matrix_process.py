@@ -22,7 +22,7 @@ from tests.support.fault_matrix import (
     record_case,
     start_through,
 )
-from tests.support.fault_rig import FaultPair, RigGuest
+from tests.support.fault_rig import FaultPair, RigGuest, started_pair
 
 VICTIMS = ["source", "destination"]
 CASES = [(v, p) for v in VICTIMS for p in Point]
@@ -36,12 +36,8 @@ def _guest(victim: str, point: Point) -> str:
 @pytest.fixture(scope="module")
 def pair() -> Iterator[FaultPair]:
     guests = [RigGuest(_guest(v, p), i, state_size=1 << 20) for i, (v, p) in enumerate(CASES)]
-    p = FaultPair(guests, migration=MATRIX_MIGRATION)
-    try:
-        p.start()
+    with started_pair(guests, migration=MATRIX_MIGRATION) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.mark.parametrize("victim, point", CASES, ids=[_guest(v, p) for v, p in CASES])

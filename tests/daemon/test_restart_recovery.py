@@ -9,32 +9,20 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemons import wait_until
-from tests.support.fault_rig import FaultHost, RigGuest, host_config, pattern, where
+from tests.support.fault_rig import FaultHost, RigGuest, pattern, started_pair, where
 
 G = RigGuest("g1", 1)
 
 
 @pytest.fixture
 def hosts() -> Iterator[tuple[FaultHost, FaultHost]]:
-    made: list[FaultHost] = []
-    try:
-        b = FaultHost("B", "destination", [G],
-                      lambda h: host_config("destination", [G], h.root, "127.0.0.1:0"))
-        made.append(b)
-        a = FaultHost("A", "source", [G],
-                      lambda h: host_config("source", [G], h.root, "127.0.0.1:0"))
-        made.append(a)
-        b.start()
-        a.start()
-        yield a, b
-    finally:
-        for h in made:
-            h.close()
+    with started_pair([G]) as pair:
+        yield pair.src, pair.dst
 
 
 def _migrated(a: FaultHost, b: FaultHost) -> None:
     a.migrate(G.name, b.migration_address)
-    wait_until(lambda: where([a, b], G.name) == {"A": "incoming", "B": "running"}, 60,
+    wait_until(lambda: where([a, b], G.name) == {"src": "incoming", "dst": "running"}, 60,
                lambda: f"{where([a, b], G.name)}\n{a.log()[-3000:]}\n{b.log()[-3000:]}")
 
 
@@ -47,7 +35,7 @@ def test_after_a_migration_both_restart_and_the_guest_runs_only_where_it_went(
         getattr(h, stop)()
     for h in (a, b):
         h.start()
-    assert where([a, b], G.name) == {"A": "incoming", "B": "running"}
+    assert where([a, b], G.name) == {"src": "incoming", "dst": "running"}
     assert b.ram_digest(G.name) == a_pattern_digest()
     notes_a = a.guest(G.name)["notes"]
     assert any("migrated to" in n and "not started here" in n for n in notes_a), notes_a

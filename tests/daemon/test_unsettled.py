@@ -15,7 +15,7 @@ import pytest
 from tests.support.daemons import child_env, vfiod_cmd, wait_until
 from tests.support.fault_link import Fault, FaultPlan, Point
 from tests.support.fault_proxy import FaultProxy
-from tests.support.fault_rig import FaultHost, RigGuest, host_config, pattern, where
+from tests.support.fault_rig import FaultHost, RigGuest, pattern, started_pair, where
 from vfiod.api.client import ClientError
 
 G = RigGuest("g1", 2)
@@ -24,24 +24,12 @@ PATTERN = hashlib.sha256(pattern(G.name, G.ram_bytes)).hexdigest()
 
 @pytest.fixture
 def hosts() -> Iterator[tuple[FaultHost, FaultHost]]:
-    made: list[FaultHost] = []
-    try:
-        b = FaultHost("B", "destination", [G],
-                      lambda h: host_config("destination", [G], h.root, "127.0.0.1:0"))
-        made.append(b)
-        a = FaultHost("A", "source", [G],
-                      lambda h: host_config("source", [G], h.root, "127.0.0.1:0"))
-        made.append(a)
-        b.start()
-        a.start()
-        yield a, b
-    finally:
-        for h in made:
-            h.close()
+    with started_pair([G]) as pair:
+        yield pair.src, pair.dst
 
 
 def _why(a: FaultHost, b: FaultHost) -> str:
-    return f"{where([a, b], G.name)}\n--- A\n{a.log()[-4000:]}\n--- B\n{b.log()[-4000:]}"
+    return f"{where([a, b], G.name)}\n--- src\n{a.log()[-4000:]}\n--- dst\n{b.log()[-4000:]}"
 
 
 def test_a_swallowed_resumed_ack_is_settled_by_asking_never_by_resuming(
@@ -52,7 +40,7 @@ def test_a_swallowed_resumed_ack_is_settled_by_asking_never_by_resuming(
     try:
         a.migrate(G.name, proxy.address)
         proxy.wait_fired(60)
-        wait_until(lambda: where([a, b], G.name) == {"A": "incoming", "B": "running"}, 60,
+        wait_until(lambda: where([a, b], G.name) == {"src": "incoming", "dst": "running"}, 60,
                    lambda: _why(a, b))
     finally:
         proxy.close()
@@ -91,5 +79,5 @@ def test_a_peer_gone_for_good_shows_outcome_unknown_until_resolved_by_hand(
     r = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "resolve", G.name, "--discard"),
                        capture_output=True, text=True, timeout=60, env=child_env())
     assert r.returncode == 0 and "resolved by hand: discard here" in r.stdout, r
-    assert where([a, b], G.name) == {"A": "incoming", "B": "running"}
+    assert where([a, b], G.name) == {"src": "incoming", "dst": "running"}
     assert b.ram_digest(G.name) == PATTERN

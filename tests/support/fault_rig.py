@@ -27,7 +27,8 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,3 +293,14 @@ class FaultPair:
     def close(self) -> None:
         for h in self.hosts:
             h.close()
+
+
+@contextmanager
+def started_pair(guests: Sequence[RigGuest], **kw: Any) -> Iterator[FaultPair]:
+    """A ``FaultPair`` (keywords: its own), started, and closed afterwards."""
+    p = FaultPair(guests, **kw)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.close()

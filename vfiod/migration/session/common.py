@@ -260,10 +260,17 @@ class SessionBase:
             self._check_cancel()
             self._committed = True
 
-    def _uncommit(self) -> None:
-        """The commit's journal record could not be written: nothing was promised yet."""
-        with self._lock:
-            self._committed = False
+    def _commit_recorded(self, record: Callable[[str], None]) -> None:
+        """The commit point, written down first: ``record`` (a ``SwitchoverJournal``
+        step) makes it durable; if it cannot, nothing was promised and it raises with the
+        session uncommitted (the caller rolls back or discards)."""
+        self._commit()
+        try:
+            record(self.migration_id)
+        except BaseException:
+            with self._lock:
+                self._committed = False
+            raise
 
     @property
     def committed(self) -> bool:

@@ -50,12 +50,7 @@ class DestinationEnding(SessionBase):
     def _prepare(self) -> None:
         """Journal "prepared": past it this end neither cancels nor discards on its own
         (a journal that cannot be written fails the migration: nothing was promised)."""
-        self._commit()
-        try:
-            self.journal.prepared(self.migration_id)
-        except BaseException:
-            self._uncommit()
-            raise
+        self._commit_recorded(self.journal.prepared)
 
     def _await_commit(self) -> None:
         msg = self.link.wait_control(ControlType.COMMIT, self.config.ack_timeout_s)

@@ -52,12 +52,7 @@ class SourceEnding(SessionBase):
     def _commit_switchover(self) -> None:
         """Journal the decision, then nothing rolls back here on its own. A journal that
         cannot be written means no decision: the caller rolls back."""
-        self._commit()
-        try:
-            self.journal.committing(self.migration_id)
-        except BaseException:
-            self._uncommit()
-            raise
+        self._commit_recorded(self.journal.committing)
 
     def _after_commit(self) -> MigrationResult:
         try:
