@@ -272,6 +272,20 @@ class SessionBase:
                 self._committed = False
             raise
 
+    def _leave_unsettled(self, exc: Exception, missing: str, kept: str,
+                         reason: str) -> MigrationResult:
+        """The peer's word after the commit point did not come: the result says so, and
+        what this end keeps until ``settle`` (docs/architecture.md §1.7)."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.result.warnings.append(f"{missing} did not arrive ({exc}): {kept}")
+        self._set_state(MigrationState.UNSETTLED)
+        return self._result("unsettled", f"{reason}: {exc}")
+
+    def _settling(self) -> None:
+        if self.state is not MigrationState.UNSETTLED:
+            raise ValueError(f"migration {self.migration_id} is {self.state.value}, not "
+                             "unsettled")
+
     @property
     def committed(self) -> bool:
         return self._committed

@@ -95,21 +95,16 @@ class DestinationEnding(SessionBase):
                             "resume_s": now - t0}
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
-        self.error = f"{type(exc).__name__}: {exc}"
-        self.result.warnings.append(
-            f"prepared, but the source's decision did not arrive ({exc}): the guest does "
-            "not run here and its devices stay loaded until the source's journal settles "
-            "the outcome")
-        self._set_state(MigrationState.UNSETTLED)
-        return self._result("unsettled", f"outcome unknown after PREPARED: {exc}")
+        return self._leave_unsettled(
+            exc, "prepared, but the source's decision", "the guest does not run here and "
+            "its devices stay loaded until the source's journal settles the outcome",
+            "outcome unknown after PREPARED")
 
     def settle(self, commit: bool, why: str) -> MigrationResult:
         """End an unsettled migration on the source's decision: it committed (resume here;
         raises if the journal cannot record it, and stays unsettled) or it did not
         (discard)."""
-        if self.state is not MigrationState.UNSETTLED:
-            raise ValueError(f"migration {self.migration_id} is {self.state.value}, not "
-                             "unsettled")
+        self._settling()
         if not commit:
             self._undo()
             self._set_state(MigrationState.FAILED)

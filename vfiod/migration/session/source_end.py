@@ -83,21 +83,16 @@ class SourceEnding(SessionBase):
             r.warnings.append(f"could not send the downtime report: {e}")
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
-        self.error = f"{type(exc).__name__}: {exc}"
         self._stop_tracking()
-        self.result.warnings.append(
-            f"committed, but the destination's answer did not arrive ({exc}): the guest "
-            "stays paused here with its device state until the destination's journal "
-            "settles the outcome")
-        self._set_state(MigrationState.UNSETTLED)
-        return self._result("unsettled", f"outcome unknown after the commit: {exc}")
+        return self._leave_unsettled(
+            exc, "committed, but the destination's answer", "the guest stays paused here "
+            "with its device state until the destination's journal settles the outcome",
+            "outcome unknown after the commit")
 
     def settle(self, peer_resumed: bool, why: str) -> MigrationResult:
         """End an unsettled migration on the destination's answer: it resumed the guest
         (finish here), or it did not and never will (roll back and resume here)."""
-        if self.state is not MigrationState.UNSETTLED:
-            raise ValueError(f"migration {self.migration_id} is {self.state.value}, not "
-                             "unsettled")
+        self._settling()
         if peer_resumed:
             self.error = None
             self._set_state(MigrationState.COMPLETED)
