@@ -158,7 +158,7 @@ def recover(configs: tuple[GuestConfig, ...], journal: Journal, registry: Regist
             continue
         try:
             journal.append_outcome(rec)
-        except JournalError as e:    # a query's answer is the same without it (§8.4)
+        except JournalError as e:    # a query's answer is the same without it (docs/protocol.md §8.4)
             log.error("guest %s: %s", plan.guest, e)
     guests.open_all(configs, {n: p.start for n, p in plans.items()})
     for plan in plans.values():
