@@ -23,7 +23,6 @@ from vfiod.migration.stream import (
     StreamReader,
     StreamWriter,
 )
-from vfiod.migration.stream import reader as reader_module
 from vfiod.migration.stream.records import RECORD_HEADER_SIZE, ErrorCode, RecordError
 from vfiod.migration.transport import FileSink, FileSource
 from vfiod.vfio import RamRegion
@@ -158,18 +157,6 @@ def test_batches_bound_the_number_of_sends() -> None:
     assert pipe.sends - before == 4
 
 
-class PieceLog(MemPipe):
-    """A MemPipe that remembers the largest read the reader asked for."""
-
-    def __init__(self, piece: int) -> None:
-        super().__init__(piece)
-        self.largest_request = 0
-
-    def recv_into(self, view: memoryview) -> int:
-        self.largest_request = max(self.largest_request, len(view))
-        return super().recv_into(view)
-
-
 def _one_big_record(pages: int) -> tuple[tuple[RamRegion, ...], list[bytearray], MemPipe, int]:
     """A stream whose RAM is one record of ``pages`` pages; also where its pages start."""
     regions = (RamRegion("big", 0, pages * PS),)
@@ -184,22 +171,8 @@ def _one_big_record(pages: int) -> tuple[tuple[RamRegion, ...], list[bytearray],
     return regions, src, pipe, pages_at
 
 
-@pytest.mark.parametrize("piece", [1 << 20, 4097, 1000])
-def test_ram_is_received_in_bounded_pieces_and_each_page_checked(piece: int) -> None:
-    # A record over several check chunks, read in pieces that cut pages anywhere: every
-    # page lands and is checked, and no single read asks for more than one check chunk
-    # (so the pages are checked while still in the cache).
-    pages = 3 * reader_module._CHECK_CHUNK // PS + 5
-    regions, src, pipe, _ = _one_big_record(pages)
-    log = PieceLog(piece)
-    log.data = pipe.data
-    _, dst, events = load(log, regions)
-    assert dst == src and RamLoaded(0, pages) in events
-    assert log.largest_request == reader_module._CHECK_CHUNK
-
-
 @pytest.mark.parametrize("page", [0, 63, 64, 200])
-def test_a_bad_page_in_any_check_chunk_is_named(page: int) -> None:
+def test_a_bad_page_anywhere_in_a_record_read_in_odd_pieces_is_named(page: int) -> None:
     regions, _, pipe, pages_at = _one_big_record(201)
     pipe.data[pages_at + page * PS + 7] ^= 0x10
     bad = MemPipe(piece=4097)

@@ -54,9 +54,6 @@ from vfiod.migration.stream.records import (
 )
 from vfiod.migration.stream.torn import TornPages
 
-#: Bytes received before the pages that arrived are checked: well inside a core's L2 cache.
-_CHECK_CHUNK = 256 * 1024
-
 
 class Source(Protocol):
     def recv_into(self, view: memoryview) -> int:
@@ -231,7 +228,11 @@ class StreamReader:
         if crc32c(table) != h.payload_crc:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {first:#x}+{n}: checksum "
                             "table mismatch", at, h.rtype)
-        self._fill_checked(view, ps, got, h.rtype, at, f"RAM pages ({n} x {ps} bytes)")
+        self._fill(view, h.rtype, at, f"RAM pages ({n} x {ps} bytes)")
+        # Checked right after the kernel's copy, while the pages are still in the cache.
+        # (A worker thread overlapping this with the next receive was measured slower: the
+        # GIL hand-offs and cache traffic cost more than the check.)
+        page_crcs(view, ps, got)
         bad = np.flatnonzero(got != table)
         if bad.size and not h.flags & RAM_LIVE:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x} "
@@ -335,24 +336,6 @@ class StreamReader:
                                 f"{what} of {n} bytes", at, rtype)
             got += k
         return got
-
-    def _fill_checked(self, view: memoryview, ps: int, crcs: np.ndarray, rtype: int, at: int,
-                      what: str) -> None:
-        """``_fill`` for RAM pages, computing each page's CRC into ``crcs`` as soon as the
-        page has arrived: received at most ``_CHECK_CHUNK`` bytes at a time, a page is
-        checked while the kernel's copy of it is still in this core's cache, so the check
-        does not read guest memory a second time from DRAM (README "Benchmarks")."""
-        got, n, done = 0, len(view), 0
-        while got < n:
-            k = self._src.recv_into(view[got:got + _CHECK_CHUNK])
-            if k == 0:
-                raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
-                                f"{what} of {n} bytes", at, rtype)
-            got += k
-            whole = got // ps
-            if whole > done:
-                page_crcs(view[done * ps:whole * ps], ps, crcs[done:whole])
-                done = whole
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
         record = self.records if self.offset >= PREAMBLE_SIZE else None
