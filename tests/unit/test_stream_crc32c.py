@@ -106,6 +106,19 @@ def test_page_crcs_are_the_crc_of_each_page(impl: str) -> None:
             assert got.dtype == np.uint32 and got.tolist() == want, (impl, page_size, n)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_page_crcs_of_every_record_size_up_to_forty_pages(impl: str) -> None:
+    # The kernel runs pages a third of the record apart side by side: every count, with
+    # its remainder, must still give page i the CRC of page i (checked against the
+    # whole-buffer function, itself checked against the definition above).
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, 40 * 4096, dtype=np.uint8).tobytes()
+    want = [C.crc32c(data[i * 4096:(i + 1) * 4096]) for i in range(40)]
+    for n in range(1, 41):
+        got = page_crcs(memoryview(data)[:n * 4096], 4096, implementation=impl)
+        assert got.tolist() == want[:n], (impl, n)
+
+
 def test_page_crcs_refuse_partial_pages_and_bad_output() -> None:
     with pytest.raises(ValueError, match="not whole pages"):
         page_crcs(bytes(5000), 4096)

@@ -23,6 +23,7 @@ from vfiod.migration.stream import (
     StreamReader,
     StreamWriter,
 )
+from vfiod.migration.stream.records import RECORD_HEADER_SIZE, ErrorCode, RecordError
 from vfiod.migration.transport import FileSink, FileSource
 from vfiod.vfio import RamRegion
 
@@ -154,6 +155,32 @@ def test_batches_bound_the_number_of_sends() -> None:
     w.send_ram([(0, 64)], quiescent=True)
     # 64 pages in 16-page batches: 4 sends, not one per page or per record
     assert pipe.sends - before == 4
+
+
+def _one_big_record(pages: int) -> tuple[tuple[RamRegion, ...], list[bytearray], MemPipe, int]:
+    """A stream whose RAM is one record of ``pages`` pages; also where its pages start."""
+    regions = (RamRegion("big", 0, pages * PS),)
+    src = guest_memory(4, regions)
+    pipe = MemPipe()
+    w = StreamWriter(pipe, header(regions, ()), GuestRam(PS, regions, src),
+                     record_bytes=pages * PS, batch_bytes=pages * PS)
+    w.start()
+    pages_at = len(pipe.data) + RECORD_HEADER_SIZE + pages * 4  # after its header and table
+    w.send_ram([(0, pages)], quiescent=True)
+    w.finish()
+    return regions, src, pipe, pages_at
+
+
+@pytest.mark.parametrize("page", [0, 63, 64, 200])
+def test_a_bad_page_anywhere_in_a_record_read_in_odd_pieces_is_named(page: int) -> None:
+    regions, _, pipe, pages_at = _one_big_record(201)
+    pipe.data[pages_at + page * PS + 7] ^= 0x10
+    bad = MemPipe(piece=4097)
+    bad.data = pipe.data
+    with pytest.raises(RecordError) as e:
+        load(bad, regions)
+    assert e.value.code is ErrorCode.PAYLOAD_CHECKSUM
+    assert f"guest page {page:#x} (page {page} of 201 in this record)" in str(e.value)
 
 
 def test_file_save_and_restore(tmp_path: Any) -> None:
