@@ -176,6 +176,11 @@ def _last_line_of(text: str, needle: str) -> int:
      "guest[1].page_size: 3000000 is not a power of two"),
     ('path = "/dev/hugepages/g2-low"', 'path = "hugepages/g2-low"', "path =",
      "guest[1].ram[0].path: must be an absolute path"),
+    ('path = "/dev/hugepages/g2-low"', 'path = "/dev/hugepages/g2-low"\nfrom = "vmm"',
+     'from = "vmm"', "guest[1].ram[0].from: give either path (vfiod opens the file) or "
+     'from = "vmm"'),
+    ('path = "/dev/hugepages/g2-low"', 'from = "qemu"', 'from = "qemu"',
+     "guest[1].ram[0].from: 'qemu' is not valid: \"vmm\": the VMM hands the fd over"),
     ('start = "incoming"', 'start = "later"', "start =",
      "guest[1].start: must be one of ['running', 'incoming']"),
     ('container = "c1"', 'container = "c 1"', "container =",
