@@ -179,6 +179,10 @@ def _last_line_of(text: str, needle: str) -> int:
     ('path = "/dev/hugepages/g2-low"', 'path = "/dev/hugepages/g2-low"\nfrom = "vmm"',
      'from = "vmm"', "guest[1].ram[0].from: give either path (vfiod opens the file) or "
      'from = "vmm"'),
+    ('page_size = 2097152', 'page_size = 2097152\nrunstate = "qmp:vm.qmp"', "runstate",
+     "guest[1].runstate: 'qmp:vm.qmp' is not valid: \"qmp:/run/vm1.qmp\" or "),
+    ('page_size = 2097152', 'page_size = 2097152\nrunstate_timeout_s = 0', "runstate_t",
+     "guest[1].runstate_timeout_s: "),
     ('path = "/dev/hugepages/g2-low"', 'from = "qemu"', 'from = "qemu"',
      "guest[1].ram[0].from: 'qemu' is not valid: \"vmm\": the VMM hands the fd over"),
     ('start = "incoming"', 'start = "later"', "start =",

@@ -4,7 +4,7 @@ docs/architecture.md §8.2).
 ``LineVmm`` is a VMM speaking the line protocol on a Unix socket, on a thread: it keeps
 a ``running`` flag, answers ``pause``/``resume``/``status``, and records every request
 it got. ``behaviour`` makes it misbehave: ``"silent"`` reads requests and never answers
-(until it is closed), ``"refuse"`` answers every request with an error, ``"lie"`` says it
+(their connections stay open until it is closed), ``"refuse"`` answers every request with an error, ``"lie"`` says it
 still runs after a pause, ``"wrong-id"`` echoes another id.
 
 ``QemuQmp`` is a real ``qemu-system-x86_64 -machine none -S`` with a QMP socket.
@@ -52,8 +52,7 @@ class LineVmm:
                 req = json.loads(line)
                 self.requests.append(req)
                 if self.behaviour == "silent":
-                    self._closed.wait()
-                    continue
+                    continue             # kept open, never answered, until close()
                 f.write(json.dumps(self._answer(req)).encode() + b"\n")
                 f.flush()
             conn.close()

@@ -39,6 +39,8 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     # [[guest.ram]] tables: see config_ram.py (a shared file, or from = "vmm")
     start = "running"                    # "incoming": wait for a migration into it
     allow_peers = ["host-c.example"]     # with TLS: replaces [migration.tls] allow for it
+    runstate = "qmp:/run/vm1.qmp"        # or "lines:PATH": pause/resume the VMM's vCPUs
+    runstate_timeout_s = 5               # at switchover (docs/architecture.md §8.2)
     [[guest.device]]
     name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
     id = "nic0"                          # the same on both hosts: migrations pair by it
@@ -145,6 +147,10 @@ class GuestConfig:
     containers: tuple[ContainerConfig, ...] = ()
     #: TLS peers allowed for this guest, in place of [migration.tls] allow; None: that list
     allow_peers: tuple[str, ...] | None = None
+    #: how vfiod pauses and resumes the VMM's vCPUs: "qmp:PATH" or "lines:PATH"
+    #: (docs/architecture.md §8.2); None: only the guest's own run-state handlers
+    runstate: str | None = None
+    runstate_timeout_s: float = 5.0
 
     def regions_of(self, container: str) -> tuple[RamConfig, ...]:
         c = next((c for c in self.containers if c.name == container), None)
@@ -339,9 +345,13 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
     enc = t.choice("memory_encryption", ("none", "sev", "sev-es", "sev-snp", "tdx"), "none")
     start = t.choice("start", ("running", "incoming"), "running")
     allow = _allow_list(t, "allow_peers")
+    runstate = t.string("runstate", pattern=r"(qmp|lines):/.+",
+                        hint='"qmp:/run/vm1.qmp" or "lines:/run/vm1.runstate" (an absolute '
+                        "socket path)")
+    timeout = float(t.number("runstate_timeout_s", 5.0, high=600) or 5.0)
     t.finish()
     return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers),
-                       allow)
+                       allow, runstate, timeout)
 
 
 def _cross_checks(cfg: Config, top: Table) -> None:

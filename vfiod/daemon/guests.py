@@ -40,6 +40,7 @@ from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.lifecycle import LifecycleError, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
+from vfiod.daemon.runstate.handler import VmmRunStateHandler, backend_for
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest import (
@@ -186,6 +187,11 @@ class GuestManager:
             guest.set_run_state(GuestState.PAUSED)
         else:
             self._start_load(entry)
+        if gc.runstate is not None:
+            # after the initial state: the VMM starts in its own state; from here on
+            # a migration's pause and resume reach it (docs/architecture.md §8.2)
+            guest.add_run_state_handler(VmmRunStateHandler(
+                gc.name, backend_for(gc.runstate), gc.runstate_timeout_s))
         log.info("guest %s: open (%s), %d device(s), %d bytes of RAM", gc.name, entry.state,
                  len(guest.devices), guest.ram_bytes)
         return True

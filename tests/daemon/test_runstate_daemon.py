@@ -1,0 +1,100 @@
+"""A migration pauses the source VMM and resumes the destination VMM through the guest's
+run-state backend (docs/architecture.md §8.2), with real daemon processes and VMMs that
+speak the line protocol (docs/runstate-protocol.md). A source VMM that does not
+acknowledge the pause in time fails the migration before any device stopped: the
+devices are back to RUNNING and the guest runs on the source."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
+from tests.support.runstate_vmm import LineVmm
+
+TIMEOUT_S = 0.5
+
+
+def _config(side: str, vmms: dict[str, LineVmm]) -> str:
+    start = "running" if side == "source" else "incoming"
+    text = "[migration]\n" + ('listen = "127.0.0.1:0"\n' if side == "destination" else "")
+    sim = "\n[sim]\n"
+    for i, (guest, vmm) in enumerate(vmms.items()):
+        dev = f"0000:3{i}:00.1" if side == "source" else f"0000:8{i}:00.1"
+        text += f'''
+[[guest]]
+name = "{guest}"
+start = "{start}"
+memory = "8MiB"
+runstate = "lines:{vmm.path}"
+runstate_timeout_s = {TIMEOUT_S}
+[[guest.device]]
+name = "{dev}"
+id = "nic0"
+'''
+        sim += f'[[sim.device]]\nname = "{dev}"\ncapability = "v2_precopy_p2p_log"\n'
+    return text + sim
+
+
+@pytest.fixture(scope="module")
+def vmms() -> Iterator[dict[str, LineVmm]]:
+    d = Path(tempfile.mkdtemp(prefix="vfiod-vmm-"))
+    made = {"src-good": LineVmm(d / "src-good.sock"),
+            "src-silent": LineVmm(d / "src-silent.sock", "silent"),
+            "dst-good": LineVmm(d / "dst-good.sock", running=False),
+            "dst-other": LineVmm(d / "dst-other.sock", running=False)}
+    yield made
+    for v in made.values():
+        v.close()
+
+
+@pytest.fixture(scope="module")
+def pair(vmms) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    src = _config("source", {"good": vmms["src-good"], "stuck": vmms["src-silent"]})
+    dst = _config("destination", {"good": vmms["dst-good"], "stuck": vmms["dst-other"]})
+    with daemon_pair(src, dst, "rsrc", "rdst") as daemons:
+        yield daemons
+
+
+def _migrate(src: DaemonProcess, dst: DaemonProcess, guest: str) -> dict:
+    r = src.ctl("migrate", guest, "--to", dst.migration_address, "--json")
+    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr,
+            "final": json.loads(r.stdout.strip().splitlines()[-1]).get("migration", {})
+            if r.stdout.strip() else {}}
+
+
+def test_the_source_vmm_pauses_and_the_destination_vmm_resumes(pair, vmms) -> None:
+    src, dst = pair
+    assert vmms["src-good"].requests == [] and vmms["dst-good"].requests == []
+    m = _migrate(src, dst, "good")
+    assert m["rc"] == 0 and m["final"]["result"] == "completed", (m, src.log(), dst.log())
+    wait_until(lambda: guest_status(dst, "good")["state"] == "running", 30,
+               "good to run on the destination")
+    assert [r["op"] for r in vmms["src-good"].requests] == ["pause"]
+    assert vmms["src-good"].running is False
+    wait_until(lambda: [r["op"] for r in vmms["dst-good"].requests] == ["resume"], 30,
+               "the destination VMM to be resumed")
+    assert vmms["dst-good"].running is True
+    assert "guest good: VMM paused in" in src.log()
+
+
+def test_a_vmm_that_does_not_pause_in_time_fails_the_migration(pair, vmms) -> None:
+    src, dst = pair
+    m = _migrate(src, dst, "stuck")
+    assert m["rc"] != 0, m
+    final = m["final"]
+    assert final["result"] == "failed", final
+    assert (f"guest stuck: the VMM did not pause within {TIMEOUT_S:g} s" in json.dumps(final)
+            ), final
+    g = guest_status(src, "stuck")
+    assert g["state"] == "running", g
+    assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
+    # the rollback asked the VMM to resume, too (it stays silent: a warning)
+    assert [r["op"] for r in vmms["src-silent"].requests] == ["pause", "resume"]
+    wait_until(lambda: guest_status(dst, "stuck")["state"] == "incoming", 30,
+               "the destination to wait again")
+    assert vmms["dst-other"].requests == []
