@@ -8,29 +8,32 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
-from tests.support.runstate_vmm import LineVmm
+from tests.support.runstate_vmm import LineVmm, QemuQmp
+from vfiod.daemon.runstate import QmpRunState
 
 TIMEOUT_S = 0.5
 
 
-def _config(side: str, vmms: dict[str, LineVmm]) -> str:
+def _config(side: str, vmms: dict[str, str]) -> str:
+    """Guest name -> its ``runstate`` spec."""
     start = "running" if side == "source" else "incoming"
     text = "[migration]\n" + ('listen = "127.0.0.1:0"\n' if side == "destination" else "")
     sim = "\n[sim]\n"
-    for i, (guest, vmm) in enumerate(vmms.items()):
+    for i, (guest, spec) in enumerate(vmms.items()):
         dev = f"0000:3{i}:00.1" if side == "source" else f"0000:8{i}:00.1"
         text += f'''
 [[guest]]
 name = "{guest}"
 start = "{start}"
 memory = "8MiB"
-runstate = "lines:{vmm.path}"
+runstate = "{spec}"
 runstate_timeout_s = {TIMEOUT_S}
 [[guest.device]]
 name = "{dev}"
@@ -54,8 +57,10 @@ def vmms() -> Iterator[dict[str, LineVmm]]:
 
 @pytest.fixture(scope="module")
 def pair(vmms) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    src = _config("source", {"good": vmms["src-good"], "stuck": vmms["src-silent"]})
-    dst = _config("destination", {"good": vmms["dst-good"], "stuck": vmms["dst-other"]})
+    src = _config("source", {"good": f"lines:{vmms['src-good'].path}",
+                             "stuck": f"lines:{vmms['src-silent'].path}"})
+    dst = _config("destination", {"good": f"lines:{vmms['dst-good'].path}",
+                                  "stuck": f"lines:{vmms['dst-other'].path}"})
     with daemon_pair(src, dst, "rsrc", "rdst") as daemons:
         yield daemons
 
@@ -98,3 +103,25 @@ def test_a_vmm_that_does_not_pause_in_time_fails_the_migration(pair, vmms) -> No
     wait_until(lambda: guest_status(dst, "stuck")["state"] == "incoming", 30,
                "the destination to wait again")
     assert vmms["dst-other"].requests == []
+
+
+def test_real_qemus_are_stopped_and_continued_over_qmp(tmp_path: Path) -> None:
+    """The source QEMU runs, the destination QEMU waits (-S); after the migration the
+    source QEMU is paused and the destination QEMU runs."""
+    src_q, dst_q = QemuQmp(tmp_path / "src.qmp"), QemuQmp(tmp_path / "dst.qmp")
+    try:
+        QmpRunState(src_q.path).resume(time.monotonic() + 10)
+        with daemon_pair(_config("source", {"vm": f"qmp:{src_q.path}"}),
+                         _config("destination", {"vm": f"qmp:{dst_q.path}"}),
+                         "qsrc", "qdst") as (src, dst):
+            m = _migrate(src, dst, "vm")
+            assert m["rc"] == 0 and m["final"]["result"] == "completed", (m, src.log())
+            wait_until(lambda: guest_status(dst, "vm")["state"] == "running", 30,
+                       "vm to run on the destination")
+            assert "events STOP" in src.log()
+        # vfiod left each QMP socket free: the test connects again
+        assert QmpRunState(src_q.path).status(time.monotonic() + 10).state == "paused"
+        assert QmpRunState(dst_q.path).status(time.monotonic() + 10).state == "running"
+    finally:
+        src_q.close()
+        dst_q.close()
