@@ -119,3 +119,19 @@ def test_a_peer_so_peercred_refuses_never_hands_fds_over(served) -> None:
         os.close(fd)
     assert seen.get("code") == "permission_denied", seen
     assert rec.seen == []
+
+
+def test_more_fds_than_an_attach_takes_are_refused_and_closed(served) -> None:
+    srv, rec = served
+    a = os.memfd_create("fds-many")
+    try:
+        with ControlClient(srv.path) as c:
+            with pytest.raises(ClientError) as e:
+                c.call("attach", {"guest": "g", "ram": RAM}, fds=[a] * 65)
+            assert e.value.code is ApiErrorCode.BAD_REQUEST
+            assert "attach: more than 64 fds were sent with it" in e.value.message
+            assert c.call("attach", {"guest": "g", "ram": RAM}, fds=[a] * 64) == {"fds": 64}
+        assert _open_memfds("fds-many") == [a]
+        assert [len(s) for s in rec.seen] == [64]
+    finally:
+        os.close(a)

@@ -87,16 +87,19 @@ class ControlClient:
         try:
             self.sock.sendall(data)
         except OSError as e:
-            # The daemon may have answered and hung up before reading (it refuses a peer
-            # at once): its answer says why, which beats "broken pipe".
-            try:
-                resp = self.read_response()
-            except ClientError:
-                resp = None
-            if resp is not None and not resp.ok and resp.error is not None:
-                raise ClientError("api", resp.error.message, resp.error.code) from None
-            raise ClientError("connect", f"lost the daemon at {self.path}: "
-                              f"{errno.errorcode.get(e.errno or 0, e)}") from None
+            raise self._lost(e) from None
+
+    def _lost(self, e: OSError) -> ClientError:
+        """A send failed. The daemon may have answered and hung up before reading (it
+        refuses a peer at once): its answer says why, which beats "broken pipe"."""
+        try:
+            resp = self.read_response()
+        except ClientError:
+            resp = None
+        if resp is not None and not resp.ok and resp.error is not None:
+            return ClientError("api", resp.error.message, resp.error.code)
+        return ClientError("connect", f"lost the daemon at {self.path}: "
+                           f"{errno.errorcode.get(e.errno or 0, e)}")
 
     def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
         """The fds go with the line's first byte; the rest follows as plain bytes."""
@@ -108,8 +111,7 @@ class ControlClient:
                 bad = [fd for fd in fds if not _is_open(fd)]
                 raise ClientError("fds", f"cannot send fds {list(fds)}: fd(s) {bad} are not "
                                   "open") from None
-            raise ClientError("connect", f"lost the daemon at {self.path}: "
-                              f"{errno.errorcode.get(e.errno or 0, e)}") from None
+            raise self._lost(e) from None
         self.send_raw(data[sent:])
 
     def read_response(self) -> Response:
