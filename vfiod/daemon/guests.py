@@ -111,7 +111,7 @@ class GuestManager:
             log.info("guest %s: waits for its VMM to attach its RAM (%s)", gc.name,
                      ", ".join(r.name for r in gc.vmm_ram))
             return
-        self._reset_devices(entry)
+        self._fresh_device_entries(entry)
         try:
             guest = self._build(gc, entry)
         except (VfiodError, OSError, ValueError) as e:
@@ -138,7 +138,7 @@ class GuestManager:
                 if entry.state is not LifecycleState.DEFINED or gc.name in self._guests:
                     raise VfiodError(f"guest {gc.name}: not attached: it is {entry.state} "
                                      "(detach it first)")
-            self._reset_devices(entry)
+            self._fresh_device_entries(entry)
             guest = self._build(gc, entry, handed)
             if not self._install(entry, guest, gc.start):
                 raise VfiodError(f"guest {gc.name}: not attached: the daemon is stopping")
@@ -146,7 +146,7 @@ class GuestManager:
             with self._lock:
                 self._busy.discard(entry.name)
 
-    def _reset_devices(self, entry: GuestEntry) -> None:
+    def _fresh_device_entries(self, entry: GuestEntry) -> None:
         gc = entry.config
         with self.registry.lock:                     # status reads them
             flags = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
