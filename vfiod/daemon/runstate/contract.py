@@ -7,12 +7,12 @@ returns a ``RunStatus`` that is not running, ``resume`` one that is. A VMM that 
 not answer by the deadline, refuses, or answers with a state that contradicts the
 request raises ``RunStateError``; ``kind`` says which without parsing text:
 
-==========  ==============================================================
-``connect`` the VMM's socket cannot be reached (not there, refused)
-``timeout`` no complete answer before the deadline
-``refused`` the VMM answered with an error (its message is kept)
-``protocol`` the answer is not what the protocol says (or contradicts the request)
-==========  ==============================================================
+============  ==============================================================
+``connect``   the VMM's socket cannot be reached (not there, refused)
+``timeout``   no complete answer before the deadline
+``refused``   the VMM answered with an error (its message is kept)
+``protocol``  the answer is not what the protocol says (or contradicts the request)
+============  ==============================================================
 """
 
 from __future__ import annotations
