@@ -146,6 +146,12 @@ def test_each_bad_fd_is_refused_naming_it_and_nothing_is_held(pair) -> None:
             assert held_memfds(src, "vmm-bad") == []
             # and then the right fd is taken
             assert _attach(src, "v1", _both(good), [good.fd])["state"] == "running"
+            # the same RAM for another guest: refused, naming the guest that has it
+            with pytest.raises(ClientError) as e:
+                _attach(src, "v2", _both(good), [good.fd])
+            assert ("fd index 0 (region ram) is RAM guest v1 already uses (its region ram): "
+                    "a foreign fd") in e.value.message, e.value.message
+            assert guest_status(src, "v2")["state"] == "defined"
             with pytest.raises(ClientError) as e:
                 _attach(src, "v1", _both(good), [good.fd])
             assert "already attached (detach first)" in e.value.message

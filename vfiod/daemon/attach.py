@@ -6,18 +6,19 @@
 page-aligned offset) and every fd with the kernel's facts about it (``KernelOps.
 describe_fd``: a regular file, the memfd, hugetlbfs or shared file QEMU's
 ``memory-backend-*,share=on`` uses; open read-write; large enough for the region at its
-offset). Two regions on the same bytes of one file, and an fd sent but used by no region,
-are refused too. Every refusal is an ``ApiError`` naming the fd (its index in the order
+offset). Two regions on the same bytes of one file, an fd sent but used by no region,
+and an fd whose bytes another open guest's RAM already maps are refused too. Every refusal is an ``ApiError`` naming the fd (its index in the order
 sent) and the region; nothing is opened or mapped before all checks passed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from vfiod.api.ops import AttachArgs, RamHandOver
 from vfiod.api.schema import ApiError, ApiErrorCode
 from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.guests import RamInUse
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import FdFacts, KernelOps
 
@@ -25,10 +26,11 @@ from vfiod.kernel.ops import FdFacts, KernelOps
 Refuse = Callable[[str], ApiError]
 
 
-def check_hand_over(kernel: KernelOps, gc: GuestConfig,
-                    args: AttachArgs) -> dict[str, tuple[int, int]]:
+def check_hand_over(kernel: KernelOps, gc: GuestConfig, args: AttachArgs,
+                    in_use: Sequence[RamInUse] = ()) -> dict[str, tuple[int, int]]:
     """Region name -> (fd, offset) for ``GuestManager.attach``; ``ApiError`` naming the
-    first thing that is wrong."""
+    first thing that is wrong. ``in_use``: the RAM other guests map (none may be handed
+    over again)."""
     where = f"attach {gc.name}"
 
     def refuse(message: str) -> ApiError:
@@ -65,6 +67,13 @@ def check_hand_over(kernel: KernelOps, gc: GuestConfig,
     for h in args.ram:
         _check_fd(facts[h.fd], h, refuse)
     _check_distinct(args.ram, facts, refuse)
+    for h in args.ram:
+        f = facts[h.fd]
+        for u in in_use:
+            if ((f.device, f.inode) == (u.device, u.inode) and h.offset < u.offset + u.size
+                    and u.offset < h.offset + h.size):
+                raise refuse(f"fd index {h.fd} (region {h.region}) is RAM guest {u.guest} "
+                             f"already uses (its region {u.region}): a foreign fd")
     return {h.region: (args.fds[h.fd], h.offset) for h in args.ram}
 
 

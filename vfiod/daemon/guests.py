@@ -35,6 +35,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
@@ -56,6 +57,18 @@ from vfiod.migration.states import GuestState, device_label
 from vfiod.vfio import HostPaths, RamRegion
 
 log = logging.getLogger("vfiod.guests")
+
+
+@dataclass(frozen=True)
+class RamInUse:
+    """A guest's RAM region and the bytes of the file backing it."""
+
+    guest: str
+    region: str
+    device: int                # st_dev, st_ino of the file
+    inode: int
+    offset: int
+    size: int
 
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
@@ -263,6 +276,20 @@ class GuestManager:
         """The guest's open ``Guest`` (fds, RAM); None while it is not open."""
         with self.registry.lock:
             return self._guests.get(name)
+
+    def ram_files_in_use(self) -> list[RamInUse]:
+        """Which file bytes the open guests' RAM maps (for ``attach``'s check that a VMM
+        hands over no RAM another guest already uses, docs/architecture.md §8.1)."""
+        with self.registry.lock:
+            blocks = [(name, b) for name, g in self._guests.items() for b in g.ram]
+            out = []
+            for name, b in blocks:
+                try:
+                    f = self.kernel.describe_fd(b.fd)
+                except KernelError:
+                    continue             # closed meanwhile: it uses nothing any more
+                out.append(RamInUse(name, b.name, f.device, f.inode, b.offset, b.size))
+            return out
 
     def refresh(self) -> None:
         """Device states from the drivers (cached values: no syscall); registry lock held."""

@@ -256,7 +256,8 @@ class Handlers:
                 raise ApiError(ApiErrorCode.BUSY, f"attach {entry.name}: it is "
                                f"{entry.state}, already attached (detach first); nothing "
                                "was attached")
-        handed = check_hand_over(self.kernel, entry.config, args)
+        handed = check_hand_over(self.kernel, entry.config, args,
+                                 self.guests.ram_files_in_use())
         try:
             self.guests.attach(entry, handed)
         except (VfiodError, OSError, ValueError) as e:
