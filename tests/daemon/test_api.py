@@ -12,10 +12,13 @@ from vfiod.api import (
     SCHEMA_VERSION,
     ApiError,
     ApiErrorCode,
+    AttachArgs,
     CheckArgs,
+    DetachArgs,
     DirtyTrackingArgs,
     MigrateArgs,
     NoArgs,
+    RamHandOver,
     Request,
     RequestError,
     Response,
@@ -78,6 +81,10 @@ def test_bad_envelope_keeps_the_request_id() -> None:
     ("migrate", {"guest": "g1", "to": "[fd00::2]:4444", "timeout_s": 30,
                  "on_timeout": "force"},
      MigrateArgs("g1", "fd00::2", 4444, None, 30.0, "force")),
+    ("attach", {"guest": "g1", "ram": [{"region": "ram", "gpa": 0, "size": 4096,
+                                        "offset": 8192, "fd": 0}]},
+     AttachArgs("g1", (RamHandOver("ram", 0, 4096, 8192, 0),))),
+    ("detach", {"guest": "g1"}, DetachArgs("g1")),
 ])
 def test_args_parse_and_round_trip(op: str, raw: dict, expected: object) -> None:
     args = parse_args(op, raw)
@@ -102,6 +109,20 @@ def test_args_parse_and_round_trip(op: str, raw: dict, expected: object) -> None
      "needs 'timeout_s'"),
     ("migrate", {"guest": "g1", "to": "h:1", "timeout_s": 5, "on_timeout": "panic"},
      ApiErrorCode.BAD_REQUEST, "must be one of ['cancel', 'force']"),
+    ("attach", {"guest": "g1"}, ApiErrorCode.BAD_REQUEST, "'ram' must be a list of 1..64"),
+    ("attach", {"guest": "g1", "ram": [{"region": "ram"}]}, ApiErrorCode.BAD_REQUEST,
+     "ram[0] must have exactly the keys ['region', 'gpa', 'size', 'offset', 'fd']"),
+    ("attach", {"guest": "g1", "ram": [{"region": "ram", "gpa": 0, "size": -1, "offset": 0,
+                                        "fd": 0}]},
+     ApiErrorCode.BAD_REQUEST, "ram[0].size must be a non-negative integer, not -1"),
+    ("attach", {"guest": "g1", "ram": [{"region": "ram", "gpa": 0, "size": 1, "offset": 0,
+                                        "fd": True}]},
+     ApiErrorCode.BAD_REQUEST, "ram[0].fd must be a non-negative integer, not True"),
+    ("attach", {"guest": "g1", "ram": [{"region": "r", "gpa": 0, "size": 1, "offset": 0,
+                                        "fd": 0}] * 2},
+     ApiErrorCode.BAD_REQUEST, "ram[1]: region 'r' is handed over twice"),
+    ("attach", {"guest": "g1", "ram": [], "fds": [3]}, ApiErrorCode.BAD_REQUEST,
+     "unknown argument(s) ['fds']"),
 ])
 def test_bad_args(op: str, raw: dict, code: ApiErrorCode, fragment: str) -> None:
     with pytest.raises(ApiError) as exc:

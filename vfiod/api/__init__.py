@@ -6,11 +6,14 @@
 from vfiod.api.client import DEFAULT_SOCKET, ClientError, ControlClient
 from vfiod.api.ops import (
     OPS,
+    AttachArgs,
     CancelArgs,
     CheckArgs,
+    DetachArgs,
     DirtyTrackingArgs,
     MigrateArgs,
     NoArgs,
+    RamHandOver,
     StatusArgs,
     args_to_json,
     format_host_port,
@@ -29,7 +32,8 @@ from vfiod.api.schema import (
 
 __all__ = [
     "DEFAULT_SOCKET", "ClientError", "ControlClient", "OPS", "CancelArgs", "CheckArgs",
-    "DirtyTrackingArgs", "MigrateArgs", "NoArgs", "StatusArgs", "args_to_json",
+    "DirtyTrackingArgs", "MigrateArgs", "NoArgs", "StatusArgs", "AttachArgs", "DetachArgs",
+    "RamHandOver", "args_to_json",
     "format_host_port", "parse_args", "parse_host_port", "MAX_LINE", "SCHEMA_VERSION",
     "ApiError", "ApiErrorCode", "Request", "RequestError", "Response",
 ]

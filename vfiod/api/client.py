@@ -7,16 +7,23 @@
 ``ClientError.kind`` tells the caller what went wrong without parsing text: ``connect``
 (no daemon at that path, or it refused the connection), ``denied`` (the socket's
 permissions keep this user out: not root, not in the vfiod group), ``protocol`` (the daemon sent
-something that is not a response), or ``api`` (the daemon answered with an error; ``code``
-is its ``ApiErrorCode``).
+something that is not a response), ``api`` (the daemon answered with an error; ``code``
+is its ``ApiErrorCode``), or ``fds`` (the fds to send with the request could not be sent:
+one is not open).
+
+``call(op, args, fds=[...])`` sends fds with the request line (SCM_RIGHTS, on the first
+byte of the line): how a VMM hands its RAM over with ``attach`` (docs/architecture.md §8.1).
+The caller keeps its fds; the daemon gets copies.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import itertools
 import os
 import socket
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -57,10 +64,16 @@ class ControlClient:
         waiting for an answer nobody will read)."""
         return ControlClient(self.path, self._timeout)
 
-    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one request and return its result; ``ClientError`` on any failure."""
+    def call(self, op: str, args: dict[str, Any] | None = None,
+             fds: Sequence[int] = ()) -> dict[str, Any]:
+        """Send one request (with ``fds`` beside it, if any) and return its result;
+        ``ClientError`` on any failure."""
         rid = next(self._ids)
-        self.send_raw(Request(op, dict(args or {}), rid).encode())
+        line = Request(op, dict(args or {}), rid).encode()
+        if fds:
+            self._send_with_fds(line, fds)
+        else:
+            self.send_raw(line)
         resp = self.read_response()
         if resp.id != rid and resp.id is not None:
             raise ClientError("protocol", f"daemon answered request {resp.id}, expected {rid}")
@@ -74,16 +87,32 @@ class ControlClient:
         try:
             self.sock.sendall(data)
         except OSError as e:
-            # The daemon may have answered and hung up before reading (it refuses a peer
-            # at once): its answer says why, which beats "broken pipe".
-            try:
-                resp = self.read_response()
-            except ClientError:
-                resp = None
-            if resp is not None and not resp.ok and resp.error is not None:
-                raise ClientError("api", resp.error.message, resp.error.code) from None
-            raise ClientError("connect", f"lost the daemon at {self.path}: "
-                              f"{errno.errorcode.get(e.errno or 0, e)}") from None
+            raise self._lost(e) from None
+
+    def _lost(self, e: OSError) -> ClientError:
+        """A send failed. The daemon may have answered and hung up before reading (it
+        refuses a peer at once): its answer says why, which beats "broken pipe"."""
+        try:
+            resp = self.read_response()
+        except ClientError:
+            resp = None
+        if resp is not None and not resp.ok and resp.error is not None:
+            return ClientError("api", resp.error.message, resp.error.code)
+        return ClientError("connect", f"lost the daemon at {self.path}: "
+                           f"{errno.errorcode.get(e.errno or 0, e)}")
+
+    def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """The fds go with the line's first byte; the rest follows as plain bytes."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            sent = self.sock.sendmsg([data[:1]], rights)
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                bad = [fd for fd in fds if not _is_open(fd)]
+                raise ClientError("fds", f"cannot send fds {list(fds)}: fd(s) {bad} are not "
+                                  "open") from None
+            raise self._lost(e) from None
+        self.send_raw(data[sent:])
 
     def read_response(self) -> Response:
         line = self._read_line()
@@ -121,6 +150,14 @@ class ControlClient:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _connect_hint(path: str, e: OSError) -> str:

@@ -21,6 +21,11 @@ op                 arguments
                    when its peer is gone for good (docs/architecture.md §1.7)
 ``dirty_tracking`` ``device``, ``enabled`` (bool): the per-device pre-copy dirty page
                    tracking flag (QEMU's x-pre-copy-dirty-page-tracking)
+``attach``         ``guest``, ``ram``: a list of {``region``, ``gpa``, ``size``, ``offset``,
+                   ``fd``}, ``fd`` indexing the fds sent with the request (SCM_RIGHTS):
+                   a VMM hands a ``from = "vmm"`` guest's RAM over
+                   (docs/architecture.md §8.1)
+``detach``         ``guest``: give the VMM's RAM back (vfiod closes its copies)
 =================  ===============================================================
 """
 
@@ -85,11 +90,42 @@ class DirtyTrackingArgs:
     enabled: bool
 
 
+@dataclass(frozen=True)
+class RamHandOver:
+    """One RAM region an ``attach`` hands over: the region's name, guest address and size
+    (as configured), where it starts in the file (``offset``), and which of the request's
+    fds backs it (``fd``: its index in the order sent)."""
+
+    region: str
+    gpa: int
+    size: int
+    offset: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class AttachArgs:
+    guest: str
+    ram: tuple[RamHandOver, ...]
+    #: the fds that came with the request (SCM_RIGHTS), filled in by the control server:
+    #: never read from JSON. The server closes them after the answer.
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetachArgs:
+    guest: str
+
+
 Args = (NoArgs | StatusArgs | CheckArgs | MigrateArgs | CancelArgs | DirtyTrackingArgs
-        | ResolveArgs)
+        | ResolveArgs | AttachArgs | DetachArgs)
 
 OPS: tuple[str, ...] = ("hello", "status", "devices", "check", "migrate", "cancel",
-                        "dirty_tracking", "resolve")
+                        "dirty_tracking", "resolve", "attach", "detach")
+#: Operations that take fds (SCM_RIGHTS); the most one request may carry.
+FD_OPS = ("attach",)
+MAX_FDS = 64
+_HAND_OVER_KEYS = ("region", "gpa", "size", "offset", "fd")
 
 
 def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -182,7 +218,40 @@ def parse_args(op: str, raw: dict[str, Any]) -> Args:
     if op == "dirty_tracking":
         f = _Fields(op, raw, ("device", "enabled"))
         return DirtyTrackingArgs(str(f.name("device")), f.flag("enabled"))
+    if op == "detach":
+        return DetachArgs(str(_Fields(op, raw, ("guest",)).name("guest")))
+    if op == "attach":
+        return _attach(raw)
     return _migrate(raw)
+
+
+def _attach(raw: dict[str, Any]) -> AttachArgs:
+    f = _Fields("attach", raw, ("guest", "ram"))
+    guest = str(f.name("guest"))
+    ram = raw.get("ram")
+    if not isinstance(ram, list) or not 1 <= len(ram) <= MAX_FDS:
+        f.fail(f"argument 'ram' must be a list of 1..{MAX_FDS} regions "
+               f"({{{', '.join(_HAND_OVER_KEYS)}}}), not {str(ram)[:100]}")
+    out: list[RamHandOver] = []
+    for i, item in enumerate(ram):  # type: ignore[arg-type]
+        where = f"ram[{i}]"
+        if not isinstance(item, dict) or sorted(item) != sorted(_HAND_OVER_KEYS):
+            f.fail(f"{where} must have exactly the keys {list(_HAND_OVER_KEYS)}, "
+                   f"not {str(item)[:100]}")
+        region = item["region"]
+        if not isinstance(region, str) or not _NAME.match(region):
+            f.fail(f"{where}.region must be a RAM region name, not {region!r}")
+        for key in ("gpa", "size", "offset", "fd"):
+            v = item[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 63:
+                f.fail(f"{where}.{key} must be a non-negative integer, not {v!r}")
+        if item["fd"] >= MAX_FDS:
+            f.fail(f"{where}.fd {item['fd']} is not the index of a sent fd "
+                   f"(at most {MAX_FDS} are sent)")
+        if any(r.region == region for r in out):
+            f.fail(f"{where}: region {region!r} is handed over twice")
+        out.append(RamHandOver(region, item["gpa"], item["size"], item["offset"], item["fd"]))
+    return AttachArgs(guest, tuple(out))
 
 
 def _migrate(raw: dict[str, Any]) -> MigrateArgs:
@@ -218,4 +287,6 @@ def args_to_json(args: Args) -> dict[str, Any]:
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
         return out
+    if isinstance(args, AttachArgs):       # the fds travel beside the line, not in it
+        return {"guest": args.guest, "ram": [vars(r) for r in args.ram]}
     return {k: v for k, v in vars(args).items() if v is not None}

@@ -36,8 +36,11 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     [[guest]]
     name = "g1"
     memory = "4GiB"                      # one RAM region at guest address 0, or [[guest.ram]]
+    # [[guest.ram]] tables: see config_ram.py (a shared file, or from = "vmm")
     start = "running"                    # "incoming": wait for a migration into it
     allow_peers = ["host-c.example"]     # with TLS: replaces [migration.tls] allow for it
+    runstate = "qmp:/run/vm1.qmp"        # or "lines:PATH": pause/resume the VMM's vCPUs
+    runstate_timeout_s = 5               # at switchover (docs/architecture.md §8.2)
     [[guest.device]]
     name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
     id = "nic0"                          # the same on both hosts: migrations pair by it
@@ -59,6 +62,7 @@ import psutil
 
 from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config_ram import RamConfig, parse_ram
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
 from vfiod.daemon.config_toml import DEVICE_NAME, NAME, KeyLines, Table
 from vfiod.errors import ConfigError
@@ -113,14 +117,6 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
-class RamConfig:
-    name: str
-    gpa: int
-    size: int
-    path: str | None = None        # a shared file (hugetlbfs, /dev/shm); None = a new memfd
-
-
-@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     container: str = "default"
@@ -151,6 +147,10 @@ class GuestConfig:
     containers: tuple[ContainerConfig, ...] = ()
     #: TLS peers allowed for this guest, in place of [migration.tls] allow; None: that list
     allow_peers: tuple[str, ...] | None = None
+    #: how vfiod pauses and resumes the VMM's vCPUs: "qmp:PATH" or "lines:PATH"
+    #: (docs/architecture.md §8.2); None: only the guest's own run-state handlers
+    runstate: str | None = None
+    runstate_timeout_s: float = 5.0
 
     def regions_of(self, container: str) -> tuple[RamConfig, ...]:
         c = next((c for c in self.containers if c.name == container), None)
@@ -159,6 +159,12 @@ class GuestConfig:
     @property
     def ram_bytes(self) -> int:
         return sum(r.size for r in self.ram)
+
+    @property
+    def vmm_ram(self) -> tuple[RamConfig, ...]:
+        """The regions whose fds the VMM hands over: while any lacks one, the guest is
+        not opened (it stays ``defined`` until ``attach``)."""
+        return tuple(r for r in self.ram if r.from_vmm)
 
 
 @dataclass(frozen=True)
@@ -300,44 +306,7 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
     page = int(t.integer("page_size", 4096, low=4096) or 4096)
     if page & (page - 1):
         raise t.error("page_size", f"{page} is not a power of two")
-    ram: list[RamConfig] = []
-    where: list[Table] = []
-    if t.has("memory"):
-        if t.has("ram"):
-            raise t.error("memory", "give either memory (one region) or [[guest.ram]], "
-                          "not both")
-        ram.append(RamConfig("ram0", 0, int(t.size("memory", low=page, multiple_of=page)
-                                            or 0)))
-        where.append(t)
-    for r in t.tables("ram"):
-        where.append(r)
-        ram.append(RamConfig(
-            str(r.string("name", f"ram{len(ram)}", pattern=NAME)),
-            int(r.size("gpa", 0, multiple_of=page) or 0),
-            int(r.size("size", required=True, low=page, multiple_of=page) or 0),
-            r.string("path")))
-        if ram[-1].path is not None and not os.path.isabs(ram[-1].path or ""):
-            raise r.error("path", "must be an absolute path")
-        r.finish()
-    if not ram:
-        raise t.error(None, f"guest {name} has no memory: add memory = \"4GiB\" or "
-                      "[[guest.ram]] tables")
-    total = 0
-    for i, reg in enumerate(ram):
-        total += reg.size
-        if total > host_memory:
-            key = "memory" if where[i] is t else "size"
-            raise where[i].error(key, f"guest {name} would have {total} bytes of RAM, more "
-                                 f"than this host's {host_memory} bytes")
-    for i, reg in enumerate(ram):
-        for other in ram[:i]:
-            if other.name == reg.name:
-                raise where[i].error("name", f"RAM region name {reg.name!r} is used twice")
-            if reg.gpa < other.gpa + other.size and other.gpa < reg.gpa + reg.size:
-                raise where[i].error("gpa", f"RAM region {reg.name} "
-                                     f"[{reg.gpa:#x}, {reg.gpa + reg.size:#x}) overlaps "
-                                     f"{other.name} [{other.gpa:#x}, "
-                                     f"{other.gpa + other.size:#x})")
+    ram = parse_ram(t, name, page, host_memory)
     devices: list[DeviceConfig] = []
     for d in t.tables("device"):
         dev_name = str(d.string("name", required=True, pattern=DEVICE_NAME,
@@ -376,9 +345,13 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
     enc = t.choice("memory_encryption", ("none", "sev", "sev-es", "sev-snp", "tdx"), "none")
     start = t.choice("start", ("running", "incoming"), "running")
     allow = _allow_list(t, "allow_peers")
+    runstate = t.string("runstate", pattern=r"(qmp|lines):/.+",
+                        hint='"qmp:/run/vm1.qmp" or "lines:/run/vm1.runstate" (an absolute '
+                        "socket path)")
+    timeout = float(t.number("runstate_timeout_s", 5.0, high=600) or 5.0)
     t.finish()
     return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers),
-                       allow)
+                       allow, runstate, timeout)
 
 
 def _cross_checks(cfg: Config, top: Table) -> None:

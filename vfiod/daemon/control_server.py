@@ -21,12 +21,19 @@
   the connection idle the longest (waiting for its next request, with no partial line) is
   closed with ``timeout`` to make room; only if every handler is inside a request does the
   newcomer get ``busy``. Requests nest at most ``MAX_DEPTH`` deep (``vfiod.api.schema``).
+* fds (``SCM_RIGHTS``) may come with a request line, received with ``MSG_CMSG_CLOEXEC``
+  and tied to the line whose bytes they arrived with; only ``attach`` takes them
+  (``vfiod.api.ops.FD_OPS``, at most ``MAX_FDS``), any other request carrying fds is
+  refused. The server closes every received fd once the request was answered (the
+  handler keeps its own copies), and those of a connection that goes away
+  (docs/architecture.md §8.1).
 * Running out of file descriptors (EMFILE, ENFILE) or kernel memory in ``accept`` pauses
   the accept loop with a doubling backoff (``backoff.py``) instead of spinning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -39,9 +46,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfiod.api.ops import Args, parse_args
+from vfiod.api.ops import FD_OPS, MAX_FDS, Args, AttachArgs, parse_args
 from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, RequestError, Response
 from vfiod.daemon.backoff import AcceptBackoff
+from vfiod.daemon.received_fds import FD_BYTES, ReceivedFds, close_received
 from vfiod.errors import VfiodError
 
 log = logging.getLogger("vfiod.control")
@@ -284,8 +292,16 @@ class ControlServer:
             conn.close()
 
     def _serve_lines(self, client: _Client) -> None:
+        fds = ReceivedFds()
+        try:
+            self._serve_lines_with(client, fds)
+        finally:
+            fds.close_all()
+
+    def _serve_lines_with(self, client: _Client, fds: ReceivedFds) -> None:
         conn = client.sock
         buf = b""
+        base = 0                    # stream offset of buf[0]: fds are tied to offsets
         deadline = time.monotonic() + self.idle_timeout
         while True:
             while b"\n" not in buf:
@@ -308,9 +324,11 @@ class ControlServer:
                         self._idle.notify_all()
                 conn.settimeout(left)
                 try:
-                    chunk = conn.recv(65536)
+                    chunk, ancdata, flags, _ = conn.recvmsg(
+                        65536, socket.CMSG_SPACE(MAX_FDS * FD_BYTES), socket.MSG_CMSG_CLOEXEC)
                 except TimeoutError:
                     continue
+                fds.add(base + len(buf), ancdata, bool(flags & socket.MSG_CTRUNC))
                 with self._lock:
                     if client.evicted:
                         return
@@ -319,16 +337,25 @@ class ControlServer:
                     return
                 buf += chunk
             line, _, buf = buf.partition(b"\n")
-            if not line.strip():
-                continue
-            resp = self.handle_line(line)
+            end = base + len(line) + 1
+            base = end
+            sent, cut = fds.take_before(end)
+            try:
+                if not line.strip():
+                    continue
+                resp = self.handle_line(line, sent, cut)
+            finally:
+                for fd in sent:
+                    close_received(fd)
             self._on_request(resp.ok)
             conn.settimeout(self.idle_timeout)   # a client that never reads is dropped
             conn.sendall(resp.encode())
             deadline = time.monotonic() + self.idle_timeout
 
-    def handle_line(self, line: bytes) -> Response:
-        """One request line → its response (never raises)."""
+    def handle_line(self, line: bytes, fds: tuple[int, ...] = (),
+                    cut: bool = False) -> Response:
+        """One request line (with the fds that came with it) → its response (never
+        raises; the caller closes the fds)."""
         try:
             req = Request.decode(line)
         except RequestError as e:
@@ -337,6 +364,14 @@ class ControlServer:
             return Response.failure(None, e)
         try:
             args = parse_args(req.op, req.args)
+            if cut:
+                raise ApiError(ApiErrorCode.BAD_REQUEST, f"{req.op}: more than {MAX_FDS} fds "
+                               "were sent with it; the kernel dropped the rest")
+            if fds and req.op not in FD_OPS:
+                raise ApiError(ApiErrorCode.BAD_REQUEST, f"{req.op}: {len(fds)} fd(s) came "
+                               f"with it; only {', '.join(FD_OPS)} takes fds")
+            if isinstance(args, AttachArgs):
+                args = dataclasses.replace(args, fds=fds)
             return Response.success(req.id, self.dispatch(req.op, args))
         except ApiError as e:
             return Response.failure(req.id, e)
@@ -344,3 +379,4 @@ class ControlServer:
             log.exception("control: %s failed", req.op)
             return Response.failure(req.id, ApiError(
                 ApiErrorCode.INTERNAL, f"{req.op}: internal error: {type(e).__name__}: {e}"))
+

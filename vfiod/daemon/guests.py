@@ -35,11 +35,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.lifecycle import LifecycleError, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
+from vfiod.daemon.runstate.handler import VmmRunStateHandler, backend_for
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest import (
@@ -56,13 +58,27 @@ from vfiod.vfio import HostPaths, RamRegion
 
 log = logging.getLogger("vfiod.guests")
 
+
+@dataclass(frozen=True)
+class RamInUse:
+    """A guest's RAM region and the bytes of the file backing it."""
+
+    guest: str
+    region: str
+    device: int                # st_dev, st_ino of the file
+    inode: int
+    offset: int
+    size: int
+
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
 
 
-def config_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
+def config_plan(gc: GuestConfig, tracking: Mapping[str, bool],
+                handed: Mapping[str, tuple[int, int]] | None = None) -> GuestPlan:
     """The builder's description of configured guest ``gc``; ``tracking``: the devices'
-    current pre-copy dirty-tracking opt-outs (they survive a re-open)."""
+    current pre-copy dirty-tracking opt-outs (they survive a re-open); ``handed``: the
+    fds (and offsets) its VMM handed over for its ``from = "vmm"`` regions."""
     containers = dict.fromkeys(d.container for d in gc.devices)
     return GuestPlan(
         gc.name, tuple(RamRegion(r.name, r.gpa, r.size) for r in gc.ram),
@@ -71,7 +87,8 @@ def config_plan(gc: GuestConfig, tracking: Mapping[str, bool]) -> GuestPlan:
               for d in gc.devices),
         tuple(ContainerPlan(c, tuple((r.gpa, r.size) for r in gc.regions_of(c)))
               for c in containers),
-        gc.page_size, {r.name: r.path for r in gc.ram if r.path is not None})
+        gc.page_size, {r.name: r.path for r in gc.ram if r.path is not None},
+        dict(handed or {}))
 
 
 class GuestManager:
@@ -100,7 +117,49 @@ class GuestManager:
             self.open(entry, (starts or {}).get(gc.name, gc.start))
 
     def open(self, entry: GuestEntry, start: str) -> None:
-        """Open ``entry``'s guest fresh; on failure the entry says why (state "failed")."""
+        """Open ``entry``'s guest fresh; on failure the entry says why (state "failed").
+        A guest whose RAM comes from its VMM stays ``defined``: ``attach`` opens it."""
+        gc = entry.config
+        if gc.vmm_ram:
+            log.info("guest %s: waits for its VMM to attach its RAM (%s)", gc.name,
+                     ", ".join(r.name for r in gc.vmm_ram))
+            return
+        self._fresh_device_entries(entry)
+        try:
+            guest = self._build(gc, entry)
+        except (VfiodError, OSError, ValueError) as e:
+            self.registry.lifecycle.move(gc.name, LifecycleState.FAILED, str(e))
+            log.error("guest %s: cannot open: %s", gc.name, e)
+            return
+        self._install(entry, guest, start)
+
+    def attach(self, entry: GuestEntry, handed: Mapping[str, tuple[int, int]]) -> None:
+        """Open a ``from = "vmm"`` guest on the RAM fds its VMM handed over (checked by
+        the caller; the caller keeps and closes them, the guest maps its own copies), in
+        the role its configuration gives. A failure is raised and leaves it ``defined``
+        with nothing held (docs/architecture.md §8.1)."""
+        gc = entry.config
+        with self._lock:
+            if self._stopping:
+                raise VfiodError(f"guest {gc.name}: not attached: the daemon is stopping")
+            if entry.name in self._busy:
+                raise VfiodError(f"guest {gc.name}: not attached: another attach or a "
+                                 "re-open of it is under way")
+            self._busy.add(entry.name)
+        try:
+            with self.registry.lock:
+                if entry.state is not LifecycleState.DEFINED or gc.name in self._guests:
+                    raise VfiodError(f"guest {gc.name}: not attached: it is {entry.state} "
+                                     "(detach it first)")
+            self._fresh_device_entries(entry)
+            guest = self._build(gc, entry, handed)
+            if not self._install(entry, guest, gc.start):
+                raise VfiodError(f"guest {gc.name}: not attached: the daemon is stopping")
+        finally:
+            with self._lock:
+                self._busy.discard(entry.name)
+
+    def _fresh_device_entries(self, entry: GuestEntry) -> None:
         gc = entry.config
         with self.registry.lock:                     # status reads them
             flags = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
@@ -108,12 +167,11 @@ class GuestManager:
                                                  pre_copy_dirty_page_tracking=flags.get(
                                                      d.name, d.pre_copy_dirty_page_tracking))
                              for d in gc.devices}
-        try:
-            guest = self._build(gc, entry)
-        except (VfiodError, OSError, ValueError) as e:
-            self.registry.lifecycle.move(gc.name, LifecycleState.FAILED, str(e))
-            log.error("guest %s: cannot open: %s", gc.name, e)
-            return
+
+    def _install(self, entry: GuestEntry, guest: Guest, start: str) -> bool:
+        """Keep the built ``guest`` and give it its role ``start``; False (and the guest
+        closed) if the stop began meanwhile."""
+        gc = entry.config
         lifecycle = self.registry.lifecycle
         with self.registry.lock:
             with self._lock:
@@ -124,7 +182,7 @@ class GuestManager:
             # The stop began while this thread built it: nobody else has seen it.
             log.info("guest %s: not re-opened: the daemon is stopping", gc.name)
             self._close_guest(gc.name, guest)
-            return
+            return False
         with self.registry.lock:
             lifecycle.move(gc.name, LifecycleState.CLAIMED, "devices and RAM opened")
             if start == "running":
@@ -142,8 +200,14 @@ class GuestManager:
             guest.set_run_state(GuestState.PAUSED)
         else:
             self._start_load(entry)
+        if gc.runstate is not None:
+            # after the initial state: the VMM starts in its own state; from here on
+            # a migration's pause and resume reach it (docs/architecture.md §8.2)
+            guest.add_run_state_handler(VmmRunStateHandler(
+                gc.name, backend_for(gc.runstate), gc.runstate_timeout_s))
         log.info("guest %s: open (%s), %d device(s), %d bytes of RAM", gc.name, entry.state,
                  len(guest.devices), guest.ram_bytes)
+        return True
 
     def started_running(self, entry: GuestEntry) -> None:
         """The guest runs here now: an incoming migration completed (its thread calls)."""
@@ -185,10 +249,11 @@ class GuestManager:
                 with self._lock:
                     self._busy.discard(name)
 
-    def _build(self, gc: GuestConfig, entry: GuestEntry) -> Guest:
+    def _build(self, gc: GuestConfig, entry: GuestEntry,
+               handed: Mapping[str, tuple[int, int]] | None = None) -> Guest:
         tracking = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         try:
-            return build_guest(self.kernel, config_plan(gc, tracking), self.paths)
+            return build_guest(self.kernel, config_plan(gc, tracking, handed), self.paths)
         except (NotMigratable, UnusableDevice) as e:
             with self.registry.lock:
                 entry.devices[e.device].reason = e.reason
@@ -211,6 +276,20 @@ class GuestManager:
         """The guest's open ``Guest`` (fds, RAM); None while it is not open."""
         with self.registry.lock:
             return self._guests.get(name)
+
+    def ram_files_in_use(self) -> list[RamInUse]:
+        """Which file bytes the open guests' RAM maps (for ``attach``'s check that a VMM
+        hands over no RAM another guest already uses, docs/architecture.md §8.1)."""
+        with self.registry.lock:
+            blocks = [(name, b) for name, g in self._guests.items() for b in g.ram]
+            out = []
+            for name, b in blocks:
+                try:
+                    f = self.kernel.describe_fd(b.fd)
+                except KernelError:
+                    continue             # closed meanwhile: it uses nothing any more
+                out.append(RamInUse(name, b.name, f.device, f.inode, b.offset, b.size))
+            return out
 
     def refresh(self) -> None:
         """Device states from the drivers (cached values: no syscall); registry lock held."""

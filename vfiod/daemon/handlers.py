@@ -18,8 +18,10 @@ from typing import Any
 from vfiod import __version__
 from vfiod.api.ops import (
     Args,
+    AttachArgs,
     CancelArgs,
     CheckArgs,
+    DetachArgs,
     DirtyTrackingArgs,
     MigrateArgs,
     ResolveArgs,
@@ -27,12 +29,13 @@ from vfiod.api.ops import (
 )
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
 from vfiod.daemon import check
+from vfiod.daemon.attach import check_hand_over
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import GuestEntry, Registry
-from vfiod.errors import KernelError
+from vfiod.errors import KernelError, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.vfio import HostPaths
@@ -52,6 +55,11 @@ class DaemonInfo:
     pid: int = field(default_factory=os.getpid)
     restart_needed: list[str] = field(default_factory=list)
     reload_error: str | None = None
+
+
+#: States a VMM may take its RAM back from (no migration decides about it then).
+_DETACHABLE = (LifecycleState.CLAIMED, LifecycleState.RUNNING, LifecycleState.INCOMING,
+               LifecycleState.MIGRATED_AWAY, LifecycleState.FAILED)
 
 
 class Handlers:
@@ -89,6 +97,12 @@ class Handlers:
         if op == "dirty_tracking":
             assert isinstance(args, DirtyTrackingArgs)
             return self.dirty_tracking(args)
+        if op == "attach":
+            assert isinstance(args, AttachArgs)
+            return self.attach(args)
+        if op == "detach":
+            assert isinstance(args, DetachArgs)
+            return self.detach(args)
         raise ApiError(ApiErrorCode.UNKNOWN_OP, f"operation {op!r} has no handler")
 
     # -- lookups ---------------------------------------------------------------------------
@@ -232,3 +246,42 @@ class Handlers:
             self.guests.set_tracking(owner, args.device, args.enabled)
         return {"device": args.device, "guest": owner.name,
                 "pre_copy_dirty_page_tracking": args.enabled}
+
+    def attach(self, args: AttachArgs) -> dict[str, Any]:
+        """A VMM hands a ``from = "vmm"`` guest's RAM over (docs/architecture.md §8.1):
+        every fd checked first; the guest maps its own copies of the fds."""
+        entry = self._guest(args.guest)
+        with self.registry.lock:
+            if entry.state is not LifecycleState.DEFINED:
+                raise ApiError(ApiErrorCode.BUSY, f"attach {entry.name}: it is "
+                               f"{entry.state}, already attached (detach first); nothing "
+                               "was attached")
+        handed = check_hand_over(self.kernel, entry.config, args,
+                                 self.guests.ram_files_in_use())
+        try:
+            self.guests.attach(entry, handed)
+        except (VfiodError, OSError, ValueError) as e:
+            raise ApiError(ApiErrorCode.FAILED, f"attach {entry.name}: {e}; nothing was "
+                           "attached") from None
+        return {"guest": entry.name, "state": entry.state.value,
+                "ram": sorted(handed)}
+
+    def detach(self, args: DetachArgs) -> dict[str, Any]:
+        """Give the VMM its RAM back: vfiod closes its copies of the fds and releases the
+        guest (``defined``); refused while a migration holds it."""
+        entry = self._guest(args.guest)
+        with self.registry.lock:
+            if not entry.config.vmm_ram:
+                raise ApiError(ApiErrorCode.FAILED, f"detach {entry.name}: its RAM is not "
+                               "from a VMM")
+            if entry.migration is not None and entry.migration.active:
+                raise ApiError(ApiErrorCode.BUSY, f"detach {entry.name}: a migration "
+                               f"({entry.migration.role}, {entry.migration.peer}) holds it")
+            if entry.state is LifecycleState.DEFINED:
+                raise ApiError(ApiErrorCode.FAILED, f"detach {entry.name}: it is not "
+                               "attached")
+            if entry.state not in _DETACHABLE:
+                raise ApiError(ApiErrorCode.BUSY, f"detach {entry.name}: it is "
+                               f"{entry.state}; a migration must settle first")
+        self.guests.close(entry, "detached: its VMM took its RAM back")
+        return {"guest": entry.name, "state": entry.state.value}

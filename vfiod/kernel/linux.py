@@ -13,9 +13,10 @@ import mmap as _mmap
 import os
 import resource
 import select
+import stat
 
 from vfiod.errors import KernelError
-from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, MemlockFacts
+from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
@@ -24,6 +25,9 @@ _EFD_CLOEXEC = 0o2000000
 _M_TRIM_THRESHOLD = -1     # mallopt(3) parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _CAP_IPC_LOCK = 14    # bit of CapEff in /proc/self/status
+_FILE_KINDS = {stat.S_IFREG: "regular", stat.S_IFDIR: "directory", stat.S_IFSOCK: "socket",
+               stat.S_IFIFO: "fifo", stat.S_IFCHR: "char", stat.S_IFBLK: "block",
+               stat.S_IFLNK: "symlink"}
 
 
 def memlock_from_status(status: str, soft: int, hard: int) -> MemlockFacts:
@@ -75,6 +79,23 @@ class LinuxKernel:
             os.close(fd)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"close({fd})") from None
+
+    def describe_fd(self, fd: int) -> FdFacts:
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"fstat(fd {fd})") from None
+        return FdFacts(stat.S_ISREG(st.st_mode), _FILE_KINDS.get(stat.S_IFMT(st.st_mode),
+                                                                "unknown"),
+                       st.st_size, st.st_dev, st.st_ino,
+                       flags & os.O_ACCMODE == os.O_RDWR)
+
+    def dup(self, fd: int) -> int:
+        try:
+            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"dup(fd {fd})") from None
 
     def ioctl(self, fd: int, request: int, arg: int | Buffer = 0, label: str = "",
               target: str = "") -> int:

@@ -52,6 +52,19 @@ class MemlockFacts:
         return max(0, self.soft - self.locked)
 
 
+@dataclass(frozen=True)
+class FdFacts:
+    """What fstat(2) and fcntl(F_GETFL) say about an fd a peer handed over
+    (docs/architecture.md §8.1): enough to check it before using it."""
+
+    regular: bool             # S_ISREG: a memfd, a hugetlbfs or tmpfs file, a plain file
+    kind: str                 # "regular", "directory", "socket", "fifo", "char", "block" ...
+    size: int                 # st_size in bytes
+    device: int               # st_dev and st_ino: the same file behind two fds
+    inode: int
+    writable: bool            # opened O_RDWR (MAP_SHARED with PROT_WRITE needs it)
+
+
 @runtime_checkable
 class KernelOps(Protocol):
     """The syscalls vfiod needs. Paths are absolute and already include any test root."""
@@ -64,6 +77,14 @@ class KernelOps(Protocol):
 
     def close(self, fd: int) -> None:
         """close(2)."""
+        ...
+
+    def describe_fd(self, fd: int) -> FdFacts:
+        """fstat(2) and fcntl(F_GETFL) of ``fd``; EBADF if it is not open."""
+        ...
+
+    def dup(self, fd: int) -> int:
+        """fcntl(F_DUPFD_CLOEXEC): a second fd of the same open file."""
         ...
 
     def ioctl(self, fd: int, request: int, arg: int | Buffer = 0, label: str = "",

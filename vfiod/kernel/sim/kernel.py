@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, MemlockFacts
+from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 from vfiod.kernel.sim.base import FaultInjector, SimFile, fail
 
 SIM_FD_BASE = 1 << 20
@@ -98,6 +98,22 @@ class SimKernel:
             except KernelError as e:
                 raise e.with_context(op=f"open({path})") from None
             return self.install(file)
+
+    def describe_fd(self, fd: int) -> FdFacts:
+        """Real fds (RAM a peer handed over) are described by the real kernel; a
+        simulated file is no RAM: EINVAL."""
+        with self.lock:
+            if self._file(fd, f"fstat(fd {fd})") is not None:
+                raise fail(errno.EINVAL, f"fstat(fd {fd})",
+                           detail="a simulated VFIO file, not a memory file")
+        return self.linux.describe_fd(fd)
+
+    def dup(self, fd: int) -> int:
+        with self.lock:
+            if self._file(fd, f"dup(fd {fd})") is not None:
+                raise fail(errno.EINVAL, f"dup(fd {fd})",
+                           detail="the simulator does not duplicate its files")
+        return self.linux.dup(fd)
 
     def close(self, fd: int) -> None:
         with self.lock:

@@ -3,7 +3,8 @@ configuration), ``vfiod demo`` and the tests (docs/architecture.md §1 steps 2-4
 container/group/device, §3.7 MAP_DMA).
 
 A ``GuestPlan`` is a plain description: the RAM layout (``RamRegion``s, each a new memfd
-unless ``ram_files`` names a shared file for it), the devices with the container each goes
+unless ``ram_files`` names a shared file for it or ``ram_handed`` an fd a VMM handed
+over), the devices with the container each goes
 in, its pre-copy dirty-tracking opt-out and its id (unique in the guest), and
 per-container options (which guest ranges to map for DMA, dirty providers not to use). The builder maps the RAM, then opens the
 containers in the order their first device is listed: the IOMMU groups of a container's
@@ -68,6 +69,9 @@ class GuestPlan:
     page_size: int = 4096
     #: RAM region name -> shared file backing it (hugetlbfs, /dev/shm); others: new memfds
     ram_files: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: RAM region name -> (fd, offset) a VMM handed over (docs/architecture.md §8.1); the
+    #: guest maps its own copy of the fd, the caller keeps and closes the fd itself
+    ram_handed: Mapping[str, tuple[int, int]] = field(default_factory=dict, hash=False)
 
     def container_devices(self) -> dict[str, list[str]]:
         """Container name -> its device names, containers in order of first device."""
@@ -103,7 +107,8 @@ def build_guest(kernel: KernelOps, plan: GuestPlan, paths: HostPaths | None = No
     guest = Guest(kernel, plan.name, plan.page_size, paths)
     try:
         for region in plan.ram:
-            guest.add_ram(region, plan.ram_files.get(region.name))
+            guest.add_ram(region, plan.ram_files.get(region.name),
+                          plan.ram_handed.get(region.name))
         for cname, names in members.items():
             opt = options.get(cname, ContainerPlan(cname))
             groups = sorted({_group_of(kernel, paths, n) for n in names})

@@ -3,8 +3,10 @@ docs/kernel-contract.md §3.7 MAP_DMA).
 
 The region is described by a ``RamRegion`` (name, guest-physical address, size: the same
 value the stream header carries); the block adds what this process holds for it: the
-shared file backing it (a new memfd, or a file such as hugetlbfs or /dev/shm opened by
-path) and the ``MAP_SHARED`` mapping made through ``KernelOps.mmap``. The mapping's
+shared file backing it (a new memfd, a file such as hugetlbfs or /dev/shm opened by
+path, or vfiod's own copy of an fd the VMM handed over, docs/architecture.md §8.1, whose
+region starts at ``offset`` in the file) and the ``MAP_SHARED`` mapping made through
+``KernelOps.mmap``. The mapping's
 address is what ``VFIO_IOMMU_MAP_DMA`` is given, so a device DMA write lands in the very
 memory the stream reads and writes, and the file is what the digests ``pread`` (holes of
 a sparse file read as zeros without being allocated).
@@ -25,12 +27,14 @@ from vfiod.vfio import RamRegion
 class RamBlock:
     """See the module docstring. Build with ``RamBlock.open``."""
 
-    def __init__(self, kernel: KernelOps, region: RamRegion, fd: int) -> None:
-        """Map ``fd`` (taken over: ``close`` closes it) for ``region``."""
+    def __init__(self, kernel: KernelOps, region: RamRegion, fd: int, offset: int = 0) -> None:
+        """Map ``fd`` (taken over: ``close`` closes it) at ``offset`` for ``region``."""
         self.kernel = kernel
         self.region = region
         self.fd = fd
-        self.mem = kernel.mmap(fd, region.size)
+        #: where the region starts in the file: every pread of the region adds it
+        self.offset = offset
+        self.mem = kernel.mmap(fd, region.size, offset)
         # The address of the mapping, for MAP_DMA. The ctypes view pins the mmap while it
         # exists (mmap.close() refuses exported buffers), so it is dropped at once.
         anchor = ctypes.c_char.from_buffer(self.mem)
@@ -50,6 +54,17 @@ class RamBlock:
             return cls(kernel, region, fd)
         except BaseException:
             kernel.close(fd)
+            raise
+
+    @classmethod
+    def adopt(cls, kernel: KernelOps, region: RamRegion, fd: int, offset: int) -> RamBlock:
+        """Back ``region`` with a copy of ``fd`` (handed over by a VMM, already checked)
+        from ``offset``: the caller keeps ``fd``; ``close`` closes only the copy."""
+        own = kernel.dup(fd)
+        try:
+            return cls(kernel, region, own, offset)
+        except BaseException:
+            kernel.close(own)
             raise
 
     @property

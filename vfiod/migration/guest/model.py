@@ -72,8 +72,11 @@ class Guest:
         self.closed = False
 
     # -- construction ---------------------------------------------------------------------
-    def add_ram(self, region: RamRegion, path: str | None = None) -> RamBlock:
-        """Add a RAM region backed by a new memfd (all zero) or by the file at ``path``."""
+    def add_ram(self, region: RamRegion, path: str | None = None,
+                handed: tuple[int, int] | None = None) -> RamBlock:
+        """Add a RAM region backed by a new memfd (all zero), by the file at ``path``, or
+        by a copy of the fd a VMM handed over (``handed``: fd, offset in it; the caller
+        keeps the fd)."""
         ps = self.page_size
         if region.size <= 0 or region.gpa % ps or region.size % ps:
             raise ValueError(f"guest {self.name}: RAM region {region.name!r} gpa "
@@ -85,8 +88,11 @@ class Guest:
             if region.gpa < b.gpa + b.size and b.gpa < region.gpa + region.size:
                 raise ValueError(f"guest {self.name}: RAM region {region.name!r} overlaps "
                                  f"{b.name!r}")
-        block = RamBlock.open(self.kernel, region, label=f"vfiod-{self.name}-{region.name}",
-                              path=path)
+        if handed is not None:
+            block = RamBlock.adopt(self.kernel, region, *handed)
+        else:
+            block = RamBlock.open(self.kernel, region,
+                                  label=f"vfiod-{self.name}-{region.name}", path=path)
         self.ram.append(block)
         self.ram.sort(key=lambda b: b.gpa)
         return block

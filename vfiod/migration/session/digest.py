@@ -247,7 +247,8 @@ def full_ram_digest(kernel: KernelOps, blocks: Sequence[RamBlock],
             crcs = np.empty(b.size // page_size, dtype=np.uint32)
             for off in range(0, b.size, piece):
                 n = min(piece, b.size - off)
-                page_crcs(buf.read(b.fd, n, off, f"RAM region {b.name}: file"), page_size,
+                page_crcs(buf.read(b.fd, n, b.offset + off, f"RAM region {b.name}: file"),
+                          page_size,
                           out=crcs[off // page_size:(off + n) // page_size])
             out.append(RegionDigest(b.name, len(crcs), _root(crcs)))
     return out
@@ -263,7 +264,7 @@ def zero_ram(kernel: KernelOps, blocks: Sequence[RamBlock], page_size: int = 409
         for b in blocks:
             first = b.gpa // page_size
             with b.view() as view:
-                for page, n in nonzero_page_runs(kernel, b.fd, 0, first,
+                for page, n in nonzero_page_runs(kernel, b.fd, b.offset, first,
                                                  b.size // page_size, page_size, buf):
                     np.frombuffer(view, np.uint8, n * page_size,
                                   (page - first) * page_size)[:] = 0

@@ -75,7 +75,8 @@ class RamSender:
             block = self.guest.block_at(page * ps)
             n = min(left, (block.gpa + block.size) // ps - page)
             t0 = self.clock()
-            runs = nonzero_page_runs(self.guest.kernel, block.fd, page * ps - block.gpa,
+            runs = nonzero_page_runs(self.guest.kernel, block.fd,
+                                     block.offset + page * ps - block.gpa,
                                      page, n, ps, buf)
             self.scan_seconds += self.clock() - t0
             holes = n - sum(c for _, c in runs)
