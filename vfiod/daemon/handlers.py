@@ -113,8 +113,8 @@ class Handlers:
         if args.guest is not None:
             self._guest(args.guest)
         live = self.migrations.ledger.live_status()
-        snap = self.registry.snapshot()
-        guests = [g for g in snap["guests"] if args.guest in (None, g["name"])]
+        snap = self.registry.snapshot(only=args.guest)
+        guests = snap["guests"]
         for g in guests:
             if g["migration"] is not None and g["name"] in live:
                 g["migration"]["live"] = live[g["name"]]
@@ -127,7 +127,7 @@ class Handlers:
                            "restart_needed": list(i.restart_needed),
                            "reload_error": i.reload_error},
                 "guests": guests,
-                "finished": [m for m in snap["finished"] if args.guest in (None, m["guest"])]}
+                "finished": snap["finished"]}
 
     def devices(self) -> dict[str, Any]:
         try:
