@@ -174,6 +174,16 @@ class RequestError(ApiError):
         self.request_id = request_id
 
 
+class EncodedResult(dict[str, Any]):
+    """A result encoded once, when it is made: one ``status`` answer shared by many
+    requests is not encoded again for each (README "Load"). Do not change it after: its
+    JSON text would no longer match."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        super().__init__(value)
+        self.encoded = _json(value)
+
+
 @dataclass(frozen=True)
 class Response:
     """One answer. Exactly one of ``result`` (ok) and ``error`` (not ok) is set."""
@@ -193,6 +203,9 @@ class Response:
         return cls(request_id, False, error=error)
 
     def encode(self) -> bytes:
+        if self.ok and isinstance(self.result, EncodedResult):   # the same text, spliced
+            return (b'{"schema":%s,"id":%s,"ok":true,"result":%s}\n'
+                    % (_json(self.schema), _json(self.id), self.result.encoded))
         body: dict[str, Any] = {"schema": self.schema, "id": self.id, "ok": self.ok}
         if self.ok:
             body["result"] = self.result if self.result is not None else {}
@@ -231,6 +244,10 @@ class Response:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
+    return _json(obj) + b"\n"
+
+
+def _json(value: Any) -> bytes:
     # Compact separators keep lines short; ensure_ascii keeps them one line whatever the
     # text (a newline inside a string is escaped, never raw).
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
