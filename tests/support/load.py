@@ -239,13 +239,14 @@ def run_load(src: DaemonProcess, dst: DaemonProcess, *, rate: float, connections
     with WatchdogTimer(src, report):
         start = report.start = time.monotonic() + 0.05
         end = start + duration_s
-        failed: list[BaseException] = []
+        failed: list[str] = []
 
         def generate() -> None:
             try:
                 _generate(src.socket, report, start, rate, total, connections, guests)
             except Exception as e:  # the report carries it; the thread must not swallow it
-                failed.append(e)
+                failed.append(f"{type(e).__name__}: {e} ({time.monotonic() - start:.2f} s "
+                              f"into the load, {report.requests} answered)")
         workers = [threading.Thread(target=generate, name="ctl-load"),
                    threading.Thread(target=_scraper, name="scraper",
                                     args=(url, report, start, end))]
@@ -265,7 +266,7 @@ def run_load(src: DaemonProcess, dst: DaemonProcess, *, rate: float, connections
             wait_until(ended, duration_s + 60, f"the migrations of {migrate} to end")
         for w in workers:
             w.join()
-        report.errors.extend(f"{type(e).__name__}: {e}" for e in failed)
+        report.errors.extend(failed)
         report.elapsed_s = report.end - start
     report.rss_after = rss(src)
     return report
