@@ -10,8 +10,8 @@ as latency and a lower achieved rate, not as a slower offer. The generator reads
 as raw lines and checks each one's id and ``"ok":true`` prefix instead of decoding the
 whole JSON (a full ``status`` is about 24 KB): on a two-core machine a client decoding
 every answer, or eight client threads taking turns at the GIL, was the bottleneck before
-the daemon was (README "Load"). Latency is from the request's send to its answer's
-arrival.
+the daemon was (README "Load"). Latency is from the moment a request is offered
+(queued for sending) to its answer's arrival.
 """
 
 from __future__ import annotations
@@ -100,14 +100,35 @@ class WatchdogTimer:
 
 
 class _Connection:
-    """One persistent control connection of the generator, with its requests in flight
-    (oldest first: the daemon answers in order)."""
+    """One persistent control connection of the generator, non-blocking: the requests not
+    yet taken by the daemon wait in ``out``, and those in flight in ``waiting`` (oldest
+    first: the daemon answers in order). A blocking send would deadlock once both
+    directions fill up: the generator stuck sending requests the daemon does not read
+    while the daemon is stuck sending answers the generator does not read."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sel: selectors.BaseSelector) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(path)
+        self.sock.setblocking(False)
+        self.sel = sel
+        sel.register(self.sock, selectors.EVENT_READ, self)
         self.buf = b""
-        self.waiting: deque[tuple[int, float]] = deque()     # (request id, sent at)
+        self.out = bytearray()
+        self.waiting: deque[tuple[int, float]] = deque()     # (request id, offered at)
+
+    def offer(self, rid: int, data: bytes) -> None:
+        self.waiting.append((rid, time.perf_counter()))
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            del self.out[:self.sock.send(self.out)]
+        except BlockingIOError:
+            pass
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        if self.sel.get_key(self.sock).events != events:
+            self.sel.modify(self.sock, events, self)
 
 
 def _expected(rid: int) -> bytes:
@@ -123,10 +144,8 @@ def _generate(path: str, report: LoadReport, start: float, rate: float, total: i
     sent when due whether or not earlier ones were answered; it goes to the connection
     with the fewest in flight, pipelined behind them if every one is busy). Every
     ``FULL_CHECK``-th answer is also decoded in full."""
-    conns = [_Connection(path) for _ in range(connections)]
     sel = selectors.DefaultSelector()
-    for c in conns:
-        sel.register(c.sock, selectors.EVENT_READ, c)
+    conns = [_Connection(path, sel) for _ in range(connections)]
     k = answered = 0
     give_up = start + total / rate + ANSWER_DEADLINE_S
     try:
@@ -134,17 +153,19 @@ def _generate(path: str, report: LoadReport, start: float, rate: float, total: i
             now = time.monotonic()
             while k < total and start + k / rate <= now:
                 args = {"guest": guests[k % len(guests)]} if k % 2 else {}
-                c = min(conns, key=lambda c: len(c.waiting))
-                c.sock.sendall(Request("status", args, k).encode())
-                c.waiting.append((k, time.perf_counter()))
+                min(conns, key=lambda c: len(c.waiting)).offer(
+                    k, Request("status", args, k).encode())
                 k += 1
             if now > give_up:
                 report.errors.append(f"{total - answered} requests unanswered after "
                                      f"{ANSWER_DEADLINE_S:g} s")
                 return
             due = start + k / rate if k < total else give_up
-            for key, _ in sel.select(max(0.0, due - now)):
-                answered += _read_answers(key.data, report)
+            for key, events in sel.select(max(0.0, due - now)):
+                if events & selectors.EVENT_WRITE:
+                    key.data.flush()
+                if events & selectors.EVENT_READ:
+                    answered += _read_answers(key.data, report)
     finally:
         sel.close()
         for c in conns:
@@ -152,7 +173,10 @@ def _generate(path: str, report: LoadReport, start: float, rate: float, total: i
 
 
 def _read_answers(c: _Connection, report: LoadReport) -> int:
-    chunk = c.sock.recv(1 << 20)
+    try:
+        chunk = c.sock.recv(1 << 20)
+    except BlockingIOError:
+        return 0
     if not chunk:
         raise ConnectionError(f"the daemon closed a control connection with "
                               f"{len(c.waiting)} requests in flight")
