@@ -46,6 +46,7 @@ def bench_load(quick: bool = False) -> list[dict[str, Any]]:
              "watchdog_pings": len(r.watchdog_times),
              "rss_anon_before_mib": round(r.rss_before / 2**20, 1),
              "rss_anon_after_mib": round(r.rss_after / 2**20, 1),
+             "rss_growth_mib": round((r.rss_after - r.rss_before) / 2**20, 1),
              "quiet_rss_growth_mib": round((quiet.rss_after - quiet.rss_before) / 2**20, 1),
              "latency_ms": {"median": round(r.p(0.5) * 1e3, 3), "p90": round(r.p(0.9) * 1e3, 3),
                             "p99": round(r.p(0.99) * 1e3, 3),
