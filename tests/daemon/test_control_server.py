@@ -176,3 +176,14 @@ def test_client_reports_missing_daemon(sockdir: Path) -> None:
     with pytest.raises(ClientError) as exc:
         ControlClient(str(sockdir / "none.sock"))
     assert exc.value.kind == "connect" and "ENOENT" in exc.value.message
+
+
+def test_pipelined_requests_are_answered_in_order(server: ControlServer) -> None:
+    """Several requests sent at once on one connection, before any answer is read (the
+    load generator's way, README "Load"), get their answers in the order sent."""
+    with ControlClient(server.path) as c:
+        c.send_raw(b"".join(json.dumps({"schema": 1, "id": i, "op": op}).encode() + b"\n"
+                            for i, op in enumerate(["hello", "nope", "hello"] * 20)))
+        answers = [c.read_response() for _ in range(60)]
+    assert [a.id for a in answers] == list(range(60))
+    assert [a.ok for a in answers[:3]] == [True, False, True]

@@ -1,6 +1,6 @@
 """Load on one daemon (README "Limits", "Load"; issue 12): 16 guests x 4 devices, four of
-them migrating at once to a second daemon, ``status`` requests at 200/s from four
-threads for 3 s, and a 1 Hz ``/metrics`` scrape. Every request is answered, the
+them migrating at once to a second daemon, ``status`` requests offered at 200/s on four
+connections for 3 s, and a 1 Hz ``/metrics`` scrape. Every request is answered, the
 migrations complete verified, the watchdog (``WATCHDOG_USEC`` 1 s) is never silent for
 its interval, and the daemon's own resident memory grows by less than
 ``RSS_GROWTH_BOUND`` (after a warm-up migration)."""
@@ -16,7 +16,7 @@ from tests.support.fleet_configs import fleet_guest
 from tests.support.load import WATCHDOG_USEC, fleet_pair, run_load, warm_up
 
 GUESTS, DEVICES = 16, 4
-RATE, THREADS, DURATION_S = 200.0, 4, 3.0
+RATE, CONNECTIONS, DURATION_S = 200.0, 4, 3.0
 #: Anonymous memory (guest RAM is shared memory, not counted). Requests and scrapes alone
 #: add nothing measurable; four guests migrating away add about 2 MiB (measured: 86 -> 88
 #: MiB; it was 91 -> 114 before the first pass's read buffers stopped piling up in glibc's
@@ -37,7 +37,7 @@ def test_load_leaves_watchdog_requests_and_memory_intact(
     src, dst = fleet
     guests = [fleet_guest(i) for i in range(GUESTS)]
     warm_up(src, dst, guests[-1])
-    r = run_load(src, dst, rate=RATE, threads=THREADS, duration_s=DURATION_S,
+    r = run_load(src, dst, rate=RATE, connections=CONNECTIONS, duration_s=DURATION_S,
                  migrate=guests[:MIGRATING], guests=guests)
     assert r.errors == [], r.errors[:5]
     assert r.requests == int(RATE * DURATION_S)

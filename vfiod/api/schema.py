@@ -82,13 +82,13 @@ def _check_id(value: object) -> RequestId:
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _OPENERS = b"[{"
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def json_depth(line: bytes) -> int:
     """How deep ``line`` nests arrays and objects, counted without parsing it (brackets
     inside strings do not count), so that the check itself cannot recurse."""
-    brackets = _JSON_STRING.sub(b"", line).translate(None, delete=bytes(
-        c for c in range(256) if c not in b"[]{}"))
+    brackets = _JSON_STRING.sub(b"", line).translate(None, delete=_NOT_BRACKETS)
     steps = (1 if c in _OPENERS else -1 for c in brackets)
     return max(itertools.accumulate(steps, initial=0))
 
@@ -97,7 +97,10 @@ def _load_object(line: bytes | str, what: str) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise ApiError(ApiErrorCode.TOO_LARGE,
                        f"{what} of {len(line)} bytes exceeds the {MAX_LINE}-byte limit")
-    depth = json_depth(line.encode() if isinstance(line, str) else line)
+    raw = line.encode() if isinstance(line, str) else line
+    # A line with at most MAX_DEPTH openers cannot nest deeper (a request has two): only
+    # the others pay for the count (README "Load").
+    depth = 0 if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH else json_depth(raw)
     if depth > MAX_DEPTH:
         raise ApiError(ApiErrorCode.BAD_REQUEST, f"{what} nests {depth} levels of arrays and "
                        f"objects; the limit is {MAX_DEPTH}")
@@ -171,6 +174,16 @@ class RequestError(ApiError):
         self.request_id = request_id
 
 
+class EncodedResult(dict[str, Any]):
+    """A result encoded once, when it is made: one ``status`` answer shared by many
+    requests is not encoded again for each (README "Load"). Do not change it after: its
+    JSON text would no longer match."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        super().__init__(value)
+        self.encoded = _json(value)
+
+
 @dataclass(frozen=True)
 class Response:
     """One answer. Exactly one of ``result`` (ok) and ``error`` (not ok) is set."""
@@ -190,6 +203,9 @@ class Response:
         return cls(request_id, False, error=error)
 
     def encode(self) -> bytes:
+        if self.ok and isinstance(self.result, EncodedResult):   # the same text, spliced
+            return (b'{"schema":%s,"id":%s,"ok":true,"result":%s}\n'
+                    % (_json(self.schema), _json(self.id), self.result.encoded))
         body: dict[str, Any] = {"schema": self.schema, "id": self.id, "ok": self.ok}
         if self.ok:
             body["result"] = self.result if self.result is not None else {}
@@ -228,6 +244,10 @@ class Response:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
+    return _json(obj) + b"\n"
+
+
+def _json(value: Any) -> bytes:
     # Compact separators keep lines short; ensure_ascii keeps them one line whatever the
     # text (a newline inside a string is escaped, never raw).
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()

@@ -35,6 +35,7 @@ from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.registry import GuestEntry, Registry
+from vfiod.daemon.status_builds import StatusBuilds
 from vfiod.errors import KernelError, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -73,6 +74,7 @@ class Handlers:
         self.paths = paths
         self.facts = facts
         self.info = info
+        self.status_builds = StatusBuilds(lambda copied: self._build_status(None, copied))
 
     def __call__(self, op: str, args: Args) -> dict[str, Any]:
         if op == "hello":
@@ -124,12 +126,20 @@ class Handlers:
                 "backend": self.info.backend, "pid": self.info.pid}
 
     def status(self, args: StatusArgs) -> dict[str, Any]:
-        if args.guest is not None:
-            self._guest(args.guest)
+        """Every guest's answer is shared by the requests that arrive while it is built
+        (``status_builds.py``); one guest's is built for its request alone (a quarter of
+        the work)."""
+        if args.guest is None:
+            return self.status_builds.get()
+        self._guest(args.guest)
+        return self._build_status(args.guest, lambda: None)
+
+    def _build_status(self, only: str | None, copied: Callable[[], None]) -> dict[str, Any]:
         live = self.migrations.ledger.live_status()
-        snap = self.registry.snapshot()
-        guests = [g for g in snap["guests"] if args.guest in (None, g["name"])]
-        for g in guests:
+        with self.registry.lock:
+            snap = self.registry.snapshot(only=only)
+            copied()
+        for g in snap["guests"]:
             if g["migration"] is not None and g["name"] in live:
                 g["migration"]["live"] = live[g["name"]]
         i = self.info
@@ -140,8 +150,7 @@ class Handlers:
                            "migration_listen": i.migration_listen,
                            "restart_needed": list(i.restart_needed),
                            "reload_error": i.reload_error},
-                "guests": guests,
-                "finished": [m for m in snap["finished"] if args.guest in (None, m["guest"])]}
+                "guests": snap["guests"], "finished": snap["finished"]}
 
     def devices(self) -> dict[str, Any]:
         try:

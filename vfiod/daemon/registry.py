@@ -133,11 +133,18 @@ class MigrationRecord:
         return self.result is None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """A plain copy, made by hand: ``status`` copies every record per request, and
+        ``dataclasses.asdict``'s generic deep copy was most of its time (README "Load")."""
+        out = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        out["progress"] = {name: getattr(self.progress, name) for name in _PROGRESS_FIELDS}
+        out["warnings"] = list(self.warnings)
+        if self.downtime_share is not None:
+            out["downtime_share"] = dict(self.downtime_share)
+        return out
 
 
-def _plain(v: Any) -> Any:
-    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(MigrationRecord))
+_PROGRESS_FIELDS = tuple(f.name for f in dataclasses.fields(Progress))
 
 
 @dataclass
@@ -156,6 +163,15 @@ class DeviceEntry:
     dma_logging: bool = False
     migratable: bool = False
     reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain copy (by hand, as ``MigrationRecord.to_json``)."""
+        out = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        out["capabilities"] = list(self.capabilities)
+        return out
+
+
+_DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceEntry))
 
 
 class GuestEntry:
@@ -303,25 +319,29 @@ class Registry:
             self.scrape_errors_total += 1
 
     # -- reading ---------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """A deep copy of everything, for status answers and the metrics collector."""
+    def snapshot(self, only: str | None = None) -> dict[str, Any]:
+        """A deep copy of everything, for status answers and the metrics collector;
+        ``only``: the guests and finished migrations of that one guest."""
         with self.lock:
             for refresh in self.refreshers:
                 refresh()
             guests = []
             for g in self._guests.values():
+                if only is not None and g.name != only:
+                    continue
                 guests.append({
                     "name": g.name, "state": g.state.value, "error": g.error,
                     "ram_bytes": g.config.ram_bytes, "page_size": g.config.page_size,
                     "start": g.config.start,
-                    "devices": [dataclasses.asdict(d) for d in g.devices.values()],
+                    "devices": [d.to_json() for d in g.devices.values()],
                     "migration": g.migration.to_json() if g.migration else None,
                     "notes": list(g.notes),
                     "unsettled": dict(g.unsettled) if g.unsettled else None,
                 })
             return {
                 "guests": guests,
-                "finished": [m.to_json() for m in self.finished],
+                "finished": [m.to_json() for m in self.finished
+                             if only is None or m.guest == only],
                 "migrations_total": dict(self.migrations_total),
                 "device_recoveries_total": dict(self.device_recoveries_total),
                 "downtime": self.downtime.copy(),
