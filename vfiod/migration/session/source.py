@@ -46,6 +46,7 @@ from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
+from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
@@ -110,9 +111,12 @@ class SourceSession(SourceEnding, SessionBase):
         self.digests: RamDigests | None = None
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
+        self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
         self._rtt = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
+        #: the pre-copy syncs' durations (the first can pay first-touch costs)
+        self._syncs = FixedCostSamples()
         pol = self.config.policy
         self._watch = ConvergenceWatch(pol.stall_iterations, pol.not_converging_iterations,
                                        pol.not_converging_min_s)
@@ -274,15 +278,18 @@ class SourceSession(SourceEnding, SessionBase):
         t = self.result.timings
         t["predicted_verify_s"] = verify_s
         t["predicted_record_overhead_s"] = records_s
-        # stopping: the devices' arcs and one more dirty sync; after the transfer: the
-        # same arcs on the destination's devices (resume), the final re-hash, the
-        # per-record costs, and the acknowledgement's round trip
+        # all measured in this migration: stopping, the devices' arcs and one more dirty
+        # sync; after the transfer, the final re-hash and the per-record costs, two round
+        # trips (PREPARED, then COMMIT -> RESUMED) and the same arcs on the destination
         arc = self._arcs.estimate_s
-        self.predictor.costs = FixedCosts(device_stop_s=arc + sync.duration_s,
-                                          resume_ack_rtt_s=self._rtt + arc + verify_s + records_s)
+        self._syncs.add(sync.duration_s)
+        costs = self.predictor.costs = FixedCosts(
+            device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
+            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_resume_s=arc)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking, num.assumed_dirty_bytes))
+        self._predicted_parts = predicted_parts(p, costs)
         decision, why = self.config.policy.verdict(
             p, iteration=self.iteration, elapsed_s=now - start,
             not_converging=self._watch.observe(p))
@@ -308,7 +315,7 @@ class SourceSession(SourceEnding, SessionBase):
         t = self.result.timings
         self._stop_t = self.clock()
         self.guest.pause(GuestState.FINISH_MIGRATE)
-        t0 = self.clock()
+        t0 = t["pause_s"] = self.clock()
         if devs and all(d.driver.has_p2p for d in devs):
             for d in devs:              # no device may DMA into a peer that has stopped
                 self._hook(d, d.driver.quiesce_p2p)
@@ -319,6 +326,7 @@ class SourceSession(SourceEnding, SessionBase):
             self.predictor.bandwidth.record(t1, self.clock(), w.bytes_sent - b0)
         t["device_stop_copy_s"] = self.clock() - t0
         t0 = self.clock()
+        t["pause_s"] -= self._stop_t
         sync = tr.sync("stopcopy")
         t["final_sync_s"] = sync.duration_s
         ram = sender.send(tr.take_dirty_runs(self.config.max_run_pages), quiescent=True)
@@ -327,9 +335,10 @@ class SourceSession(SourceEnding, SessionBase):
         for d in devs:
             w.end_of_state(d.name)
         manifest = w.finish()
-        t0 = self.clock()
+        t1 = self.clock()
+        t["final_stream_s"] = t1 - t0 - sync.duration_s   # RAM, END_OF_STATE, MANIFEST
         dg.rehash()
-        t["source_final_rehash_s"] = self.clock() - t0
+        t["source_final_rehash_s"] = self.clock() - t1
         self.result.verification.update(
             source_regions=[r.to_dict() for r in dg.roots()],
             manifest_records=manifest.records,

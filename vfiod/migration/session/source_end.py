@@ -21,8 +21,11 @@ resumes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError
+from vfiod.migration.planning.breakdown import actual_parts, breakdown
 from vfiod.migration.planning.predictor import DowntimePredictor
 from vfiod.migration.session.common import MigrationResult, SessionBase
 from vfiod.migration.states import GuestState, MigrationState
@@ -43,6 +46,7 @@ class SourceEnding(SessionBase):
     tracker: DirtyTracker | None
     predictor: DowntimePredictor
     _stop_t: float | None
+    _predicted_parts: dict[str, float]
 
     # -- the confirmed switchover ---------------------------------------------------------
     def _await_prepared(self) -> None:
@@ -82,10 +86,27 @@ class SourceEnding(SessionBase):
         r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
         r.prediction_error = out.error
         r.take_resumed_ack(ack.fields)
+        r.downtime_breakdown = self._breakdown(out.actual_s, ack.fields.get("timings"))
         try:            # the guest runs there already: this adds nothing to the downtime
             self.link.send_control(r.downtime_report())
         except TransportError as e:
             r.warnings.append(f"could not send the downtime report: {e}")
+
+    def _breakdown(self, actual_s: float, theirs: Any) -> dict[str, dict[str, float]]:
+        """Predicted vs measured, part by part; ``theirs``: the destination's timings
+        (its ACK resumed)."""
+        t = self.result.timings
+        dest = theirs if isinstance(theirs, dict) else {}
+
+        def dest_s(key: str) -> float:
+            v = dest.get(key)
+            return float(v) if isinstance(v, int | float) and v >= 0 else 0.0
+        actual = actual_parts(
+            actual_s, device_stop_s=t["pause_s"] + t["device_stop_copy_s"],
+            final_sync_s=t["final_sync_s"], ram_transfer_s=max(0.0, t["final_stream_s"]),
+            verify_s=t["source_final_rehash_s"] + dest_s("dest_compare_s"),
+            dest_resume_s=dest_s("resume_s"))
+        return breakdown(self._predicted_parts, actual)
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
         self.error = f"{type(exc).__name__}: {exc}"
