@@ -140,7 +140,7 @@ class FixedCosts:
     final_sync_s: float = 0.0          # one more dirty sync
     record_overhead_s: float = 0.0     # framing CPU of the final pass beyond the link's time
     verify_s: float = 0.0              # the final re-hash
-    commit_round_trips_s: float = 0.0  # PREPARED and COMMIT -> RESUMED (§8.4)
+    commit_round_trips_s: float = 0.0  # PREPARED and COMMIT -> RESUMED
     dest_resume_s: float = 0.0         # the destination's devices' arcs
 
     @property
