@@ -8,11 +8,12 @@ pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
                         bytes over the link
     final_sync          the last dirty sync
     ram_transfer        the RAM still dirty, over the link, with its per-record CPU cost
-    verify              the final re-hash of what moved, and the destination's compare
+    verify              the final re-hash of what moved (both ends at once: the slower),
+                        and the destination's compare
     commit_round_trips  the waits for the destination: the stream's tail arriving,
                         PREPARED, the journaled decision, COMMIT, RESUMED (two round
                         trips, docs/protocol.md §8.4)
-    dest_resume         the destination's devices resuming
+    dest_load_resume    the destination's devices loading their final state and resuming
 
 ``predicted_parts`` splits a ``Prediction`` by its ``FixedCosts``; ``actual_parts`` takes
 the source's measured intervals and the destination's reported ones, and gives the
@@ -25,7 +26,7 @@ from __future__ import annotations
 from vfiod.migration.planning.predictor import FixedCosts, Prediction
 
 COMPONENTS = ("device_stop", "final_sync", "ram_transfer", "verify", "commit_round_trips",
-              "dest_resume")
+              "dest_load_resume")
 
 
 def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
@@ -36,17 +37,17 @@ def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
             "ram_transfer": p.ram_bytes / bw + costs.record_overhead_s,
             "verify": costs.verify_s,
             "commit_round_trips": costs.commit_round_trips_s,
-            "dest_resume": costs.dest_resume_s}
+            "dest_load_resume": costs.dest_load_resume_s}
 
 
 def actual_parts(downtime_s: float, *, device_stop_s: float, final_sync_s: float,
                  ram_transfer_s: float, verify_s: float,
-                 dest_resume_s: float) -> dict[str, float]:
+                 dest_load_resume_s: float) -> dict[str, float]:
     """The measured parts; ``commit_round_trips`` is the rest of ``downtime_s`` (never
     below zero: clocks of two ends do not subtract exactly)."""
     parts = {"device_stop": device_stop_s, "final_sync": final_sync_s,
              "ram_transfer": ram_transfer_s, "verify": verify_s,
-             "dest_resume": dest_resume_s}
+             "dest_load_resume": dest_load_resume_s}
     for name, v in parts.items():
         if v < 0:
             raise ValueError(f"measured {name} is negative: {v}")

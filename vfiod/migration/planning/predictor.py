@@ -141,12 +141,12 @@ class FixedCosts:
     record_overhead_s: float = 0.0     # framing CPU of the final pass beyond the link's time
     verify_s: float = 0.0              # the final re-hash
     commit_round_trips_s: float = 0.0  # PREPARED and COMMIT -> RESUMED
-    dest_resume_s: float = 0.0         # the destination's devices' arcs
+    dest_load_resume_s: float = 0.0    # the destination's devices: final load, resume
 
     @property
     def total_s(self) -> float:
         return (self.device_stop_s + self.final_sync_s + self.record_overhead_s
-                + self.verify_s + self.commit_round_trips_s + self.dest_resume_s)
+                + self.verify_s + self.commit_round_trips_s + self.dest_load_resume_s)
 
 
 @dataclass(frozen=True)

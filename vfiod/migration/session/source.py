@@ -48,6 +48,7 @@ from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
+from vfiod.migration.planning.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
 from vfiod.migration.planning.predictor import (
@@ -96,10 +97,12 @@ class SourceSession(SourceEnding, SessionBase):
                  progress: Callable[[IterationProgress], None] | None = None,
                  live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None,
-                 journal: SwitchoverJournal = UNJOURNALED) -> None:
+                 journal: SwitchoverJournal = UNJOURNALED,
+                 history: SwitchoverHistory = HOST_HISTORY) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
         before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
-        ``journal``: where the decision to commit is written first (§1.7)."""
+        ``journal``: where the decision to commit is written first (§1.7); ``history``:
+        earlier switchovers on this host, for what cannot be measured before this one."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
@@ -112,6 +115,8 @@ class SourceSession(SourceEnding, SessionBase):
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
         self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
+        self.history = history
+        self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._rtt = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
@@ -283,9 +288,10 @@ class SourceSession(SourceEnding, SessionBase):
         # trips (PREPARED, then COMMIT -> RESUMED) and the same arcs on the destination
         arc = self._arcs.estimate_s
         self._syncs.add(sync.duration_s)
-        costs = self.predictor.costs = FixedCosts(
+        self._measured_costs = FixedCosts(
             device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
-            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_resume_s=arc)
+            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
+        costs = self.predictor.costs = self.history.correct(self._measured_costs)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking, num.assumed_dirty_bytes))

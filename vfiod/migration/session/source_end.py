@@ -26,7 +26,8 @@ from typing import Any
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError
 from vfiod.migration.planning.breakdown import actual_parts, breakdown
-from vfiod.migration.planning.predictor import DowntimePredictor
+from vfiod.migration.planning.history import SwitchoverHistory
+from vfiod.migration.planning.predictor import DowntimePredictor, FixedCosts
 from vfiod.migration.session.common import MigrationResult, SessionBase
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.writer import StreamWriter
@@ -47,6 +48,8 @@ class SourceEnding(SessionBase):
     predictor: DowntimePredictor
     _stop_t: float | None
     _predicted_parts: dict[str, float]
+    _measured_costs: FixedCosts
+    history: SwitchoverHistory
 
     # -- the confirmed switchover ---------------------------------------------------------
     def _await_prepared(self) -> None:
@@ -104,8 +107,10 @@ class SourceEnding(SessionBase):
         actual = actual_parts(
             actual_s, device_stop_s=t["pause_s"] + t["device_stop_copy_s"],
             final_sync_s=t["final_sync_s"], ram_transfer_s=max(0.0, t["final_stream_s"]),
-            verify_s=t["source_final_rehash_s"] + dest_s("dest_compare_s"),
-            dest_resume_s=dest_s("resume_s"))
+            verify_s=max(t["source_final_rehash_s"], dest_s("dest_final_rehash_s"))
+            + dest_s("dest_compare_s"),
+            dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
+        self.history.record(self._measured_costs, actual)
         return breakdown(self._predicted_parts, actual)
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
