@@ -48,7 +48,6 @@ from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
-from vfiod.migration.planning.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
 from vfiod.migration.planning.predictor import (
@@ -68,6 +67,7 @@ from vfiod.migration.session.common import (
     SwitchoverJournal,
 )
 from vfiod.migration.session.digest import RamDigests
+from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
 from vfiod.migration.session.phases import (
     RamSender,
@@ -117,6 +117,7 @@ class SourceSession(SourceEnding, SessionBase):
         self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
         self.history = history
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
+        self._uncorrected_parts: dict[str, float] = {}
         self._rtt = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
@@ -291,11 +292,15 @@ class SourceSession(SourceEnding, SessionBase):
         self._measured_costs = FixedCosts(
             device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
             verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
-        costs = self.predictor.costs = self.history.correct(self._measured_costs)
+        dev = num.device_stopcopy_bytes + num.device_precopy_bytes
+        costs = self.predictor.costs = self.history.correct(
+            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
+            ram_link_s=num.dirty_ram_bytes / self.predictor.bandwidth.bps)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking, num.assumed_dirty_bytes))
         self._predicted_parts = predicted_parts(p, costs)
+        self._uncorrected_parts = predicted_parts(p, self._measured_costs)
         decision, why = self.config.policy.verdict(
             p, iteration=self.iteration, elapsed_s=now - start,
             not_converging=self._watch.observe(p))

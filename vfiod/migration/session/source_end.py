@@ -26,9 +26,9 @@ from typing import Any
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError
 from vfiod.migration.planning.breakdown import actual_parts, breakdown
-from vfiod.migration.planning.history import SwitchoverHistory
 from vfiod.migration.planning.predictor import DowntimePredictor, FixedCosts
 from vfiod.migration.session.common import MigrationResult, SessionBase
+from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (
@@ -49,6 +49,7 @@ class SourceEnding(SessionBase):
     _stop_t: float | None
     _predicted_parts: dict[str, float]
     _measured_costs: FixedCosts
+    _uncorrected_parts: dict[str, float]
     history: SwitchoverHistory
 
     # -- the confirmed switchover ---------------------------------------------------------
@@ -110,7 +111,9 @@ class SourceEnding(SessionBase):
             verify_s=max(t["source_final_rehash_s"], dest_s("dest_final_rehash_s"))
             + dest_s("dest_compare_s"),
             dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
-        self.history.record(self._measured_costs, actual)
+        w = self.writer
+        self.history.record(self._measured_costs, self._uncorrected_parts, actual,
+                            w.device_bytes_sent if w is not None else 0)
         return breakdown(self._predicted_parts, actual)
 
     def _unsettled(self, exc: Exception) -> MigrationResult:

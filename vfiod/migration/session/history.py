@@ -1,0 +1,108 @@
+"""What earlier switchovers on this host cost against what was measured for them before
+they happened, for the parts a migration cannot measure before its own switchover
+(docs/architecture.md §4 "fixed costs measured on this path").
+
+* the commit's waits (``commit_round_trips``): the header's round trip is measured, but
+  the switchover adds what no control round trip shows: the stream's tail still in the
+  socket buffers, the destination's PREPARED after its checks, the journaled decision,
+  COMMIT and RESUMED through both ends' threads. Kept: how much longer they took
+  (seconds, added);
+* the final dirty sync (``final_sync``): predicted from the pre-copy syncs, whose first
+  pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
+  single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
+  with the guest, the one-off share is alike);
+* the final pass over the link (``ram_transfer``): the bandwidth is measured while the
+  guest runs, and a running guest competes for the CPU the stream needs; paused, the same
+  link carries more. Kept: actual / predicted, from passes long enough to say (20 ms);
+* the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
+  the arcs measured at every pass are pending queries, but stopping a device and loading
+  its state on the other end cost time per byte of its state. Kept: a fit of the extra
+  time over the arcs, per byte of device state and per migration (``CostModel``).
+
+The ratios are medians of the last ``keep`` completed migrations, within bounds (outside
+them a sample is a broken clock, not a lesson); with none yet there is no correction.
+``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
+them); tests pass their own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+
+from vfiod.migration.planning.predictor import FixedCosts
+from vfiod.migration.session.costs import CostModel
+
+_SYNC_BOUNDS = (0.01, 100.0)
+_RAM_BOUNDS = (0.5, 2.0)
+_RAM_MIN_S = 0.020
+
+
+def _median(xs: deque[float], default: float) -> float:
+    return statistics.median(xs) if xs else default
+
+
+class SwitchoverHistory:
+    def __init__(self, keep: int = 8) -> None:
+        self._lock = threading.Lock()
+        self._commit_extra: deque[float] = deque(maxlen=keep)
+        self._sync_ratio: deque[float] = deque(maxlen=keep)
+        self._ram_ratio: deque[float] = deque(maxlen=keep)
+        self._stop = CostModel(prior_per_item_s=0.0, decay=0.8)
+        self._load = CostModel(prior_per_item_s=0.0, decay=0.8)
+        self.migrations = 0
+
+    def record(self, measured: FixedCosts, predicted: dict[str, float],
+               actual: dict[str, float], device_bytes: int) -> None:
+        """One completed switchover: the fixed costs its last prediction measured (before
+        any correction), its predicted and actual parts
+        (``vfiod.migration.planning.breakdown``) and its device state bytes."""
+        with self._lock:
+            self.migrations += 1
+            self._commit_extra.append(actual["commit_round_trips"]
+                                      - measured.commit_round_trips_s)
+            if measured.final_sync_s > 0 and actual["final_sync"] > 0:
+                ratio = actual["final_sync"] / measured.final_sync_s
+                if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:
+                    self._sync_ratio.append(ratio)
+            link_s = predicted["ram_transfer"] - measured.record_overhead_s
+            if link_s >= _RAM_MIN_S:
+                ratio = actual["ram_transfer"] / link_s
+                if _RAM_BOUNDS[0] <= ratio <= _RAM_BOUNDS[1]:
+                    self._ram_ratio.append(ratio)
+            dev_link_s = predicted["device_stop"] - measured.device_stop_s
+            self._stop.add(device_bytes, 1,
+                           actual["device_stop"] - dev_link_s - measured.device_stop_s)
+            self._load.add(device_bytes, 1,
+                           actual["dest_load_resume"] - measured.dest_load_resume_s)
+
+    def correct(self, costs: FixedCosts, *, ram_link_s: float,
+                device_bytes: int) -> FixedCosts:
+        """``costs`` as measured in this migration, corrected by earlier switchovers;
+        ``ram_link_s``: the final pass's bytes / bandwidth; ``device_bytes``: the devices'
+        state, sent and still to send."""
+        with self._lock:
+            commit = _median(self._commit_extra, 0.0)
+            sync = _median(self._sync_ratio, 1.0)
+            ram = _median(self._ram_ratio, 1.0)
+            stop = self._extra(self._stop, device_bytes)
+            load = self._extra(self._load, device_bytes)
+        return FixedCosts(
+            device_stop_s=costs.device_stop_s + stop,
+            final_sync_s=costs.final_sync_s * sync,
+            # the final pass at the paused guest's pace: bytes / bandwidth x ratio
+            record_overhead_s=costs.record_overhead_s + (ram - 1.0) * ram_link_s,
+            verify_s=costs.verify_s,
+            commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
+            dest_load_resume_s=costs.dest_load_resume_s + load)
+
+    @staticmethod
+    def _extra(model: CostModel, device_bytes: int) -> float:
+        if not model.samples:
+            return 0.0
+        per_byte, per_migration = model.fit()
+        return max(0.0, device_bytes * per_byte + per_migration)
+
+
+HOST_HISTORY = SwitchoverHistory()
