@@ -16,10 +16,11 @@ they happened, for the parts a migration cannot measure before its own switchove
   link carries more. Kept: actual / predicted, from passes long enough to say (20 ms);
 * the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
   the arcs measured at every pass are pending queries, but stopping a device and loading
-  its state on the other end cost time per byte of its state. Kept: a fit of the extra
-  time over the arcs, per byte of device state and per migration (``CostModel``).
+  its state on the other end cost time per byte of its state. Kept: the extra time over
+  the arcs per byte of device state, from migrations with at least 1 MiB of it (below
+  that the extra is the machine's jitter, not the state's cost).
 
-The ratios are medians of the last ``keep`` completed migrations, within bounds (outside
+Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
 ``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
 them); tests pass their own.
@@ -32,11 +33,11 @@ import threading
 from collections import deque
 
 from vfiod.migration.planning.predictor import FixedCosts
-from vfiod.migration.session.costs import CostModel
 
 _SYNC_BOUNDS = (0.01, 100.0)
 _RAM_BOUNDS = (0.5, 2.0)
 _RAM_MIN_S = 0.020
+_STATE_MIN_BYTES = 1 << 20
 
 
 def _median(xs: deque[float], default: float) -> float:
@@ -49,8 +50,8 @@ class SwitchoverHistory:
         self._commit_extra: deque[float] = deque(maxlen=keep)
         self._sync_ratio: deque[float] = deque(maxlen=keep)
         self._ram_ratio: deque[float] = deque(maxlen=keep)
-        self._stop = CostModel(prior_per_item_s=0.0, decay=0.8)
-        self._load = CostModel(prior_per_item_s=0.0, decay=0.8)
+        self._stop_per_byte: deque[float] = deque(maxlen=keep)
+        self._load_per_byte: deque[float] = deque(maxlen=keep)
         self.migrations = 0
 
     def record(self, measured: FixedCosts, predicted: dict[str, float],
@@ -71,11 +72,12 @@ class SwitchoverHistory:
                 ratio = actual["ram_transfer"] / link_s
                 if _RAM_BOUNDS[0] <= ratio <= _RAM_BOUNDS[1]:
                     self._ram_ratio.append(ratio)
-            dev_link_s = predicted["device_stop"] - measured.device_stop_s
-            self._stop.add(device_bytes, 1,
-                           actual["device_stop"] - dev_link_s - measured.device_stop_s)
-            self._load.add(device_bytes, 1,
-                           actual["dest_load_resume"] - measured.dest_load_resume_s)
+            if device_bytes >= _STATE_MIN_BYTES:
+                dev_link_s = predicted["device_stop"] - measured.device_stop_s
+                stop = actual["device_stop"] - dev_link_s - measured.device_stop_s
+                load = actual["dest_load_resume"] - measured.dest_load_resume_s
+                self._stop_per_byte.append(max(0.0, stop) / device_bytes)
+                self._load_per_byte.append(max(0.0, load) / device_bytes)
 
     def correct(self, costs: FixedCosts, *, ram_link_s: float,
                 device_bytes: int) -> FixedCosts:
@@ -86,8 +88,8 @@ class SwitchoverHistory:
             commit = _median(self._commit_extra, 0.0)
             sync = _median(self._sync_ratio, 1.0)
             ram = _median(self._ram_ratio, 1.0)
-            stop = self._extra(self._stop, device_bytes)
-            load = self._extra(self._load, device_bytes)
+            stop = _median(self._stop_per_byte, 0.0) * device_bytes
+            load = _median(self._load_per_byte, 0.0) * device_bytes
         return FixedCosts(
             device_stop_s=costs.device_stop_s + stop,
             final_sync_s=costs.final_sync_s * sync,
@@ -96,13 +98,6 @@ class SwitchoverHistory:
             verify_s=costs.verify_s,
             commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
             dest_load_resume_s=costs.dest_load_resume_s + load)
-
-    @staticmethod
-    def _extra(model: CostModel, device_bytes: int) -> float:
-        if not model.samples:
-            return 0.0
-        per_byte, per_migration = model.fit()
-        return max(0.0, device_bytes * per_byte + per_migration)
 
 
 HOST_HISTORY = SwitchoverHistory()
