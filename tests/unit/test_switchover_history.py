@@ -1,6 +1,6 @@
 """Earlier switchovers correct what a migration cannot measure before its own: the
-commit's waits, the final sync's one-off share, the paused guest's final pass, the
-devices' stop and the destination's load (docs/architecture.md §4)."""
+commit's waits, the final sync's one-off share, the devices' stop and the destination's
+load (docs/architecture.md §4)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _actual(**parts: float) -> dict[str, float]:
 
 
 def _correct(h: SwitchoverHistory, device_bytes: int = 0) -> FixedCosts:
-    return h.correct(MEASURED, ram_link_s=0.100, device_bytes=device_bytes)
+    return h.correct(MEASURED, device_bytes=device_bytes)
 
 
 def test_no_history_no_correction() -> None:
@@ -34,15 +34,14 @@ def test_no_history_no_correction() -> None:
 def test_earlier_switchovers_correct_the_parts_measured_only_at_switchover() -> None:
     h = SwitchoverHistory()
     # the pre-copy sync paid a one-off (10 ms) the final sync did not (0.2 ms); the commit
-    # took 2 ms more than two header round trips; the paused guest's pass went 20 % faster
+    # took about 2 ms more than two header round trips
     for extra in (0.002, 0.0021, 0.0019):
-        h.record(MEASURED, PREDICTED, _actual(final_sync=0.0002, ram_transfer=0.080,
+        h.record(MEASURED, PREDICTED, _actual(final_sync=0.0002,
                                               commit_round_trips=0.0002 + extra), 0)
     got = _correct(h)
     assert h.migrations == 3
     assert got.final_sync_s == pytest.approx(0.0002)
-    assert got.commit_round_trips_s == pytest.approx(0.0022)
-    assert got.record_overhead_s == pytest.approx(-0.020)     # 100 ms of link -> 80 ms
+    assert got.commit_round_trips_s == pytest.approx(0.0021)  # the least extra: 1.9 ms
     # what this migration measures itself is left as it is
     assert got.verify_s == MEASURED.verify_s
 
@@ -62,17 +61,15 @@ def test_device_stop_and_load_grow_with_the_state_they_carry() -> None:
     assert big.dest_load_resume_s == pytest.approx(MEASURED.dest_load_resume_s + 0.032)
 
 
-def test_one_odd_switchover_does_not_set_the_correction() -> None:
+def test_a_stalled_commit_does_not_set_the_correction() -> None:
     h = SwitchoverHistory()
-    for commit in (0.001, 0.001, 0.5):                 # one stalled commit among three
+    for commit in (0.001, 0.5, 0.3):                   # a loaded host stalled two of three
         h.record(MEASURED, PREDICTED, _actual(commit_round_trips=commit), 0)
     assert _correct(h).commit_round_trips_s == pytest.approx(0.001)
 
 
 def test_broken_samples_are_not_lessons() -> None:
     h = SwitchoverHistory()
-    # a clock jump: the sync 10 000 times, the final pass 50 times what was predicted
-    h.record(MEASURED, PREDICTED, _actual(final_sync=100.0, ram_transfer=5.0), 0)
-    got = _correct(h)
-    assert got.final_sync_s == MEASURED.final_sync_s
-    assert got.record_overhead_s == MEASURED.record_overhead_s
+    # a clock jump: the sync 10 000 times what was measured
+    h.record(MEASURED, PREDICTED, _actual(final_sync=100.0), 0)
+    assert _correct(h).final_sync_s == MEASURED.final_sync_s

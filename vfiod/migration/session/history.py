@@ -6,21 +6,20 @@ they happened, for the parts a migration cannot measure before its own switchove
   the switchover adds what no control round trip shows: the stream's tail still in the
   socket buffers, the destination's PREPARED after its checks, the journaled decision,
   COMMIT and RESUMED through both ends' threads. Kept: how much longer they took
-  (seconds, added);
+  (seconds, added), the least of the last ``keep``: a loaded host adds delays of tens of
+  milliseconds at random, and a correction that follows them mispredicts every quiet
+  switchover after one;
 * the final dirty sync (``final_sync``): predicted from the pre-copy syncs, whose first
   pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
   single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
   with the guest, the one-off share is alike);
-* the final pass over the link (``ram_transfer``): the bandwidth is measured while the
-  guest runs, and a running guest competes for the CPU the stream needs; paused, the same
-  link carries more. Kept: actual / predicted, from passes long enough to say (20 ms);
 * the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
   the arcs measured at every pass are pending queries, but stopping a device and loading
   its state on the other end cost time per byte of its state. Kept: the extra time over
   the arcs per byte of device state, from migrations with at least 1 MiB of it (below
   that the extra is the machine's jitter, not the state's cost).
 
-Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
+The other corrections are medians of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
 ``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
 them); tests pass their own.
@@ -35,8 +34,6 @@ from collections import deque
 from vfiod.migration.planning.predictor import FixedCosts
 
 _SYNC_BOUNDS = (0.01, 100.0)
-_RAM_BOUNDS = (0.5, 2.0)
-_RAM_MIN_S = 0.020
 _STATE_MIN_BYTES = 1 << 20
 
 
@@ -49,7 +46,6 @@ class SwitchoverHistory:
         self._lock = threading.Lock()
         self._commit_extra: deque[float] = deque(maxlen=keep)
         self._sync_ratio: deque[float] = deque(maxlen=keep)
-        self._ram_ratio: deque[float] = deque(maxlen=keep)
         self._stop_per_byte: deque[float] = deque(maxlen=keep)
         self._load_per_byte: deque[float] = deque(maxlen=keep)
         self.migrations = 0
@@ -67,11 +63,6 @@ class SwitchoverHistory:
                 ratio = actual["final_sync"] / measured.final_sync_s
                 if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:
                     self._sync_ratio.append(ratio)
-            link_s = predicted["ram_transfer"] - measured.record_overhead_s
-            if link_s >= _RAM_MIN_S:
-                ratio = actual["ram_transfer"] / link_s
-                if _RAM_BOUNDS[0] <= ratio <= _RAM_BOUNDS[1]:
-                    self._ram_ratio.append(ratio)
             if device_bytes >= _STATE_MIN_BYTES:
                 dev_link_s = predicted["device_stop"] - measured.device_stop_s
                 stop = actual["device_stop"] - dev_link_s - measured.device_stop_s
@@ -79,22 +70,18 @@ class SwitchoverHistory:
                 self._stop_per_byte.append(max(0.0, stop) / device_bytes)
                 self._load_per_byte.append(max(0.0, load) / device_bytes)
 
-    def correct(self, costs: FixedCosts, *, ram_link_s: float,
-                device_bytes: int) -> FixedCosts:
+    def correct(self, costs: FixedCosts, *, device_bytes: int) -> FixedCosts:
         """``costs`` as measured in this migration, corrected by earlier switchovers;
-        ``ram_link_s``: the final pass's bytes / bandwidth; ``device_bytes``: the devices'
-        state, sent and still to send."""
+        ``device_bytes``: the devices' state, sent and still to send."""
         with self._lock:
-            commit = _median(self._commit_extra, 0.0)
+            commit = min(self._commit_extra, default=0.0)
             sync = _median(self._sync_ratio, 1.0)
-            ram = _median(self._ram_ratio, 1.0)
             stop = _median(self._stop_per_byte, 0.0) * device_bytes
             load = _median(self._load_per_byte, 0.0) * device_bytes
         return FixedCosts(
             device_stop_s=costs.device_stop_s + stop,
             final_sync_s=costs.final_sync_s * sync,
-            # the final pass at the paused guest's pace: bytes / bandwidth x ratio
-            record_overhead_s=costs.record_overhead_s + (ram - 1.0) * ram_link_s,
+            record_overhead_s=costs.record_overhead_s,
             verify_s=costs.verify_s,
             commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
             dest_load_resume_s=costs.dest_load_resume_s + load)

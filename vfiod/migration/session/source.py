@@ -294,8 +294,7 @@ class SourceSession(SourceEnding, SessionBase):
             verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
-            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
-            ram_link_s=num.dirty_ram_bytes / self.predictor.bandwidth.bps)
+            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking, num.assumed_dirty_bytes))
