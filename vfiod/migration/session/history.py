@@ -6,9 +6,9 @@ they happened, for the parts a migration cannot measure before its own switchove
   the switchover adds what no control round trip shows: the stream's tail still in the
   socket buffers, the destination's PREPARED after its checks, the journaled decision,
   COMMIT and RESUMED through both ends' threads. Kept: how much longer they took
-  (seconds, added), the least of the last ``keep``: a loaded host adds delays of tens of
-  milliseconds at random, and a correction that follows them mispredicts every quiet
-  switchover after one;
+  (seconds, added). On an unpaced link the largest share is the stream's tail: the
+  socket buffers hold megabytes the destination has not consumed yet when the guest
+  pauses;
 * the final dirty sync (``final_sync``): predicted from the pre-copy syncs, whose first
   pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
   single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
@@ -19,7 +19,7 @@ they happened, for the parts a migration cannot measure before its own switchove
   the arcs per byte of device state, from migrations with at least 1 MiB of it (below
   that the extra is the machine's jitter, not the state's cost).
 
-The other corrections are medians of the last ``keep`` completed migrations, within bounds (outside
+Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
 ``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
 them); tests pass their own.
@@ -74,7 +74,7 @@ class SwitchoverHistory:
         """``costs`` as measured in this migration, corrected by earlier switchovers;
         ``device_bytes``: the devices' state, sent and still to send."""
         with self._lock:
-            commit = min(self._commit_extra, default=0.0)
+            commit = _median(self._commit_extra, 0.0)
             sync = _median(self._sync_ratio, 1.0)
             stop = _median(self._stop_per_byte, 0.0) * device_bytes
             load = _median(self._load_per_byte, 0.0) * device_bytes
