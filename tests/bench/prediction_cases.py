@@ -26,6 +26,7 @@ from tests.support.session_rig import MiB, SideContainer, add_workload, migrate,
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.history import HOST_HISTORY
 from vfiod.migration.states import GuestState
 from vfiod.vfio import RamRegion
 
@@ -142,7 +143,10 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
         cfg = SessionConfig(policy=Policy(downtime_limit_s=r.limit_ms / 1000, timeout_s=6.0,
                                           on_timeout="force"), slice_bytes=4 * MiB)
         with _hog(r.hog), _bursts(wl, gate, r.bursty):
-            run = migrate(src, dst, cfg, rate_bps=r.cap_mbps * 1e6 if r.cap_mbps else None)
+            # the process's history: each case learns from the ones before, as a
+            # daemon's migrations do
+            run = migrate(src, dst, cfg, rate_bps=r.cap_mbps * 1e6 if r.cap_mbps else None,
+                          history=HOST_HISTORY)
         res = run.source
         if res.result != "completed" or res.prediction_error is None:
             raise RuntimeError(f"{r.name}: {res.result}: {res.reason}")

@@ -11,6 +11,7 @@ import pytest
 from tests.support.session_rig import MiB, SideContainer, assert_migrated, migrate, pair, spec
 from vfiod.migration.planning.breakdown import COMPONENTS
 from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS
+from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.vfio import RamRegion
 
 
@@ -20,8 +21,10 @@ def test_a_tiny_guest_that_dirties_nothing_is_predicted_from_its_own_measurement
     src, dst = pair(tmp_path, [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
                     fill_bytes=8 * MiB)
     try:
-        run = migrate(src, dst)
+        history = SwitchoverHistory()
+        run = migrate(src, dst, history=history)
         assert_migrated(src, dst, run)
+        assert history.migrations == 1          # the next migration learns from this one
         r = run.source
         last = r.history[-1]
         # 8 MiB were sent: a measurement, not the 1 Gb/s default for an unknown link
