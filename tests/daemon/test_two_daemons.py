@@ -26,6 +26,7 @@ from tests.support.daemons import (
     lifecycle_steps,
     wait_until,
 )
+from vfiod.migration.planning.breakdown import COMPONENTS
 
 GUESTS = ("g1", "g2")
 OPENED_RUNNING = [("defined", "claimed"), ("claimed", "running")]
@@ -63,6 +64,8 @@ def test_migrate_completes_with_verified_digests(pair: tuple[DaemonProcess, Daem
     final = json.loads(r.stdout.strip().splitlines()[-1])["migration"]
     assert final["result"] == "completed" and final["verified"] is True, final
     assert final["downtime_s"] is not None and final["predicted_downtime_s"] is not None
+    # the downtime part by part, predicted and measured, as ctl status --json shows it
+    assert set(final["downtime_breakdown"]) == set(COMPONENTS), final
     # The destination received, verified and runs it; the same migration id on both ends.
     g = wait_until(lambda: (g := guest_status(dst, "g1"))["state"] == "running" and g,
                    30, "g1 to run on the destination")

@@ -43,6 +43,7 @@ from vfiod.migration.planning.hostfacts import (
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
 from vfiod.migration.session.digest import full_ram_digest
+from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.session.switchover import UNJOURNALED, SwitchoverJournal
@@ -230,10 +231,12 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
             wrap_source: Callable[[Any], Any] | None = None,
             journals: tuple[SwitchoverJournal, SwitchoverJournal] = (UNJOURNALED,
                                                                      UNJOURNALED),
-            timeout: float = 120.0) -> Run:
+            timeout: float = 120.0, history: SwitchoverHistory | None = None) -> Run:
     """One migration attempt over loopback TCP; the destination runs in a thread.
     ``wrap_dest``/``wrap_source`` wrap either end's link (faults); ``journals``: the
-    source's and the destination's switchover journal."""
+    source's and the destination's switchover journal; ``history``: earlier switchovers
+    the source learns from (None: none, so one test's migrations do not steer another's
+    policy decisions)."""
     config = config or SessionConfig()
     box: dict[str, Any] = {}
     with Listener("127.0.0.1", 0) as lst:
@@ -266,7 +269,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
         try:
             s = SourceSession(src.guest, link, host=src.facts, config=config,
                               memory_encryption=src_encryption, progress=progress,
-                              journal=journals[0])
+                              journal=journals[0],
+                              history=history if history is not None else SwitchoverHistory())
             s.add_state_handler(at_end)
             if on_source is not None:
                 on_source(s)

@@ -107,7 +107,7 @@ def test_a_one_off_first_arc_does_not_become_the_fixed_cost() -> None:
     pred = DowntimePredictor(BandwidthEstimator())
     arc = arcs.estimate_s
     assert arc == pytest.approx(0.001)
-    pred.costs = FixedCosts(device_stop_s=arc, resume_ack_rtt_s=0.0002 + arc)
+    pred.costs = FixedCosts(device_stop_s=arc, commit_round_trips_s=0.0002, dest_load_resume_s=arc)
     p = pred.predict(IterationInputs(10.0, 0, 0))
     assert p.downtime_s < 0.3
     assert Policy().decide(p, iteration=6, elapsed_s=10) is Decision.SWITCHOVER

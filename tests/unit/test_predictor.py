@@ -38,13 +38,23 @@ def prior(bps: float | None, note: str = "eth0 10000 Mb/s") -> LinkPrior:
 def test_bandwidth_prior_then_windows_of_at_least_100_ms() -> None:
     bw = BandwidthEstimator(prior(1.25 * GB))
     assert bw.bps == 1.25 * GB and bw.source == "link prior: eth0 10000 Mb/s"
-    bw.record(0.0, 0.05, 50 * MB)       # 50 ms of sending: not a window yet
+    bw.record(0.0, 0.001, 1 * MB)       # 1 ms of sending: too little to say anything
     assert bw.bps == 1.25 * GB and bw.windows == 0
+    bw.record(0.5, 0.549, 49 * MB)
+    assert bw.windows == 0 and bw.bps == pytest.approx(1 * GB)   # 50 ms: a partial window
+    assert "less than one 100 ms window" in bw.source
     bw.record(1.0, 1.05, 50 * MB)       # 100 ms of send time in total: 1 GB/s
     assert bw.bps == pytest.approx(1 * GB) and bw.windows == 1
     assert bw.source.startswith("measured over 1 window")
     bw.record(2.0, 2.1, 200 * MB)       # 2 GB/s; EWMA with alpha 0.5
     assert bw.bps == pytest.approx(1.5 * GB)
+
+
+def test_a_short_first_pass_is_measured_not_guessed() -> None:
+    # a small guest's first pass: 40 ms of sending at 1 GB/s on a link of unknown speed
+    bw = BandwidthEstimator(None)
+    bw.record(0.0, 0.04, 40 * MB)
+    assert bw.bps == pytest.approx(1 * GB) and bw.bps != DEFAULT_BANDWIDTH_BPS
 
 
 def test_idle_time_between_batches_is_not_counted() -> None:
@@ -88,7 +98,7 @@ def predictor(bps: float, costs: FixedCosts | None = None) -> DowntimePredictor:
 
 
 def test_prediction_counts_ram_device_state_and_fixed_costs() -> None:
-    p = predictor(1 * GB, FixedCosts(device_stop_s=0.020, resume_ack_rtt_s=0.005))
+    p = predictor(1 * GB, FixedCosts(device_stop_s=0.020, commit_round_trips_s=0.005))
     pred = p.predict(IterationInputs(now=3.0, dirty_ram_bytes=100 * MB,
                                      device_stopcopy_bytes=40 * MB, device_precopy_bytes=10 * MB))
     # (100 + 40 + 10) MB / 1 GB/s + 25 ms

@@ -118,6 +118,7 @@ class MigrationLedger:
                                          predicted_s=res.predicted_downtime_s,
                                          verified=res.verified,
                                          downtime_share=res.downtime_share,
+                                         downtime_breakdown=res.downtime_breakdown,
                                          rollback=res.rollback)
 
     def crashed(self, rec: MigrationRecord, reason: str) -> None:

@@ -188,6 +188,9 @@ class VfiodCollector:
                      "rate below bandwidth and pages are tracked).")
         sync = gauge("vfiod_dirty_sync_last_duration_seconds", "Duration of the last dirty "
                      "sync of the guest's migration.")
+        part = gauge("vfiod_migration_downtime_component_seconds", "The last completed "
+                     "migration's downtime by part, as predicted before the switchover and "
+                     "as measured (kind).", ["component", "kind"])
         for g in guests:
             m, name = g["migration"], g["name"]
             is_active = bool(m and m["result"] is None)
@@ -210,7 +213,11 @@ class VfiodCollector:
             if pr["will_converge"] is not None:
                 conv.add_metric([name], 1 if pr["will_converge"] else 0)
             _maybe(sync, [name], pr["last_sync_s"])
-        yield from (active, phase, iters, pred, last, err, ram, dev, bw, dirty, conv, sync)
+            for component, figures in (m.get("downtime_breakdown") or {}).items():
+                part.add_metric([name, component, "predicted"], figures["predicted_s"])
+                part.add_metric([name, component, "actual"], figures["actual_s"])
+        yield from (active, phase, iters, pred, last, err, ram, dev, bw, dirty, conv, sync,
+                    part)
 
     # -- the process ----------------------------------------------------------------------
     def _process_families(self) -> Iterator[Metric]:

@@ -123,6 +123,9 @@ class MigrationRecord:
     verified: bool | None = None   # destination proved the content digests equal
     #: the destination's own part of the downtime (total_s, load_s, verify_s, resume_s)
     downtime_share: dict[str, float] | None = None
+    #: the source's downtime part by part, ``{component: {"predicted_s", "actual_s"}}``
+    #: (vfiod.migration.planning.breakdown): which part the prediction got wrong
+    downtime_breakdown: dict[str, dict[str, float]] | None = None
     #: what the session said went wrong beside its result (a rollback step, a report not
     #: received, the outcome unknown after the commit ...): logged and shown by status
     warnings: list[str] = field(default_factory=list)
@@ -273,6 +276,7 @@ class Registry:
                downtime_s: float | None = None, predicted_s: float | None = None,
                verified: bool | None = None,
                downtime_share: dict[str, float] | None = None,
+               downtime_breakdown: dict[str, dict[str, float]] | None = None,
                rollback: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """End ``rec`` with ``result`` and the session's figures; ``rollback``: the
         session result's per-device rollback entries, counted by ``recovery_outcome``."""
@@ -286,6 +290,7 @@ class Registry:
             rec.progress.phase = "done"
             rec.verified = verified
             rec.downtime_share = downtime_share or None
+            rec.downtime_breakdown = downtime_breakdown or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
                 if rec.role == "source":    # the destination repeats the source's figure:

@@ -9,15 +9,19 @@ Per iteration::
                  + Σ device stop-copy bytes   (v2 MIG_DATA_SIZE / v1 pending_bytes / estimate)
                  + Σ device pre-copy bytes not yet read)
                 / bandwidth
-              + fixed costs measured on this path (device stop, resume-ack round trip)
+              + fixed costs measured on this path (device arcs, final sync, verify,
+                the commit's round trips, the destination's resume: ``FixedCosts``)
 
 Pieces:
 
 * ``BandwidthEstimator``: bytes per second *while sending*, measured over windows of at
   least ``window_s`` (100 ms) of send time and smoothed with an EWMA. Idle time between
   passes (dirty syncs, device reads) is not counted: stop-and-copy sends back to back.
-  Before the first window it uses the egress link's speed (``linkprior.LinkPrior``), or,
-  when that is unknown, ``DEFAULT_BANDWIDTH_BPS`` (1 Gb/s) and says so in ``source``.
+  Before the first window it uses what was sent so far once that took at least
+  ``partial_s`` (2 ms) of send time: a small guest's whole first pass can be shorter than
+  a window, and a guess (1 Gb/s) made a fast link's last bytes look many times dearer than
+  they were. With less than that, the egress link's speed (``linkprior.LinkPrior``), or,
+  when that is unknown, ``DEFAULT_BANDWIDTH_BPS`` (1 Gb/s), and ``source`` says which.
 * ``DirtyRateEstimator``: bytes dirtied per second between successive dirty syncs (EWMA).
 * ``DowntimePredictor.predict(inputs) -> Prediction``: the formula above, plus
   ``will_converge`` (False when the dirty rate is at or above the bandwidth, or when nothing
@@ -51,12 +55,14 @@ def _rate(bps: float) -> str:
 
 class BandwidthEstimator:
     def __init__(self, prior: LinkPrior | None = None, *, window_s: float = 0.1,
-                 alpha: float = 0.5, default_bps: float = DEFAULT_BANDWIDTH_BPS) -> None:
+                 alpha: float = 0.5, default_bps: float = DEFAULT_BANDWIDTH_BPS,
+                 partial_s: float = 0.002) -> None:
         if window_s < 0.1:
             raise ValueError(f"window_s {window_s} below 100 ms makes the estimate noise")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha {alpha} must be in (0, 1]")
         self._window_s = window_s
+        self._partial_s = partial_s
         self._alpha = alpha
         self._ewma: float | None = None
         self._win_bytes = 0
@@ -83,11 +89,20 @@ class BandwidthEstimator:
             self.windows += 1
 
     @property
+    def _partial(self) -> bool:
+        return self._ewma is None and self._win_busy >= self._partial_s
+
+    @property
     def bps(self) -> float:
+        if self._partial:
+            return self._win_bytes / self._win_busy
         return self._prior if self._ewma is None else self._ewma
 
     @property
     def source(self) -> str:
+        if self._partial:
+            return (f"measured over {self._win_busy * 1000:.0f} ms of sending (less than "
+                    f"one {self._window_s * 1000:.0f} ms window)")
         if self._ewma is None:
             return self._prior_note
         return f"measured over {self.windows} window(s) of >= {self._window_s * 1000:.0f} ms"
@@ -118,14 +133,20 @@ class DirtyRateEstimator:
 
 @dataclass(frozen=True)
 class FixedCosts:
-    """Time that does not depend on bytes, measured on this path (seconds)."""
+    """Time that does not depend on the bytes over the link, measured on this path during
+    this migration (seconds); the parts of ``vfiod.migration.planning.breakdown``."""
 
-    device_stop_s: float = 0.0
-    resume_ack_rtt_s: float = 0.0
+    device_stop_s: float = 0.0         # the devices' state arcs at the pause
+    final_sync_s: float = 0.0          # one more dirty sync
+    record_overhead_s: float = 0.0     # framing CPU of the final pass beyond the link's time
+    verify_s: float = 0.0              # the final re-hash
+    commit_round_trips_s: float = 0.0  # PREPARED and COMMIT -> RESUMED
+    dest_load_resume_s: float = 0.0    # the destination's devices: final load, resume
 
     @property
     def total_s(self) -> float:
-        return self.device_stop_s + self.resume_ack_rtt_s
+        return (self.device_stop_s + self.final_sync_s + self.record_overhead_s
+                + self.verify_s + self.commit_round_trips_s + self.dest_load_resume_s)
 
 
 @dataclass(frozen=True)

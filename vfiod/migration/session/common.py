@@ -143,6 +143,9 @@ class MigrationResult:
     #: the destination's own part of the downtime: ``total_s`` from the source's stopped
     #: state arriving to the guest resumed, and its ``load_s``, ``verify_s``, ``resume_s``
     downtime_share: dict[str, float] = field(default_factory=dict)
+    #: source: ``{component: {"predicted_s", "actual_s"}}`` of the downtime
+    #: (``vfiod.migration.planning.breakdown``)
+    downtime_breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

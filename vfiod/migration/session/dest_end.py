@@ -90,6 +90,7 @@ class DestinationEnding(SessionBase):
         now = self.clock()
         r = self.result
         r.timings["resume_s"] = now - t0
+        r.timings["load_s"] = self._load_s        # the source's downtime breakdown shows it
         r.downtime_share = {"total_s": now - (self._stopped_at or t0), "load_s": self._load_s,
                             "verify_s": r.verification["final_verify_s"],
                             "resume_s": now - t0}

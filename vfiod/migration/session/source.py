@@ -46,6 +46,7 @@ from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.device.protocol import DeviceDataSink, Pending
 from vfiod.migration.guest import Guest, GuestDevice
+from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPrior
@@ -66,6 +67,7 @@ from vfiod.migration.session.common import (
     SwitchoverJournal,
 )
 from vfiod.migration.session.digest import RamDigests
+from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
 from vfiod.migration.session.phases import (
     RamSender,
@@ -95,10 +97,12 @@ class SourceSession(SourceEnding, SessionBase):
                  progress: Callable[[IterationProgress], None] | None = None,
                  live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None,
-                 journal: SwitchoverJournal = UNJOURNALED) -> None:
+                 journal: SwitchoverJournal = UNJOURNALED,
+                 history: SwitchoverHistory = HOST_HISTORY) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
         before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
-        ``journal``: where the decision to commit is written first (§1.7)."""
+        ``journal``: where the decision to commit is written first (§1.7); ``history``:
+        earlier switchovers on this host, for what cannot be measured before this one."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
@@ -110,9 +114,15 @@ class SourceSession(SourceEnding, SessionBase):
         self.digests: RamDigests | None = None
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
+        self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
+        self.history = history
+        self._measured_costs = FixedCosts()   # the last prediction's, before the history
+        self._uncorrected_parts: dict[str, float] = {}
         self._rtt = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
+        #: the pre-copy syncs' durations (the first can pay first-touch costs)
+        self._syncs = FixedCostSamples()
         pol = self.config.policy
         self._watch = ConvergenceWatch(pol.stall_iterations, pol.not_converging_iterations,
                                        pol.not_converging_min_s)
@@ -274,15 +284,22 @@ class SourceSession(SourceEnding, SessionBase):
         t = self.result.timings
         t["predicted_verify_s"] = verify_s
         t["predicted_record_overhead_s"] = records_s
-        # stopping: the devices' arcs and one more dirty sync; after the transfer: the
-        # same arcs on the destination's devices (resume), the final re-hash, the
-        # per-record costs, and the acknowledgement's round trip
+        # all measured in this migration: stopping, the devices' arcs and one more dirty
+        # sync; after the transfer, the final re-hash and the per-record costs, two round
+        # trips (PREPARED, then COMMIT -> RESUMED) and the same arcs on the destination
         arc = self._arcs.estimate_s
-        self.predictor.costs = FixedCosts(device_stop_s=arc + sync.duration_s,
-                                          resume_ack_rtt_s=self._rtt + arc + verify_s + records_s)
+        self._syncs.add(sync.duration_s)
+        self._measured_costs = FixedCosts(
+            device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
+            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
+        dev = num.device_stopcopy_bytes + num.device_precopy_bytes
+        costs = self.predictor.costs = self.history.correct(
+            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev)
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
             num.tracking, num.assumed_dirty_bytes))
+        self._predicted_parts = predicted_parts(p, costs)
+        self._uncorrected_parts = predicted_parts(p, self._measured_costs)
         decision, why = self.config.policy.verdict(
             p, iteration=self.iteration, elapsed_s=now - start,
             not_converging=self._watch.observe(p))
@@ -308,7 +325,7 @@ class SourceSession(SourceEnding, SessionBase):
         t = self.result.timings
         self._stop_t = self.clock()
         self.guest.pause(GuestState.FINISH_MIGRATE)
-        t0 = self.clock()
+        t0 = t["pause_s"] = self.clock()
         if devs and all(d.driver.has_p2p for d in devs):
             for d in devs:              # no device may DMA into a peer that has stopped
                 self._hook(d, d.driver.quiesce_p2p)
@@ -319,6 +336,7 @@ class SourceSession(SourceEnding, SessionBase):
             self.predictor.bandwidth.record(t1, self.clock(), w.bytes_sent - b0)
         t["device_stop_copy_s"] = self.clock() - t0
         t0 = self.clock()
+        t["pause_s"] -= self._stop_t
         sync = tr.sync("stopcopy")
         t["final_sync_s"] = sync.duration_s
         ram = sender.send(tr.take_dirty_runs(self.config.max_run_pages), quiescent=True)
@@ -327,9 +345,10 @@ class SourceSession(SourceEnding, SessionBase):
         for d in devs:
             w.end_of_state(d.name)
         manifest = w.finish()
-        t0 = self.clock()
+        t1 = self.clock()
+        t["final_stream_s"] = t1 - t0 - sync.duration_s   # RAM, END_OF_STATE, MANIFEST
         dg.rehash()
-        t["source_final_rehash_s"] = self.clock() - t0
+        t["source_final_rehash_s"] = self.clock() - t1
         self.result.verification.update(
             source_regions=[r.to_dict() for r in dg.roots()],
             manifest_records=manifest.records,

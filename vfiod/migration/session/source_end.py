@@ -21,10 +21,14 @@ resumes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError
-from vfiod.migration.planning.predictor import DowntimePredictor
+from vfiod.migration.planning.breakdown import actual_parts, breakdown
+from vfiod.migration.planning.predictor import DowntimePredictor, FixedCosts
 from vfiod.migration.session.common import MigrationResult, SessionBase
+from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (
@@ -43,6 +47,10 @@ class SourceEnding(SessionBase):
     tracker: DirtyTracker | None
     predictor: DowntimePredictor
     _stop_t: float | None
+    _predicted_parts: dict[str, float]
+    _measured_costs: FixedCosts
+    _uncorrected_parts: dict[str, float]
+    history: SwitchoverHistory
 
     # -- the confirmed switchover ---------------------------------------------------------
     def _await_prepared(self) -> None:
@@ -77,10 +85,31 @@ class SourceEnding(SessionBase):
         r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
         r.prediction_error = out.error
         r.take_resumed_ack(ack.fields)
+        r.downtime_breakdown = self._breakdown(out.actual_s, ack.fields.get("timings"))
         try:            # the guest runs there already: this adds nothing to the downtime
             self.link.send_control(r.downtime_report())
         except TransportError as e:
             r.warnings.append(f"could not send the downtime report: {e}")
+
+    def _breakdown(self, actual_s: float, theirs: Any) -> dict[str, dict[str, float]]:
+        """Predicted vs measured, part by part; ``theirs``: the destination's timings
+        (its ACK resumed)."""
+        t = self.result.timings
+        dest = theirs if isinstance(theirs, dict) else {}
+
+        def dest_s(key: str) -> float:
+            v = dest.get(key)
+            return float(v) if isinstance(v, int | float) and v >= 0 else 0.0
+        actual = actual_parts(
+            actual_s, device_stop_s=t["pause_s"] + t["device_stop_copy_s"],
+            final_sync_s=t["final_sync_s"], ram_transfer_s=max(0.0, t["final_stream_s"]),
+            verify_s=max(t["source_final_rehash_s"], dest_s("dest_final_rehash_s"))
+            + dest_s("dest_compare_s"),
+            dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
+        w = self.writer
+        self.history.record(self._measured_costs, self._uncorrected_parts, actual,
+                            w.device_bytes_sent if w is not None else 0)
+        return breakdown(self._predicted_parts, actual)
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
         self._stop_tracking()

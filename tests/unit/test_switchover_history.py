@@ -1,0 +1,75 @@
+"""Earlier switchovers correct what a migration cannot measure before its own: the
+commit's waits, the final sync's one-off share, the devices' stop and the destination's
+load (docs/architecture.md §4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vfiod.migration.planning.breakdown import COMPONENTS
+from vfiod.migration.planning.predictor import FixedCosts
+from vfiod.migration.session.history import SwitchoverHistory
+
+MEASURED = FixedCosts(device_stop_s=0.001, final_sync_s=0.010, commit_round_trips_s=0.0002,
+                      dest_load_resume_s=0.0001)
+#: uncorrected: 100 ms of RAM and 5 ms of device state over the link
+PREDICTED = {"device_stop": 0.006, "final_sync": 0.010, "ram_transfer": 0.100,
+             "verify": 0.0, "commit_round_trips": 0.0002, "dest_load_resume": 0.0001}
+
+
+def _actual(**parts: float) -> dict[str, float]:
+    base = {"device_stop": 0.006, "final_sync": 0.010, "ram_transfer": 0.100,
+            "commit_round_trips": 0.0002, "dest_load_resume": 0.0001}
+    return {c: parts.get(c, base.get(c, 0.0)) for c in COMPONENTS}
+
+
+def _correct(h: SwitchoverHistory, device_bytes: int = 0) -> FixedCosts:
+    return h.correct(MEASURED, device_bytes=device_bytes)
+
+
+def test_no_history_no_correction() -> None:
+    assert _correct(SwitchoverHistory(), 1 << 20) == MEASURED
+
+
+def test_earlier_switchovers_correct_the_parts_measured_only_at_switchover() -> None:
+    h = SwitchoverHistory()
+    # the pre-copy sync paid a one-off (10 ms) the final sync did not (0.2 ms); the commit
+    # took about 2 ms more than two header round trips
+    for extra in (0.002, 0.0021, 0.0019):
+        h.record(MEASURED, PREDICTED, _actual(final_sync=0.0002,
+                                              commit_round_trips=0.0002 + extra), 0)
+    got = _correct(h)
+    assert h.migrations == 3
+    assert got.final_sync_s == pytest.approx(0.0002)
+    assert got.commit_round_trips_s == pytest.approx(0.0022)
+    # what this migration measures itself is left as it is
+    assert got.verify_s == MEASURED.verify_s
+
+
+def test_device_stop_and_load_grow_with_the_state_they_carry() -> None:
+    h = SwitchoverHistory()
+    # stopping and loading cost 2 ms per MiB of device state beyond the arcs; the small
+    # state's extra (jitter) says nothing about a state's cost
+    h.record(MEASURED, PREDICTED, _actual(device_stop=0.006 + 0.050), 64 << 10)
+    for mib in (1, 4, 8):
+        extra = 0.002 * mib
+        h.record(MEASURED, PREDICTED, _actual(device_stop=0.006 + extra,
+                                              dest_load_resume=0.0001 + extra), mib << 20)
+    small, big = _correct(h, 64 << 10), _correct(h, 16 << 20)
+    assert small.device_stop_s == pytest.approx(MEASURED.device_stop_s + 0.000125)
+    assert big.device_stop_s == pytest.approx(MEASURED.device_stop_s + 0.032)
+    assert big.dest_load_resume_s == pytest.approx(MEASURED.dest_load_resume_s + 0.032)
+
+
+def test_one_stalled_commit_does_not_set_the_correction() -> None:
+    h = SwitchoverHistory()
+    for commit in (0.001, 0.001, 0.5):                 # one stalled commit among three
+        h.record(MEASURED, PREDICTED, _actual(commit_round_trips=commit), 0)
+    assert _correct(h).commit_round_trips_s == pytest.approx(0.001)
+
+
+def test_broken_samples_are_not_lessons() -> None:
+    h = SwitchoverHistory()
+    # a clock jump: the sync 10 000 times what was measured
+    h.record(MEASURED, PREDICTED, _actual(final_sync=100.0), 0)
+    assert _correct(h).final_sync_s == MEASURED.final_sync_s

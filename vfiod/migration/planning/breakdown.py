@@ -1,0 +1,60 @@
+"""The downtime, part by part: what the prediction said each part would cost and what it
+did cost, so an operator sees which part was wrong (docs/architecture.md §4).
+
+Pure code (numbers in, numbers out). The parts, in the order they happen once the guest
+pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
+
+    device_stop         pause, P2P quiesce, the devices' state arcs and their stop-copy
+                        bytes over the link
+    final_sync          the last dirty sync
+    ram_transfer        the RAM still dirty, over the link, with its per-record CPU cost
+    verify              the final re-hash of what moved (both ends at once: the slower),
+                        and the destination's compare
+    commit_round_trips  the waits for the destination: the stream's tail arriving,
+                        PREPARED, the journaled decision, COMMIT, RESUMED (two round
+                        trips, docs/protocol.md §8.4)
+    dest_load_resume    the destination's devices loading their final state and resuming
+
+``predicted_parts`` splits a ``Prediction`` by its ``FixedCosts``; ``actual_parts`` takes
+the source's measured intervals and the destination's reported ones, and gives the
+commit round trips what is left of the measured downtime, so the actual parts add up to
+the actual downtime.
+"""
+
+from __future__ import annotations
+
+from vfiod.migration.planning.predictor import FixedCosts, Prediction
+
+COMPONENTS = ("device_stop", "final_sync", "ram_transfer", "verify", "commit_round_trips",
+              "dest_load_resume")
+
+
+def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
+    """Each part of ``p.downtime_s`` (they add up to it)."""
+    bw = p.bandwidth_bps
+    return {"device_stop": costs.device_stop_s + p.device_bytes / bw,
+            "final_sync": costs.final_sync_s,
+            "ram_transfer": p.ram_bytes / bw + costs.record_overhead_s,
+            "verify": costs.verify_s,
+            "commit_round_trips": costs.commit_round_trips_s,
+            "dest_load_resume": costs.dest_load_resume_s}
+
+
+def actual_parts(downtime_s: float, *, device_stop_s: float, final_sync_s: float,
+                 ram_transfer_s: float, verify_s: float,
+                 dest_load_resume_s: float) -> dict[str, float]:
+    """The measured parts; ``commit_round_trips`` is the rest of ``downtime_s`` (never
+    below zero: clocks of two ends do not subtract exactly)."""
+    parts = {"device_stop": device_stop_s, "final_sync": final_sync_s,
+             "ram_transfer": ram_transfer_s, "verify": verify_s,
+             "dest_load_resume": dest_load_resume_s}
+    for name, v in parts.items():
+        if v < 0:
+            raise ValueError(f"measured {name} is negative: {v}")
+    rest = max(0.0, downtime_s - sum(parts.values()))
+    return {c: rest if c == "commit_round_trips" else parts[c] for c in COMPONENTS}
+
+
+def breakdown(predicted: dict[str, float], actual: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{component: {"predicted_s", "actual_s"}}`` for the result and ``ctl status``."""
+    return {c: {"predicted_s": predicted[c], "actual_s": actual[c]} for c in COMPONENTS}

@@ -1,0 +1,90 @@
+"""What earlier switchovers on this host cost against what was measured for them before
+they happened, for the parts a migration cannot measure before its own switchover
+(docs/architecture.md §4 "fixed costs measured on this path").
+
+* the commit's waits (``commit_round_trips``): the header's round trip is measured, but
+  the switchover adds what no control round trip shows: the stream's tail still in the
+  socket buffers, the destination's PREPARED after its checks, the journaled decision,
+  COMMIT and RESUMED through both ends' threads. Kept: how much longer they took
+  (seconds, added). On an unpaced link the largest share is the stream's tail: the
+  socket buffers hold megabytes the destination has not consumed yet when the guest
+  pauses;
+* the final dirty sync (``final_sync``): predicted from the pre-copy syncs, whose first
+  pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
+  single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
+  with the guest, the one-off share is alike);
+* the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
+  the arcs measured at every pass are pending queries, but stopping a device and loading
+  its state on the other end cost time per byte of its state. Kept: the extra time over
+  the arcs per byte of device state, from migrations with at least 1 MiB of it (below
+  that the extra is the machine's jitter, not the state's cost).
+
+Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
+them a sample is a broken clock, not a lesson); with none yet there is no correction.
+``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
+them); tests pass their own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+
+from vfiod.migration.planning.predictor import FixedCosts
+
+_SYNC_BOUNDS = (0.01, 100.0)
+_STATE_MIN_BYTES = 1 << 20
+
+
+def _median(xs: deque[float], default: float) -> float:
+    return statistics.median(xs) if xs else default
+
+
+class SwitchoverHistory:
+    def __init__(self, keep: int = 8) -> None:
+        self._lock = threading.Lock()
+        self._commit_extra: deque[float] = deque(maxlen=keep)
+        self._sync_ratio: deque[float] = deque(maxlen=keep)
+        self._stop_per_byte: deque[float] = deque(maxlen=keep)
+        self._load_per_byte: deque[float] = deque(maxlen=keep)
+        self.migrations = 0
+
+    def record(self, measured: FixedCosts, predicted: dict[str, float],
+               actual: dict[str, float], device_bytes: int) -> None:
+        """One completed switchover: the fixed costs its last prediction measured (before
+        any correction), its predicted and actual parts
+        (``vfiod.migration.planning.breakdown``) and its device state bytes."""
+        with self._lock:
+            self.migrations += 1
+            self._commit_extra.append(actual["commit_round_trips"]
+                                      - measured.commit_round_trips_s)
+            if measured.final_sync_s > 0 and actual["final_sync"] > 0:
+                ratio = actual["final_sync"] / measured.final_sync_s
+                if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:
+                    self._sync_ratio.append(ratio)
+            if device_bytes >= _STATE_MIN_BYTES:
+                dev_link_s = predicted["device_stop"] - measured.device_stop_s
+                stop = actual["device_stop"] - dev_link_s - measured.device_stop_s
+                load = actual["dest_load_resume"] - measured.dest_load_resume_s
+                self._stop_per_byte.append(max(0.0, stop) / device_bytes)
+                self._load_per_byte.append(max(0.0, load) / device_bytes)
+
+    def correct(self, costs: FixedCosts, *, device_bytes: int) -> FixedCosts:
+        """``costs`` as measured in this migration, corrected by earlier switchovers;
+        ``device_bytes``: the devices' state, sent and still to send."""
+        with self._lock:
+            commit = _median(self._commit_extra, 0.0)
+            sync = _median(self._sync_ratio, 1.0)
+            stop = _median(self._stop_per_byte, 0.0) * device_bytes
+            load = _median(self._load_per_byte, 0.0) * device_bytes
+        return FixedCosts(
+            device_stop_s=costs.device_stop_s + stop,
+            final_sync_s=costs.final_sync_s * sync,
+            record_overhead_s=costs.record_overhead_s,
+            verify_s=costs.verify_s,
+            commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
+            dest_load_resume_s=costs.dest_load_resume_s + load)
+
+
+HOST_HISTORY = SwitchoverHistory()
