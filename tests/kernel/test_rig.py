@@ -167,10 +167,10 @@ def test_guest_command_runs_the_versioned_venv_python() -> None:
 
 
 def _fake_assets(tmp_path: Path) -> GuestAssets:
-    for name in ("vmlinuz", "initramfs.cpio", "mtty.ko"):
+    for name in ("vmlinuz", "initramfs.cpio", "mtty.ko", "vfiod_dma.ko"):
         (tmp_path / name).write_bytes(b"")
     return GuestAssets("6.12.0-test", tmp_path / "vmlinuz", tmp_path / "initramfs.cpio",
-                       tmp_path / "mtty.ko", tmp_path)
+                       tmp_path / "mtty.ko", tmp_path / "vfiod_dma.ko", tmp_path)
 
 
 def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:

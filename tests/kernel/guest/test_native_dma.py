@@ -1,0 +1,258 @@
+"""Our own DMA test device on a real kernel (native/vfiod_dma/README.md): the dirty bits
+vfiod reads are exactly the pages the device wrote, and its state migrates intact.
+
+* Dirty bits: a type1 container holding only vfiod_dma mdevs is in pinned-page scope
+  (docs/kernel-contract.md §3.9): type1 reports the pages written through vfio_dma_rw() and
+  the pages pinned since the last GET, and the device unpins after every write. vfiod's
+  ``DirtyTracker`` reads type1 and merges into the guest bitmap (mappings at unaligned
+  guest pages 37 and 160); after each random set of writes, pages and unaligned byte
+  ranges, through both DMA paths, the bitmap holds those pages, no more and no fewer.
+* Migration: two instances are a source and a destination (migration v2 with STOP_COPY
+  and P2P, docs/kernel-contract.md §6); vfiod's session carries a 3 MiB device state whose
+  crc32 the destination then reports, and the guest RAM the device DMA-wrote during
+  pre-copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tests.kernel.guest import rig
+from tests.kernel.guest.conftest import Opened, open_device
+from tests.kernel.guest.native_dma import MAX_RANGES, DmaControl, native_dma_mdev
+from tests.kernel.guest.test_migration_session import Side, build_side, migrate_tcp
+from vfiod.abi import vfio as v
+from vfiod.dirty.providers import DmaSpace, select
+from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
+from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.guest import RamBlock
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.session.source import SourceSession
+from vfiod.migration.states import MigrationState, MigState
+from vfiod.vfio import DmaMapping, HostPaths, RamRegion
+
+PAGE = 4096
+RAM_PAGES = 256
+IOVA = 0x10_0000_0000
+#: (guest page, pages, iova) of the two mappings: apart in IOVA, unaligned in the guest
+LAYOUT = ((37, 100, IOVA), (160, 50, IOVA + 0x1000_0000))
+ROUNDS = 24
+
+
+@pytest.fixture(scope="module")
+def dma_pair(vfio_ready: None) -> Iterator[tuple[str, str]]:
+    rig.require_module("mdev")
+    with native_dma_mdev() as src, native_dma_mdev() as dst:
+        yield src, dst
+
+
+@pytest.fixture
+def dma_dev(kernel: LinuxKernel, paths: HostPaths,
+            dma_pair: tuple[str, str]) -> Iterator[Opened]:
+    o = open_device(kernel, paths, dma_pair[0])
+    yield o
+    o.container.close()
+
+
+@dataclass
+class Tracked:
+    ram: RamBlock
+    maps: list[DmaMapping]
+    tracker: DirtyTracker
+    control: DmaControl
+
+
+@pytest.fixture
+def tracked(kernel: LinuxKernel, dma_dev: Opened, numba_cache: None) -> Iterator[Tracked]:
+    """Guest RAM mapped as LAYOUT says, tracked by vfiod's DirtyTracker from a clean
+    bitmap; unmapped and stopped afterwards."""
+    c = dma_dev.container
+    with rig.guest_ram(kernel, RAM_PAGES * PAGE) as ram:
+        maps = []
+        for gpa_page, npages, iova in LAYOUT:
+            c.map_dma(iova, ram.addr + gpa_page * PAGE, npages * PAGE)
+            maps.append(DmaMapping(iova, npages * PAGE, gpa_page * PAGE))
+        space = DmaSpace("dma", [dma_dev.device], type1=c)
+        t = DirtyTracker([RamRegion("ram", 0, RAM_PAGES * PAGE)],
+                         [TrackedContainer(space, maps)], PAGE)
+        t.start(initial_all_dirty=False)
+        try:
+            yield Tracked(ram, maps, t, DmaControl(dma_dev.device.name))
+        finally:
+            t.stop()
+            for m in list(c.mappings):
+                c.unmap_dma(m.iova, m.size)
+
+
+def dirty_pages(t: DirtyTracker) -> set[int]:
+    first, count = t.take_dirty_runs(1 << 20)
+    return {p for f, n in zip(first, count, strict=True) for p in range(int(f), int(f + n))}
+
+
+def random_ranges(rng: random.Random, maps: list[DmaMapping]) -> list[tuple[int, int]]:
+    """A few whole pages and byte ranges at any offset (some crossing pages), inside one
+    mapping each."""
+    out = []
+    for _ in range(rng.randint(1, 12)):
+        m = rng.choice(maps)
+        if rng.random() < 0.5:
+            start = rng.randrange(m.size // PAGE) * PAGE
+            length = PAGE
+        else:
+            start = rng.randrange(m.size - 1)
+            length = rng.randint(1, min(3 * PAGE, m.size - start))
+        out.append((m.iova + start, length))
+    return out
+
+
+def guest_pages(ranges: list[tuple[int, int]], maps: list[DmaMapping]) -> set[int]:
+    pages = set()
+    for iova, length in ranges:
+        m = next(m for m in maps if m.iova <= iova < m.iova + m.size)
+        gpa = m.gpa + iova - m.iova
+        pages.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
+    return pages
+
+
+def test_native_dma_is_a_precise_type1_device(dma_dev: Opened) -> None:
+    dev = dma_dev.device
+    assert dev.mig_flags() == v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P
+    assert not dev.dma_logging_probe()
+    sel = select(DmaSpace("dma", [dev], type1=dma_dev.container))
+    assert [p.name for p in sel.chain] == ["type1", "none"]
+    assert sel.chain[0].precise, "an mdev-only container is in pinned-page scope"
+
+
+def test_native_dma_dirty_bits_are_exactly_the_written_pages(tracked: Tracked) -> None:
+    t, ctl = tracked.tracker, tracked.control
+    assert t.sync().new_dirty_pages == 0
+    rng = random.Random(0x5EED)
+    before = ctl.dma_stats()
+    pinned = written = 0
+    for round_no in range(ROUNDS):
+        ranges = random_ranges(rng, tracked.maps)
+        mode = "pin" if round_no % 2 else "rw"
+        pattern = 0x10 + round_no
+        ctl.dma_write(ranges, pattern, mode)
+        want = guest_pages(ranges, tracked.maps)
+        r = t.sync()
+        got = dirty_pages(t)
+        assert got == want, (round_no, mode, ranges, sorted(got ^ want))
+        assert (r.providers, r.lost, r.new_dirty_pages) == ({"dma": "type1"}, {}, len(want))
+        # what the device wrote is in guest memory, where the guest expects it
+        mem = np.frombuffer(tracked.ram.mem, dtype=np.uint8)
+        last = ranges[-1]
+        gpa = next(m.gpa + last[0] - m.iova for m in tracked.maps
+                   if m.iova <= last[0] < m.iova + m.size)
+        assert (mem[gpa:gpa + last[1]] == pattern).all()
+        written += sum(length for _, length in ranges)
+        if mode == "pin":       # every range pins each page it touches, once
+            pinned += sum(len(guest_pages([rg], tracked.maps)) for rg in ranges)
+        # unpinned after the write: the next GET reports nothing again
+        assert t.sync().new_dirty_pages == 0
+        assert not dirty_pages(t)
+    after = ctl.dma_stats()
+    assert after["commands"] - before["commands"] == ROUNDS
+    assert after["bytes"] - before["bytes"] == written
+    assert after["pinned"] - before["pinned"] == pinned > 0
+
+
+def test_native_dma_refuses_bad_commands_and_a_stopped_device(tracked: Tracked) -> None:
+    ctl = tracked.control
+    m = tracked.maps[0]
+    for bad in ("rw 0x1", "zap 0x1 0x10:1", f"rw 0x100 {m.iova:#x}:0",
+                "rw 0x1 " + " ".join(f"{m.iova:#x}:1" for _ in range(MAX_RANGES + 1))):
+        with pytest.raises(OSError) as ei:
+            (ctl.dir / "dma_write").write_text(bad)
+        assert ei.value.errno == errno.EINVAL, bad
+    # outside every mapping: type1 finds no vfio_dma
+    with pytest.raises(OSError) as ei:
+        ctl.dma_write([(IOVA - PAGE, 1)], 0xAA)
+    assert ei.value.errno == errno.EINVAL
+    # nothing was written, so nothing is dirty
+    assert tracked.tracker.sync().new_dirty_pages == 0
+    assert not dirty_pages(tracked.tracker)
+
+
+@pytest.fixture(scope="module")
+def host_facts_dma(kernel: LinuxKernel) -> HostFacts:
+    return gather_host_facts(kernel)
+
+
+@pytest.fixture
+def dma_sides(kernel: LinuxKernel, paths: HostPaths, dma_pair: tuple[str, str],
+              host_facts_dma: HostFacts) -> Iterator[tuple[Side, Side]]:
+    src = build_side(kernel, paths, "vm-dma-src", dma_pair[0], host_facts_dma)
+    try:
+        dst = build_side(kernel, paths, "vm-dma-dst", dma_pair[1], host_facts_dma)
+    except BaseException:
+        src.guest.close()
+        raise
+    try:
+        yield src, dst
+    finally:
+        src.guest.close()
+        dst.guest.close()
+
+
+def test_native_dma_stopped_device_refuses_dma_and_state_changes(
+        dma_sides: tuple[Side, Side]) -> None:
+    src, _ = dma_sides
+    ctl = DmaControl(src.dev.name)
+    dev = src.dev.device
+    dev.set_mig_state(MigState.STOP)
+    try:
+        assert ctl.mig_state() == MigState.STOP
+        for act in (lambda: ctl.dma_write([(0, PAGE)], 0x11),
+                    lambda: ctl.fill(3),
+                    lambda: setattr(ctl, "state_size", 2 * PAGE)):
+            with pytest.raises(OSError) as ei:
+                act()
+            assert ei.value.errno == errno.EBUSY
+    finally:
+        dev.set_mig_state(MigState.RUNNING)
+    ctl.dma_write([(0, PAGE)], 0x11)
+
+
+def test_native_dma_state_and_dma_written_ram_migrate(
+        dma_sides: tuple[Side, Side], numba_cache: None) -> None:
+    src, dst = dma_sides
+    sctl, dctl = DmaControl(src.dev.name), DmaControl(dst.dev.name)
+    sctl.state_size = 3 * (1 << 20) + 123           # not a whole number of pages
+    sctl.fill(seed=0xC0FFEE)
+    sctl.fill(seed=7, offset=4097, length=999)
+    dctl.state_size = 64 * 1024
+    dctl.fill(seed=1)
+    want = sctl.checksum()
+    assert dctl.checksum() != want
+    assert src.dev.device.mig_data_size() == 24 + sctl.state_size
+    sctl.dma_write([(5 * PAGE + 3, 2 * PAGE)], 0x5A)   # before the migration
+    written: list[tuple[int, int]] = [(40 * PAGE, PAGE), (300 * PAGE + 17, 3000)]
+
+    def dma_during_precopy(s: SourceSession) -> None:
+        def handler(old: MigrationState, new: MigrationState) -> None:
+            if new is MigrationState.ACTIVE:
+                sctl.dma_write(written, 0xA7, "pin")
+        s.add_state_handler(handler)
+
+    commands = sctl.dma_stats()["commands"]
+    run = migrate_tcp(src, dst, on_source=dma_during_precopy)
+    r, d = run.source, run.dest
+    assert (r.result, d.result) == ("completed", "completed"), (r.reason, d.reason,
+                                                                r.failed_hook, d.failed_hook)
+    assert sctl.dma_stats()["commands"] == commands + 1, "no DMA during pre-copy"
+    assert r.device_bytes_sent >= 24 + 3 * (1 << 20) + 123
+    # the device's state arrived whole: same size, same crc32
+    assert (dctl.state_size, dctl.checksum()) == (3 * (1 << 20) + 123, want)
+    assert dst.log.states()[-3:] == [MigState.RESUMING, MigState.STOP, MigState.RUNNING]
+    # and so did every page the device wrote, the pre-copy ones included
+    assert src.ram() == dst.ram()
+    mem = dst.ram()
+    for gpa, length in written:
+        assert mem[gpa:gpa + length] == b"\xa7" * length
