@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 INIT_SCRIPT = REPO / "native" / "kernel" / "init.sh"
 #: our own mdev test device (native/vfiod_dma/README.md): every file there is its source
 NATIVE_DMA_DIR = REPO / "native" / "vfiod_dma"
-NATIVE_DMA_SOURCES = ("vfiod_dma.c", "Kbuild")
+NATIVE_DMA_SOURCES = ("Kbuild", "vfiod_dma.h", "core.c", "dma.c", "migration.c")
 
 #: Modules the guest loads, by the names modprobe knows; their dependencies come along.
 #: intel-iommu and virtio-pci are built into Debian's kernel.

@@ -22,6 +22,10 @@ PARENT = rig.SYS / "class" / "mdev_bus" / "vfiod_dma"
 TYPE_NAME = "vfiod_dma-dev"
 #: the driver refuses more ranges than this in one dma_write command
 MAX_RANGES = 64
+#: the migration stream's layout (native/vfiod_dma/README.md "Migration stream")
+STREAM_HEADER = 24
+RECORD = 16
+CHUNK = 64 * 1024
 
 
 def _write_attr(path: Path, text: str) -> None:
@@ -62,9 +66,17 @@ class DmaControl:
         spans = " ".join(f"{iova:#x}:{length}" for iova, length in ranges)
         _write_attr(self.dir / "dma_write", f"{mode} {pattern:#x} {spans}")
 
-    def dma_stats(self) -> dict[str, int]:
-        words = self._read("dma_stats").split()
+    def _pairs(self, attr: str) -> dict[str, int]:
+        words = self._read(attr).split()
         return {k: int(v) for k, v in zip(words[::2], words[1::2], strict=True)}
+
+    def dma_stats(self) -> dict[str, int]:
+        """Since the device was created: ``commands``, ``bytes`` written, pages ``pinned``."""
+        return self._pairs("dma_stats")
+
+    def mig_stats(self) -> dict[str, int]:
+        """Of the latest saving session: ``precopy_bytes`` and ``stopcopy_bytes`` read."""
+        return self._pairs("mig_stats")
 
     @property
     def state_size(self) -> int:

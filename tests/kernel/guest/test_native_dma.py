@@ -1,16 +1,13 @@
 """Our own DMA test device on a real kernel (native/vfiod_dma/README.md): the dirty bits
-vfiod reads are exactly the pages the device wrote, and its state migrates intact.
+vfiod reads are exactly the pages the device wrote.
 
-* Dirty bits: a type1 container holding only vfiod_dma mdevs is in pinned-page scope
-  (docs/kernel-contract.md §3.9): type1 reports the pages written through vfio_dma_rw() and
-  the pages pinned since the last GET, and the device unpins after every write. vfiod's
-  ``DirtyTracker`` reads type1 and merges into the guest bitmap (mappings at unaligned
-  guest pages 37 and 160); after each random set of writes, pages and unaligned byte
-  ranges, through both DMA paths, the bitmap holds those pages, no more and no fewer.
-* Migration: two instances are a source and a destination (migration v2 with STOP_COPY
-  and P2P, docs/kernel-contract.md §6); vfiod's session carries a 3 MiB device state whose
-  crc32 the destination then reports, and the guest RAM the device DMA-wrote during
-  pre-copy.
+A type1 container holding only vfiod_dma mdevs is in pinned-page scope
+(docs/kernel-contract.md §3.9): type1 reports the pages written through vfio_dma_rw() and
+the pages pinned since the last GET, and the device unpins after every write. vfiod's
+``DirtyTracker`` reads type1 and merges into the guest bitmap (mappings at unaligned guest
+pages 37 and 160); after each random set of writes, pages and unaligned byte ranges,
+through both DMA paths, the bitmap holds those pages, no more and no fewer. Migration of
+the device is tests/kernel/guest/test_native_dma_migration.py.
 """
 
 from __future__ import annotations
@@ -25,16 +22,12 @@ import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import Opened, open_device
-from tests.kernel.guest.native_dma import MAX_RANGES, DmaControl, native_dma_mdev
-from tests.kernel.guest.test_migration_session import Side, build_side, migrate_tcp
+from tests.kernel.guest.native_dma import MAX_RANGES, DmaControl
 from vfiod.abi import vfio as v
 from vfiod.dirty.providers import DmaSpace, select
 from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.guest import RamBlock
-from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
-from vfiod.migration.session.source import SourceSession
-from vfiod.migration.states import MigrationState, MigState
 from vfiod.vfio import DmaMapping, HostPaths, RamRegion
 
 PAGE = 4096
@@ -45,17 +38,10 @@ LAYOUT = ((37, 100, IOVA), (160, 50, IOVA + 0x1000_0000))
 ROUNDS = 24
 
 
-@pytest.fixture(scope="module")
-def dma_pair(vfio_ready: None) -> Iterator[tuple[str, str]]:
-    rig.require_module("mdev")
-    with native_dma_mdev() as src, native_dma_mdev() as dst:
-        yield src, dst
-
-
 @pytest.fixture
 def dma_dev(kernel: LinuxKernel, paths: HostPaths,
-            dma_pair: tuple[str, str]) -> Iterator[Opened]:
-    o = open_device(kernel, paths, dma_pair[0])
+            native_dma_pair: tuple[str, str]) -> Iterator[Opened]:
+    o = open_device(kernel, paths, native_dma_pair[0])
     yield o
     o.container.close()
 
@@ -122,7 +108,8 @@ def guest_pages(ranges: list[tuple[int, int]], maps: list[DmaMapping]) -> set[in
 
 def test_native_dma_is_a_precise_type1_device(dma_dev: Opened) -> None:
     dev = dma_dev.device
-    assert dev.mig_flags() == v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P
+    assert dev.mig_flags() == (v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P
+                               | v.VFIO_MIGRATION_PRE_COPY)
     assert not dev.dma_logging_probe()
     sel = select(DmaSpace("dma", [dev], type1=dma_dev.container))
     assert [p.name for p in sel.chain] == ["type1", "none"]
@@ -178,81 +165,3 @@ def test_native_dma_refuses_bad_commands_and_a_stopped_device(tracked: Tracked) 
     # nothing was written, so nothing is dirty
     assert tracked.tracker.sync().new_dirty_pages == 0
     assert not dirty_pages(tracked.tracker)
-
-
-@pytest.fixture(scope="module")
-def host_facts_dma(kernel: LinuxKernel) -> HostFacts:
-    return gather_host_facts(kernel)
-
-
-@pytest.fixture
-def dma_sides(kernel: LinuxKernel, paths: HostPaths, dma_pair: tuple[str, str],
-              host_facts_dma: HostFacts) -> Iterator[tuple[Side, Side]]:
-    src = build_side(kernel, paths, "vm-dma-src", dma_pair[0], host_facts_dma)
-    try:
-        dst = build_side(kernel, paths, "vm-dma-dst", dma_pair[1], host_facts_dma)
-    except BaseException:
-        src.guest.close()
-        raise
-    try:
-        yield src, dst
-    finally:
-        src.guest.close()
-        dst.guest.close()
-
-
-def test_native_dma_stopped_device_refuses_dma_and_state_changes(
-        dma_sides: tuple[Side, Side]) -> None:
-    src, _ = dma_sides
-    ctl = DmaControl(src.dev.name)
-    dev = src.dev.device
-    dev.set_mig_state(MigState.STOP)
-    try:
-        assert ctl.mig_state() == MigState.STOP
-        for act in (lambda: ctl.dma_write([(0, PAGE)], 0x11),
-                    lambda: ctl.fill(3),
-                    lambda: setattr(ctl, "state_size", 2 * PAGE)):
-            with pytest.raises(OSError) as ei:
-                act()
-            assert ei.value.errno == errno.EBUSY
-    finally:
-        dev.set_mig_state(MigState.RUNNING)
-    ctl.dma_write([(0, PAGE)], 0x11)
-
-
-def test_native_dma_state_and_dma_written_ram_migrate(
-        dma_sides: tuple[Side, Side], numba_cache: None) -> None:
-    src, dst = dma_sides
-    sctl, dctl = DmaControl(src.dev.name), DmaControl(dst.dev.name)
-    sctl.state_size = 3 * (1 << 20) + 123           # not a whole number of pages
-    sctl.fill(seed=0xC0FFEE)
-    sctl.fill(seed=7, offset=4097, length=999)
-    dctl.state_size = 64 * 1024
-    dctl.fill(seed=1)
-    want = sctl.checksum()
-    assert dctl.checksum() != want
-    assert src.dev.device.mig_data_size() == 24 + sctl.state_size
-    sctl.dma_write([(5 * PAGE + 3, 2 * PAGE)], 0x5A)   # before the migration
-    written: list[tuple[int, int]] = [(40 * PAGE, PAGE), (300 * PAGE + 17, 3000)]
-
-    def dma_during_precopy(s: SourceSession) -> None:
-        def handler(old: MigrationState, new: MigrationState) -> None:
-            if new is MigrationState.ACTIVE:
-                sctl.dma_write(written, 0xA7, "pin")
-        s.add_state_handler(handler)
-
-    commands = sctl.dma_stats()["commands"]
-    run = migrate_tcp(src, dst, on_source=dma_during_precopy)
-    r, d = run.source, run.dest
-    assert (r.result, d.result) == ("completed", "completed"), (r.reason, d.reason,
-                                                                r.failed_hook, d.failed_hook)
-    assert sctl.dma_stats()["commands"] == commands + 1, "no DMA during pre-copy"
-    assert r.device_bytes_sent >= 24 + 3 * (1 << 20) + 123
-    # the device's state arrived whole: same size, same crc32
-    assert (dctl.state_size, dctl.checksum()) == (3 * (1 << 20) + 123, want)
-    assert dst.log.states()[-3:] == [MigState.RESUMING, MigState.STOP, MigState.RUNNING]
-    # and so did every page the device wrote, the pre-copy ones included
-    assert src.ram() == dst.ram()
-    mem = dst.ram()
-    for gpa, length in written:
-        assert mem[gpa:gpa + length] == b"\xa7" * length

@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * vfiod_dma - a mediated (mdev) test device for vfiod's real-kernel tier.
+ * Shared definitions of core.c (device, sysfs), dma.c (DMA commands) and migration.c
+ * (migration v2). native/vfiod_dma/README.md describes the device.
+ */
+#ifndef VFIOD_DMA_H
+#define VFIOD_DMA_H
+
+#include <linux/mutex.h>
+#include <linux/types.h>
+#include <linux/vfio.h>
+
+#define VDMA_NAME		"vfiod_dma"
+#define VDMA_MAX_STATE		(512UL << 20)
+/* the unit of pre-copy dirty tracking and of a stream data record */
+#define VDMA_CHUNK		(64UL << 10)
+
+struct vdma_migf;
+
+struct vdma_dev {
+	struct vfio_device vdev;
+	/*
+	 * Guards everything below and every migration file's fields. Held across a whole
+	 * DMA command and across a data fd read or write (copy_to_user under it is fine:
+	 * no path takes mmap_lock and then this mutex).
+	 */
+	struct mutex state_mutex;
+	enum vfio_device_mig_state mig_state;
+	bool open;
+	void *state;
+	size_t state_size;
+	unsigned long *dirty;	/* chunks changed since the saving session sent them */
+	struct vdma_migf *saving;
+	struct vdma_migf *resuming;
+	u64 dma_commands;
+	u64 dma_bytes;
+	u64 dma_pages_pinned;
+	/* bytes the last saving session handed out in pre-copy and in STOP_COPY */
+	u64 precopy_bytes;
+	u64 stopcopy_bytes;
+};
+
+static inline size_t vdma_nchunks(size_t state_size)
+{
+	return DIV_ROUND_UP(state_size, VDMA_CHUNK);
+}
+
+/* Device running (DMA and state changes allowed), P2P-quiesced or not, saving or not. */
+static inline bool vdma_running(enum vfio_device_mig_state s)
+{
+	return s == VFIO_DEVICE_STATE_RUNNING || s == VFIO_DEVICE_STATE_RUNNING_P2P ||
+	       s == VFIO_DEVICE_STATE_PRE_COPY || s == VFIO_DEVICE_STATE_PRE_COPY_P2P;
+}
+
+/* migration.c */
+extern const struct vfio_migration_ops vdma_mig_ops;
+void vdma_disable_files(struct vdma_dev *vd);
+u32 vdma_crc(const void *buf, size_t len);
+
+/* dma.c */
+int vdma_dma_command(struct vdma_dev *vd, const char *cmd);
+
+#endif
