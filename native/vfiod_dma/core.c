@@ -194,6 +194,53 @@ static ssize_t mig_stats_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(mig_stats);
 
+static ssize_t fail_arc_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vdma_dev *vd = vdma_from_dev(dev);
+	ssize_t n;
+
+	mutex_lock(&vd->state_mutex);
+	if (!vd->fail_armed)
+		n = sysfs_emit(buf, "none\n");
+	else if (vd->fail_errno)
+		n = sysfs_emit(buf, "%u %u %d\n", vd->fail_from, vd->fail_to, vd->fail_errno);
+	else
+		n = sysfs_emit(buf, "%u %u error\n", vd->fail_from, vd->fail_to);
+	mutex_unlock(&vd->state_mutex);
+	return n;
+}
+
+/* "<from> <to> <errno>" or "<from> <to> error" (states as numbers), or "none" */
+static ssize_t fail_arc_store(struct device *dev, struct device_attribute *attr,
+			      const char *buf, size_t count)
+{
+	struct vdma_dev *vd = vdma_from_dev(dev);
+	unsigned int from, to;
+	char how[8];
+	int err = 0;
+
+	if (sysfs_streq(buf, "none")) {
+		mutex_lock(&vd->state_mutex);
+		vd->fail_armed = false;
+		mutex_unlock(&vd->state_mutex);
+		return count;
+	}
+	if (sscanf(buf, "%u %u %7s", &from, &to, how) != 3 ||
+	    !from || !to || from > VFIO_DEVICE_STATE_PRE_COPY_P2P ||
+	    to > VFIO_DEVICE_STATE_PRE_COPY_P2P || from == to)
+		return -EINVAL;
+	if (strcmp(how, "error") && (kstrtoint(how, 0, &err) || err <= 0 || err >= MAX_ERRNO))
+		return -EINVAL;
+	mutex_lock(&vd->state_mutex);
+	vd->fail_armed = true;
+	vd->fail_from = from;
+	vd->fail_to = to;
+	vd->fail_errno = err;
+	mutex_unlock(&vd->state_mutex);
+	return count;
+}
+static DEVICE_ATTR_RW(fail_arc);
+
 static struct attribute *vdma_attrs[] = {
 	&dev_attr_dma_write.attr,
 	&dev_attr_dma_stats.attr,
@@ -202,6 +249,7 @@ static struct attribute *vdma_attrs[] = {
 	&dev_attr_state_checksum.attr,
 	&dev_attr_mig_state.attr,
 	&dev_attr_mig_stats.attr,
+	&dev_attr_fail_arc.attr,
 	NULL,
 };
 

@@ -452,6 +452,17 @@ static struct file *vdma_set_state(struct vfio_device *vdev,
 			res = ERR_PTR(ret);
 			break;
 		}
+		if (vd->fail_armed && vd->mig_state == vd->fail_from && next == vd->fail_to) {
+			vd->fail_armed = false;		/* one shot */
+			if (vd->fail_errno) {
+				res = ERR_PTR(-vd->fail_errno);
+			} else {
+				vdma_disable_files(vd);
+				vd->mig_state = VFIO_DEVICE_STATE_ERROR;
+				res = ERR_PTR(-EIO);
+			}
+			break;
+		}
 		res = vdma_step(vd, next);
 		if (IS_ERR(res))
 			break;		/* a failed arc leaves the state where it was */

@@ -39,6 +39,10 @@ struct vdma_dev {
 	/* bytes the last saving session handed out in pre-copy and in STOP_COPY */
 	u64 precopy_bytes;
 	u64 stopcopy_bytes;
+	/* failure injection: the next time the arc fail_from -> fail_to is taken, it fails */
+	bool fail_armed;
+	enum vfio_device_mig_state fail_from, fail_to;
+	int fail_errno;		/* 0: the device goes to ERROR instead (and the SET fails EIO) */
 };
 
 static inline size_t vdma_nchunks(size_t state_size)

@@ -92,6 +92,20 @@ class DmaControl:
         span = "" if offset is None else f" {offset} {length}"
         _write_attr(self.dir / "state_fill", f"{seed}{span}")
 
+    def fail_arc(self, arc: tuple[int, int] | None, errno_value: int | None = None) -> None:
+        """Make the next (from, to) arc fail with ``errno_value``, or send the device to
+        ERROR when it is None; ``arc`` None disarms."""
+        if arc is None:
+            text = "none"
+        else:
+            how = "error" if errno_value is None else str(errno_value)
+            text = f"{int(arc[0])} {int(arc[1])} {how}"
+        _write_attr(self.dir / "fail_arc", text)
+
+    def armed_failure(self) -> str:
+        """What ``fail_arc`` still waits for ("none" once it fired)."""
+        return self._read("fail_arc")
+
     def checksum(self) -> str:
         """crc32 of the whole device state, as 8 hex digits."""
         return self._read("state_checksum")
