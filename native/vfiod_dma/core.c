@@ -83,6 +83,27 @@ static ssize_t dma_write_store(struct device *dev, struct device_attribute *attr
 }
 static DEVICE_ATTR_WO(dma_write);
 
+static ssize_t dma_rate_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vdma_dev *vd = vdma_from_dev(dev);
+	ssize_t n;
+
+	mutex_lock(&vd->state_mutex);
+	n = sysfs_emit(buf, "rate %u written %llu error %d\n", vd->rate, vd->rate_written,
+		       vd->rate_error);
+	mutex_unlock(&vd->state_mutex);
+	return n;
+}
+
+static ssize_t dma_rate_store(struct device *dev, struct device_attribute *attr,
+			      const char *buf, size_t count)
+{
+	int ret = vdma_rate_command(vdma_from_dev(dev), buf);
+
+	return ret ? ret : count;
+}
+static DEVICE_ATTR_RW(dma_rate);
+
 static ssize_t dma_stats_show(struct device *dev, struct device_attribute *attr, char *buf)
 {
 	struct vdma_dev *vd = vdma_from_dev(dev);
@@ -244,6 +265,7 @@ static DEVICE_ATTR_RW(fail_arc);
 static struct attribute *vdma_attrs[] = {
 	&dev_attr_dma_write.attr,
 	&dev_attr_dma_stats.attr,
+	&dev_attr_dma_rate.attr,
 	&dev_attr_state_size.attr,
 	&dev_attr_state_fill.attr,
 	&dev_attr_state_checksum.attr,
@@ -280,6 +302,7 @@ static void vdma_close(struct vfio_device *vdev)
 {
 	struct vdma_dev *vd = container_of(vdev, struct vdma_dev, vdev);
 
+	vdma_rate_stop(vd);		/* no DMA without a container */
 	mutex_lock(&vd->state_mutex);
 	vdma_disable_files(vd);
 	vd->mig_state = VFIO_DEVICE_STATE_RUNNING;
@@ -364,6 +387,7 @@ static int vdma_init(struct vfio_device *vdev)
 	if (ret)
 		return ret;
 	mutex_init(&vd->state_mutex);
+	INIT_DELAYED_WORK(&vd->rate_work, vdma_rate_work);
 	vd->mig_state = VFIO_DEVICE_STATE_RUNNING;
 	vdev->migration_flags = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P |
 				VFIO_MIGRATION_PRE_COPY;
@@ -375,6 +399,7 @@ static void vdma_release(struct vfio_device *vdev)
 {
 	struct vdma_dev *vd = container_of(vdev, struct vdma_dev, vdev);
 
+	cancel_delayed_work_sync(&vd->rate_work);
 	mutex_destroy(&vd->state_mutex);
 	vfree(vd->state);
 	bitmap_free(vd->dirty);

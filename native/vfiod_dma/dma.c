@@ -165,3 +165,102 @@ out:
 	kfree(job);
 	return ret;
 }
+
+/* -- the background writer --------------------------------------------------------------- */
+
+#define VDMA_RATE_TICK_MS	10
+#define VDMA_RATE_MAX_PER_TICK	256
+
+/*
+ * One tick: catch up with "rate pages per second since the start", writing whole pages
+ * through vfio_dma_rw() in turn over the range, lap k with the byte pattern + k. A stopped
+ * device writes nothing and does not catch up later: its clock restarts when it runs.
+ */
+void vdma_rate_work(struct work_struct *work)
+{
+	struct vdma_dev *vd = container_of(to_delayed_work(work), struct vdma_dev, rate_work);
+	u64 due, n;
+	void *page;
+
+	page = kmalloc(PAGE_SIZE, GFP_KERNEL);
+	mutex_lock(&vd->state_mutex);
+	if (!vd->rate)
+		goto out;
+	if (!page) {
+		vd->rate_error = -ENOMEM;
+		vd->rate = 0;
+		goto out;
+	}
+	if (!vd->open || !vdma_running(vd->mig_state)) {
+		vd->rate_start = jiffies;
+		vd->rate_base = vd->rate_written;
+		goto again;
+	}
+	due = vd->rate_base +
+	      div_u64((u64)vd->rate * jiffies_to_msecs(jiffies - vd->rate_start), 1000);
+	for (n = 0; vd->rate_written < due && n < VDMA_RATE_MAX_PER_TICK; n++) {
+		u64 lap = div64_u64(vd->rate_written, vd->rate_pages);
+		u64 iova = vd->rate_iova + (vd->rate_written - lap * vd->rate_pages) * PAGE_SIZE;
+		int ret;
+
+		/* each lap writes the next byte value, so a lost re-write shows */
+		memset(page, (u8)(vd->rate_pattern + lap), PAGE_SIZE);
+		ret = vfio_dma_rw(&vd->vdev, iova, page, PAGE_SIZE, true);
+
+		if (ret) {
+			vd->rate_error = ret;	/* e.g. the range was unmapped */
+			vd->rate = 0;
+			goto out;
+		}
+		vd->rate_written++;
+		vd->dma_bytes += PAGE_SIZE;
+	}
+again:
+	queue_delayed_work(system_unbound_wq, &vd->rate_work,
+			   msecs_to_jiffies(VDMA_RATE_TICK_MS));
+out:
+	mutex_unlock(&vd->state_mutex);
+	kfree(page);
+}
+
+/* Stops the writer and waits for a running tick (state_mutex not held). */
+void vdma_rate_stop(struct vdma_dev *vd)
+{
+	mutex_lock(&vd->state_mutex);
+	vd->rate = 0;
+	mutex_unlock(&vd->state_mutex);
+	cancel_delayed_work_sync(&vd->rate_work);
+}
+
+/* "<pages per second> <pattern> <iova>:<pages>" starts the writer; "0" stops it. */
+int vdma_rate_command(struct vdma_dev *vd, const char *cmd)
+{
+	unsigned long long iova, pages;
+	unsigned int rate, pattern;
+
+	if (sysfs_streq(cmd, "0")) {
+		vdma_rate_stop(vd);
+		return 0;
+	}
+	if (sscanf(cmd, "%u %i %lli:%lli", &rate, &pattern, &iova, &pages) != 4 ||
+	    !rate || pattern > 0xff || !pages || !PAGE_ALIGNED(iova) ||
+	    pages > (U64_MAX - iova) / PAGE_SIZE)
+		return -EINVAL;
+	vdma_rate_stop(vd);
+	mutex_lock(&vd->state_mutex);
+	if (!vd->open) {
+		mutex_unlock(&vd->state_mutex);
+		return -ENODEV;
+	}
+	vd->rate = rate;
+	vd->rate_pattern = pattern;
+	vd->rate_iova = iova;
+	vd->rate_pages = pages;
+	vd->rate_written = 0;
+	vd->rate_base = 0;
+	vd->rate_start = jiffies;
+	vd->rate_error = 0;
+	queue_delayed_work(system_unbound_wq, &vd->rate_work, 0);
+	mutex_unlock(&vd->state_mutex);
+	return 0;
+}

@@ -10,6 +10,7 @@
 #include <linux/mutex.h>
 #include <linux/types.h>
 #include <linux/vfio.h>
+#include <linux/workqueue.h>
 
 #define VDMA_NAME		"vfiod_dma"
 #define VDMA_MAX_STATE		(512UL << 20)
@@ -33,6 +34,15 @@ struct vdma_dev {
 	unsigned long *dirty;	/* chunks changed since the saving session sent them */
 	struct vdma_migf *saving;
 	struct vdma_migf *resuming;
+	/* the background writer (dma_rate): whole pages of [iova, iova + pages), in turn */
+	struct delayed_work rate_work;
+	unsigned int rate;	/* pages per second; 0: stopped */
+	u8 rate_pattern;
+	u64 rate_iova, rate_pages;
+	u64 rate_written;	/* pages written since it started */
+	u64 rate_base;		/* pages written when the clock last (re)started */
+	unsigned long rate_start;	/* jiffies */
+	int rate_error;		/* why it stopped by itself */
 	u64 dma_commands;
 	u64 dma_bytes;
 	u64 dma_pages_pinned;
@@ -64,5 +74,8 @@ u32 vdma_crc(const void *buf, size_t len);
 
 /* dma.c */
 int vdma_dma_command(struct vdma_dev *vd, const char *cmd);
+int vdma_rate_command(struct vdma_dev *vd, const char *cmd);
+void vdma_rate_work(struct work_struct *work);
+void vdma_rate_stop(struct vdma_dev *vd);
 
 #endif

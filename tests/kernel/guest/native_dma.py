@@ -70,6 +70,19 @@ class DmaControl:
         words = self._read(attr).split()
         return {k: int(v) for k, v in zip(words[::2], words[1::2], strict=True)}
 
+    def start_writer(self, rate: int, pattern: int, iova: int, pages: int) -> None:
+        """The background writer: ``rate`` whole pages per second through vfio_dma_rw(),
+        in turn over ``pages`` pages from ``iova``; lap k writes the byte pattern + k."""
+        _write_attr(self.dir / "dma_rate", f"{rate} {pattern:#x} {iova:#x}:{pages}")
+
+    def stop_writer(self) -> None:
+        _write_attr(self.dir / "dma_rate", "0")
+
+    def writer(self) -> dict[str, int]:
+        """``rate`` (0: stopped), pages ``written`` since it started, ``error`` (-errno
+        that stopped it, else 0)."""
+        return self._pairs("dma_rate")
+
     def dma_stats(self) -> dict[str, int]:
         """Since the device was created: ``commands``, ``bytes`` written, pages ``pinned``."""
         return self._pairs("dma_stats")

@@ -23,6 +23,7 @@ import pytest
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import Opened, open_device
 from tests.kernel.guest.native_dma import MAX_RANGES, DmaControl
+from tests.support.daemons import wait_until
 from vfiod.abi import vfio as v
 from vfiod.dirty.providers import DmaSpace, select
 from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
@@ -165,3 +166,34 @@ def test_native_dma_refuses_bad_commands_and_a_stopped_device(tracked: Tracked) 
     # nothing was written, so nothing is dirty
     assert tracked.tracker.sync().new_dirty_pages == 0
     assert not dirty_pages(tracked.tracker)
+
+
+def writer_bytes(pattern: int, written: int, pages: int) -> list[int]:
+    """The byte each of the writer's ``pages`` holds after ``written`` page writes."""
+    return [(pattern + (written - 1 - i) // pages) & 0xFF for i in range(pages)]
+
+
+def test_native_dma_writer_dirties_what_it_wrote_and_stops_when_unmapped(
+        tracked: Tracked) -> None:
+    t, ctl = tracked.tracker, tracked.control
+    m = tracked.maps[1]                                  # guest pages 160..209
+    assert t.sync().new_dirty_pages == 0
+    ctl.start_writer(rate=400, pattern=0x30, iova=m.iova + 10 * PAGE, pages=8)
+    wait_until(lambda: ctl.writer()["written"] >= 20, 30, "the writer to write 20 pages")
+    ctl.stop_writer()
+    st = ctl.writer()
+    assert (st["rate"], st["error"]) == (0, 0)
+    t.sync()
+    assert dirty_pages(t) == set(range(170, 178))       # those 8 pages, nothing else
+    mem = np.frombuffer(tracked.ram.mem, dtype=np.uint8)
+    got = [int(mem[(170 + i) * PAGE]) for i in range(8)]
+    assert got == writer_bytes(0x30, st["written"], 8)
+    assert t.sync().new_dirty_pages == 0                # stopped means stopped
+
+    # unmapping the range under a running writer stops it with the kernel's EINVAL
+    ctl.start_writer(rate=400, pattern=0x50, iova=m.iova, pages=4)
+    wait_until(lambda: ctl.writer()["written"] >= 1, 30, "the writer to start")
+    assert t.unmap("dma", m.iova, m.size) >= 1
+    st = wait_until(lambda: (w := ctl.writer())["rate"] == 0 and w, 30,
+                    "the writer to stop by itself")
+    assert st["error"] == -errno.EINVAL

@@ -7,8 +7,9 @@ state of configurable size whose crc32 the device reports.
   the same data fd and ends with 0; the stream restores the state on a second instance,
   and a corrupted one is refused at RESUMING -> STOP, leaving the destination as it was.
 * Driven by vfiod's migration session over loopback TCP: the state, changed during
-  pre-copy, arrives whole; the guest RAM the device DMA-wrote during pre-copy arrives too;
-  and the stop-and-copy carries only what pre-copy had not.
+  pre-copy, arrives whole; the guest RAM the device DMA-wrote during pre-copy arrives too,
+  with the pages its background writer kept rewriting (a new byte each lap, so a lost
+  re-write would show); and the stop-and-copy carries only what pre-copy had not.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def test_native_dma_session_migrates_state_changed_in_precopy(
     dctl.state_size = CHUNK
     dctl.fill(seed=1)
     sctl.dma_write([(5 * PAGE + 3, 2 * PAGE)], 0x5A)    # before the migration
+    # and all along: 8 pages in turn, each lap a new byte, until the device stops
+    sctl.start_writer(rate=50, pattern=0x01, iova=512 * PAGE, pages=8)
     written = [(40 * PAGE, PAGE), (300 * PAGE + 17, 3000)]
     commands = sctl.dma_stats()["commands"]
     changed = {}
@@ -202,6 +205,8 @@ def test_native_dma_session_migrates_state_changed_in_precopy(
     assert (r.result, d.result) == ("completed", "completed"), (r.reason, d.reason,
                                                                 r.failed_hook, d.failed_hook)
     assert sctl.dma_stats()["commands"] == commands + 1, "no DMA during pre-copy"
+    writer = sctl.writer()          # the source's release closed the device: it stopped
+    assert writer["rate"] == 0 and writer["error"] == 0 and writer["written"] > 8, writer
     assert src.log.states()[:2] == [MigState.RUNNING, MigState.PRE_COPY]
     assert dst.log.states()[-3:] == [MigState.RESUMING, MigState.STOP, MigState.RUNNING]
     # the state arrived whole, with the change made during pre-copy
