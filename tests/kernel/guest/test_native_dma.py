@@ -6,8 +6,10 @@ A type1 container holding only vfiod_dma mdevs is in pinned-page scope
 the pages pinned since the last GET, and the device unpins after every write. vfiod's
 ``DirtyTracker`` reads type1 and merges into the guest bitmap (mappings at unaligned guest
 pages 37 and 160); after each random set of writes, pages and unaligned byte ranges,
-through both DMA paths, the bitmap holds those pages, no more and no fewer. Migration of
-the device is tests/kernel/guest/test_native_dma_migration.py.
+through both DMA paths, the bitmap holds those pages, no more and no fewer; with the
+device's pre-copy tracking opted out, they arrive at the first sync after it stops. The
+background writer's pages and bytes are checked the same way. Migration of the device is
+tests/kernel/guest/test_native_dma_migration.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from vfiod.dirty.providers import DmaSpace, select
 from vfiod.dirty.tracker import DirtyTracker, TrackedContainer
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.guest import RamBlock
+from vfiod.migration.states import MigState
 from vfiod.vfio import DmaMapping, HostPaths, RamRegion
 
 PAGE = 4096
@@ -55,26 +58,39 @@ class Tracked:
     control: DmaControl
 
 
-@pytest.fixture
-def tracked(kernel: LinuxKernel, dma_dev: Opened, numba_cache: None) -> Iterator[Tracked]:
+def track(kernel: LinuxKernel, o: Opened, opt_out: bool) -> Iterator[Tracked]:
     """Guest RAM mapped as LAYOUT says, tracked by vfiod's DirtyTracker from a clean
-    bitmap; unmapped and stopped afterwards."""
-    c = dma_dev.container
+    bitmap (``opt_out``: the device has pre-copy dirty tracking off, and the tracker reads
+    its state from the kernel); unmapped and stopped afterwards."""
+    c = o.container
+    name = o.device.name
     with rig.guest_ram(kernel, RAM_PAGES * PAGE) as ram:
         maps = []
         for gpa_page, npages, iova in LAYOUT:
             c.map_dma(iova, ram.addr + gpa_page * PAGE, npages * PAGE)
             maps.append(DmaMapping(iova, npages * PAGE, gpa_page * PAGE))
-        space = DmaSpace("dma", [dma_dev.device], type1=c)
+        space = DmaSpace("dma", [o.device], type1=c)
         t = DirtyTracker([RamRegion("ram", 0, RAM_PAGES * PAGE)],
-                         [TrackedContainer(space, maps)], PAGE)
+                         [TrackedContainer(space, maps, {name: not opt_out})], PAGE,
+                         device_states=lambda _: o.device.get_mig_state())
         t.start(initial_all_dirty=False)
         try:
-            yield Tracked(ram, maps, t, DmaControl(dma_dev.device.name))
+            yield Tracked(ram, maps, t, DmaControl(name))
         finally:
             t.stop()
             for m in list(c.mappings):
                 c.unmap_dma(m.iova, m.size)
+
+
+@pytest.fixture
+def tracked(kernel: LinuxKernel, dma_dev: Opened, numba_cache: None) -> Iterator[Tracked]:
+    yield from track(kernel, dma_dev, opt_out=False)
+
+
+@pytest.fixture
+def tracked_opted_out(kernel: LinuxKernel, dma_dev: Opened,
+                      numba_cache: None) -> Iterator[Tracked]:
+    yield from track(kernel, dma_dev, opt_out=True)
 
 
 def dirty_pages(t: DirtyTracker) -> set[int]:
@@ -197,3 +213,24 @@ def test_native_dma_writer_dirties_what_it_wrote_and_stops_when_unmapped(
     st = wait_until(lambda: (w := ctl.writer())["rate"] == 0 and w, 30,
                     "the writer to stop by itself")
     assert st["error"] == -errno.EINVAL
+
+
+def test_native_dma_opted_out_pages_arrive_in_stop_and_copy(tracked_opted_out: Tracked,
+                                                            dma_dev: Opened) -> None:
+    """QEMU's x-pre-copy-dirty-page-tracking=off: while the device runs, its container is
+    not queried and counts all dirty; the first sync after it stops collects exactly
+    what it wrote meanwhile (docs/architecture.md §3)."""
+    t, ctl = tracked_opted_out.tracker, tracked_opted_out.control
+    mapped = sum(m.size for m in tracked_opted_out.maps) // PAGE
+    ranges = random_ranges(random.Random(0x0F7), tracked_opted_out.maps)
+    ctl.dma_write(ranges, 0x66)
+    r = t.sync()
+    assert "dma" in r.skipped and r.assumed_dirty_pages == mapped
+    assert not dirty_pages(t), "queried while an opted-out device runs"
+    dma_dev.device.set_mig_state(MigState.STOP)
+    try:
+        r = t.sync("stopcopy")
+        assert (r.skipped, r.assumed_dirty_pages) == ({}, 0)
+        assert dirty_pages(t) == guest_pages(ranges, tracked_opted_out.maps)
+    finally:
+        dma_dev.device.set_mig_state(MigState.RUNNING)
