@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.kernel.guest.conftest import Opened, open_device
 from tests.kernel.guest.native_dma import CHUNK, RECORD, STREAM_HEADER, DmaControl
 from tests.kernel.guest.test_migration_session import Side, build_side, migrate_tcp
+from tests.support.daemons import wait_until
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
@@ -186,15 +188,21 @@ def test_native_dma_session_migrates_state_changed_in_precopy(
     dctl.fill(seed=1)
     sctl.dma_write([(5 * PAGE + 3, 2 * PAGE)], 0x5A)    # before the migration
     # and all along: 8 pages in turn, each lap a new byte, until the device stops
-    sctl.start_writer(rate=50, pattern=0x01, iova=512 * PAGE, pages=8)
+    sctl.start_writer(rate=100, pattern=0x01, iova=512 * PAGE, pages=8)
+    wait_until(lambda: sctl.writer()["written"] >= 8, 30, "the writer's first lap")
     written = [(40 * PAGE, PAGE), (300 * PAGE + 17, 3000)]
     commands = sctl.dma_stats()["commands"]
-    changed = {}
+    changed: dict[str, Any] = {}
 
     def busy_device(s: SourceSession) -> None:
         # during pre-copy the device writes guest RAM and changes its own state
         def handler(old: MigrationState, new: MigrationState) -> None:
             if new is MigrationState.ACTIVE:
+                # the writer goes on during the migration: wait for two more pages
+                at = sctl.writer()["written"]
+                changed["writer"] = wait_until(
+                    lambda: (n := sctl.writer()["written"]) >= at + 2 and n, 30,
+                    "the writer to write during the migration")
                 sctl.dma_write(written, 0xA7, "pin")
                 changed["before"] = sctl.checksum()
                 sctl.fill(seed=5, offset=MiB + 9, length=3 * PAGE)
@@ -206,7 +214,8 @@ def test_native_dma_session_migrates_state_changed_in_precopy(
                                                                 r.failed_hook, d.failed_hook)
     assert sctl.dma_stats()["commands"] == commands + 1, "no DMA during pre-copy"
     writer = sctl.writer()          # the source's release closed the device: it stopped
-    assert writer["rate"] == 0 and writer["error"] == 0 and writer["written"] > 8, writer
+    assert writer["rate"] == 0 and writer["error"] == 0, writer
+    assert writer["written"] >= changed["writer"] > 8
     assert src.log.states()[:2] == [MigState.RUNNING, MigState.PRE_COPY]
     assert dst.log.states()[-3:] == [MigState.RESUMING, MigState.STOP, MigState.RUNNING]
     # the state arrived whole, with the change made during pre-copy
