@@ -2,8 +2,8 @@
 
 docs/testing.md "The real-kernel tier": Debian's 6.12 kernel (newest build the mirror has), its
 modules, headers + kbuild to build the ``mtty`` sample driver out of tree (from the
-``linux-source-6.12`` of the same version; its code is never committed here), busybox and
-kmod. Nothing is installed on the host: packages are unpacked with ``dpkg -x``
+``linux-source-6.12`` of the same version; its code is never committed here) and our own
+test device ``native/vfiod_dma`` (native/vfiod_dma/README.md), busybox and kmod. Nothing is installed on the host: packages are unpacked with ``dpkg -x``
 (tests/support/debian.py).
 
 Cache layout under ``$VFIOD_CACHE`` (default ``~/.cache/vfiod``)::
@@ -12,7 +12,8 @@ Cache layout under ``$VFIOD_CACHE`` (default ``~/.cache/vfiod``)::
     kernel-tier/<release>/     per kernel release (e.g. 6.12.117+deb12-amd64):
         kbuild/                headers + common + kbuild merged by hard links
         mtty-<src version>/    mtty.c and the built mtty.ko
-        modroot/               modules + mtty.ko, depmod'ed (for --show-depends)
+        vfiod_dma-<src hash>/  native/vfiod_dma's sources and the built vfiod_dma.ko
+        modroot/               modules + mtty.ko + vfiod_dma.ko, depmod'ed (--show-depends)
         initramfs-<key>.cpio   keyed by a hash of every input
 
 Every key names package versions, so a warm run downloads and rebuilds nothing, and a new
@@ -38,11 +39,15 @@ from tests.support import debian
 
 REPO = Path(__file__).resolve().parents[2]
 INIT_SCRIPT = REPO / "native" / "kernel" / "init.sh"
+#: our own mdev test device (native/vfiod_dma/README.md): every file there is its source
+NATIVE_DMA_DIR = REPO / "native" / "vfiod_dma"
+NATIVE_DMA_SOURCES = ("Kbuild", "vfiod_dma.h", "core.c", "dma.c", "migration.c")
 
 #: Modules the guest loads, by the names modprobe knows; their dependencies come along.
 #: intel-iommu and virtio-pci are built into Debian's kernel.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci",
-                 "netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "mtty")
+                 "netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "mtty",
+                 "vfiod_dma")
 
 #: linux-image-6.12.<n>+deb<m>-amd64-unsigned: the stock kernel without the signed-EFI
 #: wrapper package (the same vmlinuz and modules).
@@ -102,6 +107,7 @@ class GuestAssets:
     vmlinuz: Path
     initramfs: Path
     mtty_ko: Path
+    native_dma_ko: Path
     headers_common: Path   # unpacked linux-headers-*-common (uAPI headers for the ABI check)
 
 
@@ -193,6 +199,35 @@ def build_mtty(kbuild_dir: Path, src_version: str, work: Path) -> Path:
     return ko
 
 
+def native_dma_key() -> str:
+    """A hash of native/vfiod_dma's sources: an edit builds afresh beside the old build."""
+    h = hashlib.sha256()
+    for name in NATIVE_DMA_SOURCES:
+        h.update(name.encode() + b"\0" + (NATIVE_DMA_DIR / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_native_dma(kbuild_dir: Path, base: Path) -> Path:
+    """native/vfiod_dma built against the image's headers, cached by its source hash."""
+    work = base / f"vfiod_dma-{native_dma_key()}"
+    ko = work / "vfiod_dma.ko"
+    if ko.exists():
+        return ko
+    if work.exists():
+        shutil.rmtree(work)          # a build that died half-way
+    work.mkdir(parents=True)
+    for name in NATIVE_DMA_SOURCES:
+        shutil.copy2(NATIVE_DMA_DIR / name, work / name)
+    _run("build vfiod_dma.ko", ["make", "-s", "-C", str(kbuild_dir), f"M={work}",
+                                "CONFIG_DEBUG_INFO_BTF_MODULES=", "W=1", "modules"])
+    if not ko.exists():
+        raise AssetError(f"build vfiod_dma.ko: make succeeded but {ko} is missing")
+    for old in base.glob("vfiod_dma-*"):
+        if old != work:
+            shutil.rmtree(old, ignore_errors=True)
+    return ko
+
+
 def _kmod_tools(dest: Path) -> dict[str, Path]:
     """depmod/modprobe from the unpacked kmod package (kmod picks its personality from
     argv[0], so a symlink per name)."""
@@ -232,12 +267,14 @@ def parse_show_depends(text: str) -> list[Path]:
     return out
 
 
-def _modroot(pkgs: Packages, image_root: Path, mtty_ko: Path, base: Path,
+def _modroot(pkgs: Packages, image_root: Path, extra: list[Path], base: Path,
              tools: dict[str, Path]) -> Path:
-    """The image's modules plus mtty.ko under extra/, with depmod's indexes."""
+    """The image's modules plus ``extra`` (mtty.ko, vfiod_dma.ko) under extra/, with
+    depmod's indexes."""
     modroot = base / "modroot"
     done = modroot / ".depmod"
-    if done.exists() and done.read_text() == mtty_ko.parent.name:
+    key = " ".join(ko.parent.name for ko in extra)
+    if done.exists() and done.read_text() == key:
         return modroot
     if modroot.exists():
         shutil.rmtree(modroot)
@@ -245,9 +282,10 @@ def _modroot(pkgs: Packages, image_root: Path, mtty_ko: Path, base: Path,
     shutil.copytree(image_root / "lib" / "modules" / pkgs.release, mods, symlinks=True,
                     copy_function=os.link)
     (mods / "extra").mkdir()
-    shutil.copy2(mtty_ko, mods / "extra" / "mtty.ko")
+    for ko in extra:
+        shutil.copy2(ko, mods / "extra" / ko.name)
     _run("depmod", [str(tools["depmod"]), "-b", str(modroot), pkgs.release])
-    done.write_text(mtty_ko.parent.name)
+    done.write_text(key)
     return modroot
 
 
@@ -285,9 +323,11 @@ def prepare(timings: Timings) -> GuestAssets:
         with timings.part("mtty build"):
             kbuild_dir = _merge_kbuild(pkgs, base / "kbuild")
             mtty_ko = build_mtty(kbuild_dir, src_version, base / f"mtty-{src_version}")
+        with timings.part("vfiod_dma build"):
+            native_ko = build_native_dma(kbuild_dir, base)
         with timings.part("initramfs"):
             tools = _kmod_tools(base / "kmod-bin")
-            modroot = _modroot(pkgs, image_root, mtty_ko, base, tools)
+            modroot = _modroot(pkgs, image_root, [mtty_ko, native_ko], base, tools)
             modules = module_load_order(tools["modprobe"], modroot, pkgs.release, GUEST_MODULES)
             busybox = debian.fetch("busybox-static") / "bin" / "busybox"
             initramfs = _initramfs(base, busybox, modules, modroot)
@@ -295,5 +335,5 @@ def prepare(timings: Timings) -> GuestAssets:
     if not vmlinuz.exists():
         raise AssetError(f"{pkgs.image} has no {vmlinuz.name}")
     return GuestAssets(release=pkgs.release, vmlinuz=vmlinuz, initramfs=initramfs,
-                       mtty_ko=mtty_ko,
+                       mtty_ko=mtty_ko, native_dma_ko=native_ko,
                        headers_common=debian.fetch(pkgs.common) / "usr" / "src" / pkgs.common)

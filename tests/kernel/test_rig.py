@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel import results, vm
+from tests.kernel import assets, results, vm
 from tests.kernel.assets import AssetError, GuestAssets, Packages, parse_show_depends
 from tests.kernel.initramfs import CpioWriter, build_initramfs, module_name, read_cpio
 
@@ -167,10 +167,10 @@ def test_guest_command_runs_the_versioned_venv_python() -> None:
 
 
 def _fake_assets(tmp_path: Path) -> GuestAssets:
-    for name in ("vmlinuz", "initramfs.cpio", "mtty.ko"):
+    for name in ("vmlinuz", "initramfs.cpio", "mtty.ko", "vfiod_dma.ko"):
         (tmp_path / name).write_bytes(b"")
     return GuestAssets("6.12.0-test", tmp_path / "vmlinuz", tmp_path / "initramfs.cpio",
-                       tmp_path / "mtty.ko", tmp_path)
+                       tmp_path / "mtty.ko", tmp_path / "vfiod_dma.ko", tmp_path)
 
 
 def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
@@ -225,3 +225,68 @@ def test_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vm.timeout_from_env() == vm.DEFAULT_TIMEOUT
     monkeypatch.setenv("VFIOD_KERNEL_TIMEOUT", "30.5")
     assert vm.timeout_from_env() == 30.5
+
+
+# -- native/vfiod_dma's build (native/vfiod_dma/README.md "Building") ------------------------
+
+def test_native_dma_sources_list_every_file_the_build_reads() -> None:
+    """A file left out of NATIVE_DMA_SOURCES would neither reach the build directory nor
+    change the cache key: every C file and header there is listed, and Kbuild names
+    exactly the listed C files."""
+    on_disk = {p.name for p in assets.NATIVE_DMA_DIR.iterdir() if p.suffix in (".c", ".h")}
+    listed = set(assets.NATIVE_DMA_SOURCES)
+    assert on_disk | {"Kbuild"} == listed
+    kbuild = (assets.NATIVE_DMA_DIR / "Kbuild").read_text()
+    objects = {w.removesuffix(".o") + ".c" for w in kbuild.split() if w.endswith(".o")
+               and w != "vfiod_dma.o"}
+    assert objects == {n for n in listed if n.endswith(".c")}
+
+
+def _native_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    src = tmp_path / "native"
+    src.mkdir()
+    for name in (*assets.NATIVE_DMA_SOURCES, "README.md"):
+        (src / name).write_bytes((assets.NATIVE_DMA_DIR / name).read_bytes())
+    monkeypatch.setattr(assets, "NATIVE_DMA_DIR", src)
+    return src
+
+
+def test_native_dma_key_follows_the_sources_only(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _native_copy(tmp_path, monkeypatch)
+    key = assets.native_dma_key()
+    (src / "README.md").write_text("documentation does not change the module\n")
+    assert assets.native_dma_key() == key
+    with open(src / "dma.c", "a") as f:
+        f.write("\n")
+    assert assets.native_dma_key() != key
+
+
+def test_native_dma_build_is_reused_and_stale_builds_go(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _native_copy(tmp_path, monkeypatch)
+    base = tmp_path / "cache"
+    built = base / f"vfiod_dma-{assets.native_dma_key()}" / "vfiod_dma.ko"
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"ko")
+
+    def no_build(step: str, argv: list[str]) -> object:
+        raise AssertionError(f"a cached module was rebuilt: {step}")
+    monkeypatch.setattr(assets, "_run", no_build)
+    assert assets.build_native_dma(tmp_path / "kbuild", base) == built
+
+    # an edited source builds afresh in its own directory; the old build is removed
+    with open(assets.NATIVE_DMA_DIR / "core.c", "a") as f:
+        f.write("\n")
+    runs: list[list[str]] = []
+
+    def fake_make(step: str, argv: list[str]) -> object:
+        runs.append(argv)
+        work = Path(next(a for a in argv if a.startswith("M=")).removeprefix("M="))
+        assert {p.name for p in work.iterdir()} == set(assets.NATIVE_DMA_SOURCES)
+        (work / "vfiod_dma.ko").write_bytes(b"new")
+        return None
+    monkeypatch.setattr(assets, "_run", fake_make)
+    fresh = assets.build_native_dma(tmp_path / "kbuild", base)
+    assert fresh != built and fresh.read_bytes() == b"new" and len(runs) == 1
+    assert not built.parent.exists()

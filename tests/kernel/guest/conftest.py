@@ -1,8 +1,9 @@
 """Fixtures of the guest suite (runs inside the QEMU guest only; tests/kernel/conftest.py
 keeps the host from collecting this folder).
 
-Session-wide: two mtty-2 mdevs (a migration source and destination, docs/kernel-contract.md §9.1) and
-the edu device bound to vfio-pci (§9.2). Per test: each opened through vfiod's own objects
+Session-wide: two mtty-2 mdevs (a migration source and destination, docs/kernel-contract.md §9.1),
+two instances of our own vfiod_dma device (native/vfiod_dma/README.md) and the edu device
+bound to vfio-pci (§9.2). Per test: each opened through vfiod's own objects
 (``Container`` → ``Group`` → ``Device`` over ``LinuxKernel``) and closed afterwards, so a
 test that leaves a device mid-migration does not leak into the next one. Closing the
 device fd is not enough for that on 6.12's mtty: its close_device ends the data sessions
@@ -22,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.kernel.guest import native_dma, rig
 from tests.kernel.guest import numba_cache as guest_numba
-from tests.kernel.guest import rig
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths, discover_device
@@ -116,6 +117,14 @@ def mtty_pair(vfio_ready: None) -> Iterator[tuple[str, str]]:
 @pytest.fixture(scope="session")
 def mtty_uuid(mtty_pair: tuple[str, str]) -> str:
     return mtty_pair[0]
+
+
+@pytest.fixture(scope="session")
+def native_dma_pair(vfio_ready: None) -> Iterator[tuple[str, str]]:
+    """UUIDs of two vfiod_dma mdevs (native/vfiod_dma/README.md): source and destination."""
+    rig.require_module("mdev")
+    with native_dma.native_dma_mdev() as src, native_dma.native_dma_mdev() as dst:
+        yield src, dst
 
 
 @pytest.fixture(scope="session")
