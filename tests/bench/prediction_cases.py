@@ -146,7 +146,8 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
             # the process's history: each case learns from the ones before, as a
             # daemon's migrations do
             run = migrate(src, dst, cfg, rate_bps=r.cap_mbps * 1e6 if r.cap_mbps else None,
-                          history=HOST_HISTORY)
+                          history=HOST_HISTORY.of(src.guest.name,
+                                                  src.guest.device_infos()))
         res = run.source
         if res.result != "completed" or res.prediction_error is None:
             raise RuntimeError(f"{r.name}: {res.result}: {res.reason}")

@@ -8,7 +8,8 @@ import pytest
 
 from vfiod.migration.planning.breakdown import COMPONENTS
 from vfiod.migration.planning.predictor import FixedCosts
-from vfiod.migration.session.history import SwitchoverHistory
+from vfiod.migration.session.history import HostHistories, SwitchoverHistory
+from vfiod.migration.stream.header import DeviceInfo
 
 MEASURED = FixedCosts(device_stop_s=0.001, final_sync_s=0.010, commit_round_trips_s=0.0002,
                       dest_load_resume_s=0.0001)
@@ -73,3 +74,26 @@ def test_broken_samples_are_not_lessons() -> None:
     # a clock jump: the sync 10 000 times what was measured
     h.record(MEASURED, PREDICTED, _actual(final_sync=100.0), 0)
     assert _correct(h).final_sync_s == MEASURED.final_sync_s
+
+
+def test_a_guest_learns_only_from_its_own_earlier_switchovers() -> None:
+    """The kernel tier's finding: half a second of commit learnt from a 48 MiB checksummed
+    device state was added to a serial port's 96-byte migration, which then never
+    predicted below its limit. Each guest shape keeps its own history."""
+    big = DeviceInfo("0000:01:00.0", "v2", 7, {"vendor": "0x1234", "device": "0xdma"})
+    uart = DeviceInfo("mdev-uuid", "v2", 7, {"mdev_type": "mtty-2"})
+    hosts = HostHistories()
+    learnt = hosts.of("g", [big])
+    learnt.record(MEASURED, PREDICTED, _actual(commit_round_trips=0.5), 48 << 20)
+    assert _correct(hosts.of("g", [big])).commit_round_trips_s == pytest.approx(0.5)
+    assert _correct(hosts.of("g", [uart])) == MEASURED       # another device
+    assert _correct(hosts.of("h", [big])) == MEASURED        # another guest
+    assert hosts.of("g", [big]) is learnt
+
+
+def test_the_shapes_kept_are_bounded() -> None:
+    hosts = HostHistories(shapes=2)
+    first = hosts.of("a", [])
+    hosts.of("b", [])
+    hosts.of("c", [])
+    assert hosts.of("a", []) is not first                    # the oldest was dropped

@@ -21,17 +21,21 @@ they happened, for the parts a migration cannot measure before its own switchove
 
 Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
-``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
-them); tests pass their own.
+Migrations learn only from earlier ones of the same guest with the same devices
+(``HostHistories``): what a 48 MiB device state checksummed at load adds to a commit says
+nothing about a serial port's 96 bytes. ``HOST_HISTORY`` is the process's own (a daemon's
+migrations learn from the ones before them); tests pass their own.
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 from vfiod.migration.planning.predictor import FixedCosts
+from vfiod.migration.stream.header import DeviceInfo
 
 _SYNC_BOUNDS = (0.01, 100.0)
 _STATE_MIN_BYTES = 1 << 20
@@ -87,4 +91,24 @@ class SwitchoverHistory:
             dest_load_resume_s=costs.dest_load_resume_s + load)
 
 
-HOST_HISTORY = SwitchoverHistory()
+class HostHistories:
+    """One ``SwitchoverHistory`` per guest shape: its name and its devices' protocols and
+    identities; at most ``shapes`` of them, the least recently used dropped."""
+
+    def __init__(self, keep: int = 8, shapes: int = 256) -> None:
+        self._keep, self._shapes = keep, shapes
+        self._lock = threading.Lock()
+        self._by_shape: OrderedDict[tuple[object, ...], SwitchoverHistory] = OrderedDict()
+
+    def of(self, guest: str, devices: Iterable[DeviceInfo]) -> SwitchoverHistory:
+        shape = (guest, *((d.protocol, d.flags, tuple(sorted(d.identity.items())))
+                          for d in devices))
+        with self._lock:
+            h = self._by_shape.pop(shape, None) or SwitchoverHistory(self._keep)
+            self._by_shape[shape] = h
+            while len(self._by_shape) > self._shapes:
+                self._by_shape.popitem(last=False)
+            return h
+
+
+HOST_HISTORY = HostHistories()

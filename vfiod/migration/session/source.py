@@ -98,11 +98,12 @@ class SourceSession(SourceEnding, SessionBase):
                  live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None,
                  journal: SwitchoverJournal = UNJOURNALED,
-                 history: SwitchoverHistory = HOST_HISTORY) -> None:
+                 history: SwitchoverHistory | None = None) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
         before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
         ``journal``: where the decision to commit is written first (§1.7); ``history``:
-        earlier switchovers on this host, for what cannot be measured before this one."""
+        earlier switchovers of this guest on this host, for what cannot be measured before
+        this one (default: this process's, ``HOST_HISTORY``)."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
@@ -115,7 +116,8 @@ class SourceSession(SourceEnding, SessionBase):
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
         self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
-        self.history = history
+        self.history = (history if history is not None
+                        else HOST_HISTORY.of(guest.name, guest.device_infos()))
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = 0.0
