@@ -159,6 +159,7 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
                 "actual_s": round(actual, 5), "error": round(res.prediction_error, 4),
                 "iterations": res.iterations, "forced": last.decision == "force",
                 "floor_s": round(floor, 5),
+                "queued_bytes": int(res.timings.get("predicted_queued_bytes", 0)),
                 "over_floor": round(actual / floor, 3) if floor > 0 else None,
                 "breakdown_ms": {k: [round(v["predicted_s"] * 1000, 2),
                                      round(v["actual_s"] * 1000, 2)]

@@ -5,6 +5,7 @@ no part is a guess (a default link speed) or a one-off cost."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,43 @@ def test_a_tiny_guest_that_dirties_nothing_is_predicted_from_its_own_measurement
         # check: a default link speed or a one-off cost would be off by far more)
         measured = sum(p["actual_s"] for p in b.values())
         assert r.predicted_downtime_s < 20 * measured + 0.05
+    finally:
+        src.close()
+        dst.close()
+
+
+class QueuedLink:
+    """The source's connection, reporting ``extra`` more bytes in its send queue."""
+
+    def __init__(self, conn: Any, extra: int) -> None:
+        self.conn, self.extra = conn, extra
+
+    def unsent_bytes(self) -> int:
+        return int(self.conn.unsent_bytes()) + self.extra
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_bytes_queued_in_the_socket_reach_the_prediction(tmp_path: Path) -> None:
+    extra = 64 * MiB
+    src, dst = pair(tmp_path, [SideContainer([spec("v2_precopy_log")])],
+                    ram=(RamRegion("ram", 0, 16 * MiB),), fill_bytes=4 * MiB)
+    try:
+        run = migrate(src, dst, history=SwitchoverHistory(),
+                      wrap_source=lambda c: QueuedLink(c, extra))
+        assert_migrated(src, dst, run)
+        r = run.source
+        last = r.history[-1]
+        queued = r.timings["predicted_queued_bytes"]
+        assert queued >= extra
+        # no earlier switchover corrects it: the commit's waits are two header round
+        # trips plus the queued bytes at the bandwidth this migration measured
+        b = r.downtime_breakdown
+        assert b["commit_round_trips"]["predicted_s"] == pytest.approx(
+            2 * r.timings["header_ack_rtt_s"] + queued / last.bandwidth_bps)
+        assert r.predicted_downtime_s is not None
+        assert r.predicted_downtime_s >= extra / last.bandwidth_bps
     finally:
         src.close()
         dst.close()

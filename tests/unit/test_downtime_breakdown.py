@@ -35,6 +35,20 @@ def test_predicted_parts_add_up_to_the_prediction() -> None:
     assert parts["device_stop"] == pytest.approx(0.001 + 0.001)
 
 
+def test_the_socket_queue_is_predicted_in_the_commit_wait() -> None:
+    # the stream's tail arrives while the source waits for PREPARED: the measured parts
+    # put it in the commit's waits, so the prediction does too
+    bw = BandwidthEstimator(None)
+    bw.record(0.0, 0.1, 100 * MB)                      # 1 GB/s
+    costs = FixedCosts(commit_round_trips_s=0.001)
+    pred = DowntimePredictor(bw, costs=costs)
+    p = pred.predict(IterationInputs(1.0, 0, 0, queued_bytes=3 * MB))
+    parts = predicted_parts(p, costs)
+    assert parts["commit_round_trips"] == pytest.approx(0.001 + 0.003)
+    assert parts["ram_transfer"] == 0.0
+    assert sum(parts.values()) == pytest.approx(p.downtime_s)
+
+
 def test_actual_parts_give_the_commit_what_is_left() -> None:
     parts = actual_parts(0.050, device_stop_s=0.010, final_sync_s=0.001,
                          ram_transfer_s=0.020, verify_s=0.004, dest_load_resume_s=0.002)

@@ -109,6 +109,18 @@ def test_prediction_counts_ram_device_state_and_fixed_costs() -> None:
     assert p.last is pred
 
 
+def test_bytes_queued_in_the_socket_are_still_to_transfer() -> None:
+    p = predictor(1 * GB, FixedCosts(commit_round_trips_s=0.005))
+    base = p.predict(IterationInputs(now=1.0, dirty_ram_bytes=10 * MB, device_stopcopy_bytes=0))
+    queued = p.predict(IterationInputs(now=1.0, dirty_ram_bytes=10 * MB,
+                                       device_stopcopy_bytes=0, queued_bytes=4 * MB))
+    # 4 MB the destination has not received yet cost 4 ms more at 1 GB/s
+    assert queued.downtime_s - base.downtime_s == pytest.approx(0.004)
+    assert queued.queued_bytes == 4 * MB and "4000000 queued in the socket" in queued.reason
+    with pytest.raises(ValueError, match="queued_bytes is negative"):
+        p.predict(IterationInputs(0.0, 0, 0, queued_bytes=-1))
+
+
 def test_device_state_alone_can_exceed_the_limit() -> None:
     # QEMU's expected-downtime would say 0 here: no dirty RAM. Ours must not.
     pred = predictor(1 * GB).predict(IterationInputs(0.0, 0, device_stopcopy_bytes=500 * MB))

@@ -62,6 +62,15 @@ def test_device_stop_and_load_grow_with_the_state_they_carry() -> None:
     assert big.dest_load_resume_s == pytest.approx(MEASURED.dest_load_resume_s + 0.032)
 
 
+def test_the_commit_correction_is_over_the_prediction_with_its_socket_queue() -> None:
+    # the prediction already had 3 ms of queued stream in the commit's waits: an actual
+    # commit of that length needs no correction, so the queue is not counted twice
+    h = SwitchoverHistory()
+    predicted = dict(PREDICTED, commit_round_trips=0.0002 + 0.003)
+    h.record(MEASURED, predicted, _actual(commit_round_trips=0.0002 + 0.003), 0)
+    assert _correct(h).commit_round_trips_s == pytest.approx(MEASURED.commit_round_trips_s)
+
+
 def test_one_stalled_commit_does_not_set_the_correction() -> None:
     h = SwitchoverHistory()
     for commit in (0.001, 0.001, 0.5):                 # one stalled commit among three

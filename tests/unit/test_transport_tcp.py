@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from vfiod.errors import KernelError
+from vfiod.kernel.linux import socket_unsent_bytes
 from vfiod.migration.stream import (
     Complete,
     DeviceInfo,
@@ -331,3 +334,31 @@ def test_an_unresolvable_host_is_named_as_such(monkeypatch: pytest.MonkeyPatch) 
         connect("no-such-host.invalid", 4444)
     assert "cannot resolve the host: Name or service not known" in str(ei.value)
     assert "connect: -" not in str(ei.value)
+
+
+def test_unsent_bytes_counts_what_a_blocked_reader_left_in_the_send_queue() -> None:
+    received = threading.Event()
+    peer = Peer(lambda conn: received.wait(JOIN))      # accepts, reads nothing yet
+    with connect("127.0.0.1", peer.port) as conn:
+        assert conn.unsent_bytes() == 0
+        raw = socket.socket(fileno=os.dup(conn._sock.fileno()))
+        raw.setblocking(False)
+        sent = 0
+        try:
+            while True:                                 # until both buffers are full
+                sent += raw.send(bytes(1 << 16))
+        except BlockingIOError:
+            pass
+        finally:
+            raw.close()
+        queued = conn.unsent_bytes()
+        assert 0 < queued <= sent
+        received.set()
+    peer.join()
+    r, w = os.pipe()                                    # not a socket: a clear error
+    try:
+        with pytest.raises(KernelError, match="SIOCOUTQ"):
+            socket_unsent_bytes(r)
+    finally:
+        os.close(r)
+        os.close(w)

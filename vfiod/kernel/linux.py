@@ -14,6 +14,8 @@ import os
 import resource
 import select
 import stat
+import struct
+import termios
 
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
@@ -309,6 +311,16 @@ def file_size(fd: int) -> int:
         return os.fstat(fd).st_size
     except OSError as e:
         raise KernelError(e.errno or errno.EIO, f"fstat(fd {fd})") from None
+
+
+def socket_unsent_bytes(sock_fd: int) -> int:
+    """Bytes a TCP socket still holds in its send queue: not yet sent, or sent and not yet
+    acknowledged by the peer (``SIOCOUTQ``, the same request as ``TIOCOUTQ``)."""
+    try:
+        out = fcntl.ioctl(sock_fd, termios.TIOCOUTQ, bytes(4))
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"ioctl(SIOCOUTQ, fd {sock_fd})") from None
+    return int(struct.unpack("i", out)[0])
 
 
 def close_fd(fd: int) -> None:

@@ -10,7 +10,8 @@ pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
     ram_transfer        the RAM still dirty, over the link, with its per-record CPU cost
     verify              the final re-hash of what moved (both ends at once: the slower),
                         and the destination's compare
-    commit_round_trips  the waits for the destination: the stream's tail arriving,
+    commit_round_trips  the waits for the destination: the stream's tail arriving (the
+                        bytes queued in the source's socket, predicted at the bandwidth),
                         PREPARED, the journaled decision, COMMIT, RESUMED (two round
                         trips, docs/protocol.md §8.4)
     dest_load_resume    the destination's devices loading their final state and resuming
@@ -36,7 +37,7 @@ def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
             "final_sync": costs.final_sync_s,
             "ram_transfer": p.ram_bytes / bw + costs.record_overhead_s,
             "verify": costs.verify_s,
-            "commit_round_trips": costs.commit_round_trips_s,
+            "commit_round_trips": costs.commit_round_trips_s + p.queued_bytes / bw,
             "dest_load_resume": costs.dest_load_resume_s}
 
 

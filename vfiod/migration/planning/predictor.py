@@ -7,7 +7,8 @@ Per iteration::
 
     predicted = (dirty RAM bytes not yet sent
                  + Σ device stop-copy bytes   (v2 MIG_DATA_SIZE / v1 pending_bytes / estimate)
-                 + Σ device pre-copy bytes not yet read)
+                 + Σ device pre-copy bytes not yet read
+                 + stream bytes still queued in the source's socket)
                 / bandwidth
               + fixed costs measured on this path (device arcs, final sync, verify,
                 the commit's round trips, the destination's resume: ``FixedCosts``)
@@ -159,6 +160,10 @@ class IterationInputs:
     #: of ``dirty_ram_bytes``, counted dirty because an opted-out device's container is not
     #: queried before stop-and-copy (all of its mapped RAM, at every pass)
     assumed_dirty_bytes: int = 0
+    #: stream bytes already sent but still in the source's socket send queue: on an
+    #: unpaced link megabytes the destination has not received yet, and the commit waits
+    #: for them (the destination's own receive queue is not visible from here)
+    queued_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class Prediction:
     fixed_s: float
     will_converge: bool
     reason: str
+    queued_bytes: int = 0
 
     @property
     def remaining_bytes(self) -> int:
@@ -196,13 +202,14 @@ class DowntimePredictor:
         self.outcome: Outcome | None = None
 
     def predict(self, x: IterationInputs) -> Prediction:
-        for name in ("dirty_ram_bytes", "device_stopcopy_bytes", "device_precopy_bytes"):
+        for name in ("dirty_ram_bytes", "device_stopcopy_bytes", "device_precopy_bytes",
+                     "queued_bytes"):
             if getattr(x, name) < 0:
                 raise ValueError(f"{name} is negative: {getattr(x, name)}")
         bw = self.bandwidth.bps
         dev = x.device_stopcopy_bytes + x.device_precopy_bytes
         total = x.dirty_ram_bytes + dev
-        downtime = total / bw + self.costs.total_s
+        downtime = (total + x.queued_bytes) / bw + self.costs.total_s
         rate = self.dirty.bps
         if not x.tracking:
             converge = False
@@ -215,14 +222,15 @@ class DowntimePredictor:
         else:
             converge = True
             dr = "not measured yet" if rate is None else _rate(rate)
-            reason = (f"{total} bytes ({x.dirty_ram_bytes} RAM, {dev} device) at "
-                      f"{_rate(bw)} + {self.costs.total_s * 1000:.0f} ms fixed; dirty rate {dr}")
+            reason = (f"{total} bytes ({x.dirty_ram_bytes} RAM, {dev} device) + "
+                      f"{x.queued_bytes} queued in the socket at {_rate(bw)} + "
+                      f"{self.costs.total_s * 1000:.0f} ms fixed; dirty rate {dr}")
             if x.assumed_dirty_bytes:
                 reason += (f"; {x.assumed_dirty_bytes} bytes of the RAM count dirty at "
                            "every pass (a device's pre-copy dirty tracking is off and its "
                            "container is not queried until stop-and-copy)")
         p = Prediction(x.now, downtime, x.dirty_ram_bytes, dev, bw, self.bandwidth.source,
-                       rate, self.costs.total_s, converge, reason)
+                       rate, self.costs.total_s, converge, reason, x.queued_bytes)
         self.last = p
         return p
 

@@ -5,10 +5,12 @@ they happened, for the parts a migration cannot measure before its own switchove
 * the commit's waits (``commit_round_trips``): the header's round trip is measured, but
   the switchover adds what no control round trip shows: the stream's tail still in the
   socket buffers, the destination's PREPARED after its checks, the journaled decision,
-  COMMIT and RESUMED through both ends' threads. Kept: how much longer they took
-  (seconds, added). On an unpaced link the largest share is the stream's tail: the
-  socket buffers hold megabytes the destination has not consumed yet when the guest
-  pauses;
+  COMMIT and RESUMED through both ends' threads. Kept: how much longer they took than
+  predicted (seconds, added). On an unpaced link the largest share is the stream's tail:
+  the socket buffers hold megabytes the destination has not consumed yet when the guest
+  pauses. The source's send queue is measured and predicted at the bandwidth; what the
+  destination's receive queue holds (at most its receive buffer, up to
+  ``net.ipv4.tcp_rmem``'s maximum) is not visible from the source and is learned here;
 * the final dirty sync (``final_sync``): predicted from the pre-copy syncs, whose first
   pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
   single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
@@ -61,8 +63,9 @@ class SwitchoverHistory:
         (``vfiod.migration.planning.breakdown``) and its device state bytes."""
         with self._lock:
             self.migrations += 1
+            # over the prediction, which already has the socket's queue at the bandwidth
             self._commit_extra.append(actual["commit_round_trips"]
-                                      - measured.commit_round_trips_s)
+                                      - predicted["commit_round_trips"])
             if measured.final_sync_s > 0 and actual["final_sync"] > 0:
                 ratio = actual["final_sync"] / measured.final_sync_s
                 if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:

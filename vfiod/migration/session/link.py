@@ -5,7 +5,8 @@
 the ``StreamSink``/``Source`` plus the return path. Control frames travel both ways on
 one connection (``transport.control``): the destination sends ACK/CANCEL/ERROR back; the
 source sends one DIGESTS frame after the MANIFEST (its RAM content digests: the commit),
-which the destination reads after its last record.
+which the destination reads after its last record. ``unsent_bytes``: the stream bytes the
+source's send queue still holds (the downtime prediction counts them, §4).
 
 ``ThrottledLink`` caps the stream at ``rate_bps`` with a token bucket: a slower link in a
 test or a benchmark (the prediction-error matrix), or an operator's bandwidth limit so a
@@ -26,6 +27,8 @@ class Link(Protocol):
     def send_buffers(self, buffers: Sequence[Any]) -> None: ...
 
     def check_peer(self) -> None: ...
+
+    def unsent_bytes(self) -> int: ...
 
     def recv_into(self, view: memoryview) -> int: ...
 
@@ -101,6 +104,9 @@ class ThrottledLink:
 
     def check_peer(self) -> None:
         self.link.check_peer()
+
+    def unsent_bytes(self) -> int:
+        return self.link.unsent_bytes()
 
     def recv_into(self, view: memoryview) -> int:
         return self.link.recv_into(view)

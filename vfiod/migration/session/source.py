@@ -297,9 +297,10 @@ class SourceSession(SourceEnding, SessionBase):
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev)
+        queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
-            num.tracking, num.assumed_dirty_bytes))
+            num.tracking, num.assumed_dirty_bytes, queued))
         self._predicted_parts = predicted_parts(p, costs)
         self._uncorrected_parts = predicted_parts(p, self._measured_costs)
         decision, why = self.config.policy.verdict(

@@ -11,23 +11,18 @@ source (``control.py``). API::
     conn.send_control(ControlMessage.ack(AckStage.HEADER))
                                                     conn.wait_ack(AckStage.HEADER, timeout=30)
 
-``Connection`` is a ``StreamSink`` (``send_buffers``, ``check_peer``), a stream ``Source``
-(``recv_into``) and shows a TLS peer's certificate (``peer_certificate``). On plain TCP,
-``send_buffers`` hands the whole batch (record headers and memoryviews over guest memory)
-to ``socket.sendmsg``, so the kernel copies straight from the guest mmap; ``recv_into``
-lands bytes directly in the caller's view (the destination's guest memory for RAM).
-Python's ``ssl`` has no ``sendmsg``: under TLS each buffer goes through ``sendall``.
-
-Every failure is a ``TransportError`` with a ``TransportCode``: connect or accept refused
-or timed out, no progress within ``io_timeout``, the peer closed or reset the connection,
-TLS handshake or certificate failure, a malformed control frame, the destination's CANCEL
-or ERROR (raised by ``check_peer``/``wait_ack`` on the source). Both ends of a connection
-run their side from one thread (the source polls the return path between batches), so
-one TLS object is never used by two threads at once.
-
-``Listener.accept_raw`` leaves the TLS handshake to the connection's own thread under its
-own deadline (``Accepted.handshake``): a stalled or garbage peer delays nobody else, and
-``Accepted.abort`` wakes whatever that thread is blocked in.
+``Connection``: a ``StreamSink`` (``send_buffers``, ``check_peer``), a stream ``Source``
+(``recv_into``), a TLS peer's certificate, and the stream bytes its send queue still holds
+(``unsent_bytes``, for the downtime prediction). Plain TCP: ``send_buffers`` hands the
+batch to ``socket.sendmsg`` (the kernel copies straight from the guest mmap), ``recv_into``
+lands bytes in the caller's view (guest memory for RAM); ``ssl`` has no ``sendmsg``, so
+TLS sends buffer by buffer. Every failure is a ``TransportError`` with a ``TransportCode``:
+connect or accept refused or timed out, no progress within ``io_timeout``, the peer closed
+or reset, TLS failure, a malformed control frame, the destination's CANCEL or ERROR. Each
+end runs its side from one thread (the source polls the return path between batches): one
+TLS object is never used by two threads at once. ``Listener.accept_raw`` leaves the TLS
+handshake to the connection's own thread under its own deadline (``Accepted.handshake``;
+``Accepted.abort`` wakes it): a stalled peer delays nobody else.
 """
 
 from __future__ import annotations
@@ -43,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vfiod.kernel.linux import socket_unsent_bytes
 from vfiod.migration.transport.control import (
     AckStage,
     ControlMessage,
@@ -139,6 +135,10 @@ class Connection:
                     i += 1
         except OSError as e:
             raise self._wrap(e, "send") from None
+
+    def unsent_bytes(self) -> int:
+        """Stream bytes not yet acknowledged by the destination's kernel."""
+        return socket_unsent_bytes(self._sock.fileno())
 
     def peer_certificate(self) -> dict[str, Any] | None:
         """The TLS peer's verified certificate (``ssl`` ``getpeercert``); None on plain TCP."""
