@@ -57,6 +57,18 @@ def _two_container_guest(rig: Rig) -> DirtyTracker:
                         clock=Clock())
 
 
+def test_containers_share_one_scratch_bitmap(mdev_rig: Rig) -> None:
+    # One GET_BITMAP buffer per guest, sized for its largest segment (c1's 77 pages: 2
+    # words), not one per container (3 words): containers are queried one at a time.
+    tr = _two_container_guest(mdev_rig)
+    assert tr.scratch_bytes == 0
+    tr.start()
+    try:
+        assert tr.scratch_bytes == 16
+    finally:
+        tr.stop()
+
+
 def test_precise_pages_at_unaligned_offsets(mdev_rig: Rig) -> None:
     rig = mdev_rig
     tr = _two_container_guest(rig)

@@ -34,6 +34,18 @@ def test_merge_at_unaligned_guest_pages() -> None:
     assert g.count() == 6 and g.dirty_bytes() == 6 * 4096
 
 
+def test_merge_and_count_returns_the_pages_the_bitmap_reported() -> None:
+    g = GlobalBitmap(1000)
+    g.merge_container(bitmap_of([5], 64), 64, 64)
+    # bits 0, 1 and 70 are in range (guest pages 100, 101, 170); bit 300 is past nbits
+    assert g.merge_and_count(bitmap_of([0, 1, 70, 300], 301), 100, 300) == 3
+    assert g.merge_and_count(bitmap_of([], 64), 0, 64) == 0
+    assert g.merge_and_count(bitmap_of([5], 64), 64, 64) == 1   # reported again: counted
+    assert dirty_pages(g) == [69, 100, 101, 170]
+    with pytest.raises(ValueError, match="past the guest's 1000 pages"):
+        g.merge_and_count(bitmap_of([0], 64), 990, 64)
+
+
 def test_merge_ors_and_ignores_bits_past_nbits() -> None:
     g = GlobalBitmap(200)
     g.merge_container(bitmap_of([3], 10), 5, 10)

@@ -70,10 +70,10 @@ def merge_case(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, int]:
 def test_or_merge_matches_reference(case: tuple[np.ndarray, np.ndarray, int, int]) -> None:
     dst, src, off, nbits = case
     want = dst.copy()
-    R.or_merge(want, src, off, nbits)
+    want_count = R.or_merge(want, src, off, nbits)
     buf, got = guarded(dst)
     src_before = src.copy()
-    K.or_merge(got, src, off, nbits)
+    assert K.or_merge(got, src, off, nbits) == want_count == R.popcount(src, nbits)
     assert np.array_equal(got, want)
     assert np.array_equal(src, src_before)
     assert_guards(buf)
@@ -168,8 +168,8 @@ def test_large_merge_and_extract(off: int) -> None:
     nbits = 3001 * 64 - 17
     dst = _sparse(rng, 3100)
     want = dst.copy()
-    R.or_merge(want, src, off, nbits)
-    K.or_merge(dst, src, off, nbits)
+    assert K.or_merge(dst, src, off, nbits) == R.or_merge(want, src, off, nbits) \
+        == R.popcount(src, nbits)
     assert np.array_equal(dst, want)
     assert np.array_equal(K.test_and_clear(dst, off, nbits), R.test_and_clear(want, off, nbits))
     assert np.array_equal(dst, want)

@@ -62,8 +62,9 @@ def test_or_merge_model(src_l: list[int], dst_l: list[int], data: st.DataObject)
     nbits = data.draw(st.integers(0, len(src_l) * 64))
     off = data.draw(st.integers(0, len(dst) * 64 - nbits))
     want = to_int(dst) | ((to_int(src) & mask(0, nbits)) << off)
-    R.or_merge(dst, src, off, nbits)
+    merged = R.or_merge(dst, src, off, nbits)
     assert to_int(dst) == want
+    assert merged == bin(to_int(src) & mask(0, nbits)).count("1")   # the set bits merged
 
 
 @MODEL

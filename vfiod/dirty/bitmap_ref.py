@@ -45,20 +45,23 @@ def _pack(bits: npt.NDArray[np.uint8]) -> Bitmap:
     return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
 
 
-def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> None:
-    """OR bits ``[0, nbits)`` of ``src`` into ``dst`` bits ``[dst_bit_offset, +nbits)``.
+def or_merge(dst: Bitmap, src: Bitmap, dst_bit_offset: int, nbits: int) -> int:
+    """OR bits ``[0, nbits)`` of ``src`` into ``dst`` bits ``[dst_bit_offset, +nbits)``;
+    returns how many of those ``src`` bits are set (the pages the bitmap reported).
 
     Bits of ``src`` at or beyond ``nbits`` are ignored; ``dst`` bits outside the range are
     untouched. Only the ``dst`` words the range touches are unpacked.
     """
     dst, src, off, nbits = or_merge_args(dst, src, dst_bit_offset, nbits)
     if nbits == 0:
-        return
+        return 0
     lo, hi = off // WORD_BITS, words_for(off + nbits)
     seg = _unpack(dst[lo:hi])
     start = off - lo * WORD_BITS
-    seg[start : start + nbits] |= _unpack(src, nbits)
+    bits = _unpack(src, nbits)
+    seg[start : start + nbits] |= bits
     dst[lo:hi] = _pack(seg)
+    return int(bits.sum(dtype=np.int64))
 
 
 def popcount(words: Bitmap, nbits: int | None = None) -> int:

@@ -5,7 +5,10 @@ that merges its dirty bits into the guest's ``GlobalBitmap``.
 Mappings contiguous in both IOVA and guest address are queried as one segment (one ioctl
 and one merge, at the segment's guest page, which need not be a multiple of 64), with a
 scratch bitmap reused across syncs; bits are rescaled when the IOMMU page differs from
-the guest page. A provider that turns out unavailable (EOPNOTSUPP/ENOTTY) is replaced by
+the guest page. The scratch bitmap is one per guest (``ScratchBitmap``), shared by its
+containers: they are queried one at a time under the tracker's lock, so one buffer sized
+for the largest segment does, where one per container held a bitmap's worth of memory
+per container on top of the guest's. A provider that turns out unavailable (EOPNOTSUPP/ENOTTY) is replaced by
 the next one in its chain; after any REPORT failure the whole container counts dirty for
 that sync (the log may be lost), marked after the replacement started so that no write
 slips between.
@@ -39,11 +42,22 @@ class _Segment:
     maps: list[DmaMapping]
 
 
+class ScratchBitmap:
+    """The buffer dirty reports are written into before their merge, grown on demand."""
+
+    def __init__(self) -> None:
+        self.words: Bitmap = np.zeros(0, dtype=np.uint64)
+
+    def fit(self, nwords: int) -> None:
+        if self.words.size < nwords:
+            self.words = np.zeros(nwords, dtype=np.uint64)
+
+
 class ContainerTracking:
     """Run-time state of one container: its mappings, provider chain and segments."""
 
     def __init__(self, spec: TrackedContainer, maps: list[DmaMapping], bitmap: GlobalBitmap,
-                 page_size: int) -> None:
+                 page_size: int, scratch: ScratchBitmap) -> None:
         self.spec = spec
         self.name = spec.space.name
         self.maps = maps
@@ -51,7 +65,7 @@ class ContainerTracking:
                                          spec.pre_copy_dirty_page_tracking)
         self.chain: ProviderChain | None = None
         self.segments: list[_Segment] = []
-        self.scratch: Bitmap | None = None
+        self.scratch = scratch          # the guest's, shared by all its containers
         #: what the latest sync did with this container, for status
         self.last: str = "not synced"
         self.bitmap = bitmap            # the guest's, shared by all its containers
@@ -98,12 +112,11 @@ class ContainerTracking:
         assert chain.page_size is not None
         pg = chain.page_size
         nbits = seg.size // pg
-        bits = chain.current.report(seg.iova, seg.size, self.scratch)
+        bits = chain.current.report(seg.iova, seg.size, self.scratch.words)
         if pg != self.page_size:
             bits = kernels.rescale(bits, pg, self.page_size, nbits)
             nbits = rescaled_nbits(nbits, pg, self.page_size)
-        self.bitmap.merge_container(bits, seg.first_page, nbits)
-        return kernels.popcount(bits, nbits)
+        return self.bitmap.merge_and_count(bits, seg.first_page, nbits)
 
     def recover(self, e: ProviderUnavailable | KernelError, restart_why: str) -> str:
         """After a provider failed: the next provider if it is unavailable, else a restart
@@ -154,5 +167,4 @@ class ContainerTracking:
         self.segments = segs
         pg = self.chain.page_size if self.chain and self.chain.page_size else ps
         need = max((-(-s.size // pg) + 63) // 64 for s in segs) if segs else 0
-        if self.scratch is None or self.scratch.size < need:
-            self.scratch = np.zeros(need, dtype=np.uint64)
+        self.scratch.fit(need)

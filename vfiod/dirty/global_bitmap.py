@@ -84,6 +84,21 @@ class GlobalBitmap:
             kernels.or_merge(self._words, bitmap, first, pages)
         return pages
 
+    def merge_and_count(self, bitmap: Bitmap, first_guest_page: int, nbits: int) -> int:
+        """OR ``nbits`` bits of guest-page-sized pages in at ``first_guest_page`` (no
+        rescaling) and return how many of them are set: one pass over the bitmap where
+        ``merge_container`` followed by a popcount would take two."""
+        fn = "GlobalBitmap.merge_and_count"
+        bitmap = check_words(fn, "bitmap", bitmap)
+        first = check_count(fn, "first_guest_page", first_guest_page)
+        nbits = check_count(fn, "nbits", nbits)
+        check_span(fn, "bitmap", bitmap, 0, nbits)
+        if first + nbits > self.npages:
+            raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
+                             f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
+        with self._lock:
+            return kernels.or_merge(self._words, bitmap, first, nbits)
+
     def mark_all(self, pages: PageRange | None = None) -> None:
         """Mark ``pages`` (default: every page) dirty, e.g. for a tracker that cannot see DMA."""
         r = self._range("mark_all", pages)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from vfiod.dirty import bitmap_kernels as kernels
-from vfiod.dirty.container_tracking import ContainerTracking
+from vfiod.dirty.container_tracking import ContainerTracking, ScratchBitmap
 from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
 from vfiod.dirty.optout import StateSource, state_lookup
 from vfiod.dirty.providers.base import DirtyProvider
@@ -65,8 +65,10 @@ class DirtyTracker:
             raise ValueError(f"dirty tracker: container names must be unique, got {names}")
         end = max((r.gpa + r.size for r in self.regions), default=0)
         self.bitmap = GlobalBitmap(end // page_size, page_size)
+        self._scratch = ScratchBitmap()
         self._boxes = [ContainerTracking(c, check_mappings(c, self.regions, page_size),
-                                         self.bitmap, page_size) for c in containers]
+                                         self.bitmap, page_size, self._scratch)
+                       for c in containers]
         self.rate = DirtyRate(page_size)
         self._rate_t = 0.0
         self.running = False
@@ -175,6 +177,12 @@ class DirtyTracker:
         with self._lock:
             bits = self.bitmap.take_and_clear()
         return kernels.dirty_runs(bits, self.bitmap.npages, max_run)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Memory held for dirty reports on top of the guest's bitmap (one buffer for the
+        largest segment of any container)."""
+        return self._scratch.words.nbytes
 
     def dirty_rate(self) -> float | None:
         """Bytes per second dirtied over the latest interval between syncs."""

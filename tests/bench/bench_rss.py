@@ -1,0 +1,113 @@
+"""Benchmark ``rss_per_guest`` and ``rss_per_tib_tracked`` (issue 15 item 4): the daemon's
+memory against the number of guests and against the RAM whose dirty pages it tracks.
+
+* ``rss_per_guest`` — anonymous RSS (``tests/support/load.rss``: guest RAM is shared memfd
+  memory and not counted) of an idle ``vfiod run --backend sim`` daemon with 64 guests x 4
+  devices against one with 1 guest x 4 devices, both started in this run; value = the
+  growth per added guest, baseline = the 1-guest daemon's RSS (the fixed part, which the
+  target allows 64 MiB for).
+* ``rss_per_tib_tracked`` — what dirty tracking of a 1 TiB and a 4 TiB guest (4 type1
+  containers of a quarter each, every page dirty, one sync done) adds to a process's
+  anonymous RSS, per byte of the guest's dirty bitmap (1 bit per 4 KiB page: 32 MiB per
+  TiB). Measured in a child process (``python -m tests.bench.bench_rss SIZE_LOG2``) so the
+  parent's memory does not blur it; the child's numba kernels are loaded first. The
+  simulated kernel writes the "all dirty" answers with memset and holds no bitmap of its
+  own in this scope, so the growth is vfiod's. Target: ratio ≤ 1.1 (docs/architecture.md §3).
+
+Run alone: ``.venv/bin/python -m tests.bench.run -k rss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.bench.timing import row
+from tests.support.daemons import DaemonProcess
+from tests.support.fleet_configs import fleet_config
+from tests.support.load import rss
+
+ROOT = Path(__file__).resolve().parents[2]
+GUESTS, DEVICES = 64, 4
+FIXED_TARGET_MIB = 64
+BITMAP_TARGET = 1.1
+
+
+def _idle_rss(guests: int) -> int:
+    d = DaemonProcess(fleet_config("source", guests, DEVICES), f"bench-rss-{guests}")
+    try:
+        d.wait_ready()
+        d.call("status")                # the control path once, as any real daemon
+        return rss(d)
+    finally:
+        d.cleanup()
+
+
+def rss_per_guest() -> dict[str, Any]:
+    one = _idle_rss(1)
+    many = _idle_rss(GUESTS)
+    per = (many - one) / (GUESTS - 1)
+    return row("rss_per_guest", per / 2**10, "KiB", "anonymous RSS of the 1-guest daemon (MiB)",
+               one / 2**20, per / one, rss_1_guest_mib=round(one / 2**20, 1),
+               rss_64_guests_mib=round(many / 2**20, 1), fixed_target_mib=FIXED_TARGET_MIB,
+               fixed_met=one <= FIXED_TARGET_MIB * 2**20,
+               note=f"idle sim daemons, {DEVICES} devices per guest, 8 MiB guests; "
+                    "ratio = per-guest growth / fixed RSS")
+
+
+def _anon() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["RssAnon"].split()[0]) * 1024
+
+
+def _child(size_log2: int) -> dict[str, int]:
+    """In a fresh process: RSS growth from tracking a guest of 2^size_log2 pages."""
+    from tests.bench.bench_sync import _guest
+
+    def tracked(bits: int) -> int:
+        with tempfile.TemporaryDirectory(prefix="vfiod-bench-rss-") as tmp:
+            host, containers, tr = _guest(tmp, bits, mdev=False)
+            before = _anon()
+            tr.start(initial_all_dirty=False)
+            tr.sync("precopy")
+            grown = _anon() - before
+            tr.stop()
+            for c in containers:
+                c.close()
+            host.close()
+            return grown
+
+    tracked(12)                         # numba's kernels and the sim's first-use memory
+    return {"grown": tracked(size_log2), "bitmap_bytes": (1 << size_log2) // 8}
+
+
+def rss_per_tib_tracked(size_log2: int = 28, quick: bool = False) -> dict[str, Any]:
+    sizes = [size_log2] if quick else sorted({size_log2, 30})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    got = {}
+    for s in sizes:
+        out = subprocess.run([sys.executable, "-m", "tests.bench.bench_rss", str(s)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        got[s] = json.loads(out.stdout.strip().splitlines()[-1])
+    top = got[sizes[-1]]
+    ratio = top["grown"] / top["bitmap_bytes"]
+    return row("rss_per_tib_tracked", top["grown"] / 2**20 / ((1 << sizes[-1]) / 2**28),
+               "MiB/TiB", "dirty-bitmap bytes per TiB (MiB)", 32.0, ratio,
+               target_ratio=BITMAP_TARGET, met=ratio <= BITMAP_TARGET,
+               grown_mib={f"2^{s} pages": round(g["grown"] / 2**20, 1) for s, g in got.items()},
+               note="RssAnon growth of a process tracking a guest of 4 type1 containers "
+                    "(start + one full sync), per TiB of guest RAM")
+
+
+def benchmarks() -> list[tuple[str, Any]]:
+    return [("rss_per_guest", rss_per_guest), ("rss_per_tib_tracked", rss_per_tib_tracked)]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(int(sys.argv[1]))))

@@ -1,0 +1,39 @@
+"""Benchmark ``status_p99_64x4`` (issue 15 item 4): ``ctl status`` latency on one
+``vfiod run --backend sim`` daemon with 64 guests x 4 devices (``fleet_pair``: each guest
+runs a sim workload dirtying 256 KiB/s in the daemon, none migrates), offered at 100/s, open
+loop, over two persistent connections for 5 s (``tests/support/load.py``; every other
+request asks for all guests, the rest for one). Latency is from the moment a request is
+due to its answer's arrival, so the client's own reading is in it. Baseline: the same
+daemon's p50 in the same run. Target: p99 ≤ 5 ms.
+
+Run alone: ``.venv/bin/python -m tests.bench.run -k status_p99``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.bench.timing import row
+from tests.support.fleet_configs import fleet_guest
+from tests.support.load import fleet_pair, run_load
+
+GUESTS, DEVICES = 64, 4
+RATE, CONNECTIONS = 100.0, 2
+TARGET_MS = 5.0
+
+
+def bench_status_p99_64x4(quick: bool = False) -> dict[str, Any]:
+    guests = [fleet_guest(i) for i in range(GUESTS)]
+    with fleet_pair(GUESTS, DEVICES, "bench-status") as (src, dst):
+        run_load(src, dst, rate=20.0, connections=1, duration_s=1.0, migrate=[],
+                 guests=guests)                      # warm-up: first answers, imports
+        r = run_load(src, dst, rate=RATE, connections=CONNECTIONS,
+                     duration_s=2.0 if quick else 5.0, migrate=[], guests=guests)
+    if r.errors:
+        raise RuntimeError(f"status load: {r.errors[:5]}")
+    p99 = r.p(0.99) * 1e3
+    return row("status_p99_64x4", p99, "ms", "p50 of the same requests", r.p(0.5) * 1e3,
+               p99 / (r.p(0.5) * 1e3), target_ms=TARGET_MS, met=p99 <= TARGET_MS,
+               requests=r.requests, max_ms=round(max(r.latencies) * 1e3, 3),
+               note=f"{GUESTS} guests x {DEVICES} devices with sim workloads, {RATE:g}/s over "
+                    f"{CONNECTIONS} connections; half full status, half one guest")
