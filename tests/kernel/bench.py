@@ -27,10 +27,25 @@ from typing import Any
 from tests.kernel import assets as assets_mod
 from tests.kernel import vm as vm_mod
 from tests.kernel.guest import numba_cache
+from tests.kernel.results import KERNEL_BENCH_RESULT_FILE, KERNEL_BENCH_RUNS_FILE
 
 GUEST_BENCH = "tests/kernel/guest/bench_native_dma_prediction.py"
 MEDIAN_TARGET = 0.2
+DEFAULT_RUNS = 3
 P90_TARGET = 0.4
+
+
+def runs_from(raw: str | None) -> int:
+    """Runs per case from ``VFIOD_KBENCH_RUNS`` (None: the default)."""
+    if raw is None:
+        return DEFAULT_RUNS
+    try:
+        runs = int(raw)
+    except ValueError:
+        runs = 0
+    if runs < 1:
+        raise ValueError(f"VFIOD_KBENCH_RUNS={raw!r} is not a whole number of runs >= 1")
+    return runs
 
 
 def p90(xs: list[float]) -> float:
@@ -81,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     default=assets_mod.REPO / ".bench" / "kernel-prediction.json")
     args = ap.parse_args(argv)
+    try:
+        runs = runs_from(os.environ.get("VFIOD_KBENCH_RUNS"))
+    except ValueError as e:
+        print(f"kernel-bench: {e}", file=sys.stderr)
+        return 2
     why = vm_mod.why_not_runnable()
     if why:
         print(f"kernel-bench cannot run here: {why}", file=sys.stderr)
@@ -91,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     with timings.part("numba cache (guest)"):
         numba_cache.warm_guest_numba_cache()
     results = Path(tempfile.mkdtemp(prefix="vfiod-kbench-"))
+    (results / KERNEL_BENCH_RUNS_FILE).write_text(str(runs))
     try:
         run = vm_mod.run_guest(guest_assets, results,
                                [GUEST_BENCH, "-o", "timeout=600", "-s"])
     except vm_mod.VmError as e:
         print(f"kernel-bench: {e}", file=sys.stderr)
         return 1
-    figures = results / "kernel-bench.json"
+    figures = results / KERNEL_BENCH_RESULT_FILE
     if not figures.exists():
         print(f"kernel-bench: the guest wrote no figures (exit {run.exit_code})\n"
               f"{run.output}", file=sys.stderr)

@@ -35,3 +35,11 @@ def test_kernel_bench_summary_checks_each_target() -> None:
     assert (s["fresh_first_error"], s["fresh_first_met"]) == (0.3, False)
     text = bench.table(guest, s)
     assert "c (fresh)" in text and "NOT met" in text and "5 migrations" in text
+
+
+def test_kernel_bench_runs_come_from_the_environment_or_refuse_it() -> None:
+    assert bench.runs_from(None) == bench.DEFAULT_RUNS
+    assert bench.runs_from("5") == 5
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(ValueError, match="VFIOD_KBENCH_RUNS"):
+            bench.runs_from(bad)

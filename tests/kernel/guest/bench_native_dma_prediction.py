@@ -17,7 +17,6 @@ RESUMED) and |predicted - actual| / actual; the JSON goes to the results share.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import pytest
 from tests.kernel.guest import rig
 from tests.kernel.guest.native_dma import DmaControl
 from tests.kernel.guest.test_migration_session import Side, build_side
+from tests.kernel.results import KERNEL_BENCH_RESULT_FILE, KERNEL_BENCH_RUNS_FILE
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.planning.hostfacts import gather_host_facts
 from vfiod.migration.planning.predictor import DEFAULT_DOWNTIME_LIMIT_S, Policy
@@ -42,8 +42,6 @@ from vfiod.vfio import HostPaths
 PAGE = 4096
 KiB = 1 << 10
 MiB = 1 << 20
-#: where the guest writes its figures (tests/kernel/bench.py reads them back)
-RESULT_FILE = "kernel-bench.json"
 DEADLINE_S = 60.0
 #: the writer rewrites these pages of the 4 MiB guest RAM, in turn
 WRITER_IOVA = 512 * PAGE
@@ -62,11 +60,11 @@ class KernelBenchCase:
         return f"state{self.state_bytes // KiB}KiB_dma{self.writer_pages_s}ps_{cap}"
 
 
-def matrix_from_env() -> tuple[list[KernelBenchCase], int]:
-    """The matrix and the runs per case; ``VFIOD_KBENCH_RUNS`` sets the runs (default 3)."""
-    runs = int(os.environ.get("VFIOD_KBENCH_RUNS", "3"))
-    if runs < 1:
-        raise ValueError(f"VFIOD_KBENCH_RUNS={runs} must be at least 1")
+def matrix_from_host() -> tuple[list[KernelBenchCase], int]:
+    """The matrix and the runs per case, which the host wrote to the results share
+    (``KERNEL_BENCH_RUNS_FILE``; tests/kernel/bench.py: ``VFIOD_KBENCH_RUNS``); 3 without it."""
+    runs_file = rig.RESULTS / KERNEL_BENCH_RUNS_FILE
+    runs = int(runs_file.read_text()) if runs_file.exists() else 3
     cases = [KernelBenchCase(size, rate, cap)
              for size in (256 * KiB, 4 * MiB, 16 * MiB)
              for rate in (0, 300)
@@ -153,7 +151,7 @@ def run_one(kernel: LinuxKernel, paths: HostPaths, pair: tuple[str, str],
 def test_kernel_prediction_matrix(kernel: LinuxKernel, paths: HostPaths,
                                   native_dma_pair: tuple[str, str],
                                   numba_cache: None) -> None:
-    cases, runs = matrix_from_env()
+    cases, runs = matrix_from_host()
     # this process has migrated nothing yet: its first prediction is a fresh daemon's
     first = run_one(kernel, paths, native_dma_pair, cases[0], SwitchoverHistory(), seed=1)
     history = SwitchoverHistory()
@@ -167,6 +165,6 @@ def test_kernel_prediction_matrix(kernel: LinuxKernel, paths: HostPaths,
             except Exception as e:  # noqa: BLE001 - one failed case must not hide the rest
                 failures.append(f"{case.name} run {run}: {e!r}")
     out = {"fresh_first": first, "cases": rows, "failures": failures, "runs": runs}
-    (rig.RESULTS / RESULT_FILE).write_text(json.dumps(out, indent=1))
+    (rig.RESULTS / KERNEL_BENCH_RESULT_FILE).write_text(json.dumps(out, indent=1))
     if failures or not rows:
         pytest.fail("cases failed: " + "; ".join(failures), pytrace=False)
