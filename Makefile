@@ -8,7 +8,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 #: a skipped test fails `make test`: every tier runs, or the run says what is missing
 NO_SKIPS := -p tests.support.no_skips
 
-.PHONY: help deps venv test test-fast lint typecheck bench demo kernel-test clean
+.PHONY: help deps venv test test-fast lint typecheck bench demo kernel-test kernel-bench clean
 
 help:
 	@echo "make test         install missing system packages (as root; else say how), create"
@@ -16,6 +16,8 @@ help:
 	@echo "make deps         only the system packages (.ci/deps, the one list)"
 	@echo "make test-fast    every tier except the real-kernel QEMU tier"
 	@echo "make kernel-test  the real-kernel tier: Linux 6.12 VFIO under QEMU"
+	@echo "make kernel-bench the downtime prediction's error on the real kernel (boots the"
+	@echo "                  guest; .bench/kernel-prediction.json)"
 	@echo "make bench        benchmarks as ratios against same-run baselines (.bench/results.json)"
 	@echo "make demo         migrate a simulated 4 GiB guest with three devices over loopback"
 	@echo "make fuzz         the hypothesis fuzz tests with a large budget (VFIOD_FUZZ_EXAMPLES)"
@@ -58,6 +60,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.run
+
+#: not part of `make test`: the guest runs only tests/kernel/guest/bench_*.py's matrix
+kernel-bench: deps $(STAMP)
+	$(PY) -m tests.kernel.bench
 
 demo: $(STAMP)
 	$(VENV)/bin/vfiod demo

@@ -13,6 +13,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+#: ``make kernel-bench`` (tests/kernel/bench.py) on the results share: the runs per case
+#: the host asks for (the guest's environment is init.sh's, not the host's), and the
+#: figures the guest writes back
+KERNEL_BENCH_RUNS_FILE = "kernel-bench-runs"
+KERNEL_BENCH_RESULT_FILE = "kernel-bench.json"
+
 
 @dataclass(frozen=True)
 class CaseResult:
