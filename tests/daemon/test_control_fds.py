@@ -4,7 +4,6 @@ and a peer that SO_PEERCRED refuses never gets them to a handler."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.as_nobody import call_as_nobody
 from vfiod.api import ApiError, ApiErrorCode, AttachArgs, ClientError, ControlClient
 from vfiod.api.ops import Args
 from vfiod.daemon.control_server import ControlServer
 
-NOBODY = 65534
 RAM = [{"region": "ram", "gpa": 0, "size": 4096, "offset": 0, "fd": 0}]
 
 
@@ -80,33 +79,8 @@ def _open_memfds(name: str) -> list[int]:
 
 
 def _attach_as_nobody(path: str, fd: int) -> dict[str, Any]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with ControlClient(path, timeout=20) as c:
-                out: dict[str, Any] = {"result": c.call("attach", {"guest": "g", "ram": RAM},
-                                                        fds=[fd])}
-        except ClientError as e:
-            out = {"kind": e.kind, "code": e.code.value if e.code else None,
-                   "message": e.message}
-        except BaseException as e:  # noqa: BLE001 - report anything to the parent
-            out = {"child": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return dict(json.loads(data))
+    return call_as_nobody(path, lambda c: c.call("attach", {"guest": "g", "ram": RAM},
+                                                 fds=[fd]))
 
 
 def test_a_peer_so_peercred_refuses_never_hands_fds_over(served) -> None:

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.as_nobody import call_as_nobody
 from vfiod.api import ApiError, ApiErrorCode, ClientError, ControlClient
 from vfiod.api.ops import Args
 from vfiod.daemon.control_server import ControlServer, PeerCred, check_peer, proc_groups
 from vfiod.errors import VfiodError
-
-NOBODY = 65534
 
 
 def dispatch(op: str, args: Args) -> dict[str, Any]:
@@ -78,32 +77,7 @@ def test_supplementary_groups_from_proc(tmp_path: Path) -> None:
 
 def _as_nobody(path: str) -> dict[str, Any]:
     """Call ``hello`` as uid/gid 65534 from a forked child; returns what it saw."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                          # child: report through the pipe, then _exit
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with ControlClient(path, timeout=20) as c:
-                out: dict[str, Any] = {"result": c.call("hello")}
-        except ClientError as e:
-            out = {"kind": e.kind, "code": e.code.value if e.code else None,
-                   "message": e.message}
-        except BaseException as e:  # noqa: BLE001 - report anything to the parent
-            out = {"child": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return dict(json.loads(data))
+    return call_as_nobody(path, lambda c: c.call("hello"))
 
 
 def test_unprivileged_peer_is_refused_on_a_real_socket(server: ControlServer) -> None:

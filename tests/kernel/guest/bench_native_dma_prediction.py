@@ -26,7 +26,7 @@ import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.native_dma import DmaControl
-from tests.kernel.guest.test_migration_session import Side, build_side
+from tests.kernel.guest.test_migration_session import Side, side_pair
 from tests.kernel.results import KERNEL_BENCH_RESULT_FILE, KERNEL_BENCH_RUNS_FILE
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.planning.hostfacts import gather_host_facts
@@ -110,13 +110,7 @@ def migrate_case(src: Side, dst: Side, cap_bps: float | None,
 def run_one(kernel: LinuxKernel, paths: HostPaths, pair: tuple[str, str],
             case: KernelBenchCase, history: SwitchoverHistory, seed: int) -> dict[str, Any]:
     facts = gather_host_facts(kernel)
-    src = build_side(kernel, paths, "kbench-src", pair[0], facts)
-    try:
-        dst = build_side(kernel, paths, "kbench-dst", pair[1], facts)
-    except BaseException:
-        src.guest.close()
-        raise
-    try:
+    with side_pair(kernel, paths, ("kbench-src", "kbench-dst"), pair, facts) as (src, dst):
         sctl, dctl = DmaControl(src.dev.name), DmaControl(dst.dev.name)
         sctl.state_size = case.state_bytes
         sctl.fill(seed=seed)
@@ -130,9 +124,6 @@ def run_one(kernel: LinuxKernel, paths: HostPaths, pair: tuple[str, str],
         # what the device handed out before and after the stop: the state's share of
         # the downtime
         mig = sctl.mig_stats()
-    finally:
-        src.guest.close()
-        dst.guest.close()
     if res.result != "completed" or res.prediction_error is None:
         raise RuntimeError(f"{case.name}: {res.result}: {res.reason}")
     return {"case": case.name, "state_bytes": case.state_bytes,

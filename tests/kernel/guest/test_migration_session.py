@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -82,17 +83,13 @@ def build_side(kernel: LinuxKernel, paths: HostPaths, name: str, uuid: str,
     return Side(g, gd, log, rig.Uart(gd.device), facts)
 
 
-@pytest.fixture(scope="module")
-def host_facts(kernel: LinuxKernel) -> HostFacts:
-    return gather_host_facts(kernel)
-
-
-@pytest.fixture
-def sides(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
-          host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
-    src = build_side(kernel, paths, "vm-src", mtty_pair[0], host_facts)
+@contextmanager
+def side_pair(kernel: LinuxKernel, paths: HostPaths, names: tuple[str, str],
+              devices: tuple[str, str], facts: HostFacts) -> Iterator[tuple[Side, Side]]:
+    """A source and a destination guest (``names``) on ``devices``, closed afterwards."""
+    src = build_side(kernel, paths, names[0], devices[0], facts)
     try:
-        dst = build_side(kernel, paths, "vm-dst", mtty_pair[1], host_facts)
+        dst = build_side(kernel, paths, names[1], devices[1], facts)
     except BaseException:
         src.guest.close()
         raise
@@ -101,8 +98,20 @@ def sides(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
     finally:
         src.guest.close()
         dst.guest.close()
-        for uuid in mtty_pair:      # a migrated source stays in STOP after close (mtty)
-            close_migratable(open_device(kernel, paths, uuid))
+
+
+@pytest.fixture(scope="module")
+def host_facts(kernel: LinuxKernel) -> HostFacts:
+    return gather_host_facts(kernel)
+
+
+@pytest.fixture
+def sides(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
+          host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
+    with side_pair(kernel, paths, ("vm-src", "vm-dst"), mtty_pair, host_facts) as pair:
+        yield pair
+    for uuid in mtty_pair:          # a migrated source stays in STOP after close (mtty)
+        close_migratable(open_device(kernel, paths, uuid))
 
 
 def kernel_state_after_release(kernel: LinuxKernel, paths: HostPaths, uuid: str) -> MigState:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.kernel.guest.native_dma import DmaControl
-from tests.kernel.guest.test_migration_session import Side, build_side, migrate_tcp
+from tests.kernel.guest.test_migration_session import Side, migrate_tcp, side_pair
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.states import GuestState, MigState
@@ -41,19 +41,13 @@ def fault_host_facts(kernel: LinuxKernel) -> HostFacts:
 @pytest.fixture
 def fault_sides(kernel: LinuxKernel, paths: HostPaths, native_dma_pair: tuple[str, str],
                 fault_host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
-    src = build_side(kernel, paths, "vm-fault-src", native_dma_pair[0], fault_host_facts)
-    try:
-        dst = build_side(kernel, paths, "vm-fault-dst", native_dma_pair[1], fault_host_facts)
-    except BaseException:
-        src.guest.close()
-        raise
-    try:
-        yield src, dst
-    finally:
-        for side in (src, dst):
-            DmaControl(side.dev.name).fail_arc(None)
-        src.guest.close()
-        dst.guest.close()
+    with side_pair(kernel, paths, ("vm-fault-src", "vm-fault-dst"), native_dma_pair,
+                   fault_host_facts) as (src, dst):
+        try:
+            yield src, dst
+        finally:                    # disarmed before the guests close their devices
+            for side in (src, dst):
+                DmaControl(side.dev.name).fail_arc(None)
 
 
 @pytest.mark.parametrize(("side", "arc", "err"), CASES,

@@ -22,7 +22,7 @@ import pytest
 
 from tests.kernel.guest.conftest import Opened, open_device
 from tests.kernel.guest.native_dma import CHUNK, RECORD, STREAM_HEADER, DmaControl
-from tests.kernel.guest.test_migration_session import Side, build_side, migrate_tcp
+from tests.kernel.guest.test_migration_session import Side, migrate_tcp, side_pair
 from tests.support.daemons import wait_until
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
@@ -164,17 +164,9 @@ def dma_host_facts(kernel: LinuxKernel) -> HostFacts:
 @pytest.fixture
 def dma_sides(kernel: LinuxKernel, paths: HostPaths, native_dma_pair: tuple[str, str],
               dma_host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
-    src = build_side(kernel, paths, "vm-dma-src", native_dma_pair[0], dma_host_facts)
-    try:
-        dst = build_side(kernel, paths, "vm-dma-dst", native_dma_pair[1], dma_host_facts)
-    except BaseException:
-        src.guest.close()
-        raise
-    try:
-        yield src, dst
-    finally:
-        src.guest.close()
-        dst.guest.close()
+    with side_pair(kernel, paths, ("vm-dma-src", "vm-dma-dst"), native_dma_pair,
+                   dma_host_facts) as pair:
+        yield pair
 
 
 def test_native_dma_session_migrates_state_changed_in_precopy(
