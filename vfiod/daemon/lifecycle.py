@@ -36,9 +36,10 @@ committed migration has no outcome is opened and goes claimed → outcome-unknow
 Every transition is one immutable ``LifecycleTransition`` (guest, from, to, cause,
 migration id, peer, time), logged with its cause when made. ``record``, when given, writes
 it to the journal (docs/architecture.md §1.8) before the state changes: a transition the
-journal cannot hold does not happen. Records can be read back (``from_json``) and replayed
-(``GuestLifecycle.replay``): replay checks each record against the table and the guest's
-current state, so a journal that skips a step is refused rather than believed.
+journal cannot hold does not happen. Records are read back with ``from_json``. A restart does not
+replay the whole chain: a process death released everything, so ``recovery.py`` decides
+from each guest's last record and its migration's outcome. ``GuestLifecycle.replay``
+checks a chain of records against the table; the daemon itself does not call it.
 """
 
 from __future__ import annotations

@@ -152,8 +152,9 @@ class MigrationResult:
         d["history"] = [p.to_dict() for p in self.history]
         return d
 
-    def take_resumed_ack(self, fields: dict[str, Any]) -> None:
-        """The source: what the destination's ACK resumed says it verified."""
+    def take_verification_ack(self, fields: dict[str, Any]) -> None:
+        """The source: what the destination says it verified, in its ACK prepared and again
+        in its ACK resumed."""
         peer = {k: v for k, v in fields.items() if k != "value"}
         self.peer.update(peer)
         self.verified = bool(peer.get("verified"))

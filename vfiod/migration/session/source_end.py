@@ -55,7 +55,7 @@ class SourceEnding(SessionBase):
     # -- the confirmed switchover ---------------------------------------------------------
     def _await_prepared(self) -> None:
         ack = self.link.wait_ack(AckStage.PREPARED, self.config.ack_timeout_s)
-        self.result.take_resumed_ack(ack.fields)   # its verification, as it reports it
+        self.result.take_verification_ack(ack.fields)   # its verification, as it reports it
 
     def _commit_switchover(self) -> None:
         """Journal the decision, then nothing rolls back here on its own. A journal that
@@ -84,7 +84,7 @@ class SourceEnding(SessionBase):
         out, r = self.predictor.record_actual(self.clock() - self._stop_t), self.result
         r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
         r.prediction_error = out.error
-        r.take_resumed_ack(ack.fields)
+        r.take_verification_ack(ack.fields)
         r.downtime_breakdown = self._breakdown(out.actual_s, ack.fields.get("timings"))
         try:            # the guest runs there already: this adds nothing to the downtime
             self.link.send_control(r.downtime_report())
