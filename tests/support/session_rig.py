@@ -231,12 +231,14 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
             wrap_source: Callable[[Any], Any] | None = None,
             journals: tuple[SwitchoverJournal, SwitchoverJournal] = (UNJOURNALED,
                                                                      UNJOURNALED),
-            timeout: float = 120.0, history: SwitchoverHistory | None = None) -> Run:
+            timeout: float = 120.0, history: SwitchoverHistory | None = None,
+            vmm: tuple[Any, Any] = (None, None)) -> Run:
     """One migration attempt over loopback TCP; the destination runs in a thread.
     ``wrap_dest``/``wrap_source`` wrap either end's link (faults); ``journals``: the
     source's and the destination's switchover journal; ``history``: earlier switchovers
     the source learns from (None: none, so one test's migrations do not steer another's
-    policy decisions)."""
+    policy decisions); ``vmm``: the source's and the destination's VMM half of a
+    coordinated migration (tests/support/fake_vmm.py)."""
     config = config or SessionConfig()
     box: dict[str, Any] = {}
     with Listener("127.0.0.1", 0) as lst:
@@ -248,7 +250,7 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
                     s = DestinationSession(dst.guest, link, host=dst.facts,
                                            config=dest_config or config,
                                            memory_encryption=dst_encryption,
-                                           journal=journals[1])
+                                           journal=journals[1], vmm=vmm[1])
                     box["session"] = s
                     box["result"] = s.run()
             except BaseException as e:  # noqa: BLE001 - reported to the test
@@ -269,7 +271,7 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
         try:
             s = SourceSession(src.guest, link, host=src.facts, config=config,
                               memory_encryption=src_encryption, progress=progress,
-                              journal=journals[0],
+                              journal=journals[0], vmm=vmm[0],
                               history=history if history is not None else SwitchoverHistory())
             s.add_state_handler(at_end)
             if on_source is not None:

@@ -146,6 +146,10 @@ class MigrationResult:
     #: source: ``{component: {"predicted_s", "actual_s"}}`` of the downtime
     #: (``vfiod.migration.planning.breakdown``)
     downtime_breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: a migration coordinated with the VMM's own (docs/architecture.md §8.3): its half
+    #: (``progress``: its last ``VmmProgress``; the downtime split into the VMM's share
+    #: and the devices' share, predicted and measured)
+    vmm: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -68,8 +68,11 @@ from vfiod.migration.session.common import (
 )
 from vfiod.migration.session.dest_end import DestinationEnding
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots, zero_ram
+from vfiod.migration.session.vmm_dest import DestVmmSteps
+from vfiod.migration.session.vmm_half import VmmDestinationHalf
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.reader import (
     Complete,
     DeviceData,
@@ -87,11 +90,17 @@ from vfiod.migration.transport.control import (
 )
 
 
-class DestinationSession(DestinationEnding, SessionBase):
+class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
     role = "destination"
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    def __init__(self, *args: Any, vmm: VmmDestinationHalf | None = None,
+                 **kw: Any) -> None:
+        """``SessionBase``'s arguments; ``vmm``: the VMM's half of a coordinated
+        migration (docs/architecture.md §8.3), None for vfiod alone."""
         super().__init__(*args, **kw)
+        self.vmm = vmm
+        self._shadow = []
+        self._received_runs = []
         self.reader: StreamReader | None = None
         self.header: StreamHeader | None = None
         self.digests: RamDigests | None = None
@@ -113,6 +122,7 @@ class DestinationSession(DestinationEnding, SessionBase):
         finally:
             self.reader = None          # it holds writable views of guest memory
             self.digests = None
+            self._close_shadow()
 
     def _run(self) -> MigrationResult:
         self.started_at = self.clock()
@@ -123,6 +133,7 @@ class DestinationSession(DestinationEnding, SessionBase):
             self._set_state(MigrationState.ACTIVE)
             self._receive()
             self._verify()
+            self._vmm_apply()
             self._prepare()
         except BaseException as e:
             res = self._discard(e)
@@ -149,11 +160,15 @@ class DestinationSession(DestinationEnding, SessionBase):
         # RAM file reused from an earlier run (a daemon's file-backed guest reopened as
         # incoming) may hold old data that would survive the migration unnoticed, since
         # the digests take unsent pages as zero: clear it first (holes stay holes).
-        stale = zero_ram(g.kernel, g.ram, g.page_size)
-        self.result.verification["stale_pages_zeroed"] = stale
+        # With a VMM half the VMM fills guest RAM and vfiod's pages land in a fresh shadow.
+        if self.vmm is None:
+            stale = zero_ram(g.kernel, g.ram, g.page_size)
+            self.result.verification["stale_pages_zeroed"] = stale
+        landing = self._landing_blocks()
         self.challenge = secrets.token_hex(16)
         self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
-                                                  challenge=self.challenge))
+                                                  challenge=self.challenge,
+                                                  **self._vmm_hello()))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
         t_header = self.clock()
@@ -173,8 +188,9 @@ class DestinationSession(DestinationEnding, SessionBase):
             raise PreflightError(reasons)
         mine = {d.id: d for d in g.devices}      # paired by id, as preflight checked
         self._by_index = [mine[d.id] for d in h.devices]
-        self.reader.attach_ram(g.guest_ram(writable=True))
-        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
+        self.reader.attach_ram(GuestRam(g.page_size, g.ram_regions(),
+                                        [b.view() for b in landing], writable=True))
+        self.digests = RamDigests(g.ram_regions(), [b.view() for b in landing], g.page_size)
         # the time spent here is not network: the source subtracts it from its round trip
         self.link.send_control(ControlMessage.ack(AckStage.HEADER, self.reader.records,
                                                   busy_s=self.clock() - t_header))
@@ -188,6 +204,7 @@ class DestinationSession(DestinationEnding, SessionBase):
             self._check_cancel()            # an operator's cancel, at the next record
             if isinstance(ev, RamLoaded):
                 dg.touch_range(ev.first_page, ev.count)
+                self._landed(ev.first_page, ev.count)
             elif isinstance(ev, DeviceData):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):

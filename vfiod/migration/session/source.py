@@ -76,6 +76,8 @@ from vfiod.migration.session.phases import (
 )
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
+from vfiod.migration.session.vmm_half import VmmSourceHalf
+from vfiod.migration.session.vmm_source import VMM_POLL_S
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
@@ -98,16 +100,22 @@ class SourceSession(SourceEnding, SessionBase):
                  live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None,
                  journal: SwitchoverJournal = UNJOURNALED,
-                 history: SwitchoverHistory | None = None) -> None:
+                 history: SwitchoverHistory | None = None,
+                 vmm: VmmSourceHalf | None = None) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
         before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
         ``journal``: where the decision to commit is written first (§1.7); ``history``:
         earlier switchovers of this guest on this host, for what cannot be measured before
-        this one (default: this process's, ``HOST_HISTORY``)."""
+        this one (default: this process's, ``HOST_HISTORY``); ``vmm``: the VMM's half of
+        a coordinated migration (docs/architecture.md §8.3, ``vmm_source.py``)."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
         self.progress, self.live = progress, live
+        self.vmm = vmm
+        self._vmm_incoming = ""
+        self._vmm_last_migrating_t: float | None = None
+        self._vmm_stopped = None
         self.source_host = source_host or self.facts.host.hostname
         self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
         self.tracker: DirtyTracker | None = None
@@ -196,7 +204,7 @@ class SourceSession(SourceEnding, SessionBase):
                               g.ram_regions(), g.device_infos(), challenge=self.challenge)
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
-        reasons = compare(self.facts, dest)
+        reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
         try:
             self.writer.start()       # the HEADER: the destination checks it too
         except TransportError:
@@ -215,7 +223,8 @@ class SourceSession(SourceEnding, SessionBase):
         g, cfg, w = self.guest, self.config, self.writer
         assert w is not None
         self.tracker = g.make_tracker()
-        self.tracker.start(initial_all_dirty=True)
+        # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
+        self.tracker.start(initial_all_dirty=self.vmm is None)
         self.predictor.dirty.start(self.clock())
         t0 = self.clock()
         for d in g.devices:
@@ -231,6 +240,7 @@ class SourceSession(SourceEnding, SessionBase):
                                 record_pages=cfg.record_bytes // g.page_size,
                                 clock=self.clock, between=self._check_cancel,
                                 publish=self._publish_live)
+        self._vmm_start()
 
     def _device_sink(self, dev: GuestDevice) -> DeviceDataSink:
         w = self.writer
@@ -246,8 +256,10 @@ class SourceSession(SourceEnding, SessionBase):
         while True:
             self._check_cancel()
             self.iteration += 1
-            ram = sender.send(tr.take_dirty_runs(cfg.max_run_pages), quiescent=False,
-                              zero_scan=self.iteration == 1 and cfg.zero_scan_first_pass)
+            # with a VMM half, device-written pages wait for the switchover (vmm_source.py)
+            ram = 0 if self.vmm is not None else sender.send(
+                tr.take_dirty_runs(cfg.max_run_pages), quiescent=False,
+                zero_scan=self.iteration == 1 and cfg.zero_scan_first_pass)
             dev_bytes = 0
             for d in self.guest.devices:
                 if d.driver.has_precopy:
@@ -266,6 +278,11 @@ class SourceSession(SourceEnding, SessionBase):
             decision = self._predict(sync, pendings, start, ram, dev_bytes)
             if decision is Decision.CANCEL:
                 raise Cancelled(self.result.history[-1].reason, by="policy")
+            if self.vmm is not None:     # the VMM decides when: at its pre-switchover wait
+                if self._vmm_waits_to_switch():
+                    return
+                self._cancel.wait(VMM_POLL_S)
+                continue
             if decision in (Decision.SWITCHOVER, Decision.FORCE):
                 return
             if ram == 0 and dev_bytes == 0 and cfg.idle_pass_s > 0:
@@ -327,7 +344,10 @@ class SourceSession(SourceEnding, SessionBase):
         devs = self.guest.devices
         t = self.result.timings
         self._stop_t = self.clock()
+        if self._vmm_last_migrating_t is not None:   # its vCPUs stopped after this poll
+            self._stop_t = self._vmm_last_migrating_t
         self.guest.pause(GuestState.FINISH_MIGRATE)
+        self._vmm_switch()
         t0 = t["pause_s"] = self.clock()
         if devs and all(d.driver.has_p2p for d in devs):
             for d in devs:              # no device may DMA into a peer that has stopped
@@ -356,6 +376,9 @@ class SourceSession(SourceEnding, SessionBase):
             source_regions=[r.to_dict() for r in dg.roots()],
             manifest_records=manifest.records,
             source_hash_total_s=dg.hash_seconds)
+        if self.vmm is not None:
+            self.result.predicted_downtime_s = self._vmm_predicted_s(
+                self.result.predicted_downtime_s)
         self.link.send_control(ControlMessage.digests(     # the destination reports it too
             manifest.records, [r.to_dict() for r in dg.roots()],
             predicted_downtime_s=self.result.predicted_downtime_s))

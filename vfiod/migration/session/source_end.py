@@ -27,8 +27,9 @@ from vfiod.dirty.tracker import DirtyTracker
 from vfiod.errors import KernelError, PreflightError
 from vfiod.migration.planning.breakdown import actual_parts, breakdown
 from vfiod.migration.planning.predictor import DowntimePredictor, FixedCosts
-from vfiod.migration.session.common import MigrationResult, SessionBase
+from vfiod.migration.session.common import MigrationResult
 from vfiod.migration.session.history import SwitchoverHistory
+from vfiod.migration.session.vmm_source import SourceVmmSteps
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.control import (
@@ -39,7 +40,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceEnding(SessionBase):
+class SourceEnding(SourceVmmSteps):
     """The end of ``SourceSession`` (its base: it uses the session's writer, tracker and
     predictor)."""
 
@@ -76,16 +77,26 @@ class SourceEnding(SessionBase):
             return self._unsettled(e)
         self._set_state(MigrationState.COMPLETED)
         self._finish()
+        self._vmm_completed()
         return self._result("completed", "")
 
     def _await_destination(self) -> None:
         assert self._stop_t is not None
         ack = self.link.wait_ack(AckStage.RESUMED, self.config.ack_timeout_s)
-        out, r = self.predictor.record_actual(self.clock() - self._stop_t), self.result
-        r.actual_downtime_s, r.predicted_downtime_s = out.actual_s, out.predicted_s
+        actual_s, r = self.clock() - self._stop_t, self.result
+        theirs = ack.fields.get("timings")
+        # with a VMM half, vfiod's own parts are what its wait for the VMM leaves
+        vmm_s = _seconds(theirs, "vmm_incoming_wait_s")
+        out = self.predictor.record_actual(max(0.0, actual_s - vmm_s))
+        r.actual_downtime_s, r.predicted_downtime_s = actual_s, out.predicted_s
         r.prediction_error = out.error
+        if self.vmm is not None:
+            self._vmm_measured(actual_s, vmm_s)
+            r.predicted_downtime_s = self._vmm_predicted_s(out.predicted_s)
+            r.prediction_error = (None if r.predicted_downtime_s is None or actual_s <= 0
+                                  else abs(r.predicted_downtime_s - actual_s) / actual_s)
         r.take_verification_ack(ack.fields)
-        r.downtime_breakdown = self._breakdown(out.actual_s, ack.fields.get("timings"))
+        r.downtime_breakdown = self._breakdown(out.actual_s, theirs)
         try:            # the guest runs there already: this adds nothing to the downtime
             self.link.send_control(r.downtime_report())
         except TransportError as e:
@@ -98,8 +109,7 @@ class SourceEnding(SessionBase):
         dest = theirs if isinstance(theirs, dict) else {}
 
         def dest_s(key: str) -> float:
-            v = dest.get(key)
-            return float(v) if isinstance(v, int | float) and v >= 0 else 0.0
+            return _seconds(dest, key)
         actual = actual_parts(
             actual_s, device_stop_s=t["pause_s"] + t["device_stop_copy_s"],
             final_sync_s=t["final_sync_s"], ram_transfer_s=max(0.0, t["final_stream_s"]),
@@ -133,6 +143,7 @@ class SourceEnding(SessionBase):
         """The destination will never run it: devices back to RUNNING, the guest resumes."""
         self._rollback_devices(self.guest.devices)
         self._stop_tracking()
+        self._vmm_abandon()
         self._resume_guest()
         self._set_state(MigrationState.FAILED)
         return self._result("failed", f"rolled back: {why}")
@@ -174,6 +185,7 @@ class SourceEnding(SessionBase):
         self._tell_destination_to_discard(reason)
         self._rollback_devices(self.guest.devices)
         self._stop_tracking()
+        self._vmm_abandon()
         self._resume_guest()
         self._set_state(final)
         kind = "cancelled" if final is MigrationState.CANCELLED else "failed"
@@ -193,3 +205,8 @@ class SourceEnding(SessionBase):
         except Exception as e:  # noqa: BLE001 - the link may be what failed
             self.result.warnings.append(f"could not tell the destination to discard: {e}")
 
+
+def _seconds(timings: Any, key: str) -> float:
+    """A duration the peer reported in ``timings``; 0 when missing or not a number."""
+    v = timings.get(key) if isinstance(timings, dict) else None
+    return float(v) if isinstance(v, int | float) and v >= 0 else 0.0

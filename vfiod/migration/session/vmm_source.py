@@ -1,0 +1,116 @@
+"""The source session's steps when its migration is coordinated with the VMM's own
+(docs/architecture.md §8.3; the contract: ``vmm_half.py``).
+
+    handshake  both ends must agree: the destination's ACK hello names its VMM's incoming
+               address exactly when this end has a VMM half (else preflight refuses,
+               naming the end that is not configured for it).
+    setup      tracking starts with no page dirty, then the VMM's migration starts.
+    pre-copy   device state only; each pass asks the VMM whether it waits before its
+               switchover. Its migration ending any other way fails this one.
+    switch     the guest pauses (the VMM's vCPUs are already stopped), the VMM is let
+               finish at once, and vfiod's stop-and-copy runs beside its final pass.
+    rollback   the VMM's migration is cancelled if it still runs, before the guest's
+               resume asks the VMM to run the vCPUs (a VMM that completed is resumed).
+
+The downtime is measured end to end from the last poll that saw the VMM still migrating
+(its vCPUs stopped after it): conservative by at most one poll. The prediction covers both
+halves: the VMM's expected downtime when it stopped plus vfiod's own prediction; the
+result's ``vmm`` splits both into the VMM's share and the devices'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vfiod.errors import MigrationError
+from vfiod.migration.session.common import SessionBase
+from vfiod.migration.session.vmm_half import VmmProgress, VmmSourceHalf
+
+#: seconds between two questions to the VMM while pre-copy has nothing to send
+VMM_POLL_S = 0.005
+
+
+class VmmMigrationFailed(MigrationError):
+    """The VMM's own migration ended without switching over."""
+
+
+class SourceVmmSteps(SessionBase):
+    """Mixed into ``SourceSession``; every step is a no-op without a VMM half."""
+
+    vmm: VmmSourceHalf | None
+    _vmm_incoming: str
+    _vmm_last_migrating_t: float | None
+    _vmm_stopped: VmmProgress | None
+
+    def _vmm_disagreement(self, hello: dict[str, Any]) -> list[str]:
+        """Preflight reasons when only one end coordinates with a VMM."""
+        self._vmm_incoming = str(hello.get("vmm_incoming") or "")
+        if self.vmm is not None and not self._vmm_incoming:
+            return ["this guest's migration is coordinated with QEMU ([guest.qemu]) but the "
+                    "destination's is not: give the destination guest [guest.qemu] with "
+                    "qmp and incoming"]
+        if self.vmm is None and self._vmm_incoming:
+            return ["the destination's guest is coordinated with QEMU ([guest.qemu] "
+                    "incoming) but this one is not: configure both ends alike"]
+        return []
+
+    def _vmm_start(self) -> None:
+        if self.vmm is not None:
+            t0 = self.clock()
+            self._vmm_last_migrating_t = t0
+            self.vmm.start(self._vmm_incoming)
+            self.result.timings["vmm_start_s"] = self.clock() - t0
+
+    def _vmm_waits_to_switch(self) -> bool:
+        """True once the VMM stopped its vCPUs and waits before its switchover."""
+        assert self.vmm is not None
+        t0 = self.clock()
+        p = self.vmm.progress()
+        self.result.vmm["progress"] = p.to_dict()
+        if p.status == "pre-switchover":
+            self._vmm_stopped = p
+            return True
+        if not p.migrating:
+            raise VmmMigrationFailed(f"QEMU's own migration ended {p.status} before its "
+                                     "switchover" + (f": {p.error}" if p.error else ""))
+        self._vmm_last_migrating_t = t0
+        return False
+
+    def _vmm_switch(self) -> None:
+        """The guest is paused: let the VMM finish beside vfiod's stop-and-copy."""
+        if self.vmm is not None:
+            t0 = self.clock()
+            self.vmm.continue_switchover()
+            self.result.timings["vmm_continue_s"] = self.clock() - t0
+
+    def _vmm_abandon(self) -> None:
+        if self.vmm is None or self._vmm_last_migrating_t is None:
+            return                  # never started: nothing of the VMM's to undo
+        try:
+            p = self.vmm.abandon()
+            self.result.vmm["abandoned"] = p.to_dict()
+        except Exception as e:  # noqa: BLE001 - the guest's resume still runs
+            self.result.warnings.append(f"cancelling QEMU's migration: {e}")
+
+    def _vmm_predicted_s(self, devices_s: float | None) -> float | None:
+        """Both halves' predicted downtime at the switchover."""
+        p = self._vmm_stopped
+        vmm_s = p.expected_downtime_s if p is not None else None
+        self.result.vmm["predicted"] = {"vmm_s": vmm_s, "devices_s": devices_s}
+        if devices_s is None:
+            return None
+        return devices_s + (vmm_s or 0.0)
+
+    def _vmm_measured(self, actual_s: float, dest_wait_s: float) -> None:
+        """The measured split: the VMM's share is what the destination waited for its
+        VMM after vfiod's own state was verified; the devices' share is the rest."""
+        self.result.vmm["actual"] = {"vmm_s": dest_wait_s,
+                                     "devices_s": max(0.0, actual_s - dest_wait_s)}
+
+    def _vmm_completed(self) -> None:
+        if self.vmm is None:
+            return
+        try:
+            self.result.vmm["completed"] = self.vmm.completed().to_dict()
+        except Exception as e:  # noqa: BLE001 - the migration stands; say what broke
+            self.result.warnings.append(f"reading QEMU's final migration figures: {e}")
