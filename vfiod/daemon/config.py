@@ -41,6 +41,8 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     allow_peers = ["host-c.example"]     # with TLS: replaces [migration.tls] allow for it
     runstate = "qmp:/run/vm1.qmp"        # or "lines:PATH": pause/resume the VMM's vCPUs
     runstate_timeout_s = 5               # at switchover (docs/architecture.md §8.2)
+    [guest.qemu]                         # migrate beside QEMU's own migration: see
+    qmp = "/run/vm1.vfiod.qmp"           # config_qemu.py (docs/architecture.md §8.3)
     [[guest.device]]
     name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
     id = "nic0"                          # the same on both hosts: migrations pair by it
@@ -62,6 +64,7 @@ import psutil
 
 from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config_qemu import QemuConfig, parse_qemu
 from vfiod.daemon.config_ram import RamConfig, parse_ram
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
 from vfiod.daemon.config_toml import DEVICE_NAME, NAME, KeyLines, Table
@@ -151,6 +154,8 @@ class GuestConfig:
     #: (docs/architecture.md §8.2); None: only the guest's own run-state handlers
     runstate: str | None = None
     runstate_timeout_s: float = 5.0
+    #: the QEMU whose own migration a migration of this guest is coordinated with (§8.3)
+    qemu: QemuConfig | None = None
 
     def regions_of(self, container: str) -> tuple[RamConfig, ...]:
         c = next((c for c in self.containers if c.name == container), None)
@@ -349,9 +354,16 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
                         hint='"qmp:/run/vm1.qmp" or "lines:/run/vm1.runstate" (an absolute '
                         "socket path)")
     timeout = float(t.number("runstate_timeout_s", 5.0, high=600) or 5.0)
+    qemu = parse_qemu(t)
+    if qemu is not None:
+        if runstate is not None and runstate != f"qmp:{qemu.qmp}":
+            raise t.error("runstate", f"{runstate!r} is not the QMP socket of [guest.qemu] "
+                          f"({qemu.qmp}): vfiod pauses and resumes QEMU through that socket; "
+                          "leave runstate out")
+        runstate = f"qmp:{qemu.qmp}"
     t.finish()
     return GuestConfig(name, tuple(ram), tuple(devices), page, enc, start, tuple(containers),
-                       allow, runstate, timeout)
+                       allow, runstate, timeout, qemu)
 
 
 def _cross_checks(cfg: Config, top: Table) -> None:

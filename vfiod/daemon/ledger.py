@@ -119,7 +119,7 @@ class MigrationLedger:
                                          verified=res.verified,
                                          downtime_share=res.downtime_share,
                                          downtime_breakdown=res.downtime_breakdown,
-                                         rollback=res.rollback)
+                                         rollback=res.rollback, vmm=res.vmm)
 
     def crashed(self, rec: MigrationRecord, reason: str) -> None:
         """End an outgoing migration whose thread broke: what it did to the guest is

@@ -59,6 +59,7 @@ from vfiod.daemon.offer import (
 )
 from vfiod.daemon.peer_auth import connect_allowed, refused_peer
 from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
+from vfiod.daemon.runstate.qemu_migration import qemu_half
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import link_prior
@@ -169,7 +170,8 @@ class MigrationService(OutcomeKeeping):
                 guest, link, host=self.facts(), config=self._session_config(policy),
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
-                live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec))
+                live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
+                vmm=qemu_half(entry.config.qemu, peer_host=host))
             res = self._run(rec, session, pending)
             if res.result == "completed":
                 self._outcome(rec, MigrationOutcome.RESUMED, "the destination resumed it")
@@ -282,7 +284,8 @@ class MigrationService(OutcomeKeeping):
                 session = DestinationSession(
                     guest, conn, host=self.facts(), config=self._session_config(),
                     memory_encryption=entry.config.memory_encryption,
-                    migration_id=rec.id, journal=self._journal_of(rec))
+                    migration_id=rec.id, journal=self._journal_of(rec),
+                    vmm=qemu_half(entry.config.qemu))
                 res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
@@ -394,3 +397,4 @@ def _prior(host: str) -> Any:
     except Exception as e:  # noqa: BLE001 - the prior is advisory; the default applies
         log.info("no link prior for %s: %s", host, e)
         return None
+

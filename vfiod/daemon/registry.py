@@ -126,6 +126,9 @@ class MigrationRecord:
     #: the source's downtime part by part, ``{component: {"predicted_s", "actual_s"}}``
     #: (vfiod.migration.planning.breakdown): which part the prediction got wrong
     downtime_breakdown: dict[str, dict[str, float]] | None = None
+    #: a migration coordinated with QEMU's own (docs/architecture.md §8.3): QEMU's figures
+    #: and the downtime split into QEMU's share and the devices', predicted and actual
+    vmm: dict[str, Any] | None = None
     #: what the session said went wrong beside its result (a rollback step, a report not
     #: received, the outcome unknown after the commit ...): logged and shown by status
     warnings: list[str] = field(default_factory=list)
@@ -143,6 +146,9 @@ class MigrationRecord:
         out["warnings"] = list(self.warnings)
         if self.downtime_share is not None:
             out["downtime_share"] = dict(self.downtime_share)
+        if self.vmm is not None:
+            out["vmm"] = {k: dict(v) if isinstance(v, dict) else v
+                          for k, v in self.vmm.items()}
         return out
 
 
@@ -277,7 +283,8 @@ class Registry:
                verified: bool | None = None,
                downtime_share: dict[str, float] | None = None,
                downtime_breakdown: dict[str, dict[str, float]] | None = None,
-               rollback: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+               rollback: Mapping[str, Mapping[str, Any]] | None = None,
+               vmm: dict[str, Any] | None = None) -> None:
         """End ``rec`` with ``result`` and the session's figures; ``rollback``: the
         session result's per-device rollback entries, counted by ``recovery_outcome``."""
         if result not in RESULTS:
@@ -291,6 +298,7 @@ class Registry:
             rec.verified = verified
             rec.downtime_share = downtime_share or None
             rec.downtime_breakdown = downtime_breakdown or None
+            rec.vmm = vmm or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s
                 if rec.role == "source":    # the destination repeats the source's figure:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vfiod.daemon.config_qemu import incoming_uri
+from vfiod.daemon.config_qemu import QemuConfig, incoming_uri
 from vfiod.daemon.runstate.contract import RunStateError
 from vfiod.daemon.runstate.qmp_connection import QmpConnection
 from vfiod.migration.session.vmm_half import VmmProgress
@@ -122,3 +122,13 @@ class QemuMigration:
                                     f"{what} within {self.timeout_s:g} s (it says "
                                     f"{p.status})")
             self._idle.wait(POLL_S)
+
+
+def qemu_half(q: QemuConfig | None, peer_host: str = "") -> QemuMigration | None:
+    """QEMU's half of a guest's migration when its configuration names its QEMU: a
+    source (``peer_host``: where it migrates to) or a destination, which needs the
+    address its QEMU listens at (without one the source refuses, naming it)."""
+    if q is None or not peer_host and q.incoming is None:
+        return None
+    return QemuMigration(q.qmp, timeout_s=q.timeout_s, peer_host=peer_host,
+                         incoming=q.incoming or "")
