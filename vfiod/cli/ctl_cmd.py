@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from vfiod.api import ApiError, ClientError, ControlClient, MigrateArgs, parse_args
 from vfiod.cli import ctl_parser
+from vfiod.cli.ctl_halves import vmm_halves
 from vfiod.cli.exits import API_EXIT, Exit, report_error
 
 EPILOG = ctl_parser.EPILOG
@@ -132,7 +133,7 @@ def _outcome(m: dict[str, Any]) -> str:
                  f"verified {'yes' if m['verified'] else 'no'})")
     elif m["result"] == "completed":
         text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
-                 f"{_ms(m['predicted_downtime_s'])}, verified "
+                 f"{_ms(m['predicted_downtime_s'])}{vmm_halves(m)}, verified "
                  f"{'yes' if m['verified'] else 'no'})")
     elif m["error"]:
         text += f": {m['error']}"

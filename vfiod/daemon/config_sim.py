@@ -14,6 +14,8 @@
     guest = "g1"
     dirty_rate = "16MiB"                 # bytes per second its devices DMA into guest RAM
     fill = "64MiB"                       # initial content written before the guest runs
+    gpa = "32MiB"                        # optional: write only guest-physical [gpa, gpa +
+    size = "16MiB"                       # size), e.g. a range a real guest reserved
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class SimWorkload:
     dirty_rate: int                # bytes of guest RAM written per second (device DMA)
     fill: int = 0                  # bytes of initial content written before it runs
     seed: int = 1
+    #: guest-physical (start, size) the devices write; None: their first mapping
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,14 @@ def parse_sim(t: Table) -> SimConfig:
         h.finish()
     loads = []
     for w in t.tables("workload"):
+        span = None
+        if w.has("gpa") or w.has("size"):
+            span = (int(w.size("gpa", required=True, low=0) or 0),
+                    int(w.size("size", required=True, low=1) or 0))
         loads.append(SimWorkload(str(w.string("guest", required=True, pattern=NAME)),
                                  int(w.size("dirty_rate", required=True, low=0) or 0),
                                  int(w.size("fill", 0, low=0) or 0),
-                                 int(w.integer("seed", 1, low=0) or 0)))
+                                 int(w.integer("seed", 1, low=0) or 0), span))
         w.finish()
     cfg = SimConfig(tuple(devices), tuple(hosts), tuple(loads),
                     t.boolean("iommu_dirty_tracking", False),

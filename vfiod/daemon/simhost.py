@@ -159,7 +159,15 @@ def start_workload(host: SimHost, guest: Guest, load: SimWorkload) -> Workload |
         if not gc.mappings:
             continue
         m = gc.mappings[0]
-        targets += [DmaTarget(name, m.iova, m.size) for name in gc.devices]
+        iova, size = m.iova, m.size
+        if load.span is not None:          # only inside [gpa, gpa + size) of that mapping
+            lo, hi = max(load.span[0], m.gpa), min(sum(load.span), m.gpa + m.size)
+            if hi <= lo:
+                raise ConfigError(f"[[sim.workload]] of guest {guest.name}: guest-physical "
+                                  f"[{load.span[0]:#x}, {sum(load.span):#x}) is outside "
+                                  f"its first DMA mapping [{m.gpa:#x}, {m.gpa + m.size:#x})")
+            iova, size = m.iova + lo - m.gpa, hi - lo
+        targets += [DmaTarget(name, iova, size) for name in gc.devices]
     if not targets or load.dirty_rate <= 0:
         return None
     ps = guest.page_size

@@ -1,0 +1,136 @@
+"""Two daemons migrate a guest together with the real QEMU that runs its vCPUs
+(docs/architecture.md §8.3): ``vfiod ctl migrate`` starts QEMU's own migration, waits
+for its pre-switchover stop, moves the device state and the pages the (simulated)
+devices wrote into QEMU's RAM file, and the destination QEMU runs only after vfiod's
+commit. QEMU runs its firmware only (tests/support/qemu_firmware.py); the device pages
+are a range the firmware never touches. QEMU is in .ci/deps: this never skips."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, vfiod_cmd, wait_until
+from tests.support.qemu_firmware import FirmwareVm, free_port
+
+MiB = 1 << 20
+#: where the simulated device writes: guest-physical [32 MiB, 48 MiB)
+SPAN = (32 * MiB, 16 * MiB)
+
+
+def _config(side: str, vm: FirmwareVm, incoming_port: int | None = None) -> str:
+    device = "0000:3b:00.1" if side == "source" else "0000:81:00.1"
+    text = "[migration]\n"
+    if side == "destination":
+        text += 'listen = "127.0.0.1:0"\n'
+    text += f'''
+[[guest]]
+name = "g1"
+start = "{'running' if side == 'source' else 'incoming'}"
+[[guest.ram]]
+name = "ram"
+size = "64MiB"
+path = "{vm.ram_path}"
+[[guest.device]]
+name = "{device}"
+id = "nic0"
+[guest.qemu]
+qmp = "{vm.vfiod_qmp}"
+timeout_s = 30
+'''
+    if incoming_port is not None:
+        text += f'incoming = "tcp:0.0.0.0:{incoming_port}"\n'
+    text += f'\n[sim]\n[[sim.device]]\nname = "{device}"\ncapability = "v2_precopy_p2p_log"\n'
+    if side == "source":
+        text += (f'[[sim.workload]]\nguest = "g1"\ndirty_rate = "4MiB"\n'
+                 f'gpa = "{SPAN[0]}"\nsize = "{SPAN[1]}"\n')
+    return text
+
+
+class Rig:
+    def __init__(self, workdir: Path) -> None:
+        port = free_port()
+        self.src_vm = FirmwareVm(workdir, "src")
+        self.dst_vm = FirmwareVm(workdir, "dst", incoming_port=port)
+        self._pair = daemon_pair(_config("source", self.src_vm),
+                                 _config("destination", self.dst_vm, port), "qsrc", "qdst")
+        self.src, self.dst = self._pair.__enter__()
+
+    def close(self) -> None:
+        try:
+            self._pair.__exit__(None, None, None)
+        finally:
+            self.src_vm.kill()
+            self.dst_vm.kill()
+
+    def logs(self) -> str:
+        return self.src.log() + self.dst.log()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _migrate(src: DaemonProcess, dst: DaemonProcess) -> dict:
+    r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--timeout", "60", "--json")
+    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr,
+            "final": json.loads(r.stdout.strip().splitlines()[-1])["migration"]
+            if r.stdout.strip() else {}}
+
+
+def test_ctl_migrate_moves_qemus_guest_and_the_devices_pages(rig: Rig) -> None:
+    assert rig.src_vm.status() == "running" and rig.dst_vm.status() == "inmigrate"
+    wait_until(lambda: any(rig.src_vm.ram(*SPAN)), 30, "the device to write its span")
+    m = _migrate(rig.src, rig.dst)
+    final = m["final"]
+    assert m["rc"] == 0 and final["result"] == "completed", m["out"] + m["err"] + rig.logs()
+    assert final["verified"] is True
+    # QEMU finished its half: the source stays paused for good, the destination runs
+    assert rig.src_vm.status() == "postmigrate"
+    assert rig.dst_vm.status() == "running"
+    # the device's pages written after QEMU read them arrived through vfiod
+    assert rig.dst_vm.ram(*SPAN) == rig.src_vm.ram(*SPAN)
+    vmm = final["vmm"]
+    assert vmm["completed"]["status"] == "completed" and vmm["completed"]["downtime_s"] > 0
+    assert vmm["actual"]["vmm_s"] >= 0 and vmm["actual"]["devices_s"] > 0
+    assert final["downtime_s"] == pytest.approx(vmm["actual"]["vmm_s"]
+                                                + vmm["actual"]["devices_s"])
+    g = wait_until(lambda: (g := guest_status(rig.dst, "g1"))["state"] == "running" and g,
+                   30, "g1 to run on the destination")
+    assert g["migration"]["result"] == "completed"
+    text = rig.src.ctl("status", "g1").stdout
+    assert "QEMU" in text, text
+
+
+def test_the_destination_qemu_killed_mid_migration_leaves_the_source_running(
+        rig: Rig) -> None:
+    rig.src_vm.query("migrate-set-parameters", **{"max-bandwidth": 8 * MiB})
+    ctl = subprocess.Popen(vfiod_cmd("ctl", "--socket", rig.src.socket, "migrate", "g1", "--to",
+                                     rig.dst.migration_address, "--json"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: rig.src_vm.query("query-migrate").get("status") == "active", 30,
+                   "QEMU's own migration to run")
+        rig.dst_vm.kill()
+        out, err = ctl.communicate(timeout=90)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+    final = json.loads(out.strip().splitlines()[-1])["migration"]
+    assert final["result"] == "failed", out + err + rig.logs()
+    assert "QEMU's own migration ended failed" in final["error"], final
+    wait_until(lambda: rig.src_vm.status() == "running", 30, "the source VM to run again")
+    g = wait_until(lambda: (g := guest_status(rig.src, "g1"))["state"] == "running" and g,
+                   30, "g1 to run on the source")
+    assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
+    d = guest_status(rig.dst, "g1")
+    assert d["state"] != "running", d
