@@ -24,6 +24,7 @@ from tests.support.session_rig import (
 from vfiod.abi.vfio import MigState
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.vmm_source import VMM_FIXED_S
 from vfiod.migration.states import GuestState
 from vfiod.vfio import RamRegion
 
@@ -38,8 +39,10 @@ QUICK = SessionConfig(ack_timeout_s=5.0)
 
 @pytest.fixture
 def sides(tmp_path: Path):
+    VMM_FIXED_S.clear()                 # what earlier tests' migrations taught
     with side_pairs(tmp_path, PLANS, RAM) as make:
         yield make
+    VMM_FIXED_S.clear()
 
 
 def _writing(src):  # noqa: ANN001, ANN202 - a Side
@@ -70,11 +73,15 @@ def test_device_pages_land_after_the_vmms_copy_and_both_halves_arrive(sides) -> 
     assert d is not None and d.timings["vmm_incoming_wait_s"] >= 0
     assert d.verification["vmm_applied_pages"] * PAGE == run.source.ram_bytes_sent
     split = run.source.vmm
-    assert split["predicted"]["vmm_s"] == 0.002 and split["completed"]["downtime_s"] == 0.003
+    # the VMM's own time: what it had left at its rate (no fixed cost known before)
+    left = split["progress"]["remaining_bytes"]
+    assert split["predicted"]["vmm_own_s"] == pytest.approx(left / vmm.bandwidth_bps)
     assert split["actual"]["vmm_s"] + split["actual"]["devices_s"] == pytest.approx(
         run.source.actual_downtime_s)
     assert run.source.predicted_downtime_s == pytest.approx(
-        split["predicted"]["devices_s"] + 0.002)
+        split["predicted"]["devices_s"] + split["predicted"]["vmm_s"])
+    # its reported downtime less that transfer is its fixed cost, for the next migration
+    assert VMM_FIXED_S[src.guest.name] == pytest.approx(0.003 - left / vmm.bandwidth_bps)
 
 
 def test_the_vmms_migration_failing_before_its_switchover_rolls_back(sides) -> None:

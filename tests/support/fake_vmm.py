@@ -43,6 +43,8 @@ class FakeVmm:
         self.switch_after = switch_after
         self.fail = fail
         self.status = "none"
+        #: the RAM rate it reports: its final pass then takes remaining / rate
+        self.bandwidth_bps = 1e9
         self.uri = ""
         self.calls: list[str] = []
         self.vcpu_writes = 0
@@ -78,7 +80,7 @@ class FakeVmm:
     def progress(self) -> VmmProgress:
         self.calls.append("progress")
         return VmmProgress(self.status, remaining_bytes=len(self._dirty) * self.page,
-                           expected_downtime_s=0.002)
+                           bandwidth_bps=self.bandwidth_bps)
 
     def continue_switchover(self) -> None:
         self.calls.append("continue")

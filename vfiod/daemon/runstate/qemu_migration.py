@@ -48,7 +48,9 @@ def progress_of(answer: Any) -> VmmProgress:
         remaining_bytes=int(ram.get("remaining", 0) or 0),
         transferred_bytes=int(ram.get("transferred", 0) or 0),
         expected_downtime_s=ms("expected-downtime"), downtime_s=ms("downtime"),
-        total_s=ms("total-time"), error=str(answer.get("error-desc", "")))
+        total_s=ms("total-time"), error=str(answer.get("error-desc", "")),
+        bandwidth_bps=(float(ram["mbps"]) * 1e6 / 8 if isinstance(ram.get("mbps"), int | float)
+                       and ram["mbps"] > 0 else None))
 
 
 class QemuMigration:

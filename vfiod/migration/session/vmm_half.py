@@ -46,6 +46,8 @@ class VmmProgress:
     downtime_s: float | None = None
     total_s: float | None = None
     error: str = ""
+    #: the rate its RAM moves at, bytes per second
+    bandwidth_bps: float | None = None
 
     @property
     def migrating(self) -> bool:

@@ -13,9 +13,13 @@
                resume asks the VMM to run the vCPUs (a VMM that completed is resumed).
 
 The downtime is measured end to end from the last poll that saw the VMM still migrating
-(its vCPUs stopped after it): conservative by at most one poll. The prediction covers both
-halves: the VMM's expected downtime when it stopped plus vfiod's own prediction; the
-result's ``vmm`` splits both into the VMM's share and the devices'.
+(its vCPUs stopped after it): conservative by at most one poll. The two halves overlap:
+the VMM's final pass runs while vfiod stops its devices and sends their state. The VMM's
+own time is predicted as the RAM it has left over its measured rate plus its fixed cost
+(its own downtime less that transfer, learned from this guest's previous migration on
+this host: ``VMM_FIXED_S``, none before the first). It adds to the downtime only what
+exceeds vfiod's own part up to the destination's verification. The result's ``vmm``
+splits prediction and measurement into the VMM's share and the devices'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from vfiod.migration.session.vmm_half import VmmProgress, VmmSourceHalf
 
 #: seconds between two questions to the VMM while pre-copy has nothing to send
 VMM_POLL_S = 0.005
+#: guest name -> the VMM's fixed switchover cost its last migration from this host showed
+VMM_FIXED_S: dict[str, float] = {}
 
 
 class VmmMigrationFailed(MigrationError):
@@ -41,6 +47,7 @@ class SourceVmmSteps(SessionBase):
     _vmm_incoming: str
     _vmm_last_migrating_t: float | None
     _vmm_stopped: VmmProgress | None
+    _predicted_parts: dict[str, float]
 
     def _vmm_disagreement(self, hello: dict[str, Any]) -> list[str]:
         """Preflight reasons when only one end coordinates with a VMM."""
@@ -92,14 +99,25 @@ class SourceVmmSteps(SessionBase):
         except Exception as e:  # noqa: BLE001 - the guest's resume still runs
             self.result.warnings.append(f"cancelling QEMU's migration: {e}")
 
-    def _vmm_predicted_s(self, devices_s: float | None) -> float | None:
-        """Both halves' predicted downtime at the switchover."""
+    def _vmm_own_s(self) -> float:
+        """The VMM's predicted time from its stop to its incoming migration done."""
         p = self._vmm_stopped
-        vmm_s = p.expected_downtime_s if p is not None else None
-        self.result.vmm["predicted"] = {"vmm_s": vmm_s, "devices_s": devices_s}
-        if devices_s is None:
-            return None
-        return devices_s + (vmm_s or 0.0)
+        if p is None:
+            return 0.0
+        transfer = p.remaining_bytes / p.bandwidth_bps if p.bandwidth_bps else 0.0
+        return transfer + VMM_FIXED_S.get(self.guest.name, 0.0)
+
+    def _vmm_predicted_s(self, devices_s: float | None) -> float | None:
+        """Both halves' predicted downtime: vfiod's, plus what the VMM's own time
+        exceeds of vfiod's part before the destination's verification."""
+        own = self._vmm_own_s()
+        parts = self._predicted_parts
+        before_verify = (devices_s or 0.0) - parts.get("commit_round_trips", 0.0) \
+            - parts.get("dest_load_resume", 0.0)
+        extra = max(0.0, own - before_verify)
+        self.result.vmm["predicted"] = {"vmm_s": extra, "devices_s": devices_s,
+                                        "vmm_own_s": own}
+        return None if devices_s is None else devices_s + extra
 
     def _vmm_measured(self, actual_s: float, dest_wait_s: float) -> None:
         """The measured split: the VMM's share is what the destination waited for its
@@ -111,6 +129,12 @@ class SourceVmmSteps(SessionBase):
         if self.vmm is None:
             return
         try:
-            self.result.vmm["completed"] = self.vmm.completed().to_dict()
+            done = self.vmm.completed()
         except Exception as e:  # noqa: BLE001 - the migration stands; say what broke
             self.result.warnings.append(f"reading QEMU's final migration figures: {e}")
+            return
+        self.result.vmm["completed"] = done.to_dict()
+        p = self._vmm_stopped
+        if done.downtime_s is not None and p is not None:
+            transfer = p.remaining_bytes / p.bandwidth_bps if p.bandwidth_bps else 0.0
+            VMM_FIXED_S[self.guest.name] = max(0.0, done.downtime_s - transfer)
