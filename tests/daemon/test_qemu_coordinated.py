@@ -22,9 +22,12 @@ MiB = 1 << 20
 SPAN = (32 * MiB, 16 * MiB)
 
 
-def _config(side: str, vm: FirmwareVm, incoming_port: int | None = None) -> str:
+def _config(side: str, vm: FirmwareVm, incoming_port: int | None = None,
+            state: str = "") -> str:
     device = "0000:3b:00.1" if side == "source" else "0000:81:00.1"
     text = "[migration]\n"
+    if state and side == "source":   # a large device state over a capped link: a long
+        text += 'bandwidth_limit = "64MiB"\n'      # stop-and-copy after QEMU's end
     if side == "destination":
         text += 'listen = "127.0.0.1:0"\n'
     text += f'''
@@ -45,6 +48,8 @@ timeout_s = 30
     if incoming_port is not None:
         text += f'incoming = "tcp:0.0.0.0:{incoming_port}"\n'
     text += f'\n[sim]\n[[sim.device]]\nname = "{device}"\ncapability = "v2_precopy_p2p_log"\n'
+    if state:
+        text += f'state_size = "{state}"\nprecopy_size = "0"\n'
     if side == "source":
         text += (f'[[sim.workload]]\nguest = "g1"\ndirty_rate = "4MiB"\n'
                  f'gpa = "{SPAN[0]}"\nsize = "{SPAN[1]}"\n')
@@ -52,12 +57,13 @@ timeout_s = 30
 
 
 class Rig:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, state: str = "") -> None:
         port = free_port()
         self.src_vm = FirmwareVm(workdir, "src")
         self.dst_vm = FirmwareVm(workdir, "dst", incoming_port=port)
-        self._pair = daemon_pair(_config("source", self.src_vm),
-                                 _config("destination", self.dst_vm, port), "qsrc", "qdst")
+        self._pair = daemon_pair(_config("source", self.src_vm, state=state),
+                                 _config("destination", self.dst_vm, port, state),
+                                 "qsrc", "qdst")
         self.src, self.dst = self._pair.__enter__()
 
     def close(self) -> None:
@@ -72,8 +78,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(tmp_path, getattr(request, "param", ""))
     try:
         yield r
     finally:
@@ -134,3 +140,31 @@ def test_the_destination_qemu_killed_mid_migration_leaves_the_source_running(
     assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
     d = guest_status(rig.dst, "g1")
     assert d["state"] != "running", d
+
+
+@pytest.mark.parametrize("rig", ["32MiB"], indirect=True)
+def test_the_destination_qemu_dying_after_its_own_half_completed_resumes_the_source(
+        rig: Rig) -> None:
+    """QEMU's half completes first (the source QEMU is then postmigrate, paused for good
+    by QEMU's own rules) while vfiod still sends 32 MiB of device state at 64 MiB/s; the
+    destination QEMU dies then. vfiod never commits to a guest that cannot run (or, if
+    the commit won the race, the destination's failed resume discards it), and the
+    source QEMU resumes from postmigrate: one owner, nothing lost."""
+    ctl = subprocess.Popen(vfiod_cmd("ctl", "--socket", rig.src.socket, "migrate", "g1", "--to",
+                                     rig.dst.migration_address, "--json"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: rig.src_vm.status() == "postmigrate", 60,
+                   "QEMU's own half to complete")
+        rig.dst_vm.kill()
+        out, err = ctl.communicate(timeout=90)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+    final = json.loads(out.strip().splitlines()[-1])["migration"]
+    assert final["result"] == "failed", out + err + rig.logs()
+    wait_until(lambda: rig.src_vm.status() == "running", 30, "the source VM to run again")
+    g = wait_until(lambda: (g := guest_status(rig.src, "g1"))["state"] == "running" and g,
+                   30, "g1 to run on the source")
+    assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
+    assert guest_status(rig.dst, "g1")["state"] != "running"
