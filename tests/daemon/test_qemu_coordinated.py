@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, vfiod_cmd, wait_until
 from tests.support.qemu_firmware import FirmwareVm, free_port
@@ -114,7 +116,14 @@ def test_ctl_migrate_moves_qemus_guest_and_the_devices_pages(rig: Rig) -> None:
                    30, "g1 to run on the destination")
     assert g["migration"]["result"] == "completed"
     text = rig.src.ctl("status", "g1").stdout
-    assert "QEMU" in text, text
+    assert "QEMU share" in text and "devices' share" in text, text
+    body = urllib.request.urlopen(f"http://{rig.src.metrics_address}/metrics",
+                                  timeout=30).read().decode()
+    halves = {(s.labels["half"], s.labels["kind"]): s.value
+              for f in text_string_to_metric_families(body) for s in f.samples
+              if s.name == "vfiod_migration_downtime_half_seconds"}
+    assert halves[("qemu", "actual")] == pytest.approx(vmm["actual"]["vmm_s"])
+    assert set(halves) == {(h, k) for h in ("qemu", "devices") for k in ("predicted", "actual")}
 
 
 def test_the_destination_qemu_killed_mid_migration_leaves_the_source_running(

@@ -191,6 +191,10 @@ class VfiodCollector:
         part = gauge("vfiod_migration_downtime_component_seconds", "The last completed "
                      "migration's downtime by part, as predicted before the switchover and "
                      "as measured (kind).", ["component", "kind"])
+        half = gauge("vfiod_migration_downtime_half_seconds", "The last completed migration "
+                     "coordinated with QEMU's own: its downtime split into QEMU's share and "
+                     "the devices' share (half), predicted and measured (kind).",
+                     ["half", "kind"])
         for g in guests:
             m, name = g["migration"], g["name"]
             is_active = bool(m and m["result"] is None)
@@ -216,8 +220,12 @@ class VfiodCollector:
             for component, figures in (m.get("downtime_breakdown") or {}).items():
                 part.add_metric([name, component, "predicted"], figures["predicted_s"])
                 part.add_metric([name, component, "actual"], figures["actual_s"])
+            vmm = m.get("vmm") or {}
+            for kind in ("predicted", "actual"):
+                for key, label in (("vmm_s", "qemu"), ("devices_s", "devices")):
+                    _maybe(half, [name, label, kind], (vmm.get(kind) or {}).get(key))
         yield from (active, phase, iters, pred, last, err, ram, dev, bw, dirty, conv, sync,
-                    part)
+                    part, half)
 
     # -- the process ----------------------------------------------------------------------
     def _process_families(self) -> Iterator[Metric]:
