@@ -13,7 +13,7 @@ from vfiod.daemon.journal import Journal, MigrationOutcome, OutcomeRecord
 from vfiod.daemon.lifecycle import LifecycleState, LifecycleTransition
 from vfiod.daemon.offer import Offer
 from vfiod.daemon.query_answer import answer_query
-from vfiod.daemon.recovery import RECOVERY, outcome_record, plan_recovery
+from vfiod.daemon.recovery import RECOVERY, outcome_record, plan_all, plan_recovery
 from vfiod.daemon.registry import Registry
 from vfiod.daemon.resolution import Resolution
 
@@ -104,3 +104,22 @@ def test_a_query_is_answered_from_the_journal(tmp_path: Path, recorded: Migratio
                        Resolution(_NoSettle(), lambda item: None), journal)  # type: ignore[arg-type, return-value]
     assert got.outcome == answer
     journal.close()
+
+
+@pytest.mark.parametrize("after", [S.DEFINED, S.CLAIMED])
+def test_a_source_killed_while_re_opening_a_guest_that_left_does_not_run_it(
+        tmp_path: Path, after: LifecycleState) -> None:
+    """Found by the fault matrix under load: the source completed, journaled "released,
+    to be re-opened" (migrated-away -> defined) and died before the re-open as incoming
+    was journaled. A guest configured ``start = "running"`` then started running on the
+    source as well: two owners."""
+    journal = Journal.open(tmp_path)
+    journal.append_outcome(outcome(OC.RESUMED, "source"))
+    journal.append_transition(last(S.SWITCHING_OVER, S.MIGRATED_AWAY))
+    journal.append_transition(last(S.MIGRATED_AWAY, S.DEFINED))
+    if after is S.CLAIMED:
+        journal.append_transition(last(S.DEFINED, S.CLAIMED, ""))
+    plan = plan_all((MEMFD,), journal)["g1"]
+    journal.close()
+    assert (plan.start, plan.outcome) == ("incoming", "migrated-away"), plan
+    assert "migrated to hostb:4444" in plan.note

@@ -42,7 +42,7 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     runstate = "qmp:/run/vm1.qmp"        # or "lines:PATH": pause/resume the VMM's vCPUs
     runstate_timeout_s = 5               # at switchover (docs/architecture.md §8.2)
     [guest.qemu]                         # migrate beside QEMU's own migration: see
-    qmp = "/run/vm1.vfiod.qmp"           # config_qemu.py (docs/architecture.md §8.3)
+    qmp = "/run/vm1.qmp"                 # config_qemu.py (docs/architecture.md §8.3)
     [[guest.device]]
     name = "0000:3b:00.1"                # this host's PCI address (or mdev UUID)
     id = "nic0"                          # the same on both hosts: migrations pair by it

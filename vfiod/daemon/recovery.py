@@ -18,6 +18,8 @@ migration it names decide the rest:
     prepared                                   incoming         lost: its device state
                                                                 was reset; the journal now
                                                                 answers "lost"
+    defined | claimed after it left            incoming         migrated-away (killed
+                                                                while being re-opened)
     nothing, defined, failed, claimed          as configured    (not counted)
 
 Memory is kept across the restart where every RAM region is a file (``[[guest.ram]]
@@ -126,8 +128,11 @@ def plan_all(guests: tuple[GuestConfig, ...], journal: Journal) -> dict[str, Rec
         mid = last.migration_id if last is not None else ""
         plan = plan_recovery(gc, last, journal.outcome(mid) if mid else None)
         away = _last_departure(journal, gc.name)
-        if plan.start == "incoming" and not plan.outcome and away is not None:
-            # re-opened as incoming after it left: say where it went
+        reopening = last is not None and last.to_state in (_S.DEFINED, _S.CLAIMED)
+        if away is not None and not plan.outcome and (plan.start == "incoming"
+                                                      or reopening):
+            # re-opened as incoming after it left, or killed while being re-opened
+            # (released, not yet incoming): it runs elsewhere, never here
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(away.at))
             plan = RecoveryPlan(gc.name, "incoming", "migrated-away",
                                 f"migrated to {away.peer} at {when} (migration "

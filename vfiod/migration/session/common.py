@@ -21,9 +21,7 @@ module holds what they share:
 * the end of every device's part: ``cleanup`` after a completed migration, ``rollback``
   after a failed one (docs/architecture.md §1.6), each device's tried whatever the others did;
 * ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
-
-Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``; they import nothing from the
-simulator.
+Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``, nothing from the simulator.
 """
 
 from __future__ import annotations
@@ -146,9 +144,7 @@ class MigrationResult:
     #: source: ``{component: {"predicted_s", "actual_s"}}`` of the downtime
     #: (``vfiod.migration.planning.breakdown``)
     downtime_breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: a migration coordinated with the VMM's own (docs/architecture.md §8.3): its half
-    #: (``progress``: its last ``VmmProgress``; the downtime split into the VMM's share
-    #: and the devices' share, predicted and measured)
+    #: coordinated with the VMM's migration (§8.3): its figures, the downtime's halves
     vmm: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
