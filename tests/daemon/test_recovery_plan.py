@@ -119,7 +119,8 @@ def test_a_source_killed_while_re_opening_a_guest_that_left_does_not_run_it(
     journal.append_transition(last(S.MIGRATED_AWAY, S.DEFINED))
     if after is S.CLAIMED:
         journal.append_transition(last(S.DEFINED, S.CLAIMED, ""))
-    plan = plan_all((MEMFD,), journal)["g1"]
     journal.close()
+    with Journal.open(tmp_path) as restarted:           # what the restart reads
+        plan = plan_all((MEMFD,), restarted)["g1"]
     assert (plan.start, plan.outcome) == ("incoming", "migrated-away"), plan
     assert "migrated to hostb:4444" in plan.note
