@@ -1,4 +1,4 @@
-"""The QEMU VM tier (docs/design.md §8): real QEMU 7.2 VMs under TCG, booting the kernel
+"""The QEMU VM tier (docs/architecture.md §8.3): real QEMU 7.2 VMs under TCG, booting the kernel
 tier's Debian kernel with the workload initramfs (tests/support/qemu).
 
 * ``qemu_guest_assets`` prepares the kernel and initramfs once per session. A host

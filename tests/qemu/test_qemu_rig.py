@@ -1,4 +1,4 @@
-"""The QEMU VM tier's rig against real QEMU 7.2 (docs/design.md §8): a VM boots the
+"""The QEMU VM tier's rig against real QEMU 7.2 (docs/architecture.md §8.3): a VM boots the
 Debian kernel with the workload as init, its vCPU's writes are visible in the RAM file,
 the reserved device range is left alone by the guest, and a plain QEMU-to-QEMU live
 migration with ``pause-before-switchover`` (the coordination vfiod uses) moves the running
@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
-from tests.support.qemu.guest import QemuGuest
+from tests.support.qemu.guest import QemuGuest, QemuGuestError
 from tests.support.qemu.pages import workload_pages, workload_problems
-from tests.support.qemu.qmp import QmpClient
+from tests.support.qemu.qmp import QmpClient, QmpCommandError
 
 Make = Callable[[str], QemuGuest]
 Measure = Callable[[str, float, str], None]
@@ -158,3 +159,75 @@ def test_a_running_vm_migrates_to_a_paused_destination_and_goes_on_there(
     assert run_state(src.qmp) == (False, "postmigrate")
     assert src.last_generation() == source_last
     assert stable_pages(src) == src_pages
+
+
+@pytest.mark.parametrize("when, then, ends", [
+    ("active", None, "failed"),
+    ("pre-switchover", "migrate-continue", "failed"),
+    ("pre-switchover", "migrate_cancel", "cancelled"),
+])
+def test_the_source_resumes_with_nothing_lost_when_the_destination_dies_mid_migration(
+        qemu_guests: Make, tmp_path: Path, qemu_measure: Measure, when: str,
+        then: str | None, ends: str) -> None:
+    src, dst = qemu_guests("src"), qemu_guests("dst")
+    boot(src, tmp_path / "src.ram")
+    dst.start(tmp_path / "dst.ram", incoming=0)
+    assert src.qmp is not None
+    before: dict[int, int] = {}
+    if when == "active":
+        # a capped link keeps the first pass busy for seconds: killed while RAM flows
+        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+        start_migration(src, dst)
+        src.wait_qmp(lambda q: q.execute("query-migrate").get("ram", {})
+                     .get("transferred", 0) > 2 << 20, STEP_TIMEOUT, "2 MiB sent")
+        assert src.qmp.execute("query-migrate")["status"] == "active"
+    else:
+        start_migration(src, dst)
+        wait_migration(src, {"pre-switchover"})
+        before = stable_pages(src)
+    last = src.last_generation()
+    dst.kill()
+    t_kill = time.monotonic()
+    if then is not None:
+        # QEMU does not notice a dead destination while it waits in pre-switchover: the
+        # source stays stopped until told to continue (the send then fails) or to cancel
+        assert src.qmp.execute("query-migrate")["status"] == "pre-switchover"
+        src.qmp.execute(then, **({"state": "pre-switchover"} if then == "migrate-continue"
+                                 else {}))
+    wait_migration(src, {ends})
+    src.wait_qmp(lambda q: run_state(q) == (True, "running"), STEP_TIMEOUT,
+                 "the source running again")
+    src.wait_generation_above(last + 1, STEP_TIMEOUT)
+    qemu_measure(f"destination killed to source running ({when}, {then})",
+                 time.monotonic() - t_kill, "s")
+
+    src.qmp.execute("stop")
+    after = stable_pages(src)
+    assert min(after.values()) > max([last, *before.values()])
+    src.qmp.execute("cont")
+    src.wait_generation_above(max(after.values()) + 1, STEP_TIMEOUT)
+
+
+def test_a_guest_whose_init_dies_fails_the_wait_at_once_with_its_console(
+        qemu_guests: Make, tmp_path: Path) -> None:
+    vm = qemu_guests("vm")
+    vm.start(tmp_path / "vm.ram", work_pages=0)     # the workload refuses 0 pages
+    t0 = time.monotonic()
+    with pytest.raises(QemuGuestError) as failed:
+        vm.wait_generation_above(0, BOOT_TIMEOUT)
+    assert "exited" in str(failed.value)
+    assert "workload: FATAL workload_pages= must be 1..1048576" in str(failed.value)
+    assert time.monotonic() - t0 < BOOT_TIMEOUT
+    assert not vm.alive()
+
+
+def test_a_qmp_command_qemu_refuses_raises_naming_it(qemu_guests: Make,
+                                                    tmp_path: Path) -> None:
+    vm = qemu_guests("vm")
+    vm.start(tmp_path / "vm.ram", paused=True)
+    assert vm.qmp is not None
+    assert run_state(vm.qmp) == (False, "prelaunch")
+    with pytest.raises(QmpCommandError, match="migrate-continue: GenericError"):
+        vm.qmp.execute("migrate-continue", state="pre-switchover")
+    vm.qmp.execute("cont")
+    vm.wait_generation_above(0, BOOT_TIMEOUT)

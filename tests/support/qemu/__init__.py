@@ -1,4 +1,4 @@
-"""The QEMU VM tier's rig (docs/design.md §8): real QEMU 7.2 VMs booting the kernel tier's
+"""The QEMU VM tier's rig (docs/architecture.md §8.3): real QEMU 7.2 VMs booting the kernel tier's
 Debian kernel with our workload as init (native/qemu-guest/README.md).
 
 assets.py   the kernel and the workload initramfs, cached

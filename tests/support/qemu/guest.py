@@ -1,7 +1,7 @@
 """One real QEMU 7.2 VM of the QEMU VM tier: the kernel tier's Debian kernel and the
-workload initramfs under TCG, guest RAM shared from a file (docs/design.md §8).
+workload initramfs under TCG, guest RAM shared from a file (docs/architecture.md §8.3).
 
-The QEMU command line respects the facts design.md §8 lists:
+The QEMU command line respects the facts docs/architecture.md §8.4 lists:
 
 * RAM is ``memory-backend-file,share=on`` of RAM_MIB MiB + 8 KiB: a RAM block that is a
   multiple of 256 KiB loses dirty pages under TCG in QEMU 7.2.
@@ -38,7 +38,7 @@ from tests.support.qemu.assets import QemuGuestAssets
 from tests.support.qemu.qmp import QmpClient
 
 MiB = 1 << 20
-#: RAM_MIB MiB + this: a size that is no multiple of 256 KiB (docs/design.md §8)
+#: RAM_MIB MiB + this: a size that is no multiple of 256 KiB (docs/architecture.md §8.4)
 RAM_EXTRA = 8 << 10
 DEFAULT_RAM_MIB = 128
 DEFAULT_WORK_PAGES = 2048            # 8 MiB, the workload's own default

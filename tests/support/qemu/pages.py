@@ -5,7 +5,7 @@ Each workload page starts with a 16-byte magic, then its index, its guest-physic
 address and its counter (u64 each, offsets 16/24/32). The scan looks at every 4 KiB page
 start of the file at once with numpy. A record found at file offset X must say GPA X:
 that is how guest-physical addresses map to the RAM file on q35 below 2.75 GiB
-(docs/design.md §8), and the scan refuses a file where it does not hold.
+(checked here), and the scan refuses a file where it does not hold.
 """
 
 from __future__ import annotations

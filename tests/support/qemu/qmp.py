@@ -1,9 +1,9 @@
-"""A small test-side QMP client for the QEMU VM tier (docs/design.md §8).
+"""A small test-side QMP client for the QEMU VM tier (docs/architecture.md §8.3).
 
 One connection to one ``-qmp unix:...`` socket: the greeting, ``qmp_capabilities``,
 ``execute`` (returns ``return``, raises ``QmpCommandError`` on ``error``) and the events
 QEMU sent in between, kept in order for ``wait_event``. A QMP socket serves one client at
-a time (docs/design.md §8): the rig gives each QEMU a second socket for vfiod, and this
+a time (docs/architecture.md §8.4): the rig gives each QEMU a second socket for vfiod, and this
 client only ever uses the test's.
 
 Every read has a deadline: a QEMU that stops answering fails the test naming the command.
