@@ -7,6 +7,9 @@ workload without losing a write, also when the destination dies on the way.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.kernel.assets import REPO
+from tests.support.daemons import wait_until
+from tests.support.qemu.assets import QemuGuestAssets
 from tests.support.qemu.guest import QemuGuest, QemuGuestError
 from tests.support.qemu.pages import workload_pages, workload_problems
 from tests.support.qemu.qmp import QmpClient, QmpCommandError
@@ -231,3 +237,39 @@ def test_a_qmp_command_qemu_refuses_raises_naming_it(qemu_guests: Make,
         vm.qmp.execute("migrate-continue", state="pre-switchover")
     vm.qmp.execute("cont")
     vm.wait_generation_above(0, BOOT_TIMEOUT)
+
+
+def test_no_qemu_outlives_the_process_that_started_it(qemu_guest_assets: QemuGuestAssets,
+                                                      tmp_path: Path) -> None:
+    """A test run killed outright (SIGKILL, pytest-timeout) leaves no QEMU running."""
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from tests.support.qemu.assets import QemuGuestAssets\n"
+        "from tests.support.qemu.guest import QemuGuest\n"
+        "a = QemuGuestAssets(Path(sys.argv[1]), Path(sys.argv[2]), 'r')\n"
+        "g = QemuGuest(a, Path(sys.argv[3]), 'orphan')\n"
+        "g.start(Path(sys.argv[3]) / 'ram', paused=True)\n"
+        "print(g.proc.pid, flush=True)\n"
+        "sys.stdin.read()\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(qemu_guest_assets.vmlinuz),
+         str(qemu_guest_assets.initramfs), str(tmp_path / "orphan")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert parent.stdout is not None
+        qemu_pid = int(parent.stdout.readline())
+        assert Path(f"/proc/{qemu_pid}").exists()
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_until(lambda: process_gone(qemu_pid), 10, "the orphaned QEMU to die")
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (reaped by whoever adopted it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"

@@ -23,6 +23,7 @@ once, and every wait here then fails with the console's tail instead of timing o
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ RESERVED_SIZE = 16 * MiB
 
 GENERATION = re.compile(r"workload: generation (\d+)")
 _SOCKET_PATH_MAX = 107
+PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
 
@@ -63,6 +65,14 @@ def qemu_binary() -> str:
         raise QemuGuestError("qemu-system-x86_64 is not installed: the QEMU VM tier boots a "
                              "real VM (apt-get install qemu-system-x86; .ci/deps ensure)")
     return qemu
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the pytest process dies, so not even a
+    killed test run (pytest-timeout's thread method, SIGKILL) leaves a QEMU behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def kernel_command_line(work_pages: int) -> str:
@@ -154,7 +164,8 @@ class QemuGuest:
         self.started_at = time.monotonic()
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=_die_with_parent)
         self._wait(lambda: self.test_qmp_path.exists() and self.vfiod_qmp_path.exists(),
                    timeout, "both QMP sockets")
         self.qmp = QmpClient(str(self.test_qmp_path), timeout=timeout)
