@@ -22,7 +22,7 @@ from tests.kernel.assets import REPO
 from tests.support.daemons import wait_until
 from tests.support.qemu.assets import QemuGuestAssets
 from tests.support.qemu.guest import QemuGuest, QemuGuestError
-from tests.support.qemu.pages import workload_pages, workload_problems
+from tests.support.qemu.pages import differing_pages, workload_pages, workload_problems
 from tests.support.qemu.qmp import QmpClient, QmpCommandError
 
 Make = Callable[[str], QemuGuest]
@@ -149,6 +149,8 @@ def test_a_running_vm_migrates_to_a_paused_destination_and_goes_on_there(
     # device's write into the reserved range came along in QEMU's RAM
     src_pages = stable_pages(src)
     assert stable_pages(dst) == src_pages
+    assert src.ram_path is not None and dst.ram_path is not None
+    assert differing_pages(src.ram_path, dst.ram_path) == []
     assert np.array_equal(reserved_bytes(dst)[:dma.size], dma)
 
     dst.qmp.execute("cont")

@@ -18,6 +18,7 @@ from tests.support.qemu.pages import (
     PAGE,
     WORKLOAD_MAGIC,
     WorkloadScanError,
+    differing_pages,
     workload_pages,
     workload_problems,
 )
@@ -92,3 +93,12 @@ def test_the_kernel_command_line_reserves_the_device_range_literally() -> None:
     line = kernel_command_line(2048)
     assert f"memmap=16M${RESERVED_GPA:#x}" in line.split()
     assert "workload_pages=2048" in line.split()
+
+
+def test_two_ram_files_differ_in_the_pages_they_differ_in(tmp_path: Path) -> None:
+    a = ram_file(tmp_path / "a", 8, {1: (0, PAGE, 1)})
+    b = ram_file(tmp_path / "b", 8, {1: (0, PAGE, 2), 6: (1, 6 * PAGE, 1)})
+    assert differing_pages(a, a) == []
+    assert differing_pages(a, b) == [1, 6]
+    with pytest.raises(WorkloadScanError, match="not two RAM files of one size"):
+        differing_pages(a, ram_file(tmp_path / "c", 4, {}))

@@ -152,6 +152,8 @@ class QemuGuest:
         if RESERVED_GPA + RESERVED_SIZE > ram_mib * MiB - 32 * MiB:
             raise QemuGuestError(f"{self.name}: {ram_mib} MiB of RAM leaves no room above "
                                  f"the reserved range at {RESERVED_GPA:#x}")
+        if "," in str(ram_file):
+            raise QemuGuestError(f"{ram_file}: a comma would end QEMU's mem-path= option")
         self.ram_size = ram_mib * MiB + RAM_EXTRA
         self.work_pages = work_pages
         self.ram_path = ram_file

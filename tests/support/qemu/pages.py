@@ -80,3 +80,13 @@ def workload_problems(pages: dict[int, int], expected: int) -> list[str]:
         if counters.max() == 0:
             problems.append("no sweep has run yet (every counter is 0)")
     return problems
+
+
+def differing_pages(a_path: Path, b_path: Path) -> list[int]:
+    """Numbers of the 4 KiB pages in which two RAM files of one size differ."""
+    a = np.memmap(a_path, dtype="<u8", mode="r")
+    b = np.memmap(b_path, dtype="<u8", mode="r")
+    if a.size != b.size or a.size % _WORDS:
+        raise WorkloadScanError(f"{a_path} and {b_path}: not two RAM files of one size")
+    differ = (a.reshape(-1, _WORDS) != b.reshape(-1, _WORDS)).any(axis=1)
+    return [int(p) for p in np.flatnonzero(differ)]
