@@ -49,6 +49,8 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     [[guest.container]]                  # optional: a container mapping only some regions
     name = "default"
     map = ["ram0"]
+
+    # [[observe]] tables: see config_observe.py (another VMM's device: state only)
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import psutil
 
 from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config_observe import ObserveConfig, check_observe, parse_observe
 from vfiod.daemon.config_ram import RamConfig, parse_ram
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
 from vfiod.daemon.config_toml import DEVICE_NAME, NAME, KeyLines, Table
@@ -176,6 +179,7 @@ class Config:
     paths: PathsConfig = PathsConfig()
     guests: tuple[GuestConfig, ...] = ()
     sim: SimConfig = SimConfig()
+    observe: tuple[ObserveConfig, ...] = ()
 
     def guest(self, name: str) -> GuestConfig | None:
         return next((g for g in self.guests if g.name == name), None)
@@ -215,7 +219,8 @@ def parse_config(text: str, source: str = "(text)", *,
                  paths=_paths(top.table("paths")),
                  guests=tuple(_guest(t, host_memory or host_memory_bytes())
                               for t in top.tables("guest")),
-                 sim=parse_sim(top.table("sim")))
+                 sim=parse_sim(top.table("sim")),
+                 observe=parse_observe(top.tables("observe")))
     top.finish()
     _cross_checks(cfg, top)
     return cfg
@@ -370,3 +375,4 @@ def _cross_checks(cfg: Config, top: Table) -> None:
                                     f"{seen[d.name]}")
             seen[d.name] = g.name
     check_sim(cfg.sim, top.table("sim"), {g.name for g in cfg.guests})
+    check_observe(cfg.observe, top.tables("observe"), seen)
