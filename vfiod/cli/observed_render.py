@@ -13,11 +13,10 @@ def write_observed(rows: list[dict[str, Any]], out: TextIO) -> None:
     out.write("\nobserved (owned by another VMM; state read from debugfs, never touched):\n")
     for row in rows:
         owner = f"owner {row['owner'] or '-'}"
+        read = f"read {row['age_s']:.1f} s ago"
         if row["state"] is None:
-            what = f"unreadable ({row['problem']}): {row['reason']}"
-        elif row["problem"] is None and row["reason"]:
-            what = f"{row['state']:<13} {row['reason']}"
-        else:
-            what = f"{row['state']:<13}"
-        out.write(f"  {row['device']:<38} {owner:<16} {what}   read "
-                  f"{row['age_s']:.1f} s ago\n")
+            what = f"unreadable ({row['problem']}), {read}: {row['reason']}"
+        else:        # a state name, or "unknown" with what debugfs said
+            what = f"{row['state']:<13} {read}" + (f": {row['reason']}" if row["reason"]
+                                                   else "")
+        out.write(f"  {row['device']:<38} {owner:<16} {what}\n")
