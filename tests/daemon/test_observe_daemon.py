@@ -100,6 +100,7 @@ def test_status_and_metrics_show_state_and_reasons(daemon: DaemonProcess) -> Non
     # never touched: the observed devices are in no guest and nothing opened them
     devices = {d["name"]: d for d in daemon.call("devices")["devices"]}
     assert devices[OBSERVED]["guest"] is None
+    assert daemon.call("status", {"guest": "g1"})["observed"] == []   # one guest's status
 
 
 def test_sighup_applies_a_new_observe_list_at_once(daemon: DaemonProcess) -> None:

@@ -153,8 +153,9 @@ class Handlers:
                            "restart_needed": list(i.restart_needed),
                            "reload_error": i.reload_error},
                 "guests": snap["guests"], "finished": snap["finished"],
-                # another VMM's devices (§8.5): read outside the registry lock
-                "observed": self.observed.rows() if self.observed is not None else []}
+                # another VMM's devices (docs/architecture.md §8.5), in the whole host's
+                # status only; read outside the registry lock
+                "observed": self.observed.rows() if self.observed and only is None else []}
 
     def devices(self) -> dict[str, Any]:
         try:
