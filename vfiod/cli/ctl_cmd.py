@@ -23,6 +23,7 @@ from vfiod.api import ApiError, ClientError, ControlClient, MigrateArgs, parse_a
 from vfiod.cli import ctl_parser
 from vfiod.cli.ctl_halves import vmm_halves
 from vfiod.cli.exits import API_EXIT, Exit, report_error
+from vfiod.cli.observed_render import write_observed
 
 EPILOG = ctl_parser.EPILOG
 
@@ -183,6 +184,7 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
             live = m.get("live") or {}
             if live.get("triple"):
                 out.write(f"  state {live['triple']}\n")
+    write_observed(r.get("observed") or [], out)
     return Exit.OK
 
 

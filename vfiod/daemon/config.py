@@ -51,6 +51,8 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     [[guest.container]]                  # optional: a container mapping only some regions
     name = "default"
     map = ["ram0"]
+
+    # [[observe]] tables: see config_observe.py (another VMM's device: state only)
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import psutil
 
 from vfiod.api.client import DEFAULT_SOCKET
 from vfiod.api.ops import parse_host_port
+from vfiod.daemon.config_observe import ObserveConfig, check_observe, parse_observe
 from vfiod.daemon.config_qemu import QemuConfig, parse_qemu
 from vfiod.daemon.config_ram import RamConfig, parse_ram
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
@@ -181,6 +184,7 @@ class Config:
     paths: PathsConfig = PathsConfig()
     guests: tuple[GuestConfig, ...] = ()
     sim: SimConfig = SimConfig()
+    observe: tuple[ObserveConfig, ...] = ()
 
     def guest(self, name: str) -> GuestConfig | None:
         return next((g for g in self.guests if g.name == name), None)
@@ -220,7 +224,8 @@ def parse_config(text: str, source: str = "(text)", *,
                  paths=_paths(top.table("paths")),
                  guests=tuple(_guest(t, host_memory or host_memory_bytes())
                               for t in top.tables("guest")),
-                 sim=parse_sim(top.table("sim")))
+                 sim=parse_sim(top.table("sim")),
+                 observe=parse_observe(top.tables("observe")))
     top.finish()
     _cross_checks(cfg, top)
     return cfg
@@ -382,3 +387,4 @@ def _cross_checks(cfg: Config, top: Table) -> None:
                                     f"{seen[d.name]}")
             seen[d.name] = g.name
     check_sim(cfg.sim, top.table("sim"), {g.name for g in cfg.guests})
+    check_observe(cfg.observe, top.tables("observe"), seen)

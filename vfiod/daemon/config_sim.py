@@ -4,6 +4,9 @@
     [sim]
     iommu_dirty_tracking = false         # its IOMMU has A/D bits (IOMMU_HW_CAP_DIRTY_TRACKING)
     memlock_limit = "8GiB"               # RLIMIT_MEMLOCK for DMA pinning (absent: unlimited)
+    debugfs = "vfio"                     # what debugfs shows ([[observe]] devices read it):
+                                         # "vfio", "no-vfio" (no CONFIG_VFIO_DEBUGFS),
+                                         # "unmounted", "denied" (vfiod not root)
     [[sim.device]]
     name = "0000:3b:00.1"
     capability = "v2_precopy_p2p_log"    # a vfiod.kernel.sim.migration capability set
@@ -24,6 +27,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from vfiod.daemon.config_toml import DEVICE_NAME, NAME, Table
+from vfiod.kernel.sim.debugfs import DEBUGFS_MODES
 from vfiod.kernel.sim.migration.specs import CAPABILITY_NAMES
 
 
@@ -62,6 +66,7 @@ class SimConfig:
     workloads: tuple[SimWorkload, ...] = ()
     iommu_dirty_tracking: bool = False
     memlock_limit: int | None = None
+    debugfs: str = "vfio"          # vfiod.kernel.sim.debugfs DEBUGFS_MODES
 
 
 #: The simulator holds a device's state in memory: a clear ceiling, far above any test's.
@@ -100,7 +105,8 @@ def parse_sim(t: Table) -> SimConfig:
         w.finish()
     cfg = SimConfig(tuple(devices), tuple(hosts), tuple(loads),
                     t.boolean("iommu_dirty_tracking", False),
-                    t.size("memlock_limit", None, low=0))
+                    t.size("memlock_limit", None, low=0),
+                    t.choice("debugfs", DEBUGFS_MODES, "vfio"))
     t.finish()
     return cfg
 

@@ -34,6 +34,7 @@ from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.observe import ObservedDevices
 from vfiod.daemon.registry import GuestEntry, Registry
 from vfiod.daemon.status_builds import StatusBuilds
 from vfiod.errors import KernelError, VfiodError
@@ -66,7 +67,7 @@ _DETACHABLE = (LifecycleState.CLAIMED, LifecycleState.RUNNING, LifecycleState.IN
 class Handlers:
     def __init__(self, registry: Registry, guests: GuestManager, migrations: MigrationService,
                  kernel: KernelOps, paths: HostPaths, facts: Callable[[], HostFacts],
-                 info: DaemonInfo) -> None:
+                 info: DaemonInfo, observed: ObservedDevices | None = None) -> None:
         self.registry = registry
         self.guests = guests
         self.migrations = migrations
@@ -74,6 +75,7 @@ class Handlers:
         self.paths = paths
         self.facts = facts
         self.info = info
+        self.observed = observed
         self.status_builds = StatusBuilds(lambda copied: self._build_status(None, copied))
 
     def __call__(self, op: str, args: Args) -> dict[str, Any]:
@@ -150,7 +152,10 @@ class Handlers:
                            "migration_listen": i.migration_listen,
                            "restart_needed": list(i.restart_needed),
                            "reload_error": i.reload_error},
-                "guests": snap["guests"], "finished": snap["finished"]}
+                "guests": snap["guests"], "finished": snap["finished"],
+                # another VMM's devices (docs/architecture.md §8.5), in the whole host's
+                # status only; read outside the registry lock
+                "observed": self.observed.rows() if self.observed and only is None else []}
 
     def devices(self) -> dict[str, Any]:
         try:

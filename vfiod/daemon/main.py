@@ -46,6 +46,7 @@ from vfiod.daemon.handlers import DaemonInfo, Handlers
 from vfiod.daemon.journal import Journal
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector
 from vfiod.daemon.migrations import MigrationService
+from vfiod.daemon.observe import ObservedDevices
 from vfiod.daemon.recovery import recover
 from vfiod.daemon.registry import Registry
 from vfiod.daemon.stopping import STOP_BUDGET_S, STOP_SIGNALS, SignalPipe
@@ -144,6 +145,8 @@ class Daemon:
             def starter(guest: Any, load: Any) -> Any:
                 work = start_workload(self._sim, guest, load)
                 return work.stop if work is not None else None
+        # another VMM's devices: state read from debugfs, never opened (§8.5)
+        self.observed = ObservedDevices(cfg.observe, self.kernel)
         self.guests = GuestManager(self.kernel, self.paths, self.registry, workloads=workloads,
                                    start_workload=starter)
         self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
@@ -163,7 +166,7 @@ class Daemon:
         self.control = ControlServer(
             self.info.control_socket,
             Handlers(self.registry, self.guests, self.migrations, self.kernel, self.paths,
-                     self.host_facts, self.info),
+                     self.host_facts, self.info, observed=self.observed),
             group=cfg.control.group, allowed_gid=_gid(cfg.control.group),
             on_request=self.registry.count_request, on_refused=self.registry.count_refused_peer)
         self.control.start()
@@ -174,7 +177,8 @@ class Daemon:
             pinned = (lambda: int(self.kernel.locked_bytes)) if self._sim else None  # type: ignore[attr-defined]
             try:
                 self.metrics = MetricsServer(VfiodCollector(
-                    self.registry, backend=opts.backend, pinned_bytes=pinned), host, port)
+                    self.registry, backend=opts.backend, pinned_bytes=pinned,
+                    observed=self.observed.rows), host, port)
             except OSError as e:
                 raise VfiodError(f"metrics endpoint {metrics}: {e.strerror}") from None
             self.info.metrics = self.metrics.address

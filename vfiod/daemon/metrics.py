@@ -7,7 +7,11 @@ counters end in ``_total``, labels are bounded: ``guest``, ``device``, ``phase``
 ``protocol``, ``tracker``, never a migration id or an error text. Gauges of a migration
 (``vfiod_migration_*``) show the running migration, else the guest's last one, and are
 absent before a guest's first migration. ``vfiod_device_migration_state`` is the kernel's
-``enum vfio_device_mig_state`` value (HELP lists them). Served on 127.0.0.1 by default.
+``enum vfio_device_mig_state`` value (HELP lists them). Observed devices (another VMM's,
+docs/architecture.md §8.5) have ``vfiod_observed_device_migration_state{device,state}``,
+1 for the state debugfs shows and 0 for the others (``unknown`` for text that is not a
+state; all 0 while unreadable), and ``vfiod_observed_device_readable{device}``. Served on
+127.0.0.1 by default.
 A collector failure is counted in ``vfiod_scrape_errors_total`` and the scrape still
 answers with what it has.
 """
@@ -33,10 +37,13 @@ from vfiod import __version__
 from vfiod.abi.vfio import vfio_device_mig_state
 from vfiod.daemon.lifecycle import RUNS_HERE
 from vfiod.daemon.registry import PHASES, Buckets, Registry
+from vfiod.vfio.debugfs import UNKNOWN_STATE
 
 log = logging.getLogger("vfiod.metrics")
 
 _STATES = ", ".join(f"{m.value}={m.name}" for m in vfio_device_mig_state)
+#: the bounded ``state`` label of an observed device: every name debugfs prints, and unknown
+_OBSERVED_STATES = (*(m.name for m in vfio_device_mig_state), UNKNOWN_STATE)
 
 
 def proc_status_bytes(fields: tuple[str, ...], path: str = "/proc/self/status") -> dict[str, int]:
@@ -59,8 +66,10 @@ class VfiodCollector:
 
     def __init__(self, registry: Registry, *, backend: str = "linux",
                  pinned_bytes: Callable[[], int] | None = None,
-                 proc_status: str = "/proc/self/status") -> None:
+                 proc_status: str = "/proc/self/status",
+                 observed: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.registry = registry
+        self.observed = observed
         self.backend = backend
         self.pinned_bytes = pinned_bytes
         self.proc_status = proc_status
@@ -89,6 +98,8 @@ class VfiodCollector:
         yield from self._guest_families(snap["guests"])
         yield from self._device_families(snap["guests"])
         yield from self._migration_families(snap["guests"])
+        if self.observed is not None:
+            yield from _observed_families(self.observed())
 
         total = CounterMetricFamily("vfiod_migrations", "Finished migrations by result.",
                                     labels=["guest", "result"])
@@ -248,6 +259,22 @@ class VfiodCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+
+
+def _observed_families(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "vfiod_observed_device_migration_state", "1 for the migration state debugfs shows "
+        "for a device another VMM owns (vfiod only reads it), 0 for the others; all 0 "
+        "while it cannot be read.", labels=["device", "state"])
+    readable = GaugeMetricFamily(
+        "vfiod_observed_device_readable", "1 if the observed device's debugfs migration "
+        "state could be read (vfiod ctl status says why not).", labels=["device"])
+    for row in rows:
+        for name in _OBSERVED_STATES:
+            state.add_metric([row["device"], name], 1 if row["state"] == name else 0)
+        readable.add_metric([row["device"]], 1 if row["readable"] else 0)
+    yield state
+    yield readable
 
 
 def _maybe(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:

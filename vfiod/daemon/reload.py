@@ -2,7 +2,8 @@
 (docs/architecture.md §6 "SIGHUP reload config").
 
 Applied at once: the migration defaults (downtime limit, timeout, on_timeout, bandwidth
-limit: they are read when a migration starts) and each device's
+limit: they are read when a migration starts), the ``[[observe]]`` devices
+(docs/architecture.md §8.5: vfiod holds nothing of them) and each device's
 ``pre_copy_dirty_page_tracking`` (for guests not migrating right now; a migrating guest
 keeps its setting and the change is listed as needing a restart, or another reload).
 Everything else (control socket, metrics and migration listeners, TLS files, paths,
@@ -40,6 +41,7 @@ def apply_reload(daemon: Daemon, new: Config) -> list[str]:
     if tuple(map(_without_flags, old.guests)) != tuple(map(_without_flags, new.guests)):
         restart.append("[[guest]] (guests, RAM or devices)")
     daemon.migrations.defaults = new.migration
+    daemon.observed.replace(new.observe)
     old_flags = {(g.name, d.name): d.pre_copy_dirty_page_tracking
                  for g in old.guests for d in g.devices}
     for g in new.guests:

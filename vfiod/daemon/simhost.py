@@ -143,7 +143,7 @@ def build_sim_host(cfg: SimConfig, root: Path) -> SimHost:
     try:
         return SimHost.build(root, groups, config=SimHostConfig(
             iommu_dirty_tracking=cfg.iommu_dirty_tracking, memlock_limit=cfg.memlock_limit,
-            fault_log_limit=FAULT_LOG_LIMIT))
+            fault_log_limit=FAULT_LOG_LIMIT, debugfs=cfg.debugfs))
     except ValueError as e:
         raise ConfigError(f"[sim]: the simulated host cannot be built: {e}") from None
 

@@ -18,7 +18,7 @@ import struct
 import termios
 
 from vfiod.errors import KernelError
-from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
+from vfiod.kernel.ops import DEBUGFS_ROOT, PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
@@ -27,6 +27,8 @@ _EFD_CLOEXEC = 0o2000000
 _M_TRIM_THRESHOLD = -1     # mallopt(3) parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _CAP_IPC_LOCK = 14    # bit of CapEff in /proc/self/status
+#: A debugfs file vfiod reads is one short line (docs/kernel-contract.md §12): read no more.
+_DEBUGFS_READ_MAX = 4096
 _FILE_KINDS = {stat.S_IFREG: "regular", stat.S_IFDIR: "directory", stat.S_IFSOCK: "socket",
                stat.S_IFIFO: "fifo", stat.S_IFCHR: "char", stat.S_IFBLK: "block",
                stat.S_IFLNK: "symlink"}
@@ -48,6 +50,16 @@ def memlock_from_status(status: str, soft: int, hard: int) -> MemlockFacts:
         return None if v == resource.RLIM_INFINITY or v < 0 else v
 
     return MemlockFacts(limit(soft), limit(hard), locked, cap)
+
+
+def debugfs_path(root: str, relpath: str) -> str:
+    """``relpath`` under ``root``; EINVAL for one that could leave it (absolute, ``..``,
+    NUL): a device name from a configuration file becomes a path component here."""
+    parts = [p for p in relpath.split("/") if p]
+    if relpath.startswith("/") or "\0" in relpath or any(p in (".", "..") for p in parts):
+        raise KernelError(errno.EINVAL, f"debugfs path {relpath!r}",
+                          detail="must stay under the debugfs root")
+    return os.path.join(root, *parts)
 
 
 def pin_malloc_thresholds(nbytes: int) -> bool:
@@ -205,6 +217,22 @@ class LinuxKernel:
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
+
+    def read_debugfs(self, relpath: str) -> str:
+        path = debugfs_path(DEBUGFS_ROOT, relpath)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"open({path})") from None
+        try:
+            return os.read(fd, _DEBUGFS_READ_MAX).decode("utf-8", errors="replace")
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, f"read({path})") from None
+        finally:
+            os.close(fd)
+
+    def list_debugfs(self, relpath: str) -> list[str]:
+        return self.listdir(debugfs_path(DEBUGFS_ROOT, relpath))
 
     def memlock(self) -> MemlockFacts:
         soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)

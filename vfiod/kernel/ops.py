@@ -20,6 +20,9 @@ Conventions shared by both implementations:
 * ``memlock`` answers how much memory DMA may still pin (docs/kernel-contract.md §3.7: type1 MAP_DMA
   charges RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK); the simulator answers with
   its own limit and pinned bytes, so preflight sees the kernel vfiod really talks to.
+* ``read_debugfs``/``list_debugfs`` read under the debugfs mount (``DEBUGFS_ROOT``; the
+  simulator keeps its own view of its devices): what observing a device another VMM owns
+  needs (docs/kernel-contract.md §12), with the kernel's errno values (ENOENT, EACCES).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ Buffer = Union[bytearray, ctypes.Structure, ctypes.Array, "ctypes._SimpleCData"]
 
 PROT_READ = _mmap.PROT_READ
 PROT_WRITE = _mmap.PROT_WRITE
+#: Where systemd (sys-kernel-debug.mount) and the kernel's documentation mount debugfs.
+DEBUGFS_ROOT = "/sys/kernel/debug"
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,18 @@ class KernelOps(Protocol):
         ...
 
     def exists(self, path: str) -> bool:
+        ...
+
+    # -- debugfs reads for observe-only devices (docs/kernel-contract.md §12) ----------------
+    def read_debugfs(self, relpath: str) -> str:
+        """The text of the debugfs file ``relpath`` (relative to ``DEBUGFS_ROOT``, no
+        ``..``): ENOENT when it is not there, EACCES when this process may not read
+        debugfs, the file's own errno otherwise (EINVAL: the driver could not say)."""
+        ...
+
+    def list_debugfs(self, relpath: str) -> list[str]:
+        """The sorted entries of the debugfs directory ``relpath`` ("" = the mount's
+        root; an unmounted debugfs is an empty directory); errors as ``read_debugfs``."""
         ...
 
     # -- limits ------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class SimHostConfig:
     iommu_dirty_tracking: bool = False    # IOMMU A/D bits (IOMMU_HW_CAP_DIRTY_TRACKING)
     memlock_limit: int | None = None      # RLIMIT_MEMLOCK bytes; None = CAP_IPC_LOCK
     fault_log_limit: int | None = None    # FaultInjector.log_limit; None keeps every event
+    debugfs: str = "vfio"                 # sim/debugfs.py DEBUGFS_MODES: what debugfs shows
 
 
 Member = DeviceSpec | HostDevice
@@ -91,6 +92,7 @@ class SimHost:
         host = cls(Path(root), kernel or SimKernel(), config)
         host.kernel.memlock_limit = config.memlock_limit
         host.kernel.faults.log_limit = config.fault_log_limit
+        host.kernel.debugfs.set_mode(config.debugfs)
         numbered: dict[int, Sequence[Member]] = (
             dict(groups) if isinstance(groups, Mapping) else
             {config.first_group + i: list(g) for i, g in enumerate(groups)})
@@ -140,6 +142,7 @@ class SimHost:
                     self._node(dev / "vfio/devices" / node.cdev_name, self._cdev_opener(node))
                     cdevs += 1
                 self.devices[m.name] = node
+                self.kernel.debugfs.register(m.name, node.parts.mig_state)
                 devices.append(node)
             host_members = [(m.name, m.driver) for m in members if isinstance(m, HostDevice)]
             group = SimGroup(number, devices, host_members)

@@ -100,6 +100,9 @@ class DeviceParts:
     closables: list[Closable] = field(default_factory=list)
     #: the device model (state that changes while RUNNING; save/restore compares equal)
     model: object | None = None
+    #: the v2 state as the driver's ``migration_get_state`` reads it, without an fd (what
+    #: debugfs prints, docs/kernel-contract.md §12); None: no v2 migration ops
+    mig_state: Callable[[], int] | None = None
 
 
 class FdTable(Protocol):

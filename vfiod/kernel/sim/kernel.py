@@ -22,12 +22,14 @@ import errno
 import mmap as _mmap
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 from vfiod.kernel.sim.base import FaultInjector, SimFile, fail
+from vfiod.kernel.sim.debugfs import SimDebugfs
 
 SIM_FD_BASE = 1 << 20
 
@@ -55,6 +57,11 @@ class SimKernel:
         # worker next to the control loop); the kernel's own locks are finer, the outcome
         # of each call is the same. Re-entrant: a file may install a new fd mid-call.
         self.lock = threading.RLock()
+        #: opens of each simulated device node (/dev/vfio/N, cdevs, the container): a
+        #: test proves that observing a device opens none (docs/kernel-contract.md §12)
+        self.node_opens: Counter[str] = Counter()
+        #: the debugfs view of the devices ``SimHost`` registers (``read_debugfs``)
+        self.debugfs = SimDebugfs(self.faults, self.lock)
 
     # -- the FdTable contract (interfaces.py) ----------------------------------------------
     def install(self, file: SimFile) -> int:
@@ -93,6 +100,7 @@ class SimKernel:
         if opener is None:
             return self.linux.open(path, flags, mode)
         with self.lock:
+            self.node_opens[os.path.normpath(path)] += 1
             try:
                 file = opener(flags)
             except KernelError as e:
@@ -229,6 +237,13 @@ class SimKernel:
 
     def exists(self, path: str) -> bool:
         return self.linux.exists(path)
+
+    # -- debugfs: the simulated devices' live state (sim/debugfs.py) -------------------------
+    def read_debugfs(self, relpath: str) -> str:
+        return self.debugfs.read_file(relpath)
+
+    def list_debugfs(self, relpath: str) -> list[str]:
+        return self.debugfs.list_dir(relpath)
 
     # -- limits: the simulated kernel's own, not this process's -------------------------------
     def memlock(self) -> MemlockFacts:

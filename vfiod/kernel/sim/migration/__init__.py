@@ -33,6 +33,7 @@ def build_parts(spec: DeviceSpec, fds: FdTable) -> DeviceParts:
         mig = MigrationV2(spec, fds, model)
         parts.features.append(mig)
         parts.resettables.append(mig)
+        parts.mig_state = lambda: int(mig.state)
     elif spec.migration == "v1":
         region = MigrationRegionV1(spec, fds.faults, model)
         parts.regions.append(region)
