@@ -115,7 +115,7 @@ class DemoDaemon:
             except subprocess.TimeoutExpired:
                 continue
             raise DemoStepError(self.step, f"vfiod run exited with status {self.exit} "
-                                "before it was ready" + self.log_tail())
+                                f"before it was ready: {self.last_error()}" + self.log_tail())
 
     def _status(self) -> tuple[dict[str, Any], list[dict[str, Any]]] | str:
         try:
@@ -148,6 +148,15 @@ class DemoDaemon:
             raise DemoStepError(step, f"{shown(argv)} exited with status {p.returncode}: "
                                 f"{(p.stdout + p.stderr).strip()[-1000:]}")
         return dict(json.loads(p.stdout))
+
+    def last_error(self) -> str:
+        """The last ERROR line of its log, without timestamp and logger."""
+        try:
+            lines = self.files.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [ln.split(" ERROR ", 1)[1] for ln in lines if " ERROR " in ln]
+        return errors[-1].split(": ", 1)[-1] if errors else "(no error in its log)"
 
     def log_tail(self) -> str:
         try:

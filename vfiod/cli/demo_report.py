@@ -51,7 +51,10 @@ class DemoOutcome:
 
 
 def _guest_now(outcome: DemoOutcome) -> dict[str, Any]:
-    states = {role: r["guests"][0]["state"] for role, r in outcome.status.items()}
+    """The guest's state on each host per ``vfiod ctl status`` (None: not asked), and the
+    one host it runs on (None: on neither, or not asked)."""
+    states = {role: (outcome.status[role]["guests"][0]["state"] if role in outcome.status
+                     else None) for role in ("source", "destination")}
     runs = [role for role, s in states.items() if s == "running"]
     return {**states, "runs_on": runs[0] if len(runs) == 1 else None}
 
@@ -65,7 +68,7 @@ def summary_of(outcome: DemoOutcome, args: argparse.Namespace) -> dict[str, Any]
     scraper = outcome.scraper
     during = scraper.during_migration() if scraper else []
     failed = outcome.failed
-    result = "error" if failed is not None else m.get("result") or "error"
+    result = m.get("result") or "error"
     ok = (failed is None and result == "completed" and verified
           and now.get("runs_on") == "destination" and outcome.removed)
     return {
@@ -203,7 +206,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     share = s["destination_share"]
     b = s["bytes"]
     if s["step"]:
-        result = f"FAILED at step '{s['step']}' (the reason is above, on stderr)"
+        result = (f"{s['result']}, FAILED at step '{s['step']}' (the reason is above, on "
+                  "stderr)")
     else:
         result = (f"{s['result']}" + (f": {s['reason']}" if s["reason"] else "")
                   + ("" if s["ok"] else "  (NOT OK: see below)"))
@@ -213,6 +217,13 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         return (f"{role} pid {x.get('pid') or '-'} (metrics {x.get('metrics') or '-'}, "
                 f"incoming {x.get('migration_listen') or '-'})")
 
+    if now["source"] is None and now["destination"] is None:
+        where = "- (not asked)"
+    else:
+        where = (f"{GUEST} runs on the {now['runs_on']}" if now["runs_on"]
+                 else f"{GUEST} runs on neither host")
+        where += (f" (vfiod ctl status: source {now['source'] or '-'}, destination "
+                  f"{now['destination'] or '-'})")
     samples = pick(met["samples"], SAMPLES_SHOWN)
     shown = [_sample_line(x) for x in samples] + ["-"] * (SAMPLES_SHOWN - len(samples))
     lines = [
@@ -224,18 +235,16 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  downtime      predicted {_ms(s['predicted_downtime_s'])}, actual "
         f"{_ms(s['actual_downtime_s'])}"
         + (f" (prediction error {err * 100:.0f}%)" if err is not None else "")
-        + f", limit {_ms(s['downtime_limit_s'])}"
+        + f", limit {s['downtime_limit_s'] * 1000:g} ms"
         + (f"; the destination's share {_ms(share['total_s'])}" if share else ""),
         f"  passes        {s['iterations'] if s['iterations'] is not None else '-'} pre-copy",
         f"  bytes         sent {_size(b['sent'])}, received {_size(b['received'])}, of "
         f"{_size(b['guest_ram'])} guest RAM (never-written pages are not sent)",
         f"  verification  the destination checked the RAM content digests: "
         f"{'verified' if s['verified'] else 'NOT verified'}",
-        f"  guest now     {GUEST} runs on the {now.get('runs_on') or '- (nowhere?)'}; "
-        f"per vfiod ctl status: source {now.get('source', '-')}, destination "
-        f"{now.get('destination', '-')}",
-        f"  metrics       {met['scrapes']} scrapes of both /metrics every "
-        f"{met['interval_s'] or 0:g} s, {met['during_migration']} during the migration:",
+        f"  guest now     {where}",
+        f"  metrics       {met['scrapes']} scrapes of both daemons' /metrics, "
+        f"{met['during_migration']} during the migration:",
         *(f"    {x}" for x in shown),
         f"    after: {_sample_line(met['after'])}",
         f"  stopped       source {(d.get('source') or {}).get('stop') or '-'}; destination "

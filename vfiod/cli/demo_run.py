@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         outcome.ready_s = time.monotonic() - outcome.t0
         _migrate(args, daemons[0], daemons[1], outcome, out)
         _where_now(daemons, outcome, out)
+        m = outcome.migration or {}
+        if m.get("result") != "completed" or outcome.migrate_exit != 0:
+            raise DemoStepError(MIGRATE_STEP, f"the migration ended {m.get('result') or 'without an outcome'}"
+                                + (f": {m['error']}" if m.get("error") else "")
+                                + f" (exit status {outcome.migrate_exit})")
     except DemoStepError as e:
         outcome.failed = e
     finally:
