@@ -38,7 +38,7 @@ daemons (pid, control_socket, metrics, migration_listen, stop), commands, metric
 (scrapes, during_migration, samples, after), workdir, timings.
 
 examples:
-  vfiod demo                       the whole demo (about 10 s once numba's cache is warm)
+  vfiod demo                       the whole demo (about 6 s once numba's cache is warm)
   vfiod demo --json | jq .actual_downtime_s
   vfiod demo --ram-gib 1 --fill-mib 128 --dirty-mbps 8
   vfiod demo --downtime-limit-ms 50 --timeout 10 --on-timeout cancel

@@ -1,5 +1,5 @@
 """What ``vfiod demo`` reads from both daemons' Prometheus endpoints while the migration
-runs, as a scraper would (README "Metrics"): ``GET /metrics``, parsed with the client
+runs, as a scraper would (README "Running the daemon"): ``GET /metrics``, parsed with the client
 library's own text parser, reduced to the figures of guest ``vm1`` the demo shows.
 
 A sample holds, per daemon: whether a migration of the guest is active and its phase,

@@ -237,7 +237,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         + (f" (prediction error {err * 100:.0f}%)" if err is not None else "")
         + f", limit {s['downtime_limit_s'] * 1000:g} ms"
         + (f"; the destination's share {_ms(share['total_s'])}" if share else ""),
-        f"  passes        {s['iterations'] if s['iterations'] is not None else '-'} pre-copy",
+        f"  passes        {_passes(s['iterations'])}",
         f"  bytes         sent {_size(b['sent'])}, received {_size(b['received'])}, of "
         f"{_size(b['guest_ram'])} guest RAM (never-written pages are not sent)",
         f"  verification  the destination checked the RAM content digests: "
@@ -255,6 +255,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     ]
     assert len(lines) == SUMMARY_LINES, len(lines)
     return lines
+
+
+def _passes(n: int | None) -> str:
+    return "-" if n is None else f"{n} pre-copy pass{'' if n == 1 else 'es'}"
 
 
 def _secs(x: float | None) -> str:
