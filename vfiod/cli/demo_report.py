@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vfiod.cli.demo_metrics import DemoScraper, pick
-from vfiod.cli.demo_procs import DemoDaemon, DemoStepError
+from vfiod.cli.demo_procs import DemoDaemon, DemoStepError, shown
 from vfiod.cli.demo_setup import DEVICES, GUEST, GiB, MiB, ram_bytes
 
 #: at most one progress line per this many seconds (a new phase and the outcome always show)
@@ -95,7 +95,7 @@ def summary_of(outcome: DemoOutcome, args: argparse.Namespace) -> dict[str, Any]
                                    "ready_s": d.ready_s,
                                    "stop": outcome.stops.get(d.files.role)}
                     for d in outcome.daemons},
-        "commands": {"daemons": [" ".join(["vfiod", *d.argv[3:]]) for d in outcome.daemons],
+        "commands": {"daemons": [shown(d.argv) for d in outcome.daemons],
                      "migrate": outcome.migrate_command or None,
                      "migrate_exit": outcome.migrate_exit},
         "metrics": {"interval_s": scraper.interval_s if scraper else None,

@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         outcome.daemons = daemons
         out.intro(args, workdir)
         for d in daemons:
-            d.start()
+            try:
+                d.start()
+            except OSError as e:
+                raise DemoStepError(d.step, f"{shown(d.argv)}: {e}") from None
             out.line(f"$ {shown(d.argv)} &")
         for d, state in zip(daemons, ("running", "incoming"), strict=True):
             d.wait_ready(state)
