@@ -20,7 +20,7 @@ help:
 	@echo "                  guest; .bench/kernel-prediction.json)"
 	@echo "make bench        benchmarks as ratios against same-run baselines (.bench/results.json)"
 	@echo "make demo         two vfiod daemons on simulated hosts; vfiod ctl migrates a 4 GiB"
-	@echo "                  guest with three devices between them (no VFIO, QEMU or root)"
+	@echo "                  guest with three devices between them (no VFIO or QEMU needed)"
 	@echo "make fuzz         the hypothesis fuzz tests with a large budget (VFIOD_FUZZ_EXAMPLES)"
 	@echo "make lint         ruff"
 	@echo "make typecheck    mypy"

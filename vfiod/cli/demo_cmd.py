@@ -5,7 +5,7 @@ both migration protocols, docs/kernel-contract.md §5 and §6, and device DMA lo
 
 The steps, the processes and the output are described in ``demo_run``, ``demo_procs``
 and ``demo_report``; the hosts and the guest in ``demo_setup``. The simulated hosts need
-no VFIO, no QEMU and no root. A ``--qemu`` variant (issue 13 item 5: a real VM in two
+no VFIO and no QEMU. A ``--qemu`` variant (issue 13 item 5: a real VM in two
 QEMU processes) would replace only the configurations ``demo_setup`` writes and start the
 QEMUs before the daemons.
 """
@@ -22,7 +22,7 @@ VFIO devices and a workload dirtying its RAM by device DMA), start two
 `vfiod run --backend sim` daemons, wait until both answer, run
 `vfiod ctl migrate vm1 --to 127.0.0.1:PORT` against the source while scraping both
 daemons' /metrics, ask `vfiod ctl status` where the guest runs now, stop both daemons
-(SIGTERM) and remove everything it wrote. No VFIO, QEMU or root needed."""
+(SIGTERM) and remove everything it wrote. No VFIO or QEMU needed."""
 
 EPILOG = """\
 output: the commands it runs, as you would type them; the migration's progress (at most
@@ -38,7 +38,7 @@ daemons (pid, control_socket, metrics, migration_listen, stop), commands, metric
 (scrapes, during_migration, samples, after), workdir, timings.
 
 examples:
-  vfiod demo                       the whole demo (about 6 s once numba's cache is warm)
+  vfiod demo                       the whole demo (6-10 s on 2 cores, numba's cache warm)
   vfiod demo --json | jq .actual_downtime_s
   vfiod demo --ram-gib 1 --fill-mib 128 --dirty-mbps 8
   vfiod demo --downtime-limit-ms 50 --timeout 10 --on-timeout cancel
