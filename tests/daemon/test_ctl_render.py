@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli import ctl_cmd
+from vfiod.cli.ctl_outcome import outcome_line
 from vfiod.cli.exits import Exit
 from vfiod.daemon.lifecycle import LifecycleState
 
@@ -89,7 +90,7 @@ _SHARE = {"total_s": 0.021, "load_s": 0.002, "verify_s": 0.004, "resume_s": 0.00
 def test_the_destinations_outcome_gives_the_sources_report_and_its_own_share() -> None:
     m = _guest("done", 3, 0, 0.06, "completed")["migration"]
     m.update(role="destination", peer="10.0.0.1", prediction_error=0.2, downtime_share=_SHARE)
-    assert ctl_cmd._outcome(m) == (
+    assert outcome_line(m) == (
         "completed from 10.0.0.1 (downtime 50 ms, predicted 60 ms, error 20%; share here "
         "21.0 ms: load 2.0 ms, verify 4.0 ms, resume 1.0 ms; verified yes)")
 
@@ -97,7 +98,7 @@ def test_the_destinations_outcome_gives_the_sources_report_and_its_own_share() -
 def test_without_the_sources_report_the_destination_gives_its_share() -> None:
     m = _guest("done", 3, 0, 0.06, "completed")["migration"]
     m.update(role="destination", peer="10.0.0.1", downtime_s=None, downtime_share=_SHARE)
-    assert ctl_cmd._outcome(m) == (
+    assert outcome_line(m) == (
         "completed from 10.0.0.1 (downtime -, predicted 60 ms, error -; share here 21.0 ms: "
         "load 2.0 ms, verify 4.0 ms, resume 1.0 ms; verified yes)")
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from vfiod.api import ApiError, ClientError, ControlClient, MigrateArgs, parse_args
 from vfiod.cli import ctl_parser
-from vfiod.cli.ctl_halves import vmm_halves
+from vfiod.cli.ctl_outcome import outcome_line
 from vfiod.cli.exits import API_EXIT, Exit, report_error
 from vfiod.cli.observed_render import write_observed
 
@@ -107,38 +107,8 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:.0f} ms"
 
 
-def _fine_ms(s: float) -> str:
-    """The destination's parts of the downtime are often under a millisecond."""
-    return f"{s * 1000:.1f} ms"
-
-
 def _json(out: TextIO, obj: Any) -> None:
     out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _outcome(m: dict[str, Any]) -> str:
-    where = f"{'to' if m['role'] == 'source' else 'from'} {m['peer']}"
-    if m["result"] is None:
-        pr = m["progress"]
-        return (f"{m['role']} {where}: {pr['phase']} iteration {pr['iteration']}, predicted "
-                f"downtime {_ms(pr['predicted_downtime_s'])}")
-    text = f"{m['result']} {where}"
-    share = m.get("downtime_share")
-    if m["result"] == "completed" and share:       # the destination: the source's report
-        err = m.get("prediction_error")             # and its own part
-        text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
-                 f"{_ms(m['predicted_downtime_s'])}, error "
-                 f"{'-' if err is None else f'{err * 100:.0f}%'}; share here "
-                 f"{_fine_ms(share['total_s'])}: load {_fine_ms(share['load_s'])}, verify "
-                 f"{_fine_ms(share['verify_s'])}, resume {_fine_ms(share['resume_s'])}; "
-                 f"verified {'yes' if m['verified'] else 'no'})")
-    elif m["result"] == "completed":
-        text += (f" (downtime {_ms(m['downtime_s'])}, predicted "
-                 f"{_ms(m['predicted_downtime_s'])}{vmm_halves(m)}, verified "
-                 f"{'yes' if m['verified'] else 'no'})")
-    elif m["error"]:
-        text += f": {m['error']}"
-    return text
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -178,7 +148,7 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
                       f"pre-copy tracking {track}\n")
         m = g["migration"]
         if m is not None:
-            out.write(f"  migration {m['id']}: {_outcome(m)}\n")
+            out.write(f"  migration {m['id']}: {outcome_line(m)}\n")
             for warning in m.get("warnings") or ():
                 out.write(f"  warning: {warning}\n")
             live = m.get("live") or {}
@@ -387,7 +357,7 @@ def _follow(c: ControlClient, guest: str | None, as_json: bool, out: TextIO,
                 if as_json:
                     out.write(json.dumps({"guest": g["name"], "migration": m}) + "\n")
                 else:
-                    out.write(("\r\x1b[K" if tty else "") + f"{g['name']}: {_outcome(m)}\n")
+                    out.write(("\r\x1b[K" if tty else "") + f"{g['name']}: {outcome_line(m)}\n")
                 migration_id = None if g["name"] == guest else migration_id
         if not seen and not migration_id:
             if not results and not as_json:
