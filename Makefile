@@ -8,7 +8,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 #: a skipped test fails `make test`: every tier runs, or the run says what is missing
 NO_SKIPS := -p tests.support.no_skips
 
-.PHONY: help deps venv test test-fast lint typecheck bench demo kernel-test kernel-bench clean
+.PHONY: help deps venv test test-fast lint typecheck bench demo demo-qemu kernel-test kernel-bench clean
 
 help:
 	@echo "make test         install missing system packages (as root; else say how), create"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench        benchmarks as ratios against same-run baselines (.bench/results.json)"
 	@echo "make demo         two vfiod daemons on simulated hosts; vfiod ctl migrates a 4 GiB"
 	@echo "                  guest with three devices between them (no VFIO or QEMU needed)"
+	@echo "make demo-qemu    the same with a running Linux VM between two real QEMU 7.2"
 	@echo "make fuzz         the hypothesis fuzz tests with a large budget (VFIOD_FUZZ_EXAMPLES)"
 	@echo "make lint         ruff"
 	@echo "make typecheck    mypy"
@@ -68,6 +69,10 @@ kernel-bench: deps $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vfiod demo
+
+#: the same through two real QEMU 7.2 running a Linux guest (docs/architecture.md §8.3)
+demo-qemu: deps $(STAMP)
+	$(PY) -m tests.qemu.demo
 
 clean:
 	rm -rf $(VENV) .bench .cache .pytest_cache .mypy_cache .ruff_cache
