@@ -43,8 +43,9 @@ class FakeVmm:
         self.switch_after = switch_after
         self.fail = fail
         self.status = "none"
-        #: the RAM rate it reports: its final pass then takes remaining / rate
-        self.bandwidth_bps = 1e9
+        #: the RAM rate it reports: its final pass then takes remaining / rate (the faster
+        #: of it and vfiod's link estimate)
+        self.bandwidth_bps = 1e12          # faster than any link vfiod measures
         self.uri = ""
         self.calls: list[str] = []
         self.vcpu_writes = 0

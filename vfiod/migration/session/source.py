@@ -77,7 +77,7 @@ from vfiod.migration.session.phases import (
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
 from vfiod.migration.session.vmm_half import VmmSourceHalf
-from vfiod.migration.session.vmm_source import VMM_POLL_S
+from vfiod.migration.session.vmm_source import VMM_PASS_S
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.writer import StreamWriter
@@ -279,9 +279,8 @@ class SourceSession(SourceEnding, SessionBase):
             if decision is Decision.CANCEL:
                 raise Cancelled(self.result.history[-1].reason, by="policy")
             if self.vmm is not None:     # the VMM decides when: at its pre-switchover wait
-                if self._vmm_waits_to_switch():
+                if self._vmm_waits_to_switch(self.clock() + VMM_PASS_S):
                     return
-                self._cancel.wait(VMM_POLL_S)
                 continue
             if decision in (Decision.SWITCHOVER, Decision.FORCE):
                 return

@@ -27,11 +27,15 @@ from __future__ import annotations
 from typing import Any
 
 from vfiod.errors import MigrationError
+from vfiod.migration.planning.predictor import DowntimePredictor
 from vfiod.migration.session.common import SessionBase
 from vfiod.migration.session.vmm_half import VmmProgress, VmmSourceHalf
 
-#: seconds between two questions to the VMM while pre-copy has nothing to send
-VMM_POLL_S = 0.005
+#: seconds between two questions to the VMM: at most this late (plus one question, about
+#: a millisecond) vfiod sees the VMM's vCPUs stopped, which counts in the downtime
+VMM_POLL_S = 0.003
+#: seconds of questions between two pre-copy passes (device state, a dirty sync)
+VMM_PASS_S = 0.1
 #: guest name -> the VMM's fixed switchover cost its last migration from this host showed
 VMM_FIXED_S: dict[str, float] = {}
 
@@ -48,6 +52,7 @@ class SourceVmmSteps(SessionBase):
     _vmm_last_migrating_t: float | None
     _vmm_stopped: VmmProgress | None
     _predicted_parts: dict[str, float]
+    predictor: DowntimePredictor
 
     def _vmm_disagreement(self, hello: dict[str, Any]) -> list[str]:
         """Preflight reasons when only one end coordinates with a VMM."""
@@ -68,20 +73,25 @@ class SourceVmmSteps(SessionBase):
             self.vmm.start(self._vmm_incoming)
             self.result.timings["vmm_start_s"] = self.clock() - t0
 
-    def _vmm_waits_to_switch(self) -> bool:
-        """True once the VMM stopped its vCPUs and waits before its switchover."""
+    def _vmm_waits_to_switch(self, until: float) -> bool:
+        """True once the VMM stopped its vCPUs and waits before its switchover; asks
+        every ``VMM_POLL_S`` until ``until`` (False then: time for a pre-copy pass)."""
         assert self.vmm is not None
-        t0 = self.clock()
-        p = self.vmm.progress()
-        self.result.vmm["progress"] = p.to_dict()
-        if p.status == "pre-switchover":
-            self._vmm_stopped = p
-            return True
-        if not p.migrating:
-            raise VmmMigrationFailed(f"QEMU's own migration ended {p.status} before its "
-                                     "switchover" + (f": {p.error}" if p.error else ""))
-        self._vmm_last_migrating_t = t0
-        return False
+        while True:
+            self._check_cancel()
+            t0 = self.clock()
+            p = self.vmm.progress()
+            self.result.vmm["progress"] = p.to_dict()
+            if p.status == "pre-switchover":
+                self._vmm_stopped = p
+                return True
+            if not p.migrating:
+                raise VmmMigrationFailed(f"QEMU's own migration ended {p.status} before its "
+                                         "switchover" + (f": {p.error}" if p.error else ""))
+            self._vmm_last_migrating_t = t0
+            if self.clock() >= until:
+                return False
+            self._cancel.wait(VMM_POLL_S)
 
     def _vmm_switch(self) -> None:
         """The guest is paused: let the VMM finish beside vfiod's stop-and-copy."""
@@ -99,13 +109,18 @@ class SourceVmmSteps(SessionBase):
         except Exception as e:  # noqa: BLE001 - the guest's resume still runs
             self.result.warnings.append(f"cancelling QEMU's migration: {e}")
 
-    def _vmm_own_s(self) -> float:
-        """The VMM's predicted time from its stop to its incoming migration done."""
+    def _vmm_transfer_s(self) -> float:
+        """The VMM's RAM left at its stop over the faster of its rate and vfiod's estimate
+        of the link: its last pass is not held to its own bandwidth cap."""
         p = self._vmm_stopped
         if p is None:
             return 0.0
-        transfer = p.remaining_bytes / p.bandwidth_bps if p.bandwidth_bps else 0.0
-        return transfer + VMM_FIXED_S.get(self.guest.name, 0.0)
+        bps = max(p.bandwidth_bps or 0.0, self.predictor.bandwidth.bps)
+        return p.remaining_bytes / bps if bps > 0 else 0.0
+
+    def _vmm_own_s(self) -> float:
+        """The VMM's predicted time from its stop to its incoming migration done."""
+        return self._vmm_transfer_s() + VMM_FIXED_S.get(self.guest.name, 0.0)
 
     def _vmm_predicted_s(self, devices_s: float | None) -> float | None:
         """Both halves' predicted downtime: vfiod's, plus what the VMM's own time
@@ -134,7 +149,5 @@ class SourceVmmSteps(SessionBase):
             self.result.warnings.append(f"reading QEMU's final migration figures: {e}")
             return
         self.result.vmm["completed"] = done.to_dict()
-        p = self._vmm_stopped
-        if done.downtime_s is not None and p is not None:
-            transfer = p.remaining_bytes / p.bandwidth_bps if p.bandwidth_bps else 0.0
-            VMM_FIXED_S[self.guest.name] = max(0.0, done.downtime_s - transfer)
+        if done.downtime_s is not None and self._vmm_stopped is not None:
+            VMM_FIXED_S[self.guest.name] = max(0.0, done.downtime_s - self._vmm_transfer_s())
