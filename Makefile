@@ -42,7 +42,7 @@ test: deps $(STAMP)
 	$(PY) -m pytest -q -rs $(NO_SKIPS) tests
 
 test-fast: deps $(STAMP)
-	$(PY) -m pytest -q -rs tests --ignore=tests/kernel
+	$(PY) -m pytest -q -rs tests --ignore=tests/kernel --ignore=tests/qemu
 
 kernel-test: deps $(STAMP)
 	$(PY) -m pytest -q -rs $(NO_SKIPS) tests/kernel
