@@ -63,6 +63,12 @@ class FdFacts:
     device: int               # st_dev and st_ino: the same file behind two fds
     inode: int
     writable: bool            # opened O_RDWR (MAP_SHARED with PROT_WRITE needs it)
+    # -- VFIO hand-over (docs/architecture.md §8.1): what tells a VFIO fd's kind --------
+    #: (major, minor) of a character device (st_rdev): /sys/dev/char/MAJ:MIN names it
+    rdev: tuple[int, int] | None = None
+    #: what /proc/self/fd/N links to: "/dev/vfio/7", "anon_inode:[vfio-device]" ...
+    #: ("" where /proc is not mounted)
+    link: str = ""
 
 
 @runtime_checkable
