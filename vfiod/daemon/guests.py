@@ -71,6 +71,7 @@ class RamInUse:
     offset: int
     size: int
 
+
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
 
@@ -137,10 +138,9 @@ class GuestManager:
 
     def attach(self, entry: GuestEntry, handed: Mapping[str, tuple[int, int]],
                vfio: Mapping[str, HandedVfio] | None = None) -> None:
-        """Open a ``from = "vmm"`` guest on the RAM (and VFIO) fds its VMM handed over
-        (checked by the caller; the caller keeps and closes them, the guest works on its
-        own copies), in the role its configuration gives. A failure is raised and leaves it ``defined``
-        with nothing held (docs/architecture.md §8.1)."""
+        """Open a ``from = "vmm"`` guest on the checked RAM (and VFIO) fds its VMM handed
+        over (the caller keeps them; the guest works on copies), in its configured role. A
+        failure is raised, leaving it ``defined`` with nothing held (§8.1)."""
         gc = entry.config
         with self._lock:
             if self._stopping:
@@ -300,7 +300,7 @@ class GuestManager:
         """IOMMU group number -> the open guest holding it (for ``attach``, §8.1)."""
         with self.registry.lock:
             return {g.number: name for name, guest in self._guests.items()
-                    for con in guest.containers for g in con.container.groups}
+                    for c in guest.containers for g in c.container.groups}
 
     def refresh(self) -> None:
         """Device states from the drivers (cached values: no syscall); registry lock held."""
