@@ -12,11 +12,12 @@ Every refusal is an ``ApiError`` naming the fd index and what was wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from vfiod.api.ops import AttachArgs, VfioHandOver
 from vfiod.api.schema import ApiError
 from vfiod.daemon.config import GuestConfig
+from vfiod.daemon.guests import GuestManager
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest import HandedVfio
@@ -31,6 +32,16 @@ from vfiod.vfio.handover import (
 
 #: Builds the refusal for one message (it names the guest and says nothing was attached).
 Refuse = Callable[[str], ApiError]
+
+
+def groups_held(guests: GuestManager, names: Iterable[str]) -> dict[int, str]:
+    """IOMMU group number -> the open guest (of ``names``) whose containers hold it."""
+    out: dict[int, str] = {}
+    for name in names:
+        guest = guests.opened(name)
+        for c in guest.containers if guest is not None else ():
+            out.update((g.number, name) for g in c.container.groups)
+    return out
 
 
 def check_vfio_hand_over(kernel: KernelOps, paths: HostPaths, gc: GuestConfig,

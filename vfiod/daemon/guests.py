@@ -296,12 +296,6 @@ class GuestManager:
                 out.append(RamInUse(name, b.name, f.device, f.inode, b.offset, b.size))
             return out
 
-    def groups_in_use(self) -> dict[int, str]:
-        """IOMMU group number -> the open guest holding it (for ``attach``, §8.1)."""
-        with self.registry.lock:
-            return {g.number: name for name, guest in self._guests.items()
-                    for c in guest.containers for g in c.container.groups}
-
     def refresh(self) -> None:
         """Device states from the drivers (cached values: no syscall); registry lock held."""
         for entry in self.registry.guests.values():

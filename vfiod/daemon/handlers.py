@@ -30,7 +30,7 @@ from vfiod.api.ops import (
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
 from vfiod.daemon import check
 from vfiod.daemon.attach import check_hand_over, refusal
-from vfiod.daemon.attach_vfio import check_vfio_hand_over
+from vfiod.daemon.attach_vfio import check_vfio_hand_over, groups_held
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
@@ -270,7 +270,8 @@ class Handlers:
         handed = check_hand_over(self.kernel, entry.config, args,
                                  self.guests.ram_files_in_use())
         vfio = check_vfio_hand_over(self.kernel, self.paths, entry.config, args,
-                                    refusal(entry.config), self.guests.groups_in_use())
+                                    refusal(entry.config),
+                                    groups_held(self.guests, list(self.registry.guests)))
         try:
             self.guests.attach(entry, handed, vfio)
         except (VfiodError, OSError, ValueError) as e:
