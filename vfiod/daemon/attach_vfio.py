@@ -93,8 +93,8 @@ def check_vfio_hand_over(kernel: KernelOps, paths: HostPaths, gc: GuestConfig,
 def _check_indexes(args: AttachArgs, refuse: Refuse) -> None:
     """Every index names a sent fd, and none serves two roles."""
     roles: dict[int, str] = {}
-    for h in args.ram:
-        roles.setdefault(h.fd, f"RAM region {h.region}")
+    for r in args.ram:
+        roles.setdefault(r.fd, f"RAM region {r.region}")
     for i, h in enumerate(args.vfio):
         named = [(h.container, f"vfio[{i}] container")]
         named += [(fd, f"vfio[{i}] group {g}") for g, fd in h.groups]
@@ -143,9 +143,9 @@ def _check_fds(kernel: KernelOps, paths: HostPaths, h: VfioHandOver, args: Attac
         for number, i in h.groups:
             check_group_fd(kernel, paths, fds[i], i, number)
         for name, i in h.devices:
-            number = discover_device(kernel, name, paths).group
-            assert number is not None             # _check_groups made sure
-            check_device_fd(kernel, paths, fds[i], i, name, group_fd[number], number)
+            group = discover_device(kernel, name, paths).group
+            assert group is not None             # _check_groups made sure
+            check_device_fd(kernel, paths, fds[i], i, name, group_fd[group], group)
     except HandedFdRefused as e:
         raise refuse(str(e)) from None
     except KernelError as e:                       # sysfs went away under the check
