@@ -29,7 +29,8 @@ op                 arguments
                    ``fd`` index the sent fds) for its ``from = "vmm"`` devices;
                    ``allow_reset`` (bool, default false): whether vfiod may reset them
                    (docs/architecture.md §8.1)
-``detach``         ``guest``: give the VMM's RAM back (vfiod closes its copies)
+``detach``         ``guest``: give the VMM's RAM and VFIO fds back (vfiod closes its
+                   copies)
 =================  ===============================================================
 """
 

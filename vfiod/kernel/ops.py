@@ -86,7 +86,8 @@ class KernelOps(Protocol):
         ...
 
     def describe_fd(self, fd: int) -> FdFacts:
-        """fstat(2) and fcntl(F_GETFL) of ``fd``; EBADF if it is not open."""
+        """fstat(2), fcntl(F_GETFL) and the /proc/self/fd link of ``fd``; EBADF if it is
+        not open."""
         ...
 
     def dup(self, fd: int) -> int:
