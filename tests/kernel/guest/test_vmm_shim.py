@@ -59,6 +59,10 @@ class VmmProcess:
              "--fill", str(fill)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
             env=child_env())
+        self.facts: dict[str, Any] = {}
+
+    def wait_ready(self) -> None:
+        """Its device and RAM are set up; ``facts``: what the kernel says of its fds."""
         self.facts = self._line()["facts"]
 
     def _line(self) -> dict[str, Any]:
@@ -85,34 +89,43 @@ class VmmProcess:
     def quit(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.cmd("quit")
+                if self.facts:
+                    self.cmd("quit")
             finally:
+                self.proc.kill()
                 self.proc.wait(self.deadline_s)
 
 
 @pytest.fixture()
 def two_sides(mtty_pair: tuple[str, str], numba_cache: None
-              ) -> Iterator[tuple[LinuxDaemon, LinuxDaemon, str, str]]:
+              ) -> Iterator[tuple[LinuxDaemon, LinuxDaemon, VmmProcess, VmmProcess, str]]:
+    """P and Q, each with its VMM process; all four start at once (their Python
+    start-ups overlap under TCG)."""
     a, b = mtty_pair
     work = Path(tempfile.mkdtemp(prefix="vfiod-h-"))
     daemons: list[LinuxDaemon] = []
+    vmms: list[VmmProcess] = []
     try:
         rig.loopback_up()
         daemons.append(LinuxDaemon("P", _config(a, "running"), work))
         daemons.append(LinuxDaemon("Q", _config(b, "incoming"), work))
+        vmms.append(VmmProcess(daemons[0].socket, a, fill=7))
+        vmms.append(VmmProcess(daemons[1].socket, b, fill=0))
         for d in daemons:
             d.wait_ready()
-        yield daemons[0], daemons[1], a, b
+        for v in vmms:
+            v.wait_ready()
+        yield daemons[0], daemons[1], vmms[0], vmms[1], a
     finally:
-        for d in daemons:
+        for d in daemons:       # first: a VMM's group detaches only once no copy is open
             d.kill()
+        for v in vmms:
+            v.quit()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def test_a_vmm_hands_its_device_over_and_sees_it_migrated(two_sides) -> None:
-    p, q, a, b = two_sides
-    src = VmmProcess(p.socket, a, fill=7)
-    dst = VmmProcess(q.socket, b, fill=0)
+    p, q, src, dst, a = two_sides
     try:
         # what Linux 6.12 says of the fds (vfiod/vfio/handover.py relies on it)
         f = src.facts
@@ -143,6 +156,3 @@ def test_a_vmm_hands_its_device_over_and_sees_it_migrated(two_sides) -> None:
     except AssertionError:
         print(p.journal(), q.journal(), sep="\n--- Q ---\n")
         raise
-    finally:
-        src.quit()
-        dst.quit()
