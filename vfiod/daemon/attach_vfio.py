@@ -12,10 +12,10 @@ Every refusal is an ``ApiError`` naming the fd index and what was wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from vfiod.api.ops import AttachArgs, VfioHandOver
-from vfiod.api.schema import ApiError
+from vfiod.daemon.attach import Refuse
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.errors import KernelError
@@ -29,10 +29,6 @@ from vfiod.vfio.handover import (
     check_device_fd,
     check_group_fd,
 )
-
-#: Builds the refusal for one message (it names the guest and says nothing was attached).
-Refuse = Callable[[str], ApiError]
-
 
 def groups_held(guests: GuestManager, names: Iterable[str]) -> dict[int, str]:
     """IOMMU group number -> the open guest (of ``names``) whose containers hold it."""
