@@ -30,6 +30,7 @@ from vfiod.vfio.handover import (
     check_group_fd,
 )
 
+
 def groups_held(guests: GuestManager, names: Iterable[str]) -> dict[int, str]:
     """IOMMU group number -> the open guest (of ``names``) whose containers hold it."""
     out: dict[int, str] = {}
