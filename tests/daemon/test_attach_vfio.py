@@ -17,6 +17,7 @@ import pytest
 from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process
 from vfiod.api.schema import ApiError
 from vfiod.daemon.main import Daemon
+from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Group
 from vfiod.vfio.discovery import discover_device
 
@@ -192,3 +193,21 @@ def test_the_config_rules_for_devices_from_the_vmm(tmp_path: Path) -> None:
         parse_config(base + 'from = "vmm"\n' + f'[[guest.device]]\nname = "{A}"\n'
                      f'from = "vmm"\n[[guest.device]]\nname = "{B}"\n')
     assert "a container's devices are all from the VMM" in str(e.value), str(e.value)
+
+
+def test_a_stopped_device_is_reset_only_if_its_vmm_allows(daemon) -> None:
+    """A device the VMM hands over must be RUNNING; vfiod resets one that is not only
+    with ``allow_reset: true`` (docs/architecture.md §8.1)."""
+    vmm = SimVmm(daemon, [A], 8 * MIB, "vmm-stopped")
+    try:
+        vmm.devices[A].set_mig_state(MigState.STOP)
+        msg = _refused(daemon, vmm.request("a"), vmm.fds())
+        assert (f"{A}: device is in STOP, not RUNNING, and its VMM did not allow vfiod to "
+                "reset it (allow_reset false): the device needs its VMM") in msg, msg
+        assert vmm.devices[A].get_mig_state() is MigState.STOP          # untouched
+        assert hand_over(daemon, vmm.request("a", allow_reset=True),
+                         vmm.fds())["state"] == "running"
+        assert vmm.devices[A].get_mig_state() is MigState.RUNNING
+        assert call(daemon, "detach", {"guest": "a"})["state"] == "defined"
+    finally:
+        vmm.close()
