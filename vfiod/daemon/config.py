@@ -46,7 +46,7 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     id = "nic0"                          # the same on both hosts: migrations pair by it
     container = "default"                # devices of one container share its IOMMU space
     pre_copy_dirty_page_tracking = true  # false = QEMU's x-pre-copy-dirty-page-tracking=off
-    from = "vmm"                         # optional: the VMM holds the device and hands its
+    # from = "vmm"                       # the VMM holds the device and hands its
                                          # container, group and device fds over with
                                          # `attach` (docs/architecture.md §8.1); needs the
                                          # guest's RAM from = "vmm" too, and every device
