@@ -10,8 +10,9 @@ What the kernel offers to tell a VFIO fd's kind and identity (Linux 6.12):
   (group N; its minor is not N). That names a group exactly.
 * A device fd from ``VFIO_GROUP_GET_DEVICE_FD`` is an anonymous inode: no file type,
   one inode shared by every such fd, ``/proc/self/fd/N`` links to
-  ``anon_inode:[vfio-device]``, and ``fdinfo`` has no device field before Linux 6.18
-  (which adds ``vfio-device-syspath``). Nothing names its device. vfiod therefore opens
+  ``anon_inode:[vfio-device]``, and its ``fdinfo`` has ``pos``, ``flags``, ``mnt_id``,
+  ``ino`` only (a ``vfio-device-syspath`` line was proposed upstream in 2025; 6.12 has
+  none). Nothing names its device. vfiod therefore opens
   its own reference fd of the named device through the handed group (the kernel looks
   the name up: ENODEV if the group has no such device) and requires the handed fd to
   describe itself the same way (``VFIO_DEVICE_GET_INFO``, every region's size and
