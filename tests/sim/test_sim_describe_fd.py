@@ -16,6 +16,9 @@ from vfiod.kernel.sim.host import SimHost
 from vfiod.kernel.sim.interfaces import DeviceSpec
 from vfiod.kernel.sim.kernel import SimKernel
 from vfiod.vfio import Container, Group, HostPaths
+from vfiod.vfio.cdev import CdevDevice
+from vfiod.vfio.handover import classify_fd
+from vfiod.vfio.iommufd import Iommufd
 
 
 @pytest.mark.parametrize("kernel", [LinuxKernel(), SimKernel()], ids=["linux", "sim"])
@@ -76,3 +79,24 @@ def test_simulated_vfio_files_describe_as_the_kernel_s_and_dups_share_one_file(
         container.close()
         host.close()
     assert k.open_files() == {}
+
+
+def test_a_cdev_and_an_iommufd_are_told_by_their_sysfs_links(tmp_path) -> None:
+    """``classify_fd`` (vfiod/vfio/handover.py) on the simulator's cdev and iommufd, and
+    on a memfd: what a refusal of a wrong fd names."""
+    host = SimHost.build(tmp_path, [[DeviceSpec("0000:3b:00.1", migration="none")]])
+    k, paths = host.kernel, HostPaths(host.sysfs_root, host.dev_root)
+    cdev = CdevDevice.open(k, "0000:3b:00.1", paths)
+    iommu = Iommufd.open(k, paths)
+    memfd = os.memfd_create("classify")
+    try:
+        kinds = [classify_fd(k, paths, fd) for fd in (cdev.fd, iommu.fd, memfd)]
+        assert [(c.kind, c.what) for c in kinds] == [
+            ("cdev", "the VFIO cdev vfio0 of 0000:3b:00.1"),
+            ("iommufd", "an iommufd (/dev/iommu)"),
+            ("other", "a regular file")]
+    finally:
+        os.close(memfd)
+        cdev.close()
+        iommu.close()
+        host.close()
