@@ -23,9 +23,14 @@ op                 arguments
                    tracking flag (QEMU's x-pre-copy-dirty-page-tracking)
 ``attach``         ``guest``, ``ram``: a list of {``region``, ``gpa``, ``size``, ``offset``,
                    ``fd``}, ``fd`` indexing the fds sent with the request (SCM_RIGHTS):
-                   a VMM hands a ``from = "vmm"`` guest's RAM over
+                   a VMM hands a ``from = "vmm"`` guest's RAM over; ``vfio``
+                   (optional): a list of {``container``, ``groups``: [{``group``,
+                   ``fd``}], ``devices``: [{``name``, ``fd``}]} (``container`` and each
+                   ``fd`` index the sent fds) for its ``from = "vmm"`` devices;
+                   ``allow_reset`` (bool, default false): whether vfiod may reset them
                    (docs/architecture.md §8.1)
-``detach``         ``guest``: give the VMM's RAM back (vfiod closes its copies)
+``detach``         ``guest``: give the VMM's RAM and VFIO fds back (vfiod closes its
+                   copies)
 =================  ===============================================================
 """
 
@@ -104,12 +109,28 @@ class RamHandOver:
 
 
 @dataclass(frozen=True)
+class VfioHandOver:
+    """One type1 container a VMM hands over: the index of its fd, each group's number
+    and fd index, each device's name and fd index (indexes into the request's fds)."""
+
+    container: int
+    groups: tuple[tuple[int, int], ...]          # (group number, fd index)
+    devices: tuple[tuple[str, int], ...]         # (device name, fd index)
+
+    def fd_indexes(self) -> tuple[int, ...]:
+        return (self.container, *(i for _, i in self.groups), *(i for _, i in self.devices))
+
+
+@dataclass(frozen=True)
 class AttachArgs:
     guest: str
     ram: tuple[RamHandOver, ...]
     #: the fds that came with the request (SCM_RIGHTS), filled in by the control server:
     #: never read from JSON. The server closes them after the answer.
     fds: tuple[int, ...] = ()
+    vfio: tuple[VfioHandOver, ...] = ()
+    #: the VMM lets vfiod reset its devices (the recovery ladder's last rung)
+    allow_reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,7 +247,7 @@ def parse_args(op: str, raw: dict[str, Any]) -> Args:
 
 
 def _attach(raw: dict[str, Any]) -> AttachArgs:
-    f = _Fields("attach", raw, ("guest", "ram"))
+    f = _Fields("attach", raw, ("guest", "ram", "vfio", "allow_reset"))
     guest = str(f.name("guest"))
     ram = raw.get("ram")
     if not isinstance(ram, list) or not 1 <= len(ram) <= MAX_FDS:
@@ -251,7 +272,50 @@ def _attach(raw: dict[str, Any]) -> AttachArgs:
         if any(r.region == region for r in out):
             f.fail(f"{where}: region {region!r} is handed over twice")
         out.append(RamHandOver(region, item["gpa"], item["size"], item["offset"], item["fd"]))
-    return AttachArgs(guest, tuple(out))
+    vfio = raw.get("vfio", [])
+    if not isinstance(vfio, list) or len(vfio) > MAX_FDS:
+        f.fail(f"argument 'vfio' must be a list of containers ({{container, groups, "
+               f"devices}}), not {str(vfio)[:100]}")
+    reset = raw.get("allow_reset", False)
+    if not isinstance(reset, bool):
+        f.fail(f"argument 'allow_reset' must be true or false, not {reset!r}")
+    return AttachArgs(guest, tuple(out), (), tuple(_vfio(f, i, c) for i, c in enumerate(vfio)),
+                      reset)
+
+
+def _fd_index(f: _Fields, where: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_FDS:
+        f.fail(f"{where} must be the index of a sent fd (0..{MAX_FDS - 1}), not {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _vfio(f: _Fields, i: int, item: object) -> VfioHandOver:
+    where = f"vfio[{i}]"
+    if not isinstance(item, dict) or sorted(item) != ["container", "devices", "groups"]:
+        f.fail(f"{where} must have exactly the keys ['container', 'groups', 'devices'], "
+               f"not {str(item)[:100]}")
+    groups, devices = item["groups"], item["devices"]       # type: ignore[index]
+    if not isinstance(groups, list) or not groups or not isinstance(devices, list) \
+            or not devices:
+        f.fail(f"{where}: groups and devices must be non-empty lists")
+    gs: list[tuple[int, int]] = []
+    for j, g in enumerate(groups):
+        if not isinstance(g, dict) or sorted(g) != ["fd", "group"]:
+            f.fail(f"{where}.groups[{j}] must be {{group, fd}}, not {str(g)[:100]}")
+        number = g["group"]
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 1 << 31:
+            f.fail(f"{where}.groups[{j}].group must be an IOMMU group number, not {number!r}")
+        gs.append((number, _fd_index(f, f"{where}.groups[{j}].fd", g["fd"])))
+    ds: list[tuple[str, int]] = []
+    for j, d in enumerate(devices):
+        if not isinstance(d, dict) or sorted(d) != ["fd", "name"]:
+            f.fail(f"{where}.devices[{j}] must be {{name, fd}}, not {str(d)[:100]}")
+        name = d["name"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            f.fail(f"{where}.devices[{j}].name must be a device name, not {name!r}")
+        ds.append((name, _fd_index(f, f"{where}.devices[{j}].fd", d["fd"])))
+    return VfioHandOver(_fd_index(f, f"{where}.container", item["container"]),  # type: ignore[index]
+                        tuple(gs), tuple(ds))
 
 
 def _migrate(raw: dict[str, Any]) -> MigrateArgs:
@@ -288,5 +352,13 @@ def args_to_json(args: Args) -> dict[str, Any]:
                 out[key] = getattr(args, key)
         return out
     if isinstance(args, AttachArgs):       # the fds travel beside the line, not in it
-        return {"guest": args.guest, "ram": [vars(r) for r in args.ram]}
+        out = {"guest": args.guest, "ram": [vars(r) for r in args.ram]}
+        if args.vfio:
+            out["vfio"] = [{"container": c.container,
+                            "groups": [{"group": g, "fd": i} for g, i in c.groups],
+                            "devices": [{"name": n, "fd": i} for n, i in c.devices]}
+                           for c in args.vfio]
+        if args.allow_reset:
+            out["allow_reset"] = True
+        return out
     return {k: v for k, v in vars(args).items() if v is not None}

@@ -8,7 +8,8 @@ describe_fd``: a regular file, the memfd, hugetlbfs or shared file QEMU's
 ``memory-backend-*,share=on`` uses; open read-write; large enough for the region at its
 offset). Two regions on the same bytes of one file, an fd sent but used by no region,
 and an fd whose bytes another open guest's RAM already maps are refused too. Every refusal is an ``ApiError`` naming the fd (its index in the order
-sent) and the region; nothing is opened or mapped before all checks passed.
+sent) and the region; nothing is opened or mapped before all checks passed. The VFIO
+fds that may come with the RAM are checked by ``attach_vfio.py``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,7 @@ def check_hand_over(kernel: KernelOps, gc: GuestConfig, args: AttachArgs,
     """Region name -> (fd, offset) for ``GuestManager.attach``; ``ApiError`` naming the
     first thing that is wrong. ``in_use``: the RAM other guests map (none may be handed
     over again)."""
-    where = f"attach {gc.name}"
-
-    def refuse(message: str) -> ApiError:
-        return ApiError(ApiErrorCode.FAILED, f"{where}: {message}; nothing was attached")
-
+    refuse = refusal(gc)
     wanted = {r.name: r for r in gc.vmm_ram}
     if not wanted:
         raise refuse("its configuration takes no RAM from the VMM (no [[guest.ram]] with "
@@ -59,9 +56,11 @@ def check_hand_over(kernel: KernelOps, gc: GuestConfig, args: AttachArgs,
         if h.fd >= len(args.fds):
             raise refuse(f"region {h.region} names fd index {h.fd}, but "
                          f"{len(args.fds)} fd(s) came with the request")
-    unused = sorted(set(range(len(args.fds))) - {h.fd for h in args.ram})
+    vfio_fds = {i for c in args.vfio for i in c.fd_indexes()}
+    unused = sorted(set(range(len(args.fds))) - {h.fd for h in args.ram} - vfio_fds)
     if unused:
-        raise refuse(f"fd index(es) {unused} came with the request but no region uses them")
+        raise refuse(f"fd index(es) {unused} came with the request but no region or VFIO "
+                     "object uses them")
     facts = {i: _facts(kernel, args.fds[i], i, refuse)
              for i in sorted({h.fd for h in args.ram})}
     for h in args.ram:
@@ -75,6 +74,14 @@ def check_hand_over(kernel: KernelOps, gc: GuestConfig, args: AttachArgs,
                 raise refuse(f"fd index {h.fd} (region {h.region}) is RAM guest {u.guest} "
                              f"already uses (its region {u.region}): a foreign fd")
     return {h.region: (args.fds[h.fd], h.offset) for h in args.ram}
+
+
+def refusal(gc: GuestConfig) -> Refuse:
+    """The refusal builder of ``attach`` for guest ``gc``."""
+    def refuse(message: str) -> ApiError:
+        return ApiError(ApiErrorCode.FAILED,
+                        f"attach {gc.name}: {message}; nothing was attached")
+    return refuse
 
 
 def _facts(kernel: KernelOps, fd: int, index: int, refuse: Refuse) -> FdFacts:

@@ -48,6 +48,11 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     id = "nic0"                          # the same on both hosts: migrations pair by it
     container = "default"                # devices of one container share its IOMMU space
     pre_copy_dirty_page_tracking = true  # false = QEMU's x-pre-copy-dirty-page-tracking=off
+    # from = "vmm"                       # the VMM holds the device and hands its
+                                         # container, group and device fds over with
+                                         # `attach` (docs/architecture.md §8.1); needs the
+                                         # guest's RAM from = "vmm" too, and every device
+                                         # of its container from = "vmm"
     [[guest.container]]                  # optional: a container mapping only some regions
     name = "default"
     map = ["ram0"]
@@ -129,6 +134,8 @@ class DeviceConfig:
     pre_copy_dirty_page_tracking: bool = True
     #: the host-independent id migrations pair devices by; "" = the name (no ``id`` key)
     id: str = ""
+    #: its VFIO fds come from the VMM with ``attach`` (docs/architecture.md §8.1)
+    from_vmm: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -173,6 +180,11 @@ class GuestConfig:
         """The regions whose fds the VMM hands over: while any lacks one, the guest is
         not opened (it stays ``defined`` until ``attach``)."""
         return tuple(r for r in self.ram if r.from_vmm)
+
+    @property
+    def vmm_devices(self) -> tuple[DeviceConfig, ...]:
+        """The devices whose VFIO fds the VMM hands over with ``attach``."""
+        return tuple(d for d in self.devices if d.from_vmm)
 
 
 @dataclass(frozen=True)
@@ -326,7 +338,19 @@ def _guest(t: Table, host_memory: int) -> GuestConfig:
             d.boolean("pre_copy_dirty_page_tracking", True),
             str(d.string("id", dev_name, pattern=NAME,
                          hint="letters, digits and '_.+-', at most 64, the same on both "
-                              "hosts")))
+                              "hosts")),
+            d.string("from", pattern="vmm", hint='"vmm": the VMM hands its fds over') == "vmm")
+        if dev.from_vmm and not all(r.from_vmm for r in ram):
+            raise d.error("from", f"a device from the VMM needs guest {name}'s RAM from the "
+                          'VMM too (every [[guest.ram]] from = "vmm"): the VMM\'s container '
+                          "maps the VMM's RAM")
+        mixed = next((o for o in devices if o.container == dev.container
+                      and o.from_vmm != dev.from_vmm), None)
+        if mixed is not None:
+            raise d.error("from", f"container {dev.container!r} of guest {name} holds "
+                          f"{mixed.name} {'from' if mixed.from_vmm else 'not from'} the VMM: "
+                          "a container's devices are all from the VMM (it hands the whole "
+                          "container over) or none")
         # (a device listed twice is refused by name in _cross_checks)
         twin = next((o for o in devices if o.id == dev.id and o.name != dev.name), None)
         if twin is not None:

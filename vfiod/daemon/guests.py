@@ -49,6 +49,7 @@ from vfiod.migration.guest import (
     DevicePlan,
     Guest,
     GuestPlan,
+    HandedVfio,
     UnusableDevice,
     build_guest,
 )
@@ -70,15 +71,17 @@ class RamInUse:
     offset: int
     size: int
 
+
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
 
 
 def config_plan(gc: GuestConfig, tracking: Mapping[str, bool],
-                handed: Mapping[str, tuple[int, int]] | None = None) -> GuestPlan:
+                handed: Mapping[str, tuple[int, int]] | None = None,
+                vfio: Mapping[str, HandedVfio] | None = None) -> GuestPlan:
     """The builder's description of configured guest ``gc``; ``tracking``: the devices'
-    current pre-copy dirty-tracking opt-outs (they survive a re-open); ``handed``: the
-    fds (and offsets) its VMM handed over for its ``from = "vmm"`` regions."""
+    current pre-copy dirty-tracking opt-outs (they survive a re-open); ``handed``, ``vfio``:
+    the RAM fds (and offsets) and VFIO fds (by container) its VMM handed over."""
     containers = dict.fromkeys(d.container for d in gc.devices)
     return GuestPlan(
         gc.name, tuple(RamRegion(r.name, r.gpa, r.size) for r in gc.ram),
@@ -88,7 +91,7 @@ def config_plan(gc: GuestConfig, tracking: Mapping[str, bool],
         tuple(ContainerPlan(c, tuple((r.gpa, r.size) for r in gc.regions_of(c)))
               for c in containers),
         gc.page_size, {r.name: r.path for r in gc.ram if r.path is not None},
-        dict(handed or {}))
+        dict(handed or {}), dict(vfio or {}))
 
 
 class GuestManager:
@@ -133,11 +136,11 @@ class GuestManager:
             return
         self._install(entry, guest, start)
 
-    def attach(self, entry: GuestEntry, handed: Mapping[str, tuple[int, int]]) -> None:
-        """Open a ``from = "vmm"`` guest on the RAM fds its VMM handed over (checked by
-        the caller; the caller keeps and closes them, the guest maps its own copies), in
-        the role its configuration gives. A failure is raised and leaves it ``defined``
-        with nothing held (docs/architecture.md §8.1)."""
+    def attach(self, entry: GuestEntry, handed: Mapping[str, tuple[int, int]],
+               vfio: Mapping[str, HandedVfio] | None = None) -> None:
+        """Open a ``from = "vmm"`` guest on the checked RAM (and VFIO) fds its VMM handed
+        over (the caller keeps them; the guest works on copies), in its configured role. A
+        failure is raised, leaving it ``defined`` with nothing held (§8.1)."""
         gc = entry.config
         with self._lock:
             if self._stopping:
@@ -152,7 +155,7 @@ class GuestManager:
                     raise VfiodError(f"guest {gc.name}: not attached: it is {entry.state} "
                                      "(detach it first)")
             self._fresh_device_entries(entry)
-            guest = self._build(gc, entry, handed)
+            guest = self._build(gc, entry, handed, vfio)
             if not self._install(entry, guest, gc.start):
                 raise VfiodError(f"guest {gc.name}: not attached: the daemon is stopping")
         finally:
@@ -250,10 +253,12 @@ class GuestManager:
                     self._busy.discard(name)
 
     def _build(self, gc: GuestConfig, entry: GuestEntry,
-               handed: Mapping[str, tuple[int, int]] | None = None) -> Guest:
+               handed: Mapping[str, tuple[int, int]] | None = None,
+               vfio: Mapping[str, HandedVfio] | None = None) -> Guest:
         tracking = {n: d.pre_copy_dirty_page_tracking for n, d in entry.devices.items()}
         try:
-            return build_guest(self.kernel, config_plan(gc, tracking, handed), self.paths)
+            return build_guest(self.kernel, config_plan(gc, tracking, handed, vfio),
+                               self.paths)
         except (NotMigratable, UnusableDevice) as e:
             with self.registry.lock:
                 entry.devices[e.device].reason = e.reason

@@ -29,7 +29,8 @@ from vfiod.api.ops import (
 )
 from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
 from vfiod.daemon import check
-from vfiod.daemon.attach import check_hand_over
+from vfiod.daemon.attach import check_hand_over, refusal
+from vfiod.daemon.attach_vfio import check_vfio_hand_over, groups_held
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import JournalError
 from vfiod.daemon.lifecycle import LifecycleState
@@ -262,8 +263,9 @@ class Handlers:
                 "pre_copy_dirty_page_tracking": args.enabled}
 
     def attach(self, args: AttachArgs) -> dict[str, Any]:
-        """A VMM hands a ``from = "vmm"`` guest's RAM over (docs/architecture.md §8.1):
-        every fd checked first; the guest maps its own copies of the fds."""
+        """A VMM hands a ``from = "vmm"`` guest's RAM, and the VFIO fds of its
+        ``from = "vmm"`` devices, over (docs/architecture.md §8.1): every fd checked
+        first; the guest works on its own copies of the fds."""
         entry = self._guest(args.guest)
         with self.registry.lock:
             if entry.state is not LifecycleState.DEFINED:
@@ -272,13 +274,17 @@ class Handlers:
                                "was attached")
         handed = check_hand_over(self.kernel, entry.config, args,
                                  self.guests.ram_files_in_use())
+        vfio = check_vfio_hand_over(self.kernel, self.paths, entry.config, args,
+                                    refusal(entry.config),
+                                    groups_held(self.guests, list(self.registry.guests)))
         try:
-            self.guests.attach(entry, handed)
+            self.guests.attach(entry, handed, vfio)
         except (VfiodError, OSError, ValueError) as e:
             raise ApiError(ApiErrorCode.FAILED, f"attach {entry.name}: {e}; nothing was "
                            "attached") from None
         return {"guest": entry.name, "state": entry.state.value,
-                "ram": sorted(handed)}
+                "ram": sorted(handed),
+                "devices": sorted(n for h in vfio.values() for n in h.devices)}
 
     def detach(self, args: DetachArgs) -> dict[str, Any]:
         """Give the VMM its RAM back: vfiod closes its copies of the fds and releases the

@@ -100,10 +100,18 @@ class LinuxKernel:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"fstat(fd {fd})") from None
+        try:
+            # a VFIO device fd from VFIO_GROUP_GET_DEVICE_FD is an anonymous inode that
+            # fstat gives no type: its link says "anon_inode:[vfio-device]"
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            link = ""
+        rdev = ((os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode)
+                else None)
         return FdFacts(stat.S_ISREG(st.st_mode), _FILE_KINDS.get(stat.S_IFMT(st.st_mode),
                                                                 "unknown"),
                        st.st_size, st.st_dev, st.st_ino,
-                       flags & os.O_ACCMODE == os.O_RDWR)
+                       flags & os.O_ACCMODE == os.O_RDWR, rdev, link)
 
     def dup(self, fd: int) -> int:
         try:

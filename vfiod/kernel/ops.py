@@ -68,6 +68,12 @@ class FdFacts:
     device: int               # st_dev and st_ino: the same file behind two fds
     inode: int
     writable: bool            # opened O_RDWR (MAP_SHARED with PROT_WRITE needs it)
+    # -- VFIO hand-over (docs/architecture.md §8.1): what tells a VFIO fd's kind --------
+    #: (major, minor) of a character device (st_rdev): /sys/dev/char/MAJ:MIN names it
+    rdev: tuple[int, int] | None = None
+    #: what /proc/self/fd/N links to: "/dev/vfio/7", "anon_inode:[vfio-device]" ...
+    #: ("" where /proc is not mounted)
+    link: str = ""
 
 
 @runtime_checkable
@@ -85,7 +91,8 @@ class KernelOps(Protocol):
         ...
 
     def describe_fd(self, fd: int) -> FdFacts:
-        """fstat(2) and fcntl(F_GETFL) of ``fd``; EBADF if it is not open."""
+        """fstat(2), fcntl(F_GETFL) and the /proc/self/fd link of ``fd``; EBADF if it is
+        not open."""
         ...
 
     def dup(self, fd: int) -> int:

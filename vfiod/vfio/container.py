@@ -161,6 +161,11 @@ class Container(OwnedFd):
         bisect.insort(self._maps, m, key=lambda x: x.iova)
         return m
 
+    def know_mapping(self, m: DmaMapping) -> None:
+        """Record a mapping the VMM that handed this container over made
+        (docs/architecture.md §8.1): dirty queries split at it like at vfiod's own."""
+        bisect.insort(self._maps, m, key=lambda x: x.iova)
+
     def unmap_dma(self, iova: int, size: int) -> int:
         """``VFIO_IOMMU_UNMAP_DMA``; returns the bytes the kernel unmapped (0 if the range
         held no mapping; a range bisecting a mapping is EINVAL)."""

@@ -36,6 +36,9 @@ class Group(OwnedFd):
         self.paths = paths or HostPaths()
         self.container: Container | None = None
         self.devices: list[Device] = []
+        #: a copy of a VMM's group fd (docs/architecture.md §8.1): the group's container
+        #: is the VMM's, so closing this copy never detaches it (no UNSET_CONTAINER)
+        self.adopted = False
 
     @classmethod
     def open(cls, kernel: KernelOps, paths: HostPaths | None, number: int, *,
@@ -72,8 +75,10 @@ class Group(OwnedFd):
     @classmethod
     def adopt(cls, kernel: KernelOps, fd: int, number: int,
               container: Container | None = None) -> Group:
-        """Wrap a group fd handed over by a VMM (already attached to ``container``)."""
+        """Wrap a group fd handed over by a VMM (already attached to ``container``);
+        closing it closes only this fd and its devices' fds."""
         g = cls(kernel, fd, number)
+        g.adopted = True
         if container is not None:
             g.container = container
             container.groups.append(g)
@@ -143,6 +148,11 @@ class Group(OwnedFd):
                 d.close()
             except KernelError as e:
                 first = first or e
+        if self.adopted:
+            if self.container is not None and self in self.container.groups:
+                self.container.groups.remove(self)
+            self.container = None
+            return first
         try:
             self.unset_container()
         except KernelError as e:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vfiod.kernel.sim.cdev import CdevFile
 from vfiod.kernel.sim.container import ContainerFile
+from vfiod.kernel.sim.fdfacts import CDEV_MAJOR, CONTAINER_RDEV, GROUP_MAJOR, IOMMUFD_RDEV
 from vfiod.kernel.sim.group import SimGroup
 from vfiod.kernel.sim.interfaces import BuildParts, DeviceSpec
 from vfiod.kernel.sim.iommufd import IommufdFile
@@ -104,8 +105,11 @@ class SimHost:
         dev = Path(self.dev_root)
         (dev / "vfio").mkdir(parents=True, exist_ok=True)
         self._node(dev / "vfio/vfio", lambda flags: ContainerFile(self.kernel, self.config.type1))
+        virtual = Path(self.sysfs_root) / "devices/virtual"
+        sysfs.char_device(*CONTAINER_RDEV, virtual / "misc/vfio")
         if self.config.iommufd:
             self._node(dev / "iommu", lambda flags: IommufdFile(self.kernel))
+            sysfs.char_device(*IOMMUFD_RDEV, virtual / "misc/iommu")
         cdevs = 0
         mdev_counts: dict[tuple[str, str], int] = {}
         for number, members in sorted(numbered.items()):
@@ -138,7 +142,7 @@ class SimHost:
                     raise ValueError(f"{m.name}: kind must be 'pci' or 'mdev', not {m.kind!r}")
                 if self.config.cdev:
                     node.cdev_name = f"vfio{cdevs}"
-                    sysfs.cdev(path, node.cdev_name, cdevs)
+                    sysfs.cdev(path, node.cdev_name, CDEV_MAJOR, cdevs)
                     self._node(dev / "vfio/devices" / node.cdev_name, self._cdev_opener(node))
                     cdevs += 1
                 self.devices[m.name] = node
@@ -151,6 +155,7 @@ class SimHost:
             self.groups[number] = group
             if devices:       # /dev/vfio/N exists once a member is bound to a VFIO driver
                 self._node(dev / "vfio" / str(number), self._group_opener(group))
+                sysfs.char_device(GROUP_MAJOR, number, virtual / "vfio" / str(number))
 
     def _cdev_opener(self, node: SimDevice) -> NodeOpener:
         return lambda flags: CdevFile.open(node, self.kernel)

@@ -30,6 +30,7 @@ from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.ops import PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 from vfiod.kernel.sim.base import FaultInjector, SimFile, fail
 from vfiod.kernel.sim.debugfs import SimDebugfs
+from vfiod.kernel.sim.fdfacts import sim_fd_facts
 
 SIM_FD_BASE = 1 << 20
 
@@ -109,18 +110,20 @@ class SimKernel:
 
     def describe_fd(self, fd: int) -> FdFacts:
         """Real fds (RAM a peer handed over) are described by the real kernel; a
-        simulated file is no RAM: EINVAL."""
+        simulated file as the real kernel describes its kind (``fdfacts.py``)."""
         with self.lock:
-            if self._file(fd, f"fstat(fd {fd})") is not None:
-                raise fail(errno.EINVAL, f"fstat(fd {fd})",
-                           detail="a simulated VFIO file, not a memory file")
+            f = self._file(fd, f"fstat(fd {fd})")
+            if f is not None:
+                return sim_fd_facts(f, fd)
         return self.linux.describe_fd(fd)
 
     def dup(self, fd: int) -> int:
+        """A second fd of the same open file: the file is released with its last fd, so
+        closing one copy leaves the other working (docs/architecture.md §8.1)."""
         with self.lock:
-            if self._file(fd, f"dup(fd {fd})") is not None:
-                raise fail(errno.EINVAL, f"dup(fd {fd})",
-                           detail="the simulator does not duplicate its files")
+            f = self._file(fd, f"dup(fd {fd})")
+            if f is not None:
+                return self.install(f)
         return self.linux.dup(fd)
 
     def close(self, fd: int) -> None:
@@ -130,7 +133,8 @@ class SimKernel:
                 self.linux.close(fd)
                 return
             del self._files[fd]
-            f.release()
+            if not any(other is f for other in self._files.values()):
+                f.release()
 
     def ioctl(self, fd: int, request: int, arg: int | Buffer = 0, label: str = "",
               target: str = "") -> int:

@@ -10,6 +10,8 @@ relative symlinks, so discovery code reads it with plain readlink/listdir/read.
         mdev_supported_types/<type>/{name,available_instances,device_api,create,devices/}
         <UUID>/{mdev_type->, driver->, iommu_group->, vfio-dev/vfioN/}
     bus/mdev/devices/<UUID> -> the mdev;  class/mdev_bus/<parent> -> the parent
+    dev/char/<MAJ>:<MIN> -> the char device: devices/virtual/misc/{vfio,iommu},
+        devices/virtual/vfio/<N> (a group), <device>/vfio-dev/vfioN (a cdev)
 """
 
 from __future__ import annotations
@@ -93,5 +95,12 @@ class SysfsTree:
         self._link(self.root / "bus/mdev/devices" / uuid, dev)
         return dev
 
-    def cdev(self, dev: Path, cdev_name: str, minor: int) -> None:
-        self._attr(dev / "vfio-dev" / cdev_name / "dev", f"511:{minor}")
+    def cdev(self, dev: Path, cdev_name: str, major: int, minor: int) -> None:
+        self._attr(dev / "vfio-dev" / cdev_name / "dev", f"{major}:{minor}")
+        self.char_device(major, minor, dev / "vfio-dev" / cdev_name)
+
+    def char_device(self, major: int, minor: int, target: Path) -> None:
+        """``dev/char/MAJ:MIN`` -> ``target`` (made if missing), as the kernel links
+        every character device it registers."""
+        target.mkdir(parents=True, exist_ok=True)
+        self._link(self.root / "dev/char" / f"{major}:{minor}", target)

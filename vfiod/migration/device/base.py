@@ -15,7 +15,12 @@ The recovery ladder, ``set_state(target, recover)``:
 5. raise ``DeviceTransitionError`` listing every rung, with the first errno.
 
 Nothing is requested of a device already in ERROR (v2: EINVAL + a kernel WARN, §11.2):
-it is reset. ``rollback`` reads the state back; a source already RUNNING stays; ERROR,
+it is reset.
+
+A device a VMM handed over (docs/architecture.md §8.1) is reset only if its attach said
+``allow_reset: true`` (``allow_reset``): otherwise every reset rung above is replaced by
+one saying the device needs its VMM, and the ladder stops at the last step before the
+reset, with the state read back; the error's ``reset`` is then False. ``rollback`` reads the state back; a source already RUNNING stays; ERROR,
 RESUMING and every destination past ``load_setup`` are reset (what a destination loaded is
 discarded, never run); anything else is asked for RUNNING with reset as the only recovery.
 """
@@ -54,6 +59,8 @@ class DriverBase(abc.ABC):
     in the ladder's rungs; ``_LOAD_FROM`` the states ``load_setup`` accepts."""
 
     protocol: ClassVar[str]
+    #: False: never VFIO_DEVICE_RESET (a VMM's device it did not allow to reset)
+    allow_reset: bool = True
     _VERB: ClassVar[str] = "SET"
     _LOAD_FROM: ClassVar[frozenset[MigState]] = frozenset(MigState)
 
@@ -179,7 +186,7 @@ class DriverBase(abc.ABC):
             rungs = [f"device is in ERROR: {target.name} not requested"]
             final = self._reset(rungs)
             raise DeviceTransitionError(errno.EIO, self._op(target), self.device.name, rungs,
-                                        final, True)
+                                        final, self.allow_reset)
         try:
             fd = self._request(target)
         except KernelError as e:
@@ -219,7 +226,7 @@ class DriverBase(abc.ABC):
             final = self._reset(rungs)
         raise DeviceTransitionError(err.errno or errno.EIO, err.op,
                                     err.target or self.device.name, rungs, final,
-                                    need_reset) from None
+                                    need_reset and self.allow_reset) from None
 
     def _read_back(self, rungs: list[str]) -> MigState | None:
         """Read the state for the ladder; None (and a rung saying why) if unreadable."""
@@ -233,7 +240,13 @@ class DriverBase(abc.ABC):
         return st
 
     def _reset(self, rungs: list[str]) -> MigState | None:
-        """VFIO_DEVICE_RESET and read back; returns the state (None if unreadable)."""
+        """VFIO_DEVICE_RESET and read back; returns the state (None if unreadable). Not
+        allowed (``allow_reset`` False): no reset, the state read back is returned."""
+        if not self.allow_reset:
+            rungs.append("VFIO_DEVICE_RESET: not done: its VMM did not allow resets "
+                         "(attach allow_reset false); the device needs its VMM")
+            self._end_data_session()
+            return self._read_back(rungs)
         try:
             self.device.reset()
             rungs.append("VFIO_DEVICE_RESET: ok")
@@ -252,7 +265,7 @@ class DriverBase(abc.ABC):
     def rollback(self) -> MigState:
         rungs: list[str] = []
         actual = final = self._read_back(rungs)
-        err, reset = errno.EIO, True
+        err, reset = errno.EIO, self.allow_reset
         if (actual is None or actual in (MigState.ERROR, MigState.RESUMING)
                 or self._phase in _LOADING_PHASES):
             # ERROR: only reset recovers. RESUMING: leaving it would validate a partial

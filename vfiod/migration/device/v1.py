@@ -218,7 +218,8 @@ class V1Driver(DriverBase):
         if st is not MigState.RESUMING:
             final = self._reset(rungs) if st in (None, MigState.ERROR) else st
             raise DeviceTransitionError(errno.EIO, "v1 load_complete", self.device.name,
-                                        rungs, final, st in (None, MigState.ERROR))
+                                        rungs, final,
+                                        st in (None, MigState.ERROR) and self.allow_reset)
 
     def _end_data_session(self) -> None:
         for mm in self._maps.values():

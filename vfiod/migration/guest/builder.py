@@ -4,7 +4,8 @@ container/group/device, §3.7 MAP_DMA).
 
 A ``GuestPlan`` is a plain description: the RAM layout (``RamRegion``s, each a new memfd
 unless ``ram_files`` names a shared file for it or ``ram_handed`` an fd a VMM handed
-over), the devices with the container each goes
+over; a container in ``vfio_handed`` is made of a VMM's VFIO fds, adopted.py), the
+devices with the container each goes
 in, its pre-copy dirty-tracking opt-out and its id (unique in the guest), and
 per-container options (which guest ranges to map for DMA, dirty providers not to use). The builder maps the RAM, then opens the
 containers in the order their first device is listed: the IOMMU groups of a container's
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import KernelOps
+from vfiod.migration.guest.adopted import HandedVfio, adopt_container
 from vfiod.migration.guest.model import Guest
 from vfiod.vfio import HostPaths, RamRegion
 from vfiod.vfio.discovery import discover_device
@@ -72,6 +74,9 @@ class GuestPlan:
     #: RAM region name -> (fd, offset) a VMM handed over (docs/architecture.md §8.1); the
     #: guest maps its own copy of the fd, the caller keeps and closes the fd itself
     ram_handed: Mapping[str, tuple[int, int]] = field(default_factory=dict, hash=False)
+    #: container name -> the VFIO fds a VMM handed over for it (adopted.py): the guest
+    #: works on copies; the caller keeps and closes these fds
+    vfio_handed: Mapping[str, HandedVfio] = field(default_factory=dict, hash=False)
 
     def container_devices(self) -> dict[str, list[str]]:
         """Container name -> its device names, containers in order of first device."""
@@ -111,6 +116,11 @@ def build_guest(kernel: KernelOps, plan: GuestPlan, paths: HostPaths | None = No
                           plan.ram_handed.get(region.name))
         for cname, names in members.items():
             opt = options.get(cname, ContainerPlan(cname))
+            if cname in plan.vfio_handed:
+                adopt_container(guest, cname, plan.vfio_handed[cname], maps=opt.maps,
+                                pre_copy_dirty_page_tracking={n: tracking[n] for n in names},
+                                ids={n: id_of[n] for n in names}, disable=opt.disable)
+                continue
             groups = sorted({_group_of(kernel, paths, n) for n in names})
             guest.add_container(cname, groups, devices=names, maps=opt.maps,
                                 pre_copy_dirty_page_tracking={n: tracking[n] for n in names},

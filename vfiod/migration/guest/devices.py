@@ -119,16 +119,21 @@ def dma_logging_supported(dev: Device) -> bool:
         return False
 
 
-def claim_running(name: str, dev: Device) -> MigrationDriver:
+def claim_running(name: str, dev: Device, allow_reset: bool = True) -> MigrationDriver:
     """A device vfiod claims must be RUNNING. Closing a device fd does not always
     return it there (the mtty sample keeps STOP across close and reopen, seen on
     6.12), so a device left stopped or mid-session by a previous owner is reset
     (VFIO_DEVICE_RESET: back to RUNNING, any data session dropped, docs/kernel-contract.md
-    §3.5) instead of being migrated from the wrong state."""
+    §3.5) instead of being migrated from the wrong state. A VMM's device that may not be
+    reset (``allow_reset`` False, docs/architecture.md §8.1) is refused instead."""
     driver = probe(dev)                 # reads the device's state back
     state = driver.state()
     if state is MigState.RUNNING:
         return driver
+    if not allow_reset:
+        raise MigrationError(f"{name}: device is in {state.name}, not RUNNING, and its VMM "
+                             "did not allow vfiod to reset it (allow_reset false): the "
+                             "device needs its VMM")
     log.warning("%s: VFIO_DEVICE_RESET: found in %s, not RUNNING (left there by a previous "
                 "owner); reset to RUNNING before claiming it", name, state.name)
     try:
