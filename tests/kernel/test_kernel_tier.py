@@ -1,8 +1,8 @@
 """vfiod against a real Linux 6.12 VFIO kernel in a QEMU guest (docs/testing.md "The real-kernel
 tier"; docs/kernel-contract.md §9).
 
-The guest boots once per session (``guest_run`` in conftest.py) and runs every test under
-tests/kernel/guest. Here each guest test function becomes one host test carrying the
+The guest boots once per session for the suite and once per ``OWN_BOOT`` file
+(``guest_runs`` in conftest.py), together running every test under tests/kernel/guest. Here each guest test function becomes one host test carrying the
 guest's verdict, so a failure names the guest test (with the guest's own report of it),
 and one more host test checks the guest run as a whole (exit code,
 nothing missing), printing the whole guest output when it did not pass.
@@ -16,7 +16,7 @@ import pytest
 
 from tests.kernel import assets, results
 from tests.kernel.assets import REPO, GuestAssets
-from tests.kernel.vm import GuestRun
+from tests.kernel.vm import OWN_BOOT, GuestRun
 from tests.support import debian
 
 #: The first test also pays for the session's downloads, builds and boot (QEMU itself is
@@ -31,7 +31,14 @@ def _outcomes(run: GuestRun) -> dict[str, list[results.CaseResult]]:
     return results.group_by_function(results.parse_junit(run.junit), GUEST_TESTS)
 
 
-def test_guest_suite_passed(guest_run: GuestRun) -> None:
+def _run_of(runs: dict[str, GuestRun], guest_test: str) -> GuestRun:
+    """The boot that ran ``guest_test``: its file's own, or the suite's."""
+    return runs.get(guest_test.split("::", 1)[0], runs["suite"])
+
+
+@pytest.mark.parametrize("boot", ["suite", *OWN_BOOT])
+def test_guest_suite_passed(guest_runs: dict[str, GuestRun], boot: str) -> None:
+    guest_run = guest_runs[boot]
     if guest_run.error is not None:
         pytest.fail(guest_run.error, pytrace=False)
     if guest_run.exit_code != 0:
@@ -42,7 +49,8 @@ def test_guest_suite_passed(guest_run: GuestRun) -> None:
 
 
 @pytest.mark.parametrize("guest_test", GUEST_TESTS)
-def test_guest(guest_run: GuestRun, guest_test: str) -> None:
+def test_guest(guest_runs: dict[str, GuestRun], guest_test: str) -> None:
+    guest_run = _run_of(guest_runs, guest_test)
     if guest_run.error is not None:
         pytest.fail(f"guest test {guest_test} has no result: the guest did not finish "
                     "(test_guest_suite_passed shows why)", pytrace=False)
