@@ -119,6 +119,9 @@ def test_the_rollback_resets_a_vmm_device_only_if_allowed(pair, allow_reset) -> 
         else:
             assert resets == 0 and _kernel_state(src, SRC_DEV) is MigState.ERROR, m
             assert "the device needs its VMM" in str(m), m
+            # status says so beside a guest that runs on: not only the migration's error
+            assert any(w.startswith(f"device {SRC_DEV} is ") and "needs its VMM" in w
+                       and "after the rollback" in w for w in m["warnings"]), m
         # the source runs on (rolled back as far as allowed); the destination dropped
         # what it received and released the guest: its VMM attaches again to retry
         assert (_state(src), _state(dst)) == ("running", "defined")

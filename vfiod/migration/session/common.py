@@ -14,10 +14,9 @@ module holds what they share:
   point: the source's journaled decision to commit, the destination's PREPARED answer.
   After it, neither end resumes or discards on its own (docs/architecture.md §1.7);
 * ``SwitchoverJournal``: what a session writes down durably before the step it allows
-  (the daemon's journal; ``UNJOURNALED`` for an in-process migration such as the demo);
+  (the daemon's journal; ``UNJOURNALED`` in-process);
 * hook calls: every driver hook is a method of the device's ``MigrationDriver``, called
-  through ``_hook`` so status names the hook running on each device and a failure names
-  the hook and the device;
+  through ``_hook`` so status names the hook running on each device and a failure names it;
 * the end of every device's part: ``cleanup`` after a completed migration, ``rollback``
   after a failed one (docs/architecture.md §1.6), each device's tried whatever the others did;
 * ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
@@ -333,6 +332,9 @@ class SessionBase:
                                   "rungs": e.rungs, "error": str(e)}
             except Exception as e:  # noqa: BLE001 - every device gets its rollback
                 states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
+            if states[d.name]["state"] != "RUNNING":   # the guest may run on: say it
+                self.result.warnings.append(f"device {d.name} is {states[d.name]['state']} "
+                                            f"after the rollback: {states[d.name].get('error')}")
         self.result.rollback = states
 
     # -- status -----------------------------------------------------------------------
