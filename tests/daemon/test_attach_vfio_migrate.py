@@ -106,6 +106,7 @@ def test_the_rollback_resets_a_vmm_device_only_if_allowed(pair, allow_reset) -> 
     src, dst = pair
     svmm = SimVmm(src, [SRC_DEV], 8 * MIB, "vmm-src")
     dvmm = SimVmm(dst, [DST_DEV], 8 * MIB, "vmm-dst")
+    vmm_files = set(dst.kernel.open_files())
     try:
         hand_over(src, svmm.request("vm", allow_reset=allow_reset), svmm.fds())
         hand_over(dst, dvmm.request("vm"), dvmm.fds())
@@ -126,6 +127,10 @@ def test_the_rollback_resets_a_vmm_device_only_if_allowed(pair, allow_reset) -> 
         # what it received and released the guest: its VMM attaches again to retry
         assert (_state(src), _state(dst)) == ("running", "defined")
         assert call(src, "detach", {"guest": "vm"})["state"] == "defined"
+        # the destination says defined when it released the guest; its thread closes its
+        # copies of the VMM's fds right after (the VMM's group cannot be closed before)
+        wait_until(lambda: set(dst.kernel.open_files()) <= vmm_files, 30,
+                   "the destination to close its copies of the VMM's fds")
     finally:
         svmm.close()
         dvmm.close()
