@@ -8,7 +8,6 @@ are a range the firmware never touches. QEMU is in .ci/deps: this never skips.""
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, vfiod_cmd, wait_until
+from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
+from tests.support.qemu_daemons import (
+    assert_runs_at_home,
+    coordinated_config,
+    migrate_with_fault,
+)
 from tests.support.qemu_firmware import FirmwareVm, free_port
 
 MiB = 1 << 20
@@ -24,48 +28,18 @@ MiB = 1 << 20
 SPAN = (32 * MiB, 16 * MiB)
 
 
-def _config(side: str, vm: FirmwareVm, incoming_port: int | None = None,
-            state: str = "") -> str:
-    device = "0000:3b:00.1" if side == "source" else "0000:81:00.1"
-    text = "[migration]\n"
-    if state and side == "source":   # a large device state over a capped link: a long
-        text += 'bandwidth_limit = "64MiB"\n'      # stop-and-copy after QEMU's end
-    if side == "destination":
-        text += 'listen = "127.0.0.1:0"\n'
-    text += f'''
-[[guest]]
-name = "g1"
-start = "{'running' if side == 'source' else 'incoming'}"
-[[guest.ram]]
-name = "ram"
-size = "64MiB"
-path = "{vm.ram_path}"
-[[guest.device]]
-name = "{device}"
-id = "nic0"
-[guest.qemu]
-qmp = "{vm.vfiod_qmp}"
-timeout_s = 30
-'''
-    if incoming_port is not None:
-        text += f'incoming = "tcp:0.0.0.0:{incoming_port}"\n'
-    text += f'\n[sim]\n[[sim.device]]\nname = "{device}"\ncapability = "v2_precopy_p2p_log"\n'
-    if state:
-        text += f'state_size = "{state}"\nprecopy_size = "0"\n'
-    if side == "source":
-        text += (f'[[sim.workload]]\nguest = "g1"\ndirty_rate = "4MiB"\n'
-                 f'gpa = "{SPAN[0]}"\nsize = "{SPAN[1]}"\n')
-    return text
-
-
 class Rig:
     def __init__(self, workdir: Path, state: str = "") -> None:
         port = free_port()
         self.src_vm = FirmwareVm(workdir, "src")
         self.dst_vm = FirmwareVm(workdir, "dst", incoming_port=port)
-        self._pair = daemon_pair(_config("source", self.src_vm, state=state),
-                                 _config("destination", self.dst_vm, port, state),
-                                 "qsrc", "qdst")
+        self._pair = daemon_pair(
+            coordinated_config("source", "g1", "64MiB", self.src_vm.ram_path,
+                               self.src_vm.vfiod_qmp, span=SPAN, dirty_rate="4MiB",
+                               state=state),
+            coordinated_config("destination", "g1", "64MiB", self.dst_vm.ram_path,
+                               self.dst_vm.vfiod_qmp, incoming_port=port, state=state),
+            "qsrc", "qdst")
         self.src, self.dst = self._pair.__enter__()
 
     def close(self) -> None:
@@ -129,26 +103,13 @@ def test_ctl_migrate_moves_qemus_guest_and_the_devices_pages(rig: Rig) -> None:
 def test_the_destination_qemu_killed_mid_migration_leaves_the_source_running(
         rig: Rig) -> None:
     rig.src_vm.query("migrate-set-parameters", **{"max-bandwidth": 8 * MiB})
-    ctl = subprocess.Popen(vfiod_cmd("ctl", "--socket", rig.src.socket, "migrate", "g1", "--to",
-                                     rig.dst.migration_address, "--json"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: rig.src_vm.query("query-migrate").get("status") == "active", 30,
-                   "QEMU's own migration to run")
-        rig.dst_vm.kill()
-        out, err = ctl.communicate(timeout=90)
-    finally:
-        if ctl.poll() is None:
-            ctl.kill()
-    final = json.loads(out.strip().splitlines()[-1])["migration"]
-    assert final["result"] == "failed", out + err + rig.logs()
+    final = migrate_with_fault(
+        rig.src, rig.dst, "g1", lambda: rig.src_vm.query("query-migrate").get("status")
+        == "active", "QEMU's own migration to run", rig.dst_vm.kill)
+    assert final.get("result") == "failed", final["diagnostics"]
     assert "QEMU's own migration ended failed" in final["error"], final
     wait_until(lambda: rig.src_vm.status() == "running", 30, "the source VM to run again")
-    g = wait_until(lambda: (g := guest_status(rig.src, "g1"))["state"] == "running" and g,
-                   30, "g1 to run on the source")
-    assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
-    d = guest_status(rig.dst, "g1")
-    assert d["state"] != "running", d
+    assert_runs_at_home(rig.src, rig.dst, "g1")
 
 
 @pytest.mark.parametrize("rig", ["32MiB"], indirect=True)
@@ -159,21 +120,9 @@ def test_the_destination_qemu_dying_after_its_own_half_completed_resumes_the_sou
     destination QEMU dies then. vfiod never commits to a guest that cannot run (or, if
     the commit won the race, the destination's failed resume discards it), and the
     source QEMU resumes from postmigrate: one owner, nothing lost."""
-    ctl = subprocess.Popen(vfiod_cmd("ctl", "--socket", rig.src.socket, "migrate", "g1", "--to",
-                                     rig.dst.migration_address, "--json"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: rig.src_vm.status() == "postmigrate", 60,
-                   "QEMU's own half to complete")
-        rig.dst_vm.kill()
-        out, err = ctl.communicate(timeout=90)
-    finally:
-        if ctl.poll() is None:
-            ctl.kill()
-    final = json.loads(out.strip().splitlines()[-1])["migration"]
-    assert final["result"] == "failed", out + err + rig.logs()
+    final = migrate_with_fault(rig.src, rig.dst, "g1",
+                               lambda: rig.src_vm.status() == "postmigrate",
+                               "QEMU's own half to complete", rig.dst_vm.kill)
+    assert final.get("result") == "failed", final["diagnostics"]
     wait_until(lambda: rig.src_vm.status() == "running", 30, "the source VM to run again")
-    g = wait_until(lambda: (g := guest_status(rig.src, "g1"))["state"] == "running" and g,
-                   30, "g1 to run on the source")
-    assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}, g
-    assert guest_status(rig.dst, "g1")["state"] != "running"
+    assert_runs_at_home(rig.src, rig.dst, "g1")

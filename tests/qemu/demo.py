@@ -53,8 +53,7 @@ def run(workdir: Path) -> dict[str, Any]:
         src.wait_generation_above(0, 60)
         out["boot_s"] = round(time.monotonic() - t0, 2)
         dst.start(workdir / "dst.ram", RAM_MIB, incoming=0)
-        with daemon_pair(_config("source", src).replace('"vm"', '"vm1"'),
-                         _config("destination", dst).replace('"vm"', '"vm1"'),
+        with daemon_pair(_config("source", src, "vm1"), _config("destination", dst, "vm1"),
                          "demo-src", "demo-dst") as (vs, vd):
             wait_until(lambda: _span(src).any(), 30, "the device to write its range")
             before = src.last_generation()

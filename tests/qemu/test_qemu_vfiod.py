@@ -10,7 +10,6 @@ migration the source VM runs on and nothing is lost."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, vfiod_cmd, wait_until
+from tests.support.daemons import DaemonProcess, daemon_pair, guest_status, wait_until
 from tests.support.qemu.guest import QemuGuest
 from tests.support.qemu.pages import workload_pages, workload_problems
 from tests.support.qemu.qmp import QmpClient
+from tests.support.qemu_daemons import assert_runs_at_home, coordinated_config, migrate_with_fault
 
 Make = Callable[[str], QemuGuest]
 Measure = Callable[[str, float, str], None]
@@ -30,31 +30,11 @@ BOOT_TIMEOUT = 40.0
 STEP_TIMEOUT = 30.0
 
 
-def _config(side: str, vm: QemuGuest) -> str:
-    device = "0000:3b:00.1" if side == "source" else "0000:81:00.1"
-    text = "[migration]\n" + ('listen = "127.0.0.1:0"\n' if side == "destination" else "")
-    text += f'''
-[[guest]]
-name = "vm"
-start = "{'running' if side == 'source' else 'incoming'}"
-[[guest.ram]]
-name = "ram"
-size = "{RAM_MIB}MiB"
-path = "{vm.ram_path}"
-[[guest.device]]
-name = "{device}"
-id = "dma0"
-[guest.qemu]
-qmp = "{vm.vfiod_qmp_path}"
-timeout_s = 30
-'''
-    if side == "destination":
-        text += f'incoming = "tcp:0.0.0.0:{vm.incoming_port}"\n'
-    text += f'\n[sim]\n[[sim.device]]\nname = "{device}"\ncapability = "v2_precopy_p2p_log"\n'
-    if side == "source":       # the device writes only the range the guest reserved
-        text += (f'[[sim.workload]]\nguest = "vm"\ndirty_rate = "2MiB"\n'
-                 f'gpa = "{vm.reserved_gpa}"\nsize = "{vm.reserved_size}"\n')
-    return text
+def _config(side: str, vm: QemuGuest, guest: str = "vm") -> str:
+    return coordinated_config(
+        side, guest, f"{RAM_MIB}MiB", vm.ram_path or "", str(vm.vfiod_qmp_path),
+        incoming_port=vm.incoming_port if side == "destination" else None,
+        span=(vm.reserved_gpa, vm.reserved_size))
 
 
 @contextmanager
@@ -124,26 +104,16 @@ def test_the_destination_qemu_killed_mid_migration_leaves_the_linux_vm_running_a
     with _running_pair(qemu_guests, tmp_path) as (src, dst, vs, vd):
         assert src.qmp is not None
         src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
-        ctl = subprocess.Popen(vfiod_cmd("ctl", "--socket", vs.socket, "migrate", "vm", "--to",
-                                         vd.migration_address, "--json"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            src.wait_qmp(lambda q: q.execute("query-migrate").get("status") == "active",
-                         STEP_TIMEOUT, "QEMU's own migration to run")
-            dst.kill()
-            out, err = ctl.communicate(timeout=90)
-        finally:
-            if ctl.poll() is None:
-                ctl.kill()
-        final = _final(out)
-        assert final["result"] == "failed", out + err + vs.log() + vd.log()
+        final = migrate_with_fault(
+            vs, vd, "vm", lambda: src.qmp is not None and src.qmp.execute(
+                "query-migrate").get("status") == "active", "QEMU's own migration to run",
+            dst.kill)
+        assert final.get("result") == "failed", final["diagnostics"]
         assert "QEMU's own migration ended failed" in final["error"]
         # the VM runs on at home: its workload advances, nothing of it was lost
         src.wait_generation_above(src.last_generation() + 2, STEP_TIMEOUT)
         assert _status(src.qmp) == "running"
-        g = wait_until(lambda: (g := guest_status(vs, "vm"))["state"] == "running" and g,
-                       STEP_TIMEOUT, "the guest to run at home")
-        assert {d["state_label"] for d in g["devices"]} == {"RUNNING"}
+        assert_runs_at_home(vs, vd, "vm")
         src.qmp.execute("stop")
         assert src.ram_path is not None
         assert not workload_problems(workload_pages(src.ram_path), src.work_pages)
