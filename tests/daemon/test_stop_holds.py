@@ -17,8 +17,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,12 +25,12 @@ import pytest
 from tests.support.daemon_configs import host_config
 from tests.support.daemons import wait_until
 from tests.support.service_rig import sim_guests
+from tests.support.sim_vmm import sim_daemon_in_process
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.config_sim import SimWorkload
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.ledger import SHUTDOWN_REASON
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.main import Daemon, RunOptions, read_config
 from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.offer import OfferLimits
 from vfiod.daemon.registry import Registry
@@ -40,30 +38,6 @@ from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
 
 S = LifecycleState
-
-
-@contextmanager
-def started_daemon(tmp: Path, config: str) -> Iterator[Daemon]:
-    path = tmp / "vfiod.toml"
-    if "[paths]" not in config:     # its own journal, not this host's /var/lib/vfiod
-        config += f'\n[paths]\nstate = "{tmp / "state"}"\n'
-    path.write_text(config)
-    opts = RunOptions(backend="sim", config=str(path), control_socket=str(tmp / "c.sock"),
-                      metrics_listen="", sim_root=str(tmp / "host"))
-    daemon = Daemon(opts, read_config(opts))
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            daemon.start()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
-            failed.append(e)
-    t = threading.Thread(target=start)
-    t.start()
-    t.join(120)
-    if failed:
-        raise failed[0]
-    yield daemon
 
 
 class Gate:
@@ -112,7 +86,8 @@ def fds_of(guest: Guest) -> set[int]:
 def test_a_thread_past_the_budget_keeps_its_guests_fds(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    with started_daemon(tmp_path, host_config("source", guests=("g1", "g2"))) as daemon:
+    with sim_daemon_in_process(tmp_path, host_config("source", guests=("g1", "g2")),
+                               shut_down=False) as daemon:
         g1, g2 = daemon.guests.opened("g1"), daemon.guests.opened("g2")
         assert g1 is not None and g2 is not None
         gate = Gate()
@@ -198,7 +173,8 @@ def test_a_workload_start_on_another_thread_is_not_closed_under_it(tmp_path: Pat
 def test_past_its_commit_a_migration_runs_on(tmp_path: Path) -> None:
     """The session refuses a cancel after its commit (SessionBase._commit): the stop
     asks, waits for it within the budget, and never rolls it back."""
-    with started_daemon(tmp_path, host_config("source", guests=("g1",))) as daemon:
+    with sim_daemon_in_process(tmp_path, host_config("source", guests=("g1",)),
+                               shut_down=False) as daemon:
         ledger = daemon.migrations.ledger
         with daemon.registry.lock:
             rec, handle = ledger.begin("g1", "source", "127.0.0.1:1",
@@ -230,7 +206,8 @@ def test_past_its_commit_a_migration_runs_on(tmp_path: Path) -> None:
 
 
 def test_nothing_new_starts_once_the_stop_began(tmp_path: Path) -> None:
-    with started_daemon(tmp_path, host_config("destination", guests=("g1",))) as daemon:
+    with sim_daemon_in_process(tmp_path, host_config("destination", guests=("g1",)),
+                               shut_down=False) as daemon:
         daemon.shutdown()
         with pytest.raises(ValueError, match="shutting down"), daemon.registry.lock:
             daemon.migrations.ledger.begin("g1", "destination", "127.0.0.1:1")

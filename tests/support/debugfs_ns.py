@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import os
 from typing import Any
 
+from tests.support.as_nobody import in_forked_child
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.ops import DEBUGFS_ROOT
 from vfiod.vfio.debugfs import read_migration_state
@@ -45,26 +45,8 @@ def _check(result: int, what: str) -> None:
 
 
 def _in_child(body: Any) -> dict[str, Any]:  # noqa: ANN401 - a callable returning JSON data
-    """Run ``body()`` in a forked child; its JSON-able answer, or ``{"child": error}``."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            out: dict[str, Any] = {"result": body()}
-        except BaseException as e:  # noqa: BLE001 - report anything to the parent
-            out = {"child": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    answer = dict(json.loads(data))
+    """Run ``body()`` in a forked child; its JSON-able answer (a failure there fails)."""
+    answer = in_forked_child(lambda: {"result": body()})
     assert "child" not in answer, answer["child"]
     return dict(answer["result"])
 

@@ -26,11 +26,16 @@ from vfiod.vfio.discovery import discover_device
 
 
 @contextmanager
-def sim_daemon_in_process(tmp: Path, config: str) -> Iterator[Daemon]:
-    """A started sim ``Daemon`` with its own journal and control socket under ``tmp``."""
+def sim_daemon_in_process(tmp: Path, config: str, *, shut_down: bool = True
+                          ) -> Iterator[Daemon]:
+    """A started sim ``Daemon`` with its own journal and control socket under ``tmp``
+    (unless ``config`` names its ``[paths]``); ``shut_down``: stop it at the end (a test
+    of the stop itself stops it)."""
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "vfiod.toml"
-    path.write_text(config + f'\n[paths]\nstate = "{tmp / "state"}"\n')
+    if "[paths]" not in config:     # its own journal, not this host's /var/lib/vfiod
+        config += f'\n[paths]\nstate = "{tmp / "state"}"\n'
+    path.write_text(config)
     opts = RunOptions(backend="sim", config=str(path), control_socket=str(tmp / "c.sock"),
                       metrics_listen="", sim_root=str(tmp / "host"))
     daemon = Daemon(opts, read_config(opts))
@@ -49,7 +54,8 @@ def sim_daemon_in_process(tmp: Path, config: str) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        daemon.shutdown()
+        if shut_down:
+            daemon.shutdown()
 
 
 def call(daemon: Daemon, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
