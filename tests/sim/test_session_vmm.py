@@ -23,6 +23,7 @@ from tests.support.session_rig import (
 )
 from vfiod.abi.vfio import MigState
 from vfiod.kernel.sim.workload import DmaTarget
+from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.vmm_source import VMM_FIXED_S
 from vfiod.migration.states import GuestState
@@ -128,3 +129,19 @@ def test_only_one_end_coordinated_with_its_vmm_is_refused_naming_it(sides,
             else "this one is not") in reasons
     assert vmm.calls == []                      # refused before the VMM was asked anything
     assert src.guest.run_state is GuestState.RUNNING
+
+
+def test_the_vmm_decides_when_to_switch_not_vfiods_convergence_watch(sides) -> None:
+    """Pre-copy sends no RAM while the VMM migrates, so vfiod's remaining bytes only grow:
+    its own convergence watch would give up at once with this policy. The VMM's
+    pre-switchover stop decides instead, and the migration completes."""
+    src, dst = sides()
+    _writing(src)
+    impatient = SessionConfig(ack_timeout_s=5.0, policy=Policy(
+        downtime_limit_s=1e-6, stall_iterations=1, not_converging_iterations=1,
+        not_converging_min_s=0.0))
+    with FakeVmm(src.guest, dst.guest, VCPU_PAGES, switch_after=800) as vmm:
+        run = migrate(src, dst, impatient, vmm=(vmm, vmm))
+        vmm.close()
+    assert_migrated(src, dst, run)
+    assert run.source.iterations >= 2

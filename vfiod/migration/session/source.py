@@ -321,7 +321,8 @@ class SourceSession(SourceEnding, SessionBase):
         self._uncorrected_parts = predicted_parts(p, self._measured_costs)
         decision, why = self.config.policy.verdict(
             p, iteration=self.iteration, elapsed_s=now - start,
-            not_converging=self._watch.observe(p))
+            # with a VMM half the VMM's convergence decides; only a timeout cancels here
+            not_converging=self._watch.observe(p) if self.vmm is None else None)
         prog = IterationProgress(
             iteration=self.iteration, elapsed_s=now - (self.started_at or start),
             ram_sent_bytes=ram, device_sent_bytes=dev_bytes,
