@@ -20,8 +20,7 @@ module holds what they share:
 * the end of every device's part: ``cleanup`` after a completed migration, ``rollback``
   after a failed one (docs/architecture.md §1.6), each device's tried whatever the others did;
 * ``status()``: a ``StatusSnapshot`` with the (guest, migration, device) triple.
-Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``, nothing from the simulator.
-"""
+Sessions take a ``KernelOps``-backed ``Guest`` and a ``Link``, nothing from the simulator."""
 
 from __future__ import annotations
 
@@ -319,9 +318,8 @@ class SessionBase:
                 self.result.warnings.append(f"cleanup on {d.name} after completion: {e}")
 
     def _rollback_devices(self, devices: Iterable[GuestDevice]) -> None:
-        """Every device of ``devices`` back to RUNNING (its driver's ``rollback``), each
-        one tried whatever the others did; the result says, per device, the final state,
-        the recovery rungs taken and the error if it failed."""
+        """Every device of ``devices`` back to RUNNING (its driver's ``rollback``), each one
+        tried whatever the others did; the result says each final state, rungs and error."""
         states: dict[str, Any] = {}
         for d in devices:
             try:
@@ -332,9 +330,9 @@ class SessionBase:
                                   "rungs": e.rungs, "error": str(e)}
             except Exception as e:  # noqa: BLE001 - every device gets its rollback
                 states[d.name] = {"state": "unknown", "error": f"{type(e).__name__}: {e}"}
-            if states[d.name]["state"] != "RUNNING":   # the guest may run on: say it
-                self.result.warnings.append(f"device {d.name} is {states[d.name]['state']} "
-                                            f"after the rollback: {states[d.name].get('error')}")
+            if (st_d := states[d.name])["state"] != "RUNNING":   # the guest may run on: say it
+                self.result.warnings.append(f"device {d.name} is {st_d['state']} after the "
+                                            f"rollback: {st_d.get('error')}")
         self.result.rollback = states
 
     # -- status -----------------------------------------------------------------------
