@@ -6,6 +6,7 @@ place or not, shows in the next answer, whether that answer is about every guest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -154,3 +155,13 @@ def test_a_running_migration_with_live_figures_is_never_reused() -> None:
         got = pieces.answer(DAEMON, guests, finished, [])
         assert json.loads(got.encoded)["guests"][0]["migration"]["live"] == {
             "throughput_bps": throughput}
+
+
+def test_a_device_copy_holds_its_fields_in_their_order_and_nothing_shared() -> None:
+    dev = _registry().guests["g1"].devices["d0"]
+    dev.state, dev.reason, dev.capabilities = 3, "changed", ["STOP_COPY"]
+    copy = dev.to_json()
+    assert list(copy) == [f.name for f in dataclasses.fields(DeviceEntry)]
+    assert copy == dataclasses.asdict(dev)
+    copy["capabilities"].append("P2P")
+    assert dev.capabilities == ["STOP_COPY"]
