@@ -1,8 +1,8 @@
 """The daemon's read model: its guests (lifecycle state, devices, latest migration), the
 migrations it runs or receives, and the counters and histograms the metrics endpoint
-reads (docs/architecture.md §6, §7). Status answers, the Prometheus collector and ``vfiod ctl`` read
-it through ``snapshot()``: plain copies taken under the lock, so a scrape never sees a
-half-updated migration.
+reads (docs/architecture.md §6, §7). Status answers (``status_rows()``), the Prometheus
+collector and the STATUS line (``snapshot()``) read plain copies taken under the lock, so
+a scrape never sees a half-updated migration.
 
 One writer per piece: a guest's lifecycle state belongs to ``GuestLifecycle``
 (``lifecycle.py``; ``GuestEntry.state`` only reads it), its device rows to
@@ -180,7 +180,6 @@ class DeviceEntry:
         out = self.__dict__.copy()
         out["capabilities"] = list(self.capabilities)
         return out
-
 
 
 class GuestEntry:
