@@ -48,9 +48,13 @@ class LoadReport:
     end: float = 0.0               # when the last request was answered
     errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    #: when each request was offered (``time.perf_counter``), in the order of ``latencies``
+    offered: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     scrapes: int = 0
     scrape_errors: list[str] = field(default_factory=list)
+    #: (start, end) of each scrape (``time.perf_counter``)
+    scrape_spans: list[tuple[float, float]] = field(default_factory=list)
     watchdog_times: list[float] = field(default_factory=list)
     rss_before: int = 0
     rss_after: int = 0
@@ -66,10 +70,21 @@ class LoadReport:
         t = [self.start, *self.watchdog_times, max(self.end, self.start)]
         return [b - a for a, b in zip(t, t[1:], strict=False)]
 
-    def p(self, q: float) -> float:
-        """Nearest-rank ``q`` quantile of the request latencies (seconds)."""
-        s = sorted(self.latencies)
+    def p(self, q: float, latencies: list[float] | None = None) -> float:
+        """Nearest-rank ``q`` quantile of the request latencies (seconds), or of
+        ``latencies``."""
+        s = sorted(self.latencies if latencies is None else latencies)
         return s[min(len(s) - 1, max(0, -int(-q * len(s) // 1) - 1))] if s else 0.0
+
+    def during_scrapes(self) -> tuple[list[float], list[float]]:
+        """The latencies of the requests in flight while a scrape ran, and of the rest."""
+        spans = self.scrape_spans
+        during: list[float] = []
+        rest: list[float] = []
+        for t, lat in zip(self.offered, self.latencies, strict=True):
+            hit = any(a < t + lat and t < b for a, b in spans)
+            (during if hit else rest).append(lat)
+        return during, rest
 
 
 class WatchdogTimer:
@@ -192,6 +207,7 @@ def _read_answers(c: _Connection, report: LoadReport) -> int:
             report.errors.append(f"request {rid}: not ok")
         report.requests += 1
         report.latencies.append(took - sent)
+        report.offered.append(sent)
         report.end = time.monotonic()
         got += 1
     return got
@@ -203,12 +219,14 @@ def _scraper(url: str, report: LoadReport, start: float, end: float) -> None:
         delay = start + k - time.monotonic()
         if delay > 0:
             select.select([], [], [], delay)
+        began = time.perf_counter()
         try:
             with urllib.request.urlopen(url, timeout=10) as r:
                 if b"vfiod_" not in r.read():
                     report.scrape_errors.append("no vfiod_ metric in the scrape")
         except OSError as e:
             report.scrape_errors.append(str(e))
+        report.scrape_spans.append((began, time.perf_counter()))
         report.scrapes += 1
         k += 1
 

@@ -177,11 +177,13 @@ class RequestError(ApiError):
 class EncodedResult(dict[str, Any]):
     """A result encoded once, when it is made: one ``status`` answer shared by many
     requests is not encoded again for each (README "Load"). Do not change it after: its
-    JSON text would no longer match."""
+    JSON text would no longer match. ``encoded``: the text when the caller made it from
+    pieces, each encoded by ``compact_json`` (``daemon/status_pieces.py``); it must be what
+    ``compact_json(value)`` gives."""
 
-    def __init__(self, value: dict[str, Any]) -> None:
+    def __init__(self, value: dict[str, Any], encoded: bytes | None = None) -> None:
         super().__init__(value)
-        self.encoded = _json(value)
+        self.encoded = compact_json(value) if encoded is None else encoded
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class Response:
     def encode(self) -> bytes:
         if self.ok and isinstance(self.result, EncodedResult):   # the same text, spliced
             return (b'{"schema":%s,"id":%s,"ok":true,"result":%s}\n'
-                    % (_json(self.schema), _json(self.id), self.result.encoded))
+                    % (compact_json(self.schema), compact_json(self.id), self.result.encoded))
         body: dict[str, Any] = {"schema": self.schema, "id": self.id, "ok": self.ok}
         if self.ok:
             body["result"] = self.result if self.result is not None else {}
@@ -244,10 +246,11 @@ class Response:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return _json(obj) + b"\n"
+    return compact_json(obj) + b"\n"
 
 
-def _json(value: Any) -> bytes:
+def compact_json(value: Any) -> bytes:
+    """The JSON text of every line (and of an ``EncodedResult``)."""
     # Compact separators keep lines short; ensure_ascii keeps them one line whatever the
     # text (a newline inside a string is escaped, never raw).
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()

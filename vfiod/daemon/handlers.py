@@ -27,7 +27,7 @@ from vfiod.api.ops import (
     ResolveArgs,
     StatusArgs,
 )
-from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode
+from vfiod.api.schema import SCHEMA_VERSION, ApiError, ApiErrorCode, EncodedResult
 from vfiod.daemon import check
 from vfiod.daemon.attach import check_hand_over, refusal
 from vfiod.daemon.attach_vfio import check_vfio_hand_over, groups_held
@@ -38,6 +38,7 @@ from vfiod.daemon.migrations import MigrationService
 from vfiod.daemon.observe import ObservedDevices
 from vfiod.daemon.registry import GuestEntry, Registry
 from vfiod.daemon.status_builds import StatusBuilds
+from vfiod.daemon.status_pieces import StatusPieces
 from vfiod.errors import KernelError, VfiodError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.planning.hostfacts import HostFacts
@@ -77,6 +78,7 @@ class Handlers:
         self.facts = facts
         self.info = info
         self.observed = observed
+        self.status_pieces = StatusPieces()
         self.status_builds = StatusBuilds(lambda copied: self._build_status(None, copied))
 
     def __call__(self, op: str, args: Args) -> dict[str, Any]:
@@ -137,26 +139,28 @@ class Handlers:
         self._guest(args.guest)
         return self._build_status(args.guest, lambda: None)
 
-    def _build_status(self, only: str | None, copied: Callable[[], None]) -> dict[str, Any]:
+    def _build_status(self, only: str | None, copied: Callable[[], None]) -> EncodedResult:
+        """The answer, spliced from the pieces of it that did not change since the last
+        request (``status_pieces.py``)."""
         live = self.migrations.ledger.live_status()
         with self.registry.lock:
-            snap = self.registry.snapshot(only=only)
+            guests, finished = self.registry.status_rows(only)
             copied()
-        for g in snap["guests"]:
+        for g in guests:
             if g["migration"] is not None and g["name"] in live:
                 g["migration"]["live"] = live[g["name"]]
         i = self.info
-        return {"daemon": {"version": __version__, "schema": SCHEMA_VERSION,
-                           "backend": i.backend, "pid": i.pid, "config": i.config,
-                           "uptime_s": time.time() - i.started,
-                           "control_socket": i.control_socket, "metrics": i.metrics,
-                           "migration_listen": i.migration_listen,
-                           "restart_needed": list(i.restart_needed),
-                           "reload_error": i.reload_error},
-                "guests": snap["guests"], "finished": snap["finished"],
-                # another VMM's devices (docs/architecture.md §8.5), in the whole host's
-                # status only; read outside the registry lock
-                "observed": self.observed.rows() if self.observed and only is None else []}
+        daemon = {"version": __version__, "schema": SCHEMA_VERSION,
+                  "backend": i.backend, "pid": i.pid, "config": i.config,
+                  "uptime_s": time.time() - i.started,
+                  "control_socket": i.control_socket, "metrics": i.metrics,
+                  "migration_listen": i.migration_listen,
+                  "restart_needed": list(i.restart_needed),
+                  "reload_error": i.reload_error}
+        # another VMM's devices (docs/architecture.md §8.5), in the whole host's status
+        # only; read outside the registry lock
+        observed = self.observed.rows() if self.observed and only is None else []
+        return self.status_pieces.answer(daemon, guests, finished, observed, only)
 
     def devices(self) -> dict[str, Any]:
         try:

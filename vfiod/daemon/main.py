@@ -28,6 +28,7 @@ process exit, logged with the reason). More signals during the stop change nothi
 
 from __future__ import annotations
 
+import gc
 import grp
 import logging
 import os
@@ -326,6 +327,20 @@ def _gid(group: str) -> int | None:
         return None
 
 
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive after the start (modules, numba's
+    compiled kernels, the guests: most of what the process will ever hold) out of the
+    cyclic collector's reach: its full passes then look only at objects made since, and
+    no longer stop every thread for 55-125 ms at 64 guests (README "Scaling": they were
+    the 1% of ``status`` requests that waited 100 ms or more). Returns how many objects
+    were frozen."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("start-up heap frozen: %d objects left out of later collections", frozen)
+    return frozen
+
+
 def run_daemon(opts: RunOptions) -> int:
     """``vfiod run``: 0 after a clean stop, 1 if it could not start."""
     try:
@@ -340,6 +355,7 @@ def run_daemon(opts: RunOptions) -> int:
         log.error("cannot start: %s", e)
         daemon.shutdown()
         return 1
+    freeze_startup_heap()
     try:
         daemon.run()
     finally:

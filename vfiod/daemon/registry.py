@@ -1,8 +1,8 @@
 """The daemon's read model: its guests (lifecycle state, devices, latest migration), the
 migrations it runs or receives, and the counters and histograms the metrics endpoint
-reads (docs/architecture.md §6, §7). Status answers, the Prometheus collector and ``vfiod ctl`` read
-it through ``snapshot()``: plain copies taken under the lock, so a scrape never sees a
-half-updated migration.
+reads (docs/architecture.md §6, §7). Status answers (``status_rows()``), the Prometheus
+collector and the STATUS line (``snapshot()``) read plain copies taken under the lock, so
+a scrape never sees a half-updated migration.
 
 One writer per piece: a guest's lifecycle state belongs to ``GuestLifecycle``
 (``lifecycle.py``; ``GuestEntry.state`` only reads it), its device rows to
@@ -174,13 +174,12 @@ class DeviceEntry:
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        """A plain copy (by hand, as ``MigrationRecord.to_json``)."""
-        out = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        """A plain copy: the instance's own dict, which holds exactly the fields in their
+        order (``__init__`` sets them so), copied in one call; ``status`` copies every
+        device of every guest per request (README "Scaling")."""
+        out = self.__dict__.copy()
         out["capabilities"] = list(self.capabilities)
         return out
-
-
-_DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceEntry))
 
 
 class GuestEntry:
@@ -209,6 +208,18 @@ class GuestEntry:
     def error(self) -> str | None:
         """Why the guest is ``failed``; None in every other state."""
         return self._lifecycle.failure(self.config.name)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``status`` shows of the guest: a plain copy (registry lock held)."""
+        return {
+            "name": self.name, "state": self.state.value, "error": self.error,
+            "ram_bytes": self.config.ram_bytes, "page_size": self.config.page_size,
+            "start": self.config.start,
+            "devices": [d.to_json() for d in self.devices.values()],
+            "migration": self.migration.to_json() if self.migration else None,
+            "notes": list(self.notes),
+            "unsettled": dict(self.unsettled) if self.unsettled else None,
+        }
 
 
 class Registry:
@@ -332,29 +343,25 @@ class Registry:
             self.scrape_errors_total += 1
 
     # -- reading ---------------------------------------------------------------------------
-    def snapshot(self, only: str | None = None) -> dict[str, Any]:
-        """A deep copy of everything, for status answers and the metrics collector;
-        ``only``: the guests and finished migrations of that one guest."""
+    def status_rows(self, only: str | None = None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Copies of the guests and of the finished migrations, device states refreshed
+        first, as ``status`` shows them; ``only``: that one guest's."""
         with self.lock:
             for refresh in self.refreshers:
                 refresh()
-            guests = []
-            for g in self._guests.values():
-                if only is not None and g.name != only:
-                    continue
-                guests.append({
-                    "name": g.name, "state": g.state.value, "error": g.error,
-                    "ram_bytes": g.config.ram_bytes, "page_size": g.config.page_size,
-                    "start": g.config.start,
-                    "devices": [d.to_json() for d in g.devices.values()],
-                    "migration": g.migration.to_json() if g.migration else None,
-                    "notes": list(g.notes),
-                    "unsettled": dict(g.unsettled) if g.unsettled else None,
-                })
+            return ([g.to_json() for g in self._guests.values()
+                     if only is None or g.name == only],
+                    [m.to_json() for m in self.finished if only is None or m.guest == only])
+
+    def snapshot(self, only: str | None = None) -> dict[str, Any]:
+        """A deep copy of everything, for the metrics collector and the STATUS line;
+        ``only``: the guests and finished migrations of that one guest."""
+        with self.lock:
+            guests, finished = self.status_rows(only)
             return {
                 "guests": guests,
-                "finished": [m.to_json() for m in self.finished
-                             if only is None or m.guest == only],
+                "finished": finished,
                 "migrations_total": dict(self.migrations_total),
                 "device_recoveries_total": dict(self.device_recoveries_total),
                 "downtime": self.downtime.copy(),

@@ -6,7 +6,8 @@ under its lock and an encoding. When requests queue up (a migration holding the 
 lock, a burst of clients), building one answer per request makes the queue drain slowly
 exactly when it is longest. Instead, a request that arrives while another request's
 build has not yet let go of the registry lock waits for that build and shares its
-answer, encoded once.
+answer, encoded once (each answer's text spliced from pieces kept since earlier
+requests, ``status_pieces.py``).
 
 Sharing never shows a request an older state than it could see alone: the build copies
 the registry in one hold of its lock, so every write that had ended when a joining
@@ -33,8 +34,9 @@ class _Build:
 
 class StatusBuilds:
     """``get()`` returns a full status answer: a new one, or one a concurrent request is
-    building. ``build(copied)`` makes the answer and must call ``copied()`` while it
-    still holds the registry lock, right after its copy."""
+    building. ``build(copied)`` makes the answer (an ``EncodedResult``, or a plain dict
+    encoded here) and must call ``copied()`` while it still holds the registry lock, right
+    after its copy."""
 
     def __init__(self, build: Callable[[Callable[[], None]], dict[str, Any]]) -> None:
         self._build = build
@@ -65,7 +67,8 @@ class StatusBuilds:
                 if self._open is b:
                     self._open = None
         try:
-            b.result = EncodedResult(self._build(copied))
+            result = self._build(copied)
+            b.result = result if isinstance(result, EncodedResult) else EncodedResult(result)
         except BaseException as e:  # every joiner gets the builder's error, then it goes on
             b.error = e
             raise
