@@ -15,9 +15,13 @@ EOF`` for OpenMetrics), byte for byte what the encoder gives for the whole colle
 (``tests/daemon/test_metrics_exposition.py``). Nothing is served stale: a change shows in
 the very next scrape.
 
-Equal is prometheus-client's ``Metric ==`` (name, help, type, unit, samples), so a value
-that changed only between spellings of one number (``1`` and ``1.0``, ``0.0`` and
-``-0.0``) keeps its earlier text; both spellings are the same number to Prometheus.
+Equal is prometheus-client's ``Metric ==`` (name, help, type, unit, samples). Values that
+are equal numbers print alike (``1``, ``1.0`` and ``True`` all as ``1.0``) except ``0.0``
+and ``-0.0``: a value that went from one to the other keeps its earlier text, the same
+number to Prometheus. The collector itself hands out the guest, device and migration
+families of the previous scrape while the guests' rows equal that scrape's
+(``VfiodCollector._per_guest_families``), and the comparison of a family with itself is
+immediate.
 
 Texts are kept per format (the answer's content type names it: the text format, or
 OpenMetrics with a version and escaping, from the scraper's Accept header), for the
