@@ -1,6 +1,7 @@
 """The Prometheus endpoint: a custom collector that reads the ``Registry`` at scrape time
-(docs/architecture.md §6; Prometheus' metric and label naming conventions). This is the only module that imports prometheus_client;
-domain code fills the registry with plain values.
+(docs/architecture.md §6; Prometheus' metric and label naming conventions). This module
+and ``metrics_exposition.py`` (the served text) are the only ones that import
+prometheus_client; domain code fills the registry with plain values.
 
 Conventions: the ``vfiod_`` prefix, base units (seconds, bytes, bytes per second, ratios),
 counters end in ``_total``, labels are bounded: ``guest``, ``device``, ``phase``, ``result``,
@@ -31,11 +32,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app, start_http_server
 
 from vfiod import __version__
 from vfiod.abi.vfio import vfio_device_mig_state
 from vfiod.daemon.lifecycle import RUNS_HERE
+from vfiod.daemon.metrics_exposition import FamilyTexts, metrics_app
 from vfiod.daemon.registry import PHASES, Buckets, Registry
 from vfiod.vfio.debugfs import UNKNOWN_STATE
 
@@ -74,6 +76,8 @@ class VfiodCollector:
         self.pinned_bytes = pinned_bytes
         self.proc_status = proc_status
         self._process = psutil.Process()
+        #: the guests' rows of the latest collection and the families built from them
+        self._kept: tuple[list[dict[str, Any]], list[Metric]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -95,9 +99,7 @@ class VfiodCollector:
                                  labels=["version", "backend"])
         info.add_metric([__version__, self.backend], 1)
         yield info
-        yield from self._guest_families(snap["guests"])
-        yield from self._device_families(snap["guests"])
-        yield from self._migration_families(snap["guests"])
+        yield from self._per_guest_families(snap["guests"])
         if self.observed is not None:
             yield from _observed_families(self.observed())
 
@@ -133,6 +135,18 @@ class VfiodCollector:
                                       "Control connections refused by peer credentials.")
         refused.add_metric([], snap["refused_peers_total"])
         yield refused
+
+    def _per_guest_families(self, guests: list[dict[str, Any]]) -> list[Metric]:
+        """The guest, device and migration families: those of the latest collection while
+        the guests' rows equal its rows (a thousand samples at 64 x 4 are not built again
+        for nothing; README "Scaling"). The families are shared: nobody changes them."""
+        kept = self._kept
+        if kept is not None and kept[0] == guests:
+            return kept[1]
+        families = [*self._guest_families(guests), *self._device_families(guests),
+                    *self._migration_families(guests)]
+        self._kept = (guests, families)
+        return families
 
     def _guest_families(self, guests: list[dict[str, Any]]) -> Iterator[Metric]:
         ram = GaugeMetricFamily("vfiod_guest_ram_bytes", "Configured guest RAM.",
@@ -289,12 +303,18 @@ def _histogram(name: str, doc: str, b: Buckets) -> HistogramMetricFamily:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP on ``host:port`` (port 0 = any; ``port`` tells which)."""
+    """``/metrics`` over HTTP on ``host:port`` (port 0 = any; ``port`` tells which):
+    prometheus-client's server, its application answering a full GET from kept family
+    texts (``metrics_exposition.py``; ``texts.formatted`` counts the families formatted)."""
 
     def __init__(self, collector: VfiodCollector, host: str, port: int) -> None:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(collector)
+        self.texts = FamilyTexts(collector)
         self._server, self._thread = start_http_server(port, addr=host, registry=reg)
+        # Until this line the library's own application answers: the same bytes, formatted
+        # whole (a scraper cannot know a port 0 server's port yet).
+        self._server.set_app(metrics_app(self.texts, make_wsgi_app(reg)))
         self.host = host
         self.port = int(self._server.server_address[1])
 
