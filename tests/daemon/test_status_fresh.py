@@ -104,7 +104,9 @@ def test_every_step_of_a_migration_shows(pair: tuple[DaemonProcess, DaemonProces
     for whole in (True, False):               # moved away, then ready to receive it back
         row = raw.guest("g1", whole)
         assert row["migration"]["result"] == "completed", row
-        assert row["state"] in ("migrated-away", "incoming"), row
+        # migrated-away -> defined -> claimed -> incoming: the re-open is not instant
+        wait_until(lambda w=whole: raw.guest("g1", w)["state"] == "incoming", 60,
+                   "g1 to be re-opened to receive it back")
     assert [m["id"] for m in raw.status()["finished"]] == [mid]
     assert [m["id"] for m in raw.status("g1")["finished"]] == [mid]
     assert raw.status("g2")["finished"] == []
