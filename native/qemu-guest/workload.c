@@ -141,7 +141,6 @@ static unsigned long work_pages_from_env(void)
 int main(void)
 {
 	unsigned long pages = work_pages_from_env();
-	char magic[16];
 	unsigned char *area;
 	int pagemap;
 	uint64_t generation = 0;
@@ -154,9 +153,6 @@ int main(void)
 		fatal("mount /proc");
 	if (mount("devtmpfs", "/dev", "devtmpfs", 0, NULL) && errno != EBUSY)
 		fatal("mount /dev");
-	for (int i = 0; i < 16; i++)
-		magic[i] = (char)(magic_xored[i] ^ magic_key);
-
 	area = mmap(NULL, pages * PAGE_SIZE, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (area == MAP_FAILED)
@@ -173,7 +169,10 @@ int main(void)
 	for (unsigned long i = 0; i < pages; i++) {
 		struct page_record *rec = (struct page_record *)(area + i * PAGE_SIZE);
 
-		memcpy(rec->magic, magic, sizeof(magic));
+		/* decoded straight into the record: a decoded copy in a local could sit at
+		 * the start of a stack page and pass for a record in a scan of guest RAM */
+		for (int b = 0; b < 16; b++)
+			rec->magic[b] = (char)(magic_xored[b] ^ magic_key);
 		rec->index = i;
 		rec->gpa = gpa_of(pagemap, rec);
 		rec->counter = 0;
