@@ -5,6 +5,7 @@ is kept with its reason, nothing leaks, and the answers name every blocker."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,3 +204,33 @@ def _try_lock(reg: Registry) -> bool:
         return False
     reg.lock.release()
     return True
+
+
+def test_concurrent_probes_of_one_unowned_device_all_answer(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """``ctl devices`` and ``ctl check DEVICE`` run at once (two requests, two threads of
+    the daemon) both probe the device by opening its group, which the kernel lets only one
+    open hold: the second must wait for the first, not report the daemon's own probe as
+    "open in another process (a VMM owns the device)". Seen in the kernel tier."""
+    host, mgr, _ = world
+    start = threading.Barrier(8)
+    answers: list[dict] = []
+
+    def probe() -> None:
+        start.wait()
+        for _ in range(10):
+            answers.append(check.probe_unowned(host.kernel, mgr.paths, "0000:70:00.0"))
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)            # interleave the threads as a loaded host would
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(switch)
+    assert len(answers) == 80
+    assert all(a["migratable"] for a in answers), [a["blockers"] for a in answers
+                                                   if not a["migratable"]][:2]

@@ -27,6 +27,7 @@ another process holds the group (a VMM), that is the answer (EBUSY).
 from __future__ import annotations
 
 import errno
+import threading
 from typing import Any
 
 from vfiod.daemon.config import MigrationConfig
@@ -177,6 +178,12 @@ def host_json(host: HostFacts, need: int | None = None) -> dict[str, Any]:
             "cap_ipc_lock": m.cap_ipc_lock, "sev": host.sev.host_offers_sev}
 
 
+#: A probe opens the device's group, which the kernel lets one open hold: two requests
+#: probing at once (``ctl devices`` beside ``ctl check DEVICE``) take turns here, or the
+#: second would report the daemon's own probe as another process holding the group.
+_PROBING = threading.Lock()
+
+
 def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, Any]:
     """Probe a device no guest owns (``KernelError(ENODEV)`` if sysfs has no such device)."""
     found = discover_device(kernel, name, paths)
@@ -185,7 +192,8 @@ def probe_unowned(kernel: KernelOps, paths: HostPaths, name: str) -> dict[str, A
     if not found.vfio_capable or found.group is None:
         return {**out, "migratable": False, "blockers": [found.reason], "notes": []}
     try:
-        m = probe_unowned_device(kernel, paths, found.name, found.group)
+        with _PROBING:
+            m = probe_unowned_device(kernel, paths, found.name, found.group)
     except NotMigratable as e:
         return {**out, "migratable": False, "blockers": [e.reason], "notes": []}
     except KernelError as e:
