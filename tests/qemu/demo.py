@@ -63,7 +63,10 @@ def run(workdir: Path) -> dict[str, Any]:
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             while ctl.poll() is None:
                 scraper.take()
-                time.sleep(scraper.due())   # the scrape interval, not a wait for a state
+                try:                        # until the next scrape, or ctl's end if sooner
+                    ctl.wait(timeout=scraper.due())
+                except subprocess.TimeoutExpired:
+                    pass
             stdout, stderr = ctl.communicate()
             final = json.loads(stdout.strip().splitlines()[-1])["migration"]
             out["migration"] = final
