@@ -160,6 +160,8 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
                 "iterations": res.iterations, "forced": last.decision == "force",
                 "floor_s": round(floor, 5),
                 "queued_bytes": int(res.timings.get("predicted_queued_bytes", 0)),
+                # pre-copy's waits for the destination to consume each pass
+                "pass_drain_ms": round(res.timings.get("pass_drain_s", 0.0) * 1000, 2),
                 "over_floor": round(actual / floor, 3) if floor > 0 else None,
                 "breakdown_ms": {k: [round(v["predicted_s"] * 1000, 2),
                                      round(v["actual_s"] * 1000, 2)]

@@ -285,3 +285,15 @@ def set_range(words: Bitmap, first_bit: int, nbits: int) -> None:
     words, first, nbits = bitmap_args.bit_range_args("set_range", words, first_bit, nbits)
     if nbits:
         _k_fill(words, first, nbits, True)
+
+
+def warm_up() -> None:
+    """Compile or load every kernel a dirty sync and a pass use, now: a migration's first
+    sync must not pay it, or its duration, the only sample of a one-pass migration,
+    predicts a final sync many times too long (docs/architecture.md §4 fixed costs)."""
+    words = np.zeros(4, np.uint64)
+    or_merge(words, np.ones(2, np.uint64), 3, 70)
+    popcount(words, 200)
+    dirty_runs(words, 256, 4)
+    test_and_clear(words, 5, 100)
+    set_range(words, 1, 3)

@@ -127,7 +127,7 @@ class DirtyTracker:
             new = 0
             skipped: dict[str, str] = {}
             lost: dict[str, str] = {}
-            assumed = 0
+            assumed = optout_new = optout_mapped = 0
             for box in self._boxes:
                 blockers = box.optout.blocking(self._states)
                 if blockers:
@@ -142,6 +142,9 @@ class DirtyTracker:
                     continue
                 got, err = box.query()
                 new += got
+                if box.optout.devices:
+                    optout_new += got
+                    optout_mapped += box.mapped_pages()
                 if err is not None:
                     lost[box.name] = err
             dirty = self.bitmap.count() + assumed
@@ -153,7 +156,7 @@ class DirtyTracker:
             self.last_sync = SyncResult(
                 phase, dirty, dirty * self.page_size, new, new * self.page_size, t1 - t0,
                 {b.name: b.chain.name for b in self._boxes if b.chain is not None},
-                skipped, lost, assumed, assumed * self.page_size)
+                skipped, lost, assumed, assumed * self.page_size, optout_new, optout_mapped)
             return self.last_sync
 
     # -- mapping changes during tracking ------------------------------------------------

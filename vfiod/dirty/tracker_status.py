@@ -30,6 +30,10 @@ class SyncResult:
     #: not re-send them every pass; the stop-and-copy query collects what really changed.
     assumed_dirty_pages: int
     assumed_dirty_bytes: int
+    #: of new_dirty_pages, those an opted-out container reported (its first query, in
+    #: stop-and-copy: what its devices wrote since tracking began), and its mapped pages
+    opted_out_new_pages: int = 0
+    opted_out_mapped_pages: int = 0
 
 
 @dataclass(frozen=True)

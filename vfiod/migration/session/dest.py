@@ -168,7 +168,7 @@ class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
         self.challenge = secrets.token_hex(16)
         self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
                                                   challenge=self.challenge,
-                                                  **self._vmm_hello()))
+                                                  pass_acks=True, **self._vmm_hello()))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
         t_header = self.clock()
@@ -209,7 +209,11 @@ class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):
                 self.iteration = ev.number
+                t0 = self.clock()
                 dg.rehash()
+                if self.header is not None and self.header.pass_acks:   # the pass is in
+                    self.link.send_control(ControlMessage.ack(
+                        AckStage.PASS, ev.number, busy_s=self.clock() - t0))
             elif isinstance(ev, EndOfState):
                 self._stopped_at = self._stopped_at or self.clock()
                 if self.state is MigrationState.ACTIVE:

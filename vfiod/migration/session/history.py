@@ -15,6 +15,14 @@ they happened, for the parts a migration cannot measure before its own switchove
   pays one-off costs (first touch of the bitmaps, the first query of each log) and, with a
   single pass, is the only sample. Kept: actual / measured (a ratio: a sync's cost scales
   with the guest, the one-off share is alike);
+* the opted-out containers' share (``opted_out_share``): a container whose device opted
+  out of pre-copy dirty tracking is not queried before stop-and-copy, so pre-copy counts
+  all of its mapped RAM dirty. Its stop-and-copy query says how much its devices really
+  wrote since tracking began. Kept: that fraction of its mapping per second of tracking
+  (a fraction alone, learnt from a migration forced after minutes, would count most of
+  the mapping in one that switches over in a second); the prediction counts the largest
+  kept rate times this migration's tracking time, at most the whole mapping, and the
+  whole mapping while nothing is kept;
 * the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
   the arcs measured at every pass are pending queries, but stopping a device and loading
   its state on the other end cost time per byte of its state. Kept: the extra time over
@@ -54,6 +62,7 @@ class SwitchoverHistory:
         self._sync_ratio: deque[float] = deque(maxlen=keep)
         self._stop_per_byte: deque[float] = deque(maxlen=keep)
         self._load_per_byte: deque[float] = deque(maxlen=keep)
+        self._opted_out_rate: deque[float] = deque(maxlen=keep)
         self.migrations = 0
 
     def record(self, measured: FixedCosts, predicted: dict[str, float],
@@ -76,6 +85,24 @@ class SwitchoverHistory:
                 load = actual["dest_load_resume"] - measured.dest_load_resume_s
                 self._stop_per_byte.append(max(0.0, stop) / device_bytes)
                 self._load_per_byte.append(max(0.0, load) / device_bytes)
+
+    def record_opted_out(self, reported_pages: int, mapped_pages: int,
+                         tracked_s: float) -> None:
+        """A stop-and-copy query of opted-out containers: ``reported_pages`` of their
+        ``mapped_pages`` were written in the ``tracked_s`` seconds since tracking began."""
+        if mapped_pages > 0 and tracked_s > 0:
+            with self._lock:
+                self._opted_out_rate.append(min(1.0, reported_pages / mapped_pages)
+                                            / tracked_s)
+
+    def opted_out_share(self, tracked_s: float) -> float:
+        """The part of an opted-out container's mapping to count dirty after ``tracked_s``
+        seconds of tracking: the largest rate earlier stop-and-copy queries found, times
+        that; all of it before the first."""
+        with self._lock:
+            if not self._opted_out_rate:
+                return 1.0
+            return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
     def correct(self, costs: FixedCosts, *, device_bytes: int) -> FixedCosts:
         """``costs`` as measured in this migration, corrected by earlier switchovers;

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -191,6 +191,14 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         # containers skipped by the opt-out are tracked: stop-and-copy queries them
         tracking=precise or all(c.name in sync.skipped for c in containers),
         assumed_dirty_bytes=sync.assumed_dirty_bytes)
+
+
+def with_opted_out_share(num: PredictionNumbers, share: float) -> PredictionNumbers:
+    """``num`` counting only ``share`` of the opted-out containers' mapped bytes dirty
+    (``SwitchoverHistory.opted_out_share``: learnt from earlier stop-and-copy queries)."""
+    counted = int(num.assumed_dirty_bytes * share)
+    return replace(num, assumed_dirty_bytes=counted,
+                   dirty_ram_bytes=num.dirty_ram_bytes - num.assumed_dirty_bytes + counted)
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from vfiod.dirty import bitmap_kernels
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import PreflightError, ProtocolError
@@ -69,10 +70,12 @@ from vfiod.migration.session.common import (
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
+from vfiod.migration.session.pass_drain import SourcePassDrain
 from vfiod.migration.session.phases import (
     RamSender,
     final_pass_overheads,
     prediction_numbers,
+    with_opted_out_share,
 )
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
@@ -89,7 +92,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceSession(SourceEnding, SessionBase):
+class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
     role = "source"
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
@@ -129,6 +132,7 @@ class SourceSession(SourceEnding, SessionBase):
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = 0.0
+        self._tracking_t0 = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
@@ -201,7 +205,8 @@ class SourceSession(SourceEnding, SessionBase):
             raise ProtocolError("the destination's hello carries no challenge")
         g = self.guest
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
-                              g.ram_regions(), g.device_infos(), challenge=self.challenge)
+                              g.ram_regions(), g.device_infos(), challenge=self.challenge,
+                              pass_acks=self._offer_pass_acks(hello.fields))
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
@@ -222,10 +227,12 @@ class SourceSession(SourceEnding, SessionBase):
     def _setup(self) -> None:
         g, cfg, w = self.guest, self.config, self.writer
         assert w is not None
+        bitmap_kernels.warm_up()      # before the first sync: it is timed for the prediction
         self.tracker = g.make_tracker()
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)
-        self.predictor.dirty.start(self.clock())
+        self._tracking_t0 = self.clock()
+        self.predictor.dirty.start(self._tracking_t0)
         t0 = self.clock()
         for d in g.devices:
             self._hook(d, d.driver.save_setup)
@@ -269,8 +276,10 @@ class SourceSession(SourceEnding, SessionBase):
                                             self._device_sink(d), cfg.device_iterate_bytes)
                     self.predictor.bandwidth.record(t0, self.clock(), w.bytes_sent - b0)
             w.mark_iteration(self.iteration)
+            marked = self.clock()
             assert self.digests is not None
             self.digests.rehash()
+            self._await_pass(self.iteration, marked)   # predict from an empty pipe
             sync = tr.sync("precopy")
             t0 = self.clock()
             pendings = [self._hook(d, d.driver.save_live_pending) for d in self.guest.devices]
@@ -294,8 +303,10 @@ class SourceSession(SourceEnding, SessionBase):
         assert self.sender is not None
         cfg = self.config
         now = self.clock()
-        num = prediction_numbers(self.tracker, sync, pendings, cfg.max_run_pages,
-                                 cfg.record_bytes // self.guest.page_size)
+        num = with_opted_out_share(prediction_numbers(
+            self.tracker, sync, pendings, cfg.max_run_pages,
+            cfg.record_bytes // self.guest.page_size),
+            self.history.opted_out_share(now - self._tracking_t0))
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
         verify_s, records_s = final_pass_overheads(num, self.digests, self.sender,
                                                    self.predictor.bandwidth.bps)
@@ -362,6 +373,8 @@ class SourceSession(SourceEnding, SessionBase):
         t["pause_s"] -= self._stop_t
         sync = tr.sync("stopcopy")
         t["final_sync_s"] = sync.duration_s
+        self.history.record_opted_out(sync.opted_out_new_pages, sync.opted_out_mapped_pages,
+                                      self.clock() - self._tracking_t0)
         ram = sender.send(tr.take_dirty_runs(self.config.max_run_pages), quiescent=True)
         t["final_ram_s"] = self.clock() - t0
         self.result.verification["final_ram_bytes"] = ram
@@ -382,15 +395,3 @@ class SourceSession(SourceEnding, SessionBase):
         self.link.send_control(ControlMessage.digests(     # the destination reports it too
             manifest.records, [r.to_dict() for r in dg.roots()],
             predicted_downtime_s=self.result.predicted_downtime_s))
-
-    def _result(self, kind: str, reason: str) -> MigrationResult:
-        r = super()._result(kind, reason)
-        w = self.writer
-        if w is not None:
-            r.ram_bytes_sent = w.ram_bytes_sent
-            r.device_bytes_sent = w.device_bytes_sent
-            r.stream_bytes = w.bytes_sent
-        if self.sender is not None:
-            r.timings["zero_scan_s"] = self.sender.scan_seconds
-            r.verification["zero_pages_skipped"] = self.sender.skipped_zero_pages
-        return r

@@ -29,6 +29,7 @@ from vfiod.migration.planning.breakdown import actual_parts, breakdown
 from vfiod.migration.planning.predictor import DowntimePredictor, FixedCosts
 from vfiod.migration.session.common import MigrationResult
 from vfiod.migration.session.history import SwitchoverHistory
+from vfiod.migration.session.phases import RamSender
 from vfiod.migration.session.vmm_source import SourceVmmSteps
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.writer import StreamWriter
@@ -45,6 +46,7 @@ class SourceEnding(SourceVmmSteps):
     predictor)."""
 
     writer: StreamWriter | None
+    sender: RamSender | None
     tracker: DirtyTracker | None
     predictor: DowntimePredictor
     _stop_t: float | None
@@ -120,6 +122,18 @@ class SourceEnding(SourceVmmSteps):
         self.history.record(self._measured_costs, self._uncorrected_parts, actual,
                             w.device_bytes_sent if w is not None else 0)
         return breakdown(self._predicted_parts, actual)
+
+    def _result(self, kind: str, reason: str) -> MigrationResult:
+        r = super()._result(kind, reason)
+        w = self.writer
+        if w is not None:
+            r.ram_bytes_sent = w.ram_bytes_sent
+            r.device_bytes_sent = w.device_bytes_sent
+            r.stream_bytes = w.bytes_sent
+        if self.sender is not None:
+            r.timings["zero_scan_s"] = self.sender.scan_seconds
+            r.verification["zero_pages_skipped"] = self.sender.skipped_zero_pages
+        return r
 
     def _unsettled(self, exc: Exception) -> MigrationResult:
         self._stop_tracking()

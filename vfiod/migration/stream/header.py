@@ -59,6 +59,8 @@ class StreamHeader:
     software: str = "vfiod"
     #: the destination's challenge for this connection, answered (docs/protocol.md §8.4)
     challenge: str = ""
+    #: the source waits for ACK pass after each ITERATION (docs/protocol.md §8.2)
+    pass_acks: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -78,6 +80,7 @@ class StreamHeader:
             "protocol": self.protocol,
             "checksum": self.checksum,
             "software": self.software,
+            "pass_acks": self.pass_acks,
             "source": {"host": self.source_host, "migration_id": self.migration_id,
                        "challenge": self.challenge},
             "guest": {
@@ -133,6 +136,7 @@ class StreamHeader:
             checksum=_str(d.get("checksum"), "checksum"),
             software=_str(d.get("software", "vfiod"), "software"),
             challenge=_str(src.get("challenge", ""), "source.challenge"),
+            pass_acks=_bool(d.get("pass_acks", False), "pass_acks"),
         )
 
 
@@ -155,6 +159,12 @@ def _objs(v: Any, what: str, bound: int) -> list[dict[str, Any]]:
 def _str(v: Any, what: str) -> str:
     if not isinstance(v, str) or len(v) > MAX_NAME:
         raise ValueError(f"{what} must be a string of at most {MAX_NAME} characters")
+    return v
+
+
+def _bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{what} must be true or false, not {v!r}")
     return v
 
 

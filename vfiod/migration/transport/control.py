@@ -109,6 +109,7 @@ class AckStage(enum.Enum):
     OFFER = "offer"          # the destination daemon took the offered guest
     HELLO = "hello"          # the destination's facts, for the source's preflight
     HEADER = "header"        # the destination checked the HEADER: send RAM
+    PASS = "pass"            # a pre-copy pass consumed (asked for by the HEADER)
     PREPARED = "prepared"    # loaded and verified, waiting for COMMIT
     RESUMED = "resumed"      # the guest runs on the destination
     OUTCOME = "outcome"      # the answer to an outcome query (docs/protocol.md §8.4)

@@ -1,0 +1,116 @@
+"""Waiting, at the end of each pre-copy pass, until the destination has consumed it
+(docs/protocol.md §8.2 ACK pass; docs/architecture.md §4 what the prediction counts).
+
+A socket accepts a pass long before the destination has read, checked and stored it:
+on a fast link the kernel buffers of both ends hold megabytes (up to ``tcp_rmem``'s
+maximum on the receiving side), and the source cannot see the destination's receive
+queue. Bytes still queued when the guest pauses are paid for inside the downtime, and
+no prediction made from the source's side alone knows how many there are. So when the
+destination offers it (``pass_acks`` in its HELLO), the source asks for it in the
+HEADER, the destination acknowledges every ITERATION mark once it has re-hashed that
+pass, and the source waits for that ACK before its dirty sync and prediction: the
+prediction then starts from an empty pipe, and so does the stop-and-copy.
+
+The wait also measures the path: the time from the mark leaving to its ACK, less the
+destination's re-hash (``busy_s``), is an upper bound of one round trip, and the least of
+these over the migration (with the HEADER's) is the round-trip time the commit's
+prediction uses. The wait's remainder, beyond that round trip, is time the destination
+still needed for the pass's bytes: sending time the bandwidth estimate must count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vfiod.migration.planning.predictor import DowntimePredictor
+from vfiod.migration.session.common import SessionBase
+from vfiod.migration.session.link import Link
+from vfiod.migration.transport.control import AckStage, TransportCode, TransportError
+
+#: how often a waiting source looks for an operator's cancel
+CANCEL_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class PassDrained:
+    """One pass's acknowledgement: ``waited_s`` from the mark leaving to its ACK, of which
+    ``busy_s`` was the destination's own re-hash; ``path_s`` the rest (the path and the
+    destination's backlog)."""
+
+    waited_s: float
+    busy_s: float
+
+    @property
+    def path_s(self) -> float:
+        return max(0.0, self.waited_s - self.busy_s)
+
+
+def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: float,
+                        clock: Callable[[], float],
+                        check_cancel: Callable[[], None]) -> PassDrained:
+    """Block until the destination acknowledges pass ``number`` (the mark went out at
+    ``since``). An earlier pass's ACK is dropped; an operator's cancel is honoured every
+    ``CANCEL_POLL_S``; no ACK within ``timeout_s`` raises ``TransportError`` (TIMEOUT)
+    naming the pass."""
+    deadline = since + timeout_s
+    while True:
+        check_cancel()
+        left = deadline - clock()
+        if left <= 0:
+            raise TransportError(TransportCode.TIMEOUT, getattr(link, "peer", "destination"),
+                                 f"the destination did not acknowledge pre-copy pass "
+                                 f"{number} within {timeout_s:g} s")
+        try:
+            ack = link.wait_ack(AckStage.PASS, min(left, CANCEL_POLL_S))
+        except TransportError as e:
+            if e.code is TransportCode.TIMEOUT:
+                continue
+            raise
+        got = ack.fields.get("value")
+        if not isinstance(got, int) or isinstance(got, bool):
+            raise TransportError(TransportCode.CONTROL, getattr(link, "peer", "destination"),
+                                 f"the destination's pass acknowledgement carries no pass "
+                                 f"number: {got!r}")
+        if got > number:
+            raise TransportError(TransportCode.CONTROL, getattr(link, "peer", "destination"),
+                                 f"the destination acknowledged pass {got}, but pass "
+                                 f"{number} is the last one sent")
+        if got == number:
+            busy = ack.fields.get("busy_s", 0.0)
+            busy = float(busy) if isinstance(busy, int | float) and busy >= 0 else 0.0
+            return PassDrained(waited_s=max(0.0, clock() - since), busy_s=busy)
+
+
+class SourcePassDrain(SessionBase):
+    """Mixed into ``SourceSession``: asks for pass acknowledgements when the destination
+    offers them, and waits for each (a no-op with a destination that does not)."""
+
+    predictor: DowntimePredictor
+    _rtt: float
+    _pass_acks: bool = False
+
+    def _offer_pass_acks(self, hello: dict[str, Any]) -> bool:
+        """Whether the HEADER asks for ACK pass: when the destination's HELLO offers it."""
+        self._pass_acks = hello.get("pass_acks") is True
+        self.result.timings["pass_drain_s"] = 0.0
+        return self._pass_acks
+
+    def _await_pass(self, number: int, since: float) -> None:
+        """Wait until the destination consumed pass ``number`` (its mark left at
+        ``since``); learn the round trip and the time its backlog took."""
+        if not self._pass_acks:
+            return
+        d = await_pass_consumed(self.link, number, since, timeout_s=self.config.ack_timeout_s,
+                                clock=self.clock, check_cancel=self._check_cancel)
+        t = self.result.timings
+        t["pass_drain_s"] = t.get("pass_drain_s", 0.0) + d.waited_s
+        # the HEADER's sample came first (0 when the destination's reported work took
+        # longer than the wait: then its work, not the path, set the wait)
+        self._rtt = min(self._rtt, d.path_s)
+        # what the path needed beyond one round trip was the destination still taking in
+        # this pass's bytes: sending time, at no extra bytes
+        backlog = d.path_s - self._rtt
+        if backlog > 0:
+            self.predictor.bandwidth.record(since, since + backlog, 0)
