@@ -152,7 +152,7 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
         if res.result != "completed" or res.prediction_error is None:
             raise RuntimeError(f"{r.name}: {res.result}: {res.reason}")
         last = res.history[-1]
-        rtt = res.timings.get("header_ack_rtt_s", 0.0)
+        rtt = res.timings.get("rtt_s", res.timings.get("header_ack_rtt_s", 0.0))
         floor = last.remaining_bytes / last.bandwidth_bps + rtt
         actual = res.actual_downtime_s or 0.0
         return {"regime": r.name, "predicted_s": round(res.predicted_downtime_s or 0.0, 5),

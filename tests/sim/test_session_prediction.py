@@ -9,9 +9,19 @@ from typing import Any
 
 import pytest
 
-from tests.support.session_rig import MiB, SideContainer, assert_migrated, migrate, pair, spec
+from tests.support.session_rig import (
+    MiB,
+    SideContainer,
+    add_workload,
+    assert_migrated,
+    migrate,
+    pair,
+    spec,
+)
+from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.breakdown import COMPONENTS
-from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS
+from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS, Policy
+from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.vfio import RamRegion
 
@@ -74,13 +84,49 @@ def test_bytes_queued_in_the_socket_reach_the_prediction(tmp_path: Path) -> None
         last = r.history[-1]
         queued = r.timings["predicted_queued_bytes"]
         assert queued >= extra
-        # no earlier switchover corrects it: the commit's waits are two header round
-        # trips plus the queued bytes at the bandwidth this migration measured
+        # no earlier switchover corrects it: the commit's waits are two round trips (the
+        # least of the header's and the passes' samples) plus the queued bytes at the
+        # bandwidth this migration measured
         b = r.downtime_breakdown
+        assert r.timings["rtt_s"] <= r.timings["header_ack_rtt_s"]
         assert b["commit_round_trips"]["predicted_s"] == pytest.approx(
-            2 * r.timings["header_ack_rtt_s"] + queued / last.bandwidth_bps)
+            2 * r.timings["rtt_s"] + queued / last.bandwidth_bps)
         assert r.predicted_downtime_s is not None
         assert r.predicted_downtime_s >= extra / last.bandwidth_bps
     finally:
         src.close()
         dst.close()
+
+
+def test_an_opted_out_container_counts_at_the_rate_its_devices_wrote_before(
+        tmp_path: Path) -> None:
+    """Before any stop-and-copy query was seen, an opted-out container's whole mapping
+    counts dirty (16 MiB at 40 MB/s: over the 300 ms limit, so the timeout forces the
+    switchover); the next migration of the guest counts the share its devices wrote per
+    second of tracking, and switches over within the limit."""
+    dev = spec("v2_precopy_log")
+    opted = spec("v2_stop_copy_log", name="0000:3e:00.3", seed=7)
+    window = 16 * MiB
+    plans = [SideContainer([dev]),
+             SideContainer([opted], maps=[(48 * MiB, window)], opt_out=[opted.name])]
+    cfg = SessionConfig(policy=Policy(downtime_limit_s=0.3, timeout_s=1.5,
+                                      on_timeout="force"))
+    history = SwitchoverHistory()
+    runs = []
+    for i in range(2):
+        src, dst = pair(tmp_path / f"run{i}", plans, ram=(RamRegion("ram", 0, 64 * MiB),),
+                        fill_bytes=4 * MiB, seed=2 + i)
+        try:
+            wl = add_workload(src, [DmaTarget(opted.name, 48 * MiB, window)],
+                              dirty_rate_bps=2e6, hot_fraction=0.5, seed=3)
+            wl.start()
+            wl.wait_for_writes(1)
+            run = migrate(src, dst, cfg, rate_bps=40e6, history=history)
+            assert_migrated(src, dst, run)
+            runs.append(run.source)
+        finally:
+            src.close()
+            dst.close()
+    first, second = (r.history[-1] for r in runs)
+    assert first.dirty_ram_bytes >= window and first.decision == "force"
+    assert second.dirty_ram_bytes < window and second.decision == "switchover"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -227,6 +228,21 @@ def test_header_json_round_trip_and_validation() -> None:
         StreamHeader.from_json(h.to_json().replace(b'"page_size":4096', b'"page_size":"x"'))
     with pytest.raises(ValueError, match="not UTF-8 JSON"):
         StreamHeader.from_json(b"\xff{")
+
+
+def test_header_asks_for_pass_acknowledgements_only_when_told() -> None:
+    """``pass_acks`` (docs/protocol.md §5.1): absent in an older source's HEADER, so off;
+    anything but true or false is refused, naming the field."""
+    h = header()
+    assert not h.pass_acks and json.loads(h.to_json())["pass_acks"] is False
+    asked = dataclasses.replace(h, pass_acks=True)
+    assert StreamHeader.from_json(asked.to_json()).pass_acks is True
+    doc = json.loads(h.to_json())
+    del doc["pass_acks"]
+    assert StreamHeader.from_json(json.dumps(doc).encode()).pass_acks is False
+    doc["pass_acks"] = "yes"
+    with pytest.raises(ValueError, match="pass_acks must be true or false, not 'yes'"):
+        StreamHeader.from_json(json.dumps(doc).encode())
 
 
 def test_header_devices_carry_their_ids() -> None:

@@ -106,3 +106,18 @@ def test_the_shapes_kept_are_bounded() -> None:
     hosts.of("b", [])
     hosts.of("c", [])
     assert hosts.of("a", []) is not first                    # the oldest was dropped
+
+
+def test_opted_out_containers_count_whole_until_a_stop_and_copy_query_was_seen() -> None:
+    h = SwitchoverHistory()
+    assert h.opted_out_share(0.5) == 1.0
+    # 1,000 of 10,000 mapped pages written in 2 s of tracking: 5% of the mapping a second
+    h.record_opted_out(1000, 10_000, 2.0)
+    assert h.opted_out_share(0.5) == pytest.approx(0.025)
+    assert h.opted_out_share(100.0) == 1.0          # never more than the whole mapping
+    # a slower migration's lower rate does not lower the bound: the largest rate counts
+    h.record_opted_out(1000, 10_000, 20.0)
+    assert h.opted_out_share(1.0) == pytest.approx(0.05)
+    h.record_opted_out(0, 0, 1.0)                   # no opted-out container: no lesson
+    h.record_opted_out(5, 10, 0.0)                  # no time tracked: no rate
+    assert h.opted_out_share(1.0) == pytest.approx(0.05)

@@ -292,8 +292,8 @@ def warm_up() -> None:
     sync must not pay it, or its duration, the only sample of a one-pass migration,
     predicts a final sync many times too long (docs/architecture.md §4 fixed costs)."""
     words = np.zeros(4, np.uint64)
-    or_merge(words, np.ones(2, np.uint64), 3, 70)
+    or_merge(words, np.full(2, np.iinfo(np.uint64).max, np.uint64), 3, 70)   # a 70-page run
     popcount(words, 200)
-    dirty_runs(words, 256, 4)
+    dirty_runs(words, 256, 4)          # split: longer than 4
     test_and_clear(words, 5, 100)
     set_range(words, 1, 3)

@@ -97,6 +97,13 @@ class SourcePassDrain(SessionBase):
         self.result.timings["pass_drain_s"] = 0.0
         return self._pass_acks
 
+    def _learn_rtt(self, sample_s: float) -> None:
+        """A round trip's upper bound (the HEADER's first, then each pass's): the least so
+        far is the round trip (``timings["rtt_s"]``); the commit's prediction uses it."""
+        t = self.result.timings
+        self._rtt = sample_s if "rtt_s" not in t else min(self._rtt, sample_s)
+        t["rtt_s"] = self._rtt
+
     def _await_pass(self, number: int, since: float) -> None:
         """Wait until the destination consumed pass ``number`` (its mark left at
         ``since``); learn the round trip and the time its backlog took."""
@@ -106,9 +113,7 @@ class SourcePassDrain(SessionBase):
                                 clock=self.clock, check_cancel=self._check_cancel)
         t = self.result.timings
         t["pass_drain_s"] = t.get("pass_drain_s", 0.0) + d.waited_s
-        # the HEADER's sample came first (0 when the destination's reported work took
-        # longer than the wait: then its work, not the path, set the wait)
-        self._rtt = min(self._rtt, d.path_s)
+        self._learn_rtt(d.path_s)
         # what the path needed beyond one round trip was the destination still taking in
         # this pass's bytes: sending time, at no extra bytes
         backlog = d.path_s - self._rtt

@@ -221,7 +221,7 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
         ack = self.link.wait_ack(AckStage.HEADER, cfg.ack_timeout_s)
         busy = ack.fields.get("busy_s", 0.0)
         busy = float(busy) if isinstance(busy, int | float) else 0.0
-        self._rtt = max(0.0, self.clock() - t0 - busy)
+        self._learn_rtt(max(0.0, self.clock() - t0 - busy))
         self.result.timings["header_ack_rtt_s"] = self._rtt
 
     def _setup(self) -> None:
