@@ -63,7 +63,7 @@ REGIMES = (
     Regime("sparse_4gib", ram_mib=4096, fill_mib=64, dirty_mbps=2.0, cap_mbps=None),
     Regime("sparse_16gib", ram_mib=16384, fill_mib=64, dirty_mbps=2.0, cap_mbps=None),
     Regime("cpu_hog", dirty_mbps=8.0, hog=True),
-    Regime("multi_pass", fill_mib=32, dirty_mbps=8.0, limit_ms=60.0),
+    Regime("multi_pass", fill_mib=32, dirty_mbps=8.0, limit_ms=20.0),
 )
 
 

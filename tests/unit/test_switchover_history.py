@@ -49,17 +49,39 @@ def test_earlier_switchovers_correct_the_parts_measured_only_at_switchover() -> 
 
 def test_device_stop_and_load_grow_with_the_state_they_carry() -> None:
     h = SwitchoverHistory()
-    # stopping and loading cost 2 ms per MiB of device state beyond the arcs; the small
-    # state's extra (jitter) says nothing about a state's cost
-    h.record(MEASURED, PREDICTED, _actual(device_stop=0.006 + 0.050), 64 << 10)
+    # stopping and loading cost 2 ms per MiB of device state beyond the arcs
     for mib in (1, 4, 8):
         extra = 0.002 * mib
         h.record(MEASURED, PREDICTED, _actual(device_stop=0.006 + extra,
                                               dest_load_resume=0.0001 + extra), mib << 20)
-    small, big = _correct(h, 64 << 10), _correct(h, 16 << 20)
-    assert small.device_stop_s == pytest.approx(MEASURED.device_stop_s + 0.000125)
+    big = _correct(h, 16 << 20)
     assert big.device_stop_s == pytest.approx(MEASURED.device_stop_s + 0.032)
     assert big.dest_load_resume_s == pytest.approx(MEASURED.dest_load_resume_s + 0.032)
+    # nothing learnt yet for small states: their extra is not a cost per byte
+    assert _correct(h, 64 << 10).device_stop_s == MEASURED.device_stop_s
+
+
+def test_small_states_learn_the_extra_time_itself() -> None:
+    """Below 1 MiB the extra over the predicted stop (pausing, the arcs' fixed cost) is
+    kept in seconds, its median over the kept migrations, never a negative stop."""
+    h = SwitchoverHistory()
+    for extra in (0.004, 0.005, 0.006):
+        h.record(MEASURED, PREDICTED, _actual(device_stop=0.006 + extra,
+                                              dest_load_resume=0.0001 + extra / 2), 64 << 10)
+    small, big = _correct(h, 256 << 10), _correct(h, 16 << 20)
+    assert small.device_stop_s == pytest.approx(MEASURED.device_stop_s + 0.005)
+    assert small.dest_load_resume_s == pytest.approx(MEASURED.dest_load_resume_s + 0.0025)
+    assert big.device_stop_s == MEASURED.device_stop_s       # no large state seen yet
+    quicker = SwitchoverHistory()
+    quicker.record(MEASURED, PREDICTED, _actual(device_stop=0.0), 64 << 10)
+    assert _correct(quicker, 64 << 10).device_stop_s == 0.0
+
+
+def test_the_stream_end_is_learnt_into_the_final_pass() -> None:
+    h = SwitchoverHistory()
+    for end in (0.002, 0.010, 0.003):
+        h.record(MEASURED, PREDICTED, _actual(), 0, stream_end_s=end)
+    assert _correct(h).record_overhead_s == pytest.approx(MEASURED.record_overhead_s + 0.003)
 
 
 def test_the_commit_correction_is_over_the_prediction_with_its_socket_queue() -> None:

@@ -26,8 +26,13 @@ they happened, for the parts a migration cannot measure before its own switchove
 * the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
   the arcs measured at every pass are pending queries, but stopping a device and loading
   its state on the other end cost time per byte of its state. Kept: the extra time over
-  the arcs per byte of device state, from migrations with at least 1 MiB of it (below
-  that the extra is the machine's jitter, not the state's cost).
+  the arcs per byte of device state, from migrations with at least 1 MiB of it; below
+  that, the extra time itself (seconds: pausing the guest and the arcs' own fixed cost,
+  4-9 ms against 1-2 ms of arcs for a 256 KiB state in the real-kernel tier's emulated
+  guest), used for states below 1 MiB;
+* the stream's end (in ``ram_transfer``): END_OF_STATE records and the MANIFEST after the
+  last RAM, measured at each switchover (2-10 ms in that emulated guest). Kept: the
+  time itself.
 
 Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
@@ -62,14 +67,19 @@ class SwitchoverHistory:
         self._sync_ratio: deque[float] = deque(maxlen=keep)
         self._stop_per_byte: deque[float] = deque(maxlen=keep)
         self._load_per_byte: deque[float] = deque(maxlen=keep)
+        self._stop_extra: deque[float] = deque(maxlen=keep)      # small states, seconds
+        self._load_extra: deque[float] = deque(maxlen=keep)
+        self._stream_end: deque[float] = deque(maxlen=keep)
         self._opted_out_rate: deque[float] = deque(maxlen=keep)
         self.migrations = 0
 
     def record(self, measured: FixedCosts, predicted: dict[str, float],
-               actual: dict[str, float], device_bytes: int) -> None:
+               actual: dict[str, float], device_bytes: int, *,
+               stream_end_s: float = 0.0) -> None:
         """One completed switchover: the fixed costs its last prediction measured (before
         any correction), its predicted and actual parts
-        (``vfiod.migration.planning.breakdown``) and its device state bytes."""
+        (``vfiod.migration.planning.breakdown``), its device state bytes and the time
+        its stream's end took (END_OF_STATE records and the MANIFEST, after the RAM)."""
         with self._lock:
             self.migrations += 1
             # over the prediction, which already has the socket's queue at the bandwidth
@@ -85,6 +95,12 @@ class SwitchoverHistory:
                 load = actual["dest_load_resume"] - measured.dest_load_resume_s
                 self._stop_per_byte.append(max(0.0, stop) / device_bytes)
                 self._load_per_byte.append(max(0.0, load) / device_bytes)
+            else:
+                self._stop_extra.append(actual["device_stop"] - predicted["device_stop"])
+                self._load_extra.append(actual["dest_load_resume"]
+                                        - measured.dest_load_resume_s)
+            if stream_end_s >= 0:
+                self._stream_end.append(stream_end_s)
 
     def record_opted_out(self, reported_pages: int, mapped_pages: int,
                          tracked_s: float) -> None:
@@ -110,15 +126,20 @@ class SwitchoverHistory:
         with self._lock:
             commit = _median(self._commit_extra, 0.0)
             sync = _median(self._sync_ratio, 1.0)
-            stop = _median(self._stop_per_byte, 0.0) * device_bytes
-            load = _median(self._load_per_byte, 0.0) * device_bytes
+            if device_bytes >= _STATE_MIN_BYTES:
+                stop = _median(self._stop_per_byte, 0.0) * device_bytes
+                load = _median(self._load_per_byte, 0.0) * device_bytes
+            else:
+                stop = _median(self._stop_extra, 0.0)
+                load = _median(self._load_extra, 0.0)
+            end = _median(self._stream_end, 0.0)
         return FixedCosts(
-            device_stop_s=costs.device_stop_s + stop,
+            device_stop_s=max(0.0, costs.device_stop_s + stop),
             final_sync_s=costs.final_sync_s * sync,
-            record_overhead_s=costs.record_overhead_s,
+            record_overhead_s=costs.record_overhead_s + end,
             verify_s=costs.verify_s,
             commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
-            dest_load_resume_s=costs.dest_load_resume_s + load)
+            dest_load_resume_s=max(0.0, costs.dest_load_resume_s + load))
 
 
 class HostHistories:

@@ -383,6 +383,7 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
         manifest = w.finish()
         t1 = self.clock()
         t["final_stream_s"] = t1 - t0 - sync.duration_s   # RAM, END_OF_STATE, MANIFEST
+        t["stream_end_s"] = t1 - t0 - t["final_ram_s"]    # END_OF_STATE, MANIFEST
         dg.rehash()
         t["source_final_rehash_s"] = self.clock() - t1
         self.result.verification.update(

@@ -120,7 +120,8 @@ class SourceEnding(SourceVmmSteps):
             dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
         w = self.writer
         self.history.record(self._measured_costs, self._uncorrected_parts, actual,
-                            w.device_bytes_sent if w is not None else 0)
+                            w.device_bytes_sent if w is not None else 0,
+                            stream_end_s=t.get("stream_end_s", 0.0))
         return breakdown(self._predicted_parts, actual)
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
