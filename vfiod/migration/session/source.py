@@ -58,6 +58,7 @@ from vfiod.migration.planning.predictor import (
     IterationInputs,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
+from vfiod.migration.session.channels import SourceChannels
 from vfiod.migration.session.common import (
     UNJOURNALED,
     Cancelled,
@@ -89,7 +90,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceSession(SourceEnding, SessionBase):
+class SourceSession(SourceChannels, SourceEnding, SessionBase):
     role = "source"
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
@@ -200,8 +201,10 @@ class SourceSession(SourceEnding, SessionBase):
         if not self.challenge:
             raise ProtocolError("the destination's hello carries no challenge")
         g = self.guest
+        channels = self._channels_wanted(hello.fields)
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
-                              g.ram_regions(), g.device_infos(), challenge=self.challenge)
+                              g.ram_regions(), g.device_infos(), challenge=self.challenge,
+                              channels=channels)
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
@@ -218,6 +221,7 @@ class SourceSession(SourceEnding, SessionBase):
         busy = float(busy) if isinstance(busy, int | float) else 0.0
         self._rtt = max(0.0, self.clock() - t0 - busy)
         self.result.timings["header_ack_rtt_s"] = self._rtt
+        self._open_channels(channels)
 
     def _setup(self) -> None:
         g, cfg, w = self.guest, self.config, self.writer
