@@ -41,12 +41,13 @@ from collections.abc import Callable
 from typing import Any
 
 from vfiod.daemon.backoff import AcceptBackoff
+from vfiod.daemon.channel_routes import ChannelRoutes, dialer
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of
+from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of, record_result
 from vfiod.daemon.offer import (
     Offer,
     OfferError,
@@ -98,6 +99,7 @@ class MigrationService(OutcomeKeeping):
         self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
         self.backoff = AcceptBackoff("migration port", self._closing.wait)
+        self.channel_routes = ChannelRoutes()
 
     # -- threads ---------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -172,6 +174,7 @@ class MigrationService(OutcomeKeeping):
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
                 vmm=qemu_half(entry.config.qemu, peer_host=host))
+            session.channel_dialer = dialer(host, port, entry.config, self.defaults, self.tls, rec.id)
             res = self._run(rec, session, pending)
             if res.result == "completed":
                 self._outcome(rec, MigrationOutcome.RESUMED, "the destination resumed it")
@@ -186,14 +189,14 @@ class MigrationService(OutcomeKeeping):
             else:
                 self._outcome(rec, MigrationOutcome.ROLLED_BACK, res.reason)
                 back = f"migration {res.result}, rolled back: {res.reason}"
-                self.ledger.end(rec, _result(res), [(LifecycleState.RUNNING, back)], res=res)
+                self.ledger.end(rec, record_result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
 
     def _session_config(self, policy: Policy | None = None) -> SessionConfig:
-        d = self.defaults
-        return SessionConfig(policy=policy or Policy(), ack_timeout_s=d.ack_timeout_s)
+        d = self.defaults   # channels: RAM channels it opens as a source (channel_routes.py)
+        return SessionConfig(policy or Policy(), d.ack_timeout_s, channels=d.channels)
 
     def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
         """An outgoing migration that ended before its session ran: nothing changed."""
@@ -269,8 +272,9 @@ class MigrationService(OutcomeKeeping):
             entry = self.registry.guest(offer.guest)
             if refused_peer(conn, entry, self.defaults, offer.kind):
                 return
-            if offer.kind == "query":
-                self._answer(conn, offer)
+            if offer.kind in ("query", "channel"):     # a channel: held until its end
+                (self._answer if offer.kind == "query" else self.channel_routes.deliver)(
+                    conn, offer)
                 return
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
@@ -286,7 +290,8 @@ class MigrationService(OutcomeKeeping):
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id, journal=self._journal_of(rec),
                     vmm=qemu_half(entry.config.qemu))
-                res = self._run(rec, session, pending)
+                with self.channel_routes.accepting(rec.id) as session.channel_acceptor:
+                    res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
                 reason = f"internal error: {type(e).__name__}: {e}"
@@ -303,7 +308,7 @@ class MigrationService(OutcomeKeeping):
             else:
                 self._outcome(rec, MigrationOutcome.DISCARDED, res.reason)
                 gone = f"discarded ({res.result}): {res.reason}"
-                self.ledger.end(rec, _result(res), [(LifecycleState.DEFINED, gone)], res=res)
+                self.ledger.end(rec, record_result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
             self.guests.started_running(entry)
         else:
@@ -384,11 +389,6 @@ class MigrationService(OutcomeKeeping):
             threads[0].join(min(left, ACCEPT_POLL_S))
         if self.listener is not None:
             self.listener.close()
-
-
-def _result(res: MigrationResult) -> str:
-    """The record's result for a session's (anything but completed or cancelled failed)."""
-    return res.result if res.result in ("completed", "cancelled") else "failed"
 
 
 def _prior(host: str) -> Any:
