@@ -1,5 +1,5 @@
 """Two daemons migrating over RAM channels (docs/protocol.md §12): ``[migration]
-channels = 2`` on the source; the destination daemon routes the two channel connections
+channels = 2`` and a bandwidth limit on the source; the destination daemon routes the two channel connections
 (offers of kind ``channel``) to the session of that migration, which completes verified.
 A channel offer naming a migration that does not wait for channels is refused."""
 
@@ -14,7 +14,8 @@ from vfiod.migration.transport import TransportError, connect
 
 
 def test_a_daemon_migration_over_two_channels_completes_verified() -> None:
-    with daemon_pair(host_config("source", migration="channels = 2\n",
+    # with a bandwidth limit: each channel is paced to half of it (channel_routes.py)
+    with daemon_pair(host_config("source", migration='channels = 2\nbandwidth_limit = "256MiB"\n',
                                  workloads={"g1": ("128KiB", "2MiB")}),
                      host_config("destination"), "src", "dst") as (src, dst):
         host, port = dst.migration_address.rsplit(":", 1)

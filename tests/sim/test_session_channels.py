@@ -58,7 +58,7 @@ def channel_port() -> Iterator[Listener]:
 
 
 def dial(lst: Listener) -> Any:
-    return lambda i: connect("127.0.0.1", lst.address[1], timeout=10)
+    return lambda i, n: connect("127.0.0.1", lst.address[1], timeout=10)
 
 
 def with_channels(lst: Listener, dialer: Any = None) -> dict[str, Any]:
@@ -125,8 +125,8 @@ def test_a_channel_lost_mid_pass_rolls_back_and_names_it(sides, channel_port) ->
     before = src.ram_digest()
     dialer = dial(channel_port)
 
-    def cut_second(i: int) -> Any:
-        conn = dialer(i)
+    def cut_second(i: int, n: int) -> Any:
+        conn = dialer(i, n)
         return CutAfter(conn, 3) if i == 2 else conn     # its hello, a batch, then gone
 
     cfg = SessionConfig(channels=2, slice_bytes=1 * MiB, batch_bytes=256 * 1024,
@@ -146,13 +146,13 @@ def test_a_stranger_on_the_channel_port_is_refused(sides, channel_port) -> None:
     dialer = dial(channel_port)
     strangers: list[Connection] = []
 
-    def stranger_first(i: int) -> Any:
+    def stranger_first(i: int, n: int) -> Any:
         if i == 1:
             s = connect("127.0.0.1", channel_port.address[1], timeout=10)
             mid = run_ids["id"]
             s.send_buffers(ChannelHello(mid, "0" * 32, 1, 2).opening())
             strangers.append(s)
-        return dialer(i)
+        return dialer(i, n)
 
     run_ids: dict[str, str] = {}
 
@@ -177,7 +177,7 @@ def test_a_destination_without_channels_gets_the_single_connection_stream(
     dialed: list[int] = []
 
     def on_source(s: SourceSession) -> None:
-        s.channel_dialer = lambda i: dialed.append(i) or dial(channel_port)(i)
+        s.channel_dialer = lambda i, n: dialed.append(i) or dial(channel_port)(i, n)
 
     run = migrate(src, dst, SessionConfig(channels=4), on_source=on_source)
     assert_migrated(src, dst, run)

@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from vfiod.daemon.config import GuestConfig, MigrationConfig
 from vfiod.daemon.offer import Offer, accept_offer, refuse_quietly, send_offer
 from vfiod.daemon.peer_auth import connect_allowed
 from vfiod.migration.session.channels import ChannelAcceptor, ChannelDialer
+from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.transport import TlsConfig
+from vfiod.migration.transport.channel_send import ChannelLink
 from vfiod.migration.transport.control import TransportCode, TransportError
 from vfiod.migration.transport.tcp import Connection
 
@@ -83,10 +86,29 @@ class ChannelRoutes:
         route.done.wait()
 
 
+class PacedChannel:
+    """A channel connection paced to its share of ``[migration] bandwidth_limit``."""
+
+    def __init__(self, conn: Connection, rate_bps: float) -> None:
+        self.conn = conn
+        self.paced = ThrottledLink(conn, rate_bps)
+
+    def send_buffers(self, buffers: Sequence[Any]) -> None:
+        self.paced.send_buffers(buffers)
+
+    def shutdown(self) -> None:
+        self.conn.shutdown()
+
+    def close(self) -> None:
+        self.paced.close()
+
+
 def dialer(host: str, port: int, guest: GuestConfig, migration: MigrationConfig,
            tls: TlsConfig | None, migration_id: str) -> ChannelDialer:
-    """The source's dialer: connect as for the main connection, offer kind ``channel``."""
-    def dial(index: int) -> Connection:
+    """The source's dialer: connect as for the main connection, offer kind ``channel``;
+    with a bandwidth limit each of N channels gets 1/N of it (the main connection then
+    carries no RAM)."""
+    def dial(index: int, count: int) -> ChannelLink:
         conn = connect_allowed(host, port, guest, migration, tls)
         try:
             send_offer(conn, Offer(guest.name, migration_id, kind="channel"),
@@ -94,5 +116,6 @@ def dialer(host: str, port: int, guest: GuestConfig, migration: MigrationConfig,
         except BaseException:
             conn.close()
             raise
-        return conn
+        bw = migration.bandwidth_limit
+        return PacedChannel(conn, bw / count) if bw else conn
     return dial

@@ -12,9 +12,9 @@ challenge is not this migration's, or that repeats a number, and waits on for th
 ones. Then RAM travels on the channels (``transport/channel_send.py``,
 ``channel_receive.py``); the main connection keeps everything else.
 
-``ChannelDialer``: channel number → a connected ``Connection`` to the destination (the
-daemon connects to the peer's migration port with an offer of kind ``channel``; a test,
-to a listener of its own). ``ChannelAcceptor``: seconds → the next incoming channel
+``ChannelDialer``: (channel number, channel count) → a connection to the destination (the
+daemon connects to the peer's migration port with an offer of kind ``channel``, paced to
+its share of a bandwidth limit; a test, to a listener of its own). ``ChannelAcceptor``: seconds → the next incoming channel
 connection, or ``TransportError`` (ACCEPT_TIMEOUT).
 """
 
@@ -33,11 +33,11 @@ from vfiod.migration.stream.reader import StreamReader
 from vfiod.migration.stream.records import PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordError
 from vfiod.migration.stream.writer import StreamWriter
 from vfiod.migration.transport.channel_receive import ChannelGather, ChannelReader
-from vfiod.migration.transport.channel_send import ChannelFanout, ChannelWriter
+from vfiod.migration.transport.channel_send import ChannelFanout, ChannelLink, ChannelWriter
 from vfiod.migration.transport.control import TransportCode, TransportError
 from vfiod.migration.transport.tcp import Connection
 
-ChannelDialer = Callable[[int], Connection]
+ChannelDialer = Callable[[int, int], ChannelLink]
 ChannelAcceptor = Callable[[float], Connection]
 
 
@@ -58,7 +58,7 @@ def open_channels(dial: ChannelDialer, n: int, migration_id: str, challenge: str
     try:
         for i in range(1, n + 1):
             try:
-                conn = dial(i)
+                conn = dial(i, n)
             except TransportError as e:
                 raise TransportError(e.code, e.peer, f"RAM channel {i}: "
                                      f"{str(e).removeprefix(e.peer + ': ')}",
