@@ -35,3 +35,18 @@ def test_a_daemon_migration_over_two_channels_completes_verified() -> None:
         assert dst.log().count("RAM channel connection from") == 2, dst.log()
         wait_until(lambda: guest_status(dst, "g1")["state"] == "running", 30,
                    "g1 to run on the destination")
+
+
+def test_ctl_migrate_channels_overrides_the_configured_number() -> None:
+    """The daemon's default is one connection; ``ctl migrate --channels 3`` opens 3."""
+    with daemon_pair(host_config("source"), host_config("destination"), "src",
+                     "dst") as (src, dst):
+        bad = src.ctl("migrate", "g1", "--to", dst.migration_address, "--channels", "0")
+        assert bad.returncode == 2 and "'channels' must be an integer from 1 to 16" in \
+            bad.stderr, bad.stderr
+        r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--channels", "3",
+                    "--timeout", "60", "--on-timeout", "force", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr + src.log() + dst.log()
+        final = json.loads(r.stdout.strip().splitlines()[-1])["migration"]
+        assert final["result"] == "completed" and final["verified"] is True, final
+        assert dst.log().count("RAM channel connection from") == 3, dst.log()

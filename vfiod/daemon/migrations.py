@@ -24,11 +24,8 @@ an offer whose migration id the journal has seen is refused (a replay), and the 
 queries of peers (docs/protocol.md §8.4) are answered on the migration port.
 
 A guest to be re-opened (migrated away, or a discarded receive) is released (``defined``)
-with the end of the record, and ``GuestManager.reopen`` then opens it fresh.
-
-Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
-stopped, the guest resumed) and waits for the threads, bounded by a deadline; a guest
-whose outgoing migration outlives it is marked failed (what its thread did is unknown).
+with the end of the record, and ``GuestManager.reopen`` then opens it fresh. Shutdown
+cancels every running migration and waits for the threads, bounded (``shutdown``).
 """
 
 from __future__ import annotations
@@ -119,13 +116,14 @@ class MigrationService(OutcomeKeeping):
     # -- outgoing --------------------------------------------------------------------------
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
                        downtime_limit_ms: float | None, timeout_s: float | None,
-                       on_timeout: str | None) -> MigrationRecord:
+                       on_timeout: str | None, channels: int | None = None) -> MigrationRecord:
         """Start migrating a running guest; ``ValueError`` if a migration of it runs."""
         d = self.defaults
         limit = downtime_limit_ms if downtime_limit_ms is not None else d.downtime_limit_ms
         timeout = timeout_s if timeout_s is not None else d.timeout_s
         policy = Policy(downtime_limit_s=limit / 1000, timeout_s=timeout,
                         on_timeout=on_timeout or d.on_timeout)
+        config = self._session_config(policy, channels)
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         guest = self.guests.opened(entry.name)
         assert guest is not None, f"guest {entry.name} is {entry.state} but not open"
@@ -135,19 +133,20 @@ class MigrationService(OutcomeKeeping):
             moves=[(LifecycleState.MIGRATING_OUT, "migration ordered by the operator")])
         log.info("migration %s: guest %s to %s (limit %.0f ms)", rec.id, entry.name, peer, limit)
         self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, guest, host, port,
-                    policy, pending)
+                    config, pending)
         return rec
 
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
-                port: int, policy: Policy, pending: MigrationHandle) -> None:
+                port: int, config: SessionConfig, pending: MigrationHandle) -> None:
         try:
-            self._source_session(rec, entry, guest, host, port, policy, pending)
+            self._source_session(rec, entry, guest, host, port, config, pending)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
             self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
-                        host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
+                        host: str, port: int, config: SessionConfig, pending: MigrationHandle
+                        ) -> None:
         try:
             conn = connect_allowed(host, port, entry.config, self.defaults, self.tls)
         except TransportError as e:
@@ -169,7 +168,7 @@ class MigrationService(OutcomeKeeping):
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
             session = SourceSession(
-                guest, link, host=self.facts(), config=self._session_config(policy),
+                guest, link, host=self.facts(), config=config,
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
@@ -194,9 +193,10 @@ class MigrationService(OutcomeKeeping):
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
 
-    def _session_config(self, policy: Policy | None = None) -> SessionConfig:
-        d = self.defaults   # channels: RAM channels it opens as a source (channel_routes.py)
-        return SessionConfig(policy or Policy(), d.ack_timeout_s, channels=d.channels)
+    def _session_config(self, policy: Policy | None = None, channels: int | None = None
+                        ) -> SessionConfig:   # channels: RAM channels as a source, if any
+        return SessionConfig(policy or Policy(), self.defaults.ack_timeout_s,
+                             channels=channels or self.defaults.channels)
 
     def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
         """An outgoing migration that ended before its session ran: nothing changed."""
