@@ -87,7 +87,7 @@ class StreamSink(Protocol):
         ...
 
 
-class ChannelFanout(Protocol):
+class RamChannels(Protocol):
     """RAM channels of a multi-connection stream (docs/protocol.md §12;
     ``transport/channel_send.py``)."""
 
@@ -129,7 +129,7 @@ class StreamWriter:
         self._dev_ended = [False] * len(header.devices)
         self._phase = "new"  # new -> data -> ending -> done | aborted
         self._iteration = -1
-        self._channels: ChannelFanout | None = None
+        self._channels: RamChannels | None = None
         self.bytes_sent = 0
         self.ram_bytes_sent = 0
         self.device_bytes_sent = 0
@@ -151,7 +151,7 @@ class StreamWriter:
         self._phase = "data"
         self._flush()
 
-    def attach_channels(self, channels: ChannelFanout) -> None:
+    def attach_channels(self, channels: RamChannels) -> None:
         """From now on RAM records travel on these channels (after ``start``: the HEADER
         announced them)."""
         self._expect("data", "attach_channels")
