@@ -25,6 +25,7 @@ from vfiod.daemon.offer import Offer, accept_offer, refuse_quietly, send_offer
 from vfiod.daemon.peer_auth import connect_allowed
 from vfiod.migration.session.channels import ChannelAcceptor, ChannelDialer
 from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.stream.header import MAX_CHANNELS
 from vfiod.migration.transport import TlsConfig
 from vfiod.migration.transport.channel_send import ChannelLink
 from vfiod.migration.transport.control import TransportCode, TransportError
@@ -34,12 +35,16 @@ log = logging.getLogger("vfiod.migrations")
 
 #: seconds a dialed channel waits for the peer's ACK offer
 CHANNEL_OFFER_TIMEOUT_S = 30.0
+#: channel connections one migration takes in at most (its channels, and strangers that
+#: name its id but fail the challenge): each holds a thread until the migration ends
+MAX_DELIVERIES = 2 * MAX_CHANNELS
 
 
 class _Route:
     def __init__(self) -> None:
         self.conns: queue.Queue[Connection] = queue.Queue()
         self.done = threading.Event()
+        self.delivered = 0
 
     def accept(self, timeout: float) -> Connection:
         try:
@@ -73,6 +78,12 @@ class ChannelRoutes:
         thread's caller closes it on return) until that migration ends."""
         with self._lock:
             route = self._routes.get(offer.migration_id[:64])   # as the ledger keeps ids
+            full = route is not None and route.delivered >= MAX_DELIVERIES
+            if route is not None and not full:
+                route.delivered += 1
+        if full:        # strangers guessing the id must not hold threads without bound
+            refuse_quietly(conn, f"migration {offer.migration_id!r} has all its channels")
+            return
         if route is None:
             log.warning("RAM channel from %s refused: no migration %r of guest %s waits "
                         "for channels", conn.peer, offer.migration_id, offer.guest)
