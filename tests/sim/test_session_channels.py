@@ -1,11 +1,14 @@
 """Migrations over RAM channels (docs/protocol.md §12) on the simulated backend: data
 equality after a single and a multi-pass migration whose workload re-dirties pages
-across passes, a channel lost mid-pass (rollback, the channel named), a stranger refused
+across passes (with one destination channel held back: without the pass barrier in
+``transport/channel_receive.py`` that test fails on the content digests, checked by
+disabling it), a channel lost mid-pass (rollback, the channel named), a stranger refused
 as a channel, and the fall back to one connection against a destination that offers
 none."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,69 @@ def test_pages_dirtied_again_across_passes_arrive_in_their_last_version(
     assert_migrated(src, dst, run)
     assert run.source.iterations >= 3
     assert all(p.ram_sent_bytes > 0 for p in run.source.history[1:])   # re-sent pages
+
+
+class Lagging:
+    """The destination's channels, the second accepted held back: before each read of at
+    most 64 KiB it waits until the others have read 3 more times, or for 20 ms (they may
+    be waiting at a barrier). Without the pass barrier the others run a pass ahead."""
+
+    def __init__(self, accept: Any) -> None:
+        self.accept_raw = accept
+        self.cv = threading.Condition()
+        self.fast_reads = 0
+        self.accepted = 0
+
+    def accept(self, timeout: float) -> Any:
+        conn = self.accept_raw(timeout)
+        self.accepted += 1
+        return _LaggingEnd(self, conn, slow=self.accepted == 2)
+
+
+class _LaggingEnd:
+    def __init__(self, lag: Lagging, conn: Connection, slow: bool) -> None:
+        self.lag, self.conn, self.slow = lag, conn, slow
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def recv_into(self, view: memoryview) -> int:
+        lag = self.lag
+        if not self.slow:
+            n = self.conn.recv_into(view)
+            with lag.cv:
+                lag.fast_reads += 1
+                lag.cv.notify_all()
+            return n
+        with lag.cv:
+            seen = lag.fast_reads
+            lag.cv.wait_for(lambda: lag.fast_reads >= seen + 3, timeout=0.02)
+        return self.conn.recv_into(view[:65536])
+
+
+def test_a_lagging_channel_never_lands_an_older_copy_over_a_newer_one(
+        sides, channel_port) -> None:
+    """As above, with the destination's second channel held back behind the others:
+    without the pass barrier its pass-k copies of pages land after the others' pass-k+1
+    copies of the same pages, and the digests refuse the migration."""
+    src, dst = sides(16, fill_bytes=4 * MiB)
+    wl = add_workload(src, [DmaTarget(DEV.name, 0, 2 * MiB)], dirty_rate_bps=40e6,
+                      hot_fraction=1.0, seed=5)
+    wl.start()
+    wl.wait_for_writes(2)
+    cfg = SessionConfig(channels=3, slice_bytes=1 * MiB, record_bytes=64 * 1024,
+                        batch_bytes=64 * 1024,
+                        policy=Policy(downtime_limit_s=1e-6, max_iterations=6,
+                                      on_timeout="force"))
+    kw = with_channels(channel_port)
+    lag = Lagging(lambda timeout: channel_port.accept(timeout))
+
+    def on_dest(d: DestinationSession) -> None:
+        d.channel_acceptor = lag.accept
+    kw["on_dest"] = on_dest
+    run = migrate(src, dst, cfg, **kw)
+    assert_migrated(src, dst, run)
+    assert run.source.iterations >= 3
 
 
 class CutAfter:
