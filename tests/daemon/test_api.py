@@ -81,6 +81,8 @@ def test_bad_envelope_keeps_the_request_id() -> None:
     ("migrate", {"guest": "g1", "to": "[fd00::2]:4444", "timeout_s": 30,
                  "on_timeout": "force"},
      MigrateArgs("g1", "fd00::2", 4444, None, 30.0, "force")),
+    ("migrate", {"guest": "g1", "to": "h:1", "channels": 4},
+     MigrateArgs("g1", "h", 1, channels=4)),
     ("attach", {"guest": "g1", "ram": [{"region": "ram", "gpa": 0, "size": 4096,
                                         "offset": 8192, "fd": 0}]},
      AttachArgs("g1", (RamHandOver("ram", 0, 4096, 8192, 0),))),
@@ -109,6 +111,10 @@ def test_args_parse_and_round_trip(op: str, raw: dict, expected: object) -> None
      "needs 'timeout_s'"),
     ("migrate", {"guest": "g1", "to": "h:1", "timeout_s": 5, "on_timeout": "panic"},
      ApiErrorCode.BAD_REQUEST, "must be one of ['cancel', 'force']"),
+    ("migrate", {"guest": "g1", "to": "h:1", "channels": 17}, ApiErrorCode.BAD_REQUEST,
+     "argument 'channels' must be an integer from 1 to 16, not 17"),
+    ("migrate", {"guest": "g1", "to": "h:1", "channels": True}, ApiErrorCode.BAD_REQUEST,
+     "argument 'channels' must be an integer from 1 to 16, not True"),
     ("attach", {"guest": "g1"}, ApiErrorCode.BAD_REQUEST, "'ram' must be a list of 1..64"),
     ("attach", {"guest": "g1", "ram": [{"region": "ram"}]}, ApiErrorCode.BAD_REQUEST,
      "ram[0] must have exactly the keys ['region', 'gpa', 'size', 'offset', 'fd']"),
@@ -157,3 +163,9 @@ def test_response_decode_rejects_garbage_and_keeps_unknown_codes() -> None:
     r = Response.decode(b'{"schema":1,"id":1,"ok":false,"error":{"code":"new_code",'
                         b'"message":"m"}}')
     assert r.error is not None and r.error.code is ApiErrorCode.FAILED and r.error.message == "m"
+
+
+def test_the_api_channel_bound_is_the_streams() -> None:
+    from vfiod.api.ops import MAX_MIGRATION_CHANNELS
+    from vfiod.migration.stream.header import MAX_CHANNELS
+    assert MAX_MIGRATION_CHANNELS == MAX_CHANNELS

@@ -30,6 +30,7 @@ on_timeout = "force"
 bandwidth_limit = "1GiB"
 ack_timeout_s = 5
 io_timeout_s = 7.5
+channels = 3
 [migration.tls]
 cert = "/etc/vfiod/host.pem"
 key = "/etc/vfiod/host.key"
@@ -73,7 +74,7 @@ def test_good_file(tmp_path: Path) -> None:
     m = cfg.migration
     assert (m.listen, m.downtime_limit_ms, m.timeout_s, m.on_timeout, m.bandwidth_limit) == (
         Address("0.0.0.0", 4444), 150.0, 600.0, "force", 1 << 30)
-    assert (m.ack_timeout_s, m.io_timeout_s) == (5.0, 7.5)
+    assert (m.ack_timeout_s, m.io_timeout_s, m.channels) == (5.0, 7.5, 3)
     assert m.tls is not None and m.tls.cafile == "/etc/vfiod/ca.pem"
     assert (cfg.paths.state, cfg.paths.sysfs) == ("/srv/vfiod/state", "/sys")
     g1, g2 = cfg.guests
@@ -97,6 +98,7 @@ def test_defaults_and_test_configs_parse() -> None:
     assert cfg.control.socket == "/run/vfiod/control.sock"
     assert str(cfg.metrics.listen) == "127.0.0.1:9477" and cfg.migration.listen is None
     assert (cfg.migration.ack_timeout_s, cfg.migration.io_timeout_s) == (60.0, 120.0)
+    assert cfg.migration.channels == 1                  # RAM on the main connection
     assert cfg.paths.state == "/var/lib/vfiod"          # the unit's StateDirectory
     src = parse_config(host_config("source", guests=("g1", "g2"), extra_sim=UNOWNED,
                                    workloads={"g1": ("1MiB", "2MiB")}))
@@ -149,6 +151,8 @@ def _last_line_of(text: str, needle: str) -> int:
      "migration.ack_timeout_s: must be a number above 0"),
     ("io_timeout_s = 7.5", 'io_timeout_s = "soon"', "io_timeout_s",
      "migration.io_timeout_s: must be a number above 0"),
+    ("channels = 3", "channels = 17", "channels", "migration.channels: 17 is above the maximum 16"),
+    ("channels = 3", "channels = 0", "channels", "migration.channels: 0 is below the minimum 1"),
     ('memory = "4GiB"', 'memory = "100000TiB"', 'memory = "100000TiB"',
      "guest[0].memory: guest g1 would have 109951162777600000 bytes of RAM, more than this "
      "host's"),

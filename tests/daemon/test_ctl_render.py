@@ -157,8 +157,8 @@ class CancellingClient(FakeClient):
 def _migrate_args(**kw: Any) -> Any:
     import argparse
     return argparse.Namespace(**{"guest": "g1", "to": "10.0.0.2:4444", "downtime_limit": None,
-                                 "timeout": None, "on_timeout": None, "detach": False,
-                                 "json": False, **kw})
+                                 "timeout": None, "on_timeout": None, "channels": None,
+                                 "detach": False, "json": False, **kw})
 
 
 def test_ctrl_c_without_a_terminal_cancels_and_says_so(

@@ -99,3 +99,24 @@ def test_migration_over_mutual_tls(daemons: tuple[DaemonProcess, ...]) -> None:
     m = json.loads(r.stdout.strip().splitlines()[-1])["migration"]
     assert m["result"] == "completed" and m["verified"] is True
     assert guest_status(dst, "g1")["state"] == "running"
+
+
+
+def test_migration_over_tls_ram_channels(pki: Path) -> None:
+    """RAM over two RAM channels (docs/protocol.md §12), each a TLS connection made and
+    checked like the main one; the destination routes both to the migration."""
+    src = DaemonProcess(_with_tls(host_config("source", migration="channels = 2\n"),
+                                  _tls(pki, "src")), "tls-ch-src")
+    dst = DaemonProcess(_with_tls(host_config("destination"), _tls(pki, "dst")), "tls-ch-dst")
+    try:
+        for d in (src, dst):
+            d.wait_ready()
+        r = src.ctl("migrate", "g1", "--to", dst.migration_address, "--timeout", "60",
+                    "--on-timeout", "force", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr + src.log() + dst.log()
+        m = json.loads(r.stdout.strip().splitlines()[-1])["migration"]
+        assert m["result"] == "completed" and m["verified"] is True
+        assert dst.log().count("RAM channel connection from") == 2, dst.log()
+    finally:
+        for d in (src, dst):
+            d.cleanup()

@@ -226,6 +226,7 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
             dest_config: SessionConfig | None = None, rate_bps: float | None = None,
             src_encryption: str = "none", dst_encryption: str = "none",
             on_source: Callable[[SourceSession], None] | None = None,
+            on_dest: Callable[[DestinationSession], None] | None = None,
             progress: Callable[[Any], None] | None = None,
             wrap_dest: Callable[[Any], Any] | None = None,
             wrap_source: Callable[[Any], Any] | None = None,
@@ -234,7 +235,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
             timeout: float = 120.0, history: SwitchoverHistory | None = None,
             vmm: tuple[Any, Any] = (None, None)) -> Run:
     """One migration attempt over loopback TCP; the destination runs in a thread.
-    ``wrap_dest``/``wrap_source`` wrap either end's link (faults); ``journals``: the
+    ``wrap_dest``/``wrap_source`` wrap either end's link (faults); ``on_source``/
+    ``on_dest`` see either session before it runs; ``journals``: the
     source's and the destination's switchover journal; ``history``: earlier switchovers
     the source learns from (None: none, so one test's migrations do not steer another's
     policy decisions); ``vmm``: the source's and the destination's VMM half of a
@@ -252,6 +254,8 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
                                            memory_encryption=dst_encryption,
                                            journal=journals[1], vmm=vmm[1])
                     box["session"] = s
+                    if on_dest is not None:
+                        on_dest(s)
                     box["result"] = s.run()
             except BaseException as e:  # noqa: BLE001 - reported to the test
                 box["error"] = e

@@ -15,7 +15,8 @@ op                 arguments
                    it can migrate (``migratable``) and, if not, ``migratable_reason``
 ``check``          ``target``: a device or guest name: can it migrate, and why not
 ``migrate``        ``guest``, ``to`` ("HOST:PORT", "[v6]:PORT"), ``downtime_limit_ms``,
-                   ``timeout_s``, ``on_timeout`` ("cancel" | "force"; needs timeout_s)
+                   ``timeout_s``, ``on_timeout`` ("cancel" | "force"; needs timeout_s),
+                   ``channels`` (1-16 RAM channels, docs/protocol.md §12)
 ``cancel``         ``guest``: cancel its running migration (source back to RUNNING)
 ``resolve``        ``guest``, ``resume_here`` (bool): settle an unsettled migration by hand
                    when its peer is gone for good (docs/architecture.md §1.7)
@@ -42,6 +43,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vfiod.api.schema import ApiError, ApiErrorCode
+
+#: RAM channels a migration may open: the stream's bound (``stream/header.py``
+#: MAX_CHANNELS; this layer cannot import it, a test checks they agree)
+MAX_MIGRATION_CHANNELS = 16
 
 ON_TIMEOUT = ("cancel", "force")
 #: Names of guests and devices: PCI BDFs, mdev UUIDs, operator-chosen guest names.
@@ -72,6 +77,7 @@ class MigrateArgs:
     downtime_limit_ms: float | None = None
     timeout_s: float | None = None
     on_timeout: str | None = None
+    channels: int | None = None
 
     @property
     def to(self) -> str:
@@ -320,7 +326,7 @@ def _vfio(f: _Fields, i: int, item: object) -> VfioHandOver:
 
 def _migrate(raw: dict[str, Any]) -> MigrateArgs:
     f = _Fields("migrate", raw, ("guest", "to", "downtime_limit_ms", "timeout_s",
-                                 "on_timeout"))
+                                 "on_timeout", "channels"))
     guest = str(f.name("guest"))
     to = raw.get("to")
     if to is None:
@@ -340,14 +346,19 @@ def _migrate(raw: dict[str, Any]) -> MigrateArgs:
                    f"not {on_timeout!r}")
         if timeout is None:
             f.fail("argument 'on_timeout' needs 'timeout_s' (what happens when it expires)")
-    return MigrateArgs(guest, host, port, limit, timeout, on_timeout)
+    channels = raw.get("channels")
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)
+                                 or not 1 <= channels <= MAX_MIGRATION_CHANNELS):
+        f.fail(f"argument 'channels' must be an integer from 1 to {MAX_MIGRATION_CHANNELS}, "
+               f"not {channels!r}")
+    return MigrateArgs(guest, host, port, limit, timeout, on_timeout, channels)
 
 
 def args_to_json(args: Args) -> dict[str, Any]:
     """The raw ``args`` object for ``args`` (the client side of ``parse_args``)."""
     if isinstance(args, MigrateArgs):
         out: dict[str, Any] = {"guest": args.guest, "to": args.to}
-        for key in ("downtime_limit_ms", "timeout_s", "on_timeout"):
+        for key in ("downtime_limit_ms", "timeout_s", "on_timeout", "channels"):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
         return out

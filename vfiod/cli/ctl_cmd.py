@@ -87,7 +87,7 @@ def _check_usage(args: argparse.Namespace) -> None:
 def _migrate_request(args: argparse.Namespace) -> dict[str, Any]:
     req: dict[str, Any] = {"guest": args.guest, "to": args.to}
     for key, val in (("downtime_limit_ms", args.downtime_limit), ("timeout_s", args.timeout),
-                     ("on_timeout", args.on_timeout)):
+                     ("on_timeout", args.on_timeout), ("channels", args.channels)):
         if val is not None:
             req[key] = val
     return req

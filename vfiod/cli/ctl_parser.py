@@ -126,6 +126,9 @@ def register(subparsers: Any, handler: Callable[[argparse.Namespace], int]) -> N
     m.add_argument("--on-timeout", choices=("cancel", "force"),
                    help="at the timeout: cancel (the guest stays here) or force the "
                         "switchover (default: the daemon's, cancel)")
+    m.add_argument("--channels", type=int, metavar="N",
+                   help="send RAM over N extra connections, 1-16, if the destination "
+                        "offers them (default: the daemon's [migration] channels, 1)")
     m.add_argument("--detach", action="store_true",
                    help="return once started, printing how to follow and cancel it")
     x = add("cancel", "cancel a guest's running migration")

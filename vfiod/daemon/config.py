@@ -21,6 +21,7 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     bandwidth_limit = "1GiB"             # bytes per second; default: unlimited
     ack_timeout_s = 60                   # wait at most this for each acknowledgement
     io_timeout_s = 120                   # a send or receive that moves nothing fails
+    channels = 1                         # RAM channels (connections) per migration, 1-16
     [migration.tls]                      # optional: mutual TLS (both hosts, one CA)
     cert = "/etc/vfiod/host.pem"
     key = "/etc/vfiod/host.key"
@@ -83,6 +84,7 @@ from vfiod.daemon.config_ram import RamConfig, parse_ram
 from vfiod.daemon.config_sim import SimConfig, check_sim, parse_sim
 from vfiod.daemon.config_toml import NAME, KeyLines, Table
 from vfiod.errors import ConfigError
+from vfiod.migration.stream.header import MAX_CHANNELS
 from vfiod.migration.transport.tcp import TlsConfig
 
 DEFAULT_PATH = "/etc/vfiod/vfiod.toml"
@@ -124,6 +126,8 @@ class MigrationConfig:
     io_timeout_s: float = 120.0        # a send or receive that makes no progress
     #: certificate names (CN or DNS SAN) a TLS peer must have one of; () = any the CA signed
     allow_peers: tuple[str, ...] = ()
+    #: RAM channels an outgoing migration opens (docs/protocol.md §12); 1: none
+    channels: int = 1
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,7 @@ def _migration(t: Table) -> MigrationConfig:
     bw = t.size("bandwidth_limit", None, low=1)
     ack, io = (t.number(k, d, high=86400) for k, d in (("ack_timeout_s", 60.0),
                                                        ("io_timeout_s", 120.0)))
+    channels = t.integer("channels", 1, low=1, high=MAX_CHANNELS)
     tls, allow = None, None
     if t.has("tls"):
         tt = t.table("tls")
@@ -273,7 +278,8 @@ def _migration(t: Table) -> MigrationConfig:
         tls = TlsConfig(*files)
     t.finish()
     return MigrationConfig(listen, float(limit or 300.0), timeout, on_timeout, bw, tls,
-                           float(ack or 60.0), float(io or 120.0), allow or ())
+                           float(ack or 60.0), float(io or 120.0), allow or (),
+                           int(channels or 1))
 
 
 def _allow_list(t: Table, key: str) -> tuple[str, ...] | None:

@@ -228,7 +228,8 @@ class Handlers:
             try:
                 rec = self.migrations.start_outgoing(
                     entry, args.host, args.port, downtime_limit_ms=args.downtime_limit_ms,
-                    timeout_s=args.timeout_s, on_timeout=args.on_timeout)
+                    timeout_s=args.timeout_s, on_timeout=args.on_timeout,
+                    channels=args.channels)
             except JournalError as e:       # nothing started: it could not be written down
                 raise ApiError(ApiErrorCode.FAILED, f"guest {entry.name} was not migrated: "
                                f"{e}") from None

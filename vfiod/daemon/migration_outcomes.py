@@ -27,6 +27,11 @@ from vfiod.migration.transport import Connection, TlsConfig, TransportError
 log = logging.getLogger("vfiod.migrations")
 
 
+def record_result(res: MigrationResult) -> str:
+    """The record's result for a session's (anything but completed or cancelled failed)."""
+    return res.result if res.result in ("completed", "cancelled") else "failed"
+
+
 def host_of(peer: str) -> str:
     """The host of a "host:port" or "[v6]:port" peer name."""
     return peer.rsplit(":", 1)[0].strip("[]")

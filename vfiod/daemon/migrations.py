@@ -24,11 +24,8 @@ an offer whose migration id the journal has seen is refused (a replay), and the 
 queries of peers (docs/protocol.md §8.4) are answered on the migration port.
 
 A guest to be re-opened (migrated away, or a discarded receive) is released (``defined``)
-with the end of the record, and ``GuestManager.reopen`` then opens it fresh.
-
-Shutdown cancels every running migration (a source rolls back: devices RUNNING, tracking
-stopped, the guest resumed) and waits for the threads, bounded by a deadline; a guest
-whose outgoing migration outlives it is marked failed (what its thread did is unknown).
+with the end of the record, and ``GuestManager.reopen`` then opens it fresh. Shutdown
+cancels every running migration and waits for the threads, bounded (``shutdown``).
 """
 
 from __future__ import annotations
@@ -41,12 +38,13 @@ from collections.abc import Callable
 from typing import Any
 
 from vfiod.daemon.backoff import AcceptBackoff
+from vfiod.daemon.channel_routes import ChannelRoutes, dialer
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of
+from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of, record_result
 from vfiod.daemon.offer import (
     Offer,
     OfferError,
@@ -98,6 +96,7 @@ class MigrationService(OutcomeKeeping):
         self._lock = threading.Lock()      # _threads; taken after the registry lock
         self._closing = threading.Event()
         self.backoff = AcceptBackoff("migration port", self._closing.wait)
+        self.channel_routes = ChannelRoutes()
 
     # -- threads ---------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -117,13 +116,14 @@ class MigrationService(OutcomeKeeping):
     # -- outgoing --------------------------------------------------------------------------
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
                        downtime_limit_ms: float | None, timeout_s: float | None,
-                       on_timeout: str | None) -> MigrationRecord:
+                       on_timeout: str | None, channels: int | None = None) -> MigrationRecord:
         """Start migrating a running guest; ``ValueError`` if a migration of it runs."""
         d = self.defaults
         limit = downtime_limit_ms if downtime_limit_ms is not None else d.downtime_limit_ms
         timeout = timeout_s if timeout_s is not None else d.timeout_s
         policy = Policy(downtime_limit_s=limit / 1000, timeout_s=timeout,
                         on_timeout=on_timeout or d.on_timeout)
+        config = self._session_config(policy, channels)
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         guest = self.guests.opened(entry.name)
         assert guest is not None, f"guest {entry.name} is {entry.state} but not open"
@@ -133,19 +133,20 @@ class MigrationService(OutcomeKeeping):
             moves=[(LifecycleState.MIGRATING_OUT, "migration ordered by the operator")])
         log.info("migration %s: guest %s to %s (limit %.0f ms)", rec.id, entry.name, peer, limit)
         self._spawn(f"vfiod-migrate-{entry.name}", self._source, rec, entry, guest, host, port,
-                    policy, pending)
+                    config, pending)
         return rec
 
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
-                port: int, policy: Policy, pending: MigrationHandle) -> None:
+                port: int, config: SessionConfig, pending: MigrationHandle) -> None:
         try:
-            self._source_session(rec, entry, guest, host, port, policy, pending)
+            self._source_session(rec, entry, guest, host, port, config, pending)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
             self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
-                        host: str, port: int, policy: Policy, pending: MigrationHandle) -> None:
+                        host: str, port: int, config: SessionConfig, pending: MigrationHandle
+                        ) -> None:
         try:
             conn = connect_allowed(host, port, entry.config, self.defaults, self.tls)
         except TransportError as e:
@@ -167,11 +168,12 @@ class MigrationService(OutcomeKeeping):
             bw = self.defaults.bandwidth_limit
             link: Any = ThrottledLink(conn, bw) if bw else conn
             session = SourceSession(
-                guest, link, host=self.facts(), config=self._session_config(policy),
+                guest, link, host=self.facts(), config=config,
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
                 vmm=qemu_half(entry.config.qemu, peer_host=host))
+            session.channel_dialer = dialer(host, port, entry.config, self.defaults, self.tls, rec.id)
             res = self._run(rec, session, pending)
             if res.result == "completed":
                 self._outcome(rec, MigrationOutcome.RESUMED, "the destination resumed it")
@@ -186,14 +188,15 @@ class MigrationService(OutcomeKeeping):
             else:
                 self._outcome(rec, MigrationOutcome.ROLLED_BACK, res.reason)
                 back = f"migration {res.result}, rolled back: {res.reason}"
-                self.ledger.end(rec, _result(res), [(LifecycleState.RUNNING, back)], res=res)
+                self.ledger.end(rec, record_result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back.
             self.guests.reopen(entry, "incoming")
 
-    def _session_config(self, policy: Policy | None = None) -> SessionConfig:
-        d = self.defaults
-        return SessionConfig(policy=policy or Policy(), ack_timeout_s=d.ack_timeout_s)
+    def _session_config(self, policy: Policy | None = None, channels: int | None = None
+                        ) -> SessionConfig:   # channels: RAM channels as a source, if any
+        return SessionConfig(policy or Policy(), self.defaults.ack_timeout_s,
+                             channels=channels or self.defaults.channels)
 
     def _not_started(self, rec: MigrationRecord, result: str, reason: str) -> None:
         """An outgoing migration that ended before its session ran: nothing changed."""
@@ -269,8 +272,9 @@ class MigrationService(OutcomeKeeping):
             entry = self.registry.guest(offer.guest)
             if refused_peer(conn, entry, self.defaults, offer.kind):
                 return
-            if offer.kind == "query":
-                self._answer(conn, offer)
+            if offer.kind in ("query", "channel"):     # a channel: held until its end
+                (self._answer if offer.kind == "query" else self.channel_routes.deliver)(
+                    conn, offer)
                 return
             try:
                 rec, guest, pending = self._admit(entry, offer, conn.peer)
@@ -286,7 +290,8 @@ class MigrationService(OutcomeKeeping):
                     memory_encryption=entry.config.memory_encryption,
                     migration_id=rec.id, journal=self._journal_of(rec),
                     vmm=qemu_half(entry.config.qemu))
-                res = self._run(rec, session, pending)
+                with self.channel_routes.accepting(rec.id) as session.channel_acceptor:
+                    res = self._run(rec, session, pending)
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
                 reason = f"internal error: {type(e).__name__}: {e}"
@@ -303,7 +308,7 @@ class MigrationService(OutcomeKeeping):
             else:
                 self._outcome(rec, MigrationOutcome.DISCARDED, res.reason)
                 gone = f"discarded ({res.result}): {res.reason}"
-                self.ledger.end(rec, _result(res), [(LifecycleState.DEFINED, gone)], res=res)
+                self.ledger.end(rec, record_result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
             self.guests.started_running(entry)
         else:
@@ -384,11 +389,6 @@ class MigrationService(OutcomeKeeping):
             threads[0].join(min(left, ACCEPT_POLL_S))
         if self.listener is not None:
             self.listener.close()
-
-
-def _result(res: MigrationResult) -> str:
-    """The record's result for a session's (anything but completed or cancelled failed)."""
-    return res.result if res.result in ("completed", "cancelled") else "failed"
 
 
 def _prior(host: str) -> Any:

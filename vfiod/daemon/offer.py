@@ -56,7 +56,7 @@ class OfferError(Exception):
 
 
 #: what a connection opened with an offer frame is for
-OFFER_KINDS = ("migrate", "query")
+OFFER_KINDS = ("migrate", "query", "channel")
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,8 @@ def _read_offer(conn: Connection, deadline: float) -> Offer:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
         raise OfferError(f"offer reply_port {port!r} is not a port number")
     mid = str(doc.get("migration_id", ""))
-    if kind == "query" and not mid:
-        raise OfferError("an outcome query names no migration id")
+    if kind in ("query", "channel") and not mid:
+        raise OfferError(f"an offer of kind {kind} names no migration id")
     return Offer(doc["guest"], mid, str(doc.get("source_host", "")), kind, port,
                  str(doc.get("role", "")), str(doc.get("decision", "")))
 

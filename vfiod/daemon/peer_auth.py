@@ -77,11 +77,11 @@ def link_notes(guest: GuestConfig, migration: MigrationConfig) -> list[str]:
 
 def refused_peer(conn: Connection, entry: GuestEntry | None, migration: MigrationConfig,
                  kind: str) -> bool:
-    """Destination, after the offer (``kind`` "migrate" or "query") for ``entry`` (None: no
+    """Destination, after the offer (``kind`` "migrate", "channel" or "query") for ``entry`` (None: no
     such guest here, the global list applies): refuse a peer that is not allowed, telling
     it why; True if refused. A migration over plain TCP is logged as unauthenticated."""
     why = refusal(conn, entry.config if entry is not None else None, migration,
-                  "from" if kind == "migrate" else None)
+                  "from" if kind in ("migrate", "channel") else None)
     if why is None:
         return False
     log.warning("incoming %s from %s refused: %s", kind, conn.peer, why)

@@ -77,12 +77,12 @@ class SessionConfig:
     release_on_complete: bool = True
     record_bytes: int = 4 * MiB
     batch_bytes: int = 16 * MiB
+    channels: int = 1   # source: RAM channels wanted (docs/protocol.md §12), 1: none
     #: a pre-copy pass that found nothing to send waits this long (or until a cancel)
     #: before syncing again, so a guest whose remaining work is only what pre-copy cannot
     #: shrink (an opted-out container, device stop-copy state) does not spin the CPU
     idle_pass_s: float = 0.05
-    #: iterations kept in ``MigrationResult.history`` (the oldest are dropped; the count
-    #: stays in ``iterations``)
+    #: iterations kept in ``MigrationResult.history`` (the count stays in ``iterations``)
     history_limit: int = 2000
     #: destination: how long it waits, with the guest running, for the source's REPORT
     report_timeout_s: float = 2.0
@@ -92,7 +92,7 @@ class SessionConfig:
             raise ValueError("session config: idle_pass_s must be >= 0 and history_limit "
                              f">= 1, not {self.idle_pass_s} and {self.history_limit}")
         for name in ("ack_timeout_s", "slice_bytes", "device_iterate_bytes",
-                     "max_run_pages", "report_timeout_s"):
+                     "max_run_pages", "report_timeout_s", "channels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"session config: {name} must be positive, not "
                                  f"{getattr(self, name)}")

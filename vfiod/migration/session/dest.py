@@ -61,6 +61,7 @@ from typing import Any
 from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.guest import GuestDevice
 from vfiod.migration.planning.preflight import GuestFacts, MigrationFacts, compare
+from vfiod.migration.session.channels import DestChannels
 from vfiod.migration.session.common import (
     MigrationResult,
     SessionBase,
@@ -90,7 +91,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
+class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionBase):
     role = "destination"
 
     def __init__(self, *args: Any, vmm: VmmDestinationHalf | None = None,
@@ -168,7 +169,8 @@ class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
         self.challenge = secrets.token_hex(16)
         self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
                                                   challenge=self.challenge,
-                                                  pass_acks=True, **self._vmm_hello()))
+                                                  pass_acks=True, **self._vmm_hello(),
+                                                  **self._channels_hello()))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()
         t_header = self.clock()
@@ -188,12 +190,14 @@ class DestinationSession(DestinationEnding, DestVmmSteps, SessionBase):
             raise PreflightError(reasons)
         mine = {d.id: d for d in g.devices}      # paired by id, as preflight checked
         self._by_index = [mine[d.id] for d in h.devices]
-        self.reader.attach_ram(GuestRam(g.page_size, g.ram_regions(),
-                                        [b.view() for b in landing], writable=True))
+        ram = GuestRam(g.page_size, g.ram_regions(), [b.view() for b in landing],
+                       writable=True)
+        self.reader.attach_ram(ram)
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in landing], g.page_size)
         # the time spent here is not network: the source subtracts it from its round trip
         self.link.send_control(ControlMessage.ack(AckStage.HEADER, self.reader.records,
                                                   busy_s=self.clock() - t_header))
+        self._accept_channels(h.channels, ram)
 
     # -- ACTIVE / DEVICE --------------------------------------------------------------
     def _receive(self) -> None:

@@ -168,6 +168,8 @@ class DestinationEnding(SessionBase):
     def _undo(self) -> None:
         """Discard: every device this attempt loaded is reset, the RAM it wrote goes back
         to zero, and the guest is not run."""
+        if self.reader is not None:
+            self.reader.stop_channels()     # no RAM channel writes guest memory after this
         self._rollback_devices(d for d in self.guest.devices if d.name in self._loading)
         if self.header is not None:
             g = self.guest

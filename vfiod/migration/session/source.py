@@ -59,6 +59,7 @@ from vfiod.migration.planning.predictor import (
     IterationInputs,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
+from vfiod.migration.session.channels import SourceChannels
 from vfiod.migration.session.common import (
     UNJOURNALED,
     Cancelled,
@@ -92,7 +93,7 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
+class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
     role = "source"
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
@@ -115,10 +116,8 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
         self.progress, self.live = progress, live
-        self.vmm = vmm
-        self._vmm_incoming = ""
+        self.vmm, self._vmm_incoming, self._vmm_stopped = vmm, "", None
         self._vmm_last_migrating_t: float | None = None
-        self._vmm_stopped = None
         self.source_host = source_host or self.facts.host.hostname
         self.predictor = DowntimePredictor(BandwidthEstimator(link_prior))
         self.tracker: DirtyTracker | None = None
@@ -131,8 +130,7 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
                         else HOST_HISTORY.of(guest.name, guest.device_infos()))
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
-        self._rtt = 0.0
-        self._tracking_t0 = 0.0
+        self._rtt = self._tracking_t0 = 0.0
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
@@ -204,9 +202,10 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
         if not self.challenge:
             raise ProtocolError("the destination's hello carries no challenge")
         g = self.guest
+        channels = self._channels_wanted(hello.fields)
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
                               g.ram_regions(), g.device_infos(), challenge=self.challenge,
-                              pass_acks=self._offer_pass_acks(hello.fields))
+                              channels=channels, pass_acks=self._offer_pass_acks(hello.fields))
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
@@ -223,6 +222,7 @@ class SourceSession(SourceEnding, SourcePassDrain, SessionBase):
         busy = float(busy) if isinstance(busy, int | float) else 0.0
         self._learn_rtt(max(0.0, self.clock() - t0 - busy))
         self.result.timings["header_ack_rtt_s"] = self._rtt
+        self._open_channels(channels)
 
     def _setup(self) -> None:
         g, cfg, w = self.guest, self.config, self.writer

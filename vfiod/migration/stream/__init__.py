@@ -12,6 +12,8 @@ Modules:
 * ``crc32c``   the record checksum (SSE4.2 via numba, table fallback)
 * ``pagecrc``  one CRC-32C per guest page: the checksum of RAM records
 * ``torn``     pages of live (pre-copy) records that failed their check until re-sent
+* ``channel_hello`` the CHANNEL record that opens a RAM channel (docs/protocol.md §12;
+  the channels' senders and receivers are in ``vfiod.migration.transport``)
 
 Speed, measured on the project's 2-core machine with other jobs running (so noisy): the
 checks cost about 0.1 CPU-second per GiB on each end (CRC-32C runs at 11-17 GB/s per core;

@@ -26,6 +26,8 @@ from vfiod.vfio.layout import RamRegion
 MAX_REGIONS = 4096
 MAX_DEVICES = 1024
 MAX_NAME = 256
+#: RAM channels one migration may open (docs/protocol.md §12)
+MAX_CHANNELS = 16
 CHECKSUM_NAME = "crc32c"
 
 
@@ -59,7 +61,9 @@ class StreamHeader:
     software: str = "vfiod"
     #: the destination's challenge for this connection, answered (docs/protocol.md §8.4)
     challenge: str = ""
-    #: the source waits for ACK pass after each ITERATION (docs/protocol.md §8.2)
+    #: connections carrying RAM: 1 = this one; N > 1 = N channels (docs/protocol.md §12)
+    channels: int = 1
+    #: the source waits for ACK pass after each ITERATION (docs/protocol.md §8.5)
     pass_acks: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +98,8 @@ class StreamHeader:
                          "identity": dict(sorted(d.identity.items())),
                          "capabilities": list(d.capabilities)} for d in self.devices],
         }
+        if self.channels > 1:      # absent on a single connection: its bytes are unchanged
+            doc["channels"] = self.channels
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -136,6 +142,7 @@ class StreamHeader:
             checksum=_str(d.get("checksum"), "checksum"),
             software=_str(d.get("software", "vfiod"), "software"),
             challenge=_str(src.get("challenge", ""), "source.challenge"),
+            channels=_int(d.get("channels", 1), "channels"),
             pass_acks=_bool(d.get("pass_acks", False), "pass_acks"),
         )
 
@@ -204,6 +211,8 @@ def _validate(h: StreamHeader) -> None:
         end = r.gpa + r.size
     if end > 1 << 64:
         raise ValueError("guest layout ends beyond 2^64")
+    if not 1 <= h.channels <= MAX_CHANNELS:
+        raise ValueError(f"channels {h.channels} is not between 1 and {MAX_CHANNELS}")
     seen: set[str] = set()
     ids: set[str] = set()
     for d in h.devices:

@@ -54,15 +54,17 @@ class ManifestEntry:
 @dataclass(frozen=True)
 class Manifest:
     """What the source sent: one entry per RAM region and per device, in header order,
-    and ``records``, the number of records before the MANIFEST itself."""
+    ``records``, the number of records before the MANIFEST itself, and with RAM channels
+    one entry per channel, in channel order (its RAM records; docs/protocol.md §12)."""
 
     ram: tuple[ManifestEntry, ...]
     devices: tuple[ManifestEntry, ...]
     records: int
+    channels: tuple[ManifestEntry, ...] = ()
 
     @property
     def ram_bytes(self) -> int:
-        return sum(e.bytes for e in self.ram)
+        return sum(e.bytes for e in self.ram) + sum(e.bytes for e in self.channels)
 
     @property
     def device_bytes(self) -> int:
@@ -73,6 +75,8 @@ class Manifest:
             return {"name": e.name, "records": e.records, "bytes": e.bytes, "digest": e.digest}
         doc = {"ram": [ent(e) for e in self.ram], "devices": [ent(e) for e in self.devices],
                "records": self.records}
+        if self.channels:           # absent on a single connection: its bytes are unchanged
+            doc["channels"] = [ent(e) for e in self.channels]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -85,8 +89,8 @@ class Manifest:
         if not isinstance(doc, dict):
             raise ValueError("manifest must be an object")
 
-        def entries(key: str) -> tuple[ManifestEntry, ...]:
-            lst = doc.get(key)
+        def entries(key: str, default: Any = None) -> tuple[ManifestEntry, ...]:
+            lst = doc.get(key, default)
             if not isinstance(lst, list):
                 raise ValueError(f"manifest.{key} must be a list")
             out = []
@@ -101,7 +105,8 @@ class Manifest:
         records = doc.get("records")
         if not _is_count(records):
             raise ValueError("manifest.records must be a count")
-        return cls(entries("ram"), entries("devices"), int(records))  # type: ignore[arg-type]
+        return cls(entries("ram"), entries("devices"), int(records),  # type: ignore[arg-type]
+                   entries("channels", []))
 
 
 def _is_count(v: Any) -> bool:
@@ -111,7 +116,8 @@ def _is_count(v: Any) -> bool:
 def first_difference(sent: Manifest, received: Manifest) -> tuple[str, str] | None:
     """(region or device name, what differs) for the first mismatch, or None if equal."""
     for kind, a_list, b_list in (("RAM region", sent.ram, received.ram),
-                                 ("device", sent.devices, received.devices)):
+                                 ("device", sent.devices, received.devices),
+                                 ("channel", sent.channels, received.channels)):
         if len(a_list) != len(b_list):
             return (f"{kind}s", f"the source lists {len(a_list)}, the destination has "
                                 f"{len(b_list)}")

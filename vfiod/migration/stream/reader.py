@@ -36,7 +36,7 @@ import numpy as np
 
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
-from vfiod.migration.stream.manifest import Manifest, Tally, first_difference
+from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally, first_difference
 from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
@@ -59,6 +59,21 @@ class Source(Protocol):
     def recv_into(self, view: memoryview) -> int:
         """Read at most ``len(view)`` bytes into ``view``; 0 means end of stream."""
         ...
+
+
+class ChannelBarrier(Protocol):
+    """The RAM channels of a multi-connection stream (docs/protocol.md §12;
+    ``transport/channel_receive.py``): pass ``number``'s landed records, once every
+    channel has completed it, as (first page, count, torn pages)."""
+
+    def barrier(self, number: int) -> list[tuple[int, int, tuple[int, ...]]]: ...
+
+    def entries(self) -> tuple[ManifestEntry, ...]: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,8 @@ class StreamReader:
         self.torn_records = 0    # LIVE RAM records that failed their check (re-sent later)
         self._iteration = -1
         self._done = False
+        self._channels: ChannelBarrier | None = None
+        self._final_merged = False
 
     # -- public API ----------------------------------------------------------------------
     def read_header(self) -> StreamHeader:
@@ -147,14 +164,53 @@ class StreamReader:
             raise ValueError("destination memory layout differs from the stream header's")
         self._ram = ram
 
+    def attach_channels(self, channels: ChannelBarrier) -> None:
+        """RAM also arrives on these channels (the HEADER announced them, §12)."""
+        self._channels = channels
+
+    def stop_channels(self) -> None:
+        """No channel writes guest memory after this returns (a discard, the end)."""
+        if self._channels is not None:
+            self._channels.stop()
+
     def events(self) -> Iterator[Event]:
         if self.header is None:
             raise RuntimeError("events() before read_header()")
         if self.header.regions and self._ram is None:
             raise RuntimeError("the stream carries RAM: attach_ram() first")
-        while not self._done:
-            h, at = self._next_header()
-            yield self._dispatch(h, at)
+        try:
+            while not self._done:
+                h, at = self._next_header()
+                if self._channels is not None:
+                    yield from self._channel_pass(h)
+                yield self._dispatch(h, at)
+        except Exception as e:
+            failed = self._channels.failure if self._channels is not None else None
+            self.stop_channels()
+            if failed is not None and failed is not e:
+                raise failed from e     # a channel's fault is the cause; the rest follows
+            raise
+        self.stop_channels()
+
+    def _channel_pass(self, h: RecordHeader) -> Iterator[RamLoaded]:
+        """Before ITERATION k: pass k of every channel; before the first END_OF_STATE or
+        the MANIFEST: the final pass, numbered one past the last ITERATION (§12.3)."""
+        assert self._channels is not None
+        if h.rtype == RecordType.ITERATION:
+            number = h.arg0
+        elif (h.rtype in (RecordType.END_OF_STATE, RecordType.MANIFEST)
+              and not self._final_merged):
+            self._final_merged = True
+            number = self._iteration + 1
+        else:
+            return
+        for first, n, torn in self._channels.barrier(number):
+            if self._torn:
+                self._torn.clear(first, n)
+            for page in torn:      # a page torn on one channel may come on another
+                self._torn.add(page, 1, self.records, self.offset)
+            self.torn_records += bool(torn)
+            yield RamLoaded(first, n, not torn)
 
     def expect_end(self) -> None:
         """Raise ``RecordError(ORDER)`` if any byte follows the MANIFEST (files)."""
@@ -171,8 +227,9 @@ class StreamReader:
             self._done = True
             raise self._err(ErrorCode.ABORTED, f"the source aborted the migration: {reason}",
                             at, t)
-        if t == RecordType.HEADER:
-            raise self._err(ErrorCode.ORDER, "a second HEADER", at, t)
+        if t in (RecordType.HEADER, RecordType.CHANNEL, RecordType.SYNC):
+            raise self._err(ErrorCode.ORDER, "a second HEADER" if t == RecordType.HEADER
+                            else f"{RecordType(t).name} on the main stream", at, t)
         if self._ending and t in (RecordType.RAM, RecordType.ITERATION):
             raise self._err(ErrorCode.ORDER, f"{RecordType(t).name} after END_OF_STATE", at, t)
         if t == RecordType.RAM:
@@ -277,7 +334,8 @@ class StreamReader:
                                                        strict=True)),
             devices=tuple(t.entry(d.name) for t, d in zip(self._dev_tally, self.header.devices,
                                                            strict=True)),
-            records=self.records)
+            records=self.records,
+            channels=self._channels.entries() if self._channels is not None else ())
         diff = first_difference(sent, got)
         if diff is not None:
             region, what = diff

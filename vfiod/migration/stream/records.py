@@ -86,6 +86,8 @@ class RecordType(enum.IntEnum):
     ITERATION = 5     # a pre-copy pass ended (arg0 = its number, increasing)
     MANIFEST = 6      # JSON per-region and per-device tallies: the destination verifies
     ABORT = 7         # UTF-8 reason: the source cancelled, discard everything
+    CHANNEL = 8       # JSON: opens a RAM channel connection (docs/protocol.md §12)
+    SYNC = 9          # a channel's part of pass arg0 is complete; arg1 records before it
 
 
 class ErrorCode(enum.Enum):
@@ -159,6 +161,8 @@ class Limits:
             RecordType.ITERATION: 0,
             RecordType.MANIFEST: self.manifest,
             RecordType.ABORT: self.abort,
+            RecordType.CHANNEL: 4 * KiB,
+            RecordType.SYNC: 0,
         }
 
 

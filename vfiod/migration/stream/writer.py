@@ -45,7 +45,7 @@ import numpy as np
 
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
-from vfiod.migration.stream.manifest import Manifest, Tally
+from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally
 from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
@@ -87,6 +87,21 @@ class StreamSink(Protocol):
         ...
 
 
+class RamChannels(Protocol):
+    """RAM channels of a multi-connection stream (docs/protocol.md §12;
+    ``transport/channel_send.py``)."""
+
+    def submit(self, batch: list[_Rec], flags: int) -> None: ...
+
+    def sync(self, number: int) -> None: ...
+
+    def drain(self) -> int: ...
+
+    def entries(self) -> tuple[ManifestEntry, ...]: ...
+
+    def close(self, *, abort: bool = False) -> None: ...
+
+
 class StreamWriter:
     def __init__(self, sink: StreamSink, header: StreamHeader, ram: GuestRam | None = None, *,
                  limits: Limits = DEFAULT_LIMITS, record_bytes: int = 4 * MiB,
@@ -114,6 +129,7 @@ class StreamWriter:
         self._dev_ended = [False] * len(header.devices)
         self._phase = "new"  # new -> data -> ending -> done | aborted
         self._iteration = -1
+        self._channels: RamChannels | None = None
         self.bytes_sent = 0
         self.ram_bytes_sent = 0
         self.device_bytes_sent = 0
@@ -135,6 +151,12 @@ class StreamWriter:
         self._phase = "data"
         self._flush()
 
+    def attach_channels(self, channels: RamChannels) -> None:
+        """From now on RAM records travel on these channels (after ``start``: the HEADER
+        announced them)."""
+        self._expect("data", "attach_channels")
+        self._channels = channels
+
     def send_ram(self, ranges: Iterable[tuple[int, int]] | np.ndarray, *,
                  quiescent: bool) -> int:
         """Send guest pages given as (first page, count) runs; returns payload bytes sent."""
@@ -144,6 +166,8 @@ class StreamWriter:
             ranges = ranges.tolist()  # plain ints, one tuple per run (not per page)
         flags = 0 if quiescent else RAM_LIVE
         sent = 0
+        if self._channels is not None:
+            return self._send_ram_channels(ranges, flags)
         for batch in self._ram_batches(ranges):
             # Checksum a batch just before handing it to the kernel, so that the kernel's
             # copy finds it in the cache. (Checksumming on a worker thread one batch ahead
@@ -176,11 +200,13 @@ class StreamWriter:
         if number <= self._iteration:
             raise ValueError(f"iteration {number} after {self._iteration}: must increase")
         self._iteration = number
+        self._sync_channels(number)
         self._emit(RecordType.ITERATION, b"", number, 0, None)
         self._flush()
 
     def end_of_state(self, device: str) -> None:
         if self._phase == "data":
+            self._sync_channels(self._iteration + 1)    # the final pass (§12.3)
             self._phase = "ending"
         self._expect("ending", "end_of_state")
         idx = self.header.device_index(device)
@@ -192,6 +218,7 @@ class StreamWriter:
 
     def finish(self) -> Manifest:
         if self._phase == "data":
+            self._sync_channels(self._iteration + 1)
             self._phase = "ending"
         self._expect("ending", "finish")
         missing = [d.name for d, e in zip(self.header.devices, self._dev_ended, strict=True)
@@ -203,10 +230,13 @@ class StreamWriter:
                                                        strict=True)),
             devices=tuple(t.entry(d.name) for t, d in zip(self._dev_tally, self.header.devices,
                                                            strict=True)),
-            records=self._seq)
+            records=self._seq,
+            channels=self._channels.entries() if self._channels is not None else ())
         self._emit(RecordType.MANIFEST, manifest.to_json(), 0, 0, None)
         self._phase = "done"
         self._flush()
+        if self._channels is not None:
+            self._channels.close()
         return manifest
 
     @property
@@ -222,6 +252,8 @@ class StreamWriter:
         self._pending = 0
         data = reason.encode("utf-8", "replace")[: self._limits.abort]
         self._phase = "aborted"
+        if self._channels is not None:
+            self._channels.close(abort=True)
         self._emit(RecordType.ABORT, data, 0, 0, None)
         self._flush(check=False)
 
@@ -279,6 +311,30 @@ class StreamWriter:
             sent += len(view)
         self._flush()
         return sent
+
+    def _send_ram_channels(self, ranges: Iterable[tuple[int, int]], flags: int) -> int:
+        assert self._channels is not None
+        sent = 0
+        try:
+            for batch in self._ram_batches(ranges):
+                self._channels.submit(batch, flags)
+                sent += sum(len(view) for _, _, _, view in batch)
+            self.bytes_sent += self._channels.drain()
+        except Exception:
+            self._sink.check_peer()     # the destination's own ERROR says more, if any
+            raise
+        self.ram_bytes_sent += sent
+        self._sink.check_peer()
+        return sent
+
+    def _sync_channels(self, number: int) -> None:
+        if self._channels is not None:
+            try:
+                self._channels.sync(number)
+            except Exception:
+                self._sink.check_peer()
+                raise
+            self.bytes_sent += self._channels.drain()
 
     def _flush(self, check: bool = True) -> None:
         if self._iov:

@@ -1,15 +1,10 @@
 """TCP transport with a return path and optional mutual TLS (docs/architecture.md §5).
 
 One connection carries the stream source → destination and control messages destination →
-source (``control.py``). API::
-
-    # destination                                   # source
-    lst = Listener("0.0.0.0", 4444, tls=cfg)        conn = connect(host, 4444, tls=cfg,
-    conn = lst.accept(timeout=30)                                  timeout=10)
-    reader = StreamReader(conn)                     writer = StreamWriter(conn, header, ram)
-    ...                                             ...
-    conn.send_control(ControlMessage.ack(AckStage.HEADER))
-                                                    conn.wait_ack(AckStage.HEADER, timeout=30)
+source (``control.py``). Destination: ``Listener(host, port, tls=cfg).accept(timeout)``;
+source: ``connect(host, port, tls=cfg, timeout=10)``; then ``StreamReader(conn)`` /
+``StreamWriter(conn, header, ram)``, ``conn.send_control(ControlMessage.ack(stage))`` /
+``conn.wait_ack(stage, timeout)``.
 
 ``Connection``: a ``StreamSink`` (``send_buffers``, ``check_peer``), a stream ``Source``
 (``recv_into``), a TLS peer's certificate, and the stream bytes its send queue still holds
@@ -108,8 +103,7 @@ class Connection:
         self._parser = ControlParser(peer)
         self.acks: deque[ControlMessage] = deque()
         self._closed_by_peer = False
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = 0
 
     # -- StreamSink ------------------------------------------------------------------------
     def send_buffers(self, buffers: Sequence[Any]) -> None:
@@ -140,8 +134,7 @@ class Connection:
         """Stream bytes not yet acknowledged by the destination's kernel."""
         return socket_unsent_bytes(self._sock.fileno())
 
-    def peer_certificate(self) -> dict[str, Any] | None:
-        """The TLS peer's verified certificate (``ssl`` ``getpeercert``); None on plain TCP."""
+    def peer_certificate(self) -> dict[str, Any] | None:  # the TLS peer's; None on TCP
         return self._sock.getpeercert() if isinstance(self._sock, ssl.SSLSocket) else None
 
     @property
@@ -213,6 +206,13 @@ class Connection:
     def close(self) -> None:
         try:
             self._sock.close()
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked on this connection (a RAM channel's): it sees it end."""
+        try:
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
