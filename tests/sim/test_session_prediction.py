@@ -77,8 +77,10 @@ def test_bytes_queued_in_the_socket_reach_the_prediction(tmp_path: Path) -> None
     src, dst = pair(tmp_path, [SideContainer([spec("v2_precopy_log")])],
                     ram=(RamRegion("ram", 0, 16 * MiB),), fill_bytes=4 * MiB)
     try:
-        run = migrate(src, dst, history=SwitchoverHistory(),
-                      wrap_source=lambda c: QueuedLink(c, extra))
+        # the 64 MiB never leave the queue: a limit they fit in at any bandwidth this
+        # machine measures under load (the queue's accounting is checked, not convergence)
+        run = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=30.0)),
+                      history=SwitchoverHistory(), wrap_source=lambda c: QueuedLink(c, extra))
         assert_migrated(src, dst, run)
         r = run.source
         last = r.history[-1]
@@ -88,9 +90,10 @@ def test_bytes_queued_in_the_socket_reach_the_prediction(tmp_path: Path) -> None
         # least of the header's and the passes' samples) plus the queued bytes at the
         # bandwidth this migration measured
         b = r.downtime_breakdown
-        assert r.timings["rtt_s"] <= r.timings["header_ack_rtt_s"]
+        rtt = r.timings.get("rtt_s", 0.0)      # absent: no sample of the path at all
+        assert rtt <= r.timings["header_ack_rtt_s"] or r.timings["header_ack_rtt_s"] == 0
         assert b["commit_round_trips"]["predicted_s"] == pytest.approx(
-            2 * r.timings["rtt_s"] + queued / last.bandwidth_bps)
+            2 * rtt + queued / last.bandwidth_bps)
         assert r.predicted_downtime_s is not None
         assert r.predicted_downtime_s >= extra / last.bandwidth_bps
     finally:

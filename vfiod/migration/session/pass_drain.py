@@ -31,6 +31,10 @@ from vfiod.migration.transport.control import AckStage, TransportCode, Transport
 
 #: how often a waiting source looks for an operator's cancel
 CANCEL_POLL_S = 0.05
+#: a pass's backlog counts as sending time only after this much data: after a few pages
+#: (or none) the wait beyond one round trip is the round trip's jitter, not throughput, and
+#: counted as sending time it drags the bandwidth estimate towards zero pass after pass
+BACKLOG_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -99,23 +103,27 @@ class SourcePassDrain(SessionBase):
 
     def _learn_rtt(self, sample_s: float) -> None:
         """A round trip's upper bound (the HEADER's first, then each pass's): the least so
-        far is the round trip (``timings["rtt_s"]``); the commit's prediction uses it."""
-        t = self.result.timings
-        self._rtt = sample_s if "rtt_s" not in t else min(self._rtt, sample_s)
-        t["rtt_s"] = self._rtt
+        far is the round trip (``timings["rtt_s"]``); the commit's prediction uses it. A
+        sample of zero or less is none: the destination's own reported work covered the
+        whole wait (the source's clock started late), which says nothing of the path."""
+        if sample_s <= 0:
+            return
+        self._rtt = sample_s if self._rtt <= 0 else min(self._rtt, sample_s)
+        self.result.timings["rtt_s"] = self._rtt
 
-    def _await_pass(self, number: int, since: float) -> None:
+    def _await_pass(self, number: int, since: float, sent_bytes: int) -> None:
         """Wait until the destination consumed pass ``number`` (its mark left at
-        ``since``); learn the round trip and the time its backlog took."""
+        ``since``, after ``sent_bytes`` of its RAM and device data); learn the round trip
+        and the time its backlog took."""
         if not self._pass_acks:
             return
         d = await_pass_consumed(self.link, number, since, timeout_s=self.config.ack_timeout_s,
                                 clock=self.clock, check_cancel=self._check_cancel)
         t = self.result.timings
         t["pass_drain_s"] = t.get("pass_drain_s", 0.0) + d.waited_s
-        self._learn_rtt(d.path_s)
+        self._learn_rtt(d.waited_s - d.busy_s)
         # what the path needed beyond one round trip was the destination still taking in
         # this pass's bytes: sending time, at no extra bytes
         backlog = d.path_s - self._rtt
-        if backlog > 0:
+        if backlog > 0 and sent_bytes >= BACKLOG_MIN_BYTES:
             self.predictor.bandwidth.record(since, since + backlog, 0)

@@ -9,7 +9,8 @@
              its first data chunk.
     ACTIVE   pass k: take the dirty runs (pass 1: all RAM, holes skipped), send them
              while the guest runs; ``save_live_iterate`` each device; ITERATION mark;
-             re-hash the pages just sent; dirty sync; ``save_live_pending``;
+             wait until the destination consumed the pass (``pass_drain.py``); re-hash
+             the pages just sent; dirty sync; ``save_live_pending``;
              predict the downtime; the policy says continue, switchover, force or cancel.
     DEVICE   stop: the guest pauses (its run-state handlers stop vCPUs and workload); if
              every device offers P2P, ``quiesce_p2p`` all of them first; then
@@ -220,8 +221,9 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         ack = self.link.wait_ack(AckStage.HEADER, cfg.ack_timeout_s)
         busy = ack.fields.get("busy_s", 0.0)
         busy = float(busy) if isinstance(busy, int | float) else 0.0
-        self._learn_rtt(max(0.0, self.clock() - t0 - busy))
-        self.result.timings["header_ack_rtt_s"] = self._rtt
+        rtt = self.clock() - t0 - busy
+        self._learn_rtt(rtt)
+        self.result.timings["header_ack_rtt_s"] = max(0.0, rtt)
         self._open_channels(channels)
 
     def _setup(self) -> None:
@@ -276,10 +278,10 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                                             self._device_sink(d), cfg.device_iterate_bytes)
                     self.predictor.bandwidth.record(t0, self.clock(), w.bytes_sent - b0)
             w.mark_iteration(self.iteration)
-            marked = self.clock()
+            # predict from an empty pipe; waiting before the re-hash times the path alone
+            self._await_pass(self.iteration, self.clock(), ram + dev_bytes)
             assert self.digests is not None
             self.digests.rehash()
-            self._await_pass(self.iteration, marked)   # predict from an empty pipe
             sync = tr.sync("precopy")
             t0 = self.clock()
             pendings = [self._hook(d, d.driver.save_live_pending) for d in self.guest.devices]
