@@ -14,6 +14,7 @@ other Python threads keep running while one merge is in progress.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from vfiod.dirty.bitmap_args import (
     rescaled_nbits,
 )
 from vfiod.dirty.ranges import PageRange
+from vfiod.dirty.report_in_place import report_in_place
 from vfiod.vfio.bitmap import Bitmap, words_for
 
 
@@ -98,6 +100,21 @@ class GlobalBitmap:
                              f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
         with self._lock:
             return kernels.or_merge(self._words, bitmap, first, nbits)
+
+    def merge_report(self, write: Callable[[Bitmap], object], first_guest_page: int,
+                     nbits: int) -> int | None:
+        """OR a report of ``nbits`` guest pages from ``first_guest_page`` (a multiple of
+        64) in by letting ``write`` put it over this bitmap's own words (type1
+        GET_BITMAP) and restoring what they held (``report_in_place``); returns the
+        report's set bits, or None (``write`` not called) when the words hold too much."""
+        fn = "GlobalBitmap.merge_report"
+        first = check_count(fn, "first_guest_page", first_guest_page)
+        nbits = check_count(fn, "nbits", nbits)
+        if first + nbits > self.npages:
+            raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
+                             f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
+        with self._lock:
+            return report_in_place(self._words, first, nbits, write)
 
     def mark_all(self, pages: PageRange | None = None) -> None:
         """Mark ``pages`` (default: every page) dirty, e.g. for a tracker that cannot see DMA."""
