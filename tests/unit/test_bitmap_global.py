@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from vfiod.dirty import bitmap_ref as R
 from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
 from vfiod.dirty.ranges import PageRange
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.vfio import RamRegion
 
 
 def bitmap_of(pages: list[int], nbits: int) -> np.ndarray:
@@ -108,6 +111,32 @@ def test_runs_are_split_at_max_run() -> None:
     assert first.tolist() == [10, 110, 210] and count.tolist() == [100, 100, 50]
     with pytest.raises(ValueError, match="max_run must be >= 1"):
         g.runs(0)
+
+
+def test_take_runs_takes_every_run_and_clears() -> None:
+    g = GlobalBitmap(1000)
+    g.mark_all(PageRange(10, 250))
+    g.mark_all(PageRange(999, 1))
+    first, count = g.take_runs(100)
+    assert first.tolist() == [10, 110, 210, 999] and count.tolist() == [100, 100, 50, 1]
+    assert g.count() == 0
+
+
+def test_taking_a_pass_does_not_copy_the_bitmap() -> None:
+    # 2^24 pages (a 2 MiB bitmap), all dirty: the runs are read from the bitmap itself;
+    # a copy of it for the pass was a bitmap's worth more memory while the pass was sent
+    tr = DirtyTracker([RamRegion("ram", 0, (1 << 24) * 4096)], [])
+    tr.start(initial_all_dirty=True)
+    tr.take_dirty_runs(1 << 20)          # numba's first call, outside the measurement
+    tr.bitmap.mark_all()
+    tracemalloc.start()
+    try:
+        first, count = tr.take_dirty_runs(1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.tolist() == [i << 20 for i in range(16)] and tr.bitmap.count() == 0
+    assert peak < tr.bitmap.words.nbytes, peak
 
 
 def test_ranges_past_the_guest_are_refused() -> None:

@@ -4,7 +4,8 @@ Providers hand in per-mapping bitmaps in the kernel's layout (docs/kernel-contra
 covers ``iova + i * pgsize``; §4.4 the same for iommufd). A mapping starts at a guest page
 that need not be a multiple of 64, and the IOMMU page size may differ from the guest's, so
 ``merge_container`` rescales (when the sizes differ) and OR-merges at an unaligned offset.
-The RAM sender then takes ``runs`` or ``take_and_clear`` of what it is about to send.
+The RAM sender then takes ``take_runs`` (or ``runs``/``take_and_clear``) of what it is
+about to send.
 
 Merges, marks and takes hold one lock: two containers whose mappings share a boundary word
 would otherwise lose bits in a read-modify-write race. The kernels release the GIL, so
@@ -134,6 +135,13 @@ class GlobalBitmap:
         """Dirty pages as ``(first_page, count)`` runs of at most ``max_run`` pages."""
         with self._lock:
             return kernels.dirty_runs(self._words, self.npages, max_run)
+
+    def take_runs(self, max_run: int) -> tuple[Pages, Pages]:
+        """``runs(max_run)`` and ``clear()`` in one locked step."""
+        with self._lock:
+            runs = kernels.dirty_runs(self._words, self.npages, max_run)
+            self._words[:] = 0
+            return runs
 
     def take_and_clear(self, pages: PageRange | None = None) -> Bitmap:
         """Return the bits of ``pages`` (bit 0 = ``pages.first``) and clear them here."""
