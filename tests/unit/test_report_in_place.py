@@ -16,6 +16,10 @@ from vfiod.dirty.report_in_place import SAVE_FRACTION, report_in_place
 M64 = (1 << 64) - 1
 
 
+def popcount(words: np.ndarray) -> int:
+    return sum(bin(int(w)).count("1") for w in words)
+
+
 def overwrite(report: np.ndarray, nbits: int):  # noqa: ANN201
     """The kernel's write of one mapping at a word boundary: every word it touches takes
     the report's bits, the last word's bits past ``nbits`` become 0."""
@@ -61,8 +65,9 @@ def test_the_result_is_the_or_merge(kind: str, seed: int) -> None:
         p = first_word * 64 + i
         want[p // 64] |= np.uint64(1 << (p % 64))
     got = report_in_place(words, first_word * 64, nbits, overwrite(report, nbits))
-    assert got == len(bits)
+    assert got is not None and got.reported == len(bits)
     assert words.tolist() == want.tolist()
+    assert got.added == popcount(want) - popcount(before)
 
 
 def test_a_mixed_range_is_declined_untouched() -> None:

@@ -40,6 +40,13 @@ class GlobalBitmap:
         self.npages = check_count("GlobalBitmap", "npages", npages)
         self.page_size = check_page_size("GlobalBitmap", "page_size", page_size)
         self._words: Bitmap = np.zeros(words_for(self.npages), dtype=np.uint64)
+        #: dirty pages, kept where an operation knows how many it added (None: unknown,
+        #: ``count`` counts again)
+        self._count: int | None = 0
+        #: word ranges [w0, w1) given to in-place reports since the bitmap was last all
+        #: clear; every other word is still 0 (None: unknown). A set: a guest's segments
+        #: are few and come back at every sync.
+        self._touched: set[tuple[int, int]] | None = set()
         self._lock = threading.Lock()
 
     @property
@@ -84,6 +91,7 @@ class GlobalBitmap:
         if sp != self.page_size:
             bitmap = kernels.rescale(bitmap, sp, self.page_size, nbits)
         with self._lock:
+            self._count = self._touched = None
             kernels.or_merge(self._words, bitmap, first, pages)
         return pages
 
@@ -100,6 +108,7 @@ class GlobalBitmap:
             raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
                              f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
         with self._lock:
+            self._count = self._touched = None
             return kernels.or_merge(self._words, bitmap, first, nbits)
 
     def merge_report(self, write: Callable[[Bitmap], object], first_guest_page: int,
@@ -114,19 +123,31 @@ class GlobalBitmap:
         if first + nbits > self.npages:
             raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
                              f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
+        w0, w1 = first // 64, words_for(first + nbits)
         with self._lock:
-            return report_in_place(self._words, first, nbits, write)
+            touched = self._touched
+            clean = touched is not None and all(b <= w0 or a >= w1 for a, b in touched)
+            if touched is not None:
+                touched.add((w0, w1))     # before: a failed write leaves bits there too
+            known, self._count = self._count, None      # unknown if ``write`` fails
+            done = report_in_place(self._words, first, nbits, write, clean=clean)
+            self._count = known if done is None or known is None else known + done.added
+            return None if done is None else done.reported
 
     def mark_all(self, pages: PageRange | None = None) -> None:
         """Mark ``pages`` (default: every page) dirty, e.g. for a tracker that cannot see DMA."""
         r = self._range("mark_all", pages)
         with self._lock:
+            self._count = self._touched = None
             kernels.set_range(self._words, r.first, r.count)
 
     def count(self) -> int:
-        """Number of dirty guest pages."""
+        """Number of dirty guest pages (counted only when no operation since the last
+        count kept the number: a sync whose reports all went in place reads no word)."""
         with self._lock:
-            return kernels.popcount(self._words, self.npages)
+            if self._count is None:
+                self._count = kernels.popcount(self._words, self.npages)
+            return self._count
 
     def dirty_bytes(self) -> int:
         return self.count() * self.page_size
@@ -141,17 +162,20 @@ class GlobalBitmap:
         with self._lock:
             runs = kernels.dirty_runs(self._words, self.npages, max_run)
             self._words[:] = 0
+            self._count, self._touched = 0, set()
             return runs
 
     def take_and_clear(self, pages: PageRange | None = None) -> Bitmap:
         """Return the bits of ``pages`` (bit 0 = ``pages.first``) and clear them here."""
         r = self._range("take_and_clear", pages)
         with self._lock:
+            self._count = self._touched = None
             return kernels.test_and_clear(self._words, r.first, r.count)
 
     def clear(self) -> None:
         with self._lock:
             self._words[:] = 0
+            self._count, self._touched = 0, set()
 
 
 class DirtyRate:

@@ -10,9 +10,11 @@ zeroing, a write and three more passes of memory traffic per sync.
 Most of the time the words a report lands on hold almost nothing the report could
 destroy: the RAM sender took every dirty bit since the last sync, or another container
 over the same RAM left a few bits there (or, for a type1 that reports everything, all of
-them). ``report_in_place`` reads the words once, saves those that differ from all-zero
-(or from all-ones, whichever is rarer) as (index, value) pairs, lets the kernel write the
-report over the words, then counts the report's bits and ORs the saved words back. The
+them). ``report_in_place`` reads the words once (not at all when the caller knows them
+clean: ``GlobalBitmap`` remembers which words it wrote since the sender last took
+everything), saves those that differ from all-zero (or from all-ones, whichever is
+rarer) as (index, value) pairs, lets the kernel write the report over the words, then
+counts the report's bits and ORs the saved words back. The
 result is the OR-merge a scratch buffer gives, bit for bit. The save is allowed 1/32 of
 the range's words (1/16 of its bytes); words that would need more make it decline, and the
 caller uses the scratch buffer instead (e.g. the first sync after "everything dirty" in
@@ -24,6 +26,7 @@ The saved words are put back also when the report fails, so no bit is lost eithe
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -63,32 +66,54 @@ def _k_save(seg, fill, idx, val):
 
 @njit(nogil=True, cache=True)
 def _k_count_restore(seg, nbits, fill, idx, val):
-    # The report's set bits among its nbits, then every word back to report | old: old was
-    # fill except at the saved words. An all-zero fill needs no store but the saved words.
+    # The report's set bits among its nbits, then every word back to report | old (old was
+    # fill except at the saved words; an all-zero fill needs no store but the saved
+    # words), and how many bits that added to the words: the caller keeps its count of
+    # dirty pages up to date without a pass of its own.
     nw = seg.shape[0]
-    total = np.uint64(0)
+    whole = np.int64(0)
     for k in range(nw - 1):
-        total += popcnt64(seg[k])
-    total += popcnt64(seg[nw - 1] & tail_mask_u64(nbits))
+        whole += np.int64(popcnt64(seg[k]))
+    last = seg[nw - 1]
+    total = whole + np.int64(popcnt64(last & tail_mask_u64(nbits)))
+    whole += np.int64(popcnt64(last))
+    added = np.int64(0)
     if fill == ZERO:
+        added = whole                   # every word was 0 but the saved ones
         for j in range(idx.shape[0]):
-            seg[idx[j]] |= val[j]
+            r = seg[idx[j]]
+            v = val[j]
+            both = r | v
+            added += (np.int64(popcnt64(both)) - np.int64(popcnt64(r))
+                      - np.int64(popcnt64(v)))
+            seg[idx[j]] = both
     else:
-        for j in range(idx.shape[0]):
-            val[j] |= seg[idx[j]]
+        for j in range(idx.shape[0]):   # every word was all ones but the saved ones
+            both = seg[idx[j]] | val[j]
+            added += np.int64(popcnt64(both)) - np.int64(popcnt64(val[j]))
+            val[j] = both
         seg[:] = ALL
         for j in range(idx.shape[0]):
             seg[idx[j]] = val[j]
-    return np.int64(total)
+    return total, added
+
+
+class InPlace(NamedTuple):
+    """What ``report_in_place`` did: the report's set bits, and the bits it added to the
+    words (those not already set)."""
+
+    reported: int
+    added: int
 
 
 def report_in_place(words: Bitmap, first_bit: int, nbits: int,
-                    write: Callable[[Bitmap], object]) -> int | None:
+                    write: Callable[[Bitmap], object], clean: bool = False) -> InPlace | None:
     """OR a report of ``nbits`` bits into ``words`` at ``first_bit`` (a multiple of 64) by
     letting ``write`` overwrite ``words[first_bit // 64:][:words_for(nbits)]`` with it
     (type1 GET_BITMAP semantics, the last word's bits past ``nbits`` included), then
-    restoring what those words held. Returns the report's set bits, or None without
-    calling ``write`` when what the words hold is too much to save."""
+    restoring what those words held. ``clean``: the caller knows those words are all 0,
+    so they are not read first. Returns the counts, or None without calling ``write``
+    when what the words hold is too much to save."""
     fn = "report_in_place"
     words = check_words(fn, "words", words, writable=True)
     first = check_count(fn, "first_bit", first_bit)
@@ -100,7 +125,7 @@ def report_in_place(words: Bitmap, first_bit: int, nbits: int,
         raise ValueError(f"{fn}: bits [{first}, {first + nbits}) do not fit in words "
                          f"({words.shape[0]} words)")
     seg = words[w0:w0 + nw]
-    nonzero, notall = _k_unlike(seg)
+    nonzero, notall = (0, nw) if clean else _k_unlike(seg)
     room = max(SAVE_MIN_WORDS, nw // SAVE_FRACTION)
     if nonzero <= room:
         fill, n = ZERO, int(nonzero)
@@ -115,5 +140,5 @@ def report_in_place(words: Bitmap, first_bit: int, nbits: int,
     try:
         write(seg)
     finally:                    # also after a failed report: the saved bits go back
-        count = int(_k_count_restore(seg, nbits, fill, idx, val))
-    return count
+        reported, added = _k_count_restore(seg, nbits, fill, idx, val)
+    return InPlace(int(reported), int(added))
