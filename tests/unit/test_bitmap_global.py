@@ -203,7 +203,12 @@ def test_words_known_clean_are_not_read_before_a_report(
     assert scans == []
     assert g.merge_report(ones, 64, 128) == 128  # overlaps the first: read
     assert scans == [2]
+    assert g.merge_report(ones, 0, 128) == 128   # left all ones by the first: not read
+    assert scans == [2]
     assert g.count() == 256 + 64 - 64
+    g.take_runs(64)
+    assert g.merge_report(ones, 0, 128) == 128   # a take forgot the ones, and cleared
+    assert scans == [2] and g.count() == 128
 
 
 def test_ranges_past_the_guest_are_refused() -> None:

@@ -114,3 +114,19 @@ def test_an_all_ones_range_saves_only_its_holes(monkeypatch: pytest.MonkeyPatch)
     report = np.zeros(1000, np.uint64)
     report_in_place(words, 0, 1000 * 64, overwrite(report, 1000 * 64))
     assert saved == [(M64, 3)]
+
+
+@pytest.mark.parametrize("known", [0, M64])
+def test_words_the_caller_knows_are_not_read(known: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import vfiod.dirty.report_in_place as rip
+    monkeypatch.setattr(rip, "_k_unlike", lambda seg: pytest.fail("read"))
+    words = np.full(8, np.uint64(known))
+    report = np.array([1, 0, 0, 2], np.uint64)
+    got = report_in_place(words, 64, 256, overwrite(report, 256), known=known)
+    assert got is not None and got.reported == 2
+    assert got.full == (known == M64)
+    want = [known] * 8 if known else [0, 1, 0, 0, 2, 0, 0, 0]
+    assert words.tolist() == want
+    with pytest.raises(ValueError, match="known must be 0, all ones or None, got 0x5"):
+        report_in_place(words, 64, 256, overwrite(report, 256), known=5)

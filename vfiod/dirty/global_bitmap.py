@@ -28,6 +28,7 @@ from vfiod.dirty.bitmap_args import (
     check_words,
     rescaled_nbits,
 )
+from vfiod.dirty.bitmap_words import ALL
 from vfiod.dirty.ranges import PageRange
 from vfiod.dirty.report_in_place import report_in_place
 from vfiod.vfio.bitmap import Bitmap, words_for
@@ -47,6 +48,9 @@ class GlobalBitmap:
         #: clear; every other word is still 0 (None: unknown). A set: a guest's segments
         #: are few and come back at every sync.
         self._touched: set[tuple[int, int]] | None = set()
+        #: word ranges an in-place report left all ones since the last clearing: OR-ing
+        #: never clears a bit, so only a take or a clear forgets them
+        self._full: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -126,12 +130,18 @@ class GlobalBitmap:
         w0, w1 = first // 64, words_for(first + nbits)
         with self._lock:
             touched = self._touched
-            clean = touched is not None and all(b <= w0 or a >= w1 for a, b in touched)
+            value: int | None = None
+            if touched is not None and all(b <= w0 or a >= w1 for a, b in touched):
+                value = 0
+            elif any(a <= w0 and w1 <= b for a, b in self._full):
+                value = int(ALL)
             if touched is not None:
                 touched.add((w0, w1))     # before: a failed write leaves bits there too
             known, self._count = self._count, None      # unknown if ``write`` fails
-            done = report_in_place(self._words, first, nbits, write, clean=clean)
+            done = report_in_place(self._words, first, nbits, write, known=value)
             self._count = known if done is None or known is None else known + done.added
+            if done is not None and done.full:
+                self._full.add((w0, w1))
             return None if done is None else done.reported
 
     def mark_all(self, pages: PageRange | None = None) -> None:
@@ -162,7 +172,7 @@ class GlobalBitmap:
         with self._lock:
             runs = kernels.dirty_runs(self._words, self.npages, max_run)
             self._words[:] = 0
-            self._count, self._touched = 0, set()
+            self._count, self._touched, self._full = 0, set(), set()
             return runs
 
     def take_and_clear(self, pages: PageRange | None = None) -> Bitmap:
@@ -170,12 +180,13 @@ class GlobalBitmap:
         r = self._range("take_and_clear", pages)
         with self._lock:
             self._count = self._touched = None
+            self._full = set()
             return kernels.test_and_clear(self._words, r.first, r.count)
 
     def clear(self) -> None:
         with self._lock:
             self._words[:] = 0
-            self._count, self._touched = 0, set()
+            self._count, self._touched, self._full = 0, set(), set()
 
 
 class DirtyRate:

@@ -11,8 +11,8 @@ Most of the time the words a report lands on hold almost nothing the report coul
 destroy: the RAM sender took every dirty bit since the last sync, or another container
 over the same RAM left a few bits there (or, for a type1 that reports everything, all of
 them). ``report_in_place`` reads the words once (not at all when the caller knows them
-clean: ``GlobalBitmap`` remembers which words it wrote since the sender last took
-everything), saves those that differ from all-zero (or from all-ones, whichever is
+all 0 or all 1: ``GlobalBitmap`` remembers which words it gave to reports since the sender
+last took everything, and which reports left all ones), saves those that differ from all-zero (or from all-ones, whichever is
 rarer) as (index, value) pairs, lets the kernel write the report over the words, then
 counts the report's bits and ORs the saved words back. The
 result is the OR-merge a scratch buffer gives, bit for bit. The save is allowed 1/32 of
@@ -66,20 +66,25 @@ def _k_save(seg, fill, idx, val):
 
 @njit(nogil=True, cache=True)
 def _k_count_restore(seg, nbits, fill, idx, val):
-    # The report's set bits among its nbits, then every word back to report | old (old was
-    # fill except at the saved words; an all-zero fill needs no store but the saved
-    # words), and how many bits that added to the words: the caller keeps its count of
-    # dirty pages up to date without a pass of its own.
+    # The report's set bits among its nbits, every word back to report | old (old was fill
+    # except at the saved words), and how many bits that added to the words: the caller
+    # keeps its count of dirty pages up to date without a pass of its own; and whether
+    # every word is all ones after (False may be wrong, True never is). One pass: an
+    # all-zero fill stores only the saved words; an all-ones fill stores each word right
+    # after counting it (the saved words take the report's bits first).
     nw = seg.shape[0]
-    whole = np.int64(0)
-    for k in range(nw - 1):
-        whole += np.int64(popcnt64(seg[k]))
-    last = seg[nw - 1]
-    total = whole + np.int64(popcnt64(last & tail_mask_u64(nbits)))
-    whole += np.int64(popcnt64(last))
+    mask = tail_mask_u64(nbits)
     added = np.int64(0)
     if fill == ZERO:
-        added = whole                   # every word was 0 but the saved ones
+        whole = np.int64(0)
+        every = ALL
+        for k in range(nw - 1):
+            whole += np.int64(popcnt64(seg[k]))
+            every &= seg[k]
+        last = seg[nw - 1]
+        every &= last
+        total = whole + np.int64(popcnt64(last & mask))
+        added = whole + np.int64(popcnt64(last))   # every word was 0 but the saved ones
         for j in range(idx.shape[0]):
             r = seg[idx[j]]
             v = val[j]
@@ -87,33 +92,41 @@ def _k_count_restore(seg, nbits, fill, idx, val):
             added += (np.int64(popcnt64(both)) - np.int64(popcnt64(r))
                       - np.int64(popcnt64(v)))
             seg[idx[j]] = both
-    else:
-        for j in range(idx.shape[0]):   # every word was all ones but the saved ones
-            both = seg[idx[j]] | val[j]
-            added += np.int64(popcnt64(both)) - np.int64(popcnt64(val[j]))
-            val[j] = both
-        seg[:] = ALL
-        for j in range(idx.shape[0]):
-            seg[idx[j]] = val[j]
-    return total, added
+        return total, added, every == ALL
+    for j in range(idx.shape[0]):       # every word was all ones but the saved ones
+        both = seg[idx[j]] | val[j]
+        added += np.int64(popcnt64(both)) - np.int64(popcnt64(val[j]))
+        val[j] = both
+    total = np.int64(0)
+    body = seg[0:nw - 1]
+    for k in range(body.shape[0]):
+        total += np.int64(popcnt64(body[k]))
+        body[k] = ALL
+    total += np.int64(popcnt64(seg[nw - 1] & mask))
+    seg[nw - 1] = ALL
+    for j in range(idx.shape[0]):
+        seg[idx[j]] = val[j]
+    return total, added, idx.shape[0] == 0
 
 
 class InPlace(NamedTuple):
-    """What ``report_in_place`` did: the report's set bits, and the bits it added to the
-    words (those not already set)."""
+    """What ``report_in_place`` did: the report's set bits, the bits it added to the
+    words (those not already set), and whether the words are now all ones."""
 
     reported: int
     added: int
+    full: bool
 
 
 def report_in_place(words: Bitmap, first_bit: int, nbits: int,
-                    write: Callable[[Bitmap], object], clean: bool = False) -> InPlace | None:
+                    write: Callable[[Bitmap], object], known: int | None = None
+                    ) -> InPlace | None:
     """OR a report of ``nbits`` bits into ``words`` at ``first_bit`` (a multiple of 64) by
     letting ``write`` overwrite ``words[first_bit // 64:][:words_for(nbits)]`` with it
     (type1 GET_BITMAP semantics, the last word's bits past ``nbits`` included), then
-    restoring what those words held. ``clean``: the caller knows those words are all 0,
-    so they are not read first. Returns the counts, or None without calling ``write``
-    when what the words hold is too much to save."""
+    restoring what those words held. ``known``: the caller knows every one of those words
+    holds this value (0 or all ones), so they are not read first. Returns the counts, or
+    None without calling ``write`` when what the words hold is too much to save."""
     fn = "report_in_place"
     words = check_words(fn, "words", words, writable=True)
     first = check_count(fn, "first_bit", first_bit)
@@ -125,14 +138,16 @@ def report_in_place(words: Bitmap, first_bit: int, nbits: int,
         raise ValueError(f"{fn}: bits [{first}, {first + nbits}) do not fit in words "
                          f"({words.shape[0]} words)")
     seg = words[w0:w0 + nw]
-    nonzero, notall = (0, nw) if clean else _k_unlike(seg)
-    room = max(SAVE_MIN_WORDS, nw // SAVE_FRACTION)
-    if nonzero <= room:
-        fill, n = ZERO, int(nonzero)
-    elif notall <= room:
-        fill, n = ALL, int(notall)
+    if known is None:
+        nonzero, notall = _k_unlike(seg)
+    elif known in (0, int(ALL)):
+        nonzero, notall = (0, nw) if known == 0 else (nw, 0)
     else:
+        raise ValueError(f"{fn}: known must be 0, all ones or None, got {known:#x}")
+    room = max(SAVE_MIN_WORDS, nw // SAVE_FRACTION)
+    if min(nonzero, notall) > room:
         return None
+    fill, n = (ZERO, int(nonzero)) if nonzero <= notall else (ALL, int(notall))
     idx = np.empty(n, np.int64)
     val = np.empty(n, np.uint64)
     if n:
@@ -140,5 +155,5 @@ def report_in_place(words: Bitmap, first_bit: int, nbits: int,
     try:
         write(seg)
     finally:                    # also after a failed report: the saved bits go back
-        reported, added = _k_count_restore(seg, nbits, fill, idx, val)
-    return InPlace(int(reported), int(added))
+        reported, added, full = _k_count_restore(seg, nbits, fill, idx, val)
+    return InPlace(int(reported), int(added), bool(full))
