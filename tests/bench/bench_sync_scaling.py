@@ -130,7 +130,7 @@ def ram_curve(size_log2: int = 28, reps: int = 5, quick: bool = False) -> dict[s
 def fraction_curve(size_log2: int = 28, reps: int = 5) -> dict[str, Any]:
     curve = {}
     for f in FRACTIONS:
-        _, own, _ = timed_syncs(size_log2, reps, mdev=True,
+        _, own, _ = timed_syncs(size_log2, reps, mdev=True, take=True,
                                 make_dirty=fraction_writes(size_log2, f))
         curve[str(f)] = round(own * 1e3, 3)
     clean, full = curve[str(FRACTIONS[0])], curve[str(FRACTIONS[-1])]
