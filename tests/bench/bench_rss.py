@@ -13,6 +13,8 @@ memory against the number of guests and against the RAM whose dirty pages it tra
   parent's memory does not blur it; the child's numba kernels are loaded first. The
   simulated kernel writes the "all dirty" answers with memset and holds no bitmap of its
   own in this scope, so the growth is vfiod's. Target: ratio ≤ 1.1 (docs/architecture.md §3).
+  ``round_peak_ratio`` is the peak (VmHWM) growth over a source's first round (start with
+  everything dirty, take the pass, sync, take the next), per bitmap byte.
 
 Run alone: ``.venv/bin/python -m tests.bench.run -k rss``.
 """
@@ -36,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GUESTS, DEVICES = 64, 4
 FIXED_TARGET_MIB = 64
 BITMAP_TARGET = 1.1
+#: ``SessionConfig.max_run_pages``' default: the run length a source takes its passes in
+MAX_RUN_PAGES = 1024
 
 
 def _idle_rss(guests: int) -> int:
@@ -60,10 +64,14 @@ def rss_per_guest() -> dict[str, Any]:
                     "ratio = per-guest growth / fixed RSS")
 
 
-def _anon() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return int(fields["RssAnon"].split()[0]) * 1024
+    return int(fields[field].split()[0]) * 1024
+
+
+def _anon() -> int:
+    return _status("RssAnon")
 
 
 def _child(size_log2: int) -> dict[str, int]:
@@ -83,8 +91,33 @@ def _child(size_log2: int) -> dict[str, int]:
             host.close()
             return grown
 
+    def migration_round(bits: int) -> int:
+        """The peak a source's round adds: start with every page dirty, take the first
+        pass, sync, take the next (as ``SourceSession`` does, dropping a pass's runs
+        once it was sent). The kernel's high-water mark (VmHWM, reset through
+        /proc/self/clear_refs) also sees what lives only inside a call."""
+        with tempfile.TemporaryDirectory(prefix="vfiod-bench-rss-") as tmp:
+            host, containers, tr = _guest(tmp, bits, mdev=False)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _status("VmRSS")
+            tr.start(initial_all_dirty=True)
+            runs = tr.take_dirty_runs(MAX_RUN_PAGES)
+            del runs                    # the pass was sent (``RamSender.send``)
+            tr.sync("precopy")
+            runs = tr.take_dirty_runs(MAX_RUN_PAGES)
+            most = _status("VmHWM") - before
+            del runs
+            tr.stop()
+            for c in containers:
+                c.close()
+            host.close()
+            return most
+
     tracked(12)                         # numba's kernels and the sim's first-use memory
-    return {"grown": tracked(size_log2), "bitmap_bytes": (1 << size_log2) // 8}
+    migration_round(12)
+    return {"grown": tracked(size_log2), "round_grown": migration_round(size_log2),
+            "bitmap_bytes": (1 << size_log2) // 8}
 
 
 def rss_per_tib_tracked(size_log2: int = 28, quick: bool = False) -> dict[str, Any]:
@@ -101,8 +134,11 @@ def rss_per_tib_tracked(size_log2: int = 28, quick: bool = False) -> dict[str, A
                "MiB/TiB", "dirty-bitmap bytes per TiB (MiB)", 32.0, ratio,
                target_ratio=BITMAP_TARGET, met=ratio <= BITMAP_TARGET,
                grown_mib={f"2^{s} pages": round(g["grown"] / 2**20, 1) for s, g in got.items()},
+               round_peak_ratio=round(top["round_grown"] / top["bitmap_bytes"], 3),
                note="RssAnon growth of a process tracking a guest of 4 type1 containers "
-                    "(start + one full sync), per TiB of guest RAM")
+                    "(start + one full sync), per TiB of guest RAM; round_peak_ratio: the peak "
+                    "RSS a source's start, first pass taken, sync and second pass taken "
+                    f"add (runs of {MAX_RUN_PAGES} pages), per bitmap byte")
 
 
 def benchmarks() -> list[tuple[str, Any]]:

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from vfiod.kernel.sim.dirtymap import DirtyMap, or_into_user, type1_copy_to_user
+from vfiod.kernel.sim.dirtymap import _COPY_PIECE, DirtyMap, or_into_user, type1_copy_to_user
 
 M64 = (1 << 64) - 1
 
@@ -109,3 +109,19 @@ def test_or_into_user_matches_the_model(seed: int) -> None:
     or_into_user(user.ctypes.data, nbits_total, dm, first, count, bit_offset, scale, "test")
     assert words_to_int(user) == iommufd_model(user0, nbits_total, pages, first, count,
                                                bit_offset, scale)
+
+
+def test_type1_copy_of_a_mapping_larger_than_one_copy_piece() -> None:
+    # the word-aligned copy goes in pieces of _COPY_PIECE bytes (a cached copy, as the
+    # kernel's copy_to_user): every piece, the last partial one too, lands in place
+    nwords = 2 * _COPY_PIECE // 8 + 5
+    nbits = nwords * 64 - 7
+    rng = np.random.default_rng(3)
+    dm = DirtyMap(nbits)
+    for p in rng.choice(nbits, size=500, replace=False):
+        dm.mark(int(p), 1)
+    user = np.full(nwords + 1, np.uint64(2**64 - 1))
+    type1_copy_to_user(user.ctypes.data, 0, nbits, dm.words, False, "test")
+    assert dm.words is not None
+    assert np.array_equal(user[:nwords], dm.words)
+    assert user[nwords] == np.uint64(2**64 - 1)            # past the mapping: untouched

@@ -204,6 +204,38 @@ def test_dirty_get_reuses_and_zeroes_out(mdev: Opened, ram: Ram, rig: Rig) -> No
     c.dirty_stop()
 
 
+def test_dirty_get_clears_out_only_where_the_kernel_leaves_words(
+        mdev: Opened, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """type1 writes every word of its mappings over the caller's (docs/kernel-contract.md
+    §3.9): a range mappings cover is handed to the kernel as it is, one with a hole is
+    cleared first; either way the result is exactly the dirty pages."""
+    c = mdev.container
+    ram = Ram(rig, 256 * PG)
+    handed: list[np.ndarray] = []
+    real = c._get_bitmap
+    monkeypatch.setattr(c, "_get_bitmap", lambda iova, size, pgsize, buf, op: (
+        handed.append(buf.copy()), real(iova, size, pgsize, buf, op)))
+    try:
+        c.map_dma(IOVA, ram.vaddr, 100 * PG)
+        c.map_dma(IOVA + 100 * PG, ram.vaddr, 28 * PG)      # [0, 128) without a hole
+        c.map_dma(IOVA + 192 * PG, ram.vaddr, 64 * PG)      # a hole [128, 192) before it
+        c.dirty_start()
+        node = rig.host.device(MDEV)
+        for p in (5, 99, 100, 127, 200):
+            node.dma_write(IOVA + p * PG, 1)
+        ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+        out = np.full(4, ones)
+        assert bits(c.dirty_get(IOVA, 128 * PG, PG, out=out), 128) == [5, 99, 100, 127]
+        assert handed[-1].tolist() == [ones, ones]           # not cleared first
+        out = np.full(4, ones)
+        assert bits(c.dirty_get(IOVA, 256 * PG, PG, out=out)) == [200]
+        assert handed[-1].tolist() == [0, 0, 0, 0]           # cleared: the hole's word
+        c.dirty_stop()
+    finally:
+        c.close()
+        ram.close()
+
+
 @pytest.mark.parametrize("case,err", [
     ("not-started", errno.EINVAL), ("pgsize", errno.EINVAL), ("bisect", errno.EINVAL),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from vfiod.dirty import bitmap_ref as R
 from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
 from vfiod.dirty.ranges import PageRange
+from vfiod.dirty.tracker import DirtyTracker
+from vfiod.vfio import RamRegion
 
 
 def bitmap_of(pages: list[int], nbits: int) -> np.ndarray:
@@ -108,6 +111,104 @@ def test_runs_are_split_at_max_run() -> None:
     assert first.tolist() == [10, 110, 210] and count.tolist() == [100, 100, 50]
     with pytest.raises(ValueError, match="max_run must be >= 1"):
         g.runs(0)
+
+
+def test_take_runs_takes_every_run_and_clears() -> None:
+    g = GlobalBitmap(1000)
+    g.mark_all(PageRange(10, 250))
+    g.mark_all(PageRange(999, 1))
+    first, count = g.take_runs(100)
+    assert first.tolist() == [10, 110, 210, 999] and count.tolist() == [100, 100, 50, 1]
+    assert g.count() == 0
+
+
+def test_taking_a_pass_does_not_copy_the_bitmap() -> None:
+    # 2^24 pages (a 2 MiB bitmap), all dirty: the runs are read from the bitmap itself;
+    # a copy of it for the pass was a bitmap's worth more memory while the pass was sent
+    tr = DirtyTracker([RamRegion("ram", 0, (1 << 24) * 4096)], [])
+    tr.start(initial_all_dirty=True)
+    tr.take_dirty_runs(1 << 20)          # numba's first call, outside the measurement
+    tr.bitmap.mark_all()
+    tracemalloc.start()
+    try:
+        first, count = tr.take_dirty_runs(1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.tolist() == [i << 20 for i in range(16)] and tr.bitmap.count() == 0
+    assert peak < tr.bitmap.words.nbytes, peak
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_in_place_reports_keep_every_bit_and_the_count(seed: int) -> None:
+    # merge_report skips reading words it knows clean (none given to a report since the
+    # last take) and keeps count() without a pass; against a model of the bits, and the
+    # popcount, after any mix of operations (the reports here write words over, as type1)
+    rng = np.random.default_rng(seed)
+    g = GlobalBitmap(64 * 300 - 5)
+    model = np.zeros(300, np.uint64)
+
+    def overwrite_with(report: np.ndarray):  # noqa: ANN202
+        def write(words: np.ndarray) -> None:
+            words[:] = report[:words.size]
+        return write
+
+    def or_in(first: int, nbits: int, bits: np.ndarray) -> None:
+        for i in np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[:nbits]):
+            p = first + int(i)
+            model[p // 64] |= np.uint64(1 << (p % 64))
+
+    for step in range(80):
+        first = 64 * int(rng.integers(0, 200))
+        nbits = int(rng.integers(1, g.npages - first + 1))
+        n = (nbits + 63) // 64
+        kind = step % 6
+        if kind in (0, 1, 2):
+            report = rng.integers(0, 2**63, size=n, dtype=np.uint64) * (rng.random(n) < 0.3)
+            report = report.astype(np.uint64)
+            if nbits % 64:
+                report[-1] &= np.uint64((1 << (nbits % 64)) - 1)
+            if g.merge_report(overwrite_with(report), first, nbits) is not None:
+                or_in(first, nbits, report)
+            else:
+                g.merge_and_count(report, first, nbits)
+                or_in(first, nbits, report)
+        elif kind == 3:
+            g.mark_all(PageRange(first, nbits))
+            or_in(first, nbits, np.full(n, np.uint64(2**64 - 1)))
+        elif kind == 4:
+            g.take_runs(64)
+            model[:] = 0
+        else:
+            g.merge_and_count(np.ones(n, np.uint64), first, nbits)
+            or_in(first, nbits, np.ones(n, np.uint64))
+        assert g.words.tolist() == model.tolist(), step
+        assert g.count() == R.popcount(g.words.copy(), g.npages), step
+
+
+def test_words_known_clean_are_not_read_before_a_report(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import vfiod.dirty.report_in_place as rip
+    scans: list[int] = []
+    real = rip._k_unlike
+    monkeypatch.setattr(rip, "_k_unlike", lambda seg: (scans.append(seg.size), real(seg))[1])
+    g = GlobalBitmap(64 * 8)
+    g.mark_all(PageRange(3, 10))
+    g.take_runs(64)                              # all clear, and known to be
+
+    def ones(words: np.ndarray) -> None:
+        words[:] = np.uint64(2**64 - 1)
+    assert g.merge_report(ones, 0, 128) == 128   # known clean: not read
+    assert g.merge_report(ones, 256, 64) == 64   # another range: not read either
+    assert scans == []
+    assert g.merge_report(ones, 64, 128) == 128  # overlaps the first: read
+    assert scans == [2]
+    assert g.merge_report(ones, 0, 128) == 128   # left all ones by the first: not read
+    assert scans == [2]
+    assert g.count() == 256 + 64 - 64
+    g.take_runs(64)
+    assert g.merge_report(ones, 0, 128) == 128   # a take forgot the ones, and cleared
+    assert scans == [2] and g.count() == 128
 
 
 def test_ranges_past_the_guest_are_refused() -> None:

@@ -1,9 +1,10 @@
 """What the journal holds, one line per record, and how a line is written and read back
 (docs/architecture.md §1.8; the journal itself is ``vfiod.daemon.journal``).
 
-A line is ``<crc32c> <json>\\n``: the CRC-32C of the JSON bytes as 8 lowercase hex digits,
-one space, the record as compact JSON with ``"kind"`` (``transition`` or ``outcome``) and
-``"v": 1``, and a newline. Two kinds of record:
+A line is ``<crc32c> <json>\\n``: the CRC-32C of the JSON bytes as 8 lowercase hex digits
+(``journal_crc``: without numba, whose first call costs a daemon 15 MiB), one space, the
+record as compact JSON with ``"kind"`` (``transition`` or ``outcome``) and ``"v": 1``, and
+a newline. Two kinds of record:
 
 * a ``LifecycleTransition`` (``vfiod.daemon.lifecycle``): one guest's step, e.g.
   switching-over → migrated-away;
@@ -25,9 +26,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from vfiod.daemon.journal_crc import journal_crc32c
 from vfiod.daemon.lifecycle import LifecycleTransition
 from vfiod.errors import VfiodError
-from vfiod.migration.stream.crc32c import crc32c
 
 #: The ``"v"`` of every line this vfiod writes, and the only one it reads.
 JOURNAL_FORMAT_VERSION = 1
@@ -140,7 +141,7 @@ def encode_line(record: JournalRecord) -> bytes:
     kind = "transition" if isinstance(record, LifecycleTransition) else "outcome"
     body = json.dumps({"kind": kind, "v": JOURNAL_FORMAT_VERSION, **record.to_json()},
                       separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-    return b"%08x %s\n" % (crc32c(body), body)
+    return b"%08x %s\n" % (journal_crc32c(body), body)
 
 
 def _is_lower_hex(b: bytes) -> bool:
@@ -153,7 +154,7 @@ def decode_line(line: bytes) -> JournalRecord:
     if len(line) < 10 or line[8:9] != b" " or not _is_lower_hex(line[:8]):
         raise JournalLineError(f"not '<crc32c> <json>' ({line[:40]!r})", torn=True)
     body = line[9:]
-    said, has = int(line[:8], 16), crc32c(body)
+    said, has = int(line[:8], 16), journal_crc32c(body)
     if said != has:
         raise JournalLineError(f"bad checksum (the line says {said:08x}, its content has "
                                f"{has:08x})", torn=True)

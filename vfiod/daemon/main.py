@@ -10,7 +10,8 @@ Start-up order, each step before the next, so ``READY=1`` means "serving":
 5. ``READY=1`` with a STATUS line, and the watchdog thread if systemd asked for one.
 
 The main loop wakes at least every second (or a quarter of the watchdog interval), beats
-the heartbeat the watchdog checks, refreshes STATUS while migrations run, and acts on the
+the heartbeat the watchdog checks, refreshes STATUS while migrations run, freezes the heap
+again when modules were imported since the last freeze (``HeapFreeze``), and acts on the
 signals its self-pipe brings (``stopping.py``; the handlers only write to the pipe):
 SIGHUP reloads the configuration (``RELOADING=1`` ... ``READY=1``): the migration
 defaults and the per-device opt-out apply at once; what needs a restart (sockets, paths,
@@ -34,7 +35,9 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,12 +217,15 @@ class Daemon:
         return "; ".join(parts)
 
     # -- main loop -------------------------------------------------------------------------
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT; the caller ran ``start``."""
+    def run(self, on_tick: Callable[[], object] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT; the caller ran ``start``. ``on_tick`` runs at every
+        wake-up of the loop (``run_daemon``: ``HeapFreeze.again_if_imported``)."""
         tick = min(1.0, self.watchdog.interval / 4) if self.watchdog else 1.0
         last = ""
         while True:
             self.heartbeat.beat()
+            if on_tick is not None:
+                on_tick()
             line = self.status_line()
             if line != last:
                 self.notifier.status(line)
@@ -327,18 +333,43 @@ def _gid(group: str) -> int | None:
         return None
 
 
-def freeze_startup_heap() -> int:
-    """Collect once, then move every object alive after the start (modules, numba's
-    compiled kernels, the guests: most of what the process will ever hold) out of the
-    cyclic collector's reach: its full passes then look only at objects made since, and
-    no longer stop every thread for 55-125 ms at 64 guests (README "Scaling": they were
-    the 1% of ``status`` requests that waited 100 ms or more). Returns how many objects
-    were frozen."""
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    log.info("start-up heap frozen: %d objects left out of later collections", frozen)
-    return frozen
+class HeapFreeze:
+    """Collect once, then move every object alive (modules, the guests: most of what the
+    process will ever hold) out of the cyclic collector's reach: its full passes then look
+    only at objects made since, and no longer stop every thread for 55-125 ms at 64 guests
+    (README "Scaling": they were the 1% of ``status`` requests that waited 100 ms or more).
+
+    After the start, ``again_if_imported`` freezes once more when modules were imported
+    since: numba builds its typing registries (about 50,000 objects) at the first kernel
+    call, which an idle daemon no longer makes (``journal_crc``), so they arrive with the
+    first migration and would otherwise double every later full pass. New modules are
+    rare (the first migration, a first reload), and each freeze keeps whatever else is
+    alive at that moment out of the collector for good: a bounded, one-off cost."""
+
+    def __init__(self) -> None:
+        self.modules = 0
+
+    def freeze(self, when: str) -> int:
+        """Collect and freeze; returns how many objects are frozen in all."""
+        gc.collect()
+        gc.freeze()
+        self.modules = len(sys.modules)
+        frozen = gc.get_freeze_count()
+        log.info("%s heap frozen: %d objects left out of later collections", when, frozen)
+        return frozen
+
+    def again_if_imported(self) -> int | None:
+        """Freeze again if modules were imported since the last freeze (else None)."""
+        if len(sys.modules) <= self.modules:
+            return None
+        return self.freeze("grown")
+
+
+def freeze_startup_heap() -> HeapFreeze:
+    """The first freeze, right after the start (``HeapFreeze``)."""
+    heap = HeapFreeze()
+    heap.freeze("start-up")
+    return heap
 
 
 def run_daemon(opts: RunOptions) -> int:
@@ -355,9 +386,9 @@ def run_daemon(opts: RunOptions) -> int:
         log.error("cannot start: %s", e)
         daemon.shutdown()
         return 1
-    freeze_startup_heap()
+    heap = freeze_startup_heap()
     try:
-        daemon.run()
+        daemon.run(on_tick=heap.again_if_imported)
     finally:
         daemon.shutdown()
     return 0

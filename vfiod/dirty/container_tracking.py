@@ -5,13 +5,16 @@ that merges its dirty bits into the guest's ``GlobalBitmap``.
 Mappings contiguous in both IOVA and guest address are queried as one segment (one ioctl
 and one merge, at the segment's guest page, which need not be a multiple of 64), with a
 scratch bitmap reused across syncs; bits are rescaled when the IOMMU page differs from
-the guest page. The scratch bitmap is one per guest (``ScratchBitmap``), shared by its
-containers: they are queried one at a time under the tracker's lock, so one buffer sized
-for the largest segment does, where one per container held a bitmap's worth of memory
-per container on top of the guest's. A provider that turns out unavailable (EOPNOTSUPP/ENOTTY) is replaced by
-the next one in its chain; after any REPORT failure the whole container counts dirty for
-that sync (the log may be lost), marked after the replacement started so that no write
-slips between.
+the guest page. A type1 report whose segment starts on a word of the guest's bitmap
+goes straight into that bitmap (``GlobalBitmap.merge_report``, ``report_in_place``); the
+others, and one the bitmap's words decline, go through a scratch bitmap, one per guest
+(``ScratchBitmap``), shared by its containers: they are queried one at a time under the
+tracker's lock, so one buffer sized for the largest segment does. It is allocated zeroed
+(calloc: no resident memory until a report is written into it).
+
+A provider that turns out unavailable (EOPNOTSUPP/ENOTTY) is replaced by the next one in
+its chain; after any REPORT failure the whole container counts dirty for that sync (the
+log may be lost), marked after the replacement started so that no write slips between.
 """
 
 from __future__ import annotations
@@ -112,7 +115,15 @@ class ContainerTracking:
         assert chain.page_size is not None
         pg = chain.page_size
         nbits = seg.size // pg
-        bits = chain.current.report(seg.iova, seg.size, self.scratch.words)
+        provider = chain.current
+        if (pg == self.page_size and seg.first_page % 64 == 0
+                and getattr(provider, "report_overwrites", False)):
+            got = self.bitmap.merge_report(
+                lambda words: provider.report(seg.iova, seg.size, words), seg.first_page,
+                nbits)
+            if got is not None:
+                return got
+        bits = provider.report(seg.iova, seg.size, self.scratch.words)
         if pg != self.page_size:
             bits = kernels.rescale(bits, pg, self.page_size, nbits)
             nbits = rescaled_nbits(nbits, pg, self.page_size)

@@ -4,7 +4,8 @@ Providers hand in per-mapping bitmaps in the kernel's layout (docs/kernel-contra
 covers ``iova + i * pgsize``; §4.4 the same for iommufd). A mapping starts at a guest page
 that need not be a multiple of 64, and the IOMMU page size may differ from the guest's, so
 ``merge_container`` rescales (when the sizes differ) and OR-merges at an unaligned offset.
-The RAM sender then takes ``runs`` or ``take_and_clear`` of what it is about to send.
+The RAM sender then takes ``take_runs`` (or ``runs``/``take_and_clear``) of what it is
+about to send.
 
 Merges, marks and takes hold one lock: two containers whose mappings share a boundary word
 would otherwise lose bits in a read-modify-write race. The kernels release the GIL, so
@@ -14,6 +15,7 @@ other Python threads keep running while one merge is in progress.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,7 +28,9 @@ from vfiod.dirty.bitmap_args import (
     check_words,
     rescaled_nbits,
 )
+from vfiod.dirty.bitmap_words import ALL
 from vfiod.dirty.ranges import PageRange
+from vfiod.dirty.report_in_place import report_in_place
 from vfiod.vfio.bitmap import Bitmap, words_for
 
 
@@ -37,6 +41,16 @@ class GlobalBitmap:
         self.npages = check_count("GlobalBitmap", "npages", npages)
         self.page_size = check_page_size("GlobalBitmap", "page_size", page_size)
         self._words: Bitmap = np.zeros(words_for(self.npages), dtype=np.uint64)
+        #: dirty pages, kept where an operation knows how many it added (None: unknown,
+        #: ``count`` counts again)
+        self._count: int | None = 0
+        #: word ranges [w0, w1) given to in-place reports since the bitmap was last all
+        #: clear; every other word is still 0 (None: unknown). A set: a guest's segments
+        #: are few and come back at every sync.
+        self._touched: set[tuple[int, int]] | None = set()
+        #: word ranges an in-place report left all ones since the last clearing: OR-ing
+        #: never clears a bit, so only a take or a clear forgets them
+        self._full: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -81,6 +95,7 @@ class GlobalBitmap:
         if sp != self.page_size:
             bitmap = kernels.rescale(bitmap, sp, self.page_size, nbits)
         with self._lock:
+            self._count = self._touched = None
             kernels.or_merge(self._words, bitmap, first, pages)
         return pages
 
@@ -97,18 +112,52 @@ class GlobalBitmap:
             raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
                              f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
         with self._lock:
+            self._count = self._touched = None
             return kernels.or_merge(self._words, bitmap, first, nbits)
+
+    def merge_report(self, write: Callable[[Bitmap], object], first_guest_page: int,
+                     nbits: int) -> int | None:
+        """OR a report of ``nbits`` guest pages from ``first_guest_page`` (a multiple of
+        64) in by letting ``write`` put it over this bitmap's own words (type1
+        GET_BITMAP) and restoring what they held (``report_in_place``); returns the
+        report's set bits, or None (``write`` not called) when the words hold too much."""
+        fn = "GlobalBitmap.merge_report"
+        first = check_count(fn, "first_guest_page", first_guest_page)
+        nbits = check_count(fn, "nbits", nbits)
+        if first + nbits > self.npages:
+            raise ValueError(f"{fn}: {nbits} pages at guest page {first} cover guest pages "
+                             f"[{first}, {first + nbits}), past the guest's {self.npages} pages")
+        w0, w1 = first // 64, words_for(first + nbits)
+        with self._lock:
+            touched = self._touched
+            value: int | None = None
+            if touched is not None and all(b <= w0 or a >= w1 for a, b in touched):
+                value = 0
+            elif any(a <= w0 and w1 <= b for a, b in self._full):
+                value = int(ALL)
+            if touched is not None:
+                touched.add((w0, w1))     # before: a failed write leaves bits there too
+            known, self._count = self._count, None      # unknown if ``write`` fails
+            done = report_in_place(self._words, first, nbits, write, known=value)
+            self._count = known if done is None or known is None else known + done.added
+            if done is not None and done.full:
+                self._full.add((w0, w1))
+            return None if done is None else done.reported
 
     def mark_all(self, pages: PageRange | None = None) -> None:
         """Mark ``pages`` (default: every page) dirty, e.g. for a tracker that cannot see DMA."""
         r = self._range("mark_all", pages)
         with self._lock:
+            self._count = self._touched = None
             kernels.set_range(self._words, r.first, r.count)
 
     def count(self) -> int:
-        """Number of dirty guest pages."""
+        """Number of dirty guest pages (counted only when no operation since the last
+        count kept the number: a sync whose reports all went in place reads no word)."""
         with self._lock:
-            return kernels.popcount(self._words, self.npages)
+            if self._count is None:
+                self._count = kernels.popcount(self._words, self.npages)
+            return self._count
 
     def dirty_bytes(self) -> int:
         return self.count() * self.page_size
@@ -118,15 +167,26 @@ class GlobalBitmap:
         with self._lock:
             return kernels.dirty_runs(self._words, self.npages, max_run)
 
+    def take_runs(self, max_run: int) -> tuple[Pages, Pages]:
+        """``runs(max_run)`` and ``clear()`` in one locked step."""
+        with self._lock:
+            runs = kernels.dirty_runs(self._words, self.npages, max_run)
+            self._words[:] = 0
+            self._count, self._touched, self._full = 0, set(), set()
+            return runs
+
     def take_and_clear(self, pages: PageRange | None = None) -> Bitmap:
         """Return the bits of ``pages`` (bit 0 = ``pages.first``) and clear them here."""
         r = self._range("take_and_clear", pages)
         with self._lock:
+            self._count = self._touched = None
+            self._full = set()
             return kernels.test_and_clear(self._words, r.first, r.count)
 
     def clear(self) -> None:
         with self._lock:
             self._words[:] = 0
+            self._count, self._touched, self._full = 0, set(), set()
 
 
 class DirtyRate:

@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vfiod.dirty import bitmap_kernels as kernels
 from vfiod.dirty.container_tracking import ContainerTracking, ScratchBitmap
 from vfiod.dirty.global_bitmap import DirtyRate, GlobalBitmap
 from vfiod.dirty.optout import StateSource, state_lookup
@@ -176,10 +175,11 @@ class DirtyTracker:
     def take_dirty_runs(self, max_run: int) -> tuple[np.ndarray, np.ndarray]:
         """Dirty pages as (first_page, count) int64 arrays (runs ≤ ``max_run`` pages),
         cleared from the bitmap in the same locked step (a concurrent merge cannot slip
-        between reading and clearing)."""
+        between reading and clearing). The runs are read from the bitmap itself, not from
+        a copy of it: a copy was one more bitmap's worth of memory for as long as a pass
+        was being sent."""
         with self._lock:
-            bits = self.bitmap.take_and_clear()
-        return kernels.dirty_runs(bits, self.bitmap.npages, max_run)
+            return self.bitmap.take_runs(max_run)
 
     @property
     def scratch_bytes(self) -> int:

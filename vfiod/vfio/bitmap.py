@@ -1,11 +1,13 @@
 """Dirty-bitmap buffers handed to the kernel (docs/kernel-contract.md §3.8, §3.9, §4.4, §7).
 
 Every dirty ioctl writes a little-endian array of u64 words, bit *i* = page ``iova + i*pgsize``
-relative to the requested iova, and only ever *sets* bits, so the buffer must be zeroed
-before each call (§11 pitfall 5). These helpers size, check and zero such buffers and OR a
-partial bitmap into a larger one at a bit offset that need not be 64-aligned (used when one
-query is split into several kernel calls). The fast merge kernels live in ``vfiod.dirty``;
-this is the small numpy version the vfio layer needs for its own splitting.
+relative to the requested iova, and leaves some words alone (iommufd and DMA logging only
+set bits; type1 skips holes between mappings), so the buffer is zeroed before each call
+unless every word will be written (docs/kernel-contract.md §11.5). These helpers size, check
+and zero such buffers and OR a partial bitmap into a larger one at a bit offset that need
+not be 64-aligned (used when one query is split into several kernel calls). The fast
+merge kernels live in ``vfiod.dirty``; this is the small numpy version the vfio layer
+needs for its own splitting.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ def words_for(npages: int) -> int:
     return -(-npages // 64)
 
 
-def prepare(out: Bitmap | None, npages: int, what: str) -> Bitmap:
+def prepare(out: Bitmap | None, npages: int, what: str, clear: bool = True) -> Bitmap:
     """A zeroed u64 bitmap of at least ``words_for(npages)`` words: ``out`` (checked and
     cleared in place) or a new array. The kernel writes through a raw pointer, so ``out``
-    must be a writable, C-contiguous uint64 array."""
+    must be a writable, C-contiguous uint64 array. ``clear=False`` leaves ``out``'s words
+    as they are, for a caller that knows the kernel will write every one of them."""
     need = words_for(npages)
     if out is None:
         return np.zeros(need, dtype=np.uint64)
@@ -39,7 +42,8 @@ def prepare(out: Bitmap | None, npages: int, what: str) -> Bitmap:
         raise ValueError(f"{what}: out must be C-contiguous and writable")
     if out.size < need:
         raise ValueError(f"{what}: out has {out.size} words, {need} needed for {npages} pages")
-    out[:need] = 0
+    if clear:
+        out[:need] = 0
     return out
 
 

@@ -33,6 +33,10 @@ NAME = ProviderName.TYPE1
 
 class Type1Provider:
     name = NAME
+    #: ``report`` writes every word of a range mappings cover over what ``out`` held
+    #: (§3.9), so the tracker may hand it the guest bitmap's own words
+    #: (``GlobalBitmap.merge_report``)
+    report_overwrites = True
 
     def __init__(self, container: Container, precise: bool = False, reason: str = "") -> None:
         self.container = container

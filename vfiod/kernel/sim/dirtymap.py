@@ -119,6 +119,21 @@ def _user_words(addr: int, nwords: int, op: str) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_uint64 * nwords).from_address(addr))
 
 
+#: Bytes per piece of ``_cached_copy``: below glibc's non-temporal threshold (about 3/4
+#: of a thread's share of the last-level cache), so every piece is a plain cached copy.
+_COPY_PIECE = 256 << 10
+
+
+def _cached_copy(dst: int, src: int, nbytes: int) -> None:
+    """memmove in pieces. One large glibc memmove switches to non-temporal stores, which
+    leave the caller's bitmap out of the cache; the kernel's copy_to_user (``rep movsb``)
+    stores through the cache, and the caller's next pass over the bitmap (vfiod's count)
+    finds it there: measured on 8 MiB, that pass took 0.19 ms after one memmove, 0.13 ms
+    after pieces of 256 KiB, 0.11 ms after a memset (README "Scaling")."""
+    for off in range(0, nbytes, _COPY_PIECE):
+        ctypes.memmove(dst + off, src + off, min(_COPY_PIECE, nbytes - off))
+
+
 def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, words: np.ndarray | None,
                        all_dirty: bool, op: str) -> None:
     """Write one mapping's ``nbits`` bits at ``bit_offset`` of the bitmap at ``addr`` the
@@ -151,7 +166,7 @@ def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, words: np.ndarray
         if words is None:
             ctypes.memset(dst, 0, nout * 8)
         else:
-            ctypes.memmove(dst, words.ctypes.data, nout * 8)
+            _cached_copy(dst, words.ctypes.data, nout * 8)
         return
     out = np.zeros(nout, dtype=np.uint64)
     if words is not None:
