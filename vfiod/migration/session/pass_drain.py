@@ -1,5 +1,6 @@
 """Waiting, at the end of each pre-copy pass, until the destination has consumed it
-(docs/protocol.md §8.2 ACK pass; docs/architecture.md §4 what the prediction counts).
+(docs/protocol.md §8.5 pass acknowledgements; docs/architecture.md §4 what the prediction
+counts).
 
 A socket accepts a pass long before the destination has read, checked and stored it:
 on a fast link the kernel buffers of both ends hold megabytes (up to ``tcp_rmem``'s
@@ -8,8 +9,9 @@ queue. Bytes still queued when the guest pauses are paid for inside the downtime
 no prediction made from the source's side alone knows how many there are. So when the
 destination offers it (``pass_acks`` in its HELLO), the source asks for it in the
 HEADER, the destination acknowledges every ITERATION mark once it has re-hashed that
-pass, and the source waits for that ACK before its dirty sync and prediction: the
-prediction then starts from an empty pipe, and so does the stop-and-copy.
+pass, and the source waits for that ACK right after sending the mark, before its own
+re-hash, its dirty sync and its prediction: the prediction then starts from an empty
+pipe, and so does the stop-and-copy.
 
 The wait also measures the path: the time from the mark leaving to its ACK, less the
 destination's re-hash (``busy_s``), is an upper bound of one round trip, and the least of
