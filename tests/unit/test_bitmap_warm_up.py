@@ -15,12 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SYNC_KERNELS = ("_k_or_merge", "_k_popcount", "_k_runs", "_k_split_runs", "_k_extract",
                 "_k_fill")
 
+#: those of a type1 report written in place (``report_in_place``)
+IN_PLACE_KERNELS = ("_k_unlike", "_k_save", "_k_count_restore")
+
 PROBE = f"""
-from vfiod.dirty import bitmap_kernels as k
-names = {SYNC_KERNELS!r}
-before = [n for n in names if getattr(k, n).signatures]
+from vfiod.dirty import bitmap_kernels as k, report_in_place as r
+kernels = [getattr(k, n) for n in {SYNC_KERNELS!r}] + [getattr(r, n) for n in {IN_PLACE_KERNELS!r}]
+before = [f.__name__ for f in kernels if f.signatures]
 k.warm_up()
-after = [n for n in names if not getattr(k, n).signatures]
+after = [f.__name__ for f in kernels if not f.signatures]
 print(before, after)
 """
 

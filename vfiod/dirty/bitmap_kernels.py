@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vfiod.dirty import bitmap_args
+from vfiod.dirty import bitmap_args, report_in_place
 from vfiod.dirty.bitmap_args import Pages
 from vfiod.dirty.bitmap_rescale import rescale
 from vfiod.dirty.bitmap_words import ALL, ONE, ZERO, ctz64, popcnt64, tail_mask_u64
@@ -297,3 +297,4 @@ def warm_up() -> None:
     dirty_runs(words, 256, 4)          # split: longer than 4
     test_and_clear(words, 5, 100)
     set_range(words, 1, 3)
+    report_in_place.warm_up()

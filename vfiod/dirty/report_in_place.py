@@ -157,3 +157,11 @@ def report_in_place(words: Bitmap, first_bit: int, nbits: int,
     finally:                    # also after a failed report: the saved bits go back
         reported, added, full = _k_count_restore(seg, nbits, fill, idx, val)
     return InPlace(int(reported), int(added), bool(full))
+
+
+def warm_up() -> None:
+    """Compile or load the three kernels now, as a sync calls them (docs/architecture.md
+    §4 fixed costs: a migration's first, timed sync must not pay it)."""
+    words = np.zeros(2 * SAVE_MIN_WORDS, np.uint64)
+    words[3] = 5                 # one word to save before the report and OR back after
+    report_in_place(words, 0, 64 * SAVE_MIN_WORDS, lambda seg: seg.fill(0))

@@ -109,6 +109,7 @@ def _exercise_numba_paths() -> None:
     k.dirty_runs(words, 200, 64)
     k.test_and_clear(words, 0, 200)
     k.dirty_runs(words, 200, 64)
+    k.warm_up()              # every kernel of a sync, type1's in-place reports included
     GlobalBitmap(256).mark_all()
     mdev, pci = "5c3b1c1e-0000-4000-8000-00000000c0de", "0000:00:03.0"
     with tempfile.TemporaryDirectory() as root:
