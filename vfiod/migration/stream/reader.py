@@ -5,7 +5,7 @@ Usage (the destination session drives it; the source is a connection or a file):
     r = StreamReader(source)
     header = r.read_header()          # preamble + HEADER, validated
     ram = GuestRam(header.page_size, header.regions, my_views, writable=True)
-    r.attach_ram(ram)
+    r.attach_ram(ram, crcs=digests)   # optional: each landed page's CRC goes there too
     for ev in r.events():
         match ev:
             case RamLoaded(): ...                   # pages already in guest memory, CRC ok
@@ -18,7 +18,9 @@ Usage (the destination session drives it; the source is a connection or a file):
 Guarantees: nothing is allocated from a length before it is checked against ``Limits``; RAM
 payload is received with ``recv_into`` straight into the destination's guest memory after
 its page range was checked against the layout, and its per-page CRCs are checked right
-after the copy, while the pages are still in the CPU cache. The destination guest is not running, so a failed check only
+after the copy, while the pages are still in the CPU cache; those CRCs, of the pages as they
+landed, go to the ``PageCrcSink`` given to ``attach_ram`` (the content digests, which then
+never read the pages again: docs/protocol.md §7.3). The destination guest is not running, so a failed check only
 means the migration fails and the destination discards — except for ``RAM_LIVE`` records,
 whose pages the source's guest may have written during the send: those pages must arrive
 verified in a later record before the first END_OF_STATE / the MANIFEST (``torn.py``).
@@ -37,7 +39,7 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally, first_difference
-from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
@@ -118,6 +120,7 @@ class StreamReader:
         self.records = 0         # records accepted so far (== next sequence number)
         self.header: StreamHeader | None = None
         self._ram: GuestRam | None = None
+        self._crcs: PageCrcSink | None = None
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
         self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent; grows per record,
         self._got = np.empty(0, dtype=np.uint32)    # bounded by Limits.ram_record
@@ -156,13 +159,16 @@ class StreamReader:
         self._dev_ended = [False] * len(header.devices)
         return header
 
-    def attach_ram(self, ram: GuestRam) -> None:
-        """Where RAM records land; must match the header's page size and regions."""
+    def attach_ram(self, ram: GuestRam, *, crcs: PageCrcSink | None = None) -> None:
+        """Where RAM records land; must match the header's page size and regions.
+        ``crcs`` takes the per-page CRCs of every record that landed (computed over the
+        landed pages: a torn LIVE page's CRC is that of the bytes that landed)."""
         if self.header is None:
             raise RuntimeError("attach_ram() before read_header()")
         if ram.page_size != self.header.page_size or ram.regions != self.header.regions:
             raise ValueError("destination memory layout differs from the stream header's")
         self._ram = ram
+        self._crcs = crcs
 
     def attach_channels(self, channels: ChannelBarrier) -> None:
         """RAM also arrives on these channels (the HEADER announced them, §12)."""
@@ -295,6 +301,8 @@ class StreamReader:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x} "
                             f"(page {int(bad[0])} of {n} in this record): checksum mismatch",
                             at, h.rtype)
+        if self._crcs is not None:
+            self._crcs.take_page_crcs(first, got)
         if self._torn:
             self._torn.clear(first, n)
         if bad.size:
