@@ -109,7 +109,6 @@ def test_a_write_dirty_tracking_never_reported_fails_the_digest_comparison(
                                                             downtime_limit_s=1e-9)))
     finally:
         monkeypatch.undo()
-    del words
     assert run.source.result != "completed"
     assert run.dest is not None and run.dest.verification["content_verified"] is False
     assert "RAM content differs from the source" in run.dest.reason

@@ -73,16 +73,16 @@ from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roo
 from vfiod.migration.session.vmm_dest import DestVmmSteps
 from vfiod.migration.session.vmm_half import VmmDestinationHalf
 from vfiod.migration.states import GuestState, MigrationState
-from vfiod.migration.stream.header import StreamHeader
-from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.reader import (
+from vfiod.migration.stream.events import (
     Complete,
     DeviceData,
     EndOfState,
     IterationMark,
     RamLoaded,
-    StreamReader,
 )
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.reader import StreamReader
 from vfiod.migration.transport.control import (
     AckStage,
     ControlMessage,
