@@ -215,7 +215,8 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
             elif isinstance(ev, IterationMark):
                 self.iteration = ev.number
                 if self.header is not None and self.header.pass_acks:   # the pass is in
-                    self.link.send_control(ControlMessage.ack(AckStage.PASS, ev.number))
+                    self.link.send_control(ControlMessage.ack(AckStage.PASS, ev.number,
+                                                              busy_s=0.0))   # no re-hash
             elif isinstance(ev, EndOfState):
                 self._stopped_at = self._stopped_at or self.clock()
                 if self.state is MigrationState.ACTIVE:
