@@ -4,9 +4,9 @@
 The stream's MANIFEST proves the destination received exactly the records the source sent.
 This module proves the next thing: that the destination's RAM, once loaded, has the same
 *content* as the source's RAM at the moment it stopped. Both ends keep one CRC-32C per
-guest page (the stream's own per-page checksum kernel, ``stream.pagecrc``: several GB/s,
-GIL released) read from their own memory, not from the stream. A region's digest is
-BLAKE2b-128 over the CRCs of its page table taken in 16 KiB groups.
+guest page of their own memory (the stream's own per-page checksum kernel,
+``stream.pagecrc``: several GB/s, GIL released). A region's digest is BLAKE2b-128 over the
+CRCs of its page table taken in 16 KiB groups.
 
 Incremental, so verification costs little downtime, and one CRC per page per end where
 the stream's own is exact (docs/protocol.md §7.3): ``take_page_crcs`` stores a CRC the
@@ -23,9 +23,9 @@ again by the next ``rehash``.
   its content at the pause, and it clears a pending touch from an earlier live send. The
   final ``rehash`` reads only the pages sent live and not read since.
 
-Pages never touched keep the CRC of a zero page: both ends
-start from zeroed memory (a fresh memfd on the destination; pages the source skips in its
-first pass were zero when it scanned them, and any later write makes them dirty).
+Pages never touched keep the CRC of a zero page: both ends start from zeroed memory (a
+fresh memfd on the destination; pages the source skips in its first pass were zero when it
+scanned them, and any later write makes them dirty).
 
 What it proves and what it cannot: the destination's memory equals the source's memory as
 hashed, so a record applied at the wrong place on either side, a torn or stale pre-copy
