@@ -28,6 +28,7 @@ from typing import Any
 from vfiod.migration.session.common import SessionBase
 from vfiod.migration.stream.channel_hello import ChannelHello, read_channel_hello
 from vfiod.migration.stream.header import MAX_CHANNELS
+from vfiod.migration.stream.pagecrc import PageCrcSink
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.reader import StreamReader
 from vfiod.migration.stream.records import PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordError
@@ -74,9 +75,11 @@ def open_channels(dial: ChannelDialer, n: int, migration_id: str, challenge: str
 
 def accept_channels(accept: ChannelAcceptor, n: int, migration_id: str, challenge: str,
                     ram: GuestRam, timeout_s: float,
-                    refused: Callable[[str], None]) -> ChannelGather:
+                    refused: Callable[[str], None],
+                    crcs: PageCrcSink | None = None) -> ChannelGather:
     """Accept channels 1..n of this migration within ``timeout_s``; a connection that is
-    not one of them is closed and reported to ``refused``."""
+    not one of them is closed and reported to ``refused``. Each channel hands the CRCs of
+    the pages it landed to ``crcs``."""
     deadline = time.monotonic() + timeout_s
     readers: dict[int, ChannelReader] = {}
     try:
@@ -101,7 +104,8 @@ def accept_channels(accept: ChannelAcceptor, n: int, migration_id: str, challeng
                 continue
             conn.set_io_timeout(io_timeout)
             opening = PREAMBLE_SIZE + RECORD_HEADER_SIZE + len(hello.to_json())
-            readers[hello.channel] = ChannelReader(hello.channel, conn, ram, offset=opening)
+            readers[hello.channel] = ChannelReader(hello.channel, conn, ram, offset=opening,
+                                                   crcs=crcs)
     except BaseException:
         for r in readers.values():
             r.source.close()
@@ -151,7 +155,7 @@ class DestChannels(SessionBase):
     def _channels_hello(self) -> dict[str, Any]:
         return {} if self.channel_acceptor is None else {"channels": MAX_CHANNELS}
 
-    def _accept_channels(self, n: int, ram: GuestRam) -> None:
+    def _accept_channels(self, n: int, ram: GuestRam, crcs: PageCrcSink) -> None:
         """After ACK header: the channels the HEADER announced."""
         self.result.timings["channels"] = n
         if n < 2:
@@ -162,4 +166,4 @@ class DestChannels(SessionBase):
                                  f"{n} RAM channels; this destination offered none")
         self.reader.attach_channels(accept_channels(
             self.channel_acceptor, n, self.migration_id, self.challenge, ram,
-            self.config.ack_timeout_s, self.result.warnings.append))
+            self.config.ack_timeout_s, self.result.warnings.append, crcs))

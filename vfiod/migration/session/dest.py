@@ -5,16 +5,17 @@
              guest (page size, memory layout, devices paired by id: identity, protocol,
              flags) and refuse with every reason (ERROR) before any byte is written; attach
              this guest's RAM as the place RAM records land; ACK header.
-    ACTIVE   RAM records land in guest memory (CRC checked in place by the reader) and
-             mark their pages for re-hashing; each device's first data chunk is the source's
-             ``save_state`` record: ``check_state`` then ``load_setup`` (RESUMING); the
-             following chunks go to ``load_state`` in order; ITERATION marks re-hash the
-             pages received in that pass.
+    ACTIVE   RAM records land in guest memory (CRC checked in place by the reader, or a
+             RAM channel's thread), and those per-page CRCs are the pages' content digests
+             (docs/protocol.md §7.3: no page is read twice); each device's first data
+             chunk is the source's ``save_state`` record: ``check_state`` then
+             ``load_setup`` (RESUMING); the following chunks go to ``load_state`` in
+             order; ITERATION marks are acknowledged at once (pass acknowledgements).
     DEVICE   from the first END_OF_STATE: ``load_complete`` per device as its state ends
              (the kernel driver validates it, RESUMING -> STOP); the MANIFEST is verified
              by the reader (record counts, bytes, digests per region and device).
-    verify   wait for the source's content digests (control frame DIGESTS), re-hash
-             what the last pass touched, compare every region.
+    verify   wait for the source's content digests (control frame DIGESTS), compare
+             every region.
     prepare  journal "prepared" (``SwitchoverJournal.prepared``); from here no cancel and
              no discard on this end's own initiative; ACK prepared (with the
              verification); wait for the source's COMMIT, which must name this migration
@@ -72,16 +73,16 @@ from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roo
 from vfiod.migration.session.vmm_dest import DestVmmSteps
 from vfiod.migration.session.vmm_half import VmmDestinationHalf
 from vfiod.migration.states import GuestState, MigrationState
-from vfiod.migration.stream.header import StreamHeader
-from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.reader import (
+from vfiod.migration.stream.events import (
     Complete,
     DeviceData,
     EndOfState,
     IterationMark,
     RamLoaded,
-    StreamReader,
 )
+from vfiod.migration.stream.header import StreamHeader
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.reader import StreamReader
 from vfiod.migration.transport.control import (
     AckStage,
     ControlMessage,
@@ -192,12 +193,13 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
         self._by_index = [mine[d.id] for d in h.devices]
         ram = GuestRam(g.page_size, g.ram_regions(), [b.view() for b in landing],
                        writable=True)
-        self.reader.attach_ram(ram)
         self.digests = RamDigests(g.ram_regions(), [b.view() for b in landing], g.page_size)
+        # each landed page's CRC, checked by the reader, is its digest (§7.3): no re-read
+        self.reader.attach_ram(ram, crcs=self.digests)
         # the time spent here is not network: the source subtracts it from its round trip
         self.link.send_control(ControlMessage.ack(AckStage.HEADER, self.reader.records,
                                                   busy_s=self.clock() - t_header))
-        self._accept_channels(h.channels, ram)
+        self._accept_channels(h.channels, ram, self.digests)
 
     # -- ACTIVE / DEVICE --------------------------------------------------------------
     def _receive(self) -> None:
@@ -206,18 +208,15 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
         t = self.result.timings
         for ev in r.events():
             self._check_cancel()            # an operator's cancel, at the next record
-            if isinstance(ev, RamLoaded):
-                dg.touch_range(ev.first_page, ev.count)
+            if isinstance(ev, RamLoaded):      # its CRCs are in the digests already
                 self._landed(ev.first_page, ev.count)
             elif isinstance(ev, DeviceData):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):
                 self.iteration = ev.number
-                t0 = self.clock()
-                dg.rehash()
                 if self.header is not None and self.header.pass_acks:   # the pass is in
-                    self.link.send_control(ControlMessage.ack(
-                        AckStage.PASS, ev.number, busy_s=self.clock() - t0))
+                    self.link.send_control(ControlMessage.ack(AckStage.PASS, ev.number,
+                                                              busy_s=0.0))   # no re-hash
             elif isinstance(ev, EndOfState):
                 self._stopped_at = self._stopped_at or self.clock()
                 if self.state is MigrationState.ACTIVE:
@@ -252,7 +251,7 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
         assert dg is not None
         t = self.result.timings
         t0 = self.clock()
-        dg.rehash()                   # overlaps the source's own final re-hash
+        dg.rehash()                   # nothing to read: each landed page came with its CRC
         t["dest_final_rehash_s"] = self.clock() - t0
         msg = self.link.wait_control(ControlType.DIGESTS, self.config.ack_timeout_s)
         t1 = self.clock()
@@ -268,8 +267,7 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
         t["dest_compare_s"] = self.clock() - t1
         v = self.result.verification
         v.update(regions=[r.to_dict() for r in mine], content_verified=not diffs,
-                 hash_total_s=dg.hash_seconds, hashed_bytes=dg.hashed_bytes,
-                 final_rehash_pages=dg.last_rehash_pages,
+                 **dg.figures(""),
                  final_verify_s=t["dest_final_rehash_s"] + t["dest_compare_s"])
         if diffs:
             raise VerificationError("RAM content differs from the source: " + "; ".join(diffs))

@@ -4,31 +4,49 @@
 The stream's MANIFEST proves the destination received exactly the records the source sent.
 This module proves the next thing: that the destination's RAM, once loaded, has the same
 *content* as the source's RAM at the moment it stopped. Both ends keep one CRC-32C per
-guest page (the stream's own per-page checksum kernel, ``stream.pagecrc``: several GB/s,
-GIL released) read from their own memory, not from the stream. A region's digest is
-BLAKE2b-128 over the CRCs of its page table taken in 16 KiB groups.
+guest page of their own memory (the stream's own per-page checksum kernel,
+``stream.pagecrc``: several GB/s, GIL released). A region's digest is BLAKE2b-128 over the
+CRCs of its page table taken in 16 KiB groups.
 
-Incremental, so verification costs little downtime: a page is re-hashed only when it was
-sent (source) or received (destination) since its last hash. The source hashes what it
-sent after each pre-copy pass and after the final pass; the destination at each ITERATION
-mark and after the MANIFEST. Pages never touched keep the CRC of a zero page: both ends
-start from zeroed memory (a fresh memfd on the destination; pages the source skips in its
-first pass were zero when it scanned them, and any later write makes them dirty).
+Incremental, so verification costs little downtime, and one CRC per page per end where
+the stream's own is exact (docs/protocol.md §7.3): ``take_page_crcs`` stores a CRC the
+stream computed of a page that cannot change afterwards, ``touch`` marks a page to be read
+again by the next ``rehash``.
+
+* Destination: every page's CRC comes from the stream reader (or the RAM channel thread)
+  that landed and checked it, computed over the landed bytes; nothing else writes the
+  landing memory during a migration, so the destination never reads a page twice.
+* Source: a page sent while the guest runs (pre-copy) is touched and read again after
+  its pass, because the guest may have written it after its CRC was computed, and the
+  digest must be the memory's, so that a write dirty tracking missed still shows. A page
+  sent in stop-and-copy (guest and devices stopped) takes the CRC of its record: that is
+  its content at the pause, and it clears a pending touch from an earlier live send. The
+  final ``rehash`` reads only the pages sent live and not read since.
+
+Pages never touched keep the CRC of a zero page: both ends start from zeroed memory (a
+fresh memfd on the destination; pages the source skips in its first pass were zero when it
+scanned them, and any later write makes them dirty).
 
 What it proves and what it cannot: the destination's memory equals the source's memory as
 hashed, so a record applied at the wrong place on either side, a torn or stale pre-copy
 page that was not re-sent, or a lost record show up, by region. A write the dirty tracker
-never reported leaves the source's hash stale as well; only a full hash of both memories
-after the migration (``full_ram_digest``, out of the downtime window) catches that, and the
-demo and the tests run it.
+never reported is caught if it came between the page's live send and the re-hash after
+that pass; one after that re-hash leaves the source's hash stale as well, and only a full
+hash of both memories after the migration (``full_ram_digest``, out of the downtime
+window) catches it, and the demo and the tests run it.
+
+Threads: RAM channels hand CRCs in from their own threads; one lock orders every change
+to the tables (a channel's CRCs of pass *k+1* are never older than what a ``rehash`` of
+pass *k* computes, whichever runs first).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -96,25 +114,47 @@ class RamDigests:
         self._crcs = [np.full(r.size // page_size, zero_crc(page_size), dtype=np.uint32)
                       for r in regions]
         self._touched = [np.zeros(len(c), dtype=bool) for c in self._crcs]
+        #: a region may hold touched pages (``rehash`` skips the others without a scan)
+        self._maybe_touched = [False] * len(regions)
+        self._lock = threading.Lock()
         self._clock = clock
         self.hash_seconds = 0.0       # time spent hashing, in total
-        self.hashed_bytes = 0
+        self.hashed_bytes = 0         # bytes read again from memory by ``rehash``
+        self.taken_pages = 0          # pages whose CRC came from the stream
         self.last_rehash_s = 0.0
         self.last_rehash_pages = 0
         #: time per hashed byte and per run, for predicting the final re-hash
         self.cost = CostModel(prior_per_item_s=10e-6)
 
-    def touch_range(self, first: int, count: int) -> None:
-        """Pages [first, first+count) changed (sent or received): re-hash them."""
+    def _pieces(self, first: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """(region index, start, end) of pages [first, first+count), per region, the
+        bounds relative to the region's first page."""
         end = first + count
         i = bisect.bisect_right(self._first, first) - 1
         while count > 0 and 0 <= i < len(self.regions):
             lo, hi = max(first, self._first[i]), min(end, self._end[i])
             if hi > lo:
-                self._touched[i][lo - self._first[i]:hi - self._first[i]] = True
+                yield i, lo - self._first[i], hi - self._first[i]
             if end <= self._end[i]:
                 break
             i += 1
+
+    def touch_range(self, first: int, count: int) -> None:
+        """Pages [first, first+count) may have changed since their CRC: re-hash them."""
+        with self._lock:
+            for i, lo, hi in self._pieces(first, count):
+                self._touched[i][lo:hi] = True
+                self._maybe_touched[i] = True
+
+    def take_page_crcs(self, first_page: int, crcs: np.ndarray) -> None:
+        """The stream's CRCs of pages [first_page, first_page+len(crcs)), exact for their
+        content from now on (``stream.pagecrc.PageCrcSink``): stored, not re-read."""
+        with self._lock:
+            for i, lo, hi in self._pieces(first_page, len(crcs)):
+                at = self._first[i] + lo - first_page
+                self._crcs[i][lo:hi] = crcs[at:at + hi - lo]
+                self._touched[i][lo:hi] = False
+                self.taken_pages += hi - lo
 
     def touch(self, first: np.ndarray | Sequence[int],
               count: np.ndarray | Sequence[int]) -> None:
@@ -134,37 +174,60 @@ class RamDigests:
             mark = np.zeros(len(touched) + 1, dtype=np.int32)
             np.add.at(mark, lo[sel], 1)
             np.add.at(mark, hi[sel], -1)
-            touched |= np.cumsum(mark[:-1]) > 0
+            with self._lock:
+                touched |= np.cumsum(mark[:-1]) > 0
+                self._maybe_touched[i] = True
 
     @property
     def pending_pages(self) -> int:
-        return int(sum(int(t.sum()) for t in self._touched))
+        with self._lock:
+            return int(sum(int(t.sum()) for t in self._touched))
+
+    def pending_runs(self) -> int:
+        """Runs of touched pages (each one kernel call of the next ``rehash``)."""
+        with self._lock:
+            return sum(int(np.count_nonzero(np.diff(t.view(np.int8), prepend=0) == 1))
+                       for t, m in zip(self._touched, self._maybe_touched, strict=True) if m)
 
     def rehash(self) -> int:
         """Hash every touched page now, run by run; returns how many pages."""
         t0 = self._clock()
         ps = self.page_size
         done = runs = 0
-        for view, crcs, touched in zip(self._views, self._crcs, self._touched, strict=True):
-            idx = np.flatnonzero(touched)
-            if not idx.size:
-                continue
-            for a, b in _runs(idx):
-                page_crcs(view[a * ps:b * ps], ps, out=crcs[a:b])
-                runs += 1
-            touched[:] = False
-            done += idx.size
+        with self._lock:
+            for i, (view, crcs, touched) in enumerate(zip(self._views, self._crcs,
+                                                          self._touched, strict=True)):
+                if not self._maybe_touched[i]:
+                    continue
+                self._maybe_touched[i] = False
+                idx = np.flatnonzero(touched)
+                if not idx.size:
+                    continue
+                for a, b in _runs(idx):
+                    page_crcs(view[a * ps:b * ps], ps, out=crcs[a:b])
+                    runs += 1
+                touched[:] = False
+                done += idx.size
         self.hashed_bytes += done * ps
         self.last_rehash_s = self._clock() - t0
-        self.cost.add(done * ps, runs, self.last_rehash_s)
+        if done:                    # an empty re-hash says nothing of the cost per byte
+            self.cost.add(done * ps, runs, self.last_rehash_s)
         self.last_rehash_pages = done
         self.hash_seconds += self.last_rehash_s
         return done
 
+    def figures(self, prefix: str) -> dict[str, float | int]:
+        """What hashing cost this end, for the migration's verification report."""
+        return {f"{prefix}hash_total_s": self.hash_seconds,
+                f"{prefix}hashed_bytes": self.hashed_bytes,
+                f"{prefix}stream_crc_pages": self.taken_pages,
+                f"{prefix}final_rehash_pages": self.last_rehash_pages}
+
     def roots(self) -> list[RegionDigest]:
         """Each region's digest (call ``rehash`` first for a current answer)."""
-        return [RegionDigest(r.name, len(c), _root(c))
-                for r, c in zip(self.regions, self._crcs, strict=True)]
+        with self._lock:
+            return [RegionDigest(r.name, len(c), _root(c))
+                    for r, c in zip(self.regions, self._crcs, strict=True)]
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:

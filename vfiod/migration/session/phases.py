@@ -7,8 +7,9 @@ hands them to the ``StreamWriter`` in slices of ``slice_bytes``. After each slic
 records (stream bytes, send time) in the ``BandwidthEstimator`` — time spent sending only,
 so dirty syncs and device reads between passes do not lower the estimate — and the CPU
 time the slice cost in a ``CostModel`` (per byte and per record: a final pass of scattered
-pages is bound by framing, not by the link), marks the pages for re-hashing
-(``digest``), and calls ``between()`` (the session checks for cancel there). It counts
+pages is bound by framing, not by the link), marks live pages for re-hashing
+(``digest``; a quiescent slice's CRCs go from the writer to the digests instead,
+docs/protocol.md §7.3), and calls ``between()`` (the session checks for cancel there). It counts
 the pages of the pass still to send (``pass_left_pages``, a status read at any time shows
 them) and calls ``publish()`` at most every ``publish_every_s``, so the daemon's figures
 move during a pass at a bounded rate (once per slice at most, no per-page work). In the first
@@ -21,7 +22,8 @@ predictor's inputs: the dirty rate excludes containers that were not queried (sk
 the pre-copy opt-out, or whose log was lost) because their "all dirty" is a placeholder,
 not a measurement; they still count fully in the RAM still to send (``dirty_bytes``
 includes the opted-out containers' ``assumed_dirty_bytes``). ``final_pass_overheads``
-adds what the final pass costs beyond its bytes: the re-hash and the framing CPU time.
+adds what the final pass costs beyond its bytes: the re-hash of the live pages still
+pending, and the framing CPU time.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RamSender:
         self.cost = CostModel()
         self.guest = guest
         self.digests = digests
+        writer.attach_crc_sink(digests)     # stop-and-copy records' CRCs are the digests
         self.bandwidth = bandwidth
         self.slice_pages = max(1, slice_bytes // guest.page_size)
         self.clock = clock
@@ -144,7 +147,8 @@ class RamSender:
         # cost here, per byte and per record (a scattered final pass is CPU bound)
         self.bandwidth.record(t0, t1, sent)
         self.cost.add(sent, records, c1 - c0)
-        self.digests.touch(arr[:, 0], arr[:, 1])
+        if not quiescent:       # the guest may write them again: read them after the pass
+            self.digests.touch(arr[:, 0], arr[:, 1])
         self.pass_left_pages -= int(arr[:, 1].sum())
         self.between()
         if self.publish is not None and (self._published is None
@@ -204,11 +208,13 @@ def with_opted_out_share(num: PredictionNumbers, share: float) -> PredictionNumb
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,
                          bandwidth_bps: float) -> tuple[float, float]:
     """(verify_s, records_s) of the final pass, beyond its bytes over the link: the final
-    re-hash (both ends re-hash what it moves, side by side: counted once), and the CPU
+    re-hash (what the source sent live and has not read again: the final pass's own pages
+    take their records' CRCs, and the destination reads nothing again), and the CPU
     time framing its records past what the link takes (the pass is bound by the link or
     by that CPU, whichever is slower; the predictor counts bytes / bandwidth)."""
     per_byte, per_run = digests.cost.fit()
-    verify_s = num.dirty_ram_bytes * per_byte + num.dirty_runs * per_run
+    verify_s = (digests.pending_pages * digests.page_size * per_byte
+                + digests.pending_runs() * per_run)
     cpu_byte, cpu_rec = sender.cost.fit()
     cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
     link_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)

@@ -391,7 +391,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.result.verification.update(
             source_regions=[r.to_dict() for r in dg.roots()],
             manifest_records=manifest.records,
-            source_hash_total_s=dg.hash_seconds)
+            **dg.figures("source_"))
         if self.vmm is not None:
             self.result.predicted_downtime_s = self._vmm_predicted_s(
                 self.result.predicted_downtime_s)

@@ -9,6 +9,7 @@ Modules:
 * ``ram``      ``GuestRam``: guest pages → slices of the mmaps backing them
 * ``writer``   ``StreamWriter`` (source) over any ``StreamSink``
 * ``reader``   ``StreamReader`` (destination) over any ``Source``, yielding events
+* ``events``   the events it yields (``RamLoaded``, ``DeviceData``, ``Complete``, ...)
 * ``crc32c``   the record checksum (SSE4.2 via numba, table fallback)
 * ``pagecrc``  one CRC-32C per guest page: the checksum of RAM records
 * ``torn``     pages of live (pre-copy) records that failed their check until re-sent
@@ -24,19 +25,18 @@ Transports (TCP, TLS, files) live in ``vfiod.migration.transport`` and implement
 and ``Source``; this package never touches a socket or a file itself.
 """
 
-from vfiod.migration.stream.header import DeviceInfo, StreamHeader
-from vfiod.migration.stream.manifest import Manifest, ManifestEntry
-from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.reader import (
+from vfiod.migration.stream.events import (
     Complete,
     DeviceData,
     EndOfState,
     Event,
     IterationMark,
     RamLoaded,
-    Source,
-    StreamReader,
 )
+from vfiod.migration.stream.header import DeviceInfo, StreamHeader
+from vfiod.migration.stream.manifest import Manifest, ManifestEntry
+from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.reader import Source, StreamReader
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,

@@ -18,9 +18,16 @@ machine, the same in the cache (README "Benchmarks").
 
 ``page_crcs(data, page_size, out=None)`` returns a ``uint32`` array, entry ``i`` being the
 standard CRC-32C (``crc32c.crc32c``) of page ``i`` of ``data``.
+
+``PageCrcSink`` is where the stream hands the CRCs it computed of pages that cannot change
+afterwards (docs/protocol.md §7.3): the destination's pages as they landed, the source's
+pages sent while the guest is stopped. The session's content digests take them instead of
+reading those pages a second time.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 from numba import njit
@@ -102,3 +109,14 @@ def page_crcs(data: object, page_size: int, out: np.ndarray | None = None,
         else:
             _pages_table(buf, page_size, out, _TABLES)
     return out
+
+
+class PageCrcSink(Protocol):
+    """Takes per-page CRCs the stream computed (``session/digest.py`` ``RamDigests``)."""
+
+    def take_page_crcs(self, first_page: int, crcs: np.ndarray) -> None:
+        """``crcs[i]`` is the CRC-32C of guest page ``first_page + i`` as it is in memory
+        now, and nothing changes that page until the stream hands a newer CRC of it (a
+        page landing again in a later pass). Called on the thread that computed them
+        (a RAM channel's); ``crcs`` may be reused by the caller once this returns."""
+        ...

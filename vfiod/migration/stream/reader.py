@@ -5,7 +5,7 @@ Usage (the destination session drives it; the source is a connection or a file):
     r = StreamReader(source)
     header = r.read_header()          # preamble + HEADER, validated
     ram = GuestRam(header.page_size, header.regions, my_views, writable=True)
-    r.attach_ram(ram)
+    r.attach_ram(ram, crcs=digests)   # optional: each landed page's CRC goes there too
     for ev in r.events():
         match ev:
             case RamLoaded(): ...                   # pages already in guest memory, CRC ok
@@ -18,7 +18,8 @@ Usage (the destination session drives it; the source is a connection or a file):
 Guarantees: nothing is allocated from a length before it is checked against ``Limits``; RAM
 payload is received with ``recv_into`` straight into the destination's guest memory after
 its page range was checked against the layout, and its per-page CRCs are checked right
-after the copy, while the pages are still in the CPU cache. The destination guest is not running, so a failed check only
+after the copy, while the pages are still in the CPU cache (and go to ``attach_ram``'s
+``crcs``, the content digests: docs/protocol.md §7.3). The destination guest is not running, so a failed check only
 means the migration fails and the destination discards — except for ``RAM_LIVE`` records,
 whose pages the source's guest may have written during the send: those pages must arrive
 verified in a later record before the first END_OF_STATE / the MANIFEST (``torn.py``).
@@ -29,15 +30,22 @@ an ``ErrorCode``; an ABORT record raises it with ``code=ABORTED``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.stream.events import (
+    Complete,
+    DeviceData,
+    EndOfState,
+    Event,
+    IterationMark,
+    RamLoaded,
+)
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally, first_difference
-from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
@@ -76,40 +84,6 @@ class ChannelBarrier(Protocol):
     def failure(self) -> BaseException | None: ...
 
 
-@dataclass(frozen=True)
-class RamLoaded:
-    first_page: int
-    count: int
-    verified: bool = True  # False: a LIVE record the guest wrote during the send (torn.py)
-
-
-@dataclass(frozen=True)
-class DeviceData:
-    device: str
-    index: int
-    chunk: int
-    data: memoryview  # valid until the next event: consume it before iterating on
-
-
-@dataclass(frozen=True)
-class EndOfState:
-    device: str
-    index: int
-
-
-@dataclass(frozen=True)
-class IterationMark:
-    number: int
-
-
-@dataclass(frozen=True)
-class Complete:
-    manifest: Manifest
-
-
-Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
-
-
 class StreamReader:
     def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
@@ -118,6 +92,7 @@ class StreamReader:
         self.records = 0         # records accepted so far (== next sequence number)
         self.header: StreamHeader | None = None
         self._ram: GuestRam | None = None
+        self._crcs: PageCrcSink | None = None   # where landed pages' CRCs go
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
         self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent; grows per record,
         self._got = np.empty(0, dtype=np.uint32)    # bounded by Limits.ram_record
@@ -156,13 +131,15 @@ class StreamReader:
         self._dev_ended = [False] * len(header.devices)
         return header
 
-    def attach_ram(self, ram: GuestRam) -> None:
-        """Where RAM records land; must match the header's page size and regions."""
+    def attach_ram(self, ram: GuestRam, *, crcs: PageCrcSink | None = None) -> None:
+        """Where RAM records land; must match the header's page size and regions.
+        ``crcs`` takes the CRCs of every landed record's pages, as they landed."""
         if self.header is None:
             raise RuntimeError("attach_ram() before read_header()")
         if ram.page_size != self.header.page_size or ram.regions != self.header.regions:
             raise ValueError("destination memory layout differs from the stream header's")
         self._ram = ram
+        self._crcs = crcs
 
     def attach_channels(self, channels: ChannelBarrier) -> None:
         """RAM also arrives on these channels (the HEADER announced them, §12)."""
@@ -295,6 +272,8 @@ class StreamReader:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x} "
                             f"(page {int(bad[0])} of {n} in this record): checksum mismatch",
                             at, h.rtype)
+        if self._crcs is not None:
+            self._crcs.take_page_crcs(first, got)
         if self._torn:
             self._torn.clear(first, n)
         if bad.size:

@@ -24,7 +24,9 @@ bytes go to the socket straight from the guest mapping (no copy in user space):
 
 * ``quiescent=True`` (stop-and-copy: the guest and its devices are stopped): the CRC is
   computed over guest memory that cannot change, and a mismatch at the destination is
-  fatal.
+  fatal. Those CRCs are also the pages' content digests: with ``attach_crc_sink`` each
+  record's table goes to the sink (the session's ``RamDigests``), which then need not
+  read the pages again (docs/protocol.md §7.3).
 * ``quiescent=False`` (pre-copy: the guest runs and writes its RAM): the records carry the
   ``RAM_LIVE`` flag. A page the guest writes between the checksum and the kernel's copy
   fails the destination's check; that page is dirty again, so a later pass re-sends it, and
@@ -46,7 +48,7 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally
-from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
@@ -91,7 +93,7 @@ class RamChannels(Protocol):
     """RAM channels of a multi-connection stream (docs/protocol.md §12;
     ``transport/channel_send.py``)."""
 
-    def submit(self, batch: list[_Rec], flags: int) -> None: ...
+    def submit(self, batch: list[_Rec], flags: int, crcs: PageCrcSink | None) -> None: ...
 
     def sync(self, number: int) -> None: ...
 
@@ -130,6 +132,7 @@ class StreamWriter:
         self._phase = "new"  # new -> data -> ending -> done | aborted
         self._iteration = -1
         self._channels: RamChannels | None = None
+        self._crc_sink: PageCrcSink | None = None
         self.bytes_sent = 0
         self.ram_bytes_sent = 0
         self.device_bytes_sent = 0
@@ -157,6 +160,10 @@ class StreamWriter:
         self._expect("data", "attach_channels")
         self._channels = channels
 
+    def attach_crc_sink(self, sink: PageCrcSink) -> None:
+        """Hand the per-page CRC table of every quiescent RAM record to ``sink``."""
+        self._crc_sink = sink
+
     def send_ram(self, ranges: Iterable[tuple[int, int]] | np.ndarray, *,
                  quiescent: bool) -> int:
         """Send guest pages given as (first page, count) runs; returns payload bytes sent."""
@@ -165,14 +172,20 @@ class StreamWriter:
         if isinstance(ranges, np.ndarray):
             ranges = ranges.tolist()  # plain ints, one tuple per run (not per page)
         flags = 0 if quiescent else RAM_LIVE
+        # live pages may change after their CRC: only a quiescent send's CRCs are digests
+        sink = self._crc_sink if quiescent else None
         sent = 0
         if self._channels is not None:
-            return self._send_ram_channels(ranges, flags)
+            return self._send_ram_channels(ranges, flags, sink)
         for batch in self._ram_batches(ranges):
             # Checksum a batch just before handing it to the kernel, so that the kernel's
             # copy finds it in the cache. (Checksumming on a worker thread one batch ahead
             # was measured no faster on two cores: GIL hand-offs eat the overlap.)
-            sent += self._send_ram_batch(batch, _tables(batch, self.header.page_size), flags)
+            tables = _tables(batch, self.header.page_size)
+            sent += self._send_ram_batch(batch, tables, flags)
+            if sink is not None:
+                for (_, page, _, _), (table, _) in zip(batch, tables, strict=True):
+                    sink.take_page_crcs(page, table)
         self.ram_bytes_sent += sent
         self._flush()
         return sent
@@ -312,12 +325,13 @@ class StreamWriter:
         self._flush()
         return sent
 
-    def _send_ram_channels(self, ranges: Iterable[tuple[int, int]], flags: int) -> int:
+    def _send_ram_channels(self, ranges: Iterable[tuple[int, int]], flags: int,
+                           sink: PageCrcSink | None) -> int:
         assert self._channels is not None
         sent = 0
         try:
             for batch in self._ram_batches(ranges):
-                self._channels.submit(batch, flags)
+                self._channels.submit(batch, flags, sink)
                 sent += sum(len(view) for _, _, _, view in batch)
             self.bytes_sent += self._channels.drain()
         except Exception:

@@ -4,7 +4,8 @@ thread, and none runs ahead of a pass the others have not finished (docs/protoco
 ``ChannelReader`` reads one channel after its CHANNEL record (``stream/channel_hello.py``):
 RAM records are checked like the main stream's (header checksum, type, flags, sequence,
 length, the range against the layout, the CRC table, then ``recv_into`` guest memory and
-the per-page CRCs while the pages are in cache), and SYNC *k* closes the channel's part of
+the per-page CRCs while the pages are in cache, which then go to the ``PageCrcSink`` from
+this thread, docs/protocol.md §7.3), and SYNC *k* closes the channel's part of
 pass *k* (its record count must match). What it landed is kept per pass as
 (first page, count, pages whose check failed) until the main thread takes it.
 
@@ -35,7 +36,7 @@ import numpy as np
 from vfiod.errors import VfiodError
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.manifest import ManifestEntry, Tally
-from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
@@ -65,11 +66,14 @@ class ChannelSource(Protocol):
 
 class ChannelReader:
     def __init__(self, index: int, source: ChannelSource, ram: GuestRam, *,
-                 offset: int, limits: Limits = DEFAULT_LIMITS) -> None:
-        """``offset``: bytes the CHANNEL opening took (preamble and record)."""
+                 offset: int, crcs: PageCrcSink | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+        """``offset``: bytes the CHANNEL opening took (preamble and record); ``crcs``
+        takes the per-page CRCs of every record that landed, as ``StreamReader``'s."""
         self.index = index
         self.source = source
         self._ram = ram
+        self._crcs = crcs
         self._limits = limits
         self.records = 1              # CHANNEL was record 0
         self.offset = offset
@@ -133,6 +137,8 @@ class ChannelReader:
             raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x}"
                             f" (page {int(bad[0])} of {n} in this record): checksum mismatch",
                             at, RecordType.RAM)
+        if self._crcs is not None:
+            self._crcs.take_page_crcs(first, got)
         self.offset += length
         self.tally.add(seq, first, n, n * ps, crc)
         self.records += 1

@@ -5,7 +5,8 @@
 ``StreamWriter`` hands it batches of RAM records (``submit``); batch *i* of a pass goes to
 channel *i mod N* (a pass restarts at channel 1), and that channel's thread computes the
 per-page CRC table, frames the records with the channel's own sequence numbers and sends
-them. A page is sent at most once per pass, so order only matters between passes:
+them; a quiescent batch's tables also go to its ``PageCrcSink`` from that thread
+(docs/protocol.md §7.3). A page is sent at most once per pass, so order only matters between passes:
 ``sync(k)`` queues a SYNC record for pass *k* on every channel, after everything of that
 pass, and the destination lets no channel land a record of a later pass before every
 channel's SYNC *k* has arrived (``channel_reader.py``). ``drain`` waits until every
@@ -30,7 +31,7 @@ import numpy as np
 
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.manifest import ManifestEntry, Tally
-from vfiod.migration.stream.pagecrc import page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.records import RECORD_HEADER_SIZE, RecordType, pack_header
 from vfiod.migration.transport.control import TransportCode, TransportError
 
@@ -58,11 +59,14 @@ class ChannelWriter:
         self.tally = Tally()
         self.bytes_sent = 0
 
-    def send_batch(self, batch: Sequence[_Rec], flags: int) -> None:
+    def send_batch(self, batch: Sequence[_Rec], flags: int,
+                   crcs: PageCrcSink | None = None) -> None:
         iov: list[Any] = []
         size = 0
         for _, page, n, view in batch:
             table: np.ndarray = page_crcs(view, self._page_size)
+            if crcs is not None:
+                crcs.take_page_crcs(page, table)
             crc = crc32c(table)
             length = n * 4 + len(view)
             iov += (pack_header(RecordType.RAM, self._seq & 0xFFFFFFFF, length, page, n, crc,
@@ -104,11 +108,12 @@ class ChannelFanout:
     def bytes_sent(self) -> int:
         return sum(w.bytes_sent for w in self.writers)
 
-    def submit(self, batch: list[_Rec], flags: int) -> None:
-        """Queue one batch of RAM records on the next channel (waits while it is full)."""
+    def submit(self, batch: list[_Rec], flags: int, crcs: PageCrcSink | None = None) -> None:
+        """Queue one batch of RAM records on the next channel (waits while it is full);
+        its per-page CRC tables go to ``crcs`` as the channel computes them."""
         i = self._next
         self._next = (i + 1) % len(self.writers)
-        self._put(i, ("ram", batch, flags))
+        self._put(i, ("ram", (batch, crcs), flags))
 
     def sync(self, number: int) -> None:
         """Queue SYNC ``number`` on every channel, after what each holds (``drain``
@@ -170,7 +175,8 @@ class ChannelFanout:
                 kind, batch, arg = q[0]
             try:
                 if kind == "ram":
-                    w.send_batch(batch, arg)
+                    records, crcs = batch
+                    w.send_batch(records, arg, crcs)
                 else:
                     w.sync(arg)
             except Exception as e:  # noqa: BLE001 - raised to the session by the next call

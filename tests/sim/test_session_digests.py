@@ -1,0 +1,114 @@
+"""Who hashes what in a migration (docs/protocol.md §7.3), on the simulated backend: the
+destination reads no page a second time (every landed page's CRC, from the reader or a RAM
+channel thread, is its digest), the source reads again only what it sent live (its
+stop-and-copy records' CRCs are the digests), and the digests still catch a write that
+dirty tracking never reported (the source reads live pages again after their pass)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.support.session_rig import (
+    PAGE,
+    MiB,
+    Side,
+    SideContainer,
+    add_workload,
+    assert_migrated,
+    migrate,
+    pair,
+    spec,
+)
+from vfiod.kernel.sim.workload import DmaTarget
+from vfiod.migration.planning.predictor import Policy
+from vfiod.migration.session.common import SessionConfig
+from vfiod.migration.session.dest import DestinationSession
+from vfiod.migration.session.source import SourceSession
+from vfiod.migration.stream.writer import StreamWriter
+from vfiod.migration.transport import Listener, connect
+from vfiod.vfio import RamRegion
+
+DEV = spec("v2_precopy_log")
+
+
+@pytest.fixture
+def sides(tmp_path: Path) -> Iterator[Any]:
+    made: list[Side] = []
+
+    def make(**kw: Any) -> tuple[Side, Side]:
+        s, d = pair(tmp_path, [SideContainer([DEV])], ram=(RamRegion("ram", 0, 32 * MiB),),
+                    **kw)
+        made.extend((s, d))
+        return s, d
+    yield make
+    for side in made:
+        side.close()
+
+
+def channel_keywords(lst: Listener) -> dict[str, Any]:
+    def on_source(s: SourceSession) -> None:
+        s.channel_dialer = lambda i, n: connect("127.0.0.1", lst.address[1], timeout=10)
+
+    def on_dest(d: DestinationSession) -> None:
+        d.channel_acceptor = lambda timeout: lst.accept(timeout)
+    return {"on_source": on_source, "on_dest": on_dest}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_one_hash_per_page_per_end_over_passes_that_redirty_pages(sides,
+                                                                  channels: int) -> None:
+    src, dst = sides(fill_bytes=16 * MiB)
+    wl = add_workload(src, [DmaTarget(DEV.name, 0, 8 * MiB)], dirty_rate_bps=40e6,
+                      hot_fraction=1.0, seed=11)
+    wl.start()
+    wl.wait_for_writes(2)
+    cfg = SessionConfig(channels=channels, slice_bytes=2 * MiB, record_bytes=256 * 1024,
+                        batch_bytes=512 * 1024,
+                        policy=Policy(downtime_limit_s=1e-6, max_iterations=3,
+                                      on_timeout="force"))
+    with Listener("127.0.0.1", 0) as lst:
+        run = migrate(src, dst, cfg, **(channel_keywords(lst) if channels > 1 else {}))
+    assert_migrated(src, dst, run)             # the digests compared equal, and memory too
+    assert run.source.iterations >= 2
+    s, d = run.source.verification, run.dest.verification if run.dest else {}
+    final_pages = s["final_ram_bytes"] // PAGE
+    assert final_pages > 0
+    # the destination read nothing again: every page it received came with its CRC
+    assert d["hashed_bytes"] == 0 and d["final_rehash_pages"] == 0
+    assert d["stream_crc_pages"] * PAGE == d["manifest"]["ram_bytes"]
+    # the source took its stop-and-copy pages' CRCs and read only live pages again
+    assert s["source_stream_crc_pages"] == final_pages
+    assert s["source_final_rehash_pages"] == 0
+    assert 0 < s["source_hashed_bytes"] <= run.source.ram_bytes_sent - s["final_ram_bytes"]
+
+
+def test_a_write_dirty_tracking_never_reported_fails_the_digest_comparison(
+        sides, monkeypatch) -> None:
+    """The guest writes a page after its live send and dirty tracking misses it (the
+    test writes the memory directly, no device DMA): the source reads the page again after
+    the pass, the destination holds the old copy, and the comparison fails the migration."""
+    src, dst = sides(fill_bytes=4 * MiB)
+    words = np.frombuffer(src.guest.ram[0].view(), dtype=np.uint64)
+    sent = int(np.flatnonzero(words)[0]) * 8 // PAGE * PAGE    # a page pass 1 sends
+    mark = StreamWriter.mark_iteration
+
+    def write_then_mark(self: StreamWriter, number: int) -> None:
+        if number == 1:
+            words[sent // 8] ^= np.uint64(0xFF)
+        mark(self, number)
+
+    monkeypatch.setattr(StreamWriter, "mark_iteration", write_then_mark)
+    try:
+        run = migrate(src, dst, SessionConfig(policy=Policy(max_iterations=2,
+                                                            on_timeout="force",
+                                                            downtime_limit_s=1e-9)))
+    finally:
+        monkeypatch.undo()
+    assert run.source.result != "completed"
+    assert run.dest is not None and run.dest.verification["content_verified"] is False
+    assert "RAM content differs from the source" in run.dest.reason
