@@ -8,8 +8,10 @@ pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
                         bytes over the link
     final_sync          the last dirty sync
     ram_transfer        the RAM still dirty, over the link, with its per-record CPU cost
-    verify              the final re-hash of what moved (both ends at once: the slower),
-                        and the destination's compare
+    verify              the final re-hash of the live-sent pages not read since (the
+                        stop-and-copy records' and the destination's pages carry the
+                        stream's CRCs, docs/protocol.md §7.3), and the destination's
+                        compare
     commit_round_trips  the waits for the destination: the stream's tail arriving (the
                         bytes queued in the source's socket, predicted at the bandwidth),
                         PREPARED, the journaled decision, COMMIT, RESUMED (two round

@@ -8,13 +8,15 @@ maximum on the receiving side), and the source cannot see the destination's rece
 queue. Bytes still queued when the guest pauses are paid for inside the downtime, and
 no prediction made from the source's side alone knows how many there are. So when the
 destination offers it (``pass_acks`` in its HELLO), the source asks for it in the
-HEADER, the destination acknowledges every ITERATION mark once it has re-hashed that
-pass, and the source waits for that ACK right after sending the mark, before its own
+HEADER, the destination acknowledges every ITERATION mark once every page of that pass
+has landed and been checked (its CRCs taken for the content digests, docs/protocol.md
+§7.3), and the source waits for that ACK right after sending the mark, before its own
 re-hash, its dirty sync and its prediction: the prediction then starts from an empty
 pipe, and so does the stop-and-copy.
 
 The wait also measures the path: the time from the mark leaving to its ACK, less the
-destination's re-hash (``busy_s``), is an upper bound of one round trip, and the least of
+destination's reported work after the mark (``busy_s``; 0 now that it re-hashes nothing,
+an older destination's re-hash), is an upper bound of one round trip, and the least of
 these over the migration (with the HEADER's) is the round-trip time the commit's
 prediction uses. The wait's remainder, beyond that round trip, is time the destination
 still needed for the pass's bytes: sending time the bandwidth estimate must count.
@@ -42,7 +44,7 @@ BACKLOG_MIN_BYTES = 1 << 20
 @dataclass(frozen=True)
 class PassDrained:
     """One pass's acknowledgement: ``waited_s`` from the mark leaving to its ACK, of which
-    ``busy_s`` was the destination's own re-hash; ``path_s`` the rest (the path and the
+    ``busy_s`` was the destination's own work after the mark; ``path_s`` the rest (the path and the
     destination's backlog)."""
 
     waited_s: float
