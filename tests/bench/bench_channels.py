@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -34,9 +33,7 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
-from vfiod.kernel.linux import LinuxKernel
+from tests.bench.bench_stream import _cpu, _guest_memory, end_trial
 from vfiod.migration.stream import Complete, GuestRam, StreamHeader, StreamReader, StreamWriter
 from vfiod.migration.stream import crc32c as crcmod
 from vfiod.migration.stream.channel_hello import ChannelHello, read_channel_hello
@@ -55,27 +52,9 @@ RECORD = 4 << 20
 CHANNELS = (1, 2, 4)
 
 
-def _guest_memory(size: int, fill: bool) -> tuple[LinuxKernel, int, Any]:
-    k = LinuxKernel()
-    fd = k.memfd_create("vfiod-bench", size)
-    mm = k.mmap(fd, size)
-    words = np.frombuffer(mm, dtype=np.uint64)
-    if fill:  # non-zero, page-distinct content (and every page faulted in)
-        words[:] = np.arange(words.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    else:
-        words[::PAGE // 8] = 1  # fault in every page
-    del words
-    return k, fd, mm
-
-
 def _header(size: int, channels: int) -> StreamHeader:
     return StreamHeader("bench-src", "bench", "bench-guest", PAGE,
                         (RamRegion("ram0", 0, size),), (), channels=channels)
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def _accept(lsock: socket.socket) -> Connection:
@@ -172,15 +151,7 @@ def _one(size: int, n: int, mode: str, src: memoryview) -> tuple[float, float, f
             w.attach_channels(ChannelFanout(writers))
         w.send_ram([(0, size // PAGE)], quiescent=True)
         w.finish()
-    main.wait_ack(AckStage.RESUMED, timeout=300)
-    dt = time.perf_counter() - t0
-    src_cpu = _cpu() - c0
-    dst_cpu = cpu_q.get(timeout=60)
-    main.close()
-    child.join(60)
-    if child.exitcode != 0:
-        raise RuntimeError(f"{mode} x{n} destination exited with {child.exitcode}")
-    return size / dt / 1e9, src_cpu, dst_cpu
+    return end_trial(main, size, t0, c0, cpu_q, child, f"{mode} x{n}")
 
 
 def run(quick: bool = False, reps: int | None = None) -> list[dict[str, Any]]:

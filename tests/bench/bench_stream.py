@@ -131,6 +131,14 @@ def _one(size: int, mode: str, src_view: memoryview) -> tuple[float, float, floa
         w.start()
         w.send_ram([(0, size // PAGE)], quiescent=(mode == "stream"))
         w.finish()
+    return end_trial(conn, size, t0, c0, cpu_q, child, mode)
+
+
+def end_trial(conn: Connection, size: int, t0: float, c0: float, cpu_q: Any, child: Any,
+              what: str) -> tuple[float, float, float]:
+    """Wait for the destination's ACK resumed (it read everything) and its CPU time;
+    (GB/s, CPU seconds of the source, of the destination) of the transfer begun at
+    ``t0`` (wall) and ``c0`` (``_cpu``)."""
     conn.wait_ack(AckStage.RESUMED, timeout=300)
     dt = time.perf_counter() - t0
     src_cpu = _cpu() - c0
@@ -138,7 +146,7 @@ def _one(size: int, mode: str, src_view: memoryview) -> tuple[float, float, floa
     conn.close()
     child.join(60)
     if child.exitcode != 0:
-        raise RuntimeError(f"{mode} destination exited with {child.exitcode}")
+        raise RuntimeError(f"{what} destination exited with {child.exitcode}")
     return size / dt / 1e9, src_cpu, dst_cpu
 
 

@@ -84,6 +84,18 @@ class ChannelBarrier(Protocol):
     def failure(self) -> BaseException | None: ...
 
 
+def fill_from(source: Source, view: memoryview) -> int:
+    """Receive into all of ``view``; returns the bytes received, fewer only when the
+    source ended (its ``recv_into`` returned 0) first."""
+    got, n = 0, len(view)
+    while got < n:
+        k = source.recv_into(view[got:])
+        if k == 0:
+            break
+        got += k
+    return got
+
+
 class StreamReader:
     def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
@@ -363,15 +375,10 @@ class StreamReader:
 
     def _fill(self, view: memoryview, rtype: int | None, at: int, what: str,
               eof_ok: bool = False) -> int:
-        got, n = 0, len(view)
-        while got < n:
-            k = self._src.recv_into(view[got:])
-            if k == 0:
-                if eof_ok and got == 0:
-                    return 0
-                raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
-                                f"{what} of {n} bytes", at, rtype)
-            got += k
+        got = fill_from(self._src, view)
+        if got < len(view) and not (eof_ok and got == 0):
+            raise self._err(ErrorCode.TRUNCATED, f"the stream ended {got} bytes into "
+                            f"{what} of {len(view)} bytes", at, rtype)
         return got
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:

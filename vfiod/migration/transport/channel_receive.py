@@ -38,6 +38,7 @@ from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.manifest import ManifestEntry, Tally
 from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.reader import fill_from
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
     RAM_LIVE,
@@ -145,15 +146,10 @@ class ChannelReader:
         self.current.append((first, n, tuple(first + int(i) for i in bad.tolist())))
 
     def _fill(self, view: memoryview, at: int, what: str, eof_ok: bool = False) -> int:
-        got, n = 0, len(view)
-        while got < n:
-            k = self.source.recv_into(view[got:])
-            if k == 0:
-                if eof_ok and got == 0:
-                    return 0
-                raise self._err(ErrorCode.TRUNCATED, f"the channel ended {got} bytes into "
-                                f"{what} of {n} bytes", at, None)
-            got += k
+        got = fill_from(self.source, view)
+        if got < len(view) and not (eof_ok and got == 0):
+            raise self._err(ErrorCode.TRUNCATED, f"the channel ended {got} bytes into "
+                            f"{what} of {len(view)} bytes", at, None)
         return got
 
     def _err(self, code: ErrorCode, msg: str, at: int, rtype: int | None) -> RecordError:
