@@ -26,6 +26,7 @@ import pytest
 from tests.kernel.guest import native_dma, rig
 from tests.kernel.guest import numba_cache as guest_numba
 from vfiod.kernel.linux import LinuxKernel
+from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
 from vfiod.migration.states import MigState
 from vfiod.vfio import Container, Device, Group, HostPaths, discover_device
 
@@ -95,6 +96,12 @@ def kernel() -> LinuxKernel:
 @pytest.fixture(scope="session")
 def paths() -> HostPaths:
     return HostPaths()
+
+
+@pytest.fixture(scope="module")
+def host_facts(kernel: LinuxKernel) -> HostFacts:
+    """This guest's facts, for the sessions' preflight (gathered once per test module)."""
+    return gather_host_facts(kernel)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from tests.support.hooks import HookLog
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.device.protocol import MigrationDriver
 from vfiod.migration.guest import DevicePlan, Guest, GuestDevice, GuestPlan, build_guest
-from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
@@ -99,11 +99,6 @@ def side_pair(kernel: LinuxKernel, paths: HostPaths, names: tuple[str, str],
     finally:
         src.guest.close()
         dst.guest.close()
-
-
-@pytest.fixture(scope="module")
-def host_facts(kernel: LinuxKernel) -> HostFacts:
-    return gather_host_facts(kernel)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from tests.kernel.guest.native_dma import DmaControl
 from tests.kernel.guest.test_migration_session import Side, migrate_tcp, side_pair
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.states import GuestState, MigState
 from vfiod.vfio import HostPaths
 
@@ -33,16 +33,11 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fault_host_facts(kernel: LinuxKernel) -> HostFacts:
-    return gather_host_facts(kernel)
-
-
 @pytest.fixture
 def fault_sides(kernel: LinuxKernel, paths: HostPaths, native_dma_pair: tuple[str, str],
-                fault_host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
+                host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
     with side_pair(kernel, paths, ("vm-fault-src", "vm-fault-dst"), native_dma_pair,
-                   fault_host_facts) as (src, dst):
+                   host_facts) as (src, dst):
         try:
             yield src, dst
         finally:                    # disarmed before the guests close their devices

@@ -26,7 +26,7 @@ from tests.kernel.guest.test_migration_session import Side, migrate_tcp, side_pa
 from tests.support.daemons import wait_until
 from vfiod.errors import KernelError
 from vfiod.kernel.linux import LinuxKernel
-from vfiod.migration.planning.hostfacts import HostFacts, gather_host_facts
+from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.states import MigrationState, MigState
 from vfiod.vfio import HostPaths
@@ -156,16 +156,11 @@ def test_native_dma_precopy_info_is_exact_and_the_stream_restores(
     dma_dst.device.set_mig_state(MigState.RUNNING)
 
 
-@pytest.fixture(scope="module")
-def dma_host_facts(kernel: LinuxKernel) -> HostFacts:
-    return gather_host_facts(kernel)
-
-
 @pytest.fixture
 def dma_sides(kernel: LinuxKernel, paths: HostPaths, native_dma_pair: tuple[str, str],
-              dma_host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
+              host_facts: HostFacts) -> Iterator[tuple[Side, Side]]:
     with side_pair(kernel, paths, ("vm-dma-src", "vm-dma-dst"), native_dma_pair,
-                   dma_host_facts) as pair:
+                   host_facts) as pair:
         yield pair
 
 
