@@ -7,7 +7,6 @@ while the source waits."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,7 +145,6 @@ def test_an_operator_cancel_is_honoured_while_the_source_waits_for_a_pass(
         box["session"].cancel("operator cancelled while waiting")
         waited.set()
 
-    t0 = time.monotonic()
     run = migrate(src, dst, SessionConfig(ack_timeout_s=60.0),
                   on_source=lambda s: box.setdefault("session", s),
                   wrap_dest=lambda c: DestLink(c, drop_pass_acks=True,
@@ -155,5 +153,6 @@ def test_an_operator_cancel_is_honoured_while_the_source_waits_for_a_pass(
     assert_rolled_back(src, dst, run, before)
     assert run.source.result == "cancelled"
     assert "operator cancelled while waiting" in run.source.reason
-    # the cancel ended the wait, not the 60 s ack timeout
-    assert time.monotonic() - t0 < 30
+    # the cancel ended the wait, not the 60 s ack timeout (that would fail the migration,
+    # naming the pass)
+    assert "did not acknowledge" not in run.source.reason

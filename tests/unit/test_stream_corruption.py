@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
-from typing import Any
 
 import pytest
 
+from tests.support.mem_pipe import MemPipe
 from vfiod.migration.stream import (
     DeviceInfo,
     ErrorCode,
@@ -38,28 +38,9 @@ DEVICES = (DeviceInfo("dev-a", "v2", 1), DeviceInfo("dev-b", "v1", 0))
 HEADER = StreamHeader("src", "m", "g", PS, REGIONS, DEVICES)
 
 
-class Pipe:
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = bytearray(data)
-        self.pos = 0
-
-    def send_buffers(self, buffers: Any) -> None:
-        for b in buffers:
-            self.data += b
-
-    def check_peer(self) -> None:
-        pass
-
-    def recv_into(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.pos)
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-
 def valid_stream() -> bytes:
     mem = [bytearray((i * 7 + j) % 251 for j in range(r.size)) for i, r in enumerate(REGIONS)]
-    p = Pipe()
+    p = MemPipe()
     w = StreamWriter(p, HEADER, GuestRam(PS, REGIONS, mem), record_bytes=2 * PS)
     w.start()
     w.send_ram([(0, 8)], quiescent=False)
@@ -91,7 +72,7 @@ RECORDS = records(STREAM)
 
 
 def parse(stream: bytes, limits: Limits | None = None) -> StreamReader:
-    r = StreamReader(Pipe(stream), **({"limits": limits} if limits else {}))
+    r = StreamReader(MemPipe(stream), **({"limits": limits} if limits else {}))
     h = r.read_header()
     r.attach_ram(GuestRam(PS, h.regions, [bytearray(x.size) for x in h.regions],
                           writable=True))
@@ -330,7 +311,7 @@ def test_bad_json_payloads() -> None:
 
 
 def test_abort_is_reported_with_its_reason() -> None:
-    p = Pipe()
+    p = MemPipe()
     w = StreamWriter(p, HEADER, GuestRam(PS, REGIONS, [bytearray(r.size) for r in REGIONS]))
     w.start()
     w.send_ram([(0, 2)], quiescent=True)

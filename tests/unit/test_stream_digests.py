@@ -7,13 +7,14 @@ stop-and-copy records and reads again only what it sent live and has not read si
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.support.loopback import loopback_pair
+from tests.support.mem_pipe import MemPipe
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.stream import Complete, GuestRam, StreamHeader, StreamReader, StreamWriter
 from vfiod.migration.stream.channel_hello import ChannelHello, read_channel_hello
@@ -26,7 +27,6 @@ from vfiod.migration.stream.records import (
 )
 from vfiod.migration.transport.channel_receive import ChannelGather, ChannelReader
 from vfiod.migration.transport.channel_send import ChannelFanout, ChannelWriter
-from vfiod.migration.transport.tcp import Connection
 from vfiod.vfio import RamRegion
 
 PS = 4096
@@ -37,13 +37,6 @@ ALL = [(0, 40), (64, 24)]
 def header(channels: int) -> StreamHeader:
     return StreamHeader("src", "m1", "g1", PS, REGIONS, (), challenge="c" * 32,
                         channels=channels)
-
-
-def pair() -> tuple[Connection, Connection]:
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return Connection(a, "src", io_timeout=10), Connection(b, "dst", io_timeout=10)
 
 
 def full_read(views: list[bytearray]) -> list[Any]:
@@ -65,8 +58,8 @@ class Ends:
         self.dst = [bytearray(r.size) for r in REGIONS]
         self.src_dg = RamDigests(REGIONS, self.src, PS)
         self.dst_dg = RamDigests(REGIONS, self.dst, PS)
-        self.main = pair()
-        self.chans = [pair() for _ in range(channels)] if channels > 1 else []
+        self.main = loopback_pair()
+        self.chans = [loopback_pair() for _ in range(channels)] if channels > 1 else []
         self.writer = StreamWriter(self.main[0], header(channels),
                                    GuestRam(PS, REGIONS, self.src),
                                    record_bytes=4 * PS, batch_bytes=8 * PS)
@@ -171,25 +164,6 @@ class Recorder:
 
     def take_page_crcs(self, first_page: int, crcs: np.ndarray) -> None:
         self.taken.append((first_page, crcs.tolist()))
-
-
-class MemPipe:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.pos = 0
-
-    def send_buffers(self, buffers: Any) -> None:
-        for b in buffers:
-            self.data += b
-
-    def check_peer(self) -> None:
-        pass
-
-    def recv_into(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.pos)
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
 
 
 def test_the_destination_takes_only_crcs_it_verified() -> None:

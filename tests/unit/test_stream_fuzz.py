@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fuzz import fuzz_examples
-from tests.unit.test_stream_corruption import PS, REGIONS, STREAM, Forge, Pipe
+from tests.support.mem_pipe import MemPipe
+from tests.unit.test_stream_corruption import PS, REGIONS, STREAM, Forge
 from vfiod.migration.stream import GuestRam, RecordError, RecordType, StreamReader
 
 #: a stuck reader fails the example instead of hanging the run
@@ -23,7 +24,7 @@ _DEADLINE = timedelta(seconds=5)
 _EOF_READS = 2
 
 
-class EndOnce(Pipe):
+class EndOnce(MemPipe):
     """An in-memory source that fails the test if read on and on after its end."""
 
     def __init__(self, data: bytes) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.mem_pipe import MemPipe
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.migration.stream import (
     Complete,
@@ -29,30 +30,6 @@ from vfiod.migration.transport import FileSink, FileSource
 from vfiod.vfio import RamRegion
 
 PS = 4096
-
-
-class MemPipe:
-    """StreamSink and Source over one bytearray; ``piece`` caps each read like a socket would."""
-
-    def __init__(self, piece: int = 1 << 30) -> None:
-        self.data = bytearray()
-        self.pos = 0
-        self.piece = piece
-        self.sends = 0
-
-    def send_buffers(self, buffers: Any) -> None:
-        self.sends += 1
-        for b in buffers:
-            self.data += b
-
-    def check_peer(self) -> None:
-        pass
-
-    def recv_into(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.pos, self.piece)
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
 
 
 REGIONS = (RamRegion("low", 0, 64 * PS), RamRegion("high", 0x100000, 32 * PS),

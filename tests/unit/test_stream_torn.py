@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.mem_pipe import MemPipe
 from vfiod.migration.stream import (
     ErrorCode,
     GuestRam,
@@ -27,30 +28,19 @@ REGIONS = (RamRegion("ram", 0, 32 * PS),)
 HEADER = StreamHeader("s", "m", "g", PS, REGIONS, ())
 
 
-class GuestWritesDuringSend:
+class GuestWritesDuringSend(MemPipe):
     """A sink that lets the 'guest' write a page after the writer checksummed it and
     before the bytes are copied out, as a running guest can."""
 
     def __init__(self, mem: bytearray, page: int, times: int = 1) -> None:
-        self.data = bytearray()
-        self.pos = 0
+        super().__init__()
         self.mem, self.page, self.times = mem, page, times
 
     def send_buffers(self, buffers: Any) -> None:
         if self.times:
             self.times -= 1
             self.mem[self.page * PS] ^= 0x5A
-        for b in buffers:
-            self.data += b
-
-    def check_peer(self) -> None:
-        pass
-
-    def recv_into(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.pos)
-        view[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
+        super().send_buffers(buffers)
 
 
 def receive(pipe: Any) -> tuple[StreamReader, bytearray, list[Any]]:

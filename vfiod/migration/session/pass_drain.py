@@ -63,11 +63,12 @@ def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: flo
     ``CANCEL_POLL_S``; no ACK within ``timeout_s`` raises ``TransportError`` (TIMEOUT)
     naming the pass."""
     deadline = since + timeout_s
+    peer = getattr(link, "peer", "destination")      # a Connection's, or a wrapper's
     while True:
         check_cancel()
         left = deadline - clock()
         if left <= 0:
-            raise TransportError(TransportCode.TIMEOUT, getattr(link, "peer", "destination"),
+            raise TransportError(TransportCode.TIMEOUT, peer,
                                  f"the destination did not acknowledge pre-copy pass "
                                  f"{number} within {timeout_s:g} s")
         try:
@@ -78,11 +79,11 @@ def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: flo
             raise
         got = ack.fields.get("value")
         if not isinstance(got, int) or isinstance(got, bool):
-            raise TransportError(TransportCode.CONTROL, getattr(link, "peer", "destination"),
+            raise TransportError(TransportCode.CONTROL, peer,
                                  f"the destination's pass acknowledgement carries no pass "
                                  f"number: {got!r}")
         if got > number:
-            raise TransportError(TransportCode.CONTROL, getattr(link, "peer", "destination"),
+            raise TransportError(TransportCode.CONTROL, peer,
                                  f"the destination acknowledged pass {got}, but pass "
                                  f"{number} is the last one sent")
         if got == number:
