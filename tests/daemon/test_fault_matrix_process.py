@@ -48,7 +48,7 @@ def test_sigkill_then_restart(pair: FaultPair, victim: str, point: Point) -> Non
     guest = _guest(victim, point)
     row = f"SIGKILL {victim}"
     # the proxy holds the connection at the point while the process dies
-    plan = FaultPlan(Fault.STALL, None if point is Point.STOPCOPY else point)
+    plan = FaultPlan(Fault.STALL, point)
     try:
         proxy, mid = start_through(pair, guest, plan)
     except PointMissed:

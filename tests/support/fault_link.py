@@ -15,6 +15,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vfiod.migration.stream.records import (
+    RAM_LIVE,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RecordType,
+)
 from vfiod.migration.transport.control import (
     CONTROL_MAGIC,
     FRAME_HEADER_SIZE,
@@ -108,6 +114,44 @@ class _Frames:
         return out, rest
 
 
+class _StopCopyScan:
+    """Record headers of the forward stream after ACK header (a record boundary: the
+    source sends nothing between its HEADER and that ACK), skipping payloads by their
+    length, until the first record a source sends only once its guest paused (docs/protocol.md
+    §6, §9.1): a RAM record without ``RAM_LIVE``, an END_OF_STATE or the MANIFEST."""
+
+    _PAUSED_TYPES = (RecordType.END_OF_STATE, RecordType.MANIFEST)
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.skip = 0
+        self.found = False
+
+    def find(self, data: bytes) -> int | None:
+        """Where in ``data`` that record starts (0 when its header began in an earlier
+        chunk), or None."""
+        i = 0
+        while i < len(data) and not self.found:
+            if self.skip:
+                k = min(self.skip, len(data) - i)
+                self.skip -= k
+                i += k
+                continue
+            take = data[i:i + RECORD_HEADER_SIZE - len(self.head)]
+            self.head += take
+            i += len(take)
+            if len(self.head) < RECORD_HEADER_SIZE:
+                return None
+            rtype, flags, _, length = RECORD_HEADER.unpack_from(self.head)[:4]
+            self.head.clear()
+            if rtype in self._PAUSED_TYPES or (rtype == RecordType.RAM
+                                               and not flags & RAM_LIVE):
+                self.found = True
+                return max(0, i - RECORD_HEADER_SIZE)
+            self.skip = length
+        return None
+
+
 class Direction:
     """One way of a connection: what was read, queued, sent and dropped."""
 
@@ -136,6 +180,7 @@ class Link:
         self.stalled = self.closed = self.fired = False
         self.delay = 0.0
         self.after_header: int | None = None   # forward bytes since ACK header
+        self.stop_copy = _StopCopyScan()
         #: bytes read after a point was reached and before its fault applied (the queue
         #: ahead of the point drains first): emitted under the fault
         self.held: list[tuple[Direction, bytes]] | None = None
@@ -166,9 +211,13 @@ class Link:
 
     def _stream(self, data: bytes) -> None:
         plan, n = self.plan, self.after_header
-        if (plan is not None and plan.point is Point.PRECOPY and n is not None
-                and n < plan.precopy_bytes <= n + len(data)):
-            k = plan.precopy_bytes - n
+        k: int | None = None
+        if plan is not None and n is not None:
+            if plan.point is Point.PRECOPY and n < plan.precopy_bytes <= n + len(data):
+                k = plan.precopy_bytes - n
+            elif plan.point is Point.STOPCOPY:
+                k = self.stop_copy.find(data)
+        if k is not None:
             self.emit(self.fwd, data[:k])
             self._reach(self.fwd)
             self.emit(self.fwd, data[k:])

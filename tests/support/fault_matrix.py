@@ -113,19 +113,10 @@ def case_log(pair: FaultPair, guest: str, migration_id: str) -> str:
     return "\n".join(out)
 
 
-def wait_stopcopy(src: FaultHost, guest: str) -> None:
-    """Until the source's migration of ``guest`` is in stop-and-copy (or over)."""
-    def there() -> bool:
-        m = src.migration(guest)
-        return m is not None and (m["progress"]["phase"] == "stopcopy"
-                                  or m["result"] is not None)
-    wait_until(there, POINT_S, f"{guest}'s migration to reach stop-and-copy")
-
-
 def start_through(pair: FaultPair, guest: str, plan: FaultPlan) -> tuple[FaultProxy, str]:
     """A proxy with ``plan`` in front of the destination, the migration started through it
-    and its fault fired (on demand in stop-and-copy); ``PointMissed`` if the migration
-    ended, or ``POINT_S`` passed, before the point."""
+    and its fault fired at the plan's point; ``PointMissed`` if the migration ended, or
+    ``POINT_S`` passed, before the point."""
     proxy = FaultProxy(pair.dst_address, plan, rate_bps=RATE_BPS)
     mid = pair.src.migrate(guest, proxy.address)
 
@@ -133,9 +124,6 @@ def start_through(pair: FaultPair, guest: str, plan: FaultPlan) -> tuple[FaultPr
         m = pair.src.migration(guest)
         return m if m is not None and m["result"] is not None else None
     try:
-        if plan.point is Point.STOPCOPY or plan.point is None:
-            wait_stopcopy(pair.src, guest)
-            proxy.trigger()
         wait_until(lambda: proxy.fired.is_set() or ended(), POINT_S,
                    f"{guest}'s migration to reach {plan.point}")
         proxy.sync()
@@ -155,9 +143,8 @@ class PointMissed(AssertionError):
 
 def plan_for(fault: Fault, point: Point) -> FaultPlan:
     """The matrix's plan: 16 bytes dropped corrupt a record or a frame without removing
-    it; a stop-and-copy fault is triggered, not recognised."""
-    return FaultPlan(fault, None if point is Point.STOPCOPY else point, drop_bytes=16,
-                     delay_s=0.2)
+    it."""
+    return FaultPlan(fault, point, drop_bytes=16, delay_s=0.2)
 
 
 def journals(pair: FaultPair, proxy: FaultProxy) -> list[FaultHost]:

@@ -21,7 +21,9 @@ header with the payload length, JSON payload), split here and read with vfiod's
 so it is read as frames only once the destination's ACK prepared went by (after it the
 source sends frames alone: COMMIT, REPORT). Points: ``setup`` (the ACK header arrives; the
 fault applies to it), ``pre-copy`` (``precopy_bytes`` forward bytes after ACK header),
-``stop-and-copy`` (only on demand: the test triggers when the source's status says so),
+``stop-and-copy`` (the first record the source sends paused: a RAM record without
+``RAM_LIVE``, an END_OF_STATE or the MANIFEST; recognised, since a stop-and-copy now lasts
+milliseconds, too short for a test polling the source's status to act in),
 ACK prepared forwarded or swallowed, COMMIT forwarded, ACK resumed forwarded or
 swallowed. "Forwarded" means written to the other side before the fault applies.
 
