@@ -217,6 +217,7 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
                 if self.header is not None and self.header.pass_acks:   # the pass is in
                     self.link.send_control(ControlMessage.ack(AckStage.PASS, ev.number,
                                                               busy_s=0.0))   # no re-hash
+                dg.fold()               # now, not inside the downtime at the commit
             elif isinstance(ev, EndOfState):
                 self._stopped_at = self._stopped_at or self.clock()
                 if self.state is MigrationState.ACTIVE:

@@ -6,7 +6,8 @@ This module proves the next thing: that the destination's RAM, once loaded, has 
 *content* as the source's RAM at the moment it stopped. Both ends keep one CRC-32C per
 guest page of their own memory (the stream's own per-page checksum kernel,
 ``stream.pagecrc``: several GB/s, GIL released). A region's digest is BLAKE2b-128 over the
-CRCs of its page table taken in 16 KiB groups.
+CRCs of its page table taken in 16 KiB groups (``digest_root``: only the groups whose pages
+changed are folded again, so a commit's digest costs what its last pass changed).
 
 Incremental, so verification costs little downtime, and one CRC per page per end where
 the stream's own is exact (docs/protocol.md §7.3): ``take_page_crcs`` stores a CRC the
@@ -43,7 +44,6 @@ pass *k* computes, whichever runs first).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,14 +56,13 @@ import numpy as np
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.session.costs import CostModel
+from vfiod.migration.session.digest_root import GroupedRoot, region_root
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.pagecrc import page_crcs
 from vfiod.vfio import RamRegion
 
 #: bytes read per pread when hashing a whole region (the full audit, the zero scan)
 READ_PIECE = 8 << 20
-#: the page-CRC table is folded in groups of this many bytes before the final hash
-_GROUP = 16384
 
 
 @lru_cache(maxsize=8)
@@ -88,15 +87,6 @@ class RegionDigest:
         return cls(d["name"], d["pages"], d["digest"])
 
 
-def _root(crcs: np.ndarray) -> str:
-    raw = crcs.astype("<u4", copy=False).view(np.uint8)
-    full = len(raw) // _GROUP * _GROUP
-    groups = page_crcs(raw[:full], _GROUP) if full else np.zeros(0, dtype=np.uint32)
-    h = hashlib.blake2b(groups.astype("<u4").tobytes(), digest_size=16)
-    h.update(crc32c(raw[full:]).to_bytes(4, "little"))
-    return h.hexdigest()
-
-
 class RamDigests:
     """Per-page CRCs of each region over ``views`` (the RAM as this process maps it)."""
 
@@ -114,6 +104,7 @@ class RamDigests:
         self._crcs = [np.full(r.size // page_size, zero_crc(page_size), dtype=np.uint32)
                       for r in regions]
         self._touched = [np.zeros(len(c), dtype=bool) for c in self._crcs]
+        self._roots = [GroupedRoot(c) for c in self._crcs]
         #: a region may hold touched pages (``rehash`` skips the others without a scan)
         self._maybe_touched = [False] * len(regions)
         self._lock = threading.Lock()
@@ -123,6 +114,7 @@ class RamDigests:
         self.taken_pages = 0          # pages whose CRC came from the stream
         self.last_rehash_s = 0.0
         self.last_rehash_pages = 0
+        self.last_roots_groups = 0    # groups the last ``roots`` had to fold
         #: time per hashed byte and per run, for predicting the final re-hash
         self.cost = CostModel(prior_per_item_s=10e-6)
 
@@ -153,6 +145,7 @@ class RamDigests:
             for i, lo, hi in self._pieces(first_page, len(crcs)):
                 at = self._first[i] + lo - first_page
                 self._crcs[i][lo:hi] = crcs[at:at + hi - lo]
+                self._roots[i].changed(lo, hi)
                 self._touched[i][lo:hi] = False
                 self.taken_pages += hi - lo
 
@@ -205,6 +198,7 @@ class RamDigests:
                     continue
                 for a, b in _runs(idx):
                     page_crcs(view[a * ps:b * ps], ps, out=crcs[a:b])
+                    self._roots[i].changed(a, b)
                     runs += 1
                 touched[:] = False
                 done += idx.size
@@ -216,18 +210,37 @@ class RamDigests:
         self.hash_seconds += self.last_rehash_s
         return done
 
+    def pass_ended(self) -> int:
+        """The source, after each pre-copy pass: ``rehash`` it, then ``fold``; returns the
+        pages re-hashed."""
+        done = self.rehash()
+        self.fold()
+        return done
+
+    def fold(self) -> None:
+        """Fold every group changed since the last fold into its region's digest now, so
+        that the digest at the commit folds only what the final pass changed (the source
+        after each pre-copy pass, the destination at each pass mark)."""
+        with self._lock:
+            for g in self._roots:
+                g.root()
+
     def figures(self, prefix: str) -> dict[str, float | int]:
         """What hashing cost this end, for the migration's verification report."""
         return {f"{prefix}hash_total_s": self.hash_seconds,
                 f"{prefix}hashed_bytes": self.hashed_bytes,
                 f"{prefix}stream_crc_pages": self.taken_pages,
-                f"{prefix}final_rehash_pages": self.last_rehash_pages}
+                f"{prefix}final_rehash_pages": self.last_rehash_pages,
+                f"{prefix}final_digest_groups": self.last_roots_groups}
 
     def roots(self) -> list[RegionDigest]:
         """Each region's digest (call ``rehash`` first for a current answer)."""
         with self._lock:
-            return [RegionDigest(r.name, len(c), _root(c))
-                    for r, c in zip(self.regions, self._crcs, strict=True)]
+            before = sum(g.folded_groups for g in self._roots)
+            out = [RegionDigest(r.name, len(c), g.root())
+                   for r, c, g in zip(self.regions, self._crcs, self._roots, strict=True)]
+            self.last_roots_groups = sum(g.folded_groups for g in self._roots) - before
+            return out
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
@@ -313,7 +326,7 @@ def full_ram_digest(kernel: KernelOps, blocks: Sequence[RamBlock],
                 page_crcs(buf.read(b.fd, n, b.offset + off, f"RAM region {b.name}: file"),
                           page_size,
                           out=crcs[off // page_size:(off + n) // page_size])
-            out.append(RegionDigest(b.name, len(crcs), _root(crcs)))
+            out.append(RegionDigest(b.name, len(crcs), region_root(crcs)))
     return out
 
 

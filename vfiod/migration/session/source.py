@@ -210,6 +210,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
+        t0 = self.clock()             # from before the send: the ACK may beat a later start
         try:
             self.writer.start()       # the HEADER: the destination checks it too
         except TransportError:
@@ -217,7 +218,6 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                 raise                 # refused by the destination alone: its words
         if reasons:                   # ours list every reason, the ABORT carries them
             raise PreflightError(reasons)
-        t0 = self.clock()
         ack = self.link.wait_ack(AckStage.HEADER, cfg.ack_timeout_s)
         busy = ack.fields.get("busy_s", 0.0)
         busy = float(busy) if isinstance(busy, int | float) else 0.0
@@ -281,7 +281,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             # predict from an empty pipe; waiting before the re-hash times the path alone
             self._await_pass(self.iteration, self.clock(), ram + dev_bytes)
             assert self.digests is not None
-            self.digests.rehash()
+            self.digests.pass_ended()      # re-hash, and fold into the digests
             sync = tr.sync("precopy")
             t0 = self.clock()
             pendings = [self._hook(d, d.driver.save_live_pending) for d in self.guest.devices]
@@ -387,14 +387,14 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         t["final_stream_s"] = t1 - t0 - sync.duration_s   # RAM, END_OF_STATE, MANIFEST
         t["stream_end_s"] = t1 - t0 - t["final_ram_s"]    # END_OF_STATE, MANIFEST
         dg.rehash()
-        t["source_final_rehash_s"] = self.clock() - t1
-        self.result.verification.update(
-            source_regions=[r.to_dict() for r in dg.roots()],
-            manifest_records=manifest.records,
-            **dg.figures("source_"))
+        regions = [r.to_dict() for r in dg.roots()]
+        t["source_final_rehash_s"] = self.clock() - t1      # the re-hash and the digests
+        self.result.verification.update(source_regions=regions,
+                                        manifest_records=manifest.records,
+                                        **dg.figures("source_"))
         if self.vmm is not None:
             self.result.predicted_downtime_s = self._vmm_predicted_s(
                 self.result.predicted_downtime_s)
         self.link.send_control(ControlMessage.digests(     # the destination reports it too
-            manifest.records, [r.to_dict() for r in dg.roots()],
+            manifest.records, regions,
             predicted_downtime_s=self.result.predicted_downtime_s))
