@@ -205,6 +205,25 @@ def test_throttled_link_paces_to_the_rate() -> None:
     assert inner.peer_checks == 1
 
 
+def test_throttled_link_ready_bytes_are_its_bucket_now() -> None:
+    """What a send passes before pacing: the bucket, refilled at the rate up to the burst
+    (the prediction takes these bytes off the stop-and-copy's time)."""
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    link = ThrottledLink(Recorder(), 1e6, burst_bytes=100_000, clock=lambda: now[0],
+                         sleep=sleep)
+    assert link.ready_bytes() == 100_000               # a fresh link's bucket is full
+    link.send_buffers([bytes(100_000)])
+    assert link.ready_bytes() == 0
+    now[0] += 0.03                                     # 30 ms refill 30,000 bytes
+    assert link.ready_bytes() == 30_000
+    now[0] += 1.0                                      # never more than the burst
+    assert link.ready_bytes() == 100_000
+
+
 def test_throttled_link_bad_rate() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         ThrottledLink(Recorder(), 0)

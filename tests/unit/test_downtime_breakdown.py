@@ -49,6 +49,21 @@ def test_the_socket_queue_is_predicted_in_the_commit_wait() -> None:
     assert sum(parts.values()) == pytest.approx(p.downtime_s)
 
 
+def test_ready_bytes_come_off_the_device_data_first_then_the_ram() -> None:
+    # the devices' stop-copy data is sent before the final RAM pass, so a paced link's
+    # full bucket carries it first
+    bw = BandwidthEstimator(None)
+    bw.record(0.0, 0.1, 100 * MB)                      # 1 GB/s
+    costs = FixedCosts(device_stop_s=0.001)
+    pred = DowntimePredictor(bw, costs=costs)
+    p = pred.predict(IterationInputs(1.0, dirty_ram_bytes=10 * MB, device_stopcopy_bytes=MB,
+                                     ready_bytes=3 * MB))
+    parts = predicted_parts(p, costs)
+    assert parts["device_stop"] == pytest.approx(0.001)
+    assert parts["ram_transfer"] == pytest.approx(0.008)
+    assert sum(parts.values()) == pytest.approx(p.downtime_s)
+
+
 def test_actual_parts_give_the_commit_what_is_left() -> None:
     parts = actual_parts(0.050, device_stop_s=0.010, final_sync_s=0.001,
                          ram_transfer_s=0.020, verify_s=0.004, dest_load_resume_s=0.002)

@@ -121,6 +121,20 @@ def test_bytes_queued_in_the_socket_are_still_to_transfer() -> None:
         p.predict(IterationInputs(0.0, 0, 0, queued_bytes=-1))
 
 
+def test_bytes_a_paced_link_passes_at_once_cost_no_time() -> None:
+    p = predictor(1 * GB, FixedCosts(commit_round_trips_s=0.005))
+    base = p.predict(IterationInputs(1.0, dirty_ram_bytes=10 * MB, device_stopcopy_bytes=MB))
+    ready = p.predict(IterationInputs(1.0, dirty_ram_bytes=10 * MB, device_stopcopy_bytes=MB,
+                                      ready_bytes=3 * MB))
+    assert base.downtime_s - ready.downtime_s == pytest.approx(0.003)
+    assert ready.ready_bytes == 3 * MB and ready.remaining_bytes == 11 * MB
+    # never more than there is to send
+    over = p.predict(IterationInputs(1.0, 0, device_stopcopy_bytes=MB, ready_bytes=64 * MB))
+    assert over.ready_bytes == MB and over.downtime_s == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="ready_bytes is negative"):
+        p.predict(IterationInputs(0.0, 0, 0, ready_bytes=-1))
+
+
 def test_device_state_alone_can_exceed_the_limit() -> None:
     # QEMU's expected-downtime would say 0 here: no dirty RAM. Ours must not.
     pred = predictor(1 * GB).predict(IterationInputs(0.0, 0, device_stopcopy_bytes=500 * MB))

@@ -35,9 +35,12 @@ COMPONENTS = ("device_stop", "final_sync", "ram_transfer", "verify", "commit_rou
 def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
     """Each part of ``p.downtime_s`` (they add up to it)."""
     bw = p.bandwidth_bps
-    return {"device_stop": costs.device_stop_s + p.device_bytes / bw,
+    # a paced link's ready bytes go first, and the devices' stop-copy data goes first
+    dev_ready = min(p.ready_bytes, p.device_bytes)
+    ram_ready = min(p.ready_bytes - dev_ready, p.ram_bytes)
+    return {"device_stop": costs.device_stop_s + (p.device_bytes - dev_ready) / bw,
             "final_sync": costs.final_sync_s,
-            "ram_transfer": p.ram_bytes / bw + costs.record_overhead_s,
+            "ram_transfer": (p.ram_bytes - ram_ready) / bw + costs.record_overhead_s,
             "verify": costs.verify_s,
             "commit_round_trips": costs.commit_round_trips_s + p.queued_bytes / bw,
             "dest_load_resume": costs.dest_load_resume_s}

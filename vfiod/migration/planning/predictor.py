@@ -8,6 +8,7 @@ Per iteration::
     predicted = (dirty RAM bytes not yet sent
                  + Σ device stop-copy bytes   (v2 MIG_DATA_SIZE / v1 pending_bytes / estimate)
                  + Σ device pre-copy bytes not yet read
+                 - what a paced link passes at once (its full bucket)
                  + stream bytes still queued in the source's socket)
                 / bandwidth
               + fixed costs measured on this path (device arcs, final sync, verify,
@@ -164,6 +165,9 @@ class IterationInputs:
     #: unpaced link megabytes the destination has not received yet, and the commit waits
     #: for them (the destination's own receive queue is not visible from here)
     queued_bytes: int = 0
+    #: bytes the link passes at once, without pacing, when the stop-and-copy begins (a
+    #: rate limiter's full bucket): they cost no time at the measured bandwidth
+    ready_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class Prediction:
     will_converge: bool
     reason: str
     queued_bytes: int = 0
+    ready_bytes: int = 0
 
     @property
     def remaining_bytes(self) -> int:
@@ -203,13 +208,14 @@ class DowntimePredictor:
 
     def predict(self, x: IterationInputs) -> Prediction:
         for name in ("dirty_ram_bytes", "device_stopcopy_bytes", "device_precopy_bytes",
-                     "queued_bytes"):
+                     "queued_bytes", "ready_bytes"):
             if getattr(x, name) < 0:
                 raise ValueError(f"{name} is negative: {getattr(x, name)}")
         bw = self.bandwidth.bps
         dev = x.device_stopcopy_bytes + x.device_precopy_bytes
         total = x.dirty_ram_bytes + dev
-        downtime = (total + x.queued_bytes) / bw + self.costs.total_s
+        ready = min(x.ready_bytes, total)
+        downtime = (total - ready + x.queued_bytes) / bw + self.costs.total_s
         rate = self.dirty.bps
         if not x.tracking:
             converge = False
@@ -230,7 +236,7 @@ class DowntimePredictor:
                            "every pass (a device's pre-copy dirty tracking is off and its "
                            "container is not queried until stop-and-copy)")
         p = Prediction(x.now, downtime, x.dirty_ram_bytes, dev, bw, self.bandwidth.source,
-                       rate, self.costs.total_s, converge, reason, x.queued_bytes)
+                       rate, self.costs.total_s, converge, reason, x.queued_bytes, ready)
         self.last = p
         return p
 

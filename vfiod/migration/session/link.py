@@ -7,6 +7,9 @@ one connection (``transport.control``): the destination sends ACK/CANCEL/ERROR b
 source sends one DIGESTS frame after the MANIFEST (its RAM content digests: the commit),
 which the destination reads after its last record. ``unsent_bytes``: the stream bytes the
 source's send queue still holds (the downtime prediction counts them, §4).
+``ready_bytes``: the bytes a send would pass at once, without pacing (a ``ThrottledLink``'s
+bucket; 0 for an unpaced link, whose bandwidth is the wire's); the prediction takes them
+off the stop-and-copy's time (§4).
 
 ``ThrottledLink`` caps the stream at ``rate_bps`` with a token bucket: a slower link in a
 test or a benchmark (the prediction-error matrix), or an operator's bandwidth limit so a
@@ -29,6 +32,8 @@ class Link(Protocol):
     def check_peer(self) -> None: ...
 
     def unsent_bytes(self) -> int: ...
+
+    def ready_bytes(self) -> int: ...
 
     def recv_into(self, view: memoryview) -> int: ...
 
@@ -107,6 +112,13 @@ class ThrottledLink:
 
     def unsent_bytes(self) -> int:
         return self.link.unsent_bytes()
+
+    def ready_bytes(self) -> int:
+        """The bucket's tokens now: what the next send passes before it waits. After an
+        idle moment (the pause and the devices' arcs) the bucket is full, and the
+        stop-and-copy's first ``burst`` bytes go at the wire's speed, not the cap's."""
+        now = self._clock()
+        return int(max(0.0, min(float(self.burst), self._tokens + (now - self._t) * self.rate)))
 
     def recv_into(self, view: memoryview) -> int:
         return self.link.recv_into(view)

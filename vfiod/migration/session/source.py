@@ -329,7 +329,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
-            num.tracking, num.assumed_dirty_bytes, queued))
+            num.tracking, num.assumed_dirty_bytes, queued, self.link.ready_bytes()))
         self._predicted_parts = predicted_parts(p, costs)
         self._uncorrected_parts = predicted_parts(p, self._measured_costs)
         decision, why = self.config.policy.verdict(

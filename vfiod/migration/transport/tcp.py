@@ -134,6 +134,11 @@ class Connection:
         """Stream bytes not yet acknowledged by the destination's kernel."""
         return socket_unsent_bytes(self._sock.fileno())
 
+    def ready_bytes(self) -> int:
+        """Bytes a send passes before any pacing: none, a connection is not paced (its
+        bandwidth estimate is the wire's)."""
+        return 0
+
     def peer_certificate(self) -> dict[str, Any] | None:  # the TLS peer's; None on TCP
         return self._sock.getpeercert() if isinstance(self._sock, ssl.SSLSocket) else None
 
