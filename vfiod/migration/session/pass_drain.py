@@ -106,6 +106,18 @@ class SourcePassDrain(SessionBase):
         self.result.timings["pass_drain_s"] = 0.0
         return self._pass_acks
 
+    def _header_acked(self, since: float, sending_cpu_s: float) -> None:
+        """Wait for the HEADER's ACK and learn a round trip from it: the time since
+        ``since``, taken before the send (in one process the destination may answer
+        before this thread runs again), less the destination's reported work and this
+        thread's CPU in the send (a process's first send loads the checksum kernels)."""
+        ack = self.link.wait_ack(AckStage.HEADER, self.config.ack_timeout_s)
+        busy = ack.fields.get("busy_s", 0.0)
+        busy = float(busy) if isinstance(busy, int | float) else 0.0
+        rtt = self.clock() - since - busy - sending_cpu_s
+        self._learn_rtt(rtt)
+        self.result.timings["header_ack_rtt_s"] = max(0.0, rtt)
+
     def _learn_rtt(self, sample_s: float) -> None:
         """A round trip's upper bound (the HEADER's first, then each pass's): the least so
         far is the round trip (``timings["rtt_s"]``); the commit's prediction uses it. A

@@ -210,7 +210,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
-        t0 = self.clock()             # from before the send: the ACK may beat a later start
+        t0, c0 = self.clock(), time.thread_time()     # the round trip (``_header_acked``)
         try:
             self.writer.start()       # the HEADER: the destination checks it too
         except TransportError:
@@ -218,12 +218,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                 raise                 # refused by the destination alone: its words
         if reasons:                   # ours list every reason, the ABORT carries them
             raise PreflightError(reasons)
-        ack = self.link.wait_ack(AckStage.HEADER, cfg.ack_timeout_s)
-        busy = ack.fields.get("busy_s", 0.0)
-        busy = float(busy) if isinstance(busy, int | float) else 0.0
-        rtt = self.clock() - t0 - busy
-        self._learn_rtt(rtt)
-        self.result.timings["header_ack_rtt_s"] = max(0.0, rtt)
+        self._header_acked(t0, time.thread_time() - c0)
         self._open_channels(channels)
 
     def _setup(self) -> None:

@@ -7,17 +7,17 @@ source: ``connect(host, port, tls=cfg, timeout=10)``; then ``StreamReader(conn)`
 ``conn.wait_ack(stage, timeout)``.
 
 ``Connection``: a ``StreamSink`` (``send_buffers``, ``check_peer``), a stream ``Source``
-(``recv_into``), a TLS peer's certificate, and the stream bytes its send queue still holds
-(``unsent_bytes``, for the downtime prediction). Plain TCP: ``send_buffers`` hands the
-batch to ``socket.sendmsg`` (the kernel copies straight from the guest mmap), ``recv_into``
-lands bytes in the caller's view (guest memory for RAM); ``ssl`` has no ``sendmsg``, so
-TLS sends buffer by buffer. Every failure is a ``TransportError`` with a ``TransportCode``:
-connect or accept refused or timed out, no progress within ``io_timeout``, the peer closed
-or reset, TLS failure, a malformed control frame, the destination's CANCEL or ERROR. Each
-end runs its side from one thread (the source polls the return path between batches): one
-TLS object is never used by two threads at once. ``Listener.accept_raw`` leaves the TLS
-handshake to the connection's own thread under its own deadline (``Accepted.handshake``;
-``Accepted.abort`` wakes it): a stalled peer delays nobody else.
+(``recv_into``), a TLS peer's certificate, and, for the downtime prediction, its unsent bytes
+(``unsent_bytes``; ``ready_bytes`` 0: unpaced). Plain TCP: ``send_buffers`` hands the batch to
+``socket.sendmsg`` (the kernel copies straight from the guest mmap), ``recv_into`` lands bytes
+in the caller's view (guest memory for RAM); ``ssl`` has no ``sendmsg``, so TLS sends buffer by
+buffer. Every failure is a ``TransportError`` with a ``TransportCode``: connect or accept
+refused or timed out, no progress within ``io_timeout``, the peer closed or reset, TLS failure,
+a malformed control frame, the destination's CANCEL or ERROR. Each end runs its side from one
+thread (the source polls the return path between batches): one TLS object is never used by two
+threads at once. ``Listener.accept_raw`` leaves the TLS handshake to the connection's own
+thread under its own deadline (``Accepted.handshake``; ``Accepted.abort`` wakes it): a stalled
+peer delays nobody else.
 """
 
 from __future__ import annotations
@@ -49,11 +49,9 @@ DEFAULT_IO_TIMEOUT = 120.0
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Mutual TLS: this end's certificate and key, and the CA that signs the peers'.
-
-    ``server_hostname``: the name the source checks in the destination's certificate
-    (default: the host it connects to, so an IP address needs an IP SAN).
-    """
+    """Mutual TLS: this end's certificate and key, and the CA that signs the peers';
+    ``server_hostname``, the name the source checks in the destination's certificate
+    (default: the host it connects to, so an IP address needs an IP SAN)."""
 
     certfile: str
     keyfile: str
@@ -130,13 +128,10 @@ class Connection:
         except OSError as e:
             raise self._wrap(e, "send") from None
 
-    def unsent_bytes(self) -> int:
-        """Stream bytes not yet acknowledged by the destination's kernel."""
+    def unsent_bytes(self) -> int:      # not yet acknowledged by the destination's kernel
         return socket_unsent_bytes(self._sock.fileno())
 
-    def ready_bytes(self) -> int:
-        """Bytes a send passes before any pacing: none, a connection is not paced (its
-        bandwidth estimate is the wire's)."""
+    def ready_bytes(self) -> int:       # not paced: its bandwidth estimate is the wire's
         return 0
 
     def peer_certificate(self) -> dict[str, Any] | None:  # the TLS peer's; None on TCP

@@ -1,0 +1,48 @@
+"""The HEADER's round trip (pass_drain.py ``_header_acked``; docs/protocol.md §8.5): timed
+from before the send, less the destination's reported work and the sending thread's CPU
+in the send, and a sample of zero or less is none."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from vfiod.migration.session.pass_drain import SourcePassDrain
+from vfiod.migration.transport.control import AckStage, ControlMessage
+
+
+class _Acks:
+    def __init__(self, busy_s: float) -> None:
+        self.busy_s = busy_s
+
+    def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage:
+        assert stage is AckStage.HEADER
+        return ControlMessage.ack(AckStage.HEADER, 1, busy_s=self.busy_s)
+
+
+def _source(now: float, busy_s: float) -> Any:
+    s: Any = object.__new__(SourcePassDrain)
+    s.link, s.clock = _Acks(busy_s), (lambda: now)
+    s.config = SimpleNamespace(ack_timeout_s=1.0)
+    s.result = SimpleNamespace(timings={})
+    s._rtt = 0.0
+    return s
+
+
+def test_the_header_round_trip_leaves_out_the_destinations_work_and_the_sends_cpu() -> None:
+    # 10 ms from before the send to the ACK: 2 ms the destination's checks, 3 ms this
+    # thread's CPU sending (a first send loading the checksum kernels)
+    s = _source(now=1.010, busy_s=0.002)
+    s._header_acked(1.000, sending_cpu_s=0.003)
+    assert s.result.timings["header_ack_rtt_s"] == pytest.approx(0.005)
+    assert s._rtt == pytest.approx(0.005)
+    assert s.result.timings["rtt_s"] == pytest.approx(0.005)
+
+
+def test_a_header_sample_of_zero_or_less_is_not_a_round_trip() -> None:
+    s = _source(now=1.004, busy_s=0.005)
+    s._header_acked(1.000, sending_cpu_s=0.0)
+    assert s.result.timings["header_ack_rtt_s"] == 0.0
+    assert s._rtt == 0.0 and "rtt_s" not in s.result.timings
