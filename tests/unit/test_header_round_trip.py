@@ -1,6 +1,7 @@
-"""The HEADER's round trip (pass_drain.py ``_header_acked``; docs/protocol.md §8.5): timed
-from before the send, less the destination's reported work and the sending thread's CPU
-in the send, and a sample of zero or less is none."""
+"""The round trip the commit's prediction uses (pass_drain.py; docs/protocol.md §8.5): the
+HEADER's sample is timed from before the send, less the destination's reported work and
+the sending thread's CPU in the send; a sample of zero or less is none; the estimate is
+the median of whole round trips, a large pass's wait only a bound."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vfiod.migration.session.pass_drain import SourcePassDrain
+from vfiod.migration.session.pass_drain import RoundTrips, SourcePassDrain
 from vfiod.migration.transport.control import AckStage, ControlMessage
 
 
@@ -27,7 +28,7 @@ def _source(now: float, busy_s: float) -> Any:
     s.link, s.clock = _Acks(busy_s), (lambda: now)
     s.config = SimpleNamespace(ack_timeout_s=1.0)
     s.result = SimpleNamespace(timings={})
-    s._rtt = 0.0
+    s._rtt, s._rtt_samples = 0.0, RoundTrips()
     return s
 
 
@@ -46,3 +47,16 @@ def test_a_header_sample_of_zero_or_less_is_not_a_round_trip() -> None:
     s._header_acked(1.000, sending_cpu_s=0.0)
     assert s.result.timings["header_ack_rtt_s"] == 0.0
     assert s._rtt == 0.0 and "rtt_s" not in s.result.timings
+
+
+def test_the_round_trip_is_the_median_of_whole_samples_and_bounds_only_stand_in() -> None:
+    rt = RoundTrips()
+    assert rt.estimate == 0.0
+    rt.add(0.009, whole=False)           # a large pass: its backlog inside
+    assert rt.estimate == 0.009          # nothing better yet
+    rt.add(0.0004, whole=True)           # the HEADER
+    rt.add(0.00002, whole=True)          # the scheduler shortened this one
+    rt.add(0.0005, whole=True)
+    rt.add(-0.001, whole=True)           # not a sample
+    assert rt.estimate == 0.0004         # the median, not the shortened least
+    assert rt.least == 0.00002

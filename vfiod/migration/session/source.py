@@ -72,7 +72,7 @@ from vfiod.migration.session.common import (
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
-from vfiod.migration.session.pass_drain import SourcePassDrain
+from vfiod.migration.session.pass_drain import RoundTrips, SourcePassDrain
 from vfiod.migration.session.phases import (
     RamSender,
     final_pass_overheads,
@@ -132,6 +132,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = self._tracking_t0 = 0.0
+        self._rtt_samples = RoundTrips()
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
