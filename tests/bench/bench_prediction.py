@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.bench.prediction_cases import REGIMES, run_case
+from tests.bench.prediction_cases import OVER_FLOOR_PARTS, REGIMES, run_case
 from tests.bench.timing import row
 
 MEDIAN_TARGET = 0.10
@@ -56,6 +56,25 @@ def _fresh_first() -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _added_row(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """What vfiod adds on top of the floor, part by part: the median over every case, and
+    over the cases more than ``FLOOR_TARGET`` times their floor (where the fixed costs
+    are)."""
+    over = [c for c in cases if (c["over_floor"] or 0) > FLOOR_TARGET]
+
+    def medians(cs: list[dict[str, Any]]) -> dict[str, float]:
+        return {k: round(statistics.median(c["over_floor_ms"][k] for c in cs), 3)
+                for k in OVER_FLOOR_PARTS} if cs else {}
+    total = statistics.median((c["actual_s"] - c["floor_s"]) * 1000 for c in cases)
+    floor = statistics.median(c["floor_s"] * 1000 for c in cases)
+    return row("downtime_over_floor_parts_ms", total, "ms", "median floor", floor,
+               total / floor if floor > 0 else 0.0,
+               note="median ms added on top of the floor, per part (issue 15 item 3)",
+               distribution={"all_cases": medians(cases),
+                             f"cases_over_{FLOOR_TARGET:g}x": medians(over),
+                             "cases_over": len(over)})
+
+
 def bench_prediction_error(quick: bool = False) -> list[dict[str, Any]]:
     reps = 1 if quick else 3
     first = _fresh_first()
@@ -81,6 +100,7 @@ def bench_prediction_error(quick: bool = False) -> list[dict[str, Any]]:
             floor_med / FLOOR_TARGET, target_ratio=1.0,
             note="actual / (bytes left / measured bandwidth + one round trip)",
             distribution=sorted(floors)),
+        _added_row(cases),
     ]
     for regime in REGIMES:
         mine = [c for c in cases if c["regime"] == regime.name]

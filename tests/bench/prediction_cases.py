@@ -67,6 +67,29 @@ REGIMES = (
 )
 
 
+#: what vfiod adds to a downtime on top of its floor, in the order it happens (issue 15
+#: item 3); they add up to actual - floor
+OVER_FLOOR_PARTS = ("pause", "p2p_quiesce", "device_reads", "final_sync", "ram_beyond_link",
+                    "verify", "commit_beyond_rtt", "dest_load_resume")
+
+
+def over_floor_parts(t: dict[str, float], parts: dict[str, float], last: Any,
+                     rtt: float) -> dict[str, float]:
+    """Milliseconds each step added to the floor (bytes left / bandwidth + one round
+    trip): the guest's pause, P2P quiesce, the devices' stop-copy reads beyond their bytes
+    over the link, the final sync, the final RAM pass and the stream's end beyond their
+    bytes over the link, the final verify, the commit's waits beyond one round trip, and the
+    destination's load and resume. Negative where a part beat the bandwidth estimate."""
+    bw = last.bandwidth_bps
+    dev_s = t["device_stop_copy_s"] - t["p2p_quiesce_s"] - last.device_bytes / bw
+    added = {"pause": t["pause_s"], "p2p_quiesce": t["p2p_quiesce_s"], "device_reads": dev_s,
+             "final_sync": parts["final_sync"],
+             "ram_beyond_link": parts["ram_transfer"] - last.dirty_ram_bytes / bw,
+             "verify": parts["verify"], "commit_beyond_rtt": parts["commit_round_trips"] - rtt,
+             "dest_load_resume": parts["dest_load_resume"]}
+    return {k: round(added[k] * 1000, 3) for k in OVER_FLOOR_PARTS}
+
+
 @contextmanager
 def _hog(on: bool) -> Iterator[None]:
     """A busy process beside the migration (the host's other tenant)."""
@@ -155,6 +178,7 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
         rtt = res.timings.get("rtt_s", res.timings.get("header_ack_rtt_s", 0.0))
         floor = last.remaining_bytes / last.bandwidth_bps + rtt
         actual = res.actual_downtime_s or 0.0
+        parts = {k: v["actual_s"] for k, v in res.downtime_breakdown.items()}
         return {"regime": r.name, "predicted_s": round(res.predicted_downtime_s or 0.0, 5),
                 "actual_s": round(actual, 5), "error": round(res.prediction_error, 4),
                 "iterations": res.iterations, "forced": last.decision == "force",
@@ -165,7 +189,8 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
                 "over_floor": round(actual / floor, 3) if floor > 0 else None,
                 "breakdown_ms": {k: [round(v["predicted_s"] * 1000, 2),
                                      round(v["actual_s"] * 1000, 2)]
-                                 for k, v in res.downtime_breakdown.items()}}
+                                 for k, v in res.downtime_breakdown.items()},
+                "over_floor_ms": over_floor_parts(res.timings, parts, last, rtt)}
     finally:
         src.close()
         dst.close()

@@ -1,7 +1,7 @@
-"""The round trip the commit's prediction uses (pass_drain.py; docs/protocol.md §8.5): the
-HEADER's sample is timed from before the send, less the destination's reported work and
-the sending thread's CPU in the send; a sample of zero or less is none; the estimate is
-the median of whole round trips, a large pass's wait only a bound."""
+"""The round trips the commit's prediction uses (pass_drain.py; docs/protocol.md §8.5): the
+HEADER's and each pass's sample is timed from before the send, less the destination's
+reported work and the sending thread's CPU in the send; the least is the round trip, and
+a sample of zero or less is none."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vfiod.migration.session.pass_drain import RoundTrips, SourcePassDrain
+from vfiod.migration.session.pass_drain import SourcePassDrain
 from vfiod.migration.transport.control import AckStage, ControlMessage
 
 
@@ -19,8 +19,7 @@ class _Acks:
         self.busy_s = busy_s
 
     def wait_ack(self, stage: AckStage, timeout: float) -> ControlMessage:
-        assert stage is AckStage.HEADER
-        return ControlMessage.ack(AckStage.HEADER, 1, busy_s=self.busy_s)
+        return ControlMessage.ack(stage, 1, busy_s=self.busy_s)
 
 
 def _source(now: float, busy_s: float) -> Any:
@@ -28,7 +27,8 @@ def _source(now: float, busy_s: float) -> Any:
     s.link, s.clock = _Acks(busy_s), (lambda: now)
     s.config = SimpleNamespace(ack_timeout_s=1.0)
     s.result = SimpleNamespace(timings={})
-    s._rtt, s._rtt_samples = 0.0, RoundTrips()
+    s._rtt, s._pass_acks = 0.0, True
+    s._check_cancel = lambda: None
     return s
 
 
@@ -49,14 +49,11 @@ def test_a_header_sample_of_zero_or_less_is_not_a_round_trip() -> None:
     assert s._rtt == 0.0 and "rtt_s" not in s.result.timings
 
 
-def test_the_round_trip_is_the_median_of_whole_samples_and_bounds_only_stand_in() -> None:
-    rt = RoundTrips()
-    assert rt.estimate == 0.0
-    rt.add(0.009, whole=False)           # a large pass: its backlog inside
-    assert rt.estimate == 0.009          # nothing better yet
-    rt.add(0.0004, whole=True)           # the HEADER
-    rt.add(0.00002, whole=True)          # the scheduler shortened this one
-    rt.add(0.0005, whole=True)
-    rt.add(-0.001, whole=True)           # not a sample
-    assert rt.estimate == 0.0004         # the median, not the shortened least
-    assert rt.least == 0.00002
+def test_a_pass_sample_is_timed_from_before_the_marks_send_and_the_least_is_kept() -> None:
+    s = _source(now=1.010, busy_s=0.0)
+    s._header_acked(1.000, sending_cpu_s=0.0)               # 10 ms: a fresh process's
+    assert s._rtt == pytest.approx(0.010)
+    # pass 1's mark: its send began at 1.008 and took 1 ms of this thread's CPU
+    s._await_pass(1, 1.008, sent_bytes=4096, sending_s=0.001)
+    assert s._rtt == pytest.approx(0.001)
+    assert s.result.timings["pass_drain_s"] == pytest.approx(0.002)

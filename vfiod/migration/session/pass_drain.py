@@ -14,23 +14,21 @@ has landed and been checked (its CRCs taken for the content digests, docs/protoc
 re-hash, its dirty sync and its prediction: the prediction then starts from an empty
 pipe, and so does the stop-and-copy.
 
-The wait also measures the path: the time from the mark leaving to its ACK, less the
-destination's reported work after the mark (``busy_s``; 0 now that it re-hashes nothing,
-an older destination's re-hash), is one round trip when the pass was small (below
-``BACKLOG_MIN_BYTES``: nothing left to drain), an upper bound of one after a large pass.
-The commit's prediction uses the median of the HEADER's and the small passes' samples
-(the commit's own round trips meet the same scheduling as they did; the least of them
-was a sample the scheduler shortened: in one process, the ACK sent before the source's
-clock started, 24 µs against 200-600 µs), or the least sample when there are none of
-those. The wait's remainder, beyond that round trip, is time the destination still
-needed for the pass's bytes: sending time the bandwidth estimate must count.
+The wait also measures the path: the time from just before the mark's send to its ACK,
+less the destination's reported work after the mark (``busy_s``; 0 now that it re-hashes
+nothing, an older destination's re-hash) and this thread's CPU in the send, is an upper
+bound of one round trip, and the least of these over the migration (with the HEADER's) is
+the round-trip time the commit's prediction uses. The clock starts before the send, not
+after it: a thread descheduled once its send returned would start it after the
+destination had answered, a sample the scheduler shortened (in one process, 24 µs against
+200-600 µs), and the commit was predicted from it. The wait's remainder, beyond that round trip, is time the destination
+still needed for the pass's bytes: sending time the bandwidth estimate must count.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vfiod.migration.planning.predictor import DowntimePredictor
@@ -48,23 +46,25 @@ BACKLOG_MIN_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class PassDrained:
-    """One pass's acknowledgement: ``waited_s`` from the mark leaving to its ACK, of which
-    ``busy_s`` was the destination's own work after the mark; ``path_s`` the rest (the path and the
+    """One pass's acknowledgement: ``waited_s`` from just before the mark's send to its
+    ACK, of which ``busy_s`` was the destination's own work after the mark and
+    ``sending_s`` this thread's CPU in the send; ``path_s`` the rest (the path and the
     destination's backlog)."""
 
     waited_s: float
     busy_s: float
+    sending_s: float = 0.0
 
     @property
     def path_s(self) -> float:
-        return max(0.0, self.waited_s - self.busy_s)
+        return max(0.0, self.waited_s - self.busy_s - self.sending_s)
 
 
 def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: float,
-                        clock: Callable[[], float],
-                        check_cancel: Callable[[], None]) -> PassDrained:
-    """Block until the destination acknowledges pass ``number`` (the mark went out at
-    ``since``). An earlier pass's ACK is dropped; an operator's cancel is honoured every
+                        clock: Callable[[], float], check_cancel: Callable[[], None],
+                        sending_s: float = 0.0) -> PassDrained:
+    """Block until the destination acknowledges pass ``number`` (the mark's send began at
+    ``since`` and took ``sending_s`` of this thread's CPU). An earlier pass's ACK is dropped; an operator's cancel is honoured every
     ``CANCEL_POLL_S``; no ACK within ``timeout_s`` raises ``TransportError`` (TIMEOUT)
     naming the pass."""
     deadline = since + timeout_s
@@ -94,30 +94,8 @@ def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: flo
         if got == number:
             busy = ack.fields.get("busy_s", 0.0)
             busy = float(busy) if isinstance(busy, int | float) and busy >= 0 else 0.0
-            return PassDrained(waited_s=max(0.0, clock() - since), busy_s=busy)
-
-
-@dataclass
-class RoundTrips:
-    """Round-trip samples of one migration: ``whole`` ones (the HEADER's, a small pass's)
-    and upper bounds (a large pass's, with its backlog). A sample of zero or less is none:
-    the destination's reported work covered the whole wait (the source's clock started
-    late), which says nothing of the path."""
-
-    whole: list[float] = field(default_factory=list)
-    least: float = 0.0
-
-    def add(self, sample_s: float, *, whole: bool) -> None:
-        if sample_s <= 0:
-            return
-        self.least = sample_s if self.least <= 0 else min(self.least, sample_s)
-        if whole:
-            self.whole.append(sample_s)
-
-    @property
-    def estimate(self) -> float:
-        """The median of the whole samples, else the least bound; 0 with no sample."""
-        return statistics.median(self.whole) if self.whole else self.least
+            return PassDrained(waited_s=max(0.0, clock() - since), busy_s=busy,
+                               sending_s=sending_s)
 
 
 class SourcePassDrain(SessionBase):
@@ -127,7 +105,6 @@ class SourcePassDrain(SessionBase):
     predictor: DowntimePredictor
     _rtt: float
     _pass_acks: bool = False
-    _rtt_samples: RoundTrips
 
     def _offer_pass_acks(self, hello: dict[str, Any]) -> bool:
         """Whether the HEADER asks for ACK pass: when the destination's HELLO offers it."""
@@ -144,28 +121,32 @@ class SourcePassDrain(SessionBase):
         busy = ack.fields.get("busy_s", 0.0)
         busy = float(busy) if isinstance(busy, int | float) else 0.0
         rtt = self.clock() - since - busy - sending_cpu_s
-        self._learn_rtt(rtt, whole=True)
+        self._learn_rtt(rtt)
         self.result.timings["header_ack_rtt_s"] = max(0.0, rtt)
 
-    def _learn_rtt(self, sample_s: float, *, whole: bool) -> None:
-        """A round trip's sample (the HEADER's first, then each pass's; ``whole``: one round
-        trip, not an upper bound): ``RoundTrips.estimate`` is the round trip
-        (``timings["rtt_s"]``) the commit's prediction uses."""
-        self._rtt_samples.add(sample_s, whole=whole)
-        if self._rtt_samples.estimate > 0:
-            self._rtt = self.result.timings["rtt_s"] = self._rtt_samples.estimate
+    def _learn_rtt(self, sample_s: float) -> None:
+        """A round trip's upper bound (the HEADER's first, then each pass's): the least so
+        far is the round trip (``timings["rtt_s"]``); the commit's prediction uses it. A
+        sample of zero or less is none: the destination's own reported work covered the
+        whole wait (the source's clock started late), which says nothing of the path."""
+        if sample_s <= 0:
+            return
+        self._rtt = sample_s if self._rtt <= 0 else min(self._rtt, sample_s)
+        self.result.timings["rtt_s"] = self._rtt
 
-    def _await_pass(self, number: int, since: float, sent_bytes: int) -> None:
-        """Wait until the destination consumed pass ``number`` (its mark left at
-        ``since``, after ``sent_bytes`` of its RAM and device data); learn the round trip
-        and the time its backlog took."""
+    def _await_pass(self, number: int, since: float, sent_bytes: int,
+                    sending_s: float = 0.0) -> None:
+        """Wait until the destination consumed pass ``number`` (its mark's send began at
+        ``since`` and took ``sending_s`` of CPU, after ``sent_bytes`` of its RAM and
+        device data); learn the round trip and the time its backlog took."""
         if not self._pass_acks:
             return
         d = await_pass_consumed(self.link, number, since, timeout_s=self.config.ack_timeout_s,
-                                clock=self.clock, check_cancel=self._check_cancel)
+                                clock=self.clock, check_cancel=self._check_cancel,
+                                sending_s=sending_s)
         t = self.result.timings
         t["pass_drain_s"] = t.get("pass_drain_s", 0.0) + d.waited_s
-        self._learn_rtt(d.waited_s - d.busy_s, whole=sent_bytes < BACKLOG_MIN_BYTES)
+        self._learn_rtt(d.path_s)
         # what the path needed beyond one round trip was the destination still taking in
         # this pass's bytes: sending time, at no extra bytes
         backlog = d.path_s - self._rtt

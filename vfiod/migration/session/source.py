@@ -72,7 +72,7 @@ from vfiod.migration.session.common import (
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
-from vfiod.migration.session.pass_drain import RoundTrips, SourcePassDrain
+from vfiod.migration.session.pass_drain import SourcePassDrain
 from vfiod.migration.session.phases import (
     RamSender,
     final_pass_overheads,
@@ -132,7 +132,6 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = self._tracking_t0 = 0.0
-        self._rtt_samples = RoundTrips()
         #: the devices' state arcs: at setup, then the pending queries of every pass
         self._arcs = FixedCostSamples()
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
@@ -273,9 +272,11 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                     dev_bytes += self._hook(d, d.driver.save_live_iterate,
                                             self._device_sink(d), cfg.device_iterate_bytes)
                     self.predictor.bandwidth.record(t0, self.clock(), w.bytes_sent - b0)
+            t_mark, c_mark = self.clock(), time.thread_time()
             w.mark_iteration(self.iteration)
             # predict from an empty pipe; waiting before the re-hash times the path alone
-            self._await_pass(self.iteration, self.clock(), ram + dev_bytes)
+            self._await_pass(self.iteration, t_mark, ram + dev_bytes,
+                             time.thread_time() - c_mark)
             assert self.digests is not None
             self.digests.pass_ended()      # re-hash, and fold into the digests
             sync = tr.sync("precopy")
@@ -361,6 +362,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         if devs and all(d.driver.has_p2p for d in devs):
             for d in devs:              # no device may DMA into a peer that has stopped
                 self._hook(d, d.driver.quiesce_p2p)
+        t["p2p_quiesce_s"] = self.clock() - t0
         for d in devs:
             b0 = w.bytes_sent
             t1 = self.clock()
