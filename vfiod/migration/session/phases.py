@@ -50,8 +50,11 @@ class RamSender:
                  bandwidth: BandwidthEstimator, *, slice_bytes: int, record_pages: int,
                  clock: Callable[[], float], between: Callable[[], None],
                  publish: Callable[[], None] | None = None,
-                 publish_every_s: float = 0.1) -> None:
+                 publish_every_s: float = 0.1,
+                 ready: Callable[[], int] = lambda: 0) -> None:
+        """``ready``: the bytes the link passes now without pacing (``Link.ready_bytes``)."""
         self.writer = writer
+        self.ready = ready
         self.record_pages = record_pages
         self.cost = CostModel()
         self.guest = guest
@@ -138,14 +141,16 @@ class RamSender:
     def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool) -> int:
         arr = np.asarray(batch, dtype=np.int64)
         records = records_for(arr[:, 1], self.record_pages)
-        before = self.writer.bytes_sent
+        before, free = self.writer.bytes_sent, self.ready()
         t0, c0 = self.clock(), time.thread_time()
         n = self.writer.send_ram(batch, quiescent=quiescent)
         t1, c1 = self.clock(), time.thread_time()
         sent = self.writer.bytes_sent - before
-        # wall time: what the link delivered; CPU time: what framing and checksumming
-        # cost here, per byte and per record (a scattered final pass is CPU bound)
-        self.bandwidth.record(t0, t1, sent)
+        # wall time: what the link delivered, at its paced rate (a paced link's bucket
+        # passed ``free`` bytes at once: the prediction credits those separately); CPU
+        # time: what framing and checksumming cost here, per byte and per record (a
+        # scattered final pass is CPU bound)
+        self.bandwidth.record(t0, t1, max(0, sent - free))
         self.cost.add(sent, records, c1 - c0)
         if not quiescent:       # the guest may write them again: read them after the pass
             self.digests.touch(arr[:, 0], arr[:, 1])

@@ -243,7 +243,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                                 slice_bytes=cfg.slice_bytes,
                                 record_pages=cfg.record_bytes // g.page_size,
                                 clock=self.clock, between=self._check_cancel,
-                                publish=self._publish_live)
+                                publish=self._publish_live, ready=self.link.ready_bytes)
         self._vmm_start()
 
     def _device_sink(self, dev: GuestDevice) -> DeviceDataSink:
