@@ -143,3 +143,24 @@ def test_opted_out_containers_count_whole_until_a_stop_and_copy_query_was_seen()
     h.record_opted_out(0, 0, 1.0)                   # no opted-out container: no lesson
     h.record_opted_out(5, 10, 0.0)                  # no time tracked: no rate
     assert h.opted_out_share(1.0) == pytest.approx(0.05)
+
+
+def test_the_final_pass_learns_its_time_per_record_beyond_the_prediction() -> None:
+    h = SwitchoverHistory()
+    # each final pass of 16 records took 1 ms more than its bytes, its framing CPU and its
+    # stream's end (0.2 ms) say: about 62 us per record
+    for _ in range(3):
+        h.record(MEASURED, PREDICTED, _actual(ram_transfer=0.100 + 0.0002 + 0.001), 0,
+                 stream_end_s=0.0002, final_records=16)
+    got = h.correct(MEASURED, device_bytes=0, records=32)
+    assert got.record_overhead_s == pytest.approx(MEASURED.record_overhead_s + 0.0002
+                                                  + 0.001 * 32 / 16)
+    # no records predicted, nothing added beyond the stream's end
+    assert h.correct(MEASURED, device_bytes=0).record_overhead_s == pytest.approx(0.0002)
+
+
+def test_a_final_pass_without_records_or_with_a_broken_clock_teaches_nothing() -> None:
+    h = SwitchoverHistory()
+    h.record(MEASURED, PREDICTED, _actual(ram_transfer=0.5), 0, final_records=0)
+    h.record(MEASURED, PREDICTED, _actual(ram_transfer=5.0), 0, final_records=4)
+    assert h.correct(MEASURED, device_bytes=0, records=1000).record_overhead_s == 0.0

@@ -71,6 +71,7 @@ class RamSender:
         self.skipped_zero_pages = 0
         #: pages of the current pass not sent (nor skipped as holes) yet
         self.pass_left_pages = 0
+        self.pass_records = 0         # records of the current (or last) pass
 
     def _scan(self, first: int, count: int, buf: PieceBuffer) -> Iterator[tuple[int, int]]:
         """Runs of non-zero pages inside [first, first+count), region by region, read
@@ -110,6 +111,7 @@ class RamSender:
     def _send(self, runs: tuple[np.ndarray, np.ndarray], quiescent: bool,
               scan: PieceBuffer | None) -> int:
         self.pass_left_pages = int(runs[1].sum())
+        self.pass_records = 0
         sent = 0
         batch: list[tuple[int, int]] = []
         pages = 0
@@ -152,6 +154,7 @@ class RamSender:
         # scattered final pass is CPU bound)
         self.bandwidth.record(t0, t1, max(0, sent - free))
         self.cost.add(sent, records, c1 - c0)
+        self.pass_records += records
         if not quiescent:       # the guest may write them again: read them after the pass
             self.digests.touch(arr[:, 0], arr[:, 1])
         self.pass_left_pages -= int(arr[:, 1].sum())

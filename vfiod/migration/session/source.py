@@ -322,7 +322,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
-            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev)
+            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
+            records=num.dirty_records)
         queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,

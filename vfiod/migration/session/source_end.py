@@ -118,10 +118,11 @@ class SourceEnding(SourceVmmSteps):
             verify_s=max(t["source_final_rehash_s"], dest_s("dest_final_rehash_s"))
             + dest_s("dest_compare_s"),
             dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
-        w = self.writer
+        w, s = self.writer, self.sender
         self.history.record(self._measured_costs, self._uncorrected_parts, actual,
                             w.device_bytes_sent if w is not None else 0,
-                            stream_end_s=t.get("stream_end_s", 0.0))
+                            stream_end_s=t.get("stream_end_s", 0.0),
+                            final_records=s.pass_records if s is not None else 0)
         return breakdown(self._predicted_parts, actual)
 
     def _result(self, kind: str, reason: str) -> MigrationResult:
