@@ -43,7 +43,8 @@ def test_earlier_switchovers_correct_the_parts_measured_only_at_switchover() -> 
     assert h.migrations == 3
     assert got.final_sync_s == pytest.approx(0.0002)
     assert got.commit_round_trips_s == pytest.approx(0.0022)
-    # what this migration measures itself is left as it is
+    # what this migration measures itself is left as it is (the verify took what it
+    # was predicted to)
     assert got.verify_s == MEASURED.verify_s
 
 
@@ -164,3 +165,10 @@ def test_a_final_pass_without_records_or_with_a_broken_clock_teaches_nothing() -
     h.record(MEASURED, PREDICTED, _actual(ram_transfer=0.5), 0, final_records=0)
     h.record(MEASURED, PREDICTED, _actual(ram_transfer=5.0), 0, final_records=4)
     assert h.correct(MEASURED, device_bytes=0, records=1000).record_overhead_s == 0.0
+
+
+def test_the_verify_learns_what_the_digests_fold_and_compare_add() -> None:
+    h = SwitchoverHistory()
+    for extra in (0.00012, 0.00015, 0.00013):
+        h.record(MEASURED, PREDICTED, _actual(verify=extra), 0)
+    assert h.correct(MEASURED, device_bytes=0).verify_s == pytest.approx(0.00013)
