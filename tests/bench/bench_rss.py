@@ -15,6 +15,17 @@ memory against the number of guests and against the RAM whose dirty pages it tra
   own in this scope, so the growth is vfiod's. Target: ratio ≤ 1.1 (docs/architecture.md §3).
   ``round_peak_ratio`` is the peak (VmHWM) growth over a source's first round (start with
   everything dirty, take the pass, sync, take the next), per bitmap byte.
+* ``rss_after_migration`` — the anonymous RSS of a 1-guest source and destination daemon
+  (the ``rss_per_guest`` fleet's guest, 8 MiB of RAM, 4 devices) idle and then after one
+  finished migration between them; value = the source's, baseline = the destination's.
+
+Each row is measured twice in the same run: as the test venv runs the daemon and as a
+production install would (``production_*``). The test venv has pytest-cov, so
+``coverage`` is importable and ``import numba`` imports it (numba/misc/coverage_support.py
+tries ``import coverage`` and carries on without it); a production install has no
+coverage. The production daemons get a directory first on their path whose
+``coverage.py`` raises ``ImportError``, and the bench checks each daemon's
+``/proc/PID/maps`` for coverage's C tracer (``coverage_mapped``) to show which was which.
 
 Run alone: ``.venv/bin/python -m tests.bench.run -k rss``.
 """
@@ -26,12 +37,14 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.bench.timing import row
-from tests.support.daemons import DaemonProcess
-from tests.support.fleet_configs import fleet_config
+from tests.support.daemons import DaemonProcess, guest_status, wait_until
+from tests.support.fleet_configs import fleet_config, fleet_guest
 from tests.support.load import rss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,26 +55,101 @@ BITMAP_TARGET = 1.1
 MAX_RUN_PAGES = 1024
 
 
-def _idle_rss(guests: int) -> int:
-    d = DaemonProcess(fleet_config("source", guests, DEVICES), f"bench-rss-{guests}")
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+@contextmanager
+def _without_coverage() -> Iterator[dict[str, str]]:
+    """The environment of a daemon that cannot import ``coverage`` (as in production)."""
+    with tempfile.TemporaryDirectory(prefix="vfiod-bench-nocov-") as tmp:
+        Path(tmp, "coverage.py").write_text(
+            'raise ImportError("coverage is not installed (a production install)")\n')
+        yield {"PYTHONPATH": os.pathsep.join([tmp, str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _coverage_mapped(d: DaemonProcess) -> bool:
+    """Whether coverage's C tracer is mapped into the daemon (``import coverage`` ran)."""
+    with open(f"/proc/{d.proc.pid}/maps") as f:
+        return any("/coverage/" in line for line in f)
+
+
+def _idle_rss(guests: int, env: dict[str, str] | None = None) -> tuple[int, bool]:
+    d = DaemonProcess(fleet_config("source", guests, DEVICES), f"bench-rss-{guests}", env=env)
     try:
         d.wait_ready()
         d.call("status")                # the control path once, as any real daemon
-        return rss(d)
+        return rss(d), _coverage_mapped(d)
     finally:
         d.cleanup()
 
 
 def rss_per_guest() -> dict[str, Any]:
-    one = _idle_rss(1)
-    many = _idle_rss(GUESTS)
+    one, one_cov = _idle_rss(1)
+    many, _ = _idle_rss(GUESTS)
+    with _without_coverage() as env:
+        prod, prod_cov = _idle_rss(1, env)
     per = (many - one) / (GUESTS - 1)
     return row("rss_per_guest", per / 2**10, "KiB", "anonymous RSS of the 1-guest daemon (MiB)",
-               one / 2**20, per / one, rss_1_guest_mib=round(one / 2**20, 1),
-               rss_64_guests_mib=round(many / 2**20, 1), fixed_target_mib=FIXED_TARGET_MIB,
+               one / 2**20, per / one, rss_1_guest_mib=_mib(one),
+               rss_64_guests_mib=_mib(many), fixed_target_mib=FIXED_TARGET_MIB,
                fixed_met=one <= FIXED_TARGET_MIB * 2**20,
+               production_rss_1_guest_mib=_mib(prod),
+               production_fixed_met=prod <= FIXED_TARGET_MIB * 2**20,
+               coverage_mapped={"test venv": one_cov, "production": prod_cov},
                note=f"idle sim daemons, {DEVICES} devices per guest, 8 MiB guests; "
-                    "ratio = per-guest growth / fixed RSS")
+                    "ratio = per-guest growth / fixed RSS; production_*: coverage not "
+                    "importable")
+
+
+def _migrated_pair(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A 1-guest source and destination: RssAnon idle and after one finished migration."""
+    src = DaemonProcess(fleet_config("source", 1, DEVICES), "bench-rss-src", env=env)
+    dst = DaemonProcess(fleet_config("destination", 1, DEVICES), "bench-rss-dst", env=env)
+    guest = fleet_guest(0)
+    try:
+        for d in (src, dst):
+            d.wait_ready()
+            d.call("status")
+        idle = {"source": rss(src), "destination": rss(dst)}
+        with src.client() as c:
+            c.call("migrate", {"guest": guest, "to": dst.migration_address})
+            m = wait_until(lambda: (c.call("status", {"guest": guest})["guests"][0]
+                                    .get("migration") or {}).get("result"), 120,
+                           f"the migration of {guest}")
+        if m != "completed":
+            raise RuntimeError(f"the measured migration ended {m}:\n{src.log()[-3000:]}")
+        wait_until(lambda: guest_status(dst, guest)["state"] == "running", 60,
+                   f"{guest} to run on the destination")
+        for d in (src, dst):
+            d.call("status")            # what an operator asks next
+        return {"idle": idle, "after": {"source": rss(src), "destination": rss(dst)},
+                "coverage_mapped": _coverage_mapped(src) and _coverage_mapped(dst)}
+    finally:
+        for d in (src, dst):
+            d.cleanup()
+
+
+def rss_after_migration() -> dict[str, Any]:
+    test = _migrated_pair()
+    with _without_coverage() as env:
+        prod = _migrated_pair(env)
+    src, dst = test["after"]["source"], test["after"]["destination"]
+    limit = FIXED_TARGET_MIB * 2**20
+    return row("rss_after_migration", src / 2**20, "MiB",
+               "the destination's anonymous RSS after it (MiB)", dst / 2**20, src / dst,
+               idle_mib={k: _mib(v) for k, v in test["idle"].items()},
+               after_mib={k: _mib(v) for k, v in test["after"].items()},
+               production_idle_mib={k: _mib(v) for k, v in prod["idle"].items()},
+               production_after_mib={k: _mib(v) for k, v in prod["after"].items()},
+               fixed_target_mib=FIXED_TARGET_MIB,
+               fixed_met=max(src, dst) <= limit,
+               production_fixed_met=max(prod["after"].values()) <= limit,
+               coverage_mapped={"test venv": test["coverage_mapped"],
+                                "production": prod["coverage_mapped"]},
+               note=f"1 guest x {DEVICES} devices, 8 MiB RAM, one migration source -> "
+                    "destination, both ends' RssAnon after it; production_*: the same with "
+                    "coverage not importable")
 
 
 def _status(field: str) -> int:
@@ -142,7 +230,8 @@ def rss_per_tib_tracked(size_log2: int = 28, quick: bool = False) -> dict[str, A
 
 
 def benchmarks() -> list[tuple[str, Any]]:
-    return [("rss_per_guest", rss_per_guest), ("rss_per_tib_tracked", rss_per_tib_tracked)]
+    return [("rss_per_guest", rss_per_guest), ("rss_after_migration", rss_after_migration),
+            ("rss_per_tib_tracked", rss_per_tib_tracked)]
 
 
 if __name__ == "__main__":
