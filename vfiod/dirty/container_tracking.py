@@ -55,6 +55,10 @@ class ScratchBitmap:
         if self.words.size < nwords:
             self.words = np.zeros(nwords, dtype=np.uint64)
 
+    def release(self) -> None:
+        """Give the buffer back (tracking stopped); the next ``fit`` allocates again."""
+        self.words = np.zeros(0, dtype=np.uint64)
+
 
 class ContainerTracking:
     """Run-time state of one container: its mappings, provider chain and segments."""

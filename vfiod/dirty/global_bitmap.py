@@ -188,6 +188,23 @@ class GlobalBitmap:
             self._words[:] = 0
             self._count, self._touched, self._full = 0, set(), set()
 
+    def release_if_clear(self) -> bool:
+        """When no page is dirty, give the words' memory back (tracking stopped after the
+        last pass was taken: a finished migration need not hold a bitmap of its guest
+        until the next one starts). Fresh zeroed words take their place: ``np.zeros`` is
+        calloc, a bitmap above the daemon's 128 KiB mmap threshold (4 GiB of guest) is a
+        mapping of its own, so the new words are not resident until written and the old
+        ones go back to the kernel. Dirty pages are kept, words and all. Returns whether
+        the words were released."""
+        with self._lock:
+            if self._count is None:
+                self._count = kernels.popcount(self._words, self.npages)
+            if self._count:
+                return False
+            self._words = np.zeros(words_for(self.npages), dtype=np.uint64)
+            self._touched, self._full = set(), set()
+            return True
+
 
 class DirtyRate:
     """Dirty bytes per second between syncs, from counts and timestamps passed in.
