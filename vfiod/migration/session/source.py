@@ -81,6 +81,7 @@ from vfiod.migration.session.phases import (
 )
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
+from vfiod.migration.session.switchover_warm_up import warm_switchover
 from vfiod.migration.session.vmm_half import VmmSourceHalf
 from vfiod.migration.session.vmm_source import VMM_PASS_S
 from vfiod.migration.states import GuestState, MigrationState
@@ -230,6 +231,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         g, cfg, w = self.guest, self.config, self.writer
         assert w is not None
         bitmap_kernels.warm_up()      # before the first sync: it is timed for the prediction
+        warm_switchover()             # nor does the first downtime pay its code's first run
         self.tracker = g.make_tracker()
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)
