@@ -1,21 +1,23 @@
 """A rehearsal of the switchover's own code, in memory, before the guest pauses
-(docs/architecture.md §4 "fixed costs measured on this path"; §1.5 steps 5-6).
+(docs/architecture.md §4 "fixed costs measured on this path"; §1.5).
 
 The code a migration runs between the pause and the destination's ACK resumed (the
 stream's end, the destination's MANIFEST check, both ends' content digests and the
-confirmed switchover's control frames) runs nowhere else. In a fresh process its first
-run is paid inside the first downtime and in nothing measured before it, so the first
-prediction cannot know it. On the real-kernel tier (Linux under QEMU TCG) a fresh
-process's first downtime was about 1.6 times one that follows a rehearsal (README
-"Downtime prediction on the real kernel").
+confirmed switchover's control frames) runs nowhere else, so in a fresh process its first
+run is paid inside the first downtime, which no earlier measurement can predict. On the
+real-kernel tier (Linux under QEMU TCG) the stream's end of a fresh process's first
+migration took a median 9.2 ms over nine fresh processes, 5-6 ms with this rehearsal
+(README "Downtime prediction on the real kernel").
 
 ``warm_switchover()`` runs that code on a one-page guest with one device: a stream from
 HEADER to MANIFEST through ``StreamWriter`` and back through ``StreamReader``, the content
 digests of both ends and their comparison, and each control frame of the switchover
 (DIGESTS, ACK prepared, COMMIT, ACK resumed, REPORT) encoded and parsed. It touches no
 device, socket or kernel, so the protocol sees nothing of it; its buffers are of the
-kinds a migration passes, so numba needs no kernel it would not load anyway. Both
-sessions call it in their setup, the source after its bitmap kernels' warm-up.
+kinds a migration passes, so numba needs no kernel it would not load anyway. The
+destination calls it before its HELLO; the source calls ``warm_source()`` in its setup,
+which first compiles or loads the bitmap kernels (``bitmap_kernels.warm_up``: the first
+dirty sync is timed for the prediction) and then rehearses.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from vfiod.dirty import bitmap_kernels
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
 from vfiod.migration.stream import (
     Complete,
@@ -111,3 +114,10 @@ def warm_switchover() -> None:
     parsed = ControlParser("warm-up").feed(b"".join(f.encode() for f in frames))
     if parsed != frames:
         raise RuntimeError("the switchover warm-up's control frames did not round-trip")
+
+
+def warm_source() -> None:
+    """The source's warm-up before tracking starts: the bitmap kernels, then the
+    switchover's code."""
+    bitmap_kernels.warm_up()
+    warm_switchover()
