@@ -70,6 +70,7 @@ from vfiod.migration.session.common import (
 )
 from vfiod.migration.session.dest_end import DestinationEnding
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots, zero_ram
+from vfiod.migration.session.switchover_warm_up import warm_switchover
 from vfiod.migration.session.vmm_dest import DestVmmSteps
 from vfiod.migration.session.vmm_half import VmmDestinationHalf
 from vfiod.migration.states import GuestState, MigrationState
@@ -158,6 +159,7 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
     # -- SETUP ------------------------------------------------------------------------
     def _handshake(self) -> None:
         g = self.guest
+        warm_switchover()     # before the HELLO: the first downtime must not pay its first run
         # The source never sends pages it never wrote, so this RAM must start all zero. A
         # RAM file reused from an earlier run (a daemon's file-backed guest reopened as
         # incoming) may hold old data that would survive the migration unnoticed, since

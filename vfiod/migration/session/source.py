@@ -42,7 +42,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from vfiod.dirty import bitmap_kernels
 from vfiod.dirty.tracker import DirtyTracker
 from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
 from vfiod.errors import PreflightError, ProtocolError
@@ -81,6 +80,7 @@ from vfiod.migration.session.phases import (
 )
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
+from vfiod.migration.session.switchover_warm_up import warm_source
 from vfiod.migration.session.vmm_half import VmmSourceHalf
 from vfiod.migration.session.vmm_source import VMM_PASS_S
 from vfiod.migration.states import GuestState, MigrationState
@@ -224,7 +224,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
     def _setup(self) -> None:
         g, cfg, w = self.guest, self.config, self.writer
         assert w is not None
-        bitmap_kernels.warm_up()      # before the first sync: it is timed for the prediction
+        warm_source()     # before the first sync (timed for the prediction) and the pause
         self.tracker = g.make_tracker()
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)

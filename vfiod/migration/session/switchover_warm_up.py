@@ -1,0 +1,123 @@
+"""A rehearsal of the switchover's own code, in memory, before the guest pauses
+(docs/architecture.md §4 "fixed costs measured on this path"; §1.5).
+
+The code a migration runs between the pause and the destination's ACK resumed (the
+stream's end, the destination's MANIFEST check, both ends' content digests and the
+confirmed switchover's control frames) runs nowhere else, so in a fresh process its first
+run is paid inside the first downtime, which no earlier measurement can predict. On the
+real-kernel tier (Linux under QEMU TCG) the stream's end of a fresh process's first
+migration took a median 9.2 ms over nine fresh processes, 5-6 ms with this rehearsal
+(README "Downtime prediction on the real kernel").
+
+``warm_switchover()`` runs that code on a one-page guest with one device: a stream from
+HEADER to MANIFEST through ``StreamWriter`` and back through ``StreamReader``, the content
+digests of both ends and their comparison, and each control frame of the switchover
+(DIGESTS, ACK prepared, COMMIT, ACK resumed, REPORT) encoded and parsed. It touches no
+device, socket or kernel, so the protocol sees nothing of it; its buffers are of the
+kinds a migration passes, so numba needs no kernel it would not load anyway. The
+destination calls it before its HELLO; the source calls ``warm_source()`` in its setup,
+which first compiles or loads the bitmap kernels (``bitmap_kernels.warm_up``: the first
+dirty sync is timed for the prediction) and then rehearses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vfiod.dirty import bitmap_kernels
+from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.stream import (
+    Complete,
+    DeviceInfo,
+    GuestRam,
+    StreamHeader,
+    StreamReader,
+    StreamWriter,
+)
+from vfiod.migration.transport.control import AckStage, ControlMessage, ControlParser
+from vfiod.vfio import RamRegion
+
+_PAGE = 4096
+_DEVICE = "warm-up"
+
+
+class _Pipe:
+    """The stream's sink and source over one buffer (what is written is read back)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._at = 0
+
+    def send_buffers(self, buffers: Sequence[Any]) -> None:
+        for b in buffers:
+            self.data += b
+
+    def check_peer(self) -> None:
+        pass
+
+    def recv_into(self, view: memoryview) -> int:
+        n = min(len(view), len(self.data) - self._at)
+        view[:n] = self.data[self._at:self._at + n]
+        self._at += n
+        return n
+
+
+def warm_switchover() -> None:
+    """Run the switchover's stream, digest and control code once, in memory."""
+    region = RamRegion("warm-up", 0, _PAGE)
+    header = StreamHeader("warm-up", "warm-up", "warm-up", _PAGE, (region,),
+                          (DeviceInfo(_DEVICE, "v2"),), challenge="warm-up", pass_acks=True)
+    # memoryviews of writable memory, as a guest's RAM mappings are
+    src_mem = memoryview(bytearray(b"\x5a" * _PAGE))
+    dst_mem = memoryview(bytearray(_PAGE))
+    sent = RamDigests((region,), [src_mem], _PAGE)
+    landed = RamDigests((region,), [dst_mem], _PAGE)
+    pipe = _Pipe()
+    writer = StreamWriter(pipe, header, GuestRam(_PAGE, (region,), [src_mem]),
+                          record_bytes=_PAGE, batch_bytes=_PAGE)
+    writer.start()
+    writer.attach_crc_sink(sent)
+    writer.send_device_data(_DEVICE, b"\0" * 64)          # its first chunk: the identity
+    writer.mark_iteration(1)
+    # the stop-and-copy's part: quiescent RAM, the device's last data, its end, MANIFEST
+    writer.send_ram(np.array([[0, 1]], dtype=np.uint64), quiescent=True)
+    writer.send_device_data(_DEVICE, b"\1" * 64)
+    writer.end_of_state(_DEVICE)
+    manifest = writer.finish()
+    sent.rehash()
+    reader = StreamReader(pipe)
+    reader.read_header()
+    reader.attach_ram(GuestRam(_PAGE, (region,), [dst_mem], writable=True), crcs=landed)
+    events = list(reader.events())
+    reader.stop_channels()
+    landed.rehash()
+    if (events[-1] != Complete(manifest) or bytes(dst_mem) != bytes(src_mem)
+            or manifest.ram_bytes != _PAGE or manifest.device_bytes != 128):
+        raise RuntimeError("the switchover warm-up's stream did not round-trip")
+    theirs = [RegionDigest.from_dict(r.to_dict()) for r in sent.roots()]
+    if compare_roots(theirs, landed.roots()):
+        raise RuntimeError("the switchover warm-up's content digests differ")
+    sent.figures("source_")
+    landed.figures("")
+    frames = [
+        ControlMessage.digests(manifest.records, [r.to_dict() for r in theirs],
+                               predicted_downtime_s=0.001),
+        ControlMessage.ack(AckStage.PREPARED, verified=True, verification={"records": 1},
+                           timings={"load_s": 0.001}),
+        ControlMessage.commit("warm-up", "warm-up"),
+        ControlMessage.ack(AckStage.RESUMED, timings={"resume_s": 0.001}),
+        ControlMessage.report(0.002, 0.001, 0.5),
+    ]
+    parsed = ControlParser("warm-up").feed(b"".join(f.encode() for f in frames))
+    if parsed != frames:
+        raise RuntimeError("the switchover warm-up's control frames did not round-trip")
+
+
+def warm_source() -> None:
+    """The source's warm-up before tracking starts: the bitmap kernels, then the
+    switchover's code."""
+    bitmap_kernels.warm_up()
+    warm_switchover()
