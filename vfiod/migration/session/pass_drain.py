@@ -21,8 +21,9 @@ bound of one round trip, and the least of these over the migration (with the HEA
 the round-trip time the commit's prediction uses. The clock starts before the send, not
 after it: a thread descheduled once its send returned would start it after the
 destination had answered, a sample the scheduler shortened (in one process, 24 µs against
-200-600 µs), and the commit was predicted from it. The wait's remainder, beyond that round trip, is time the destination
-still needed for the pass's bytes: sending time the bandwidth estimate must count.
+200-600 µs), and the commit was predicted from it. The wait's remainder, beyond that
+round trip, is time the destination still needed for the pass's bytes: sending time the
+bandwidth estimate must count.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def await_pass_consumed(link: Link, number: int, since: float, *, timeout_s: flo
                         clock: Callable[[], float], check_cancel: Callable[[], None],
                         sending_s: float = 0.0) -> PassDrained:
     """Block until the destination acknowledges pass ``number`` (the mark's send began at
-    ``since`` and took ``sending_s`` of this thread's CPU). An earlier pass's ACK is dropped; an operator's cancel is honoured every
-    ``CANCEL_POLL_S``; no ACK within ``timeout_s`` raises ``TransportError`` (TIMEOUT)
-    naming the pass."""
+    ``since`` and took ``sending_s`` of this thread's CPU). An earlier pass's ACK is
+    dropped; an operator's cancel is honoured every ``CANCEL_POLL_S``; no ACK within
+    ``timeout_s`` raises ``TransportError`` (TIMEOUT) naming the pass."""
     deadline = since + timeout_s
     peer = getattr(link, "peer", "destination")      # a Connection's, or a wrapper's
     while True:
