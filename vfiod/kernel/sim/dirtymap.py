@@ -28,6 +28,7 @@ Two writers, because the two kernels differ:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 
@@ -55,20 +56,23 @@ def _range_mask(lo: int, hi: int) -> int:
 class DirtyMap:
     """One bit per page of a mapping of ``npages`` pages."""
 
-    __slots__ = ("npages", "_words", "_starts", "_ends", "_recorded")
+    __slots__ = ("npages", "_words", "_starts", "_ends", "_recorded", "_marked")
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
         self._words: np.ndarray | None = None
-        # word spans [start, end) marked since the last whole clear; None: too many
-        self._starts: list[int] | None = []
-        self._ends: list[int] = []
+        # word spans [start, end) marked since the last whole clear (None: too many), in
+        # arrays numpy reads without a copy; _marked: the spans as word indices, once
+        # asked for, until the next mark
+        self._starts: array.array[int] | None = array.array("q")
+        self._ends: array.array[int] = array.array("q")
         self._recorded = 0
+        self._marked: np.ndarray | None = None
 
     @property
     def words(self) -> np.ndarray | None:
         """The bit array, or None if no page was marked since the last whole clear."""
-        if self._words is None or self._starts == []:
+        if self._words is None or (self._starts is not None and not self._starts):
             return None
         return self._words
 
@@ -90,19 +94,25 @@ class DirtyMap:
         self._forget_marks()
 
     def _forget_marks(self) -> None:
-        self._starts, self._ends, self._recorded = [], [], 0
+        self._starts, self._ends = array.array("q"), array.array("q")
+        self._recorded, self._marked = 0, None
 
     def marked_words(self) -> np.ndarray | None:
         """Indices (int64, sorted, unique) of every word that may hold a bit since the
         last whole clear, or None when more were marked than the record keeps."""
         if self._starts is None:
             return None
-        starts = np.array(self._starts, dtype=np.int64)
-        lens = np.array(self._ends, dtype=np.int64) - starts
-        if lens.size and int(lens.max()) > 1:
-            before = np.cumsum(lens) - lens
-            starts = np.repeat(starts - before, lens) + np.arange(int(lens.sum()))
-        return np.unique(starts)
+        if self._marked is None:
+            starts = np.frombuffer(self._starts, dtype=np.int64)
+            lens = np.frombuffer(self._ends, dtype=np.int64) - starts
+            if lens.size and int(lens.max()) > 1:
+                before = np.cumsum(lens) - lens
+                starts = np.repeat(starts - before, lens) + np.arange(int(lens.sum()))
+            # sort and drop repeats (np.unique hashes: several times slower here)
+            idx = np.sort(starts)
+            self._marked = idx[np.concatenate(([True], idx[1:] != idx[:-1]))] if idx.size \
+                else idx
+        return self._marked
 
     def mark(self, first: int, count: int) -> None:
         """Set pages ``first .. first+count-1`` (clipped to the mapping)."""
@@ -113,6 +123,7 @@ class DirtyMap:
         w = self._words
         assert w is not None
         wa, wb = lo >> 6, (hi - 1) >> 6
+        self._marked = None
         if self._starts is not None:
             self._recorded += wb + 1 - wa
             if self._recorded > max(_RECORD_MIN, w.shape[0] // _RECORD_FRACTION):
