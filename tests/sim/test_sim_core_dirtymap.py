@@ -80,8 +80,14 @@ def test_dirtymap_names_its_marked_words_until_too_many() -> None:
     dm.mark(7, 1)                       # word 0 again
     marked = dm.marked_words()
     assert marked is not None and marked.tolist() == [0, 10, 11, 12]
-    dm.mark(64 * 100, 64 * 300)         # 300 more words: past the record
+    idx, got = dm.take_marked()         # read and clear
+    assert idx.tolist() == [0, 10, 11, 12]
+    assert got.tolist() == [(1 << 5) | (1 << 7), M64 << 3 & M64, M64, (1 << 3) - 1]
+    assert dm.words is None and dm.storage is not None and not dm.storage.any()
+    dm.mark(64 * 100, 64 * 300)         # 300 words: past the record
     assert dm.marked_words() is None
+    with pytest.raises(ValueError, match="more words marked than the record keeps"):
+        dm.take_marked()
     dm.clear()                          # the whole array is cleared then
     assert dm.storage is not None and not dm.storage.any()
     assert dm.marked_words() is not None and dm.marked_words().size == 0
@@ -118,7 +124,7 @@ def test_type1_copy_matches_the_kernel_model(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(30))
 def test_type1_copy_after_marks_and_clears_matches_the_model(seed: int) -> None:
-    # several queries of one map: marks, the answer, the clear, more marks, with few
+    # several queries of one map: marks, the answer (which clears), more marks, with few
     # marked words (a zeroing and the named words) and many (the whole array copied)
     rng = random.Random(seed)
     nbits = rng.randrange(1, 6000)
@@ -139,8 +145,7 @@ def test_type1_copy_after_marks_and_clears_matches_the_model(seed: int) -> None:
         user = int_to_words(user0, total)
         type1_copy_to_user(user.ctypes.data, bit_offset, nbits, dm, False, "test")
         assert words_to_int(user) == type1_model(user0, bit_offset, nbits, src)
-        dm.clear()
-        assert dm.count() == 0 and not dm.storage.any()
+        assert dm.count() == 0 and not dm.storage.any()     # the GET's read-and-clear
 
 
 def test_type1_shifted_copy_of_a_mapping_larger_than_one_copy_piece() -> None:
@@ -193,16 +198,19 @@ def test_or_into_user_matches_the_model(seed: int) -> None:
 
 
 def test_type1_copy_of_a_mapping_larger_than_one_copy_piece() -> None:
-    # the word-aligned copy goes in pieces of _COPY_PIECE bytes (a cached copy, as the
-    # kernel's copy_to_user): every piece, the last partial one too, lands in place
+    # the word-aligned copy of a map with too many marked words to name goes in pieces
+    # of _COPY_PIECE bytes (a cached copy, as the kernel's copy_to_user): every piece,
+    # the last partial one too, lands in place
     nwords = 2 * _COPY_PIECE // 8 + 5
     nbits = nwords * 64 - 7
     rng = np.random.default_rng(3)
     dm = DirtyMap(nbits)
-    for p in rng.choice(nbits, size=500, replace=False):
+    for p in rng.choice(nbits, size=nwords // 8, replace=False):
         dm.mark(int(p), 1)
+    assert dm.marked_words() is None and dm.storage is not None
+    want = dm.storage.copy()
     user = np.full(nwords + 1, np.uint64(2**64 - 1))
     type1_copy_to_user(user.ctypes.data, 0, nbits, dm, False, "test")
-    assert dm.words is not None
-    assert np.array_equal(user[:nwords], dm.words)
+    assert np.array_equal(user[:nwords], want)
     assert user[nwords] == np.uint64(2**64 - 1)            # past the mapping: untouched
+    assert dm.words is None and not dm.storage.any()       # read and cleared

@@ -9,11 +9,11 @@ memory until pages are really marked. (It used to be freed by every clear and al
 again by the next mark: 8 MiB per 256 GiB mapping per query, page faults included.)
 
 A map also records which words it marked since its last clear, up to 1/16 of its words:
-clearing zeroes only those, and type1's answer for a sparse mapping is a zeroing of the
-caller's words plus those words, so the caller's bitmap comes back through the cache as
-after the memset of an all-dirty answer, not after an 8 MiB copy that also read as much
-(README "Scaling"). Past the limit, the whole array is copied and cleared, as the kernel
-always does; either way the caller's words hold the same bits.
+clearing zeroes only those, and type1's answer for a sparse mapping takes them (read and
+clear), zeroes the caller's words and puts them in, so the caller's bitmap comes back
+through the cache as after the memset of an all-dirty answer, not after an 8 MiB copy
+that also read as much (README "Scaling"). Past the limit, the whole array is copied and
+cleared, as the kernel always does; either way the caller's words hold the same bits.
 
 Two writers, because the two kernels differ:
 
@@ -113,6 +113,20 @@ class DirtyMap:
             self._marked = idx[np.concatenate(([True], idx[1:] != idx[:-1]))] if idx.size \
                 else idx
         return self._marked
+
+    def take_marked(self) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded words (indices as ``marked_words``) and their values, which are
+        cleared: a whole clear that hands back what it cleared. ValueError when more
+        words were marked than the record keeps (``marked_words`` is None)."""
+        marked = self.marked_words()
+        if marked is None:
+            raise ValueError("DirtyMap.take_marked: more words marked than the record keeps")
+        if self._words is None or not marked.size:
+            return marked, np.empty(0, dtype=np.uint64)
+        got = self._words[marked]
+        self._words[marked] = 0
+        self._forget_marks()
+        return marked, got
 
     def mark(self, first: int, count: int) -> None:
         """Set pages ``first .. first+count-1`` (clipped to the mapping)."""
@@ -230,8 +244,9 @@ def _shifted_copy(out: np.ndarray, words: np.ndarray, shift: int) -> None:
 def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, dm: DirtyMap,
                        all_dirty: bool, op: str) -> None:
     """Write one mapping's ``nbits`` bits (``dm``) at ``bit_offset`` of the bitmap at
-    ``addr`` the way type1's ``update_user_bitmap`` does: the first word keeps the caller's
-    bits when the offset is not word aligned; every other word it covers is overwritten."""
+    ``addr`` the way type1's ``update_user_bitmap`` does, then clear ``dm`` (the GET's
+    read-and-clear): the first word keeps the caller's bits when the offset is not word
+    aligned; every other word it covers is overwritten."""
     if nbits <= 0:
         return
     if addr == 0:
@@ -253,29 +268,29 @@ def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, dm: DirtyMap,
         ctypes.c_uint64.from_address(dst + 8 * (nout - 1)).value = _range_mask(0, last_bits)
         return
     words = dm.words
-    marked = None if words is None else dm.marked_words()
-    if words is not None and marked is None:
+    if words is not None and dm.marked_words() is None:
         # Too many words to name: the kernel's one copy_to_user of the whole bitmap.
         if shift == 0:
             _cached_copy(dst, words.ctypes.data, nout * 8)
-            return
-        out = _user_words(dst, nout, op)
-        _shifted_copy(out, words, shift)
-        out[0] |= np.uint64(leftover)
+        else:
+            out = _user_words(dst, nout, op)
+            _shifted_copy(out, words, shift)
+            out[0] |= np.uint64(leftover)
+        dm.clear()
         return
-    # Nothing marked, or a few words: zero the caller's words, then put in the marked ones.
+    # Nothing marked, or a few words: those are taken (read and cleared) first, then the
+    # caller's words zeroed and the taken ones put in, so that what the caller finds in
+    # its cache after the answer is its own words, as after an all-dirty memset.
+    marked, got = dm.take_marked()
     ctypes.memset(dst, 0, nout * 8)
     out = _user_words(dst, nout, op)
     if shift == 0:
-        if words is not None and marked is not None and marked.size:
-            out[marked] = words[marked]
+        out[marked] = got
         return
     out[0] = np.uint64(leftover)
-    if words is not None and marked is not None and marked.size:
-        got = words[marked]
-        out[marked] |= got << np.uint64(shift)
-        carry = marked + 1 < nout
-        out[marked[carry] + 1] |= got[carry] >> np.uint64(64 - shift)
+    out[marked] |= got << np.uint64(shift)
+    carry = marked + 1 < nout
+    out[marked[carry] + 1] |= got[carry] >> np.uint64(64 - shift)
 
 
 def or_into_user(addr: int, nbits_total: int, dm: DirtyMap, first_page: int, npages: int,

@@ -61,8 +61,7 @@ def write_mapping(iommu: Type1Iommu, m: VfioDma, data: int, base_iova: int, op: 
     clear them and re-mark its pinned pages (read-and-clear)."""
     pg = iommu.min_pgsize
     type1_copy_to_user(data, (m.iova - base_iova) // pg, m.size // pg, m.dirty,
-                       iommu.all_dirty, op)
-    m.dirty.clear()
+                       iommu.all_dirty, op)         # and clears m.dirty
     if iommu.pinned:
         iommu.populate_pinned(m)
 
