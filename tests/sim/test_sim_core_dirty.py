@@ -234,6 +234,23 @@ def test_a_physical_device_in_the_container_makes_everything_dirty(host: SimHost
     assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == []
 
 
+def test_an_all_dirty_answer_also_clears_what_was_written(host: SimHost,
+                                                           mdev: RawVfio) -> None:
+    # the kernel sets every bit of the mapping's bitmap, copies it out and clears it: a
+    # page an mdev wrote while a physical device made everything dirty is not reported
+    # again once the physical device has left
+    k = host.kernel
+    map_dma(k, mdev.container, 0, 64 * PG, VA)
+    dirty_pages(k, mdev.container, START)
+    g = k.open(os.path.join(host.dev_root, "vfio/10"), os.O_RDWR)
+    k.ioctl(g, v.VFIO_GROUP_SET_CONTAINER, ctypes.c_int(mdev.container))
+    host.device(UUID).dma_write(5 * PG, 8)
+    assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == list(range(64))
+    k.ioctl(g, v.VFIO_GROUP_UNSET_CONTAINER, 0)
+    k.close(g)
+    assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == []
+
+
 def test_mapping_added_while_tracking_starts_clean(host: SimHost, mdev: RawVfio) -> None:
     k = host.kernel
     dirty_pages(k, mdev.container, START)

@@ -241,6 +241,22 @@ def _shifted_copy(out: np.ndarray, words: np.ndarray, shift: int) -> None:
             seg[lo - a:lo - a + src_end - (lo - 1)] |= words[lo - 1:src_end] >> down
 
 
+def _all_ones_to_user(dst: int, shift: int, nbits: int, leftover: int) -> None:
+    """``nbits`` one bits from bit ``shift`` of the word at ``dst`` (whose lower bits are
+    ``leftover``), the last word's bits past them 0: a memset, no array."""
+    end = shift + nbits                       # bit just past the mapping, from word 0
+    nout = words_for(end)
+    first = ctypes.c_uint64.from_address(dst)
+    if nout == 1:
+        first.value = leftover | _range_mask(shift, end)
+        return
+    first.value = leftover | _range_mask(shift, 64)
+    if nout > 2:
+        ctypes.memset(dst + 8, 0xFF, (nout - 2) * 8)
+    last_bits = end - 64 * (nout - 1)
+    ctypes.c_uint64.from_address(dst + 8 * (nout - 1)).value = _range_mask(0, last_bits)
+
+
 def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, dm: DirtyMap,
                        all_dirty: bool, op: str) -> None:
     """Write one mapping's ``nbits`` bits (``dm``) at ``bit_offset`` of the bitmap at
@@ -254,18 +270,10 @@ def type1_copy_to_user(addr: int, bit_offset: int, nbits: int, dm: DirtyMap,
     shift = bit_offset & 63
     dst = addr + (bit_offset >> 6) * 8
     nout = words_for(nbits + shift)
-    first = ctypes.c_uint64.from_address(dst)
-    leftover = first.value if shift else 0
+    leftover = ctypes.c_uint64.from_address(dst).value if shift else 0
     if all_dirty:
-        end = shift + nbits                   # bit just past the mapping, from word 0
-        if nout == 1:
-            first.value = leftover | _range_mask(shift, end)
-            return
-        first.value = leftover | _range_mask(shift, 64)
-        if nout > 2:
-            ctypes.memset(dst + 8, 0xFF, (nout - 2) * 8)
-        last_bits = end - 64 * (nout - 1)
-        ctypes.c_uint64.from_address(dst + 8 * (nout - 1)).value = _range_mask(0, last_bits)
+        _all_ones_to_user(dst, shift, nbits, leftover)
+        dm.clear()                            # the bitmap it set and copied, cleared
         return
     words = dm.words
     if words is not None and dm.marked_words() is None:
