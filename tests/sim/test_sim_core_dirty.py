@@ -234,6 +234,23 @@ def test_a_physical_device_in_the_container_makes_everything_dirty(host: SimHost
     assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == []
 
 
+def test_an_all_dirty_answer_also_clears_what_was_written(host: SimHost,
+                                                           mdev: RawVfio) -> None:
+    # the kernel sets every bit of the mapping's bitmap, copies it out and clears it: a
+    # page an mdev wrote while a physical device made everything dirty is not reported
+    # again once the physical device has left
+    k = host.kernel
+    map_dma(k, mdev.container, 0, 64 * PG, VA)
+    dirty_pages(k, mdev.container, START)
+    g = k.open(os.path.join(host.dev_root, "vfio/10"), os.O_RDWR)
+    k.ioctl(g, v.VFIO_GROUP_SET_CONTAINER, ctypes.c_int(mdev.container))
+    host.device(UUID).dma_write(5 * PG, 8)
+    assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == list(range(64))
+    k.ioctl(g, v.VFIO_GROUP_UNSET_CONTAINER, 0)
+    k.close(g)
+    assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == []
+
+
 def test_mapping_added_while_tracking_starts_clean(host: SimHost, mdev: RawVfio) -> None:
     k = host.kernel
     dirty_pages(k, mdev.container, START)
@@ -251,6 +268,34 @@ def test_stop_forgets_dirty_pages(host: SimHost, mdev: RawVfio) -> None:
     dirty_pages(k, mdev.container, STOP)
     dirty_pages(k, mdev.container, START)
     assert bits(dirty_get(k, mdev.container, 0, 64 * PG)) == []
+
+
+def test_mapping_bitmaps_live_from_start_to_stop_or_unmap(host: SimHost,
+                                                          mdev: RawVfio) -> None:
+    # type1's per-mapping bitmap is kernel memory (docs/kernel-contract.md §3.9): START
+    # gives each mapping one, a mapping made while tracking gets one, a GET clears it in
+    # place, STOP and unmap free it; never an array per query
+    k = host.kernel
+    iommu = k.file_of(mdev.container).iommu  # type: ignore[union-attr]
+    map_dma(k, mdev.container, 0, 64 * PG, VA)
+    first = iommu.mappings[0].dirty
+    assert first.storage is None                           # not tracking: no bitmap
+    dirty_pages(k, mdev.container, START)
+    kept = first.storage
+    assert kept is not None
+    map_dma(k, mdev.container, 64 * PG, 64 * PG, VA)
+    second = iommu.mappings[1].dirty
+    assert second.storage is not None
+    host.device(UUID).dma_write(3 * PG, 1)
+    host.device(UUID).dma_write(70 * PG, 1)
+    assert bits(dirty_get(k, mdev.container, 0, 128 * PG)) == [3, 70]
+    assert first.storage is kept and not kept.any()        # cleared in place
+    assert bits(dirty_get(k, mdev.container, 0, 128 * PG)) == []
+    bm = np.zeros(1, np.uint64)
+    assert unmap_with_bitmap(k, mdev, 64 * PG, 64 * PG, bm) == 64 * PG
+    assert second.storage is None                          # unmapped: freed
+    dirty_pages(k, mdev.container, STOP)
+    assert first.storage is None                           # STOP frees the rest
 
 
 # -- UNMAP_DMA with GET_DIRTY_BITMAP ---------------------------------------------------------------

@@ -153,6 +153,7 @@ class Type1Iommu:
         del self._starts[i]
         del self.mappings[i]
         self.kernel.locked_bytes -= m.charged
+        m.dirty.release()
 
     # -- ioctls ----------------------------------------------------------------------------
     def ioctl(self, request: int, arg: int | Buffer, op: str) -> int:
@@ -250,7 +251,10 @@ class Type1Iommu:
         if limit is not None and self.kernel.locked_bytes + charge > limit:
             raise fail(errno.ENOMEM, op, self.name, "RLIMIT_MEMLOCK exceeded")
         self.kernel.locked_bytes += charge
-        self._insert(VfioDma(iova, size, vaddr, prot, charge, dirty=DirtyMap(size // pg)))
+        dma = VfioDma(iova, size, vaddr, prot, charge, dirty=DirtyMap(size // pg))
+        if self.tracking:
+            dma.dirty.allocate()               # vfio_dma_bitmap_alloc of a new mapping
+        self._insert(dma)
         return 0
 
     def _unmap(self, arg: int | Buffer, op: str) -> int:

@@ -8,13 +8,16 @@ be a user address; ``verify_bitmap_size`` (pages > 0, 0 < bitmap bytes <= 2**28,
 ceil(pages/64)*8); pgsize must be the minimum IOMMU page size; iova/size aligned to it,
 size > 0; tracking started; the range must not bisect a mapping. All EINVAL.
 
-Semantics: START allocates a (clean) bitmap per mapping and re-marks pinned pages; repeat
-START/STOP are no-op successes. Each GET writes every mapping inside the range, then
-clears it and re-marks pinned pages. Scope (``Type1Iommu.all_dirty``): with any
+Semantics: START gives every mapping a (clean) bitmap and re-marks pinned pages, MAP_DMA
+while tracking gives the new mapping one, STOP and unmap free them; repeat START/STOP are
+no-op successes. The bitmaps are kept between queries, as the kernel's are: each GET
+writes every mapping inside the range, then clears its bitmap in place and re-marks
+pinned pages. Scope (``Type1Iommu.all_dirty``): with any
 IOMMU-backed group every page of every mapping is dirty on every GET; with only
 emulated-IOMMU groups, pages written through ``dma_write`` since the last GET plus pinned
 pages. The writing itself is ``dirtymap.type1_copy_to_user``: one memset or memmove per
-mapping, so a full sync of a 1 TiB guest costs one pass over its 32 MiB bitmap.
+mapping (a memset and the few marked words for a sparse one), so a full sync of a 1 TiB
+guest costs one pass over its 32 MiB bitmap.
 """
 
 from __future__ import annotations
@@ -57,9 +60,8 @@ def write_mapping(iommu: Type1Iommu, m: VfioDma, data: int, base_iova: int, op: 
     """Write ``m``'s bits into the user bitmap at ``data`` (bit 0 = ``base_iova``), then
     clear them and re-mark its pinned pages (read-and-clear)."""
     pg = iommu.min_pgsize
-    type1_copy_to_user(data, (m.iova - base_iova) // pg, m.size // pg, m.dirty.words,
-                       iommu.all_dirty, op)
-    m.dirty.clear()
+    type1_copy_to_user(data, (m.iova - base_iova) // pg, m.size // pg, m.dirty,
+                       iommu.all_dirty, op)         # and clears m.dirty
     if iommu.pinned:
         iommu.populate_pinned(m)
 
@@ -108,7 +110,7 @@ def dirty_pages(iommu: Type1Iommu, arg: int | Buffer, op: str) -> int:
     if d.flags & v.VFIO_IOMMU_DIRTY_PAGES_FLAG_START:
         if not iommu.tracking:
             for m in iommu.mappings:
-                m.dirty.clear()
+                m.dirty.allocate()
                 iommu.populate_pinned(m)
             iommu.tracking = True
         return 0
@@ -116,7 +118,7 @@ def dirty_pages(iommu: Type1Iommu, arg: int | Buffer, op: str) -> int:
         if iommu.tracking:
             iommu.tracking = False
             for m in iommu.mappings:
-                m.dirty.clear()
+                m.dirty.release()
         return 0
     return _get_bitmap(iommu, mv, d.argsz, op)
 
