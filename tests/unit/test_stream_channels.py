@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.daemons import wait_until
 from tests.support.loopback import loopback_pair
 from vfiod.migration.stream import (
     Complete,
@@ -207,6 +208,40 @@ def test_a_closed_channel_fails_the_send_naming_it() -> None:
     # source's bytes met the closed socket first, the reset (a TransportError)
     assert isinstance(rig.error, RecordError | TransportError)
     assert "RAM channel 2" in str(rig.error)
+
+
+class _EndingChannel:
+    """A channel reader that ends (the source closed it) when ``end`` is set."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.synced, self.ended = index, 0, False
+        self.records = self.offset = 0
+        self.end = threading.Event()
+        self.source = self
+
+    def read_record(self) -> int:
+        self.end.wait(10)
+        return -1
+
+    def shutdown(self) -> None:
+        self.end.set()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_pass_left_short_names_the_channel_that_ended_first() -> None:
+    """Once a channel fails the source closes the others too, so by the barrier several
+    may have ended: the error names the first, not the lowest-numbered."""
+    one, two = _EndingChannel(1), _EndingChannel(2)
+    gather = ChannelGather([one, two], timeout_s=10)   # type: ignore[list-item]
+    two.end.set()
+    wait_until(lambda: two.ended, 10, "channel 2 to end")
+    one.end.set()
+    wait_until(lambda: one.ended, 10, "channel 1 to end")
+    with pytest.raises(RecordError, match="RAM channel 2 closed before pass 1"):
+        gather.barrier(1)
+    gather.stop()
 
 
 def test_a_channel_ending_inside_a_pass_fails_the_destination_naming_it() -> None:

@@ -166,6 +166,9 @@ class ChannelGather:
         self._failure: BaseException | None = None
         self._stopping = False
         self._progress = 0            # records landed or synced, all channels
+        #: channels the source closed, in the order they ended: a pass left short names
+        #: the first (once one fails the source closes the others too)
+        self._ended: list[ChannelReader] = []
         self._threads = [threading.Thread(target=self._run, args=(r,), daemon=True,
                                           name=f"vfiod-channel-{r.index}")
                          for r in self.readers]
@@ -187,7 +190,7 @@ class ChannelGather:
         with self._cv:
             seen, deadline = self._progress, time.monotonic() + self._timeout_s
             while self._failure is None and min(r.synced for r in self.readers) < number:
-                gone = [r for r in self.readers if r.ended and r.synced < number]
+                gone = [r for r in self._ended if r.synced < number]
                 if gone:
                     self._fail(RecordError(
                         ErrorCode.TRUNCATED, f"RAM channel {gone[0].index} closed before "
@@ -252,6 +255,7 @@ class ChannelGather:
                         continue
                     if number < 0:
                         r.ended = True
+                        self._ended.append(r)
                         self._cv.notify_all()
                         return
                     if all(x.synced >= number for x in self.readers):
