@@ -4,10 +4,13 @@ rate near the bandwidth, capped and uncapped links, a large device state with an
 PRE_COPY, an opted-out device, 1-16 GiB sparse guests, a CPU hog beside the migration,
 and multi-pass convergence (``prediction_cases.REGIMES``).
 
-Every regime runs ``reps`` times (3; 1 with ``--quick``) in this process, one after the
-other, so later migrations learn from earlier ones as a daemon's do
-(``session/history.py``). Before them, one migration runs in a fresh process: its error
-is ``prediction_error_first`` (a fresh daemon's first prediction, nothing learnt yet).
+Every regime runs ``reps`` times (3; 1 with ``--quick``), one after the other, the
+source's session in this process, so later migrations learn from earlier ones as a
+daemon's do (``session/history.py``), and each destination in a process of its own
+(``prediction_dest``), as two daemons run: in one process the two ends shared an
+interpreter, and the destination's per-record work waited for the source's. Before them,
+one migration runs in a fresh process (and a fresh destination process): its error is
+``prediction_error_first`` (a fresh daemon's first prediction, nothing learnt yet).
 
 Rows: ``prediction_error_median`` (target <= 0.10) and ``prediction_error_p90`` (target
 <= 0.25) over every case, ``prediction_error_first``, one ``prediction_error_<regime>``
@@ -49,7 +52,7 @@ def _fresh_first() -> dict[str, Any]:
             "from tests.bench.prediction_cases import REGIMES, run_case\n"
             f"r = [x for x in REGIMES if x.name == {FIRST_REGIME!r}][0]\n"
             "with tempfile.TemporaryDirectory(prefix='vfiod-bench-first-') as t:\n"
-            "    print(json.dumps(run_case(pathlib.Path(t), r, 1)))\n")
+            "    print(json.dumps(run_case(pathlib.Path(t), r, 1, dest_process=True)))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300, check=True)
@@ -82,12 +85,14 @@ def bench_prediction_error(quick: bool = False) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="vfiod-bench-pred-") as tmp:
         for rep in range(reps):
             for i, regime in enumerate(REGIMES):
-                cases.append(run_case(Path(tmp) / f"{rep}-{i}", regime, seed=2 + rep))
+                cases.append(run_case(Path(tmp) / f"{rep}-{i}", regime, seed=2 + rep,
+                                      dest_process=True))
     errors = [c["error"] for c in cases]
     med, p90 = statistics.median(errors), _p90(errors)
     floors = [c["over_floor"] for c in cases if c["over_floor"] is not None]
     floor_med = statistics.median(floors)
-    note = f"{len(REGIMES)} regimes x {reps} runs, in one process after a fresh first one"
+    note = (f"{len(REGIMES)} regimes x {reps} runs, the source in one process after a fresh "
+            "first one, each destination in its own")
     rows = [
         row("prediction_error_median", med, "ratio", "target", MEDIAN_TARGET,
             med / MEDIAN_TARGET, target_ratio=1.0, note=note, distribution=cases),

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.session_rig import MiB, SideContainer, add_workload, migrate, pair, spec
+from tests.bench.prediction_dest import migrate_to_process
+from tests.support.session_rig import (
+    MiB,
+    SideContainer,
+    add_workload,
+    build_side,
+    migrate,
+    pair,
+    spec,
+)
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
@@ -144,7 +153,8 @@ def _bursts(wl: Any, gate: _Bursts, on: bool, period_s: float = 0.1) -> Iterator
         t.join()
 
 
-def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
+def guest_of(r: Regime) -> tuple[list[SideContainer], list[DmaTarget], tuple[RamRegion]]:
+    """The regime's containers, the workload's DMA targets and the guest's RAM."""
     dev = spec(r.device, state_size=r.state_kib * 1024, precopy_size=r.precopy_kib * 1024)
     plans = [SideContainer([dev])]
     targets = [DmaTarget(dev.name, 0, r.window_mib * MiB)]
@@ -153,8 +163,23 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
         win = (r.ram_mib - 16) * MiB
         plans.append(SideContainer([opt], maps=[(win, 16 * MiB)], opt_out=[opt.name]))
         targets.append(DmaTarget(opt.name, win, 16 * MiB))
-    src, dst = pair(root, plans, ram=(RamRegion("ram", 0, r.ram_mib * MiB),),
-                    fill_bytes=r.fill_mib * MiB, seed=seed)
+    return plans, targets, (RamRegion("ram", 0, r.ram_mib * MiB),)
+
+
+def session_config(r: Regime) -> SessionConfig:
+    return SessionConfig(policy=Policy(downtime_limit_s=r.limit_ms / 1000, timeout_s=6.0,
+                                       on_timeout="force"), slice_bytes=4 * MiB)
+
+
+def run_case(root: Path, r: Regime, seed: int, *, dest_process: bool = False) -> dict[str, Any]:
+    """One migration of ``r``; ``dest_process``: the destination in a process of its own
+    (``prediction_dest``), as two daemons run, instead of a thread of this one."""
+    plans, targets, ram = guest_of(r)
+    if dest_process:
+        src, dst = build_side(root / "src", "hostA", plans, ram=ram,
+                              fill_bytes=r.fill_mib * MiB, seed=seed), None
+    else:
+        src, dst = pair(root, plans, ram=ram, fill_bytes=r.fill_mib * MiB, seed=seed)
     try:
         wl, gate = None, _Bursts()
         src.guest.add_run_state_handler(gate.watch)
@@ -163,15 +188,16 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
                               hot_fraction=0.5, seed=seed + 1)
             wl.start()
             wl.wait_for_writes(1)
-        cfg = SessionConfig(policy=Policy(downtime_limit_s=r.limit_ms / 1000, timeout_s=6.0,
-                                          on_timeout="force"), slice_bytes=4 * MiB)
+        cfg = session_config(r)
+        rate = r.cap_mbps * 1e6 if r.cap_mbps else None
+        # the process's history: each case learns from the ones before, as a daemon's
+        # migrations do
+        history = HOST_HISTORY.of(src.guest.name, src.guest.device_infos())
         with _hog(r.hog), _bursts(wl, gate, r.bursty):
-            # the process's history: each case learns from the ones before, as a
-            # daemon's migrations do
-            run = migrate(src, dst, cfg, rate_bps=r.cap_mbps * 1e6 if r.cap_mbps else None,
-                          history=HOST_HISTORY.of(src.guest.name,
-                                                  src.guest.device_infos()))
-        res = run.source
+            if dst is None:
+                res = migrate_to_process(src, root / "dst", r.name, seed, cfg, rate, history)
+            else:
+                res = migrate(src, dst, cfg, rate_bps=rate, history=history).source
         if res.result != "completed" or res.prediction_error is None:
             raise RuntimeError(f"{r.name}: {res.result}: {res.reason}")
         last = res.history[-1]
@@ -193,4 +219,5 @@ def run_case(root: Path, r: Regime, seed: int) -> dict[str, Any]:
                 "over_floor_ms": over_floor_parts(res.timings, parts, last, rtt)}
     finally:
         src.close()
-        dst.close()
+        if dst is not None:
+            dst.close()

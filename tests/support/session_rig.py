@@ -175,13 +175,17 @@ def build_side(root: Path, name: str, plans: Sequence[SideContainer], *,
 def pair(tmp: Path, plans: Sequence[SideContainer], **kw: Any) -> tuple[Side, Side]:
     """Source and destination with same-kind devices (other names and seeds)."""
     src = build_side(tmp / "src", "hostA", plans, **kw)
+    return src, dest_side(tmp, plans, **kw)
+
+
+def dest_side(tmp: Path, plans: Sequence[SideContainer], **kw: Any) -> Side:
+    """``pair``'s destination alone (its RAM starts empty)."""
     dplans = [SideContainer([dataclasses.replace(s, name=_dest_name(s.name), seed=s.seed + 50)
                              for s in p.devices],
                             p.maps, [_dest_name(n) for n in p.opt_out], p.disable, p.ids)
               for p in plans]
     kw = {k: v for k, v in kw.items() if k not in ("fill_bytes", "seed")}
-    dst = build_side(tmp / "dst", "hostB", dplans, **kw)
-    return src, dst
+    return build_side(tmp / "dst", "hostB", dplans, **kw)
 
 
 def _dest_name(name: str) -> str:
