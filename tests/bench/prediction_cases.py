@@ -1,8 +1,10 @@
 """The regimes of the prediction benchmark, and one migration of a regime
 (docs/architecture.md §4; issue 15 item 2).
 
-Each case is a whole migration on the simulated kernel, in this process, over loopback
-TCP (through a token-bucket cap, ``ThrottledLink``, when the regime has one). A regime
+Each case is a whole migration on the simulated kernel over loopback TCP (through a
+token-bucket cap, ``ThrottledLink``, when the regime has one): the source's session in this
+process, the destination's in a thread of it or, with ``dest_process``, in a process of
+its own (``prediction_dest``), as the benchmark runs it. A regime
 says the guest (RAM size, bytes filled), its device (state sizes, PRE_COPY or not, the
 pre-copy opt-out), the DMA workload (steady, or bursts of 100 ms on and off) and the
 host (a CPU hog beside it). ``run_case`` returns the last prediction before the
