@@ -32,8 +32,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-import numpy as np
-
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.events import (
     Complete,
@@ -45,12 +43,12 @@ from vfiod.migration.stream.events import (
 )
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally, first_difference
-from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink
 from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.ram_landing import RamLanding
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
     PREAMBLE_SIZE,
-    RAM_LIVE,
     RECORD_HEADER_SIZE,
     ErrorCode,
     Limits,
@@ -106,8 +104,7 @@ class StreamReader:
         self._ram: GuestRam | None = None
         self._crcs: PageCrcSink | None = None   # where landed pages' CRCs go
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
-        self._table = np.empty(0, dtype=np.uint32)  # per-page CRCs sent; grows per record,
-        self._got = np.empty(0, dtype=np.uint32)    # bounded by Limits.ram_record
+        self._landing = RamLanding()
         self._buf = bytearray()  # grows to the largest accepted non-RAM payload
         self._dev_tally: list[Tally] = []
         self._ram_tally: list[Tally] = []
@@ -258,34 +255,10 @@ class StreamReader:
     def _ram_record(self, h: RecordHeader, at: int) -> RamLoaded:
         assert self._ram is not None and self.header is not None
         ps, n, first = self.header.page_size, h.arg1, h.arg0
-        if n == 0 or h.length != n * (ps + 4):
-            raise self._err(ErrorCode.LENGTH, f"RAM length {h.length} is not {n} pages of "
-                            f"{ps} bytes and their checksums", at, h.rtype)
-        try:
-            idx, view = self._ram.locate(first, n)
-        except ValueError as e:
-            raise self._err(ErrorCode.RANGE, str(e), at, h.rtype) from None
-        if len(self._table) < n:  # n * ps was bounded by the length check above
-            self._table = np.empty(n, dtype=np.uint32)
-            self._got = np.empty(n, dtype=np.uint32)
-        table, got = self._table[:n], self._got[:n]
-        self._fill(memoryview(table).cast("B"), h.rtype, at,  # type: ignore[arg-type]
-                   "RAM checksum table")
-        if crc32c(table) != h.payload_crc:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {first:#x}+{n}: checksum "
-                            "table mismatch", at, h.rtype)
-        self._fill(view, h.rtype, at, f"RAM pages ({n} x {ps} bytes)")
-        # Checked right after the kernel's copy, while the pages are still in the cache.
-        # (A worker thread overlapping this with the next receive was measured slower: the
-        # GIL hand-offs and cache traffic cost more than the check.)
-        page_crcs(view, ps, got)
-        bad = np.flatnonzero(got != table)
-        if bad.size and not h.flags & RAM_LIVE:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x} "
-                            f"(page {int(bad[0])} of {n} in this record): checksum mismatch",
-                            at, h.rtype)
-        if self._crcs is not None:
-            self._crcs.take_page_crcs(first, got)
+        idx, bad = self._landing.land(
+            self._ram, first, n, h.length, h.payload_crc, h.flags,
+            fill=lambda view, what: self._fill(view, h.rtype, at, what),
+            fail=lambda code, msg: self._err(code, msg, at, h.rtype), crcs=self._crcs)
         if self._torn:
             self._torn.clear(first, n)
         if bad.size:

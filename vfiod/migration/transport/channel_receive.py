@@ -31,17 +31,14 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from vfiod.errors import VfiodError
-from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.manifest import ManifestEntry, Tally
-from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink
 from vfiod.migration.stream.ram import GuestRam
+from vfiod.migration.stream.ram_landing import RamLanding
 from vfiod.migration.stream.reader import fill_from
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
-    RAM_LIVE,
     RECORD_HEADER_SIZE,
     ErrorCode,
     Limits,
@@ -84,8 +81,7 @@ class ChannelReader:
         self.passes: dict[int, list[Landed]] = {}
         self.current: list[Landed] = []
         self._hbuf = memoryview(bytearray(RECORD_HEADER_SIZE))
-        self._table = np.empty(0, dtype=np.uint32)
-        self._got = np.empty(0, dtype=np.uint32)
+        self._landing = RamLanding()
 
     def read_record(self) -> int | None:
         """Read one record: RAM lands; returns the pass number of a SYNC, None for RAM;
@@ -115,33 +111,12 @@ class ChannelReader:
 
     def _land(self, first: int, n: int, length: int, crc: int, flags: int, seq: int,
               at: int) -> None:
-        ps = self._ram.page_size
-        if n == 0 or length != n * (ps + 4):
-            raise self._err(ErrorCode.LENGTH, f"RAM length {length} is not {n} pages of "
-                            f"{ps} bytes and their checksums", at, RecordType.RAM)
-        try:
-            _, view = self._ram.locate(first, n)
-        except ValueError as e:
-            raise self._err(ErrorCode.RANGE, str(e), at, RecordType.RAM) from None
-        if len(self._table) < n:
-            self._table = np.empty(n, dtype=np.uint32)
-            self._got = np.empty(n, dtype=np.uint32)
-        table, got = self._table[:n], self._got[:n]
-        self._fill(memoryview(table).cast("B"), at, "RAM checksum table")  # type: ignore[arg-type]
-        if crc32c(table) != crc:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"RAM pages {first:#x}+{n}: "
-                            "checksum table mismatch", at, RecordType.RAM)
-        self._fill(view, at, f"RAM pages ({n} x {ps} bytes)")
-        page_crcs(view, ps, got)
-        bad = np.flatnonzero(got != table)
-        if bad.size and not flags & RAM_LIVE:
-            raise self._err(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {first + int(bad[0]):#x}"
-                            f" (page {int(bad[0])} of {n} in this record): checksum mismatch",
-                            at, RecordType.RAM)
-        if self._crcs is not None:
-            self._crcs.take_page_crcs(first, got)
+        _, bad = self._landing.land(
+            self._ram, first, n, length, crc, flags,
+            fill=lambda view, what: self._fill(view, at, what),
+            fail=lambda code, msg: self._err(code, msg, at, RecordType.RAM), crcs=self._crcs)
         self.offset += length
-        self.tally.add(seq, first, n, n * ps, crc)
+        self.tally.add(seq, first, n, n * self._ram.page_size, crc)
         self.records += 1
         self.current.append((first, n, tuple(first + int(i) for i in bad.tolist())))
 
