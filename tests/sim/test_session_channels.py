@@ -22,9 +22,11 @@ from tests.support.session_rig import (
     add_workload,
     assert_migrated,
     assert_rolled_back,
+    dial,
     migrate,
     pair,
     spec,
+    with_channels,
 )
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
@@ -58,20 +60,6 @@ def channel_port() -> Iterator[Listener]:
     """Where the destination accepts its channels (the daemon: its migration port)."""
     with Listener("127.0.0.1", 0) as lst:
         yield lst
-
-
-def dial(lst: Listener) -> Any:
-    return lambda i, n: connect("127.0.0.1", lst.address[1], timeout=10)
-
-
-def with_channels(lst: Listener, dialer: Any = None) -> dict[str, Any]:
-    """``migrate`` keywords: the source may dial, the destination accepts, on ``lst``."""
-    def on_source(s: SourceSession) -> None:
-        s.channel_dialer = dialer or dial(lst)
-
-    def on_dest(d: DestinationSession) -> None:
-        d.channel_acceptor = lambda timeout: lst.accept(timeout)
-    return {"on_source": on_source, "on_dest": on_dest}
 
 
 def test_a_migration_over_two_channels_arrives_equal(sides, channel_port) -> None:

@@ -23,14 +23,13 @@ from tests.support.session_rig import (
     migrate,
     pair,
     spec,
+    with_channels,
 )
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.session.dest import DestinationSession
-from vfiod.migration.session.source import SourceSession
 from vfiod.migration.stream.writer import StreamWriter
-from vfiod.migration.transport import Listener, connect
+from vfiod.migration.transport import Listener
 from vfiod.vfio import RamRegion
 
 DEV = spec("v2_precopy_log")
@@ -40,23 +39,14 @@ DEV = spec("v2_precopy_log")
 def sides(tmp_path: Path) -> Iterator[Any]:
     made: list[Side] = []
 
-    def make(**kw: Any) -> tuple[Side, Side]:
-        s, d = pair(tmp_path, [SideContainer([DEV])], ram=(RamRegion("ram", 0, 32 * MiB),),
-                    **kw)
+    def make(ram_mib: int = 32, **kw: Any) -> tuple[Side, Side]:
+        s, d = pair(tmp_path, [SideContainer([DEV])],
+                    ram=(RamRegion("ram", 0, ram_mib * MiB),), **kw)
         made.extend((s, d))
         return s, d
     yield make
     for side in made:
         side.close()
-
-
-def channel_keywords(lst: Listener) -> dict[str, Any]:
-    def on_source(s: SourceSession) -> None:
-        s.channel_dialer = lambda i, n: connect("127.0.0.1", lst.address[1], timeout=10)
-
-    def on_dest(d: DestinationSession) -> None:
-        d.channel_acceptor = lambda timeout: lst.accept(timeout)
-    return {"on_source": on_source, "on_dest": on_dest}
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -72,7 +62,7 @@ def test_one_hash_per_page_per_end_over_passes_that_redirty_pages(sides,
                         policy=Policy(downtime_limit_s=1e-6, max_iterations=3,
                                       on_timeout="force"))
     with Listener("127.0.0.1", 0) as lst:
-        run = migrate(src, dst, cfg, **(channel_keywords(lst) if channels > 1 else {}))
+        run = migrate(src, dst, cfg, **(with_channels(lst) if channels > 1 else {}))
     assert_migrated(src, dst, run)             # the digests compared equal, and memory too
     assert run.source.iterations >= 2
     s, d = run.source.verification, run.dest.verification if run.dest else {}
@@ -114,29 +104,24 @@ def test_a_write_dirty_tracking_never_reported_fails_the_digest_comparison(
     assert "RAM content differs from the source" in run.dest.reason
 
 
-def test_the_commits_digest_folds_only_what_the_final_pass_changed(tmp_path: Path) -> None:
+def test_the_commits_digest_folds_only_what_the_final_pass_changed(sides) -> None:
     """Both ends fold each pre-copy pass's changes into the region digest as the pass
     ends (the source after its re-hash, the destination at the pass mark), so the digest
     at the commit, inside the downtime, folds the final pass's groups of 4,096 pages and
     not every group pre-copy filled (``digest_root.py``: a 16 GiB guest's whole table is
     about 0.7 ms per end)."""
-    src, dst = pair(tmp_path, [SideContainer([DEV])], ram=(RamRegion("ram", 0, 256 * MiB),),
-                    fill_bytes=96 * MiB)
-    try:
-        wl = add_workload(src, [DmaTarget(DEV.name, 0, 4 * MiB)], dirty_rate_bps=20e6,
-                          hot_fraction=1.0, seed=5)
-        wl.start()
-        wl.wait_for_writes(2)
-        run = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=1e-6,
-                                                            max_iterations=2,
-                                                            on_timeout="force")))
-        assert_migrated(src, dst, run)
-        s, d = run.source.verification, run.dest.verification if run.dest else {}
-        assert s["final_ram_bytes"] > 0
-        filled_groups = 96 * MiB // PAGE // 4096            # what pass 1 changed: 24
-        # the workload's 4 MiB window is 1,024 pages: one group, two if split
-        assert 1 <= s["source_final_digest_groups"] <= 2 < filled_groups
-        assert 1 <= d["final_digest_groups"] <= 2
-    finally:
-        src.close()
-        dst.close()
+    src, dst = sides(ram_mib=256, fill_bytes=96 * MiB)
+    wl = add_workload(src, [DmaTarget(DEV.name, 0, 4 * MiB)], dirty_rate_bps=20e6,
+                      hot_fraction=1.0, seed=5)
+    wl.start()
+    wl.wait_for_writes(2)
+    run = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=1e-6,
+                                                        max_iterations=2,
+                                                        on_timeout="force")))
+    assert_migrated(src, dst, run)
+    s, d = run.source.verification, run.dest.verification if run.dest else {}
+    assert s["final_ram_bytes"] > 0
+    filled_groups = 96 * MiB // PAGE // 4096            # what pass 1 changed: 24
+    # the workload's 4 MiB window is 1,024 pages: one group, two if split
+    assert 1 <= s["source_final_digest_groups"] <= 2 < filled_groups
+    assert 1 <= d["final_digest_groups"] <= 2

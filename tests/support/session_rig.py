@@ -293,6 +293,22 @@ def migrate(src: Side, dst: Side, config: SessionConfig | None = None, *,
     return Run(res, box.get("result"), box.get("error"), s, box.get("session"), models)
 
 
+def dial(lst: Listener) -> Any:
+    """A source's channel dialer that connects to ``lst``."""
+    return lambda i, n: connect("127.0.0.1", lst.address[1], timeout=10)
+
+
+def with_channels(lst: Listener, dialer: Any = None) -> dict[str, Any]:
+    """``migrate`` keywords for RAM channels (docs/protocol.md §12): the source dials
+    (``dialer``, else ``dial(lst)``), the destination accepts, on ``lst``."""
+    def on_source(s: SourceSession) -> None:
+        s.channel_dialer = dialer or dial(lst)
+
+    def on_dest(d: DestinationSession) -> None:
+        d.channel_acceptor = lambda timeout: lst.accept(timeout)
+    return {"on_source": on_source, "on_dest": on_dest}
+
+
 def paired(src: Side, dst: Side, dst_values: dict[str, Any]) -> dict[str, Any]:
     """``dst_values`` (by destination device name) keyed by the name of the source device
     each destination device pairs with (the one with the same id)."""
