@@ -1,7 +1,13 @@
 """Landing one RAM record's payload in guest memory and checking it (docs/protocol.md §7:
 the record's checksum table, then its pages; §7.3: the landed pages' CRCs are the
 destination's content digests). The one place both the main stream's reader and a RAM
-channel's reader (docs/protocol.md §12) land a record.
+channel's reader (docs/protocol.md §12) land a RAM record; RAM_RUNS records (§5.4, the
+main stream only) land here too.
+
+A RAM record's pages are received straight into guest memory. A RAM_RUNS record's pages
+are many short runs: they are received in one piece into a scratch buffer, checked
+there, and copied to their runs, one copy per run instead of a receive, a table and a
+check per run (the per-record work was what a sparse guest's final pass cost).
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.records import RAM_LIVE, ErrorCode, RecordError
+from vfiod.migration.stream.records import RAM_LIVE, RUN_ENTRY, ErrorCode, RecordError
+
+#: guest page numbers above this do not exist (2^64 bytes of 4 KiB pages); bounding the
+#: run table's values first keeps every sum below exact in 64 bits
+_PAGE_NUMBER_END = 1 << 52
 
 #: fills a view from the stream (``what`` names it in a truncation error)
 Fill = Callable[[memoryview, str], object]
@@ -28,6 +38,8 @@ class RamLanding:
     def __init__(self) -> None:
         self._table = np.empty(0, dtype=np.uint32)   # the per-page CRCs sent
         self._got = np.empty(0, dtype=np.uint32)     # the landed pages' CRCs
+        self._tables = bytearray()                   # a RAM_RUNS record's two tables
+        self._pages = bytearray()                    # ... and its pages, before the copy
 
     def land(self, ram: GuestRam, first: int, n: int, length: int, crc: int, flags: int, *,
              fill: Fill, fail: Fail, crcs: PageCrcSink | None) -> tuple[int, np.ndarray]:
@@ -63,3 +75,70 @@ class RamLanding:
         if crcs is not None:
             crcs.take_page_crcs(first, got)
         return idx, bad
+
+    def land_runs(self, ram: GuestRam, k: int, n: int, length: int, crc: int, flags: int,
+                  max_runs: int, *, fill: Fill, fail: Fail,
+                  crcs: PageCrcSink | None) -> tuple[int, list[tuple[int, int, int]]]:
+        """A RAM_RUNS record (``k`` runs, ``n`` pages in all; docs/protocol.md §5.4) into
+        ``ram``; returns the region index and per run (first page, count, pages whose CRC
+        differs: allowed only with ``RAM_LIVE``). Every check comes before any byte of
+        guest memory is written: the length, the tables' checksum, the runs (at least one
+        page each, ascending, disjoint, adding up to ``n``, inside one region)."""
+        ps, entry = ram.page_size, RUN_ENTRY.size
+        if not 1 <= k <= max_runs or n < k or length != k * entry + n * (ps + 4):
+            raise fail(ErrorCode.LENGTH, f"RAM_RUNS length {length} is not {k} runs "
+                       f"(1..{max_runs}) of {n} pages of {ps} bytes and their tables")
+        head = k * entry + n * 4
+        if len(self._tables) < head:
+            self._tables = bytearray(head)
+        tables = memoryview(self._tables)[:head]
+        fill(tables, "RAM_RUNS run and checksum tables")
+        if crc32c(tables) != crc:
+            raise fail(ErrorCode.PAYLOAD_CHECKSUM, f"RAM_RUNS of {k} runs: tables checksum "
+                       "mismatch")
+        runs = np.frombuffer(tables[:k * entry], dtype="<u8").reshape(k, 2)
+        firsts, counts = runs[:, 0].astype(np.int64), runs[:, 1].astype(np.int64)
+        if (int(runs[:, 0].max()) >= _PAGE_NUMBER_END or int(runs[:, 1].min()) < 1
+                or int(runs[:, 1].max()) > n):
+            raise fail(ErrorCode.RANGE, f"RAM_RUNS of {k} runs: a run outside guest memory "
+                       "or empty")
+        if int(counts.sum()) != n or (k > 1 and bool(
+                (firsts[1:] < firsts[:-1] + counts[:-1]).any())):
+            raise fail(ErrorCode.RANGE, f"RAM_RUNS of {k} runs: the runs do not add up to "
+                       f"{n} pages, or are not ascending and disjoint")
+        first, end = int(firsts[0]), int(firsts[-1] + counts[-1])
+        try:
+            idx, span = ram.locate(first, end - first)
+        except ValueError as e:
+            raise fail(ErrorCode.RANGE, f"RAM_RUNS: {e}") from None
+        table = np.frombuffer(tables[k * entry:], dtype=np.uint32)
+        if len(self._pages) < n * ps:      # n * ps was bounded by the length check above
+            self._pages = bytearray(n * ps)
+        pages = memoryview(self._pages)[:n * ps]
+        fill(pages, f"RAM_RUNS pages ({n} x {ps} bytes)")
+        got = page_crcs(pages, ps, self._got_for(n))
+        bad = np.flatnonzero(got != table)
+        at = np.concatenate(([0], np.cumsum(counts)))        # each run's first payload page
+        if bad.size and not flags & RAM_LIVE:
+            j = int(bad[0])
+            r = int(np.searchsorted(at, j, side="right")) - 1
+            page = int(firsts[r]) + j - int(at[r])
+            raise fail(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {page:#x} (page {j} of {n} "
+                       "in this record): checksum mismatch")
+        out = []
+        bad_run = np.searchsorted(at, bad, side="right") - 1
+        for r, (f, c, a) in enumerate(zip(firsts.tolist(), counts.tolist(),
+                                          at[:-1].tolist(), strict=True)):
+            off = (f - first) * ps
+            span[off:off + c * ps] = pages[a * ps:(a + c) * ps]
+            if crcs is not None:
+                crcs.take_page_crcs(f, got[a:a + c])
+            torn = bad[bad_run == r] - a + f if bad.size else ()
+            out.append((f, c, tuple(int(p) for p in torn)))
+        return idx, out
+
+    def _got_for(self, n: int) -> np.ndarray:
+        if len(self._got) < n:
+            self._table = np.empty(n, dtype=np.uint32)
+            self._got = np.empty(n, dtype=np.uint32)
+        return self._got[:n]

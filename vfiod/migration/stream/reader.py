@@ -169,7 +169,10 @@ class StreamReader:
                 h, at = self._next_header()
                 if self._channels is not None:
                     yield from self._channel_pass(h)
-                yield self._dispatch(h, at)
+                if h.rtype == RecordType.RAM_RUNS and not self._ending:
+                    yield from self._ram_runs_record(h, at)
+                else:
+                    yield self._dispatch(h, at)
         except Exception as e:
             failed = self._channels.failure if self._channels is not None else None
             self.stop_channels()
@@ -216,7 +219,7 @@ class StreamReader:
         if t in (RecordType.HEADER, RecordType.CHANNEL, RecordType.SYNC):
             raise self._err(ErrorCode.ORDER, "a second HEADER" if t == RecordType.HEADER
                             else f"{RecordType(t).name} on the main stream", at, t)
-        if self._ending and t in (RecordType.RAM, RecordType.ITERATION):
+        if self._ending and t in (RecordType.RAM, RecordType.RAM_RUNS, RecordType.ITERATION):
             raise self._err(ErrorCode.ORDER, f"{RecordType(t).name} after END_OF_STATE", at, t)
         if t == RecordType.RAM:
             return self._ram_record(h, at)
@@ -270,6 +273,27 @@ class StreamReader:
         self._ram_tally[idx].add(h.seq, first, n, n * ps, h.payload_crc)
         self._accepted(h)
         return RamLoaded(first, n, not bad.size)
+
+    def _ram_runs_record(self, h: RecordHeader, at: int) -> list[RamLoaded]:
+        """A RAM_RUNS record (docs/protocol.md §5.4): one ``RamLoaded`` per run."""
+        assert self._ram is not None and self.header is not None
+        k, n = h.arg0, h.arg1
+        idx, runs = self._landing.land_runs(
+            self._ram, k, n, h.length, h.payload_crc, h.flags, self._limits.ram_runs,
+            fill=lambda view, what: self._fill(view, h.rtype, at, what),
+            fail=lambda code, msg: self._err(code, msg, at, h.rtype), crcs=self._crcs)
+        events = []
+        for first, count, torn in runs:
+            if self._torn:
+                self._torn.clear(first, count)
+            for page in torn:      # sent from running guest memory: must come again
+                self._torn.add(page, 1, self.records, at)
+            events.append(RamLoaded(first, count, not torn))
+        self.torn_records += any(not e.verified for e in events)
+        self.offset += h.length
+        self._ram_tally[idx].add(h.seq, k, n, n * self.header.page_size, h.payload_crc)
+        self._accepted(h)
+        return events
 
     def _check_torn(self) -> None:
         """RAM is complete: no page may still be waiting for a verified copy."""

@@ -23,7 +23,10 @@ Record header (40 bytes), then ``length`` payload bytes::
 
 A RAM record's payload is ``count`` little-endian u32 CRC-32Cs, one per page (the table,
 covered by ``payload_crc``), then the ``count`` pages themselves, each covered by its table
-entry (``pagecrc.py`` says why per page).
+entry (``pagecrc.py`` says why per page). A RAM_RUNS record carries ``arg0`` runs of pages
+(``arg1`` pages in all) of one region: its payload starts with the run table (``arg0``
+``RUN_ENTRY``: first page, count; ascending, disjoint), then the CRC table, then the pages
+in run order; ``payload_crc`` covers both tables (``ram_landing.py``).
 
 ``RAM_LIVE`` marks a RAM record sent while the guest ran (pre-copy, zero copy from the guest
 mapping): if its checksum fails, the guest wrote those pages during the send; they are dirty
@@ -59,7 +62,8 @@ from vfiod.migration.stream.crc32c import crc32c
 #: 3: the source sends its downtime, prediction and error after ACK resumed (REPORT).
 #: 4: the confirmed switchover: ACK prepared, COMMIT, outcome queries, and the
 #:    destination's challenge, which the HEADER must answer (docs/protocol.md §8.4).
-PROTOCOL_VERSION = 4
+#: 5: RAM_RUNS records: many short runs of pages in one record (docs/protocol.md §5.4).
+PROTOCOL_VERSION = 5
 MAGIC = b"VFIODMS\x00"
 
 PREAMBLE = struct.Struct("<8sHHI")
@@ -76,6 +80,8 @@ MIN_PAGE_SIZE = 4096
 
 #: RAM record flag: sent from live guest memory (see the module docstring).
 RAM_LIVE = 0x1
+#: one entry of a RAM_RUNS record's run table: first guest page, page count
+RUN_ENTRY = struct.Struct("<QQ")
 
 
 class RecordType(enum.IntEnum):
@@ -88,6 +94,11 @@ class RecordType(enum.IntEnum):
     ABORT = 7         # UTF-8 reason: the source cancelled, discard everything
     CHANNEL = 8       # JSON: opens a RAM channel connection (docs/protocol.md §12)
     SYNC = 9          # a channel's part of pass arg0 is complete; arg1 records before it
+    RAM_RUNS = 10     # arg0 runs of guest pages, arg1 pages in all (docs/protocol.md §5.4)
+
+
+#: the record types that carry guest pages (and may carry ``RAM_LIVE``)
+RAM_TYPES = frozenset((RecordType.RAM, RecordType.RAM_RUNS))
 
 
 class ErrorCode(enum.Enum):
@@ -147,6 +158,7 @@ class Limits:
     abort: int = 64 * KiB
     device_chunk: int = 16 * MiB
     ram_record: int = 64 * MiB  # page bytes of one RAM record (its CRC table comes on top)
+    ram_runs: int = 1024        # runs of one RAM_RUNS record (each a 16-byte table entry)
 
     def bound(self, rtype: int) -> int:
         return self._bounds[rtype]
@@ -163,6 +175,8 @@ class Limits:
             RecordType.ABORT: self.abort,
             RecordType.CHANNEL: 4 * KiB,
             RecordType.SYNC: 0,
+            RecordType.RAM_RUNS: (self.ram_record + self.ram_record // MIN_PAGE_SIZE * 4
+                                  + self.ram_runs * RUN_ENTRY.size),
         }
 
 
@@ -230,7 +244,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, *, seq: int, offset: int,
     if bound is None:
         raise RecordError(ErrorCode.TYPE, f"unknown record type {h.rtype}", record=seq,
                           offset=offset)
-    if h.flags & ~(RAM_LIVE if h.rtype == RecordType.RAM else 0):
+    if h.flags & ~(RAM_LIVE if h.rtype in RAM_TYPES else 0):
         raise RecordError(ErrorCode.FLAGS, f"reserved flags {h.flags:#x} set", record=seq,
                           offset=offset, rtype=h.rtype)
     if h.seq != seq & 0xFFFFFFFF:
