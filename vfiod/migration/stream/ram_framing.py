@@ -19,6 +19,11 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.records import RecordType, pack_header
 
+#: Linux IOV_MAX is 1024; keep a margin (a RAM record adds three entries, a RAM_RUNS
+#: record three plus one per run)
+MAX_IOV = 1000
+#: pieces of one send batch, so that any framing of them fits ``MAX_IOV``
+BATCH_PIECES = MAX_IOV // 3
 #: pieces shorter than this (256 KiB of 4 KiB pages) share RAM_RUNS records; longer ones
 #: would gain nothing from sharing and would cost the RAM_RUNS copy at the destination
 GROUP_BELOW_PAGES = 64

@@ -50,7 +50,13 @@ from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally
 from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
-from vfiod.migration.stream.ram_framing import groups, ram_record, ram_runs_record
+from vfiod.migration.stream.ram_framing import (
+    BATCH_PIECES,
+    MAX_IOV,
+    groups,
+    ram_record,
+    ram_runs_record,
+)
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
     RAM_LIVE,
@@ -74,9 +80,6 @@ def _tables(batch: list[_Rec], page_size: int) -> list[tuple[np.ndarray, int]]:
     return out
 
 
-#: Linux IOV_MAX is 1024; keep a margin (a RAM record adds three entries, a RAM_RUNS
-#: record three plus one per run, and a batch holds at most ``_MAX_IOV // 3`` pieces).
-_MAX_IOV = 1000
 #: pieces shorter than this (256 KiB of 4 KiB pages) share RAM_RUNS records: each record
 #: costs both ends a header, a table and Python work (26-35 µs at the destination alone),
 #: against 1-3 µs per run in a RAM_RUNS record; longer pieces keep a record of their own,
@@ -295,7 +298,7 @@ class StreamWriter:
             tally.add(self._seq, arg0, arg1, n, crc)
         self._seq += 1
         self._pending += RECORD_HEADER_SIZE + n
-        if self._pending >= self._batch_bytes or len(self._iov) >= _MAX_IOV:
+        if self._pending >= self._batch_bytes or len(self._iov) >= MAX_IOV:
             self._flush(check=False)
 
     def _ram_batches(self, ranges: Iterable[tuple[int, int]]) -> Iterator[list[_Rec]]:
@@ -309,7 +312,7 @@ class StreamWriter:
             for idx, page, n in self._ram.split(int(first), int(count), self._record_pages):
                 view = self._ram.locate(page, n)[1]
                 if batch and (size + len(view) > self._batch_bytes
-                              or len(batch) >= _MAX_IOV // 3):
+                              or len(batch) >= BATCH_PIECES):
                     yield batch
                     batch, size = [], 0
                 batch.append((idx, page, n, view))
