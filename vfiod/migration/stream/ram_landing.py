@@ -4,10 +4,10 @@ destination's content digests). The one place both the main stream's reader and 
 channel's reader (docs/protocol.md §12) land a RAM record; RAM_RUNS records (§5.4, the
 main stream only) land here too.
 
-A RAM record's pages are received straight into guest memory. A RAM_RUNS record's pages
-are many short runs: they are received in one piece into a scratch buffer, checked
-there, and copied to their runs, one copy per run instead of a receive, a table and a
-check per run (the per-record work was what a sparse guest's final pass cost).
+Pages are received straight into guest memory and checked right after, while they are
+in the cache; a RAM_RUNS record's runs one after the other, after its run table was
+checked, so a record of many short runs costs a receive and a check per run but one
+header, one table and one record's Python work (docs/protocol.md §5.4).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class RamLanding:
         self._table = np.empty(0, dtype=np.uint32)   # the per-page CRCs sent
         self._got = np.empty(0, dtype=np.uint32)     # the landed pages' CRCs
         self._tables = bytearray()                   # a RAM_RUNS record's two tables
-        self._pages = bytearray()                    # ... and its pages, before the copy
 
     def land(self, ram: GuestRam, first: int, n: int, length: int, crc: int, flags: int, *,
              fill: Fill, fail: Fail, crcs: PageCrcSink | None) -> tuple[int, np.ndarray]:
@@ -81,9 +80,10 @@ class RamLanding:
                   crcs: PageCrcSink | None) -> tuple[int, list[tuple[int, int, int]]]:
         """A RAM_RUNS record (``k`` runs, ``n`` pages in all; docs/protocol.md §5.4) into
         ``ram``; returns the region index and per run (first page, count, pages whose CRC
-        differs: allowed only with ``RAM_LIVE``). Every check comes before any byte of
-        guest memory is written: the length, the tables' checksum, the runs (at least one
-        page each, ascending, disjoint, adding up to ``n``, inside one region)."""
+        differs: allowed only with ``RAM_LIVE``). The record's own checks come before any
+        byte of guest memory is written: the length, the tables' checksum, the runs (at
+        least one page each, ascending, disjoint, adding up to ``n``, inside one
+        region); each run's pages are checked as they land, as a RAM record's are."""
         ps, entry = ram.page_size, RUN_ENTRY.size
         if not 1 <= k <= max_runs or n < k or length != k * entry + n * (ps + 4):
             raise fail(ErrorCode.LENGTH, f"RAM_RUNS length {length} is not {k} runs "
@@ -112,30 +112,32 @@ class RamLanding:
         except ValueError as e:
             raise fail(ErrorCode.RANGE, f"RAM_RUNS: {e}") from None
         table = np.frombuffer(tables[k * entry:], dtype=np.uint32)
-        if len(self._pages) < n * ps:      # n * ps was bounded by the length check above
-            self._pages = bytearray(n * ps)
-        pages = memoryview(self._pages)[:n * ps]
-        fill(pages, f"RAM_RUNS pages ({n} x {ps} bytes)")
-        got = page_crcs(pages, ps, self._got_for(n))
+        got = self._got_for(n)
+        firsts_l, counts_l = firsts.tolist(), counts.tolist()
+        at = 0
+        for f, c in zip(firsts_l, counts_l, strict=True):
+            view = span[(f - first) * ps:(f - first + c) * ps]
+            fill(view, f"RAM_RUNS pages ({c} x {ps} bytes at guest page {f:#x})")
+            page_crcs(view, ps, got[at:at + c])      # while the pages are in the cache
+            at += c
         bad = np.flatnonzero(got != table)
-        at = np.concatenate(([0], np.cumsum(counts)))        # each run's first payload page
+        starts = np.cumsum(counts) - counts               # each run's first payload page
         if bad.size and not flags & RAM_LIVE:
             j = int(bad[0])
-            r = int(np.searchsorted(at, j, side="right")) - 1
-            page = int(firsts[r]) + j - int(at[r])
+            r = int(np.searchsorted(starts, j, side="right")) - 1
+            page = firsts_l[r] + j - int(starts[r])
             raise fail(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {page:#x} (page {j} of {n} "
                        "in this record): checksum mismatch")
-        out = []
-        bad_run = np.searchsorted(at, bad, side="right") - 1
-        for r, (f, c, a) in enumerate(zip(firsts.tolist(), counts.tolist(),
-                                          at[:-1].tolist(), strict=True)):
-            off = (f - first) * ps
-            span[off:off + c * ps] = pages[a * ps:(a + c) * ps]
-            if crcs is not None:
+        if crcs is not None:
+            for f, c, a in zip(firsts_l, counts_l, starts.tolist(), strict=True):
                 crcs.take_page_crcs(f, got[a:a + c])
-            torn = bad[bad_run == r] - a + f if bad.size else ()
-            out.append((f, c, tuple(int(p) for p in torn)))
-        return idx, out
+        if not bad.size:
+            return idx, [(f, c, ()) for f, c in zip(firsts_l, counts_l, strict=True)]
+        torn: list[list[int]] = [[] for _ in firsts_l]
+        for j, r in zip(bad.tolist(), (np.searchsorted(starts, bad, side="right") - 1).tolist(),
+                        strict=True):
+            torn[r].append(firsts_l[r] + j - int(starts[r]))
+        return idx, [(f, c, tuple(t)) for f, c, t in zip(firsts_l, counts_l, torn, strict=True)]
 
     def _got_for(self, n: int) -> np.ndarray:
         if len(self._got) < n:
