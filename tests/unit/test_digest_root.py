@@ -52,3 +52,29 @@ def test_only_changed_groups_are_folded() -> None:
     assert g.folded_groups - made == 2
     g.root()
     assert g.folded_groups - made == 2                       # nothing changed since
+
+
+def test_many_runs_taken_at_once_equal_the_same_runs_one_by_one() -> None:
+    """``RamDigests.take_runs_crcs`` (a RAM_RUNS record, a send batch) keeps what
+    ``take_page_crcs`` run by run keeps: the same table, digests and counts, across two
+    regions and past a group's end."""
+    from vfiod.migration.session.digest import RamDigests
+    from vfiod.vfio import RamRegion
+
+    ps = 4096
+    regions = (RamRegion("low", 0, 3 * GROUP_PAGES * ps), RamRegion("high", 1 << 32, 64 * ps))
+    high = (1 << 32) // ps
+    views = [memoryview(bytearray(r.size)) for r in regions]
+    one, many = RamDigests(regions, views, ps), RamDigests(regions, views, ps)
+    runs = [(3, 2), (GROUP_PAGES - 1, 3), (2 * GROUP_PAGES + 7, 1), (high, 4), (high + 60, 4)]
+    rng = np.random.default_rng(3)
+    crcs = rng.integers(0, 2**32, sum(n for _, n in runs), dtype=np.uint32)
+    at = 0
+    for first, n in runs:
+        one.take_page_crcs(first, crcs[at:at + n])
+        at += n
+    many.take_runs_crcs([f for f, _ in runs], [n for _, n in runs], crcs)
+    assert many.taken_pages == one.taken_pages == len(crcs)
+    assert [r.to_dict() for r in many.roots()] == [r.to_dict() for r in one.roots()]
+    # and a page taken one way is pending in neither
+    assert many.pending_pages == one.pending_pages == 0

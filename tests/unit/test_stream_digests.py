@@ -165,6 +165,12 @@ class Recorder:
     def take_page_crcs(self, first_page: int, crcs: np.ndarray) -> None:
         self.taken.append((first_page, crcs.tolist()))
 
+    def take_runs_crcs(self, firsts: list[int], counts: list[int], crcs: np.ndarray) -> None:
+        at = 0
+        for f, n in zip(firsts, counts, strict=True):
+            self.take_page_crcs(f, crcs[at:at + n])
+            at += n
+
 
 def test_the_destination_takes_only_crcs_it_verified() -> None:
     """A corrupted page of a stop-and-copy record is refused as before, and its record's

@@ -66,6 +66,12 @@ class Crcs:
         for i, c in enumerate(crcs.tolist()):
             self.by_page[first_page + i] = c
 
+    def take_runs_crcs(self, firsts: list[int], counts: list[int], crcs: np.ndarray) -> None:
+        at = 0
+        for f, n in zip(firsts, counts, strict=True):
+            self.take_page_crcs(f, crcs[at:at + n])
+            at += n
+
 
 def receive(stream: bytes, limits: Limits | None = None,
             mem: list[bytearray] | None = None) -> tuple[list[RamLoaded], list[bytearray], Crcs]:

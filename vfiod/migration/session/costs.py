@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from vfiod.migration.stream.ram_framing import BATCH_PIECES, GROUP_BELOW_PAGES
-
 
 class CostModel:
     """``seconds ~= bytes * per_byte + items * per_item``, fitted by least squares over
@@ -57,13 +55,8 @@ class CostModel:
 
 
 def records_for(counts: np.ndarray, record_pages: int) -> int:
-    """Stream records a list of runs becomes: each run of at least ``GROUP_BELOW_PAGES``
-    is cut at ``record_pages``; the shorter ones share RAM_RUNS records of up to
-    ``record_pages`` pages and ``BATCH_PIECES`` runs (``stream.ram_framing``; a region's
-    end may cut a group once more, not counted)."""
-    if not counts.size:
-        return 0
-    short = counts < GROUP_BELOW_PAGES
-    long_records = int((-(-counts[~short] // record_pages)).sum())
-    runs, pages = int(short.sum()), int(counts[short].sum())
-    return long_records + max(-(-pages // record_pages), -(-runs // BATCH_PIECES))
+    """The pieces a list of runs becomes in the stream (each run cut at ``record_pages``):
+    the unit of per-item cost. A piece travels in a RAM record of its own or, when short,
+    in a RAM_RUNS record with others (``stream.ram_framing``); either way each costs both
+    ends a receive or a send, a CRC-table call and the digests' bookkeeping."""
+    return int((-(-counts // record_pages)).sum()) if counts.size else 0

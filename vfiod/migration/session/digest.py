@@ -149,6 +149,24 @@ class RamDigests:
                 self._touched[i][lo:hi] = False
                 self.taken_pages += hi - lo
 
+    def take_runs_crcs(self, firsts: Sequence[int], counts: Sequence[int],
+                       crcs: np.ndarray) -> None:
+        """``take_page_crcs`` for many runs, under the lock once (a send batch, a RAM_RUNS
+        record: hundreds of short runs, whose bookkeeping one by one cost more than
+        their CRCs)."""
+        n = np.asarray(counts, dtype=np.int64)
+        pages = (np.repeat(np.asarray(firsts, dtype=np.int64) - (np.cumsum(n) - n), n)
+                 + np.arange(len(crcs)))
+        region = np.searchsorted(self._first, pages, side="right") - 1
+        with self._lock:
+            for i in np.unique(region[region >= 0]).tolist():
+                sel = (region == i) & (pages < self._end[i])
+                idx = pages[sel] - self._first[i]
+                self._crcs[i][idx] = crcs[sel]
+                self._touched[i][idx] = False
+                self._roots[i].changed_pages(idx)
+                self.taken_pages += len(idx)
+
     def touch(self, first: np.ndarray | Sequence[int],
               count: np.ndarray | Sequence[int]) -> None:
         """Many runs at once (the source, per slice it sent)."""

@@ -64,6 +64,11 @@ class GroupedRoot:
         if hi > lo:
             self._stale[lo // GROUP_PAGES:(hi - 1) // GROUP_PAGES + 1] = True
 
+    def changed_pages(self, pages: np.ndarray) -> None:
+        """The pages at these indexes of the table have new CRCs."""
+        groups = pages // GROUP_PAGES
+        self._stale[groups[groups < self.full_groups]] = True
+
     def root(self) -> str:
         """The digest (``region_root(crcs)``), folding only the groups changed since."""
         raw = _raw(self.crcs)

@@ -27,6 +27,7 @@ reading those pages a second time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -119,4 +120,10 @@ class PageCrcSink(Protocol):
         now, and nothing changes that page until the stream hands a newer CRC of it (a
         page landing again in a later pass). Called on the thread that computed them
         (a RAM channel's); ``crcs`` may be reused by the caller once this returns."""
+        ...
+
+    def take_runs_crcs(self, firsts: Sequence[int], counts: Sequence[int],
+                       crcs: np.ndarray) -> None:
+        """``take_page_crcs`` for many runs at once (a send batch, a RAM_RUNS record):
+        ``crcs`` holds the CRCs of run 0's pages, then run 1's, and so on."""
         ...

@@ -29,7 +29,6 @@ BATCH_PIECES = MAX_IOV // 3
 GROUP_BELOW_PAGES = 64
 
 Piece = tuple[int, int, int, memoryview]   # region index, first page, count, guest memory
-Table = tuple[np.ndarray, int]             # a piece's per-page CRCs and their CRC
 
 
 def groups(batch: list[Piece], record_pages: int, max_runs: int) -> list[list[int]]:
@@ -55,20 +54,23 @@ def groups(batch: list[Piece], record_pages: int, max_runs: int) -> list[list[in
     return out
 
 
-def ram_record(piece: Piece, table: Table, seq: int, flags: int) -> tuple[tuple[Any, ...], int]:
-    """A RAM record's buffers (header, CRC table, pages) and its payload length."""
+def ram_record(piece: Piece, table: np.ndarray, seq: int,
+               flags: int) -> tuple[tuple[Any, ...], int, int]:
+    """A RAM record's buffers (header, CRC table, pages), its payload length and its
+    payload CRC (over the CRC table)."""
     _, page, n, view = piece
     length = n * 4 + len(view)
-    head = pack_header(RecordType.RAM, seq & 0xFFFFFFFF, length, page, n, table[1], flags)
-    return (head, memoryview(table[0]).cast("B"), view), length  # type: ignore[arg-type]
+    crc = crc32c(table)
+    head = pack_header(RecordType.RAM, seq & 0xFFFFFFFF, length, page, n, crc, flags)
+    return (head, memoryview(table).cast("B"), view), length, crc  # type: ignore[arg-type]
 
 
-def ram_runs_record(pieces: list[Piece], tables: list[Table], seq: int,
+def ram_runs_record(pieces: list[Piece], tables: list[np.ndarray], seq: int,
                     flags: int) -> tuple[tuple[Any, ...], int, int]:
     """A RAM_RUNS record's buffers (header, run table, CRC table, the pieces' pages), its
     payload length and its payload CRC (over both tables)."""
     runs = np.array([(p[1], p[2]) for p in pieces], dtype="<u8")
-    table = np.concatenate([t[0] for t in tables])
+    table = np.concatenate(tables)
     crc = crc32c(table, crc32c(runs))
     length = runs.nbytes + table.nbytes + sum(len(p[3]) for p in pieces)
     head = pack_header(RecordType.RAM_RUNS, seq & 0xFFFFFFFF, length, len(pieces),

@@ -129,8 +129,7 @@ class RamLanding:
             raise fail(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {page:#x} (page {j} of {n} "
                        "in this record): checksum mismatch")
         if crcs is not None:
-            for f, c, a in zip(firsts_l, counts_l, starts.tolist(), strict=True):
-                crcs.take_page_crcs(f, got[a:a + c])
+            crcs.take_runs_crcs(firsts_l, counts_l, got)
         if not bad.size:
             return idx, [(f, c, ()) for f, c in zip(firsts_l, counts_l, strict=True)]
         torn: list[list[int]] = [[] for _ in firsts_l]

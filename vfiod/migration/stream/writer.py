@@ -71,13 +71,9 @@ from vfiod.migration.stream.records import (
 _Rec = tuple[int, int, int, memoryview]  # region index, first page, count, guest memory
 
 
-def _tables(batch: list[_Rec], page_size: int) -> list[tuple[np.ndarray, int]]:
-    """Per-page CRC table of each record and the CRC of that table."""
-    out = []
-    for _, _, _, view in batch:
-        table = page_crcs(view, page_size)
-        out.append((table, crc32c(table)))
-    return out
+def _tables(batch: list[_Rec], page_size: int) -> list[np.ndarray]:
+    """The per-page CRC table of each piece."""
+    return [page_crcs(view, page_size) for _, _, _, view in batch]
 
 
 #: pieces shorter than this (256 KiB of 4 KiB pages) share RAM_RUNS records: each record
@@ -194,8 +190,8 @@ class StreamWriter:
             tables = _tables(batch, self.header.page_size)
             sent += self._send_ram_batch(batch, tables, flags)
             if sink is not None:
-                for (_, page, _, _), (table, _) in zip(batch, tables, strict=True):
-                    sink.take_page_crcs(page, table)
+                sink.take_runs_crcs([p[1] for p in batch], [p[2] for p in batch],
+                                    np.concatenate(tables))
         self.ram_bytes_sent += sent
         self._flush()
         return sent
@@ -320,7 +316,7 @@ class StreamWriter:
         if batch:
             yield batch
 
-    def _send_ram_batch(self, batch: list[_Rec], tables: list[tuple[np.ndarray, int]],
+    def _send_ram_batch(self, batch: list[_Rec], tables: list[np.ndarray],
                         flags: int) -> int:
         """A record per long piece, a RAM_RUNS record per group of short ones
         (``ram_framing``)."""
@@ -328,8 +324,9 @@ class StreamWriter:
         for group in groups(batch, self._record_pages, self._limits.ram_runs):
             idx, page, _, _ = batch[group[0]]
             if len(group) == 1:
-                iov, length = ram_record(batch[group[0]], tables[group[0]], self._seq, flags)
-                crc, arg0, pages = tables[group[0]][1], page, batch[group[0]][2]
+                iov, length, crc = ram_record(batch[group[0]], tables[group[0]], self._seq,
+                                              flags)
+                arg0, pages = page, batch[group[0]][2]
             else:
                 pieces = [batch[i] for i in group]
                 iov, length, crc = ram_runs_record(pieces, [tables[i] for i in group],
