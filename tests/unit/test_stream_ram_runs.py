@@ -179,17 +179,14 @@ class Forge:
         return bytes(self.out)
 
 
-def refused(stream: bytes, code: ErrorCode, *, limits: Limits | None = None,
-            untouched: bool = True) -> RecordError:
-    """The record is refused with ``code`` and, when ``untouched``, guest memory holds
-    nothing of it (a page's own check comes after it landed, as for a RAM record)."""
+def refused(stream: bytes, code: ErrorCode, *, limits: Limits | None = None) -> RecordError:
+    """The record is refused with ``code`` and guest memory holds nothing of it."""
     mem = [bytearray(r.size) for r in REGIONS]
     with pytest.raises(RecordError) as ei:
         receive(stream, limits, mem)
     assert ei.value.code == code, str(ei.value)
     assert ei.value.rtype == RecordType.RAM_RUNS and ei.value.record == 1
-    if untouched:
-        assert all(not any(m) for m in mem), "bytes reached guest memory before the checks"
+    assert all(not any(m) for m in mem), "bytes reached guest memory before the checks"
     return ei.value
 
 
@@ -232,7 +229,7 @@ def test_a_damaged_table_is_refused() -> None:
 
 def test_a_bad_page_in_a_stop_and_copy_record_is_fatal_and_names_the_guest_page() -> None:
     err = refused(Forge().runs([(5, 2), (9, 3)], bad_page=3).manifest_free_end(),
-                  ErrorCode.PAYLOAD_CHECKSUM, untouched=False)
+                  ErrorCode.PAYLOAD_CHECKSUM)
     assert "guest page 0xa (page 3 of 5 in this record)" in str(err)
 
 

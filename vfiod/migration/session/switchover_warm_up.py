@@ -36,6 +36,7 @@ from vfiod.migration.stream import (
     StreamHeader,
     StreamReader,
     StreamWriter,
+    ram_landing,
 )
 from vfiod.migration.transport.control import AckStage, ControlMessage, ControlParser
 from vfiod.vfio import RamRegion
@@ -67,23 +68,25 @@ class _Pipe:
 
 def warm_switchover() -> None:
     """Run the switchover's stream, digest and control code once, in memory."""
-    region = RamRegion("warm-up", 0, _PAGE)
+    ram_landing.warm_up()
+    region = RamRegion("warm-up", 0, 4 * _PAGE)
     header = StreamHeader("warm-up", "warm-up", "warm-up", _PAGE, (region,),
                           (DeviceInfo(_DEVICE, "v2"),), challenge="warm-up", pass_acks=True)
     # memoryviews of writable memory, as a guest's RAM mappings are
-    src_mem = memoryview(bytearray(b"\x5a" * _PAGE))
-    dst_mem = memoryview(bytearray(_PAGE))
+    # page 1 is never written, so never sent: the final pass is two runs, one RAM_RUNS
+    src_mem = memoryview(bytearray(b"\x5a" * _PAGE + bytes(_PAGE) + b"\x5b" * 2 * _PAGE))
+    dst_mem = memoryview(bytearray(4 * _PAGE))
     sent = RamDigests((region,), [src_mem], _PAGE)
     landed = RamDigests((region,), [dst_mem], _PAGE)
     pipe = _Pipe()
     writer = StreamWriter(pipe, header, GuestRam(_PAGE, (region,), [src_mem]),
-                          record_bytes=_PAGE, batch_bytes=_PAGE)
+                          record_bytes=4 * _PAGE, batch_bytes=4 * _PAGE)
     writer.start()
     writer.attach_crc_sink(sent)
     writer.send_device_data(_DEVICE, b"\0" * 64)          # its first chunk: the identity
     writer.mark_iteration(1)
     # the stop-and-copy's part: quiescent RAM, the device's last data, its end, MANIFEST
-    writer.send_ram(np.array([[0, 1]], dtype=np.uint64), quiescent=True)
+    writer.send_ram(np.array([[0, 1], [2, 2]], dtype=np.uint64), quiescent=True)
     writer.send_device_data(_DEVICE, b"\1" * 64)
     writer.end_of_state(_DEVICE)
     manifest = writer.finish()
@@ -95,7 +98,7 @@ def warm_switchover() -> None:
     reader.stop_channels()
     landed.rehash()
     if (events[-1] != Complete(manifest) or bytes(dst_mem) != bytes(src_mem)
-            or manifest.ram_bytes != _PAGE or manifest.device_bytes != 128):
+            or manifest.ram_bytes != 3 * _PAGE or manifest.device_bytes != 128):
         raise RuntimeError("the switchover warm-up's stream did not round-trip")
     theirs = [RegionDigest.from_dict(r.to_dict()) for r in sent.roots()]
     if compare_roots(theirs, landed.roots()):

@@ -4,10 +4,13 @@ destination's content digests). The one place both the main stream's reader and 
 channel's reader (docs/protocol.md §12) land a RAM record; RAM_RUNS records (§5.4, the
 main stream only) land here too.
 
-Pages are received straight into guest memory and checked right after, while they are
-in the cache; a RAM_RUNS record's runs one after the other, after its run table was
-checked, so a record of many short runs costs a receive and a check per run but one
-header, one table and one record's Python work (docs/protocol.md §5.4).
+A RAM record's pages are received straight into guest memory and checked right after,
+while they are in the cache. A RAM_RUNS record's pages (many short runs, docs/protocol.md
+§5.4) are received in one piece into a scratch buffer, checked there in one call, and
+copied to their runs by one compiled loop: per run that is a copy, where a receive, a
+check call and the Python around them cost 10 µs (README "Benchmarks"), and a stop-and-
+copy page that fails its check is refused before any byte of the record reaches guest
+memory.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from numba import njit
 
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
@@ -31,6 +35,22 @@ Fill = Callable[[memoryview, str], object]
 Fail = Callable[[ErrorCode, str], RecordError]
 
 
+@njit(nogil=True, cache=True)
+def _scatter(dst, src, offsets, lengths):
+    """``src``'s bytes, one run after the other, to ``dst`` at each run's offset."""
+    at = 0
+    for r in range(offsets.shape[0]):
+        n = lengths[r]
+        dst[offsets[r]:offsets[r] + n] = src[at:at + n]
+        at += n
+
+
+def warm_up() -> None:
+    """Compile or load the copy kernel now, not inside a downtime."""
+    one = np.zeros(1, dtype=np.int64)
+    _scatter(np.zeros(1, dtype=np.uint8), np.ones(1, dtype=np.uint8), one * 0, one + 1)
+
+
 class RamLanding:
     """Per reader: the scratch tables a record's checksums are read and computed into
     (grown to the largest record seen, bounded by ``Limits.ram_record``)."""
@@ -39,6 +59,7 @@ class RamLanding:
         self._table = np.empty(0, dtype=np.uint32)   # the per-page CRCs sent
         self._got = np.empty(0, dtype=np.uint32)     # the landed pages' CRCs
         self._tables = bytearray()                   # a RAM_RUNS record's two tables
+        self._pages = bytearray()                    # ... and its pages, before the copy
 
     def land(self, ram: GuestRam, first: int, n: int, length: int, crc: int, flags: int, *,
              fill: Fill, fail: Fail, crcs: PageCrcSink | None) -> tuple[int, np.ndarray]:
@@ -80,10 +101,10 @@ class RamLanding:
                   crcs: PageCrcSink | None) -> tuple[int, list[tuple[int, int, int]]]:
         """A RAM_RUNS record (``k`` runs, ``n`` pages in all; docs/protocol.md §5.4) into
         ``ram``; returns the region index and per run (first page, count, pages whose CRC
-        differs: allowed only with ``RAM_LIVE``). The record's own checks come before any
-        byte of guest memory is written: the length, the tables' checksum, the runs (at
-        least one page each, ascending, disjoint, adding up to ``n``, inside one
-        region); each run's pages are checked as they land, as a RAM record's are."""
+        differs: allowed only with ``RAM_LIVE``). Every check comes before any byte of
+        guest memory is written: the length, the tables' checksum, the runs (at least one
+        page each, ascending, disjoint, adding up to ``n``, inside one region), and
+        without ``RAM_LIVE`` every page's CRC."""
         ps, entry = ram.page_size, RUN_ENTRY.size
         if not 1 <= k <= max_runs or n < k or length != k * entry + n * (ps + 4):
             raise fail(ErrorCode.LENGTH, f"RAM_RUNS length {length} is not {k} runs "
@@ -112,22 +133,22 @@ class RamLanding:
         except ValueError as e:
             raise fail(ErrorCode.RANGE, f"RAM_RUNS: {e}") from None
         table = np.frombuffer(tables[k * entry:], dtype=np.uint32)
-        got = self._got_for(n)
-        firsts_l, counts_l = firsts.tolist(), counts.tolist()
-        at = 0
-        for f, c in zip(firsts_l, counts_l, strict=True):
-            view = span[(f - first) * ps:(f - first + c) * ps]
-            fill(view, f"RAM_RUNS pages ({c} x {ps} bytes at guest page {f:#x})")
-            page_crcs(view, ps, got[at:at + c])      # while the pages are in the cache
-            at += c
+        if len(self._pages) < n * ps:      # n * ps was bounded by the length check above
+            self._pages = bytearray(n * ps)
+        pages = memoryview(self._pages)[:n * ps]
+        fill(pages, f"RAM_RUNS pages ({n} x {ps} bytes)")
+        got = page_crcs(pages, ps, self._got_for(n))
         bad = np.flatnonzero(got != table)
         starts = np.cumsum(counts) - counts               # each run's first payload page
         if bad.size and not flags & RAM_LIVE:
             j = int(bad[0])
             r = int(np.searchsorted(starts, j, side="right")) - 1
-            page = firsts_l[r] + j - int(starts[r])
+            page = int(firsts[r]) + j - int(starts[r])
             raise fail(ErrorCode.PAYLOAD_CHECKSUM, f"guest page {page:#x} (page {j} of {n} "
                        "in this record): checksum mismatch")
+        _scatter(np.frombuffer(span, dtype=np.uint8), np.frombuffer(pages, dtype=np.uint8),
+                 (firsts - first) * ps, counts * ps)
+        firsts_l, counts_l = firsts.tolist(), counts.tolist()
         if crcs is not None:
             crcs.take_runs_crcs(firsts_l, counts_l, got)
         if not bad.size:
