@@ -25,6 +25,7 @@ from tests.support.session_rig import (
     spec,
     with_channels,
 )
+from vfiod.dirty.tracker import DirtyTracker
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
@@ -50,13 +51,24 @@ def sides(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_one_hash_per_page_per_end_over_passes_that_redirty_pages(sides,
-                                                                  channels: int) -> None:
+def test_one_hash_per_page_per_end_over_passes_that_redirty_pages(sides, channels: int,
+                                                                  monkeypatch) -> None:
     src, dst = sides(fill_bytes=16 * MiB)
     wl = add_workload(src, [DmaTarget(DEV.name, 0, 8 * MiB)], dirty_rate_bps=40e6,
                       hot_fraction=1.0, seed=11)
     wl.start()
     wl.wait_for_writes(2)
+    sync = DirtyTracker.sync
+
+    def sync_then_a_write(self: DirtyTracker, phase: str = "precopy") -> Any:
+        # the workload writes after every pre-copy sync, so the final pass has pages
+        # however the threads are scheduled
+        out = sync(self, phase)
+        if phase == "precopy":
+            wl.wait_for_writes(wl.writes + 1)
+        return out
+
+    monkeypatch.setattr(DirtyTracker, "sync", sync_then_a_write)
     cfg = SessionConfig(channels=channels, slice_bytes=2 * MiB, record_bytes=256 * 1024,
                         batch_bytes=512 * 1024,
                         policy=Policy(downtime_limit_s=1e-6, max_iterations=3,

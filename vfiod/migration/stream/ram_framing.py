@@ -31,20 +31,22 @@ GROUP_BELOW_PAGES = 64
 Piece = tuple[int, int, int, memoryview]   # region index, first page, count, guest memory
 
 
-def groups(batch: list[Piece], record_pages: int, max_runs: int) -> list[list[int]]:
+def groups(batch: list[Piece], record_pages: int, max_runs: int,
+           below: int = GROUP_BELOW_PAGES) -> list[list[int]]:
     """The records of ``batch``, each as the indexes of its pieces: a single piece is a
-    RAM record, several a RAM_RUNS record."""
+    RAM record, several a RAM_RUNS record; pieces of ``below`` pages or more (0: all)
+    travel alone."""
     out: list[list[int]] = []
     group: list[int] = []
     pages = 0
     for i, (idx, page, n, _) in enumerate(batch):
         if group:
             gi, gp, gn, _ = batch[group[-1]]
-            if (n >= GROUP_BELOW_PAGES or idx != gi or page < gp + gn
+            if (n >= below or idx != gi or page < gp + gn
                     or pages + n > record_pages or len(group) >= max_runs):
                 out.append(group)
                 group, pages = [], 0
-        if n >= GROUP_BELOW_PAGES:
+        if n >= below:
             out.append([i])
         else:
             group.append(i)

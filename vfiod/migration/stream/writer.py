@@ -17,7 +17,8 @@ Usage (the session drives it; the sink is a transport connection or a file)::
 RAM leaves in large batches: every record is a 40-byte header, its per-page CRC table (a
 small numpy array) and a memoryview of up to ``record_bytes`` of guest memory, and one
 ``sink.send_buffers`` call (``socket.sendmsg`` for TCP) carries up to ``batch_bytes``.
-There are a few Python objects per record, none per page.
+There are a few Python objects per run of pages, none per page. Short runs share RAM_RUNS
+records (``ram_framing``, docs/protocol.md §5.4).
 
 ``quiescent`` says whether guest memory can change while it is being sent. Either way the
 bytes go to the socket straight from the guest mapping (no copy in user space):
@@ -52,6 +53,7 @@ from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.ram_framing import (
     BATCH_PIECES,
+    GROUP_BELOW_PAGES,
     MAX_IOV,
     groups,
     ram_record,
@@ -74,13 +76,6 @@ _Rec = tuple[int, int, int, memoryview]  # region index, first page, count, gues
 def _tables(batch: list[_Rec], page_size: int) -> list[np.ndarray]:
     """The per-page CRC table of each piece."""
     return [page_crcs(view, page_size) for _, _, _, view in batch]
-
-
-#: pieces shorter than this (256 KiB of 4 KiB pages) share RAM_RUNS records: each record
-#: costs both ends a header, a table and Python work (26-35 µs at the destination alone),
-#: against 1-3 µs per run in a RAM_RUNS record; longer pieces keep a record of their own,
-#: received straight into guest memory without the RAM_RUNS copy
-GROUP_BELOW_PAGES = 64
 
 
 class StreamSink(Protocol):
@@ -113,7 +108,10 @@ class RamChannels(Protocol):
 class StreamWriter:
     def __init__(self, sink: StreamSink, header: StreamHeader, ram: GuestRam | None = None, *,
                  limits: Limits = DEFAULT_LIMITS, record_bytes: int = 4 * MiB,
-                 batch_bytes: int = 16 * MiB) -> None:
+                 batch_bytes: int = 16 * MiB,
+                 group_below_pages: int = GROUP_BELOW_PAGES) -> None:
+        """``group_below_pages``: shorter pieces share RAM_RUNS records (``ram_framing``;
+        0: every piece in a RAM record of its own, as protocol 4 sent them)."""
         if ram is not None and (ram.page_size != header.page_size
                                 or ram.regions != header.regions):
             raise ValueError("GuestRam layout differs from the stream header's layout")
@@ -128,6 +126,7 @@ class StreamWriter:
         self._limits = limits
         self._record_pages = record_bytes // header.page_size
         self._batch_bytes = batch_bytes
+        self._group_below = group_below_pages
         self._iov: list[Any] = []
         self._pending = 0
         self._seq = 0
@@ -321,7 +320,8 @@ class StreamWriter:
         """A record per long piece, a RAM_RUNS record per group of short ones
         (``ram_framing``)."""
         ps = self.header.page_size
-        for group in groups(batch, self._record_pages, self._limits.ram_runs):
+        for group in groups(batch, self._record_pages, self._limits.ram_runs,
+                            self._group_below):
             idx, page, _, _ = batch[group[0]]
             if len(group) == 1:
                 iov, length, crc = ram_record(batch[group[0]], tables[group[0]], self._seq,
