@@ -139,7 +139,7 @@ class MigrationService(OutcomeKeeping):
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
                 port: int, config: SessionConfig, pending: MigrationHandle) -> None:
         # The bandwidth prior's child process (pyroute2 stays out of the daemon) runs
-        # while the session connects and starts; the predictor takes its answer then.
+        # while the session connects and starts; the predictor takes its answer when it arrives.
         prior = LinkPriorLookup(host)
         try:
             self._source_session(rec, entry, guest, host, port, config, pending, prior.start())
