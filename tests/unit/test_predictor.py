@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.daemons import wait_until
 from vfiod.migration.planning.linkprior import LinkPrior, link_prior
+from vfiod.migration.planning.linkprior_lookup import LinkPriorLookup, probe_command
 from vfiod.migration.planning.predictor import (
     DEFAULT_BANDWIDTH_BPS,
     BandwidthEstimator,
@@ -304,16 +304,15 @@ def test_link_prior_on_a_veth_pair_in_a_private_netns() -> None:
         sh("-n", ns, "addr", "add", "10.203.0.1/24", "dev", "vf0")
         sh("-n", ns, "link", "set", "vf0", "up")
         sh("-n", ns, "link", "set", "vf1", "up")
-        code = ("import json; from vfiod.migration.planning.linkprior import link_prior; "
-                "print(json.dumps(link_prior('10.203.0.2').__dict__))")
-        root = str(Path(__file__).resolve().parents[2])
-        out = subprocess.run([ip, "netns", "exec", ns, sys.executable, "-c", code],
-                             check=True, capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "PYTHONPATH": root})
-        import json
-        got = json.loads(out.stdout)
+        # the daemon's way: the probe in a child process (here inside the netns)
+        lookup = LinkPriorLookup("10.203.0.2", command=[ip, "netns", "exec", ns,
+                                                        *probe_command()]).start()
+        try:
+            wait_until(lambda: lookup.answered, 60, "the lookup in the netns")
+        finally:
+            lookup.close()
         # the kernel's veth driver reports 10 Gb/s
-        assert got == {"destination": "10.203.0.2", "ifname": "vf0", "speed_bps": 1.25e9,
-                       "mtu": 1500, "note": "vf0 10000 Mb/s"}
+        assert lookup.current() == LinkPrior("10.203.0.2", "vf0", 1.25e9, 1500,
+                                             "vf0 10000 Mb/s")
     finally:
         subprocess.run([ip, "netns", "del", ns], capture_output=True, timeout=30)

@@ -60,7 +60,7 @@ from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.daemon.runstate.qemu_migration import qemu_half
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
-from vfiod.migration.planning.linkprior import link_prior
+from vfiod.migration.planning.linkprior_lookup import LinkPriorLookup
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
@@ -138,15 +138,20 @@ class MigrationService(OutcomeKeeping):
 
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
                 port: int, config: SessionConfig, pending: MigrationHandle) -> None:
+        # The bandwidth prior's child process (pyroute2 stays out of the daemon) runs
+        # while the session connects and starts; the predictor takes its answer when it arrives.
+        prior = LinkPriorLookup(host)
         try:
-            self._source_session(rec, entry, guest, host, port, config, pending)
+            self._source_session(rec, entry, guest, host, port, config, pending, prior.start())
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
             self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            prior.close()
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
-                        host: str, port: int, config: SessionConfig, pending: MigrationHandle
-                        ) -> None:
+                        host: str, port: int, config: SessionConfig, pending: MigrationHandle,
+                        prior: LinkPriorLookup) -> None:
         try:
             conn = connect_allowed(host, port, entry.config, self.defaults, self.tls)
         except TransportError as e:
@@ -170,7 +175,7 @@ class MigrationService(OutcomeKeeping):
             session = SourceSession(
                 guest, link, host=self.facts(), config=config,
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
-                link_prior=_prior(host), progress=lambda p: self._progress(rec, p),
+                link_prior=prior.current, progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
                 vmm=qemu_half(entry.config.qemu, peer_host=host))
             session.channel_dialer = dialer(host, port, entry.config, self.defaults, self.tls, rec.id)
@@ -389,12 +394,4 @@ class MigrationService(OutcomeKeeping):
             threads[0].join(min(left, ACCEPT_POLL_S))
         if self.listener is not None:
             self.listener.close()
-
-
-def _prior(host: str) -> Any:
-    try:
-        return link_prior(host)
-    except Exception as e:  # noqa: BLE001 - the prior is advisory; the default applies
-        log.info("no link prior for %s: %s", host, e)
-        return None
 

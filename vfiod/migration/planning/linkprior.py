@@ -13,12 +13,20 @@ why, so status can show that the predictor runs on a conservative default.
 The netlink and ethtool objects are injected (``iproute``/``ethtool`` factories) so tests
 can answer for them; the real ones are tested on loopback and on a veth pair in a private
 network namespace.
+
+The daemon never calls ``link_prior`` itself: importing pyroute2 loads it and ``asyncio``
+(about 210 modules, 10.6 MiB) for two queries per migration. A short-lived child process
+runs it (``linkprior_probe.py``, started by ``linkprior_lookup.py``) and answers with
+``prior_to_json``; ``prior_from_json`` reads that answer back, and a ``LinkPriorSource``
+may be such a lookup, answering "unknown" until the child's answer has arrived.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 #: ethtool's SPEED_UNKNOWN as the kernel reports it (-1 as u32) and as pyroute2 may pass it.
@@ -34,6 +42,40 @@ class LinkPrior:
     speed_bps: float | None
     mtu: int | None
     note: str
+
+
+#: A prior, or a function answering the latest one (a lookup still running answers with an
+#: "unknown" prior whose note says so), or none.
+LinkPriorSource = LinkPrior | Callable[[], LinkPrior] | None
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "destination": (str,), "ifname": (str, type(None)), "speed_bps": (int, float, type(None)),
+    "mtu": (int, type(None)), "note": (str,)}
+
+
+def prior_to_json(prior: LinkPrior) -> str:
+    """One line of JSON, the lookup child's answer (``prior_from_json`` reads it)."""
+    return json.dumps(asdict(prior))
+
+
+def prior_from_json(text: str) -> LinkPrior:
+    """``prior_to_json``'s line back; ``ValueError`` naming what is wrong with anything else."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(raw, dict) or set(raw) != set(_FIELD_TYPES):
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"not a LinkPrior: expected the fields {sorted(_FIELD_TYPES)}, "
+                         f"got {got}")
+    for name, types in _FIELD_TYPES.items():
+        if isinstance(raw[name], bool) or not isinstance(raw[name], types):
+            raise ValueError(f"not a LinkPrior: {name} is {raw[name]!r}")
+    speed = raw["speed_bps"]
+    if speed is not None and not (math.isfinite(speed) and speed > 0):
+        raise ValueError(f"not a LinkPrior: speed_bps is {speed!r}, not a positive rate")
+    return LinkPrior(raw["destination"], raw["ifname"],
+                     None if speed is None else float(speed), raw["mtu"], raw["note"])
 
 
 def _default_iproute() -> Any:

@@ -24,6 +24,9 @@ Pieces:
   a window, and a guess (1 Gb/s) made a fast link's last bytes look many times dearer than
   they were. With less than that, the egress link's speed (``linkprior.LinkPrior``), or,
   when that is unknown, ``DEFAULT_BANDWIDTH_BPS`` (1 Gb/s), and ``source`` says which.
+  The prior is asked for each time (a ``LinkPriorSource``): the daemon's lookup runs in
+  a child process while the migration starts (``linkprior_lookup.py``), and its answer
+  replaces the default when it arrives.
 * ``DirtyRateEstimator``: bytes dirtied per second between successive dirty syncs (EWMA).
 * ``DowntimePredictor.predict(inputs) -> Prediction``: the formula above, plus
   ``will_converge`` (False when the dirty rate is at or above the bandwidth, or when nothing
@@ -43,7 +46,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from vfiod.migration.planning.linkprior import LinkPrior
+from vfiod.migration.planning.linkprior import LinkPrior, LinkPriorSource
 
 DEFAULT_BANDWIDTH_BPS = 1e9 / 8  # 1 Gb/s: a conservative guess when the link is unknown
 DEFAULT_DOWNTIME_LIMIT_S = 0.300
@@ -56,7 +59,7 @@ def _rate(bps: float) -> str:
 
 
 class BandwidthEstimator:
-    def __init__(self, prior: LinkPrior | None = None, *, window_s: float = 0.1,
+    def __init__(self, prior: LinkPriorSource = None, *, window_s: float = 0.1,
                  alpha: float = 0.5, default_bps: float = DEFAULT_BANDWIDTH_BPS,
                  partial_s: float = 0.002) -> None:
         if window_s < 0.1:
@@ -70,12 +73,18 @@ class BandwidthEstimator:
         self._win_bytes = 0
         self._win_busy = 0.0
         self.windows = 0
+        self._default_bps = default_bps
+        self._prior_source = prior
+
+    def _prior(self) -> tuple[float, str]:
+        """The prior now, in bytes/s, and what it is."""
+        source = self._prior_source
+        prior: LinkPrior | None = source() if callable(source) else source
         if prior is not None and prior.speed_bps:
-            self._prior, self._prior_note = prior.speed_bps, f"link prior: {prior.note}"
-        else:
-            why = prior.note if prior is not None else "no link information"
-            self._prior = default_bps
-            self._prior_note = f"default {_rate(default_bps)} (link speed unknown: {why})"
+            return prior.speed_bps, f"link prior: {prior.note}"
+        why = prior.note if prior is not None else "no link information"
+        return (self._default_bps,
+                f"default {_rate(self._default_bps)} (link speed unknown: {why})")
 
     def record(self, start: float, end: float, nbytes: int) -> None:
         """``nbytes`` went out between ``start`` and ``end`` (one send batch)."""
@@ -98,7 +107,7 @@ class BandwidthEstimator:
     def bps(self) -> float:
         if self._partial:
             return self._win_bytes / self._win_busy
-        return self._prior if self._ewma is None else self._ewma
+        return self._prior()[0] if self._ewma is None else self._ewma
 
     @property
     def source(self) -> str:
@@ -106,7 +115,7 @@ class BandwidthEstimator:
             return (f"measured over {self._win_busy * 1000:.0f} ms of sending (less than "
                     f"one {self._window_s * 1000:.0f} ms window)")
         if self._ewma is None:
-            return self._prior_note
+            return self._prior()[1]
         return f"measured over {self.windows} window(s) of >= {self._window_s * 1000:.0f} ms"
 
 

@@ -50,7 +50,7 @@ from vfiod.migration.guest import Guest, GuestDevice
 from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
 from vfiod.migration.planning.hostfacts import HostFacts
-from vfiod.migration.planning.linkprior import LinkPrior
+from vfiod.migration.planning.linkprior import LinkPriorSource
 from vfiod.migration.planning.predictor import (
     BandwidthEstimator,
     Decision,
@@ -100,7 +100,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
                  config: SessionConfig | None = None, memory_encryption: str = "none",
                  clock: Callable[[], float] = time.monotonic,
-                 migration_id: str | None = None, link_prior: LinkPrior | None = None,
+                 migration_id: str | None = None, link_prior: LinkPriorSource = None,
                  progress: Callable[[IterationProgress], None] | None = None,
                  live: Callable[[LiveProgress], None] | None = None,
                  source_host: str | None = None,
@@ -108,8 +108,9 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                  history: SwitchoverHistory | None = None,
                  vmm: VmmSourceHalf | None = None) -> None:
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
-        before the first bandwidth window; ``progress``, ``live``: ``SessionBase``'s;
-        ``journal``: where the decision to commit is written first (§1.7); ``history``:
+        before the first bandwidth window, or a function answering the latest (a lookup
+        still running); ``progress``, ``live``: ``SessionBase``'s; ``journal``: where the
+        decision to commit is written first (§1.7); ``history``:
         earlier switchovers of this guest on this host, for what cannot be measured before
         this one (default: this process's, ``HOST_HISTORY``); ``vmm``: the VMM's half of
         a coordinated migration (docs/architecture.md §8.3, ``vmm_source.py``)."""
