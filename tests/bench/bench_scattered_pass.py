@@ -106,7 +106,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         ratios = [old[0] / new[0] for new, old in zip(per[GROUP_BELOW_PAGES], per[0],
                                                        strict=True)]
 
-        def med(below: int, i: int, scale: float = 1e3) -> float:
+        def med(below: int, i: int, scale: float = 1e3,
+                per: dict[int, list[tuple[float, float, float]]] = per) -> float:
             return round(statistics.median(x[i] for x in per[below]) * scale, 3)
 
         pages = int(runs[:, 1].sum())

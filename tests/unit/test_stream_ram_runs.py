@@ -276,3 +276,29 @@ def test_a_ram_record_after_ram_runs_clears_the_torn_page() -> None:
     got = [next(events) for _ in range(3)]
     assert got[-1] == RamLoaded(10, 1, True)
     assert not r._torn       # the page came again, verified
+
+
+def test_a_pass_ends_with_a_short_record() -> None:
+    """``send_ram(last=True)``: the pass's last record is at most ``TAIL_PAGES``, so the
+    destination's check after its last byte is short; the pages are the same."""
+    from vfiod.migration.stream.ram_framing import TAIL_PAGES, tapered
+
+    assert tapered([(0, 5), (100, 200)]) == [(0, 5), (100, 200 - TAIL_PAGES),
+                                             (300 - TAIL_PAGES, TAIL_PAGES)]
+    assert tapered([(0, TAIL_PAGES)]) == [(0, TAIL_PAGES)] and tapered([]) == []
+    src = guest_memory()
+    p = MemPipe()
+    w = StreamWriter(p, HEADER, GuestRam(PS, REGIONS, src), record_bytes=256 * PS)
+    w.start()
+    w.send_ram([(0, 200)], quiescent=True, last=True)
+    w.finish()
+    stream = bytes(p.data)
+    counts, off = [], PREAMBLE_SIZE
+    while off < len(stream):
+        rtype, _, _, length, _, arg1, *_ = RECORD_HEADER.unpack_from(stream, off)
+        if rtype == RecordType.RAM:
+            counts.append(arg1)
+        off += RECORD_HEADER_SIZE + length
+    assert counts == [200 - TAIL_PAGES, TAIL_PAGES]
+    events, dst, _ = receive(stream)
+    assert sum(e.count for e in events) == 200 and dst[0][:200 * PS] == src[0][:200 * PS]

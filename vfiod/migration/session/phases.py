@@ -123,10 +123,10 @@ class RamSender:
                 f += take
                 n -= take
                 if pages >= self.slice_pages:
-                    sent += self._slice(batch, quiescent)
+                    sent += self._slice(batch, quiescent, last=self.pass_left_pages <= pages)
                     batch, pages = [], 0
         if batch:
-            sent += self._slice(batch, quiescent)
+            sent += self._slice(batch, quiescent, last=True)
         self.pass_left_pages = 0
         return sent
 
@@ -140,12 +140,13 @@ class RamSender:
         measurement)."""
         return self.bandwidth.bps if self.bandwidth.windows else None
 
-    def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool) -> int:
+    def _slice(self, batch: Sequence[tuple[int, int]], quiescent: bool,
+               last: bool = False) -> int:
         arr = np.asarray(batch, dtype=np.int64)
         records = records_for(arr[:, 1], self.record_pages)
         before, free = self.writer.bytes_sent, self.ready()
         t0, c0 = self.clock(), time.thread_time()
-        n = self.writer.send_ram(batch, quiescent=quiescent)
+        n = self.writer.send_ram(batch, quiescent=quiescent, last=last)
         t1, c1 = self.clock(), time.thread_time()
         sent = self.writer.bytes_sent - before
         # wall time: what the link delivered, at its paced rate (a paced link's bucket

@@ -58,6 +58,7 @@ from vfiod.migration.stream.ram_framing import (
     groups,
     ram_record,
     ram_runs_record,
+    tapered,
 )
 from vfiod.migration.stream.records import (
     DEFAULT_LIMITS,
@@ -170,12 +171,17 @@ class StreamWriter:
         self._crc_sink = sink
 
     def send_ram(self, ranges: Iterable[tuple[int, int]] | np.ndarray, *,
-                 quiescent: bool) -> int:
-        """Send guest pages given as (first page, count) runs; returns payload bytes sent."""
+                 quiescent: bool, last: bool = False) -> int:
+        """Send guest pages given as (first page, count) runs; returns payload bytes sent.
+        ``last``: these are a pass's last pages: its last record is at most
+        ``TAIL_PAGES`` (``ram_framing.tapered``), so that the destination's check of it,
+        which starts only once its last byte arrived, is short."""
         self._expect("data", "send_ram")
         assert self._ram is not None
         if isinstance(ranges, np.ndarray):
             ranges = ranges.tolist()  # plain ints, one tuple per run (not per page)
+        if last:
+            ranges = tapered(list(ranges))
         flags = 0 if quiescent else RAM_LIVE
         # live pages may change after their CRC: only a quiescent send's CRCs are digests
         sink = self._crc_sink if quiescent else None
