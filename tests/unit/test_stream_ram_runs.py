@@ -15,6 +15,7 @@ from vfiod.migration.stream import (
     ErrorCode,
     GuestRam,
     RamLoaded,
+    RamRunsLoaded,
     RecordError,
     RecordType,
     StreamHeader,
@@ -73,14 +74,14 @@ class Crcs:
             at += n
 
 
-def receive(stream: bytes, limits: Limits | None = None,
-            mem: list[bytearray] | None = None) -> tuple[list[RamLoaded], list[bytearray], Crcs]:
+def receive(stream: bytes, limits: Limits | None = None, mem: list[bytearray] | None = None
+            ) -> tuple[list[RamLoaded | RamRunsLoaded], list[bytearray], Crcs]:
     r = StreamReader(MemPipe(stream), **({"limits": limits} if limits else {}))
     h = r.read_header()
     mem = mem if mem is not None else [bytearray(x.size) for x in h.regions]
     sink = Crcs()
     r.attach_ram(GuestRam(PS, h.regions, mem, writable=True), crcs=sink)
-    events = [e for e in r.events() if isinstance(e, RamLoaded)]
+    events = [e for e in r.events() if isinstance(e, RamLoaded | RamRunsLoaded)]
     r.expect_end()
     return events, mem, sink
 
@@ -110,8 +111,9 @@ def test_short_runs_travel_in_ram_runs_records_and_land_exactly() -> None:
     # is under the grouping bound too, so nothing here travels as a RAM record
     assert types.count(RecordType.RAM_RUNS) == 2 and RecordType.RAM not in types
     events, dst, crcs = receive(stream)
-    assert [(e.first_page, e.count) for e in events] == RUNS
-    assert all(e.verified for e in events)
+    # one event per record, with its runs
+    assert [r for e in events for r in e.runs] == RUNS      # type: ignore[union-attr]
+    assert all(e.verified for e in events) and len(events) == 2
     pages = [f + i for f, n in RUNS for i in range(n)]
     for p in pages:
         assert page(dst, p) == page(src, p)
@@ -139,6 +141,11 @@ def test_grouping_keeps_regions_order_and_bounds() -> None:
     b = batch(*((0, 10 * i, 3) for i in range(7)))
     assert groups(b, record_pages=9, max_runs=1024) == [[0, 1, 2], [3, 4, 5], [6]]
     assert groups(b, record_pages=1024, max_runs=2) == [[0, 1], [2, 3], [4, 5], [6]]
+    # a pass's last group keeps only its last pieces of at most ``tail_pages``
+    assert groups(b, record_pages=1024, max_runs=1024, tail_pages=7) == [
+        [0, 1, 2, 3, 4], [5, 6]]
+    assert groups(b, record_pages=1024, max_runs=1024, tail_pages=3) == [
+        [0, 1, 2, 3, 4, 5], [6]]
 
 
 class Forge:
@@ -243,14 +250,14 @@ def test_a_torn_page_of_a_live_record_must_come_again() -> None:
            "0xa..0xa" in str(ei.value)
 
 
-def test_a_live_record_yields_its_torn_run_unverified_and_the_others_verified() -> None:
+def test_a_live_record_names_its_torn_pages() -> None:
     f = Forge().runs([(5, 2), (9, 3)], flags=RAM_LIVE, bad_page=3)
     r = StreamReader(MemPipe(f.manifest_free_end()))
     h = r.read_header()
     r.attach_ram(GuestRam(PS, h.regions, [bytearray(x.size) for x in h.regions],
                           writable=True))
-    events = r.events()
-    assert [next(events), next(events)] == [RamLoaded(5, 2, True), RamLoaded(9, 3, False)]
+    ev = next(r.events())
+    assert ev == RamRunsLoaded(((5, 2), (9, 3)), (10,)) and not ev.verified
 
 
 def test_ram_runs_after_end_of_state_is_out_of_order() -> None:
@@ -273,7 +280,7 @@ def test_a_ram_record_after_ram_runs_clears_the_torn_page() -> None:
     r.attach_ram(GuestRam(PS, h.regions, [bytearray(x.size) for x in h.regions],
                           writable=True))
     events = r.events()
-    got = [next(events) for _ in range(3)]
+    got = [next(events) for _ in range(2)]
     assert got[-1] == RamLoaded(10, 1, True)
     assert not r._torn       # the page came again, verified
 
@@ -301,4 +308,5 @@ def test_a_pass_ends_with_a_short_record() -> None:
         off += RECORD_HEADER_SIZE + length
     assert counts == [200 - TAIL_PAGES, TAIL_PAGES]
     events, dst, _ = receive(stream)
-    assert sum(e.count for e in events) == 200 and dst[0][:200 * PS] == src[0][:200 * PS]
+    assert sum(e.count for e in events) == 200  # type: ignore[union-attr]
+    assert dst[0][:200 * PS] == src[0][:200 * PS]

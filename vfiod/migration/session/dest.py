@@ -80,6 +80,7 @@ from vfiod.migration.stream.events import (
     EndOfState,
     IterationMark,
     RamLoaded,
+    RamRunsLoaded,
 )
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.ram import GuestRam
@@ -212,6 +213,8 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
             self._check_cancel()            # an operator's cancel, at the next record
             if isinstance(ev, RamLoaded):      # its CRCs are in the digests already
                 self._landed(ev.first_page, ev.count)
+            elif isinstance(ev, RamRunsLoaded):
+                self._landed_runs(ev.runs)
             elif isinstance(ev, DeviceData):
                 self._device_data(self._by_index[ev.index], ev)
             elif isinstance(ev, IterationMark):

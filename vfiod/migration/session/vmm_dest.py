@@ -49,6 +49,10 @@ class DestVmmSteps(SessionBase):
         if self.vmm is not None:
             self._received_runs.append((first_page, count))
 
+    def _landed_runs(self, runs: tuple[tuple[int, int], ...]) -> None:
+        if self.vmm is not None:
+            self._received_runs.extend(runs)
+
     def _vmm_apply(self) -> None:
         """Wait for the VMM's RAM, then put vfiod's pages over it."""
         if self.vmm is None:

@@ -9,7 +9,7 @@ Modules:
 * ``ram``      ``GuestRam``: guest pages → slices of the mmaps backing them
 * ``writer``   ``StreamWriter`` (source) over any ``StreamSink``
 * ``reader``   ``StreamReader`` (destination) over any ``Source``, yielding events
-* ``events``   the events it yields (``RamLoaded``, ``DeviceData``, ``Complete``, ...)
+* ``events``   the events it yields (``RamLoaded``, ``RamRunsLoaded``, ``DeviceData``, ``Complete``, ...)
 * ``crc32c``   the record checksum (SSE4.2 via numba, table fallback)
 * ``pagecrc``  one CRC-32C per guest page: the checksum of RAM records
 * ``torn``     pages of live (pre-copy) records that failed their check until re-sent
@@ -32,6 +32,7 @@ from vfiod.migration.stream.events import (
     Event,
     IterationMark,
     RamLoaded,
+    RamRunsLoaded,
 )
 from vfiod.migration.stream.header import DeviceInfo, StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry
@@ -50,6 +51,6 @@ from vfiod.migration.stream.writer import StreamSink, StreamWriter
 __all__ = [
     "DEFAULT_LIMITS", "PROTOCOL_VERSION", "Complete", "DeviceData", "DeviceInfo",
     "EndOfState", "ErrorCode", "Event", "GuestRam", "IterationMark", "Limits", "Manifest",
-    "ManifestEntry", "RamLoaded", "RecordError", "RecordType", "StreamSink", "Source",
+    "ManifestEntry", "RamLoaded", "RamRunsLoaded", "RecordError", "RecordType", "StreamSink", "Source",
     "StreamHeader", "StreamReader", "StreamWriter",
 ]

@@ -17,6 +17,20 @@ class RamLoaded:
 
 
 @dataclass(frozen=True)
+class RamRunsLoaded:
+    """A RAM_RUNS record landed (docs/protocol.md §5.4): its runs, one event for all of
+    them (a record of hundreds of short runs must not cost the destination an event per
+    run after its last byte arrived)."""
+
+    runs: tuple[tuple[int, int], ...]   # (first page, count), ascending
+    torn: tuple[int, ...] = ()          # pages of a LIVE record the guest wrote (torn.py)
+
+    @property
+    def verified(self) -> bool:
+        return not self.torn
+
+
+@dataclass(frozen=True)
 class DeviceData:
     device: str
     index: int
@@ -40,4 +54,4 @@ class Complete:
     manifest: Manifest
 
 
-Event = RamLoaded | DeviceData | EndOfState | IterationMark | Complete
+Event = RamLoaded | RamRunsLoaded | DeviceData | EndOfState | IterationMark | Complete

@@ -34,10 +34,11 @@ Piece = tuple[int, int, int, memoryview]   # region index, first page, count, gu
 
 
 def groups(batch: list[Piece], record_pages: int, max_runs: int,
-           below: int = GROUP_BELOW_PAGES) -> list[list[int]]:
+           below: int = GROUP_BELOW_PAGES, tail_pages: int = 0) -> list[list[int]]:
     """The records of ``batch``, each as the indexes of its pieces: a single piece is a
     RAM record, several a RAM_RUNS record; pieces of ``below`` pages or more (0: all)
-    travel alone."""
+    travel alone. ``tail_pages``: the batch ends a pass, and its last group keeps only
+    its last pieces of at most that many pages in all (``tapered`` says why)."""
     out: list[list[int]] = []
     group: list[int] = []
     pages = 0
@@ -55,6 +56,13 @@ def groups(batch: list[Piece], record_pages: int, max_runs: int,
             pages += n
     if group:
         out.append(group)
+    if tail_pages and out and len(out[-1]) > 1:
+        last, pages, cut = out[-1], 0, len(out[-1])
+        while cut > 1 and pages + batch[last[cut - 1]][2] <= tail_pages:
+            cut -= 1
+            pages += batch[last[cut]][2]
+        if 0 < cut < len(last):
+            out[-1:] = [last[:cut], last[cut:]]
     return out
 
 

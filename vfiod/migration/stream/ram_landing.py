@@ -98,7 +98,8 @@ class RamLanding:
 
     def land_runs(self, ram: GuestRam, k: int, n: int, length: int, crc: int, flags: int,
                   max_runs: int, *, fill: Fill, fail: Fail,
-                  crcs: PageCrcSink | None) -> tuple[int, list[tuple[int, int, int]]]:
+                  crcs: PageCrcSink | None
+                  ) -> tuple[int, list[tuple[int, int, tuple[int, ...]]]]:
         """A RAM_RUNS record (``k`` runs, ``n`` pages in all; docs/protocol.md §5.4) into
         ``ram``; returns the region index and per run (first page, count, pages whose CRC
         differs: allowed only with ``RAM_LIVE``). Every check comes before any byte of

@@ -9,6 +9,7 @@ Usage (the destination session drives it; the source is a connection or a file):
     for ev in r.events():
         match ev:
             case RamLoaded(): ...                   # pages already in guest memory, CRC ok
+            case RamRunsLoaded(): ...               # the same for a RAM_RUNS record's runs
             case DeviceData(device=d, data=b): ...  # write b to the device now (b is reused)
             case EndOfState(device=d): ...
             case IterationMark(number=n): ...
@@ -40,6 +41,7 @@ from vfiod.migration.stream.events import (
     Event,
     IterationMark,
     RamLoaded,
+    RamRunsLoaded,
 )
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally, first_difference
@@ -169,10 +171,7 @@ class StreamReader:
                 h, at = self._next_header()
                 if self._channels is not None:
                     yield from self._channel_pass(h)
-                if h.rtype == RecordType.RAM_RUNS and not self._ending:
-                    yield from self._ram_runs_record(h, at)
-                else:
-                    yield self._dispatch(h, at)
+                yield self._dispatch(h, at)
         except Exception as e:
             failed = self._channels.failure if self._channels is not None else None
             self.stop_channels()
@@ -223,6 +222,8 @@ class StreamReader:
             raise self._err(ErrorCode.ORDER, f"{RecordType(t).name} after END_OF_STATE", at, t)
         if t == RecordType.RAM:
             return self._ram_record(h, at)
+        if t == RecordType.RAM_RUNS:
+            return self._ram_runs_record(h, at)
         if t in (RecordType.DEVICE_DATA, RecordType.END_OF_STATE):
             idx = self._device(h, at)
             name = self.header.devices[idx].name
@@ -274,26 +275,26 @@ class StreamReader:
         self._accepted(h)
         return RamLoaded(first, n, not bad.size)
 
-    def _ram_runs_record(self, h: RecordHeader, at: int) -> list[RamLoaded]:
-        """A RAM_RUNS record (docs/protocol.md §5.4): one ``RamLoaded`` per run."""
+    def _ram_runs_record(self, h: RecordHeader, at: int) -> RamRunsLoaded:
+        """A RAM_RUNS record (docs/protocol.md §5.4): one event for all of its runs."""
         assert self._ram is not None and self.header is not None
         k, n = h.arg0, h.arg1
         idx, runs = self._landing.land_runs(
             self._ram, k, n, h.length, h.payload_crc, h.flags, self._limits.ram_runs,
             fill=lambda view, what: self._fill(view, h.rtype, at, what),
             fail=lambda code, msg: self._err(code, msg, at, h.rtype), crcs=self._crcs)
-        events = []
+        torn_pages: list[int] = []
         for first, count, torn in runs:
             if self._torn:
                 self._torn.clear(first, count)
-            for page in torn:      # sent from running guest memory: must come again
-                self._torn.add(page, 1, self.records, at)
-            events.append(RamLoaded(first, count, not torn))
-        self.torn_records += any(not e.verified for e in events)
+            torn_pages += torn
+        for page in torn_pages:      # sent from running guest memory: must come again
+            self._torn.add(page, 1, self.records, at)
+        self.torn_records += bool(torn_pages)
         self.offset += h.length
         self._ram_tally[idx].add(h.seq, k, n, n * self.header.page_size, h.payload_crc)
         self._accepted(h)
-        return events
+        return RamRunsLoaded(tuple((f, c) for f, c, _ in runs), tuple(torn_pages))
 
     def _check_torn(self) -> None:
         """RAM is complete: no page may still be waiting for a verified copy."""

@@ -55,6 +55,7 @@ from vfiod.migration.stream.ram_framing import (
     BATCH_PIECES,
     GROUP_BELOW_PAGES,
     MAX_IOV,
+    TAIL_PAGES,
     groups,
     ram_record,
     ram_runs_record,
@@ -188,15 +189,19 @@ class StreamWriter:
         sent = 0
         if self._channels is not None:
             return self._send_ram_channels(ranges, flags, sink)
-        for batch in self._ram_batches(ranges):
+        batches = self._ram_batches(ranges)
+        batch = next(batches, None)
+        while batch is not None:
+            following = next(batches, None)      # None: this batch ends the call
             # Checksum a batch just before handing it to the kernel, so that the kernel's
             # copy finds it in the cache. (Checksumming on a worker thread one batch ahead
             # was measured no faster on two cores: GIL hand-offs eat the overlap.)
             tables = _tables(batch, self.header.page_size)
-            sent += self._send_ram_batch(batch, tables, flags)
+            sent += self._send_ram_batch(batch, tables, flags, last and following is None)
             if sink is not None:
                 sink.take_runs_crcs([p[1] for p in batch], [p[2] for p in batch],
                                     np.concatenate(tables))
+            batch = following
         self.ram_bytes_sent += sent
         self._flush()
         return sent
@@ -322,12 +327,12 @@ class StreamWriter:
             yield batch
 
     def _send_ram_batch(self, batch: list[_Rec], tables: list[np.ndarray],
-                        flags: int) -> int:
+                        flags: int, tail: bool = False) -> int:
         """A record per long piece, a RAM_RUNS record per group of short ones
         (``ram_framing``)."""
         ps = self.header.page_size
         for group in groups(batch, self._record_pages, self._limits.ram_runs,
-                            self._group_below):
+                            self._group_below, TAIL_PAGES if tail else 0):
             idx, page, _, _ = batch[group[0]]
             if len(group) == 1:
                 iov, length, crc = ram_record(batch[group[0]], tables[group[0]], self._seq,
