@@ -310,3 +310,18 @@ def test_a_pass_ends_with_a_short_record() -> None:
     events, dst, _ = receive(stream)
     assert sum(e.count for e in events) == 200  # type: ignore[union-attr]
     assert dst[0][:200 * PS] == src[0][:200 * PS]
+
+
+def test_page_crcs_at_equals_page_crcs_page_by_page() -> None:
+    """The writer's one call for many short runs gives each page's own CRC, with either
+    implementation, and refuses an index outside the buffer."""
+    from vfiod.migration.stream.crc32c import IMPLEMENTATIONS
+    from vfiod.migration.stream.pagecrc import page_crcs_at
+
+    mem = guest_memory()[0]
+    pages = np.array([7, 3, 200, 4, 5, 255, 0], dtype=np.int64)
+    want = [int(page_crcs(mem[p * PS:(p + 1) * PS], PS)[0]) for p in pages.tolist()]
+    for impl in IMPLEMENTATIONS:
+        assert page_crcs_at(mem, pages, PS, implementation=impl).tolist() == want, impl
+    with pytest.raises(ValueError, match="outside"):
+        page_crcs_at(mem, np.array([256], dtype=np.int64), PS)

@@ -92,6 +92,70 @@ def _pages_table(buf, page_size, out, t):
         out[i] = reg ^ _M32
 
 
+@njit(nogil=True, cache=True)
+def _pages_at_sse42(buf, pages, page_size, out):
+    words = np.frombuffer(buf, np.uint8).view(np.uint64)
+    wpp = page_size // 8
+    n = out.shape[0]
+    third = n // 3
+    for j in range(third):
+        a = _M32
+        b = _M32
+        c = _M32
+        p0 = pages[j] * wpp
+        p1 = pages[j + third] * wpp
+        p2 = pages[j + 2 * third] * wpp
+        for k in range(wpp):
+            a = _crc32_u64(a, words[p0 + k])  # type: ignore[call-arg]
+            b = _crc32_u64(b, words[p1 + k])
+            c = _crc32_u64(c, words[p2 + k])
+        out[j] = a ^ _M32
+        out[j + third] = b ^ _M32
+        out[j + 2 * third] = c ^ _M32
+    for i in range(3 * third, n):
+        a = _M32
+        p0 = pages[i] * wpp
+        for k in range(wpp):
+            a = _crc32_u64(a, words[p0 + k])  # type: ignore[call-arg]
+        out[i] = a ^ _M32
+
+
+@njit(nogil=True, cache=True)
+def _pages_at_table(buf, pages, page_size, out, t):
+    words = np.frombuffer(buf, np.uint8).view(np.uint64)
+    wpp = page_size // 8
+    for i in range(out.shape[0]):
+        reg = _M32
+        for k in range(pages[i] * wpp, (pages[i] + 1) * wpp):
+            w = words[k]
+            lo = (reg ^ w) & _M32
+            hi = w >> _U32
+            reg = (t[7, lo & _FF] ^ t[6, (lo >> _U8) & _FF] ^ t[5, (lo >> _U16) & _FF]
+                   ^ t[4, lo >> _U24] ^ t[3, hi & _FF] ^ t[2, (hi >> _U8) & _FF]
+                   ^ t[1, (hi >> _U16) & _FF] ^ t[0, hi >> _U24])
+        out[i] = reg ^ _M32
+
+
+def page_crcs_at(data: object, pages: np.ndarray, page_size: int,
+                 implementation: str = IMPLEMENTATION) -> np.ndarray:
+    """CRC-32C of the pages of ``data`` at the indexes ``pages`` (int64), in that order:
+    many short runs of one region in one call (the writer's scattered batches; a call
+    per run cost more than its CRCs)."""
+    buf = _as_bytes(data)
+    nbytes = memoryview(buf).nbytes  # type: ignore[arg-type]
+    if page_size <= 0 or page_size % 8 or nbytes % page_size:
+        raise ValueError(f"{nbytes} bytes are not whole pages of {page_size} bytes")
+    if pages.size and (int(pages.min()) < 0 or int(pages.max()) >= nbytes // page_size):
+        raise ValueError(f"page indexes outside the {nbytes // page_size} pages given")
+    out = np.empty(pages.size, dtype=np.uint32)
+    if pages.size:
+        if implementation == "sse4.2":
+            _pages_at_sse42(buf, pages, page_size, out)
+        else:
+            _pages_at_table(buf, pages, page_size, out, _TABLES)
+    return out
+
+
 def page_crcs(data: object, page_size: int, out: np.ndarray | None = None,
               implementation: str = IMPLEMENTATION) -> np.ndarray:
     """CRC-32C of each ``page_size`` page of ``data`` (whose length is a multiple of it)."""

@@ -54,6 +54,10 @@ class GuestRam:
         off = (first_page - self._starts[pos]) * self.page_size
         return idx, self._views[idx][off:off + count * self.page_size]
 
+    def region_pages(self, idx: int) -> tuple[int, memoryview]:
+        """Region ``idx`` (header order): its first guest page and its whole view."""
+        return self.regions[idx].gpa // self.page_size, self._views[idx]
+
     def split(self, first_page: int, count: int, max_pages: int) -> list[tuple[int, int, int]]:
         """(region index, first page, count) pieces of at most ``max_pages`` each."""
         out: list[tuple[int, int, int]] = []

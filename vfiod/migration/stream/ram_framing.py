@@ -12,11 +12,14 @@ pieces, and their records were most of its downtime (README "Benchmarks").
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
 
 from vfiod.migration.stream.crc32c import crc32c
+from vfiod.migration.stream.pagecrc import page_crcs, page_crcs_at
+from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.records import RecordType, pack_header
 
 #: Linux IOV_MAX is 1024; keep a margin (a RAM record adds three entries, a RAM_RUNS
@@ -31,6 +34,33 @@ TAIL_PAGES = 64
 GROUP_BELOW_PAGES = 64
 
 Piece = tuple[int, int, int, memoryview]   # region index, first page, count, guest memory
+
+
+def piece_tables(ram: GuestRam, batch: list[Piece]) -> tuple[np.ndarray, list[int]]:
+    """The per-page CRCs of every piece of ``batch``, one piece after the other, and
+    where each piece's begin. Consecutive short pieces of one region take one call
+    (``page_crcs_at``): a call per piece cost more than the CRCs of a page or two."""
+    ps = ram.page_size
+    counts = [n for _, _, n, _ in batch]
+    starts = [0, *itertools.accumulate(counts)]
+    out = np.empty(starts[-1], dtype=np.uint32)
+    i = 0
+    while i < len(batch):
+        idx, _, n, view = batch[i]
+        j = i + 1
+        if n < GROUP_BELOW_PAGES:
+            while j < len(batch) and batch[j][0] == idx and batch[j][2] < GROUP_BELOW_PAGES:
+                j += 1
+        if j == i + 1:
+            page_crcs(view, ps, out[starts[i]:starts[j]])
+        else:
+            first, region = ram.region_pages(idx)
+            f = np.array([p[1] for p in batch[i:j]], dtype=np.int64) - first
+            c = np.array(counts[i:j], dtype=np.int64)
+            pages = np.repeat(f - (np.cumsum(c) - c), c) + np.arange(starts[j] - starts[i])
+            out[starts[i]:starts[j]] = page_crcs_at(region, pages, ps)
+        i = j
+    return out, starts
 
 
 def groups(batch: list[Piece], record_pages: int, max_runs: int,
@@ -77,12 +107,12 @@ def ram_record(piece: Piece, table: np.ndarray, seq: int,
     return (head, memoryview(table).cast("B"), view), length, crc  # type: ignore[arg-type]
 
 
-def ram_runs_record(pieces: list[Piece], tables: list[np.ndarray], seq: int,
+def ram_runs_record(pieces: list[Piece], table: np.ndarray, seq: int,
                     flags: int) -> tuple[tuple[Any, ...], int, int]:
-    """A RAM_RUNS record's buffers (header, run table, CRC table, the pieces' pages), its
-    payload length and its payload CRC (over both tables)."""
+    """A RAM_RUNS record's buffers (header, run table, CRC table: the pieces' page CRCs
+    one piece after the other, the pieces' pages), its payload length and its payload
+    CRC (over both tables)."""
     runs = np.array([(p[1], p[2]) for p in pieces], dtype="<u8")
-    table = np.concatenate(tables)
     crc = crc32c(table, crc32c(runs))
     length = runs.nbytes + table.nbytes + sum(len(p[3]) for p in pieces)
     head = pack_header(RecordType.RAM_RUNS, seq & 0xFFFFFFFF, length, len(pieces),

@@ -49,7 +49,7 @@ import numpy as np
 from vfiod.migration.stream.crc32c import crc32c
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.manifest import Manifest, ManifestEntry, Tally
-from vfiod.migration.stream.pagecrc import PageCrcSink, page_crcs
+from vfiod.migration.stream.pagecrc import PageCrcSink
 from vfiod.migration.stream.ram import GuestRam
 from vfiod.migration.stream.ram_framing import (
     BATCH_PIECES,
@@ -57,6 +57,7 @@ from vfiod.migration.stream.ram_framing import (
     MAX_IOV,
     TAIL_PAGES,
     groups,
+    piece_tables,
     ram_record,
     ram_runs_record,
     tapered,
@@ -73,11 +74,6 @@ from vfiod.migration.stream.records import (
 )
 
 _Rec = tuple[int, int, int, memoryview]  # region index, first page, count, guest memory
-
-
-def _tables(batch: list[_Rec], page_size: int) -> list[np.ndarray]:
-    """The per-page CRC table of each piece."""
-    return [page_crcs(view, page_size) for _, _, _, view in batch]
 
 
 class StreamSink(Protocol):
@@ -196,11 +192,11 @@ class StreamWriter:
             # Checksum a batch just before handing it to the kernel, so that the kernel's
             # copy finds it in the cache. (Checksumming on a worker thread one batch ahead
             # was measured no faster on two cores: GIL hand-offs eat the overlap.)
-            tables = _tables(batch, self.header.page_size)
-            sent += self._send_ram_batch(batch, tables, flags, last and following is None)
+            tables, starts = piece_tables(self._ram, batch)
+            sent += self._send_ram_batch(batch, tables, starts, flags,
+                                         last and following is None)
             if sink is not None:
-                sink.take_runs_crcs([p[1] for p in batch], [p[2] for p in batch],
-                                    np.concatenate(tables))
+                sink.take_runs_crcs([p[1] for p in batch], [p[2] for p in batch], tables)
             batch = following
         self.ram_bytes_sent += sent
         self._flush()
@@ -326,7 +322,7 @@ class StreamWriter:
         if batch:
             yield batch
 
-    def _send_ram_batch(self, batch: list[_Rec], tables: list[np.ndarray],
+    def _send_ram_batch(self, batch: list[_Rec], tables: np.ndarray, starts: list[int],
                         flags: int, tail: bool = False) -> int:
         """A record per long piece, a RAM_RUNS record per group of short ones
         (``ram_framing``)."""
@@ -334,15 +330,15 @@ class StreamWriter:
         for group in groups(batch, self._record_pages, self._limits.ram_runs,
                             self._group_below, TAIL_PAGES if tail else 0):
             idx, page, _, _ = batch[group[0]]
+            table = tables[starts[group[0]]:starts[group[-1] + 1]]   # a group is consecutive
             if len(group) == 1:
-                iov, length, crc = ram_record(batch[group[0]], tables[group[0]], self._seq,
-                                              flags)
-                arg0, pages = page, batch[group[0]][2]
+                iov, length, crc = ram_record(batch[group[0]], table, self._seq, flags)
+                arg0 = page
             else:
-                pieces = [batch[i] for i in group]
-                iov, length, crc = ram_runs_record(pieces, [tables[i] for i in group],
+                iov, length, crc = ram_runs_record([batch[i] for i in group], table,
                                                    self._seq, flags)
-                arg0, pages = len(group), sum(p[2] for p in pieces)
+                arg0 = len(group)
+            pages = len(table)
             self._iov += iov
             self._ram_tally[idx].add(self._seq, arg0, pages, pages * ps, crc)  # page bytes
             self._seq += 1
