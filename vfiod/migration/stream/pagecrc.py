@@ -17,7 +17,11 @@ record) that reads at 21 GB/s against 12 GB/s for three adjacent pages on the pr
 machine, the same in the cache (README "Benchmarks").
 
 ``page_crcs(data, page_size, out=None)`` returns a ``uint32`` array, entry ``i`` being the
-standard CRC-32C (``crc32c.crc32c``) of page ``i`` of ``data``.
+standard CRC-32C (``crc32c.crc32c``) of page ``i`` of ``data``; ``page_crcs_at(data,
+pages, page_size)`` the same for the pages at the indexes ``pages`` (the writer's batches
+of short runs: one call instead of one per run). They are two kernels, not one over an
+index list: ``page_crcs`` through the index list read 13.7 GB/s against 26.8 for the
+direct loop, over 4 MiB records on the project's machine.
 
 ``PageCrcSink`` is where the stream hands the CRCs it computed of pages that cannot change
 afterwards (docs/protocol.md §7.3): the destination's pages as they landed, the source's
