@@ -93,14 +93,19 @@ def _exercise_numba_paths() -> None:
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.guest.devices import join_group
-    from vfiod.migration.stream import crc32c
-    from vfiod.migration.stream.pagecrc import page_crcs
+    from vfiod.migration.session.switchover_warm_up import warm_switchover
+    from vfiod.migration.stream import crc32c, ram_landing
+    from vfiod.migration.stream.pagecrc import page_crcs, page_crcs_at
     from vfiod.vfio import Container, DmaMapping, HostPaths, RamRegion
 
     crc32c.warm_up()
+    ram_landing.warm_up()     # a RAM_RUNS record's copy to its runs
+    warm_switchover()         # what each daemon rehearses before its first migration
     with mmap.mmap(-1, 4 * 4096) as mm:       # the stream hashes views of guest RAM mmaps
         page_crcs(memoryview(mm), 4096)
         page_crcs(memoryview(mm)[4096:], 4096)
+        # a batch of short runs (RAM_RUNS) takes one call over the region's whole view
+        page_crcs_at(memoryview(mm), np.array([0, 2], dtype=np.int64), 4096)
     words = np.zeros(4, dtype=np.uint64)
     k.set_range(words, 3, 100)
     k.popcount(words, 200)
