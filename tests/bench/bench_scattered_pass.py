@@ -10,8 +10,9 @@ in this process (the reader on a thread, as the destination's reader runs beside
 session), with the content digests attached on both ends as a migration has them, and
 times the pass from the first send to the destination's MANIFEST. The two framings
 alternate within each trial (``group_below_pages`` 64, the default, against 0: every
-run in a RAM record of its own, as protocol 4 sent it); the ratio is taken per trial and
-the median and range over the trials are reported, with each end's CPU time per run.
+run in a RAM record of its own, as to a destination that does not offer RAM_RUNS); the
+ratio is taken per trial and the median and range over the trials are reported, with
+each end's CPU time per run.
 
 Run alone: ``.venv/bin/python -m tests.bench.bench_scattered_pass [--quick]``.
 """
@@ -54,7 +55,8 @@ def _pass(src: Any, dst: Any, runs: np.ndarray, below: int) -> tuple[float, floa
     a, b = loopback_pair()
     for sock, opt in ((a._sock, socket.SO_SNDBUF), (b._sock, socket.SO_RCVBUF)):
         sock.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
-    header = StreamHeader("bench", "bench", "bench", PAGE, region, (), challenge="c")
+    header = StreamHeader("bench", "bench", "bench", PAGE, region, (), challenge="c",
+                          ram_runs=True)
     writer = StreamWriter(a, header, GuestRam(PAGE, region, [src]), record_bytes=4 << 20,
                           batch_bytes=4 << 20, group_below_pages=below)
     writer.attach_crc_sink(RamDigests(region, [src], PAGE))

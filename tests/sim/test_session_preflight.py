@@ -167,14 +167,14 @@ def test_destination_refuses_a_header_that_does_not_match(tmp_path: Path,
 
 def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-4 destination (it knows no RAM_RUNS record) says so in its hello facts:
-    the source refuses before tracking anything, names both versions, and its HEADER
-    (version 5) tells the old destination the same by number."""
+    """A version-3 destination (it would resume without waiting for COMMIT) says so in
+    its hello facts: the source refuses before tracking anything, names both versions, and
+    its HEADER (version 4) tells the old destination the same by number."""
     src, dst = build(tmp_path)
     made += [src, dst]
     before = src.ram_digest()
     old = dataclasses.replace(MigrationFacts(dst.facts, guest_facts(dst.guest)),
-                              protocol_version=4)
+                              protocol_version=3)
     got = bytearray()
     with Listener("127.0.0.1", 0) as lst:
         def old_destination() -> None:
@@ -193,24 +193,24 @@ def test_source_refuses_a_destination_of_the_older_protocol(tmp_path: Path,
         t.join(30)
     assert r.result == "failed" and r.reason.startswith("preflight refused:")
     assert r.verification["preflight"] == [
-        "stream protocol differs: source speaks 5, destination 4"]
-    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(5)
+        "stream protocol differs: source speaks 4, destination 3"]
+    assert bytes(got[:PREAMBLE_SIZE]) == pack_preamble(4)
     assert session.tracker is None and src.ram_digest() == before
     assert set(src.kernel_states().values()) == {MigState.RUNNING}
 
 
 def test_destination_refuses_a_source_of_the_older_protocol(tmp_path: Path,
                                                             made: list[Side]) -> None:
-    """A version-4 source's stream is refused at its preamble, by number, before the
-    destination writes anything; the source hears why (ERROR)."""
+    """A version-3 source's stream (it sends no COMMIT) is refused at its preamble, by
+    number, before the destination writes anything; the source hears why (ERROR)."""
     _, dst = build(tmp_path)
     made.append(dst)
     before = dst.ram_digest()
     with _past_hello(dst) as (conn, box):
-        conn.send_buffers([pack_preamble(4)])
+        conn.send_buffers([pack_preamble(3)])
         with pytest.raises(TransportError) as ei:
             conn.wait_ack(AckStage.HEADER, 10)
-    said = "stream protocol version 4 (an older vfiod), this vfiod speaks 5 only"
+    said = "stream protocol version 3 (an older vfiod), this vfiod speaks 4 only"
     assert ei.value.code is TransportCode.PEER_ERROR and ei.value.remote["code"] == "VERSION"
     assert said in ei.value.remote["message"]
     r = box["r"]

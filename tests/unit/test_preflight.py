@@ -277,7 +277,7 @@ def test_protocol_version_and_every_reason_reported_together() -> None:
     src = facts("a", flags=V4, memory_encryption="sev")
     dst = dataclasses.replace(facts("b", flags=V2, devices=()), protocol_version=2)
     reasons = compare(src, dst)
-    assert reasons[0] == "stream protocol differs: source speaks 5, destination 2"
+    assert reasons[0] == "stream protocol differs: source speaks 4, destination 2"
     assert len(reasons) == 4
     with pytest.raises(PreflightError) as ei:
         check(src, dst)

@@ -39,7 +39,7 @@ from vfiod.vfio import RamRegion
 PS = 4096
 REGIONS = (RamRegion("low", 0, 256 * PS), RamRegion("high", 0x200000, 64 * PS))
 HIGH = 0x200000 // PS
-HEADER = StreamHeader("src", "m", "g", PS, REGIONS, ())
+HEADER = StreamHeader("src", "m", "g", PS, REGIONS, (), ram_runs=True)
 
 
 def guest_memory() -> list[bytearray]:
@@ -261,7 +261,8 @@ def test_a_live_record_names_its_torn_pages() -> None:
 
 
 def test_ram_runs_after_end_of_state_is_out_of_order() -> None:
-    f = Forge(StreamHeader("src", "m", "g", PS, REGIONS, (DeviceInfo("dev-a", "v2", 1),)))
+    f = Forge(StreamHeader("src", "m", "g", PS, REGIONS, (DeviceInfo("dev-a", "v2", 1),),
+                           ram_runs=True))
     f._add(RecordType.END_OF_STATE, b"", 0)
     f.runs([(5, 1), (9, 1)])
     r = StreamReader(MemPipe(f.manifest_free_end()))
@@ -325,3 +326,22 @@ def test_page_crcs_at_equals_page_crcs_page_by_page() -> None:
         assert page_crcs_at(mem, pages, PS, implementation=impl).tolist() == want, impl
     with pytest.raises(ValueError, match="outside"):
         page_crcs_at(mem, np.array([256], dtype=np.int64), PS)
+
+
+def test_without_the_headers_offer_there_are_no_ram_runs_records() -> None:
+    """A HEADER without ``ram_runs`` (the destination did not offer them): the writer
+    sends every run in a RAM record of its own, and a reader refuses a RAM_RUNS record."""
+    import dataclasses
+
+    plain = dataclasses.replace(HEADER, ram_runs=False)
+    assert b"ram_runs" not in plain.to_json()        # a HEADER an older reader knows
+    p = MemPipe()
+    w = StreamWriter(p, plain, GuestRam(PS, REGIONS, guest_memory()), record_bytes=128 * PS)
+    w.start()
+    w.send_ram(RUNS, quiescent=True)
+    w.finish()
+    types = record_types(bytes(p.data))
+    assert RecordType.RAM_RUNS not in types and types.count(RecordType.RAM) == len(RUNS)
+    f = Forge(plain).runs([(5, 1), (9, 1)])
+    err = refused(f.manifest_free_end(), ErrorCode.ORDER)
+    assert "RAM_RUNS, but the HEADER did not offer them" in str(err)

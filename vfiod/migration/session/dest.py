@@ -173,7 +173,8 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
         self.challenge = secrets.token_hex(16)
         self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
                                                   challenge=self.challenge,
-                                                  pass_acks=True, **self._vmm_hello(),
+                                                  pass_acks=True, ram_runs=True,
+                                                  **self._vmm_hello(),
                                                   **self._channels_hello()))
         self.reader = StreamReader(self.link)
         h = self.header = self.reader.read_header()

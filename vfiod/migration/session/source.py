@@ -110,10 +110,10 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         """``host``: this host's facts (preflight); ``link_prior``: the egress link's speed
         before the first bandwidth window, or a function answering the latest (a lookup
         still running); ``progress``, ``live``: ``SessionBase``'s; ``journal``: where the
-        decision to commit is written first (§1.7); ``history``:
-        earlier switchovers of this guest on this host, for what cannot be measured before
-        this one (default: this process's, ``HOST_HISTORY``); ``vmm``: the VMM's half of
-        a coordinated migration (docs/architecture.md §8.3, ``vmm_source.py``)."""
+        decision to commit is written first (§1.7); ``history``: earlier switchovers of
+        this guest on this host, for what cannot be measured before this one (default:
+        this process's, ``HOST_HISTORY``); ``vmm``: the VMM's half of a coordinated
+        migration (docs/architecture.md §8.3, ``vmm_source.py``)."""
         super().__init__(guest, link, host=host, config=config,
                          memory_encryption=memory_encryption, clock=clock,
                          migration_id=migration_id, journal=journal)
@@ -207,7 +207,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         channels = self._channels_wanted(hello.fields)
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
                               g.ram_regions(), g.device_infos(), challenge=self.challenge,
-                              channels=channels, pass_acks=self._offer_pass_acks(hello.fields))
+                              channels=channels, pass_acks=self._offer_pass_acks(hello.fields),
+                              ram_runs=hello.fields.get("ram_runs") is True)   # §5.4
         self.writer = StreamWriter(self.link, header, g.guest_ram(),
                                    record_bytes=cfg.record_bytes, batch_bytes=cfg.batch_bytes)
         reasons = compare(self.facts, dest) + self._vmm_disagreement(hello.fields)
@@ -313,9 +314,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         t = self.result.timings
         t["predicted_verify_s"] = verify_s
         t["predicted_record_overhead_s"] = records_s
-        # all measured in this migration: stopping, the devices' arcs and one more dirty
-        # sync; after the transfer, the final re-hash and the per-record costs, two round
-        # trips (PREPARED, then COMMIT -> RESUMED) and the same arcs on the destination
+        # all measured in this migration: stopping, the devices' arcs, a dirty sync, the
+        # final re-hash, per-record costs, two round trips, the destination's arcs
         arc = self._arcs.estimate_s
         self._syncs.add(sync.duration_s)
         self._measured_costs = FixedCosts(

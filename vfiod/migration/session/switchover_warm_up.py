@@ -71,7 +71,8 @@ def warm_switchover() -> None:
     ram_landing.warm_up()
     region = RamRegion("warm-up", 0, 4 * _PAGE)
     header = StreamHeader("warm-up", "warm-up", "warm-up", _PAGE, (region,),
-                          (DeviceInfo(_DEVICE, "v2"),), challenge="warm-up", pass_acks=True)
+                          (DeviceInfo(_DEVICE, "v2"),), challenge="warm-up", pass_acks=True,
+                          ram_runs=True)
     # memoryviews of writable memory, as a guest's RAM mappings are
     # page 1 is never written, so never sent: the final pass is two runs, one RAM_RUNS
     src_mem = memoryview(bytearray(b"\x5a" * _PAGE + bytes(_PAGE) + b"\x5b" * 2 * _PAGE))

@@ -65,6 +65,8 @@ class StreamHeader:
     channels: int = 1
     #: the source waits for ACK pass after each ITERATION (docs/protocol.md §8.5)
     pass_acks: bool = False
+    #: short runs of pages may travel in RAM_RUNS records (docs/protocol.md §5.4)
+    ram_runs: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -85,6 +87,7 @@ class StreamHeader:
             "checksum": self.checksum,
             "software": self.software,
             "pass_acks": self.pass_acks,
+            **({"ram_runs": True} if self.ram_runs else {}),   # absent: a protocol-4 HEADER
             "source": {"host": self.source_host, "migration_id": self.migration_id,
                        "challenge": self.challenge},
             "guest": {
@@ -144,6 +147,7 @@ class StreamHeader:
             challenge=_str(src.get("challenge", ""), "source.challenge"),
             channels=_int(d.get("channels", 1), "channels"),
             pass_acks=_bool(d.get("pass_acks", False), "pass_acks"),
+            ram_runs=_bool(d.get("ram_runs", False), "ram_runs"),
         )
 
 

@@ -223,6 +223,9 @@ class StreamReader:
         if t == RecordType.RAM:
             return self._ram_record(h, at)
         if t == RecordType.RAM_RUNS:
+            if not self.header.ram_runs:
+                raise self._err(ErrorCode.ORDER, "RAM_RUNS, but the HEADER did not offer "
+                                "them", at, t)
             return self._ram_runs_record(h, at)
         if t in (RecordType.DEVICE_DATA, RecordType.END_OF_STATE):
             idx = self._device(h, at)

@@ -62,8 +62,9 @@ from vfiod.migration.stream.crc32c import crc32c
 #: 3: the source sends its downtime, prediction and error after ACK resumed (REPORT).
 #: 4: the confirmed switchover: ACK prepared, COMMIT, outcome queries, and the
 #:    destination's challenge, which the HEADER must answer (docs/protocol.md §8.4).
-#: 5: RAM_RUNS records: many short runs of pages in one record (docs/protocol.md §5.4).
-PROTOCOL_VERSION = 5
+#: RAM_RUNS records (docs/protocol.md §5.4) need no new version: a source sends them only
+#: to a destination that offered them in its HELLO, and says so in its HEADER.
+PROTOCOL_VERSION = 4
 MAGIC = b"VFIODMS\x00"
 
 PREAMBLE = struct.Struct("<8sHHI")
@@ -94,7 +95,7 @@ class RecordType(enum.IntEnum):
     ABORT = 7         # UTF-8 reason: the source cancelled, discard everything
     CHANNEL = 8       # JSON: opens a RAM channel connection (docs/protocol.md §12)
     SYNC = 9          # a channel's part of pass arg0 is complete; arg1 records before it
-    RAM_RUNS = 10     # arg0 runs of guest pages, arg1 pages in all (docs/protocol.md §5.4)
+    RAM_RUNS = 10     # arg0 runs, arg1 pages in all; when the HEADER offers them (§5.4)
 
 
 #: the record types that carry guest pages (and may carry ``RAM_LIVE``)

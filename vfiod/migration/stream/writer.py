@@ -109,7 +109,8 @@ class StreamWriter:
                  batch_bytes: int = 16 * MiB,
                  group_below_pages: int = GROUP_BELOW_PAGES) -> None:
         """``group_below_pages``: shorter pieces share RAM_RUNS records (``ram_framing``;
-        0: every piece in a RAM record of its own, as protocol 4 sent them)."""
+        0: every piece in a RAM record of its own, as a HEADER without ``ram_runs``
+        requires)."""
         if ram is not None and (ram.page_size != header.page_size
                                 or ram.regions != header.regions):
             raise ValueError("GuestRam layout differs from the stream header's layout")
@@ -124,7 +125,7 @@ class StreamWriter:
         self._limits = limits
         self._record_pages = record_bytes // header.page_size
         self._batch_bytes = batch_bytes
-        self._group_below = group_below_pages
+        self._group_below = group_below_pages if header.ram_runs else 0
         self._iov: list[Any] = []
         self._pending = 0
         self._seq = 0
