@@ -394,4 +394,3 @@ class MigrationService(OutcomeKeeping):
             threads[0].join(min(left, ACCEPT_POLL_S))
         if self.listener is not None:
             self.listener.close()
-

@@ -87,7 +87,7 @@ class StreamHeader:
             "checksum": self.checksum,
             "software": self.software,
             "pass_acks": self.pass_acks,
-            **({"ram_runs": True} if self.ram_runs else {}),   # absent: a protocol-4 HEADER
+            **({"ram_runs": True} if self.ram_runs else {}),   # absent: as older sources wrote
             "source": {"host": self.source_host, "migration_id": self.migration_id,
                        "challenge": self.challenge},
             "guest": {
