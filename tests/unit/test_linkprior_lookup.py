@@ -1,4 +1,4 @@
-"""The bandwidth prior looked up in a child process (``planning/linkprior_lookup.py``,
+"""The bandwidth prior looked up in a child process (``daemon/link_prior_lookup.py``,
 ``linkprior_probe.py``; docs/architecture.md §4): the real child's answer on loopback is
 ``link_prior``'s; while it runs the prior is "unknown" and says so; a child that cannot be
 started, fails, prints something else or hangs gives an "unknown" prior naming what
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemons import wait_until
+from vfiod.daemon.link_prior_lookup import LinkPriorLookup
 from vfiod.migration.planning.linkprior import (
     LinkPrior,
     link_prior,
     prior_from_json,
     prior_to_json,
 )
-from vfiod.migration.planning.linkprior_lookup import LinkPriorLookup
 from vfiod.migration.planning.linkprior_probe import USAGE, main
 from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS, BandwidthEstimator
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.support.daemons import wait_until
+from vfiod.daemon.link_prior_lookup import LinkPriorLookup, probe_command
 from vfiod.migration.planning.linkprior import LinkPrior, link_prior
-from vfiod.migration.planning.linkprior_lookup import LinkPriorLookup, probe_command
 from vfiod.migration.planning.predictor import (
     DEFAULT_BANDWIDTH_BPS,
     BandwidthEstimator,

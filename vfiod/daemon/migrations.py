@@ -44,6 +44,7 @@ from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
+from vfiod.daemon.link_prior_lookup import LinkPriorLookup
 from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of, record_result
 from vfiod.daemon.offer import (
     Offer,
@@ -60,7 +61,6 @@ from vfiod.daemon.registry import GuestEntry, MigrationRecord, Registry
 from vfiod.daemon.runstate.qemu_migration import qemu_half
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.hostfacts import HostFacts
-from vfiod.migration.planning.linkprior_lookup import LinkPriorLookup
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession

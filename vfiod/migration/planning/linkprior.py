@@ -16,7 +16,7 @@ network namespace.
 
 The daemon never calls ``link_prior`` itself: importing pyroute2 loads it and ``asyncio``
 (about 210 modules, 10.6 MiB) for two queries per migration. A short-lived child process
-runs it (``linkprior_probe.py``, started by ``linkprior_lookup.py``) and answers with
+runs it (``linkprior_probe.py``, started by ``daemon/link_prior_lookup.py``) and answers with
 ``prior_to_json``; ``prior_from_json`` reads that answer back, and a ``LinkPriorSource``
 may be such a lookup, answering "unknown" until the child's answer has arrived.
 """

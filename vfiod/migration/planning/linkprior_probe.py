@@ -2,7 +2,7 @@
 
 ``python -m vfiod.migration.planning.linkprior_probe DESTINATION`` runs ``link_prior``
 and prints its answer as one line of JSON (``prior_to_json``), exit status 0; a wrong
-command line exits 2 with the usage on stderr. ``linkprior_lookup.py`` starts it once per
+command line exits 2 with the usage on stderr. ``daemon/link_prior_lookup.py`` starts it once per
 outgoing migration so that pyroute2 and the ``asyncio`` it imports are loaded here, in a
 process that exits after two queries, and never in the daemon (README "Scaling").
 """

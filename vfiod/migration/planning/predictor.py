@@ -25,7 +25,7 @@ Pieces:
   they were. With less than that, the egress link's speed (``linkprior.LinkPrior``), or,
   when that is unknown, ``DEFAULT_BANDWIDTH_BPS`` (1 Gb/s), and ``source`` says which.
   The prior is asked for each time (a ``LinkPriorSource``): the daemon's lookup runs in
-  a child process while the migration starts (``linkprior_lookup.py``), and its answer
+  a child process while the migration starts (``daemon/link_prior_lookup.py``), and its answer
   replaces the default when it arrives.
 * ``DirtyRateEstimator``: bytes dirtied per second between successive dirty syncs (EWMA).
 * ``DowntimePredictor.predict(inputs) -> Prediction``: the formula above, plus

@@ -78,10 +78,8 @@ class RamLanding:
             idx, view = ram.locate(first, n)
         except ValueError as e:
             raise fail(ErrorCode.RANGE, str(e)) from None
-        if len(self._table) < n:  # n * ps was bounded by the length check above
-            self._table = np.empty(n, dtype=np.uint32)
-            self._got = np.empty(n, dtype=np.uint32)
-        table, got = self._table[:n], self._got[:n]
+        got = self._got_for(n)    # n * ps was bounded by the length check above
+        table = self._table[:n]
         fill(memoryview(table).cast("B"), "RAM checksum table")  # type: ignore[arg-type]
         if crc32c(table) != crc:
             raise fail(ErrorCode.PAYLOAD_CHECKSUM,
@@ -165,6 +163,8 @@ class RamLanding:
         return idx, [(f, c, tuple(t)) for f, c, t in zip(firsts_l, counts_l, torn, strict=True)]
 
     def _got_for(self, n: int) -> np.ndarray:
+        """The landed pages' CRC scratch for ``n`` pages (and the sent table's, grown
+        with it)."""
         if len(self._got) < n:
             self._table = np.empty(n, dtype=np.uint32)
             self._got = np.empty(n, dtype=np.uint32)

@@ -1,5 +1,7 @@
 """The bandwidth prior looked up in a short-lived child process, so that the daemon never
-imports pyroute2 (docs/architecture.md §4; README "Scaling").
+imports pyroute2 (docs/architecture.md §4; README "Scaling"). Spawning and reaping
+processes is the daemon's part (the wiring root); the migration's planning gets only a
+function answering the latest prior.
 
 ``LinkPriorLookup(destination).start()`` returns at once; a thread of its own starts the
 child (``python -m vfiod.migration.planning.linkprior_probe DESTINATION``, this
@@ -43,7 +45,7 @@ CLOSE_WAIT_S = 5.0
 #: the most of a child's output a note quotes
 QUOTE_CHARS = 200
 #: the directory holding the ``vfiod`` package this process runs
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def probe_command() -> list[str]:
