@@ -234,3 +234,30 @@ def test_concurrent_probes_of_one_unowned_device_all_answer(
     assert len(answers) == 80
     assert all(a["migratable"] for a in answers), [a["blockers"] for a in answers
                                                    if not a["migratable"]][:2]
+
+
+def test_a_released_guest_reads_defined_only_once_its_fds_are_closed(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """``defined`` means nothing held: a VMM that polls for it (to take its RAM back) must
+    find vfiod's copies closed, so the release is recorded after the guest closes. Seen as
+    a race in the attach test: the state read ``defined`` while the memfds were open."""
+    host, mgr, reg = world
+    for close_by in ("close", "close_all"):
+        guest = mgr.opened("good")
+        assert guest is not None
+        seen: list[str] = []
+        real_close = guest.close
+
+        def close_and_look(real_close=real_close, seen=seen) -> None:
+            seen.append(reg.guests["good"].state)
+            real_close()
+        guest.close = close_and_look                       # type: ignore[method-assign]
+        if close_by == "close":
+            mgr.close(reg.guests["good"], "test")
+        else:
+            mgr.close_all()
+        assert seen == ["running"], (close_by, seen)
+        assert reg.guests["good"].state == "defined"
+        assert not any(f.name == "0000:3b:00.1" for f in host.kernel.open_files().values())
+        if close_by == "close":
+            mgr.open(reg.guests["good"], "running")

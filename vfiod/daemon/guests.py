@@ -58,6 +58,7 @@ from vfiod.migration.states import GuestState, device_label
 from vfiod.vfio import HostPaths, RamRegion
 
 log = logging.getLogger("vfiod.guests")
+_STOPPING = "the daemon is stopping"
 
 
 @dataclass(frozen=True)
@@ -333,10 +334,13 @@ class GuestManager:
 
     # -- closing ---------------------------------------------------------------------------
     def close(self, entry: GuestEntry, cause: str) -> None:
+        """Close what the guest holds, then record it ``defined`` (nothing held: its VMM may
+        take its RAM back at once)."""
         with self.registry.lock:
+            self.registry.lifecycle.check_release(entry.name, cause)
             guest = self._guests.pop(entry.name, None)
-            self.registry.lifecycle.release(entry.name, cause)
         self._release(entry.name, guest)
+        self.registry.lifecycle.release(entry.name, cause)
 
     def _release(self, name: str, guest: Guest | None) -> None:
         """Stop the guest's workload, then close its fds and RAM (no longer listed)."""
@@ -381,13 +385,14 @@ class GuestManager:
                     why = "a migration thread still re-opens or starts it"
                 else:
                     try:
-                        self.registry.lifecycle.release(entry.name, "the daemon is stopping")
+                        self.registry.lifecycle.check_release(entry.name, _STOPPING)
                     except LifecycleError as e:
                         why = f"it is {entry.state}, which may not be released: {e}"
                     else:
                         guest = self._guests.pop(entry.name, None)
             if why is None:
                 self._release(entry.name, guest)
+                self.registry.lifecycle.release(entry.name, _STOPPING)
                 continue
             kept.append(entry.name)
             log.error("guest %s: fds left open: %s; they close, and the kernel resets its "

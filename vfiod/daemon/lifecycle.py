@@ -244,6 +244,14 @@ class GuestLifecycle:
         log.info("%s", rec.describe())
         return rec
 
+    def check_release(self, guest: str, cause: str) -> None:
+        """``LifecycleError`` if ``guest`` may not be released now; nothing changes. The
+        caller checks before it closes what the guest holds, and ``release`` after."""
+        with self.lock:
+            now = self.state(guest)
+            if now is not _S.DEFINED and (now, _S.DEFINED) not in ALLOWED_TRANSITIONS:
+                raise LifecycleError(guest, now, _S.DEFINED, cause)
+
     def release(self, guest: str, cause: str) -> LifecycleTransition | None:
         """Back to ``defined`` (the daemon closed what it held); None if it already is."""
         with self.lock:
