@@ -25,16 +25,14 @@ from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest, GuestPlan, build_guest
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.costs import CostModel, records_for
-from vfiod.migration.session.digest import (
+from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.ram_files import (
     PieceBuffer,
-    RamDigests,
-    RegionDigest,
-    compare_roots,
     full_ram_digest,
     nonzero_page_runs,
     zero_ram,
 )
-from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.status import (
     IterationProgress,
     device_column,

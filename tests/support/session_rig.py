@@ -42,9 +42,9 @@ from vfiod.migration.planning.hostfacts import (
 )
 from vfiod.migration.session.common import MigrationResult, SessionConfig
 from vfiod.migration.session.dest import DestinationSession
-from vfiod.migration.session.digest import full_ram_digest
 from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.migration.session.link import ThrottledLink
+from vfiod.migration.session.ram_files import full_ram_digest
 from vfiod.migration.session.source import SourceSession
 from vfiod.migration.session.switchover import UNJOURNALED, SwitchoverJournal
 from vfiod.migration.states import GuestState, MigrationState, MigState

@@ -69,7 +69,8 @@ from vfiod.migration.session.common import (
     VerificationError,
 )
 from vfiod.migration.session.dest_end import DestinationEnding
-from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots, zero_ram
+from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.session.ram_files import zero_ram
 from vfiod.migration.session.switchover_warm_up import warm_switchover
 from vfiod.migration.session.vmm_dest import DestVmmSteps
 from vfiod.migration.session.vmm_half import VmmDestinationHalf

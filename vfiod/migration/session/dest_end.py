@@ -23,7 +23,7 @@ import time
 
 from vfiod.errors import PreflightError, ProtocolError
 from vfiod.migration.session.common import Cancelled, MigrationResult, SessionBase
-from vfiod.migration.session.digest import zero_ram
+from vfiod.migration.session.ram_files import zero_ram
 from vfiod.migration.states import GuestState, MigrationState
 from vfiod.migration.stream.header import StreamHeader
 from vfiod.migration.stream.reader import StreamReader

@@ -41,7 +41,8 @@ from vfiod.migration.device.protocol import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
 from vfiod.migration.session.costs import CostModel, records_for
-from vfiod.migration.session.digest import PieceBuffer, RamDigests, nonzero_page_runs
+from vfiod.migration.session.digest import RamDigests
+from vfiod.migration.session.ram_files import PieceBuffer, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
 
