@@ -131,9 +131,9 @@ def test_the_shapes_kept_are_bounded() -> None:
     assert hosts.of("a", []) is not first                    # the oldest was dropped
 
 
-def test_opted_out_containers_count_whole_until_a_stop_and_copy_query_was_seen() -> None:
+def test_opted_out_containers_learn_nothing_until_a_stop_and_copy_query_was_seen() -> None:
     h = SwitchoverHistory()
-    assert h.opted_out_share(0.5) == 1.0
+    assert h.opted_out_share(0.5) is None            # nothing learnt: the sample decides
     # 1,000 of 10,000 mapped pages written in 2 s of tracking: 5% of the mapping a second
     h.record_opted_out(1000, 10_000, 2.0)
     assert h.opted_out_share(0.5) == pytest.approx(0.025)

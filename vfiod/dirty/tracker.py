@@ -196,6 +196,13 @@ class DirtyTracker:
         """Bytes per second dirtied over the latest interval between syncs."""
         return self.rate.last
 
+    def opted_out_runs(self) -> list[tuple[int, int]]:
+        """(first guest page, pages) of every segment of a container with opted-out
+        devices: what pre-copy counts dirty without asking (the source samples it)."""
+        with self._lock:
+            return [(seg.first_page, seg.size // self.page_size)
+                    for b in self._boxes if b.optout.devices for seg in b.segments]
+
     def provider(self, container: str) -> DirtyProvider | None:
         """The provider currently tracking ``container`` (None before ``start``)."""
         chain = self._box(container).chain

@@ -21,8 +21,9 @@ they happened, for the parts a migration cannot measure before its own switchove
   wrote since tracking began. Kept: that fraction of its mapping per second of tracking
   (a fraction alone, learnt from a migration forced after minutes, would count most of
   the mapping in one that switches over in a second); the prediction counts the largest
-  kept rate times this migration's tracking time, at most the whole mapping, and the
-  whole mapping while nothing is kept;
+  kept rate times this migration's tracking time, at most the whole mapping, and never
+  less than the source's sample of the mapping finds written (``optout_sample``: all
+  that decides while nothing is kept);
 * the devices' stop and the destination's load (``device_stop``, ``dest_load_resume``):
   the arcs measured at every pass are pending queries, but stopping a device and loading
   its state on the other end cost time per byte of its state. Kept: the extra time over
@@ -131,13 +132,13 @@ class SwitchoverHistory:
                 self._opted_out_rate.append(min(1.0, reported_pages / mapped_pages)
                                             / tracked_s)
 
-    def opted_out_share(self, tracked_s: float) -> float:
+    def opted_out_share(self, tracked_s: float) -> float | None:
         """The part of an opted-out container's mapping to count dirty after ``tracked_s``
         seconds of tracking: the largest rate earlier stop-and-copy queries found, times
-        that; all of it before the first."""
+        that; None before the first (``optout_sample`` decides)."""
         with self._lock:
             if not self._opted_out_rate:
-                return 1.0
+                return None
             return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
     def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0) -> FixedCosts:

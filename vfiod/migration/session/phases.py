@@ -20,8 +20,10 @@ as zeros without being allocated, and the destination's fresh RAM is zero alread
 ``prediction_numbers`` turns a ``SyncResult`` and the devices' ``Pending`` into the
 predictor's inputs: the dirty rate excludes containers that were not queried (skipped by
 the pre-copy opt-out, or whose log was lost) because their "all dirty" is a placeholder,
-not a measurement; they still count fully in the RAM still to send (``dirty_bytes``
-includes the opted-out containers' ``assumed_dirty_bytes``). ``final_pass_overheads``
+not a measurement; they still count in the RAM still to send (``dirty_bytes`` includes
+the opted-out containers' ``assumed_dirty_bytes``, their whole mappings, of which
+``optout_sample.with_opted_out_share`` keeps the part sampled or learnt written).
+``final_pass_overheads``
 adds what the final pass costs beyond its bytes: the re-hash of the live pages still
 pending, and the framing CPU time.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -205,14 +207,6 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         # containers skipped by the opt-out are tracked: stop-and-copy queries them
         tracking=precise or all(c.name in sync.skipped for c in containers),
         assumed_dirty_bytes=sync.assumed_dirty_bytes)
-
-
-def with_opted_out_share(num: PredictionNumbers, share: float) -> PredictionNumbers:
-    """``num`` counting only ``share`` of the opted-out containers' mapped bytes dirty
-    (``SwitchoverHistory.opted_out_share``: learnt from earlier stop-and-copy queries)."""
-    counted = int(num.assumed_dirty_bytes * share)
-    return replace(num, assumed_dirty_bytes=counted,
-                   dirty_ram_bytes=num.dirty_ram_bytes - num.assumed_dirty_bytes + counted)
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,

@@ -71,13 +71,9 @@ from vfiod.migration.session.common import (
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.session.link import Link
+from vfiod.migration.session.optout_sample import OptedOutSample, with_opted_out_share
 from vfiod.migration.session.pass_drain import SourcePassDrain
-from vfiod.migration.session.phases import (
-    RamSender,
-    final_pass_overheads,
-    prediction_numbers,
-    with_opted_out_share,
-)
+from vfiod.migration.session.phases import RamSender, final_pass_overheads, prediction_numbers
 from vfiod.migration.session.source_end import SourceEnding
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
 from vfiod.migration.session.switchover_warm_up import warm_source
@@ -125,6 +121,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.tracker: DirtyTracker | None = None
         self.writer: StreamWriter | None = None
         self.digests: RamDigests | None = None
+        self._opted_out: OptedOutSample | None = None    # what their devices wrote, sampled
         self.sender: RamSender | None = None
         self._stop_t: float | None = None
         self._predicted_parts: dict[str, float] = {}   # the last prediction's, by part
@@ -162,9 +159,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             return self._run()
         finally:
             # drop what holds views of guest memory (the stream's staging, the digests)
-            self.sender = None
-            self.digests = None
-            self.writer = None
+            self.sender = self.digests = self.writer = self._opted_out = None
 
     def _run(self) -> MigrationResult:
         self.started_at = self.clock()
@@ -231,6 +226,9 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)
         self._tracking_t0 = self.clock()
+        views = [b.view() for b in g.ram]
+        self._opted_out = OptedOutSample(self.tracker.opted_out_runs(), g.ram_regions(),
+                                         views, g.page_size)
         self.predictor.dirty.start(self._tracking_t0)
         t0 = self.clock()
         for d in g.devices:
@@ -240,7 +238,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self._arcs.add(self.clock() - t0)
         for d in g.devices:
             w.send_device_data(d.name, self._hook(d, d.driver.save_state))
-        self.digests = RamDigests(g.ram_regions(), [b.view() for b in g.ram], g.page_size)
+        self.digests = RamDigests(g.ram_regions(), views, g.page_size)
         self.sender = RamSender(w, g, self.digests, self.predictor.bandwidth,
                                 slice_bytes=cfg.slice_bytes,
                                 record_pages=cfg.record_bytes // g.page_size,
@@ -306,7 +304,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         now = self.clock()
         num = with_opted_out_share(prediction_numbers(
             self.tracker, sync, pendings, cfg.max_run_pages,
-            cfg.record_bytes // self.guest.page_size),
+            cfg.record_bytes // self.guest.page_size), self._opted_out,
             self.history.opted_out_share(now - self._tracking_t0))
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
         verify_s, records_s = final_pass_overheads(num, self.digests, self.sender,
@@ -343,8 +341,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             dirty_rate_bps=p.dirty_rate_bps, bandwidth_bps=p.bandwidth_bps,
             bandwidth_source=p.bandwidth_source, predicted_downtime_s=p.downtime_s,
             will_converge=p.will_converge, decision=decision.value, reason=why,
-            sync_s=sync.duration_s,
-            assumed_dirty_bytes=sync.assumed_dirty_bytes)
+            sync_s=sync.duration_s, assumed_dirty_bytes=num.assumed_dirty_bytes)
         self._record_pass(prog)
         return decision
 
