@@ -8,7 +8,7 @@ import pytest
 
 from vfiod.migration.planning.breakdown import COMPONENTS
 from vfiod.migration.planning.predictor import FixedCosts
-from vfiod.migration.session.history import HostHistories, SwitchoverHistory
+from vfiod.migration.session.history import HostHistories, SwitchoverHistory, commit_line
 from vfiod.migration.stream.header import DeviceInfo
 
 MEASURED = FixedCosts(device_stop_s=0.001, final_sync_s=0.010, commit_round_trips_s=0.0002,
@@ -92,6 +92,36 @@ def test_the_commit_correction_is_over_the_prediction_with_its_socket_queue() ->
     predicted = dict(PREDICTED, commit_round_trips=0.0002 + 0.003)
     h.record(MEASURED, predicted, _actual(commit_round_trips=0.0002 + 0.003), 0)
     assert _correct(h).commit_round_trips_s == pytest.approx(MEASURED.commit_round_trips_s)
+
+
+def test_the_commit_correction_grows_with_the_final_pass_records() -> None:
+    """The destination lands and folds a scattered final pass after the source sent it:
+    pooled with passes of no records, a median put the sparse guest's 2 ms over on the
+    tiny guest's commit and left the sparse one short. A line through (records, extra)
+    gives each its own."""
+    h = SwitchoverHistory()
+    for records, extra in ((0, 0.0002), (60, 0.0020), (0, 0.0001), (70, 0.0023),
+                           (8, 0.0004), (0, 0.0003)):
+        h.record(MEASURED, PREDICTED, _actual(commit_round_trips=0.0002 + extra), 0,
+                 final_records=records)
+    base = MEASURED.commit_round_trips_s
+    small = h.correct(MEASURED, device_bytes=0, records=0).commit_round_trips_s
+    sparse = h.correct(MEASURED, device_bytes=0, records=65).commit_round_trips_s
+    assert small - base == pytest.approx(0.0002, abs=0.0002)
+    assert sparse - base == pytest.approx(0.00215, abs=0.0003)
+
+
+def test_the_commit_line_is_robust_and_never_falls_with_more_records() -> None:
+    assert commit_line([]) == (0.0, 0.0)
+    # too few, or records too alike: the median alone
+    assert commit_line([(0, 1.0), (50, 3.0)]) == (2.0, 0.0)
+    assert commit_line([(10, 1.0), (12, 2.0), (14, 9.0)]) == (2.0, 0.0)
+    # one stalled commit among a clean line does not bend it
+    base, slope = commit_line([(0, 0.001), (10, 0.002), (20, 0.003), (30, 0.004),
+                               (40, 0.5)])
+    assert (base, slope) == (pytest.approx(0.001), pytest.approx(0.0001))
+    # fewer-records-slower samples: slope 0, never negative
+    assert commit_line([(0, 0.004), (20, 0.002), (40, 0.001)])[1] == 0.0
 
 
 def test_one_stalled_commit_does_not_set_the_correction() -> None:
