@@ -48,6 +48,13 @@ from vfiod.migration.session.ram_files import PieceBuffer, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
 
+#: what one piece of a pass is assumed to cost the stream before the passes measured it:
+#: in a RAM record of its own (framing, a checksum table, the receiver's bookkeeping), or
+#: as one run of a RAM_RUNS record (docs/protocol.md §5.4)
+RECORD_PRIOR_S = 40e-6
+PIECE_PRIOR_S = 10e-6
+
+
 class RamSender:
     def __init__(self, writer: StreamWriter, guest: Guest, digests: RamDigests,
                  bandwidth: BandwidthEstimator, *, slice_bytes: int, record_pages: int,
@@ -59,7 +66,10 @@ class RamSender:
         self.writer = writer
         self.ready = ready
         self.record_pages = record_pages
-        self.cost = CostModel()
+        # before the passes separate the two, a piece is assumed to cost what one costs
+        # in its own RAM record, or in a RAM_RUNS record with others (README "Scattered
+        # passes": 13-16 against 6.5-10 us of the source's CPU a piece)
+        self.cost = CostModel(PIECE_PRIOR_S if writer.header.ram_runs else RECORD_PRIOR_S)
         self.guest = guest
         self.digests = digests
         writer.attach_crc_sink(digests)     # stop-and-copy records' CRCs are the digests
