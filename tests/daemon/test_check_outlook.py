@@ -1,7 +1,9 @@
 """``ctl check GUEST`` gives a predicted downtime and a verdict with its reasons
 (docs/architecture.md §4), in-process on a simulated host: an opt-out in the shared
 container, a device with no dirty tracking, device state too large for the limit at the
-link's bandwidth, and a guest that converges. None of the first three is "migratable"."""
+link's bandwidth, and a guest that converges. The last two of the first three are not
+"migratable": the opted-out RAM is named with its worst case, and counted as the
+migration samples it."""
 
 from __future__ import annotations
 
@@ -97,16 +99,19 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def test_opt_out_in_the_shared_container(world) -> None:
+    """The migration samples what the opted-out device writes; the check names the RAM
+    and its worst case, and does not refuse on it."""
     r = _check(world, "optout", 32 * MiB)
     o = r["outlook"]
-    assert (r["migratable"], o["verdict"]) == (False, "will not converge"), o
-    assert o["always_dirty_bytes"] == 64 * MiB
-    assert "0000:3c:00.0: pre-copy dirty tracking is off (opt-out): all 64 MiB of RAM its " \
-        "shared container maps count dirty at every pass until stop-and-copy" in o["reasons"]
-    assert 2000 <= o["predicted_downtime_ms"] < 2100
-    text = _text(r)
-    assert text.startswith("exit 1\nguest optout: will not converge (predicted downtime 20")
-    assert "can migrate" not in text
+    assert (r["migratable"], o["verdict"]) == (True, "converges"), o
+    assert (o["always_dirty_bytes"], o["opted_out_bytes"]) == (0, 64 * MiB)
+    assert any(x.startswith("0000:3c:00.0: pre-copy dirty tracking is off (opt-out): the 64 "
+                            "MiB of RAM its shared container maps is not queried until "
+                            "stop-and-copy; the migration counts the part a sample of it "
+                            "shows written (if its devices wrote all of it: 20")
+               for x in o["reasons"]), o["reasons"]
+    assert o["predicted_downtime_ms"] < 300
+    assert _text(r).startswith("exit 0\nguest optout: converges (predicted downtime ")
 
 
 def test_no_dirty_tracking_at_all(world) -> None:
@@ -140,7 +145,7 @@ def test_a_guest_that_converges_and_the_default_bandwidth(world) -> None:
 
 def test_force_on_give_up_makes_it_converge_only_when_forced(world) -> None:
     mgr, reg, facts = world
-    r = check.check_guest(reg.guests["optout"], facts, guest=mgr.opened("optout"),
+    r = check.check_guest(reg.guests["untracked"], facts, guest=mgr.opened("untracked"),
                           defaults=MigrationConfig(bandwidth_limit=32 * MiB,
                                                    on_timeout="force"))
     assert r["migratable"] and r["outlook"]["verdict"] == \

@@ -60,8 +60,8 @@ def device_notes(d: DeviceEntry) -> list[str]:
                      "includes all of the container's mapped RAM")
     if not d.pre_copy_dirty_page_tracking:
         notes.append(f"{d.name}: pre-copy dirty page tracking is off (opt-out): its "
-                     "container's pages are counted dirty until stop-and-copy, which "
-                     "moves them")
+                     "container is not queried until stop-and-copy, which moves the pages "
+                     "it wrote; until then the part a sample shows written counts dirty")
     return notes
 
 

@@ -9,9 +9,14 @@ when a migration measured one, the dirty rate. The floor of the downtime is
     (RAM that pre-copy can never clean + Σ device stop-copy bytes) / bandwidth
 
 RAM that pre-copy can never clean: a container with no dirty tracking reports every
-mapped page dirty at every sync, and a container holding a device with the pre-copy
-opt-out is not queried before stop-and-copy, so all of its RAM counts dirty (in the
-default container that is all of the guest's RAM).
+mapped page dirty at every sync. A container holding a device with the pre-copy opt-out
+is not queried before stop-and-copy either, but the migration counts only the part of
+its RAM a sample shows written, or the part earlier migrations learnt
+(``session/optout_sample.py``), which no check before it can know: its RAM is named
+with the downtime if its device wrote all of it (``opted_out_bytes``), and the verdict
+does not count it. Before that sample, an opted-out device in the default container
+(all of the guest's RAM) made every such guest "will not converge" here, whatever its
+device wrote, and its migrations ran to their timeout.
 
 The verdict, with every reason:
 
@@ -53,6 +58,7 @@ class Outlook:
     always_dirty_bytes: int
     device_state_bytes: int
     reasons: tuple[str, ...]
+    opted_out_bytes: int = 0        # RAM counted as far as its opted-out devices write it
 
     def to_json(self) -> dict[str, object]:
         return {"verdict": self.verdict,
@@ -60,7 +66,8 @@ class Outlook:
                 "downtime_limit_ms": round(self.limit_s * 1000, 1),
                 "bandwidth_bps": self.bandwidth_bps, "bandwidth_source": self.bandwidth_source,
                 "always_dirty_bytes": self.always_dirty_bytes,
-                "device_state_bytes": self.device_state_bytes, "reasons": list(self.reasons)}
+                "device_state_bytes": self.device_state_bytes,
+                "opted_out_bytes": self.opted_out_bytes, "reasons": list(self.reasons)}
 
 
 def _rate(bps: float) -> str:
@@ -74,23 +81,32 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
         raise ValueError(f"bandwidth {bandwidth_bps} and limit {limit_s} must be positive")
     reasons: list[str] = []
     dirty_by_container: dict[str, int] = {}
+    opted_by_container: dict[str, int] = {}
     for d in devices:
         if not d.tracked:
             dirty_by_container[d.container] = d.container_ram_bytes
             reasons.append(f"{d.name}: its container has no dirty-page tracking: all "
                            f"{size_text(d.container_ram_bytes)} it maps are dirty at every pass")
-        elif d.opted_out:
-            dirty_by_container[d.container] = d.container_ram_bytes
-            shared = "shared " if any(
-                o.container == d.container and o.name != d.name for o in devices) else ""
-            reasons.append(f"{d.name}: pre-copy dirty tracking is off (opt-out): all "
-                           f"{size_text(d.container_ram_bytes)} of RAM its {shared}container "
-                           "maps count dirty at every pass until stop-and-copy")
+    opted = [d for d in devices if d.tracked and d.opted_out
+             and d.container not in dirty_by_container]
+    for d in opted:
+        opted_by_container[d.container] = d.container_ram_bytes
     always = min(ram_bytes, sum(dirty_by_container.values()))
+    opted_bytes = min(ram_bytes - always, sum(opted_by_container.values()))
     state = sum(d.state_bytes or 0 for d in devices)
     unknown = [d.name for d in devices if d.state_bytes is None]
     downtime = (always + state) / bandwidth_bps
     limit_ms = limit_s * 1000
+    worst_ms = (always + opted_bytes + state) / bandwidth_bps * 1000
+    for d in opted:
+        shared = "shared " if any(
+            o.container == d.container and o.name != d.name for o in devices) else ""
+        reasons.append(f"{d.name}: pre-copy dirty tracking is off (opt-out): the "
+                       f"{size_text(d.container_ram_bytes)} of RAM its {shared}container maps "
+                       "is not queried until stop-and-copy; the migration counts the part a "
+                       "sample of it shows written (if its devices wrote all of it: "
+                       f"{worst_ms:.0f} ms at {_rate(bandwidth_bps)}, limit "
+                       f"{limit_ms:.0f} ms)")
     over = downtime > limit_s
     if over:
         reasons.append(f"predicted downtime {downtime * 1000:.0f} ms > limit {limit_ms:.0f} ms:"
@@ -114,4 +130,4 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
         reasons.insert(0, f"predicted downtime {downtime * 1000:.0f} ms <= limit "
                           f"{limit_ms:.0f} ms at {_rate(bandwidth_bps)} ({bandwidth_source})")
     return Outlook(verdict, downtime, limit_s, bandwidth_bps, bandwidth_source, always, state,
-                   tuple(reasons))
+                   tuple(reasons), opted_bytes)
