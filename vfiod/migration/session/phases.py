@@ -47,7 +47,6 @@ from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.ram_files import PieceBuffer, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
-
 #: what one piece of a pass is assumed to cost the stream before the passes measured it:
 #: in a RAM record of its own (framing, a checksum table, the receiver's bookkeeping), or
 #: as one run of a RAM_RUNS record (docs/protocol.md §5.4)
