@@ -124,18 +124,6 @@ def test_the_commit_line_is_robust_and_never_falls_with_more_records() -> None:
     assert commit_line([(0, 0.004), (20, 0.002), (40, 0.001)])[1] == 0.0
 
 
-def test_a_commit_that_the_other_parts_overlapped_is_not_a_lesson() -> None:
-    """The commit is what is left of the downtime after the other parts, at least 0: a
-    destination that loads a large state while the stream's end arrives leaves nothing,
-    and -0.8 ms of "extra" from such migrations pulled every later commit short."""
-    h = SwitchoverHistory()
-    for _ in range(3):
-        h.record(MEASURED, PREDICTED, _actual(commit_round_trips=0.0), 0)
-    assert _correct(h).commit_round_trips_s == MEASURED.commit_round_trips_s
-    h.record(MEASURED, PREDICTED, _actual(commit_round_trips=0.0012), 0)
-    assert _correct(h).commit_round_trips_s == pytest.approx(0.0012)
-
-
 def test_one_stalled_commit_does_not_set_the_correction() -> None:
     h = SwitchoverHistory()
     for commit in (0.001, 0.001, 0.5):                 # one stalled commit among three

@@ -121,12 +121,9 @@ class SwitchoverHistory:
         the records its final RAM pass sent."""
         with self._lock:
             self.migrations += 1
-            # over the prediction, which already has the socket's queue at the bandwidth;
-            # a commit of nothing is the other parts overlapping (the destination loaded
-            # 8 MiB of device state while the stream's end arrived), not a lesson
-            if actual["commit_round_trips"] > 0:
-                self._commit_extra.append((final_records, actual["commit_round_trips"]
-                                           - predicted["commit_round_trips"]))
+            # over the prediction, which already has the socket's queue at the bandwidth
+            self._commit_extra.append((final_records, actual["commit_round_trips"]
+                                       - predicted["commit_round_trips"]))
             if measured.final_sync_s > 0 and actual["final_sync"] > 0:
                 ratio = actual["final_sync"] / measured.final_sync_s
                 if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:
