@@ -108,9 +108,9 @@ def test_an_opted_out_container_counts_what_a_sample_of_its_pages_shows_written(
     counted dirty (16 MiB at 40 MB/s: over the 300 ms limit) until a migration had learnt
     its rate, so the first migration of the guest could only be forced by its timeout
     (or cancelled, the default). Now the source reads a sample of the mapping's pages
-    again against the CRCs it hashed (``optout_sample``): the first migration counts
-    about what its device wrote and switches over within the limit; the next one counts
-    at least the rate the first one's stop-and-copy query found."""
+    again against their CRCs at the tracking's start (``optout_sample``): the first
+    migration counts about what its device wrote and switches over within the limit;
+    the next one counts at least the rate the first one's stop-and-copy query found."""
     dev = spec("v2_precopy_log")
     opted = spec("v2_stop_copy_log", name="0000:3e:00.3", seed=7)
     window = 16 * MiB
