@@ -50,6 +50,8 @@ RESERVED_GPA = 0x5000000
 RESERVED_SIZE = 16 * MiB
 
 GENERATION = re.compile(r"workload: generation (\d+)")
+#: console lines that say why a guest failed (``failure_context`` keeps them)
+_FAILURE_LINE = re.compile(r"FATAL|Kernel panic|Oops|BUG:")
 _SOCKET_PATH_MAX = 107
 PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
@@ -202,9 +204,16 @@ class QemuGuest:
                  f"exited {self.proc.returncode}" if self.proc else "not started")
         stderr = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() \
             else ""
-        console = "\n".join(self.console_text().splitlines()[-lines:])
+        text = self.console_text().splitlines()
+        # the line that says why can sit above the tail: a guest whose init died prints
+        # its FATAL line, then a kernel panic whose call trace alone may fill the tail
+        earlier = [line for line in text[:-lines] if _FAILURE_LINE.search(line)][-10:]
+        named = ("--- console (earlier lines naming a failure) ---\n"
+                 + "\n".join(earlier) + "\n") if earlier else ""
+        console = "\n".join(text[-lines:])
         return (f"QEMU {self.name} ({state}, files in {self.workdir})\n"
-                f"--- qemu stderr ---\n{stderr[-3000:]}\n--- console (tail) ---\n{console}")
+                f"--- qemu stderr ---\n{stderr[-3000:]}\n{named}"
+                f"--- console (tail) ---\n{console}")
 
     def _wait(self, cond: Callable[[], T], timeout: float, what: str) -> T:
         def done() -> T:
