@@ -25,10 +25,10 @@ from vfiod.kernel.sim.workload import DmaTarget, Workload, WorkloadConfig, fill
 from vfiod.migration.guest import Guest, GuestPlan, build_guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.session.costs import CostModel, records_for
+from vfiod.migration.session.costs import RECORD_PRIOR_S, CostModel, records_for
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
 from vfiod.migration.session.link import ThrottledLink
-from vfiod.migration.session.phases import PIECE_PRIOR_S, RECORD_PRIOR_S, RamSender
+from vfiod.migration.session.phases import PIECE_PRIOR_S, RamSender
 from vfiod.migration.session.ram_files import (
     PieceBuffer,
     full_ram_digest,

@@ -81,7 +81,6 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
         raise ValueError(f"bandwidth {bandwidth_bps} and limit {limit_s} must be positive")
     reasons: list[str] = []
     dirty_by_container: dict[str, int] = {}
-    opted_by_container: dict[str, int] = {}
     for d in devices:
         if not d.tracked:
             dirty_by_container[d.container] = d.container_ram_bytes
@@ -89,10 +88,9 @@ def outlook(ram_bytes: int, devices: Sequence[DeviceOutlook], *, bandwidth_bps: 
                            f"{size_text(d.container_ram_bytes)} it maps are dirty at every pass")
     opted = [d for d in devices if d.tracked and d.opted_out
              and d.container not in dirty_by_container]
-    for d in opted:
-        opted_by_container[d.container] = d.container_ram_bytes
     always = min(ram_bytes, sum(dirty_by_container.values()))
-    opted_bytes = min(ram_bytes - always, sum(opted_by_container.values()))
+    opted_bytes = min(ram_bytes - always,       # each container once, however many devices
+                      sum({d.container: d.container_ram_bytes for d in opted}.values()))
     state = sum(d.state_bytes or 0 for d in devices)
     unknown = [d.name for d in devices if d.state_bytes is None]
     downtime = (always + state) / bandwidth_bps

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: what one item is assumed to cost before the samples separate per-byte from per-item
+#: cost: a piece of a pass in a RAM record of its own (framing, a checksum table, the
+#: receiver's bookkeeping)
+RECORD_PRIOR_S = 40e-6
+
 
 class CostModel:
     """``seconds ~= bytes * per_byte + items * per_item``, fitted by least squares over
@@ -21,7 +26,7 @@ class CostModel:
     a final pass of many scattered pages takes longer than its bytes say, so the
     prediction counts both (docs/architecture.md §4 "fixed costs measured on this path")."""
 
-    def __init__(self, prior_per_item_s: float = 40e-6, decay: float = 0.9) -> None:
+    def __init__(self, prior_per_item_s: float = RECORD_PRIOR_S, decay: float = 0.9) -> None:
         self.prior = prior_per_item_s
         self.decay = decay
         self._s = np.zeros(5)           # sum bb, bi, ii, bt, it

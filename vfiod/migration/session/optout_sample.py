@@ -58,21 +58,22 @@ class OptedOutSample:
         self.page_size = page_size
         # per region: its views and the sampled pages' indexes in it (pages outside every
         # region, never the case for a mapping of guest RAM, are left out)
-        self._parts: list[tuple[memoryview, np.ndarray, int]] = []
+        self._parts: list[tuple[memoryview, np.ndarray]] = []
+        kept: list[np.ndarray] = []
         for region, view in zip(regions, views, strict=True):
             first = region.gpa // page_size
             mine = pages[(pages >= first) & (pages < first + region.size // page_size)]
             if mine.size:
-                self._parts.append((memoryview(view).cast("B"), mine - first, first))
-        self.pages = np.concatenate([idx + first for _, idx, first in self._parts]) \
-            if self._parts else np.empty(0, dtype=np.int64)
+                self._parts.append((memoryview(view).cast("B"), mine - first))
+                kept.append(mine)
+        self.pages = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
         self._baseline = self._crcs()
 
     def _crcs(self) -> np.ndarray:
         if not self._parts:
             return np.empty(0, dtype=np.uint32)
         return np.concatenate([page_crcs_at(view, idx, self.page_size)
-                               for view, idx, _ in self._parts])
+                               for view, idx in self._parts])
 
     def share(self) -> float | None:
         """The upper bound of the part of the opted-out pages written since the sample

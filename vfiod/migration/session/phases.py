@@ -42,15 +42,14 @@ from vfiod.dirty.tracker_status import SyncResult
 from vfiod.migration.device.protocol import Pending
 from vfiod.migration.guest import Guest
 from vfiod.migration.planning.predictor import BandwidthEstimator
-from vfiod.migration.session.costs import CostModel, records_for
+from vfiod.migration.session.costs import RECORD_PRIOR_S, CostModel, records_for
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.ram_files import PieceBuffer, nonzero_page_runs
 from vfiod.migration.stream.writer import StreamWriter
 
-#: what one piece of a pass is assumed to cost the stream before the passes measured it:
-#: in a RAM record of its own (framing, a checksum table, the receiver's bookkeeping), or
-#: as one run of a RAM_RUNS record (docs/protocol.md §5.4)
-RECORD_PRIOR_S = 40e-6
+#: what one piece of a pass is assumed to cost the stream before the passes measured it
+#: as one run of a RAM_RUNS record (docs/protocol.md §5.4); in a RAM record of its own it
+#: is ``costs.RECORD_PRIOR_S``
 PIECE_PRIOR_S = 10e-6
 
 
