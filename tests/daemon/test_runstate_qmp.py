@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import socket
 import threading
 import time
@@ -60,7 +59,7 @@ def test_a_client_holding_the_qmp_socket_fails_the_pause_naming_the_cause(
 def test_a_qemu_that_does_not_answer_in_time_fails_the_pause(qemu: QemuQmp) -> None:
     backend = QmpRunState(qemu.path)
     backend.resume(soon())
-    os.kill(qemu.proc.pid, signal.SIGSTOP)   # a wedged VMM: the kernel still accepts
+    qemu.freeze()                  # a wedged VMM: the kernel still accepts
     began = time.monotonic()
     try:
         with pytest.raises(RunStateError) as e:
@@ -68,8 +67,41 @@ def test_a_qemu_that_does_not_answer_in_time_fails_the_pause(qemu: QemuQmp) -> N
         assert e.value.kind == "timeout"
         assert 0.5 <= time.monotonic() - began < 3.0
     finally:
-        os.kill(qemu.proc.pid, signal.SIGCONT)
+        qemu.thaw()
     assert backend.status(soon()).running    # the failed pause stopped nothing
+
+
+def test_an_answer_left_over_from_an_earlier_client_is_skipped_before_the_greeting(
+        tmp_path: Path) -> None:
+    # QEMU writes an answer whose client gave up to its next client, before the greeting
+    path = tmp_path / "qmp.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    asked: list[str] = []
+
+    def monitor() -> None:
+        conn, _ = srv.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"return": {}, "id": 27}\n')
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                req = json.loads(line)
+                asked.append(req["execute"])
+                ret = {"running": True, "status": "running"} \
+                    if req["execute"] == "query-status" else {}
+                f.write(json.dumps({"return": ret, "id": req["id"]}).encode() + b"\n")
+                f.flush()
+
+    t = threading.Thread(target=monitor, daemon=True)
+    t.start()
+    try:
+        assert QmpRunState(str(path)).status(soon()).running
+        assert asked == ["qmp_capabilities", "query-status"]
+    finally:
+        t.join(timeout=5)
+        srv.close()
 
 
 def test_a_socket_that_is_not_qmp_is_a_protocol_error(tmp_path: Path) -> None:

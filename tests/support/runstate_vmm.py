@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -95,6 +96,27 @@ class QemuQmp:
         wait_until(lambda: os.path.exists(self.path) or self.proc.poll() is not None,
                    30, "QEMU's QMP socket")
         assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+
+    def freeze(self) -> None:
+        """SIGSTOP QEMU and return once every thread of it is stopped: ``kill`` returns
+        before a thread running on another CPU has taken the signal, and a QEMU that
+        still runs for those moments can greet the next client and take its commands."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_until(self._all_threads_stopped, 30, f"QEMU {self.proc.pid} to stop")
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def _all_threads_stopped(self) -> bool:
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = []
+        for t in tasks.iterdir():
+            try:
+                stat = (t / "stat").read_text()
+            except FileNotFoundError:      # a thread that exited meanwhile
+                continue
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(s in ("T", "t") for s in states)
 
     def close(self) -> None:
         if self.proc.poll() is None:

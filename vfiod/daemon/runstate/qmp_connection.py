@@ -7,6 +7,11 @@ Both hold vfiod's own ``-qmp`` socket only for one conversation, because QEMU se
 client per socket: a socket that accepts but sends no greeting before the deadline is
 reported as probably held by another client. Events that arrive during the conversation
 are kept in ``events`` (their names, in order).
+
+A client's first line can be an answer to a command of an earlier client that gave up
+(seen after a pause timed out against a wedged QEMU, docs/architecture.md §8.4), ahead
+of the greeting: such answers (an ``id`` with ``return`` or ``error``) are skipped while
+the greeting is awaited; anything else first is a protocol error.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ class QmpConnection:
 
     def _greeting(self) -> dict[str, Any]:
         try:
-            return self._chan.receive(self.deadline, "the QMP greeting")
+            while True:
+                msg = self._chan.receive(self.deadline, "the QMP greeting")
+                if not _stale_answer(msg):
+                    return msg
         except RunStateError as e:
             if e.kind != "timeout":
                 raise
@@ -78,3 +86,8 @@ class QmpConnection:
                 raise RunStateError("protocol", f"{self.what}: {command}: answer without "
                                     f"return or error: {str(msg)[:200]}")
             return msg["return"]
+
+
+def _stale_answer(msg: dict[str, Any]) -> bool:
+    """An answer left over from an earlier client of the monitor (see the module text)."""
+    return "id" in msg and ("return" in msg or "error" in msg) and "QMP" not in msg
