@@ -10,13 +10,16 @@ migration's error says the device needs its VMM.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.daemons import wait_until
-from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process
+from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process, vmms_closed
+from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.main import Daemon
 from vfiod.migration.states import MigState
 
@@ -71,6 +74,35 @@ def _kernel_state(d: Daemon, name: str) -> MigState:
     return next(MigState(p.state) for p in node.parts.features if hasattr(p, "arcs"))
 
 
+def _memfds(label: str) -> int:
+    """This process's fds on the memfd named ``label`` (the daemons run in it)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += f"memfd:{label} " in os.readlink(f"/proc/self/fd/{fd}") + " "
+        except OSError:
+            pass                 # closed meanwhile (the listing's own fd)
+    return n
+
+
+def _held_at_defined(d: Daemon, label: str) -> list[tuple[set[int], int]]:
+    """Filled, each time ``d`` records the guest ``defined``, with what ``d`` still held of
+    its VMM's (call it once the VMM is open, before the attach): its kernel's fds beyond
+    the VMM's own, and the fds on the VMM's RAM memfd ``label`` beyond the VMM's. A VMM reading ``defined`` may take its RAM back at once, so vfiod's
+    copies must be closed by then (docs/architecture.md §8.1)."""
+    files, ram = set(d.kernel.open_files()), _memfds(label)
+    seen: list[tuple[set[int], int]] = []
+    lifecycle = d.registry.lifecycle
+    real_move = lifecycle.move
+
+    def move(guest: str, to: LifecycleState, *args: Any, **kwargs: Any) -> Any:
+        if to is LifecycleState.DEFINED:
+            seen.append((set(d.kernel.open_files()) - files, _memfds(label) - ram))
+        return real_move(guest, to, *args, **kwargs)
+    lifecycle.move = move                               # type: ignore[method-assign]
+    return seen
+
+
 def _state(d: Daemon) -> str:
     return call(d, "status", {"guest": "vm"})["guests"][0]["state"]
 
@@ -79,7 +111,8 @@ def test_handed_over_devices_and_ram_migrate(pair) -> None:
     src, dst = pair
     svmm = SimVmm(src, [SRC_DEV], 8 * MIB, "vmm-src")
     dvmm = SimVmm(dst, [DST_DEV], 8 * MIB, "vmm-dst")
-    try:
+    with vmms_closed(svmm, dvmm):
+        released = _held_at_defined(src, "vmm-src")
         svmm.ram.view()[4096:4096 + 11] = b"guest bytes"
         assert hand_over(src, svmm.request("vm"), svmm.fds())["state"] == "running"
         assert hand_over(dst, dvmm.request("vm"), dvmm.fds())["state"] == "incoming"
@@ -94,11 +127,9 @@ def test_handed_over_devices_and_ram_migrate(pair) -> None:
         # the source let go of its copies (a VMM's guest is released, not re-opened) and
         # the source VMM's device fd still answers
         wait_until(lambda: _state(src) == "defined", 30, "vm released on the source")
+        assert released == [(set(), 0)]    # its copies were closed when it read defined
         assert svmm.devices[SRC_DEV].info().num_regions > 0
         assert call(dst, "detach", {"guest": "vm"})["state"] == "defined"
-    finally:
-        svmm.close()
-        dvmm.close()
 
 
 @pytest.mark.parametrize("allow_reset", [False, True], ids=["no_reset", "reset_allowed"])
@@ -106,8 +137,8 @@ def test_the_rollback_resets_a_vmm_device_only_if_allowed(pair, allow_reset) -> 
     src, dst = pair
     svmm = SimVmm(src, [SRC_DEV], 8 * MIB, "vmm-src")
     dvmm = SimVmm(dst, [DST_DEV], 8 * MIB, "vmm-dst")
-    vmm_files = set(dst.kernel.open_files())
-    try:
+    discarded = _held_at_defined(dst, "vmm-dst")
+    with vmms_closed(svmm, dvmm):
         hand_over(src, svmm.request("vm", allow_reset=allow_reset), svmm.fds())
         hand_over(dst, dvmm.request("vm"), dvmm.fds())
         faults = src.kernel.faults            # the device fails its stop-copy (ERROR)
@@ -123,14 +154,10 @@ def test_the_rollback_resets_a_vmm_device_only_if_allowed(pair, allow_reset) -> 
             # status says so beside a guest that runs on: not only the migration's error
             assert any(w.startswith(f"device {SRC_DEV} is ") and "needs its VMM" in w
                        and "after the rollback" in w for w in m["warnings"]), m
-        # the source runs on (rolled back as far as allowed); the destination dropped
-        # what it received and released the guest: its VMM attaches again to retry
-        assert (_state(src), _state(dst)) == ("running", "defined")
+        # the source runs on (rolled back as far as allowed); the destination drops what
+        # it received and releases the guest (its VMM attaches again to retry) on its own
+        # thread, which may still run when the source's result is in
+        assert _state(src) == "running"
+        wait_until(lambda: _state(dst) == "defined", 30, "the destination to release vm")
+        assert discarded == [(set(), 0)]   # its copies were closed when it read defined
         assert call(src, "detach", {"guest": "vm"})["state"] == "defined"
-        # the destination says defined when it released the guest; its thread closes its
-        # copies of the VMM's fds right after (the VMM's group cannot be closed before)
-        wait_until(lambda: set(dst.kernel.open_files()) <= vmm_files, 30,
-                   "the destination to close its copies of the VMM's fds")
-    finally:
-        svmm.close()
-        dvmm.close()

@@ -20,6 +20,7 @@ from typing import Any
 from vfiod.api.client import ControlClient
 from vfiod.api.ops import AttachArgs, parse_args
 from vfiod.daemon.main import Daemon, RunOptions, read_config
+from vfiod.errors import KernelError
 from vfiod.migration.guest import RamBlock
 from vfiod.vfio import Container, Device, Group, RamRegion
 from vfiod.vfio.discovery import discover_device
@@ -108,6 +109,26 @@ class SimVmm:
     def close(self) -> None:
         self.container.close()
         self.ram.close()
+
+
+@contextmanager
+def vmms_closed(*vmms: SimVmm) -> Iterator[None]:
+    """Close ``vmms`` after the block. A VMM's close fails (EBUSY) while a daemon still
+    holds copies of its fds, as it may when the block failed half-way; that close error
+    would then replace the block's failure in the report (the kernel error is raised
+    ``from None``), so after a failure the VMMs are closed as far as they can be and the
+    block's own error is what the test reports."""
+    try:
+        yield
+    except BaseException:
+        for vmm in vmms:
+            try:
+                vmm.close()
+            except KernelError:
+                pass                 # the block's failure is the one to report
+        raise
+    for vmm in vmms:
+        vmm.close()
 
 
 def hand_over(daemon: Daemon, raw: dict[str, Any], fds: list[int]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from vfiod.api.ops import AttachArgs, RamHandOver
 from vfiod.api.schema import ApiError, ApiErrorCode
 from vfiod.daemon.config import GuestConfig
-from vfiod.daemon.guests import RamInUse
+from vfiod.daemon.guest_plan import RamInUse
 from vfiod.errors import KernelError
 from vfiod.kernel.ops import FdFacts, KernelOps
 

@@ -1,8 +1,9 @@
 """The guests the daemon owns: opened from the configuration at start, kept in the
 ``Registry`` (docs/architecture.md §1 steps 2-4: containers, groups, device fds, guest RAM mapped for
-DMA, migration and dirty-tracking probes). ``config_plan`` turns a configured guest into
-the plain description ``build_guest`` assembles (the same builder the demo and the tests
-use); ``guest_migratability`` describes its devices for status and ``check``.
+DMA, migration and dirty-tracking probes). ``config_plan`` (``guest_plan.py``) turns a
+configured guest into the plain description ``build_guest`` assembles (the same builder
+the demo and the tests use); ``guest_migratability`` describes its devices for status and
+``check``.
 
 A guest configured ``start = "running"`` runs here (it can be migrated away); one
 configured ``start = "incoming"`` is opened the same way (zeroed RAM, devices ready to
@@ -35,64 +36,26 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from vfiod.daemon.config import GuestConfig
 from vfiod.daemon.config_sim import SimWorkload
+from vfiod.daemon.guest_plan import RamInUse, config_plan
 from vfiod.daemon.lifecycle import LifecycleError, LifecycleState
 from vfiod.daemon.registry import DeviceEntry, GuestEntry, Registry
 from vfiod.daemon.runstate.handler import VmmRunStateHandler, backend_for
 from vfiod.errors import KernelError, NotMigratable, VfiodError
 from vfiod.kernel.ops import KernelOps
-from vfiod.migration.guest import (
-    ContainerPlan,
-    DevicePlan,
-    Guest,
-    GuestPlan,
-    HandedVfio,
-    UnusableDevice,
-    build_guest,
-)
+from vfiod.migration.guest import Guest, HandedVfio, UnusableDevice, build_guest
 from vfiod.migration.guest.migratability import guest_migratability
 from vfiod.migration.states import GuestState, device_label
-from vfiod.vfio import HostPaths, RamRegion
+from vfiod.vfio import HostPaths
 
 log = logging.getLogger("vfiod.guests")
 _STOPPING = "the daemon is stopping"
 
 
-@dataclass(frozen=True)
-class RamInUse:
-    """A guest's RAM region and the bytes of the file backing it."""
-
-    guest: str
-    region: str
-    device: int                # st_dev, st_ino of the file
-    inode: int
-    offset: int
-    size: int
-
-
 #: Starts a simulated guest's workload (sim backend only): (guest, config) -> stop function
 WorkloadStarter = Callable[[Guest, SimWorkload], Callable[[], None] | None]
-
-
-def config_plan(gc: GuestConfig, tracking: Mapping[str, bool],
-                handed: Mapping[str, tuple[int, int]] | None = None,
-                vfio: Mapping[str, HandedVfio] | None = None) -> GuestPlan:
-    """The builder's description of configured guest ``gc``; ``tracking``: the devices'
-    current pre-copy dirty-tracking opt-outs (they survive a re-open); ``handed``, ``vfio``:
-    the RAM fds (and offsets) and VFIO fds (by container) its VMM handed over."""
-    containers = dict.fromkeys(d.container for d in gc.devices)
-    return GuestPlan(
-        gc.name, tuple(RamRegion(r.name, r.gpa, r.size) for r in gc.ram),
-        tuple(DevicePlan(d.name, d.container,
-                         tracking.get(d.name, d.pre_copy_dirty_page_tracking), d.id)
-              for d in gc.devices),
-        tuple(ContainerPlan(c, tuple((r.gpa, r.size) for r in gc.regions_of(c)))
-              for c in containers),
-        gc.page_size, {r.name: r.path for r in gc.ram if r.path is not None},
-        dict(handed or {}), dict(vfio or {}))
 
 
 class GuestManager:
@@ -322,25 +285,42 @@ class GuestManager:
             if guest is not None and any(d.name == device for d in guest.devices):
                 guest.device(device).pre_copy_dirty_page_tracking = enabled
 
-    def reopen(self, entry: GuestEntry, start: str) -> None:
-        """Release everything of the guest and open it fresh (``start``: its new role);
-        a migration's thread calls it. Once the stop began, the stop closes it instead."""
+    def reopen(self, entry: GuestEntry, start: str,
+               release: Callable[[], object] | None = None) -> None:
+        """``close`` the guest (``release``: see there), then open it fresh as ``start``
+        (its new role); a migration's thread calls it. Once the stop began it is closed
+        only: the stop does not wait for it to open again."""
         with self._working(entry.name) as allowed:
-            if not allowed:
+            self.close(entry, "re-opened fresh", release)
+            if allowed:
+                self.open(entry, start)
+            else:
                 log.info("guest %s: not re-opened: the daemon is stopping", entry.name)
-                return
-            self.close(entry, "re-opened fresh")
-            self.open(entry, start)
 
     # -- closing ---------------------------------------------------------------------------
-    def close(self, entry: GuestEntry, cause: str) -> None:
+    def close(self, entry: GuestEntry, cause: str,
+              release: Callable[[], object] | None = None) -> None:
         """Close what the guest holds, then record it ``defined`` (nothing held: its VMM may
-        take its RAM back at once)."""
+        take its RAM back at once): ``release``, a migration's last lifecycle steps ending
+        in ``defined``, else the plain release. A release the lifecycle refuses closes
+        nothing; ``release`` still runs then (its record ends) and raises."""
+        guest: Guest | None = None
+        refused = False
         with self.registry.lock:
-            self.registry.lifecycle.check_release(entry.name, cause)
-            guest = self._guests.pop(entry.name, None)
-        self._release(entry.name, guest)
-        self.registry.lifecycle.release(entry.name, cause)
+            try:
+                self.registry.lifecycle.check_release(entry.name, cause)
+            except LifecycleError:
+                if release is None:
+                    raise
+                refused = True
+            else:
+                guest = self._guests.pop(entry.name, None)
+        if not refused:
+            self._release(entry.name, guest)
+        if release is not None:
+            release()
+        else:
+            self.registry.lifecycle.release(entry.name, cause)
 
     def _release(self, name: str, guest: Guest | None) -> None:
         """Stop the guest's workload, then close its fds and RAM (no longer listed)."""

@@ -183,9 +183,7 @@ class MigrationService(OutcomeKeeping):
             if res.result == "completed":
                 self._outcome(rec, MigrationOutcome.RESUMED, "the destination resumed it")
                 self.ledger.end(rec, "completed", [
-                    (LifecycleState.MIGRATED_AWAY, "the destination resumed it"),
-                    (LifecycleState.DEFINED, "released, to be re-opened: it may come back")],
-                    res=res)
+                    (LifecycleState.MIGRATED_AWAY, "the destination resumed it")], res=res)
             elif res.result == "unsettled":
                 self._unsettled(rec, entry, "source", host, port, session, res,
                                 LifecycleState.OUTCOME_UNKNOWN)
@@ -195,8 +193,10 @@ class MigrationService(OutcomeKeeping):
                 back = f"migration {res.result}, rolled back: {res.reason}"
                 self.ledger.end(rec, record_result(res), [(LifecycleState.RUNNING, back)], res=res)
         if res.result == "completed":
-            # The guest runs on the destination now; keep it ready to come back.
-            self.guests.reopen(entry, "incoming")
+            # The guest runs on the destination now; keep it ready to come back (its fds
+            # closed before it reads "defined": its VMM may take its RAM back at once).
+            self.guests.reopen(entry, "incoming", lambda: self.ledger.move(
+                rec, [(LifecycleState.DEFINED, "released, to be re-opened: it may come back")]))
 
     def _session_config(self, policy: Policy | None = None, channels: int | None = None
                         ) -> SessionConfig:   # channels: RAM channels as a source, if any
@@ -300,9 +300,9 @@ class MigrationService(OutcomeKeeping):
             except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
                 log.exception("incoming migration %s crashed", rec.id)
                 reason = f"internal error: {type(e).__name__}: {e}"
-                self.ledger.end(rec, "failed", [(LifecycleState.DEFINED,
-                                                 f"discarded: {reason}")], error=reason)
-                self.guests.reopen(entry, "incoming")
+                self.guests.reopen(entry, "incoming", lambda: self.ledger.end(
+                    rec, "failed", [(LifecycleState.DEFINED, f"discarded: {reason}")],
+                    error=reason))
                 return
             if res.result == "completed":     # prepared → running was journaled on COMMIT
                 self.ledger.end(rec, "completed", [], res=res)
@@ -312,12 +312,13 @@ class MigrationService(OutcomeKeeping):
                 return
             else:
                 self._outcome(rec, MigrationOutcome.DISCARDED, res.reason)
-                gone = f"discarded ({res.result}): {res.reason}"
-                self.ledger.end(rec, record_result(res), [(LifecycleState.DEFINED, gone)], res=res)
         if res.result == "completed":
             self.guests.started_running(entry)
         else:
-            self.guests.reopen(entry, "incoming")
+            # its fds closed first: a VMM that reads "defined" finds none of them held
+            gone = f"discarded ({res.result}): {res.reason}"
+            self.guests.reopen(entry, "incoming", lambda: self.ledger.end(
+                rec, record_result(res), [(LifecycleState.DEFINED, gone)], res=res))
 
     def _admit(self, entry: GuestEntry | None, offer: Offer, peer: str
                ) -> tuple[MigrationRecord, Guest, MigrationHandle]:

@@ -61,9 +61,9 @@ class MigrationSettler:
         if runs_there:
             self._record(item, MigrationOutcome.RESUMED, why)
             res = s.settle(True, why) if s is not None else None
-            self._end(item, "completed", [(_S.MIGRATED_AWAY, why), (
-                _S.DEFINED, "released, to be re-opened: it may come back")], res)
-            self.guests.reopen(entry, "incoming")
+            self._end(item, "completed", [(_S.MIGRATED_AWAY, why)], res)
+            self.guests.reopen(entry, "incoming", lambda: self.ledger.move(
+                rec, [(_S.DEFINED, "released, to be re-opened: it may come back")]))
             return
         self._record(item, MigrationOutcome.ROLLED_BACK, why)
         if s is not None:
@@ -83,16 +83,16 @@ class MigrationSettler:
         if runs_here:
             res = s.settle(True, why)          # journals "resumed" before it resumes
             if res.result != "completed":
-                self._end(item, "failed", [(_S.DEFINED, f"discarded: {res.reason}")], res)
-                self.guests.reopen(item.entry, "incoming")
+                self.guests.reopen(item.entry, "incoming", lambda: self._end(
+                    item, "failed", [(_S.DEFINED, f"discarded: {res.reason}")], res))
                 return
             self._end(item, "completed", [], res)
             self.guests.started_running(item.entry)
             return
         self._record(item, MigrationOutcome.DISCARDED, why)
         res = s.settle(False, why)
-        self._end(item, "failed", [(_S.DEFINED, f"discarded: {why}")], res)
-        self.guests.reopen(item.entry, "incoming")
+        self.guests.reopen(item.entry, "incoming", lambda: self._end(
+            item, "failed", [(_S.DEFINED, f"discarded: {why}")], res))
 
     def _end(self, item: Unsettled, result: str, moves: list[tuple[LifecycleState, str]],
              res: MigrationResult | None) -> None:
