@@ -261,3 +261,23 @@ def test_a_released_guest_reads_defined_only_once_its_fds_are_closed(
         assert not any(f.name == "0000:3b:00.1" for f in host.kernel.open_files().values())
         if close_by == "close":
             mgr.open(reg.guests["good"], "running")
+
+
+def test_a_release_the_lifecycle_refuses_closes_nothing_and_still_ends_the_record(
+        world: tuple[SimHost, GuestManager, Registry]) -> None:
+    """A migration's end hands ``close`` its lifecycle steps to ``defined`` (the record's
+    end with them): refused (here, from migrating-out), they still run, so the record
+    ends, and the guest keeps its fds."""
+    from vfiod.daemon.lifecycle import LifecycleError, LifecycleState
+    host, mgr, reg = world
+    reg.lifecycle.move("good", LifecycleState.MIGRATING_OUT, "test")
+    ran: list[str] = []
+
+    def steps() -> None:
+        ran.append("record ended")
+        reg.lifecycle.move("good", LifecycleState.DEFINED, "test")
+    with pytest.raises(LifecycleError):
+        mgr.close(reg.guests["good"], "test", steps)
+    assert ran == ["record ended"]
+    assert mgr.opened("good") is not None
+    assert any(f.name == "0000:3b:00.1" for f in host.kernel.open_files().values())

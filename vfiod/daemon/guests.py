@@ -304,19 +304,16 @@ class GuestManager:
         take its RAM back at once): ``release``, a migration's last lifecycle steps ending
         in ``defined``, else the plain release. A release the lifecycle refuses closes
         nothing; ``release`` still runs then (its record ends) and raises."""
-        guest: Guest | None = None
-        refused = False
         with self.registry.lock:
             try:
                 self.registry.lifecycle.check_release(entry.name, cause)
             except LifecycleError:
                 if release is None:
                     raise
-                refused = True
-            else:
-                guest = self._guests.pop(entry.name, None)
-        if not refused:
-            self._release(entry.name, guest)
+                release()          # ends the migration's record; its refused step raises
+                raise
+            guest = self._guests.pop(entry.name, None)
+        self._release(entry.name, guest)
         if release is not None:
             release()
         else:
