@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.daemons import wait_until
 from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process, vmms_closed
+from tests.support.vmm_ram import memfd_fds
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.main import Daemon
 from vfiod.migration.states import MigState
@@ -74,30 +75,21 @@ def _kernel_state(d: Daemon, name: str) -> MigState:
     return next(MigState(p.state) for p in node.parts.features if hasattr(p, "arcs"))
 
 
-def _memfds(label: str) -> int:
-    """This process's fds on the memfd named ``label`` (the daemons run in it)."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += f"memfd:{label} " in os.readlink(f"/proc/self/fd/{fd}") + " "
-        except OSError:
-            pass                 # closed meanwhile (the listing's own fd)
-    return n
-
-
 def _held_at_defined(d: Daemon, label: str) -> list[tuple[set[int], int]]:
     """Filled, each time ``d`` records the guest ``defined``, with what ``d`` still held of
     its VMM's (call it once the VMM is open, before the attach): its kernel's fds beyond
-    the VMM's own, and the fds on the VMM's RAM memfd ``label`` beyond the VMM's. A VMM reading ``defined`` may take its RAM back at once, so vfiod's
-    copies must be closed by then (docs/architecture.md §8.1)."""
-    files, ram = set(d.kernel.open_files()), _memfds(label)
+    the VMM's own, and the fds on the VMM's RAM memfd ``label`` beyond the VMM's. A VMM
+    reading ``defined`` may take its RAM back at once, so vfiod's copies must be closed
+    by then (docs/architecture.md §8.1)."""
+    files, ram = set(d.kernel.open_files()), len(memfd_fds(os.getpid(), label))
     seen: list[tuple[set[int], int]] = []
     lifecycle = d.registry.lifecycle
     real_move = lifecycle.move
 
     def move(guest: str, to: LifecycleState, *args: Any, **kwargs: Any) -> Any:
         if to is LifecycleState.DEFINED:
-            seen.append((set(d.kernel.open_files()) - files, _memfds(label) - ram))
+            seen.append((set(d.kernel.open_files()) - files,
+                         len(memfd_fds(os.getpid(), label)) - ram))
         return real_move(guest, to, *args, **kwargs)
     lifecycle.move = move                               # type: ignore[method-assign]
     return seen

@@ -40,17 +40,21 @@ def layout(region: str, gpa: int, size: int, offset: int = 0, fd: int = 0) -> di
     return {"region": region, "gpa": gpa, "size": size, "offset": offset, "fd": fd}
 
 
-def held_memfds(d: DaemonProcess, name: str) -> list[str]:
-    """The daemon's fds and mappings of memfd ``name`` (what it still holds of it)."""
-    proc = Path(f"/proc/{d.proc.pid}")
+def memfd_fds(pid: int, name: str) -> list[str]:
+    """Process ``pid``'s fds on memfd ``name`` ("fd N" each)."""
     out = []
-    for link in (proc / "fd").iterdir():
+    for link in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = os.readlink(link)
         except OSError:
             continue                 # closed while listing
         if target.startswith(f"/memfd:{name} "):
             out.append(f"fd {link.name}")
-    out += [line for line in (proc / "maps").read_text().splitlines()
-            if f"/memfd:{name} " in line]
     return out
+
+
+def held_memfds(d: DaemonProcess, name: str) -> list[str]:
+    """The daemon's fds and mappings of memfd ``name`` (what it still holds of it)."""
+    proc = Path(f"/proc/{d.proc.pid}")
+    return memfd_fds(d.proc.pid, name) + [
+        line for line in (proc / "maps").read_text().splitlines() if f"/memfd:{name} " in line]
