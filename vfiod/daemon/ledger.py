@@ -97,6 +97,11 @@ class MigrationLedger:
             self.lifecycle.move(rec.guest, state, cause, migration_id=rec.id, peer=rec.peer,
                                 must_record=must_record)
 
+    def released_to_return(self, rec: MigrationRecord) -> None:
+        """A source's last step after its guest migrated away: ``defined``, to be re-opened
+        ``incoming`` (it may come back); the caller closed the guest's fds first."""
+        self.move(rec, [(LifecycleState.DEFINED, "released, to be re-opened: it may come back")])
+
     def end(self, rec: MigrationRecord, result: str, moves: Moves = (), *,
             res: MigrationResult | None = None, error: str | None = None) -> None:
         """The migration's last lifecycle steps, its handle dropped and its record

@@ -195,8 +195,7 @@ class MigrationService(OutcomeKeeping):
         if res.result == "completed":
             # The guest runs on the destination now; keep it ready to come back (its fds
             # closed before it reads "defined": its VMM may take its RAM back at once).
-            self.guests.reopen(entry, "incoming", lambda: self.ledger.move(
-                rec, [(LifecycleState.DEFINED, "released, to be re-opened: it may come back")]))
+            self.guests.reopen(entry, "incoming", lambda: self.ledger.released_to_return(rec))
 
     def _session_config(self, policy: Policy | None = None, channels: int | None = None
                         ) -> SessionConfig:   # channels: RAM channels as a source, if any

@@ -62,8 +62,7 @@ class MigrationSettler:
             self._record(item, MigrationOutcome.RESUMED, why)
             res = s.settle(True, why) if s is not None else None
             self._end(item, "completed", [(_S.MIGRATED_AWAY, why)], res)
-            self.guests.reopen(entry, "incoming", lambda: self.ledger.move(
-                rec, [(_S.DEFINED, "released, to be re-opened: it may come back")]))
+            self.guests.reopen(entry, "incoming", lambda: self.ledger.released_to_return(rec))
             return
         self._record(item, MigrationOutcome.ROLLED_BACK, why)
         if s is not None:
