@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process
+from tests.support.sim_vmm import SimVmm, call, hand_over, sim_daemon_in_process, vmms_closed
 from vfiod.api.schema import ApiError
 from vfiod.daemon.main import Daemon
 from vfiod.migration.states import MigState
@@ -74,7 +74,7 @@ def _group(d: Daemon, name: str) -> int:
 
 def test_a_handed_over_device_is_used_through_copies_and_given_back(daemon) -> None:
     vmm = SimVmm(daemon, [A], 8 * MIB, "vmm-a")
-    try:
+    with vmms_closed(vmm):
         r = hand_over(daemon, vmm.request("a"), vmm.fds())
         assert (r["state"], r["devices"]) == ("running", [A]), r
         guest = daemon.guests.opened("a")
@@ -88,8 +88,6 @@ def test_a_handed_over_device_is_used_through_copies_and_given_back(daemon) -> N
         assert daemon.kernel.file_of(mine.fd) is None
         assert vmm.devices[A].info().num_regions > 0
         assert vmm.groups[_group(daemon, A)].status() == (True, True)
-    finally:
-        vmm.close()
 
 
 def test_every_wrong_foreign_closed_or_duplicated_fd_is_refused(daemon) -> None:
@@ -173,12 +171,10 @@ def test_an_unfinished_vmm_setup_is_refused(daemon) -> None:
 
 def test_a_device_its_group_shares_with_an_alike_device_is_refused(daemon) -> None:
     vmm = SimVmm(daemon, [C], 8 * MIB, "vmm-alike")
-    try:
+    with vmms_closed(vmm):
         msg = _refused(daemon, vmm.request("c"), vmm.fds())
         assert (f"fd index 3 (device {C}) cannot be told apart from {D} of group 50, which "
                 "sysfs describes alike") in msg, msg
-    finally:
-        vmm.close()
 
 
 def test_the_config_rules_for_devices_from_the_vmm(tmp_path: Path) -> None:
@@ -199,7 +195,7 @@ def test_a_stopped_device_is_reset_only_if_its_vmm_allows(daemon) -> None:
     """A device the VMM hands over must be RUNNING; vfiod resets one that is not only
     with ``allow_reset: true`` (docs/architecture.md §8.1)."""
     vmm = SimVmm(daemon, [A], 8 * MIB, "vmm-stopped")
-    try:
+    with vmms_closed(vmm):
         vmm.devices[A].set_mig_state(MigState.STOP)
         msg = _refused(daemon, vmm.request("a"), vmm.fds())
         assert (f"{A}: device is in STOP, not RUNNING, and its VMM did not allow vfiod to "
@@ -209,5 +205,3 @@ def test_a_stopped_device_is_reset_only_if_its_vmm_allows(daemon) -> None:
                          vmm.fds())["state"] == "running"
         assert vmm.devices[A].get_mig_state() is MigState.RUNNING
         assert call(daemon, "detach", {"guest": "a"})["state"] == "defined"
-    finally:
-        vmm.close()
