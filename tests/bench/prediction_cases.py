@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +37,13 @@ from tests.support.session_rig import (
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.session.history import HOST_HISTORY
+from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
 from vfiod.migration.states import GuestState
+from vfiod.migration.stream.header import DeviceInfo
 from vfiod.vfio import RamRegion
+
+#: the switchovers a guest's migration learns from, by its name and devices
+HistoryOf = Callable[[str, tuple[DeviceInfo, ...]], SwitchoverHistory]
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,12 @@ def session_config(r: Regime) -> SessionConfig:
                                        on_timeout="force"), slice_bytes=4 * MiB)
 
 
-def run_case(root: Path, r: Regime, seed: int, *, dest_process: bool = False) -> dict[str, Any]:
+def run_case(root: Path, r: Regime, seed: int, *, dest_process: bool = False,
+             history_of: HistoryOf = HOST_HISTORY.of) -> dict[str, Any]:
     """One migration of ``r``; ``dest_process``: the destination in a process of its own
-    (``prediction_dest``), as two daemons run, instead of a thread of this one."""
+    (``prediction_dest``), as two daemons run, instead of a thread of this one;
+    ``history_of(guest, devices)``: the switchovers it learns from (default: this
+    process's, as a daemon's)."""
     plans, targets, ram = guest_of(r)
     if dest_process:
         src, dst = build_side(root / "src", "hostA", plans, ram=ram,
@@ -194,7 +201,7 @@ def run_case(root: Path, r: Regime, seed: int, *, dest_process: bool = False) ->
         rate = r.cap_mbps * 1e6 if r.cap_mbps else None
         # the process's history: each case learns from the ones before, as a daemon's
         # migrations do
-        history = HOST_HISTORY.of(src.guest.name, src.guest.device_infos())
+        history = history_of(src.guest.name, src.guest.device_infos())
         with _hog(r.hog), _bursts(wl, gate, r.bursty):
             if dst is None:
                 res = migrate_to_process(src, root / "dst", r.name, seed, cfg, rate, history)

@@ -20,9 +20,9 @@ from tests.support.session_rig import (
 )
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.migration.planning.breakdown import COMPONENTS
-from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS, Policy
+from vfiod.migration.planning.predictor import DEFAULT_BANDWIDTH_BPS, FixedCosts, Policy
 from vfiod.migration.session.common import SessionConfig
-from vfiod.migration.session.history import SwitchoverHistory
+from vfiod.migration.session.history import HostHistories, SwitchoverHistory
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.vfio import RamRegion
 
@@ -55,6 +55,34 @@ def test_a_tiny_guest_that_dirties_nothing_is_predicted_from_its_own_measurement
         # check: a default link speed or a one-off cost would be off by far more)
         measured = sum(p["actual_s"] for p in b.values())
         assert r.predicted_downtime_s < 20 * measured + 0.05
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_guests_first_migration_uses_the_lessons_of_a_guest_with_its_devices(
+        tmp_path: Path) -> None:
+    """On a fleet host most guests migrate away once: the first migration of a guest
+    predicts with what another guest's switchover with the same devices taught
+    (docs/architecture.md §4 "Earlier switchovers")."""
+    dev = spec("v2_precopy_log")
+    src, dst = pair(tmp_path, [SideContainer([dev])])
+    try:
+        hosts = HostHistories()
+        devices = src.guest.device_infos()
+        measured = FixedCosts(commit_round_trips_s=0.001)
+        lent = {c: 0.0 for c in COMPONENTS}
+        # the other guest's commit waited 50 ms longer than its round trips said
+        hosts.of("other-guest", devices).record(
+            measured, {**lent, "commit_round_trips": 0.001},
+            {**lent, "commit_round_trips": 0.051}, 0)
+        cfg = SessionConfig(policy=Policy(downtime_limit_s=1.0))
+        run = migrate(src, dst, cfg, history=hosts.of(src.guest.name, devices))
+        assert_migrated(src, dst, run)
+        r = run.source
+        assert r.downtime_breakdown["commit_round_trips"]["predicted_s"] >= 0.05
+        assert r.timings["history_borrowed"] == 1.0
+        assert r.timings["history_switchovers"] == 1.0
     finally:
         src.close()
         dst.close()

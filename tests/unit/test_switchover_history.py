@@ -138,19 +138,64 @@ def test_broken_samples_are_not_lessons() -> None:
     assert _correct(h).final_sync_s == MEASURED.final_sync_s
 
 
-def test_a_guest_learns_only_from_its_own_earlier_switchovers() -> None:
+BIG = DeviceInfo("0000:01:00.0", "v2", 7, {"vendor": "0x1234", "device": "0xdma"})
+UART = DeviceInfo("mdev-uuid", "v2", 7, {"mdev_type": "mtty-2"})
+
+
+def _learn(h: SwitchoverHistory, commit_s: float) -> None:
+    h.record(MEASURED, PREDICTED, _actual(commit_round_trips=commit_s), 48 << 20)
+
+
+def test_a_guest_learns_from_its_own_devices_only() -> None:
     """The kernel tier's finding: half a second of commit learnt from a 48 MiB checksummed
     device state was added to a serial port's 96-byte migration, which then never
     predicted below its limit. Each guest shape keeps its own history."""
-    big = DeviceInfo("0000:01:00.0", "v2", 7, {"vendor": "0x1234", "device": "0xdma"})
-    uart = DeviceInfo("mdev-uuid", "v2", 7, {"mdev_type": "mtty-2"})
     hosts = HostHistories()
-    learnt = hosts.of("g", [big])
-    learnt.record(MEASURED, PREDICTED, _actual(commit_round_trips=0.5), 48 << 20)
-    assert _correct(hosts.of("g", [big])).commit_round_trips_s == pytest.approx(0.5)
-    assert _correct(hosts.of("g", [uart])) == MEASURED       # another device
-    assert _correct(hosts.of("h", [big])) == MEASURED        # another guest
-    assert hosts.of("g", [big]) is learnt
+    learnt = hosts.of("g", [BIG])
+    _learn(learnt, 0.5)
+    assert _correct(hosts.of("g", [BIG])).commit_round_trips_s == pytest.approx(0.5)
+    assert _correct(hosts.of("g", [UART])) == MEASURED       # another device
+    assert _correct(hosts.of("h", [UART])) == MEASURED       # another guest, other devices
+    assert hosts.of("g", [BIG]) is learnt
+
+
+def test_a_guest_without_switchovers_borrows_from_the_last_guest_with_its_devices() -> None:
+    """On a fleet host most guests migrate away once: a guest's first migration predicts
+    with the lessons of the guest that switched over last with the same devices (ids
+    other than the name: the same device model in another slot)."""
+    hosts = HostHistories()
+    _learn(hosts.of("a", [BIG]), 0.5)
+    _learn(hosts.of("b", [BIG]), 0.2)                       # the last with these devices
+    _learn(hosts.of("u", [UART]), 0.9)
+    same_model = DeviceInfo("0000:02:00.0", "v2", 7, dict(BIG.identity))
+    first = hosts.of("new", [same_model])
+    assert _correct(first).commit_round_trips_s == pytest.approx(0.2)
+    assert first.lessons() == (1, True)
+    assert hosts.of("other", [BIG, UART]).lessons() == (0, False)   # not the same devices
+    assert _correct(hosts.of("other", [BIG, UART])) == MEASURED
+
+
+def test_a_guest_uses_its_own_lessons_once_it_has_one() -> None:
+    hosts = HostHistories()
+    kin = hosts.of("a", [BIG])
+    for commit in (0.5, 0.5, 0.5):
+        _learn(kin, commit)
+    own = hosts.of("new", [BIG])
+    _learn(own, 0.1)
+    assert _correct(own).commit_round_trips_s == pytest.approx(0.1)
+    assert own.lessons() == (1, False)
+    assert kin.migrations == 3                               # the lender is untouched
+    assert _correct(kin).commit_round_trips_s == pytest.approx(0.5)
+
+
+def test_a_guests_opted_out_rate_is_not_borrowed() -> None:
+    """The opted-out containers' rate is the guest's own DMA, not its devices'."""
+    hosts = HostHistories()
+    kin = hosts.of("a", [BIG])
+    kin.record_opted_out(512, 1024, 1.0)
+    _learn(kin, 0.5)
+    assert kin.opted_out_share(1.0) == pytest.approx(0.5)
+    assert hosts.of("new", [BIG]).opted_out_share(1.0) is None
 
 
 def test_the_shapes_kept_are_bounded() -> None:

@@ -51,16 +51,23 @@ they happened, for the parts a migration cannot measure before its own switchove
 
 Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
-Migrations learn only from earlier ones of the same guest with the same devices
+Migrations learn from earlier ones of the same guest with the same devices
 (``HostHistories``): what a 48 MiB device state checksummed at load adds to a commit says
-nothing about a serial port's 96 bytes. ``HOST_HISTORY`` is the process's own (a daemon's
-migrations learn from the ones before them); tests pass their own.
+nothing about a serial port's 96 bytes. Until a guest has a switchover of its own, its
+migrations borrow the lessons of the guest that migrated last with the same devices
+(protocols, flags and identities, whatever the guest's name): on a fleet host most guests
+migrate away once, so a history of the guest's own alone would almost never be used, and
+the same device model stops and loads its state alike in every guest. The opted-out
+containers' rate is not borrowed: it is the guest's own DMA, not its devices'.
+``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
+them); tests pass their own.
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -110,6 +117,10 @@ class SwitchoverHistory:
         self._verify_extra: deque[float] = deque(maxlen=keep)
         self._opted_out_rate: deque[float] = deque(maxlen=keep)
         self.migrations = 0
+        #: monotonic time of the last switchover recorded (which kin is the latest)
+        self.recorded_at = 0.0
+        #: the lessons used while this history has none of its own (``HostHistories``)
+        self.kin: SwitchoverHistory | None = None
 
     def record(self, measured: FixedCosts, predicted: dict[str, float],
                actual: dict[str, float], device_bytes: int, *,
@@ -121,6 +132,7 @@ class SwitchoverHistory:
         the records its final RAM pass sent."""
         with self._lock:
             self.migrations += 1
+            self.recorded_at = time.monotonic()
             # over the prediction, which already has the socket's queue at the bandwidth
             self._commit_extra.append((final_records, actual["commit_round_trips"]
                                        - predicted["commit_round_trips"]))
@@ -165,10 +177,23 @@ class SwitchoverHistory:
                 return None
             return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
+    def lessons(self) -> tuple[int, bool]:
+        """(switchovers the corrections come from, whether they are borrowed from kin)."""
+        kin = self.kin
+        if self.migrations == 0 and kin is not None and kin.migrations > 0:
+            return kin.migrations, True
+        return self.migrations, False
+
     def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0) -> FixedCosts:
-        """``costs`` as measured in this migration, corrected by earlier switchovers;
-        ``device_bytes``: the devices' state, sent and still to send; ``records``: the
-        final RAM pass's records as predicted."""
+        """``costs`` as measured in this migration, corrected by earlier switchovers (its
+        kin's while it has none); ``device_bytes``: the devices' state, sent and still to
+        send; ``records``: the final RAM pass's records as predicted."""
+        kin = self.kin
+        if self.migrations == 0 and kin is not None and kin.migrations > 0:
+            return kin._corrected(costs, device_bytes, records)
+        return self._corrected(costs, device_bytes, records)
+
+    def _corrected(self, costs: FixedCosts, device_bytes: int, records: int) -> FixedCosts:
         with self._lock:
             base, per_record = commit_line(self._commit_extra)
             commit = base + per_record * records
@@ -192,19 +217,25 @@ class SwitchoverHistory:
 
 
 class HostHistories:
-    """One ``SwitchoverHistory`` per guest shape: its name and its devices' protocols and
-    identities; at most ``shapes`` of them, the least recently used dropped."""
+    """One ``SwitchoverHistory`` per guest shape: its name and its devices' protocols,
+    flags and identities; at most ``shapes`` of them, the least recently used dropped. A
+    shape with no switchover of its own borrows from its kin: the shape with the same
+    devices (any guest's name) whose switchover was recorded last."""
 
     def __init__(self, keep: int = 8, shapes: int = 256) -> None:
         self._keep, self._shapes = keep, shapes
         self._lock = threading.Lock()
-        self._by_shape: OrderedDict[tuple[object, ...], SwitchoverHistory] = OrderedDict()
+        self._by_shape: OrderedDict[tuple[str, tuple[object, ...]], SwitchoverHistory] = OrderedDict()
 
     def of(self, guest: str, devices: Iterable[DeviceInfo]) -> SwitchoverHistory:
-        shape = (guest, *((d.protocol, d.flags, tuple(sorted(d.identity.items())))
-                          for d in devices))
+        kind = tuple((d.protocol, d.flags, tuple(sorted(d.identity.items())))
+                     for d in devices)
+        shape = (guest, kind)
         with self._lock:
             h = self._by_shape.pop(shape, None) or SwitchoverHistory(self._keep)
+            if h.migrations == 0:
+                kin = [o for (_, k), o in self._by_shape.items() if k == kind and o.migrations]
+                h.kin = max(kin, key=lambda o: o.recorded_at, default=None)
             self._by_shape[shape] = h
             while len(self._by_shape) > self._shapes:
                 self._by_shape.popitem(last=False)

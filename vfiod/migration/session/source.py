@@ -323,6 +323,9 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
             records=num.dirty_records)
+        # which switchovers corrected it: this guest's, or (none yet) its devices' kin's
+        learnt, borrowed = self.history.lessons()
+        t["history_switchovers"], t["history_borrowed"] = float(learnt), float(borrowed)
         queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
