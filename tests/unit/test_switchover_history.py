@@ -184,6 +184,8 @@ def test_a_guest_uses_its_own_lessons_once_it_has_one() -> None:
     _learn(own, 0.1)
     assert _correct(own).commit_round_trips_s == pytest.approx(0.1)
     assert own.lessons() == (1, False)
+    # a lender is not held once it is not used: a daemon's guests would chain them all
+    assert own.kin is None
     assert kin.migrations == 3                               # the lender is untouched
     assert _correct(kin).commit_round_trips_s == pytest.approx(0.5)
 

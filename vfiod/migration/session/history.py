@@ -133,6 +133,7 @@ class SwitchoverHistory:
         with self._lock:
             self.migrations += 1
             self.recorded_at = time.monotonic()
+            self.kin = None      # its own lessons now; and no chain of lenders kept alive
             # over the prediction, which already has the socket's queue at the bandwidth
             self._commit_extra.append((final_records, actual["commit_round_trips"]
                                        - predicted["commit_round_trips"]))
