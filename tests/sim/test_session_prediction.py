@@ -48,9 +48,13 @@ def test_a_tiny_guest_that_dirties_nothing_is_predicted_from_its_own_measurement
         assert sum(p["predicted_s"] for p in b.values()) == pytest.approx(
             r.predicted_downtime_s)
         assert sum(p["actual_s"] for p in b.values()) == pytest.approx(r.actual_downtime_s)
-        # nothing was dirtied: nothing left for the final pass, predicted or sent
+        # nothing was dirtied: nothing left for the final pass, predicted or sent; with no
+        # switchover learnt yet, the stream's end and the verify are the rehearsal's
         assert last.dirty_ram_bytes == 0
-        assert b["ram_transfer"]["predicted_s"] == 0.0
+        t = r.timings
+        assert t["rehearsed_stream_end_s"] > 0 and t["rehearsed_verify_s"] > 0
+        assert b["ram_transfer"]["predicted_s"] == pytest.approx(t["rehearsed_stream_end_s"])
+        assert b["verify"]["predicted_s"] >= t["rehearsed_verify_s"]
         # within a generous factor of the parts this migration measured (a behaviour
         # check: a default link speed or a one-off cost would be off by far more)
         measured = sum(p["actual_s"] for p in b.values())

@@ -9,6 +9,7 @@ import pytest
 from vfiod.migration.planning.breakdown import COMPONENTS
 from vfiod.migration.planning.predictor import FixedCosts
 from vfiod.migration.session.history import HostHistories, SwitchoverHistory, commit_line
+from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal, warm_switchover
 from vfiod.migration.stream.header import DeviceInfo
 
 MEASURED = FixedCosts(device_stop_s=0.001, final_sync_s=0.010, commit_round_trips_s=0.0002,
@@ -131,6 +132,26 @@ def test_one_stalled_commit_does_not_set_the_correction() -> None:
     assert _correct(h).commit_round_trips_s == pytest.approx(0.001)
 
 
+def test_a_history_without_a_stream_end_or_verify_takes_the_rehearsals() -> None:
+    """A source's first switchover predicted its stream's end and verify as nothing; the
+    rehearsal's times stand in until a switchover is learnt (``switchover_warm_up``)."""
+    rehearsal = SwitchoverRehearsal(stream_end_s=0.004, verify_s=0.002)
+    h = SwitchoverHistory()
+    got = h.correct(MEASURED, device_bytes=0, rehearsal=rehearsal)
+    assert got.record_overhead_s == pytest.approx(MEASURED.record_overhead_s + 0.004)
+    assert got.verify_s == pytest.approx(MEASURED.verify_s + 0.002)
+    # one switchover whose stream's end took 1 ms and whose verify took what was predicted
+    h.record(MEASURED, PREDICTED, _actual(ram_transfer=0.101), 0, stream_end_s=0.001)
+    got = h.correct(MEASURED, device_bytes=0, rehearsal=rehearsal)
+    assert got.record_overhead_s == pytest.approx(MEASURED.record_overhead_s + 0.001)
+    assert got.verify_s == pytest.approx(MEASURED.verify_s)
+
+
+def test_the_rehearsal_times_its_stream_end_and_verify() -> None:
+    r = warm_switchover()
+    assert 0 < r.stream_end_s < 1 and 0 < r.verify_s < 1
+
+
 def test_broken_samples_are_not_lessons() -> None:
     h = SwitchoverHistory()
     # a clock jump: the sync 10 000 times what was measured
@@ -170,8 +191,8 @@ def test_a_guest_without_switchovers_borrows_from_the_last_guest_with_its_device
     same_model = DeviceInfo("0000:02:00.0", "v2", 7, dict(BIG.identity))
     first = hosts.of("new", [same_model])
     assert _correct(first).commit_round_trips_s == pytest.approx(0.2)
-    assert first.lessons() == (1, True)
-    assert hosts.of("other", [BIG, UART]).lessons() == (0, False)   # not the same devices
+    assert first.lessons() == {"history_switchovers": 1.0, "history_borrowed": 1.0}
+    assert hosts.of("other", [BIG, UART]).lessons()["history_switchovers"] == 0  # not kin
     assert _correct(hosts.of("other", [BIG, UART])) == MEASURED
 
 
@@ -183,7 +204,7 @@ def test_a_guest_uses_its_own_lessons_once_it_has_one() -> None:
     own = hosts.of("new", [BIG])
     _learn(own, 0.1)
     assert _correct(own).commit_round_trips_s == pytest.approx(0.1)
-    assert own.lessons() == (1, False)
+    assert own.lessons() == {"history_switchovers": 1.0, "history_borrowed": 0.0}
     # a lender is not held once it is not used: a daemon's guests would chain them all
     assert own.kin is None
     assert kin.migrations == 3                               # the lender is untouched

@@ -37,7 +37,7 @@ they happened, for the parts a migration cannot measure before its own switchove
   guest), used for states below 1 MiB;
 * the stream's end (in ``ram_transfer``): END_OF_STATE records and the MANIFEST after the
   last RAM, measured at each switchover (2-10 ms in that emulated guest). Kept: the
-  time itself;
+  time itself; with none kept, the source's rehearsal of it (``switchover_warm_up``);
 * the final pass's records (in ``ram_transfer``): what the final RAM pass took beyond its
   bytes over the link, its framing CPU and the stream's end, per record of it. A pass of
   scattered pages sends many small records, and each costs the receiving end's
@@ -47,7 +47,8 @@ they happened, for the parts a migration cannot measure before its own switchove
   next prediction counts;
 * the verify (``verify``): the final re-hash is predicted from its pending pages, but the
   digests' last fold and the destination's compare come on top (0.1-0.2 ms). Kept: the
-  time beyond the prediction (seconds, added).
+  time beyond the prediction (seconds, added); with none kept, the rehearsal's fold and
+  compare.
 
 Every correction is a median of the last ``keep`` completed migrations, within bounds (outside
 them a sample is a broken clock, not a lesson); with none yet there is no correction.
@@ -72,9 +73,11 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from vfiod.migration.planning.predictor import FixedCosts
+from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal
 from vfiod.migration.stream.header import DeviceInfo
 
 _SYNC_BOUNDS = (0.01, 100.0)
+NOT_REHEARSED = SwitchoverRehearsal()
 _RECORD_BOUND_S = 0.01           # per final-pass record, beyond it a clock broke
 _STATE_MIN_BYTES = 1 << 20
 _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
@@ -178,23 +181,27 @@ class SwitchoverHistory:
                 return None
             return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
-    def lessons(self) -> tuple[int, bool]:
-        """(switchovers the corrections come from, whether they are borrowed from kin)."""
+    def lessons(self) -> dict[str, float]:
+        """For the migration's timings: the switchovers its corrections come from
+        (``history_switchovers``), and whether they are its kin's (``history_borrowed``)."""
         kin = self.kin
         if self.migrations == 0 and kin is not None and kin.migrations > 0:
-            return kin.migrations, True
-        return self.migrations, False
+            return {"history_switchovers": float(kin.migrations), "history_borrowed": 1.0}
+        return {"history_switchovers": float(self.migrations), "history_borrowed": 0.0}
 
-    def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0) -> FixedCosts:
+    def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0,
+                rehearsal: SwitchoverRehearsal = NOT_REHEARSED) -> FixedCosts:
         """``costs`` as measured in this migration, corrected by earlier switchovers (its
         kin's while it has none); ``device_bytes``: the devices' state, sent and still to
-        send; ``records``: the final RAM pass's records as predicted."""
+        send; ``records``: the final RAM pass's records as predicted; ``rehearsal``: this
+        process's rehearsed stream end and verify, for a history without either."""
         kin = self.kin
         if self.migrations == 0 and kin is not None and kin.migrations > 0:
-            return kin._corrected(costs, device_bytes, records)
-        return self._corrected(costs, device_bytes, records)
+            return kin._corrected(costs, device_bytes, records, rehearsal)
+        return self._corrected(costs, device_bytes, records, rehearsal)
 
-    def _corrected(self, costs: FixedCosts, device_bytes: int, records: int) -> FixedCosts:
+    def _corrected(self, costs: FixedCosts, device_bytes: int, records: int,
+                   rehearsal: SwitchoverRehearsal) -> FixedCosts:
         with self._lock:
             base, per_record = commit_line(self._commit_extra)
             commit = base + per_record * records
@@ -205,9 +212,9 @@ class SwitchoverHistory:
             else:
                 stop = _median(self._stop_extra, 0.0)
                 load = _median(self._load_extra, 0.0)
-            end = _median(self._stream_end, 0.0)
+            end = _median(self._stream_end, rehearsal.stream_end_s)
             per_record = _median(self._record_extra, 0.0)
-            verify = _median(self._verify_extra, 0.0)
+            verify = _median(self._verify_extra, rehearsal.verify_s)
         return FixedCosts(
             device_stop_s=max(0.0, costs.device_stop_s + stop),
             final_sync_s=costs.final_sync_s * sync,

@@ -221,7 +221,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
     def _setup(self) -> None:
         g, cfg, w = self.guest, self.config, self.writer
         assert w is not None
-        warm_source()     # before the first sync (timed for the prediction) and the pause
+        self._rehearsal = warm_source()     # before the first (timed) sync and the pause
+        self.result.timings.update(self._rehearsal.figures())
         self.tracker = g.make_tracker()
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)
@@ -322,10 +323,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
-            records=num.dirty_records)
-        # which switchovers corrected it: this guest's, or (none yet) its devices' kin's
-        learnt, borrowed = self.history.lessons()
-        t["history_switchovers"], t["history_borrowed"] = float(learnt), float(borrowed)
+            records=num.dirty_records, rehearsal=self._rehearsal)
+        t.update(self.history.lessons())        # this guest's, or its devices' kin's
         queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
             now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,

@@ -18,11 +18,20 @@ kinds a migration passes, so numba needs no kernel it would not load anyway. The
 destination calls it before its HELLO; the source calls ``warm_source()`` in its setup,
 which first compiles or loads the bitmap kernels (``bitmap_kernels.warm_up``: the first
 dirty sync is timed for the prediction) and then rehearses.
+
+It runs twice and returns the second run's times (``SwitchoverRehearsal``): the stream's
+end (END_OF_STATE and MANIFEST) and the verify (both ends' last digest fold and the
+compare). Those two parts of a downtime have no sample before the guest pauses, so a
+source with no earlier switchover predicted them as nothing; the rehearsal's times are
+its estimate until its history has one (``SwitchoverHistory.correct``). They are this
+host's CPU for the same code, without the socket: a lower bound of the real parts.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,9 +75,30 @@ class _Pipe:
         return n
 
 
-def warm_switchover() -> None:
-    """Run the switchover's stream, digest and control code once, in memory."""
+@dataclass(frozen=True)
+class SwitchoverRehearsal:
+    """Seconds the rehearsal's second run took for the stream's end (END_OF_STATE and
+    MANIFEST, after the last RAM) and for the verify (the last digest folds, the roots
+    and their compare)."""
+
+    stream_end_s: float = 0.0
+    verify_s: float = 0.0
+
+    def figures(self) -> dict[str, float]:
+        """For the migration's timings."""
+        return {"rehearsed_stream_end_s": self.stream_end_s,
+                "rehearsed_verify_s": self.verify_s}
+
+
+def warm_switchover() -> SwitchoverRehearsal:
+    """Run the switchover's stream, digest and control code twice, in memory; the second
+    run's times."""
     ram_landing.warm_up()
+    _rehearse()
+    return _rehearse()
+
+
+def _rehearse() -> SwitchoverRehearsal:
     region = RamRegion("warm-up", 0, 4 * _PAGE)
     header = StreamHeader("warm-up", "warm-up", "warm-up", _PAGE, (region,),
                           (DeviceInfo(_DEVICE, "v2"),), challenge="warm-up", pass_acks=True,
@@ -89,20 +119,27 @@ def warm_switchover() -> None:
     # the stop-and-copy's part: quiescent RAM, the device's last data, its end, MANIFEST
     writer.send_ram(np.array([[0, 1], [2, 2]], dtype=np.uint64), quiescent=True)
     writer.send_device_data(_DEVICE, b"\1" * 64)
+    t0 = time.perf_counter()
     writer.end_of_state(_DEVICE)
     manifest = writer.finish()
+    stream_end_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     sent.rehash()
+    theirs = [RegionDigest.from_dict(r.to_dict()) for r in sent.roots()]
+    verify_s = time.perf_counter() - t0
     reader = StreamReader(pipe)
     reader.read_header()
     reader.attach_ram(GuestRam(_PAGE, (region,), [dst_mem], writable=True), crcs=landed)
     events = list(reader.events())
     reader.stop_channels()
+    t0 = time.perf_counter()
     landed.rehash()
+    differ = compare_roots(theirs, landed.roots())
+    verify_s += time.perf_counter() - t0
     if (events[-1] != Complete(manifest) or bytes(dst_mem) != bytes(src_mem)
             or manifest.ram_bytes != 3 * _PAGE or manifest.device_bytes != 128):
         raise RuntimeError("the switchover warm-up's stream did not round-trip")
-    theirs = [RegionDigest.from_dict(r.to_dict()) for r in sent.roots()]
-    if compare_roots(theirs, landed.roots()):
+    if differ:
         raise RuntimeError("the switchover warm-up's content digests differ")
     sent.figures("source_")
     landed.figures("")
@@ -118,10 +155,11 @@ def warm_switchover() -> None:
     parsed = ControlParser("warm-up").feed(b"".join(f.encode() for f in frames))
     if parsed != frames:
         raise RuntimeError("the switchover warm-up's control frames did not round-trip")
+    return SwitchoverRehearsal(stream_end_s, verify_s)
 
 
-def warm_source() -> None:
+def warm_source() -> SwitchoverRehearsal:
     """The source's warm-up before tracking starts: the bitmap kernels, then the
-    switchover's code."""
+    switchover's code (its rehearsed times)."""
     bitmap_kernels.warm_up()
-    warm_switchover()
+    return warm_switchover()
