@@ -77,10 +77,11 @@ from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal
 from vfiod.migration.stream.header import DeviceInfo
 
 _SYNC_BOUNDS = (0.01, 100.0)
-NOT_REHEARSED = SwitchoverRehearsal()
 _RECORD_BOUND_S = 0.01           # per final-pass record, beyond it a clock broke
 _STATE_MIN_BYTES = 1 << 20
 _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
+#: no rehearsal: a history without a stream's end or a verify adds nothing for them
+NOT_REHEARSED = SwitchoverRehearsal()
 
 
 def _median(xs: deque[float], default: float) -> float:
