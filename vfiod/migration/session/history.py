@@ -66,9 +66,9 @@ them); tests pass their own.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -82,6 +82,8 @@ _STATE_MIN_BYTES = 1 << 20
 _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
 #: no rehearsal: a history without a stream's end or a verify adds nothing for them
 NOT_REHEARSED = SwitchoverRehearsal()
+#: every recorded switchover's place in this process's order (a clock may tie)
+_RECORD_ORDER = itertools.count(1)
 
 
 def _median(xs: deque[float], default: float) -> float:
@@ -121,8 +123,9 @@ class SwitchoverHistory:
         self._verify_extra: deque[float] = deque(maxlen=keep)
         self._opted_out_rate: deque[float] = deque(maxlen=keep)
         self.migrations = 0
-        #: monotonic time of the last switchover recorded (which kin is the latest)
-        self.recorded_at = 0.0
+        #: when its last switchover was recorded, in this process's order of them (which
+        #: kin is the latest)
+        self.recorded_at = 0
         #: the lessons used while this history has none of its own (``HostHistories``)
         self.kin: SwitchoverHistory | None = None
 
@@ -136,7 +139,7 @@ class SwitchoverHistory:
         the records its final RAM pass sent."""
         with self._lock:
             self.migrations += 1
-            self.recorded_at = time.monotonic()
+            self.recorded_at = next(_RECORD_ORDER)
             self.kin = None      # its own lessons now; and no chain of lenders kept alive
             # over the prediction, which already has the socket's queue at the bandwidth
             self._commit_extra.append((final_records, actual["commit_round_trips"]
