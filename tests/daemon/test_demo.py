@@ -18,7 +18,8 @@ import pytest
 
 from tests.support.daemons import child_env, vfiod_cmd
 from vfiod.cli.demo_metrics import pick
-from vfiod.cli.demo_procs import DemoStepError
+from vfiod.cli.demo_procs import DemoStepError, shown, vfiod_argv
+from vfiod.cli.demo_procs import child_env as demo_child_env
 from vfiod.cli.demo_report import (
     SAMPLES_KEPT,
     SUMMARY_LINES,
@@ -253,3 +254,17 @@ def test_devices_on_an_empty_tree(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["devices", "--sysfs-root", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
+
+
+def test_the_demos_processes_run_its_own_code_whatever_directory_it_runs_in(
+        tmp_path: Path) -> None:
+    """An operator may run ``vfiod demo`` from a directory that holds another ``vfiod/``
+    (a checkout of another version): ``python -m`` would import that one first, and the
+    demo's daemons and ``ctl`` would not be the code that printed the demo."""
+    shadow = tmp_path / "vfiod"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text('raise ImportError("the shadowing vfiod/ ran")\n')
+    p = subprocess.run(vfiod_argv("--version"), cwd=tmp_path, env=demo_child_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("vfiod "), p.stdout + p.stderr
+    assert shown(vfiod_argv("ctl", "status")) == "vfiod ctl status"

@@ -44,13 +44,16 @@ class DemoStepError(Exception):
 
 
 def vfiod_argv(*args: str) -> list[str]:
-    """``vfiod ARGS`` as this interpreter runs it (the same entry point as the script)."""
-    return [sys.executable, "-m", "vfiod.cli.main", *args]
+    """``vfiod ARGS`` as this interpreter runs it (the same entry point as the script).
+    ``-P``: ``-m`` would put the working directory first on the module path, and a
+    ``vfiod/`` there (another version's checkout) would run instead of this code, which
+    ``child_env`` puts first on ``PYTHONPATH``."""
+    return [sys.executable, "-P", "-m", "vfiod.cli.main", *args]
 
 
 def shown(argv: list[str]) -> str:
     """A command line as an operator types it: ``vfiod ...``."""
-    return " ".join(["vfiod", *argv[3:]])
+    return " ".join(["vfiod", *argv[argv.index("vfiod.cli.main") + 1:]])
 
 
 def child_env() -> dict[str, str]:
