@@ -114,6 +114,16 @@ def test_the_child_runs_this_package_whatever_its_path_says(
     assert f"answered {mine!r}: not JSON" in got.note, got.note
 
 
+def test_the_child_runs_this_package_whatever_directory_the_daemon_runs_in(
+        no_leaks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a daemon started where another vfiod/ lies: ``python -m`` would import that first
+    (tmp_path / "vfiod").mkdir()
+    (tmp_path / "vfiod" / "__init__.py").write_text('raise ImportError("the other vfiod")\n')
+    monkeypatch.chdir(tmp_path)
+    got = _answer(no_leaks)
+    assert got == link_prior(DEST), got.note
+
+
 # -- before the answer -------------------------------------------------------------------
 
 def test_while_the_child_runs_the_prior_is_unknown_and_says_so(no_leaks) -> None:

@@ -49,8 +49,10 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def probe_command() -> list[str]:
-    """The child's command line before the destination: this interpreter, the probe."""
-    return [sys.executable, "-m", PROBE_MODULE]
+    """The child's command line before the destination: this interpreter, the probe.
+    ``-P``: ``-m`` would put the daemon's working directory first on the module path,
+    and a ``vfiod/`` there would run instead of this package (``_child_env``)."""
+    return [sys.executable, "-P", "-m", PROBE_MODULE]
 
 
 def _child_env() -> dict[str, str]:
