@@ -185,13 +185,17 @@ class SwitchoverHistory:
                 return None
             return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
+    def _teacher(self) -> SwitchoverHistory:
+        """The history whose lessons apply: this one, or its kin's while it has none."""
+        kin = self.kin
+        return kin if self.migrations == 0 and kin is not None and kin.migrations else self
+
     def lessons(self) -> dict[str, float]:
         """For the migration's timings: the switchovers its corrections come from
         (``history_switchovers``), and whether they are its kin's (``history_borrowed``)."""
-        kin = self.kin
-        if self.migrations == 0 and kin is not None and kin.migrations > 0:
-            return {"history_switchovers": float(kin.migrations), "history_borrowed": 1.0}
-        return {"history_switchovers": float(self.migrations), "history_borrowed": 0.0}
+        teacher = self._teacher()
+        return {"history_switchovers": float(teacher.migrations),
+                "history_borrowed": float(teacher is not self)}
 
     def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0,
                 rehearsal: SwitchoverRehearsal = NOT_REHEARSED) -> FixedCosts:
@@ -199,10 +203,7 @@ class SwitchoverHistory:
         kin's while it has none); ``device_bytes``: the devices' state, sent and still to
         send; ``records``: the final RAM pass's records as predicted; ``rehearsal``: this
         process's rehearsed stream end and verify, for a history without either."""
-        kin = self.kin
-        if self.migrations == 0 and kin is not None and kin.migrations > 0:
-            return kin._corrected(costs, device_bytes, records, rehearsal)
-        return self._corrected(costs, device_bytes, records, rehearsal)
+        return self._teacher()._corrected(costs, device_bytes, records, rehearsal)
 
     def _corrected(self, costs: FixedCosts, device_bytes: int, records: int,
                    rehearsal: SwitchoverRehearsal) -> FixedCosts:
