@@ -49,7 +49,7 @@ import numba.core.dispatcher
 if DISABLE:
     # the rehearsal alone: the source's bitmap kernels are still warmed
     switchover_warm_up.warm_switchover = dest.warm_switchover = (
-        lambda: switchover_warm_up.SwitchoverRehearsal())
+        lambda **_: switchover_warm_up.SwitchoverRehearsal())
 
 def specialisations():
     return {f"{m}.{a}": len(v.signatures) for m, mod in list(sys.modules.items())

@@ -148,7 +148,7 @@ def test_a_history_without_a_stream_end_or_verify_takes_the_rehearsals() -> None
 
 
 def test_the_rehearsal_times_its_stream_end_and_verify() -> None:
-    r = warm_switchover()
+    r = warm_switchover(timed=True)
     assert 0 < r.stream_end_s < 1 and 0 < r.verify_s < 1
 
 

@@ -19,9 +19,9 @@ destination calls it before its HELLO; the source calls ``warm_source()`` in its
 which first compiles or loads the bitmap kernels (``bitmap_kernels.warm_up``: the first
 dirty sync is timed for the prediction) and then rehearses.
 
-It runs twice and returns the second run's times (``SwitchoverRehearsal``): the stream's
-end (END_OF_STATE and MANIFEST) and the verify (both ends' last digest fold and the
-compare). Those two parts of a downtime have no sample before the guest pauses, so a
+The source's runs twice and returns the second run's times (``SwitchoverRehearsal``):
+the stream's end (END_OF_STATE and MANIFEST) and the verify (both ends' last digest fold
+and the compare); the destination's runs once, as it needs no times. Those two parts of a downtime have no sample before the guest pauses, so a
 source with no earlier switchover predicted them as nothing; the rehearsal's times are
 its estimate until its history has one (``SwitchoverHistory.correct``). They are this
 host's CPU for the same code, without the socket: a lower bound of the real parts.
@@ -90,12 +90,13 @@ class SwitchoverRehearsal:
                 "rehearsed_verify_s": self.verify_s}
 
 
-def warm_switchover() -> SwitchoverRehearsal:
-    """Run the switchover's stream, digest and control code twice, in memory; the second
-    run's times."""
+def warm_switchover(*, timed: bool = False) -> SwitchoverRehearsal:
+    """Run the switchover's stream, digest and control code once, in memory; ``timed``:
+    once more, and return that run's times (the first pays the first run's costs), else
+    no times."""
     ram_landing.warm_up()
     _rehearse()
-    return _rehearse()
+    return _rehearse() if timed else SwitchoverRehearsal()
 
 
 def _rehearse() -> SwitchoverRehearsal:
@@ -162,4 +163,4 @@ def warm_source() -> SwitchoverRehearsal:
     """The source's warm-up before tracking starts: the bitmap kernels, then the
     switchover's code (its rehearsed times)."""
     bitmap_kernels.warm_up()
-    return warm_switchover()
+    return warm_switchover(timed=True)
