@@ -124,6 +124,7 @@ class MigrationLedger:
                                          verified=res.verified,
                                          downtime_share=res.downtime_share,
                                          downtime_breakdown=res.downtime_breakdown,
+                                         prediction_lessons=prediction_lessons(res),
                                          rollback=res.rollback, vmm=res.vmm)
 
     def crashed(self, rec: MigrationRecord, reason: str) -> None:
@@ -197,3 +198,12 @@ class MigrationLedger:
             return None
         handle.cancel(reason, by)
         return rec
+
+
+def prediction_lessons(res: MigrationResult) -> dict[str, Any] | None:
+    """The source's earlier switchovers behind its prediction (None on a destination, or
+    a session that predicted nothing): ``{"switchovers": N, "borrowed": bool}``."""
+    n = res.timings.get("history_switchovers")
+    if n is None:
+        return None
+    return {"switchovers": int(n), "borrowed": bool(res.timings.get("history_borrowed"))}

@@ -47,6 +47,7 @@ from vfiod.daemon.config import DEFAULT_PATH, Config, load_config
 from vfiod.daemon.control_server import ControlServer
 from vfiod.daemon.guests import GuestManager
 from vfiod.daemon.handlers import DaemonInfo, Handlers
+from vfiod.daemon.history_store import HistoryStore
 from vfiod.daemon.journal import Journal
 from vfiod.daemon.metrics import MetricsServer, VfiodCollector
 from vfiod.daemon.migrations import MigrationService
@@ -155,7 +156,8 @@ class Daemon:
                                    start_workload=starter)
         self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
                                            cfg.migration, cfg.migration.tls,
-                                           journal=self.journal)
+                                           journal=self.journal,
+                                           histories=HistoryStore.open(cfg.paths.state))
         recover(cfg.guests, self.journal, self.registry, self.guests, self.migrations)
         listen = opts.migration_listen or (str(cfg.migration.listen)
                                            if cfg.migration.listen else None)

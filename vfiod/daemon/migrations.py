@@ -41,6 +41,7 @@ from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.daemon.channel_routes import ChannelRoutes, dialer
 from vfiod.daemon.config import MigrationConfig
 from vfiod.daemon.guests import GuestManager
+from vfiod.daemon.history_store import HistoryStore
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
@@ -86,10 +87,11 @@ ACCEPT_POLL_S = 0.1
 class MigrationService(OutcomeKeeping):
     def __init__(self, registry: Registry, guests: GuestManager, facts: Callable[[], HostFacts],
                  defaults: MigrationConfig, tls: TlsConfig | None = None,
-                 offers: OfferLimits | None = None, journal: Journal | None = None) -> None:
+                 offers: OfferLimits | None = None, journal: Journal | None = None,
+                 histories: HistoryStore | None = None) -> None:
         super().__init__(registry, guests, tls, journal)
-        self.facts = facts
-        self.defaults = defaults
+        self.histories = histories or HistoryStore()   # earlier switchovers, predictions'
+        self.facts, self.defaults = facts, defaults
         self.listener: Listener | None = None
         self.offers = PendingOffers(offers or OfferLimits(deadline_s=OFFER_TIMEOUT_S))
         self._threads: set[threading.Thread] = set()
@@ -148,6 +150,7 @@ class MigrationService(OutcomeKeeping):
             self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
         finally:
             prior.close()
+            self.histories.save()      # after the session: never inside a downtime
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
                         host: str, port: int, config: SessionConfig, pending: MigrationHandle,
@@ -177,6 +180,7 @@ class MigrationService(OutcomeKeeping):
                 memory_encryption=entry.config.memory_encryption, migration_id=rec.id,
                 link_prior=prior.current, progress=lambda p: self._progress(rec, p),
                 live=lambda lp: self._live(rec, lp), journal=self._journal_of(rec),
+                history=self.histories.of(guest.name, guest.device_infos()),
                 vmm=qemu_half(entry.config.qemu, peer_host=host))
             session.channel_dialer = dialer(host, port, entry.config, self.defaults, self.tls, rec.id)
             res = self._run(rec, session, pending)

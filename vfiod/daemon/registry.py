@@ -126,6 +126,9 @@ class MigrationRecord:
     #: the source's downtime part by part, ``{component: {"predicted_s", "actual_s"}}``
     #: (vfiod.migration.planning.breakdown): which part the prediction got wrong
     downtime_breakdown: dict[str, dict[str, float]] | None = None
+    #: the source's: how many earlier switchovers corrected the prediction, and whether
+    #: they were another guest's with the same devices (``{"switchovers", "borrowed"}``)
+    prediction_lessons: dict[str, Any] | None = None
     #: a migration coordinated with QEMU's own (docs/architecture.md §8.3): QEMU's figures
     #: and the downtime split into QEMU's share and the devices', predicted and actual
     vmm: dict[str, Any] | None = None
@@ -146,6 +149,8 @@ class MigrationRecord:
         out["warnings"] = list(self.warnings)
         if self.downtime_share is not None:
             out["downtime_share"] = dict(self.downtime_share)
+        if self.prediction_lessons is not None:
+            out["prediction_lessons"] = dict(self.prediction_lessons)
         if self.vmm is not None:
             out["vmm"] = {k: dict(v) if isinstance(v, dict) else v
                           for k, v in self.vmm.items()}
@@ -294,6 +299,7 @@ class Registry:
                verified: bool | None = None,
                downtime_share: dict[str, float] | None = None,
                downtime_breakdown: dict[str, dict[str, float]] | None = None,
+               prediction_lessons: dict[str, Any] | None = None,
                rollback: Mapping[str, Mapping[str, Any]] | None = None,
                vmm: dict[str, Any] | None = None) -> None:
         """End ``rec`` with ``result`` and the session's figures; ``rollback``: the
@@ -309,6 +315,7 @@ class Registry:
             rec.verified = verified
             rec.downtime_share = downtime_share or None
             rec.downtime_breakdown = downtime_breakdown or None
+            rec.prediction_lessons = prediction_lessons
             rec.vmm = vmm or None
             if downtime_s is not None:
                 rec.downtime_s = downtime_s

@@ -61,7 +61,10 @@ migrate away once, so a history of the guest's own alone would almost never be u
 the same device model stops and loads its state alike in every guest. The opted-out
 containers' rate is not borrowed: it is the guest's own DMA, not its devices'.
 ``HOST_HISTORY`` is the process's own (a daemon's migrations learn from the ones before
-them); tests pass their own.
+them); tests pass their own. A daemon keeps its histories across restarts
+(``history_snapshot`` encodes them, ``vfiod.daemon.history_store`` writes the file):
+``kept``/``keep`` and ``HostHistories.shapes``/``adopt`` are what a snapshot reads and
+restores.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ import itertools
 import statistics
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from vfiod.migration.planning.predictor import FixedCosts
 from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal
@@ -84,6 +87,24 @@ _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
 NOT_REHEARSED = SwitchoverRehearsal()
 #: every recorded switchover's place in this process's order (a clock may tie)
 _RECORD_ORDER = itertools.count(1)
+#: the lessons a history keeps, by the name a snapshot gives them; ``commit_extra`` holds
+#: (final-pass records, seconds) pairs, the others numbers
+SERIES = ("commit_extra", "sync_ratio", "stop_per_byte", "load_per_byte", "stop_extra",
+          "load_extra", "stream_end", "record_extra", "verify_extra", "opted_out_rate")
+#: what a kept lesson can be (anything outside is a broken clock or a damaged snapshot,
+#: not a lesson): commit_extra's seconds, and each other series' values
+LESSON_BOUNDS = {"commit_extra": (-60.0, 60.0), "sync_ratio": _SYNC_BOUNDS,
+                 "stop_per_byte": (0.0, 1e-6), "load_per_byte": (0.0, 1e-6),
+                 "stop_extra": (-60.0, 60.0), "load_extra": (-60.0, 60.0),
+                 "stream_end": (0.0, 60.0), "record_extra": (-_RECORD_BOUND_S, _RECORD_BOUND_S),
+                 "verify_extra": (-60.0, 60.0), "opted_out_rate": (0.0, 1e6)}
+#: the devices of a guest shape: (protocol, flags, identity items) per device
+DeviceKind = tuple[tuple[str, int, tuple[tuple[str, str], ...]], ...]
+
+
+def device_kind(devices: Iterable[DeviceInfo]) -> DeviceKind:
+    """What makes two guests' devices stop and load alike: protocols, flags, identities."""
+    return tuple((d.protocol, d.flags, tuple(sorted(d.identity.items()))) for d in devices)
 
 
 def _median(xs: deque[float], default: float) -> float:
@@ -185,6 +206,25 @@ class SwitchoverHistory:
                 return None
             return min(1.0, max(self._opted_out_rate) * max(0.0, tracked_s))
 
+    def kept(self) -> dict[str, list[object]]:
+        """Every kept lesson by its ``SERIES`` name, oldest first (for a snapshot)."""
+        with self._lock:
+            return {name: [list(x) if isinstance(x, tuple) else x
+                           for x in getattr(self, "_" + name)] for name in SERIES}
+
+    def keep(self, lessons: Mapping[str, Sequence[object]], migrations: int) -> None:
+        """Take ``lessons`` (``SERIES`` names, oldest first, already checked: numbers, and
+        (records, seconds) pairs for ``commit_extra``) as if ``migrations`` switchovers
+        had been recorded here, in this process's order now."""
+        with self._lock:
+            for name, values in lessons.items():
+                series: deque[object] = getattr(self, "_" + name)
+                series.clear()
+                series.extend(tuple(v) if isinstance(v, list) else v for v in values)
+            self.migrations = migrations
+            self.recorded_at = next(_RECORD_ORDER) if migrations else 0
+            self.kin = None
+
     def _teacher(self) -> SwitchoverHistory:
         """The history whose lessons apply: this one, or its kin's while it has none."""
         kin = self.kin
@@ -238,11 +278,14 @@ class HostHistories:
     def __init__(self, keep: int = 8, shapes: int = 256) -> None:
         self._keep, self._shapes = keep, shapes
         self._lock = threading.Lock()
-        self._by_shape: OrderedDict[tuple[str, tuple[object, ...]], SwitchoverHistory] = OrderedDict()
+        self._by_shape: OrderedDict[tuple[str, DeviceKind], SwitchoverHistory] = OrderedDict()
+
+    @property
+    def keep_per_series(self) -> int:
+        return self._keep
 
     def of(self, guest: str, devices: Iterable[DeviceInfo]) -> SwitchoverHistory:
-        kind = tuple((d.protocol, d.flags, tuple(sorted(d.identity.items())))
-                     for d in devices)
+        kind = device_kind(devices)
         shape = (guest, kind)
         with self._lock:
             h = self._by_shape.pop(shape, None) or SwitchoverHistory(self._keep)
@@ -253,6 +296,20 @@ class HostHistories:
             while len(self._by_shape) > self._shapes:
                 self._by_shape.popitem(last=False)
             return h
+
+    def shapes(self) -> list[tuple[str, DeviceKind, SwitchoverHistory]]:
+        """(guest, device kind, history) of every shape, the least recently used first."""
+        with self._lock:
+            return [(guest, kind, h) for (guest, kind), h in self._by_shape.items()]
+
+    def adopt(self, guest: str, kind: DeviceKind, history: SwitchoverHistory) -> None:
+        """Hold ``history`` for the shape (``guest``, ``kind``) as its most recently used
+        (a restored snapshot's; the shapes bound still holds)."""
+        with self._lock:
+            self._by_shape.pop((guest, kind), None)
+            self._by_shape[(guest, kind)] = history
+            while len(self._by_shape) > self._shapes:
+                self._by_shape.popitem(last=False)
 
 
 HOST_HISTORY = HostHistories()
