@@ -32,7 +32,8 @@ device's ``name`` (the addresses must then be equal, or preflight refuses, namin
     [paths]
     sysfs = "/sys"                       # roots of sysfs and devfs (tests use trees)
     dev = "/dev"
-    state = "/var/lib/vfiod"             # the journal (StateDirectory); made 0700 if missing
+    state = "/var/lib/vfiod"             # the journal and the switchover history
+                                         # (StateDirectory); made 0700 if missing
 
     [[guest]]
     name = "g1"
