@@ -157,3 +157,20 @@ def test_a_refused_snapshot_adds_nothing_to_the_histories() -> None:
     with pytest.raises(HistorySnapshotError):
         decode(json.dumps(doc).encode(), into=hosts)
     assert hosts.shapes() == []
+
+
+def test_what_a_history_keeps_a_snapshot_restores_and_broken_clocks_are_not_kept() -> None:
+    """A lesson record() kept but decode() refused would lose every lesson at the next
+    restart: both hold to the same bounds."""
+    hosts = HostHistories()
+    h = hosts.of("vm1", [BIG])
+    actual = {c: PREDICTED.get(c, 0.0) for c in COMPONENTS}
+    # a 90 s commit and a device that took 20 s per MiB: clocks that broke
+    h.record(MEASURED, PREDICTED, {**actual, "commit_round_trips": 90.0,
+                                   "device_stop": 40.0, "dest_load_resume": 0.01}, 2 << 20)
+    h.record_opted_out(1, 1, 1e-9)
+    kept = h.kept()
+    assert kept["commit_extra"] == [] and kept["stop_per_byte"] == []
+    assert kept["opted_out_rate"] == []
+    assert kept["load_per_byte"] != []                   # the sane one of the same record
+    assert decode(encode(hosts)).of("vm1", [BIG]).kept() == kept

@@ -92,9 +92,10 @@ _RECORD_ORDER = itertools.count(1)
 SERIES = ("commit_extra", "sync_ratio", "stop_per_byte", "load_per_byte", "stop_extra",
           "load_extra", "stream_end", "record_extra", "verify_extra", "opted_out_rate")
 #: what a kept lesson can be (anything outside is a broken clock or a damaged snapshot,
-#: not a lesson): commit_extra's seconds, and each other series' values
+#: not a lesson): commit_extra's seconds, and each other series' values; seconds within a
+#: minute, a device's stop or load at most 10 s per MiB of state
 LESSON_BOUNDS = {"commit_extra": (-60.0, 60.0), "sync_ratio": _SYNC_BOUNDS,
-                 "stop_per_byte": (0.0, 1e-6), "load_per_byte": (0.0, 1e-6),
+                 "stop_per_byte": (0.0, 1e-5), "load_per_byte": (0.0, 1e-5),
                  "stop_extra": (-60.0, 60.0), "load_extra": (-60.0, 60.0),
                  "stream_end": (0.0, 60.0), "record_extra": (-_RECORD_BOUND_S, _RECORD_BOUND_S),
                  "verify_extra": (-60.0, 60.0), "opted_out_rate": (0.0, 1e6)}
@@ -163,30 +164,34 @@ class SwitchoverHistory:
             self.recorded_at = next(_RECORD_ORDER)
             self.kin = None      # its own lessons now; and no chain of lenders kept alive
             # over the prediction, which already has the socket's queue at the bandwidth
-            self._commit_extra.append((final_records, actual["commit_round_trips"]
-                                       - predicted["commit_round_trips"]))
+            self._add("commit_extra", actual["commit_round_trips"]
+                      - predicted["commit_round_trips"], final_records)
             if measured.final_sync_s > 0 and actual["final_sync"] > 0:
-                ratio = actual["final_sync"] / measured.final_sync_s
-                if _SYNC_BOUNDS[0] <= ratio <= _SYNC_BOUNDS[1]:
-                    self._sync_ratio.append(ratio)
+                self._add("sync_ratio", actual["final_sync"] / measured.final_sync_s)
             if device_bytes >= _STATE_MIN_BYTES:
                 dev_link_s = predicted["device_stop"] - measured.device_stop_s
                 stop = actual["device_stop"] - dev_link_s - measured.device_stop_s
                 load = actual["dest_load_resume"] - measured.dest_load_resume_s
-                self._stop_per_byte.append(max(0.0, stop) / device_bytes)
-                self._load_per_byte.append(max(0.0, load) / device_bytes)
+                self._add("stop_per_byte", max(0.0, stop) / device_bytes)
+                self._add("load_per_byte", max(0.0, load) / device_bytes)
             else:
-                self._stop_extra.append(actual["device_stop"] - predicted["device_stop"])
-                self._load_extra.append(actual["dest_load_resume"]
-                                        - measured.dest_load_resume_s)
+                self._add("stop_extra", actual["device_stop"] - predicted["device_stop"])
+                self._add("load_extra", actual["dest_load_resume"]
+                          - measured.dest_load_resume_s)
             if stream_end_s >= 0:
-                self._stream_end.append(stream_end_s)
-            self._verify_extra.append(actual["verify"] - predicted["verify"])
+                self._add("stream_end", stream_end_s)
+            self._add("verify_extra", actual["verify"] - predicted["verify"])
             if final_records > 0:
-                extra = (actual["ram_transfer"] - predicted["ram_transfer"]
-                         - max(0.0, stream_end_s)) / final_records
-                if abs(extra) <= _RECORD_BOUND_S:
-                    self._record_extra.append(extra)
+                self._add("record_extra", (actual["ram_transfer"] - predicted["ram_transfer"]
+                                           - max(0.0, stream_end_s)) / final_records)
+
+    def _add(self, series: str, value: float, records: int | None = None) -> None:
+        """Keep ``value`` in ``series`` if it is within ``LESSON_BOUNDS`` (outside them it
+        is a broken clock, not a lesson; a snapshot holds nothing else); ``records``: the
+        final pass's, for ``commit_extra``. Called with the lock held."""
+        lo, hi = LESSON_BOUNDS[series]
+        if lo <= value <= hi:
+            getattr(self, "_" + series).append(value if records is None else (records, value))
 
     def record_opted_out(self, reported_pages: int, mapped_pages: int,
                          tracked_s: float) -> None:
@@ -194,8 +199,7 @@ class SwitchoverHistory:
         ``mapped_pages`` were written in the ``tracked_s`` seconds since tracking began."""
         if mapped_pages > 0 and tracked_s > 0:
             with self._lock:
-                self._opted_out_rate.append(min(1.0, reported_pages / mapped_pages)
-                                            / tracked_s)
+                self._add("opted_out_rate", min(1.0, reported_pages / mapped_pages) / tracked_s)
 
     def opted_out_share(self, tracked_s: float) -> float | None:
         """The part of an opted-out container's mapping to count dirty after ``tracked_s``
