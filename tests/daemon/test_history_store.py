@@ -10,13 +10,14 @@ import errno
 import json
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import vfiod.kernel.linux as linux_files
-from tests.support.daemons import wait_until
+from tests.support.daemons import child_env, vfiod_cmd, wait_until
 from tests.support.fault_rig import RigGuest, fill_disk, mount_tmpfs, started_pair, unmount
 from vfiod.daemon.history_store import HISTORY_NAME, HistoryStore
 from vfiod.errors import KernelError
@@ -173,3 +174,26 @@ def test_a_restarted_source_predicts_with_the_switchovers_it_learnt_before() -> 
         assert "1 guest shape restored" in a.log()
         after = moved(a, b)
         assert after["prediction_lessons"] == {"switchovers": 1, "borrowed": False}
+
+
+def test_a_damaged_file_is_shown_by_status_and_the_daemon_still_migrates() -> None:
+    """The warning is in ``ctl status`` (JSON and text), not only in the log, and the
+    daemon runs and migrates without the lessons, then saves a good file."""
+    with started_pair([G]) as pair:
+        a, b = pair.src, pair.dst
+        assert a.status()["daemon"]["history_warning"] is None
+        a.sigterm()
+        path = a.root / "state" / HISTORY_NAME
+        path.write_text('{"version": 7, "shapes": []}')
+        a.start()
+        assert a.status()["daemon"]["history_warning"] == \
+            "version 7, this vfiod reads version 1"
+        text = subprocess.run(vfiod_cmd("ctl", "--socket", a.socket, "status"),
+                              capture_output=True, text=True, env=child_env(), timeout=60)
+        assert text.returncode == 0, text.stderr
+        assert ("switchover history not restored (predictions start without it): "
+                "version 7, this vfiod reads version 1") in text.stdout
+        a.migrate(G.name, b.migration_address)
+        wait_until(lambda: b.guest_state(G.name) == "running", 60,
+                   lambda: f"{a.log()[-3000:]}\n{b.log()[-3000:]}")
+        assert json.loads(path.read_text())["version"] == 1

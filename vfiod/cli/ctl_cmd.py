@@ -125,6 +125,9 @@ def _status(c: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"last reload refused: {d['reload_error']}\n")
     if d["restart_needed"]:
         out.write(f"restart needed for: {', '.join(d['restart_needed'])}\n")
+    if d.get("history_warning"):     # an older daemon has no such field
+        out.write(f"switchover history not restored (predictions start without it): "
+                  f"{d['history_warning']}\n")
     if not r["guests"]:
         out.write("no guests configured\n")
     for g in r["guests"]:

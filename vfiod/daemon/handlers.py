@@ -59,6 +59,9 @@ class DaemonInfo:
     pid: int = field(default_factory=os.getpid)
     restart_needed: list[str] = field(default_factory=list)
     reload_error: str | None = None
+    #: why the switchover histories were not restored at start (None: they were, or
+    #: there were none yet)
+    history_warning: str | None = None
 
 
 #: States a VMM may take its RAM back from (no migration decides about it then).
@@ -156,7 +159,7 @@ class Handlers:
                   "control_socket": i.control_socket, "metrics": i.metrics,
                   "migration_listen": i.migration_listen,
                   "restart_needed": list(i.restart_needed),
-                  "reload_error": i.reload_error}
+                  "reload_error": i.reload_error, "history_warning": i.history_warning}
         # another VMM's devices (docs/architecture.md §8.5), in the whole host's status
         # only; read outside the registry lock
         observed = self.observed.rows() if self.observed and only is None else []

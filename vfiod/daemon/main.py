@@ -154,10 +154,11 @@ class Daemon:
         self.observed = ObservedDevices(cfg.observe, self.kernel)
         self.guests = GuestManager(self.kernel, self.paths, self.registry, workloads=workloads,
                                    start_workload=starter)
+        histories = HistoryStore.open(cfg.paths.state)
+        self.info.history_warning = histories.warning or None
         self.migrations = MigrationService(self.registry, self.guests, self.host_facts,
                                            cfg.migration, cfg.migration.tls,
-                                           journal=self.journal,
-                                           histories=HistoryStore.open(cfg.paths.state))
+                                           journal=self.journal, histories=histories)
         recover(cfg.guests, self.journal, self.registry, self.guests, self.migrations)
         listen = opts.migration_listen or (str(cfg.migration.listen)
                                            if cfg.migration.listen else None)
