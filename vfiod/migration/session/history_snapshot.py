@@ -10,11 +10,13 @@ switchovers"; §1.8: a daemon keeps them across restarts).
                  "lessons": {SERIES: [VALUE, ...], "commit_extra": [[RECORDS, SECONDS]]}}]}
 
 the shapes least recently used first, ``recorded`` the rank of their last switchover
-(1 the oldest; 0 none: which kin is the latest). ``decode`` checks every field and raises ``HistorySnapshotError`` naming
-the first one wrong (``shapes[2].lessons.sync_ratio[0]: ...``): the lessons only tune
+(1 the oldest, 0 none: which kin is the latest). ``decode`` checks every field and
+raises ``HistorySnapshotError`` naming the first one wrong
+(``shapes[2].lessons.sync_ratio[0]: ...``), having added nothing: the lessons only tune
 predictions, so the daemon says what was wrong and starts without them rather than
-predict from a damaged file. Values outside ``LESSON_BOUNDS`` are damage, not lessons; a
-series longer than the histories keep is cut to its newest values.
+predict from a damaged file. Values outside ``LESSON_BOUNDS`` (the bounds ``record``
+keeps lessons within) are damage, not lessons; a series longer than the histories keep
+is cut to its newest values.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def encode(histories: HostHistories) -> bytes:
 
 
 def decode(data: bytes, into: HostHistories | None = None) -> HostHistories:
-    """The histories ``data`` holds, added to ``into`` (a new ``HostHistories`` if None)."""
+    """The histories ``data`` holds, added to ``into`` (a new ``HostHistories`` if None)
+    once every field is checked: on ``HistorySnapshotError`` nothing was added."""
     if len(data) > MAX_SNAPSHOT_BYTES:
         raise HistorySnapshotError(f"{len(data)} bytes, more than the "
                                    f"{MAX_SNAPSHOT_BYTES} a snapshot can be")
