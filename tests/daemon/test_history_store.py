@@ -159,15 +159,15 @@ def test_a_restarted_source_predicts_with_the_switchovers_it_learnt_before() -> 
         def moved(src, dst) -> dict:  # type: ignore[no-untyped-def]
             src.migrate(G.name, dst.migration_address)
             wait_until(lambda: (src.guest_state(G.name), dst.guest_state(G.name))
-                       == ("incoming", "running"), 60,
-                       lambda: f"{src.log()[-3000:]}\n{dst.log()[-3000:]}")
+                       == ("incoming", "running"), 60, f"{G.name} to move to {dst.name}")
             m = src.migration(G.name)
             assert m is not None and m["result"] == "completed", m
             return m
 
         first = moved(a, b)
         assert first["prediction_lessons"] == {"switchovers": 0, "borrowed": False}
-        assert (a.root / "state" / HISTORY_NAME).exists()
+        # saved when a's session thread ends, just after the guest moved
+        wait_until((a.root / "state" / HISTORY_NAME).exists, 60, "a to save its history")
         moved(b, a)
         a.sigterm()
         a.start()
@@ -194,6 +194,8 @@ def test_a_damaged_file_is_shown_by_status_and_the_daemon_still_migrates() -> No
         assert ("switchover history not restored (predictions start without it): "
                 "version 7, this vfiod reads version 1") in text.stdout
         a.migrate(G.name, b.migration_address)
-        wait_until(lambda: b.guest_state(G.name) == "running", 60,
-                   lambda: f"{a.log()[-3000:]}\n{b.log()[-3000:]}")
-        assert json.loads(path.read_text())["version"] == 1
+        wait_until(lambda: b.guest_state(G.name) == "running", 60, f"{G.name} to run on b")
+        # saved once the source's session thread has ended, after the guest moved; the
+        # rename replaces the file whole, so a read sees the old one or the new one
+        wait_until(lambda: json.loads(path.read_text())["version"] == 1, 60,
+                   "the source to save a good history file")
