@@ -47,10 +47,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str,
+def wait_until(cond: Callable[[], Any], timeout: float, what: str | Callable[[], str],
                poll: Callable[[float], None] | None = None) -> Any:
     """Re-evaluate ``cond`` until it is truthy; between tries block in ``poll`` (which
-    returns early when something happens) or on a short select on nothing."""
+    returns early when something happens) or on a short select on nothing. ``what``
+    names what is awaited in the timeout's message; a callable is asked then (the
+    daemons' logs as they are at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -58,7 +60,8 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str,
             return value
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {said}")
         if poll is not None:
             poll(min(left, 0.2))
         else:
