@@ -24,6 +24,7 @@ from vfiod.errors import KernelError
 from vfiod.migration.planning.breakdown import COMPONENTS
 from vfiod.migration.planning.predictor import FixedCosts
 from vfiod.migration.session.history import HostHistories
+from vfiod.migration.session.history_snapshot import MAX_SNAPSHOT_BYTES
 from vfiod.migration.stream.header import DeviceInfo
 
 DEV = DeviceInfo("0000:3b:00.0", "v2", 7, {"vendor": "0x15b3", "device": "0x101e"})
@@ -101,6 +102,27 @@ def test_an_unreadable_file_is_reported_and_the_daemon_starts_without_it(
     (tmp_path / HISTORY_NAME).write_text("{}")
     store = HistoryStore.open(str(tmp_path), files=_Files("read_file", errno.EACCES))
     assert store.warning == "cannot read it: Permission denied"
+    assert store.histories.shapes() == []
+
+
+def test_a_file_too_large_to_be_ours_is_refused_without_reading_it_all(
+        tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_NAME
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)                 # 1 GiB of holes: no snapshot is that large
+    read: list[int] = []
+
+    class _Counting:
+        def __getattr__(self, name: str) -> object:
+            return getattr(linux_files, name)
+
+        def read_file(self, p: str, limit: int | None = None) -> bytes:
+            data = linux_files.read_file(p, limit)
+            read.append(len(data))
+            return data
+    store = HistoryStore.open(str(tmp_path), files=_Counting())
+    assert store.warning == f"more than the {MAX_SNAPSHOT_BYTES} bytes a snapshot can be"
+    assert read == [MAX_SNAPSHOT_BYTES + 1]
     assert store.histories.shapes() == []
 
 

@@ -142,7 +142,7 @@ def test_a_damaged_snapshot_names_what_is_wrong(edit: str, names: str) -> None:
     (b"{\"version\": 1, \"shapes\": [", "not JSON"),
     (b"\xff\xfe", "not JSON"),
     (b"[]", "the snapshot: [], not an object"),
-    (b" " * (MAX_SNAPSHOT_BYTES + 1), "more than"),
+    (b" " * (MAX_SNAPSHOT_BYTES + 1), f"more than the {MAX_SNAPSHOT_BYTES} bytes"),
 ])
 def test_what_is_not_a_snapshot_is_refused(data: bytes, names: str) -> None:
     with pytest.raises(HistorySnapshotError) as e:

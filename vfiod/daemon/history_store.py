@@ -30,7 +30,12 @@ from typing import Protocol
 import vfiod.kernel.linux as linux_files
 from vfiod.errors import KernelError
 from vfiod.migration.session.history import HOST_HISTORY, HostHistories, SwitchoverHistory
-from vfiod.migration.session.history_snapshot import HistorySnapshotError, decode, encode
+from vfiod.migration.session.history_snapshot import (
+    MAX_SNAPSHOT_BYTES,
+    HistorySnapshotError,
+    decode,
+    encode,
+)
 from vfiod.migration.stream.header import DeviceInfo
 
 log = logging.getLogger("vfiod.history")
@@ -41,7 +46,7 @@ HISTORY_NAME = "switchover-history.json"
 class HistoryFiles(Protocol):
     """The file operations the store needs (``vfiod.kernel.linux`` has them)."""
 
-    def read_file(self, path: str) -> bytes: ...
+    def read_file(self, path: str, limit: int | None = None) -> bytes: ...
     def write_file_fsync(self, path: str, data: bytes) -> None: ...
     def rename_fsync_dir(self, src: str, dst: str) -> None: ...
     def remove_file(self, path: str) -> bool: ...
@@ -64,15 +69,14 @@ class HistoryStore:
         it cannot be read or restored (then ``warning`` says why, and the log)."""
         store = cls(HostHistories(), os.path.join(state_dir, HISTORY_NAME), files)
         try:
-            data = files.read_file(store.path or "")
+            data = files.read_file(store.path or "", MAX_SNAPSHOT_BYTES)
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 store._discard(f"cannot read it: {e.strerror}")
             return store
         try:
-            decode(data, into=store.histories)
+            decode(data, into=store.histories)     # adds nothing if it raises
         except HistorySnapshotError as e:
-            store.histories = HostHistories()   # nothing half-restored
             store._discard(str(e))
             return store
         shapes = len(store.histories.shapes())

@@ -285,11 +285,13 @@ def make_private_dir(path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def read_file(path: str) -> bytes:
-    """The whole content of ``path`` (``KernelError`` ENOENT when there is none)."""
+def read_file(path: str, limit: int | None = None) -> bytes:
+    """The whole content of ``path`` (``KernelError`` ENOENT when there is none), or with
+    ``limit`` at most ``limit + 1`` bytes of it: more than ``limit`` says it is too large
+    without reading it all."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
     except OSError as e:
         raise KernelError(e.errno or errno.EIO, f"read({path})") from None
 

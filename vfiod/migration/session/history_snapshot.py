@@ -67,8 +67,8 @@ def decode(data: bytes, into: HostHistories | None = None) -> HostHistories:
     """The histories ``data`` holds, added to ``into`` (a new ``HostHistories`` if None)
     once every field is checked: on ``HistorySnapshotError`` nothing was added."""
     if len(data) > MAX_SNAPSHOT_BYTES:
-        raise HistorySnapshotError(f"{len(data)} bytes, more than the "
-                                   f"{MAX_SNAPSHOT_BYTES} a snapshot can be")
+        raise HistorySnapshotError(f"more than the {MAX_SNAPSHOT_BYTES} bytes a snapshot "
+                                   "can be")
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
