@@ -67,9 +67,10 @@ class HistoryStore:
     def open(cls, state_dir: str, files: HistoryFiles = linux_files) -> HistoryStore:
         """The histories kept under ``state_dir``; none if there is no file yet, or if
         it cannot be read or restored (then ``warning`` says why, and the log)."""
-        store = cls(HostHistories(), os.path.join(state_dir, HISTORY_NAME), files)
+        path = os.path.join(state_dir, HISTORY_NAME)
+        store = cls(HostHistories(), path, files)
         try:
-            data = files.read_file(store.path or "", MAX_SNAPSHOT_BYTES)
+            data = files.read_file(path, MAX_SNAPSHOT_BYTES)
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 store._discard(f"cannot read it: {e.strerror}")

@@ -87,10 +87,6 @@ _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
 NOT_REHEARSED = SwitchoverRehearsal()
 #: every recorded switchover's place in this process's order (a clock may tie)
 _RECORD_ORDER = itertools.count(1)
-#: the lessons a history keeps, by the name a snapshot gives them; ``commit_extra`` holds
-#: (final-pass records, seconds) pairs, the others numbers
-SERIES = ("commit_extra", "sync_ratio", "stop_per_byte", "load_per_byte", "stop_extra",
-          "load_extra", "stream_end", "record_extra", "verify_extra", "opted_out_rate")
 #: what a kept lesson can be (anything outside is a broken clock or a damaged snapshot,
 #: not a lesson): commit_extra's seconds, and each other series' values; seconds within a
 #: minute, a device's stop or load at most 10 s per MiB of state
@@ -99,6 +95,9 @@ LESSON_BOUNDS = {"commit_extra": (-60.0, 60.0), "sync_ratio": _SYNC_BOUNDS,
                  "stop_extra": (-60.0, 60.0), "load_extra": (-60.0, 60.0),
                  "stream_end": (0.0, 60.0), "record_extra": (-_RECORD_BOUND_S, _RECORD_BOUND_S),
                  "verify_extra": (-60.0, 60.0), "opted_out_rate": (0.0, 1e6)}
+#: the lessons a history keeps (each an attribute ``_<name>``), by the name a snapshot
+#: gives them; ``commit_extra`` holds (final-pass records, seconds) pairs, the others numbers
+SERIES = tuple(LESSON_BOUNDS)
 #: the devices of a guest shape: (protocol, flags, identity items) per device
 DeviceKind = tuple[tuple[str, int, tuple[tuple[str, str], ...]], ...]
 
@@ -296,9 +295,7 @@ class HostHistories:
             if h.migrations == 0:
                 kin = [o for (_, k), o in self._by_shape.items() if k == kind and o.migrations]
                 h.kin = max(kin, key=lambda o: o.recorded_at, default=None)
-            self._by_shape[shape] = h
-            while len(self._by_shape) > self._shapes:
-                self._by_shape.popitem(last=False)
+            self._hold(shape, h)
             return h
 
     def shapes(self) -> list[tuple[str, DeviceKind, SwitchoverHistory]]:
@@ -311,9 +308,14 @@ class HostHistories:
         (a restored snapshot's; the shapes bound still holds)."""
         with self._lock:
             self._by_shape.pop((guest, kind), None)
-            self._by_shape[(guest, kind)] = history
-            while len(self._by_shape) > self._shapes:
-                self._by_shape.popitem(last=False)
+            self._hold((guest, kind), history)
+
+    def _hold(self, shape: tuple[str, DeviceKind], history: SwitchoverHistory) -> None:
+        """``history`` as the shape's, its most recently used; the least recently used
+        dropped beyond ``shapes``. Called with the lock held."""
+        self._by_shape[shape] = history
+        while len(self._by_shape) > self._shapes:
+            self._by_shape.popitem(last=False)
 
 
 HOST_HISTORY = HostHistories()
