@@ -37,8 +37,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from tests.bench.timing import row
 from tests.support.daemons import DaemonProcess, guest_status, wait_until
 from tests.support.fleet_configs import fleet_config, fleet_guest
 from tests.support.load import rss
+from tests.support.production_env import coverage_mapped, without_coverage
 
 ROOT = Path(__file__).resolve().parents[2]
 GUESTS, DEVICES = 64, 4
@@ -59,27 +58,12 @@ def _mib(n: int) -> float:
     return round(n / 2**20, 1)
 
 
-@contextmanager
-def _without_coverage() -> Iterator[dict[str, str]]:
-    """The environment of a daemon that cannot import ``coverage`` (as in production)."""
-    with tempfile.TemporaryDirectory(prefix="vfiod-bench-nocov-") as tmp:
-        Path(tmp, "coverage.py").write_text(
-            'raise ImportError("coverage is not installed (a production install)")\n')
-        yield {"PYTHONPATH": os.pathsep.join([tmp, str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def _coverage_mapped(d: DaemonProcess) -> bool:
-    """Whether coverage's C tracer is mapped into the daemon (``import coverage`` ran)."""
-    with open(f"/proc/{d.proc.pid}/maps") as f:
-        return any("/coverage/" in line for line in f)
-
-
 def _idle_rss(guests: int, env: dict[str, str] | None = None) -> tuple[int, bool]:
     d = DaemonProcess(fleet_config("source", guests, DEVICES), f"bench-rss-{guests}", env=env)
     try:
         d.wait_ready()
         d.call("status")                # the control path once, as any real daemon
-        return rss(d), _coverage_mapped(d)
+        return rss(d), coverage_mapped(d.proc.pid)
     finally:
         d.cleanup()
 
@@ -87,7 +71,7 @@ def _idle_rss(guests: int, env: dict[str, str] | None = None) -> tuple[int, bool
 def rss_per_guest() -> dict[str, Any]:
     one, one_cov = _idle_rss(1)
     many, _ = _idle_rss(GUESTS)
-    with _without_coverage() as env:
+    with without_coverage() as env:
         prod, prod_cov = _idle_rss(1, env)
     per = (many - one) / (GUESTS - 1)
     return row("rss_per_guest", per / 2**10, "KiB", "anonymous RSS of the 1-guest daemon (MiB)",
@@ -124,7 +108,7 @@ def _migrated_pair(env: dict[str, str] | None = None) -> dict[str, Any]:
         for d in (src, dst):
             d.call("status")            # what an operator asks next
         return {"idle": idle, "after": {"source": rss(src), "destination": rss(dst)},
-                "coverage_mapped": _coverage_mapped(src) and _coverage_mapped(dst)}
+                "coverage_mapped": coverage_mapped(src.proc.pid) and coverage_mapped(dst.proc.pid)}
     finally:
         for d in (src, dst):
             d.cleanup()
@@ -132,7 +116,7 @@ def _migrated_pair(env: dict[str, str] | None = None) -> dict[str, Any]:
 
 def rss_after_migration() -> dict[str, Any]:
     test = _migrated_pair()
-    with _without_coverage() as env:
+    with without_coverage() as env:
         prod = _migrated_pair(env)
     src, dst = test["after"]["source"], test["after"]["destination"]
     limit = FIXED_TARGET_MIB * 2**20

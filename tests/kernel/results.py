@@ -18,6 +18,8 @@ from pathlib import Path
 #: figures the guest writes back
 KERNEL_BENCH_RUNS_FILE = "kernel-bench-runs"
 KERNEL_BENCH_RESULT_FILE = "kernel-bench.json"
+#: ... and the production daemons' memory after a migration (bench_native_dma_rss.py)
+KERNEL_RSS_RESULT_FILE = "kernel-rss.json"
 
 
 @dataclass(frozen=True)

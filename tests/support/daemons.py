@@ -185,7 +185,9 @@ class LinuxDaemon:
     #: generous: under TCG a daemon takes ~10 s just to import numpy and numba
     deadline_s = 60.0
 
-    def __init__(self, name: str, config: str, workdir: Path) -> None:
+    def __init__(self, name: str, config: str, workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: set in the daemon's environment over ``child_env``'s."""
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir()
@@ -201,7 +203,7 @@ class LinuxDaemon:
                           "--control-socket", self.socket, "--metrics-listen", ""),
                 stdout=log, stderr=subprocess.STDOUT,
                 env=child_env(NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1",
-                              NUMBA_DEBUG_CACHE="1"))
+                              NUMBA_DEBUG_CACHE="1", **(env or {})))
         self.ready: dict[str, str] = {}
 
     def log(self) -> str:

@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from tests.support.daemons import DaemonProcess, wait_until
 from tests.support.fleet_configs import fleet_config
+from tests.support.production_env import anon_rss
 from vfiod.api.schema import SCHEMA_VERSION, Request, Response
 
 WATCHDOG_USEC = 1_000_000          # the daemon pings every half of it: every 0.5 s
@@ -251,11 +250,8 @@ def fleet_pair(guests: int, devices: int, name: str
 
 
 def rss(d: DaemonProcess) -> int:
-    """The daemon's anonymous resident memory (RssAnon: RSS less file and shmem pages).
-    Guest RAM is shared memory (memfd): a migration reading it makes it resident in the
-    source's RSS without the daemon holding any more memory of its own."""
-    m = psutil.Process(d.proc.pid).memory_info()
-    return int(m.rss - m.shared)
+    """The daemon's anonymous resident memory (``production_env.anon_rss``)."""
+    return anon_rss(d.proc.pid)
 
 
 def warm_up(src: DaemonProcess, dst: DaemonProcess, guest: str) -> None:
