@@ -92,38 +92,6 @@ def test_a_guests_first_migration_uses_the_lessons_of_a_guest_with_its_devices(
         dst.close()
 
 
-def test_a_single_pass_predicts_its_final_sync_from_the_pages_it_will_report(
-        tmp_path: Path) -> None:
-    """The first pre-copy sync reports every page the devices wrote during the first
-    pass (the simulator's DMA log builds its report page by page, as a device's is read
-    out record by record); the final sync, with the guest paused, reports what was
-    written since. A migration of one pass predicted its final sync as long as that
-    first sync (``vfiod demo``: 7-15 ms predicted, 0.3-0.5 ms taken); it now predicts the
-    fixed part of a sync (a baseline taken before the first pass) plus the few pages the
-    guest writes before the pause (``planning/sync_cost.py``)."""
-    dev = spec("v2_precopy_log")
-    src, dst = pair(tmp_path, [SideContainer([dev])], ram=(RamRegion("ram", 0, 256 * MiB),),
-                    fill_bytes=64 * MiB)
-    try:
-        wl = add_workload(src, [DmaTarget(dev.name, 0, 32 * MiB)],
-                          dirty_rate_bps=128e6, hot_fraction=1.0, seed=3)
-        wl.start()
-        wl.wait_for_writes(1)
-        run = migrate(src, dst, SessionConfig(policy=Policy(downtime_limit_s=1.0)),
-                      history=SwitchoverHistory())
-        assert_migrated(src, dst, run)
-        r = run.source
-        first = r.history[0]
-        assert r.iterations == 1 and first.dirty_ram_bytes >= 500 * 4096, first
-        predicted = r.downtime_breakdown["final_sync"]["predicted_s"]
-        # a behaviour check with a wide margin: the pass's sync reported hundreds of
-        # pages, the final sync is predicted to report a few
-        assert predicted < first.sync_s / 2, (predicted, first)
-    finally:
-        src.close()
-        dst.close()
-
-
 class QueuedLink:
     """The source's connection, reporting ``extra`` more bytes in its send queue."""
 

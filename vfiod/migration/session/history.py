@@ -76,7 +76,6 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 
 from vfiod.migration.planning.predictor import FixedCosts
-from vfiod.migration.planning.sync_cost import robust_line
 from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal
 from vfiod.migration.stream.header import DeviceInfo
 
@@ -113,12 +112,21 @@ def _median(xs: deque[float], default: float) -> float:
 
 
 def commit_line(samples: Iterable[tuple[int, float]]) -> tuple[float, float]:
-    """(seconds, seconds per record) through (records, seconds) samples: ``robust_line``
-    (Theil-Sen, the slope at least 0 and at most ``_RECORD_BOUND_S``), robust to the one-off
-    slow commit that a mean would spread over every prediction. With fewer than 3 samples,
-    or records that differ by less than ``_LINE_MIN_SPREAD``, the median alone (slope 0)."""
-    return robust_line(samples, min_samples=3, min_spread=_LINE_MIN_SPREAD,
-                       max_slope=_RECORD_BOUND_S)
+    """(seconds, seconds per record) through (records, seconds) samples: Theil-Sen (the
+    median slope over the pairs whose records differ, at least 0 and at most
+    ``_RECORD_BOUND_S``; the intercept the median left over), robust to the one-off slow
+    commit that a mean would spread over every prediction. With fewer than 3 samples, or
+    records that differ by less than ``_LINE_MIN_SPREAD``, the median alone (slope 0)."""
+    xs = list(samples)
+    if not xs:
+        return 0.0, 0.0
+    records = [r for r, _ in xs]
+    if len(xs) < 3 or max(records) - min(records) < _LINE_MIN_SPREAD:
+        return statistics.median(y for _, y in xs), 0.0
+    slopes = [(y2 - y1) / (r2 - r1) for i, (r1, y1) in enumerate(xs)
+              for r2, y2 in xs[i + 1:] if r2 != r1]
+    slope = min(_RECORD_BOUND_S, max(0.0, statistics.median(slopes)))
+    return statistics.median(y - slope * r for r, y in xs), slope
 
 
 class SwitchoverHistory:

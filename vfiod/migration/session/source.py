@@ -59,7 +59,6 @@ from vfiod.migration.planning.predictor import (
     IterationInputs,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
-from vfiod.migration.planning.sync_cost import SyncCosts
 from vfiod.migration.session.channels import SourceChannels
 from vfiod.migration.session.common import (
     UNJOURNALED,
@@ -131,9 +130,10 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = self._tracking_t0 = 0.0
-        #: the devices' state arcs (setup, each pass's pending queries) and the dirty syncs
-        #: (a baseline at setup, one per pass)
-        self._arcs, self._syncs = FixedCostSamples(), SyncCosts()
+        #: the devices' state arcs: at setup, then the pending queries of every pass
+        self._arcs = FixedCostSamples()
+        #: the pre-copy syncs' durations (the first can pay first-touch costs)
+        self._syncs = FixedCostSamples()
         pol = self.config.policy
         self._watch = ConvergenceWatch(pol.stall_iterations, pol.not_converging_iterations,
                                        pol.not_converging_min_s)
@@ -237,7 +237,6 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         # one arc each way costs about the same: the stop-and-copy arc is predicted from
         # the arcs measured here and at every pass (docs/architecture.md §4 fixed costs)
         self._arcs.add(self.clock() - t0)
-        self._syncs.add_sync(self.tracker.sync("baseline"), self.clock())   # its fixed part
         for d in g.devices:
             w.send_device_data(d.name, self._hook(d, d.driver.save_state))
         self.digests = RamDigests(g.ram_regions(), views, g.page_size)
@@ -317,10 +316,10 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         # all measured in this migration: stopping, the devices' arcs, a dirty sync, the
         # final re-hash, per-record costs, two round trips, the destination's arcs
         arc = self._arcs.estimate_s
-        self._syncs.add_sync(sync, now)     # the final one comes after the pause and the arcs
+        self._syncs.add(sync.duration_s)
         self._measured_costs = FixedCosts(
-            device_stop_s=arc, final_sync_s=self._syncs.estimate_s(now + arc), verify_s=verify_s,
-            record_overhead_s=records_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
+            device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
+            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
