@@ -12,6 +12,7 @@ from tests.kernel.test_kernel_tier import GUEST_DIR, GUEST_TESTS
 
 def test_kernel_bench_is_not_part_of_the_guest_suite() -> None:
     assert (GUEST_DIR.parent.parent.parent / bench.GUEST_BENCH).exists()
+    assert (GUEST_DIR.parent.parent.parent / bench.GUEST_RSS_BENCH).exists()
     assert not any(t.startswith("bench_") for t in GUEST_TESTS)
     assert results.discover_guest_tests(GUEST_DIR) == GUEST_TESTS
 
@@ -43,3 +44,15 @@ def test_kernel_bench_runs_come_from_the_environment_or_refuse_it() -> None:
     for bad in ("0", "-1", "two", ""):
         with pytest.raises(ValueError, match="VFIOD_KBENCH_RUNS"):
             bench.runs_from(bad)
+
+
+def test_kernel_bench_rss_is_checked_against_the_fixed_part() -> None:
+    rss = {"idle_mib": {"source": 47.5, "destination": 48.0},
+           "after_mib": {"source": 63.9, "destination": 64.2}}
+    s = bench.rss_summary(rss)
+    assert (s["fixed_target_mib"], s["fixed_met"]) == (64, False)   # the worse end decides
+    line = bench.rss_line(s)
+    assert "source 47.5 idle, 63.9 after" in line and "destination 48.0 idle, 64.2" in line
+    assert "NOT met" in line
+    rss["after_mib"]["destination"] = 63.0
+    assert bench.rss_summary(rss)["fixed_met"] is True
