@@ -213,6 +213,53 @@ def test_finished_guest_run_is_collected(tmp_path: Path, monkeypatch: pytest.Mon
     assert run.junit == res / "junit.xml"
 
 
+_PANIC = "[    1.339235] Kernel panic - not syncing: Fatal exception in interrupt"
+
+
+def test_a_guest_kernel_panic_before_the_command_boots_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = tmp_path / "res"
+    boots = tmp_path / "boots"
+    # the first boot panics before init runs anything, the second runs the command
+    _fake_qemu(tmp_path, monkeypatch, textwrap.dedent(f"""\
+        echo x >> {boots}
+        if [ "$(wc -l < {boots})" -eq 1 ]; then echo '{_PANIC}'; exit 0; fi
+        echo 'vfiod-guest: command start (uptime 1.0)'
+        echo '1 passed' > {res}/output.log
+        echo 'vfiod-guest: command exit 0 (uptime 2.0)'
+        echo 0 > {res}/exit-code"""))
+    run = vm.run_guest(_fake_assets(tmp_path), res, ["x"], timeout=60.0)
+    assert (run.exit_code, run.output) == (0, "1 passed\n")
+    assert boots.read_text().count("x") == 2
+    assert _PANIC in (res / "console-panic-1.log").read_text()
+    assert _PANIC not in run.console
+
+
+def test_a_guest_kernel_that_panics_at_every_boot_fails_after_the_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = tmp_path / "res"
+    _fake_qemu(tmp_path, monkeypatch, f"echo '{_PANIC}'")
+    with pytest.raises(vm.VmError, match=f"panicked before its command in each of "
+                                         f"{vm.BOOT_ATTEMPTS} boots") as ei:
+        vm.run_guest(_fake_assets(tmp_path), res, ["x"], timeout=60.0)
+    assert _PANIC in str(ei.value)
+    assert sorted(p.name for p in res.glob("console-panic-*.log")) == [
+        f"console-panic-{n}.log" for n in range(1, vm.BOOT_ATTEMPTS + 1)]
+
+
+def test_a_panic_once_the_command_ran_is_not_booted_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = tmp_path / "res"
+    boots = tmp_path / "boots"
+    _fake_qemu(tmp_path, monkeypatch, textwrap.dedent(f"""\
+        echo x >> {boots}
+        echo 'vfiod-guest: command start (uptime 1.0)'
+        echo '{_PANIC}'"""))
+    with pytest.raises(vm.VmError, match="QEMU exited 0 before the guest wrote its exit code"):
+        vm.run_guest(_fake_assets(tmp_path), res, ["x"], timeout=60.0)
+    assert boots.read_text().count("x") == 1
+
+
 @pytest.mark.parametrize("raw", ["abc", "0", "-5", "nan"])
 def test_bad_timeout_setting_is_refused(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VFIOD_KERNEL_TIMEOUT", raw)

@@ -15,17 +15,12 @@ running on the destination, one status each). The JSON goes to the results share
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
-
-import numpy as np
 
 from tests.kernel.guest import rig
+from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, daemon_pair
 from tests.kernel.guest.native_dma import DmaControl
-from tests.kernel.guest.test_daemon import GUEST, RAM_BYTES, guest_config
 from tests.kernel.results import KERNEL_RSS_RESULT_FILE
-from tests.support.daemons import LinuxDaemon, wait_until
+from tests.support.daemons import wait_until
 from tests.support.production_env import anon_rss, coverage_mapped, without_coverage
 
 MiB = 1 << 20
@@ -42,44 +37,22 @@ def test_kernel_rss_after_migration(native_dma_pair: tuple[str, str],
     a, b = native_dma_pair
     DmaControl(a).state_size = STATE_BYTES
     DmaControl(b).state_size = 4096
-    work = Path(tempfile.mkdtemp(prefix="vfiod-rss-"))
-    p_ram, q_ram = (Path("/dev/shm") / f"vfiod-rss-{n}-{u[:8]}" for n, u in (("p", a), ("q", b)))
-    daemons: list[LinuxDaemon] = []
-    try:
-        with open(p_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-            f.write(np.random.default_rng(5).integers(0, 256, MiB, dtype=np.uint8).tobytes())
-        with open(q_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-        rig.loopback_up()
-        with without_coverage() as env:
-            daemons.append(LinuxDaemon("P", guest_config(a, p_ram, start="running"), work, env))
-            daemons.append(LinuxDaemon("Q", guest_config(b, q_ram, start="incoming"), work,
-                                       env))
-            p, q = daemons
-            for d in daemons:
-                d.wait_ready()
-                d.call("status")            # the control path once, as any real daemon
-            idle = {"source": anon_rss(p.proc.pid), "destination": anon_rss(q.proc.pid)}
-            to = q.call("status")["daemon"]["migration_listen"]
-            final = dict(p.ctl("migrate", GUEST, "--to", to)["migration"])
-            assert (final["result"], final["error"]) == ("completed", None), (final,
-                                                                             q.journal())
-            wait_until(lambda: q.guest(GUEST)["state"] == "running", 60,
-                       f"{GUEST} to run on the destination")
-            for d in daemons:
-                d.call("status")            # what an operator asks next
-            after = {"source": anon_rss(p.proc.pid), "destination": anon_rss(q.proc.pid)}
-            mapped = {d.name: coverage_mapped(d.proc.pid) for d in daemons}
-        out = {"idle_mib": {k: _mib(v) for k, v in idle.items()},
-               "after_mib": {k: _mib(v) for k, v in after.items()},
-               "coverage_mapped": mapped, "state_bytes": STATE_BYTES,
-               "ram_bytes": RAM_BYTES}
-        (rig.RESULTS / KERNEL_RSS_RESULT_FILE).write_text(json.dumps(out, indent=1))
-        assert not any(mapped.values()), f"coverage was loaded: {mapped}"
-    finally:
-        for d in daemons:
-            d.kill()
-        for ram in (p_ram, q_ram):
-            ram.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
+    with without_coverage() as env, daemon_pair(a, b, "rss", seed=5, env=env) as pair:
+        p, q = pair.p, pair.q
+        for d in (p, q):
+            d.call("status")                # the control path once, as any real daemon
+        idle = {"source": anon_rss(p.proc.pid), "destination": anon_rss(q.proc.pid)}
+        to = q.call("status")["daemon"]["migration_listen"]
+        final = dict(p.ctl("migrate", GUEST, "--to", to)["migration"])
+        assert (final["result"], final["error"]) == ("completed", None), (final, q.journal())
+        wait_until(lambda: q.guest(GUEST)["state"] == "running", 60,
+                   f"{GUEST} to run on the destination")
+        for d in (p, q):
+            d.call("status")                # what an operator asks next
+        after = {"source": anon_rss(p.proc.pid), "destination": anon_rss(q.proc.pid)}
+        mapped = {d.name: coverage_mapped(d.proc.pid) for d in (p, q)}
+    out = {"idle_mib": {k: _mib(v) for k, v in idle.items()},
+           "after_mib": {k: _mib(v) for k, v in after.items()},
+           "coverage_mapped": mapped, "state_bytes": STATE_BYTES, "ram_bytes": RAM_BYTES}
+    (rig.RESULTS / KERNEL_RSS_RESULT_FILE).write_text(json.dumps(out, indent=1))
+    assert not any(mapped.values()), f"coverage was loaded: {mapped}"

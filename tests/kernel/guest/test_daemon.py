@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
+from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, daemon_pair
 from tests.support.daemons import LinuxDaemon, wait_until
 from vfiod.api import ApiErrorCode, ClientError
 from vfiod.kernel.linux import LinuxKernel
@@ -57,25 +55,11 @@ pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
 PAGE = 4096
-RAM_BYTES = 16 * MiB
-GUEST = "g1"
 DEADLINE_S = LinuxDaemon.deadline_s
 #: ``vfiod ctl`` exit codes (vfiod/cli/ctl_cmd.py)
 EXIT_OK, EXIT_FAILED = 0, 1
 NUMBA_COMPILED = "[cache] data saved to"
 MTTY_CAPS = ["STOP_COPY", "P2P", "PRE_COPY"]
-#: the device's id in both daemons' configs: their mdev UUIDs differ, and migrations
-#: pair devices by id
-DEVICE_ID = "uart0"
-
-
-def guest_config(device: str, ram: Path, *, start: str) -> str:
-    """One guest ``g1`` owning ``device`` (id ``DEVICE_ID``), its RAM the file ``ram`` (a
-    VMM's shared memory), incoming migrations accepted on an ephemeral loopback port."""
-    return ('[migration]\nlisten = "127.0.0.1:0"\n'
-            f'\n[[guest]]\nname = "{GUEST}"\nstart = "{start}"\n'
-            f'[[guest.ram]]\nname = "ram0"\nsize = "{RAM_BYTES // MiB}MiB"\npath = "{ram}"\n'
-            f'[[guest.device]]\nname = "{device}"\nid = "{DEVICE_ID}"\n')
 
 
 def journal_outcomes(d: LinuxDaemon) -> list[dict[str, Any]]:
@@ -150,35 +134,21 @@ class Story:
 def story(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
           numba_cache: None) -> Iterator[Story]:
     a, b = mtty_pair
-    work = Path(tempfile.mkdtemp(prefix="vfiod-d-"))
-    # guest RAM as files under /dev/shm, so the test sees what the guests hold: P's with
-    # data (a random MiB and a page near the end), Q's all zero
-    p_ram, q_ram = (Path("/dev/shm") / f"vfiod-{n}-{u[:8]}" for n, u in (("p", a), ("q", b)))
-    daemons: list[LinuxDaemon] = []
-    try:
-        with open(p_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-            f.write(np.random.default_rng(5).integers(0, 256, MiB, dtype=np.uint8).tobytes())
+    programmed: dict[str, Any] = {}
+
+    def prepare(p_ram: Path) -> None:
+        # P's RAM: a random MiB and a page near the end; the UARTs are programmed before
+        # the daemons own the devices
+        with open(p_ram, "r+b") as f:
             f.seek(RAM_BYTES - 3 * PAGE)
             f.write(b"\x5a" * PAGE)
-        with open(q_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-        uart, fifos = program_uart(kernel, paths, a, seed=0x3C)
+        programmed["uart"], programmed["fifos"] = program_uart(kernel, paths, a, seed=0x3C)
         other, _ = program_uart(kernel, paths, b, seed=0xC3)
-        assert other != uart            # so equality afterwards means something
-        rig.loopback_up()
-        daemons.append(LinuxDaemon("P", guest_config(a, p_ram, start="running"), work))
-        daemons.append(LinuxDaemon("Q", guest_config(b, q_ram, start="incoming"), work))
-        for d in daemons:               # both start at once; their start-ups overlap
-            d.wait_ready()
-        yield Story(daemons[0], daemons[1], a, b, p_ram, q_ram, p_ram.read_bytes(), uart,
-                    fifos)
-    finally:
-        for d in daemons:
-            d.kill()
-        for ram in (p_ram, q_ram):
-            ram.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
+        assert other != programmed["uart"]      # so equality afterwards means something
+
+    with daemon_pair(a, b, "d", seed=5, prepare=prepare) as pair:
+        yield Story(pair.p, pair.q, a, b, pair.p_ram, pair.q_ram, pair.p_ram.read_bytes(),
+                    programmed["uart"], programmed["fifos"])
 
 
 # -- 1. what a daemon sees of the real host ---------------------------------------------

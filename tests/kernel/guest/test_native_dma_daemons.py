@@ -12,23 +12,16 @@ source's.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-from tests.kernel.guest import rig
+from tests.kernel.guest.daemon_pair import GUEST, daemon_pair
 from tests.kernel.guest.native_dma import DmaControl
-from tests.kernel.guest.test_daemon import RAM_BYTES, guest_config
-from tests.support.daemons import LinuxDaemon, wait_until
+from tests.support.daemons import wait_until
 
 #: two daemons start (10-20 s each under TCG) and migrate inside the test
 pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
-GUEST = "g1"
 #: what is checked here is what arrives, not the predictor: a limit no run misses
 DOWNTIME_LIMIT_MS = "5000"
 
@@ -43,21 +36,8 @@ def test_native_dma_daemons_migrate_a_dma_writing_device(
     bctl.fill(seed=0xAD)
     want = actl.checksum()
     assert bctl.checksum() != want
-    work = Path(tempfile.mkdtemp(prefix="vfiod-dma-"))
-    p_ram, q_ram = (Path("/dev/shm") / f"vfiod-dma-{n}-{u[:8]}" for n, u in (("p", a), ("q", b)))
-    daemons: list[LinuxDaemon] = []
-    try:
-        with open(p_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-            f.write(np.random.default_rng(8).integers(0, 256, MiB, dtype=np.uint8).tobytes())
-        with open(q_ram, "wb") as f:
-            f.truncate(RAM_BYTES)
-        rig.loopback_up()
-        daemons.append(LinuxDaemon("P", guest_config(a, p_ram, start="running"), work))
-        daemons.append(LinuxDaemon("Q", guest_config(b, q_ram, start="incoming"), work))
-        for d in daemons:
-            d.wait_ready()
-        p, q = daemons
+    with daemon_pair(a, b, "dma", seed=8) as pair:
+        p, q, p_ram, q_ram = pair.p, pair.q, pair.p_ram, pair.q_ram
         # P has the device open: its writer DMA-writes P's guest RAM through P's mappings
         actl.start_writer(rate=100, pattern=0x11, iova=2 * MiB, pages=16)
         wait_until(lambda: actl.writer()["written"] >= 16, 30, "the writer's first lap")
@@ -76,9 +56,3 @@ def test_native_dma_daemons_migrate_a_dma_writing_device(
         # the state arrived whole; the RAM is P's at the pause, the last lap's bytes included
         assert (bctl.state_size, bctl.checksum()) == (2 * MiB + 5, want)
         assert q_ram.read_bytes() == p_ram.read_bytes()
-    finally:
-        for d in daemons:
-            d.kill()
-        for ram in (p_ram, q_ram):
-            ram.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
