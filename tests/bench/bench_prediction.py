@@ -9,8 +9,12 @@ source's session in this process, so later migrations learn from earlier ones as
 daemon's do (``session/history.py``), and each destination in a process of its own
 (``prediction_dest``), as two daemons run: in one process the two ends shared an
 interpreter, and the destination's per-record work waited for the source's. Before them,
-one migration runs in a fresh process (and a fresh destination process): its error is
-``prediction_error_first`` (a fresh daemon's first prediction, nothing learnt yet).
+each regime's first migration runs in a fresh process (and a fresh destination process):
+``prediction_error_first`` is the median of those errors (a fresh daemon's first
+prediction, nothing learnt yet), with each in ``distribution``. It used to be one regime's
+(``FIRST_REGIME``, a capped link where the transfer is nearly the whole downtime, the
+easiest to predict cold); its note still gives that one, and how many of the fresh
+predictions fell below the actual downtime (the side a downtime limit cannot afford).
 
 Rows: ``prediction_error_median`` (target <= 0.10) and ``prediction_error_p90`` (target
 <= 0.25) over every case, ``prediction_error_first``, one ``prediction_error_<regime>``
@@ -38,6 +42,7 @@ MEDIAN_TARGET = 0.10
 P90_TARGET = 0.25
 FLOOR_TARGET = 1.5
 ROOT = Path(__file__).resolve().parents[2]
+#: the former ``prediction_error_first``'s one regime, still reported on its own
 FIRST_REGIME = "steady_capped"
 
 
@@ -46,11 +51,11 @@ def _p90(xs: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
 
 
-def _fresh_first() -> dict[str, Any]:
-    """One migration of ``FIRST_REGIME`` in a new process (nothing warm, nothing learnt)."""
+def _fresh_first(regime: str) -> dict[str, Any]:
+    """One migration of ``regime`` in a new process (nothing warm, nothing learnt)."""
     code = ("import json, tempfile, pathlib\n"
             "from tests.bench.prediction_cases import REGIMES, run_case\n"
-            f"r = [x for x in REGIMES if x.name == {FIRST_REGIME!r}][0]\n"
+            f"r = [x for x in REGIMES if x.name == {regime!r}][0]\n"
             "with tempfile.TemporaryDirectory(prefix='vfiod-bench-first-') as t:\n"
             "    print(json.dumps(run_case(pathlib.Path(t), r, 1, dest_process=True)))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -80,7 +85,13 @@ def _added_row(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bench_prediction_error(quick: bool = False) -> list[dict[str, Any]]:
     reps = 1 if quick else 3
-    first = _fresh_first()
+    # a fresh daemon's first prediction, in every regime: nothing learnt, and the first
+    # sync, kernel loads and device stops of the process all inside that migration
+    firsts = [_fresh_first(r.name) for r in REGIMES]
+    first_errors = [f["error"] for f in firsts]
+    first_med = statistics.median(first_errors)
+    former = next(f for f in firsts if f["regime"] == FIRST_REGIME)["error"]
+    under = sum(f["predicted_s"] < f["actual_s"] for f in firsts)
     cases: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vfiod-bench-pred-") as tmp:
         for rep in range(reps):
@@ -98,9 +109,13 @@ def bench_prediction_error(quick: bool = False) -> list[dict[str, Any]]:
             med / MEDIAN_TARGET, target_ratio=1.0, note=note, distribution=cases),
         row("prediction_error_p90", p90, "ratio", "target", P90_TARGET, p90 / P90_TARGET,
             target_ratio=1.0, note=note, distribution=sorted(errors)),
-        row("prediction_error_first", first["error"], "ratio", "target", P90_TARGET,
-            first["error"] / P90_TARGET, note=f"{FIRST_REGIME} in a fresh process",
-            distribution=[first]),
+        row("prediction_error_first", first_med, "ratio", "target", P90_TARGET,
+            first_med / P90_TARGET, target_ratio=1.0,
+            note=(f"median over the {len(REGIMES)} regimes, each the first migration of a "
+                  f"fresh process; worst {max(first_errors)}; {FIRST_REGIME} alone (the "
+                  f"former figure) {former}; predicted below the actual in {under} of "
+                  f"{len(firsts)}"),
+            distribution=firsts),
         row("downtime_over_floor_median", floor_med, "ratio", "target", FLOOR_TARGET,
             floor_med / FLOOR_TARGET, target_ratio=1.0,
             note="actual / (bytes left / measured bandwidth + one round trip)",
