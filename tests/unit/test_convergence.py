@@ -115,11 +115,12 @@ def test_a_one_off_first_arc_does_not_become_the_fixed_cost() -> None:
 
 def test_fixed_cost_samples_before_and_after_the_first() -> None:
     s = FixedCostSamples(keep=3)
-    assert s.estimate_s == 0.0
+    assert s.estimate_s == 0.0 and s.first_s == 0.0
     s.add(1.0)
     assert s.estimate_s == 1.0              # nothing better known yet
     for x in (0.004, 0.002, 0.003, 0.5):    # the window keeps the last three
         s.add(x)
     assert s.estimate_s == 0.003
+    assert s.first_s == 1.0                 # still there: the setup's arc
     with pytest.raises(ValueError, match="negative"):
         s.add(-1)

@@ -87,6 +87,11 @@ class FixedCostSamples:
             self._later.append(seconds)
 
     @property
+    def first_s(self) -> float:
+        """The first sample (0 before any): for the device arcs, the setup's."""
+        return self._first or 0.0
+
+    @property
     def estimate_s(self) -> float:
         if self._later:
             return float(statistics.median(self._later))

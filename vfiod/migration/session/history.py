@@ -34,7 +34,9 @@ they happened, for the parts a migration cannot measure before its own switchove
   the arcs per byte of device state, from migrations with at least 1 MiB of it; below
   that, the extra time itself (seconds: pausing the guest and the arcs' own fixed cost,
   4-9 ms against 1-2 ms of arcs for a 256 KiB state in the real-kernel tier's emulated
-  guest), used for states below 1 MiB;
+  guest), used for states below 1 MiB. With none kept, each is taken to cost at least the
+  devices' setup (``transition_s``, the first arc: a real state change, RUNNING ->
+  PRE_COPY, where the later arcs are queries);
 * the stream's end (in ``ram_transfer``): END_OF_STATE records and the MANIFEST after the
   last RAM, measured at each switchover (2-10 ms in that emulated guest). Kept: the
   time itself; with none kept, the source's rehearsal of it (``switchover_warm_up``);
@@ -241,25 +243,33 @@ class SwitchoverHistory:
                 "history_borrowed": float(teacher is not self)}
 
     def correct(self, costs: FixedCosts, *, device_bytes: int, records: int = 0,
-                rehearsal: SwitchoverRehearsal = NOT_REHEARSED) -> FixedCosts:
+                rehearsal: SwitchoverRehearsal = NOT_REHEARSED,
+                transition_s: float = 0.0) -> FixedCosts:
         """``costs`` as measured in this migration, corrected by earlier switchovers (its
         kin's while it has none); ``device_bytes``: the devices' state, sent and still to
         send; ``records``: the final RAM pass's records as predicted; ``rehearsal``: this
-        process's rehearsed stream end and verify, for a history without either."""
-        return self._teacher()._corrected(costs, device_bytes, records, rehearsal)
+        process's rehearsed stream end and verify, for a history without either;
+        ``transition_s``: the devices' setup (a real state change, where each pass's arcs
+        are queries), the least a stop and a load take while neither is learnt."""
+        return self._teacher()._corrected(costs, device_bytes, records, rehearsal,
+                                          transition_s)
 
     def _corrected(self, costs: FixedCosts, device_bytes: int, records: int,
-                   rehearsal: SwitchoverRehearsal) -> FixedCosts:
+                   rehearsal: SwitchoverRehearsal, transition_s: float) -> FixedCosts:
+        cold_stop = max(0.0, transition_s - costs.device_stop_s)
+        cold_load = max(0.0, transition_s - costs.dest_load_resume_s)
         with self._lock:
             base, per_record = commit_line(self._commit_extra)
             commit = base + per_record * records
             sync = _median(self._sync_ratio, 1.0)
             if device_bytes >= _STATE_MIN_BYTES:
-                stop = _median(self._stop_per_byte, 0.0) * device_bytes
-                load = _median(self._load_per_byte, 0.0) * device_bytes
+                stop = (_median(self._stop_per_byte, 0.0) * device_bytes
+                        if self._stop_per_byte else cold_stop)
+                load = (_median(self._load_per_byte, 0.0) * device_bytes
+                        if self._load_per_byte else cold_load)
             else:
-                stop = _median(self._stop_extra, 0.0)
-                load = _median(self._load_extra, 0.0)
+                stop = _median(self._stop_extra, cold_stop)
+                load = _median(self._load_extra, cold_load)
             end = _median(self._stream_end, rehearsal.stream_end_s)
             per_record = _median(self._record_extra, 0.0)
             verify = _median(self._verify_extra, rehearsal.verify_s)

@@ -323,7 +323,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
-            records=num.dirty_records, rehearsal=self._rehearsal)
+            records=num.dirty_records, rehearsal=self._rehearsal, transition_s=self._arcs.first_s)
         t.update(self.history.lessons())        # this guest's, or its devices' kin's
         queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
         p = self.predictor.predict(IterationInputs(
