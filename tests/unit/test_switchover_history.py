@@ -171,6 +171,21 @@ def test_with_nothing_learnt_a_stop_and_a_load_cost_at_least_the_setup_transitio
     assert big.device_stop_s == pytest.approx(0.004)
 
 
+def test_a_setup_that_paid_a_one_off_counts_only_up_to_a_bound() -> None:
+    """A second of first-call compilation inside the setup must not make every cold stop
+    and load a second (tests/sim/test_session_convergence.py: it kept the migration in
+    pre-copy): 5 ms plus 5 ms per MiB of state at most."""
+    h = SwitchoverHistory()
+    small = h.correct(MEASURED, device_bytes=64 << 10, transition_s=1.0)
+    assert small.device_stop_s == pytest.approx(0.005 + 0.005 / 16)
+    assert small.dest_load_resume_s == pytest.approx(0.005 + 0.005 / 16)
+    big = h.correct(MEASURED, device_bytes=8 << 20, transition_s=1.0)
+    assert big.device_stop_s == pytest.approx(0.045)
+    # within the bound the setup counts whole
+    assert h.correct(MEASURED, device_bytes=8 << 20,
+                     transition_s=0.012).device_stop_s == pytest.approx(0.012)
+
+
 def test_the_rehearsal_times_its_stream_end_and_verify() -> None:
     r = warm_switchover(timed=True)
     assert 0 < r.stream_end_s < 1 and 0 < r.verify_s < 1

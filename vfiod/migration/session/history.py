@@ -36,7 +36,8 @@ they happened, for the parts a migration cannot measure before its own switchove
   4-9 ms against 1-2 ms of arcs for a 256 KiB state in the real-kernel tier's emulated
   guest), used for states below 1 MiB. With none kept, each is taken to cost at least the
   devices' setup (``transition_s``, the first arc: a real state change, RUNNING ->
-  PRE_COPY, where the later arcs are queries);
+  PRE_COPY, where the later arcs are queries), up to a bound for a setup that carried a
+  one-off cost;
 * the stream's end (in ``ram_transfer``): END_OF_STATE records and the MANIFEST after the
   last RAM, measured at each switchover (2-10 ms in that emulated guest). Kept: the
   time itself; with none kept, the source's rehearsal of it (``switchover_warm_up``);
@@ -85,6 +86,11 @@ _SYNC_BOUNDS = (0.01, 100.0)
 _RECORD_BOUND_S = 0.01           # per final-pass record, beyond it a clock broke
 _STATE_MIN_BYTES = 1 << 20
 _LINE_MIN_SPREAD = 8             # records: below it a slope is noise
+#: the most a cold stop or load is taken from the setup's transition: 5 ms plus 5 ms per
+#: MiB of device state (the simulator's 8 MiB state stops in 11-17 ms, a 64 KiB one in
+#: 0.4-0.8); a longer setup carried a one-off cost (a first call's compilation, a
+#: driver's first allocation) that must not hold the migration in pre-copy
+_COLD_BASE_S, _COLD_PER_BYTE_S = 0.005, 0.005 / (1 << 20)
 #: no rehearsal: a history without a stream's end or a verify adds nothing for them
 NOT_REHEARSED = SwitchoverRehearsal()
 #: every recorded switchover's place in this process's order (a clock may tie)
@@ -256,8 +262,9 @@ class SwitchoverHistory:
 
     def _corrected(self, costs: FixedCosts, device_bytes: int, records: int,
                    rehearsal: SwitchoverRehearsal, transition_s: float) -> FixedCosts:
-        cold_stop = max(0.0, transition_s - costs.device_stop_s)
-        cold_load = max(0.0, transition_s - costs.dest_load_resume_s)
+        setup_s = min(transition_s, _COLD_BASE_S + _COLD_PER_BYTE_S * device_bytes)
+        cold_stop = max(0.0, setup_s - costs.device_stop_s)
+        cold_load = max(0.0, setup_s - costs.dest_load_resume_s)
         with self._lock:
             base, per_record = commit_line(self._commit_extra)
             commit = base + per_record * records
