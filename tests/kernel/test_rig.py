@@ -216,18 +216,25 @@ def test_finished_guest_run_is_collected(tmp_path: Path, monkeypatch: pytest.Mon
 _PANIC = "[    1.339235] Kernel panic - not syncing: Fatal exception in interrupt"
 
 
+def _counting_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   body: str) -> tuple[Path, Path]:
+    """A stand-in QEMU that counts its boots (one line each in the returned file) and then
+    runs ``body`` (``{res}``: the results share, ``{boots}``: the count's file)."""
+    res, boots = tmp_path / "res", tmp_path / "boots"
+    _fake_qemu(tmp_path, monkeypatch,
+               f"echo x >> {boots}\n" + textwrap.dedent(body).format(res=res, boots=boots))
+    return res, boots
+
+
 def test_a_guest_kernel_panic_before_the_command_boots_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    res = tmp_path / "res"
-    boots = tmp_path / "boots"
     # the first boot panics before init runs anything, the second runs the command
-    _fake_qemu(tmp_path, monkeypatch, textwrap.dedent(f"""\
-        echo x >> {boots}
-        if [ "$(wc -l < {boots})" -eq 1 ]; then echo '{_PANIC}'; exit 0; fi
+    res, boots = _counting_qemu(tmp_path, monkeypatch, f"""\
+        if [ "$(wc -l < {{boots}})" -eq 1 ]; then echo '{_PANIC}'; exit 0; fi
         echo 'vfiod-guest: command start (uptime 1.0)'
-        echo '1 passed' > {res}/output.log
+        echo '1 passed' > {{res}}/output.log
         echo 'vfiod-guest: command exit 0 (uptime 2.0)'
-        echo 0 > {res}/exit-code"""))
+        echo 0 > {{res}}/exit-code""")
     run = vm.run_guest(_fake_assets(tmp_path), res, ["x"], timeout=60.0)
     assert (run.exit_code, run.output) == (0, "1 passed\n")
     assert boots.read_text().count("x") == 2
@@ -249,12 +256,9 @@ def test_a_guest_kernel_that_panics_at_every_boot_fails_after_the_last(
 
 def test_a_panic_once_the_command_ran_is_not_booted_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    res = tmp_path / "res"
-    boots = tmp_path / "boots"
-    _fake_qemu(tmp_path, monkeypatch, textwrap.dedent(f"""\
-        echo x >> {boots}
+    res, boots = _counting_qemu(tmp_path, monkeypatch, f"""\
         echo 'vfiod-guest: command start (uptime 1.0)'
-        echo '{_PANIC}'"""))
+        echo '{_PANIC}'""")
     with pytest.raises(vm.VmError, match="QEMU exited 0 before the guest wrote its exit code"):
         vm.run_guest(_fake_assets(tmp_path), res, ["x"], timeout=60.0)
     assert boots.read_text().count("x") == 1
