@@ -130,7 +130,10 @@ def test_cancel_midway_leaves_source_running(pair: tuple[DaemonProcess, DaemonPr
                    and old["ram_remaining_bytes"] > new["ram_remaining_bytes"]
                    for old in reads[:-1])
 
-    wait_until(moved_within_a_pass, 60, "bytes sent to grow within one pass")
+    wait_until(moved_within_a_pass, 60,
+               lambda: f"bytes sent to grow within one pass; the last reads {reads[-3:]}, "
+                       f"the migration {guest_status(src, 'g2')['migration']}, the "
+                       f"source's log:\n{src.log()[-3000:]}")
     assert reads[-1]["throughput_bps"] > 0 and reads[-1]["eta_s"] > 0, reads[-1]
     m = guest_status(src, "g2")["migration"]
     assert m["progress"]["will_converge"] is False, m["progress"]
