@@ -2,48 +2,32 @@
 simulated kernel: its 28 modules held 0.9 MiB of every daemon's memory and put the
 simulator's code in a process that drives real devices (README "Scaling", RSS per guest).
 
-The daemon runs with ``-X importtime``, which prints every module the process imports, from
-any thread, on its standard error; the test waits for READY, stops it and reads the list.
+The daemon runs with ``PYTHONPROFILEIMPORTTIME`` (``-X importtime``), which prints every
+module the process imports, from any thread, on its standard error; the test waits for
+READY, stops it and reads the list.
 A ``[sim]`` table still loads the simulator (its device names are checked against it)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support.daemons import NotifySocket, child_env
+from tests.support.daemons import LinuxDaemon
 
 SIM_PACKAGE = "vfiod.kernel.sim"
 
 
 def _imported_by_daemon(tmp_path: Path, config: str) -> list[str]:
-    """Start ``vfiod run --backend linux`` with ``config``, wait for READY, stop it with
-    SIGTERM; the modules it imported, in import order."""
-    cfg = tmp_path / "vfiod.toml"
-    cfg.write_text(config + f'\n[paths]\nstate = "{tmp_path / "state"}"\n')
-    notify = NotifySocket(tmp_path)
-    log = tmp_path / "daemon.log"
+    """Start ``vfiod run --backend linux`` with ``config`` (``PYTHONPROFILEIMPORTTIME``: the
+    environment's ``-X importtime``), wait for READY, stop it with SIGTERM; the modules it
+    imported, in import order."""
+    d = LinuxDaemon("production", config, tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     try:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-X", "importtime", "-m", "vfiod.cli.main", "run",
-                 "--backend", "linux", "--config", str(cfg),
-                 "--control-socket", str(tmp_path / "control.sock"), "--metrics-listen", ""],
-                stdout=out, stderr=subprocess.STDOUT, env=child_env(NOTIFY_SOCKET=notify.path))
-            try:
-                def alive() -> None:
-                    if proc.poll() is not None:
-                        raise AssertionError(f"the daemon exited with {proc.returncode}:\n"
-                                             f"{log.read_text(errors='replace')[-4000:]}")
-                notify.wait_for("READY", alive=alive)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        d.wait_ready()
+        d.terminate()
     finally:
-        notify.close()
+        d.kill()
     # "import time:   self [us] | cumulative | imported package" lines
-    return [line.rsplit("|", 1)[1].strip() for line in log.read_text().splitlines()
+    return [line.rsplit("|", 1)[1].strip() for line in d.log().splitlines()
             if line.startswith("import time:") and line.count("|") == 2]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.daemons import REPO
 
 
 @contextmanager

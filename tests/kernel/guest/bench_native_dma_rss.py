@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from tests.kernel.guest import rig
-from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, daemon_pair
+from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, linux_daemon_pair
 from tests.kernel.guest.native_dma import DmaControl
 from tests.kernel.results import KERNEL_RSS_RESULT_FILE
 from tests.support.daemons import wait_until
@@ -37,7 +37,7 @@ def test_kernel_rss_after_migration(native_dma_pair: tuple[str, str],
     a, b = native_dma_pair
     DmaControl(a).state_size = STATE_BYTES
     DmaControl(b).state_size = 4096
-    with without_coverage() as env, daemon_pair(a, b, "rss", seed=5, env=env) as pair:
+    with without_coverage() as env, linux_daemon_pair(a, b, "rss", seed=5, env=env) as pair:
         p, q = pair.p, pair.q
         for d in (p, q):
             d.call("status")                # the control path once, as any real daemon

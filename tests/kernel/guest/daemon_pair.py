@@ -45,7 +45,7 @@ class DaemonPair:
 
 
 @contextmanager
-def daemon_pair(a: str, b: str, tag: str, *, seed: int, env: dict[str, str] | None = None,
+def linux_daemon_pair(a: str, b: str, tag: str, *, seed: int, env: dict[str, str] | None = None,
                 prepare: Callable[[Path], None] | None = None) -> Iterator[DaemonPair]:
     """P and Q, both READY; ``tag`` names their files, ``seed`` P's random MiB, ``env``
     goes to both daemons' environment; ``prepare(p_ram)`` runs once the RAM files are

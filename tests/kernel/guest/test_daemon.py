@@ -42,7 +42,7 @@ import pytest
 
 from tests.kernel.guest import rig
 from tests.kernel.guest.conftest import close_migratable, open_device
-from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, daemon_pair
+from tests.kernel.guest.daemon_pair import GUEST, RAM_BYTES, linux_daemon_pair
 from tests.support.daemons import LinuxDaemon, wait_until
 from vfiod.api import ApiErrorCode, ClientError
 from vfiod.kernel.linux import LinuxKernel
@@ -146,7 +146,7 @@ def story(kernel: LinuxKernel, paths: HostPaths, mtty_pair: tuple[str, str],
         other, _ = program_uart(kernel, paths, b, seed=0xC3)
         assert other != programmed["uart"]      # so equality afterwards means something
 
-    with daemon_pair(a, b, "d", seed=5, prepare=prepare) as pair:
+    with linux_daemon_pair(a, b, "d", seed=5, prepare=prepare) as pair:
         yield Story(pair.p, pair.q, a, b, pair.p_ram, pair.q_ram, pair.p_ram.read_bytes(),
                     programmed["uart"], programmed["fifos"])
 

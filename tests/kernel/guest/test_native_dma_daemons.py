@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kernel.guest.daemon_pair import GUEST, daemon_pair
+from tests.kernel.guest.daemon_pair import GUEST, linux_daemon_pair
 from tests.kernel.guest.native_dma import DmaControl
 from tests.support.daemons import wait_until
 
@@ -36,7 +36,7 @@ def test_native_dma_daemons_migrate_a_dma_writing_device(
     bctl.fill(seed=0xAD)
     want = actl.checksum()
     assert bctl.checksum() != want
-    with daemon_pair(a, b, "dma", seed=8) as pair:
+    with linux_daemon_pair(a, b, "dma", seed=8) as pair:
         p, q, p_ram, q_ram = pair.p, pair.q, pair.p_ram, pair.q_ram
         # P has the device open: its writer DMA-writes P's guest RAM through P's mappings
         actl.start_writer(rate=100, pattern=0x11, iova=2 * MiB, pages=16)
