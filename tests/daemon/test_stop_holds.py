@@ -227,5 +227,33 @@ def test_a_silent_connection_on_the_migration_port_does_not_hold_up_the_stop() -
         assert silent.recv(1) == b""                # closed by the daemon
 
 
+def test_the_stop_never_sees_a_migration_thread_that_has_not_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stop joins the threads it finds; joining one not yet started raises
+    # RuntimeError. It failed a CI run: the accept loop had admitted a connection (the
+    # offer counted) and was between adding its thread and starting it. Here every
+    # thread start first looks as the stop does, without waiting for the lock.
+    svc = MigrationService(Registry(), cast(GuestManager, None), facts=_no_facts,
+                           defaults=MigrationConfig(), offers=OfferLimits(deadline_s=60))
+    seen_unstarted: list[str] = []
+
+    class LookingThread(threading.Thread):
+        def start(self) -> None:
+            if svc._lock.acquire(blocking=False):
+                try:
+                    if self in svc._threads:
+                        seen_unstarted.append(self.name)
+                finally:
+                    svc._lock.release()
+            super().start()
+
+    monkeypatch.setattr("vfiod.daemon.migrations.threading.Thread", LookingThread)
+    host, port = svc.listen("127.0.0.1", 0)
+    with socket.create_connection((host, port), timeout=30):
+        wait_until(lambda: len(svc.offers) == 1, 30, "the connection to wait for its offer")
+        svc.shutdown(timeout_s=20)
+    assert seen_unstarted == []
+
+
 def _no_facts() -> HostFacts:
     raise AssertionError("no session starts here")

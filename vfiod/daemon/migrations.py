@@ -111,9 +111,9 @@ class MigrationService(OutcomeKeeping):
                 with self._lock:
                     self._threads.discard(threading.current_thread())
         t = threading.Thread(target=run, name=name, daemon=True)
-        with self._lock:
+        with self._lock:   # started under it: the stop joins all it finds; unstarted raises
             self._threads.add(t)
-        t.start()
+            t.start()
 
     # -- outgoing --------------------------------------------------------------------------
     def start_outgoing(self, entry: GuestEntry, host: str, port: int, *,
