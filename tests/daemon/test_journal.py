@@ -19,6 +19,7 @@ import pytest
 
 import vfiod.kernel.linux as linux_files
 from vfiod.daemon.journal import (
+    TIMED_APPENDS,
     Journal,
     JournalError,
     MigrationOutcome,
@@ -138,6 +139,49 @@ def test_append_writes_then_fsyncs_the_line_before_returning(
     assert [op for op, _ in syscalls] == ["write", "fsync"]     # the fsync is the last step
     assert syscalls[0][1] == syscalls[1][1]                     # of the journal's own fd
     assert len(lines(tmp_path)) == 1
+    j.close()
+
+
+class SlowFiles(FailingFiles):
+    """Each append's write and fsync takes the next of ``takes`` seconds of ``clock``."""
+
+    def __init__(self, clock: list[float], takes: list[float], **fail: int) -> None:
+        super().__init__(**fail)
+        self.clock, self.takes = clock, takes
+
+    def __getattr__(self, name: str) -> Any:
+        call = super().__getattr__(name)
+        if name != "write_all_fsync":
+            return call
+
+        def timed(*args: Any) -> Any:
+            self.clock[0] += self.takes.pop(0)
+            return call(*args)
+        return timed
+
+
+def test_write_s_is_the_median_time_of_the_recent_appends(tmp_path: Path) -> None:
+    now = [100.0]
+    files = SlowFiles(now, [0.001, 0.009, 0.002, 0.5])
+    j = Journal.open(tmp_path, files=files, clock=lambda: now[0])
+    assert j.write_s() == 0.0                           # nothing measured yet
+    for i, mid in enumerate(("m-1", "m-2", "m-3")):
+        j.append_outcome(outcome(mid, O.COMMITTED))
+        assert j.write_s() == pytest.approx([0.001, 0.005, 0.002][i])
+    files.fail["write_all_fsync"] = errno.ENOSPC       # a failed append is no sample
+    with pytest.raises(JournalError):
+        j.append_outcome(outcome("m-4", O.COMMITTED))
+    assert j.write_s() == pytest.approx(0.002)
+    j.close()
+
+
+def test_write_s_keeps_only_the_recent_appends(tmp_path: Path) -> None:
+    now = [0.0]
+    slow, fast = [1.0] * TIMED_APPENDS, [0.001] * (TIMED_APPENDS // 2 + 1)
+    j = Journal.open(tmp_path, files=SlowFiles(now, slow + fast), clock=lambda: now[0])
+    for i in range(len(slow) + len(fast)):
+        j.append_outcome(outcome(f"m-{i}", O.COMMITTED))
+    assert j.write_s() == pytest.approx(0.001)          # the slow start has aged out
     j.close()
 
 

@@ -27,7 +27,7 @@ def test_the_breakdown_is_in_the_status_and_the_metrics() -> None:
     got = {(s.labels["component"], s.labels["kind"]): s.value for s in samples}
     assert got[("verify", "predicted")] == parts["verify"]["predicted_s"]
     assert got[("verify", "actual")] == parts["verify"]["actual_s"]
-    assert {c for c, _ in got} == set(COMPONENTS)          # bounded: the six parts
+    assert {c for c, _ in got} == set(COMPONENTS)          # bounded: the seven parts
     assert {s.labels["guest"] for s in samples} == {"g1"}
 
 

@@ -4,6 +4,7 @@ no part is a guess (a default link speed) or a one-off cost."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,57 @@ def test_a_paced_links_bucket_is_credited_once_not_measured_as_bandwidth(
         # pacing only slows a send: the paced rate is at most the cap (16 MiB with a 4 MiB
         # bucket counted as bandwidth: 1.3 times the cap)
         assert last.bandwidth_bps <= 1.05 * cap
+    finally:
+        src.close()
+        dst.close()
+
+
+class SlowDiskJournal:
+    """A switchover journal on a disk whose every record takes ``per_record_s`` to be
+    durable (a busy or rotating disk): the daemon's steps, one record each
+    (daemon/switchover_records.py: the commit 1, prepared 3, resume 2)."""
+
+    RECORDS = {"committing": 1, "prepared": 3, "resuming": 2, "discarding": 1}
+
+    def __init__(self, per_record_s: float) -> None:
+        self.per_record_s = per_record_s
+
+    def _write(self, step: str) -> None:
+        time.sleep(self.per_record_s * self.RECORDS[step])    # the disk, not a wait
+
+    def committing(self, mid: str) -> None:
+        self._write("committing")
+
+    def prepared(self, mid: str) -> None:
+        self._write("prepared")
+
+    def resuming(self, mid: str) -> None:
+        self._write("resuming")
+
+    def discarding(self, mid: str) -> None:
+        self._write("discarding")
+
+    def switchover_write_s(self) -> float:
+        return 6 * self.per_record_s
+
+
+def test_a_first_prediction_counts_the_switchovers_journal_records(tmp_path: Path) -> None:
+    # Both ends journal their switchover steps inside the downtime, one fsync per record.
+    # A first migration has learnt nothing, so the prediction must price them from what
+    # this host's journal takes; it left them out, and a slow disk's downtime came as a
+    # surprise the size of six fsyncs.
+    per = 0.02
+    src, dst = pair(tmp_path, [SideContainer([spec("v2_precopy_log")])])
+    try:
+        run = migrate(src, dst, journals=(SlowDiskJournal(per), SlowDiskJournal(per)))
+        assert_migrated(src, dst, run)
+        r = run.source
+        part = r.downtime_breakdown["journal"]
+        assert part["predicted_s"] == pytest.approx(6 * per)
+        assert part["actual_s"] >= 6 * per            # measured at each step, both ends
+        assert r.timings["predicted_journal_s"] == pytest.approx(6 * per)
+        assert r.predicted_downtime_s is not None and r.predicted_downtime_s > 6 * per
+        assert r.actual_downtime_s is not None and r.actual_downtime_s > 6 * per
     finally:
         src.close()
         dst.close()

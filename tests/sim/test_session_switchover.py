@@ -67,6 +67,9 @@ class Journal:
     def discarding(self, mid: str) -> None:
         self._write("discarding", mid)
 
+    def switchover_write_s(self) -> float:
+        return 0.0
+
 
 def journals(log: list[str], src_fail: str = "", dst_fail: str = "") -> tuple[Any, Any]:
     return Journal(log, "source", src_fail), Journal(log, "destination", dst_fail)

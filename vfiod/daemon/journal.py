@@ -8,6 +8,9 @@ and return only once it is fsynced. A failed write raises ``JournalError`` and l
 partial line behind (the file is cut back to its last whole line), so the caller does not
 take the action and a later append, once the disk has room again, starts on a line
 boundary. Line format and the torn-record rule: ``vfiod.daemon.journal_records``.
+``write_s`` is the median time of the last ``TIMED_APPENDS`` appends (write and fsync):
+the confirmed switchover writes several records inside the downtime, and its prediction
+counts them at what this disk takes (docs/architecture.md §4).
 
 Compaction keeps the file small: after ``compact_after`` records it is rewritten with
 each guest's last transition and the records of the ``keep_ids`` most recent migration
@@ -25,8 +28,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import statistics
 import threading
-from collections.abc import Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +56,7 @@ log = logging.getLogger("vfiod.journal")
 
 JOURNAL_NAME = "journal"
 COMPACTING_NAME = "journal.new"
+TIMED_APPENDS = 32
 
 
 class JournalFiles(Protocol):
@@ -123,7 +130,7 @@ class Journal:
     """The journal file of one state directory; every method is thread-safe."""
 
     def __init__(self, directory: str, files: JournalFiles, compact_after: int,
-                 keep_ids: int) -> None:
+                 keep_ids: int, clock: Callable[[], float] = time.perf_counter) -> None:
         if compact_after < 1 or keep_ids < 1:
             raise ValueError(f"journal: compact_after ({compact_after}) and keep_ids "
                              f"({keep_ids}) must be at least 1")
@@ -138,16 +145,21 @@ class Journal:
         self._dirty = False            # a failed append may have left bytes past _size
         self._since = 0
         self._index = JournalIndex()
+        self._clock = clock
+        self._append_s: deque[float] = deque(maxlen=TIMED_APPENDS)
         # set between a compaction's rename and the reopen that adopts its result
         self._compacted: tuple[int, list[LineOfRecord]] | None = None
         self.state = JournalState({}, {}, [])
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *, compact_after: int = 1000,
-             keep_ids: int = 10000, files: JournalFiles | None = None) -> Journal:
+             keep_ids: int = 10000, files: JournalFiles | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> Journal:
         """Open (creating if needed) the journal under ``directory`` and read it;
-        ``JournalError`` if it cannot be read or holds a corrupt record before its last."""
-        journal = cls(os.fspath(directory), files or linux_files, compact_after, keep_ids)
+        ``JournalError`` if it cannot be read or holds a corrupt record before its last.
+        ``clock`` times the appends (``write_s``)."""
+        journal = cls(os.fspath(directory), files or linux_files, compact_after, keep_ids,
+                      clock)
         journal._load()
         return journal
 
@@ -166,6 +178,11 @@ class Journal:
         """Whether any record named this migration id (as far as compaction keeps ids)."""
         with self._lock:
             return self._index.seen(migration_id)
+
+    def write_s(self) -> float:
+        """The median time of the recent appends, written and fsynced; 0 before any."""
+        with self._lock:
+            return statistics.median(self._append_s) if self._append_s else 0.0
 
     @property
     def records_since_compaction(self) -> int:
@@ -206,6 +223,7 @@ class Journal:
             fd = self._ensure_fd()
             if self._dirty:
                 self._cut_back(fd)
+            started = self._clock()
             try:
                 self._files.write_all_fsync(fd, line)
             except OSError as e:
@@ -215,6 +233,7 @@ class Journal:
                 except JournalError as cut:
                     log.error("%s (retried before the next append)", cut)
                 raise io_failure(self.path, f"appending a {type(record).__name__}", e) from None
+            self._append_s.append(self._clock() - started)
             self._size += len(line)
             self._index.add(record, line)
             self._since += 1

@@ -8,7 +8,9 @@ confirmed switchover's steps, with the guest's lifecycle steps that go with them
                  discarding   outcome "discarded"                      (then ERROR)
 
 Each returns once its records are fsynced (the lifecycle journals its own transitions
-through ``GuestLifecycle.record``); a ``JournalError`` stops the step.
+through ``GuestLifecycle.record``); a ``JournalError`` stops the step. The steps inside
+the downtime write ``SWITCHOVER_RECORDS`` records, one fsync each: the source's commit
+(1), the destination's prepared (3) and resume (2).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from vfiod.daemon.journal import Journal, MigrationOutcome, OutcomeRecord
 from vfiod.daemon.ledger import MigrationLedger
 from vfiod.daemon.lifecycle import LifecycleState
 from vfiod.daemon.registry import MigrationRecord
+
+SWITCHOVER_RECORDS = 6
 
 
 class MigrationJournal:
@@ -50,3 +54,6 @@ class MigrationJournal:
 
     def discarding(self, migration_id: str) -> None:
         self.outcome(MigrationOutcome.DISCARDED, "could not resume after the commit")
+
+    def switchover_write_s(self) -> float:
+        return SWITCHOVER_RECORDS * self.journal.write_s()

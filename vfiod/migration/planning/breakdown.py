@@ -12,10 +12,14 @@ pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
                         stop-and-copy records' and the destination's pages carry the
                         stream's CRCs, docs/protocol.md §7.3), and the destination's
                         compare
+    journal             the switchover's durable records, inside the downtime: the
+                        destination's "prepared" and "resumed", the source's decision to
+                        commit (docs/architecture.md §1.7), each fsynced; predicted at
+                        the time the source's journal takes per record
     commit_round_trips  the waits for the destination: the stream's tail arriving (the
                         bytes queued in the source's socket, predicted at the bandwidth),
-                        PREPARED, the journaled decision, COMMIT, RESUMED (two round
-                        trips, docs/protocol.md §8.4)
+                        PREPARED, COMMIT, RESUMED (two round trips, docs/protocol.md
+                        §8.4)
     dest_load_resume    the destination's devices loading their final state and resuming
 
 ``predicted_parts`` splits a ``Prediction`` by its ``FixedCosts``; ``actual_parts`` takes
@@ -28,8 +32,8 @@ from __future__ import annotations
 
 from vfiod.migration.planning.predictor import FixedCosts, Prediction
 
-COMPONENTS = ("device_stop", "final_sync", "ram_transfer", "verify", "commit_round_trips",
-              "dest_load_resume")
+COMPONENTS = ("device_stop", "final_sync", "ram_transfer", "verify", "journal",
+              "commit_round_trips", "dest_load_resume")
 
 
 def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
@@ -42,17 +46,18 @@ def predicted_parts(p: Prediction, costs: FixedCosts) -> dict[str, float]:
             "final_sync": costs.final_sync_s,
             "ram_transfer": (p.ram_bytes - ram_ready) / bw + costs.record_overhead_s,
             "verify": costs.verify_s,
+            "journal": costs.journal_s,
             "commit_round_trips": costs.commit_round_trips_s + p.queued_bytes / bw,
             "dest_load_resume": costs.dest_load_resume_s}
 
 
 def actual_parts(downtime_s: float, *, device_stop_s: float, final_sync_s: float,
-                 ram_transfer_s: float, verify_s: float,
-                 dest_load_resume_s: float) -> dict[str, float]:
+                 ram_transfer_s: float, verify_s: float, dest_load_resume_s: float,
+                 journal_s: float = 0.0) -> dict[str, float]:
     """The measured parts; ``commit_round_trips`` is the rest of ``downtime_s`` (never
     below zero: clocks of two ends do not subtract exactly)."""
     parts = {"device_stop": device_stop_s, "final_sync": final_sync_s,
-             "ram_transfer": ram_transfer_s, "verify": verify_s,
+             "ram_transfer": ram_transfer_s, "verify": verify_s, "journal": journal_s,
              "dest_load_resume": dest_load_resume_s}
     for name, v in parts.items():
         if v < 0:

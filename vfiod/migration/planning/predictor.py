@@ -153,11 +153,13 @@ class FixedCosts:
     verify_s: float = 0.0              # the final re-hash
     commit_round_trips_s: float = 0.0  # PREPARED and COMMIT -> RESUMED
     dest_load_resume_s: float = 0.0    # the destination's devices: final load, resume
+    journal_s: float = 0.0             # the switchover's journal records, both ends
 
     @property
     def total_s(self) -> float:
         return (self.device_stop_s + self.final_sync_s + self.record_overhead_s
-                + self.verify_s + self.commit_round_trips_s + self.dest_load_resume_s)
+                + self.verify_s + self.commit_round_trips_s + self.dest_load_resume_s
+                + self.journal_s)
 
 
 @dataclass(frozen=True)

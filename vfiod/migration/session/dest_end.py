@@ -50,7 +50,9 @@ class DestinationEnding(SessionBase):
     def _prepare(self) -> None:
         """Journal "prepared": past it this end neither cancels nor discards on its own
         (a journal that cannot be written fails the migration: nothing was promised)."""
+        started = self.clock()
         self._commit_recorded(self.journal.prepared)
+        self.result.timings["journal_prepared_s"] = self.clock() - started
 
     def _await_commit(self) -> None:
         msg = self.link.wait_control(ControlType.COMMIT, self.config.ack_timeout_s)
@@ -61,10 +63,12 @@ class DestinationEnding(SessionBase):
                                 "this connection's challenge is ignored")
 
     def _commit_received(self) -> MigrationResult:
+        started = self.clock()
         try:
             self.journal.resuming(self.migration_id)
         except Exception as e:  # noqa: BLE001 - no record, no resume: stay prepared
             return self._unsettled(e)
+        self.result.timings["journal_resume_s"] = self.clock() - started
         try:
             self._resume()
             self.link.send_control(ControlMessage.ack(

@@ -285,6 +285,7 @@ class SwitchoverHistory:
             final_sync_s=costs.final_sync_s * sync,
             record_overhead_s=max(0.0, costs.record_overhead_s + end + per_record * records),
             verify_s=max(0.0, costs.verify_s + verify),
+            journal_s=costs.journal_s,
             commit_round_trips_s=max(0.0, costs.commit_round_trips_s + commit),
             dest_load_resume_s=max(0.0, costs.dest_load_resume_s + load))
 

@@ -310,16 +310,17 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
         verify_s, records_s = final_pass_overheads(num, self.digests, self.sender,
                                                    self.predictor.bandwidth.bps)
+        arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
         t = self.result.timings
-        t["predicted_verify_s"] = verify_s
-        t["predicted_record_overhead_s"] = records_s
-        # all measured in this migration: stopping, the devices' arcs, a dirty sync, the
-        # final re-hash, per-record costs, two round trips, the destination's arcs
-        arc = self._arcs.estimate_s
+        t["predicted_verify_s"], t["predicted_record_overhead_s"] = verify_s, records_s
+        t["predicted_journal_s"] = journal_s
+        # all measured here: stopping, the devices' arcs, a dirty sync, the final re-hash,
+        # per-record costs, the journal's records, two round trips, the destination's arcs
         self._syncs.add(sync.duration_s)
         self._measured_costs = FixedCosts(
             device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
-            verify_s=verify_s, commit_round_trips_s=2 * self._rtt, dest_load_resume_s=arc)
+            verify_s=verify_s, journal_s=journal_s, commit_round_trips_s=2 * self._rtt,
+            dest_load_resume_s=arc)
         dev = num.device_stopcopy_bytes + num.device_precopy_bytes
         costs = self.predictor.costs = self.history.correct(
             self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,

@@ -63,7 +63,9 @@ class SourceEnding(SourceVmmSteps):
     def _commit_switchover(self) -> None:
         """Journal the decision, then nothing rolls back here on its own. A journal that
         cannot be written means no decision: the caller rolls back."""
+        started = self.clock()
         self._commit_recorded(self.journal.committing)
+        self.result.timings["journal_commit_s"] = self.clock() - started
 
     def _after_commit(self) -> MigrationResult:
         try:
@@ -117,7 +119,9 @@ class SourceEnding(SourceVmmSteps):
             final_sync_s=t["final_sync_s"], ram_transfer_s=max(0.0, t["final_stream_s"]),
             verify_s=max(t["source_final_rehash_s"], dest_s("dest_final_rehash_s"))
             + dest_s("dest_compare_s"),
-            dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"))
+            dest_load_resume_s=dest_s("load_s") + dest_s("resume_s"),
+            journal_s=t.get("journal_commit_s", 0.0) + dest_s("journal_prepared_s")
+            + dest_s("journal_resume_s"))
         w, s = self.writer, self.sender
         self.history.record(self._measured_costs, self._uncorrected_parts, actual,
                             w.device_bytes_sent if w is not None else 0,

@@ -30,6 +30,12 @@ class SwitchoverJournal(Protocol):
         """Destination, once prepared: before it tells the source that it discarded (the
         source resumes the guest on that word)."""
 
+    def switchover_write_s(self) -> float:
+        """What one confirmed switchover's durable records cost, both ends together (the
+        source's commit, the destination's prepared and resume), at the time this host's
+        journal takes per record; the peer's disk is assumed alike. It is inside the
+        downtime, so the prediction counts it with the commit (docs/architecture.md §4)."""
+
 
 class _Unjournaled:
     """An in-process migration (the demo, tests of one session pair): nothing outlives
@@ -46,6 +52,9 @@ class _Unjournaled:
 
     def discarding(self, migration_id: str) -> None:
         pass
+
+    def switchover_write_s(self) -> float:
+        return 0.0
 
 
 UNJOURNALED: SwitchoverJournal = _Unjournaled()

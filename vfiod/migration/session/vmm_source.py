@@ -128,7 +128,7 @@ class SourceVmmSteps(SessionBase):
         own = self._vmm_own_s()
         parts = self._predicted_parts
         before_verify = (devices_s or 0.0) - parts.get("commit_round_trips", 0.0) \
-            - parts.get("dest_load_resume", 0.0)
+            - parts.get("dest_load_resume", 0.0) - parts.get("journal", 0.0)
         extra = max(0.0, own - before_verify)
         self.result.vmm["predicted"] = {"vmm_s": extra, "devices_s": devices_s,
                                         "vmm_own_s": own}
