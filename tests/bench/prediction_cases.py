@@ -85,7 +85,7 @@ REGIMES = (
 #: what vfiod adds to a downtime on top of its floor, in the order it happens (issue 15
 #: item 3); they add up to actual - floor
 OVER_FLOOR_PARTS = ("pause", "p2p_quiesce", "device_reads", "final_sync", "ram_beyond_link",
-                    "verify", "commit_beyond_rtt", "dest_load_resume")
+                    "verify", "journal", "commit_beyond_rtt", "dest_load_resume")
 
 
 def over_floor_parts(t: dict[str, float], parts: dict[str, float], last: Any,
@@ -93,14 +93,16 @@ def over_floor_parts(t: dict[str, float], parts: dict[str, float], last: Any,
     """Milliseconds each step added to the floor (bytes left / bandwidth + one round
     trip): the guest's pause, P2P quiesce, the devices' stop-copy reads beyond their bytes
     over the link, the final sync, the final RAM pass and the stream's end beyond their
-    bytes over the link, the final verify, the commit's waits beyond one round trip, and the
+    bytes over the link, the final verify, the switchover's journal records (none in the
+    bench's unjournaled sessions), the commit's waits beyond one round trip, and the
     destination's load and resume. Negative where a part beat the bandwidth estimate."""
     bw = last.bandwidth_bps
     dev_s = t["device_stop_copy_s"] - t["p2p_quiesce_s"] - last.device_bytes / bw
     added = {"pause": t["pause_s"], "p2p_quiesce": t["p2p_quiesce_s"], "device_reads": dev_s,
              "final_sync": parts["final_sync"],
              "ram_beyond_link": parts["ram_transfer"] - last.dirty_ram_bytes / bw,
-             "verify": parts["verify"], "commit_beyond_rtt": parts["commit_round_trips"] - rtt,
+             "verify": parts["verify"], "journal": parts["journal"],
+             "commit_beyond_rtt": parts["commit_round_trips"] - rtt,
              "dest_load_resume": parts["dest_load_resume"]}
     return {k: round(added[k] * 1000, 3) for k in OVER_FLOOR_PARTS}
 
