@@ -191,6 +191,15 @@ def test_the_rehearsal_times_its_stream_end_and_verify() -> None:
     assert 0 < r.stream_end_s < 1 and 0 < r.verify_s < 1
 
 
+def test_the_rehearsal_prices_a_run_of_a_scattered_pass_beyond_its_bytes() -> None:
+    # 128 single pages cost both ends per-run work (a record header, a landing, the CRCs'
+    # bookkeeping) that one run of 128 pages does not: microseconds per run here
+    r = warm_switchover(timed=True)
+    assert 0 < r.run_s < 0.001
+    assert r.figures()["rehearsed_run_s"] == r.run_s
+    assert warm_switchover().run_s == 0.0           # untimed: the destination's warm-up
+
+
 def test_broken_samples_are_not_lessons() -> None:
     h = SwitchoverHistory()
     # a clock jump: the sync 10 000 times what was measured

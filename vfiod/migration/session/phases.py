@@ -25,7 +25,9 @@ the opted-out containers' ``assumed_dirty_bytes``, their whole mappings, of whic
 ``optout_sample.with_opted_out_share`` keeps the part sampled or learnt written).
 ``final_pass_overheads``
 adds what the final pass costs beyond its bytes: the re-hash of the live pages still
-pending, and the framing CPU time.
+pending, and the CPU time of framing its records and of its runs (the rehearsed extra per
+run, ``switchover_warm_up``: a scattered pass's pages cost more than the bulk the
+bandwidth was measured on).
 """
 
 from __future__ import annotations
@@ -218,16 +220,18 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,
-                         bandwidth_bps: float) -> tuple[float, float]:
+                         bandwidth_bps: float, run_s: float = 0.0) -> tuple[float, float]:
     """(verify_s, records_s) of the final pass, beyond its bytes over the link: the final
     re-hash (what the source sent live and has not read again: the final pass's own pages
     take their records' CRCs, and the destination reads nothing again), and the CPU
-    time framing its records past what the link takes (the pass is bound by the link or
-    by that CPU, whichever is slower; the predictor counts bytes / bandwidth)."""
+    time framing its records and its ``run_s`` per run past what the link takes (the pass
+    is bound by the link or by that CPU, whichever is slower; the predictor counts bytes /
+    bandwidth)."""
     per_byte, per_run = digests.cost.fit()
     verify_s = (digests.pending_pages * digests.page_size * per_byte
                 + digests.pending_runs() * per_run)
     cpu_byte, cpu_rec = sender.cost.fit()
-    cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
+    cpu_s = (num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
+             + num.dirty_runs * run_s)
     link_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
     return float(verify_s), float(max(0.0, cpu_s - link_s))

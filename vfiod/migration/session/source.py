@@ -308,8 +308,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             cfg.record_bytes // self.guest.page_size), self._opted_out,
             self.history.opted_out_share(now - self._tracking_t0))
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
-        verify_s, records_s = final_pass_overheads(num, self.digests, self.sender,
-                                                   self.predictor.bandwidth.bps)
+        verify_s, records_s = final_pass_overheads(
+            num, self.digests, self.sender, self.predictor.bandwidth.bps, self._rehearsal.run_s)
         arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
         t = self.result.timings
         t["predicted_verify_s"], t["predicted_record_overhead_s"] = verify_s, records_s

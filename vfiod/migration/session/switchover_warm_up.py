@@ -20,8 +20,12 @@ which first compiles or loads the bitmap kernels (``bitmap_kernels.warm_up``: th
 dirty sync is timed for the prediction) and then rehearses.
 
 The source's runs twice and returns the second run's times (``SwitchoverRehearsal``):
-the stream's end (END_OF_STATE and MANIFEST) and the verify (both ends' last digest fold
-and the compare); the destination's runs once, as it needs no times. Those two parts of a downtime have no sample before the guest pauses, so a
+the stream's end (END_OF_STATE and MANIFEST), the verify (both ends' last digest fold
+and the compare) and what a run of dirty pages costs beyond its bytes (``run_s``: a
+final pass of ``REHEARSED_RUNS`` single pages against one run of as many pages, written
+and landed, the slower end's extra per run: a final pass of scattered pages costs that
+per run on top of the first pass's bulk rate); the destination's runs once, as it needs
+no times. Those two parts of a downtime have no sample before the guest pauses, so a
 source with no earlier switchover predicted them as nothing; the rehearsal's times are
 its estimate until its history has one (``SwitchoverHistory.correct``). They are this
 host's CPU for the same code, without the socket: a lower bound of the real parts.
@@ -52,6 +56,7 @@ from vfiod.vfio import RamRegion
 
 _PAGE = 4096
 _DEVICE = "warm-up"
+REHEARSED_RUNS = 128
 
 
 class _Pipe:
@@ -83,11 +88,12 @@ class SwitchoverRehearsal:
 
     stream_end_s: float = 0.0
     verify_s: float = 0.0
+    run_s: float = 0.0           # per run of a scattered final pass, beyond its bytes
 
     def figures(self) -> dict[str, float]:
         """For the migration's timings."""
         return {"rehearsed_stream_end_s": self.stream_end_s,
-                "rehearsed_verify_s": self.verify_s}
+                "rehearsed_verify_s": self.verify_s, "rehearsed_run_s": self.run_s}
 
 
 def warm_switchover(*, timed: bool = False) -> SwitchoverRehearsal:
@@ -96,7 +102,11 @@ def warm_switchover(*, timed: bool = False) -> SwitchoverRehearsal:
     no times."""
     ram_landing.warm_up()
     _rehearse()
-    return _rehearse() if timed else SwitchoverRehearsal()
+    _rehearse_runs()
+    if not timed:
+        return SwitchoverRehearsal()
+    done = _rehearse()
+    return SwitchoverRehearsal(done.stream_end_s, done.verify_s, _rehearse_runs())
 
 
 def _rehearse() -> SwitchoverRehearsal:
@@ -157,6 +167,50 @@ def _rehearse() -> SwitchoverRehearsal:
     if parsed != frames:
         raise RuntimeError("the switchover warm-up's control frames did not round-trip")
     return SwitchoverRehearsal(stream_end_s, verify_s)
+
+
+def _send_and_land(runs: np.ndarray, pages: int) -> tuple[float, float]:
+    """Seconds to write ``runs`` (first page, count) of a ``pages``-page guest as one
+    quiescent pass, and to land them, each end's own part."""
+    region = RamRegion("warm-up-runs", 0, pages * _PAGE)
+    header = StreamHeader("warm-up", "warm-up", "warm-up", _PAGE, (region,), (),
+                          challenge="warm-up", pass_acks=True, ram_runs=True)
+    src_mem = memoryview(bytearray(b"\x5a" * (pages * _PAGE)))
+    dst_mem = memoryview(bytearray(pages * _PAGE))
+    pipe = _Pipe()
+    writer = StreamWriter(pipe, header, GuestRam(_PAGE, (region,), [src_mem]))
+    writer.start()
+    writer.attach_crc_sink(RamDigests((region,), [src_mem], _PAGE))
+    t0 = time.perf_counter()
+    writer.send_ram(runs, quiescent=True)
+    send_s = time.perf_counter() - t0
+    writer.finish()
+    reader = StreamReader(pipe)
+    reader.read_header()
+    reader.attach_ram(GuestRam(_PAGE, (region,), [dst_mem], writable=True),
+                      crcs=RamDigests((region,), [dst_mem], _PAGE))
+    t0 = time.perf_counter()
+    for _ in reader.events():
+        pass
+    land_s = time.perf_counter() - t0
+    reader.stop_channels()
+    if bytes(dst_mem[:_PAGE]) != bytes(src_mem[:_PAGE]):
+        raise RuntimeError("the switchover warm-up's runs did not round-trip")
+    return send_s, land_s
+
+
+def _rehearse_runs() -> float:
+    """Seconds a run of dirty pages costs beyond its bytes: ``REHEARSED_RUNS`` single
+    pages (every other page) against one run of as many, each twice, the best of each;
+    the slower end's extra per run (the two ends work at once)."""
+    n = REHEARSED_RUNS
+    single = np.stack([np.arange(0, 2 * n, 2, dtype=np.uint64),
+                       np.ones(n, dtype=np.uint64)], axis=1)
+    one = np.array([[0, n]], dtype=np.uint64)
+    trials = [(_send_and_land(single, 2 * n), _send_and_land(one, 2 * n)) for _ in range(2)]
+    extra = [min(s[end] for s, _ in trials) - min(o[end] for _, o in trials)
+             for end in (0, 1)]
+    return max(0.0, *extra) / n
 
 
 def warm_source() -> SwitchoverRehearsal:
