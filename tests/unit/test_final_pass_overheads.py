@@ -33,13 +33,14 @@ class _Costs:
         return 0
 
 
-def _overheads(runs: int, bandwidth_bps: float, run_s: float, **cpu: Any) -> float:
+def _overheads(runs: int, bandwidth_bps: float, run_s: float, paced: bool = True,
+               **cpu: Any) -> float:
     num = PredictionNumbers(dirty_ram_bytes=runs * 4096, dirty_runs=runs, dirty_records=1,
                             measured_dirty_bytes=0, device_stopcopy_bytes=0,
                             device_precopy_bytes=0, tracking=True)
     costs = _Costs(**cpu)
     return final_pass_overheads(num, cast(RamDigests, _Costs()), cast(RamSender, costs),
-                                bandwidth_bps, run_s)[1]
+                                bandwidth_bps, run_s, paced=paced)[1]
 
 
 def test_a_scattered_final_pass_costs_its_runs_beyond_the_bulk_rate() -> None:
@@ -48,9 +49,16 @@ def test_a_scattered_final_pass_costs_its_runs_beyond_the_bulk_rate() -> None:
     assert _overheads(4000, 10_000 * MB, 0.0) == 0.0          # no rehearsal: bytes only
 
 
-def test_a_slow_link_hides_the_runs_cost() -> None:
+def test_a_slow_paced_link_hides_the_runs_cost() -> None:
     # at 10 MB/s the same pass is 1.6 s on the wire: the CPU works while it waits
     assert _overheads(4000, 10 * MB, 5e-6) == 0.0
+
+
+def test_on_an_unpaced_link_the_runs_cost_adds_to_the_bulk_rate() -> None:
+    # an unpaced link's bandwidth is what the first pass's bulk reached, bound by the two
+    # ends' CPU: a scattered pass's per-run work comes on top, however slow that was
+    assert _overheads(4000, 10 * MB, 5e-6, paced=False) == pytest.approx(0.020)
+    assert _overheads(4000, 10_000 * MB, 5e-6, paced=False) == pytest.approx(0.020)
 
 
 def test_the_runs_add_to_the_framing_cpu() -> None:

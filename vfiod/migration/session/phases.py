@@ -220,18 +220,23 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,
-                         bandwidth_bps: float, run_s: float = 0.0) -> tuple[float, float]:
+                         bandwidth_bps: float, run_s: float = 0.0, *,
+                         paced: bool = True) -> tuple[float, float]:
     """(verify_s, records_s) of the final pass, beyond its bytes over the link: the final
     re-hash (what the source sent live and has not read again: the final pass's own pages
     take their records' CRCs, and the destination reads nothing again), and the CPU
-    time framing its records and its ``run_s`` per run past what the link takes (the pass
-    is bound by the link or by that CPU, whichever is slower; the predictor counts bytes /
-    bandwidth)."""
+    time framing its records past what the link takes (the pass is bound by the link or
+    by that CPU, whichever is slower; the predictor counts bytes / bandwidth), and
+    ``run_s`` per run: on a ``paced`` link with that CPU (the wire is the bound, the CPU
+    works while it waits), else on top (an unpaced link's bandwidth was measured on the
+    first pass's bulk, bound by the ends' CPU, so a run's extra adds to it)."""
     per_byte, per_run = digests.cost.fit()
     verify_s = (digests.pending_pages * digests.page_size * per_byte
                 + digests.pending_runs() * per_run)
     cpu_byte, cpu_rec = sender.cost.fit()
-    cpu_s = (num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
-             + num.dirty_runs * run_s)
+    cpu_s = num.dirty_ram_bytes * cpu_byte + num.dirty_records * cpu_rec
+    runs_s = num.dirty_runs * run_s
     link_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
-    return float(verify_s), float(max(0.0, cpu_s - link_s))
+    if paced:
+        return float(verify_s), float(max(0.0, cpu_s + runs_s - link_s))
+    return float(verify_s), float(max(0.0, cpu_s - link_s) + runs_s)

@@ -70,7 +70,7 @@ from vfiod.migration.session.common import (
 )
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
-from vfiod.migration.session.link import Link
+from vfiod.migration.session.link import Link, ThrottledLink
 from vfiod.migration.session.optout_sample import OptedOutSample, with_opted_out_share
 from vfiod.migration.session.pass_drain import SourcePassDrain
 from vfiod.migration.session.phases import RamSender, final_pass_overheads, prediction_numbers
@@ -130,8 +130,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = self._tracking_t0 = 0.0
-        #: the devices' state arcs: at setup, then the pending queries of every pass
-        self._arcs = FixedCostSamples()
+        self._arcs = FixedCostSamples()    # the devices' arcs: at setup, then each pass's queries
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
         self._syncs = FixedCostSamples()
         pol = self.config.policy
@@ -309,7 +308,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             self.history.opted_out_share(now - self._tracking_t0))
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
         verify_s, records_s = final_pass_overheads(
-            num, self.digests, self.sender, self.predictor.bandwidth.bps, self._rehearsal.run_s)
+            num, self.digests, self.sender, self.predictor.bandwidth.bps, self._rehearsal.run_s,
+            paced=isinstance(self.link, ThrottledLink))
         arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
         t = self.result.timings
         t["predicted_verify_s"], t["predicted_record_overhead_s"] = verify_s, records_s
