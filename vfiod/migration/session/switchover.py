@@ -34,7 +34,7 @@ class SwitchoverJournal(Protocol):
         """What one confirmed switchover's durable records cost, both ends together (the
         source's commit, the destination's prepared and resume), at the time this host's
         journal takes per record; the peer's disk is assumed alike. It is inside the
-        downtime, so the prediction counts it with the commit (docs/architecture.md §4)."""
+        downtime: the prediction's ``journal`` part (docs/architecture.md §4)."""
 
 
 class _Unjournaled:

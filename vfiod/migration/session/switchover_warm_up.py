@@ -25,9 +25,10 @@ and the compare) and what a run of dirty pages costs beyond its bytes (``run_s``
 final pass of ``REHEARSED_RUNS`` single pages against one run of as many pages, written
 and landed, the slower end's extra per run: a final pass of scattered pages costs that
 per run on top of the first pass's bulk rate); the destination's runs once, as it needs
-no times. Those two parts of a downtime have no sample before the guest pauses, so a
+no times. The stream's end and the verify have no sample before the guest pauses, so a
 source with no earlier switchover predicted them as nothing; the rehearsal's times are
-its estimate until its history has one (``SwitchoverHistory.correct``). They are this
+its estimate until its history has one (``SwitchoverHistory.correct``); the runs' price
+is counted in every prediction (``phases.final_pass_overheads``). They are this
 host's CPU for the same code, without the socket: a lower bound of the real parts.
 """
 
