@@ -18,48 +18,22 @@ import struct
 import termios
 
 from vfiod.errors import KernelError
+from vfiod.kernel.linux_text import debugfs_path, memlock_from_status
 from vfiod.kernel.ops import DEBUGFS_ROOT, PROT_READ, PROT_WRITE, Buffer, FdFacts, MemlockFacts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.eventfd.argtypes = (ctypes.c_uint, ctypes.c_int)
 _libc.eventfd.restype = ctypes.c_int
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_libc.mincore.restype = ctypes.c_int
 _EFD_CLOEXEC = 0o2000000
 _M_TRIM_THRESHOLD = -1     # mallopt(3) parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
-_CAP_IPC_LOCK = 14    # bit of CapEff in /proc/self/status
 #: A debugfs file vfiod reads is one short line (docs/kernel-contract.md §12): read no more.
 _DEBUGFS_READ_MAX = 4096
 _FILE_KINDS = {stat.S_IFREG: "regular", stat.S_IFDIR: "directory", stat.S_IFSOCK: "socket",
                stat.S_IFIFO: "fifo", stat.S_IFCHR: "char", stat.S_IFBLK: "block",
                stat.S_IFLNK: "symlink"}
-
-
-def memlock_from_status(status: str, soft: int, hard: int) -> MemlockFacts:
-    """``MemlockFacts`` from getrlimit's ``soft``/``hard`` and the text of
-    ``/proc/self/status`` (``VmLck``: bytes locked; ``CapEff``: CAP_IPC_LOCK)."""
-    locked, cap = 0, False
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key == "VmLck":
-            parts = value.split()  # "  1234 kB"
-            locked = int(parts[0]) * 1024 if parts else 0
-        elif key == "CapEff":
-            cap = bool(int(value.strip() or "0", 16) >> _CAP_IPC_LOCK & 1)
-
-    def limit(v: int) -> int | None:
-        return None if v == resource.RLIM_INFINITY or v < 0 else v
-
-    return MemlockFacts(limit(soft), limit(hard), locked, cap)
-
-
-def debugfs_path(root: str, relpath: str) -> str:
-    """``relpath`` under ``root``; EINVAL for one that could leave it (absolute, ``..``,
-    NUL): a device name from a configuration file becomes a path component here."""
-    parts = [p for p in relpath.split("/") if p]
-    if relpath.startswith("/") or "\0" in relpath or any(p in (".", "..") for p in parts):
-        raise KernelError(errno.EINVAL, f"debugfs path {relpath!r}",
-                          detail="must stay under the debugfs root")
-    return os.path.join(root, *parts)
 
 
 def pin_malloc_thresholds(nbytes: int) -> bool:
@@ -203,6 +177,12 @@ class LinuxKernel:
             return fd
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, f"memfd_create({name}, {size})") from None
+
+    def mincore(self, addr: int, length: int) -> bytes:
+        vec = (ctypes.c_ubyte * -(-length // _mmap.PAGESIZE))()
+        if _libc.mincore(addr, length, vec) != 0:
+            raise KernelError(ctypes.get_errno(), f"mincore({addr:#x}, {length})")
+        return bytes(vec)
 
     def readlink(self, path: str) -> str:
         try:

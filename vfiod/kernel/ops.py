@@ -148,6 +148,12 @@ class KernelOps(Protocol):
         """A sparse memory file of ``size`` bytes (guest RAM backing; MFD_CLOEXEC)."""
         ...
 
+    def mincore(self, addr: int, length: int) -> bytes:
+        """Which pages of this process's memory at [addr, addr+length) are resident: one
+        byte per page, bit 0 set for a resident one (mincore(2): ``addr`` page-aligned,
+        EINVAL otherwise; ENOMEM where nothing is mapped; docs/kernel-contract.md §3.7)."""
+        ...
+
     # -- sysfs / devfs reads for discovery ---------------------------------------------
     def readlink(self, path: str) -> str:
         ...

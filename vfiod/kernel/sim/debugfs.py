@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 
 from vfiod.abi.vfio import vfio_device_mig_state
-from vfiod.kernel.linux import debugfs_path
+from vfiod.kernel.linux_text import debugfs_path
 from vfiod.kernel.ops import DEBUGFS_ROOT
 from vfiod.kernel.sim.base import FaultInjector, fail
 

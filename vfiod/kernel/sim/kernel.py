@@ -229,6 +229,9 @@ class SimKernel:
     def memfd_create(self, name: str, size: int) -> int:
         return self.linux.memfd_create(name, size)
 
+    def mincore(self, addr: int, length: int) -> bytes:
+        return self.linux.mincore(addr, length)       # the memory is real
+
     # -- sysfs / devfs reads: the real tree SimHost built ----------------------------------
     def readlink(self, path: str) -> str:
         return self.linux.readlink(path)

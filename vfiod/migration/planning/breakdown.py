@@ -17,9 +17,10 @@ pauses (``COMPONENTS``, also the bounded ``component`` label of the metrics):
                         commit (docs/architecture.md §1.7), each fsynced; predicted at
                         the time the source's journal takes per record
     commit_round_trips  the waits for the destination: the stream's tail arriving (the
-                        bytes queued in the source's socket, predicted at the bandwidth),
-                        PREPARED, COMMIT, RESUMED (two round trips, docs/protocol.md
-                        §8.4)
+                        bytes queued in the source's socket, predicted at the bandwidth)
+                        and landing (a page its memory never held faults first,
+                        ``session/first_touch.py``), PREPARED, COMMIT, RESUMED (two round
+                        trips, docs/protocol.md §8.4)
     dest_load_resume    the destination's devices loading their final state and resuming
 
 ``predicted_parts`` splits a ``Prediction`` by its ``FixedCosts``; ``actual_parts`` takes

@@ -70,6 +70,7 @@ from vfiod.migration.session.common import (
 )
 from vfiod.migration.session.dest_end import DestinationEnding
 from vfiod.migration.session.digest import RamDigests, RegionDigest, compare_roots
+from vfiod.migration.session.first_touch import measure_first_touch_s
 from vfiod.migration.session.ram_files import zero_ram
 from vfiod.migration.session.switchover_warm_up import warm_switchover
 from vfiod.migration.session.vmm_dest import DestVmmSteps
@@ -171,10 +172,14 @@ class DestinationSession(DestChannels, DestinationEnding, DestVmmSteps, SessionB
             stale = zero_ram(g.kernel, g.ram, g.page_size)
             self.result.verification["stale_pages_zeroed"] = stale
         landing = self._landing_blocks()
+        # what a page its memory never held costs to land: the source's prediction counts it
+        first_touch_s = self.result.timings["first_touch_s"] = measure_first_touch_s(
+            g.kernel, landing, g.page_size)
         self.challenge = secrets.token_hex(16)
         self.link.send_control(ControlMessage.ack(AckStage.HELLO, facts=self.facts.to_json(),
                                                   challenge=self.challenge,
                                                   pass_acks=True, ram_runs=True,
+                                                  first_touch_s=first_touch_s,
                                                   **self._vmm_hello(),
                                                   **self._channels_hello()))
         self.reader = StreamReader(self.link)

@@ -52,6 +52,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from vfiod.migration.session.costs import CostModel
 from vfiod.migration.session.digest_root import GroupedRoot
@@ -63,6 +64,18 @@ from vfiod.vfio import RamRegion
 @lru_cache(maxsize=8)
 def zero_crc(length: int) -> int:
     return crc32c(bytes(length))
+
+
+@njit(nogil=True, cache=True)
+def _count_in_runs(table, lo, hi, value):
+    """How many of ``table[lo[r]:hi[r]]``, over every run r, equal ``value`` (one pass
+    over the runs' pages, nothing allocated: a final pass may be millions of pages)."""
+    n = 0
+    for r in range(lo.shape[0]):
+        for i in range(lo[r], hi[r]):
+            if table[i] == value:
+                n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,24 @@ class RamDigests:
             with self._lock:
                 touched |= np.cumsum(mark[:-1]) > 0
                 self._maybe_touched[i] = True
+
+    def never_landed(self, first: np.ndarray, count: np.ndarray) -> int:
+        """Pages of the runs (first page, count) whose CRC is still a zero page's: never
+        sent (both ends start from zero), so never landed at the destination either
+        (``first_touch``: a page its memory may not hold yet). A page sent while all
+        zero counts too; the first pass skips those."""
+        f = np.asarray(first, dtype=np.int64)
+        end = f + np.asarray(count, dtype=np.int64)
+        z = zero_crc(self.page_size)
+        n = 0
+        with self._lock:
+            for i, crcs in enumerate(self._crcs):
+                lo = np.maximum(f, self._first[i]) - self._first[i]
+                hi = np.minimum(end, self._end[i]) - self._first[i]
+                sel = hi > lo
+                if sel.any():
+                    n += int(_count_in_runs(crcs, lo[sel], hi[sel], np.uint32(z)))
+        return n
 
     @property
     def pending_pages(self) -> int:

@@ -27,7 +27,8 @@ the opted-out containers' ``assumed_dirty_bytes``, their whole mappings, of whic
 adds what the final pass costs beyond its bytes: the re-hash of the live pages still
 pending, and the CPU time of framing its records and of its runs (the rehearsed extra per
 run, ``switchover_warm_up``: a scattered pass's pages cost more than the bulk the
-bandwidth was measured on).
+bandwidth was measured on); ``first_touch_pages`` the dirty pages never sent
+(``first_touch``).
 """
 
 from __future__ import annotations
@@ -191,10 +192,13 @@ class PredictionNumbers:
     tracking: bool                  # some container reports only what was written
     #: counted dirty (opted-out containers, not queried before stop-and-copy)
     assumed_dirty_bytes: int = 0
+    #: dirty pages never sent before: the destination may not hold them yet
+    first_touch_pages: int = 0
 
 
 def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequence[Pending],
-                       max_run: int, record_pages: int) -> PredictionNumbers:
+                       max_run: int, record_pages: int,
+                       digests: RamDigests | None = None) -> PredictionNumbers:
     containers = tracker.status().containers
     unmeasured = 0
     precise = False
@@ -206,7 +210,7 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
     # skipped (opted-out) containers are not in new_dirty_bytes but in dirty_bytes, as
     # assumed_dirty_bytes: the prediction counts them, the dirty rate does not
     measured = max(0, sync.new_dirty_bytes - unmeasured)
-    _, counts = tracker.bitmap.runs(max_run)
+    firsts, counts = tracker.bitmap.runs(max_run)
     return PredictionNumbers(
         dirty_ram_bytes=sync.dirty_bytes,
         dirty_runs=int(counts.size),
@@ -216,7 +220,8 @@ def prediction_numbers(tracker: DirtyTracker, sync: SyncResult, pendings: Sequen
         device_precopy_bytes=sum(p.precopy_bytes for p in pendings),
         # containers skipped by the opt-out are tracked: stop-and-copy queries them
         tracking=precise or all(c.name in sync.skipped for c in containers),
-        assumed_dirty_bytes=sync.assumed_dirty_bytes)
+        assumed_dirty_bytes=sync.assumed_dirty_bytes,
+        first_touch_pages=digests.never_landed(firsts, counts) if digests is not None else 0)
 
 
 def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: RamSender,
@@ -240,3 +245,4 @@ def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: Ra
     if paced:
         return float(verify_s), float(max(0.0, cpu_s + runs_s - link_s))
     return float(verify_s), float(max(0.0, cpu_s - link_s) + runs_s)
+

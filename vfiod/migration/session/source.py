@@ -43,11 +43,10 @@ import time
 from collections.abc import Callable
 
 from vfiod.dirty.tracker import DirtyTracker
-from vfiod.dirty.tracker_status import SyncResult, TrackerStatus
+from vfiod.dirty.tracker_status import TrackerStatus
 from vfiod.errors import PreflightError, ProtocolError
-from vfiod.migration.device.protocol import DeviceDataSink, Pending
+from vfiod.migration.device.protocol import DeviceDataSink
 from vfiod.migration.guest import Guest, GuestDevice
-from vfiod.migration.planning.breakdown import predicted_parts
 from vfiod.migration.planning.convergence import ConvergenceWatch, FixedCostSamples
 from vfiod.migration.planning.hostfacts import HostFacts
 from vfiod.migration.planning.linkprior import LinkPriorSource
@@ -56,7 +55,6 @@ from vfiod.migration.planning.predictor import (
     Decision,
     DowntimePredictor,
     FixedCosts,
-    IterationInputs,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
 from vfiod.migration.session.channels import SourceChannels
@@ -69,12 +67,14 @@ from vfiod.migration.session.common import (
     SwitchoverJournal,
 )
 from vfiod.migration.session.digest import RamDigests
+from vfiod.migration.session.first_touch import first_touch_from_hello
 from vfiod.migration.session.history import HOST_HISTORY, SwitchoverHistory
-from vfiod.migration.session.link import Link, ThrottledLink
-from vfiod.migration.session.optout_sample import OptedOutSample, with_opted_out_share
+from vfiod.migration.session.link import Link
+from vfiod.migration.session.optout_sample import OptedOutSample
 from vfiod.migration.session.pass_drain import SourcePassDrain
-from vfiod.migration.session.phases import RamSender, final_pass_overheads, prediction_numbers
+from vfiod.migration.session.phases import RamSender
 from vfiod.migration.session.source_end import SourceEnding
+from vfiod.migration.session.source_predict import SourcePrediction
 from vfiod.migration.session.status import IterationProgress, LiveProgress, live_progress
 from vfiod.migration.session.switchover_warm_up import warm_source
 from vfiod.migration.session.vmm_half import VmmSourceHalf
@@ -90,7 +90,8 @@ from vfiod.migration.transport.control import (
 )
 
 
-class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
+class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SourcePrediction,
+                    SessionBase):
     role = "source"
 
     def __init__(self, guest: Guest, link: Link, *, host: HostFacts,
@@ -129,7 +130,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
                         else HOST_HISTORY.of(guest.name, guest.device_infos()))
         self._measured_costs = FixedCosts()   # the last prediction's, before the history
         self._uncorrected_parts: dict[str, float] = {}
-        self._rtt = self._tracking_t0 = 0.0
+        self._rtt = self._tracking_t0 = self._first_touch_s = 0.0
         self._arcs = FixedCostSamples()    # the devices' arcs: at setup, then each pass's queries
         #: the pre-copy syncs' durations (the first can pay first-touch costs)
         self._syncs = FixedCostSamples()
@@ -197,6 +198,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
         self.challenge = str(hello.fields.get("challenge", ""))
         if not self.challenge:
             raise ProtocolError("the destination's hello carries no challenge")
+        self._first_touch_s = first_touch_from_hello(hello.fields)
         g = self.guest
         channels = self._channels_wanted(hello.fields)
         header = StreamHeader(self.source_host, self.migration_id, g.name, g.page_size,
@@ -295,58 +297,6 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SessionBase):
             if ram == 0 and dev_bytes == 0 and cfg.idle_pass_s > 0:
                 # nothing new to send: let dirty data accumulate (a cancel ends the wait)
                 self._cancel.wait(cfg.idle_pass_s)
-
-    def _predict(self, sync: SyncResult, pendings: list[Pending], start: float, ram: int,
-                 dev_bytes: int) -> Decision:
-        assert self.tracker is not None and self.digests is not None and self.writer
-        assert self.sender is not None
-        cfg = self.config
-        now = self.clock()
-        num = with_opted_out_share(prediction_numbers(
-            self.tracker, sync, pendings, cfg.max_run_pages,
-            cfg.record_bytes // self.guest.page_size), self._opted_out,
-            self.history.opted_out_share(now - self._tracking_t0))
-        self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
-        verify_s, records_s = final_pass_overheads(
-            num, self.digests, self.sender, self.predictor.bandwidth.bps, self._rehearsal.run_s,
-            paced=isinstance(self.link, ThrottledLink))
-        arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
-        t = self.result.timings
-        t["predicted_verify_s"], t["predicted_record_overhead_s"] = verify_s, records_s
-        t["predicted_journal_s"] = journal_s
-        # all measured here: stopping, the devices' arcs, a dirty sync, the final re-hash,
-        # per-record costs, the journal's records, two round trips, the destination's arcs
-        self._syncs.add(sync.duration_s)
-        self._measured_costs = FixedCosts(
-            device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
-            verify_s=verify_s, journal_s=journal_s, commit_round_trips_s=2 * self._rtt,
-            dest_load_resume_s=arc)
-        dev = num.device_stopcopy_bytes + num.device_precopy_bytes
-        costs = self.predictor.costs = self.history.correct(
-            self._measured_costs, device_bytes=self.writer.device_bytes_sent + dev,
-            records=num.dirty_records, rehearsal=self._rehearsal, transition_s=self._arcs.first_s)
-        t.update(self.history.lessons())        # this guest's, or its devices' kin's
-        queued = t["predicted_queued_bytes"] = self.link.unsent_bytes()
-        p = self.predictor.predict(IterationInputs(
-            now, num.dirty_ram_bytes, num.device_stopcopy_bytes, num.device_precopy_bytes,
-            num.tracking, num.assumed_dirty_bytes, queued, self.link.ready_bytes()))
-        self._predicted_parts = predicted_parts(p, costs)
-        self._uncorrected_parts = predicted_parts(p, self._measured_costs)
-        decision, why = self.config.policy.verdict(
-            p, iteration=self.iteration, elapsed_s=now - start,
-            # with a VMM half the VMM's convergence decides; only a timeout cancels here
-            not_converging=self._watch.observe(p) if self.vmm is None else None)
-        prog = IterationProgress(
-            iteration=self.iteration, elapsed_s=now - (self.started_at or start),
-            ram_sent_bytes=ram, device_sent_bytes=dev_bytes,
-            total_sent_bytes=self.writer.bytes_sent, remaining_bytes=p.remaining_bytes,
-            dirty_ram_bytes=p.ram_bytes, device_bytes=p.device_bytes,
-            dirty_rate_bps=p.dirty_rate_bps, bandwidth_bps=p.bandwidth_bps,
-            bandwidth_source=p.bandwidth_source, predicted_downtime_s=p.downtime_s,
-            will_converge=p.will_converge, decision=decision.value, reason=why,
-            sync_s=sync.duration_s, assumed_dirty_bytes=num.assumed_dirty_bytes)
-        self._record_pass(prog)
-        return decision
 
     # -- DEVICE -----------------------------------------------------------------------
     def _stop_and_copy(self) -> None:

@@ -139,6 +139,8 @@ def _rehearse() -> SwitchoverRehearsal:
     t0 = time.perf_counter()
     sent.rehash()
     theirs = [RegionDigest.from_dict(r.to_dict()) for r in sent.roots()]
+    if sent.never_landed(np.array([0]), np.array([4])) != 1:   # what each prediction counts
+        raise RuntimeError("the switchover warm-up's never-sent page count is wrong")
     verify_s = time.perf_counter() - t0
     reader = StreamReader(pipe)
     reader.read_header()
