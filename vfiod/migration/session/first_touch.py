@@ -116,17 +116,14 @@ def first_touch_from_hello(fields: Mapping[str, Any]) -> float:
 
 
 def first_touch_landing_s(num: PredictionNumbers, first_touch_s: float,
-                          bandwidth_bps: float, record_bytes: int, paced: bool) -> float:
-    """The destination's time landing the final pass's pages its memory never held
-    beyond the pass's bytes: the commit waits for it. A record is
-    received whole, then copied out, so its pages' faults follow its bytes. On a
-    ``paced`` link the destination lands each record while the next one is on the wire:
-    the last record's share shows, and of the rest what exceeds the wire's time. On an
-    unpaced one all of it comes on top (the bandwidth was measured on the first pass's
-    bulk, bound by the ends' CPU)."""
+                          bandwidth_bps: float, record_bytes: int) -> float:
+    """The destination's time landing the final pass's pages its memory never held,
+    beyond the pass's bytes: the commit waits for it. A record is received whole, then
+    copied out, so its pages' faults follow its bytes: the last record's share shows
+    whole; the others' are landed while the next records are on their way, so only what
+    exceeds the pass's time at ``bandwidth_bps`` shows (a final pass of a few hundred
+    scattered pages is one record; a large one, of many, hides all but its last)."""
     landing_s = num.first_touch_pages * first_touch_s
-    if not paced:
-        return landing_s
     last = min(1.0, record_bytes / max(1, num.dirty_ram_bytes))
-    link_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
-    return landing_s * last + max(0.0, (landing_s - link_s) * (1.0 - last))
+    pass_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
+    return landing_s * last + max(0.0, (landing_s - pass_s) * (1.0 - last))
