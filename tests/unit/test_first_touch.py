@@ -25,6 +25,7 @@ from vfiod.migration.session.first_touch import (
     not_resident_share,
 )
 from vfiod.migration.session.phases import PredictionNumbers
+from vfiod.migration.stream.ram_framing import BATCH_PIECES
 from vfiod.vfio import RamRegion
 
 PS = 4096
@@ -141,29 +142,34 @@ def test_a_hello_without_a_price_is_an_older_destinations() -> None:
     assert first_touch_from_hello({"first_touch_s": 5e-6}) == 5e-6
 
 
-def _numbers(pages: int, dirty_bytes: int) -> PredictionNumbers:
-    return PredictionNumbers(dirty_ram_bytes=dirty_bytes, dirty_runs=pages,
-                             dirty_records=pages, measured_dirty_bytes=dirty_bytes,
+def _numbers(pages: int, runs: int) -> PredictionNumbers:
+    return PredictionNumbers(dirty_ram_bytes=pages * PS, dirty_runs=runs,
+                             dirty_records=runs, measured_dirty_bytes=pages * PS,
                              device_stopcopy_bytes=0, device_precopy_bytes=0, tracking=True,
                              first_touch_pages=pages)
 
 
-def test_the_last_records_landing_shows_and_the_rest_only_past_the_pass(
-        ) -> None:
+def test_what_the_landing_adds_is_its_tail_or_what_outlasts_the_pass() -> None:
     price, record = 5e-6, 4 << 20
-    small = _numbers(300, 300 * PS)                 # one record: all of it shows
-    assert first_touch_landing_s(small, price, 1e9, record) == pytest.approx(300 * price)
-    assert first_touch_landing_s(small, price, 1e6, record) == pytest.approx(300 * price)
-    # 64 records: each lands while the next ones are on their way, so only the last
-    # record's pages show (0.33 s of landing against 2.7 s of sending at 100 MB/s)...
-    big = _numbers(65536, 256 << 20)
-    assert first_touch_landing_s(big, price, 1e8, record) == pytest.approx(
-        65536 * price / 64)
-    # ... unless the landing outlasts the pass: then the excess shows as well
-    fast = first_touch_landing_s(big, price, 1e12, record)
-    assert fast == pytest.approx(65536 * price / 64
-                                 + (65536 * price - (256 << 20) / 1e12) * 63 / 64)
-    assert first_touch_landing_s(big, 0.0, 1e9, record) == 0.0
+
+    def shows(num: PredictionNumbers, bps: float) -> float:
+        return first_touch_landing_s(num, price, bps, record, PS)
+    # a pass of one short record: it lands after it arrived, all of it shows
+    assert shows(_numbers(50, 50), 1e6) == pytest.approx(50 * price)
+    # 300 scattered pages: a record of 236 and a tail of 64 (TAIL_PAGES); what lands
+    # after the first record arrived shows, less the tail's time on the wire...
+    assert shows(_numbers(300, 300), 1e9) == pytest.approx(300 * price - 64 * PS / 1e9)
+    # ... and on a slow link the tail's time covers all of that: the tail's own shows
+    assert shows(_numbers(300, 300), 1e6) == pytest.approx(300 * price * 64 / 300)
+    # 65536 pages in runs of 16: a first record of 1024 pages (a record's bytes), the
+    # rest of the pass on the wire while it lands
+    big = _numbers(65536, 4096)
+    assert shows(big, 1e9) == pytest.approx(65536 * price - (65536 - 1024) * PS / 1e9)
+    assert shows(big, 1e8) == pytest.approx(65536 * price * 64 / 65536)
+    # scattered single pages: the first record is a send batch's pieces (BATCH_PIECES)
+    assert shows(_numbers(2000, 2000), 1e9) == pytest.approx(
+        2000 * price - (2000 - BATCH_PIECES) * PS / 1e9)
+    assert first_touch_landing_s(big, 0.0, 1e9, record, PS) == 0.0
 
 
 def test_the_scratch_file_is_closed_and_unmapped_after_the_fault_price() -> None:

@@ -12,13 +12,13 @@ MAP_DMA: those pages are resident and cost nothing more.
 
 The destination measures the price before its HELLO (``measure_first_touch_s``): a fault's
 time on a scratch memory file (``SCRATCH_PAGES`` pages 2 MiB apart, written once, then
-again; the difference of the two rounds' typical writes), times the share of ``SAMPLE_PAGES`` pages spread over its landing
-memory that ``mincore`` finds not resident. Reading guest memory would fault pages in; a
-residency query changes nothing, so a VMM's memory is safe. The HELLO carries the price
-(``first_touch_s``); the source checks it (``first_touch_from_hello``), counts the final
-pass's pages it never sent (their CRC is still a zero page's,
-``RamDigests.never_landed``), and predicts them at that price
-(``phases.first_touch_landing_s``).
+again; the difference of the two rounds' typical writes), times the share of
+``SAMPLE_PAGES`` pages spread over its landing memory that ``mincore`` finds not resident.
+Reading guest memory would fault pages in; a residency query changes nothing, so a VMM's
+memory is safe. The HELLO carries the price (``first_touch_s``); the source checks it
+(``first_touch_from_hello``), counts the final pass's pages it never sent (their CRC is
+still a zero page's, ``RamDigests.never_landed``), and predicts their landing
+(``first_touch_landing_s``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from vfiod.errors import ProtocolError
 from vfiod.kernel.ops import KernelOps
 from vfiod.migration.guest.memory import RamBlock
 from vfiod.migration.session.phases import PredictionNumbers
+from vfiod.migration.stream.ram_framing import BATCH_PIECES, TAIL_PAGES
 
 SCRATCH_PAGES = 64
 #: the scratch pages' spacing: what one page table maps on x86-64, so that each page also
@@ -116,14 +117,20 @@ def first_touch_from_hello(fields: Mapping[str, Any]) -> float:
 
 
 def first_touch_landing_s(num: PredictionNumbers, first_touch_s: float,
-                          bandwidth_bps: float, record_bytes: int) -> float:
+                          bandwidth_bps: float, record_bytes: int, page_size: int) -> float:
     """The destination's time landing the final pass's pages its memory never held,
-    beyond the pass's bytes: the commit waits for it. A record is received whole, then
-    copied out, so its pages' faults follow its bytes: the last record's share shows
-    whole; the others' are landed while the next records are on their way, so only what
-    exceeds the pass's time at ``bandwidth_bps`` shows (a final pass of a few hundred
-    scattered pages is one record; a large one, of many, hides all but its last)."""
-    landing_s = num.first_touch_pages * first_touch_s
-    last = min(1.0, record_bytes / max(1, num.dirty_ram_bytes))
-    pass_s = num.dirty_ram_bytes / max(1.0, bandwidth_bps)
-    return landing_s * last + max(0.0, (landing_s - pass_s) * (1.0 - last))
+    beyond the pass's bytes: the commit waits for it. A record is landed once all of it
+    arrived, one record after the other, while the source sends the next ones: the
+    destination ends the later of the pass's last record (``TAIL_PAGES`` at most,
+    ``ram_framing.tapered``) landed after it arrived, and all the landing after the
+    first record arrived. The faults are taken as spread over the pass's bytes; its
+    first record is a record's bytes, or a send batch's pieces (``BATCH_PIECES``) of
+    its mean run. A few hundred scattered pages are one record and a short tail: nearly
+    all of it shows; on a slow link, or in a pass of many records, only the tail's."""
+    landing_s, total = num.first_touch_pages * first_touch_s, num.dirty_ram_bytes
+    if landing_s <= 0 or total <= 0:
+        return 0.0
+    tail = min(total, TAIL_PAGES * page_size)
+    first = min(total - tail, record_bytes, BATCH_PIECES * total / max(1, num.dirty_runs))
+    return max(landing_s * tail / total,
+               landing_s - (total - first) / max(1.0, bandwidth_bps))

@@ -245,4 +245,3 @@ def final_pass_overheads(num: PredictionNumbers, digests: RamDigests, sender: Ra
     if paced:
         return float(verify_s), float(max(0.0, cpu_s + runs_s - link_s))
     return float(verify_s), float(max(0.0, cpu_s - link_s) + runs_s)
-

@@ -69,7 +69,8 @@ class SourcePrediction(SessionBase):
         bw, paced = self.predictor.bandwidth.bps, isinstance(self.link, ThrottledLink)
         verify_s, records_s = final_pass_overheads(num, self.digests, self.sender, bw,
                                                    self._rehearsal.run_s, paced=paced)
-        landing_s = first_touch_landing_s(num, self._first_touch_s, bw, cfg.record_bytes)
+        landing_s = first_touch_landing_s(num, self._first_touch_s, bw, cfg.record_bytes,
+                                          self.guest.page_size)
         arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
         t = self.result.timings
         t["predicted_verify_s"], t["predicted_record_overhead_s"] = verify_s, records_s
