@@ -15,6 +15,7 @@ from vfiod.errors import KernelError, ProtocolError
 from vfiod.kernel.linux import LinuxKernel
 from vfiod.kernel.sim.kernel import SimKernel
 from vfiod.migration.guest.memory import RamBlock
+from vfiod.migration.session import digest
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.first_touch import (
     FIRST_TOUCH_MAX_S,
@@ -193,3 +194,12 @@ def test_the_scratch_file_is_closed_and_unmapped_after_the_fault_price() -> None
     assert k.opened == k.closed and len(k.opened) == 1
     with open("/proc/self/maps") as maps:
         assert "vfiod-first-touch" not in maps.read()      # unmapped too
+
+
+def test_the_sources_warm_up_loads_the_count_its_predictions_use() -> None:
+    # a prediction must not compile: the warm-up's types are the ones never_landed passes
+    digest.warm_up()
+    loaded = list(digest._count_in_runs.signatures)
+    d = RamDigests((RamRegion("ram", 0, 8 * PS),), [bytearray(8 * PS)], PS)
+    assert d.never_landed(np.array([0, 4], dtype=np.uint64), np.array([2, 2])) == 4
+    assert list(digest._count_in_runs.signatures) == loaded
