@@ -15,6 +15,7 @@ import pytest
 import vfiod.migration.session.dest as dest_session
 from tests.support.session_rig import (
     MiB,
+    Run,
     Side,
     SideContainer,
     assert_migrated,
@@ -56,6 +57,22 @@ def _write_during_pass_1(src: Side, device: str, gpas: list[int]
     return on_source
 
 
+def _migrate_writing(tmp_path: Path, *, into_data: bool) -> Run:
+    """A 64 MiB guest with 1 MiB of data, whose device writes ``PAGES`` pages during
+    pass 1: pages that held data (the first pass sent them) or holes (it skipped them)."""
+    dev = spec("v2_precopy_log")
+    src, dst = pair(tmp_path, [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
+                    fill_bytes=1 * MiB)
+    try:
+        pages = _pages(src, holding_data=into_data)
+        run = migrate(src, dst, on_source=_write_during_pass_1(src, dev.name, pages))
+        assert_migrated(src, dst, run)
+        return run
+    finally:
+        src.close()
+        dst.close()
+
+
 def test_the_commits_prediction_counts_the_pages_the_destination_never_held(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The destination said a fault costs 200 µs a page (a slow host; this one takes a few):
@@ -63,42 +80,23 @@ def test_the_commits_prediction_counts_the_pages_the_destination_never_held(
     # prediction counted them: a sparse guest's first commit came in long.
     price = 2e-4
     monkeypatch.setattr(dest_session, "measure_first_touch_s", lambda *a: price)
-    dev = spec("v2_precopy_log")
-    src, dst = pair(tmp_path, [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
-                    fill_bytes=1 * MiB)
-    try:
-        holes = _pages(src, holding_data=False)
-        run = migrate(src, dst, on_source=_write_during_pass_1(src, dev.name, holes))
-        assert_migrated(src, dst, run)
-        r = run.source
-        assert r.iterations == 1 and r.history[-1].decision == "switchover"
-        t = r.timings
-        assert t["first_touch_pages"] == PAGES
-        assert t["predicted_first_touch_s"] == pytest.approx(PAGES * price)
-        commit = r.downtime_breakdown["commit_round_trips"]["predicted_s"]
-        assert commit >= PAGES * price
-        assert run.dest is not None and run.dest.timings["first_touch_s"] == price
-    finally:
-        src.close()
-        dst.close()
+    run = _migrate_writing(tmp_path, into_data=False)
+    r = run.source
+    assert r.iterations == 1 and r.history[-1].decision == "switchover"
+    t = r.timings
+    assert t["first_touch_pages"] == PAGES
+    assert t["predicted_first_touch_s"] == pytest.approx(PAGES * price)
+    assert r.downtime_breakdown["commit_round_trips"]["predicted_s"] >= PAGES * price
+    assert run.dest is not None and run.dest.timings["first_touch_s"] == price
 
 
 def test_pages_the_first_pass_sent_are_not_counted(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # the same writes, but into pages that held data: the destination holds them already
     monkeypatch.setattr(dest_session, "measure_first_touch_s", lambda *a: 2e-4)
-    dev = spec("v2_precopy_log")
-    src, dst = pair(tmp_path, [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
-                    fill_bytes=1 * MiB)
-    try:
-        sent = _pages(src, holding_data=True)
-        run = migrate(src, dst, on_source=_write_during_pass_1(src, dev.name, sent))
-        assert_migrated(src, dst, run)
-        assert run.source.timings["first_touch_pages"] == 0
-        assert run.source.timings["predicted_first_touch_s"] == 0.0
-    finally:
-        src.close()
-        dst.close()
+    run = _migrate_writing(tmp_path, into_data=True)
+    assert run.source.timings["first_touch_pages"] == 0
+    assert run.source.timings["predicted_first_touch_s"] == 0.0
 
 
 def test_a_hello_with_a_price_that_is_no_number_is_refused_and_nothing_moves(
