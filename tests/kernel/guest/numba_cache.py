@@ -93,6 +93,7 @@ def _exercise_numba_paths() -> None:
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.guest.devices import join_group
+    from vfiod.migration.session import digest
     from vfiod.migration.session.switchover_warm_up import warm_switchover
     from vfiod.migration.stream import crc32c, ram_landing
     from vfiod.migration.stream.pagecrc import page_crcs, page_crcs_at
@@ -101,6 +102,7 @@ def _exercise_numba_paths() -> None:
     crc32c.warm_up()
     ram_landing.warm_up()     # a RAM_RUNS record's copy to its runs
     warm_switchover()         # what each daemon rehearses before its first migration
+    digest.warm_up()          # the source's count of pages never sent (each prediction)
     with mmap.mmap(-1, 4 * 4096) as mm:       # the stream hashes views of guest RAM mmaps
         page_crcs(memoryview(mm), 4096)
         page_crcs(memoryview(mm)[4096:], 4096)
