@@ -4,6 +4,7 @@ docs/kernel-contract.md §3.7 on which memory is resident)."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -56,13 +57,13 @@ def test_mincore_tells_resident_pages_and_refuses_what_the_kernel_refuses(
     assert [i for i, v in enumerate(_resident(k, block)) if v & 1] == [3, 5]
     with pytest.raises(KernelError) as e:
         k.mincore(block.addr + 1, PS)                          # not page-aligned
-    assert e.value.errno == 22
+    assert e.value.errno == errno.EINVAL
     # the simulated kernel's memory is real: it answers the same, errors included
     sim = SimKernel(k)
     assert sim.mincore(block.addr, block.region.size) == _resident(k, block)
     with pytest.raises(KernelError) as e:
         sim.mincore(block.addr + 1, PS)
-    assert e.value.errno == 22
+    assert e.value.errno == errno.EINVAL
 
 
 def test_the_residency_sample_reads_no_page(block: RamBlock) -> None:

@@ -66,9 +66,10 @@ class SourcePrediction(SessionBase):
             cfg.record_bytes // self.guest.page_size, self.digests), self._opted_out,
             self.history.opted_out_share(now - self._tracking_t0))
         self.predictor.dirty.record_sync(now, num.measured_dirty_bytes)
-        bw, paced = self.predictor.bandwidth.bps, isinstance(self.link, ThrottledLink)
-        verify_s, records_s = final_pass_overheads(num, self.digests, self.sender, bw,
-                                                   self._rehearsal.run_s, paced=paced)
+        bw = self.predictor.bandwidth.bps
+        verify_s, records_s = final_pass_overheads(
+            num, self.digests, self.sender, bw, self._rehearsal.run_s,
+            paced=isinstance(self.link, ThrottledLink))
         landing_s = first_touch_landing_s(num, self._first_touch_s, bw, cfg.record_bytes,
                                           self.guest.page_size)
         arc, journal_s = self._arcs.estimate_s, self.journal.switchover_write_s()
