@@ -235,8 +235,7 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SourcePredict
         # of every pinned page)
         for _ in range(2):
             probe = self.tracker.sync("setup", rate_sample=False)
-        if not probe.lost:          # a failed report's recovery is not a sync's price
-            self._syncs.add(probe.duration_s, probe.new_dirty_pages)
+        self._syncs.add(probe.duration_s, probe.new_dirty_pages)
         views = [b.view() for b in g.ram]
         self._opted_out = OptedOutSample(self.tracker.opted_out_runs(), g.ram_regions(),
                                          views, g.page_size)
