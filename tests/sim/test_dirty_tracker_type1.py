@@ -225,23 +225,6 @@ def test_dirty_rate_uses_the_injected_clock(mdev_rig: Rig) -> None:
         tr.stop()
 
 
-def test_a_sync_without_a_rate_sample_leaves_the_rate_to_the_next(mdev_rig: Rig) -> None:
-    # the session's setup times a sync right after the start: its few pages over a
-    # moment are no rate, and must not halve the first pass's (the rate is smoothed)
-    rig = mdev_rig
-    tr = _two_container_guest(rig)
-    tr.start(initial_all_dirty=False)          # clock = 1
-    try:
-        probe = tr.sync("setup", rate_sample=False)   # clock 2, 3
-        assert probe.new_dirty_pages == 0
-        assert tr.dirty_rate() is None
-        rig.write(MDEV, "c0", 0x100000, 4 * G)
-        tr.sync()                              # clock 4, 5: 4 pages over [1, 5]
-        assert tr.dirty_rate() == 4 * G / 4.0
-    finally:
-        tr.stop()
-
-
 def test_stop_is_idempotent_and_stops_every_container_despite_errors(mdev_rig: Rig) -> None:
     rig = mdev_rig
     tr = _two_container_guest(rig)

@@ -60,10 +60,10 @@ def test_one_hash_per_page_per_end_over_passes_that_redirty_pages(sides, channel
     wl.wait_for_writes(2)
     sync = DirtyTracker.sync
 
-    def sync_then_a_write(self: DirtyTracker, phase: str = "precopy", **kw: Any) -> Any:
+    def sync_then_a_write(self: DirtyTracker, phase: str = "precopy") -> Any:
         # the workload writes after every pre-copy sync, so the final pass has pages
         # however the threads are scheduled
-        out = sync(self, phase, **kw)
+        out = sync(self, phase)
         if phase == "precopy":
             wl.wait_for_writes(wl.writes + 1)
         return out

@@ -122,11 +122,8 @@ class DirtyTracker:
         return first
 
     # -- sync -------------------------------------------------------------------------
-    def sync(self, phase: str = "precopy", *, rate_sample: bool = True) -> SyncResult:
-        """Pull every container's dirty bits into the global bitmap. ``rate_sample``
-        False: the dirty rate does not take this sync (the session's setup times a
-        sync a moment after the start: a few pages over a millisecond is no rate, and
-        the next sync's interval then runs from the start)."""
+    def sync(self, phase: str = "precopy") -> SyncResult:
+        """Pull every container's dirty bits into the global bitmap."""
         with self._lock:
             if not self.running:
                 raise RuntimeError("dirty tracker: sync() before start() or after stop()")
@@ -156,7 +153,7 @@ class DirtyTracker:
                     lost[box.name] = err
             dirty = self.bitmap.count() + assumed
             t1 = self._clock()
-            if rate_sample and t1 > self._rate_t:   # a clock that did not move gives none
+            if t1 > self._rate_t:       # a clock that did not move gives no rate sample
                 self.rate.sample(new, t1)
                 self._rate_t = t1
             self.syncs += 1

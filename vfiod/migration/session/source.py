@@ -57,7 +57,6 @@ from vfiod.migration.planning.predictor import (
     FixedCosts,
 )
 from vfiod.migration.planning.preflight import MigrationFacts, compare
-from vfiod.migration.planning.sync_cost import SyncCostLine
 from vfiod.migration.session.channels import SourceChannels
 from vfiod.migration.session.common import (
     UNJOURNALED,
@@ -133,9 +132,8 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SourcePredict
         self._uncorrected_parts: dict[str, float] = {}
         self._rtt = self._tracking_t0 = self._first_touch_s = 0.0
         self._arcs = FixedCostSamples()    # the devices' arcs: at setup, then each pass's queries
-        #: the syncs' pages and durations: the setup's, then each pass's (the final
-        #: sync reports only what was written after the last pass's)
-        self._syncs = SyncCostLine()
+        #: the pre-copy syncs' durations (the first can pay first-touch costs)
+        self._syncs = FixedCostSamples()
         pol = self.config.policy
         self._watch = ConvergenceWatch(pol.stall_iterations, pol.not_converging_iterations,
                                        pol.not_converging_min_s)
@@ -230,12 +228,6 @@ class SourceSession(SourceChannels, SourceEnding, SourcePassDrain, SourcePredict
         # with a VMM half the VMM sends all of RAM: vfiod sends what devices write after this
         self.tracker.start(initial_all_dirty=self.vmm is None)
         self._tracking_t0 = self.clock()
-        # a sync that reports almost nothing, as the final one will: the second is timed
-        # (the first pays one-off costs: the scratch bitmap's pages, type1's first report
-        # of every pinned page)
-        for _ in range(2):
-            probe = self.tracker.sync("setup", rate_sample=False)
-        self._syncs.add(probe.duration_s, probe.new_dirty_pages)
         views = [b.view() for b in g.ram]
         self._opted_out = OptedOutSample(self.tracker.opted_out_runs(), g.ram_regions(),
                                          views, g.page_size)

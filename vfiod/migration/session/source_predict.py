@@ -20,19 +20,13 @@ from vfiod.migration.planning.predictor import (
     FixedCosts,
     IterationInputs,
 )
-from vfiod.migration.planning.sync_cost import SyncCostLine
 from vfiod.migration.session.common import SessionBase
 from vfiod.migration.session.digest import RamDigests
 from vfiod.migration.session.first_touch import first_touch_landing_s
 from vfiod.migration.session.history import SwitchoverHistory
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.optout_sample import OptedOutSample, with_opted_out_share
-from vfiod.migration.session.phases import (
-    PredictionNumbers,
-    RamSender,
-    final_pass_overheads,
-    prediction_numbers,
-)
+from vfiod.migration.session.phases import RamSender, final_pass_overheads, prediction_numbers
 from vfiod.migration.session.status import IterationProgress
 from vfiod.migration.session.switchover_warm_up import SwitchoverRehearsal
 from vfiod.migration.session.vmm_half import VmmSourceHalf
@@ -52,7 +46,7 @@ class SourcePrediction(SessionBase):
     _opted_out: OptedOutSample | None
     _rehearsal: SwitchoverRehearsal
     _arcs: FixedCostSamples
-    _syncs: SyncCostLine
+    _syncs: FixedCostSamples
     _watch: ConvergenceWatch
     _tracking_t0: float
     _rtt: float
@@ -85,10 +79,9 @@ class SourcePrediction(SessionBase):
         t["first_touch_pages"] = num.first_touch_pages
         # all measured here: stopping, the devices' arcs, a dirty sync, the final re-hash,
         # per-record costs, the journal's records, two round trips, the destination's arcs
-        self._syncs.add(sync.duration_s, sync.new_dirty_pages)
-        final_sync_s = self._syncs.estimate_s(self._final_sync_pages(num, now))
+        self._syncs.add(sync.duration_s)
         self._measured_costs = FixedCosts(
-            device_stop_s=arc, final_sync_s=final_sync_s, record_overhead_s=records_s,
+            device_stop_s=arc, final_sync_s=self._syncs.estimate_s, record_overhead_s=records_s,
             verify_s=verify_s, journal_s=journal_s,
             commit_round_trips_s=2 * self._rtt + landing_s,
             dest_load_resume_s=arc)
@@ -118,11 +111,3 @@ class SourcePrediction(SessionBase):
             sync_s=sync.duration_s, assumed_dirty_bytes=num.assumed_dirty_bytes)
         self._record_pass(prog)
         return decision
-
-    def _final_sync_pages(self, num: PredictionNumbers, synced_at: float) -> float:
-        """What the final sync would report if the guest paused now: the opted-out
-        containers' first query (their expected share), and what the devices write
-        between this sync and the pause (they are stopped before the final sync)."""
-        rate = self.predictor.dirty.bps or 0.0
-        written = num.assumed_dirty_bytes + rate * max(0.0, self.clock() - synced_at)
-        return written / self.guest.page_size
