@@ -25,7 +25,7 @@ def _merged(tmp_path: Path) -> Path:
     """The unit with the drop-in's [Service] lines added, as systemd merges them."""
     vfiod = Path(sys.executable).parent / "vfiod"
     assert vfiod.exists(), f"{vfiod} missing: install the package into the venv (make venv)"
-    unit = UNIT.read_text().replace("ExecStart=/usr/bin/vfiod", f"ExecStart={vfiod}")
+    unit = re.sub(r"(ExecStart(?:Pre)?=-?)/usr/bin/vfiod", rf"\g<1>{vfiod}", UNIT.read_text())
     drop = DROP_IN.read_text()
     assert drop.count("[Service]") == 1 and "[Install]" not in drop
     out = tmp_path / "vfiod.service"

@@ -32,7 +32,7 @@ def unit(tmp_path: Path) -> Path:
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/vfiod run" in text
     out = tmp_path / "vfiod.service"
-    out.write_text(text.replace("ExecStart=/usr/bin/vfiod", f"ExecStart={vfiod}"))
+    out.write_text(re.sub(r"(ExecStart(?:Pre)?=-?)/usr/bin/vfiod", rf"\g<1>{vfiod}", text))
     return out
 
 
@@ -74,3 +74,16 @@ def test_unit_keeps_what_vfio_needs() -> None:
     assert lines["MemoryDenyWriteExecute"] == "no"       # numba's JIT maps W+X memory
     assert lines["Environment"].startswith("NUMBA_CACHE_DIR=/var/cache/vfiod")
     assert "AF_UNIX" in lines["RestrictAddressFamilies"]  # the control socket
+
+
+def test_unit_fills_numbas_cache_before_the_daemon_starts() -> None:
+    # the daemon's first migration after an install or an upgrade must not compile its
+    # kernels (tests/daemon/test_kernels_cmd.py); a failure must not stop the daemon
+    text = UNIT.read_text()
+    service = [line for line in text.splitlines() if line and not line.startswith("#")]
+    pre = [line for line in service if line.startswith("ExecStartPre=")]
+    assert pre == ["ExecStartPre=-/usr/bin/vfiod kernels"]
+    assert service.index(pre[0]) < service.index(
+        next(line for line in service if line.startswith("ExecStart=")))
+    # both run with the unit's one Environment=, so they share the cache
+    assert "Environment=NUMBA_CACHE_DIR=/var/cache/vfiod/numba" in service

@@ -18,7 +18,8 @@ from typing import Any
 DESCRIPTION = """\
 Migrate a guest between two vfiod daemons on this machine, exactly as an operator would:
 write two configuration files (a simulated host each: guest vm1 with 4 GiB of RAM, three
-VFIO devices and a workload dirtying its RAM by device DMA), start two
+VFIO devices and a workload dirtying its RAM by device DMA), run `vfiod kernels` (numba's
+kernels compiled or loaded, as the systemd unit does first), start two
 `vfiod run --backend sim` daemons, wait until both answer, run
 `vfiod ctl migrate vm1 --to 127.0.0.1:PORT` against the source while scraping both
 daemons' /metrics, ask `vfiod ctl status` where the guest runs now, stop both daemons
@@ -35,10 +36,13 @@ during the migration and one after it, how the daemons stopped, and the wall tim
 step and reason (the step that failed, if one did), verified, iterations,
 predicted_downtime_s, actual_downtime_s, prediction_error, bytes, guest_now,
 daemons (pid, control_socket, metrics, migration_listen, stop), commands, metrics
-(scrapes, during_migration, samples, after), workdir, timings.
+(scrapes, during_migration, samples, after), workdir, kernels (vfiod kernels --json),
+timings.
 
 examples:
-  vfiod demo                       the whole demo (6-10 s on 2 cores, numba's cache warm)
+  vfiod demo                       the whole demo (6-10 s on 2 cores with numba's cache
+                                   warm; the first run after an install compiles its
+                                   kernels first, about 10 s more)
   vfiod demo --json | jq .actual_downtime_s
   vfiod demo --ram-gib 1 --fill-mib 128 --dirty-mbps 8
   vfiod demo --downtime-limit-ms 50 --timeout 10 --on-timeout cancel

@@ -35,7 +35,7 @@ class DemoOutcome:
     t0: float
     workdir: str = ""
     daemons: list[DemoDaemon] = field(default_factory=list)
-    ready_s: float | None = None
+    ready_s: float | None = None      # from the daemons' start
     migrate_command: str = ""
     migrate_exit: int | None = None
     migrate_s: float | None = None
@@ -45,6 +45,8 @@ class DemoOutcome:
     #: ``vfiod ctl status vm1 --json`` of each daemon, by role
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     stops: dict[str, str] = field(default_factory=dict)
+    #: ``vfiod kernels --json``, run before the daemons start
+    kernels: dict[str, Any] | None = None
     removed: bool = False
     failed: DemoStepError | None = None
     total_s: float = 0.0
@@ -107,7 +109,9 @@ def summary_of(outcome: DemoOutcome, args: argparse.Namespace) -> dict[str, Any]
         "warnings": list(m.get("warnings") or []),
         "workdir": outcome.workdir,
         "workdir_removed": outcome.removed,
-        "timings": {"ready_s": outcome.ready_s, "migrate_s": outcome.migrate_s,
+        "kernels": outcome.kernels,
+        "timings": {"kernels_s": (outcome.kernels or {}).get("seconds"),
+                    "ready_s": outcome.ready_s, "migrate_s": outcome.migrate_s,
                     "total_s": outcome.total_s},
     }
 
@@ -250,7 +254,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  stopped       source {(d.get('source') or {}).get('stop') or '-'}; destination "
         f"{(d.get('destination') or {}).get('stop') or '-'}; {s['workdir']} "
         f"{'removed' if s['workdir_removed'] else 'NOT removed'}",
-        f"  took          {s['timings']['total_s']:.1f} s (daemons ready after "
+        f"  took          {s['timings']['total_s']:.1f} s (numba kernels "
+        f"{_secs(s['timings']['kernels_s'])}, daemons ready after "
         f"{_secs(s['timings']['ready_s'])}, migration {_secs(s['timings']['migrate_s'])})",
     ]
     assert len(lines) == SUMMARY_LINES, len(lines)

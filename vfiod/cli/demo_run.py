@@ -4,7 +4,9 @@ one migration driven through it (docs/architecture.md §1 steps 5-8, §6).
 
 The steps, each named in the message if it fails:
 
-1. write both hosts' configurations into a fresh temporary directory (``demo_setup``);
+1. write both hosts' configurations into a fresh temporary directory (``demo_setup``),
+   and run ``vfiod kernels --json`` (numba's kernels compiled into its cache or loaded
+   from it, in a process of their own, as the systemd unit does before its daemon);
 2. start both daemons with ``vfiod run --backend sim --config FILE`` and wait until each
    answers ``status`` (``demo_procs``);
 3. run ``vfiod ctl migrate vm1 --to 127.0.0.1:PORT --json`` against the source and follow
@@ -46,6 +48,9 @@ from vfiod.cli.demo_setup import GUEST, check_args, sim_hosts
 
 SCRAPE_EVERY_S = 0.25
 MIGRATE_STEP = "vfiod ctl migrate"
+KERNELS_STEP = "vfiod kernels"
+#: an empty cache compiles in about 10 s on 2 cores; a loaded machine takes longer
+KERNELS_TIMEOUT_S = 300.0
 STATUS_STEP = "vfiod ctl status"
 #: the migration's deadline beyond its own --timeout (the switchover and the commit)
 MIGRATE_MARGIN_S = 120.0
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         daemons = [DemoDaemon(src_files), DemoDaemon(dst_files)]
         outcome.daemons = daemons
         out.intro(args, workdir)
+        outcome.kernels = _warm_kernels(out)
+        started = time.monotonic()
         for d in daemons:
             try:
                 d.start()
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for d, state in zip(daemons, ("running", "incoming"), strict=True):
             d.wait_ready(state)
             out.ready(d)
-        outcome.ready_s = time.monotonic() - outcome.t0
+        outcome.ready_s = time.monotonic() - started
         _migrate(args, daemons[0], daemons[1], outcome, out)
         _where_now(daemons, outcome, out)
         m = outcome.migration or {}
@@ -168,6 +175,36 @@ def _follow(proc: subprocess.Popen[bytes], scraper: DemoScraper, timeout: float,
                                     ) from None
             records.append(rec)
             out.progress(rec, time.monotonic() - scraper.t0)
+
+
+def _warm_kernels(out: DemoPrinter) -> dict[str, Any]:
+    """Step 1's second half: ``vfiod kernels``, as the systemd unit runs it before its daemon: numba's
+    kernels compiled into the cache, or loaded from it, in a process of their own. A
+    cache an install left empty would otherwise be filled inside the migration, which
+    then measured a fifth of its bandwidth (``kernels_cmd.py``)."""
+    argv = vfiod_argv("kernels", "--json")
+    out.line(f"$ {shown(argv)}")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
+                              stdin=subprocess.DEVNULL, timeout=KERNELS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DemoStepError(KERNELS_STEP, f"{shown(argv)}: no answer within "
+                                          f"{KERNELS_TIMEOUT_S:.0f} s") from None
+    except OSError as e:
+        raise DemoStepError(KERNELS_STEP, f"{shown(argv)}: {e}") from None
+    try:
+        done = dict(json.loads(proc.stdout))
+        seconds, compiled = float(done["seconds"]), list(done["compiled"])
+    except (ValueError, KeyError, TypeError):
+        done, seconds, compiled = {}, 0.0, []
+    if proc.returncode != 0 or not done:
+        said = (proc.stdout + proc.stderr).strip()[-1000:]
+        raise DemoStepError(KERNELS_STEP, f"{shown(argv)} (exit status {proc.returncode}): "
+                                          f"{said}")
+    out.line(f"  numba kernels ready in {seconds:.1f} s ("
+             + (f"{len(compiled)} compiled: the cache lacked them" if compiled
+                else "loaded from the cache") + ")")
+    return done
 
 
 def _where_now(daemons: list[DemoDaemon], outcome: DemoOutcome, out: DemoPrinter) -> None:

@@ -40,7 +40,8 @@ class Exit(enum.IntEnum):
 EXIT_TABLE: tuple[tuple[Exit, str], ...] = (
     (Exit.OK, "success (check: it can migrate; migrate/watch: the migration completed)"),
     (Exit.FAILED, "the operation failed (check: it cannot migrate; migrate: failed or "
-                  "cancelled; devices: discovery failed; run: could not start)"),
+                  "cancelled; devices: discovery failed; kernels: a kernel did not "
+                  "compile; run: could not start)"),
     (Exit.USAGE, "bad usage: a wrong argument or option, found by vfiod or by the daemon"),
     (Exit.UNREACHABLE, "no daemon at the socket (not running? wrong --socket?)"),
     (Exit.PERMISSION_DENIED, "permission denied: run as root or as a member of the vfiod "

@@ -24,6 +24,7 @@ examples:
   vfiod demo --json               the same, one JSON summary for scripts
   vfiod devices                   list VFIO devices on this host and whether vfiod can own them
   vfiod devices --sim             the same on a simulated host (no VFIO needed)
+  vfiod kernels                   compile or load numba's kernels (the unit runs it first)
   vfiod run --config /etc/vfiod/vfiod.toml
                                   the daemon (what the systemd unit runs)
   vfiod ctl status                ask the running daemon (vfiod ctl --help for more)
@@ -60,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vfiod {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from vfiod.cli import ctl_cmd, demo_cmd, devices_cmd, run_cmd
+    from vfiod.cli import ctl_cmd, demo_cmd, devices_cmd, kernels_cmd, run_cmd
 
     demo_cmd.register(sub)
     devices_cmd.register(sub)
+    kernels_cmd.register(sub)
     run_cmd.register(sub)
     ctl_cmd.register(sub)
     return parser
