@@ -1,15 +1,15 @@
 """``vfiod kernels``: compile, or load from numba's cache, every kernel a migration runs
-(docs/architecture.md §6, "numba's cache").
+(docs/architecture.md §6, systemd).
 
 A daemon loads its numba kernels from the cache when its first migration starts
 (0.2-0.4 s); with a cache that an install or an upgrade left empty it compiles them
-there instead, about 9 s of both cores on the project's 2-core machine, inside the
-migration: `vfiod demo` with an empty cache took 15-16 s instead of 3, and measured its
-bandwidth at 209 MB/s instead of about 1 GB/s, so its prediction was 0.7-0.9 off. This
-command runs the warm-up both ends of a migration run (``warm_source``: the dirty
-bitmap kernels, the count of pages never sent, and the rehearsal of the stream, the
-landing and the digests) in its own process, so the cache is warm before any
-migration, and the daemon never holds numba for it. The systemd unit runs it before the
+there instead, 9.5-11 s of compiling on the project's 2-core machine (split between the
+two daemons), inside the migration: `vfiod demo` with an empty cache took 15-16 s instead
+of 3 and measured its bandwidth at 209 MB/s instead of about 1 GB/s, and its prediction
+was 0.70-0.92 off. This command runs the warm-up both ends of a migration run
+(``warm_source``: the dirty bitmap kernels, the count of pages never sent, and the
+rehearsal of the stream, the landing and the digests) in its own process, so the cache
+is warm before any migration, and the daemon never holds numba for it. The systemd unit runs it before the
 daemon (``ExecStartPre``); `vfiod demo` runs it first. It writes wherever numba caches:
 ``NUMBA_CACHE_DIR`` when set (the unit sets /var/cache/vfiod/numba), else numba's
 default, next to the installed package or in the user's cache.
@@ -31,8 +31,8 @@ DESCRIPTION = ("Compile, or load from numba's cache, every kernel a migration ru
 
 EPILOG = """\
 examples:
-  vfiod kernels                   0.5-1 s with the cache warm; about 10 s once after an
-                                  install or upgrade (2 cores)
+  vfiod kernels                   about 1.4 s with the cache warm; about 10 s once after
+                                  an install or an upgrade (2 cores)
   NUMBA_CACHE_DIR=/var/cache/vfiod/numba vfiod kernels --json
                                   the cache the systemd unit's daemon reads
 
