@@ -31,7 +31,7 @@ DESCRIPTION = ("Compile, or load from numba's cache, every kernel a migration ru
 
 EPILOG = """\
 examples:
-  vfiod kernels                   about 1.4 s with the cache warm; about 10 s once after
+  vfiod kernels                   1.2-1.5 s with the cache warm; about 10 s once after
                                   an install or an upgrade (2 cores)
   NUMBA_CACHE_DIR=/var/cache/vfiod/numba vfiod kernels --json
                                   the cache the systemd unit's daemon reads
