@@ -27,9 +27,9 @@ class Compiles(event.Listener):
         if fn is not None and fn.__module__.startswith("vfiod."):
             compiled.append(fn.__module__ + "." + fn.__qualname__)
 event.register("numba:compile", Compiles())
-from tests.support.session_rig import MiB, SideContainer, assert_migrated, migrate, pair, spec
+from tests.support.session_rig import (MiB, SideContainer, add_workload, assert_migrated,
+                                       migrate, pair, spec)
 from vfiod.kernel.sim.workload import DmaTarget
-from tests.support.session_rig import add_workload
 from vfiod.vfio import RamRegion
 with tempfile.TemporaryDirectory() as tmp:
     dev = spec("v2_precopy_log")
@@ -56,7 +56,8 @@ def _env(cache: Path) -> dict[str, str]:
 def _kernels(cache: Path) -> dict[str, object]:
     vfiod = Path(sys.executable).parent / "vfiod"
     out = subprocess.run([str(vfiod), "kernels", "--json"], capture_output=True, text=True,
-                         env=_env(cache), timeout=600, check=True)
+                         env=_env(cache), timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
     return dict(json.loads(out.stdout))
 
 
