@@ -1,7 +1,7 @@
 """``vfiod kernels`` fills numba's cache with every kernel a migration runs, so that a
 daemon's first migration after an install or an upgrade compiles none
 (``vfiod/cli/kernels_cmd.py``; README "numba's cache"). With an empty cache `vfiod demo`'s
-migration took 15-16 s instead of 3 and measured a fifth of its bandwidth."""
+migration took 15-16 s instead of 3, its setup waiting on the compiler."""
 
 from __future__ import annotations
 

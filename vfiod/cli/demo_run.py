@@ -181,7 +181,7 @@ def _warm_kernels(out: DemoPrinter) -> dict[str, Any]:
     """Step 1's second half: ``vfiod kernels``, as the systemd unit runs it before its
     daemon: numba's kernels compiled into the cache, or loaded from it, in a process of
     their own. A cache an install left empty would otherwise be filled inside the
-    migration, which then measured a fifth of its bandwidth (``kernels_cmd.py``)."""
+    migration, whose setup then waits 8-12 s on the compiler (``kernels_cmd.py``)."""
     argv = vfiod_argv("kernels", "--json")
     out.line(f"$ {shown(argv)}")
     try:

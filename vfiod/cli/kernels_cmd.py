@@ -5,8 +5,8 @@ A daemon loads its numba kernels from the cache when its first migration starts
 (0.2-0.4 s); with a cache that an install or an upgrade left empty it compiles them
 there instead, 9.5-11 s of compiling on the project's 2-core machine (split between the
 two daemons), inside the migration: `vfiod demo` with an empty cache took 15-16 s instead
-of 3 and measured its bandwidth at 209 MB/s instead of about 1 GB/s, and its prediction
-was 0.70-0.92 off. This command runs the warm-up both ends of a migration run
+of 3, its setup waiting on the compiler, and its prediction was 0.70-0.92 off (README
+"numba's cache"). This command runs the warm-up both ends of a migration run
 (``warm_source``: the dirty bitmap kernels, the count of pages never sent, and the
 rehearsal of the stream, the landing and the digests) in its own process, so the cache
 is warm before any migration, and the daemon never holds numba for it. The systemd unit runs it before the
