@@ -16,22 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 #: a migration of a sim guest (both ends, as the session tests run them) in a fresh
 #: process, printing the vfiod kernels numba compiled while it ran, as JSON
 MIGRATE_AND_LIST_COMPILES = """
-import json, sys, tempfile
+import json, tempfile
 from pathlib import Path
-from numba.core import event
-compiled = []
-class Compiles(event.Listener):
-    def on_start(self, ev): pass
-    def on_end(self, ev):
-        fn = getattr(ev.data.get("dispatcher"), "py_func", None)
-        if fn is not None and fn.__module__.startswith("vfiod."):
-            compiled.append(fn.__module__ + "." + fn.__qualname__)
-event.register("numba:compile", Compiles())
+from vfiod.cli.kernels_cmd import compiled_kernels
 from tests.support.session_rig import (MiB, SideContainer, add_workload, assert_migrated,
                                        migrate, pair, spec)
 from vfiod.kernel.sim.workload import DmaTarget
 from vfiod.vfio import RamRegion
-with tempfile.TemporaryDirectory() as tmp:
+with compiled_kernels() as compiled, tempfile.TemporaryDirectory() as tmp:
     dev = spec("v2_precopy_log")
     src, dst = pair(Path(tmp), [SideContainer([dev])], ram=(RamRegion("ram", 0, 64 * MiB),),
                     fill_bytes=4 * MiB)

@@ -193,14 +193,13 @@ def _warm_kernels(out: DemoPrinter) -> dict[str, Any]:
     except OSError as e:
         raise DemoStepError(KERNELS_STEP, f"{shown(argv)}: {e}") from None
     try:
+        if proc.returncode != 0:
+            raise ValueError(f"exit status {proc.returncode}")
         done = dict(json.loads(proc.stdout))
         seconds, compiled = float(done["seconds"]), list(done["compiled"])
-    except (ValueError, KeyError, TypeError):
-        done, seconds, compiled = {}, 0.0, []
-    if proc.returncode != 0 or not done:
+    except (ValueError, KeyError, TypeError) as e:
         said = (proc.stdout + proc.stderr).strip()[-1000:]
-        raise DemoStepError(KERNELS_STEP, f"{shown(argv)} (exit status {proc.returncode}): "
-                                          f"{said}")
+        raise DemoStepError(KERNELS_STEP, f"{shown(argv)} ({e}): {said}") from None
     out.line(f"  numba kernels ready in {seconds:.1f} s ("
              + (f"{len(compiled)} compiled: the cache lacked them" if compiled
                 else "loaded from the cache") + ")")

@@ -21,6 +21,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from vfiod.cli.exits import Exit, report_error
@@ -57,8 +59,10 @@ def cache_dir() -> str:
     return os.environ.get("NUMBA_CACHE_DIR") or "numba's default (next to the package)"
 
 
-def warm() -> dict[str, Any]:
-    """Run the migration's warm-up; what compiled (the kernels the cache lacked)."""
+@contextmanager
+def compiled_kernels() -> Iterator[list[str]]:
+    """The vfiod kernels numba compiles while the block runs (a kernel loaded from the
+    cache is not compiled), as ``module.name``, in order."""
     from numba.core import event
 
     compiled: list[str] = []
@@ -72,10 +76,16 @@ def warm() -> dict[str, Any]:
             if fn is not None and fn.__module__.startswith("vfiod."):
                 compiled.append(f"{fn.__module__}.{fn.__qualname__}")
 
+    with event.install_listener("numba:compile", Compiles()):
+        yield compiled
+
+
+def warm() -> dict[str, Any]:
+    """Run the migration's warm-up; what compiled (the kernels the cache lacked)."""
     from vfiod.migration.session.switchover_warm_up import warm_source
 
     t0 = time.monotonic()
-    with event.install_listener("numba:compile", Compiles()):
+    with compiled_kernels() as compiled:
         warm_source()
     return {"seconds": round(time.monotonic() - t0, 3), "compiled": sorted(set(compiled)),
             "cache": cache_dir()}

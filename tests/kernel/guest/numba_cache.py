@@ -93,16 +93,17 @@ def _exercise_numba_paths() -> None:
     from vfiod.kernel.sim import SimHost
     from vfiod.kernel.sim.interfaces import DeviceSpec
     from vfiod.migration.guest.devices import join_group
-    from vfiod.migration.session import digest
-    from vfiod.migration.session.switchover_warm_up import warm_switchover
+    from vfiod.migration.session.switchover_warm_up import warm_source
     from vfiod.migration.stream import crc32c, ram_landing
     from vfiod.migration.stream.pagecrc import page_crcs, page_crcs_at
     from vfiod.vfio import Container, DmaMapping, HostPaths, RamRegion
 
     crc32c.warm_up()
     ram_landing.warm_up()     # a RAM_RUNS record's copy to its runs
-    warm_switchover()         # what each daemon rehearses before its first migration
-    digest.warm_up()          # the source's count of pages never sent (each prediction)
+    # what each end runs before its first migration (and vfiod kernels): every kernel
+    # of a sync, type1's in-place reports included, the count of pages never sent, and
+    # the switchover's rehearsal
+    warm_source()
     with mmap.mmap(-1, 4 * 4096) as mm:       # the stream hashes views of guest RAM mmaps
         page_crcs(memoryview(mm), 4096)
         page_crcs(memoryview(mm)[4096:], 4096)
@@ -116,7 +117,6 @@ def _exercise_numba_paths() -> None:
     k.dirty_runs(words, 200, 64)
     k.test_and_clear(words, 0, 200)
     k.dirty_runs(words, 200, 64)
-    k.warm_up()              # every kernel of a sync, type1's in-place reports included
     GlobalBitmap(256).mark_all()
     mdev, pci = "5c3b1c1e-0000-4000-8000-00000000c0de", "0000:00:03.0"
     with tempfile.TemporaryDirectory() as root:
