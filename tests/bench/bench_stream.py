@@ -16,7 +16,7 @@ Guest memory is a memfd mapped through ``LinuxKernel`` on both ends, pre-faulted
 page faults are not measured. The machine is shared (2 cores, other jobs), so the three
 variants run back to back in each of several trials, the ratio is computed within each
 trial, and the median ratio is reported with all of them. Targets: ratio >= 0.9
-(stop-and-copy) and >= 0.8 (live); README "Benchmarks" has the profile of both ends.
+(stop-and-copy) and >= 0.8 (live); docs/benchmarks.md §6 has the profile of both ends.
 
 Run alone: ``.venv/bin/python -m tests.bench.bench_stream [--quick]``.
 """
@@ -194,7 +194,7 @@ def run(quick: bool = False, reps: int | None = None) -> list[dict[str, Any]]:
                     "cpu_ratio": round(statistics.median(cpu_ratios), 3),
                     "cpu_s_per_gib": per_gib(mode, None),
                     "raw_cpu_s_per_gib": per_gib("raw", None),
-                    # per end: where the stream's extra CPU goes (README "Benchmarks")
+                    # per end: where the stream's extra CPU goes (docs/benchmarks.md §6)
                     "src_cpu_s_per_gib": per_gib(mode, 0),
                     "dst_cpu_s_per_gib": per_gib(mode, 1),
                     "raw_src_cpu_s_per_gib": per_gib("raw", 0),

@@ -1,5 +1,5 @@
-"""``vfiod run`` freezes its start-up heap (``daemon/main.py`` ``HeapFreeze``, README
-"Scaling"): once started it collects once and moves what it holds out of the cyclic
+"""``vfiod run`` freezes its start-up heap (``daemon/main.py`` ``HeapFreeze``, docs/benchmarks.md
+§2): once started it collects once and moves what it holds out of the cyclic
 collector's full passes, which otherwise stopped every thread of a daemon with 64 guests
 for 55-125 ms; the log says how many objects. Only the process's entry point
 (``run_daemon``) does it, not ``Daemon.start``, so in-process daemons leave a test

@@ -1,5 +1,5 @@
 """A source daemon asks for the bandwidth prior in a child process and never imports
-pyroute2 (``daemon/link_prior_lookup.py``; README "Scaling": pyroute2 and the
+pyroute2 (``daemon/link_prior_lookup.py``; docs/benchmarks.md §2: pyroute2 and the
 ``asyncio`` it imports held 10.6 MiB of a source daemon for two queries per migration).
 
 Two in-process daemons (tests/support/sim_vmm.py) migrate a guest, in a process of their

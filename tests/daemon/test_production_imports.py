@@ -1,6 +1,6 @@
 """A production daemon (``vfiod run --backend linux``, no ``[sim]`` table) never loads the
 simulated kernel: its 28 modules held 0.9 MiB of every daemon's memory and put the
-simulator's code in a process that drives real devices (README "Scaling", RSS per guest).
+simulator's code in a process that drives real devices (docs/benchmarks.md §2, RSS per guest).
 
 The daemon runs with ``PYTHONPROFILEIMPORTTIME`` (``-X importtime``), which prints every
 module the process imports, from any thread, on its standard error; the test waits for

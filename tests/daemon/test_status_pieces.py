@@ -1,5 +1,5 @@
-"""``status`` answers spliced from kept pieces (``daemon/status_pieces.py``, README
-"Scaling"): the text is byte for byte what encoding the whole answer gives; a guest that
+"""``status`` answers spliced from kept pieces (``daemon/status_pieces.py``, docs/benchmarks.md
+§2): the text is byte for byte what encoding the whole answer gives; a guest that
 did not change is not encoded again; and every change the registry's writers make, in
 place or not, shows in the next answer, whether that answer is about every guest or one.
 """

@@ -1,5 +1,5 @@
-"""A stopped tracker gives its buffers back (vfiod/dirty/tracker.py ``stop``; README
-"Scaling", "RSS per guest"): the scratch bitmap always, the guest's bitmap when nothing
+"""A stopped tracker gives its buffers back (vfiod/dirty/tracker.py ``stop``; docs/benchmarks.md
+§2, "RSS per guest"): the scratch bitmap always, the guest's bitmap when nothing
 is left dirty in it (a finished migration took its last pass). Nothing is lost: bits
 still dirty at the stop stay, and tracking started again sees every write.
 

@@ -1,5 +1,5 @@
 """A daemon as a production install runs it, and its memory, for the RSS figures
-(README "Scaling", RSS per guest): the test venv has pytest-cov, so ``coverage`` is
+(docs/benchmarks.md §2, RSS per guest): the test venv has pytest-cov, so ``coverage`` is
 importable there and ``import numba`` imports it (numba/misc/coverage_support.py tries
 ``import coverage`` and carries on without it); a production install has no coverage.
 ``without_coverage`` gives a daemon a directory first on its path whose ``coverage.py``

@@ -1,6 +1,6 @@
 """The journal's CRC-32C without numba (``vfiod/daemon/journal_crc.py``) gives the stream's
 values: the journal's lines stay readable by either, and a daemon that never migrates
-never makes a first numba call (README "Scaling", ``rss_per_guest``)."""
+never makes a first numba call (docs/benchmarks.md §2, ``rss_per_guest``)."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ MAX_SIM_STATE = 1 << 30
 def parse_sim(t: Table) -> SimConfig:
     """The ``[sim]`` table; without one, the defaults, and the simulated kernel is not
     imported: a production daemon (``--backend linux``) never loads its modules (0.9 MiB
-    of every daemon, README "Scaling")."""
+    of every daemon, docs/benchmarks.md §2)."""
     if not t.data:
         return SimConfig()
     # the names a [sim] table may use are the simulator's own

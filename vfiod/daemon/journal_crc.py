@@ -4,7 +4,7 @@
 The journal checksums every line with CRC-32C, the stream's checksum. The stream's
 implementation (``vfiod.migration.stream.crc32c``) is a numba kernel, and the first call
 of any numba kernel in a process builds numba's typing and lowering registries: about
-15 MiB of resident memory and 50,000 objects (README "Scaling", ``rss_per_guest``). A
+15 MiB of resident memory and 50,000 objects (docs/benchmarks.md §2, ``rss_per_guest``). A
 daemon writes its journal at start-up, so that first call used to happen in every daemon,
 also in one that never migrates. Journal lines are a few hundred bytes, written at
 lifecycle steps and read once at start (the journal is compacted), so a byte-at-a-time

@@ -1,5 +1,5 @@
 """The bandwidth prior looked up in a short-lived child process, so that the daemon never
-imports pyroute2 (docs/architecture.md §4; README "Scaling"). Spawning and reaping
+imports pyroute2 (docs/architecture.md §4; docs/benchmarks.md §2). Spawning and reaping
 processes is the daemon's part (the wiring root); the migration's planning gets only a
 function answering the latest prior.
 

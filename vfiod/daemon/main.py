@@ -340,7 +340,7 @@ class HeapFreeze:
     """Collect once, then move every object alive (modules, the guests: most of what the
     process will ever hold) out of the cyclic collector's reach: its full passes then look
     only at objects made since, and no longer stop every thread for 55-125 ms at 64 guests
-    (README "Scaling": they were the 1% of ``status`` requests that waited 100 ms or more).
+    (docs/benchmarks.md §2: they were the 1% of ``status`` requests that waited 100 ms or more).
 
     After the start, ``again_if_imported`` freezes once more when modules were imported
     since: numba builds its typing registries (about 50,000 objects) at the first kernel

@@ -139,7 +139,7 @@ class VfiodCollector:
     def _per_guest_families(self, guests: list[dict[str, Any]]) -> list[Metric]:
         """The guest, device and migration families: those of the latest collection while
         the guests' rows equal its rows (a thousand samples at 64 x 4 are not built again
-        for nothing; README "Scaling"). The families are shared: nobody changes them."""
+        for nothing; docs/benchmarks.md §2). The families are shared: nobody changes them."""
         kept = self._kept
         if kept is not None and kept[0] == guests:
             return kept[1]

@@ -1,5 +1,5 @@
 """``/metrics`` answers joined from each family's text, formatted once per change
-(docs/architecture.md §6; README "Scaling").
+(docs/architecture.md §6; docs/benchmarks.md §2).
 
 At 64 guests x 4 devices a scrape is about 1,300 samples (100 KB), and prometheus-client's
 exposition formats each sample anew: 7 ms of the daemon's CPU alone (11 ms in the

@@ -181,7 +181,7 @@ class DeviceEntry:
     def to_json(self) -> dict[str, Any]:
         """A plain copy: the instance's own dict, which holds exactly the fields in their
         order (``__init__`` sets them so), copied in one call; ``status`` copies every
-        device of every guest per request (README "Scaling")."""
+        device of every guest per request (docs/benchmarks.md §2)."""
         out = self.__dict__.copy()
         out["capabilities"] = list(self.capabilities)
         return out

@@ -1,5 +1,5 @@
 """``status`` answers spliced from pieces encoded once per change (docs/architecture.md §6;
-README "Scaling").
+docs/benchmarks.md §2).
 
 An answer for every guest at 64 guests x 4 devices is about 100 KB of JSON, and encoding
 it was half of a request's time. Most of it does not change between two requests: a guest

@@ -100,8 +100,8 @@ class DirtyTracker:
         """Stop every provider, each even if another fails; idempotent. Raises the
         first STOP failure after all were tried. The scratch buffer is given back, and
         the bitmap's words when no page is left dirty (``release_if_clear``): a source
-        kept both, 1.0 to 2.0 bitmaps of its guest, from its migration on (README
-        "Scaling", "RSS per guest")."""
+        kept both, 1.0 to 2.0 bitmaps of its guest, from its migration on (docs/benchmarks.md
+        §2, "RSS per guest")."""
         with self._lock:
             self.running = False
             first = self._stop_all()

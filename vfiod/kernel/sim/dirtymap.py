@@ -12,7 +12,7 @@ A map also records which words it marked since its last clear, up to 1/16 of its
 clearing zeroes only those, and type1's answer for a sparse mapping takes them (read and
 clear), zeroes the caller's words and puts them in, so the caller's bitmap comes back
 through the cache as after the memset of an all-dirty answer, not after an 8 MiB copy
-that also read as much (README "Scaling"). Past the limit, the whole array is copied and
+that also read as much (docs/benchmarks.md §2). Past the limit, the whole array is copied and
 cleared, as the kernel always does; either way the caller's words hold the same bits.
 
 Two writers, because the two kernels differ:
@@ -220,7 +220,7 @@ def _cached_copy(dst: int, src: int, nbytes: int) -> None:
     leave the caller's bitmap out of the cache; the kernel's copy_to_user (``rep movsb``)
     stores through the cache, and the caller's next pass over the bitmap (vfiod's count)
     finds it there: measured on 8 MiB, that pass took 0.19 ms after one memmove, 0.13 ms
-    after pieces of 256 KiB, 0.11 ms after a memset (README "Scaling")."""
+    after pieces of 256 KiB, 0.11 ms after a memset (docs/benchmarks.md §2)."""
     for off in range(0, nbytes, _COPY_PIECE):
         ctypes.memmove(dst + off, src + off, min(_COPY_PIECE, nbytes - off))
 

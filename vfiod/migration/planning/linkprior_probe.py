@@ -4,7 +4,7 @@
 and prints its answer as one line of JSON (``prior_to_json``), exit status 0; a wrong
 command line exits 2 with the usage on stderr. ``daemon/link_prior_lookup.py`` starts it once per
 outgoing migration so that pyroute2 and the ``asyncio`` it imports are loaded here, in a
-process that exits after two queries, and never in the daemon (README "Scaling").
+process that exits after two queries, and never in the daemon (docs/benchmarks.md §2).
 """
 
 from __future__ import annotations

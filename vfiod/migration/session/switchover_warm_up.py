@@ -7,7 +7,7 @@ confirmed switchover's control frames) runs nowhere else, so in a fresh process 
 run is paid inside the first downtime, which no earlier measurement can predict. On the
 real-kernel tier (Linux under QEMU TCG) the stream's end of a fresh process's first
 migration took a median 9.2 ms over nine fresh processes, 5-6 ms with this rehearsal
-(README "Downtime prediction on the real kernel").
+(docs/benchmarks.md §5).
 
 ``warm_switchover()`` runs that code on a one-page guest with one device: a stream from
 HEADER to MANIFEST through ``StreamWriter`` and back through ``StreamReader``, the content

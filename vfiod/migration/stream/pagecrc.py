@@ -14,7 +14,7 @@ independent dependency chains), which keeps the CRC instruction's pipeline full.
 pages are a third of the buffer apart (pages ``j``, ``j + n/3``, ``j + 2n/3``), not
 neighbours: over guest memory that is not in the cache (the source's first read of a
 record) that reads at 21 GB/s against 12 GB/s for three adjacent pages on the project's
-machine, the same in the cache (README "Benchmarks").
+machine, the same in the cache (docs/benchmarks.md §6).
 
 ``page_crcs(data, page_size, out=None)`` returns a ``uint32`` array, entry ``i`` being the
 standard CRC-32C (``crc32c.crc32c``) of page ``i`` of ``data``; ``page_crcs_at(data,

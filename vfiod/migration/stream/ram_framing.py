@@ -7,7 +7,7 @@ Shorter pieces, consecutive in the batch, of one region, ascending and disjoint,
 RAM_RUNS record of up to a record's pages and ``Limits.ram_runs`` runs: a record costs
 both ends a header, a table, CRC calls and Python work. A pass of scattered single pages
 took 42 µs of both ends' CPU per page as one record each, 10 µs in RAM_RUNS records
-(``stream_scattered_pass_2000``, README "Scattered passes").
+(``stream_scattered_pass_2000``, docs/benchmarks.md §3.4).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def tapered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     downtime for the final pass; the record before it is checked while the short tail
     is still on the wire. In the prediction bench's capped regimes the destination
     verified the MANIFEST 1.8-3.7 ms after the source sent it, 0.65-1.0 ms with this and
-    one event per RAM_RUNS record (README "Scattered passes")."""
+    one event per RAM_RUNS record (docs/benchmarks.md §3.4)."""
     if ranges and ranges[-1][1] > TAIL_PAGES:
         first, count = ranges[-1]
         return [*ranges[:-1], (first, count - TAIL_PAGES),

@@ -8,7 +8,7 @@ A RAM record's pages are received straight into guest memory and checked right a
 while they are in the cache. A RAM_RUNS record's pages (many short runs, docs/protocol.md
 §5.4) are received in one piece into a scratch buffer, checked there in one call, and
 copied to their runs by one compiled loop: per run that is a copy, where a receive, a
-check call and the Python around them cost 10 µs (README "Benchmarks"), and a stop-and-
+check call and the Python around them cost 10 µs (docs/benchmarks.md §6), and a stop-and-
 copy page that fails its check is refused before any byte of the record reaches guest
 memory.
 """
