@@ -19,6 +19,9 @@ or is killed by a signal (its last stderr line is quoted), its output is not a
 is killed). Every child is reaped and its pipes closed, by the thread, after its answer
 or the kill; ``close()`` (the migration's end) kills one that still runs and waits for
 the thread. The final answer is logged (``vfiod.linkprior``, info).
+
+The daemon shares one lookup between the migrations to a destination, and keeps a child's
+answer for a while (``link_priors.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vfiod.migration.planning.linkprior import LinkPrior, prior_from_json
@@ -79,16 +82,21 @@ class LinkPriorLookup:
     """One destination's prior, looked up by a child process (see the module)."""
 
     def __init__(self, destination: str, *, command: Sequence[str] | None = None,
-                 timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
+                 timeout_s: float = LOOKUP_TIMEOUT_S,
+                 on_answer: Callable[[LinkPrior, bool], None] | None = None) -> None:
         """``command``: the child's command line before the destination (tests run other
-        children; default ``probe_command()``)."""
+        children; default ``probe_command()``); ``on_answer``: told the final answer on
+        the lookup's thread, and whether it is the child's own (``link_priors.py`` keeps
+        those)."""
         self.destination = destination
+        self._on_answer = on_answer
         self._argv = [*(probe_command() if command is None else command), destination]
         self._timeout_s = timeout_s
         self._lock = threading.Lock()          # _proc and _closed
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
         self._answer: LinkPrior | None = None
+        self._childs: LinkPrior | None = None      # the child's own answer, once it gave one
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"vfiod-link-prior {destination}")
 
@@ -128,8 +136,11 @@ class LinkPriorLookup:
 
     def _run(self) -> None:
         answer = self._lookup()
+        own = answer is self._childs
         log.info("link prior for %s: %s", self.destination, answer.note)
         self._answer = answer
+        if self._on_answer is not None:
+            self._on_answer(answer, own)
 
     def _lookup(self) -> LinkPrior:
         with self._lock:
@@ -170,4 +181,5 @@ class LinkPriorLookup:
         if prior.destination != self.destination:
             return self._unknown(f"the route lookup's child process answered for "
                                  f"{prior.destination!r}, not {self.destination!r}")
+        self._childs = prior
         return prior

@@ -45,7 +45,7 @@ from vfiod.daemon.history_store import HistoryStore
 from vfiod.daemon.journal import Journal, MigrationOutcome
 from vfiod.daemon.ledger import SHUTDOWN_REASON, MigrationHandle
 from vfiod.daemon.lifecycle import LifecycleState
-from vfiod.daemon.link_prior_lookup import LinkPriorLookup
+from vfiod.daemon.link_priors import LinkPriors, PriorLease
 from vfiod.daemon.migration_outcomes import OutcomeKeeping, host_of, record_result
 from vfiod.daemon.offer import (
     Offer,
@@ -99,6 +99,7 @@ class MigrationService(OutcomeKeeping):
         self._closing = threading.Event()
         self.backoff = AcceptBackoff("migration port", self._closing.wait)
         self.channel_routes = ChannelRoutes()
+        self.link_priors = LinkPriors()    # one route lookup per destination, shared
 
     # -- threads ---------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -140,11 +141,10 @@ class MigrationService(OutcomeKeeping):
 
     def _source(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest, host: str,
                 port: int, config: SessionConfig, pending: MigrationHandle) -> None:
-        # The bandwidth prior's child process (pyroute2 stays out of the daemon) runs
-        # while the session connects and starts; the predictor takes its answer when it arrives.
-        prior = LinkPriorLookup(host)
+        # the route lookup runs as the session starts; the predictor takes its answer later
+        prior = self.link_priors.lease(host)
         try:
-            self._source_session(rec, entry, guest, host, port, config, pending, prior.start())
+            self._source_session(rec, entry, guest, host, port, config, pending, prior)
         except Exception as e:  # noqa: BLE001 - the record must end, whatever broke
             log.exception("migration %s crashed", rec.id)
             self.ledger.crashed(rec, f"internal error: {type(e).__name__}: {e}")
@@ -154,7 +154,7 @@ class MigrationService(OutcomeKeeping):
 
     def _source_session(self, rec: MigrationRecord, entry: GuestEntry, guest: Guest,
                         host: str, port: int, config: SessionConfig, pending: MigrationHandle,
-                        prior: LinkPriorLookup) -> None:
+                        prior: PriorLease) -> None:
         try:
             conn = connect_allowed(host, port, entry.config, self.defaults, self.tls)
         except TransportError as e:
