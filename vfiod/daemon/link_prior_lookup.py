@@ -96,7 +96,7 @@ class LinkPriorLookup:
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
         self._answer: LinkPrior | None = None
-        self._childs: LinkPrior | None = None      # the child's own answer, once it gave one
+        self._child_answer: LinkPrior | None = None   # the child's own, once it gave one
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"vfiod-link-prior {destination}")
 
@@ -136,7 +136,7 @@ class LinkPriorLookup:
 
     def _run(self) -> None:
         answer = self._lookup()
-        own = answer is self._childs
+        own = answer is self._child_answer
         log.info("link prior for %s: %s", self.destination, answer.note)
         self._answer = answer
         if self._on_answer is not None:
@@ -181,5 +181,5 @@ class LinkPriorLookup:
         if prior.destination != self.destination:
             return self._unknown(f"the route lookup's child process answered for "
                                  f"{prior.destination!r}, not {self.destination!r}")
-        self._childs = prior
+        self._child_answer = prior
         return prior
