@@ -20,6 +20,12 @@ Rows (stdout, one JSON object per line, and ``.bench/results.json`` as one list)
 such as ``note`` and ``target_ratio``. Baselines are measured in the same run. Skips and
 errors go to stderr; the exit status is 1 if any benchmark failed or returned a bad row.
 
+Before the first benchmark the harness runs ``vfiod kernels``, as a host's systemd unit
+does before its daemon (README "numba's cache"): numba's cache is keyed by each source
+file's path and time, so on a fresh clone every daemon a benchmark starts would otherwise
+compile its kernels inside the migration it measures. ``--no-kernels`` leaves the cache
+as it is (``numba_first_call_cached`` always uses empty caches of its own).
+
 ``-k NAME`` (repeatable) runs the benchmarks whose registered name contains NAME.
 ``VFIOD_BENCH_SIZE_LOG2`` sets the default of ``--size-log2`` (bitmap bits, 2^28 = 1 TiB
 of 4 KiB pages); the pytest smoke test uses tiny sizes that way.
@@ -33,7 +39,9 @@ import importlib
 import inspect
 import json
 import os
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +86,22 @@ def _call(fn: Callable[..., Any], cfg: BenchConfig) -> list[Any]:
     return out if isinstance(out, list) else [out]
 
 
+def warm_kernels() -> bool:
+    """``vfiod kernels`` in a child process, with this run's ``NUMBA_CACHE_DIR``; says on
+    stderr what it took, or why it failed (the benchmarks then run anyway, compiling
+    where they need to)."""
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "vfiod.cli.main", "kernels"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - started
+    if p.returncode != 0:
+        print(f"vfiod kernels failed (exit {p.returncode}, {took:.1f} s): "
+              f"{(p.stderr or p.stdout).strip()[-400:]}", file=sys.stderr, flush=True)
+        return False
+    print(f"vfiod kernels: {took:.1f} s", file=sys.stderr, flush=True)
+    return True
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
     p.add_argument("-k", dest="keywords", action="append", default=[],
@@ -89,6 +113,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="repetitions per side (default 5; 2 with --quick)")
     p.add_argument("--out", type=Path, default=ROOT / ".bench" / "results.json")
     p.add_argument("--list", action="store_true", help="print the registered names and exit")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="do not run `vfiod kernels` first (numba's cache as it is)")
     args = p.parse_args(argv)
     if args.size_log2 is not None and not 8 <= args.size_log2 <= 34:
         p.error(f"--size-log2 must be in [8, 34], got {args.size_log2}")
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                       reps=args.reps or (2 if args.quick else 5), quick=args.quick)
     rows: list[dict[str, Any]] = []
     failed = False
+    if not args.no_kernels:
+        warm_kernels()
     for name, fn in benches:
         try:
             results = _call(fn, cfg)
