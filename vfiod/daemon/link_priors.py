@@ -4,9 +4,9 @@
 A prior comes from a child process (``link_prior_lookup.py``) that starts Python and
 imports pyroute2 and asyncio for two netlink queries: about 0.3 CPU-seconds, more than a
 migration of 128 MiB spends moving its bytes on a two-core host. Eight migrations started
-at once to one destination spawned eight such children, which took the CPU the
-migrations and ``status`` needed. The route to a host and its link do not change from one
-migration to the next, so:
+at once to one destination spawned eight such children, as much CPU as the source daemon
+itself spent on them (docs/benchmarks.md §2). The route to a host and its link do not
+change from one migration to the next, so:
 
 * a child's answer for a destination is reused for ``FRESH_S`` seconds (no child at all);
 * while a lookup for a destination runs, a migration to it shares that lookup;
