@@ -53,6 +53,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
 from tests.bench.timing import BenchConfig, BenchSkip, schema_errors  # noqa: E402
+from tests.support.daemons import vfiod_cmd  # noqa: E402
 
 Bench = tuple[str, Callable[..., Any]]
 
@@ -91,8 +92,8 @@ def warm_kernels() -> bool:
     stderr what it took, or why it failed (the benchmarks then run anyway, compiling
     where they need to)."""
     started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "vfiod.cli.main", "kernels"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(vfiod_cmd("kernels"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
     took = time.monotonic() - started
     if p.returncode != 0:
         print(f"vfiod kernels failed (exit {p.returncode}, {took:.1f} s): "
