@@ -23,6 +23,7 @@ from tests.support.session_rig import (
     side_pairs,
     spec,
 )
+from vfiod.migration.planning.predictor import Policy
 from vfiod.migration.session.common import SessionConfig
 from vfiod.migration.session.link import ThrottledLink
 from vfiod.migration.session.status import (
@@ -120,3 +121,37 @@ def test_eta_is_what_is_left_at_the_throughput_plus_the_predicted_switchover() -
     assert live_progress(1, 10, 2_000_000, 1e6, None).eta_s == pytest.approx(2.0)
     # no measured throughput yet: no ETA rather than a guess
     assert live_progress(1, 10, 2_000_000, None, None).eta_s is None
+
+
+def test_each_pass_shows_its_number_and_size_from_its_start(tmp_path: Path) -> None:
+    """A pass publishes its number and the RAM it is to send before its first slice, so a
+    status read early in pass P says P, not the end of pass P-1: a reader that compares
+    two reads of one pass sees the figures move even when a pass is two slices (a 64 MiB
+    guest at 64 MiB/s in 32 MiB slices, tests/daemon/test_two_daemons.py), where only the
+    instant between the last slice and the pass's end showed a second figure of it."""
+    plans = [SideContainer([spec("v2_precopy")])]      # no DMA logging: all RAM dirty
+    with side_pairs(tmp_path, plans, RAM) as make:
+        src, dst = make(fill_bytes=6 * MiB)
+        events: list[tuple[str, int, int]] = []
+        box: dict[str, Any] = {}
+
+        def on_source(s: Any) -> None:
+            box["s"] = s
+            s.live = lambda lp: events.append(("live", lp.iteration, lp.ram_remaining_bytes))
+
+        def progress(p: IterationProgress) -> None:
+            events.append(("end", p.iteration, p.dirty_ram_bytes))
+            if p.iteration == 3:
+                box["s"].cancel("seen three passes")
+
+        cfg = SessionConfig(slice_bytes=4 * MiB, policy=Policy(downtime_limit_s=1e-9))
+        run = migrate(src, dst, cfg, on_source=on_source, progress=progress, rate_bps=64e6)
+        assert run.source.result == "cancelled", run.source.reason
+    ends = [i for i, e in enumerate(events) if e[0] == "end"]
+    assert [events[i][1] for i in ends] == [1, 2, 3], events
+    for i in ends[:2]:          # passes 2 and 3: all 16 MiB dirty at the sync before them
+        _, n, dirty = events[i]
+        assert dirty == 16 * MiB, events
+        assert events[i + 1] == ("live", n + 1, dirty), events
+        during = [e[2] for e in events[i + 1:] if e[:2] == ("live", n + 1)]
+        assert len(during) >= 2 and during == sorted(during, reverse=True), events

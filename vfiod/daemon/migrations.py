@@ -225,7 +225,7 @@ class MigrationService(OutcomeKeeping):
             self.registry.observe_sync(p.sync_s)
 
     def _live(self, rec: MigrationRecord, lp: LiveProgress) -> None:
-        """During a pass: what moved since its start (at most every 100 ms)."""
+        """During a pass: its start, then what moved since (at most every 100 ms)."""
         with self.registry.lock:
             self.registry.update(
                 rec, iteration=lp.iteration, bytes_sent=lp.bytes_sent,

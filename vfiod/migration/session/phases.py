@@ -11,8 +11,9 @@ pages is bound by framing, not by the link), marks live pages for re-hashing
 (``digest``; a quiescent slice's CRCs go from the writer to the digests instead,
 docs/protocol.md §7.3), and calls ``between()`` (the session checks for cancel there). It counts
 the pages of the pass still to send (``pass_left_pages``, a status read at any time shows
-them) and calls ``publish()`` at most every ``publish_every_s``, so the daemon's figures
-move during a pass at a bounded rate (once per slice at most, no per-page work). In the first
+them) and calls ``publish()`` as a pre-copy pass starts (its number and size) and then at most every
+``publish_every_s``, so the daemon's figures move during a pass at a bounded rate (once per
+slice at most, no per-page work). In the first
 pass, with ``zero_scan``, each run is read first with ``pread`` and only pages holding
 data are sent: a guest's RAM is mostly never-written holes of a sparse file, which read
 as zeros without being allocated, and the destination's fresh RAM is zero already.
@@ -126,6 +127,12 @@ class RamSender:
               scan: PieceBuffer | None) -> int:
         self.pass_left_pages = int(runs[1].sum())
         self.pass_records = 0
+        # a pre-copy pass's number and size from its start: until its first slice ends
+        # the figures would say the previous pass, and a 2-slice pass showed a second
+        # figure of its own only between its last slice and its end (not in the
+        # downtime: the daemon's figures take a lock a status read may hold)
+        if not quiescent:
+            self._publish(self.clock(), always=True)
         sent = 0
         batch: list[tuple[int, int]] = []
         pages = 0
@@ -174,11 +181,14 @@ class RamSender:
             self.digests.touch(arr[:, 0], arr[:, 1])
         self.pass_left_pages -= int(arr[:, 1].sum())
         self.between()
-        if self.publish is not None and (self._published is None
-                                         or t1 - self._published >= self.publish_every_s):
-            self._published = t1
-            self.publish()
+        self._publish(t1)
         return n
+
+    def _publish(self, now: float, always: bool = False) -> None:
+        if self.publish is not None and (always or self._published is None
+                                         or now - self._published >= self.publish_every_s):
+            self._published = now
+            self.publish()
 
 
 @dataclass(frozen=True)
