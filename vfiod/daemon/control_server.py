@@ -1,121 +1,78 @@
 """The control socket: a Unix stream socket speaking the JSON-lines protocol of
 ``vfiod.api`` (docs/architecture.md §6), for ``vfiod ctl`` and automation.
 
-* Who may talk: the peer's credentials (``SO_PEERCRED``: pid, uid, gid) are checked on
-  accept; root and members of the control group (``vfiod`` by default, primary or
-  supplementary) are served, anyone else gets one ``permission_denied`` answer naming the
-  uid and the group, and the connection is closed. The socket file is also mode 0660 and
-  owned by that group, but the credential check is what counts (a socket inherited by
-  another process still carries its creator's credentials).
+* Who may talk (``control_peers.py``): the peer's credentials (``SO_PEERCRED``) are
+  checked as it is accepted; root and members of the control group (``vfiod`` by default,
+  primary or supplementary) are served, anyone else gets one ``permission_denied`` answer
+  naming the uid and the group, and the connection is closed. The socket file is also
+  mode 0660 and owned by that group, but the credential check is what counts (a socket
+  inherited by another process still carries its creator's credentials).
 * One JSON request per line, answered in order on the same connection; a bad line gets a
-  clear error (``bad_json``, ``bad_request``, ``unsupported_schema``, ``unknown_op``) and the
-  connection stays usable. Only a line over ``MAX_LINE`` closes it, since the stream cannot
-  be re-synchronised after a truncated line.
-* A handler that raises anything but ``ApiError`` is a daemon bug: the client gets
-  ``internal`` with the exception's type and text, the traceback goes to the log, and the
-  daemon keeps serving.
-* Bounded service (README "Limits"): a thread per connection, at most ``max_clients`` at
-  once. A connection must complete each request line within ``idle_timeout`` seconds of
-  its previous answer (or of connecting), else it gets ``timeout`` and is closed, so a
-  silent or one-byte-a-second client cannot hold a handler. When every handler is taken,
-  the connection idle the longest (waiting for its next request, with no partial line) is
-  closed with ``timeout`` to make room; only if every handler is inside a request does the
-  newcomer get ``busy``. Requests nest at most ``MAX_DEPTH`` deep (``vfiod.api.schema``).
+  clear error (``control_requests.py``: ``bad_json``, ``bad_request``,
+  ``unsupported_schema``, ``unknown_op``, ``internal`` for a handler bug) and the
+  connection stays usable. Only a line over ``MAX_LINE`` closes it, since the stream
+  cannot be re-synchronised after a truncated line.
+* One loop thread (``vfiod-control``) accepts and reads every connection; a complete
+  request line goes to a worker thread (``control_workers.py``), which answers it and
+  any line pipelined behind it, then hands the connection back. An idle connection costs
+  no thread, so a burst of connections is accepted as fast as the kernel queues them:
+  with a thread started per connection, a ``status`` that arrived in a burst of 100
+  waited behind every start (docs/benchmarks.md §7).
+* Bounded service (README "Limits"): at most ``max_clients`` connections at once. A
+  connection must complete each request line within ``idle_timeout`` seconds of its
+  previous answer (or of connecting), else it gets ``timeout`` and is closed, so a silent
+  or one-byte-a-second client cannot hold a place. When every place is taken, the
+  connection idle the longest (waiting for its next request, with no partial line) is
+  closed with ``timeout`` to make room; only if every connection is inside a request for
+  ``BUSY_GRACE_S`` does the newcomer get ``busy``. Requests nest at most ``MAX_DEPTH``
+  deep (``vfiod.api.schema``).
 * fds (``SCM_RIGHTS``) may come with a request line, received with ``MSG_CMSG_CLOEXEC``
-  and tied to the line whose bytes they arrived with; only ``attach`` takes them
-  (``vfiod.api.ops.FD_OPS``, at most ``MAX_FDS``), any other request carrying fds is
-  refused. The server closes every received fd once the request was answered (the
-  handler keeps its own copies), and those of a connection that goes away
-  (docs/architecture.md §8.1).
-* Running out of file descriptors (EMFILE, ENFILE) or kernel memory in ``accept`` pauses
-  the accept loop with a doubling backoff (``backoff.py``) instead of spinning.
+  and tied to the line whose bytes they arrived with (``control_conn.py``); only
+  ``attach`` takes them (``vfiod.api.ops.FD_OPS``, at most ``MAX_FDS``). The server
+  closes every received fd once the request was answered (the handler keeps its own
+  copies), and those of a connection that goes away (docs/architecture.md §8.1).
+* Running out of file descriptors (EMFILE, ENFILE) or kernel memory in ``accept`` stops
+  accepting for a doubling pause (``backoff.py``) instead of spinning; the connections
+  already admitted are served meanwhile.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
+import contextlib
 import logging
 import os
+import queue
+import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-from vfiod.api.ops import FD_OPS, MAX_FDS, Args, AttachArgs, parse_args
-from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Request, RequestError, Response
+from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Response
 from vfiod.daemon.backoff import AcceptBackoff
-from vfiod.daemon.received_fds import FD_BYTES, ReceivedFds, close_received
-from vfiod.errors import VfiodError
+from vfiod.daemon.control_conn import ControlConn, RequestLine
+from vfiod.daemon.control_peers import PeerCred, check_peer, peer_cred, proc_groups
+from vfiod.daemon.control_requests import Dispatch, answer_requests, answer_too_large
+from vfiod.daemon.control_socket_file import listen_control_socket
+from vfiod.daemon.control_workers import RequestWorkers
+
+__all__ = ["ControlServer", "Dispatch", "PeerCred", "check_peer", "peer_cred", "proc_groups"]
 
 log = logging.getLogger("vfiod.control")
 
-#: Runs one validated request; returns the result object or raises ApiError.
-Dispatch = Callable[[str, Args], dict[str, Any]]
-
-#: Handler threads (connections served at once).
+#: Connections served at once.
 MAX_CLIENTS = 64
 #: Seconds a connection may take to send its next complete request line.
 IDLE_TIMEOUT_S = 60.0
 #: listen() backlog: a burst of clients queues in the kernel instead of failing EAGAIN.
 BACKLOG = 256
-#: Seconds a newcomer waits, when every handler is inside a request, for one to finish:
-#: a handler marks itself idle just after its answer leaves, so a client that reconnects
-#: at once must not be told "busy" by that gap.
+#: Seconds a newcomer waits, when every connection is inside a request, for one to
+#: finish: a connection is idle again only once its answer left and the loop took it
+#: back, so a client that reconnects at once must not be told "busy" by that gap.
 BUSY_GRACE_S = 0.2
 
-
-@dataclass(eq=False)
-class _Client:
-    sock: socket.socket
-    #: monotonic time it began waiting for a new request; None inside a request
-    idle_since: float | None = field(default_factory=time.monotonic)
-    evicted: bool = False
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_cred(sock: socket.socket) -> PeerCred:
-    """The connecting process's credentials as the kernel recorded them at connect()."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
-
-
-def proc_groups(cred: PeerCred, proc_root: str = "/proc") -> frozenset[int]:
-    """The peer's supplementary groups from /proc/PID/status (empty if unreadable: the
-    process may have exited, and then it is refused unless root or the primary group)."""
-    try:
-        with open(os.path.join(proc_root, str(cred.pid), "status"), encoding="ascii",
-                  errors="replace") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def check_peer(cred: PeerCred, allowed_gid: int | None, group_name: str,
-               groups: Callable[[PeerCred], frozenset[int]] = proc_groups) -> str | None:
-    """None if ``cred`` may use the socket, else the refusal message."""
-    if cred.uid == 0:
-        return None
-    if allowed_gid is not None and (cred.gid == allowed_gid or allowed_gid in groups(cred)):
-        return None
-    why = (f"group {group_name!r} (gid {allowed_gid})" if allowed_gid is not None else
-           f"group {group_name!r}, which does not exist on this host")
-    return (f"uid {cred.uid} (pid {cred.pid}) is neither root nor a member of {why}: "
-            "ask an administrator to add you to that group")
+#: selector keys' data for the listening socket and the workers' wake-up socket
+_ACCEPT, _WAKE = object(), object()
 
 
 class ControlServer:
@@ -136,133 +93,199 @@ class ControlServer:
         self._groups = groups
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._clients: set[_Client] = set()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)   # a handler became idle or left
+        self._sel: selectors.BaseSelector | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        #: admitted connections; only the loop thread changes the set
+        self._clients: set[ControlConn] = set()
+        #: newcomers waiting, up to their deadline, for a connection to become idle
+        self._waiting: list[tuple[socket.socket, float]] = []
+        #: (connection, still usable) handed back by the worker that answered it
+        self._answered: queue.SimpleQueue[tuple[ControlConn, bool]] = queue.SimpleQueue()
+        self._workers = RequestWorkers("vfiod-control-req")
+        self._lock = threading.Lock()      # hand-backs against the loop's final cleanup
+        self._finished = False
         self._closing = False
-        self._closed = threading.Event()
-        self.backoff = AcceptBackoff("control", self._closed.wait)
+        self._accept_resume: float | None = None
+        self.backoff = AcceptBackoff("control", self._pause_accepting)
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and listen (synchronously: when this returns, clients can connect)."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            os.chmod(self.path, 0o660)
-            if self.allowed_gid is not None:
-                try:
-                    os.chown(self.path, -1, self.allowed_gid)
-                except OSError as e:       # not root and not in the group: root-only then
-                    log.warning("cannot give %s to group %s: %s", self.path, self.group,
-                                e.strerror)
-            sock.listen(BACKLOG)
-        except OSError as e:
-            sock.close()
-            raise VfiodError(f"control socket {self.path}: {errno.errorcode.get(e.errno or 0, e)}"
-                             f" ({e.strerror})") from None
+        sock = listen_control_socket(self.path, self.group, self.allowed_gid, BACKLOG)
+        sock.setblocking(False)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="vfiod-control",
-                                        daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ, _ACCEPT)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._thread = threading.Thread(target=self._loop, name="vfiod-control", daemon=True)
         self._thread.start()
 
-    def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise VfiodError(f"control socket {self.path} exists and is not a socket; "
-                             "refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(self.path)
-        except OSError:
-            os.unlink(self.path)           # nobody listens: left over from a crash
-            return
-        finally:
-            probe.close()
-        raise VfiodError(f"control socket {self.path} is in use: another vfiod is running")
-
     def close(self) -> None:
+        """Stop serving: the loop closes every connection (a request being answered
+        loses its connection when its worker hands it back) and the socket file goes."""
         self._closing = True
-        self._closed.set()
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)   # wakes accept() in the server thread
-            except OSError:
-                pass
-            sock.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        with self._lock:
-            clients = list(self._clients)
-        for c in clients:
-            try:
-                c.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is None:       # never started: the file, if any, is not ours
+            return
+        self._wake()
+        if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
-    # -- serving ---------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._closing and self._sock is not None:
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sel = self._sel
+        assert sel is not None
+        try:
+            while not self._closing:
+                try:
+                    self._turn(sel)
+                except Exception:  # noqa: BLE001 - the control socket must outlive a bug
+                    log.exception("control: loop error (serving on)")
+        finally:
+            self._shut()
+
+    def _turn(self, sel: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        self._resume_accepting(now)
+        for key, _ in sel.select(self._next_timeout(now)):
+            if key.data is _ACCEPT:
+                self._accept_ready()
+            elif key.data is _WAKE:
+                self._drain_wake()
+            elif key.data in self._clients and not key.data.in_request:
+                self._read_ready(key.data)     # (not dropped earlier in this batch)
+        self._take_back_answered()
+        self._expire(time.monotonic())
+
+    def _next_timeout(self, now: float) -> float:
+        due = [c.deadline for c in self._clients if not c.in_request]
+        due += [deadline for _, deadline in self._waiting]
+        if self._accept_resume is not None:
+            due.append(self._accept_resume)
+        return max(0.0, min(due) - now) if due else self.idle_timeout
+
+    def _shut(self) -> None:
+        with self._lock:
+            self._finished = True
+        for c in self._clients:
+            if c.in_request:   # its worker is using the socket: it closes it at hand-back
+                with contextlib.suppress(OSError):
+                    c.sock.shutdown(socket.SHUT_RDWR)
+            else:
+                c.close()
+        self._clients.clear()
+        for sock, _ in self._waiting:
+            sock.close()
+        self._waiting.clear()
+        while not self._answered.empty():
+            c, _ = self._answered.get()
+            c.close()
+        for s in (self._sock, self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self._sock = None
+        if self._sel is not None:
+            self._sel.close()
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):      # full: the loop is woken already
+                self._wake_w.send(b"\0")
+
+    def _drain_wake(self) -> None:
+        assert self._wake_r is not None
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+
+    # -- accepting -------------------------------------------------------------------------
+    def _accept_ready(self) -> None:
+        """Accept every connection the kernel has queued (a burst costs no thread)."""
+        while not self._closing and self._sock is not None and self._accept_resume is None:
             try:
                 conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return
             except OSError as e:
                 if self._closing:
                     return
                 self.backoff.failed(e.errno)
                 continue
             self.backoff.succeeded()
-            client = _Client(conn)
-            with self._lock:
-                if len(self._clients) >= self.max_clients:
-                    self._evict_idlest()
-                if len(self._clients) >= self.max_clients:
-                    self._idle.wait_for(lambda: any(c.idle_since is not None
-                                                    for c in self._clients)
-                                        or len(self._clients) < self.max_clients,
-                                        timeout=BUSY_GRACE_S)
-                    if len(self._clients) >= self.max_clients:
-                        self._evict_idlest()
-                full = len(self._clients) >= self.max_clients
-                if not full:
-                    self._clients.add(client)
-            if full:
-                self._refuse(conn, ApiError(
-                    ApiErrorCode.BUSY, f"all {self.max_clients} control connections are "
-                    "inside a request; try again"))
-                continue
-            threading.Thread(target=self._serve, args=(client,), name="vfiod-control-conn",
-                             daemon=True).start()
+            self._admit(conn)
 
-    def _evict_idlest(self) -> None:
-        """Close the connection idle the longest, if any is idle (server lock held)."""
-        idle = [c for c in self._clients if c.idle_since is not None]
-        if not idle:
+    def _pause_accepting(self, seconds: float) -> None:
+        """Out of fds (``backoff.py``): stop accepting for ``seconds``, serving the rest."""
+        self._accept_resume = time.monotonic() + seconds
+        if self._sel is not None and self._sock is not None:
+            self._sel.unregister(self._sock)
+
+    def _resume_accepting(self, now: float) -> None:
+        if self._accept_resume is not None and now >= self._accept_resume:
+            self._accept_resume = None
+            if self._sel is not None and self._sock is not None:
+                self._sel.register(self._sock, selectors.EVENT_READ, _ACCEPT)
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            why = check_peer(peer_cred(conn), self.allowed_gid, self.group, self._groups)
+        except OSError:
+            conn.close()                   # the client went away
             return
+        if why is not None:
+            log.warning("control: refused %s", why)
+            self._on_refused()
+            self._refuse(conn, ApiError(ApiErrorCode.PERMISSION_DENIED, why))
+            return
+        self._waiting.append((conn, time.monotonic() + BUSY_GRACE_S))
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Let waiting newcomers in, in order, while there is room or an idle connection
+        to close for it."""
+        while self._waiting and (len(self._clients) < self.max_clients
+                                 or self._evict_idlest()):
+            sock, _ = self._waiting.pop(0)
+            c = ControlConn(sock, deadline=time.monotonic() + self.idle_timeout)
+            self._clients.add(c)
+            self._watch(c)
+
+    def _evict_idlest(self) -> bool:
+        """Close the connection idle the longest, if any is idle."""
+        idle = [c for c in self._clients if c.idle_since is not None and not c.in_request]
+        if not idle:
+            return False
         victim = min(idle, key=lambda c: c.idle_since or 0.0)
-        victim.evicted = True
-        self._clients.discard(victim)
         waited = time.monotonic() - (victim.idle_since or 0.0)
         self._tell(victim.sock, ApiError(
             ApiErrorCode.TIMEOUT, f"closed after {waited:.1f} s idle: all "
             f"{self.max_clients} control connections were taken"))
-        try:
-            victim.sock.shutdown(socket.SHUT_RDWR)   # its handler's recv() returns
-        except OSError:
-            pass
+        self._drop(victim)
+        return True
+
+    def _expire(self, now: float) -> None:
+        for c in [c for c in self._clients if not c.in_request and c.deadline <= now]:
+            self._tell(c.sock, ApiError(ApiErrorCode.TIMEOUT, "no complete request within "
+                                        f"{self.idle_timeout:g} s; closing"))
+            self._drop(c)
+        self._admit_waiting()
+        while self._waiting and self._waiting[0][1] <= now:
+            sock, _ = self._waiting.pop(0)
+            self._refuse(sock, ApiError(
+                ApiErrorCode.BUSY, f"all {self.max_clients} control connections are "
+                "inside a request; try again"))
 
     @staticmethod
     def _tell(conn: socket.socket, err: ApiError) -> None:
-        """One error line, without blocking the accept loop (best effort)."""
+        """One error line, without blocking the loop (best effort)."""
         try:
             conn.send(Response.failure(None, err).encode(), socket.MSG_DONTWAIT)
         except OSError:
@@ -272,111 +295,77 @@ class ControlServer:
         self._tell(conn, err)
         conn.close()
 
-    def _serve(self, client: _Client) -> None:
-        conn = client.sock
+    # -- reading and answering -------------------------------------------------------------
+    def _watch(self, c: ControlConn) -> None:
+        assert self._sel is not None
+        self._sel.register(c.sock, selectors.EVENT_READ, c)
+
+    def _drop(self, c: ControlConn) -> None:
+        """Let go of a connection the loop is watching."""
+        assert self._sel is not None
+        self._sel.unregister(c.sock)
+        self._clients.discard(c)
+        c.close()
+
+    def _read_ready(self, c: ControlConn) -> None:
         try:
-            cred = peer_cred(conn)
-            why = check_peer(cred, self.allowed_gid, self.group, self._groups)
-            if why is not None:
-                log.warning("control: refused %s", why)
-                self._on_refused()
-                self._refuse(conn, ApiError(ApiErrorCode.PERMISSION_DENIED, why))
-                return
-            self._serve_lines(client)
+            alive = c.read()
+        except BlockingIOError:
+            return
         except OSError:
-            pass                           # the client went away
+            alive = False                  # the client went away
+        if not alive:
+            self._drop(c)
+            self._admit_waiting()
+        elif not self._start_request(c, watched=True) and not c.buf:
+            c.idle_since = time.monotonic()     # blank lines only: still idle
+
+    def _start_request(self, c: ControlConn, watched: bool) -> bool:
+        """Hand its next complete request line to a worker (True), or else a line grown
+        past ``MAX_LINE`` (the stream cannot be re-synchronised: it is closed). The
+        loop stops watching it until the worker hands it back."""
+        req = c.next_line()
+        if req is None and len(c.buf) <= MAX_LINE:
+            return False
+        if watched:
+            assert self._sel is not None
+            self._sel.unregister(c.sock)
+        c.in_request, c.idle_since = True, None
+        if req is None:
+            self._workers.submit(lambda: self._too_large(c))
+        else:
+            self._workers.submit(lambda: self._answer(c, req))
+        return True
+
+    def _take_back_answered(self) -> None:
+        while not self._answered.empty():
+            c, alive = self._answered.get()
+            if not alive:
+                self._clients.discard(c)
+                c.close()
+            else:
+                c.waiting(time.monotonic(), self.idle_timeout)
+                if not self._start_request(c, watched=False):
+                    self._watch(c)
+        self._admit_waiting()
+
+    def _hand_back(self, c: ControlConn, alive: bool) -> None:
+        with self._lock:
+            if not self._finished:
+                self._answered.put((c, alive))
+                self._wake()
+                return
+        c.close()
+
+    def _answer(self, c: ControlConn, req: RequestLine) -> None:
+        alive = False
+        try:
+            alive = answer_requests(c, req, self.dispatch, self.idle_timeout, self._on_request)
         finally:
-            with self._lock:
-                self._clients.discard(client)
-                self._idle.notify_all()
-            conn.close()
+            self._hand_back(c, alive)
 
-    def _serve_lines(self, client: _Client) -> None:
-        fds = ReceivedFds()
+    def _too_large(self, c: ControlConn) -> None:
         try:
-            self._serve_lines_with(client, fds)
+            answer_too_large(c, self.idle_timeout, self._on_request)
         finally:
-            fds.close_all()
-
-    def _serve_lines_with(self, client: _Client, fds: ReceivedFds) -> None:
-        conn = client.sock
-        buf = b""
-        base = 0                    # stream offset of buf[0]: fds are tied to offsets
-        deadline = time.monotonic() + self.idle_timeout
-        while True:
-            while b"\n" not in buf:
-                if len(buf) > MAX_LINE:
-                    err = ApiError(ApiErrorCode.TOO_LARGE, f"request line exceeds {MAX_LINE} "
-                                   "bytes; closing the connection")
-                    self._on_request(False)
-                    conn.sendall(Response.failure(None, err).encode())
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._tell(conn, ApiError(ApiErrorCode.TIMEOUT, "no complete request "
-                                              f"within {self.idle_timeout:g} s; closing"))
-                    return
-                with self._lock:
-                    if client.evicted:
-                        return
-                    client.idle_since = None if buf else time.monotonic()
-                    if not buf:
-                        self._idle.notify_all()
-                conn.settimeout(left)
-                try:
-                    chunk, ancdata, flags, _ = conn.recvmsg(
-                        65536, socket.CMSG_SPACE(MAX_FDS * FD_BYTES), socket.MSG_CMSG_CLOEXEC)
-                except TimeoutError:
-                    continue
-                fds.add(base + len(buf), ancdata, bool(flags & socket.MSG_CTRUNC))
-                with self._lock:
-                    if client.evicted:
-                        return
-                    client.idle_since = None
-                if not chunk:
-                    return
-                buf += chunk
-            line, _, buf = buf.partition(b"\n")
-            end = base + len(line) + 1
-            base = end
-            sent, cut = fds.take_before(end)
-            try:
-                if not line.strip():
-                    continue
-                resp = self.handle_line(line, sent, cut)
-            finally:
-                for fd in sent:
-                    close_received(fd)
-            self._on_request(resp.ok)
-            conn.settimeout(self.idle_timeout)   # a client that never reads is dropped
-            conn.sendall(resp.encode())
-            deadline = time.monotonic() + self.idle_timeout
-
-    def handle_line(self, line: bytes, fds: tuple[int, ...] = (),
-                    cut: bool = False) -> Response:
-        """One request line (with the fds that came with it) → its response (never
-        raises; the caller closes the fds)."""
-        try:
-            req = Request.decode(line)
-        except RequestError as e:
-            return Response.failure(e.request_id, e)
-        except ApiError as e:
-            return Response.failure(None, e)
-        try:
-            args = parse_args(req.op, req.args)
-            if cut:
-                raise ApiError(ApiErrorCode.BAD_REQUEST, f"{req.op}: more than {MAX_FDS} fds "
-                               "were sent with it; the kernel dropped the rest")
-            if fds and req.op not in FD_OPS:
-                raise ApiError(ApiErrorCode.BAD_REQUEST, f"{req.op}: {len(fds)} fd(s) came "
-                               f"with it; only {', '.join(FD_OPS)} takes fds")
-            if isinstance(args, AttachArgs):
-                args = dataclasses.replace(args, fds=fds)
-            return Response.success(req.id, self.dispatch(req.op, args))
-        except ApiError as e:
-            return Response.failure(req.id, e)
-        except Exception as e:  # noqa: BLE001 - a handler bug must not kill the server
-            log.exception("control: %s failed", req.op)
-            return Response.failure(req.id, ApiError(
-                ApiErrorCode.INTERNAL, f"{req.op}: internal error: {type(e).__name__}: {e}"))
-
+            self._hand_back(c, False)
