@@ -212,6 +212,39 @@ def test_idle_connections_hold_no_thread_and_request_threads_are_reused(
         srv.close()
 
 
+def test_a_request_waiting_behind_a_burst_is_answered_not_evicted(sockdir: Path) -> None:
+    """The loop accepts a burst before reading any of it: a connection whose request is
+    already in the kernel when a newcomer needs its place is read, not closed as idle.
+    The loop is held while A is admitted, so A's request and newcomer B both wait."""
+    srv = ControlServer(str(sockdir / "c.sock"), dispatch, max_clients=1)
+    held, release = threading.Event(), threading.Event()
+    admit = srv._admit
+
+    def held_admit(conn: socket.socket) -> None:
+        if not held.is_set():
+            held.set()
+            release.wait(10)
+        admit(conn)
+
+    srv._admit = held_admit  # type: ignore[method-assign]
+    srv.start()
+    try:
+        a = _raw(srv.path)
+        a.sendall(Request("hello", id=7).encode())
+        assert held.wait(10)
+        b = _raw(srv.path)
+        release.set()
+        answer = _read_answer(a)
+        assert answer.ok and answer.id == 7, answer
+        with ControlClient(srv.path) as c:
+            assert c.call("hello") == {"op": "hello"}
+        for s in (a, b):
+            s.close()
+    finally:
+        release.set()
+        srv.close()
+
+
 class _Emfile:
     """A listening socket whose accept() fails EMFILE ``n`` times, then the server closes."""
 

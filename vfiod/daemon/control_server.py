@@ -259,17 +259,23 @@ class ControlServer:
             self._watch(c)
 
     def _evict_idlest(self) -> bool:
-        """Close the connection idle the longest, if any is idle."""
+        """Make room: close the connection idle the longest. One that sent something the
+        loop has not read yet is read first and is not idle then: in a burst accepted at
+        once, a client's request may be waiting behind the accepts."""
         idle = [c for c in self._clients if c.idle_since is not None and not c.in_request]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda c: c.idle_since or 0.0)
-        waited = time.monotonic() - (victim.idle_since or 0.0)
-        self._tell(victim.sock, ApiError(
-            ApiErrorCode.TIMEOUT, f"closed after {waited:.1f} s idle: all "
-            f"{self.max_clients} control connections were taken"))
-        self._drop(victim)
-        return True
+        for c in sorted(idle, key=lambda c: c.idle_since or 0.0):
+            self._read_ready(c)
+            if c not in self._clients:
+                return True                # it had left
+            if c.idle_since is None or c.in_request:
+                continue
+            waited = time.monotonic() - c.idle_since
+            self._tell(c.sock, ApiError(
+                ApiErrorCode.TIMEOUT, f"closed after {waited:.1f} s idle: all "
+                f"{self.max_clients} control connections were taken"))
+            self._drop(c)
+            return True
+        return False
 
     def _expire(self, now: float) -> None:
         for c in [c for c in self._clients if not c.in_request and c.deadline <= now]:
@@ -315,8 +321,7 @@ class ControlServer:
         except OSError:
             alive = False                  # the client went away
         if not alive:
-            self._drop(c)
-            self._admit_waiting()
+            self._drop(c)                  # its place goes to a waiting one at _expire
         elif not self._start_request(c, watched=True) and not c.buf:
             c.idle_since = time.monotonic()     # blank lines only: still idle
 
