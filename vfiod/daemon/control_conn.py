@@ -36,6 +36,8 @@ class ControlConn:
     #: when it began waiting for a new request with nothing read of it; None otherwise
     idle_since: float | None = field(default_factory=time.monotonic)
     in_request: bool = False
+    #: monotonic time of its last answer (a worker sets it)
+    answered_at: float = 0.0
     buf: bytes = b""
     base: int = 0            # stream offset of buf[0]: fds are tied to offsets
     fds: ReceivedFds = field(default_factory=ReceivedFds)
@@ -65,11 +67,12 @@ class ControlConn:
                 close_received(fd)
         return None
 
-    def waiting(self, now: float, idle_timeout: float) -> None:
-        """It was answered: the next request line is due ``idle_timeout`` from now."""
+    def waiting(self, idle_timeout: float) -> None:
+        """Back from its worker: the next request line is due ``idle_timeout`` after its
+        last answer."""
         self.in_request = False
-        self.deadline = now + idle_timeout
-        self.idle_since = None if self.buf else now
+        self.deadline = self.answered_at + idle_timeout
+        self.idle_since = None if self.buf else self.answered_at
 
     def close(self) -> None:
         self.fds.close_all()

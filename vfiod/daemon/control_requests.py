@@ -5,8 +5,8 @@ validate the arguments, tie the fds that came with it to an ``attach`` (any othe
 carrying fds is refused), run it. A handler that raises anything but ``ApiError`` is a
 daemon bug: the client gets ``internal`` with the exception's type and text, the
 traceback goes to the log, and the daemon keeps serving. ``answer_requests`` sends the
-answers of a connection's request and of any line pipelined behind it, in order, and
-closes the fds each came with; ``answer_too_large`` the error of a line over
+answers of a connection's request and of any line pipelined behind it, in order, closes
+the fds each came with, and reads on for ``LINGER_S`` for the next; ``answer_too_large`` the error of a line over
 ``MAX_LINE``, after which the connection is closed.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import select
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,10 @@ log = logging.getLogger("vfiod.control")
 
 #: Runs one validated request; returns the result object or raises ApiError.
 Dispatch = Callable[[str, Args], dict[str, Any]]
+#: How long a worker keeps reading a connection after answering it before the loop takes
+#: it back: a client that asks again within it (a load generator, ``ctl watch``) is read
+#: on the same thread, and ``ctl status``'s close is seen there (README "Limits").
+LINGER_S = 0.1
 
 
 def answer_line(dispatch: Dispatch, line: bytes, fds: tuple[int, ...] = (),
@@ -58,24 +64,50 @@ def answer_line(dispatch: Dispatch, line: bytes, fds: tuple[int, ...] = (),
 
 
 def answer_requests(c: ControlConn, req: RequestLine | None, dispatch: Dispatch,
-                    idle_timeout: float, on_request: Callable[[bool], None]) -> bool:
-    """Answer ``req`` and every complete line behind it; False if the client went away
-    or did not read its answers within ``idle_timeout``. Leaves the socket non-blocking."""
+                    idle_timeout: float, on_request: Callable[[bool], None],
+                    room_wanted: int, linger_s: float = LINGER_S) -> bool:
+    """Answer ``req`` and every complete line behind it, then keep reading the
+    connection for ``linger_s`` after each answer and answer what comes (an active
+    client's next request costs no hand-over between threads). False if the client went
+    away (or did not read its answers within ``idle_timeout``); True when it was quiet
+    for ``linger_s``, or a newcomer needs a place (``room_wanted``, an fd readable while
+    one waits) and it has no partial line, or it sent a line too long for a request: the
+    loop takes it back. Leaves the socket non-blocking and ``c.answered_at`` at the last
+    answer."""
     try:
-        c.sock.settimeout(idle_timeout)      # a client that never reads is dropped
-        while req is not None:
-            try:
-                resp = answer_line(dispatch, req.line, req.fds, req.cut)
-            finally:
-                for fd in req.fds:
-                    close_received(fd)
-            on_request(resp.ok)
-            c.sock.sendall(resp.encode())
-            req = c.next_line()
-        c.sock.setblocking(False)
+        while True:
+            c.sock.settimeout(idle_timeout)     # a client that never reads is dropped
+            while req is not None:
+                try:
+                    resp = answer_line(dispatch, req.line, req.fds, req.cut)
+                finally:
+                    for fd in req.fds:
+                        close_received(fd)
+                on_request(resp.ok)
+                c.sock.sendall(resp.encode())
+                c.answered_at = time.monotonic()
+                req = c.next_line()
+            quiet_at = c.answered_at + linger_s
+            while req is None and len(c.buf) <= MAX_LINE:
+                left = quiet_at - time.monotonic()
+                if left <= 0:
+                    c.sock.setblocking(False)
+                    return True
+                conn = c.sock.fileno()
+                ready, _, _ = select.select([conn] if c.buf else [conn, room_wanted], [],
+                                            [], left)
+                if conn in ready:
+                    if not c.read():
+                        return False
+                    req = c.next_line()
+                elif ready:                     # idle, and somebody needs its place
+                    c.sock.setblocking(False)
+                    return True
+            if req is None:                     # over MAX_LINE: the loop closes it
+                c.sock.setblocking(False)
+                return True
     except OSError:
         return False
-    return True
 
 
 def answer_too_large(c: ControlConn, idle_timeout: float,

@@ -107,6 +107,9 @@ class ControlServer:
         self._finished = False
         self._closing = False
         self._accept_resume: float | None = None
+        #: readable while a newcomer waits: lingering workers hand their connection back
+        self._room_r = self._room_w = -1
+        self._room_flagged = False
         self.backoff = AcceptBackoff("control", self._pause_accepting)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class ControlServer:
         sock = listen_control_socket(self.path, self.group, self.allowed_gid, BACKLOG)
         sock.setblocking(False)
         self._sock = sock
+        self._room_r, self._room_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -190,6 +194,9 @@ class ControlServer:
         for s in (self._sock, self._wake_r, self._wake_w):
             if s is not None:
                 s.close()
+        # a worker still lingering on the room fd fails EBADF: its connection is closed
+        os.close(self._room_r)
+        os.close(self._room_w)
         self._sock = None
         if self._sel is not None:
             self._sel.close()
@@ -250,13 +257,20 @@ class ControlServer:
 
     def _admit_waiting(self) -> None:
         """Let waiting newcomers in, in order, while there is room or an idle connection
-        to close for it."""
+        to close for it; while one still waits, lingering workers are asked to hand
+        theirs back."""
         while self._waiting and (len(self._clients) < self.max_clients
                                  or self._evict_idlest()):
             sock, _ = self._waiting.pop(0)
             c = ControlConn(sock, deadline=time.monotonic() + self.idle_timeout)
             self._clients.add(c)
             self._watch(c)
+        if bool(self._waiting) != self._room_flagged:
+            self._room_flagged = bool(self._waiting)
+            if self._room_flagged:
+                os.write(self._room_w, b"\0")
+            else:
+                os.read(self._room_r, 1)
 
     def _evict_idlest(self) -> bool:
         """Make room: close the connection idle the longest. One that sent something the
@@ -349,7 +363,7 @@ class ControlServer:
                 self._clients.discard(c)
                 c.close()
             else:
-                c.waiting(time.monotonic(), self.idle_timeout)
+                c.waiting(self.idle_timeout)
                 if not self._start_request(c, watched=False):
                     self._watch(c)
         self._admit_waiting()
@@ -365,7 +379,8 @@ class ControlServer:
     def _answer(self, c: ControlConn, req: RequestLine) -> None:
         alive = False
         try:
-            alive = answer_requests(c, req, self.dispatch, self.idle_timeout, self._on_request)
+            alive = answer_requests(c, req, self.dispatch, self.idle_timeout, self._on_request,
+                                    self._room_r)
         finally:
             self._hand_back(c, alive)
 
