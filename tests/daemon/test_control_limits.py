@@ -245,6 +245,33 @@ def test_a_request_waiting_behind_a_burst_is_answered_not_evicted(sockdir: Path)
         srv.close()
 
 
+def test_a_worker_answers_an_active_client_until_a_newcomer_needs_its_place(
+        sockdir: Path) -> None:
+    """After an answer the worker reads on (``linger_s``, long here): a client's next
+    requests are answered without the loop taking the connection back. A newcomer with
+    no place makes it hand the idle connection back at once, to be closed as the idlest,
+    instead of waiting out the linger and being told ``busy``."""
+    srv = _server(sockdir, max_clients=1, linger_s=30.0)
+    handed: list[bool] = []
+    hand_back = srv._hand_back
+    srv._hand_back = lambda c, alive: (handed.append(alive), hand_back(c, alive))[1]  # type: ignore[method-assign]
+    try:
+        a = _raw(srv.path)
+        for i in range(20):
+            a.sendall(Request("hello", id=i).encode())
+            assert _read_answer(a).id == i
+        assert handed == [] and srv._workers.started == 1
+        with ControlClient(srv.path) as b:      # long before the 30 s linger ends
+            assert b.call("hello") == {"op": "hello"}
+        assert handed[0] is True
+        resp = _read_answer(a)
+        assert resp.error is not None and resp.error.code is ApiErrorCode.TIMEOUT, resp
+        assert _closed(a)
+        a.close()
+    finally:
+        srv.close()
+
+
 class _Emfile:
     """A listening socket whose accept() fails EMFILE ``n`` times, then the server closes."""
 

@@ -52,7 +52,12 @@ from vfiod.api.schema import MAX_LINE, ApiError, ApiErrorCode, Response
 from vfiod.daemon.backoff import AcceptBackoff
 from vfiod.daemon.control_conn import ControlConn, RequestLine
 from vfiod.daemon.control_peers import PeerCred, check_peer, peer_cred, proc_groups
-from vfiod.daemon.control_requests import Dispatch, answer_requests, answer_too_large
+from vfiod.daemon.control_requests import (
+    LINGER_S,
+    Dispatch,
+    answer_requests,
+    answer_too_large,
+)
 from vfiod.daemon.control_socket_file import listen_control_socket
 from vfiod.daemon.control_workers import RequestWorkers
 
@@ -78,7 +83,7 @@ _ACCEPT, _WAKE = object(), object()
 class ControlServer:
     def __init__(self, path: str, dispatch: Dispatch, *, group: str = "vfiod",
                  allowed_gid: int | None = None, max_clients: int = MAX_CLIENTS,
-                 idle_timeout: float = IDLE_TIMEOUT_S,
+                 idle_timeout: float = IDLE_TIMEOUT_S, linger_s: float = LINGER_S,
                  on_request: Callable[[bool], None] | None = None,
                  on_refused: Callable[[], None] | None = None,
                  groups: Callable[[PeerCred], frozenset[int]] = proc_groups) -> None:
@@ -88,6 +93,7 @@ class ControlServer:
         self.allowed_gid = allowed_gid
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
+        self.linger_s = linger_s
         self._on_request = on_request or (lambda ok: None)
         self._on_refused = on_refused or (lambda: None)
         self._groups = groups
@@ -380,7 +386,7 @@ class ControlServer:
         alive = False
         try:
             alive = answer_requests(c, req, self.dispatch, self.idle_timeout, self._on_request,
-                                    self._room_r)
+                                    self._room_r, self.linger_s)
         finally:
             self._hand_back(c, alive)
 
