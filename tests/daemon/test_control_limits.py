@@ -272,6 +272,30 @@ def test_a_worker_answers_an_active_client_until_a_newcomer_needs_its_place(
         srv.close()
 
 
+def test_connections_numbered_past_fd_setsize_are_served(sockdir: Path) -> None:
+    """A daemon holds many fds (guests' RAM, VFIO groups, devices): a connection whose fd
+    is past select()'s FD_SETSIZE (1024) still gets its second request answered after
+    the linger read."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    srv = _server(sockdir)
+    try:
+        with ControlClient(srv.path) as c:
+            assert c.call("hello") == {"op": "hello"}
+            (conn,) = srv._clients
+            assert conn.sock.fileno() >= 1024
+            assert c.call("hello") == {"op": "hello"}
+    finally:
+        srv.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 class _Emfile:
     """A listening socket whose accept() fails EMFILE ``n`` times, then the server closes."""
 

@@ -93,10 +93,13 @@ def answer_requests(c: ControlConn, req: RequestLine | None, dispatch: Dispatch,
                 if left <= 0:
                     c.sock.setblocking(False)
                     return True
-                conn = c.sock.fileno()
-                ready, _, _ = select.select([conn] if c.buf else [conn, room_wanted], [],
-                                            [], left)
-                if conn in ready:
+                # poll, not select: a daemon's fds may be numbered past FD_SETSIZE
+                watch = select.poll()
+                watch.register(c.sock, select.POLLIN)
+                if not c.buf:
+                    watch.register(room_wanted, select.POLLIN)
+                ready = {fd for fd, _ in watch.poll(left * 1000)}
+                if c.sock.fileno() in ready:
                     if not c.read():
                         return False
                     req = c.next_line()
