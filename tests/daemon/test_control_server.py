@@ -17,7 +17,8 @@ import pytest
 from tests.support.as_nobody import call_as_nobody
 from vfiod.api import ApiError, ApiErrorCode, ClientError, ControlClient
 from vfiod.api.ops import Args
-from vfiod.daemon.control_server import ControlServer, PeerCred, check_peer, proc_groups
+from vfiod.daemon.control_peers import PeerCred, check_peer, proc_groups
+from vfiod.daemon.control_server import ControlServer
 from vfiod.errors import VfiodError
 
 

@@ -13,11 +13,10 @@
   connection stays usable. Only a line over ``MAX_LINE`` closes it, since the stream
   cannot be re-synchronised after a truncated line.
 * One loop thread (``vfiod-control``) accepts and reads every connection; a complete
-  request line goes to a worker thread (``control_workers.py``), which answers it and
-  any line pipelined behind it, then hands the connection back. An idle connection costs
-  no thread, so a burst of connections is accepted as fast as the kernel queues them:
-  with a thread started per connection, a ``status`` that arrived in a burst of 100
-  waited behind every start (docs/benchmarks.md §7).
+  request line goes to a worker thread (``control_workers.py``; ``control_requests.py``
+  answers it, those pipelined behind it and those that come within ``LINGER_S``). An
+  idle connection costs no thread: with a thread started per connection, a ``status``
+  that arrived in a burst of 100 waited behind every start (docs/benchmarks.md §7.1).
 * Bounded service (README "Limits"): at most ``max_clients`` connections at once. A
   connection must complete each request line within ``idle_timeout`` seconds of its
   previous answer (or of connecting), else it gets ``timeout`` and is closed, so a silent
@@ -60,8 +59,6 @@ from vfiod.daemon.control_requests import (
 )
 from vfiod.daemon.control_socket_file import listen_control_socket
 from vfiod.daemon.control_workers import RequestWorkers
-
-__all__ = ["ControlServer", "Dispatch", "PeerCred", "check_peer", "peer_cred", "proc_groups"]
 
 log = logging.getLogger("vfiod.control")
 
@@ -271,6 +268,10 @@ class ControlServer:
             c = ControlConn(sock, deadline=time.monotonic() + self.idle_timeout)
             self._clients.add(c)
             self._watch(c)
+        self._flag_room()
+
+    def _flag_room(self) -> None:
+        """The room fd is readable exactly while a newcomer waits."""
         if bool(self._waiting) != self._room_flagged:
             self._room_flagged = bool(self._waiting)
             if self._room_flagged:
@@ -308,6 +309,7 @@ class ControlServer:
             self._refuse(sock, ApiError(
                 ApiErrorCode.BUSY, f"all {self.max_clients} control connections are "
                 "inside a request; try again"))
+        self._flag_room()
 
     @staticmethod
     def _tell(conn: socket.socket, err: ApiError) -> None:
