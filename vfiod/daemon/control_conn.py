@@ -43,8 +43,9 @@ class ControlConn:
     fds: ReceivedFds = field(default_factory=ReceivedFds)
 
     def read(self) -> bool:
-        """Read what the kernel holds (the socket is non-blocking); False at end of
-        stream. Raises OSError if the peer went away, BlockingIOError if nothing came."""
+        """Read what the kernel holds (the loop's reads are non-blocking, a lingering
+        worker's follow a poll); False at end of stream. Raises OSError if the peer went
+        away, BlockingIOError if nothing came."""
         chunk, ancdata, flags, _ = self.sock.recvmsg(
             READ_BYTES, socket.CMSG_SPACE(MAX_FDS * FD_BYTES), socket.MSG_CMSG_CLOEXEC)
         self.fds.add(self.base + len(self.buf), ancdata, bool(flags & socket.MSG_CTRUNC))
